@@ -1,0 +1,58 @@
+"""`pgflow run | check | capture | replay | receive | demo`: one clear line on failure, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pgflow import __version__
+from pgflow.config import Settings
+from pgflow.errors import PgflowError
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from pgflow.scrape.diagnose import check
+
+    settings = Settings.load(args.config)
+    usable = True
+    for instance in settings.targets():
+        report = check(instance, connect_timeout=settings.connect_timeout_secs)
+        print(report.render())
+        usable &= report.usable
+    return 0 if usable else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pgflow.demo import run_demo
+
+    return run_demo(bindir=args.pg_bindir, clients=args.clients, transactions=args.transactions)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgflow", description="PostgreSQL query statistics as OTLP metrics.")
+    parser.add_argument("--version", action="version", version=f"pgflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="diagnose every configured instance; exit 1 if one is not usable")
+    check.add_argument("--config", help="JSON settings file (or PGFLOW_CONFIG)")
+    check.set_defaults(func=_cmd_check)
+
+    demo = sub.add_parser("demo", help="start an embedded PostgreSQL, run pgbench and show what pgflow sees")
+    demo.add_argument("--pg-bindir", help="bin directory of another PostgreSQL install")
+    demo.add_argument("--clients", type=int, default=4)
+    demo.add_argument("--transactions", type=int, default=250)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PgflowError as exc:
+        print(f"pgflow: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("pgflow: interrupted", file=sys.stderr)
+        return 130

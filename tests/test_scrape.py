@@ -1,0 +1,188 @@
+"""The scrape layer against a real PostgreSQL, with pgbench as ground truth."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import polars as pl
+import psycopg
+import pytest
+
+from conftest import PGBENCH_STATEMENTS
+from pgflow.config import InstanceConfig
+from pgflow.errors import (
+    AuthenticationFailed,
+    DatabaseMissing,
+    ExtensionMissing,
+    ExtensionNotLoaded,
+    ScrapeTimeout,
+    ServerUnreachable,
+)
+from pgflow.pgserver import free_port
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS
+from pgflow.scrape import Scraper
+from pgflow.scrape.diagnose import check
+
+SECRET = "Wr0ngPa55-xyz"
+
+
+def _calls_by_text(statements: pl.DataFrame) -> dict[str, int]:
+    top = statements.filter(pl.col("toplevel").fill_null(True))
+    return dict(top.group_by("query").agg(pl.col("calls").sum()).iter_rows())
+
+
+def test_pgbench_calls_are_exact_with_text(fresh_stats):
+    fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
+    with Scraper(fresh_stats.dsn()) as scraper:
+        snap = scraper.scrape()
+    calls = _calls_by_text(snap.statements)
+    for text in PGBENCH_STATEMENTS.values():
+        assert calls[text] == 1000, text
+    assert snap.statements.schema == STATEMENTS
+    assert snap.server_version_num >= 130000
+    assert snap.scraped_at.tzinfo is not None
+
+
+def test_delta_between_two_scrapes_is_exact(pg):
+    with Scraper(pg.dsn()) as scraper:
+        before = scraper.scrape()
+        pg.pgbench("-n", "-c", "4", "-t", "250")
+        after = scraper.scrape()
+    b, a = _calls_by_text(before.statements), _calls_by_text(after.statements)
+    for text in PGBENCH_STATEMENTS.values():
+        assert a[text] - b.get(text, 0) == 1000
+
+
+def test_steady_state_transfers_no_text(pg):
+    with Scraper(pg.dsn()) as scraper:
+        scraper.scrape()
+        fetches, texts = scraper.stats.text_fetches, scraper.stats.texts_fetched
+        snap = scraper.scrape()
+        assert scraper.stats.text_fetches == fetches and scraper.stats.texts_fetched == texts
+        assert snap.statements["query"].null_count() < snap.statements.height  # texts still attached
+        pg.execute("SELECT 'a brand new statement shape' AS x, 42")
+        scraper.scrape()
+        assert scraper.stats.text_fetches == fetches + 1  # exactly one round trip for the new key
+
+
+def test_frames_have_fixed_schemas_and_see_activity_and_locks(pg):
+    with psycopg.connect(pg.dsn()) as holder:
+        holder.execute("LOCK TABLE pgbench_branches IN SHARE MODE")
+        with Scraper(pg.dsn()) as scraper:
+            snap = scraper.scrape()
+    assert snap.activity.schema == ACTIVITY and snap.locks.schema == LOCKS
+    assert snap.blocked.schema == BLOCKED and snap.databases.schema == DATABASES
+    assert snap.locks.filter((pl.col("mode") == "ShareLock") & pl.col("granted"))["count"].sum() >= 1
+    assert snap.activity.filter(pl.col("state") == "idle in transaction")["count"].sum() >= 1
+    assert "postgres" in snap.databases["database"].to_list()
+    assert snap.max_connections == 100
+
+
+def test_blocked_sessions_are_seen(pg):
+    holder = psycopg.connect(pg.dsn())
+    holder.execute("LOCK TABLE pgbench_tellers IN ACCESS EXCLUSIVE MODE")
+    waiter = threading.Thread(target=lambda: pg.execute("SELECT count(*) FROM pgbench_tellers"))
+    waiter.start()
+    try:
+        with Scraper(pg.dsn()) as scraper:
+            for _ in range(50):
+                snap = scraper.scrape()
+                if snap.blocked.height:
+                    break
+        assert snap.blocked["sessions"].sum() == 1
+        assert snap.blocked["max_wait_secs"][0] >= 0
+    finally:
+        holder.rollback()
+        holder.close()
+        waiter.join()
+
+
+def test_unreachable_server():
+    dsn = f"postgresql://mon:{SECRET}@127.0.0.1:{free_port()}/postgres"
+    with pytest.raises(ServerUnreachable) as info, Scraper(dsn, connect_timeout_secs=2) as scraper:
+        scraper.scrape()
+    assert "check that the server is running" in str(info.value) and SECRET not in str(info.value)
+
+
+def test_wrong_password_is_not_echoed(pg):
+    pg.execute("DROP ROLE IF EXISTS mon_pw", "CREATE ROLE mon_pw LOGIN PASSWORD 'right-one' IN ROLE pg_monitor")
+    with pytest.raises(AuthenticationFailed) as info, Scraper(pg.dsn(user="mon_pw", password=SECRET)) as scraper:
+        scraper.scrape()
+    assert SECRET not in str(info.value) and "password" in str(info.value)
+
+
+def test_missing_database(pg):
+    with pytest.raises(DatabaseMissing, match="does not exist"), Scraper(pg.dsn("no_such_db")) as scraper:
+        scraper.scrape()
+
+
+def test_extension_not_installed(pg):
+    pg.execute("DROP DATABASE IF EXISTS noext", "CREATE DATABASE noext")
+    with pytest.raises(ExtensionMissing, match="CREATE EXTENSION pg_stat_statements"), \
+            Scraper(pg.dsn("noext")) as scraper:
+        scraper.scrape()
+
+
+def test_library_not_preloaded(pg_factory):
+    server = pg_factory(preload=False)
+    server.execute("CREATE EXTENSION pg_stat_statements")
+    with pytest.raises(ExtensionNotLoaded, match="shared_preload_libraries"), Scraper(server.dsn()) as scraper:
+        scraper.scrape()
+
+
+def test_statement_timeout_raises_and_next_scrape_works(pg):
+    with Scraper(pg.dsn(), statement_timeout_ms=300) as scraper:
+        scraper.scrape()  # connected before the lock: new connections would wait for it too
+        holder = psycopg.connect(pg.dsn())
+        holder.execute("LOCK TABLE pg_database IN ACCESS EXCLUSIVE MODE")  # the scrape joins pg_database
+        try:
+            with pytest.raises(ScrapeTimeout, match="statement_timeout"):
+                scraper.scrape()
+        finally:
+            holder.rollback()
+            holder.close()
+        assert scraper.scrape().statements.height > 0  # reconnects and goes on
+
+
+def test_rows_hidden_by_missing_privileges(pg):
+    pg.execute("DROP ROLE IF EXISTS mon_plain",
+               "CREATE ROLE mon_plain LOGIN PASSWORD 'pw'",
+               "GRANT pg_read_all_settings TO mon_plain")
+    with Scraper(pg.dsn(user="mon_plain", password="pw")) as scraper:
+        snap = scraper.scrape()
+    assert snap.hidden_statements > 0  # the superuser's pgbench statements
+    assert snap.statements["queryid"].null_count() == 0
+    report = check(InstanceConfig(name="plain", database_url=pg.dsn(user="mon_plain", password="pw")))
+    assert any(f.level == "warn" and "GRANT pg_read_all_stats TO mon_plain" in f.detail for f in report.findings)
+
+
+def test_pg_monitor_role_sees_everything(pg):
+    pg.execute("DROP ROLE IF EXISTS mon_ok", "CREATE ROLE mon_ok LOGIN PASSWORD 'pw' IN ROLE pg_monitor")
+    with Scraper(pg.dsn(user="mon_ok", password="pw")) as scraper:
+        snap = scraper.scrape()
+    assert snap.hidden_statements == 0
+    assert set(PGBENCH_STATEMENTS.values()) <= set(snap.statements["query"].drop_nulls())
+
+
+def _cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "pgflow", *args], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
+
+
+def test_check_exit_codes(pg):
+    ok = _cli("check", env={"DATABASE_URL": pg.dsn()})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "usable" in ok.stdout and "pg_stat_statements.max" in ok.stdout
+    pg.execute("DROP DATABASE IF EXISTS noext2", "CREATE DATABASE noext2")
+    bad = _cli("check", env={"DATABASE_URL": pg.dsn("noext2")})
+    assert bad.returncode == 1
+    assert "CREATE EXTENSION pg_stat_statements" in bad.stdout
+    assert "Traceback" not in bad.stderr
+
+
+def test_check_unreachable_does_not_echo_password():
+    proc = _cli("check", env={"DATABASE_URL": f"postgresql://mon:{SECRET}@127.0.0.1:{free_port()}/db"})
+    assert proc.returncode == 1 and "FAIL" in proc.stdout
+    assert SECRET not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
