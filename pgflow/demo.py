@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
+from pgflow import ops
+from pgflow.schema import Snapshot
+
 from pgflow.config import InstanceConfig
 from pgflow.pgserver import LocalPostgres
 from pgflow.scrape import Scraper
@@ -27,19 +30,17 @@ def run_demo(bindir: str | None = None, clients: int = 4, transactions: int = 25
     return 0 if report.usable else 1
 
 
-def _print_top(before, after) -> None:  # type: ignore[no-untyped-def]
-    key = ["dbid", "userid", "queryid", "toplevel"]
-    joined = after.statements.join(before.statements.select(*key, "calls", "total_exec_time"), on=key, how="left",
-                                   suffix="_prev", nulls_equal=True)
-    top = (
-        joined.with_columns(
-            calls=pl.col("calls") - pl.col("calls_prev").fill_null(0),
-            total_ms=pl.col("total_exec_time") - pl.col("total_exec_time_prev").fill_null(0.0),
-        )
-        .filter(pl.col("calls") > 0)
-        .sort("total_ms", descending=True)
+def _print_top(before: Snapshot, after: Snapshot) -> None:
+    points = ops.run([before, after])
+    by_series = (
+        points.filter(pl.col("metric").is_in(["postgresql.query.calls", "postgresql.query.duration"]))
+        .with_columns(pl.col("attributes").struct.field("db.query.summary").alias("summary"),
+                      pl.col("attributes").struct.field("postgresql.query.fingerprint").alias("fingerprint"))
+        .pivot(on="metric", index=["fingerprint", "summary"], values="value", aggregate_function="sum")
+        .sort("postgresql.query.duration", descending=True)
         .head(8)
     )
-    print("\ntop statements by execution time between the two scrapes:")
-    for row in top.iter_rows(named=True):
-        print(f"  {row['calls']:>7} calls {row['total_ms']:>10.1f} ms  {row['query'][:70]}")
+    print("\ntop queries by execution time between the two scrapes (as pgflow would export them):")
+    for row in by_series.iter_rows(named=True):
+        print(f"  {row['postgresql.query.calls']:>7.0f} calls {row['postgresql.query.duration']:>8.3f} s  "
+              f"{row['summary']}")

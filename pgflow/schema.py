@@ -108,6 +108,25 @@ DATABASES = pl.Schema(
     }
 )
 
+# Every point attribute pgflow exports; in a points frame, a null field is an absent attribute.
+ATTRIBUTE_KEYS = (
+    "db.system.name",
+    "db.namespace",
+    "user.name",
+    "db.operation.name",
+    "db.query.summary",
+    "postgresql.query.fingerprint",
+    "db.query.text",
+    "postgresql.block.kind",
+    "postgresql.io.direction",
+    "postgresql.connection.state",
+    "postgresql.wait_event.type",
+    "postgresql.lock.mode",
+    "postgresql.lock.type",
+    "postgresql.lock.granted",
+)
+ATTRIBUTES = pl.Struct({key: pl.String for key in ATTRIBUTE_KEYS})
+
 POINTS = pl.Schema(
     {
         "instance": pl.String,
@@ -119,7 +138,11 @@ POINTS = pl.Schema(
         "end": UTC_TS,
         "value": pl.Float64,
         "is_int": pl.Boolean,  # encode as as_int (counts) rather than as_double (durations)
-        "attributes": pl.List(pl.Struct({"key": pl.String, "value": pl.String})),
+        "attributes": ATTRIBUTES,
+        # The instance's resource, repeated per point so that a points frame stands alone.
+        "server_address": pl.String,
+        "server_port": pl.Int32,
+        "server_version_num": pl.Int32,
     }
 )
 

@@ -1,0 +1,223 @@
+"""Query fingerprints with libpg_query (via pglast), with a fallback that never raises.
+
+For every statement: ``fingerprint`` (hex), ``operation`` (``db.operation.name``),
+``summary`` (``db.query.summary``, e.g. ``UPDATE pgbench_branches``) and ``text`` (the
+normalized statement: never a literal value, no comments, at most 4095 characters).
+
+Text that pglast cannot parse (truncated by ``track_activity_query_size``, garbage,
+non-UTF-8, ``<insufficient privilege>``, huge) gets a simple normalization hashed with
+xxh3_128, so the same bad text always yields the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import polars as pl
+import xxhash
+from pglast import parser as pg_parser
+
+from pgflow.lru import LRU
+
+MAX_TEXT = 4095
+MAX_PARSE_BYTES = 200_000  # longer statements go straight to the fallback: parsing them is not worth it
+FINGERPRINT_COLUMNS = {"fingerprint": pl.String, "operation": pl.String, "summary": pl.String, "text": pl.String}
+
+_OPERATIONS = {
+    "SelectStmt": "SELECT",
+    "InsertStmt": "INSERT",
+    "UpdateStmt": "UPDATE",
+    "DeleteStmt": "DELETE",
+    "MergeStmt": "MERGE",
+    "CopyStmt": "COPY",
+    "CallStmt": "CALL",
+    "TransactionStmt": "TRANSACTION",
+    "VacuumStmt": "MAINTENANCE",
+    "ClusterStmt": "MAINTENANCE",
+    "ReindexStmt": "MAINTENANCE",
+    "VariableSetStmt": "SET",
+    "VariableShowStmt": "SHOW",
+    "ExplainStmt": "EXPLAIN",
+}
+_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "Truncate", "Comment", "Grant", "Revoke", "Index",
+                 "Define", "Composite", "View")
+_FALLBACK_KEYWORDS = {
+    "SELECT": "SELECT", "WITH": "SELECT", "INSERT": "INSERT", "UPDATE": "UPDATE", "DELETE": "DELETE",
+    "MERGE": "MERGE", "COPY": "COPY", "CALL": "CALL", "BEGIN": "TRANSACTION", "COMMIT": "TRANSACTION",
+    "ROLLBACK": "TRANSACTION", "START": "TRANSACTION", "END": "TRANSACTION", "SET": "SET", "SHOW": "SHOW",
+    "VACUUM": "MAINTENANCE", "ANALYZE": "MAINTENANCE", "CREATE": "DDL", "ALTER": "DDL", "DROP": "DDL",
+    "TRUNCATE": "DDL", "GRANT": "DDL", "REVOKE": "DDL", "EXPLAIN": "EXPLAIN",
+}
+
+
+@dataclass(frozen=True)
+class QueryInfo:
+    fingerprint: str
+    operation: str
+    summary: str
+    text: str
+
+
+def _operation(stmt_type: str) -> str:
+    if stmt_type in _OPERATIONS:
+        return _OPERATIONS[stmt_type]
+    return "DDL" if stmt_type.startswith(_DDL_PREFIXES) else "OTHER"
+
+
+def _relations(node: object, out: list[str]) -> None:
+    """Collect RangeVar names in tree order (a statement's target relation comes first)."""
+    if isinstance(node, dict):
+        name = node.get("relname")  # a RangeVar, wrapped ({"RangeVar": {...}}) or as a typed field
+        if isinstance(name, str) and name not in out:
+            out.append(name)
+        for value in node.values():
+            if len(out) >= 2:
+                return
+            _relations(value, out)
+    elif isinstance(node, list):
+        for value in node:
+            _relations(value, out)
+
+
+def _strip_comments(text: str) -> str:
+    """Drop comment tokens (they can carry anything, secrets included), using the SQL scanner."""
+    raw = text.encode("utf-8")
+    spans = [(t.start, t.end + 1) for t in pg_parser.scan(text) if t.name in ("SQL_COMMENT", "C_COMMENT")]
+    if not spans:
+        return text
+    kept, pos = [], 0
+    for start, end in spans:
+        kept.append(raw[pos:start])
+        kept.append(b" ")
+        pos = end
+    kept.append(raw[pos:])
+    return b"".join(kept).decode("utf-8", "replace")
+
+
+_WS = re.compile(r"\s+")
+
+
+def _fold(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+def parse_info(text: str) -> QueryInfo:
+    """Fingerprint one statement with pglast; raises on text libpg_query cannot parse."""
+    if len(text) > MAX_PARSE_BYTES:
+        raise ValueError("statement too long to parse")
+    tree = json.loads(pg_parser.parse_sql_json(text))
+    stmts = tree.get("stmts") or []
+    if not stmts:
+        raise ValueError("empty statement")
+    stmt = stmts[0].get("stmt") or {}
+    stmt_type = next(iter(stmt), "")
+    operation = _operation(stmt_type)
+    tables: list[str] = []
+    _relations(stmt, tables)
+    summary = " ".join([operation, *tables])
+    normalized = _fold(_strip_comments(pg_parser.normalize(text)))
+    return QueryInfo(pg_parser.fingerprint(text), operation, summary, normalized[:MAX_TEXT])
+
+
+_STRING = re.compile(r"(?:[eEbBxXuU]&?)?'(?:[^']|'')*'?|\$([A-Za-z_]\w*)?\$.*?(?:\$\1\$|$)", re.S)
+_COMMENT = re.compile(r"--[^\n]*|/\*.*?(?:\*/|$)", re.S)
+_NUMBER = re.compile(r"(?<![\w$])[-+]?(?:0x[0-9a-f]+|\d+(?:\.\d*)?(?:e[-+]?\d+)?|\.\d+(?:e[-+]?\d+)?)\b", re.I)
+_PARAM = re.compile(r"\$\d+")
+_LIST = re.compile(r"\(\s*\?(?:\s*,\s*\?)+\s*\)")
+_FIRST_WORD = re.compile(r"[a-z]+")
+_TARGET = re.compile(r"\b(?:from|into|update|table|join)\s+([a-z_][\w$.]*)")
+
+
+def fallback_info(text: str) -> QueryInfo:
+    """Normalization for text pglast cannot parse: comments and literals out, lists folded."""
+    text = _COMMENT.sub(" ", text)
+    text = _STRING.sub("?", text)
+    text = _PARAM.sub("?", text)
+    text = _NUMBER.sub("?", text)
+    text = _LIST.sub("(?)", _fold(text).lower())
+    word = _FIRST_WORD.search(text)
+    operation = _FALLBACK_KEYWORDS.get(word.group(0).upper(), "OTHER") if word else "OTHER"
+    target = _TARGET.search(text)
+    summary = f"{operation} {target.group(1)}" if target else operation
+    digest = xxhash.xxh3_128_hexdigest(text.encode("utf-8", "replace"))
+    return QueryInfo(digest, operation, summary, text[:MAX_TEXT])
+
+
+def query_info(text: str | None) -> QueryInfo:
+    """pglast when it can parse ``text``, the fallback otherwise; never raises."""
+    if text is None:
+        return fallback_info("<unknown text>")
+    try:
+        return parse_info(text)
+    except Exception:
+        return fallback_info(text)
+
+
+def unknown_text_info(queryid: int) -> QueryInfo:
+    """A statement whose text is gone (deallocated before it was read): one series per queryid."""
+    return QueryInfo(xxhash.xxh3_128_hexdigest(f"queryid:{queryid}".encode()), "OTHER", "OTHER", "")
+
+
+class Fingerprinter:
+    """Fingerprints delta rows, caching by ``(instance, dbid, queryid)`` and by text hash.
+
+    The key cache is a polars table per instance joined against each frame, so a
+    steady-state scrape costs one join and no Python per row. Both caches are bounded; a
+    key cache over capacity keeps the keys of the frame just seen and the newest others.
+    State is only a cache: losing it changes nothing but speed.
+    """
+
+    def __init__(self, key_cache_size: int = 50_000, text_cache_size: int = 50_000) -> None:
+        self.key_cache_size = key_cache_size
+        self._by_key: dict[str, pl.DataFrame] = {}
+        self._by_text: LRU[int, QueryInfo] = LRU(text_cache_size)
+        self.key_hits = 0
+        self.key_misses = 0
+        self.parses = 0
+
+    @property
+    def text_hits(self) -> int:
+        return self._by_text.hits
+
+    def info(self, text: str | None) -> QueryInfo:
+        digest = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) if text is not None else 0
+        cached = self._by_text.get(digest)
+        if cached is None:
+            self.parses += 1
+            cached = query_info(text)
+            self._by_text.put(digest, cached)
+        return cached
+
+    def apply(self, instance: str, frame: pl.DataFrame) -> pl.DataFrame:
+        """Add fingerprint, operation, summary and text to ``frame`` (dbid, queryid, query)."""
+        table = self._by_key.get(instance)
+        key = ["dbid", "queryid"]
+        if table is None:
+            table = pl.DataFrame(schema={"dbid": pl.Int64, "queryid": pl.Int64, **FINGERPRINT_COLUMNS})
+        joined = frame.join(table, on=key, how="left")
+        missing = joined.filter(pl.col("fingerprint").is_null())
+        self.key_hits += joined.height - missing.height
+        if missing.height:
+            self.key_misses += missing.height
+            fresh = missing.select(*key, "query").unique(subset=key, keep="first")
+            infos = [self.info(q) if q is not None else unknown_text_info(qid)
+                     for q, qid in zip(fresh["query"].to_list(), fresh["queryid"].to_list())]
+            new_rows = fresh.select(key).with_columns(
+                pl.Series("fingerprint", [i.fingerprint for i in infos], dtype=pl.String),
+                pl.Series("operation", [i.operation for i in infos], dtype=pl.String),
+                pl.Series("summary", [i.summary for i in infos], dtype=pl.String),
+                pl.Series("text", [i.text for i in infos], dtype=pl.String),
+            )
+            table = pl.concat([table, new_rows])
+            if table.height > self.key_cache_size:
+                used = frame.select(key).unique()
+                recent = table.join(used, on=key, how="semi")
+                rest = table.join(used, on=key, how="anti").tail(max(0, self.key_cache_size - recent.height))
+                table = pl.concat([rest, recent])
+            hits = joined.filter(pl.col("fingerprint").is_not_null())
+            filled = missing.drop(*FINGERPRINT_COLUMNS).join(new_rows, on=key, how="left")
+            joined = pl.concat([hits, filled])
+        self._by_key[instance] = table
+        return joined

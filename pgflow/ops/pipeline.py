@@ -1,0 +1,101 @@
+"""The operator chain for one instance: delta → fingerprint → window (aggregate) → cap → points.
+
+``step`` and ``finish`` are the only composition of the operators; ``pgflow.ops.run``,
+the notebook replay and the bytewax flow all call them, so every path gives the same points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any
+
+import polars as pl
+
+from pgflow.config import Settings
+from pgflow.ops import window as win
+from pgflow.ops.cap import CapState, cap
+from pgflow.ops.delta import DeltaState, delta
+from pgflow.ops.fingerprint import Fingerprinter
+from pgflow.ops.points import points
+from pgflow.schema import POINTS, Snapshot
+
+
+@dataclass(frozen=True)
+class OpsSettings:
+    """The settings the operators read (names and validation as in pgflow.config)."""
+
+    export_interval_secs: float = 60.0
+    max_queries_tracked: int = 1000
+    max_users_tracked: int = 100
+    max_databases_tracked: int = 100
+    slow_query_threshold_ms: float = 0.0
+    fingerprint_cache_size: int = 50_000
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OpsSettings:
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+    @classmethod
+    def of(cls, **overrides: Any) -> OpsSettings:
+        """Validate ``overrides`` exactly as the collector's configuration would."""
+        return cls.from_settings(Settings.load(**overrides))
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    """Everything one instance carries between scrapes: small, immutable, picklable."""
+
+    delta: DeltaState | None
+    window: win.WindowState
+    cap: CapState
+    scrapes: int = 0
+
+
+def initial_state(settings: OpsSettings) -> InstanceState:
+    return InstanceState(None, win.WindowState(timedelta(seconds=settings.export_interval_secs)), CapState())
+
+
+def _emit(state: InstanceState, closed: list[win.Window], settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
+    frames = []
+    cap_state = state.cap
+    for window in closed:
+        cap_state, series = cap(
+            cap_state,
+            window.series(),
+            max_queries_tracked=settings.max_queries_tracked,
+            max_users_tracked=settings.max_users_tracked,
+            max_databases_tracked=settings.max_databases_tracked,
+            slow_query_threshold_ms=settings.slow_query_threshold_ms,
+        )
+        frames.append(points(window, series))
+    out = pl.concat(frames) if frames else pl.DataFrame(schema=POINTS)
+    return replace(state, cap=cap_state), out
+
+
+def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
+         settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
+    """Feed one snapshot; return the new state and the points of windows it closed."""
+    delta_state, deltas = delta(state.delta, snapshot)
+    if delta_state is state.delta:  # a snapshot from the past: ignored whole
+        return state, pl.DataFrame(schema=POINTS)
+    series, deallocated = None, 0
+    if deltas is not None:
+        series = fingerprinter.apply(snapshot.instance, deltas.statements)
+        deallocated = deltas.deallocated
+    window_state, closed = win.close_until(state.window, snapshot.scraped_at)
+    window_state = win.add(window_state, snapshot, series, deallocated)
+    state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1)
+    return _emit(state, closed, settings)
+
+
+def tick(state: InstanceState, watermark: Any, settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
+    """Close windows that ended before ``watermark`` without a new scrape (instance down)."""
+    window_state, closed = win.close_until(state.window, watermark)
+    return _emit(replace(state, window=window_state), closed, settings)
+
+
+def finish(state: InstanceState, settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
+    """Close every open window (end of stream, shutdown)."""
+    window_state, closed = win.close_all(state.window)
+    return _emit(replace(state, window=window_state), closed, settings)

@@ -1,0 +1,169 @@
+"""Closed windows to the points frame: one row per data point, names and units of DESIGN.md.
+
+Durations leave in seconds (pg_stat_statements reports milliseconds). Sums are deltas over
+the window ``[start, end)``; gauges carry the time they were observed. ``attributes`` is a
+struct with one field per known attribute key (null: absent), which costs nothing to build.
+This frame is the only input of the OTLP encoder, the local receiver's store and the tuning tools.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import polars as pl
+
+from pgflow.ops.window import Window
+from pgflow.schema import ATTRIBUTE_KEYS, POINTS, UTC_TS
+
+_BLOCK_KINDS = ("shared_hit", "shared_read", "shared_dirtied", "shared_written", "local_hit", "local_read",
+                "local_dirtied", "local_written", "temp_read", "temp_written")
+
+
+def attributes(values: dict[str, pl.Expr | str]) -> pl.Expr:
+    """The attributes struct: given keys from expressions or constants, the rest null."""
+    unknown = set(values) - set(ATTRIBUTE_KEYS)
+    if unknown:
+        raise ValueError(f"attribute keys not in schema.ATTRIBUTE_KEYS: {sorted(unknown)}")
+    fields = []
+    for key in ATTRIBUTE_KEYS:
+        value = values.get(key)
+        expr = pl.lit(None, pl.String) if value is None else (pl.lit(value) if isinstance(value, str) else value)
+        fields.append(expr.cast(pl.String).alias(key))
+    return pl.struct(fields)
+
+
+def _columns(window: Window, kind: str, start: datetime, end: datetime) -> list[pl.Expr]:
+    r = window.resource
+    return [
+        pl.lit(r.instance).alias("instance"),
+        pl.col("metric"),
+        pl.lit(kind).alias("kind"),
+        pl.col("unit"),
+        pl.lit(kind == "sum").alias("monotonic"),
+        pl.lit(start, UTC_TS).alias("start"),
+        pl.lit(end, UTC_TS).alias("end"),
+        pl.col("value").cast(pl.Float64),
+        pl.col("is_int"),
+        pl.col("attributes"),
+        pl.lit(r.server_address).alias("server_address"),
+        pl.lit(r.server_port, pl.Int32).alias("server_port"),
+        pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
+    ]
+
+
+# Query sums: (metric, unit, value, is_int, only when non-zero, block kind, io direction).
+def _query_specs() -> list[tuple[str, str, pl.Expr, bool, bool, str | None, str | None]]:
+    c = pl.col
+    specs: list[tuple[str, str, pl.Expr, bool, bool, str | None, str | None]] = [
+        ("postgresql.query.calls", "{call}", c("calls"), True, False, None, None),
+        ("postgresql.query.duration", "s", c("total_exec_time") / 1000.0, False, False, None, None),
+        ("postgresql.query.rows", "{row}", c("rows"), True, False, None, None),
+        ("postgresql.query.plan.duration", "s", c("total_plan_time") / 1000.0, False, True, None, None),
+        ("postgresql.query.wal.bytes", "By", c("wal_bytes"), True, True, None, None),
+    ]
+    for kind in _BLOCK_KINDS:
+        scope, op = kind.split("_")
+        specs.append(("postgresql.query.blocks", "{block}", c(f"{scope}_blks_{op}"), True, True, kind, None))
+    for direction in ("read", "write"):
+        total = pl.sum_horizontal(c(f"{s}_blk_{direction}_time").fill_null(0) for s in ("shared", "local", "temp"))
+        specs.append(("postgresql.query.io.duration", "s", total / 1000.0, False, True, None, direction))
+    return specs
+
+
+_SPECS = _query_specs()
+_SPEC_TABLE = pl.DataFrame(
+    {
+        "spec": [f"v{i}" for i in range(len(_SPECS))],
+        "metric": [s[0] for s in _SPECS],
+        "unit": [s[1] for s in _SPECS],
+        "is_int": [s[3] for s in _SPECS],
+        "only_nonzero": [s[4] for s in _SPECS],
+        "block_kind": [s[5] for s in _SPECS],
+        "io_direction": [s[6] for s in _SPECS],
+    },
+    schema_overrides={"block_kind": pl.String, "io_direction": pl.String},
+)
+_LABELS = ["database", "user", "operation", "summary", "fingerprint", "text"]
+_QUERY_ATTRIBUTES = attributes({
+    "db.system.name": "postgresql",
+    "db.namespace": pl.col("database"),
+    "user.name": pl.col("user"),
+    "db.operation.name": pl.col("operation"),
+    "db.query.summary": pl.col("summary"),
+    "postgresql.query.fingerprint": pl.col("fingerprint"),
+    "db.query.text": pl.col("text"),
+    "postgresql.block.kind": pl.col("block_kind"),
+    "postgresql.io.direction": pl.col("io_direction"),
+})
+
+
+def query_points(window: Window, series: pl.DataFrame) -> pl.DataFrame | None:
+    """The postgresql.query.* sums of one window's (capped) series, in one pass."""
+    if series.height == 0:
+        return None
+    values = series.select(
+        *_LABELS, *(spec[2].fill_null(0).cast(pl.Float64).alias(f"v{i}") for i, spec in enumerate(_SPECS))
+    )
+    return (
+        values.unpivot(index=_LABELS, variable_name="spec", value_name="value")
+        .join(_SPEC_TABLE, on="spec", how="inner")
+        .filter(~pl.col("only_nonzero") | (pl.col("value") != 0))
+        .with_columns(_QUERY_ATTRIBUTES.alias("attributes"))
+        .select(_columns(window, "sum", window.start, window.end))
+    )
+
+
+def _gauge(window: Window, metric: str, unit: str, rows: pl.DataFrame, value: pl.Expr, attrs: dict[str, pl.Expr],
+           is_int: bool, at: datetime) -> pl.DataFrame:
+    return rows.select(
+        pl.lit(metric).alias("metric"), pl.lit(unit).alias("unit"), value.alias("value"),
+        pl.lit(is_int).alias("is_int"), attributes(attrs).alias("attributes"),
+    ).select(_columns(window, "gauge", at, at))
+
+
+def gauge_points(window: Window) -> list[pl.DataFrame]:
+    """Connections, locks and blocked sessions as last observed in the window."""
+    g = window.gauges
+    if g is None:
+        return []
+    at, c = g.observed_at, pl.col
+    out = []
+    clients = g.activity.filter(c("backend_type") == "client backend")
+    if clients.height:
+        out.append(_gauge(window, "postgresql.connection.count", "{connection}", clients, c("count"),
+                          {"db.namespace": c("database"), "user.name": c("user"),
+                           "postgresql.connection.state": c("state"),
+                           "postgresql.wait_event.type": c("wait_event_type")}, True, at))
+    if g.max_connections is not None:
+        out.append(_gauge(window, "postgresql.connection.max", "{connection}",
+                          pl.DataFrame({"v": [g.max_connections]}), c("v"), {}, True, at))
+    if g.locks.height:
+        out.append(_gauge(window, "postgresql.lock.count", "{lock}", g.locks, c("count"),
+                          {"db.namespace": c("database"), "postgresql.lock.mode": c("mode"),
+                           "postgresql.lock.type": c("locktype"),
+                           "postgresql.lock.granted": c("granted").cast(pl.String)}, True, at))
+    if g.databases:
+        blocked = (
+            pl.DataFrame({"database": g.databases}, schema={"database": pl.String})
+            .join(g.blocked, on="database", how="left")
+            .with_columns(c("sessions").fill_null(0), c("max_wait_secs").fill_null(0.0))
+        )
+        db = {"db.namespace": c("database")}
+        out.append(_gauge(window, "postgresql.blocked.count", "{session}", blocked, c("sessions"), db, True, at))
+        out.append(_gauge(window, "postgresql.blocked.wait.max", "s", blocked, c("max_wait_secs"), db, False, at))
+    return out
+
+
+def points(window: Window, series: pl.DataFrame) -> pl.DataFrame:
+    """Every data point of one closed window, in the POINTS schema."""
+    frames = [f for f in [query_points(window, series)] if f is not None] + gauge_points(window)
+    if window.deallocated:
+        frames.append(
+            pl.DataFrame({"metric": ["postgresql.statements.deallocated"], "unit": ["{statement}"],
+                          "value": [float(window.deallocated)], "is_int": [True]})
+            .with_columns(attributes({}).alias("attributes"))
+            .select(_columns(window, "sum", window.start, window.end))
+        )
+    if not frames:
+        return pl.DataFrame(schema=POINTS)
+    return pl.concat(frames, how="vertical_relaxed").cast(POINTS)  # type: ignore[arg-type]
