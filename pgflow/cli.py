@@ -29,6 +29,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(bindir=args.pg_bindir, clients=args.clients, transactions=args.transactions)
 
 
+def _cmd_receive(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pgflow.otlp.receiver import Receiver, parse_script
+
+    script = parse_script(args.script)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    receiver = Receiver(args.out, grpc_port=args.grpc_port, http_port=args.http_port, host=args.host,
+                        script=script).start()
+    print(f"pgflow receive: grpc on {receiver.grpc_endpoint}, http on {receiver.http_endpoint}, "
+          f"storing into {args.out or 'memory'}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        receiver.stop()
+    print(f"pgflow receive: stopped after {len(receiver.attempts)} requests", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgflow", description="PostgreSQL query statistics as OTLP metrics.")
     parser.add_argument("--version", action="version", version=f"pgflow {__version__}")
@@ -37,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="diagnose every configured instance; exit 1 if one is not usable")
     check.add_argument("--config", help="JSON settings file (or PGFLOW_CONFIG)")
     check.set_defaults(func=_cmd_check)
+
+    receive = sub.add_parser("receive", help="a local OTLP metrics receiver that stores points in DuckDB")
+    receive.add_argument("--out", help="DuckDB file for the points (default: memory only)")
+    receive.add_argument("--grpc-port", type=int, default=4317, help="0 picks a free port")
+    receive.add_argument("--http-port", type=int, default=4318, help="0 picks a free port")
+    receive.add_argument("--host", default="127.0.0.1")
+    receive.add_argument("--script", help="answers to give first, e.g. UNAVAILABLE,UNAVAILABLE,OK or 429:1,OK")
+    receive.set_defaults(func=_cmd_receive)
 
     demo = sub.add_parser("demo", help="start an embedded PostgreSQL, run pgbench and show what pgflow sees")
     demo.add_argument("--pg-bindir", help="bin directory of another PostgreSQL install")

@@ -1,0 +1,231 @@
+"""`pgflow receive`: a small OTLP metrics receiver (gRPC and HTTP/protobuf) storing into DuckDB.
+
+Built on the official service definitions of opentelemetry-proto. It answers like a real
+server (gzip accepted, partial_success, RetryInfo, Retry-After) and can be told to answer a
+scripted sequence first, e.g. ``UNAVAILABLE,UNAVAILABLE,OK`` or ``429:1,OK`` (status 429
+with ``Retry-After: 1``) or ``PARTIAL:3`` (accept, report 3 points rejected). Script items
+are gRPC code names or HTTP statuses; each is translated for the protocol that receives it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import threading
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsPartialSuccess,
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+
+from pgflow.errors import ConfigError
+from pgflow.otlp.store import PointStore
+
+log = logging.getLogger("pgflow.receive")
+
+_HTTP_FOR_GRPC = {"UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 429, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401,
+                  "PERMISSION_DENIED": 403, "DEADLINE_EXCEEDED": 504, "INTERNAL": 500, "UNIMPLEMENTED": 501,
+                  "ABORTED": 503, "CANCELLED": 503, "OUT_OF_RANGE": 400, "DATA_LOSS": 500}
+_GRPC_FOR_HTTP = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "UNIMPLEMENTED",
+                  413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 502: "UNAVAILABLE",
+                  503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer: OK, PARTIAL (with rejected points), a gRPC code or an HTTP status."""
+
+    kind: str  # "OK" | "PARTIAL" | "GRPC" | "HTTP"
+    code: str = ""  # gRPC code name, or HTTP status as text
+    delay: float | None = None  # Retry-After / RetryInfo seconds
+    rejected: int = 0
+
+    @classmethod
+    def parse(cls, item: str) -> Reply:
+        name, _, arg = item.strip().partition(":")
+        name = name.upper()
+        try:
+            number = float(arg) if arg else None
+        except ValueError:
+            raise ConfigError(f"invalid script item {item!r}", "use e.g. OK, UNAVAILABLE, 503, 429:1, PARTIAL:3") from None
+        if name == "OK":
+            return cls("OK")
+        if name == "PARTIAL":
+            return cls("PARTIAL", rejected=int(number or 1))
+        if name.isdigit() and 400 <= int(name) <= 599:
+            return cls("HTTP", name, number)
+        if name in grpc.StatusCode.__members__ and name != "OK":
+            return cls("GRPC", name, number)
+        raise ConfigError(f"invalid script item {item!r}", "use e.g. OK, UNAVAILABLE, 503, 429:1, PARTIAL:3")
+
+    def http_status(self) -> int:
+        return int(self.code) if self.kind == "HTTP" else _HTTP_FOR_GRPC.get(self.code, 500)
+
+    def grpc_code(self) -> str:
+        return self.code if self.kind == "GRPC" else _GRPC_FOR_HTTP.get(int(self.code), "UNKNOWN")
+
+
+def parse_script(text: str | None) -> list[Reply]:
+    return [Reply.parse(item) for item in (text or "").split(",") if item.strip()]
+
+
+def _key_hash(value: str | None) -> str | None:
+    return hashlib.sha256(value.encode()).hexdigest()[:16] if value else None
+
+
+class Receiver:
+    """Serves OTLP/gRPC and OTLP/HTTP on localhost and stores what it accepts."""
+
+    def __init__(self, out: str | Path | None = None, *, grpc_port: int | None = 0, http_port: int | None = 0,
+                 host: str = "127.0.0.1", script: list[Reply] | None = None) -> None:
+        self.store = PointStore(out)
+        self.host = host
+        self.script: deque[Reply] = deque(script or [])
+        self._lock = threading.Lock()
+        self.attempts: list[tuple[str, str]] = []  # (protocol, outcome) of every request, in order
+        self._grpc_port, self._http_port = grpc_port, http_port
+        self._grpc: grpc.Server | None = None
+        self._http: ThreadingHTTPServer | None = None
+        self.grpc_port = self.http_port = 0
+
+    # Decisions shared by both protocols -------------------------------------------------
+
+    def _next(self, protocol: str) -> Reply:
+        with self._lock:
+            reply = self.script.popleft() if self.script else Reply("OK")
+        return reply
+
+    def _handle(self, request: ExportMetricsServiceRequest, protocol: str, api_key: str | None) -> Reply:
+        reply = self._next(protocol)
+        outcome = reply.kind if reply.kind in ("OK", "PARTIAL") else (
+            str(reply.http_status()) if protocol == "http" else reply.grpc_code())
+        self.store.add(request, protocol, outcome, _key_hash(api_key), store=reply.kind in ("OK", "PARTIAL"))
+        with self._lock:
+            self.attempts.append((protocol, outcome))
+        return reply
+
+    def set_script(self, replies: list[Reply]) -> None:
+        with self._lock:
+            self.script = deque(replies)
+
+    # Servers ------------------------------------------------------------------------------
+
+    def start(self) -> Receiver:
+        if self._grpc_port is not None:
+            self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_GrpcService(self), self._grpc)
+            self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{self._grpc_port}")
+            self._grpc.start()
+        if self._http_port is not None:
+            self._http = ThreadingHTTPServer((self.host, self._http_port), _http_handler(self))
+            self._http.daemon_threads = True
+            self.http_port = self._http.server_address[1]
+            threading.Thread(target=self._http.serve_forever, name="otlp-http", daemon=True).start()
+        return self
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"http://{self.host}:{self.grpc_port}"
+
+    @property
+    def http_endpoint(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def stop(self) -> None:
+        if self._grpc is not None:
+            self._grpc.stop(grace=2).wait()
+            self._grpc = None
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        self.store.close()
+
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def points(self):  # type: ignore[no-untyped-def]
+        return self.store.points()
+
+
+class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    def Export(self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext) -> ExportMetricsServiceResponse:  # noqa: N802
+        api_key = dict(context.invocation_metadata()).get("api-key")
+        reply = self.receiver._handle(request, "grpc", api_key)
+        if reply.kind == "OK":
+            return ExportMetricsServiceResponse()
+        if reply.kind == "PARTIAL":
+            return ExportMetricsServiceResponse(partial_success=ExportMetricsPartialSuccess(
+                rejected_data_points=reply.rejected, error_message="scripted partial success"))
+        name = reply.grpc_code()
+        code = grpc.StatusCode[name]
+        if reply.delay is not None:
+            info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+                seconds=int(reply.delay), nanos=int((reply.delay % 1) * 1e9)))
+            status = status_pb2.Status(code=getattr(code_pb2, name), message=f"scripted {name}")
+            status.details.add().Pack(info)
+            context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+        context.set_code(code)
+        context.set_details(f"scripted {name}")
+        return ExportMetricsServiceResponse()
+
+
+def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            log.debug(format % args)
+
+        def _answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            if self.path.rstrip("/") != "/v1/metrics":
+                self._answer(404, status_pb2.Status(code=code_pb2.NOT_FOUND, message="only /v1/metrics").SerializeToString())
+                return
+            try:
+                if self.headers.get("Content-Encoding", "").lower() == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportMetricsServiceRequest.FromString(body)
+            except Exception:
+                self._answer(400, status_pb2.Status(code=code_pb2.INVALID_ARGUMENT,
+                                                    message="body is not a gzip/protobuf ExportMetricsServiceRequest").SerializeToString())
+                return
+            reply = receiver._handle(request, "http", self.headers.get("api-key"))
+            if reply.kind == "OK":
+                self._answer(200, ExportMetricsServiceResponse().SerializeToString())
+            elif reply.kind == "PARTIAL":
+                self._answer(200, ExportMetricsServiceResponse(partial_success=ExportMetricsPartialSuccess(
+                    rejected_data_points=reply.rejected, error_message="scripted partial success")).SerializeToString())
+            else:
+                status = reply.http_status()
+                headers = {"Retry-After": str(int(reply.delay))} if reply.delay is not None else {}
+                self._answer(status, status_pb2.Status(message=f"scripted {status}").SerializeToString(), headers)
+
+    return Handler
