@@ -11,6 +11,40 @@ from pgflow.config import Settings
 from pgflow.errors import PgflowError
 
 
+def load_settings_or_exit(config: str | None = None, **overrides: object) -> Settings:
+    """Settings for entry points outside ``main`` (the bytewax flow module): one line and exit 2 on error."""
+    try:
+        settings = Settings.load(config, **overrides)
+        settings.targets()
+        return settings
+    except PgflowError as exc:
+        print(f"pgflow: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from bytewax._bytewax import cli_main
+
+    from pgflow.logs import kv, setup
+    from pgflow.stream.flow import build_flow
+    from pgflow.stream.runtime import install_signal_handlers, runtime
+
+    overrides = {"max_scrapes": args.scrapes} if args.scrapes else {}
+    settings = Settings.load(args.config, **overrides)
+    settings.targets()
+    setup(settings.log_level, settings.log_format)
+    logging.getLogger("pgflow.run").info("starting", extra=kv(**{k: v for k, v in settings.redacted().items()
+                                                                   if v not in (None, [], {})}))
+    install_signal_handlers()
+    flow = build_flow(settings)
+    cli_main(flow, workers_per_process=args.workers)
+    runtime(settings).shipper.close()
+    logging.getLogger("pgflow.run").info("stopped")
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from pgflow.scrape.diagnose import check
 
@@ -56,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgflow", description="PostgreSQL query statistics as OTLP metrics.")
     parser.add_argument("--version", action="version", version=f"pgflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the collector (the bytewax dataflow) in this process")
+    run.add_argument("--config", help="JSON settings file (or PGFLOW_CONFIG)")
+    run.add_argument("--scrapes", type=int, help="stop after N scrapes per instance, flush and exit 0")
+    run.add_argument("--workers", type=int, default=1, help="bytewax worker threads in this process")
+    run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check", help="diagnose every configured instance; exit 1 if one is not usable")
     check.add_argument("--config", help="JSON settings file (or PGFLOW_CONFIG)")

@@ -39,6 +39,7 @@ class Batch:
     points: int
     instances: tuple[str, ...] = ()
     windows: tuple[tuple[int, int], ...] = ()  # (start_ns, end_ns) of the sums it carries
+    rows: tuple[int, ...] = ()  # ids of the points it carries (``row_id`` column, else position)
 
 
 def resource_attributes(instance: str, address: str, port: int, version_num: int, service_name: str) -> dict[str, object]:
@@ -121,8 +122,15 @@ class Encoder:
                 resource_attributes(instance, address, port, version, self.service_name))
         return block
 
-    def batches(self, points: pl.DataFrame) -> Iterator[Batch]:
-        """Requests carrying every finite point of ``points``, each within both limits."""
+    def batches(self, points: pl.DataFrame, row_id: str | None = None) -> Iterator[Batch]:
+        """Requests carrying every finite point of ``points``, each within both limits.
+
+        Each batch names the points it carries by ``row_id`` (a column of ``points``) or,
+        without one, by position, so a caller can tell exactly which points were sent.
+        """
+        if row_id is None:
+            points = points.with_row_index("__position")
+            row_id = "__position"
         frame = points.sort("instance", "metric", "kind", "unit", maintain_order=True)
         finite = frame["value"].is_finite().fill_null(False)
         self.stats.dropped_non_finite += frame.height - int(finite.sum())
@@ -135,10 +143,11 @@ class Encoder:
                                nulls_equal=True, maintain_order="left")["block"].to_list()
         columns = [frame[c].to_list() for c in ("instance", "metric", "kind", "unit", "is_int", "value",
                                                 "server_address", "server_port", "server_version_num")]
+        ids = frame[row_id].to_list()
         starts = frame["start"].dt.epoch("ns").to_list()
         ends = frame["end"].dt.epoch("ns").to_list()
 
-        pending: list[tuple[str, bytes, tuple[str, str, str], bytes, tuple[int, int] | None]] = []
+        pending: list[tuple[str, bytes, tuple[str, str, str], bytes, tuple[int, int] | None, int]] = []
         size = 0
         last_group: tuple | None = None
         fixed64, sfixed64, double, field_bytes = wire.fixed64, wire.sfixed64, wire.double, wire.field_bytes
@@ -158,7 +167,7 @@ class Encoder:
             last_group = group
             resource = self._resource(instance, address, port, version)
             pending.append((instance, resource, (metric, kind, unit), point,
-                            (starts[i], ends[i]) if kind == "sum" else None))
+                            (starts[i], ends[i]) if kind == "sum" else None, ids[i]))
             size += cost + (len(resource) + 64 if len(pending) == 1 or pending[-2][0] != instance else 0)
         if pending:
             yield from self._requests(pending)
@@ -176,7 +185,7 @@ class Encoder:
     def _request(self, items: list) -> Batch:
         instances: dict[str, tuple[bytes, dict[tuple[str, str, str], _Group]]] = {}
         windows: set[tuple[int, int]] = set()
-        for instance, resource, (metric, kind, unit), point, window in items:
+        for instance, resource, (metric, kind, unit), point, window, _ in items:
             groups = instances.setdefault(instance, (resource, {}))[1]
             group = groups.get((metric, kind, unit))
             if group is None:
@@ -189,7 +198,7 @@ class Encoder:
                 2, _SCOPE + b"".join(wire.field_bytes(2, g.encode()) for g in groups.values())))
             for resource, groups in instances.values()
         )
-        return Batch(payload, len(items), tuple(instances), tuple(sorted(windows)))
+        return Batch(payload, len(items), tuple(instances), tuple(sorted(windows)), tuple(i[5] for i in items))
 
 
 def decode(payload: bytes) -> ExportMetricsServiceRequest:

@@ -1,0 +1,158 @@
+"""The per-instance stateful step of the flow: the operators, the ledger and the outbox.
+
+For each snapshot: ``pipeline.step`` (the operators, nothing else), closed windows' points
+into the outbox, the ledger saved, then the outbox handed to the shipper. The outbox is
+bounded: past ``max_pending_windows`` entries the two oldest are merged (sums add up, the
+older gauges are dropped, both counted and logged), so memory stays flat however long
+the endpoint is down. At EOF (``--scrapes N``, SIGINT, SIGTERM) the open windows are closed
+and the outbox is flushed, waiting at most ``shutdown_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import polars as pl
+from bytewax.operators import StatefulLogic
+
+from pgflow import telemetry
+from pgflow.logs import kv
+from pgflow.ops.fingerprint import Fingerprinter
+from pgflow.ops.merge import merge_windows
+from pgflow.ops.pipeline import OpsSettings, finish, initial_state, step
+from pgflow.schema import Snapshot
+from pgflow.stream.ledger import ROW, Ledger, Record
+from pgflow.stream.shipper import Outgoing, Shipper
+
+log = logging.getLogger("pgflow.flow")
+
+MAX_PENDING_WINDOWS = 120
+_local = threading.local()
+
+
+def _fingerprinter(size: int) -> Fingerprinter:
+    """One per worker thread: bytewax runs several workers as threads of one process."""
+    fp = getattr(_local, "fingerprinter", None)
+    if fp is None:
+        fp = _local.fingerprinter = Fingerprinter(size, size)
+    return fp
+
+
+class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
+    """Everything one instance carries, made durable by its :class:`Ledger`."""
+
+    def __init__(self, instance: str, ops: OpsSettings, ledger: Ledger, shipper: Shipper,
+                 shutdown_timeout: float, max_pending: int = MAX_PENDING_WINDOWS) -> None:
+        self.instance = instance
+        self.ops = ops
+        self.ledger = ledger
+        self.shipper = shipper
+        self.shutdown_timeout = shutdown_timeout
+        self.max_pending = max_pending
+        record = ledger.load()
+        if record is not None:
+            log.info("resuming from the ledger", extra=kv(instance=instance, queued_windows=len(record.outbox)))
+        self.record = record or Record(initial_state(ops))
+        if self.record.state is None:
+            self.record.state = initial_state(ops)
+        self._submit()
+
+    # bytewax callbacks ------------------------------------------------------------------
+
+    def on_item(self, value: Snapshot) -> tuple[list[Outgoing], bool]:
+        fp = _fingerprinter(self.ops.fingerprint_cache_size)
+        hits, misses = fp.key_hits, fp.key_misses
+        state, points = step(self.record.state, value, fp, self.ops)  # type: ignore[arg-type]
+        telemetry.fingerprint_cache.labels("hit").inc(fp.key_hits - hits)
+        telemetry.fingerprint_cache.labels("miss").inc(fp.key_misses - misses)
+        self.record.state = state
+        telemetry.series_tracked.labels(self.instance).set(len(state.cap.queries))
+        self._queue(points)
+        self._apply_acks()
+        self.ledger.save(self.record)  # durable before anything of this scrape is sent
+        self._submit()
+        return [], StatefulLogic.RETAIN
+
+    def on_notify(self) -> tuple[list[Outgoing], bool]:
+        self._apply_acks()
+        self._submit()
+        return [], StatefulLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[Outgoing], bool]:
+        state, points = finish(self.record.state, self.ops)  # type: ignore[arg-type]
+        self.record.state = state
+        self._queue(points)
+        self._apply_acks()
+        self.ledger.save(self.record)
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.record.outbox and time.monotonic() < deadline:
+            self._submit(force=True)
+            time.sleep(0.05)
+            self._apply_acks()
+        self.ledger.save(self.record)
+        if self.record.outbox:
+            log.warning("stopping with windows not yet acknowledged; they are kept in the ledger and sent on the "
+                        "next start", extra=kv(instance=self.instance, windows=len(self.record.outbox)))
+        else:
+            log.info("flushed", extra=kv(instance=self.instance))
+        return [], StatefulLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        if self.record.outbox:
+            return datetime.now(timezone.utc) + timedelta(milliseconds=200)
+        return None
+
+    def snapshot(self) -> None:
+        return None  # the ledger, not bytewax recovery, carries the state (bytewax's lags the sink)
+
+    # Outbox -------------------------------------------------------------------------------
+
+    def _queue(self, points: pl.DataFrame) -> None:
+        if not points.height:
+            return
+        seq = self.record.next_seq
+        self.record.next_seq += 1
+        self.record.outbox[seq] = points.with_row_index(ROW)
+        self._bound()
+        telemetry.queue_depth.labels(self.instance).set(len(self.record.outbox))
+
+    def _bound(self) -> None:
+        """Merge the two oldest idle entries while the outbox is over its bound."""
+        while len(self.record.outbox) > self.max_pending:
+            idle = [s for s in sorted(self.record.outbox) if not self.shipper.busy(self.instance, s)]
+            if len(idle) < 2:
+                return
+            older, newer = idle[0], idle[1]
+            merged, dropped_gauges = merge_windows(self.record.outbox.pop(older).drop(ROW),
+                                                   self.record.outbox.pop(newer).drop(ROW))
+            self.record.outbox[newer] = merged.with_row_index(ROW)
+            telemetry.points_dropped.labels("merged_gauges").inc(dropped_gauges)
+            log.warning("endpoint backlog at its bound: merged the two oldest windows", extra=kv(
+                instance=self.instance, bound=self.max_pending, gauges_dropped=dropped_gauges))
+
+    def _apply_acks(self) -> None:
+        acked = self.ledger.take_acks()
+        if not acked:
+            return
+        for seq, rows in acked.items():
+            frame = self.record.outbox.get(seq)
+            if frame is None:
+                continue
+            if rows is None:
+                del self.record.outbox[seq]
+                continue
+            frame = frame.filter(~pl.col(ROW).is_in(list(rows)))
+            if frame.height:
+                self.record.outbox[seq] = frame
+            else:
+                del self.record.outbox[seq]
+        telemetry.queue_depth.labels(self.instance).set(len(self.record.outbox))
+
+    def _submit(self, force: bool = False) -> None:
+        for seq in sorted(self.record.outbox):
+            if force or self.shipper.retry_due(self.instance, seq):
+                if not self.shipper.busy(self.instance, seq):
+                    self.shipper.submit(Outgoing(self.instance, seq, self.record.outbox[seq]), self.ledger)

@@ -1,0 +1,125 @@
+"""The scrape source: one bytewax partition per PostgreSQL instance, scraping on a thread.
+
+A partition never blocks its worker: the scrape runs on the partition's own thread and
+``next_batch`` returns nothing until it is done; ``next_awake`` says when to look again.
+A slow or dead instance delays no other. A failed scrape is logged and counted, and the
+next successful scrape's delta covers the gap. The whole source ends (EOF) after
+``max_scrapes`` scrapes per instance, or when :data:`STOP` is set (SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+
+from pgflow import telemetry
+from pgflow.config import InstanceConfig, Settings
+from pgflow.errors import PgflowError
+from pgflow.logs import kv
+from pgflow.schema import Snapshot
+from pgflow.scrape import Scraper
+
+log = logging.getLogger("pgflow.source")
+
+STOP = threading.Event()  # set by the signal handlers: every source ends, every window is flushed
+_POLL = timedelta(milliseconds=50)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
+    """Scrapes one instance every ``collection_interval_secs`` on a private thread."""
+
+    def __init__(self, instance: InstanceConfig, settings: Settings, health: telemetry.Health | None) -> None:
+        self.instance = instance
+        self.interval = timedelta(seconds=settings.collection_interval_secs)
+        self.max_scrapes = settings.max_scrapes
+        self.health = health
+        self.scraper = Scraper(instance.dsn, instance=instance.name, statement_timeout_ms=settings.statement_timeout_ms,
+                               connect_timeout_secs=settings.connect_timeout_secs,
+                               text_cache_size=settings.text_cache_size)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scrape-{instance.name}")
+        self.attempts = 0
+        self.next_at = _now()
+        self.pending: Future[Snapshot] | None = None
+        self._last_stats = (0, 0)
+
+    def next_batch(self) -> list[Snapshot]:
+        if self.pending is None:
+            if STOP.is_set() or (self.max_scrapes is not None and self.attempts >= self.max_scrapes):
+                raise StopIteration()
+            if _now() < self.next_at:
+                return []
+            self.attempts += 1
+            self.next_at = self.next_at + self.interval
+            if self.next_at < _now():  # fell behind (slow scrape): skip, never burst
+                self.next_at = _now() + self.interval
+            self.pending = self.pool.submit(self._scrape)
+            return []
+        if not self.pending.done():
+            return []
+        future, self.pending = self.pending, None
+        snapshot = future.result()
+        return [snapshot] if snapshot is not None else []
+
+    def _scrape(self) -> Snapshot | None:
+        name = self.instance.name
+        started = _now()
+        try:
+            with telemetry.scrape_duration.labels(name).time():
+                snapshot = self.scraper.scrape()
+        except PgflowError as exc:
+            telemetry.scrape_errors.labels(name, type(exc).__name__).inc()
+            log.warning("scrape failed", extra=kv(instance=name, error=str(exc)))
+            return None
+        except Exception as exc:  # never let a scrape kill the flow
+            telemetry.scrape_errors.labels(name, type(exc).__name__).inc()
+            log.error("scrape failed unexpectedly", extra=kv(instance=name, error=repr(exc)[:300]))
+            self.scraper.close()
+            return None
+        telemetry.rows_scraped.labels(name).inc(snapshot.statements.height)
+        fetches, hits = self.scraper.stats.text_fetches, self.scraper.texts.hits
+        telemetry.text_fetches.labels(name).inc(fetches - self._last_stats[0])
+        telemetry.text_cache_hits.labels(name).inc(hits - self._last_stats[1])
+        self._last_stats = (fetches, hits)
+        telemetry.last_scrape.labels(name).set(snapshot.scraped_at.timestamp())
+        if self.health is not None:
+            self.health.scraped()
+        log.debug("scraped", extra=kv(instance=name, rows=snapshot.statements.height,
+                                      ms=round((_now() - started).total_seconds() * 1000, 1)))
+        return snapshot
+
+    def next_awake(self) -> datetime | None:
+        if self.pending is not None:
+            return _now() + _POLL
+        if STOP.is_set():
+            return None
+        return min(self.next_at, _now() + timedelta(milliseconds=250))  # wake to notice STOP
+
+    def snapshot(self) -> None:
+        return None  # scrapes are not replayable: the delta baseline lives in the ledger
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.scraper.close()
+
+
+class ScrapeSource(FixedPartitionedSource[Snapshot, None]):
+    """One partition per configured instance; a bytewax cluster spreads them over workers."""
+
+    def __init__(self, settings: Settings, health: telemetry.Health | None = None) -> None:
+        self.settings = settings
+        self.instances = {i.name: i for i in settings.targets()}
+        self.health = health
+
+    def list_parts(self) -> list[str]:
+        return list(self.instances)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> ScrapePartition:
+        return ScrapePartition(self.instances[for_part], self.settings, self.health)

@@ -1,0 +1,84 @@
+"""The collector's own metrics (Prometheus text at /metrics) and /healthz."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+REGISTRY = CollectorRegistry()
+
+scrape_duration = Histogram("pgflow_scrape_duration_seconds", "Time one scrape took", ["instance"], registry=REGISTRY,
+                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+scrape_errors = Counter("pgflow_scrape_errors_total", "Failed scrapes", ["instance", "cause"], registry=REGISTRY)
+rows_scraped = Counter("pgflow_rows_scraped_total", "pg_stat_statements rows read", ["instance"], registry=REGISTRY)
+text_fetches = Counter("pgflow_text_fetches_total", "Round trips that fetched query text", ["instance"],
+                       registry=REGISTRY)
+text_cache_hits = Counter("pgflow_text_cache_hits_total", "Query texts served from the cache", ["instance"],
+                          registry=REGISTRY)
+fingerprint_cache = Counter("pgflow_fingerprint_cache_total", "Fingerprint cache lookups", ["result"],
+                            registry=REGISTRY)
+series_tracked = Gauge("pgflow_series_tracked", "Fingerprints tracked as their own series", ["instance"],
+                       registry=REGISTRY)
+series_evicted = Counter("pgflow_series_evicted_total", "Fingerprints evicted from the LRU", ["instance"],
+                         registry=REGISTRY)
+points_exported = Counter("pgflow_points_exported_total", "Data points acknowledged by the endpoint",
+                          registry=REGISTRY)
+export_duration = Histogram("pgflow_export_duration_seconds", "Time one batch took to send, retries included",
+                            registry=REGISTRY)
+export_retries = Counter("pgflow_export_retries_total", "Export retries", ["cause"], registry=REGISTRY)
+export_failures = Counter("pgflow_export_failures_total", "Batches not acknowledged", ["cause"], registry=REGISTRY)
+points_dropped = Counter("pgflow_points_dropped_total", "Points given up", ["reason"], registry=REGISTRY)
+queue_depth = Gauge("pgflow_queue_depth", "Windows waiting for acknowledgement", ["instance"], registry=REGISTRY)
+last_scrape = Gauge("pgflow_last_successful_scrape_timestamp_seconds", "Last successful scrape", ["instance"],
+                    registry=REGISTRY)
+last_export = Gauge("pgflow_last_successful_export_timestamp_seconds", "Last acknowledged export",
+                    registry=REGISTRY)
+
+
+class Health:
+    """Healthy while some instance was scraped successfully within the last three intervals."""
+
+    def __init__(self, interval_secs: float) -> None:
+        self.interval = interval_secs
+        self.started = time.time()
+        self.last_success: float | None = None
+
+    def scraped(self) -> None:
+        self.last_success = time.time()
+
+    def ok(self) -> bool:
+        reference = self.last_success or self.started
+        return time.time() - reference <= 3 * self.interval + 1
+
+
+def serve(addr: str, health: Health) -> ThreadingHTTPServer:
+    """Start the /metrics and /healthz server on ``host:port`` in a daemon thread."""
+    host, _, port = addr.rpartition(":")
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path.startswith("/metrics"):
+                body, status, ctype = generate_latest(REGISTRY), 200, CONTENT_TYPE_LATEST
+            elif self.path.startswith("/healthz"):
+                healthy = health.ok()
+                body = b"ok\n" if healthy else b"no successful scrape in the last three intervals\n"
+                status, ctype = (200 if healthy else 503), "text/plain"
+            else:
+                body, status, ctype = b"not found\n", 404, "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="pgflow-metrics", daemon=True).start()
+    return server

@@ -1,0 +1,187 @@
+"""The streaming job end to end: real PostgreSQL, pgbench ground truth, the real receiver."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from e2e import (ROOT, calls_by_summary, collector_env, settle, start_collector, wait_for_baseline,
+                 write_config)
+from pgflow.otlp.receiver import Receiver, parse_script
+from pgflow.pgserver import free_port
+
+PGBENCH = ("UPDATE pgbench_branches", "UPDATE pgbench_tellers", "UPDATE pgbench_accounts",
+           "SELECT pgbench_accounts", "INSERT pgbench_history")
+
+pytestmark = pytest.mark.slow
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout)
+
+
+def assert_pgbench_exact(calls: dict[str, float], expected: int) -> None:
+    assert {s: calls.get(s) for s in PGBENCH} == {s: expected for s in PGBENCH}
+
+
+def test_end_to_end_exact_and_sigterm_exits_zero(fresh_stats, tmp_path):
+    with Receiver() as receiver:
+        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"),
+                               log=tmp_path / "log")
+        wait_for_baseline(tmp_path / "state")
+        fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
+        settle()
+        started = time.monotonic()
+        assert stop(proc) == 0
+        assert time.monotonic() - started < 30  # bounded shutdown
+        assert_pgbench_exact(calls_by_summary(receiver.points()), 1000)
+    log = (tmp_path / "log").read_text()
+    assert "Traceback" not in log and "flushed" in log
+
+
+def test_http_protocol_end_to_end(fresh_stats, tmp_path):
+    with Receiver() as receiver:
+        env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state", PGFLOW_OTLP_PROTOCOL="http")
+        proc = start_collector(env)
+        wait_for_baseline(tmp_path / "state")
+        fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
+        settle()
+        assert stop(proc) == 0
+        assert_pgbench_exact(calls_by_summary(receiver.points()), 1000)
+        assert {p for p, _ in receiver.attempts} == {"http"}
+
+
+def test_endpoint_unavailable_for_several_windows_still_exact(fresh_stats, tmp_path):
+    with Receiver(script=parse_script(",".join(["UNAVAILABLE"] * 12))) as receiver:
+        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"),
+                               log=tmp_path / "log")
+        wait_for_baseline(tmp_path / "state")
+        fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
+        settle(5)
+        assert stop(proc) == 0
+        outcomes = [o for _, o in receiver.attempts]
+        assert outcomes[:12] == ["UNAVAILABLE"] * 12 and "OK" in outcomes
+        assert_pgbench_exact(calls_by_summary(receiver.points()), 1000)
+    assert "endpoint unreachable" in (tmp_path / "log").read_text()
+
+
+def test_rejecting_endpoint_gives_up_without_retry_storm(fresh_stats, tmp_path):
+    with Receiver(script=parse_script(",".join(["403"] * 1000))) as receiver:
+        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state",
+                            NEW_RELIC_API_KEY="NRAK-WRONG-KEY-123")
+        proc = start_collector(env, log=tmp_path / "log")
+        wait_for_baseline(tmp_path / "state")
+        fresh_stats.pgbench("-n", "-c", "2", "-t", "50")
+        settle(3)
+        assert proc.poll() is None  # still running and scraping
+        assert stop(proc) == 0
+        windows = len(receiver.attempts)
+        assert 0 < windows <= 12  # one attempt per batch, no retries (about 4 windows here)
+    log = (tmp_path / "log").read_text()
+    assert "rejected the license key (PERMISSION_DENIED): check NEW_RELIC_API_KEY" in log
+    assert "NRAK-WRONG-KEY-123" not in log
+
+
+def test_kill_9_and_restart_is_exact(fresh_stats, tmp_path):
+    with Receiver() as receiver:
+        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state")
+        first = start_collector(env)
+        wait_for_baseline(tmp_path / "state")
+        fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
+        settle(1.5)
+        first.kill()  # SIGKILL: no flush, no goodbye
+        first.wait()
+        fresh_stats.pgbench("-n", "-c", "4", "-t", "125")  # while nobody watches
+        second = start_collector(env)
+        settle(3)
+        assert stop(second) == 0
+        assert_pgbench_exact(calls_by_summary(receiver.points()), 1000)
+
+
+def test_two_instances_one_stopped(fresh_stats, pg_factory, tmp_path):
+    other = pg_factory()
+    other.execute("CREATE EXTENSION pg_stat_statements")
+    other.pgbench_init()
+    config = write_config(tmp_path / "c.json", instances=[{"name": "a", "database_url": fresh_stats.dsn()},
+                                                           {"name": "b", "database_url": other.dsn()}])
+    with Receiver() as receiver:
+        env = collector_env(None, receiver.grpc_endpoint, tmp_path / "state", PGFLOW_CONFIG=str(config),
+                            PGFLOW_CONNECT_TIMEOUT_SECS="1")
+        proc = start_collector(env, log=tmp_path / "log")
+        wait_for_baseline(tmp_path / "state", instances=2)
+        other.stop("immediate")
+        fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
+        settle(3)
+        assert stop(proc) == 0
+        assert_pgbench_exact(calls_by_summary(receiver.points(), instance="a"), 1000)
+    assert "scrape failed" in (tmp_path / "log").read_text()
+
+
+def test_two_process_bytewax_cluster(fresh_stats, pg_factory, tmp_path):
+    other = pg_factory()
+    other.execute("CREATE EXTENSION pg_stat_statements")
+    other.pgbench_init()
+    other.execute("SELECT pg_stat_statements_reset()")
+    config = write_config(tmp_path / "c.json", instances=[{"name": "a", "database_url": fresh_stats.dsn()},
+                                                           {"name": "b", "database_url": other.dsn()}])
+    addresses = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    with Receiver() as receiver:
+        procs = []
+        for i in range(2):
+            env = collector_env(None, receiver.grpc_endpoint, tmp_path / f"state{i}", PGFLOW_CONFIG=str(config))
+            args = [sys.executable, "-m", "bytewax.run", "flows.collector:flow", "-i", str(i), "-a",
+                    ";".join(addresses)]
+            procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(tmp_path / f"log{i}", "wb"),
+                                          stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("state*/instances/*/state.pkl"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
+        other.pgbench("-n", "-c", "2", "-t", "300")
+        settle(3)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [p.wait(timeout=60) for p in procs] == [0, 0]
+        points = receiver.points()
+        assert_pgbench_exact(calls_by_summary(points, instance="a"), 1000)
+        assert_pgbench_exact(calls_by_summary(points, instance="b"), 600)
+    # each instance lives in exactly one process's ledger: scraped once per interval, not twice
+    ledgers = sorted(p.name for p in tmp_path.glob("state*/instances/*"))
+    assert ledgers == ["a", "b"]
+
+
+def test_scrapes_n_flushes_and_exits_zero(fresh_stats, tmp_path):
+    with Receiver() as receiver:
+        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state")
+        proc = start_collector(env, "--scrapes", "3")
+        assert proc.wait(timeout=60) == 0
+        assert receiver.points().height > 0  # the last windows were flushed on the way out
+
+
+def test_metrics_and_healthz(fresh_stats, tmp_path):
+    with Receiver() as receiver:
+        port = free_port()
+        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state",
+                            PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}")
+        proc = start_collector(env)
+        wait_for_baseline(tmp_path / "state")
+
+        def metric(name: str) -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith(name) and not line.startswith("#"))
+
+        first = metric("pgflow_rows_scraped_total")
+        fresh_stats.pgbench("-n", "-c", "2", "-t", "50")
+        settle(2.5)
+        assert metric("pgflow_rows_scraped_total") > first > 0
+        assert metric("pgflow_points_exported_total") > 0
+        assert metric("pgflow_scrape_duration_seconds_count") >= 2
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
+        assert stop(proc) == 0
