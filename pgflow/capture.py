@@ -1,0 +1,205 @@
+"""Captures: raw Snapshots recorded into DuckDB, and read back frame for frame.
+
+Tables: ``scrapes`` (one row per snapshot: instance, scraped_at, server version,
+stats_reset, dealloc, ...), one table per frame kind (``statements``, ``activity``, ``locks``,
+``blocked``, ``databases``) keyed by ``scrape_id``, ``texts`` holding each statement's text
+once per ``(instance, dbid, userid, queryid)``, and ``meta`` for free-form notes (the dataset
+scripts record their workload's ground truth there). Each scrape is one transaction: an
+interrupted capture keeps every committed scrape and the file stays readable. Opening an
+existing file appends to it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timezone
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from pgflow.errors import CaptureError, PgflowError
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS, Snapshot
+
+_SCALARS = {
+    "scrape_id": "BIGINT", "instance": "VARCHAR", "scraped_at": "TIMESTAMPTZ", "server_version_num": "INTEGER",
+    "stats_reset": "TIMESTAMPTZ", "dealloc": "BIGINT", "max_connections": "INTEGER",
+    "oldest_xact_age_secs": "DOUBLE", "oldest_query_age_secs": "DOUBLE", "server_address": "VARCHAR",
+    "server_port": "INTEGER", "hidden_statements": "INTEGER",
+}
+_FRAMES = {"statements": STATEMENTS, "activity": ACTIVITY, "locks": LOCKS, "blocked": BLOCKED, "databases": DATABASES}
+_TYPES = {pl.Int64: "BIGINT", pl.Float64: "DOUBLE", pl.String: "VARCHAR", pl.Boolean: "BOOLEAN"}
+
+
+def _sql_type(dtype: pl.DataType) -> str:
+    return "TIMESTAMPTZ" if isinstance(dtype, pl.Datetime) else _TYPES[dtype]  # type: ignore[index]
+
+
+def _ddl() -> list[str]:
+    out = ["CREATE TABLE IF NOT EXISTS scrapes (" + ", ".join(f'"{k}" {t}' for k, t in _SCALARS.items()) + ")",
+           "CREATE TABLE IF NOT EXISTS texts (instance VARCHAR, dbid BIGINT, userid BIGINT, queryid BIGINT, "
+           "query VARCHAR)",
+           "CREATE TABLE IF NOT EXISTS meta (key VARCHAR, value VARCHAR)"]
+    for name, schema in _FRAMES.items():
+        cols = [(c, t) for c, t in schema.items() if not (name == "statements" and c == "query")]
+        out.append(f"CREATE TABLE IF NOT EXISTS {name} (scrape_id BIGINT, ord INTEGER, "
+                   + ", ".join(f'"{c}" {_sql_type(t)}' for c, t in cols) + ")")
+    return out
+
+
+def _utc(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.with_columns(pl.col(pl.Datetime).dt.convert_time_zone("UTC"))
+
+
+class CaptureWriter:
+    """Appends snapshots to a capture file; one transaction per snapshot."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._con = duckdb.connect(str(self.path))
+            for statement in _ddl():
+                self._con.execute(statement)
+        except duckdb.Error as exc:
+            raise CaptureError(f"cannot open capture {self.path} ({str(exc).splitlines()[0]})",
+                               "check the path, and that no other process has the file open") from None
+        self._next_id = (self._con.execute("SELECT coalesce(max(scrape_id) + 1, 0) FROM scrapes").fetchone() or [0])[0]
+        self.scrapes = 0
+        self.rows = 0
+
+    def __enter__(self) -> CaptureWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def note(self, key: str, value: object) -> None:
+        """Record a fact about the capture (e.g. the workload's ground truth)."""
+        self._con.execute("INSERT INTO meta VALUES (?, ?)", [key, str(value)])
+
+    def write(self, snapshot: Snapshot) -> None:
+        scrape_id = self._next_id
+        con = self._con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(f"INSERT INTO scrapes VALUES ({', '.join('?' * len(_SCALARS))})", [
+                scrape_id, snapshot.instance, snapshot.scraped_at, snapshot.server_version_num, snapshot.stats_reset,
+                snapshot.dealloc, snapshot.max_connections, snapshot.oldest_xact_age_secs,
+                snapshot.oldest_query_age_secs, snapshot.server_address, snapshot.server_port,
+                snapshot.hidden_statements])
+            texts = snapshot.statements.filter(pl.col("query").is_not_null()).select(
+                pl.lit(snapshot.instance).alias("instance"), "dbid", "userid", "queryid", "query"
+            ).unique(subset=["dbid", "userid", "queryid"], keep="first")
+            con.register("new_texts", texts.to_arrow())
+            con.execute("INSERT INTO texts SELECT n.* FROM new_texts n ANTI JOIN texts t "
+                        "ON t.instance = n.instance AND t.dbid = n.dbid AND t.userid = n.userid AND t.queryid = n.queryid")
+            con.unregister("new_texts")
+            for name in _FRAMES:
+                frame = getattr(snapshot, name)
+                if name == "statements":
+                    frame = frame.drop("query")
+                if frame.height:
+                    rows = frame.with_row_index("ord").with_columns(pl.col("ord").cast(pl.Int32),
+                                                                    pl.lit(scrape_id).alias("scrape_id"))
+                    con.register("new_rows", rows.select("scrape_id", "ord", *frame.columns).to_arrow())
+                    con.execute(f"INSERT INTO {name} SELECT * FROM new_rows")
+                    con.unregister("new_rows")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        self._next_id += 1
+        self.scrapes += 1
+        self.rows += snapshot.statements.height
+
+    def close(self) -> None:
+        self._con.execute("CHECKPOINT")
+        self._con.close()
+
+
+def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
+    """The captured snapshots in order (by time, then capture order), equal frame for frame."""
+    path = Path(path)
+    if not path.exists():
+        raise CaptureError(f"no capture at {path}", "give the path of a file written by pgflow capture")
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as exc:
+        raise CaptureError(f"cannot open capture {path} ({str(exc).splitlines()[0]})",
+                           "is it a DuckDB file written by pgflow capture, and not open in another process?") from None
+    with con:
+        where = "WHERE instance = ?" if instance else ""
+        scrapes = _utc(con.sql(f"SELECT * FROM scrapes {where} ORDER BY scraped_at, scrape_id",
+                               params=[instance] if instance else None).pl())
+        texts = con.sql("SELECT * FROM texts").pl()
+        frames = {name: _utc(con.sql(f"SELECT * FROM {name} ORDER BY scrape_id, ord").pl()).partition_by(
+            "scrape_id", as_dict=True, maintain_order=True) for name in _FRAMES}
+    texts_by_instance = texts.partition_by("instance", as_dict=True)
+    for row in scrapes.iter_rows(named=True):
+        sid = row["scrape_id"]
+        parts: dict[str, pl.DataFrame] = {}
+        for name, schema in _FRAMES.items():
+            frame = frames[name].get((sid,))
+            frame = frame.drop("scrape_id", "ord") if frame is not None else pl.DataFrame(schema=schema)
+            if name == "statements":
+                known = texts_by_instance.get((row["instance"],), pl.DataFrame(
+                    schema={"instance": pl.String, "dbid": pl.Int64, "userid": pl.Int64, "queryid": pl.Int64,
+                            "query": pl.String}))
+                frame = frame.join(known.drop("instance"), on=["dbid", "userid", "queryid"], how="left",
+                                   maintain_order="left")
+            parts[name] = frame.select(schema.names()).cast(schema)  # type: ignore[arg-type]
+        yield Snapshot(
+            instance=row["instance"], scraped_at=row["scraped_at"].astimezone(timezone.utc),
+            server_version_num=row["server_version_num"],
+            stats_reset=row["stats_reset"].astimezone(timezone.utc) if row["stats_reset"] else None,
+            dealloc=row["dealloc"], max_connections=row["max_connections"],
+            oldest_xact_age_secs=row["oldest_xact_age_secs"], oldest_query_age_secs=row["oldest_query_age_secs"],
+            server_address=row["server_address"] or "", server_port=row["server_port"] or 0,
+            hidden_statements=row["hidden_statements"] or 0, **parts,
+        )
+
+
+def meta(path: str | Path) -> dict[str, str]:
+    with duckdb.connect(str(path), read_only=True) as con:
+        return dict(con.execute("SELECT key, value FROM meta").fetchall())
+
+
+def record(snapshots: Iterable[Snapshot], path: str | Path) -> int:
+    """Write ``snapshots`` to a capture (used by tests and notebooks); returns how many."""
+    with CaptureWriter(path) as writer:
+        for snapshot in snapshots:
+            writer.write(snapshot)
+        return writer.scrapes
+
+
+def capture_live(scrapers: list, path: str | Path, *, scrapes: int | None, interval: float,
+                 progress: Callable[[CaptureWriter], None] | None = None,
+                 on_error: Callable[[str, PgflowError], None] | None = None,
+                 stop: Callable[[], bool] = lambda: False) -> CaptureWriter:
+    """Scrape every instance each ``interval`` seconds into ``path`` until ``scrapes`` or ``stop()``.
+
+    A failed scrape is reported through ``on_error`` and skipped; the capture goes on.
+    """
+    writer = CaptureWriter(path)
+    try:
+        n = 0
+        next_at = time.monotonic()
+        while (scrapes is None or n < scrapes) and not stop():
+            for scraper in scrapers:
+                try:
+                    snapshot = scraper.scrape()
+                except PgflowError as exc:
+                    if on_error:
+                        on_error(scraper.instance, exc)
+                    continue
+                writer.write(snapshot)
+            n += 1
+            if progress:
+                progress(writer)
+            next_at += interval
+            while time.monotonic() < next_at and not stop():
+                time.sleep(min(0.1, max(0.0, next_at - time.monotonic())))
+    finally:
+        writer.close()
+    return writer

@@ -1,0 +1,133 @@
+"""The notebook toolkit: captures, replay through both paths, the sweep, notebooks, datasets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import polars as pl
+import pytest
+from nbclient import NotebookClient
+
+from pgflow import capture, ops, tune
+from pgflow.config import Settings
+from pgflow.errors import CaptureError
+from pgflow.replay import as_received, replay, replay_flow
+from pgflow.scrape import Scraper
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ROOT / "datasets"
+PGBENCH_SUMMARIES = ("UPDATE pgbench_branches", "UPDATE pgbench_tellers", "UPDATE pgbench_accounts",
+                     "SELECT pgbench_accounts", "INSERT pgbench_history")
+
+
+def test_capture_round_trip(pg, tmp_path):
+    snapshots = []
+    with Scraper(pg.dsn()) as scraper:
+        snapshots.append(scraper.scrape())
+        pg.pgbench("-n", "-c", "2", "-t", "20")
+        snapshots.append(scraper.scrape())
+    path = tmp_path / "c.duckdb"
+    capture.record(snapshots[:1], path)
+    capture.record(snapshots[1:], path)  # appending continues the file
+    back = list(capture.read(path))
+    assert len(back) == 2 and all(a.equals(b) for a, b in zip(snapshots, back))
+    with pytest.raises(CaptureError, match="no capture"):
+        list(capture.read(tmp_path / "missing.duckdb"))
+
+
+def test_texts_stored_once_per_key(pg, tmp_path):
+    with Scraper(pg.dsn()) as scraper:
+        snaps = [scraper.scrape() for _ in range(3)]
+    path = tmp_path / "c.duckdb"
+    capture.record(snaps, path)
+    import duckdb
+
+    with duckdb.connect(str(path), read_only=True) as con:
+        texts = con.execute("SELECT count(*), count(DISTINCT (dbid, userid, queryid)) FROM texts").fetchone()
+    assert texts[0] == texts[1]
+
+
+def test_capture_cli_sigint_keeps_committed_scrapes(pg, tmp_path):
+    out = tmp_path / "live.duckdb"
+    env = {**os.environ, "DATABASE_URL": pg.dsn()}
+    proc = subprocess.Popen([sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--interval", "0.2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in stderr
+    n = len(list(capture.read(out)))
+    assert n >= 3 and f"{n} snapshots written" in stdout
+    subprocess.run([sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "2", "--interval", "0.1"],
+                   env=env, check=True, capture_output=True)
+    assert len(list(capture.read(out))) == n + 2
+
+
+def _same_points(a: pl.DataFrame, b: pl.DataFrame) -> bool:
+    cols = [c for c in a.columns if c != "received_at"]
+    norm = [f.select(cols).with_columns(pl.col("start", "end").cast(pl.Datetime("us", "UTC"))).sort(cols) for f in (a, b)]
+    return norm[0].equals(norm[1])
+
+
+@pytest.mark.parametrize("dataset", ["pgbench", "varied"])
+def test_replay_through_bytewax_equals_polars(dataset, tmp_path):
+    path = DATASETS / f"{dataset}.duckdb"
+    settings = Settings.load(max_queries_tracked=20, export_interval_secs=10)
+    stored = replay_flow(path, settings, out=tmp_path / "points.duckdb")
+    from pgflow.otlp.store import read_points
+
+    flow_points = read_points(tmp_path / "points.duckdb")
+    polars_points = as_received(replay(path, max_queries_tracked=20, export_interval_secs=10))
+    assert stored == flow_points.height == polars_points.height > 0
+    assert _same_points(flow_points, polars_points)
+
+
+def test_pgbench_dataset_replays_to_its_ground_truth():
+    path = DATASETS / "pgbench.duckdb"
+    truth = int(capture.meta(path)["pgbench_transactions_after_baseline"])
+    points = replay(path)
+    calls = points.filter(pl.col("metric") == "postgresql.query.calls").with_columns(
+        s=pl.col("attributes").struct.field("db.query.summary"))
+    got = dict(calls.group_by("s").agg(pl.col("value").sum()).iter_rows())
+    assert {s: got[s] for s in PGBENCH_SUMMARIES} == {s: truth for s in PGBENCH_SUMMARIES}
+    assert (points.filter(pl.col("kind") == "sum")["value"] >= 0).all()
+
+
+def test_varied_dataset_shows_cap_other_and_dealloc():
+    points = replay(DATASETS / "varied.duckdb", max_queries_tracked=20)
+    assert points.filter(pl.col("metric") == "postgresql.statements.deallocated")["value"].sum() > 0
+    fingerprints = points["attributes"].struct.field("postgresql.query.fingerprint").drop_nulls()
+    assert "other" in fingerprints.to_list()
+    assert "secret-token" not in points["attributes"].struct.field("db.query.text").drop_nulls().str.join("").item()
+
+
+def test_sweep_matches_replay():
+    path = DATASETS / "varied.duckdb"
+    table = tune.sweep(path, max_queries_tracked=[10, 50], slow_query_threshold_ms=[0.0, 0.5],
+                       export_interval_secs=[30])
+    assert table.height == 4
+    snapshots = list(capture.read(path))
+    for row in table.iter_rows(named=True):
+        points = ops.run(snapshots, max_queries_tracked=row["max_queries_tracked"],
+                         slow_query_threshold_ms=row["slow_query_threshold_ms"], export_interval_secs=30)
+        assert row["points"] == points.height
+        calls = points.filter(pl.col("metric") == "postgresql.query.calls")
+        assert row["series"] == calls.select("instance", "attributes").unique().height
+    small, large = table.filter(pl.col("slow_query_threshold_ms") == 0).sort("max_queries_tracked").iter_rows(named=True)
+    assert small["series"] <= large["series"] and small["time_share_named"] <= large["time_share_named"]
+
+
+@pytest.mark.parametrize("name", ["explore_workload", "tune_limits", "replay_check"])
+def test_notebook_runs_headless_and_draws(name):
+    notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert images, "the notebook drew no chart"
