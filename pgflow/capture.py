@@ -3,7 +3,8 @@
 Tables: ``scrapes`` (one row per snapshot: instance, scraped_at, server version,
 stats_reset, dealloc, ...), one table per frame kind (``statements``, ``activity``, ``locks``,
 ``blocked``, ``databases``) keyed by ``scrape_id``, ``texts`` holding each statement's text
-once per ``(instance, dbid, userid, queryid)``, and ``meta`` for free-form notes (the dataset
+once per ``(instance, dbid, userid, queryid)`` with every literal replaced (pg_stat_statements
+keeps utility statements verbatim, passwords included; a capture never holds them), and ``meta`` for free-form notes (the dataset
 scripts record their workload's ground truth there). Each scrape is one transaction: an
 interrupted capture keeps every committed scrape and the file stays readable. Opening an
 existing file appends to it.
@@ -20,6 +21,7 @@ import duckdb
 import polars as pl
 
 from pgflow.errors import CaptureError, PgflowError
+from pgflow.ops.fingerprint import redact_text
 from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS, Snapshot
 
 _SCALARS = {
@@ -46,6 +48,15 @@ def _ddl() -> list[str]:
         out.append(f"CREATE TABLE IF NOT EXISTS {name} (scrape_id BIGINT, ord INTEGER, "
                    + ", ".join(f'"{c}" {_sql_type(t)}' for c, t in cols) + ")")
     return out
+
+
+def as_stored(snapshot: Snapshot) -> Snapshot:
+    """The snapshot as a capture holds it: statement texts with their literals replaced."""
+    from dataclasses import replace
+
+    texts = snapshot.statements["query"].map_elements(redact_text, return_dtype=pl.String) \
+        if snapshot.statements.height else snapshot.statements["query"]
+    return replace(snapshot, statements=snapshot.statements.with_columns(texts.alias("query")))
 
 
 def _utc(frame: pl.DataFrame) -> pl.DataFrame:
@@ -90,7 +101,8 @@ class CaptureWriter:
                 snapshot.hidden_statements])
             texts = snapshot.statements.filter(pl.col("query").is_not_null()).select(
                 pl.lit(snapshot.instance).alias("instance"), "dbid", "userid", "queryid", "query"
-            ).unique(subset=["dbid", "userid", "queryid"], keep="first")
+            ).unique(subset=["dbid", "userid", "queryid"], keep="first", maintain_order=True)
+            texts = texts.with_columns(pl.col("query").map_elements(redact_text, return_dtype=pl.String))
             con.register("new_texts", texts.to_arrow())
             con.execute("INSERT INTO texts SELECT n.* FROM new_texts n ANTI JOIN texts t "
                         "ON t.instance = n.instance AND t.dbid = n.dbid AND t.userid = n.userid AND t.queryid = n.queryid")

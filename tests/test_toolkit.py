@@ -36,9 +36,23 @@ def test_capture_round_trip(pg, tmp_path):
     capture.record(snapshots[:1], path)
     capture.record(snapshots[1:], path)  # appending continues the file
     back = list(capture.read(path))
-    assert len(back) == 2 and all(a.equals(b) for a, b in zip(snapshots, back))
+    assert len(back) == 2 and all(capture.as_stored(a).equals(b) for a, b in zip(snapshots, back))
+    assert ops.run(back).equals(ops.run(snapshots))  # stored texts fingerprint exactly as live ones
     with pytest.raises(CaptureError, match="no capture"):
         list(capture.read(tmp_path / "missing.duckdb"))
+
+
+def test_capture_holds_no_secret(pg, tmp_path):
+    secret = "Capture-Secret-8317"
+    pg.execute("DROP ROLE IF EXISTS cap_role", f"CREATE ROLE cap_role PASSWORD '{secret}'",
+               f"SELECT count(*) FROM pg_class WHERE relname = '{secret}'")
+    with Scraper(pg.dsn()) as scraper:
+        snapshots = [scraper.scrape()]
+    assert any(secret in (q or "") for q in snapshots[0].statements["query"].to_list())  # pg_stat_statements has it
+    path = tmp_path / "c.duckdb"
+    capture.record(snapshots, path)
+    assert secret.encode() not in path.read_bytes()
+    assert not any(secret in (q or "") for s in capture.read(path) for q in s.statements["query"].to_list())
 
 
 def test_texts_stored_once_per_key(pg, tmp_path):

@@ -81,19 +81,34 @@ def _relations(node: object, out: list[str]) -> None:
             _relations(value, out)
 
 
-def _strip_comments(text: str) -> str:
-    """Drop comment tokens (they can carry anything, secrets included), using the SQL scanner."""
+# String literals are where secrets live (passwords, tokens); numbers stay, since some are
+# syntax (GROUP BY 1) and pg_stat_statements already replaces the constants of queries.
+_REPLACEMENTS = {"SQL_COMMENT": b" ", "C_COMMENT": b" ", "SCONST": b"'?'", "USCONST": b"'?'", "BCONST": b"'0'",
+                 "XCONST": b"'0'"}
+
+
+def _replace_tokens(text: str, names: frozenset[str]) -> str:
+    """Replace the scanner's tokens of the given kinds (comments, literals) in ``text``."""
     raw = text.encode("utf-8")
-    spans = [(t.start, t.end + 1) for t in pg_parser.scan(text) if t.name in ("SQL_COMMENT", "C_COMMENT")]
-    if not spans:
-        return text
     kept, pos = [], 0
-    for start, end in spans:
-        kept.append(raw[pos:start])
-        kept.append(b" ")
-        pos = end
+    for tok in pg_parser.scan(text):
+        if tok.name in names:
+            kept.append(raw[pos:tok.start])
+            kept.append(_REPLACEMENTS[tok.name])
+            pos = tok.end + 1
+    if not kept:
+        return text
     kept.append(raw[pos:])
     return b"".join(kept).decode("utf-8", "replace")
+
+
+_COMMENTS = frozenset({"SQL_COMMENT", "C_COMMENT"})
+_LITERALS = frozenset(_REPLACEMENTS)
+
+
+def _strip_comments(text: str) -> str:
+    """Drop comment tokens (they can carry anything, secrets included), using the SQL scanner."""
+    return _replace_tokens(text, _COMMENTS)
 
 
 _WS = re.compile(r"\s+")
@@ -118,7 +133,10 @@ def parse_info(text: str) -> QueryInfo:
     _relations(stmt, tables)
     summary = " ".join([operation, *tables])
     normalized = _fold(_strip_comments(pg_parser.normalize(text)))
-    return QueryInfo(pg_parser.fingerprint(text), operation, summary, normalized[:MAX_TEXT])
+    # Fingerprint the text with its literals replaced: libpg_query keeps some literals in its
+    # fingerprint (a role's password, for one), and a hash of a secret must not leave either.
+    fingerprint = pg_parser.fingerprint(_replace_tokens(text, _LITERALS))
+    return QueryInfo(fingerprint, operation, summary, normalized[:MAX_TEXT])
 
 
 _STRING = re.compile(r"(?:[eEbBxXuU]&?)?'(?:[^']|'')*'?|\$([A-Za-z_]\w*)?\$.*?(?:\$\1\$|$)", re.S)
@@ -130,19 +148,40 @@ _FIRST_WORD = re.compile(r"[a-z]+")
 _TARGET = re.compile(r"\b(?:from|into|update|table|join)\s+([a-z_][\w$.]*)")
 
 
-def fallback_info(text: str) -> QueryInfo:
-    """Normalization for text pglast cannot parse: comments and literals out, lists folded."""
+def _fallback_normalize(text: str) -> str:
     text = _COMMENT.sub(" ", text)
     text = _STRING.sub("?", text)
     text = _PARAM.sub("?", text)
     text = _NUMBER.sub("?", text)
-    text = _LIST.sub("(?)", _fold(text).lower())
+    return _LIST.sub("(?)", _fold(text).lower())
+
+
+def fallback_info(text: str) -> QueryInfo:
+    """Normalization for text pglast cannot parse: comments and literals out, lists folded."""
+    text = _fallback_normalize(text)
     word = _FIRST_WORD.search(text)
     operation = _FALLBACK_KEYWORDS.get(word.group(0).upper(), "OTHER") if word else "OTHER"
     target = _TARGET.search(text)
     summary = f"{operation} {target.group(1)}" if target else operation
     digest = xxhash.xxh3_128_hexdigest(text.encode("utf-8", "replace"))
     return QueryInfo(digest, operation, summary, text[:MAX_TEXT])
+
+
+def redact_text(text: str) -> str:
+    """The statement with its string literals and comments replaced, layout otherwise kept.
+
+    What a capture stores: pg_stat_statements keeps utility statements verbatim
+    (``ALTER ROLE ... PASSWORD '...'``), and a capture file must not hold such secrets.
+    """
+    try:
+        if len(text) > MAX_PARSE_BYTES:
+            raise ValueError("too long")
+        pg_parser.parse_sql_json(text)  # only text libpg_query accepts keeps its layout
+        # String literals become '?' rather than $n, so the text still parses where a
+        # parameter may not stand (ALTER ROLE ... PASSWORD) and fingerprints the same.
+        return _replace_tokens(text, _LITERALS)
+    except Exception:
+        return fallback_info(text).text if len(text) <= MAX_TEXT else _fallback_normalize(text)
 
 
 def query_info(text: str | None) -> QueryInfo:
