@@ -58,3 +58,17 @@ def pg_factory():
     yield make
     for server in started:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pgbench_server(pg_factory):
+    """Start an extra server ready for pgbench: extension created, tables made, statistics empty."""
+
+    def make(**kwargs) -> LocalPostgres:
+        server = pg_factory(**kwargs)
+        server.execute("CREATE EXTENSION pg_stat_statements")
+        server.pgbench_init()
+        server.execute("SELECT pg_stat_statements_reset()")
+        return server
+
+    return make

@@ -104,10 +104,8 @@ def test_kill_9_and_restart_is_exact(fresh_stats, tmp_path):
         assert_pgbench_exact(calls_by_summary(receiver.points()), 1000)
 
 
-def test_two_instances_one_stopped(fresh_stats, pg_factory, tmp_path):
-    other = pg_factory()
-    other.execute("CREATE EXTENSION pg_stat_statements")
-    other.pgbench_init()
+def test_two_instances_one_stopped(fresh_stats, pgbench_server, tmp_path):
+    other = pgbench_server()
     config = write_config(tmp_path / "c.json", instances=[{"name": "a", "database_url": fresh_stats.dsn()},
                                                            {"name": "b", "database_url": other.dsn()}])
     with Receiver() as receiver:
@@ -123,11 +121,8 @@ def test_two_instances_one_stopped(fresh_stats, pg_factory, tmp_path):
     assert "scrape failed" in (tmp_path / "log").read_text()
 
 
-def test_two_process_bytewax_cluster(fresh_stats, pg_factory, tmp_path):
-    other = pg_factory()
-    other.execute("CREATE EXTENSION pg_stat_statements")
-    other.pgbench_init()
-    other.execute("SELECT pg_stat_statements_reset()")
+def test_two_process_bytewax_cluster(fresh_stats, pgbench_server, tmp_path):
+    other = pgbench_server()
     config = write_config(tmp_path / "c.json", instances=[{"name": "a", "database_url": fresh_stats.dsn()},
                                                            {"name": "b", "database_url": other.dsn()}])
     addresses = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]

@@ -102,11 +102,9 @@ def test_single_statement_reset_during_the_run(fresh_stats, tmp_path):
     assert pgbench_calls(points) == exact(1000)
 
 
-def test_deallocation_under_a_small_pg_stat_statements_max(pg_factory, tmp_path):
-    server = pg_factory(settings={"pg_stat_statements.max": "100"})
-    server.execute("CREATE EXTENSION pg_stat_statements", "CREATE TABLE churn (id int, v int)")
-    server.pgbench_init()
-    server.execute("SELECT pg_stat_statements_reset()")
+def test_deallocation_under_a_small_pg_stat_statements_max(pgbench_server, tmp_path):
+    server = pgbench_server(settings={"pg_stat_statements.max": "100"})
+    server.execute("CREATE TABLE churn (id int, v int)", "SELECT pg_stat_statements_reset()")
 
     def churn() -> None:
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
@@ -128,11 +126,8 @@ def test_deallocation_under_a_small_pg_stat_statements_max(pg_factory, tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_postgres_restarted_mid_run(pg_factory, tmp_path, mode):
-    server = pg_factory()
-    server.execute("CREATE EXTENSION pg_stat_statements")
-    server.pgbench_init()
-    server.execute("SELECT pg_stat_statements_reset()")
+def test_postgres_restarted_mid_run(pgbench_server, tmp_path, mode):
+    server = pgbench_server()
     with Run(server, tmp_path, PGFLOW_CONNECT_TIMEOUT_SECS="1") as run:
         server.pgbench("-n", "-c", "4", "-t", "125")
         run.scraped_since(2)  # what ran before the restart has been scraped: nothing is lost
@@ -143,11 +138,8 @@ def test_postgres_restarted_mid_run(pg_factory, tmp_path, mode):
     assert (points.filter(points["kind"] == "sum")["value"] >= 0).all()
 
 
-def test_postgres_unreachable_for_several_intervals(pg_factory, tmp_path):
-    server = pg_factory()
-    server.execute("CREATE EXTENSION pg_stat_statements")
-    server.pgbench_init()
-    server.execute("SELECT pg_stat_statements_reset()")
+def test_postgres_unreachable_for_several_intervals(pgbench_server, tmp_path):
+    server = pgbench_server()
     with Run(server, tmp_path, PGFLOW_CONNECT_TIMEOUT_SECS="1") as run:
         server.pgbench("-n", "-c", "4", "-t", "125")
         run.scraped_since(2)

@@ -89,12 +89,6 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
     return _emit(state, closed, settings)
 
 
-def tick(state: InstanceState, watermark: Any, settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
-    """Close windows that ended before ``watermark`` without a new scrape (instance down)."""
-    window_state, closed = win.close_until(state.window, watermark)
-    return _emit(replace(state, window=window_state), closed, settings)
-
-
 def finish(state: InstanceState, settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
     """Close every open window (end of stream, shutdown)."""
     window_state, closed = win.close_all(state.window)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import polars as pl
 import psycopg
@@ -48,7 +48,6 @@ class ScrapeStats:
     texts_fetched: int = 0  # statement texts received
     rows: int = 0
     hidden: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Scraper:
