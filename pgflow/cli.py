@@ -38,8 +38,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logging.getLogger("pgflow.run").info("starting", extra=kv(**{k: v for k, v in settings.redacted().items()
                                                                    if v not in (None, [], {})}))
     install_signal_handlers()
-    flow = build_flow(settings)
-    cli_main(flow, workers_per_process=args.workers)
+    recorder = None
+    if args.capture:
+        from pgflow.stream.source import SnapshotRecorder
+
+        recorder = SnapshotRecorder(args.capture)
+    flow = build_flow(settings, recorder=recorder)
+    try:
+        cli_main(flow, workers_per_process=args.workers)
+    finally:
+        if recorder is not None:
+            recorder.close()
     runtime(settings).shipper.close()
     logging.getLogger("pgflow.run").info("stopped")
     return 0
@@ -136,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="JSON settings file (or PGFLOW_CONFIG)")
     run.add_argument("--scrapes", type=int, help="stop after N scrapes per instance, flush and exit 0")
     run.add_argument("--workers", type=int, default=1, help="bytewax worker threads in this process")
+    run.add_argument("--capture", help="also record every scrape into this capture file (DuckDB)")
     run.set_defaults(func=_cmd_run)
 
     capture = sub.add_parser("capture", help="record raw snapshots of every configured instance into DuckDB")

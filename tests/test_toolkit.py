@@ -83,6 +83,18 @@ def test_capture_cli_sigint_keeps_committed_scrapes(pg, tmp_path):
     assert len(list(capture.read(out))) == n + 2
 
 
+def test_run_can_capture_while_collecting(fresh_stats, tmp_path):
+    from e2e import collector_env, start_collector
+    from pgflow.otlp.receiver import Receiver
+
+    with Receiver() as receiver:
+        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state")
+        proc = start_collector(env, "--scrapes", "4", "--capture", str(tmp_path / "cap.duckdb"))
+        assert proc.wait(timeout=60) == 0
+    snapshots = list(capture.read(tmp_path / "cap.duckdb"))
+    assert len(snapshots) == 4 and snapshots[0].statements.height > 0
+
+
 def _same_points(a: pl.DataFrame, b: pl.DataFrame) -> bool:
     cols = [c for c in a.columns if c != "received_at"]
     norm = [f.select(cols).with_columns(pl.col("start", "end").cast(pl.Datetime("us", "UTC"))).sort(cols) for f in (a, b)]

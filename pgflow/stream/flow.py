@@ -14,7 +14,7 @@ from pgflow.config import Settings
 from pgflow.schema import Snapshot
 from pgflow.stream.logic import CollectorLogic
 from pgflow.stream.runtime import runtime
-from pgflow.stream.source import ScrapeSource
+from pgflow.stream.source import ScrapeSource, SnapshotRecorder
 
 
 class _Discard(StatelessSinkPartition[object]):
@@ -63,10 +63,12 @@ class _Deferred(CollectorLogic):
         return super().notify_at() if self._ready else None
 
 
-def build_flow(settings: Settings, source: Source[Snapshot] | None = None) -> Dataflow:
-    """The collector; ``source`` replaces the PostgreSQL scrapes (e.g. a capture replay)."""
+def build_flow(settings: Settings, source: Source[Snapshot] | None = None,
+               recorder: SnapshotRecorder | None = None) -> Dataflow:
+    """The collector; ``source`` replaces the PostgreSQL scrapes (e.g. a capture replay), and
+    ``recorder`` also writes every scrape to a capture."""
     if source is None:
-        source = ScrapeSource(settings, runtime(settings).health)
+        source = ScrapeSource(settings, runtime(settings).health, recorder)
     flow = Dataflow("pgflow")
     snapshots = op.input("scrape", flow, source)
     keyed = op.key_on("by_instance", snapshots, lambda s: s.instance)

@@ -29,6 +29,27 @@ STOP = threading.Event()  # set by the signal handlers: every source ends, every
 _POLL = timedelta(milliseconds=50)
 
 
+class SnapshotRecorder:
+    """Capture while collecting (`pgflow run --capture F`): scrape threads share one writer."""
+
+    def __init__(self, path: str) -> None:
+        from pgflow.capture import CaptureWriter
+
+        self._writer = CaptureWriter(path)
+        self._lock = threading.Lock()
+
+    def write(self, snapshot: Snapshot) -> None:
+        try:
+            with self._lock:
+                self._writer.write(snapshot)
+        except Exception as exc:  # the capture is a side job: it never stops collecting
+            log.error("capture write failed", extra=kv(instance=snapshot.instance, error=repr(exc)[:300]))
+
+    def close(self) -> None:
+        with self._lock:
+            self._writer.close()
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -36,11 +57,13 @@ def _now() -> datetime:
 class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
     """Scrapes one instance every ``collection_interval_secs`` on a private thread."""
 
-    def __init__(self, instance: InstanceConfig, settings: Settings, health: telemetry.Health | None) -> None:
+    def __init__(self, instance: InstanceConfig, settings: Settings, health: telemetry.Health | None,
+                 recorder: SnapshotRecorder | None = None) -> None:
         self.instance = instance
         self.interval = timedelta(seconds=settings.collection_interval_secs)
         self.max_scrapes = settings.max_scrapes
         self.health = health
+        self.recorder = recorder
         self.scraper = Scraper(instance.dsn, instance=instance.name, statement_timeout_ms=settings.statement_timeout_ms,
                                connect_timeout_secs=settings.connect_timeout_secs,
                                text_cache_size=settings.text_cache_size)
@@ -91,6 +114,8 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         telemetry.last_scrape.labels(name).set(snapshot.scraped_at.timestamp())
         if self.health is not None:
             self.health.scraped()
+        if self.recorder is not None:
+            self.recorder.write(snapshot)
         log.debug("scraped", extra=kv(instance=name, rows=snapshot.statements.height,
                                       ms=round((_now() - started).total_seconds() * 1000, 1)))
         return snapshot
@@ -113,13 +138,15 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
 class ScrapeSource(FixedPartitionedSource[Snapshot, None]):
     """One partition per configured instance; a bytewax cluster spreads them over workers."""
 
-    def __init__(self, settings: Settings, health: telemetry.Health | None = None) -> None:
+    def __init__(self, settings: Settings, health: telemetry.Health | None = None,
+                 recorder: SnapshotRecorder | None = None) -> None:
         self.settings = settings
         self.instances = {i.name: i for i in settings.targets()}
         self.health = health
+        self.recorder = recorder
 
     def list_parts(self) -> list[str]:
         return list(self.instances)
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> ScrapePartition:
-        return ScrapePartition(self.instances[for_part], self.settings, self.health)
+        return ScrapePartition(self.instances[for_part], self.settings, self.health, self.recorder)
