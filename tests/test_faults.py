@@ -78,12 +78,19 @@ class Run:
         return self.log.read_text(errors="replace")
 
 
+def server_version(server) -> int:  # type: ignore[no-untyped-def]
+    return int(server.execute("SHOW server_version_num")[0][0])
+
+
 def test_whole_reset_during_the_run(fresh_stats, tmp_path):
+    # 14+ report the reset (pg_stat_statements_info.stats_reset): any amounts are exact. 13
+    # cannot: there a reset shows only as counters going down, so less work follows it.
+    before, after = (125, 125) if server_version(fresh_stats) >= 140000 else (150, 100)
     with Run(fresh_stats, tmp_path) as run:
-        fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
+        fresh_stats.pgbench("-n", "-c", "4", "-t", str(before))
         run.scraped_since(2)  # everything before the reset has been seen
         fresh_stats.execute("SELECT pg_stat_statements_reset()")
-        fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
+        fresh_stats.pgbench("-n", "-c", "4", "-t", str(after))
         points = run.finish()
     assert pgbench_calls(points) == exact(1000)
     assert (points.filter(points["kind"] == "sum")["value"] >= 0).all()
@@ -121,7 +128,8 @@ def test_deallocation_under_a_small_pg_stat_statements_max(pgbench_server, tmp_p
         points = run.finish()
     assert pgbench_calls(points) == exact(1000)
     deallocated = points.filter(points["metric"] == "postgresql.statements.deallocated")["value"].sum()
-    assert deallocated > 0
+    if server_version(server) >= 140000:  # 13 has no pg_stat_statements_info.dealloc
+        assert deallocated > 0
     assert (points.filter(points["kind"] == "sum")["value"] >= 0).all()
 
 

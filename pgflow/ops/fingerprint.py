@@ -246,12 +246,12 @@ class Fingerprinter:
         key = ["dbid", "queryid"]
         if table is None:
             table = pl.DataFrame(schema={"dbid": pl.Int64, "queryid": pl.Int64, **FINGERPRINT_COLUMNS})
-        joined = frame.join(table, on=key, how="left")
+        joined = frame.join(table, on=key, how="left", maintain_order="left")
         missing = joined.filter(pl.col("fingerprint").is_null())
         self.key_hits += joined.height - missing.height
         if missing.height:
             self.key_misses += missing.height
-            fresh = missing.select(*key, "query").unique(subset=key, keep="first")
+            fresh = missing.select(*key, "query").unique(subset=key, keep="first", maintain_order=True)
             infos = self._canonical([self.info(q) if q is not None else unknown_text_info(qid)
                                      for q, qid in zip(fresh["query"].to_list(), fresh["queryid"].to_list())])
             new_rows = fresh.select(key).with_columns(
@@ -266,8 +266,8 @@ class Fingerprinter:
                 recent = table.join(used, on=key, how="semi")
                 rest = table.join(used, on=key, how="anti").tail(max(0, self.key_cache_size - recent.height))
                 table = pl.concat([rest, recent])
-            hits = joined.filter(pl.col("fingerprint").is_not_null())
-            filled = missing.drop(*FINGERPRINT_COLUMNS).join(new_rows, on=key, how="left")
-            joined = pl.concat([hits, filled])
+            # Fill the new keys in place: rows keep the server's order (sums stay deterministic).
+            joined = joined.drop(*FINGERPRINT_COLUMNS).join(
+                table, on=key, how="left", maintain_order="left")
         self._by_key[instance] = table
         return joined

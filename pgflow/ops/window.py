@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 import polars as pl
 
 from pgflow.ops.aggregate import aggregate
-from pgflow.schema import STATEMENT_KEY, Snapshot
+from pgflow.schema import Snapshot
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -65,10 +65,9 @@ class Window:
         """The window's deltas, one row per series (aggregated once, when the window closes)."""
         if not self.parts:
             return pl.DataFrame()
-        # Joins upstream do not promise row order; a stable sort on the statement key makes
-        # the order of floating-point additions, and so every sum, the same on every path.
-        rows = pl.concat(self.parts, how="vertical_relaxed").sort(STATEMENT_KEY, maintain_order=True)
-        return aggregate(rows)
+        # Every part keeps the server's row order (the joins upstream keep their left side's
+        # order), so floating-point sums add up in the same order on every path.
+        return aggregate(pl.concat(self.parts, how="vertical_relaxed"))
 
 
 @dataclass(frozen=True)
