@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
@@ -40,6 +41,29 @@ class Batch:
     instances: tuple[str, ...] = ()
     windows: tuple[tuple[int, int], ...] = ()  # (start_ns, end_ns) of the sums it carries
     rows: tuple[int, ...] = ()  # ids of the points it carries (``row_id`` column, else position)
+
+
+_FIXED = np.dtype([("t_start", "u1"), ("start", "<u8"), ("t_time", "u1"), ("time", "<u8"),
+                   ("t_value", "u1"), ("value", "<u8")])
+
+
+def _fixed_fields(frame: pl.DataFrame) -> bytes:
+    """27 bytes a row: start_time_unix_nano, time_unix_nano and the value, in wire format.
+
+    ``as_int`` (sfixed64, field 6) for counts and ``as_double`` (double, field 4) otherwise;
+    gauges use the last 18 bytes (no start time).
+    """
+    n = frame.height
+    out = np.zeros(n, dtype=_FIXED)
+    out["t_start"], out["t_time"] = (2 << 3) | 1, (3 << 3) | 1
+    out["start"] = frame["start"].dt.epoch("ns").fill_null(0).to_numpy().astype(np.uint64)
+    out["time"] = frame["end"].dt.epoch("ns").to_numpy().astype(np.uint64)
+    is_int = frame["is_int"].to_numpy()
+    values = frame["value"].to_numpy().astype(np.float64)
+    out["t_value"] = np.where(is_int, (6 << 3) | 1, (4 << 3) | 1)
+    as_int = np.where(is_int, values, 0).astype(np.int64).view(np.uint64)
+    out["value"] = np.where(is_int, as_int, values.view(np.uint64))
+    return out.tobytes()
 
 
 def resource_attributes(instance: str, address: str, port: int, version_num: int, service_name: str) -> dict[str, object]:
@@ -141,23 +165,21 @@ class Encoder:
         blocks = [self._attributes(values) for values in distinct.iter_rows()]
         block_ids = attrs.join(distinct.with_row_index("block"), on=list(ATTRIBUTE_KEYS), how="left",
                                nulls_equal=True, maintain_order="left")["block"].to_list()
-        columns = [frame[c].to_list() for c in ("instance", "metric", "kind", "unit", "is_int", "value",
-                                                "server_address", "server_port", "server_version_num")]
+        columns = [frame[c].to_list() for c in ("instance", "metric", "kind", "unit", "server_address",
+                                                "server_port", "server_version_num")]
         ids = frame[row_id].to_list()
         starts = frame["start"].dt.epoch("ns").to_list()
         ends = frame["end"].dt.epoch("ns").to_list()
-
+        fixed = _fixed_fields(frame)
         pending: list[tuple[str, bytes, tuple[str, str, str], bytes, tuple[int, int] | None, int]] = []
         size = 0
         last_group: tuple | None = None
-        fixed64, sfixed64, double, field_bytes = wire.fixed64, wire.sfixed64, wire.double, wire.field_bytes
-        for i, (instance, metric, kind, unit, is_int, value, address, port, version) in enumerate(zip(*columns)):
-            if kind == "sum":
-                body = blocks[block_ids[i]] + fixed64(2, starts[i]) + fixed64(3, ends[i])
-            else:
-                body = blocks[block_ids[i]] + fixed64(3, ends[i])
-            body += sfixed64(6, int(value)) if is_int else double(4, value)
-            point = field_bytes(1, body)
+        varint = wire.varint
+        for i, (instance, metric, kind, unit, address, port, version) in enumerate(zip(*columns)):
+            # start (sums only), time and value were written for every row at once: slice them.
+            tail = fixed[i * 27:(i + 1) * 27] if kind == "sum" else fixed[i * 27 + 9:(i + 1) * 27]
+            body = blocks[block_ids[i]] + tail
+            point = b"\x0a" + varint(len(body)) + body  # NumberDataPoint as data_points (field 1)
             group = (instance, metric, kind, unit)
             cost = len(point) + (64 + len(metric) + len(unit) if group != last_group else 0)
             if pending and (len(pending) >= self.batch_size or size + cost + 256 > self.max_bytes):
