@@ -12,7 +12,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from pgflow.config import Settings
 from pgflow.schema import Snapshot
-from pgflow.stream.logic import CollectorLogic
+from pgflow.stream.logic import logic_builder
 from pgflow.stream.runtime import runtime
 from pgflow.stream.source import ScrapeSource, SnapshotRecorder
 
@@ -29,40 +29,6 @@ class DiscardSink(DynamicSink[object]):
         return _Discard()
 
 
-def _builder(settings: Settings):  # type: ignore[no-untyped-def]
-    def build(resume_state: None) -> "_Deferred":
-        return _Deferred(settings)
-
-    return build
-
-
-class _Deferred(CollectorLogic):
-    """Builds the instance's logic on its first snapshot: bytewax's builder is not told the key."""
-
-    def __init__(self, settings: Settings) -> None:  # noqa: D107 - initialised on first item
-        self._settings = settings
-        self._ready = False
-
-    def _init(self, instance: str) -> None:
-        rt = runtime(self._settings)
-        super().__init__(instance, rt.ops, rt.ledger(instance), rt.shipper, rt.shutdown_timeout)
-        self._ready = True
-
-    def on_item(self, value: Snapshot):  # type: ignore[no-untyped-def]
-        if not self._ready:
-            self._init(value.instance)
-        return super().on_item(value)
-
-    def on_notify(self):  # type: ignore[no-untyped-def]
-        return super().on_notify() if self._ready else ([], False)
-
-    def on_eof(self):  # type: ignore[no-untyped-def]
-        return super().on_eof() if self._ready else ([], False)
-
-    def notify_at(self):  # type: ignore[no-untyped-def]
-        return super().notify_at() if self._ready else None
-
-
 def build_flow(settings: Settings, source: Source[Snapshot] | None = None,
                recorder: SnapshotRecorder | None = None) -> Dataflow:
     """The collector; ``source`` replaces the PostgreSQL scrapes (e.g. a capture replay), and
@@ -72,6 +38,6 @@ def build_flow(settings: Settings, source: Source[Snapshot] | None = None,
     flow = Dataflow("pgflow")
     snapshots = op.input("scrape", flow, source)
     keyed = op.key_on("by_instance", snapshots, lambda s: s.instance)
-    shipped = op.stateful("collect", keyed, _builder(settings))
+    shipped = op.stateful("collect", keyed, logic_builder(settings))
     op.output("done", shipped, DiscardSink())
     return flow

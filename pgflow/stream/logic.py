@@ -13,18 +13,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import polars as pl
 from bytewax.operators import StatefulLogic
 
 from pgflow import telemetry
+from pgflow.config import Settings
 from pgflow.logs import kv
 from pgflow.ops.fingerprint import Fingerprinter
 from pgflow.ops.merge import merge_windows
 from pgflow.ops.pipeline import OpsSettings, finish, initial_state, step
 from pgflow.schema import Snapshot
 from pgflow.stream.ledger import ROW, Ledger, Record
+from pgflow.stream.runtime import runtime
 from pgflow.stream.shipper import Outgoing, Shipper
 
 log = logging.getLogger("pgflow.flow")
@@ -156,3 +159,39 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
             if force or self.shipper.retry_due(self.instance, seq):
                 if not self.shipper.busy(self.instance, seq):
                     self.shipper.submit(Outgoing(self.instance, seq, self.record.outbox[seq]), self.ledger)
+
+
+class _Deferred(CollectorLogic):
+    """Builds the instance's logic on its first snapshot: bytewax's builder is not told the key."""
+
+    def __init__(self, settings: Settings) -> None:  # noqa: D107 - initialised on first item
+        self._settings = settings
+        self._ready = False
+
+    def _init(self, instance: str) -> None:
+        rt = runtime(self._settings)
+        super().__init__(instance, rt.ops, rt.ledger(instance), rt.shipper, rt.shutdown_timeout)
+        self._ready = True
+
+    def on_item(self, value: Snapshot) -> tuple[list[Outgoing], bool]:
+        if not self._ready:
+            self._init(value.instance)
+        return super().on_item(value)
+
+    def on_notify(self) -> tuple[list[Outgoing], bool]:
+        return super().on_notify() if self._ready else ([], StatefulLogic.RETAIN)
+
+    def on_eof(self) -> tuple[list[Outgoing], bool]:
+        return super().on_eof() if self._ready else ([], StatefulLogic.RETAIN)
+
+    def notify_at(self) -> datetime | None:
+        return super().notify_at() if self._ready else None
+
+
+def logic_builder(settings: Settings) -> Callable[[None], CollectorLogic]:
+    """The builder ``op.stateful`` calls for each new instance key."""
+
+    def build(resume_state: None) -> CollectorLogic:
+        return _Deferred(settings)
+
+    return build
