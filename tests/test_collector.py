@@ -178,5 +178,6 @@ def test_metrics_and_healthz(fresh_stats, tmp_path):
         assert metric("pgflow_rows_scraped_total") > first > 0
         assert metric("pgflow_points_exported_total") > 0
         assert metric("pgflow_scrape_duration_seconds_count") >= 2
+        assert metric("pgflow_series_tracked") > 0 and metric("pgflow_last_successful_export_timestamp_seconds") > 0
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
         assert stop(proc) == 0

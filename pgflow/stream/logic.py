@@ -68,7 +68,9 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
     def on_item(self, value: Snapshot) -> tuple[list[Outgoing], bool]:
         fp = _fingerprinter(self.ops.fingerprint_cache_size)
         hits, misses = fp.key_hits, fp.key_misses
+        evicted = self.record.state.cap.evictions["queries"]  # type: ignore[union-attr]
         state, points = step(self.record.state, value, fp, self.ops)  # type: ignore[arg-type]
+        telemetry.series_evicted.labels(self.instance).inc(state.cap.evictions["queries"] - evicted)
         telemetry.fingerprint_cache.labels("hit").inc(fp.key_hits - hits)
         telemetry.fingerprint_cache.labels("miss").inc(fp.key_misses - misses)
         self.record.state = state
