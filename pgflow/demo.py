@@ -58,7 +58,8 @@ def run_demo(bindir: str | None = None, clients: int = 4, seconds: int = 10, out
             receiver.stop()
     print(f"4/4 the receiver stored {points.height} data points; top queries by total execution time:\n")
     _print_top(points)
-    print(f"\nExplore them: duckdb {points_file}  (table points)")
+    print(f"\nThe points are in {points_file} (DuckDB, table points): "
+          f"pgflow.otlp.store.read_points({str(points_file)!r})")
     return 0
 
 

@@ -117,7 +117,8 @@ def test_operations_and_summaries():
         "DELETE FROM t WHERE a = $1": ("DELETE", "DELETE t"),
         "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE": ("MERGE", "MERGE t s"),
         "CREATE TABLE x (a int)": ("DDL", "DDL x"),
-        "BEGIN": ("TRANSACTION", "TRANSACTION"),
+        "BEGIN": ("TRANSACTION", "BEGIN"),
+        "END": ("TRANSACTION", "COMMIT"),
         "VACUUM t": ("MAINTENANCE", "MAINTENANCE t"),
     }
     for text, expected in cases.items():

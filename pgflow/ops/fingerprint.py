@@ -132,6 +132,9 @@ def parse_info(text: str) -> QueryInfo:
     tables: list[str] = []
     _relations(stmt, tables)
     summary = " ".join([operation, *tables])
+    if stmt_type == "TransactionStmt":  # BEGIN, COMMIT, ROLLBACK, SAVEPOINT ... rather than one blur
+        kind = str(stmt[stmt_type].get("kind", "")).removeprefix("TRANS_STMT_").replace("_", " ")
+        summary = kind or operation
     normalized = _fold(_strip_comments(pg_parser.normalize(text)))
     # Fingerprint the text with its literals replaced: libpg_query keeps some literals in its
     # fingerprint (a role's password, for one), and a hash of a secret must not leave either.
