@@ -37,6 +37,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     setup(settings.log_level, settings.log_format)
     logging.getLogger("pgflow.run").info("starting", extra=kv(**{k: v for k, v in settings.redacted().items()
                                                                    if v not in (None, [], {})}))
+    for instance in settings.targets():  # this process runs every instance: claim the ledgers up front
+        runtime(settings).ledger(instance.name)
     install_signal_handlers()
     recorder = None
     if args.capture:

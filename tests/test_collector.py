@@ -181,3 +181,17 @@ def test_metrics_and_healthz(fresh_stats, tmp_path):
         assert metric("pgflow_series_tracked") > 0 and metric("pgflow_last_successful_export_timestamp_seconds") > 0
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
         assert stop(proc) == 0
+
+
+def test_two_collectors_cannot_share_a_ledger(tmp_path):
+    from pgflow.errors import PgflowError
+    from pgflow.stream.ledger import Ledger
+
+    held = Ledger(tmp_path, "db1")
+    probe = subprocess.run([sys.executable, "-c", "from pgflow.stream.ledger import Ledger; import sys; "
+                            f"Ledger({str(tmp_path)!r}, 'db1')"], capture_output=True, text=True, cwd=ROOT)
+    assert probe.returncode != 0 and "in use by another pgflow process" in probe.stderr
+    assert held.load() is None
+    with pytest.raises(PgflowError):  # nor two ledgers of one instance in one process
+        Ledger(tmp_path, "db1")
+    Ledger(tmp_path, "db2")  # other instances are free

@@ -16,6 +16,7 @@ acknowledgement was in flight when the process died.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import re
@@ -55,6 +56,14 @@ class Ledger:
             raise PgflowError(f"cannot create state directory {self.dir} ({exc.strerror})",
                               "set PGFLOW_STATE_DIR to a writable directory") from None
         self.instance = instance
+        # One process per ledger: two collectors writing the same state would count twice.
+        self._lockfile = open(self.dir / "lock", "a+")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lockfile.close()
+            raise PgflowError(f"the ledger of {instance} in {self.dir} is in use by another pgflow process",
+                              "give each collector its own PGFLOW_STATE_DIR, or stop the other one") from None
         self._lock = threading.Lock()
         self._acks_path = self.dir / "acks.log"
         self._state_path = self.dir / "state.pkl"
