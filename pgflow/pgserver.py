@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from pgflow.errors import PgflowError
@@ -222,16 +221,3 @@ class LocalPostgres:
 
     def pgbench_init(self, scale: int = 1, dbname: str = "postgres") -> None:
         self.pgbench("-i", "-q", "-s", str(scale), dbname=dbname)
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        import psycopg
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with psycopg.connect(self.dsn(), connect_timeout=2):
-                    return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)

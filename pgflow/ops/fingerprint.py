@@ -220,10 +220,6 @@ class Fingerprinter:
         self.key_misses = 0
         self.parses = 0
 
-    @property
-    def text_hits(self) -> int:
-        return self._by_text.hits
-
     def info(self, text: str | None) -> QueryInfo:
         digest = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) if text is not None else 0
         cached = self._by_text.get(digest)
