@@ -52,9 +52,24 @@ def wait_for_baseline(state_dir: Path, instances: int = 1, timeout: float = 30) 
     raise AssertionError(f"no baseline scrape within {timeout} s")
 
 
-def settle(seconds: float = 2.5) -> None:
-    """Let a few scrapes and a window or two pass (interval 0.3 s, windows of 1 s)."""
-    time.sleep(seconds)
+def settle(seconds: float = 2.5, state_dir: Path | None = None, scrapes: int = 3, timeout: float = 60,
+           instance: str = "*") -> None:
+    """Let time pass (interval 0.3 s, windows of 1 s) and, with ``state_dir``, wait until every
+    (or one) instance's ledger has recorded ``scrapes`` more scrapes, however slow the machine is."""
+    started = time.monotonic()
+    ledgers = sorted(state_dir.glob(f"instances/{instance}/state.pkl")) if state_dir else []
+    seen = {p: p.stat().st_mtime_ns for p in ledgers}
+    counts = dict.fromkeys(ledgers, 0)
+    while any(c < scrapes for c in counts.values()):
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"the collector recorded fewer than {scrapes} scrapes in {timeout} s")
+        time.sleep(0.02)
+        for path in ledgers:
+            mtime = path.stat().st_mtime_ns
+            if mtime != seen[path]:
+                seen[path] = mtime
+                counts[path] += 1
+    time.sleep(max(0.0, seconds - (time.monotonic() - started)))
 
 
 def calls_by_summary(points: pl.DataFrame, instance: str | None = None) -> dict[str, float]:

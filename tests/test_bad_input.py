@@ -81,7 +81,7 @@ def test_secrets_never_leave(pg, tmp_path):
             conn.execute(f"CREATE TEMP TABLE sessions AS SELECT '{literal}'::text AS token")  # type: ignore[arg-type]
             conn.execute(f"SELECT * FROM sessions WHERE token = '{literal}'")  # type: ignore[arg-type]
             conn.execute(f"DO $$ BEGIN PERFORM '{literal}'; END $$")  # type: ignore[arg-type]
-        settle(2.5)
+        settle(1.5, state_dir=tmp_path / "state")
         subprocess.run([sys.executable, "-m", "pgflow", "capture", "--out", str(tmp_path / "cap.duckdb"),
                         "--scrapes", "1"], env=env, check=True, capture_output=True)
         proc.terminate()

@@ -36,7 +36,7 @@ def test_end_to_end_exact_and_sigterm_exits_zero(fresh_stats, tmp_path):
                                log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
-        settle()
+        settle(state_dir=tmp_path / "state")
         started = time.monotonic()
         assert stop(proc) == 0
         assert time.monotonic() - started < 30  # bounded shutdown
@@ -51,7 +51,7 @@ def test_http_protocol_end_to_end(fresh_stats, tmp_path):
         proc = start_collector(env)
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
-        settle()
+        settle(state_dir=tmp_path / "state")
         assert stop(proc) == 0
         assert_pgbench_exact(calls_by_summary(receiver.points()), 1000)
         assert {p for p, _ in receiver.attempts} == {"http"}
@@ -63,7 +63,7 @@ def test_endpoint_unavailable_for_several_windows_still_exact(fresh_stats, tmp_p
                                log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
-        settle(5)
+        settle(5, state_dir=tmp_path / "state")
         assert stop(proc) == 0
         outcomes = [o for _, o in receiver.attempts]
         assert outcomes[:12] == ["UNAVAILABLE"] * 12 and "OK" in outcomes
@@ -94,12 +94,12 @@ def test_kill_9_and_restart_is_exact(fresh_stats, tmp_path):
         first = start_collector(env)
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
-        settle(1.5)
+        settle(1.5, state_dir=tmp_path / "state")
         first.kill()  # SIGKILL: no flush, no goodbye
         first.wait()
         fresh_stats.pgbench("-n", "-c", "4", "-t", "125")  # while nobody watches
         second = start_collector(env)
-        settle(3)
+        settle(1, state_dir=tmp_path / "state")
         assert stop(second) == 0
         assert_pgbench_exact(calls_by_summary(receiver.points()), 1000)
 
@@ -115,7 +115,7 @@ def test_two_instances_one_stopped(fresh_stats, pgbench_server, tmp_path):
         wait_for_baseline(tmp_path / "state", instances=2)
         other.stop("immediate")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
-        settle(3)
+        settle(3, state_dir=tmp_path / "state", instance="a")
         assert stop(proc) == 0
         assert_pgbench_exact(calls_by_summary(receiver.points(), instance="a"), 1000)
     assert "scrape failed" in (tmp_path / "log").read_text()

@@ -64,7 +64,7 @@ class Run:
                 time.sleep(0.05)
 
     def finish(self):  # type: ignore[no-untyped-def]
-        settle(2.5)
+        settle(1.5, state_dir=self.tmp_path / "state")
         assert stop(self.proc) == 0
         return self.receiver.points()
 
