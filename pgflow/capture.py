@@ -50,13 +50,14 @@ def _ddl() -> list[str]:
     return out
 
 
+_REDACTED = pl.col("query").map_elements(redact_text, return_dtype=pl.String, skip_nulls=True)
+
+
 def as_stored(snapshot: Snapshot) -> Snapshot:
     """The snapshot as a capture holds it: statement texts with their literals replaced."""
     from dataclasses import replace
 
-    texts = snapshot.statements["query"].map_elements(redact_text, return_dtype=pl.String) \
-        if snapshot.statements.height else snapshot.statements["query"]
-    return replace(snapshot, statements=snapshot.statements.with_columns(texts.alias("query")))
+    return replace(snapshot, statements=snapshot.statements.with_columns(_REDACTED))
 
 
 def _utc(frame: pl.DataFrame) -> pl.DataFrame:
@@ -102,7 +103,7 @@ class CaptureWriter:
             texts = snapshot.statements.filter(pl.col("query").is_not_null()).select(
                 pl.lit(snapshot.instance).alias("instance"), "dbid", "userid", "queryid", "query"
             ).unique(subset=["dbid", "userid", "queryid"], keep="first", maintain_order=True)
-            texts = texts.with_columns(pl.col("query").map_elements(redact_text, return_dtype=pl.String))
+            texts = texts.with_columns(_REDACTED)
             con.register("new_texts", texts.to_arrow())
             con.execute("INSERT INTO texts SELECT n.* FROM new_texts n ANTI JOIN texts t "
                         "ON t.instance = n.instance AND t.dbid = n.dbid AND t.userid = n.userid AND t.queryid = n.queryid")

@@ -38,8 +38,6 @@ class Batch:
 
     payload: bytes
     points: int
-    instances: tuple[str, ...] = ()
-    windows: tuple[tuple[int, int], ...] = ()  # (start_ns, end_ns) of the sums it carries
     rows: tuple[int, ...] = ()  # ids of the points it carries (``row_id`` column, else position)
 
 
@@ -168,10 +166,8 @@ class Encoder:
         columns = [frame[c].to_list() for c in ("instance", "metric", "kind", "unit", "server_address",
                                                 "server_port", "server_version_num")]
         ids = frame[row_id].to_list()
-        starts = frame["start"].dt.epoch("ns").to_list()
-        ends = frame["end"].dt.epoch("ns").to_list()
         fixed = _fixed_fields(frame)
-        pending: list[tuple[str, bytes, tuple[str, str, str], bytes, tuple[int, int] | None, int]] = []
+        pending: list[tuple[str, bytes, tuple[str, str, str], bytes, int]] = []
         size = 0
         last_group: tuple | None = None
         varint = wire.varint
@@ -188,8 +184,7 @@ class Encoder:
                 cost = len(point) + 64 + len(metric) + len(unit)
             last_group = group
             resource = self._resource(instance, address, port, version)
-            pending.append((instance, resource, (metric, kind, unit), point,
-                            (starts[i], ends[i]) if kind == "sum" else None, ids[i]))
+            pending.append((instance, resource, (metric, kind, unit), point, ids[i]))
             size += cost + (len(resource) + 64 if len(pending) == 1 or pending[-2][0] != instance else 0)
         if pending:
             yield from self._requests(pending)
@@ -206,21 +201,18 @@ class Encoder:
 
     def _request(self, items: list) -> Batch:
         instances: dict[str, tuple[bytes, dict[tuple[str, str, str], _Group]]] = {}
-        windows: set[tuple[int, int]] = set()
-        for instance, resource, (metric, kind, unit), point, window, _ in items:
+        for instance, resource, (metric, kind, unit), point, _ in items:
             groups = instances.setdefault(instance, (resource, {}))[1]
             group = groups.get((metric, kind, unit))
             if group is None:
                 group = groups[(metric, kind, unit)] = _Group(metric, kind, unit)
             group.points.append(point)
-            if window is not None:
-                windows.add(window)
         payload = b"".join(
             wire.field_bytes(1, resource + wire.field_bytes(
                 2, _SCOPE + b"".join(wire.field_bytes(2, g.encode()) for g in groups.values())))
             for resource, groups in instances.values()
         )
-        return Batch(payload, len(items), tuple(instances), tuple(sorted(windows)), tuple(i[5] for i in items))
+        return Batch(payload, len(items), tuple(i[4] for i in items))
 
 
 def decode(payload: bytes) -> ExportMetricsServiceRequest:

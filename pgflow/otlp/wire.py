@@ -7,12 +7,6 @@ with the official opentelemetry-proto classes.
 
 from __future__ import annotations
 
-import struct
-
-_FIXED64 = struct.Struct("<BQ")
-_DOUBLE = struct.Struct("<Bd")
-_SFIXED64 = struct.Struct("<Bq")
-
 
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -41,18 +35,6 @@ def field_bytes(number: int, payload: bytes) -> bytes:
 
 def field_varint(number: int, value: int) -> bytes:
     return varint(number << 3) + varint(value)
-
-
-def fixed64(number: int, value: int) -> bytes:
-    return _FIXED64.pack((number << 3) | 1, value)
-
-
-def double(number: int, value: float) -> bytes:
-    return _DOUBLE.pack((number << 3) | 1, value)
-
-
-def sfixed64(number: int, value: int) -> bytes:
-    return _SFIXED64.pack((number << 3) | 1, value)
 
 
 def string_kv(key: str, value: str) -> bytes:

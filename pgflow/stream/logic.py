@@ -158,9 +158,8 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
 
     def _submit(self, force: bool = False) -> None:
         for seq in sorted(self.record.outbox):
-            if force or self.shipper.retry_due(self.instance, seq):
-                if not self.shipper.busy(self.instance, seq):
-                    self.shipper.submit(Outgoing(self.instance, seq, self.record.outbox[seq]), self.ledger)
+            if force or self.shipper.retry_due(self.instance, seq):  # submit skips what is in flight
+                self.shipper.submit(Outgoing(self.instance, seq, self.record.outbox[seq]), self.ledger)
 
 
 class _Deferred(CollectorLogic):
