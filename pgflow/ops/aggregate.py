@@ -6,24 +6,69 @@ keeps, e.g. IN-list lengths on older servers): their deltas add up, never overwr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import polars as pl
 
-from pgflow.schema import STATEMENT_COUNTERS
+from pgflow.ops.groups import group_rows
+from pgflow.schema import STATEMENT_INT_COUNTERS, STATEMENT_TIME_COUNTERS
 
 SERIES_KEY = ("database", "user", "fingerprint")
 SERIES_LABELS = ("operation", "summary", "text")
 UNKNOWN = "<unknown>"
 
 
-_FILL = pl.col("database", "user").fill_null(UNKNOWN)
-_AGGS = [*(pl.col(c).first() for c in SERIES_LABELS), *(pl.col(c).sum() for c in STATEMENT_COUNTERS)]
+@dataclass(frozen=True)
+class SeriesTable:
+    """Series of one window: ``labels`` row ``i`` names the counter sums of matrix row ``i``."""
+
+    labels: pl.DataFrame  # SERIES_KEY + SERIES_LABELS
+    ints: np.ndarray  # STATEMENT_INT_COUNTERS, int64
+    floats: np.ndarray  # STATEMENT_TIME_COUNTERS, float64 (milliseconds)
+
+    @property
+    def height(self) -> int:
+        return self.labels.height
+
+    def column(self, name: str) -> np.ndarray:
+        if name in STATEMENT_INT_COUNTERS:
+            return self.ints[:, STATEMENT_INT_COUNTERS.index(name)]
+        return self.floats[:, STATEMENT_TIME_COUNTERS.index(name)]
+
+    def frame(self) -> pl.DataFrame:
+        """Labels and sums as one polars frame (for notebooks and tests)."""
+        return pl.concat([
+            self.labels,
+            pl.from_numpy(self.ints, schema=list(STATEMENT_INT_COUNTERS), orient="row"),
+            pl.from_numpy(self.floats, schema=list(STATEMENT_TIME_COUNTERS), orient="row"),
+        ], how="horizontal")
 
 
-def aggregate(frame: pl.DataFrame) -> pl.DataFrame:
-    """One row per series: counters summed, labels taken from the first row.
+def empty_series() -> SeriesTable:
+    labels = pl.DataFrame(schema={c: pl.String for c in (*SERIES_KEY, *SERIES_LABELS)})
+    return SeriesTable(labels, np.zeros((0, len(STATEMENT_INT_COUNTERS)), np.int64),
+                       np.zeros((0, len(STATEMENT_TIME_COUNTERS))))
+
+
+def sum_by(labels: pl.DataFrame, ints: np.ndarray, floats: np.ndarray, key: list[str]) -> SeriesTable:
+    """One row per distinct ``key``: counters summed, other labels taken from the first row."""
+    groups = group_rows(labels.select(key))
+    if len(groups) == labels.height:
+        return SeriesTable(labels, ints, floats)  # already one row per series
+    return SeriesTable(labels[groups.first], groups.sum(ints), groups.sum(floats))
+
+
+def aggregate(parts: list[SeriesTable]) -> SeriesTable:
+    """One row per series over every part, in first-seen order.
 
     The window calls it once per closed window over all of the window's delta rows, which
-    is both the per-scrape and the per-window sum in one group-by. Groups keep input order,
-    so floating-point sums add up in the same order on every path (replays are bit-identical).
+    is both the per-scrape and the per-window sum in one grouping.
     """
-    return frame.with_columns(_FILL).group_by(SERIES_KEY, maintain_order=True).agg(_AGGS)
+    if not parts:
+        return empty_series()
+    labels = pl.concat([p.labels.select(*SERIES_KEY, *SERIES_LABELS) for p in parts])
+    if labels.get_column("database").has_nulls() or labels.get_column("user").has_nulls():
+        labels = labels.with_columns(pl.col("database", "user").fill_null(UNKNOWN))
+    return sum_by(labels, np.concatenate([p.ints for p in parts]), np.concatenate([p.floats for p in parts]),
+                  list(SERIES_KEY))

@@ -12,18 +12,97 @@ other. The rules, per key:
 - ``stats_reset`` of ``pg_stat_statements_info`` changed: every entry restarted, so every
   current value is the delta;
 - keys that vanished are forgotten.
+
+The arithmetic runs on numpy matrices (integers stay int64, exact; times float64): a
+5,000-row scrape is a few vectorised operations rather than a join. In the steady state the
+server returns the same entries in the same order as last scrape (it walks its hash table
+in bucket order), rows pair up by position and the previous scrape's row frame is reused,
+which tells the window that it may keep adding into the same accumulator.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
 import polars as pl
 
-from pgflow.schema import DATABASE_COUNTERS, STATEMENT_COUNTERS, STATEMENT_KEY, Snapshot
+from pgflow.schema import (
+    DATABASE_COUNTERS,
+    STATEMENT_INT_COUNTERS,
+    STATEMENT_KEY,
+    STATEMENT_TIME_COUNTERS,
+    Snapshot,
+)
 
-_PREV = "__prev"
+ROW_COLUMNS = (*STATEMENT_KEY, "database", "user", "query")
+_NO_SINCE = np.iinfo(np.int64).min  # stats_since / stats_reset absent
+
+
+@dataclass(frozen=True)
+class Counters:
+    """One frame's counters as matrices, row ``i`` = the frame's row ``i``."""
+
+    ints: np.ndarray  # (rows, int counters), int64
+    floats: np.ndarray  # (rows, time counters), float64
+    since: np.ndarray  # (rows,), int64 microseconds; _NO_SINCE when null
+
+    @classmethod
+    def of(cls, frame: pl.DataFrame, ints: tuple[str, ...], floats: tuple[str, ...], since: str) -> Counters:
+        return cls(_matrix(frame, ints, np.int64), _matrix(frame, floats, np.float64), _since(frame[since]))
+
+    def take(self, rows: np.ndarray) -> Counters:
+        return Counters(self.ints[rows], self.floats[rows], self.since[rows])
+
+
+def _matrix(frame: pl.DataFrame, columns: tuple[str, ...], dtype: type) -> np.ndarray:
+    # Column by column: a DataFrame.select costs more than copying the numbers.
+    out = np.empty((frame.height, len(columns)), dtype, order="F")
+    for j, name in enumerate(columns):
+        column = frame.get_column(name)
+        # A column a server version lacks is null: it never moves, so 0 counts the same.
+        out[:, j] = (column.fill_null(0) if column.has_nulls() else column).to_numpy()
+    return out
+
+
+def _since(column: pl.Series) -> np.ndarray:
+    if column.null_count() == len(column):  # before PostgreSQL 17, or never reset
+        return np.full(len(column), _NO_SINCE, np.int64)
+    values = column.dt.cast_time_unit("us").cast(pl.Int64)
+    return (values.fill_null(_NO_SINCE) if values.has_nulls() else values).to_numpy()
+
+
+def _positions(cur: pl.DataFrame, prev: pl.DataFrame, key: list[str]) -> np.ndarray | None:
+    """Row of ``prev`` for each row of ``cur`` (-1: new key); None when they pair up by position."""
+    if cur.height == prev.height and all(np.array_equal(cur[k].to_numpy(), prev[k].to_numpy()) for k in key):
+        return None
+    indexed = prev.select(key).with_row_index("__row")
+    joined = cur.select(key).join(indexed, on=key, how="left", nulls_equal=True, maintain_order="left")
+    return joined["__row"].fill_null(-1).cast(pl.Int64).to_numpy()
+
+
+def _diff(cur: Counters, prev: Counters, at: np.ndarray | None, whole_reset: bool) -> Counters:
+    """Per-row deltas; a row whose entry restarted (or is new) yields its current values."""
+    if whole_reset:
+        return cur
+    if at is None:
+        prev_ints, prev_floats, prev_since, new = prev.ints, prev.floats, prev.since, None
+    else:
+        new = at < 0
+        safe = np.where(new, 0, at)
+        prev_ints, prev_floats, prev_since = prev.ints[safe], prev.floats[safe], prev.since[safe]
+    restarted = (cur.ints < prev_ints).any(axis=1) | (cur.floats < prev_floats).any(axis=1)
+    restarted |= (cur.since != prev_since) & (cur.since != _NO_SINCE) & (prev_since != _NO_SINCE)
+    if new is not None:
+        restarted |= new
+    ints = cur.ints - prev_ints
+    floats = cur.floats - prev_floats
+    if restarted.any():
+        ints[restarted] = cur.ints[restarted]
+        floats[restarted] = cur.floats[restarted]
+    return Counters(ints, floats, cur.since)
 
 
 @dataclass(frozen=True)
@@ -33,85 +112,91 @@ class DeltaState:
     scraped_at: datetime
     stats_reset: datetime | None
     dealloc: int | None
-    statements: pl.DataFrame  # key + stats_since + counters
-    databases: pl.DataFrame  # datid + stats_reset + counters
+    rows: pl.DataFrame  # the last scrape's rows, labelled
+    counters: Counters
+    databases: pl.DataFrame  # datid, database
+    database_counters: Counters
 
 
 @dataclass(frozen=True)
 class Deltas:
-    """One interval's deltas for one instance: ``[start, end]`` = the two scrapes' times."""
+    """One interval's deltas for one instance: ``[start, end]`` = the two scrapes' times.
+
+    ``rows`` is the scrape's row frame (ROW_COLUMNS, or what ``label`` made of them);
+    ``counters`` row ``i`` is the delta of
+    ``rows`` row ``i``, idle rows included. ``rows`` is the very object of the previous
+    Deltas when the server returned the same entries in the same order.
+    """
 
     instance: str
     start: datetime
     end: datetime
-    statements: pl.DataFrame  # key, database, user, query, counter deltas (rows with activity only)
+    rows: pl.DataFrame
+    counters: Counters
     databases: pl.DataFrame  # datid, database, counter deltas
     deallocated: int
 
+    def active(self) -> np.ndarray:
+        return active_rows(self.counters)
 
-def _keyed(statements: pl.DataFrame) -> pl.DataFrame:
-    # PostgreSQL 13 has no toplevel: every entry is top level there.
-    return statements.with_columns(pl.col("toplevel").fill_null(True))
+    @property
+    def statements(self) -> pl.DataFrame:
+        """The rows that ran in the interval, with their counter deltas, as one frame."""
+        return statement_frame(self.rows, self.counters, self.active())
 
 
-class _Differ:
-    """Per-key delta of ``counters``; a key whose entry restarted yields its current value.
+def active_rows(counters: Counters) -> np.ndarray:
+    """Rows executed or planned in the interval: every counter moves only then."""
+    calls = STATEMENT_INT_COUNTERS.index("calls")
+    plans = STATEMENT_INT_COUNTERS.index("plans")
+    return (counters.ints[:, calls] > 0) | (counters.ints[:, plans] > 0)
 
-    The expressions are built once: rebuilding ~80 of them per scrape costs more than the
-    join itself.
+
+def statement_frame(rows: pl.DataFrame, counters: Counters, keep: np.ndarray) -> pl.DataFrame:
+    """``rows`` and their counters side by side, only the rows ``keep`` marks."""
+    ints = pl.from_numpy(counters.ints[keep], schema=list(STATEMENT_INT_COUNTERS), orient="row")
+    floats = pl.from_numpy(counters.floats[keep], schema=list(STATEMENT_TIME_COUNTERS), orient="row")
+    return pl.concat([rows.filter(pl.Series(keep)), ints, floats], how="horizontal")
+
+
+def _rows(statements: pl.DataFrame) -> pl.DataFrame:
+    columns = [statements.get_column(c) for c in ROW_COLUMNS]
+    toplevel = ROW_COLUMNS.index("toplevel")
+    if columns[toplevel].has_nulls():  # PostgreSQL 13 has no toplevel: every entry is top level there
+        columns[toplevel] = columns[toplevel].fill_null(True)
+    return pl.DataFrame(columns)
+
+
+def delta(state: DeltaState | None, snapshot: Snapshot,
+          label: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> tuple[DeltaState, Deltas | None]:
+    """Diff ``snapshot`` against ``state``; returns the new state and the deltas (None at baseline).
+
+    ``label`` turns a scrape's rows (ROW_COLUMNS) into the rows kept in the state and the
+    deltas; the pipeline passes the fingerprinter, which replaces the raw ``query`` (it may
+    hold literals) with its fingerprint and normalized text. It runs only when the rows
+    differ from the previous scrape's: in the steady state the labelled rows are reused.
     """
-
-    def __init__(self, key: tuple[str, ...], counters: tuple[str, ...], since: str) -> None:
-        self.key = list(key)
-        self.renamed = [pl.col(c).alias(c + _PREV) for c in (*counters, since)]
-        conditions = [pl.col(counters[0] + _PREV).is_null()]  # a new key
-        conditions += [pl.col(c) < pl.col(c + _PREV) for c in counters]  # went down (null: column absent)
-        conditions.append((pl.col(since) != pl.col(since + _PREV)).fill_null(False))  # re-created
-        self.restarted = pl.any_horizontal(conditions).alias("__restarted")
-        self.deltas = [
-            pl.when(pl.col("__restarted")).then(pl.col(c)).otherwise(pl.col(c) - pl.col(c + _PREV)).alias(c)
-            for c in counters
-        ]
-
-    def __call__(self, cur: pl.DataFrame, prev: pl.DataFrame, whole_reset: bool) -> pl.DataFrame:
-        if whole_reset:
-            return cur
-        if cur.height == prev.height and cur.select(self.key).equals(prev.select(self.key)):
-            # The steady state: the same entries in the same order as last scrape (the server
-            # walks its hash table in bucket order), so rows pair up without a join.
-            paired = pl.concat([cur, prev.select(self.renamed)], how="horizontal").lazy()
-        else:
-            paired = cur.lazy().join(prev.lazy().select(*self.key, *self.renamed), on=self.key, how="left",
-                                     nulls_equal=True, maintain_order="left")
-        return paired.with_columns(self.restarted).with_columns(self.deltas).select(cur.columns).collect()
-
-
-_diff_statements = _Differ(STATEMENT_KEY, STATEMENT_COUNTERS, "stats_since")
-_diff_databases = _Differ(("datid",), DATABASE_COUNTERS, "stats_reset")
-# Every counter moves only when a statement is executed (calls) or planned (plans).
-_ACTIVE = (pl.col("calls") > 0) | (pl.col("plans").fill_null(0) > 0)
-_STATE_COLUMNS = [*STATEMENT_KEY, "stats_since", *STATEMENT_COUNTERS]
-
-
-def delta(state: DeltaState | None, snapshot: Snapshot) -> tuple[DeltaState, Deltas | None]:
-    """Diff ``snapshot`` against ``state``; returns the new state and the deltas (None at baseline)."""
-    statements = _keyed(snapshot.statements)
-    new_state = DeltaState(
-        scraped_at=snapshot.scraped_at,
-        stats_reset=snapshot.stats_reset,
-        dealloc=snapshot.dealloc,
-        statements=statements.select(_STATE_COLUMNS),
-        databases=snapshot.databases.select("datid", "stats_reset", *DATABASE_COUNTERS),
-    )
-    if state is None:
-        return new_state, None
-    if snapshot.scraped_at <= state.scraped_at:
+    if state is not None and snapshot.scraped_at <= state.scraped_at:
         # A snapshot from the past (clock step, replayed item): never diff backwards.
         return state, None
+    rows = _rows(snapshot.statements)
+    counters = Counters.of(snapshot.statements, STATEMENT_INT_COUNTERS, STATEMENT_TIME_COUNTERS, "stats_since")
+    databases = snapshot.databases.select("datid", "database")
+    database_counters = Counters.of(snapshot.databases, DATABASE_COUNTERS, (), "stats_reset")
+    at = None if state is None else _positions(rows, state.rows, list(STATEMENT_KEY))
+    if at is None and state is not None and all(rows[c].equals(state.rows[c]) for c in ("database", "user")):
+        rows = state.rows  # same entries, same names, same order: keep the frame the window holds
+    elif label is not None:
+        rows = label(rows)
+    new_state = DeltaState(snapshot.scraped_at, snapshot.stats_reset, snapshot.dealloc, rows, counters,
+                           databases, database_counters)
+    if state is None:
+        return new_state, None
 
     whole_reset = snapshot.stats_reset is not None and snapshot.stats_reset != state.stats_reset
-    diffed = _diff_statements(statements, state.statements, whole_reset).filter(_ACTIVE).drop("stats_since")
-    databases = _diff_databases(snapshot.databases, state.databases, False) if snapshot.databases.height else snapshot.databases
+    diffed = _diff(counters, state.counters, at, whole_reset)
+    db_at = _positions(databases, state.databases, ["datid"])
+    db_diffed = _diff(database_counters, state.database_counters, db_at, False)
 
     if snapshot.dealloc is None:
         deallocated = 0
@@ -124,11 +209,13 @@ def delta(state: DeltaState | None, snapshot: Snapshot) -> tuple[DeltaState, Del
         instance=snapshot.instance,
         start=state.scraped_at,
         end=snapshot.scraped_at,
-        statements=diffed,
-        databases=databases.select("datid", "database", *DATABASE_COUNTERS),
+        rows=rows,
+        counters=diffed,
+        databases=pl.concat([databases, pl.from_numpy(db_diffed.ints, schema=list(DATABASE_COUNTERS), orient="row")],
+                            how="horizontal"),
         deallocated=int(deallocated),
     )
     return new_state, deltas
 
 
-__all__ = ["DeltaState", "Deltas", "delta"]
+__all__ = ["Counters", "DeltaState", "Deltas", "active_rows", "delta", "statement_frame"]

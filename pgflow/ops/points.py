@@ -8,10 +8,13 @@ This frame is the only input of the OTLP encoder, the local receiver's store and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
 import polars as pl
 
+from pgflow.ops.aggregate import SeriesTable
 from pgflow.ops.window import Window
 from pgflow.schema import ATTRIBUTE_KEYS, POINTS, UTC_TS
 
@@ -51,39 +54,57 @@ def _columns(window: Window, kind: str, start: datetime, end: datetime) -> list[
     ]
 
 
-# Query sums: (metric, unit, value, is_int, only when non-zero, block kind, io direction).
-def _query_specs() -> list[tuple[str, str, pl.Expr, bool, bool, str | None, str | None]]:
-    c = pl.col
-    specs: list[tuple[str, str, pl.Expr, bool, bool, str | None, str | None]] = [
-        ("postgresql.query.calls", "{call}", c("calls"), True, False, None, None),
-        ("postgresql.query.duration", "s", c("total_exec_time") / 1000.0, False, False, None, None),
-        ("postgresql.query.rows", "{row}", c("rows"), True, False, None, None),
-        ("postgresql.query.plan.duration", "s", c("total_plan_time") / 1000.0, False, True, None, None),
-        ("postgresql.query.wal.bytes", "By", c("wal_bytes"), True, True, None, None),
+@dataclass(frozen=True)
+class _Spec:
+    """One postgresql.query.* point per series: sum of ``columns`` / ``divisor``."""
+
+    metric: str
+    unit: str
+    columns: tuple[str, ...]
+    divisor: float = 1.0
+    only_nonzero: bool = False
+    block_kind: str | None = None
+    io_direction: str | None = None
+
+    def values(self, series: SeriesTable) -> np.ndarray:
+        total = series.column(self.columns[0]).astype(np.float64)
+        for column in self.columns[1:]:
+            total = total + series.column(column)
+        return total / self.divisor if self.divisor != 1.0 else total
+
+
+def _query_specs() -> list[_Spec]:
+    ms = 1000.0  # pg_stat_statements reports milliseconds; durations leave in seconds
+    specs = [
+        _Spec("postgresql.query.calls", "{call}", ("calls",)),
+        _Spec("postgresql.query.duration", "s", ("total_exec_time",), ms),
+        _Spec("postgresql.query.rows", "{row}", ("rows",)),
+        _Spec("postgresql.query.plan.duration", "s", ("total_plan_time",), ms, only_nonzero=True),
+        _Spec("postgresql.query.wal.bytes", "By", ("wal_bytes",), only_nonzero=True),
     ]
     for kind in _BLOCK_KINDS:
         scope, op = kind.split("_")
-        specs.append(("postgresql.query.blocks", "{block}", c(f"{scope}_blks_{op}"), True, True, kind, None))
+        specs.append(_Spec("postgresql.query.blocks", "{block}", (f"{scope}_blks_{op}",), only_nonzero=True,
+                           block_kind=kind))
     for direction in ("read", "write"):
-        total = pl.sum_horizontal(c(f"{s}_blk_{direction}_time").fill_null(0) for s in ("shared", "local", "temp"))
-        specs.append(("postgresql.query.io.duration", "s", total / 1000.0, False, True, None, direction))
+        specs.append(_Spec("postgresql.query.io.duration", "s",
+                           tuple(f"{s}_blk_{direction}_time" for s in ("shared", "local", "temp")), ms,
+                           only_nonzero=True, io_direction=direction))
     return specs
 
 
 _SPECS = _query_specs()
 _SPEC_TABLE = pl.DataFrame(
     {
-        "spec": [f"v{i}" for i in range(len(_SPECS))],
-        "metric": [s[0] for s in _SPECS],
-        "unit": [s[1] for s in _SPECS],
-        "is_int": [s[3] for s in _SPECS],
-        "only_nonzero": [s[4] for s in _SPECS],
-        "block_kind": [s[5] for s in _SPECS],
-        "io_direction": [s[6] for s in _SPECS],
+        "metric": [s.metric for s in _SPECS],
+        "unit": [s.unit for s in _SPECS],
+        "is_int": [s.divisor == 1.0 for s in _SPECS],
+        "block_kind": [s.block_kind for s in _SPECS],
+        "io_direction": [s.io_direction for s in _SPECS],
     },
     schema_overrides={"block_kind": pl.String, "io_direction": pl.String},
 )
-_LABELS = ["database", "user", "operation", "summary", "fingerprint", "text"]
+_ONLY_NONZERO = np.array([s.only_nonzero for s in _SPECS])
 _QUERY_ATTRIBUTES = attributes({
     "db.system.name": "postgresql",
     "db.namespace": pl.col("database"),
@@ -97,20 +118,19 @@ _QUERY_ATTRIBUTES = attributes({
 })
 
 
-def query_points(window: Window, series: pl.DataFrame) -> pl.DataFrame | None:
-    """The postgresql.query.* sums of one window's (capped) series, in one pass."""
-    if series.height == 0:
+def query_points(window: Window, series: SeriesTable) -> pl.DataFrame | None:
+    """The postgresql.query.* sums of one window's (capped) series, metric by metric."""
+    n = series.height
+    if n == 0:
         return None
-    values = series.select(
-        *_LABELS, *(spec[2].fill_null(0).cast(pl.Float64).alias(f"v{i}") for i, spec in enumerate(_SPECS))
-    )
-    return (
-        values.unpivot(index=_LABELS, variable_name="spec", value_name="value")
-        .join(_SPEC_TABLE, on="spec", how="inner")
-        .filter(~pl.col("only_nonzero") | (pl.col("value") != 0))
-        .with_columns(_QUERY_ATTRIBUTES.alias("attributes"))
-        .select(_columns(window, "sum", window.start, window.end))
-    )
+    values = np.concatenate([spec.values(series) for spec in _SPECS])
+    spec = np.repeat(np.arange(len(_SPECS)), n)
+    row = np.tile(np.arange(n), len(_SPECS))
+    keep = ~_ONLY_NONZERO[spec] | (values != 0)
+    spec, row, values = spec[keep], row[keep], values[keep]
+    long = pl.concat([_SPEC_TABLE[spec], series.labels[row], pl.DataFrame({"value": values})], how="horizontal")
+    return long.with_columns(_QUERY_ATTRIBUTES.alias("attributes")).select(
+        _columns(window, "sum", window.start, window.end))
 
 
 def _gauge(window: Window, metric: str, unit: str, rows: pl.DataFrame, value: pl.Expr, attrs: dict[str, pl.Expr],
@@ -154,7 +174,7 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
     return out
 
 
-def points(window: Window, series: pl.DataFrame) -> pl.DataFrame:
+def points(window: Window, series: SeriesTable) -> pl.DataFrame:
     """Every data point of one closed window, in the POINTS schema."""
     frames = [f for f in [query_points(window, series)] if f is not None] + gauge_points(window)
     if window.deallocated:

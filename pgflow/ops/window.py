@@ -1,7 +1,8 @@
 """Tumbling export windows aligned to the clock (every minute on the minute, by default).
 
 A delta goes to the window in which its scrape ended; deltas are summed per series per
-window. Gauges keep the last value observed in the window. A window closes when a scrape
+window: first row by row while consecutive scrapes return the same rows (a *run*, the steady
+state: one vectorised addition per scrape), then, when the window closes, per series. Gauges keep the last value observed in the window. A window closes when a scrape
 at or after its end arrives (event time: ``scraped_at``, the server's clock), or when the
 caller says time has passed (``close_until``) or the stream ends (``close_all``).
 """
@@ -13,7 +14,8 @@ from datetime import datetime, timedelta, timezone
 
 import polars as pl
 
-from pgflow.ops.aggregate import aggregate
+from pgflow.ops.aggregate import SeriesTable, aggregate
+from pgflow.ops.delta import Counters, Deltas, active_rows
 from pgflow.schema import Snapshot
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -51,23 +53,40 @@ class Resource:
 
 
 @dataclass(frozen=True)
+class Run:
+    """The summed deltas of consecutive scrapes that returned the same rows in the same order."""
+
+    rows: pl.DataFrame
+    counters: Counters
+
+    def plus(self, deltas: Deltas) -> Run:
+        c, d = self.counters, deltas.counters
+        return Run(self.rows, Counters(c.ints + d.ints, c.floats + d.floats, d.since))
+
+    def compacted(self) -> Run:
+        """Only the rows that ran: what a finished run needs to keep."""
+        keep = active_rows(self.counters)
+        return self if keep.all() else Run(self.rows.filter(pl.Series(keep)), self.counters.take(keep))
+
+
+@dataclass(frozen=True)
 class Window:
     """One instance's export window: ``[start, end)``; its series are summed when closed."""
 
     resource: Resource
     start: datetime
     end: datetime
-    parts: tuple[pl.DataFrame, ...] = ()
+    runs: tuple[Run, ...] = ()
     deallocated: int = 0
     gauges: Gauges | None = None
 
-    def series(self) -> pl.DataFrame:
+    def series(self) -> SeriesTable:
         """The window's deltas, one row per series (aggregated once, when the window closes)."""
-        if not self.parts:
-            return pl.DataFrame()
-        # Every part keeps the server's row order (the joins upstream keep their left side's
-        # order), so floating-point sums add up in the same order on every path.
-        return aggregate(pl.concat(self.parts, how="vertical_relaxed"))
+        parts = [SeriesTable(run.rows, run.counters.ints, run.counters.floats)
+                 for run in (r.compacted() for r in self.runs) if run.rows.height]
+        # Rows keep the server's order and runs the scrapes' order, so floating-point sums
+        # add up in the same order on every replay of the same snapshots.
+        return aggregate(parts)
 
 
 @dataclass(frozen=True)
@@ -83,12 +102,19 @@ def window_bounds(at: datetime, length: timedelta) -> tuple[datetime, datetime]:
     return start, start + length
 
 
-def add(state: WindowState, snapshot: Snapshot, series: pl.DataFrame | None, deallocated: int) -> WindowState:
-    """Put one scrape's fingerprinted deltas and gauges into the window that contains its end."""
+def _with(runs: tuple[Run, ...], deltas: Deltas) -> tuple[Run, ...]:
+    if runs and runs[-1].rows is deltas.rows:
+        return (*runs[:-1], runs[-1].plus(deltas))
+    return (*runs[:-1], *(r.compacted() for r in runs[-1:]), Run(deltas.rows, deltas.counters))
+
+
+def add(state: WindowState, snapshot: Snapshot, deltas: Deltas | None) -> WindowState:
+    """Put one scrape's deltas and gauges into the window that contains its end."""
     start, end = window_bounds(snapshot.scraped_at, state.length)
     current = state.open.get(end) or Window(Resource.of(snapshot), start, end)
-    parts = current.parts + ((series,) if series is not None and series.height else ())
-    updated = replace(current, resource=Resource.of(snapshot), parts=parts,
+    runs = _with(current.runs, deltas) if deltas is not None and deltas.rows.height else current.runs
+    deallocated = deltas.deallocated if deltas is not None else 0
+    updated = replace(current, resource=Resource.of(snapshot), runs=runs,
                       deallocated=current.deallocated + deallocated, gauges=Gauges.of(snapshot))
     return replace(state, open={**state.open, end: updated})
 

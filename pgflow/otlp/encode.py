@@ -16,6 +16,7 @@ import polars as pl
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from pgflow import __version__
+from pgflow.ops.groups import group_rows
 from pgflow.otlp import wire
 from pgflow.schema import ATTRIBUTE_KEYS
 
@@ -24,6 +25,10 @@ MAX_REQUEST_BYTES = 1_000_000  # New Relic's payload limit (before compression)
 _DELTA = 1  # AGGREGATION_TEMPORALITY_DELTA
 _SUM_TAIL = wire.field_varint(2, _DELTA) + wire.field_varint(3, 1)  # temporality, is_monotonic
 _SCOPE = wire.field_bytes(1, wire.field_bytes(1, b"pgflow") + wire.field_bytes(2, __version__.encode()))
+
+
+_SERIES_KEYS = ATTRIBUTE_KEYS[:7]  # up to db.query.text: what every metric of a query series shares
+_POINT_KEYS = ATTRIBUTE_KEYS[7:]
 
 
 @dataclass
@@ -88,26 +93,12 @@ def _resource_bytes(attrs: dict[str, object]) -> bytes:
 
 
 @dataclass
-class _Group:
-    """The data points of one metric of one instance within a request."""
-
-    name: str
-    kind: str
-    unit: str
-    points: list[bytes] = field(default_factory=list)
-
-    def encode(self) -> bytes:
-        data = b"".join(self.points) + (_SUM_TAIL if self.kind == "sum" else b"")
-        body = wire.field_bytes(1, self.name.encode()) + wire.field_bytes(3, self.unit.encode())
-        return body + wire.field_bytes(7 if self.kind == "sum" else 5, data)
-
-
-@dataclass
 class Encoder:
     """Turns points frames into requests of at most ``batch_size`` points and ``max_bytes`` bytes.
 
-    Data points are written straight in protobuf wire format; the attribute block of a
-    series is encoded once and reused for each of its metrics.
+    Data points are written straight in protobuf wire format. The attribute block of each
+    distinct attribute set is encoded once and kept (bounded) for the next windows, which
+    carry the same series; sizes and batch boundaries are computed for all points at once.
     """
 
     service_name: str = "pgflow"
@@ -116,25 +107,25 @@ class Encoder:
     stats: EncodeStats = field(default_factory=EncodeStats)
 
     def __post_init__(self) -> None:
-        self._pairs: dict[tuple[str, str], bytes] = {}
+        self._blocks: dict[tuple, bytes] = {}
         self._resources: dict[tuple, bytes] = {}
 
-    def _pair(self, key: str, value: str) -> bytes:
-        """One encoded ``attributes`` entry; each distinct pair is encoded once."""
-        encoded = self._pairs.get((key, value))
-        if encoded is None:
-            text = value
-            if len(text) > MAX_ATTRIBUTE_LENGTH:
-                text = text[:MAX_ATTRIBUTE_LENGTH]
-                self.stats.truncated_attributes += 1
-            if len(self._pairs) > 200_000:  # bounded: a long-running exporter sees ever new texts
-                self._pairs.clear()
-            encoded = self._pairs[(key, value)] = wire.field_bytes(7, wire.string_kv(key, text))
-        return encoded
-
-    def _attributes(self, values: tuple) -> bytes:
-        pair = self._pair
-        return b"".join([pair(k, v) for k, v in zip(ATTRIBUTE_KEYS, values) if v is not None])
+    def _block(self, keys: tuple[str, ...], values: tuple) -> bytes:
+        """The encoded ``attributes`` entries of ``keys`` = ``values`` (None: absent)."""
+        block = self._blocks.get((keys, values))
+        if block is None:
+            entries = []
+            for key, value in zip(keys, values):
+                if value is None:
+                    continue
+                if len(value) > MAX_ATTRIBUTE_LENGTH:
+                    value = value[:MAX_ATTRIBUTE_LENGTH]
+                    self.stats.truncated_attributes += 1
+                entries.append(wire.field_bytes(7, wire.string_kv(key, value)))
+            if len(self._blocks) > 100_000:  # bounded: a long-running exporter sees ever new texts
+                self._blocks.clear()
+            block = self._blocks[(keys, values)] = b"".join(entries)
+        return block
 
     def _resource(self, instance: str, address: str, port: int, version: int) -> bytes:
         key = (instance, address, port, version)
@@ -157,62 +148,118 @@ class Encoder:
         finite = frame["value"].is_finite().fill_null(False)
         self.stats.dropped_non_finite += frame.height - int(finite.sum())
         frame = frame.filter(finite)
-        # Encode each distinct attribute set once; points refer to it by index.
+        if frame.height == 0:
+            return
+        # Attributes in two halves, each encoded once per distinct value set: the series' own
+        # (shared by all its metrics) and the metric's (block kind, io direction, ...).
         attrs = frame["attributes"].struct.unnest()
-        distinct = attrs.unique(maintain_order=True)
-        blocks = [self._attributes(values) for values in distinct.iter_rows()]
-        block_ids = attrs.join(distinct.with_row_index("block"), on=list(ATTRIBUTE_KEYS), how="left",
-                               nulls_equal=True, maintain_order="left")["block"].to_list()
-        columns = [frame[c].to_list() for c in ("instance", "metric", "kind", "unit", "server_address",
-                                                "server_port", "server_version_num")]
-        ids = frame[row_id].to_list()
+        halves = []
+        for keys in (_SERIES_KEYS, _POINT_KEYS):
+            sets = group_rows(attrs.select(keys))
+            blocks = [self._block(keys, values) for values in attrs.select(keys)[sets.first].iter_rows()]
+            halves.append((blocks, sets.of_row, np.array([len(b) for b in blocks])[sets.of_row]))
+        (series_blocks, series_of, series_len), (point_blocks, point_of, point_len) = halves
         fixed = _fixed_fields(frame)
-        pending: list[tuple[str, bytes, tuple[str, str, str], bytes, int]] = []
-        size = 0
-        last_group: tuple | None = None
+        is_sum = (frame["kind"] == "sum").to_numpy()
+        # NumberDataPoint as data_points (field 1): tag, length, attributes, then the fixed fields.
+        body = series_len + point_len + np.where(is_sum, 27, 18)
+        ends = np.arange(1, frame.height + 1) * 27
+        starts = ends - np.where(is_sum, 27, 18)  # gauges have no start time: their last 18 bytes
         varint = wire.varint
-        for i, (instance, metric, kind, unit, address, port, version) in enumerate(zip(*columns)):
-            # start (sums only), time and value were written for every row at once: slice them.
-            tail = fixed[i * 27:(i + 1) * 27] if kind == "sum" else fixed[i * 27 + 9:(i + 1) * 27]
-            body = blocks[block_ids[i]] + tail
-            point = b"\x0a" + varint(len(body)) + body  # NumberDataPoint as data_points (field 1)
-            group = (instance, metric, kind, unit)
-            cost = len(point) + (64 + len(metric) + len(unit) if group != last_group else 0)
-            if pending and (len(pending) >= self.batch_size or size + cost + 256 > self.max_bytes):
-                yield from self._requests(pending)
-                pending, size, last_group = [], 0, None
-                cost = len(point) + 64 + len(metric) + len(unit)
-            last_group = group
-            resource = self._resource(instance, address, port, version)
-            pending.append((instance, resource, (metric, kind, unit), point, ids[i]))
-            size += cost + (len(resource) + 64 if len(pending) == 1 or pending[-2][0] != instance else 0)
-        if pending:
-            yield from self._requests(pending)
+        encoded = [b"".join((b"\x0a", varint(n), series_blocks[i], point_blocks[j], fixed[a:z]))
+                   for n, i, j, a, z in zip(body.tolist(), series_of.tolist(), point_of.tolist(), starts.tolist(),
+                                            ends.tolist())]
+        sizes = body + 1 + np.where(body < 128, 1, np.where(body < 16384, 2, 3))
+        yield from self._split(_Points(encoded, sizes, np.concatenate([[0], np.cumsum(sizes)]), self._runs(frame),
+                                       frame[row_id].to_list()))
 
-    def _requests(self, items: list) -> Iterator[Batch]:
+    def _runs(self, frame: pl.DataFrame) -> list[_Run]:
+        keys = ["instance", "metric", "kind", "unit", "server_address", "server_port", "server_version_num"]
+        bounds = frame.select(keys).with_row_index("__at").group_by(pl.struct(keys[:4]).rle_id().alias("__run"), maintain_order=True).agg(
+            pl.col("__at").first().alias("start"), pl.col("__at").last().alias("last"), *(pl.col(k).first() for k in keys))
+        return [_Run(r["instance"], r["metric"], r["kind"], r["unit"],
+                     self._resource(r["instance"], r["server_address"], r["server_port"], r["server_version_num"]),
+                     r["start"], r["last"] + 1) for r in bounds.iter_rows(named=True)]
+
+    def _split(self, points: _Points) -> Iterator[Batch]:
+        """Greedy batches in point order: full by count or by bytes.
+
+        A run's Metric header (and its instance's resource) is counted with its first point;
+        a batch that starts inside a run gets room for one more of each.
+        """
+        sizes, runs = points.sizes.copy(), points.runs
+        seen: set[str] = set()
+        for run in runs:
+            sizes[run.start] += 64 + len(run.metric) + len(run.unit) + (
+                len(run.resource) + 64 if run.instance not in seen else 0)
+            seen.add(run.instance)
+        slack = 256 + max(64 + len(r.metric) + len(r.unit) + len(r.resource) + 64 for r in runs)
+        budget = max(1, self.max_bytes - slack)
+        total = np.concatenate([[0], np.cumsum(sizes)])
+        start, n = 0, len(sizes)
+        while start < n:
+            by_bytes = int(np.searchsorted(total, total[start] + budget, side="right")) - 1
+            end = max(start + 1, min(n, start + self.batch_size, by_bytes))
+            yield from self._requests(points, start, end)
+            start = end
+
+    def _requests(self, points: _Points, start: int, end: int) -> Iterator[Batch]:
         """One request, or halves of it should the size estimate have fallen short."""
-        batch = self._request(items)
-        if len(batch.payload) <= self.max_bytes or len(items) == 1:
+        batch = self._request(points, start, end)
+        if len(batch.payload) <= self.max_bytes or end - start == 1:
             yield batch
         else:
-            half = len(items) // 2
-            yield from self._requests(items[:half])
-            yield from self._requests(items[half:])
+            half = (start + end) // 2
+            yield from self._requests(points, start, half)
+            yield from self._requests(points, half, end)
 
-    def _request(self, items: list) -> Batch:
-        instances: dict[str, tuple[bytes, dict[tuple[str, str, str], _Group]]] = {}
-        for instance, resource, (metric, kind, unit), point, _ in items:
-            groups = instances.setdefault(instance, (resource, {}))[1]
-            group = groups.get((metric, kind, unit))
-            if group is None:
-                group = groups[(metric, kind, unit)] = _Group(metric, kind, unit)
-            group.points.append(point)
-        payload = b"".join(
-            wire.field_bytes(1, resource + wire.field_bytes(
-                2, _SCOPE + b"".join(wire.field_bytes(2, g.encode()) for g in groups.values())))
-            for resource, groups in instances.values()
-        )
-        return Batch(payload, len(items), tuple(i[4] for i in items))
+    def _request(self, points: _Points, start: int, end: int) -> Batch:
+        """The request's bytes, joined once: message lengths are summed, not measured on copies."""
+        varint, offsets, encoded = wire.varint, points.offsets, points.encoded
+        instances: dict[str, tuple[bytes, list[tuple[list[bytes], int]]]] = {}
+        for run in points.runs:
+            a, b = max(run.start, start), min(run.end, end)
+            if a >= b:
+                continue
+            tail = _SUM_TAIL if run.kind == "sum" else b""
+            data_len = int(offsets[b] - offsets[a]) + len(tail)
+            head = (wire.field_bytes(1, run.metric.encode()) + wire.field_bytes(3, run.unit.encode())
+                    + varint(((7 if run.kind == "sum" else 5) << 3) | 2) + varint(data_len))
+            instances.setdefault(run.instance, (run.resource, []))[1].append(
+                ([head, *encoded[a:b], tail], len(head) + data_len))
+        pieces: list[bytes] = []
+        for resource, metrics in instances.values():
+            scope_len = len(_SCOPE) + sum(1 + len(varint(n)) + n for _, n in metrics)
+            pieces += [b"\x0a", varint(len(resource) + 1 + len(varint(scope_len)) + scope_len), resource,
+                       b"\x12", varint(scope_len), _SCOPE]
+            for metric, n in metrics:
+                pieces += [b"\x12", varint(n)]
+                pieces += metric
+        return Batch(b"".join(pieces), end - start, tuple(points.ids[start:end]))
+
+
+@dataclass(frozen=True)
+class _Points:
+    """One frame's points, encoded, in request order."""
+
+    encoded: list[bytes]  # each a data_points entry
+    sizes: np.ndarray  # len(encoded[i])
+    offsets: np.ndarray  # offsets[i] = sum(sizes[:i])
+    runs: list[_Run]
+    ids: list
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive points of one metric of one instance: one Metric message."""
+
+    instance: str
+    metric: str
+    kind: str
+    unit: str
+    resource: bytes
+    start: int
+    end: int
 
 
 def decode(payload: bytes) -> ExportMetricsServiceRequest:

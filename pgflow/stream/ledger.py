@@ -46,7 +46,7 @@ def _safe(name: str) -> str:
 class Ledger:
     """Durable state of one instance; ``record_ack`` may be called from the shipper's thread."""
 
-    VERSION = 1
+    VERSION = 2  # 2: numpy counters in the operator state (1 held polars frames)
 
     def __init__(self, state_dir: Path, instance: str) -> None:
         self.dir = Path(state_dir) / "instances" / _safe(instance)
@@ -101,7 +101,9 @@ class Ledger:
             raise PgflowError(f"state file {self._state_path} is unreadable ({type(exc).__name__})",
                               "move it away to start from a new baseline") from None
         if version != self.VERSION:
-            return None
+            # Operator state of another format: start from a new baseline, but keep the
+            # unsent points (their frame has not changed).
+            record.state = None
         acked = self._read_acks()
         record.outbox = apply_acks(record.outbox, acked)
         return record
