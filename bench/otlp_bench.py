@@ -1,9 +1,11 @@
 """Encode + gzip of one window of 5,000 points: pgflow's encoder against the OpenTelemetry SDK path.
 
 Both start from the same points frame (the operators' output for a synthetic workload):
-- pgflow: Encoder.batches (opentelemetry-proto messages built directly) + gzip;
+- pgflow: Encoder.batches (protobuf wire format written directly) + gzip level 6, as its HTTP transport;
 - SDK: the same points as SDK ``MetricsData`` (ResourceMetrics/ScopeMetrics/Metric/Sum/Gauge/
-  NumberDataPoint) → ``encode_metrics`` (opentelemetry-exporter-otlp-proto-common) → serialize → gzip.
+  NumberDataPoint) → ``encode_metrics`` (opentelemetry-exporter-otlp-proto-common) → serialize → gzip
+  level 6 (the SDK's HTTP exporter uses GzipFile's default, level 9, which is slower: level 6 is
+  the conservative comparison).
 
 Ends with: ratio_sdk=<float> bytes_gzip=<int>  (ratio = SDK time / pgflow's steady-state time;
 the first-window ratio, with nothing cached, is printed above it).

@@ -195,3 +195,20 @@ def test_two_collectors_cannot_share_a_ledger(tmp_path):
     with pytest.raises(PgflowError):  # nor two ledgers of one instance in one process
         Ledger(tmp_path, "db1")
     Ledger(tmp_path, "db2")  # other instances are free
+
+
+def test_a_ledger_of_an_older_state_format_keeps_its_unsent_points(tmp_path):
+    """Operator state of another format starts a new baseline; queued points still go out."""
+    import pickle
+
+    import polars as pl
+
+    from pgflow.stream.ledger import Ledger, Record
+
+    outbox = {3: pl.DataFrame({"value": [1.0, 2.0]})}
+    ledger = Ledger(tmp_path, "db1")
+    with open(ledger.dir / "state.pkl", "wb") as fh:
+        pickle.dump((Ledger.VERSION - 1, Record({"an": "old state"}, outbox, 4)), fh)  # type: ignore[arg-type]
+    record = ledger.load()
+    assert record is not None and record.state is None and record.next_seq == 4
+    assert list(record.outbox) == [3] and record.outbox[3]["value"].to_list() == [1.0, 2.0]

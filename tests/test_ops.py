@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import polars as pl
@@ -309,6 +310,25 @@ def test_exported_totals_equal_truth(workload, cap, threshold, window):
     assert exported_calls == truth_calls
     assert exported_time == pytest.approx(truth_time / 1000.0, abs=1e-9)
     assert (pts.filter(pl.col("kind") == "sum")["value"] >= 0).all()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads(), st.integers(0, 2**32 - 1))
+def test_row_order_changes_nothing(workload, seed):
+    """Scrapes returning their rows in the same order pair up by position; in any other
+    order by key. Both must give every series the same numbers."""
+    snaps, _, _ = workload
+    shuffled = [replace(s, statements=s.statements.sample(fraction=1.0, shuffle=True, seed=(seed + i) % 2**32))
+                for i, s in enumerate(snaps)]
+    series = ("postgresql.query.fingerprint", "db.namespace", "user.name")
+
+    def totals(points: pl.DataFrame) -> dict:
+        keyed = points.filter(pl.col("kind") == "sum").with_columns(
+            *(pl.col("attributes").struct.field(a).alias(a) for a in series))
+        summed = keyed.group_by("metric", *series).agg(pl.col("value").sum())
+        return {tuple(row[:4]): round(row[4], 9) for row in summed.iter_rows()}
+
+    assert totals(ops.run(snaps)) == totals(ops.run(shuffled))
 
 
 # Against the real server -------------------------------------------------------------------
