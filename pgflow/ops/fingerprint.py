@@ -203,10 +203,11 @@ def unknown_text_info(queryid: int) -> QueryInfo:
 
 
 class Fingerprinter:
-    """Fingerprints delta rows, caching by ``(instance, dbid, queryid)`` and by text hash.
+    """Fingerprints a scrape's rows, caching by ``(instance, dbid, queryid)`` and by text hash.
 
-    The key cache is a polars table per instance joined against each frame, so a
-    steady-state scrape costs one join and no Python per row. Both caches are bounded; a
+    The pipeline calls it only when a scrape's rows differ from the previous scrape's. The
+    key cache is a polars table per instance joined against each frame: one join and no
+    Python per already-seen row. Both caches are bounded; a
     key cache over capacity keeps the keys of the frame just seen and the newest others.
     State is only a cache: losing it changes nothing but speed.
     """
