@@ -242,3 +242,17 @@ def test_receive_cli_stores_and_closes_cleanly_on_sigterm(tmp_path):
     assert proc.returncode == 0 and "Traceback" not in err
     assert read_points(out).height == 8
     assert os.path.getsize(out) > 0
+
+
+def test_points_of_a_metric_travel_in_one_metric_message():
+    """make_points interleaves two metrics row by row: each request still carries every metric
+    once, with all of its points, and names every point it carries exactly once."""
+    points = make_points(2500)
+    batches = list(Encoder(batch_size=1000).batches(points))
+    assert sorted(i for b in batches for i in b.rows) == list(range(points.height))
+    for batch in batches:
+        [resource] = decode(batch.payload).resource_metrics
+        names = [m.name for m in resource.scope_metrics[0].metrics]
+        assert len(names) == len(set(names))
+        counted = sum(len(m.sum.data_points) + len(m.gauge.data_points) for m in resource.scope_metrics[0].metrics)
+        assert counted == batch.points == len(batch.rows)

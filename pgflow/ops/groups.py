@@ -17,6 +17,7 @@ import polars as pl
 class Groups:
     first: np.ndarray  # row of each group's first member, groups in first-seen order
     of_row: np.ndarray  # group number of every row
+    digest: np.ndarray | None = None  # (groups, 2) uint64: both hashes of each group's key, if hashed
 
     def __len__(self) -> int:
         return len(self.first)
@@ -31,17 +32,24 @@ class Groups:
 
 
 def group_rows(keys: pl.DataFrame) -> Groups:
-    """Group the rows of ``keys`` (nulls equal to nulls)."""
+    """Group the rows of ``keys`` (nulls equal to nulls).
+
+    Rows are grouped by a 64-bit hash of their values; a second, independently seeded hash
+    checks it: should two distinct keys share the first, the rows are grouped by value instead.
+    """
     if keys.height == 0:
-        return Groups(np.zeros(0, np.int64), np.zeros(0, np.int64))
-    hashes = keys.hash_rows().to_numpy()
-    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    if len(first) != keys.n_unique():  # two distinct keys share a 64-bit hash: group exactly instead
+        return Groups(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.uint64))
+    hashes = keys.hash_rows()
+    first = np.flatnonzero(hashes.is_first_distinct().to_numpy())
+    codes = hashes.rank("dense").to_numpy().astype(np.int64) - 1  # groups numbered in hash order
+    renumber = np.empty(len(first), np.int64)
+    renumber[codes[first]] = np.arange(len(first))  # ... and now in first-seen order
+    of_row = renumber[codes]
+    check = keys.hash_rows(seed=1).to_numpy()
+    if not np.array_equal(check, check[first][of_row]):  # rows of one group must agree on both hashes
         return _group_exactly(keys)
-    order = np.argsort(first, kind="stable")
-    renumber = np.empty_like(order)
-    renumber[order] = np.arange(len(order))
-    return Groups(first[order], renumber[inverse.reshape(-1)])
+    digest = np.column_stack([hashes.to_numpy()[first], check[first]])
+    return Groups(first, of_row, digest)
 
 
 def _group_exactly(keys: pl.DataFrame) -> Groups:
@@ -50,7 +58,7 @@ def _group_exactly(keys: pl.DataFrame) -> Groups:
     of_row = np.empty(keys.height, np.int64)
     for group, rows in enumerate(numbered.get_column("__row").to_list()):
         of_row[rows] = group
-    return Groups(first, of_row)
+    return Groups(first, of_row, None)
 
 
 __all__ = ["Groups", "group_rows"]

@@ -9,6 +9,7 @@ durations as ``as_double``. NaN and infinite values are dropped and counted.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import chain
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ import polars as pl
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from pgflow import __version__
-from pgflow.ops.groups import group_rows
+from pgflow.ops.groups import Groups, group_rows
 from pgflow.otlp import wire
 from pgflow.schema import ATTRIBUTE_KEYS
 
@@ -50,7 +51,7 @@ _FIXED = np.dtype([("t_start", "u1"), ("start", "<u8"), ("t_time", "u1"), ("time
                    ("t_value", "u1"), ("value", "<u8")])
 
 
-def _fixed_fields(frame: pl.DataFrame) -> bytes:
+def _fixed_fields(frame: pl.DataFrame) -> np.ndarray:
     """27 bytes a row: start_time_unix_nano, time_unix_nano and the value, in wire format.
 
     ``as_int`` (sfixed64, field 6) for counts and ``as_double`` (double, field 4) otherwise;
@@ -66,7 +67,29 @@ def _fixed_fields(frame: pl.DataFrame) -> bytes:
     out["t_value"] = np.where(is_int, (6 << 3) | 1, (4 << 3) | 1)
     as_int = np.where(is_int, values, 0).astype(np.int64).view(np.uint64)
     out["value"] = np.where(is_int, as_int, values.view(np.uint64))
-    return out.tobytes()
+    return out.view(np.uint8).reshape(n, 27)
+
+
+def _prefixes(fixed: np.ndarray, is_sum: np.ndarray, attr_len: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """Per point: the data_points tag, the entry's length (varint) and its fixed fields;
+    and each entry's whole size. Built as one matrix, right-aligned, sliced per point."""
+    n = len(is_sum)
+    fixed_len = np.where(is_sum, 27, 18)
+    body = attr_len + fixed_len
+    width = np.where(body < 1 << 7, 1, np.where(body < 1 << 14, 2, np.where(body < 1 << 21, 3, 4)))
+    rows = np.arange(n)
+    table = np.zeros((n, 32), np.uint8)
+    table[:, 5:] = fixed
+    at = 32 - fixed_len - width  # where the varint starts; the tag sits just before it
+    table[rows, at - 1] = 0x0A
+    for i in range(4):  # little-endian base-128, continuation bit on all but the last byte
+        has = width > i
+        byte = (body >> (7 * i)) & 0x7F | np.where(width > i + 1, 0x80, 0)
+        table[rows[has], at[has] + i] = byte[has]
+    flat = table.tobytes()
+    starts = (rows * 32 + at - 1).tolist()
+    ends = ((rows + 1) * 32).tolist()
+    return [flat[a:z] for a, z in zip(starts, ends)], 1 + width + body
 
 
 def resource_attributes(instance: str, address: str, port: int, version_num: int, service_name: str) -> dict[str, object]:
@@ -107,25 +130,35 @@ class Encoder:
     stats: EncodeStats = field(default_factory=EncodeStats)
 
     def __post_init__(self) -> None:
-        self._blocks: dict[tuple, bytes] = {}
+        self._blocks: dict[tuple[str, ...], dict[tuple[int, int], bytes]] = {}
         self._resources: dict[tuple, bytes] = {}
 
-    def _block(self, keys: tuple[str, ...], values: tuple) -> bytes:
+    def _encode_block(self, keys: tuple[str, ...], values: tuple) -> bytes:
         """The encoded ``attributes`` entries of ``keys`` = ``values`` (None: absent)."""
-        block = self._blocks.get((keys, values))
-        if block is None:
-            entries = []
-            for key, value in zip(keys, values):
-                if value is None:
-                    continue
-                if len(value) > MAX_ATTRIBUTE_LENGTH:
-                    value = value[:MAX_ATTRIBUTE_LENGTH]
-                    self.stats.truncated_attributes += 1
-                entries.append(wire.field_bytes(7, wire.string_kv(key, value)))
-            if len(self._blocks) > 100_000:  # bounded: a long-running exporter sees ever new texts
-                self._blocks.clear()
-            block = self._blocks[(keys, values)] = b"".join(entries)
-        return block
+        entries = []
+        for key, value in zip(keys, values):
+            if value is None:
+                continue
+            if len(value) > MAX_ATTRIBUTE_LENGTH:
+                value = value[:MAX_ATTRIBUTE_LENGTH]
+                self.stats.truncated_attributes += 1
+            entries.append(wire.field_bytes(7, wire.string_kv(key, value)))
+        return b"".join(entries)
+
+    def _blocks_of(self, keys: tuple[str, ...], values: pl.DataFrame, sets: Groups) -> list[bytes]:
+        """The block of each distinct set; sets seen in earlier windows come from the cache,
+        keyed by the 128 bits of the two row hashes, so their values are not even read."""
+        if sets.digest is None:  # grouped by value (a hash collision): encode, cache nothing
+            return [self._encode_block(keys, v) for v in values[sets.first].iter_rows()]
+        cache = self._blocks.setdefault(keys, {})
+        if len(cache) > 100_000:  # bounded: a long-running exporter sees ever new texts
+            cache.clear()
+        digests = list(zip(sets.digest[:, 0].tolist(), sets.digest[:, 1].tolist()))
+        missing = [g for g, d in enumerate(digests) if d not in cache]
+        if missing:
+            for g, v in zip(missing, values[sets.first[missing]].iter_rows()):
+                cache[digests[g]] = self._encode_block(keys, v)
+        return [cache[d] for d in digests]
 
     def _resource(self, instance: str, address: str, port: int, version: int) -> bytes:
         key = (instance, address, port, version)
@@ -144,42 +177,56 @@ class Encoder:
         if row_id is None:
             points = points.with_row_index("__position")
             row_id = "__position"
-        frame = points.sort("instance", "metric", "kind", "unit", maintain_order=True)
-        finite = frame["value"].is_finite().fill_null(False)
-        self.stats.dropped_non_finite += frame.height - int(finite.sum())
-        frame = frame.filter(finite)
-        if frame.height == 0:
+        values = points["value"].to_numpy()
+        finite = np.isfinite(values)
+        if not finite.all():
+            self.stats.dropped_non_finite += int(len(finite) - finite.sum())
+            points = points.filter(pl.Series(finite))
+        if points.height == 0:
             return
+        frame, runs = self._grouped(points)
         # Attributes in two halves, each encoded once per distinct value set: the series' own
         # (shared by all its metrics) and the metric's (block kind, io direction, ...).
+        n = frame.height
         attrs = frame["attributes"].struct.unnest()
+        attr_len = np.zeros(n, np.int64)
         halves = []
         for keys in (_SERIES_KEYS, _POINT_KEYS):
-            sets = group_rows(attrs.select(keys))
-            blocks = [self._block(keys, values) for values in attrs.select(keys)[sets.first].iter_rows()]
-            halves.append((blocks, sets.of_row, np.array([len(b) for b in blocks])[sets.of_row]))
-        (series_blocks, series_of, series_len), (point_blocks, point_of, point_len) = halves
-        fixed = _fixed_fields(frame)
+            values = attrs.select(keys)
+            sets = group_rows(values)
+            blocks = self._blocks_of(keys, values, sets)
+            attr_len += np.array([len(b) for b in blocks], np.int64)[sets.of_row]
+            halves.append(list(map(blocks.__getitem__, sets.of_row.tolist())))
         is_sum = (frame["kind"] == "sum").to_numpy()
-        # NumberDataPoint as data_points (field 1): tag, length, attributes, then the fixed fields.
-        body = series_len + point_len + np.where(is_sum, 27, 18)
-        ends = np.arange(1, frame.height + 1) * 27
-        starts = ends - np.where(is_sum, 27, 18)  # gauges have no start time: their last 18 bytes
-        varint = wire.varint
-        encoded = [b"".join((b"\x0a", varint(n), series_blocks[i], point_blocks[j], fixed[a:z]))
-                   for n, i, j, a, z in zip(body.tolist(), series_of.tolist(), point_of.tolist(), starts.tolist(),
-                                            ends.tolist())]
-        sizes = body + 1 + np.where(body < 128, 1, np.where(body < 16384, 2, 3))
-        yield from self._split(_Points(encoded, sizes, np.concatenate([[0], np.cumsum(sizes)]), self._runs(frame),
-                                       frame[row_id].to_list()))
+        prefixes, sizes = _prefixes(_fixed_fields(frame), is_sum, attr_len)
+        # One NumberDataPoint after another: its fixed fields first (protobuf fields may come
+        # in any order), then the two attribute blocks.
+        blob = b"".join(chain.from_iterable(zip(prefixes, *halves)))
+        yield from self._split(_Points(memoryview(blob), sizes, np.concatenate([[0], np.cumsum(sizes)]),
+                                       runs, frame[row_id].to_list()))
 
-    def _runs(self, frame: pl.DataFrame) -> list[_Run]:
+    def _grouped(self, points: pl.DataFrame) -> tuple[pl.DataFrame, list[_Run]]:
+        """``points`` with the points of each metric of each instance contiguous (one Metric
+        message each), in first-seen order; rows are moved only if a metric comes back later."""
         keys = ["instance", "metric", "kind", "unit", "server_address", "server_port", "server_version_num"]
-        bounds = frame.select(keys).with_row_index("__at").group_by(pl.struct(keys[:4]).rle_id().alias("__run"), maintain_order=True).agg(
-            pl.col("__at").first().alias("start"), pl.col("__at").last().alias("last"), *(pl.col(k).first() for k in keys))
-        return [_Run(r["instance"], r["metric"], r["kind"], r["unit"],
-                     self._resource(r["instance"], r["server_address"], r["server_port"], r["server_version_num"]),
-                     r["start"], r["last"] + 1) for r in bounds.iter_rows(named=True)]
+        run_of_row = points.select(pl.struct(keys[:4]).rle_id()).to_series().to_numpy()
+        starts = np.flatnonzero(np.diff(run_of_row, prepend=-1))
+        ends = np.append(starts[1:], points.height)
+        heads = points.select(keys)[starts].rows()
+        order: dict[tuple, list[int]] = {}
+        for r, head in enumerate(heads):
+            order.setdefault(head[:4], []).append(r)
+        if len(order) < len(heads):  # a metric in two places: gather its rows
+            perm = np.concatenate([np.arange(starts[r], ends[r]) for rs in order.values() for r in rs])
+            points = points[perm]
+        runs, at = [], 0
+        for rs in order.values():
+            instance, metric, kind, unit, address, port, version = heads[rs[0]]
+            size = int(sum(ends[r] - starts[r] for r in rs))
+            runs.append(_Run(instance, metric, kind, unit, self._resource(instance, address, port, version),
+                             at, at + size))
+            at += size
+        return points, runs
 
     def _split(self, points: _Points) -> Iterator[Batch]:
         """Greedy batches in point order: full by count or by bytes.
@@ -215,7 +262,7 @@ class Encoder:
 
     def _request(self, points: _Points, start: int, end: int) -> Batch:
         """The request's bytes, joined once: message lengths are summed, not measured on copies."""
-        varint, offsets, encoded = wire.varint, points.offsets, points.encoded
+        varint, offsets, blob = wire.varint, points.offsets, points.blob
         instances: dict[str, tuple[bytes, list[tuple[list[bytes], int]]]] = {}
         for run in points.runs:
             a, b = max(run.start, start), min(run.end, end)
@@ -226,7 +273,7 @@ class Encoder:
             head = (wire.field_bytes(1, run.metric.encode()) + wire.field_bytes(3, run.unit.encode())
                     + varint(((7 if run.kind == "sum" else 5) << 3) | 2) + varint(data_len))
             instances.setdefault(run.instance, (run.resource, []))[1].append(
-                ([head, *encoded[a:b], tail], len(head) + data_len))
+                ([head, blob[offsets[a]:offsets[b]], tail], len(head) + data_len))
         pieces: list[bytes] = []
         for resource, metrics in instances.values():
             scope_len = len(_SCOPE) + sum(1 + len(varint(n)) + n for _, n in metrics)
@@ -242,9 +289,9 @@ class Encoder:
 class _Points:
     """One frame's points, encoded, in request order."""
 
-    encoded: list[bytes]  # each a data_points entry
-    sizes: np.ndarray  # len(encoded[i])
-    offsets: np.ndarray  # offsets[i] = sum(sizes[:i])
+    blob: memoryview  # every data_points entry, one after another
+    sizes: np.ndarray  # bytes of entry i
+    offsets: np.ndarray  # where entry i starts: sum(sizes[:i])
     runs: list[_Run]
     ids: list
 
