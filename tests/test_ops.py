@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -356,3 +357,20 @@ def test_real_reset_between_scrapes_counts_post_reset_work(pg):
     points = ops.run([before, after])
     assert _pgbench_calls(points) == {text: 1000 for text in PGBENCH_STATEMENTS.values()}
     assert (points.filter(pl.col("kind") == "sum")["value"] >= 0).all()
+
+
+def test_real_database_counters_get_deltas(pg):
+    """pg_stat_database counters get the same delta treatment: pgbench's 1000 transactions,
+    each with 3 updates, show up between two scrapes (the scrapes' own commits add a few)."""
+    with Scraper(pg.dsn()) as scraper:
+        before = scraper.scrape()
+        pg.pgbench("-n", "-c", "4", "-t", "250")
+        for _ in range(50):  # backends flush their stats as they exit, a moment after pgbench returns
+            _, deltas = delta(delta(None, before)[0], scraper.scrape())
+            totals = deltas.databases.select(pl.col("xact_commit", "tup_updated").sum()).row(0, named=True)
+            if totals["tup_updated"] >= 3000:
+                break
+            time.sleep(0.1)
+    assert 1000 <= totals["xact_commit"] < 1100
+    assert 3000 <= totals["tup_updated"] < 3100
+    assert (deltas.databases.select(pl.col("xact_commit", "blks_hit")) >= 0).to_numpy().all()

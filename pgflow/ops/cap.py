@@ -17,7 +17,6 @@ import numpy as np
 import polars as pl
 
 from pgflow.ops.aggregate import SeriesTable, sum_by
-from pgflow.ops.groups import group_rows
 
 OTHER = "other"
 
@@ -52,17 +51,29 @@ def _heaviest(weights: np.ndarray, limit: int) -> np.ndarray:
     return candidates[np.argsort(-weights[candidates], kind="stable")]
 
 
-def _ranked(keys: pl.Series, weights: np.ndarray, limit: int) -> list[str]:
-    """Distinct ``keys`` by summed weight, heaviest first, at most ``limit``:
-    more active than the cap, the heaviest win this window."""
-    if keys.n_unique() != len(keys):
-        groups = group_rows(keys.to_frame())  # a rank only orders keys: a float sum is enough
-        keys, weights = keys.gather(groups.first), np.bincount(groups.of_row, weights, minlength=len(groups))
-    return keys.gather(_heaviest(weights, limit)).to_list()
+def _ranked(names: pl.Series, hashes: np.ndarray, rows: np.ndarray, weights: np.ndarray, limit: int,
+            distinct: bool = False) -> list[str]:
+    """The distinct names of ``rows`` by summed weight, heaviest first (ties: first seen), at
+    most ``limit``: more active than the cap, the heaviest win this window.
+
+    Names are told apart by their 64-bit hash: two names sharing one would be ranked as one
+    (the other then goes untracked, into ``other``: totals stay exact).
+    """
+    if not distinct:
+        _, first, inverse = np.unique(hashes[rows], return_index=True, return_inverse=True)
+        if len(first) < len(rows):
+            seen = np.argsort(first, kind="stable")  # groups in first-seen order
+            renumber = np.empty_like(seen)
+            renumber[seen] = np.arange(len(seen))
+            weights = np.bincount(renumber[inverse.reshape(-1)], weights, minlength=len(first))
+            rows = rows[first[seen]]
+    return names.gather(rows[_heaviest(weights, limit)]).to_list()
 
 
-def _outside(column: pl.Series, tracked: tuple[str, ...]) -> np.ndarray:
-    return ~column.is_in(pl.Series(tracked, dtype=pl.String).implode()).to_numpy()
+def _tracked(labels: pl.DataFrame, lrus: dict[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
+    """Per column, which rows carry a tracked name (one pass for all columns)."""
+    found = labels.select(pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()) for c, lru in lrus.items())
+    return {c: found.get_column(c).to_numpy() for c in lrus}
 
 
 def cap(
@@ -83,28 +94,30 @@ def cap(
         return state, series
     labels = series.labels
     calls, time = series.column("calls"), series.column("total_exec_time")
-    active = pl.Series(calls > 0)
-    weights = time[calls > 0]
+    active = np.flatnonzero(calls > 0)
+    weights = time[active]
+    hashes = labels.select(pl.col("database", "user", "fingerprint").hash())
+    distinct = labels.get_column("fingerprint").n_unique() == labels.height  # the common case
 
-    def ranked(column: str, limit: int) -> list[str]:
-        return _ranked(labels.get_column(column).filter(active), weights, limit)
+    def touch(lru: tuple[str, ...], column: str, limit: int) -> tuple[tuple[str, ...], int]:
+        ranked = _ranked(labels.get_column(column), hashes.get_column(column).to_numpy(), active, weights, limit,
+                         distinct=column == "fingerprint" and distinct)
+        return _touch(lru, ranked, limit)
 
-    databases, ev_d = _touch(state.databases, ranked("database", max_databases_tracked), max_databases_tracked)
-    users, ev_u = _touch(state.users, ranked("user", max_users_tracked), max_users_tracked)
-    queries, ev_q = _touch(state.queries, ranked("fingerprint", max_queries_tracked), max_queries_tracked)
+    databases, ev_d = touch(state.databases, "database", max_databases_tracked)
+    users, ev_u = touch(state.users, "user", max_users_tracked)
+    queries, ev_q = touch(state.queries, "fingerprint", max_queries_tracked)
     evictions = {"queries": state.evictions["queries"] + ev_q, "users": state.evictions["users"] + ev_u,
                  "databases": state.evictions["databases"] + ev_d}
     state = replace(state, queries=queries, users=users, databases=databases, evictions=evictions)
 
-    rolled = _outside(labels.get_column("fingerprint"), queries)
+    tracked = _tracked(labels, {"fingerprint": queries, "database": databases, "user": users})
+    rolled = ~tracked["fingerprint"]
     if slow_query_threshold_ms > 0:
         with np.errstate(divide="ignore", invalid="ignore"):
             rolled |= (calls == 0) | (time / np.where(calls == 0, 1, calls) < slow_query_threshold_ms)
-    renamed = []
-    for column, tracked in (("database", databases), ("user", users)):
-        outside = _outside(labels.get_column(column), tracked)
-        if outside.any():
-            renamed.append(pl.when(pl.Series(outside)).then(pl.lit(OTHER)).otherwise(pl.col(column)).alias(column))
+    renamed = [pl.when(pl.Series(tracked[c])).then(pl.col(c)).otherwise(pl.lit(OTHER)).alias(c)
+               for c in ("database", "user") if not tracked[c].all()]
     if not rolled.any() and not renamed:
         return state, series  # the common case: every series tracked under its own name
 

@@ -133,8 +133,15 @@ class Deltas:
     end: datetime
     rows: pl.DataFrame
     counters: Counters
-    databases: pl.DataFrame  # datid, database, counter deltas
+    database_rows: pl.DataFrame  # datid, database
+    database_counters: Counters  # their counter deltas
     deallocated: int
+
+    @property
+    def databases(self) -> pl.DataFrame:
+        """pg_stat_database deltas: datid, database and the counters (built when asked for)."""
+        counters = pl.from_numpy(self.database_counters.ints, schema=list(DATABASE_COUNTERS), orient="row")
+        return pl.concat([self.database_rows, counters], how="horizontal")
 
     def active(self) -> np.ndarray:
         return active_rows(self.counters)
@@ -181,7 +188,7 @@ def delta(state: DeltaState | None, snapshot: Snapshot,
         return state, None
     rows = _rows(snapshot.statements)
     counters = Counters.of(snapshot.statements, STATEMENT_INT_COUNTERS, STATEMENT_TIME_COUNTERS, "stats_since")
-    databases = snapshot.databases.select("datid", "database")
+    databases = pl.DataFrame([snapshot.databases.get_column("datid"), snapshot.databases.get_column("database")])
     database_counters = Counters.of(snapshot.databases, DATABASE_COUNTERS, (), "stats_reset")
     at = None if state is None else _positions(rows, state.rows, list(STATEMENT_KEY))
     if at is None and state is not None and all(rows[c].equals(state.rows[c]) for c in ("database", "user")):
@@ -211,8 +218,8 @@ def delta(state: DeltaState | None, snapshot: Snapshot,
         end=snapshot.scraped_at,
         rows=rows,
         counters=diffed,
-        databases=pl.concat([databases, pl.from_numpy(db_diffed.ints, schema=list(DATABASE_COUNTERS), orient="row")],
-                            how="horizontal"),
+        database_rows=databases,
+        database_counters=db_diffed,
         deallocated=int(deallocated),
     )
     return new_state, deltas
