@@ -6,6 +6,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,7 @@ from pgflow import ops
 from pgflow.errors import ConfigError
 from pgflow.ops.delta import delta
 from pgflow.ops.fingerprint import MAX_TEXT, Fingerprinter, query_info
+from pgflow.ops.groups import _group_exactly, group_rows
 from pgflow.ops.window import window_bounds
 from pgflow.schema import POINTS, STATEMENTS, Snapshot, conform
 from pgflow.scrape import Scraper
@@ -254,6 +256,31 @@ def test_points_frame_contract():
 def test_run_rejects_unknown_settings():
     with pytest.raises(ConfigError, match="unknown setting"):
         ops.run([], max_queris_tracked=3)
+
+
+# Grouping ---------------------------------------------------------------------------------
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "", None]), st.integers(0, 3)), min_size=1, max_size=40))
+def test_grouping_by_hash_equals_grouping_by_value(rows):
+    keys = pl.DataFrame(rows, schema={"name": pl.String, "n": pl.Int64}, orient="row")
+    hashed, exact = group_rows(keys), _group_exactly(keys)
+    assert hashed.first.tolist() == exact.first.tolist() and hashed.of_row.tolist() == exact.of_row.tolist()
+    values = np.arange(len(rows), dtype=np.int64)[:, None] * 3
+    assert hashed.sum(values).tolist() == [[3 * sum(i for i, g in enumerate(exact.of_row) if g == k)]
+                                           for k in range(len(exact))]
+
+
+def test_grouping_survives_a_hash_collision(monkeypatch):
+    keys = pl.DataFrame({"name": ["a", "b", "a", "c"]})
+    real = pl.DataFrame.hash_rows
+
+    def colliding(self, seed=0, *args, **kwargs):  # every row the same first hash
+        return real(self, seed, *args, **kwargs) * 0 if seed == 0 else real(self, seed, *args, **kwargs)
+
+    monkeypatch.setattr(pl.DataFrame, "hash_rows", colliding)
+    groups = group_rows(keys)
+    assert groups.of_row.tolist() == [0, 1, 0, 2] and groups.digest is None  # grouped by value instead
 
 
 # Property: whatever happens on the server, exported totals equal the truth -----------------

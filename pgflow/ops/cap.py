@@ -72,7 +72,8 @@ def _ranked(names: pl.Series, hashes: np.ndarray, rows: np.ndarray, weights: np.
 
 def _tracked(labels: pl.DataFrame, lrus: dict[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
     """Per column, which rows carry a tracked name (one pass for all columns)."""
-    found = labels.select(pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()) for c, lru in lrus.items())
+    found = labels.select(pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()).fill_null(False)
+                          for c, lru in lrus.items())
     return {c: found.get_column(c).to_numpy() for c in lrus}
 
 
