@@ -2,8 +2,9 @@
 
 A delta goes to the window in which its scrape ended; deltas are summed per series per
 window: first row by row while consecutive scrapes return the same rows (a *run*, the steady
-state: one vectorised addition per scrape), then, when the window closes, per series. Gauges keep the last value observed in the window. A window closes when a scrape
-at or after its end arrives (event time: ``scraped_at``, the server's clock), or when the
+state: one vectorised addition per scrape), then, when the window closes, per series. Gauges
+keep the last value observed in the window. A window closes when a scrape at or after its end
+arrives (event time: ``scraped_at``, the server's clock), or when the
 caller says time has passed (``close_until``) or the stream ends (``close_all``).
 """
 
