@@ -36,14 +36,6 @@ class SeriesTable:
             return self.ints[:, STATEMENT_INT_COUNTERS.index(name)]
         return self.floats[:, STATEMENT_TIME_COUNTERS.index(name)]
 
-    def frame(self) -> pl.DataFrame:
-        """Labels and sums as one polars frame (for notebooks and tests)."""
-        return pl.concat([
-            self.labels,
-            pl.from_numpy(self.ints, schema=list(STATEMENT_INT_COUNTERS), orient="row"),
-            pl.from_numpy(self.floats, schema=list(STATEMENT_TIME_COUNTERS), orient="row"),
-        ], how="horizontal")
-
 
 def empty_series() -> SeriesTable:
     labels = pl.DataFrame(schema={c: pl.String for c in (*SERIES_KEY, *SERIES_LABELS)})

@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from pgflow.ops.aggregate import SeriesTable, sum_by
+from pgflow.ops.groups import number
 
 OTHER = "other"
 
@@ -60,13 +61,10 @@ def _ranked(names: pl.Series, hashes: np.ndarray, rows: np.ndarray, weights: np.
     (the other then goes untracked, into ``other``: totals stay exact).
     """
     if not distinct:
-        _, first, inverse = np.unique(hashes[rows], return_index=True, return_inverse=True)
-        if len(first) < len(rows):
-            seen = np.argsort(first, kind="stable")  # groups in first-seen order
-            renumber = np.empty_like(seen)
-            renumber[seen] = np.arange(len(seen))
-            weights = np.bincount(renumber[inverse.reshape(-1)], weights, minlength=len(first))
-            rows = rows[first[seen]]
+        groups = number(pl.Series(hashes[rows]))
+        if len(groups) < len(rows):
+            weights = np.bincount(groups.of_row, weights, minlength=len(groups))
+            rows = rows[groups.first]
     return names.gather(rows[_heaviest(weights, limit)]).to_list()
 
 

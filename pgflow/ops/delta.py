@@ -123,9 +123,9 @@ class Deltas:
     """One interval's deltas for one instance: ``[start, end]`` = the two scrapes' times.
 
     ``rows`` is the scrape's row frame (ROW_COLUMNS, or what ``label`` made of them);
-    ``counters`` row ``i`` is the delta of
-    ``rows`` row ``i``, idle rows included. ``rows`` is the very object of the previous
-    Deltas when the server returned the same entries in the same order.
+    ``counters`` row ``i`` is the delta of ``rows`` row ``i``, idle rows included. ``rows`` is
+    the very object of the previous Deltas when the server returned the same entries in the
+    same order.
     """
 
     instance: str
@@ -140,16 +140,14 @@ class Deltas:
     @property
     def databases(self) -> pl.DataFrame:
         """pg_stat_database deltas: datid, database and the counters (built when asked for)."""
-        counters = pl.from_numpy(self.database_counters.ints, schema=list(DATABASE_COUNTERS), orient="row")
-        return pl.concat([self.database_rows, counters], how="horizontal")
-
-    def active(self) -> np.ndarray:
-        return active_rows(self.counters)
+        return _side_by_side(self.database_rows, (self.database_counters.ints, DATABASE_COUNTERS))
 
     @property
     def statements(self) -> pl.DataFrame:
         """The rows that ran in the interval, with their counter deltas, as one frame."""
-        return statement_frame(self.rows, self.counters, self.active())
+        keep = active_rows(self.counters)
+        return _side_by_side(self.rows.filter(pl.Series(keep)), (self.counters.ints[keep], STATEMENT_INT_COUNTERS),
+                             (self.counters.floats[keep], STATEMENT_TIME_COUNTERS))
 
 
 def active_rows(counters: Counters) -> np.ndarray:
@@ -159,11 +157,10 @@ def active_rows(counters: Counters) -> np.ndarray:
     return (counters.ints[:, calls] > 0) | (counters.ints[:, plans] > 0)
 
 
-def statement_frame(rows: pl.DataFrame, counters: Counters, keep: np.ndarray) -> pl.DataFrame:
-    """``rows`` and their counters side by side, only the rows ``keep`` marks."""
-    ints = pl.from_numpy(counters.ints[keep], schema=list(STATEMENT_INT_COUNTERS), orient="row")
-    floats = pl.from_numpy(counters.floats[keep], schema=list(STATEMENT_TIME_COUNTERS), orient="row")
-    return pl.concat([rows.filter(pl.Series(keep)), ints, floats], how="horizontal")
+def _side_by_side(rows: pl.DataFrame, *matrices: tuple[np.ndarray, tuple[str, ...]]) -> pl.DataFrame:
+    """``rows`` with the columns of each (matrix, column names) appended."""
+    return pl.concat([rows, *(pl.from_numpy(m, schema=list(names), orient="row") for m, names in matrices)],
+                     how="horizontal")
 
 
 def _rows(statements: pl.DataFrame) -> pl.DataFrame:
@@ -225,4 +222,4 @@ def delta(state: DeltaState | None, snapshot: Snapshot,
     return new_state, deltas
 
 
-__all__ = ["Counters", "DeltaState", "Deltas", "active_rows", "delta", "statement_frame"]
+__all__ = ["Counters", "DeltaState", "Deltas", "active_rows", "delta"]

@@ -7,7 +7,8 @@ Groups are numbered in the order their first row appears.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import polars as pl
@@ -22,13 +23,27 @@ class Groups:
     def __len__(self) -> int:
         return len(self.first)
 
+    @cached_property
+    def _members(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows sorted by group (members of a group stay in row order), and where each group starts."""
+        order = np.argsort(self.of_row, kind="stable")
+        return order, np.flatnonzero(np.diff(self.of_row[order], prepend=-1))
+
     def sum(self, matrix: np.ndarray) -> np.ndarray:
         """Per-group column sums of ``matrix`` (rows = the grouped rows)."""
         if len(self.of_row) == 0 or matrix.shape[1] == 0:
             return np.zeros((len(self.first), matrix.shape[1]), matrix.dtype)
-        order = np.argsort(self.of_row, kind="stable")  # members of a group stay in row order
-        starts = np.flatnonzero(np.diff(self.of_row[order], prepend=-1))
+        order, starts = self._members
         return np.add.reduceat(matrix[order], starts, axis=0)
+
+
+def number(values: pl.Series) -> Groups:
+    """Group equal ``values`` (hashes, typically), numbered in first-seen order."""
+    first = np.flatnonzero(values.is_first_distinct().to_numpy())
+    codes = values.rank("dense").to_numpy().astype(np.int64) - 1  # numbered in sorted order
+    renumber = np.empty(len(first), np.int64)
+    renumber[codes[first]] = np.arange(len(first))  # ... and now in first-seen order
+    return Groups(first, renumber[codes])
 
 
 def group_rows(keys: pl.DataFrame) -> Groups:
@@ -40,16 +55,11 @@ def group_rows(keys: pl.DataFrame) -> Groups:
     if keys.height == 0:
         return Groups(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.uint64))
     hashes = keys.hash_rows()
-    first = np.flatnonzero(hashes.is_first_distinct().to_numpy())
-    codes = hashes.rank("dense").to_numpy().astype(np.int64) - 1  # groups numbered in hash order
-    renumber = np.empty(len(first), np.int64)
-    renumber[codes[first]] = np.arange(len(first))  # ... and now in first-seen order
-    of_row = renumber[codes]
+    groups = number(hashes)
     check = keys.hash_rows(seed=1).to_numpy()
-    if not np.array_equal(check, check[first][of_row]):  # rows of one group must agree on both hashes
+    if not np.array_equal(check, check[groups.first][groups.of_row]):  # a group's rows agree on both hashes
         return _group_exactly(keys)
-    digest = np.column_stack([hashes.to_numpy()[first], check[first]])
-    return Groups(first, of_row, digest)
+    return replace(groups, digest=np.column_stack([hashes.to_numpy()[groups.first], check[groups.first]]))
 
 
 def _group_exactly(keys: pl.DataFrame) -> Groups:
@@ -61,4 +71,4 @@ def _group_exactly(keys: pl.DataFrame) -> Groups:
     return Groups(first, of_row, None)
 
 
-__all__ = ["Groups", "group_rows"]
+__all__ = ["Groups", "group_rows", "number"]

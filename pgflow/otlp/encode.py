@@ -202,8 +202,8 @@ class Encoder:
         # One NumberDataPoint after another: its fixed fields first (protobuf fields may come
         # in any order), then the two attribute blocks.
         blob = b"".join(chain.from_iterable(zip(prefixes, *halves)))
-        yield from self._split(_Points(memoryview(blob), sizes, np.concatenate([[0], np.cumsum(sizes)]),
-                                       runs, frame[row_id].to_list()))
+        yield from self._split(_Points(memoryview(blob), np.concatenate([[0], np.cumsum(sizes)]), runs,
+                                       frame[row_id].to_list()))
 
     def _grouped(self, points: pl.DataFrame) -> tuple[pl.DataFrame, list[_Run]]:
         """``points`` with the points of each metric of each instance contiguous (one Metric
@@ -234,7 +234,7 @@ class Encoder:
         A run's Metric header (and its instance's resource) is counted with its first point;
         a batch that starts inside a run gets room for one more of each.
         """
-        sizes, runs = points.sizes.copy(), points.runs
+        sizes, runs = np.diff(points.offsets), points.runs
         seen: set[str] = set()
         for run in runs:
             sizes[run.start] += 64 + len(run.metric) + len(run.unit) + (
@@ -290,8 +290,7 @@ class _Points:
     """One frame's points, encoded, in request order."""
 
     blob: memoryview  # every data_points entry, one after another
-    sizes: np.ndarray  # bytes of entry i
-    offsets: np.ndarray  # where entry i starts: sum(sizes[:i])
+    offsets: np.ndarray  # where entry i starts (and, last, where the blob ends)
     runs: list[_Run]
     ids: list
 
