@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from pgflow.errors import PgflowError
@@ -157,14 +158,22 @@ class LocalPostgres:
         if not (self.datadir / "PG_VERSION").exists():
             self.init()
         opts = f"-p {self.port} -c listen_addresses={self.host} -c unix_socket_directories={self.root}"
-        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-o", opts,
-                   "-w", "-t", "60", "start"])
+        try:
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-o", opts,
+                       "-w", "-t", "60", "start"])
+        except PgflowError as exc:  # the server's own words say why
+            log = self.logfile.read_text(errors="replace").strip().splitlines() if self.logfile.exists() else []
+            raise PgflowError(f"{exc} | server log: {' / '.join(log[-5:])}") from None
         return self
 
     def stop(self, mode: str = "fast") -> None:
-        if (self.datadir / "postmaster.pid").exists():
+        pidfile = self.datadir / "postmaster.pid"
+        if pidfile.exists():
             self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop"],
                       check=False)
+            deadline = time.monotonic() + 60
+            while pidfile.exists() and time.monotonic() < deadline:  # a restart must not find the old server
+                time.sleep(0.05)
 
     def restart(self, mode: str = "fast") -> None:
         self.stop(mode)
