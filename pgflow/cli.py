@@ -1,4 +1,10 @@
-"""`pgflow run | check | capture | replay | receive | demo`: one clear line on failure, no traceback."""
+"""`pgflow run | check | capture | replay | receive | demo`: one clear line on failure, no traceback.
+
+Exit codes of ``run`` and ``replay`` say whether the work was done:
+0 done (every window acknowledged); 1 an error; 2 bad configuration;
+3 stopped with windows not acknowledged (``run``: kept in the ledger and sent on the next
+start; ``replay``: not delivered); 4 an instance was never scraped successfully.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,18 @@ from collections.abc import Sequence
 
 from pgflow import __version__
 from pgflow.config import Settings
-from pgflow.errors import PgflowError
+from pgflow.errors import ConfigError, PgflowError
+
+EXIT_UNACKNOWLEDGED = 3
+EXIT_NOT_SCRAPED = 4
+
+
+def require_export_key(settings: Settings) -> None:
+    """New Relic as the endpoint needs a key: without one every export is refused (exit 2)."""
+    if settings.otlp_endpoint is None and "api-key" not in {k.lower() for k in settings.export_headers}:
+        raise ConfigError("NEW_RELIC_API_KEY is not set and the endpoint is New Relic's "
+                          f"({settings.endpoint})",
+                          "set NEW_RELIC_API_KEY, or PGFLOW_OTLP_ENDPOINT for another OTLP endpoint")
 
 
 def load_settings_or_exit(config: str | None = None, **overrides: object) -> Settings:
@@ -16,6 +33,7 @@ def load_settings_or_exit(config: str | None = None, **overrides: object) -> Set
     try:
         settings = Settings.load(config, **overrides)
         settings.targets()
+        require_export_key(settings)
         return settings
     except PgflowError as exc:
         print(f"pgflow: {exc}", file=sys.stderr)
@@ -34,11 +52,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {"max_scrapes": args.scrapes} if args.scrapes else {}
     settings = Settings.load(args.config, **overrides)
     settings.targets()
+    require_export_key(settings)
     setup(settings.log_level, settings.log_format)
-    logging.getLogger("pgflow.run").info("starting", extra=kv(**{k: v for k, v in settings.redacted().items()
-                                                                   if v not in (None, [], {})}))
+    log = logging.getLogger("pgflow.run")
+    rt = runtime(settings, require_metrics=True)  # a taken metrics_addr or an unwritable state_dir: exit 2
     for instance in settings.targets():  # this process runs every instance: claim the ledgers up front
-        runtime(settings).ledger(instance.name)
+        rt.ledger(instance.name)
+    log.info("starting", extra=kv(**{k: v for k, v in settings.redacted().items() if v not in (None, [], {})}))
     install_signal_handlers()
     recorder = None
     if args.capture:
@@ -51,9 +71,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         if recorder is not None:
             recorder.close()
-    runtime(settings).shipper.close()
-    logging.getLogger("pgflow.run").info("stopped")
-    return 0
+    rt.shipper.close(deadline=rt.shutdown_deadline())
+    code = run_outcome(rt, [i.name for i in settings.targets()], log)
+    log.info("stopped", extra=kv(exit_code=code))
+    return code
+
+
+def run_outcome(rt, instances: list[str], log) -> int:  # type: ignore[no-untyped-def]
+    """The exit code of a finished run (see the module docstring), with one line per reason."""
+    from pgflow.logs import kv
+
+    left = {name: n for name, n in rt.unacknowledged.items() if n}
+    never = [name for name in instances if name not in rt.scraped]
+    for name in never:
+        log.error("no successful scrape of this instance", extra=kv(instance=name))
+    if left:
+        return EXIT_UNACKNOWLEDGED
+    return EXIT_NOT_SCRAPED if never else 0
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
@@ -89,11 +123,25 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    import logging
+
+    from pgflow.logs import kv, setup
     from pgflow.replay import replay_flow
 
     settings = Settings.load(args.config)
-    stored = replay_flow(args.capture, settings, out=args.out)
-    print(f"{args.out}: {stored} points" if args.out else f"replayed {args.capture} to {settings.endpoint}")
+    if not args.out:
+        require_export_key(settings)
+    setup(settings.log_level, settings.log_format)
+    log = logging.getLogger("pgflow.replay")
+    stored, unacknowledged = replay_flow(args.capture, settings, out=args.out, report=True)
+    if unacknowledged:
+        log.error("replay not delivered: windows were not acknowledged", extra=kv(
+            capture=args.capture, endpoint=settings.endpoint, windows=unacknowledged))
+        return EXIT_UNACKNOWLEDGED
+    if args.out:
+        log.info("replayed", extra=kv(capture=args.capture, out=args.out, points=stored))
+    else:
+        log.info("replayed", extra=kv(capture=args.capture, endpoint=settings.endpoint))
     return 0
 
 
@@ -145,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the collector (the bytewax dataflow) in this process")
     run.add_argument("--config", help="JSON settings file (or PGFLOW_CONFIG)")
-    run.add_argument("--scrapes", type=int, help="stop after N scrapes per instance, flush and exit 0")
+    run.add_argument("--scrapes", type=int, help="stop after N scrapes per instance, flush and exit (0: all sent)")
     run.add_argument("--workers", type=int, default=1, help="bytewax worker threads in this process")
     run.add_argument("--capture", help="also record every scrape into this capture file (DuckDB)")
     run.set_defaults(func=_cmd_run)

@@ -192,6 +192,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["kv", "json"] = "kv"
 
+    # Issue 14 (stream): shutdown bound and refused exports.
+    shutdown_timeout_secs: float = Field(20.0, gt=0, le=3600)
+    refused_retry_secs: float = Field(60.0, gt=0, le=86400)
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -6,6 +6,7 @@ and settings they give identical points; a test holds them to it.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -62,15 +63,19 @@ class ReplaySource(FixedPartitionedSource[Snapshot, int]):
         return _ReplayPartition(self.path, for_part, resume_state)
 
 
-def replay_flow(path: str | Path, settings: Settings, out: str | Path | None = None) -> int:
+def replay_flow(path: str | Path, settings: Settings, out: str | Path | None = None,
+                report: bool = False) -> int | tuple[int, int]:
     """Run a capture through the bytewax collector flow, to the endpoint or into ``out`` (DuckDB).
 
     With ``out``, an in-process receiver on a free port takes the endpoint's place, so the
-    points go through the same encoder and land in the receiver's table.
+    points go through the same encoder and land in the receiver's table. Returns the points
+    stored in ``out``; with ``report``, also the windows the endpoint never acknowledged
+    (they are lost: a replay's ledger is temporary and removed at the end).
     """
     from bytewax.testing import run_main
 
     from pgflow.otlp.receiver import Receiver
+    from pgflow.stream import runtime as rt
     from pgflow.stream.flow import build_flow
 
     state_dir = Path(tempfile.mkdtemp(prefix="pgflow-replay-"))  # a replay never resumes a collector's ledger
@@ -80,13 +85,17 @@ def replay_flow(path: str | Path, settings: Settings, out: str | Path | None = N
         if receiver is not None:
             overrides |= {"otlp_endpoint": receiver.grpc_endpoint, "otlp_protocol": "grpc"}
         run_settings = settings.model_copy(update=overrides)
-        from pgflow.stream import runtime as rt
-
         rt.reset()
         run_main(build_flow(run_settings, source=ReplaySource(path)))
-        rt.runtime(run_settings).shipper.close()
+        runtime = rt.runtime(run_settings)
+        runtime.shipper.close(deadline=runtime.shutdown_deadline())
+        for ledger in runtime.ledgers.values():
+            ledger.close()
+        unacknowledged = sum(runtime.unacknowledged.values())
         rt.reset()
-        return int(receiver.store.points().height) if receiver else 0
+        stored = int(receiver.store.points().height) if receiver else 0
+        return (stored, unacknowledged) if report else stored
     finally:
         if receiver is not None:
             receiver.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)

@@ -92,6 +92,10 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
 
 
 def finish(state: InstanceState, settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
-    """Close every open window (end of stream, shutdown)."""
+    """Close every open window (end of stream, shutdown); each ends at its last scrape.
+
+    A window closed before its nominal end must not claim time not yet observed: after a
+    restart the same period continues in a window that starts where this one ended.
+    """
     window_state, closed = win.close_all(state.window)
     return _emit(replace(state, window=window_state), closed, settings)

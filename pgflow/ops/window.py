@@ -6,6 +6,11 @@ state: one vectorised addition per scrape), then, when the window closes, per se
 keep the last value observed in the window. A window closes when a scrape at or after its end
 arrives (event time: ``scraped_at``, the server's clock), or when the
 caller says time has passed (``close_until``) or the stream ends (``close_all``).
+
+Points of one series never overlap and never end in the future: a window closed early
+(``close_all``: shutdown, end of a replay) ends at its last scrape, and the state remembers
+where the last closed window ended, so the next window of the same period (after a restart
+with the same ledger) starts there.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pgflow.ops.delta import Counters, Deltas, active_rows
 from pgflow.schema import Snapshot
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_TICK = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class Window:
 class WindowState:
     length: timedelta
     open: dict[datetime, Window] = field(default_factory=dict)
+    closed_until: datetime | None = None  # end of the last closed window: the next one starts no earlier
 
 
 def window_bounds(at: datetime, length: timedelta) -> tuple[datetime, datetime]:
@@ -112,6 +119,9 @@ def _with(runs: tuple[Run, ...], deltas: Deltas) -> tuple[Run, ...]:
 def add(state: WindowState, snapshot: Snapshot, deltas: Deltas | None) -> WindowState:
     """Put one scrape's deltas and gauges into the window that contains its end."""
     start, end = window_bounds(snapshot.scraped_at, state.length)
+    closed_until = getattr(state, "closed_until", None)  # absent from states pickled before it existed
+    if closed_until is not None and start < closed_until < end:
+        start = closed_until  # the first part of this period was exported before a restart
     current = state.open.get(end) or Window(Resource.of(snapshot), start, end)
     runs = _with(current.runs, deltas) if deltas is not None and deltas.rows.height else current.runs
     deallocated = deltas.deallocated if deltas is not None else 0
@@ -126,9 +136,26 @@ def close_until(state: WindowState, watermark: datetime) -> tuple[WindowState, l
     if not due:
         return state, []
     closed = [state.open[end] for end in due]
-    return replace(state, open={e: w for e, w in state.open.items() if e > watermark}), closed
+    return replace(state, open={e: w for e, w in state.open.items() if e > watermark},
+                   closed_until=_latest(state, closed[-1].end)), closed
 
 
 def close_all(state: WindowState) -> tuple[WindowState, list[Window]]:
-    closed = [state.open[end] for end in sorted(state.open)]
-    return replace(state, open={}), closed
+    """Close every open window now; each ends at its last scrape, not at its nominal end."""
+    closed = [_early(state.open[end]) for end in sorted(state.open)]
+    if not closed:
+        return state, []
+    return replace(state, open={}, closed_until=_latest(state, closed[-1].end)), closed
+
+
+def _early(window: Window) -> Window:
+    """A window closed before its end: what it holds was observed until its last scrape."""
+    if window.gauges is None:
+        return window
+    last = max(window.gauges.observed_at, window.start + _TICK)  # never an empty interval
+    return replace(window, end=min(window.end, last))
+
+
+def _latest(state: WindowState, end: datetime) -> datetime:
+    before = getattr(state, "closed_until", None)
+    return end if before is None or end > before else before

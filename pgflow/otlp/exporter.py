@@ -9,6 +9,7 @@ the caller (the streaming job) decides what happens to it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -61,14 +62,15 @@ def describe_rejection(cause: str, endpoint: str, detail: str) -> str:
 class Exporter:
     """Sends points to one OTLP endpoint (gRPC or HTTP) with the settings' retry policy."""
 
-    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] | None = None) -> None:
         self.endpoint = settings.endpoint
         transport_cls = GrpcTransport if settings.otlp_protocol == "grpc" else HttpTransport
         self.transport = transport_cls(self.endpoint, settings.export_headers, settings.export_timeout_secs)
         self.encoder = Encoder(service_name=settings.service_name, batch_size=settings.batch_size)
         self.policy = RetryPolicy(settings.retry_initial_delay_secs, settings.retry_max_delay_secs,
                                   settings.retry_max_attempts)
-        self.sleep = sleep
+        self._aborted = threading.Event()
+        self.sleep = sleep or self._aborted.wait  # a pause between retries ends at once on abort()
         self.stats = ExportStats()
 
     def __repr__(self) -> str:
@@ -77,11 +79,27 @@ class Exporter:
     def close(self) -> None:
         self.transport.close()
 
+    def abort(self) -> None:
+        """End the send in progress and refuse new ones (the shutdown's time is up).
+
+        Closing the transport cancels an in-flight gRPC call and unblocks an HTTP read.
+        """
+        self._aborted.set()
+        self.transport.close()
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted.is_set()
+
     def send(self, batch: Batch) -> SendResult:
         """Send one batch, retrying retryable failures; never raises for a failed send."""
         attempt: Attempt | None = None
         for n in range(1, self.policy.max_attempts + 1):
+            if self._aborted.is_set():
+                return SendResult(False, n - 1, "shutdown", retryable=True)
             attempt = self.transport.send(batch.payload)
+            if self._aborted.is_set() and not attempt.ok:
+                return SendResult(False, n, "shutdown", retryable=True)
             if attempt.ok:
                 self.stats.batches_acked += 1
                 self.stats.points_acked += batch.points - attempt.rejected_points

@@ -125,6 +125,12 @@ class HttpTransport:
                        detail=data[:200].decode("utf-8", "replace"))
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close the connection; a read blocked in another thread returns at once."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.sock is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            conn.close()

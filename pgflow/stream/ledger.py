@@ -26,7 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pgflow.errors import PgflowError
+from pgflow.errors import ConfigError, PgflowError
 from pgflow.ops.pipeline import InstanceState
 
 ROW = "__row"  # stable row id of an outbox frame, so partial acknowledgements can be applied
@@ -52,12 +52,13 @@ class Ledger:
         self.dir = Path(state_dir) / "instances" / _safe(instance)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PgflowError(f"cannot create state directory {self.dir} ({exc.strerror})",
-                              "set PGFLOW_STATE_DIR to a writable directory") from None
+            # One process per ledger: two collectors writing the same state would count twice.
+            self._lockfile = open(self.dir / "lock", "a+")  # noqa: SIM115 - held for the process's life
+        except OSError as exc:  # a setting to fix (exit 2), whether the directory is the default or given
+            raise ConfigError(f"state_dir {state_dir} is not writable: cannot create {self.dir} "
+                              f"({exc.strerror or type(exc).__name__})",
+                              "set PGFLOW_STATE_DIR (state_dir) to a writable directory") from None
         self.instance = instance
-        # One process per ledger: two collectors writing the same state would count twice.
-        self._lockfile = open(self.dir / "lock", "a+")  # noqa: SIM115 - held for the process's life
         try:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -68,6 +69,10 @@ class Ledger:
         self._acks_path = self.dir / "acks.log"
         self._state_path = self.dir / "state.pkl"
         self.acked: dict[int, set[int] | None] = {}  # seq -> acknowledged rows (None: all), not yet applied
+
+    def close(self) -> None:
+        """Release the ledger's lock (the process keeps it otherwise until it exits)."""
+        self._lockfile.close()
 
     # Acknowledgements (shipper thread) ----------------------------------------------------
 

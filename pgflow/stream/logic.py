@@ -5,7 +5,8 @@ into the outbox, the ledger saved, then the outbox handed to the shipper. The ou
 bounded: past ``max_pending_windows`` entries the two oldest are merged (sums add up, the
 older gauges are dropped, both counted and logged), so memory stays flat however long
 the endpoint is down. At EOF (``--scrapes N``, SIGINT, SIGTERM) the open windows are closed
-and the outbox is flushed, waiting at most ``shutdown_timeout`` seconds.
+(each ending at its last scrape) and the outbox is flushed, until ``shutdown_timeout_secs``
+after the shutdown began at most, retry pauses respected; what is left stays in the ledger.
 """
 
 from __future__ import annotations
@@ -87,23 +88,38 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         return [], StatefulLogic.RETAIN
 
     def on_eof(self) -> tuple[list[Outgoing], bool]:
+        deadline = self.deadline()
         state, points = finish(self.record.state, self.ops)  # type: ignore[arg-type]
         self.record.state = state
         self._queue(points)
         self._apply_acks()
         self.ledger.save(self.record)
-        deadline = time.monotonic() + self.shutdown_timeout
+        # Wait for acknowledgements until the shutdown's deadline; entries whose retry pause
+        # runs past it are not sent again (they stay in the ledger for the next start).
         while self.record.outbox and time.monotonic() < deadline:
-            self._submit(force=True)
+            self._submit()
             time.sleep(0.05)
             self._apply_acks()
-        self.ledger.save(self.record)
         if self.record.outbox:
-            log.warning("stopping with windows not yet acknowledged; they are kept in the ledger and sent on the "
-                        "next start", extra=kv(instance=self.instance, windows=len(self.record.outbox)))
+            self.shipper.abort()  # time is up: an export still in flight must not outlive the shutdown
+        self._apply_acks()
+        self.ledger.save(self.record)
+        self.report(len(self.record.outbox))
+        if self.record.outbox:
+            refused = self.shipper.refused.get(self.instance)
+            log.warning("stopping with windows not acknowledged; they are kept in the ledger and sent on the "
+                        "next start", extra=kv(instance=self.instance, windows=len(self.record.outbox),
+                                               **({"refused": refused} if refused else {})))
         else:
             log.info("flushed", extra=kv(instance=self.instance))
         return [], StatefulLogic.RETAIN
+
+    def deadline(self) -> float:
+        """When the shutdown must end (monotonic); the runtime's, shared by every instance."""
+        return time.monotonic() + self.shutdown_timeout
+
+    def report(self, unacknowledged: int) -> None:
+        """Tell the process how the shutdown ended (the exit code depends on it)."""
 
     def notify_at(self) -> datetime | None:
         if self.record.outbox:
@@ -170,13 +186,20 @@ class _Deferred(CollectorLogic):
         self._ready = False
 
     def _init(self, instance: str) -> None:
-        rt = runtime(self._settings)
+        self._rt = rt = runtime(self._settings)
         super().__init__(instance, rt.ops, rt.ledger(instance), rt.shipper, rt.shutdown_timeout)
         self._ready = True
+
+    def deadline(self) -> float:
+        return self._rt.shutdown_deadline()
+
+    def report(self, unacknowledged: int) -> None:
+        self._rt.unacknowledged[self.instance] = unacknowledged
 
     def on_item(self, value: Snapshot) -> tuple[list[Outgoing], bool]:
         if not self._ready:
             self._init(value.instance)
+        self._rt.scraped.add(value.instance)
         return super().on_item(value)
 
     def on_notify(self) -> tuple[list[Outgoing], bool]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pgflow import telemetry
 from pgflow.config import Settings
+from pgflow.errors import ConfigError
 from pgflow.logs import kv
 from pgflow.ops.pipeline import OpsSettings
 from pgflow.otlp.exporter import Exporter
@@ -31,6 +33,9 @@ class Runtime:
     health: telemetry.Health
     ledgers: dict[str, Ledger] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    metrics_served: bool = False
+    scraped: set[str] = field(default_factory=set)  # instances with at least one snapshot this run
+    unacknowledged: dict[str, int] = field(default_factory=dict)  # instance -> windows left at shutdown
 
     def ledger(self, instance: str) -> Ledger:
         with self._lock:
@@ -40,44 +45,86 @@ class Runtime:
 
     @property
     def shutdown_timeout(self) -> float:
-        return max(10.0, self.settings.export_timeout_secs * 2)
+        return self.settings.shutdown_timeout_secs
+
+    def shutdown_deadline(self) -> float:
+        """When the shutdown must be over (monotonic): ``shutdown_timeout_secs`` after it began."""
+        return begin_shutdown() + self.settings.shutdown_timeout_secs
 
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
+_shutdown_began: float | None = None
 
 
-def runtime(settings: Settings) -> Runtime:
-    """The process's runtime, created on first use (also starts /metrics once)."""
+def begin_shutdown() -> float:
+    """Note when the shutdown began (the signal, or the first source's end); returns it."""
+    global _shutdown_began
+    with _runtime_lock:
+        if _shutdown_began is None:
+            _shutdown_began = time.monotonic()
+        return _shutdown_began
+
+
+def runtime(settings: Settings, *, require_metrics: bool = False) -> Runtime:
+    """The process's runtime, created on first use (also starts /metrics once).
+
+    ``require_metrics``: a ``metrics_addr`` that cannot be bound (another collector on the
+    host) is a ConfigError; otherwise (under ``bytewax.run``) it is an error line and the
+    collector runs without /metrics.
+    """
     global _runtime
     with _runtime_lock:
         if _runtime is None:
             health = telemetry.Health(settings.collection_interval_secs)
-            shipper = Shipper(Exporter(settings), retry_after_secs=max(1.0, settings.retry_max_delay_secs))
+            shipper = Shipper(Exporter(settings), retry_after_secs=max(1.0, settings.retry_max_delay_secs),
+                              refused_retry_secs=settings.refused_retry_secs)
             _runtime = Runtime(settings, OpsSettings.from_settings(settings), shipper, health)
+        rt = _runtime
+        if not rt.metrics_served:
+            rt.metrics_served = True
             try:
-                telemetry.serve(settings.metrics_addr, health)
+                telemetry.serve(settings.metrics_addr, rt.health)
             except OSError as exc:
-                log.warning("metrics server not started", extra=kv(addr=settings.metrics_addr, error=exc.strerror))
-        return _runtime
+                if require_metrics:
+                    rt.shipper.close(deadline=time.monotonic())
+                    _runtime = None
+                    raise ConfigError(f"cannot serve /metrics on metrics_addr {settings.metrics_addr} ({exc.strerror})",
+                                      "another collector on this host may use it: set PGFLOW_METRICS_ADDR to a free "
+                                      "port (port 0 picks one)") from None
+                log.error("metrics server not started: this collector runs without /metrics and /healthz",
+                          extra=kv(addr=settings.metrics_addr, error=exc.strerror,
+                                   hint="set PGFLOW_METRICS_ADDR to a free port"))
+        return rt
 
 
 def reset() -> None:
     """Forget the process's runtime (a replay in a long-lived process builds its own)."""
-    global _runtime
+    global _runtime, _shutdown_began
     with _runtime_lock:
         _runtime = None
+        _shutdown_began = None
 
 
 def install_signal_handlers() -> None:
-    """SIGINT and SIGTERM end the sources; the flow then closes its windows and flushes."""
+    """SIGINT and SIGTERM end the sources; the flow then closes its windows and flushes.
+
+    SIGHUP (``systemctl reload``, a closed terminal) is logged and ignored: settings are read
+    once at start, so applying new ones takes a restart (which loses nothing: the ledger).
+    """
     if threading.current_thread() is not threading.main_thread():
         return
 
     def stop(signum: int, _frame: object) -> None:
+        begin_shutdown()
         if not STOP.is_set():
             log.info("stopping: closing windows and flushing", extra=kv(signal=signal.Signals(signum).name))
         STOP.set()
 
+    def hangup(signum: int, _frame: object) -> None:
+        log.warning("SIGHUP ignored: settings are read only at start; restart pgflow to apply new ones",
+                    extra=kv(signal="SIGHUP"))
+
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, hangup)

@@ -2,8 +2,13 @@
 
 The operator hands it ``(instance, seq, points)``; it encodes and sends batch by batch with
 the exporter's retries, and reports back through the instance's ledger: acknowledged rows
-(made durable first), rows given up after a non-retryable answer (counted, never resent),
-and entries to try again later when the endpoint stays unreachable.
+(made durable first), and entries to try again later when the endpoint stays unreachable.
+
+A refusal (401/403, 400, 413... anything the OTLP specification calls not retryable) gives
+up nothing: the entry stays in the outbox, and the whole endpoint is paused for
+``refused_retry_secs``, doubling while refusals go on (capped at ten minutes, or the setting
+if larger), so a wrong key costs one request per pause, not one per window. Fixing the key
+and restarting, or the endpoint accepting again, sends everything kept.
 """
 
 from __future__ import annotations
@@ -33,14 +38,21 @@ class Outgoing:
     points: pl.DataFrame
 
 
+REFUSAL_CAP_SECS = 600.0
+
+
 class Shipper:
-    def __init__(self, exporter: Exporter, retry_after_secs: float) -> None:
+    def __init__(self, exporter: Exporter, retry_after_secs: float, refused_retry_secs: float = 60.0) -> None:
         self.exporter = exporter
         self.retry_after_secs = retry_after_secs
+        self.refused_retry_secs = refused_retry_secs
         self._queue: queue.Queue[tuple[Outgoing, Ledger] | None] = queue.Queue()
         self._lock = threading.Lock()
         self.failed: dict[tuple[str, int], float] = {}  # (instance, seq) -> when to try again
         self.in_flight: set[tuple[str, int]] = set()
+        self.paused_until = 0.0  # monotonic: the endpoint refused; nothing is sent before then
+        self.refusals = 0  # consecutive refusals (the pause doubles with each)
+        self.refused: dict[str, str] = {}  # instance -> cause of the last refusal of its data
         self._thread = threading.Thread(target=self._run, name="pgflow-shipper", daemon=True)
         self._thread.start()
 
@@ -58,14 +70,23 @@ class Shipper:
             return (instance, seq) in self.in_flight
 
     def retry_due(self, instance: str, seq: int) -> bool:
-        """Whether a failed entry may be sent again (it is not in flight and its pause is over)."""
+        """Whether an entry may be sent (not in flight, its pause and the endpoint's are over)."""
         with self._lock:
             key = (instance, seq)
-            return key not in self.in_flight and self.failed.get(key, 0.0) <= time.monotonic()
+            now = time.monotonic()
+            return key not in self.in_flight and self.failed.get(key, 0.0) <= now and self.paused_until <= now
 
-    def close(self) -> None:
+    def abort(self) -> None:
+        """The shutdown's time is up: end the send in flight, send nothing more."""
+        self.exporter.abort()
+
+    def close(self, deadline: float | None = None) -> None:
+        """Stop the thread: it finishes what it is sending, until ``deadline`` (monotonic) at most."""
         self._queue.put(None)
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=5 if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            self.abort()
+            self._thread.join(timeout=2)
         self.exporter.close()
 
     def _run(self) -> None:
@@ -75,7 +96,10 @@ class Shipper:
                 return
             item, ledger = job
             try:
-                self._ship(item, ledger)
+                if self.exporter.aborted or self.paused_until > time.monotonic():
+                    self._mark_failed(item, at=self.paused_until)  # not sent: tried when the pause is over
+                else:
+                    self._ship(item, ledger)
             except Exception as exc:  # a bug here must not stop shipping for good
                 log.error("shipping failed unexpectedly", extra=kv(instance=item.instance, error=repr(exc)[:300]))
                 self._mark_failed(item)
@@ -83,9 +107,25 @@ class Shipper:
                 with self._lock:
                     self.in_flight.discard((item.instance, item.seq))
 
-    def _mark_failed(self, item: Outgoing) -> None:
+    def _mark_failed(self, item: Outgoing, at: float | None = None) -> None:
         with self._lock:
-            self.failed[(item.instance, item.seq)] = time.monotonic() + self.retry_after_secs
+            self.failed[(item.instance, item.seq)] = at or time.monotonic() + self.retry_after_secs
+
+    def _refused(self, item: Outgoing, cause: str) -> float:
+        """Pause the endpoint after a refusal; returns the pause in seconds."""
+        with self._lock:
+            self.refusals += 1
+            cap = max(REFUSAL_CAP_SECS, self.refused_retry_secs)
+            pause = min(cap, self.refused_retry_secs * 2 ** min(self.refusals - 1, 30))
+            self.paused_until = time.monotonic() + pause
+            self.failed[(item.instance, item.seq)] = self.paused_until
+            self.refused[item.instance] = cause
+        return pause
+
+    def _accepted(self, instance: str) -> None:
+        with self._lock:
+            self.refusals = 0
+            self.refused.pop(instance, None)
 
     def _ship(self, item: Outgoing, ledger: Ledger) -> None:
         encoder = self.exporter.encoder
@@ -101,6 +141,7 @@ class Shipper:
                     telemetry.export_retries.labels(cause).inc(count - retries_before.get(cause, 0))
             if result.acknowledged:
                 ledger.record_ack(item.seq, list(batch.rows))
+                self._accepted(item.instance)
                 telemetry.points_exported.inc(batch.points - result.rejected_points)
                 telemetry.last_export.set(time.time())
                 if result.rejected_points:
@@ -108,9 +149,10 @@ class Shipper:
                 sent_rows.extend(batch.rows)
             elif not result.retryable:
                 telemetry.export_failures.labels(result.cause).inc()
-                telemetry.points_dropped.labels(f"refused_{result.cause}").inc(batch.points)
-                ledger.record_ack(item.seq, list(batch.rows))  # given up: never sent again
-                sent_rows.extend(batch.rows)
+                pause = self._refused(item, result.cause)
+                log.warning("endpoint refused the window; it stays in the ledger", extra=kv(
+                    instance=item.instance, seq=item.seq, cause=result.cause, retry_in_s=round(pause, 1)))
+                return
             else:
                 telemetry.export_failures.labels(result.cause).inc()
                 log.warning("endpoint unreachable; the window stays queued", extra=kv(
