@@ -71,20 +71,21 @@ def test_endpoint_unavailable_for_several_windows_still_exact(fresh_stats, tmp_p
     assert "endpoint unreachable" in (tmp_path / "log").read_text()
 
 
-def test_rejecting_endpoint_gives_up_without_retry_storm(fresh_stats, tmp_path):
+def test_rejecting_endpoint_keeps_windows_without_retry_storm(fresh_stats, tmp_path):
     with Receiver(script=parse_script(",".join(["403"] * 1000))) as receiver:
         env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state",
-                            NEW_RELIC_API_KEY="NRAK-WRONG-KEY-123")
+                            NEW_RELIC_API_KEY="NRAK-WRONG-KEY-123", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2")
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "2", "-t", "50")
         settle(3)
         assert proc.poll() is None  # still running and scraping
-        assert stop(proc) == 0
+        assert stop(proc) == 3  # refused windows are kept in the ledger, not acknowledged
         windows = len(receiver.attempts)
-        assert 0 < windows <= 12  # one attempt per batch, no retries (about 4 windows here)
+        assert 0 < windows <= 12  # the endpoint is paused after a refusal: no retry storm
     log = (tmp_path / "log").read_text()
     assert "rejected the license key (PERMISSION_DENIED): check NEW_RELIC_API_KEY" in log
+    assert "flushed" not in log
     assert "NRAK-WRONG-KEY-123" not in log
 
 

@@ -228,8 +228,8 @@ def test_shutdown_during_an_outage_is_bounded_and_keeps_windows(fresh_stats, tmp
         elapsed = time.monotonic() - started
     finally:
         hole.close()
-    assert code == 3
     assert elapsed < shutdown_timeout + 7, f"shutdown took {elapsed:.1f} s"
+    assert code == 3
     assert queued_windows(state) > 0
     with Receiver() as receiver:
         env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, state)
@@ -268,3 +268,31 @@ def test_unwritable_state_dir_exits_2(tmp_path, given):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "PGFLOW_STATE_DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_window_closed_early_ends_at_its_last_scrape_and_the_next_continues_from_there():
+    """The operators' half of the restart guarantee, without a server: ``finish`` then more scrapes
+    of the same period (what a restart with the same ledger does) give contiguous points."""
+    from datetime import datetime, timedelta, timezone
+
+    from pgflow.ops.fingerprint import Fingerprinter
+    from pgflow.ops.pipeline import OpsSettings, finish, initial_state, step
+    from test_ops import snap
+
+    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    ops = OpsSettings.of(export_interval_secs=60)
+    fp = Fingerprinter(100, 100)
+    state, frames = initial_state(ops), []
+    for second, calls in [(1, 0), (10, 5), (20, 9)]:  # baseline, then two scrapes in [0, 60)
+        state, out = step(state, snap(t0 + timedelta(seconds=second), [{"queryid": 1, "query": "SELECT 1",
+                                                                        "calls": calls}]), fp, ops)
+        frames.append(out)
+    state, out = finish(state, ops)  # shutdown at 20 s
+    frames.append(out)
+    for second, calls in [(30, 12), (70, 20)]:  # restarted: the same period, then the next
+        state, out = step(state, snap(t0 + timedelta(seconds=second), [{"queryid": 1, "query": "SELECT 1",
+                                                                        "calls": calls}]), fp, ops)
+        frames.append(out)
+    calls = pl.concat([f for f in frames if f.height]).filter(pl.col("metric") == "postgresql.query.calls")
+    s = timedelta(seconds=1)
+    assert calls.select("start", "end", "value").rows() == [(t0, t0 + 20 * s, 9.0), (t0 + 20 * s, t0 + 60 * s, 3.0)]
