@@ -296,3 +296,37 @@ def test_a_window_closed_early_ends_at_its_last_scrape_and_the_next_continues_fr
     calls = pl.concat([f for f in frames if f.height]).filter(pl.col("metric") == "postgresql.query.calls")
     s = timedelta(seconds=1)
     assert calls.select("start", "end", "value").rows() == [(t0, t0 + 20 * s, 9.0), (t0 + 20 * s, t0 + 60 * s, 3.0)]
+
+
+@pytest.mark.parametrize("code, pauses_all", [("403", True), ("400", False)])
+def test_a_refused_key_pauses_the_endpoint_a_refused_payload_only_its_window(tmp_path, code, pauses_all):
+    """The shipper against the real receiver: after a 403 nothing is sent until the pause is over;
+    after a 400 the other windows keep flowing. Neither is acknowledged (dropped) in the ledger."""
+    from pgflow import ops
+    from pgflow.config import Settings
+    from pgflow.otlp.exporter import Exporter
+    from pgflow.stream.ledger import ROW, Ledger
+    from pgflow.stream.shipper import Outgoing, Shipper
+    from test_ops import _pipeline_snaps
+
+    points = ops.run(_pipeline_snaps(3), export_interval_secs=30).with_row_index(ROW)
+    with Receiver(script=parse_script(code)) as receiver:
+        settings = Settings.load(otlp_endpoint=receiver.http_endpoint, otlp_protocol="http", state_dir=tmp_path)
+        shipper = Shipper(Exporter(settings), retry_after_secs=1, refused_retry_secs=60)
+        ledger = Ledger(tmp_path, "db1")
+        try:
+            for seq in (0, 1):
+                if shipper.retry_due("db1", seq):
+                    shipper.submit(Outgoing("db1", seq, points), ledger)
+                deadline = time.monotonic() + 10
+                while shipper.busy("db1", seq) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            acked = ledger.take_acks()
+        finally:
+            shipper.close(deadline=time.monotonic() + 5)
+            ledger.close()
+        outcomes = [o for _, o in receiver.attempts]
+    assert outcomes == ([code] if pauses_all else [code, "OK"])
+    assert 0 not in acked  # the refused window is kept, not acknowledged
+    assert (1 in acked) is not pauses_all
+    assert not shipper.retry_due("db1", 0)  # its next try waits refused_retry_secs

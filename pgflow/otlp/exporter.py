@@ -1,9 +1,10 @@
 """The exporter: encode points into batches, send each with retries, report what was acknowledged.
 
-Non-retryable answers give one clear log line naming the cause, a counter, and the batch is
-given up: nothing loops. Retryable ones are retried as the OTLP spec says, up to
-``retry_max_attempts``; a batch still failing then is reported as not acknowledged, and
-the caller (the streaming job) decides what happens to it.
+Non-retryable answers (refusals) give one clear log line naming the cause and are reported
+at once, never retried here: the caller (the shipper) keeps the data and pauses the endpoint.
+Retryable ones are retried as the OTLP spec says, up to ``retry_max_attempts``; a batch still
+failing then is reported as not acknowledged, and the caller decides what happens to it.
+``abort`` ends a send in flight (the shutdown's time is up).
 """
 
 from __future__ import annotations

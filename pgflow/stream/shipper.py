@@ -5,10 +5,12 @@ the exporter's retries, and reports back through the instance's ledger: acknowle
 (made durable first), and entries to try again later when the endpoint stays unreachable.
 
 A refusal (401/403, 400, 413... anything the OTLP specification calls not retryable) gives
-up nothing: the entry stays in the outbox, and the whole endpoint is paused for
-``refused_retry_secs``, doubling while refusals go on (capped at ten minutes, or the setting
-if larger), so a wrong key costs one request per pause, not one per window. Fixing the key
-and restarting, or the endpoint accepting again, sends everything kept.
+up nothing: the entry stays in the outbox and is tried again after ``refused_retry_secs``,
+doubling while refusals go on (capped at ten minutes, or the setting if larger). A refusal
+of the endpoint itself (bad key, wrong path: 401, 403, 404) pauses *every* entry, so a wrong
+key costs one request per pause, not one per window; a refusal of one payload (400, 413)
+pauses only that entry, so the others keep flowing. Fixing the key and restarting, or the
+endpoint accepting again, sends everything kept.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Outgoing:
 
 
 REFUSAL_CAP_SECS = 600.0
+# Refusals of the endpoint as a whole (credentials, address), not of one payload.
+ENDPOINT_REFUSALS = frozenset({"http_401", "http_403", "http_404", "UNAUTHENTICATED", "PERMISSION_DENIED",
+                               "UNIMPLEMENTED"})
 
 
 class Shipper:
@@ -51,7 +56,8 @@ class Shipper:
         self.failed: dict[tuple[str, int], float] = {}  # (instance, seq) -> when to try again
         self.in_flight: set[tuple[str, int]] = set()
         self.paused_until = 0.0  # monotonic: the endpoint refused; nothing is sent before then
-        self.refusals = 0  # consecutive refusals (the pause doubles with each)
+        self.refusals = 0  # consecutive refusals of the endpoint (the pause doubles with each)
+        self.entry_refusals: dict[tuple[str, int], int] = {}  # consecutive refusals of one entry's payload
         self.refused: dict[str, str] = {}  # instance -> cause of the last refusal of its data
         self._thread = threading.Thread(target=self._run, name="pgflow-shipper", daemon=True)
         self._thread.start()
@@ -112,20 +118,27 @@ class Shipper:
             self.failed[(item.instance, item.seq)] = at or time.monotonic() + self.retry_after_secs
 
     def _refused(self, item: Outgoing, cause: str) -> float:
-        """Pause the endpoint after a refusal; returns the pause in seconds."""
+        """Pause the endpoint (or only this entry) after a refusal; returns the pause in seconds."""
+        key = (item.instance, item.seq)
         with self._lock:
-            self.refusals += 1
+            if cause in ENDPOINT_REFUSALS:
+                self.refusals += 1
+                count = self.refusals
+            else:
+                count = self.entry_refusals[key] = self.entry_refusals.get(key, 0) + 1
             cap = max(REFUSAL_CAP_SECS, self.refused_retry_secs)
-            pause = min(cap, self.refused_retry_secs * 2 ** min(self.refusals - 1, 30))
-            self.paused_until = time.monotonic() + pause
-            self.failed[(item.instance, item.seq)] = self.paused_until
+            pause = min(cap, self.refused_retry_secs * 2 ** min(count - 1, 30))
+            self.failed[key] = time.monotonic() + pause
+            if cause in ENDPOINT_REFUSALS:
+                self.paused_until = self.failed[key]
             self.refused[item.instance] = cause
         return pause
 
-    def _accepted(self, instance: str) -> None:
+    def _accepted(self, item: Outgoing) -> None:
         with self._lock:
             self.refusals = 0
-            self.refused.pop(instance, None)
+            self.entry_refusals.pop((item.instance, item.seq), None)
+            self.refused.pop(item.instance, None)
 
     def _ship(self, item: Outgoing, ledger: Ledger) -> None:
         encoder = self.exporter.encoder
@@ -141,7 +154,7 @@ class Shipper:
                     telemetry.export_retries.labels(cause).inc(count - retries_before.get(cause, 0))
             if result.acknowledged:
                 ledger.record_ack(item.seq, list(batch.rows))
-                self._accepted(item.instance)
+                self._accepted(item)
                 telemetry.points_exported.inc(batch.points - result.rejected_points)
                 telemetry.last_export.set(time.time())
                 if result.rejected_points:
