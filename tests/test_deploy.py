@@ -1,0 +1,192 @@
+"""Deploying pgflow as operators do: secrets from files, libpq's password sources, the systemd
+unit, the Kubernetes manifests. (The installed-package test is ``scripts/test-wheel``; the
+dashboard's is ``tests/test_dashboard.py``.)"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgflow.config import Settings
+from pgflow.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+SECRET = "s3cr3t-Dep10y"
+ROLE = "deploy_mon"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("PGFLOW_", "OTEL_EXPORTER_OTLP_", "PG")) or name in (
+                "DATABASE_URL", "NEW_RELIC_API_KEY", "DATABASE_URL_FILE", "NEW_RELIC_API_KEY_FILE"):
+            monkeypatch.delenv(name)
+
+
+def _secret_file(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def _cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PGFLOW_", "OTEL_", "PG")) and k not in ("DATABASE_URL", "NEW_RELIC_API_KEY")}
+    env.update(PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def _pgflow(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pgflow", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=120)
+
+
+# Secrets from files -----------------------------------------------------------------------
+
+
+def test_secret_files_fill_the_dsn_and_the_api_key(tmp_path, monkeypatch):
+    dsn = _secret_file(tmp_path / "dsn", f"postgresql://mon:{SECRET}@db.example:6543/app\n")
+    key = _secret_file(tmp_path / "key", "NRAK-FROM-FILE\n\n")  # a mounted Secret often ends in a newline
+    monkeypatch.setenv("DATABASE_URL_FILE", str(dsn))
+    monkeypatch.setenv("NEW_RELIC_API_KEY_FILE", str(key))
+    s = Settings.load()
+    assert s.export_headers == {"api-key": "NRAK-FROM-FILE"}
+    [target] = s.targets()
+    assert target.dsn == f"postgresql://mon:{SECRET}@db.example:6543/app" and target.name == "db.example:6543"
+    shown = repr(s) + str(s.redacted()) + repr(target)
+    assert SECRET not in shown and "NRAK-FROM-FILE" not in shown
+    assert s.redacted()["database_url_file"] == str(dsn) and s.redacted()["database_url"] == "mon@db.example:6543/app"
+
+
+def test_instance_database_url_file_in_the_json_config(tmp_path):
+    dsn = _secret_file(tmp_path / "main.dsn", f"host=db1 port=5433 user=mon password={SECRET} dbname=app\n")
+    config = tmp_path / "pgflow.json"
+    config.write_text(json.dumps({"instances": [{"name": "main", "database_url_file": str(dsn)},
+                                                {"name": "other", "database_url": "postgresql://mon@db2/app"}]}))
+    s = Settings.load(config)
+    main, other = s.targets()
+    assert (main.name, main.dsn) == ("main", dsn.read_text().strip())
+    assert other.dsn == "postgresql://mon@db2/app"
+    assert SECRET not in repr(s) + str(s.redacted())
+    assert s.redacted()["instances"][0] == {"name": "main", "database_url": "mon@db1:5433/app",
+                                            "database_url_file": str(dsn)}
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing DATABASE_URL_FILE", "cannot read DATABASE_URL_FILE"),
+    ("empty DATABASE_URL_FILE", "DATABASE_URL_FILE .* is empty"),
+    ("directory NEW_RELIC_API_KEY_FILE", "cannot read NEW_RELIC_API_KEY_FILE"),
+    ("empty NEW_RELIC_API_KEY_FILE", "NEW_RELIC_API_KEY_FILE .* is empty"),
+    ("bad DSN in DATABASE_URL_FILE", "the DSN in DATABASE_URL_FILE .* has scheme 'mysql'"),
+    ("both DATABASE_URL and DATABASE_URL_FILE", "both DATABASE_URL and DATABASE_URL_FILE are set"),
+    ("missing instance file", "cannot read database_url_file of instance 'main'"),
+    ("empty instance file", "database_url_file of instance 'main' .* is empty"),
+    ("instance with both", "instance 'main' sets both database_url and database_url_file"),
+])
+def test_a_bad_secret_file_is_one_line_exit_2(tmp_path, monkeypatch, case, expected):
+    empty = _secret_file(tmp_path / "empty", " \n")
+    bad = _secret_file(tmp_path / "bad", f"mysql://u:{SECRET}@h/db")
+    good = _secret_file(tmp_path / "good", f"postgresql://u:{SECRET}@h/db")
+    overrides: dict = {}
+    if case == "missing DATABASE_URL_FILE":
+        monkeypatch.setenv("DATABASE_URL_FILE", str(tmp_path / "nope"))
+    elif case == "empty DATABASE_URL_FILE":
+        monkeypatch.setenv("DATABASE_URL_FILE", str(empty))
+    elif case == "directory NEW_RELIC_API_KEY_FILE":
+        monkeypatch.setenv("NEW_RELIC_API_KEY_FILE", str(tmp_path))
+    elif case == "empty NEW_RELIC_API_KEY_FILE":
+        monkeypatch.setenv("NEW_RELIC_API_KEY_FILE", str(empty))
+    elif case == "bad DSN in DATABASE_URL_FILE":
+        monkeypatch.setenv("DATABASE_URL_FILE", str(bad))
+    elif case == "both DATABASE_URL and DATABASE_URL_FILE":
+        monkeypatch.setenv("DATABASE_URL_FILE", str(good))
+        monkeypatch.setenv("DATABASE_URL", f"postgresql://u:{SECRET}@h/db")
+    elif case == "missing instance file":
+        overrides = {"instances": [{"name": "main", "database_url_file": str(tmp_path / "nope")}]}
+    elif case == "empty instance file":
+        overrides = {"instances": [{"name": "main", "database_url_file": str(empty)}]}
+    elif case == "instance with both":
+        overrides = {"instances": [{"name": "main", "database_url_file": str(good),
+                                    "database_url": "postgresql://h/db"}]}
+    with pytest.raises(ConfigError) as info:
+        Settings.load(**overrides)
+    message = str(info.value)
+    assert re.search(expected, message), message
+    assert info.value.exit_code == 2 and "\n" not in message and SECRET not in message
+
+
+def test_a_missing_secret_file_from_the_cli_exits_2_in_one_line(tmp_path):
+    proc = _pgflow("check", env=_cli_env(DATABASE_URL_FILE=str(tmp_path / "absent")))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert f"cannot read DATABASE_URL_FILE {tmp_path / 'absent'} (No such file or directory)" in proc.stderr
+
+
+@pytest.mark.parametrize("mode, warns", [(0o600, False), (0o400, False), (0o640, False), (0o440, False),
+                                         (0o644, True), (0o604, True), (0o620, True), (0o666, True)])
+def test_a_secret_file_others_may_read_or_change_is_warned_once(tmp_path, monkeypatch, caplog, mode, warns):
+    key = _secret_file(tmp_path / f"key-{mode:o}", "NRAK-MODE", mode)
+    monkeypatch.setenv("NEW_RELIC_API_KEY_FILE", str(key))
+    with caplog.at_level(logging.WARNING, logger="pgflow.config"):
+        Settings.load()
+        Settings.load()  # loaded twice (the flow module loads again): still one line
+    lines = [r.getMessage() for r in caplog.records if r.name == "pgflow.config"]
+    assert len(lines) == (1 if warns else 0), lines
+    if warns:
+        assert f"NEW_RELIC_API_KEY_FILE {key} has mode {mode:04o}" in lines[0] and "NRAK-MODE" not in lines[0]
+        assert "\n" not in lines[0]
+
+
+def test_a_world_readable_secret_file_warns_on_stderr_and_still_runs(tmp_path, pg):
+    dsn = _secret_file(tmp_path / "dsn", pg.dsn() + "\n", 0o644)
+    proc = _pgflow("check", env=_cli_env(DATABASE_URL_FILE=str(dsn)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [line] = [l for l in proc.stderr.splitlines() if "DATABASE_URL_FILE" in l]
+    assert "has mode 0644: other users may read it" in line
+
+
+# libpq's own password sources, against a real server with a scram role ---------------------
+
+
+@pytest.fixture()
+def monitoring_role(pg):
+    pg.execute(f"DROP ROLE IF EXISTS {ROLE}", f"CREATE ROLE {ROLE} LOGIN PASSWORD '{SECRET}'",
+               f"GRANT pg_monitor TO {ROLE}")
+    return pg
+
+
+@pytest.mark.parametrize("source", ["PGPASSFILE", "PGPASSWORD", "PGSERVICEFILE", "DATABASE_URL_FILE"])
+def test_libpq_password_sources_keep_the_password_out_of_the_dsn(monitoring_role, tmp_path, source):
+    pg = monitoring_role
+    dsn = f"postgresql://{ROLE}@{pg.host}:{pg.port}/postgres"  # no password in it
+    refused = _pgflow("check", env=_cli_env(DATABASE_URL=dsn))
+    assert refused.returncode == 1 and "password" in refused.stdout.lower(), refused.stdout + refused.stderr
+    env = _cli_env(DATABASE_URL=dsn)
+    if source == "PGPASSFILE":
+        env["PGPASSFILE"] = str(_secret_file(tmp_path / "pgpass", f"{pg.host}:{pg.port}:*:{ROLE}:{SECRET}\n"))
+    elif source == "PGPASSWORD":
+        env["PGPASSWORD"] = SECRET
+    elif source == "PGSERVICEFILE":
+        env["PGSERVICEFILE"] = str(_secret_file(tmp_path / "pg_service.conf", (
+            f"[pgflow]\nhost={pg.host}\nport={pg.port}\ndbname=postgres\nuser={ROLE}\npassword={SECRET}\n")))
+        env["DATABASE_URL"] = "service=pgflow"
+    else:
+        del env["DATABASE_URL"]
+        env["DATABASE_URL_FILE"] = str(_secret_file(tmp_path / "dsn", f"{pg.dsn(user=ROLE, password=SECRET)}\n"))
+    proc = _pgflow("check", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "=> usable" in proc.stdout and SECRET not in proc.stdout + proc.stderr
+    # the server saw the monitoring role run pgflow's diagnostics (the role is new in each test)
+    [(ran,)] = pg.execute("SELECT count(*) FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid "
+                          f"WHERE r.rolname = '{ROLE}' AND s.query LIKE '%pg_stat_statements%'")
+    assert ran > 0
