@@ -263,3 +263,110 @@ def test_a_wheel_installs_and_runs_in_a_fresh_venv(pg, tmp_path):
                             "--force-reinstall", "."], cwd=tree, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert run("check", DATABASE_URL=pg.dsn()).returncode == 0
+
+
+# systemd ------------------------------------------------------------------------------------
+
+UNIT = DEPLOY / "systemd" / "pgflow.service"
+ENV_EXAMPLE = DEPLOY / "systemd" / "pgflow.env.example"
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
+
+
+def shutdown_bound(settings: Settings) -> float:
+    """How long pgflow may take to stop after SIGTERM, as the collector itself computes it."""
+    from types import SimpleNamespace
+
+    from pgflow.stream.runtime import Runtime
+
+    return float(Runtime.shutdown_timeout.fget(SimpleNamespace(settings=settings)))  # type: ignore[attr-defined]
+
+
+def unit_directives(path: Path) -> dict[str, list[str]]:
+    """``key -> values`` of a unit file (keys repeat in units, so configparser will not do)."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def env_file(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _verifiable_unit(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointed at an executable that exists here (verify checks it)."""
+    exe = tmp_path / "bin" / "pgflow"
+    exe.parent.mkdir()
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} -m pgflow \"$@\"\n")
+    exe.chmod(0o755)
+    [start] = unit_directives(UNIT)["ExecStart"]
+    unit = tmp_path / "pgflow.service"
+    unit.write_text(UNIT.read_text().replace(start.split()[0], str(exe)))
+    return unit
+
+
+def _need_systemd_analyze() -> None:
+    if not os.access(SYSTEMD_ANALYZE, os.X_OK):
+        pytest.skip("systemd-analyze is not installed on this machine")
+
+
+def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    _need_systemd_analyze()
+    unit = _verifiable_unit(tmp_path)
+    proc = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    # verify exits 0 on unknown keys but warns: any output is a defect of the unit
+    assert proc.returncode == 0 and proc.stdout.strip() == "" and proc.stderr.strip() == "", proc.stderr
+    bad = tmp_path / "typo" / "pgflow.service"
+    bad.parent.mkdir()
+    bad.write_text(unit.read_text().replace("TimeoutStopSec=", "TimeoutStopSecs="))
+    typo = subprocess.run([SYSTEMD_ANALYZE, "verify", str(bad)], capture_output=True, text=True, timeout=60)
+    assert "Unknown key 'TimeoutStopSecs'" in typo.stderr  # the check above can fail
+
+
+def test_the_systemd_unit_is_hardened(tmp_path):
+    _need_systemd_analyze()
+    unit = _verifiable_unit(tmp_path)
+    proc = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=20", str(unit)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-3000:]  # exposure at most 2.0 ("OK") of 10
+    assert "Overall exposure level for pgflow.service" in proc.stdout
+
+
+def test_the_systemd_unit_fits_what_pgflow_does(pg, tmp_path, monkeypatch):
+    d = unit_directives(UNIT)
+    assert d["DynamicUser"] == ["yes"] and d["Restart"] == ["on-failure"]
+    assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # SIGHUP is logged and ignored (README)
+    assert d["RestartPreventExitStatus"] == [str(ConfigError.exit_code)]  # a bad setting is not retried
+    environment = dict(v.split("=", 1) for v in d["Environment"])
+    assert d["StateDirectory"] == ["pgflow"] and environment["PGFLOW_STATE_DIR"] == "%S/pgflow"
+    credentials = dict(v.split(":", 1) for v in d["LoadCredential"])
+    assert {environment["DATABASE_URL_FILE"], environment["NEW_RELIC_API_KEY_FILE"]} == \
+        {f"%d/{name}" for name in credentials}
+    assert d["EnvironmentFile"] == ["/etc/pgflow/pgflow.env"]
+
+    # What systemd would hand pgflow: the example environment, the unit's Environment= lines
+    # with %S and %d expanded, credentials as 0400 files. pgflow must accept all of it.
+    state, creds = tmp_path / "state", tmp_path / "credentials"
+    creds.mkdir()
+    secrets = {"database_url": pg.dsn(), "new_relic_api_key": "NRAK-SYSTEMD"}
+    for name in credentials:
+        _secret_file(creds / name, secrets[name] + "\n", 0o400)
+    env = {**env_file(ENV_EXAMPLE), **{k: v.replace("%S", str(state)).replace("%d", str(creds))
+                                         for k, v in environment.items()}}
+    assert not {k for k in env if not k.startswith(("PGFLOW_", "PG", "DATABASE_URL", "NEW_RELIC"))}
+    proc = _pgflow("check", env=_cli_env(**env), cwd=tmp_path)
+    assert proc.returncode == 0 and "=> usable" in proc.stdout and proc.stderr == "", proc.stdout + proc.stderr
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings.load()
+    assert settings.state_dir == state / "pgflow" and settings.export_headers["api-key"] == "NRAK-SYSTEMD"
+    unknown = {k for k in env if k.startswith("PGFLOW_") and k[7:].lower() not in Settings.model_fields}
+    assert not unknown, f"the example sets settings pgflow does not have: {unknown}"
+    timeout_stop = float(d["TimeoutStopSec"][0].rstrip("s"))
+    assert timeout_stop >= shutdown_bound(settings) + 10, "TimeoutStopSec must leave room above the shutdown bound"
