@@ -370,3 +370,161 @@ def test_the_systemd_unit_fits_what_pgflow_does(pg, tmp_path, monkeypatch):
     assert not unknown, f"the example sets settings pgflow does not have: {unknown}"
     timeout_stop = float(d["TimeoutStopSec"][0].rstrip("s"))
     assert timeout_stop >= shutdown_bound(settings) + 10, "TimeoutStopSec must leave room above the shutdown bound"
+
+
+# Kubernetes ---------------------------------------------------------------------------------
+
+K8S = DEPLOY / "kubernetes"
+
+
+def manifests() -> list[dict]:
+    docs = []
+    for path in sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                docs.append({**doc, "_file": path.name})
+    return docs
+
+
+def _by_kind(docs: list[dict], kind: str, file: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (file is None or d["_file"] == file)]
+
+
+def _pgflow_pods() -> list[tuple[str, dict, dict]]:
+    """(file, pod spec, pgflow container) of every workload that runs pgflow, with its file."""
+    out = []
+    for doc in manifests():
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            spec = doc["spec"]["template"]["spec"]
+            out += [(doc["_file"], doc, c) for c in spec["containers"] if c["image"].startswith("pgflow:")]
+    return out
+
+
+def _container_env(container: dict) -> dict[str, str]:
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for name, value in env.items():  # Kubernetes expands $(VAR) of variables defined before
+        env[name] = re.sub(r"\$\((\w+)\)", lambda m: {"POD_NAME": "postgres-0"}.get(m.group(1), m.group(0)), value)
+    return env
+
+
+def test_every_manifest_parses_and_names_its_kind():
+    docs = manifests()
+    assert {d["_file"] for d in docs} >= {"secret.yaml", "pvc.yaml", "deployment.yaml", "sidecar.yaml"}
+    for doc in docs:
+        assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], doc["_file"]
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert set(kustomization["resources"]) == {"secret.yaml", "pvc.yaml", "deployment.yaml"}
+    kubectl = shutil.which("kubectl")
+    if kubectl:  # kustomize builds offline; no cluster needed
+        built = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+        assert built.returncode == 0, built.stderr
+        assert [d["kind"] for d in yaml.safe_load_all(built.stdout)] == ["Secret", "PersistentVolumeClaim",
+                                                                           "Deployment"]
+
+
+def test_the_deployment_is_one_replica_on_a_volume_that_outlives_the_pod():
+    [deployment] = _by_kind(manifests(), "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    [(_, _, container)] = [p for p in _pgflow_pods() if p[0] == "deployment.yaml"]
+    spec = deployment["spec"]["template"]["spec"]
+    env = _container_env(container)
+    [state] = [m for m in container["volumeMounts"] if m["mountPath"] == env["PGFLOW_STATE_DIR"]]
+    [volume] = [v for v in spec["volumes"] if v["name"] == state["name"]]
+    [pvc] = _by_kind(manifests(), "PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    [(_, statefulset, sidecar)] = [p for p in _pgflow_pods() if p[0] == "sidecar.yaml"]
+    [mount] = [m for m in sidecar["volumeMounts"] if m["mountPath"] == _container_env(sidecar)["PGFLOW_STATE_DIR"]]
+    assert mount["name"] in {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]}
+
+
+@pytest.mark.parametrize("file", ["deployment.yaml", "sidecar.yaml"])
+def test_pgflow_pods_probe_the_real_port_and_path_and_outlast_the_shutdown_bound(file, tmp_path, monkeypatch):
+    from pgflow import telemetry
+
+    [(_, workload, container)] = [p for p in _pgflow_pods() if p[0] == file]
+    pod = workload["spec"]["template"]["spec"]
+    env = _container_env(container)
+    files = {}
+    for name, value in env.items():  # the secret files exist in the pod; here, stand-ins
+        if name.endswith("_FILE") or "database_url_file" in value:
+            path = value if name.endswith("_FILE") else json.loads(value)[0]["database_url_file"]
+            files[path] = tmp_path / Path(path).name
+    for key, value in env.items():
+        for real, local in files.items():
+            value = value.replace(real, str(local))
+        monkeypatch.setenv(key, value)
+    for local in files.values():
+        _secret_file(local, "postgresql://pgflow@127.0.0.1:5432/postgres\n" if "database" in local.name else "k\n")
+    settings = Settings.load()
+
+    host, _, port = settings.metrics_addr.rpartition(":")
+    assert host == "0.0.0.0", "in a pod /healthz must listen beyond loopback"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert ports.get(get["port"], get["port"]) == int(port) and get["path"] == "/healthz", probe
+    server = telemetry.serve("127.0.0.1:0", telemetry.Health(settings.collection_interval_secs))
+    try:  # the path the probes ask for is one pgflow answers (and a wrong one is not)
+        import urllib.error
+        import urllib.request
+
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with urllib.request.urlopen(base + container["livenessProbe"]["httpGet"]["path"], timeout=10) as reply:
+            assert reply.status == 200
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(base + "/health", timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert pod["terminationGracePeriodSeconds"] >= shutdown_bound(settings) + 10
+    security = {**pod.get("securityContext", {}), **container["securityContext"]}
+    assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {str(settings.state_dir), "/tmp"}  # all pgflow writes, on a read-only root
+    memory = container["resources"]["requests"]["memory"]
+    assert int(memory.rstrip("Mi")) >= 256  # BENCHMARKS.md: ~230 MB resident with full caches
+
+
+@pytest.mark.parametrize("file", ["deployment.yaml", "sidecar.yaml"])
+def test_the_secret_keys_are_the_files_pgflow_reads(file, tmp_path, monkeypatch):
+    docs = manifests()
+    [(_, workload, container)] = [p for p in _pgflow_pods() if p[0] == file]
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    env = _container_env(container)
+    wanted = {name: value for name, value in env.items() if name.endswith("_FILE")}
+    if "PGFLOW_INSTANCES" in env:
+        wanted.update({f"instance {i['name']}": i["database_url_file"] for i in json.loads(env["PGFLOW_INSTANCES"])})
+    assert {"NEW_RELIC_API_KEY_FILE"} <= set(wanted) and any("database_url" in v for v in wanted.values())
+    mounted: dict[str, Path] = {}
+    for setting, path in wanted.items():
+        [mount] = [m for m in container["volumeMounts"] if Path(path).parent == Path(m["mountPath"])]
+        secret_volume = volumes[mount["name"]]["secret"]
+        [secret] = [d for d in _by_kind(docs, "Secret") if d["metadata"]["name"] == secret_volume["secretName"]]
+        key = Path(path).name
+        assert key in secret["stringData"], f"{setting} reads {path}, but the Secret has no key {key!r}"
+        assert secret_volume["defaultMode"] == 0o440  # owner and fsGroup read, nobody else: no warning
+        mounted[path] = _secret_file(tmp_path / key, secret["stringData"][key] + "\n", secret_volume["defaultMode"])
+    for name, value in env.items():
+        for real, local in mounted.items():
+            value = value.replace(real, str(local))
+        monkeypatch.setenv(name, value)
+    settings = Settings.load()  # the Secret's example values are what pgflow accepts
+    [target] = settings.targets()
+    assert target.dsn.startswith("postgresql://pgflow:CHANGE-ME@") and settings.export_headers["api-key"]
+    if file == "sidecar.yaml":
+        assert target.name == "postgres-0"  # named after the pod, not localhost:5432
+
+
+def test_the_image_runs_as_the_user_the_pods_expect():
+    dockerfile = (DEPLOY / "container" / "Dockerfile").read_text()
+    [user] = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    for _, workload, container in _pgflow_pods():
+        security = {**workload["spec"]["template"]["spec"].get("securityContext", {}),
+                    **container["securityContext"]}
+        assert str(security["runAsUser"]) == user[0]
+    bases = re.findall(r"^FROM python:(3\.\d+)", dockerfile, re.M)
+    assert bases and all(b in ("3.11", "3.12") for b in bases)  # bytewax 0.21.1: wheels up to 3.12
+    assert 'ENTRYPOINT ["pgflow"]' in dockerfile
