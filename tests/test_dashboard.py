@@ -219,6 +219,8 @@ def test_the_dashboard_is_importable_new_relic_json():
                 used |= set(re.findall(r"\{\{\s*(\w+)\s*\}\}", q["query"]))
                 assert ("TIMESERIES" in q["query"]) == (viz in ("viz.line", "viz.area")), w["title"]
     assert used == set(variables)
+    queries = len(variables) + sum(len(w["rawConfiguration"]["nrqlQueries"]) for _, w in nrql_widgets())
+    assert DASHBOARD.read_text().count('"accountIds": [0]') == queries  # the README's sed replaces every one
     detail = [w for name, w in nrql_widgets() if name.startswith("Query detail")]
     assert all("{{fingerprint}}" in q["query"] for w in detail for q in w["rawConfiguration"]["nrqlQueries"])
 
