@@ -203,9 +203,12 @@ def test_a_wheel_installs_and_runs_in_a_fresh_venv(pg, tmp_path):
     the code runs from the venv, and every ``pgflow/sql/*.sql`` ships."""
     from pgflow.otlp.receiver import Receiver
 
-    tree = tmp_path / "tree"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    tree = tmp_path / "tree"  # exactly what deploy/container/Dockerfile copies into its build stage
+    copied = re.findall(r"^COPY (?!--)(.+) \S+$", (DEPLOY / "container" / "Dockerfile").read_text(), re.M)
+    sources = [part for line in copied for part in line.split()]
+    assert sorted(sources) == ["README.md", "pgflow", "pyproject.toml"]
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z", *sources], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
