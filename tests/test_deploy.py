@@ -1,6 +1,6 @@
-"""Deploying pgflow as operators do: secrets from files, libpq's password sources, the systemd
-unit, the Kubernetes manifests. (The installed-package test is ``scripts/test-wheel``; the
-dashboard's is ``tests/test_dashboard.py``.)"""
+"""Deploying pgflow as operators do: secrets from files, libpq's password sources, the installed
+package (marker ``package``, run by ``scripts/test-package``), the systemd unit, the Kubernetes
+manifests. The dashboard's test is ``tests/test_dashboard.py``."""
 
 from __future__ import annotations
 
