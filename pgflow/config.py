@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -88,6 +90,12 @@ class InstanceConfig(BaseModel):
 
     name: str = Field(min_length=1, max_length=200)
     database_url: SecretStr
+    database_url_file: Path | None = None  # issue 15: the DSN read from this file instead
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dsn_from_file(cls, data: Any) -> Any:
+        return _instance_dsn_from_file(data)  # issue 15
 
     @field_validator("database_url")
     @classmethod
@@ -150,6 +158,11 @@ class Settings(BaseSettings):
     # Where to scrape.
     database_url: SecretStr | None = Field(None, validation_alias=_env("database_url", "DATABASE_URL", "PGFLOW_DATABASE_URL"))
     instances: list[InstanceConfig] = Field(default_factory=list)
+    # issue 15: secrets from files (the container and Kubernetes convention)
+    database_url_file: Path | None = Field(
+        None, validation_alias=_env("database_url_file", "DATABASE_URL_FILE", "PGFLOW_DATABASE_URL_FILE"))
+    new_relic_api_key_file: Path | None = Field(
+        None, validation_alias=_env("new_relic_api_key_file", "NEW_RELIC_API_KEY_FILE", "PGFLOW_NEW_RELIC_API_KEY_FILE"))
     collection_interval_secs: float = Field(30.0, gt=0, le=86400)
     statement_timeout_ms: int = Field(5000, gt=0)
     connect_timeout_secs: int = Field(5, gt=0, le=600)
@@ -250,6 +263,10 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _secrets_from_files(self) -> Settings:
+        return _settings_secrets_from_files(self)  # issue 15
+
+    @model_validator(mode="after")
     def _names_unique(self) -> Settings:
         names = [i.name for i in self.instances]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -292,7 +309,9 @@ class Settings(BaseSettings):
             if name == "database_url":
                 value = redact_dsn(value.get_secret_value()) if value else None
             elif name == "instances":
-                value = [{"name": i.name, "database_url": redact_dsn(i.dsn)} for i in value]
+                value = [{"name": i.name, "database_url": redact_dsn(i.dsn),
+                          **({"database_url_file": str(i.database_url_file)} if i.database_url_file else {})}
+                         for i in value]
             elif name == "new_relic_api_key":
                 value = "<set>" if value else None
             elif name == "otlp_headers":
@@ -334,14 +353,15 @@ def _default_state_dir() -> Path:
     return Path(base) / "pgflow"
 
 
-_ENV_NAMES = {"database_url": "DATABASE_URL", "new_relic_api_key": "NEW_RELIC_API_KEY"}
+_ENV_NAMES = {"database_url": "DATABASE_URL", "new_relic_api_key": "NEW_RELIC_API_KEY",
+              "database_url_file": "DATABASE_URL_FILE", "new_relic_api_key_file": "NEW_RELIC_API_KEY_FILE"}
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
     err = exc.errors(include_url=False)[0]
     loc = [str(p) for p in err.get("loc", ())]
     field = loc[0] if loc else "settings"
-    field = {"DATABASE_URL": "database_url", "NEW_RELIC_API_KEY": "new_relic_api_key"}.get(field, field).lower()
+    field = {v: k for k, v in _ENV_NAMES.items()}.get(field, field).lower()
     if field.startswith("pgflow_"):
         field = field[len("pgflow_"):]
     where = ".".join([field, *loc[1:]])
@@ -356,3 +376,69 @@ def _config_error(exc: ValidationError) -> ConfigError:
     if field not in _SECRET_FIELDS and "input" in err and not isinstance(err["input"], (dict, list)):
         shown = f", got {str(err['input'])[:80]!r}"
     return ConfigError(f"invalid setting {where} (env {env}): {msg}{shown}")
+
+
+# --- issue 15: secrets from files ---------------------------------------------------------
+# DATABASE_URL_FILE, NEW_RELIC_API_KEY_FILE and an instance's "database_url_file" name a file
+# holding the secret (a Kubernetes Secret or Docker secret mount, a systemd credential). A file
+# that is missing or empty stops pgflow (one line, exit 2); one that other users may read or
+# anyone but its owner may write is used, with one warning line per file.
+
+_config_log = logging.getLogger("pgflow.config")
+_warned_files: set[tuple[str, int]] = set()
+
+
+def read_secret_file(path: Path, setting: str) -> str:
+    """The secret in ``path``, stripped of surrounding whitespace (a mounted Secret often ends
+    in a newline). Raises ConfigError for a missing, unreadable or empty file; warns once
+    when its permissions let other users read it or others than its owner change it."""
+    try:
+        st = os.stat(path)
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {setting} {path} ({exc.strerror})",
+                          "check the path and that the user pgflow runs as may read it") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{setting} {path} is not UTF-8 text", "the file must hold only the secret") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o026 and (str(path), mode) not in _warned_files:
+        _warned_files.add((str(path), mode))
+        who = "other users may read it" if mode & 0o004 else "others than its owner may change it"
+        _config_log.warning(f"{setting} {path} has mode {mode:04o}: {who}; chmod 600 it "
+                            f"(or 640 / 440 for the group the service runs in)")
+    secret = text.strip()
+    if not secret:
+        raise ConfigError(f"{setting} {path} is empty", "write the secret into the file (one line)")
+    return secret
+
+
+def _dsn_from(path: Path, setting: str) -> str:
+    try:
+        return _check_dsn(read_secret_file(path, setting))
+    except ValueError as exc:  # never echo the file's content: it holds a password
+        raise ConfigError(f"the DSN in {setting} {path} {exc}") from None
+
+
+def _instance_dsn_from_file(data: Any) -> Any:
+    """Fill an instance's ``database_url`` from its ``database_url_file`` (before validation)."""
+    if not isinstance(data, dict) or data.get("database_url_file") in (None, ""):
+        return data
+    name = data.get("name", "?")
+    if data.get("database_url") is not None:
+        raise ConfigError(f"instance {name!r} sets both database_url and database_url_file", "keep one of them")
+    path = Path(data["database_url_file"])
+    return {**data, "database_url": _dsn_from(path, f"database_url_file of instance {name!r}")}
+
+
+def _settings_secrets_from_files(settings: Settings) -> Settings:
+    """Fill ``database_url`` and ``new_relic_api_key`` from their ``*_FILE`` settings."""
+    if settings.database_url_file is not None:
+        if settings.database_url is not None:
+            raise ConfigError("both DATABASE_URL and DATABASE_URL_FILE are set", "keep one of them")
+        settings.database_url = SecretStr(_dsn_from(settings.database_url_file, "DATABASE_URL_FILE"))
+    if settings.new_relic_api_key_file is not None:
+        if settings.new_relic_api_key is not None:
+            raise ConfigError("both NEW_RELIC_API_KEY and NEW_RELIC_API_KEY_FILE are set", "keep one of them")
+        settings.new_relic_api_key = SecretStr(read_secret_file(settings.new_relic_api_key_file,
+                                                                "NEW_RELIC_API_KEY_FILE"))
+    return settings
