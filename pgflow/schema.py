@@ -147,6 +147,23 @@ POINTS = pl.Schema(
 )
 
 
+# Issue 12: events (OTLP log records: query samples, plans), one row per event.
+EVENTS = pl.Schema(
+    {
+        "instance": pl.String,
+        "event_name": pl.String,  # db.server.query_sample | db.server.query_plan
+        "time": UTC_TS,
+        "severity": pl.String,  # TRACE | DEBUG | INFO | WARN | ERROR | FATAL
+        "body": pl.String,  # e.g. the normalized plan JSON; null: no body
+        "attributes": pl.String,  # a JSON object; values are strings, integers, floats or booleans
+        # The instance's resource, as in POINTS, so that an events frame stands alone.
+        "server_address": pl.String,
+        "server_port": pl.Int32,
+        "server_version_num": pl.Int32,
+    }
+)
+
+
 def conform(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
     """Cast and order ``frame`` to ``schema``; columns it lacks become typed nulls."""
     if frame.width == 0:
