@@ -28,13 +28,14 @@ def sample(i: int, instance: str = "db1:5432", body: str | None = None, **extra)
     return {"instance": instance, "event_name": "db.server.query_sample" if body is None else "db.server.query_plan",
             "time": T0 + timedelta(seconds=i), "severity": "INFO", "body": body,
             "attributes": {"db.system.name": "postgresql", "db.namespace": "app", "postgresql.pid": 1000 + i,
-                           "postgresql.query.fingerprint": f"{i:016x}", "postgresql.duration": i / 8,
+                           "postgresql.query.fingerprint": f"{i:016x}", "postgresql.query.duration": i / 8,
                            "postgresql.query.truncated": False, **extra},
             "server_address": instance.split(":")[0], "server_port": 5432, "server_version_num": 170004}
 
 
 def test_records_decode_with_opentelemetry_proto():
-    events = events_frame([sample(0), sample(1, body='{"Plan": {}}'), sample(2, instance="db2:5432")])
+    events = events_frame([sample(0, **{"postgresql.query_id": -(2**63)}), sample(1, body='{"Plan": {}}'),
+                           sample(2, instance="db2:5432", **{"postgresql.pid": None, "postgresql.query_id": 2**63 - 1})])
     assert events.schema == EVENTS
     (batch,) = list(LogEncoder().batches(events))
     request = decode(batch.payload)
@@ -50,10 +51,16 @@ def test_records_decode_with_opentelemetry_proto():
     assert not r0.HasField("body") and records[1].body.string_value == '{"Plan": {}}'
     attrs = {kv.key: kv.value for kv in r0.attributes}
     assert attrs["postgresql.pid"].int_value == 1000
-    assert attrs["postgresql.duration"].double_value == 0.0
+    assert attrs["postgresql.query.duration"].double_value == 0.0
     assert attrs["postgresql.query.truncated"].WhichOneof("value") == "bool_value"
     assert attrs["db.namespace"].string_value == "app"
     assert attrs["event.name"].string_value == "db.server.query_sample"
+    assert attrs["postgresql.query_id"].int_value == -(2**63)
+    last = {kv.key: kv.value for kv in request.resource_logs[1].scope_logs[0].log_records[0].attributes}
+    assert "postgresql.pid" not in last and last["postgresql.query_id"].int_value == 2**63 - 1
+    assert last["postgresql.query.duration"].double_value == 0.25
+    with pytest.raises(ValueError, match="unknown event attribute"):
+        events_frame([sample(0, secret="x")])
 
 
 def test_resource_is_the_metrics_resource():
