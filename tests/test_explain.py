@@ -179,3 +179,252 @@ def test_unknown_fields_and_unreadable_expressions_are_dropped():
                      "Some Future Field": "secret 'x'", "Plans": [{"Node Type": "Result", "Extra": {"a": "b"}}]},
             "Query Text": "SELECT 'secret'", "Settings": {"work_mem": "1GB"}}]
     assert plans.obfuscate(raw) == {"Node Type": "Seq Scan", "Relation Name": "t", "Plans": [{"Node Type": "Result"}]}
+
+
+# Explaining (pgflow.scrape.explain), on a real server with pgbench ----------------------------------
+
+from datetime import datetime, timezone  # noqa: E402
+
+import polars as pl  # noqa: E402
+
+from pgflow import telemetry  # noqa: E402
+from pgflow.ops.fingerprint import query_info  # noqa: E402
+from pgflow.scrape.explain import (  # noqa: E402
+    ExplainFailed,
+    Explainer,
+    PlanSource,
+    database_connector,
+    explainable,
+    helper_sql,
+    helper_status,
+)
+
+CANDIDATES_SQL = """
+SELECT d.datname AS database, r.rolname AS "user", s.queryid, s.query, s.total_exec_time AS exec_time
+FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid JOIN pg_roles r ON r.oid = s.userid
+"""
+
+
+@pytest.fixture(scope="module")
+def server(pgbench_server):
+    """pgbench's tables, every statement in the server log with its application name."""
+    srv = pgbench_server(settings={"log_statement": "all", "log_line_prefix": "%a|"})
+    srv.pgbench("-c", "2", "-t", "40")
+    return srv
+
+
+def candidates(server, extra: list[tuple] = ()) -> pl.DataFrame:
+    rows = server.execute(CANDIDATES_SQL) + list(extra)
+    frame = pl.DataFrame(rows, schema={"database": pl.String, "user": pl.String, "queryid": pl.Int64,
+                                       "query": pl.String, "exec_time": pl.Float64}, orient="row")
+    return frame.with_columns(pl.Series("fingerprint", [query_info(q).fingerprint for q in frame["query"]]))
+
+
+def pgflow_statements(server, since: int) -> list[str]:
+    """What pgflow's connections sent after log offset ``since`` (the server's own record)."""
+    text = server.logfile.read_text(errors="replace")[since:]
+    return [line.split("statement: ", 1)[1] for line in text.splitlines()
+            if line.startswith("pgflow|") and "statement: " in line]
+
+
+def log_size(server) -> int:
+    return len(server.logfile.read_text(errors="replace"))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def source(server, **kwargs) -> PlanSource:
+    return PlanSource(database_connector(server.dsn()), instance="t", **kwargs)
+
+
+def generic(server) -> bool:
+    return int(server.execute("SHOW server_version_num")[0][0]) >= 160000
+
+
+def version(server) -> int:
+    return int(server.execute("SHOW server_version_num")[0][0])
+
+
+def test_pgbench_plans_arrive_with_a_stable_hash_that_follows_an_index(server):
+    clock = Clock()
+    plans_source = source(server, clock=clock)
+    pgbench = candidates(server).filter(pl.col("query").str.contains("pgbench_"))
+    got = plans_source.run(pgbench, version(server))
+    summaries = {query_info(q).summary for q in pgbench.filter(
+        pl.col("fingerprint").is_in(got["fingerprint"].implode()))["query"]}
+    assert {"UPDATE pgbench_accounts", "UPDATE pgbench_tellers", "UPDATE pgbench_branches",
+            "SELECT pgbench_accounts", "INSERT pgbench_history"} <= summaries
+    assert set(got["method"]) == {"generic_plan" if generic(server) else "prepare"}
+    assert got.height <= 5 and set(got["database"]) == {"postgres"}
+    assert all(json.loads(b)[0]["Plan"]["Node Type"] for b in got["body"])
+    # The same statements again, past the TTL: the same hashes.
+    clock.now += 3601
+    again = plans_source.run(pgbench, version(server))
+    assert dict(zip(again["fingerprint"], again["plan_hash"])) == dict(zip(got["fingerprint"], got["plan_hash"]))
+    # A statement filtering on an unindexed column; then an index on it: another plan, another hash.
+    server.execute("CREATE TABLE keyed AS SELECT g AS id, g * 7 AS k FROM generate_series(1, 50000) g",
+                   "ANALYZE keyed", "SELECT * FROM keyed WHERE k = 4242")
+    focus = candidates(server).filter(pl.col("query").str.contains("FROM keyed WHERE k = \\$1"))
+    before = source(server).run(focus, version(server))
+    server.execute("CREATE INDEX keyed_k ON keyed (k)")
+    try:
+        after = source(server).run(focus, version(server))
+        assert source(server).run(focus, version(server))["plan_hash"].to_list() == after["plan_hash"].to_list()
+    finally:
+        server.execute("DROP TABLE keyed")
+    assert before.height == after.height == 1
+    assert "keyed_k" in after["body"][0] and "keyed_k" not in before["body"][0]
+    assert before["plan_hash"][0] != after["plan_hash"][0]
+
+
+def test_an_update_is_explained_read_only_and_not_executed(server):
+    rows_before = server.execute("SELECT bid, bbalance, xmin::text FROM pgbench_branches ORDER BY bid")
+    since = log_size(server)
+    text = "UPDATE pgbench_branches SET bbalance = bbalance + $1 WHERE bid = $2"
+    with database_connector(server.dsn())("postgres") as conn:
+        plan, method = Explainer().explain(conn, text, version(server))
+    assert plan[0]["Plan"]["Node Type"] == "ModifyTable" and plan[0]["Plan"]["Operation"] == "Update"
+    assert server.execute("SELECT bid, bbalance, xmin::text FROM pgbench_branches ORDER BY bid") == rows_before
+    sent = pgflow_statements(server, since)
+    assert sent[:3] == ["BEGIN READ ONLY", "SET LOCAL statement_timeout = 2000", "SET LOCAL lock_timeout = 100"]
+    assert sent[-1] == "ROLLBACK" and not any("ANALYZE" in s.upper() for s in sent)
+    if method == "generic_plan":
+        assert sent[3] == f"EXPLAIN (GENERIC_PLAN, FORMAT JSON) {text}"
+    else:
+        assert sent[3:8] == ["SET LOCAL plan_cache_mode = force_generic_plan", f"PREPARE pgflow_explain AS {text}",
+                             sent[5], "EXPLAIN (FORMAT JSON) EXECUTE pgflow_explain(NULL, NULL)",
+                             "DEALLOCATE pgflow_explain"]
+
+
+def test_a_locked_table_times_out_on_lock_timeout_and_is_retried_later(server):
+    failures = telemetry.REGISTRY.get_sample_value("pgflow_explain_failures_total",
+                                                   {"instance": "t", "cause": "lock_timeout"}) or 0
+    focus = candidates(server).filter(pl.col("query").str.starts_with("UPDATE pgbench_branches"))
+    assert focus.height == 1
+    plans_source = source(server)
+    with psycopg.connect(server.dsn()) as holder:
+        holder.execute("LOCK TABLE pgbench_branches IN ACCESS EXCLUSIVE MODE")
+        got = plans_source.run(focus, version(server))  # returns: lock_timeout, no wait on the lock
+        assert got.height == 0 and plans_source.stats.failed == {"lock_timeout": 1}
+        assert holder.execute("SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' "
+                              "AND relation = 'pgbench_branches'::regclass AND granted").fetchone()[0] == 1
+        holder.rollback()
+    assert telemetry.REGISTRY.get_sample_value("pgflow_explain_failures_total",
+                                               {"instance": "t", "cause": "lock_timeout"}) == failures + 1
+    assert not server.execute("SELECT name FROM pg_prepared_statements")  # nothing left behind
+    retried = plans_source.run(focus, version(server))  # a timeout is not remembered as an error
+    assert retried.height == 1
+
+
+def test_multi_statement_utility_and_pgflow_texts_are_never_sent(server):
+    bad = ["SELECT 1; DROP TABLE pgbench_history", "VACUUM pgbench_accounts", "CREATE TABLE evil (a int)",
+           "SELECT * INTO evil FROM pgbench_branches", "BEGIN", "SELECT pgflow.explain_generic($1)",
+           "SET work_mem = $1", "EXPLAIN ANALYZE DELETE FROM pgbench_history", "SELECT 'unterminated"]
+    for text in bad:
+        assert explainable(text) is not None, text
+    assert explainable("WITH x AS (SELECT $1::int AS a) SELECT a FROM x") is None
+    extra = [("postgres", "postgres", 10_000 + i, text, 1e9) for i, text in enumerate(bad)]
+    only_bad = candidates(server, extra).filter(pl.col("query").is_in(bad))
+    since = log_size(server)
+    plans_source = source(server, explains_per_window=100)
+    assert plans_source.run(only_bad, version(server)).height == 0
+    assert plans_source.stats.skipped == {"not_explainable": len(bad)}
+    assert not [s for s in pgflow_statements(server, since) if "EXPLAIN" in s or "PREPARE" in s]
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        for text in bad[:2]:
+            with pytest.raises(ExplainFailed, match="not_explainable"):
+                Explainer().explain(conn, text, version(server))
+    assert server.execute("SELECT count(*) FROM pgbench_history")[0][0] > 0
+    assert not server.execute("SELECT 1 FROM pg_class WHERE relname = 'evil'")
+
+
+def test_budget_ttl_and_error_cache_hold(server):
+    server.execute(*[f"CREATE TABLE IF NOT EXISTS slow{i} (a int, b{i} int)" for i in range(50)])
+    for i in range(50):
+        server.execute(f"SELECT count(*) FROM slow{i} WHERE b{i} = 7")
+    fifty = candidates(server).filter(pl.col("query").str.contains("FROM slow"))
+    assert fifty["fingerprint"].n_unique() == 50
+    clock = Clock()
+    plans_source = source(server, explains_per_window=5, clock=clock)
+    seen: list[set] = []
+    for _ in range(3):
+        since = log_size(server)
+        got = plans_source.run(fifty, version(server))
+        sent = [s for s in pgflow_statements(server, since)
+                if s.startswith(("EXPLAIN (GENERIC_PLAN", "PREPARE"))]  # one per statement explained
+        assert got.height == 5 and len(sent) == 5  # the server saw five explains, no more
+        seen.append(set(got["fingerprint"]))
+    assert len(seen[0] | seen[1] | seen[2]) == 15  # none again within its TTL
+    top = fifty.sort("exec_time", descending=True)["fingerprint"].head(5).to_list()
+    assert seen[0] == set(top)  # the ones with the most execution time first
+    clock.now += 3601
+    assert set(plans_source.run(fifty, version(server))["fingerprint"]) == set(top)  # past the TTL: again
+    # A deterministic error: tried once, remembered 24 h, counted by cause.
+    missing = candidates(server, [("postgres", "postgres", 99, "SELECT * FROM elsewhere.nothing WHERE a = $1", 1e12)])
+    missing = missing.filter(pl.col("query").str.contains("elsewhere"))
+    errors = source(server, clock=clock)
+    assert errors.run(missing, version(server)).height == 0 and errors.stats.failed == {"undefined_object": 1}
+    since = log_size(server)
+    errors.run(missing, version(server))
+    assert errors.stats.skipped == {"error_cached": 1} and not pgflow_statements(server, since)
+    clock.now += 24 * 3600 + 1
+    errors.run(missing, version(server))
+    assert errors.stats.failed == {"undefined_object": 2}
+    assert source(server, explains_per_window=0).run(fifty, version(server)).height == 0  # 0: plans off
+
+
+def test_the_helper_explains_for_a_role_without_table_privileges(server):
+    server.execute("CREATE TABLE IF NOT EXISTS private_t (id int PRIMARY KEY, secret text)",
+                   "DROP ROLE IF EXISTS mon", "CREATE ROLE mon LOGIN PASSWORD 'mon-pw'", "GRANT pg_monitor TO mon")
+    connect = database_connector(server.dsn(user="mon", password="mon-pw"))
+    text = "SELECT secret FROM private_t WHERE id = $1"
+    row = [("postgres", "app", 7, text, 1e6)]
+    focus = candidates(server, row).filter(pl.col("query") == text)
+    direct = PlanSource(connect, instance="t")
+    assert direct.run(focus, version(server)).height == 0 and direct.stats.failed == {"permission": 1}
+    with connect("postgres") as conn:
+        assert helper_status(conn)[0] == "ok" and "not installed" in helper_status(conn)[1]
+    server.execute(helper_sql())
+    try:
+        with connect("postgres") as conn:
+            level, detail = helper_status(conn)
+            assert level == "warn" and "GRANT EXECUTE" in detail
+        server.execute("GRANT USAGE ON SCHEMA pgflow TO mon",
+                       "GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) TO mon")
+        with connect("postgres") as conn:
+            assert helper_status(conn) == ("ok", "explain helper installed and usable")
+        import subprocess
+        import sys
+
+        check = subprocess.run([sys.executable, "-m", "pgflow", "check"], capture_output=True, text=True, timeout=60,
+                               env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ".",
+                                    "DATABASE_URL": server.dsn(user="mon", password="mon-pw")})
+        assert "explain helper: explain helper installed and usable" in check.stdout, check.stdout + check.stderr
+        got = PlanSource(connect, instance="t").run(focus, version(server))
+        assert got["method"].to_list() == ["helper"]
+        plan = json.loads(got["body"][0])[0]["Plan"]
+        assert plan["Relation Name"] == "private_t" and plan["Node Type"] in ("Index Scan", "Bitmap Heap Scan")
+        assert not server.execute("SELECT name FROM pg_prepared_statements")
+    finally:
+        server.execute("DROP SCHEMA pgflow CASCADE", "DROP OWNED BY mon", "DROP ROLE mon")
+
+
+def test_bad_explain_settings_exit_2():
+    import subprocess
+    import sys
+
+    for name, value in [("PGFLOW_EXPLAINS_PER_WINDOW", "-1"), ("PGFLOW_EXPLAIN_TTL_SECS", "0"),
+                        ("PGFLOW_SAMPLE_MIN_DURATION_MS", "x"), ("PGFLOW_MAX_SAMPLES_PER_WINDOW", "0"),
+                        ("PGFLOW_SAMPLES_PER_FINGERPRINT_PER_HOUR", "-3")]:
+        proc = subprocess.run([sys.executable, "-m", "pgflow", "check"], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ".", "DATABASE_URL": "postgresql://x@h/db",
+                                   name: value})
+        assert proc.returncode == 2, (name, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and name.removeprefix("PGFLOW_").lower() in lines[0]
