@@ -175,6 +175,19 @@ EVENT_ATTRIBUTE_TYPES = {
     "postgresql.plan.generic": pl.Boolean,  # a generic plan (GENERIC_PLAN or PREPARE), not a literal one
 }
 EVENT_ATTRIBUTES = pl.Struct(EVENT_ATTRIBUTE_TYPES)
+# Issue 12: plans explained beside the scrape source, riding on the next Snapshot; obfuscated at
+# the source (pgflow.ops.plans), so no constant is ever held, captured or sent.
+PLANS = pl.Schema(
+    {
+        "database": pl.String,
+        "fingerprint": pl.String,
+        "queryid": pl.Int64,
+        "plan_hash": pl.String,
+        "body": pl.String,  # the obfuscated plan, JSON, at most 128 KB
+        "method": pl.String,  # generic_plan | prepare | helper
+        "explained_at": UTC_TS,
+    }
+)
 EVENTS = pl.Schema(
     {
         "instance": pl.String,
@@ -228,8 +241,9 @@ class Snapshot:
     server_address: str = ""
     server_port: int = 0
     hidden_statements: int = 0  # rows whose queryid the role may not see
+    plans: pl.DataFrame = field(default_factory=lambda: empty(PLANS))  # issue 12
 
-    FRAMES = ("statements", "activity", "locks", "blocked", "databases")
+    FRAMES = ("statements", "activity", "locks", "blocked", "databases", "plans")
 
     def equals(self, other: Snapshot) -> bool:
         """Frame-for-frame equality (for capture round trips and replay checks)."""

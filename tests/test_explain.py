@@ -428,3 +428,47 @@ def test_bad_explain_settings_exit_2():
         assert proc.returncode == 2, (name, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and name.removeprefix("PGFLOW_").lower() in lines[0]
+
+
+def test_plans_ride_on_the_snapshot_through_capture_and_arrive_as_events(server, tmp_path):
+    """Real plans → Snapshot.plans → capture round trip → plan events → the receiver's logs table;
+    a literal a plan shows (a view's) reaches neither the capture nor the receiver."""
+    from dataclasses import replace
+
+    from pgflow import capture
+    from pgflow.config import Settings
+    from pgflow.ops.plan_events import snapshot_plan_events
+    from pgflow.otlp.logs_export import LogsExporter
+    from pgflow.otlp.receiver import Receiver
+    from pgflow.otlp.store import read_logs
+    from pgflow.scrape.scraper import Scraper
+
+    server.execute("CREATE OR REPLACE VIEW secret_branches AS SELECT * FROM pgbench_branches "
+                   "WHERE filler IS DISTINCT FROM 'viewsecret_e2e'", "SELECT * FROM secret_branches WHERE bid = 1")
+    with database_connector(server.dsn())("postgres") as conn:
+        raw, _ = Explainer().explain(conn, "SELECT * FROM secret_branches WHERE bid = $1", version(server))
+    assert "viewsecret_e2e" in json.dumps(raw)  # the plan does show it
+    pgbench = candidates(server).filter(pl.col("query").str.contains("pgbench_|secret_branches"))
+    got = source(server, explains_per_window=10).run(pgbench, version(server))
+    assert "secret_branches" in " ".join(pgbench.filter(pl.col("fingerprint").is_in(got["fingerprint"].implode()))["query"])
+    with Scraper(server.dsn()) as scraper:
+        snapshot = replace(scraper.scrape(), plans=got)
+    path = tmp_path / "cap.duckdb"
+    capture.record([snapshot], path)
+    (back,) = list(capture.read(path))
+    assert back.equals(capture.as_stored(snapshot)) and back.plans.equals(got)
+    assert b"viewsecret_e2e" not in path.read_bytes()
+    events = snapshot_plan_events(back)
+    assert events.height == got.height and set(events["event_name"]) == {"db.server.query_plan"}
+    out = tmp_path / "received.duckdb"
+    with Receiver(out) as receiver:
+        settings = Settings.load(otlp_endpoint=receiver.grpc_endpoint, otlp_protocol="grpc")
+        assert all(r.acknowledged for _, r in LogsExporter(settings).export(events))
+    logs = read_logs(out)
+    attrs = [json.loads(a) for a in logs["attributes"]]
+    assert {(a["postgresql.query.fingerprint"], a["postgresql.plan.hash"]) for a in attrs} == set(
+        zip(got["fingerprint"], got["plan_hash"]))
+    assert all(a["db.namespace"] == "postgres" and a["postgresql.plan.generic"] is True for a in attrs)
+    assert sorted(logs["body"]) == sorted(got["body"])
+    assert not any("viewsecret_e2e" in (b or "") + a for b, a in zip(logs["body"], logs["attributes"]))
+    assert b"viewsecret_e2e" not in out.read_bytes()

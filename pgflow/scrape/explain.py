@@ -36,22 +36,12 @@ from psycopg import errors as pgerr
 
 from pgflow.logs import kv
 from pgflow.ops import plans
+from pgflow.schema import PLANS
 
 log = logging.getLogger("pgflow.explain")
 
 ERROR_TTL_SECS = 24 * 3600
 EXPLAINABLE = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
-PLANS = pl.Schema({
-    "database": pl.String,
-    "fingerprint": pl.String,
-    "queryid": pl.Int64,
-    "plan_hash": pl.String,
-    "body": pl.String,  # obfuscated plan JSON (pgflow.ops.plans), at most 128 KB
-    "method": pl.String,  # generic_plan | prepare | helper
-    "explained_at": pl.Datetime("us", "UTC"),
-})
-
-
 def helper_sql() -> str:
     """The optional SECURITY DEFINER helper's SQL, shipped inside the package."""
     return resources.files("pgflow").joinpath("sql/explain_helper.sql").read_text(encoding="utf-8")
