@@ -150,3 +150,135 @@ def test_retries_refusals_and_partial_success(protocol):
         assert not refused.acknowledged and not refused.retryable and refused.attempts == 1
         assert len(receiver.logs()) == 8  # the OK and the PARTIAL request: stored once each
         assert [o for _, o in receiver.attempts][-1] in ("403", "PERMISSION_DENIED")
+
+
+# Query samples (pgflow.ops.query_samples): a real long-running statement, read as the sampler would ----
+
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import psycopg  # noqa: E402
+
+from pgflow.ops.fingerprint import query_info  # noqa: E402
+from pgflow.ops.query_samples import (  # noqa: E402
+    QUERY_SAMPLES,
+    TRUNCATED,
+    UNPARSABLE,
+    limit_samples,
+    sample_events,
+    sample_text,
+)
+
+ACTIVITY_SQL = """
+SELECT now() AS seen_at, datname AS database, usename AS "user", pid, query_start,
+       extract(epoch FROM now() - query_start)::float8 AS duration_secs, state, wait_event_type, wait_event,
+       {query_id} AS query_id, application_name, host(client_addr) AS client_addr, query
+FROM pg_stat_activity WHERE application_name = 'slow-app' AND state = 'active'
+"""
+
+
+def observe(server, seconds_at_least: float) -> list[dict]:
+    """pg_stat_activity rows of the 'slow-app' session, once it has run ``seconds_at_least``."""
+    version = int(server.execute("SHOW server_version_num")[0][0])
+    sql = ACTIVITY_SQL.format(query_id="query_id" if version >= 140000 else "NULL::int8")
+    deadline = time.monotonic() + 30
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            cur = conn.execute(sql)  # type: ignore[arg-type]
+            names = [d.name for d in cur.description]
+            found = [dict(zip(names, r)) for r in cur.fetchall()]
+            if found and found[0]["duration_secs"] >= seconds_at_least:
+                return found
+            time.sleep(0.05)
+    raise AssertionError("the slow statement never showed up in pg_stat_activity")
+
+
+def run_slow(server, statement: str) -> threading.Thread:
+    def work() -> None:
+        with psycopg.connect(server.dsn(), autocommit=True, application_name="slow-app") as conn:
+            conn.execute(statement)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def as_samples(rows: list[dict], size: int) -> pl.DataFrame:
+    out = []
+    for row in rows:
+        text = sample_text(row.pop("query"), size)  # the only place the raw text is read
+        out.append(dict(row, fingerprint=text.fingerprint, text=text.text, truncated=text.truncated,
+                        unparsable=text.unparsable))
+    return pl.DataFrame(out, schema=QUERY_SAMPLES)
+
+
+def test_a_slow_statement_with_a_secret_arrives_as_a_normalized_sample(fresh_stats, tmp_path):
+    server = fresh_stats
+    secret = "zq-sample-secret-77"
+    worker = run_slow(server, f"SELECT pg_sleep(1.5) WHERE '{secret}' <> current_user")
+    first = observe(server, 0.15)
+    second = observe(server, 0.3)  # the same execution, seen again by a later sample
+    worker.join()
+    samples = as_samples(first + second, 1024)
+    kept, state = limit_samples(samples)
+    assert kept.height == 1 and state.skipped == {}
+    assert kept["duration_secs"][0] >= 0.3  # the longest observation of the execution is kept
+    events = sample_events(kept, instance="db1", server_address="127.0.0.1", server_port=server.port,
+                           server_version_num=180000)
+    out = tmp_path / "received.duckdb"
+    with Receiver(out) as receiver:
+        settings = Settings.load(otlp_endpoint=receiver.http_endpoint, otlp_protocol="http")
+        assert all(r.acknowledged for _, r in LogsExporter(settings).export(events))
+    (row,) = read_logs(out).rows(named=True)
+    attrs = json.loads(row["attributes"])
+    assert row["event_name"] == "db.server.query_sample"
+    assert attrs["db.query.text"] == "SELECT pg_sleep($1) WHERE $2 <> current_user"
+    assert attrs["postgresql.pid"] == first[0]["pid"] and attrs["db.namespace"] == "postgres"
+    assert attrs["postgresql.application_name"] == "slow-app" and attrs["postgresql.state"] == "active"
+    assert attrs["postgresql.query.duration"] >= 0.3 and "postgresql.query_start" in attrs
+    # The sample's fingerprint is the key of the statement's metrics.
+    (pgss_text,) = [q for (q,) in server.execute("SELECT query FROM pg_stat_statements WHERE query LIKE '%pg_sleep%'")]
+    assert attrs["postgresql.query.fingerprint"] == query_info(pgss_text).fingerprint
+    assert secret.encode() not in out.read_bytes() and secret not in json.dumps(row, default=str)
+
+
+def test_truncated_and_unparsable_texts_leave_as_markers(pg_factory):
+    server = pg_factory(settings={"track_activity_query_size": "100"})
+    secret = "zq-truncated-secret-" + "x" * 120
+    worker = run_slow(server, f"SELECT pg_sleep(0.6), '{secret}'")
+    rows = observe(server, 0.1)
+    worker.join()
+    assert rows[0]["query"].startswith("SELECT pg_sleep(0.6), 'zq-truncated") and len(rows[0]["query"]) == 99
+    samples = as_samples(rows, 100)
+    assert samples["text"].to_list() == [TRUNCATED] and samples["truncated"].to_list() == [True]
+    events = sample_events(limit_samples(samples)[0], instance="db1")
+    attrs = events["attributes"].struct.unnest()
+    assert attrs["postgresql.query.truncated"].to_list() == [True] and attrs["db.query.text"].to_list() == [TRUNCATED]
+    assert "zq-truncated" not in str(events.rows())
+    bad = sample_text("SELEC * FRM t WHERE token = 'zq-unparsable-secret'")
+    assert bad.text == UNPARSABLE and bad.unparsable and "zq" not in bad.fingerprint
+    assert sample_text("SELEC x", 1024).fingerprint == sample_text("SELEC x", 1024).fingerprint
+
+
+def test_sample_limits_hold():
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+    def window(start: datetime, executions: int, fingerprints: int, duration: float = 1.0) -> pl.DataFrame:
+        rows = [{"seen_at": start + timedelta(seconds=i % 60), "database": "app", "user": "u", "pid": 1000 + i,
+                 "query_start": start + timedelta(milliseconds=i), "duration_secs": duration + i / 1000,
+                 "state": "active", "fingerprint": f"fp{i % fingerprints}", "text": "SELECT $1",
+                 "truncated": False, "unparsable": False} for i in range(executions)]
+        return pl.DataFrame(rows, schema=QUERY_SAMPLES)
+
+    first = window(t0, 200, 3)
+    kept, state = limit_samples(first, samples_per_fingerprint_per_hour=15, max_samples_per_window=40)
+    assert kept.height == 40 and kept["fingerprint"].value_counts()["count"].max() <= 15
+    assert kept["duration_secs"].min() >= first.sort("duration_secs")["duration_secs"][-60]  # the longest first
+    again, state = limit_samples(first, state, samples_per_fingerprint_per_hour=15, max_samples_per_window=40)
+    assert again.height <= 5  # executions already sent are not sent again; fingerprints near their hour's cap
+    assert state.skipped["seen"] >= 40
+    short = window(t0 + timedelta(minutes=1), 10, 1, duration=0.05).with_columns(pl.col("fingerprint") + "-new")
+    assert limit_samples(short, state)[0].height == 0 and state.skipped["short"] == 10
+    later = window(t0 + timedelta(hours=1, minutes=1), 200, 3).with_columns(pl.col("pid") + 10_000)
+    kept_later, state = limit_samples(later, state, samples_per_fingerprint_per_hour=15, max_samples_per_window=100)
+    assert kept_later.height == 45  # an hour on, each fingerprint may have 15 again
