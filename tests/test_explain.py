@@ -325,6 +325,7 @@ def test_a_locked_table_times_out_on_lock_timeout_and_is_retried_later(server):
 def test_multi_statement_utility_and_pgflow_texts_are_never_sent(server):
     bad = ["SELECT 1; DROP TABLE pgbench_history", "VACUUM pgbench_accounts", "CREATE TABLE evil (a int)",
            "SELECT * INTO evil FROM pgbench_branches", "BEGIN", "SELECT pgflow.explain_generic($1)",
+           "SELECT queryid, calls FROM public.pg_stat_statements(false)", "SELECT count(*) FROM pg_stat_activity",
            "SET work_mem = $1", "EXPLAIN ANALYZE DELETE FROM pgbench_history", "SELECT 'unterminated"]
     for text in bad:
         assert explainable(text) is not None, text
@@ -472,3 +473,24 @@ def test_plans_ride_on_the_snapshot_through_capture_and_arrive_as_events(server,
     assert sorted(logs["body"]) == sorted(got["body"])
     assert not any("viewsecret_e2e" in (b or "") + a for b, a in zip(logs["body"], logs["attributes"]))
     assert b"viewsecret_e2e" not in out.read_bytes()
+
+
+def test_candidates_are_the_statements_busiest_since_the_last_window(server):
+    from pgflow.ops.explain_targets import explain_candidates
+    from pgflow.scrape.scraper import Scraper
+
+    with Scraper(server.dsn()) as scraper:
+        before = scraper.scrape()
+        server.execute("SELECT pg_sleep(0.3)", "SELECT pg_sleep(0.3)")
+        server.pgbench("-c", "1", "-t", "5")
+        after = scraper.scrape()
+    got = explain_candidates(before.statements, after.statements)
+    top = got.row(0, named=True)
+    assert query_info(top["query"]).summary.startswith("SELECT") and "pg_sleep" in top["query"]
+    assert top["exec_time"] >= 590  # the two sleeps, 300 ms each, and nothing from before
+    assert "pgbench_branches" in " ".join(got["query"]) and got["exec_time"].is_sorted(descending=True)
+    assert got.select("database", "fingerprint").is_unique().all()
+    idle = explain_candidates(after.statements, after.statements)
+    assert idle.height == 0  # nothing ran: nothing to explain
+    plans_got = source(server).run(got, version(server))
+    assert top["fingerprint"] in plans_got["fingerprint"].to_list()

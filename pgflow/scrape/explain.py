@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,11 @@ def helper_sql() -> str:
     return resources.files("pgflow").joinpath("sql/explain_helper.sql").read_text(encoding="utf-8")
 
 
+# pgflow's own statements: its helper, and the statistics views and functions it reads.
+_PGFLOWS = re.compile(r'"(?:schemaname|sval|relname)": "(?:pgflow|pg_stat_\w*|pg_locks|pg_blocking_pids|'
+                      r'pg_prepared_statements|pg_wait_sampling\w*)"')
+
+
 def explainable(text: str | None) -> str | None:
     """Why ``text`` must not be explained (``not_parsed``, ``statements``, ``utility``, ``pgflow``), or None."""
     if not text:
@@ -64,7 +70,7 @@ def explainable(text: str | None) -> str | None:
         return "utility"
     if kind == "SelectStmt" and stmt[kind].get("intoClause"):
         return "utility"  # SELECT ... INTO creates a table
-    if '"schemaname": "pgflow"' in json.dumps(tree) or '"sval": "pgflow"' in json.dumps(tree):
+    if _PGFLOWS.search(json.dumps(tree)):
         return "pgflow"
     return None
 
