@@ -494,3 +494,28 @@ def test_candidates_are_the_statements_busiest_since_the_last_window(server):
     assert idle.height == 0  # nothing ran: nothing to explain
     plans_got = source(server).run(got, version(server))
     assert top["fingerprint"] in plans_got["fingerprint"].to_list()
+
+
+def test_window_plans_explain_once_per_window_on_the_scrape_after_it(server):
+    """Beside the source: the first scrape of a new window carries the plans of the closed one."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from pgflow.config import Settings
+    from pgflow.scrape.explain import WindowPlans
+    from pgflow.scrape.scraper import Scraper
+
+    assert WindowPlans.for_instance(server.dsn(), "t", Settings.load(explains_per_window=0)) is None
+    step = WindowPlans.for_instance(server.dsn(), "t", Settings.load(export_interval_secs=60, explains_per_window=3))
+    with Scraper(server.dsn()) as scraper:
+        first = scraper.scrape()
+        start = first.scraped_at.replace(second=0, microsecond=0)
+        assert step.attach(replace(first, scraped_at=start)).plans.height == 0  # the baseline
+        server.pgbench("-c", "1", "-t", "20")
+        same = step.attach(replace(scraper.scrape(), scraped_at=start + timedelta(seconds=30)))
+        assert same.plans.height == 0  # the window is still open
+        closed = step.attach(replace(scraper.scrape(), scraped_at=start + timedelta(seconds=61)))
+        quiet = step.attach(replace(scraper.scrape(), scraped_at=start + timedelta(seconds=125)))
+    assert 1 <= closed.plans.height <= 3
+    assert any("pgbench_" in b for b in closed.plans["body"])  # pgbench's own statements ran in that window
+    assert quiet.plans.height == 0  # nothing new ran, and the TTL holds the others

@@ -5,7 +5,8 @@ that instance (so a backend attaches events and metrics to the same entity), one
 ``pgflow``, one LogRecord per event: ``event_name`` (also as the ``event.name`` attribute, for
 backends that do not read the field yet), time and observed time, severity, body (a string)
 and typed attributes. Attribute values are cut at 4,094 characters (what New Relic keeps
-searchable) and bodies at 128 KiB (what it stores at all); both are counted.
+searchable) and bodies at 128 KiB (what it stores at all); both are counted (attributes once per
+distinct value: a value is encoded once).
 Requests stay under ``batch_size`` records and ``max_bytes`` bytes, exactly as for metrics.
 """
 

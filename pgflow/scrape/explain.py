@@ -25,7 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import resources
 
@@ -35,9 +35,11 @@ import psycopg.conninfo
 from pglast import parser as pg_parser
 from psycopg import errors as pgerr
 
+from pgflow.config import Settings
 from pgflow.logs import kv
 from pgflow.ops import plans
-from pgflow.schema import PLANS
+from pgflow.ops.explain_targets import explain_candidates
+from pgflow.schema import PLANS, Snapshot
 
 log = logging.getLogger("pgflow.explain")
 
@@ -353,3 +355,46 @@ def database_connector(dsn: str, connect_timeout: int = 5) -> Callable[[str], ps
                                connect_timeout=connect_timeout, application_name="pgflow", prepare_threshold=None)
 
     return connect
+
+
+class WindowPlans:
+    """The explain step beside the scrape source: at the first scrape of each export window, the
+    busiest statements of the window that just closed are explained (within PlanSource's budget
+    and caches) and their plans ride on that scrape's Snapshot (``plans``), so capture, replay
+    and the operators see exactly what was explained. Runs on the scrape thread, after the
+    scrape: it never delays a worker, and a failure here never loses a scrape.
+    """
+
+    def __init__(self, source: PlanSource, export_interval_secs: float) -> None:
+        self.source = source
+        self.interval = export_interval_secs
+        self._window: int | None = None
+        self._base: pl.DataFrame | None = None  # statements at the first scrape of the current window
+
+    @classmethod
+    def for_instance(cls, dsn: str, instance: str, settings: Settings) -> WindowPlans | None:
+        """None when plans are off (``explains_per_window = 0``)."""
+        if settings.explains_per_window <= 0:
+            return None
+        statement_timeout = min(settings.statement_timeout_ms, Explainer.statement_timeout_ms)
+        return cls(PlanSource(database_connector(dsn, settings.connect_timeout_secs), instance=instance,
+                              explains_per_window=settings.explains_per_window,
+                              explain_ttl_secs=settings.explain_ttl_secs,
+                              explainer=Explainer(statement_timeout_ms=statement_timeout)),
+                   settings.export_interval_secs)
+
+    def attach(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` with the plans of the window that just closed (none within a window)."""
+        window = int(snapshot.scraped_at.timestamp() // self.interval)
+        if self._window is None or window == self._window:
+            if self._window is None:
+                self._window, self._base = window, snapshot.statements
+            return snapshot
+        base, self._window, self._base = self._base, window, snapshot.statements
+        try:
+            candidates = explain_candidates(base, snapshot.statements)
+            found = self.source.run(candidates, snapshot.server_version_num)
+        except Exception as exc:  # explaining is a side job: the scrape goes on without plans
+            log.error("explaining failed unexpectedly", extra=kv(instance=self.source.instance, error=repr(exc)[:300]))
+            return snapshot
+        return replace(snapshot, plans=found) if found.height else snapshot
