@@ -56,7 +56,8 @@ _PGFLOWS = re.compile(r'"(?:schemaname|sval|relname)": "(?:pgflow|pg_stat_\w*|pg
 
 
 def explainable(text: str | None) -> str | None:
-    """Why ``text`` must not be explained (``not_parsed``, ``statements``, ``utility``, ``pgflow``), or None."""
+    """Why ``text`` must not be explained (``not_parsed``, ``statements``, ``utility``, ``pgflow``,
+    ``no_table``), or None."""
     if not text:
         return "not_parsed"
     try:
@@ -74,7 +75,23 @@ def explainable(text: str | None) -> str | None:
         return "utility"  # SELECT ... INTO creates a table
     if _PGFLOWS.search(json.dumps(tree)):
         return "pgflow"
+    if not _user_relations(tree):
+        return "no_table"  # a plan of functions and constants only (Result): nothing to learn; pgflow's own
     return None
+
+
+def _user_relations(node: object) -> bool:
+    """Whether the tree reads a relation outside the catalogs (pgflow reads only catalogs)."""
+    if isinstance(node, dict):
+        rel = node.get("RangeVar", node if "relname" in node else None)
+        if isinstance(rel, dict) and isinstance(rel.get("relname"), str):
+            schema = rel.get("schemaname") or ""
+            if schema not in ("pg_catalog", "information_schema") and not rel["relname"].startswith("pg_"):
+                return True
+        return any(_user_relations(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_user_relations(v) for v in node)
+    return False
 
 
 class ExplainFailed(Exception):
@@ -126,6 +143,10 @@ class Explainer:
         if reason is not None:
             raise ExplainFailed(f"not_explainable_{reason}", True)
         method = "helper" if helper else ("generic_plan" if server_version_num >= 160000 else "prepare")
+        return self._run(conn, text, method), method
+
+    def _run(self, conn: psycopg.Connection, text: str, method: str) -> list:
+        """The read-only transaction of one explain, for a text already checked."""
         prepared = False
         try:
             with conn.cursor() as cur:
@@ -155,9 +176,7 @@ class Explainer:
             cause, deterministic = _cause(exc)
             _end(conn, prepared)
             raise ExplainFailed(cause, deterministic, str(exc).strip().splitlines()[0][:200]) from None
-        if isinstance(plan, str):
-            plan = json.loads(plan)
-        return plan, method
+        return json.loads(plan) if isinstance(plan, str) else plan
 
 
 def _end(conn: psycopg.Connection, prepared: bool) -> None:
@@ -187,7 +206,7 @@ def helper_status(conn: psycopg.Connection) -> tuple[str, str]:
             return "ok", ("explain helper not installed (optional): plans of tables the monitoring role may not "
                           "read need it; run pgflow/sql/explain_helper.sql in each database as the tables' owner")
         try:
-            Explainer().explain(conn, "SELECT 1", 0, helper=True)
+            Explainer()._run(conn, "SELECT 1", "helper")  # a constant text: no check needed
         except ExplainFailed as exc:
             return "warn", (f"explain helper installed but not usable ({exc.cause}): "
                             "GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) TO the monitoring role")
