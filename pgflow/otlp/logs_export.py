@@ -7,7 +7,6 @@ the path, the response type and the encoder differ, so they are subclasses that 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import polars as pl
@@ -57,8 +56,9 @@ class LogsHttpTransport(HttpTransport):
 class LogsExporter(Exporter):
     """Sends events frames with the settings' endpoint, headers, batch size and retry policy."""
 
-    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] = time.sleep) -> None:
-        super().__init__(settings, sleep=sleep)
+    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] | None = None) -> None:
+        # Without ``sleep`` the metrics exporter's own default applies (its pause between retries).
+        super().__init__(settings, **({"sleep": sleep} if sleep is not None else {}))
         self.transport.close()
         transport_cls = LogsGrpcTransport if settings.otlp_protocol == "grpc" else LogsHttpTransport
         self.transport = transport_cls(self.endpoint, settings.export_headers, settings.export_timeout_secs)
