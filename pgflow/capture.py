@@ -22,7 +22,7 @@ import polars as pl
 
 from pgflow.errors import CaptureError, PgflowError
 from pgflow.ops.fingerprint import redact_text
-from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS, Snapshot
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, PLANS, STATEMENTS, Snapshot
 
 _SCALARS = {
     "scrape_id": "BIGINT", "instance": "VARCHAR", "scraped_at": "TIMESTAMPTZ", "server_version_num": "INTEGER",
@@ -30,7 +30,8 @@ _SCALARS = {
     "oldest_xact_age_secs": "DOUBLE", "oldest_query_age_secs": "DOUBLE", "server_address": "VARCHAR",
     "server_port": "INTEGER", "hidden_statements": "INTEGER",
 }
-_FRAMES = {"statements": STATEMENTS, "activity": ACTIVITY, "locks": LOCKS, "blocked": BLOCKED, "databases": DATABASES}
+_FRAMES = {"statements": STATEMENTS, "activity": ACTIVITY, "locks": LOCKS, "blocked": BLOCKED, "databases": DATABASES,
+           "plans": PLANS}
 _TYPES = {pl.Int64: "BIGINT", pl.Float64: "DOUBLE", pl.String: "VARCHAR", pl.Boolean: "BOOLEAN"}
 
 
@@ -146,8 +147,9 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
         scrapes = _utc(con.sql(f"SELECT * FROM scrapes {where} ORDER BY scraped_at, scrape_id",
                                params=[instance] if instance else None).pl())
         texts = con.sql("SELECT * FROM texts").pl()
+        tables = {t for (t,) in con.sql("SHOW TABLES").fetchall()}  # older captures lack newer frames
         frames = {name: _utc(con.sql(f"SELECT * FROM {name} ORDER BY scrape_id, ord").pl()).partition_by(
-            "scrape_id", as_dict=True, maintain_order=True) for name in _FRAMES}
+            "scrape_id", as_dict=True, maintain_order=True) if name in tables else {} for name in _FRAMES}
     texts_by_instance = texts.partition_by("instance", as_dict=True)
     for row in scrapes.iter_rows(named=True):
         sid = row["scrape_id"]

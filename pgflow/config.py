@@ -199,6 +199,13 @@ class Settings(BaseSettings):
     retry_max_attempts: int = Field(5, gt=0, le=100)
     service_name: str = "pgflow"
 
+    # Issue 12: query samples and explain plans.
+    sample_min_duration_ms: float = Field(100.0, gt=0)
+    samples_per_fingerprint_per_hour: int = Field(15, gt=0)
+    max_samples_per_window: int = Field(100, gt=0)
+    explains_per_window: int = Field(5, ge=0, le=1000)  # 0: no plans
+    explain_ttl_secs: float = Field(3600.0, gt=0)
+
     # Running.
     metrics_addr: str = "127.0.0.1:9187"
     state_dir: Path = Field(default_factory=lambda: _default_state_dir())

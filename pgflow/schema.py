@@ -147,6 +147,62 @@ POINTS = pl.Schema(
 )
 
 
+# Issue 12: events (OTLP log records: query samples, plans), one row per event.
+# Every attribute an event may carry, typed; a null field is an absent attribute.
+EVENT_ATTRIBUTE_TYPES = {
+    "db.system.name": pl.String,
+    "db.namespace": pl.String,
+    "user.name": pl.String,
+    "db.operation.name": pl.String,
+    "db.query.summary": pl.String,
+    "db.query.text": pl.String,  # normalized: never a literal, never a comment
+    "postgresql.query.fingerprint": pl.String,
+    "postgresql.query_id": pl.Int64,
+    "postgresql.pid": pl.Int64,
+    "postgresql.state": pl.String,
+    "postgresql.wait_event": pl.String,
+    "postgresql.wait_event_type": pl.String,
+    "postgresql.application_name": pl.String,
+    "postgresql.query_start": pl.String,  # ISO 8601
+    "postgresql.query.duration": pl.Float64,  # seconds it had run when seen
+    "postgresql.query.truncated": pl.Boolean,
+    "postgresql.query.unparsable": pl.Boolean,
+    "postgresql.blocking.root.pid": pl.Int64,
+    "postgresql.blocking.root.state": pl.String,
+    "postgresql.blocking.root.fingerprint": pl.String,
+    "network.peer.address": pl.String,
+    "postgresql.plan.hash": pl.String,
+    "postgresql.plan.generic": pl.Boolean,  # a generic plan (GENERIC_PLAN or PREPARE), not a literal one
+}
+EVENT_ATTRIBUTES = pl.Struct(EVENT_ATTRIBUTE_TYPES)
+# Issue 12: plans explained beside the scrape source, riding on the next Snapshot; obfuscated at
+# the source (pgflow.ops.plans), so no constant is ever held, captured or sent.
+PLANS = pl.Schema(
+    {
+        "database": pl.String,
+        "fingerprint": pl.String,
+        "queryid": pl.Int64,
+        "plan_hash": pl.String,
+        "body": pl.String,  # the obfuscated plan, JSON, at most 128 KB
+        "method": pl.String,  # generic_plan | prepare | helper
+        "explained_at": UTC_TS,
+    }
+)
+EVENTS = pl.Schema(
+    {
+        "instance": pl.String,
+        "event_name": pl.String,  # db.server.query_sample | db.server.query_plan
+        "time": UTC_TS,
+        "severity": pl.String,  # TRACE | DEBUG | INFO | WARN | ERROR | FATAL
+        "body": pl.String,  # e.g. the normalized plan JSON; null: no body
+        "attributes": EVENT_ATTRIBUTES,
+        # The instance's resource, as in POINTS, so that an events frame stands alone.
+        "server_address": pl.String,
+        "server_port": pl.Int32,
+        "server_version_num": pl.Int32,
+    }
+)
+
 def conform(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
     """Cast and order ``frame`` to ``schema``; columns it lacks become typed nulls."""
     if frame.width == 0:
@@ -185,8 +241,9 @@ class Snapshot:
     server_address: str = ""
     server_port: int = 0
     hidden_statements: int = 0  # rows whose queryid the role may not see
+    plans: pl.DataFrame = field(default_factory=lambda: empty(PLANS))  # issue 12
 
-    FRAMES = ("statements", "activity", "locks", "blocked", "databases")
+    FRAMES = ("statements", "activity", "locks", "blocked", "databases", "plans")
 
     def equals(self, other: Snapshot) -> bool:
         """Frame-for-frame equality (for capture round trips and replay checks)."""

@@ -39,6 +39,16 @@ last_export = Gauge("pgflow_last_successful_export_timestamp_seconds", "Last ack
                     registry=REGISTRY)
 
 
+# Issue 12: explain plans (and query samples).
+explains_taken = Counter("pgflow_explains_total", "Plans explained", ["instance"], registry=REGISTRY)
+explains_skipped = Counter("pgflow_explains_skipped_total", "Explain candidates skipped, by reason "
+                           "(budget, ttl, error_cached, not_explainable, own)", ["instance", "reason"],
+                           registry=REGISTRY)
+explains_failed = Counter("pgflow_explain_failures_total", "Explains that failed, by cause "
+                          "(lock_timeout, statement_timeout, permission, undefined_object, syntax, ...)",
+                          ["instance", "cause"], registry=REGISTRY)
+
+
 class Health:
     """Healthy while some instance was scraped successfully within the last three intervals."""
 

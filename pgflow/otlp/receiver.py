@@ -1,4 +1,4 @@
-"""`pgflow receive`: a small OTLP metrics receiver (gRPC and HTTP/protobuf) storing into DuckDB.
+"""`pgflow receive`: a small OTLP metrics and logs receiver (gRPC and HTTP/protobuf) storing into DuckDB.
 
 Built on the official service definitions of opentelemetry-proto. It answers like a real
 server (gzip accepted, partial_success, RetryInfo, Retry-After) and can be told to answer a
@@ -22,6 +22,12 @@ from pathlib import Path
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsPartialSuccess,
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsPartialSuccess,
@@ -115,6 +121,16 @@ class Receiver:
             self.attempts.append((protocol, outcome))
         return reply
 
+    def _handle_logs(self, request: ExportLogsServiceRequest, protocol: str, api_key: str | None) -> Reply:
+        """The same scripted answers as for metrics (one script for both signals); records go to ``logs``."""
+        reply = self._next(protocol)
+        outcome = reply.kind if reply.kind in ("OK", "PARTIAL") else (
+            str(reply.http_status()) if protocol == "http" else reply.grpc_code())
+        self.store.add_logs(request, protocol, outcome, _key_hash(api_key), store=reply.kind in ("OK", "PARTIAL"))
+        with self._lock:
+            self.attempts.append((f"{protocol}/logs", outcome))
+        return reply
+
     def set_script(self, replies: list[Reply]) -> None:
         with self._lock:
             self.script = deque(replies)
@@ -125,6 +141,7 @@ class Receiver:
         if self._grpc_port is not None:
             self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
             metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_GrpcService(self), self._grpc)
+            logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_GrpcLogsService(self), self._grpc)
             self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{self._grpc_port}")
             self._grpc.start()
         if self._http_port is not None:
@@ -161,6 +178,9 @@ class Receiver:
     def points(self):  # type: ignore[no-untyped-def]
         return self.store.points()
 
+    def logs(self):  # type: ignore[no-untyped-def]
+        return self.store.logs()
+
 
 class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer):
     def __init__(self, receiver: Receiver) -> None:
@@ -187,6 +207,38 @@ class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer):
         return ExportMetricsServiceResponse()
 
 
+def _grpc_refuse(reply: Reply, context: grpc.ServicerContext) -> None:
+    """Answer a scripted refusal on gRPC: the code, and RetryInfo when the script gives a delay."""
+    name = reply.grpc_code()
+    code = grpc.StatusCode[name]
+    if reply.delay is not None:
+        info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+            seconds=int(reply.delay), nanos=int((reply.delay % 1) * 1e9)))
+        status = status_pb2.Status(code=getattr(code_pb2, name), message=f"scripted {name}")
+        status.details.add().Pack(info)
+        context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+    context.set_code(code)
+    context.set_details(f"scripted {name}")
+
+
+def _logs_response(reply: Reply) -> ExportLogsServiceResponse:
+    if reply.kind == "PARTIAL":
+        return ExportLogsServiceResponse(partial_success=ExportLogsPartialSuccess(
+            rejected_log_records=reply.rejected, error_message="scripted partial success"))
+    return ExportLogsServiceResponse()
+
+
+class _GrpcLogsService(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    def Export(self, request: ExportLogsServiceRequest, context: grpc.ServicerContext) -> ExportLogsServiceResponse:  # noqa: N802
+        reply = self.receiver._handle_logs(request, "grpc", dict(context.invocation_metadata()).get("api-key"))
+        if reply.kind not in ("OK", "PARTIAL"):
+            _grpc_refuse(reply, context)
+        return _logs_response(reply)
+
+
 def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -206,8 +258,12 @@ def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
+            if self.path.rstrip("/") == "/v1/logs":
+                self._post_logs(body)
+                return
             if self.path.rstrip("/") != "/v1/metrics":
-                self._answer(404, status_pb2.Status(code=code_pb2.NOT_FOUND, message="only /v1/metrics").SerializeToString())
+                self._answer(404, status_pb2.Status(code=code_pb2.NOT_FOUND,
+                                                    message="only /v1/metrics and /v1/logs").SerializeToString())
                 return
             try:
                 if self.headers.get("Content-Encoding", "").lower() == "gzip":
@@ -223,6 +279,23 @@ def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             elif reply.kind == "PARTIAL":
                 self._answer(200, ExportMetricsServiceResponse(partial_success=ExportMetricsPartialSuccess(
                     rejected_data_points=reply.rejected, error_message="scripted partial success")).SerializeToString())
+            else:
+                status = reply.http_status()
+                headers = {"Retry-After": str(int(reply.delay))} if reply.delay is not None else {}
+                self._answer(status, status_pb2.Status(message=f"scripted {status}").SerializeToString(), headers)
+
+        def _post_logs(self, body: bytes) -> None:
+            try:
+                if self.headers.get("Content-Encoding", "").lower() == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportLogsServiceRequest.FromString(body)
+            except Exception:
+                self._answer(400, status_pb2.Status(code=code_pb2.INVALID_ARGUMENT,
+                                                    message="body is not a gzip/protobuf ExportLogsServiceRequest").SerializeToString())
+                return
+            reply = receiver._handle_logs(request, "http", self.headers.get("api-key"))
+            if reply.kind in ("OK", "PARTIAL"):
+                self._answer(200, _logs_response(reply).SerializeToString())
             else:
                 status = reply.http_status()
                 headers = {"Retry-After": str(int(reply.delay))} if reply.delay is not None else {}

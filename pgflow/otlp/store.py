@@ -3,6 +3,8 @@
 Columns: ``metric, kind, temporality, monotonic, unit, start, end, value, attributes,
 resource, received_at``; ``attributes`` and ``resource`` are JSON objects. ``requests`` logs
 every request the receiver answered, with a hash of the ``api-key`` header, never the key.
+``logs`` holds received OTLP log records (events): ``event_name, time, severity, body,
+attributes, resource, received_at``, the JSON columns as in ``points``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
@@ -31,6 +34,16 @@ CREATE TABLE IF NOT EXISTS requests (
     received_at TIMESTAMPTZ, protocol VARCHAR, outcome VARCHAR, points INTEGER, api_key_sha256 VARCHAR
 )
 """
+LOGS_DDL = """
+CREATE TABLE IF NOT EXISTS logs (
+    event_name VARCHAR, time TIMESTAMPTZ, severity VARCHAR, body VARCHAR, attributes JSON, resource JSON,
+    received_at TIMESTAMPTZ
+)
+"""
+LOGS_SCHEMA = {
+    "event_name": pl.String, "time": pl.Datetime("ns", "UTC"), "severity": pl.String, "body": pl.String,
+    "attributes": pl.String, "resource": pl.String, "received_at": pl.Datetime("us", "UTC"),
+}
 POINTS_SCHEMA = {
     "metric": pl.String, "kind": pl.String, "temporality": pl.String, "monotonic": pl.Boolean, "unit": pl.String,
     "start": pl.Datetime("ns", "UTC"), "end": pl.Datetime("ns", "UTC"), "value": pl.Float64,
@@ -79,6 +92,28 @@ def request_rows(request: ExportMetricsServiceRequest, received_at: datetime) ->
     ).select(list(POINTS_SCHEMA))
 
 
+def log_rows(request: ExportLogsServiceRequest, received_at: datetime) -> pl.DataFrame:
+    """Flatten a logs request into rows of the ``logs`` table (an AnyValue body as its value)."""
+    rows: dict[str, list] = {name: [] for name in LOGS_SCHEMA}
+    for rl in request.resource_logs:
+        resource = json.dumps({kv.key: _value(kv.value) for kv in rl.resource.attributes}, sort_keys=True)
+        for sl in rl.scope_logs:
+            for record in sl.log_records:
+                body = _value(record.body) if record.HasField("body") else None
+                rows["event_name"].append(record.event_name)
+                rows["time"].append(record.time_unix_nano or record.observed_time_unix_nano)
+                rows["severity"].append(record.severity_text or None)
+                rows["body"].append(None if body is None else body if isinstance(body, str) else str(body))
+                rows["attributes"].append(
+                    json.dumps({kv.key: _value(kv.value) for kv in record.attributes}, sort_keys=True))
+                rows["resource"].append(resource)
+                rows["received_at"].append(received_at)
+    frame = pl.DataFrame({k: v for k, v in rows.items() if k != "time"},
+                         schema={k: t for k, t in LOGS_SCHEMA.items() if k != "time"})
+    return frame.with_columns(
+        pl.Series("time", rows["time"], dtype=pl.Int64).cast(pl.Datetime("ns", "UTC"))).select(list(LOGS_SCHEMA))
+
+
 class PointStore:
     """A DuckDB file (or memory) holding received points; safe to call from several threads."""
 
@@ -87,6 +122,7 @@ class PointStore:
         self._con = duckdb.connect(self.path)
         self._con.execute(POINTS_DDL)
         self._con.execute(REQUESTS_DDL)
+        self._con.execute(LOGS_DDL)
         self._lock = threading.Lock()
 
     def add(self, request: ExportMetricsServiceRequest, protocol: str, outcome: str, api_key_sha256: str | None,
@@ -101,6 +137,24 @@ class PointStore:
             self._con.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
                               [now, protocol, outcome, 0 if rows is None else rows.height, api_key_sha256])
         return 0 if rows is None else rows.height
+
+    def add_logs(self, request: ExportLogsServiceRequest, protocol: str, outcome: str,
+                 api_key_sha256: str | None, store: bool) -> int:
+        """Store a logs request's records (when accepted) and log the request like ``add``."""
+        now = datetime.now(timezone.utc)
+        rows = log_rows(request, now) if store else None
+        with self._lock:
+            if rows is not None and rows.height:
+                self._con.register("incoming_logs", rows.to_arrow())
+                self._con.execute("INSERT INTO logs SELECT * FROM incoming_logs")
+                self._con.unregister("incoming_logs")
+            self._con.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
+                              [now, f"{protocol}/logs", outcome, 0 if rows is None else rows.height, api_key_sha256])
+        return 0 if rows is None else rows.height
+
+    def logs(self) -> pl.DataFrame:
+        with self._lock:
+            return _utc(self._con.sql("SELECT * FROM logs").pl())
 
     def points(self) -> pl.DataFrame:
         with self._lock:
@@ -121,6 +175,12 @@ def read_points(path: str | Path) -> pl.DataFrame:
     """The points table of a receiver's DuckDB file (after the receiver has exited)."""
     with duckdb.connect(str(path), read_only=True) as con:
         return _utc(con.sql("SELECT * FROM points").pl())
+
+
+def read_logs(path: str | Path) -> pl.DataFrame:
+    """The logs table of a receiver's DuckDB file (after the receiver has exited)."""
+    with duckdb.connect(str(path), read_only=True) as con:
+        return _utc(con.sql("SELECT * FROM logs").pl())
 
 
 def _utc(frame: pl.DataFrame) -> pl.DataFrame:

@@ -9,6 +9,7 @@ import psycopg
 from pgflow.config import InstanceConfig, redact_dsn
 from pgflow.errors import ScrapeError
 from pgflow.scrape.connection import classify, connect
+from pgflow.scrape.explain import explain_helper_finding
 
 _SETTINGS_SQL = """
 SELECT current_setting('server_version'), current_setting('server_version_num')::int,
@@ -63,6 +64,7 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5) -> CheckReport:
     try:
         with conn:
             _diagnose(conn, instance.dsn, report)
+            report.add(*explain_helper_finding(conn))  # issue 12
     except psycopg.Error as exc:
         report.add("fail", "query", str(classify(exc, instance.dsn)))
     return report
