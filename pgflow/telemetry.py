@@ -47,6 +47,16 @@ explains_skipped = Counter("pgflow_explains_skipped_total", "Explain candidates 
 explains_failed = Counter("pgflow_explain_failures_total", "Explains that failed, by cause "
                           "(lock_timeout, statement_timeout, permission, undefined_object, syntax, ...)",
                           ["instance", "cause"], registry=REGISTRY)
+# Issue 12: events through the ledger and the shipper (pgflow/stream/logic.py, shipper.py).
+events_exported = Counter("pgflow_events_exported_total", "Events (plans, query samples) acknowledged by the endpoint",
+                          registry=REGISTRY)
+events_dropped = Counter("pgflow_events_dropped_total", "Events given up, by reason (backlog: the oldest, past "
+                         "the bound of waiting events; rejected_by_endpoint)", ["reason"], registry=REGISTRY)
+events_queued = Gauge("pgflow_events_queued", "Events waiting for acknowledgement", ["instance"], registry=REGISTRY)
+query_samples = Counter("pgflow_query_samples_total", "Query samples taken (sent as events)", ["instance"],
+                        registry=REGISTRY)
+query_samples_skipped = Counter("pgflow_query_samples_skipped_total", "Query samples not taken, by reason "
+                                "(short, seen, fingerprint, window)", ["instance", "reason"], registry=REGISTRY)
 
 
 class Health:

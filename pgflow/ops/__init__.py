@@ -14,7 +14,7 @@ import polars as pl
 
 from pgflow.ops.fingerprint import Fingerprinter
 from pgflow.ops.pipeline import InstanceState, OpsSettings, finish, initial_state, step
-from pgflow.schema import POINTS, Snapshot
+from pgflow.schema import EVENTS, POINTS, Snapshot
 
 
 def run(snapshots: Iterable[Snapshot], **settings: Any) -> pl.DataFrame:
@@ -38,4 +38,19 @@ def run(snapshots: Iterable[Snapshot], **settings: Any) -> pl.DataFrame:
     return pl.concat(out) if out else pl.DataFrame(schema=POINTS)
 
 
-__all__ = ["run", "Fingerprinter", "OpsSettings"]
+def run_events(snapshots: Iterable[Snapshot], **settings: Any) -> pl.DataFrame:
+    """Every event (plans, query samples) the collector would export for ``snapshots``
+    (``pgflow.schema.EVENTS``), in order; settings as for :func:`run` (issue 12)."""
+    from pgflow.ops.pipeline import EventsState, events
+
+    ops = OpsSettings.of(**settings)
+    states: dict[str, EventsState] = {}
+    out: list[pl.DataFrame] = []
+    for snapshot in snapshots:
+        states[snapshot.instance], frame = events(states.get(snapshot.instance), snapshot, ops)
+        if frame.height:
+            out.append(frame)
+    return pl.concat(out) if out else pl.DataFrame(schema=EVENTS)
+
+
+__all__ = ["run", "run_events", "Fingerprinter", "OpsSettings"]

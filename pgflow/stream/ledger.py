@@ -3,7 +3,8 @@
 Exactness across ``kill -9`` rests on two files under ``state_dir``:
 
 - ``state.pkl``: the operators' state (delta baseline, open windows, LRU) and the outbox of
-  closed windows not yet acknowledged, written atomically (temp file, fsync, rename) after
+  closed windows not yet acknowledged, and beside them the events' state and the events
+  outbox (plans, query samples: issue 12), written atomically (temp file, fsync, rename) after
   every scrape *before* anything from that scrape is sent;
 - ``acks.log``: one line per acknowledged batch, appended and fsynced the moment the
   endpoint acknowledges it, before anything else happens.
@@ -27,16 +28,25 @@ from pathlib import Path
 import polars as pl
 
 from pgflow.errors import ConfigError, PgflowError
-from pgflow.ops.pipeline import InstanceState
+from pgflow.ops.pipeline import EventsState, InstanceState
 
 ROW = "__row"  # stable row id of an outbox frame, so partial acknowledgements can be applied
 
 
 @dataclass
 class Record:
+    """One instance's durable state. Points and events entries share ``next_seq``, so a
+    sequence number names one entry of either outbox and the ack log serves both."""
+
     state: InstanceState | None
-    outbox: dict[int, pl.DataFrame] = field(default_factory=dict)
+    outbox: dict[int, pl.DataFrame] = field(default_factory=dict)  # closed windows' points
     next_seq: int = 0
+    events: dict[int, pl.DataFrame] = field(default_factory=dict)  # issue 12: events not yet acknowledged
+    events_state: EventsState | None = None  # issue 12: the events' limits (query samples)
+
+    def __setstate__(self, saved: dict) -> None:
+        """Ledgers written before events existed load with an empty events outbox."""
+        self.__dict__.update({"events": {}, "events_state": None, **saved})
 
 
 def _safe(name: str) -> str:
@@ -111,6 +121,7 @@ class Ledger:
             record.state = None
         acked = self._read_acks()
         record.outbox = apply_acks(record.outbox, acked)
+        record.events = apply_acks(record.events, acked)
         return record
 
     def _read_acks(self) -> dict[int, set[int] | None]:
@@ -132,11 +143,11 @@ class Ledger:
         """Atomically replace the state; acknowledgements it includes leave the ack log."""
         with self._lock:
             pending = dict(self.acked)
-            outbox = apply_acks(record.outbox, pending)
+            saved = Record(record.state, apply_acks(record.outbox, pending), record.next_seq,
+                           apply_acks(record.events, pending), record.events_state)
             tmp = self._state_path.with_suffix(".tmp")
             with open(tmp, "wb") as fh:
-                pickle.dump((self.VERSION, Record(record.state, outbox, record.next_seq)), fh,
-                            protocol=pickle.HIGHEST_PROTOCOL)
+                pickle.dump((self.VERSION, saved), fh, protocol=pickle.HIGHEST_PROTOCOL)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self._state_path)

@@ -1,10 +1,13 @@
 """The per-instance stateful step of the flow: the operators, the ledger and the outbox.
 
 For each snapshot: ``pipeline.step`` (the operators, nothing else), closed windows' points
-into the outbox, the ledger saved, then the outbox handed to the shipper. The outbox is
-bounded: past ``max_pending_windows`` entries the two oldest are merged (sums add up, the
-older gauges are dropped, both counted and logged), so memory stays flat however long
-the endpoint is down. At EOF (``--scrapes N``, SIGINT, SIGTERM) the open windows are closed
+into the outbox, ``pipeline.events`` (plans, query samples) into the events outbox, the ledger
+saved, then both handed to the shipper. Points and events entries share one sequence, the
+acknowledgements and the retries. The outbox is bounded: past ``max_pending_windows`` entries
+the two oldest are merged (sums add up, the older gauges are dropped, both counted and
+logged); events cannot be merged, so past ``max_pending_events`` waiting events the oldest
+are dropped (counted in ``pgflow_events_dropped_total`` and logged). Memory stays flat however
+long the endpoint is down. At EOF (``--scrapes N``, SIGINT, SIGTERM) the open windows are closed
 (each ending at its last scrape) and the outbox is flushed, until ``shutdown_timeout_secs``
 after the shutdown began at most, retry pauses respected; what is left stays in the ledger.
 """
@@ -25,7 +28,8 @@ from pgflow.config import Settings
 from pgflow.logs import kv
 from pgflow.ops.fingerprint import Fingerprinter
 from pgflow.ops.merge import merge_windows
-from pgflow.ops.pipeline import OpsSettings, finish, initial_state, step
+from pgflow.ops.pipeline import OpsSettings, events, finish, initial_state, step
+from pgflow.ops.query_samples import QUERY_SAMPLE
 from pgflow.schema import Snapshot
 from pgflow.stream.ledger import ROW, Ledger, Record
 from pgflow.stream.runtime import runtime
@@ -34,6 +38,7 @@ from pgflow.stream.shipper import Outgoing, Shipper
 log = logging.getLogger("pgflow.flow")
 
 MAX_PENDING_WINDOWS = 120
+MAX_PENDING_EVENTS = 10_000  # issue 12: events waiting per instance (plans, query samples)
 _local = threading.local()
 
 
@@ -49,16 +54,19 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
     """Everything one instance carries, made durable by its :class:`Ledger`."""
 
     def __init__(self, instance: str, ops: OpsSettings, ledger: Ledger, shipper: Shipper,
-                 shutdown_timeout: float, max_pending: int = MAX_PENDING_WINDOWS) -> None:
+                 shutdown_timeout: float, max_pending: int = MAX_PENDING_WINDOWS,
+                 max_pending_events: int = MAX_PENDING_EVENTS) -> None:
         self.instance = instance
         self.ops = ops
         self.ledger = ledger
         self.shipper = shipper
         self.shutdown_timeout = shutdown_timeout
         self.max_pending = max_pending
+        self.max_pending_events = max_pending_events
         record = ledger.load()
         if record is not None:
-            log.info("resuming from the ledger", extra=kv(instance=instance, queued_windows=len(record.outbox)))
+            log.info("resuming from the ledger", extra=kv(instance=instance, queued_windows=len(record.outbox),
+                                                           queued_events=sum(f.height for f in record.events.values())))
         self.record = record or Record(initial_state(ops))
         if self.record.state is None:
             self.record.state = initial_state(ops)
@@ -77,6 +85,7 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         self.record.state = state
         telemetry.series_tracked.labels(self.instance).set(len(state.cap.queries))
         self._queue(points)
+        self._queue_events(value)
         self._apply_acks()
         self.ledger.save(self.record)  # durable before anything of this scrape is sent
         self._submit()
@@ -96,19 +105,21 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         self.ledger.save(self.record)
         # Wait for acknowledgements until the shutdown's deadline; entries whose retry pause
         # runs past it are not sent again (they stay in the ledger for the next start).
-        while self.record.outbox and time.monotonic() < deadline:
+        while self._pending() and time.monotonic() < deadline:
             self._submit()
             time.sleep(0.05)
             self._apply_acks()
-        if self.record.outbox:
+        if self._pending():
             self.shipper.abort()  # time is up: an export still in flight must not outlive the shutdown
         self._apply_acks()
         self.ledger.save(self.record)
-        self.report(len(self.record.outbox))
-        if self.record.outbox:
+        self.report(self._pending())
+        if self._pending():
             refused = self.shipper.refused.get(self.instance)
+            waiting = sum(f.height for f in self.record.events.values())
             log.warning("stopping with windows not acknowledged; they are kept in the ledger and sent on the "
                         "next start", extra=kv(instance=self.instance, windows=len(self.record.outbox),
+                                               **({"events": waiting} if waiting else {}),
                                                **({"refused": refused} if refused else {})))
         else:
             log.info("flushed", extra=kv(instance=self.instance))
@@ -122,7 +133,7 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         """Tell the process how the shutdown ended (the exit code depends on it)."""
 
     def notify_at(self) -> datetime | None:
-        if self.record.outbox:
+        if self._pending():
             return datetime.now(timezone.utc) + timedelta(milliseconds=200)
         return None
 
@@ -130,6 +141,51 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         return None  # the ledger, not bytewax recovery, carries the state (bytewax's lags the sink)
 
     # Outbox -------------------------------------------------------------------------------
+
+    def _pending(self) -> int:
+        """Entries (windows and events) not yet acknowledged."""
+        return len(self.record.outbox) + len(self.record.events)
+
+    def _queue_events(self, snapshot: Snapshot) -> None:
+        """The snapshot's events into the events outbox, under their own sequence number."""
+        before = self.record.events_state
+        skipped = dict(before.samples.skipped) if before is not None else {}
+        self.record.events_state, frame = events(before, snapshot, self.ops)
+        for reason, count in self.record.events_state.samples.skipped.items():
+            if count > skipped.get(reason, 0):
+                telemetry.query_samples_skipped.labels(self.instance, reason).inc(count - skipped.get(reason, 0))
+        if not frame.height:
+            return
+        samples = int((frame["event_name"] == QUERY_SAMPLE).sum())
+        if samples:
+            telemetry.query_samples.labels(self.instance).inc(samples)
+        seq = self.record.next_seq
+        self.record.next_seq += 1
+        self.record.events[seq] = frame.with_row_index(ROW)
+        self._bound_events()
+        telemetry.events_queued.labels(self.instance).set(sum(f.height for f in self.record.events.values()))
+
+    def _bound_events(self) -> None:
+        """Past ``max_pending_events`` waiting events, drop the oldest (of idle entries)."""
+        excess = sum(f.height for f in self.record.events.values()) - self.max_pending_events
+        dropped = 0
+        for seq in sorted(self.record.events):
+            if excess <= 0:
+                break
+            if self.shipper.busy(self.instance, seq):
+                continue
+            frame = self.record.events[seq]
+            n = min(frame.height, excess)
+            if n == frame.height:
+                del self.record.events[seq]
+            else:
+                self.record.events[seq] = frame.slice(n)
+            excess -= n
+            dropped += n
+        if dropped:
+            telemetry.events_dropped.labels("backlog").inc(dropped)
+            log.warning("endpoint backlog at its bound: dropped the oldest events", extra=kv(
+                instance=self.instance, bound=self.max_pending_events, events_dropped=dropped))
 
     def _queue(self, points: pl.DataFrame) -> None:
         if not points.height:
@@ -159,23 +215,27 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         if not acked:
             return
         for seq, rows in acked.items():
-            frame = self.record.outbox.get(seq)
+            box = self.record.outbox if seq in self.record.outbox else self.record.events
+            frame = box.get(seq)
             if frame is None:
                 continue
             if rows is None:
-                del self.record.outbox[seq]
+                del box[seq]
                 continue
             frame = frame.filter(~pl.col(ROW).is_in(list(rows)))
             if frame.height:
-                self.record.outbox[seq] = frame
+                box[seq] = frame
             else:
-                del self.record.outbox[seq]
+                del box[seq]
         telemetry.queue_depth.labels(self.instance).set(len(self.record.outbox))
+        telemetry.events_queued.labels(self.instance).set(sum(f.height for f in self.record.events.values()))
 
     def _submit(self, force: bool = False) -> None:
-        for seq in sorted(self.record.outbox):
-            if force or self.shipper.retry_due(self.instance, seq):  # submit skips what is in flight
-                self.shipper.submit(Outgoing(self.instance, seq, self.record.outbox[seq]), self.ledger)
+        entries = [(seq, "points", frame) for seq, frame in self.record.outbox.items()]
+        entries += [(seq, "events", frame) for seq, frame in self.record.events.items()]
+        for seq, kind, frame in sorted(entries, key=lambda e: e[0]):
+            if force or self.shipper.retry_due(self.instance, seq, kind):  # submit skips what is in flight
+                self.shipper.submit(Outgoing(self.instance, seq, frame, kind), self.ledger)
 
 
 class _Deferred(CollectorLogic):

@@ -18,6 +18,7 @@ from pgflow.errors import ConfigError
 from pgflow.logs import kv
 from pgflow.ops.pipeline import OpsSettings
 from pgflow.otlp.exporter import Exporter
+from pgflow.otlp.logs_export import LogsExporter
 from pgflow.stream.ledger import Ledger
 from pgflow.stream.shipper import Shipper
 from pgflow.stream.source import STOP
@@ -78,7 +79,8 @@ def runtime(settings: Settings, *, require_metrics: bool = False) -> Runtime:
         if _runtime is None:
             health = telemetry.Health(settings.collection_interval_secs)
             shipper = Shipper(Exporter(settings), retry_after_secs=max(1.0, settings.retry_max_delay_secs),
-                              refused_retry_secs=settings.refused_retry_secs)
+                              refused_retry_secs=settings.refused_retry_secs,
+                              logs_exporter=LogsExporter(settings))  # issue 12: events
             _runtime = Runtime(settings, OpsSettings.from_settings(settings), shipper, health)
         rt = _runtime
         if not rt.metrics_served:

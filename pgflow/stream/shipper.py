@@ -1,8 +1,12 @@
 """The shipper: one thread per process that sends outbox entries, so no worker ever waits on the network.
 
-The operator hands it ``(instance, seq, points)``; it encodes and sends batch by batch with
-the exporter's retries, and reports back through the instance's ledger: acknowledged rows
-(made durable first), and entries to try again later when the endpoint stays unreachable.
+The operator hands it ``(instance, seq, frame, kind)``: a window's points, or events (plans,
+query samples: issue 12) sent as OTLP logs through the logs exporter. It encodes and sends
+batch by batch with the exporter's retries, and reports back through the instance's ledger:
+acknowledged rows (made durable first), and entries to try again later when the endpoint stays
+unreachable. Both kinds share the sequence numbers, the acknowledgements and the pauses'
+rules; the pauses of an endpoint refusal are per kind, so an endpoint that takes metrics but
+not logs (404, UNIMPLEMENTED on logs) never holds the metrics back.
 
 A refusal (401/403, 400, 413... anything the OTLP specification calls not retryable) gives
 up nothing: the entry stays in the outbox and is tried again after ``refused_retry_secs``,
@@ -26,6 +30,7 @@ import polars as pl
 from pgflow import telemetry
 from pgflow.logs import kv
 from pgflow.otlp.exporter import Exporter
+from pgflow.schema import EVENTS
 from pgflow.stream.ledger import ROW, Ledger
 
 log = logging.getLogger("pgflow.ship")
@@ -33,11 +38,12 @@ log = logging.getLogger("pgflow.ship")
 
 @dataclass(frozen=True)
 class Outgoing:
-    """An outbox entry on its way to the endpoint."""
+    """An outbox entry on its way to the endpoint: a window's points, or events (``kind``)."""
 
     instance: str
     seq: int
-    points: pl.DataFrame
+    points: pl.DataFrame  # the frame: POINTS, or EVENTS when kind == "events"
+    kind: str = "points"  # "points" | "events"
 
 
 REFUSAL_CAP_SECS = 600.0
@@ -46,17 +52,23 @@ ENDPOINT_REFUSALS = frozenset({"http_401", "http_403", "http_404", "UNAUTHENTICA
                                "UNIMPLEMENTED"})
 
 
+KINDS = ("points", "events")
+
+
 class Shipper:
-    def __init__(self, exporter: Exporter, retry_after_secs: float, refused_retry_secs: float = 60.0) -> None:
+    def __init__(self, exporter: Exporter, retry_after_secs: float, refused_retry_secs: float = 60.0,
+                 logs_exporter: Exporter | None = None) -> None:
         self.exporter = exporter
+        self.logs_exporter = logs_exporter  # issue 12: events as OTLP logs (a LogsExporter)
         self.retry_after_secs = retry_after_secs
         self.refused_retry_secs = refused_retry_secs
         self._queue: queue.Queue[tuple[Outgoing, Ledger] | None] = queue.Queue()
         self._lock = threading.Lock()
         self.failed: dict[tuple[str, int], float] = {}  # (instance, seq) -> when to try again
         self.in_flight: set[tuple[str, int]] = set()
-        self.paused_until = 0.0  # monotonic: the endpoint refused; nothing is sent before then
-        self.refusals = 0  # consecutive refusals of the endpoint (the pause doubles with each)
+        # monotonic, per kind: the endpoint refused that kind; none of it is sent before then
+        self.paused_until: dict[str, float] = dict.fromkeys(KINDS, 0.0)
+        self.refusals: dict[str, int] = dict.fromkeys(KINDS, 0)  # consecutive refusals (the pause doubles)
         self.entry_refusals: dict[tuple[str, int], int] = {}  # consecutive refusals of one entry's payload
         self.refused: dict[str, str] = {}  # instance -> cause of the last refusal of its data
         self._thread = threading.Thread(target=self._run, name="pgflow-shipper", daemon=True)
@@ -75,16 +87,20 @@ class Shipper:
         with self._lock:
             return (instance, seq) in self.in_flight
 
-    def retry_due(self, instance: str, seq: int) -> bool:
+    def retry_due(self, instance: str, seq: int, kind: str = "points") -> bool:
         """Whether an entry may be sent (not in flight, its pause and the endpoint's are over)."""
         with self._lock:
             key = (instance, seq)
             now = time.monotonic()
-            return key not in self.in_flight and self.failed.get(key, 0.0) <= now and self.paused_until <= now
+            return key not in self.in_flight and self.failed.get(key, 0.0) <= now and self.paused_until[kind] <= now
+
+    def _exporters(self) -> list[Exporter]:
+        return [e for e in (self.exporter, self.logs_exporter) if e is not None]
 
     def abort(self) -> None:
         """The shutdown's time is up: end the send in flight, send nothing more."""
-        self.exporter.abort()
+        for exporter in self._exporters():
+            exporter.abort()
 
     def close(self, deadline: float | None = None) -> None:
         """Stop the thread: it finishes what it is sending, until ``deadline`` (monotonic) at most."""
@@ -93,7 +109,8 @@ class Shipper:
         if self._thread.is_alive():
             self.abort()
             self._thread.join(timeout=2)
-        self.exporter.close()
+        for exporter in self._exporters():
+            exporter.close()
 
     def _run(self) -> None:
         while True:
@@ -102,8 +119,13 @@ class Shipper:
                 return
             item, ledger = job
             try:
-                if self.exporter.aborted or self.paused_until > time.monotonic():
-                    self._mark_failed(item, at=self.paused_until)  # not sent: tried when the pause is over
+                paused = self.paused_until[item.kind]
+                if self.exporter.aborted or paused > time.monotonic():
+                    self._mark_failed(item, at=paused)  # not sent: tried when the pause is over
+                elif item.kind == "events" and self.logs_exporter is None:
+                    log.error("events queued but no logs exporter configured; they stay in the ledger",
+                              extra=kv(instance=item.instance, seq=item.seq))
+                    self._mark_failed(item)
                 else:
                     self._ship(item, ledger)
             except Exception as exc:  # a bug here must not stop shipping for good
@@ -122,57 +144,64 @@ class Shipper:
         key = (item.instance, item.seq)
         with self._lock:
             if cause in ENDPOINT_REFUSALS:
-                self.refusals += 1
-                count = self.refusals
+                self.refusals[item.kind] += 1
+                count = self.refusals[item.kind]
             else:
                 count = self.entry_refusals[key] = self.entry_refusals.get(key, 0) + 1
             cap = max(REFUSAL_CAP_SECS, self.refused_retry_secs)
             pause = min(cap, self.refused_retry_secs * 2 ** min(count - 1, 30))
             self.failed[key] = time.monotonic() + pause
             if cause in ENDPOINT_REFUSALS:
-                self.paused_until = self.failed[key]
+                self.paused_until[item.kind] = self.failed[key]
             self.refused[item.instance] = cause
         return pause
 
     def _accepted(self, item: Outgoing) -> None:
         with self._lock:
-            self.refusals = 0
+            self.refusals[item.kind] = 0
             self.entry_refusals.pop((item.instance, item.seq), None)
             self.refused.pop(item.instance, None)
 
     def _ship(self, item: Outgoing, ledger: Ledger) -> None:
-        encoder = self.exporter.encoder
-        dropped_before = encoder.stats.dropped_non_finite
+        events = item.kind == "events"
+        exporter = self.logs_exporter if events else self.exporter
+        assert exporter is not None
+        encoder = exporter.encoder
+        what = "events" if events else "window"
+        dropped_before = getattr(encoder.stats, "dropped_non_finite", 0)
         sent_rows: list[int] = []
-        for batch in encoder.batches(item.points, row_id=ROW):
+        frame = item.points.select(*EVENTS, ROW) if events else item.points
+        for batch in encoder.batches(frame, row_id=ROW):
             started = time.monotonic()
-            retries_before = dict(self.exporter.stats.retries)
-            result = self.exporter.send(batch)
+            retries_before = dict(exporter.stats.retries)
+            result = exporter.send(batch)
             telemetry.export_duration.observe(time.monotonic() - started)
-            for cause, count in self.exporter.stats.retries.items():
+            for cause, count in exporter.stats.retries.items():
                 if count > retries_before.get(cause, 0):
                     telemetry.export_retries.labels(cause).inc(count - retries_before.get(cause, 0))
             if result.acknowledged:
                 ledger.record_ack(item.seq, list(batch.rows))
                 self._accepted(item)
-                telemetry.points_exported.inc(batch.points - result.rejected_points)
+                (telemetry.events_exported if events else telemetry.points_exported).inc(
+                    batch.points - result.rejected_points)
                 telemetry.last_export.set(time.time())
                 if result.rejected_points:
-                    telemetry.points_dropped.labels("rejected_by_endpoint").inc(result.rejected_points)
+                    (telemetry.events_dropped if events else telemetry.points_dropped).labels(
+                        "rejected_by_endpoint").inc(result.rejected_points)
                 sent_rows.extend(batch.rows)
             elif not result.retryable:
                 telemetry.export_failures.labels(result.cause).inc()
                 pause = self._refused(item, result.cause)
-                log.warning("endpoint refused the window; it stays in the ledger", extra=kv(
+                log.warning(f"endpoint refused the {what}; it stays in the ledger", extra=kv(
                     instance=item.instance, seq=item.seq, cause=result.cause, retry_in_s=round(pause, 1)))
                 return
             else:
                 telemetry.export_failures.labels(result.cause).inc()
-                log.warning("endpoint unreachable; the window stays queued", extra=kv(
+                log.warning(f"endpoint unreachable; the {what} stays queued", extra=kv(
                     instance=item.instance, seq=item.seq, cause=result.cause, retry_in_s=self.retry_after_secs))
                 self._mark_failed(item)
                 return
-        dropped = encoder.stats.dropped_non_finite - dropped_before
+        dropped = getattr(encoder.stats, "dropped_non_finite", 0) - dropped_before
         if dropped:
             telemetry.points_dropped.labels("non_finite").inc(dropped)
         # Rows never put in a batch (non-finite values) are done as well.

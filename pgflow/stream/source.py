@@ -64,6 +64,9 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         self.max_scrapes = settings.max_scrapes
         self.health = health
         self.recorder = recorder
+        from pgflow.scrape.explain import WindowPlans  # issue 12: explain plans beside the scrape
+
+        self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings)  # None: plans off
         self.scraper = Scraper(instance.dsn, instance=instance.name, statement_timeout_ms=settings.statement_timeout_ms,
                                connect_timeout_secs=settings.connect_timeout_secs,
                                text_cache_size=settings.text_cache_size)
@@ -114,6 +117,8 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         telemetry.last_scrape.labels(name).set(snapshot.scraped_at.timestamp())
         if self.health is not None:
             self.health.scraped()
+        if self.plans is not None:  # issue 12: the closed window's plans ride on its next scrape
+            snapshot = self.plans.attach(snapshot)
         if self.recorder is not None:
             self.recorder.write(snapshot)
         log.debug("scraped", extra=kv(instance=name, rows=snapshot.statements.height,
