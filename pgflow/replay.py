@@ -1,7 +1,8 @@
 """Replay a capture through the operators: with polars alone, or through the bytewax flow itself.
 
-Both paths call the same operators (``pipeline.step`` / ``finish``), so for the same capture
-and settings they give identical points; a test holds them to it.
+Both paths call the same operators (``pipeline.step`` / ``finish``, and ``pipeline.events`` for
+the events: plans and query samples a capture holds), so for the same capture and settings they
+give identical points and events; tests hold them to it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,27 @@ def replay(path: str | Path, **settings: Any) -> pl.DataFrame:
     return ops.run(capture.read(path), **settings)
 
 
+def replay_events(path: str | Path, **settings: Any) -> pl.DataFrame:
+    """The events (``pgflow.schema.EVENTS``) the collector would export for a capture, with polars alone."""
+    return ops.run_events(capture.read(path), **settings)
+
+
 def as_received(points: pl.DataFrame, service_name: str = "pgflow") -> pl.DataFrame:
     """Points as the receiver would store them (encoded, decoded, flattened), for comparisons."""
     frames = [request_rows(decode(b.payload), received_at=None)  # type: ignore[arg-type]
               for b in Encoder(service_name=service_name, batch_size=100_000, max_bytes=1 << 40).batches(points)]
     return pl.concat(frames) if frames else pl.DataFrame(schema=POINTS_SCHEMA)
+
+
+def events_as_received(events: pl.DataFrame, service_name: str = "pgflow") -> pl.DataFrame:
+    """Events as the receiver would store them in its ``logs`` table (encoded, decoded, flattened)."""
+    from pgflow.otlp.logs import LogEncoder
+    from pgflow.otlp.logs import decode as decode_logs
+    from pgflow.otlp.store import LOGS_SCHEMA, log_rows
+
+    frames = [log_rows(decode_logs(b.payload), received_at=None)  # type: ignore[arg-type]
+              for b in LogEncoder(service_name=service_name, batch_size=100_000, max_bytes=1 << 40).batches(events)]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=LOGS_SCHEMA)
 
 
 class _ReplayPartition(StatefulSourcePartition[Snapshot, int]):
@@ -68,8 +85,8 @@ def replay_flow(path: str | Path, settings: Settings, out: str | Path | None = N
     """Run a capture through the bytewax collector flow, to the endpoint or into ``out`` (DuckDB).
 
     With ``out``, an in-process receiver on a free port takes the endpoint's place, so the
-    points go through the same encoder and land in the receiver's table. Returns the points
-    stored in ``out``; with ``report``, also the windows the endpoint never acknowledged
+    points and events go through the same encoders and land in the receiver's tables
+    (``points``, ``logs``). Returns the points stored in ``out``; with ``report``, also the windows the endpoint never acknowledged
     (they are lost: a replay's ledger is temporary and removed at the end).
     """
     from bytewax.testing import run_main

@@ -1,0 +1,326 @@
+"""Events (plans, query samples) on the collector's durable path (issue 12): `pgflow run` explains
+pgbench's statements and sends the plans as OTLP log records through the ledger, so an endpoint
+outage or a `kill -9` loses none and sends none twice; capture → replay gives the same events.
+
+Real PostgreSQL and pgbench, the real receiver (in process), the collector as a subprocess. Ground
+truth for "every event once" is what the collector captured as it explained (`--capture`),
+re-derived through the operators (`pgflow.ops.run_events`), and the ledger read after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from e2e import ROOT, collector_env, start_collector, wait_for_baseline
+from pgflow import capture, ops
+from pgflow.otlp.receiver import Receiver, Reply
+from pgflow.otlp.store import read_logs, read_points
+from pgflow.pgserver import free_port
+from pgflow.replay import events_as_received
+
+PGBENCH = ("UPDATE pgbench_branches", "UPDATE pgbench_tellers", "UPDATE pgbench_accounts",
+           "SELECT pgbench_accounts", "INSERT pgbench_history")
+PLAN = "db.server.query_plan"
+
+pytestmark = pytest.mark.slow
+
+
+# Helpers --------------------------------------------------------------------------------------
+
+def stop(proc: subprocess.Popen, timeout: float = 90) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout)
+
+
+def wait_until(condition, what: str, timeout: float = 60):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def background_pgbench(server, seconds: int) -> threading.Thread:  # type: ignore[no-untyped-def]
+    """pgbench at a modest rate for ``seconds``: its statements run through several 1 s windows."""
+    thread = threading.Thread(target=server.pgbench, args=("-n", "-c", "1", "-T", str(seconds), "-R", "150"),
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+def ledger_events(state_dir: Path) -> int:
+    """Events waiting in the (single) instance's ledger, as last saved (read without locking)."""
+    paths = list(state_dir.glob("instances/*/state.pkl"))
+    if not paths:
+        return 0
+    try:
+        with open(paths[0], "rb") as fh:
+            _, record = pickle.load(fh)
+    except (EOFError, pickle.UnpicklingError, FileNotFoundError):
+        return 0
+    return sum(f.height for f in getattr(record, "events", {}).values())
+
+
+def rows(logs: pl.DataFrame) -> list[tuple]:
+    """Received (or would-be-received) log records, comparable: no receive time, JSON normalized."""
+    logs = logs.with_columns(pl.col("time").cast(pl.Datetime("us", "UTC")))
+    return sorted((r["event_name"], r["time"], r["severity"], r["body"],
+                   json.dumps(json.loads(r["attributes"]), sort_keys=True),
+                   json.dumps(json.loads(r["resource"]), sort_keys=True)) for r in logs.iter_rows(named=True))
+
+
+def captured_events(path: Path) -> list[tuple]:
+    """The events the operators derive from a capture, as the receiver would store them."""
+    return rows(events_as_received(ops.run_events(capture.read(path))))
+
+
+def attrs(logs: pl.DataFrame) -> list[dict]:
+    return [json.loads(a) for a in logs["attributes"]]
+
+
+def pgbench_fingerprints(points: pl.DataFrame) -> dict[str, str]:
+    """summary → fingerprint of pgbench's statements, from the query metrics the receiver got."""
+    calls = points.filter(pl.col("metric") == "postgresql.query.calls")
+    found = {}
+    for a in attrs(calls):
+        if a.get("db.query.summary") in PGBENCH:
+            found[a["db.query.summary"]] = a["postgresql.query.fingerprint"]
+    return found
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def plan_env(server, endpoint: str, state_dir: Path, per_window: int, **extra: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return collector_env(server.dsn(), endpoint, state_dir, PGFLOW_EXPLAINS_PER_WINDOW=str(per_window), **extra)
+
+
+# End to end -----------------------------------------------------------------------------------
+
+def test_run_sends_plans_keyed_like_the_metrics_and_replay_gives_the_same_events(fresh_stats, tmp_path):
+    """`pgflow run` against pgbench: plans arrive in the receiver's logs table with the fingerprint
+    of their query metrics and a plan hash, at most explains_per_window per window, each
+    fingerprint once (TTL); the capture replayed (bytewax and polars) gives the same events."""
+    cap = tmp_path / "cap.duckdb"
+    with Receiver() as receiver:
+        proc = start_collector(plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 2),
+                               "--capture", str(cap), log=tmp_path / "log")
+        wait_for_baseline(tmp_path / "state")
+        bench = background_pgbench(fresh_stats, 6)
+
+        def pgbench_plans() -> set[str]:
+            logs = receiver.logs()
+            return {a["postgresql.query.fingerprint"] for a in attrs(logs.filter(pl.col("event_name") == PLAN))}
+
+        def explained() -> dict[str, str] | None:
+            found = pgbench_fingerprints(receiver.points())
+            return found if len(found) == 5 and set(found.values()) <= pgbench_plans() else None
+
+        fingerprints = wait_until(explained, "plans of pgbench's five statements")
+        bench.join()
+        assert stop(proc) == 0
+        live = receiver.logs()
+    log = (tmp_path / "log").read_text()
+    assert "Traceback" not in log and "flushed" in log
+    plans = live.filter(pl.col("event_name") == PLAN)
+    plan_attrs = attrs(plans)
+    assert all(a["postgresql.plan.hash"] and a["db.namespace"] == "postgres" for a in plan_attrs)
+    assert all(json.loads(b)[0]["Plan"]["Node Type"] for b in plans["body"])
+    by_fingerprint = {a["postgresql.query.fingerprint"]: a for a in plan_attrs}
+    assert set(fingerprints.values()) <= set(by_fingerprint)  # the metrics' fingerprints, exactly
+    assert len(by_fingerprint) == len(plan_attrs)  # each fingerprint once: the TTL (3600 s) holds
+    # The budget: the capture holds every plan as taken, on the scrape that opened its window.
+    snapshots = list(capture.read(cap))
+    assert max(s.plans.height for s in snapshots) <= 2
+    assert sum(s.plans.height for s in snapshots) == plans.height
+    assert sum(1 for s in snapshots if s.plans.height) >= 3  # 5 statements, 2 per window
+    # Every event arrived once, exactly as the operators derive it from the capture.
+    assert rows(live) == captured_events(cap)
+    # capture → replay: the bytewax flow into a receiver file, and polars alone, give the same events.
+    out = tmp_path / "replayed.duckdb"
+    env = collector_env(None, "http://127.0.0.1:9", tmp_path / "unused")  # --out: its own receiver
+    proc = subprocess.run([sys.executable, "-m", "pgflow", "replay", str(cap), "--out", str(out)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert rows(read_logs(out)) == rows(live)
+    assert read_points(out).height > 0
+
+
+def test_endpoint_outage_then_up_every_event_arrives_once(fresh_stats, tmp_path):
+    """The endpoint answers UNAVAILABLE to everything while plans are taken; they wait in the
+    ledger, and once it accepts, every event of the capture arrives exactly once."""
+    cap = tmp_path / "cap.duckdb"
+    port = free_port()
+    outage = [Reply.parse("UNAVAILABLE")] * 100_000
+    with Receiver(script=list(outage)) as receiver:
+        env = plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 1,
+                       PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}")
+        proc = start_collector(env, "--capture", str(cap), log=tmp_path / "log")
+        wait_for_baseline(tmp_path / "state")
+        bench = background_pgbench(fresh_stats, 5)
+        # Plans of at least two windows wait in the ledger, and their sends were refused.
+        wait_until(lambda: ledger_events(tmp_path / "state") >= 2, "two plans queued during the outage")
+        wait_until(lambda: ("grpc/logs", "UNAVAILABLE") in receiver.attempts, "an events send during the outage")
+        assert receiver.logs().height == 0
+        receiver.set_script([])  # the endpoint is back
+        bench.join()
+        wait_until(lambda: receiver.logs().height >= 2 and ledger_events(tmp_path / "state") == 0,
+                   "the queued events delivered")
+        exported = metric(port, "pgflow_events_exported_total")
+        assert stop(proc) == 0
+        live = receiver.logs()
+    assert "endpoint unreachable; the events stays queued" in (tmp_path / "log").read_text()
+    received = rows(live)
+    assert len(set(received)) == len(received)  # none twice
+    assert received == captured_events(cap)  # none lost
+    assert exported >= 2 and exported <= len(received)  # /metrics counts the events acknowledged
+
+
+def test_kill_9_and_restart_every_event_arrives_once(fresh_stats, tmp_path):
+    """Plans are acknowledged, then the endpoint fails and more plans wait in the ledger; kill -9.
+    A restart with the same state_dir sends what the ledger held, nothing acknowledged before,
+    and its own plans: each event once."""
+    from pgflow.stream.ledger import Ledger
+
+    state = tmp_path / "state"
+    with Receiver() as receiver:
+        env = plan_env(fresh_stats, receiver.grpc_endpoint, state, 1)
+        first = start_collector(env, "--capture", str(tmp_path / "cap1.duckdb"), log=tmp_path / "log1")
+        wait_for_baseline(state)
+        bench = background_pgbench(fresh_stats, 8)
+        wait_until(lambda: receiver.logs().height >= 1, "a plan acknowledged before the outage")
+        receiver.set_script([Reply.parse("UNAVAILABLE")] * 100_000)
+        held = wait_until(lambda: ledger_events(state) >= 2 and ledger_events(state), "plans queued in the ledger")
+        first.kill()  # SIGKILL: no flush, no goodbye
+        first.wait()
+        acknowledged_before = rows(receiver.logs())
+        ledger = Ledger(state, next((state / "instances").iterdir()).name)
+        record = ledger.load()
+        ledger.close()
+        assert record is not None and sum(f.height for f in record.events.values()) >= held
+        waiting = rows(events_as_received(pl.concat(list(record.events.values())).drop("__row")))
+        assert not set(waiting) & set(acknowledged_before)  # what was acknowledged left the ledger
+        receiver.set_script([])
+        second = start_collector(env, "--capture", str(tmp_path / "cap2.duckdb"), log=tmp_path / "log2")
+        wait_until(lambda: set(waiting) <= set(rows(receiver.logs())), "the ledger's events delivered", timeout=90)
+        bench.join()
+        assert stop(second) == 0
+        received = rows(receiver.logs())
+    assert "resuming from the ledger" in (tmp_path / "log2").read_text()
+    assert len(set(received)) == len(received)  # none twice
+    produced = set(captured_events(tmp_path / "cap1.duckdb")) | set(captured_events(tmp_path / "cap2.duckdb"))
+    assert set(received) <= produced  # nothing invented
+    assert set(acknowledged_before) | set(waiting) | set(captured_events(tmp_path / "cap2.duckdb")) <= set(received)
+
+
+# The events outbox, in process --------------------------------------------------------------
+
+def _plans(n: int, t0: datetime) -> pl.DataFrame:
+    from pgflow.schema import PLANS
+
+    return pl.DataFrame([{"database": "postgres", "fingerprint": f"{i:016x}", "queryid": i, "plan_hash": f"h{i}",
+                          "body": '[{"Plan": {"Node Type": "Result"}}]', "method": "generic_plan",
+                          "explained_at": t0 + timedelta(seconds=i)} for i in range(n)], schema=PLANS)
+
+
+def test_events_backlog_is_bounded_oldest_dropped_and_old_ledgers_load(pg, tmp_path):
+    """Against an endpoint that is down: past max_pending_events the oldest events are dropped and
+    counted; the ledger keeps the newest; a ledger written before events existed still loads."""
+    from dataclasses import replace
+
+    from pgflow import telemetry
+    from pgflow.config import Settings
+    from pgflow.ops.pipeline import OpsSettings
+    from pgflow.otlp.exporter import Exporter
+    from pgflow.otlp.logs_export import LogsExporter
+    from pgflow.scrape.scraper import Scraper
+    from pgflow.stream.ledger import Ledger, Record
+    from pgflow.stream.logic import CollectorLogic
+    from pgflow.stream.shipper import Shipper
+
+    settings = Settings.load(otlp_endpoint=f"http://127.0.0.1:{free_port()}", state_dir=tmp_path,
+                             retry_max_attempts=1, export_interval_secs=60)
+    shipper = Shipper(Exporter(settings), retry_after_secs=60, logs_exporter=LogsExporter(settings))
+    shipper.paused_until = {"points": float("inf"), "events": float("inf")}  # nothing in flight: all idle
+    ledger = Ledger(tmp_path, "db1")
+    dropped = telemetry.REGISTRY.get_sample_value("pgflow_events_dropped_total", {"reason": "backlog"}) or 0
+    try:
+        logic = CollectorLogic("db1", OpsSettings.from_settings(settings), ledger, shipper, 5, max_pending_events=5)
+        t0 = datetime.now(timezone.utc).replace(microsecond=0)
+        with Scraper(pg.dsn(), instance="db1") as scraper:
+            for i in range(4):
+                snapshot = replace(scraper.scrape(), plans=_plans(3, t0 + timedelta(minutes=i)))
+                logic.on_item(snapshot)
+        waiting = pl.concat(list(logic.record.events.values()))
+        assert waiting.height == 5  # 12 taken, bound 5: the 7 oldest dropped
+        assert waiting["time"].to_list() == [t0 + timedelta(minutes=m, seconds=s)
+                                             for m, s in [(2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]]
+        assert (telemetry.REGISTRY.get_sample_value("pgflow_events_dropped_total", {"reason": "backlog"})
+                - dropped) == 7
+        saved = ledger.load()
+        assert saved is not None and sum(f.height for f in saved.events.values()) == 5
+    finally:
+        shipper.close(deadline=time.monotonic() + 2)
+        ledger.close()
+    # A ledger pickled before issue 12 (a Record without the events fields) loads with none waiting.
+    old = Record(None, {1: pl.DataFrame({"value": [1.0]})}, 2)
+    del old.__dict__["events"], old.__dict__["events_state"]
+    again = Ledger(tmp_path, "old")
+    try:
+        with open(again.dir / "state.pkl", "wb") as fh:
+            pickle.dump((Ledger.VERSION, old), fh)
+        back = again.load()
+        assert back is not None and back.events == {} and back.events_state is None and list(back.outbox) == [1]
+    finally:
+        again.close()
+
+
+def test_query_samples_flow_through_events_with_a_budget_per_window():
+    """The events path for query samples (QUERY_SAMPLES, the sampler's contract): limited per
+    execution and per export window across snapshots, as db.server.query_sample events."""
+    from pgflow.ops.pipeline import EventsState, OpsSettings, events, query_sample_events
+    from pgflow.ops.query_samples import QUERY_SAMPLE, QUERY_SAMPLES
+    from pgflow.schema import STATEMENTS, Snapshot
+
+    ops_settings = OpsSettings.of(export_interval_secs=60, max_samples_per_window=3)
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+    def snap(at: datetime) -> Snapshot:
+        return Snapshot("db1", at, 180000, None, None, pl.DataFrame(schema=STATEMENTS), server_address="h",
+                        server_port=5432)
+
+    def samples(at: datetime, pids: range) -> pl.DataFrame:
+        return pl.DataFrame([{"seen_at": at, "database": "app", "user": "u", "pid": p, "query_start": t0,
+                              "duration_secs": 1.0, "state": "active", "fingerprint": f"fp{p}", "text": "SELECT $1",
+                              "truncated": False, "unparsable": False} for p in pids], schema=QUERY_SAMPLES)
+
+    state, first = query_sample_events(EventsState(), samples(t0 + timedelta(seconds=5), range(2)),
+                                       snap(t0 + timedelta(seconds=5)), ops_settings)
+    state, second = query_sample_events(state, samples(t0 + timedelta(seconds=35), range(10)),
+                                        snap(t0 + timedelta(seconds=35)), ops_settings)
+    assert first.height == 2 and second.height == 1  # 3 per window, over both snapshots
+    assert state.samples.skipped == {"seen": 2, "window": 7}
+    state, third = query_sample_events(state, samples(t0 + timedelta(seconds=65), range(10)),
+                                       snap(t0 + timedelta(seconds=65)), ops_settings)
+    assert third.height == 3  # a new window
+    assert set(first["event_name"]) == {QUERY_SAMPLE} and first["server_address"].to_list() == ["h", "h"]
+    # A snapshot without plans or samples gives no event and leaves the state alone.
+    same, none = events(state, snap(t0 + timedelta(seconds=70)), ops_settings)
+    assert same is state and none.height == 0
