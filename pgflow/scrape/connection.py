@@ -140,7 +140,7 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
     if sqlstate == "28P01" or "password authentication failed" in lowered or "no password supplied" in lowered:
         return AuthenticationFailed(f"PostgreSQL at {target} refused the credentials",
                                     "check the user and password in DATABASE_URL")
-    if sqlstate == "28000" and "pg_hba.conf" in lowered:
+    if sqlstate in ("28000", None) and "pg_hba.conf" in lowered:  # a refused connection has no SQLSTATE in psycopg
         if "ssl off" in lowered or "no encryption" in lowered:
             return SslRefused(f"PostgreSQL at {target} accepts {role} only over SSL ({detail})",
                               "set sslmode=require (or verify-full) in DATABASE_URL")
@@ -154,7 +154,7 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
         return PoolerRefused(f"the pooler at {target} is in statement pooling mode ({detail})",
                              "pgflow reads each scrape in one read-only transaction: point it at a PgBouncer pool "
                              "in transaction or session mode, or at PostgreSQL directly")
-    if "ssl" in lowered and sqlstate is None and "syscall" not in lowered:  # libpq's refusals: no SQLSTATE
+    if sqlstate is None and (re.search(r"\bssl\b", lowered) or "certificate" in lowered) and "syscall" not in lowered:
         if "does not support ssl" in lowered:
             return SslRefused(f"PostgreSQL at {target} does not offer SSL but the DSN requires it ({detail})",
                               "turn ssl on in the server's configuration, or lower sslmode in DATABASE_URL "

@@ -31,7 +31,7 @@ _SETTINGS = ["shared_preload_libraries", "track_io_timing", "pg_stat_statements.
 def preloaded(setting: str) -> bool:
     """pg_stat_statements among ``shared_preload_libraries`` (also as ``$libdir/pg_stat_statements``)."""
     for entry in setting.split(","):
-        name = entry.strip().strip('"').strip()
+        name = entry.strip().strip("\"'").strip()
         name = name.rsplit("/", 1)[-1]
         if name.endswith(".so"):
             name = name[:-3]
