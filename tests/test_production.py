@@ -136,6 +136,32 @@ def test_another_server_on_the_same_port_starts_a_new_baseline(pgbench_server, c
     assert "system identifier" in warnings[0].kv["reason"]
 
 
+def test_promoted_standby_behind_the_same_address_starts_a_new_baseline(pgbench_server, caplog):
+    """Item 3: the primary fails, its standby (same system identifier, own counters) is promoted
+    behind the same address: the standby's history is not an interval."""
+    a = pgbench_server()
+    b = a.standby()
+    b.start()
+    b.pgbench("-n", "-S", "-c", "1", "-t", "200")  # the standby's own read-only history
+    select = PGBENCH_STATEMENTS["SELECT pgbench_accounts"]
+    with Scraper(a.dsn(), instance="primary-vip") as scraper:
+        state, _ = delta(None, scraper.scrape())
+        a.stop()
+        b.stop()
+        b.port = a.port
+        b.start()
+        b.promote()
+        with caplog.at_level(logging.WARNING, logger="pgflow.scrape"):
+            state, switched = delta(state, _scrape_retrying(scraper))
+            assert switched is None
+            state, after = delta(state, scraper.scrape())
+    assert after is not None
+    frame = after.statements
+    assert sum(c for q, c in zip(frame["query"], frame["calls"]) if q == select) == 0  # zero phantom calls
+    (warning,) = [r for r in caplog.records if "server behind this instance changed" in r.getMessage()]
+    assert "timeline" in warning.kv["reason"] and warning.kv["instance"] == "primary-vip"
+
+
 def test_fast_restart_of_the_same_server_keeps_the_interval(pgbench_server, caplog):
     """Item 3: a restart of the same server keeps pg_stat_statements' counters: no interval lost."""
     a = pgbench_server()
