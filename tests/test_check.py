@@ -22,6 +22,8 @@ def server(pg_factory):
         "CREATE ROLE monitor LOGIN PASSWORD 'pw' IN ROLE pg_monitor",
         "CREATE ROLE sslonly LOGIN PASSWORD 'pw' IN ROLE pg_monitor",
         "CREATE DATABASE schemadb",
+        "CREATE DATABASE noconnect",
+        "REVOKE CONNECT ON DATABASE noconnect FROM PUBLIC",
     )
     server.execute("CREATE SCHEMA mon", "CREATE EXTENSION pg_stat_statements SCHEMA mon", dbname="schemadb")
     hba = server.datadir / "pg_hba.conf"
@@ -72,6 +74,12 @@ def test_missing_schema_usage_says_grant_usage(server):
     assert "GRANT pg_monitor" not in text, text
     with pytest.raises(InsufficientPrivilege, match="GRANT USAGE ON SCHEMA mon TO monitor"), Scraper(dsn) as scraper:
         scraper.scrape()
+
+
+def test_connect_privilege_missing_says_grant_connect(server):
+    text, findings = _report(server.dsn("noconnect", user="plain", password="pw"))
+    assert findings["connect"][0] == "fail" and "GRANT CONNECT ON DATABASE noconnect TO plain" in text, text
+    assert "host and port" not in text, text
 
 
 def test_ssl_required_by_the_client_but_not_offered(server):

@@ -12,16 +12,16 @@ from psycopg.pq import Format
 from pgflow.config import redact_dsn
 from pgflow.errors import (
     AuthenticationFailed,
-    PoolerRefused,
-    SslRefused,
-    TextUnreadable,
     DatabaseMissing,
     ExtensionMissing,
     ExtensionNotLoaded,
     InsufficientPrivilege,
+    PoolerRefused,
     ScrapeError,
     ScrapeTimeout,
     ServerUnreachable,
+    SslRefused,
+    TextUnreadable,
 )
 
 
@@ -119,7 +119,12 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
         limit = f" ({statement_timeout_ms} ms)" if statement_timeout_ms else ""
         return ScrapeTimeout(f"scrape of {target} ran past statement_timeout{limit}",
                              "raise PGFLOW_STATEMENT_TIMEOUT_MS or look at the server's load")
-    if sqlstate == "42501":  # insufficient_privilege: which privilege decides the advice
+    # insufficient_privilege: which privilege decides the advice (at connect time psycopg has no SQLSTATE)
+    if sqlstate == "42501" or (sqlstate is None and "permission denied" in lowered):
+        database = re.search(r'permission denied for database "?([^"\s]+)"?', detail)
+        if database:
+            return InsufficientPrivilege(f"{role} may not connect to database {database.group(1)} on {target}",
+                                         f"GRANT CONNECT ON DATABASE {database.group(1)} TO {role}")
         schema = re.search(r'permission denied for schema "?([^"\s]+)"?', detail)
         if schema:
             return InsufficientPrivilege(f"{role} may not use schema {schema.group(1)} on {target} ({detail})",
@@ -135,7 +140,9 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
         return ExtensionMissing(f"pg_stat_statements is not installed in {target}",
                                 "run CREATE EXTENSION pg_stat_statements in that database")
     if sqlstate in _TEXT_SQLSTATES:
-        return TextUnreadable(f"a statement text in pg_stat_statements on {target} cannot be read ({detail})",
+        # The server's message quotes bytes of the text (maybe of a literal): only the SQLSTATE is kept.
+        return TextUnreadable(f"a statement text in pg_stat_statements on {target} cannot be converted to this "
+                              f"database's encoding (SQLSTATE {sqlstate})",
                               "texts are labelled by queryid until that entry leaves pg_stat_statements")
     if sqlstate == "28P01" or "password authentication failed" in lowered or "no password supplied" in lowered:
         return AuthenticationFailed(f"PostgreSQL at {target} refused the credentials",
