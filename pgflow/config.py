@@ -55,7 +55,7 @@ def redact_dsn(dsn: str) -> str:
 
 
 def dsn_host_port(dsn: str) -> tuple[str, int]:
-    """The server address a DSN points at, as used in ``service.instance.id``."""
+    """The first server address a DSN points at (the scraper then labels by the host that answered)."""
     parts = psycopg.conninfo.conninfo_to_dict(dsn)
     host = str(parts.get("host") or parts.get("hostaddr") or "localhost").split(",")[0]
     if host.startswith("/"):

@@ -76,6 +76,7 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5) -> CheckReport:
     except ScrapeError as exc:
         report.add("fail", "connect", str(exc))
         return report
+    conn.read_only = True
     try:
         with conn:
             _diagnose(conn, instance.dsn, report)
@@ -98,7 +99,8 @@ def _probe(conn: psycopg.Connection, query: sql.Composable) -> tuple[object, psy
 
 
 def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
-    version, version_num, user, can_read_all, ext_version, ext_schema = conn.execute(_SERVER_SQL).fetchone()  # type: ignore[misc]
+    row = conn.execute(_SERVER_SQL).fetchone()
+    version, version_num, user, can_read_all, ext_version, ext_schema = row  # type: ignore[misc]
     settings = dict(conn.execute(_SETTINGS_SQL, (_SETTINGS,)).fetchall())
     conn.rollback()
     if version_num < 130000:
@@ -109,7 +111,8 @@ def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
         report.add("fail", "extension", "pg_stat_statements is not installed here: run CREATE EXTENSION pg_stat_statements")
         return
     report.add("ok", "extension", f"pg_stat_statements {ext_version} in schema {ext_schema}")
-    usage = conn.execute(f"SELECT {MARK} has_schema_privilege(%s, 'USAGE')", (ext_schema,)).fetchone()[0]  # type: ignore[index]
+    usage_sql = f"SELECT {MARK} has_schema_privilege(%s, 'USAGE')"
+    usage = conn.execute(usage_sql, (ext_schema,)).fetchone()[0]  # type: ignore[index]
     conn.rollback()
     if not usage:
         report.add("fail", "schema", f"{user} may not use schema {ext_schema}, where pg_stat_statements lives: "

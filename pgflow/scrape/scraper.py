@@ -46,7 +46,8 @@ def meta_sql(server: ServerInfo) -> str:
     read from its WAL file name: the checkpoint's lags a promotion until the next checkpoint.
     """
     sysid = "(SELECT system_identifier FROM pg_control_system())" if server.can_read_control else "NULL::int8"
-    standby_tli = "(SELECT timeline_id FROM pg_control_checkpoint())::int8" if server.can_read_checkpoint else "NULL::int8"
+    standby_tli = ("(SELECT timeline_id FROM pg_control_checkpoint())::int8" if server.can_read_checkpoint
+                   else "NULL::int8")
     return (f"SELECT {MARK} clock_timestamp(), current_setting('server_version_num')::int, "
             "current_setting('max_connections')::int, "
             f"{sysid}, CASE WHEN pg_is_in_recovery() THEN {standby_tli} "
