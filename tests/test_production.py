@@ -255,3 +255,33 @@ def test_configured_instance_name_is_the_instance_id():
 
     attrs = resource_attributes("orders-primary", "10.1.2.3", 5432, 170004, "pgflow")
     assert attrs["service.instance.id"] == "orders-primary" and "host.name" not in attrs
+
+
+def test_identity_survives_a_capture(pg, tmp_path):
+    """Item 3: the identity is captured, so a replay starts the same new baselines as live."""
+    from pgflow.capture import CaptureWriter, as_stored, read
+
+    with Scraper(pg.dsn()) as scraper:
+        snap = scraper.scrape()
+    assert snap.identity is not None and snap.identity.system_identifier is not None
+    with CaptureWriter(tmp_path / "c.duckdb") as writer:
+        writer.write(snap)
+    (back,) = list(read(tmp_path / "c.duckdb"))
+    assert back.identity == snap.identity and back.equals(as_stored(snap))
+
+
+def test_stats_reset_moved_before_the_previous_scrape_is_another_server(pg):
+    """Item 3, without the system identifier (a role that may not call pg_control_system()):
+    a ``stats_reset`` that moved to before the previous scrape cannot be a reset inside the
+    interval, so it is another server's counters; one after the previous scrape is a reset."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    with Scraper(pg.dsn()) as scraper:
+        first, second = scraper.scrape(), scraper.scrape()
+    first = replace(first, identity=None, stats_reset=first.scraped_at - timedelta(hours=2))
+    state, _ = delta(None, first)
+    other = replace(second, identity=None, stats_reset=first.scraped_at - timedelta(hours=1))
+    assert delta(state, other)[1] is None
+    reset = replace(second, identity=None, stats_reset=first.scraped_at + timedelta(microseconds=1))
+    assert delta(state, reset)[1] is not None
