@@ -230,6 +230,7 @@ def test_own_statements_are_never_exported(pgbench_server):
 
 def test_instance_identity_names_the_host_for_a_local_address(pg, monkeypatch):
     """Item 11: a sidecar on localhost is told apart by the host; OTEL_RESOURCE_ATTRIBUTES merges."""
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.instance.id=spoof,"
                                                    "team=db%20ops")
     with Scraper(pg.dsn()) as scraper:
@@ -249,12 +250,15 @@ def test_instance_identity_names_the_host_for_a_local_address(pg, monkeypatch):
     assert resource["service.name"] == "pgflow"
 
 
-def test_configured_instance_name_is_the_instance_id():
+def test_configured_instance_name_is_the_instance_id(monkeypatch):
     """Item 11: a configured name is the entity's key; OTEL_SERVICE_NAME names the service."""
     from pgflow.otlp.encode import resource_attributes
 
     attrs = resource_attributes("orders-primary", "10.1.2.3", 5432, 170004, "pgflow")
     assert attrs["service.instance.id"] == "orders-primary" and "host.name" not in attrs
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "payments-db")
+    assert resource_attributes("orders-primary", "10.1.2.3", 5432, 170004, "pgflow")["service.name"] == "payments-db"
+    assert resource_attributes("orders-primary", "10.1.2.3", 5432, 170004, "mine")["service.name"] == "mine"
 
 
 def test_identity_survives_a_capture(pg, tmp_path):
