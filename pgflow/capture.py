@@ -22,14 +22,18 @@ import polars as pl
 
 from pgflow.errors import CaptureError, PgflowError
 from pgflow.ops.fingerprint import redact_text
-from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, PLANS, STATEMENTS, Snapshot
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, PLANS, STATEMENTS, ServerIdentity, Snapshot
 
 _SCALARS = {
     "scrape_id": "BIGINT", "instance": "VARCHAR", "scraped_at": "TIMESTAMPTZ", "server_version_num": "INTEGER",
     "stats_reset": "TIMESTAMPTZ", "dealloc": "BIGINT", "max_connections": "INTEGER",
     "oldest_xact_age_secs": "DOUBLE", "oldest_query_age_secs": "DOUBLE", "server_address": "VARCHAR",
     "server_port": "INTEGER", "hidden_statements": "INTEGER",
+    # issue 14: the server's identity (ServerIdentity), added to older files by ALTER TABLE
+    "system_identifier": "BIGINT", "timeline": "BIGINT", "postmaster_started_at": "TIMESTAMPTZ",
+    "in_recovery": "BOOLEAN", "identity_address": "VARCHAR",
 }
+_IDENTITY_SCALARS = ("system_identifier", "timeline", "postmaster_started_at", "in_recovery", "identity_address")
 _FRAMES = {"statements": STATEMENTS, "activity": ACTIVITY, "locks": LOCKS, "blocked": BLOCKED, "databases": DATABASES,
            "plans": PLANS}
 _TYPES = {pl.Int64: "BIGINT", pl.Float64: "DOUBLE", pl.String: "VARCHAR", pl.Boolean: "BOOLEAN"}
@@ -44,6 +48,7 @@ def _ddl() -> list[str]:
            "CREATE TABLE IF NOT EXISTS texts (instance VARCHAR, dbid BIGINT, userid BIGINT, queryid BIGINT, "
            "query VARCHAR)",
            "CREATE TABLE IF NOT EXISTS meta (key VARCHAR, value VARCHAR)"]
+    out += [f'ALTER TABLE scrapes ADD COLUMN IF NOT EXISTS "{k}" {_SCALARS[k]}' for k in _IDENTITY_SCALARS]
     for name, schema in _FRAMES.items():
         cols = [(c, t) for c, t in schema.items() if not (name == "statements" and c == "query")]
         out.append(f"CREATE TABLE IF NOT EXISTS {name} (scrape_id BIGINT, ord INTEGER, "
@@ -59,6 +64,22 @@ def as_stored(snapshot: Snapshot) -> Snapshot:
     from dataclasses import replace
 
     return replace(snapshot, statements=snapshot.statements.with_columns(_REDACTED))
+
+
+def _identity_values(identity: ServerIdentity | None) -> list[object]:
+    if identity is None:
+        return [None] * len(_IDENTITY_SCALARS)
+    return [identity.system_identifier, identity.timeline, identity.started_at, identity.in_recovery,
+            identity.address]
+
+
+def _identity(row: dict) -> ServerIdentity | None:
+    if row.get("identity_address") is None and row.get("postmaster_started_at") is None:
+        return None  # a capture written before identities were recorded
+    started = row.get("postmaster_started_at")
+    return ServerIdentity(system_identifier=row.get("system_identifier"), timeline=row.get("timeline"),
+                          started_at=started.astimezone(timezone.utc) if started else None,
+                          in_recovery=row.get("in_recovery"), address=row.get("identity_address") or "")
 
 
 def _utc(frame: pl.DataFrame) -> pl.DataFrame:
@@ -100,7 +121,7 @@ class CaptureWriter:
                 scrape_id, snapshot.instance, snapshot.scraped_at, snapshot.server_version_num, snapshot.stats_reset,
                 snapshot.dealloc, snapshot.max_connections, snapshot.oldest_xact_age_secs,
                 snapshot.oldest_query_age_secs, snapshot.server_address, snapshot.server_port,
-                snapshot.hidden_statements])
+                snapshot.hidden_statements, *_identity_values(snapshot.identity)])
             texts = snapshot.statements.filter(pl.col("query").is_not_null()).select(
                 pl.lit(snapshot.instance).alias("instance"), "dbid", "userid", "queryid", "query"
             ).unique(subset=["dbid", "userid", "queryid"], keep="first", maintain_order=True)
@@ -171,7 +192,7 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
             dealloc=row["dealloc"], max_connections=row["max_connections"],
             oldest_xact_age_secs=row["oldest_xact_age_secs"], oldest_query_age_secs=row["oldest_query_age_secs"],
             server_address=row["server_address"] or "", server_port=row["server_port"] or 0,
-            hidden_statements=row["hidden_statements"] or 0, **parts,
+            hidden_statements=row["hidden_statements"] or 0, identity=_identity(row), **parts,
         )
 
 

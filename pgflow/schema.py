@@ -218,6 +218,44 @@ def empty(schema: pl.Schema) -> pl.DataFrame:
 
 
 @dataclass(frozen=True)
+class ServerIdentity:
+    """Which server, and which run of it, a snapshot came from (issue 14).
+
+    A DSN can reach another server (failover, a VIP or DNS move, PgBouncer retargeted, the
+    next host of ``host=a,b``); its counters are another history and must start a new
+    baseline. A restart of the same server keeps pg_stat_statements' counters and must not.
+    """
+
+    system_identifier: int | None = None  # pg_control_system(): same for a primary and its standbys
+    timeline: int | None = None  # a promoted standby moves to a new timeline
+    started_at: datetime | None = None  # pg_postmaster_start_time()
+    in_recovery: bool | None = None
+    address: str = ""  # inet_server_addr():port, or the host:port connected over a socket
+
+    def same_history(self, previous: ServerIdentity) -> str | None:
+        """None when the counters continue ``previous``'s; else why they do not.
+
+        Another cluster (system identifier) never continues. The same postmaster always does.
+        A new postmaster continues only as a restart of the same server: same timeline, same
+        recovery state, same address; a promoted standby, a replica behind the same VIP at
+        another address, or a server that is not the one before starts a new baseline.
+        """
+        if (self.system_identifier is not None and previous.system_identifier is not None
+                and self.system_identifier != previous.system_identifier):
+            return "another cluster (system identifier)"
+        if self.started_at == previous.started_at:
+            return None
+        for name in ("timeline", "in_recovery", "address"):
+            if getattr(self, name) != getattr(previous, name):
+                return f"another server ({name.replace('_', ' ')} changed and the postmaster restarted)"
+        return None
+
+    def describe(self) -> str:
+        return (f"system {self.system_identifier}, timeline {self.timeline}, "
+                f"{'standby' if self.in_recovery else 'primary'} at {self.address or 'an unknown address'}")
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One scrape of one PostgreSQL instance: metadata plus polars frames.
 
@@ -242,13 +280,15 @@ class Snapshot:
     server_port: int = 0
     hidden_statements: int = 0  # rows whose queryid the role may not see
     plans: pl.DataFrame = field(default_factory=lambda: empty(PLANS))  # issue 12
+    identity: ServerIdentity | None = None  # which server answered (issue 14); None in old captures
 
     FRAMES = ("statements", "activity", "locks", "blocked", "databases", "plans")
 
     def equals(self, other: Snapshot) -> bool:
         """Frame-for-frame equality (for capture round trips and replay checks)."""
         scalars = ("instance", "scraped_at", "server_version_num", "stats_reset", "dealloc", "max_connections",
-                   "oldest_xact_age_secs", "oldest_query_age_secs", "server_address", "server_port", "hidden_statements")
+                   "oldest_xact_age_secs", "oldest_query_age_secs", "server_address", "server_port", "hidden_statements",
+                   "identity")
         return all(getattr(self, s) == getattr(other, s) for s in scalars) and all(
             getattr(self, f).equals(getattr(other, f)) for f in self.FRAMES
         )

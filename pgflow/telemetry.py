@@ -35,6 +35,13 @@ points_dropped = Counter("pgflow_points_dropped_total", "Points given up", ["rea
 queue_depth = Gauge("pgflow_queue_depth", "Windows waiting for acknowledgement", ["instance"], registry=REGISTRY)
 last_scrape = Gauge("pgflow_last_successful_scrape_timestamp_seconds", "Last successful scrape", ["instance"],
                     registry=REGISTRY)
+# issue 14: statements the monitoring role may not see; text fetches that failed (encodings).
+hidden_statements = Gauge("pgflow_hidden_statements",
+                          "pg_stat_statements rows of other roles hidden without pg_read_all_stats (not exported)",
+                          ["instance"], registry=REGISTRY)
+text_failures = Counter("pgflow_text_fetch_failures_total",
+                        "Statement text fetches that failed (an unreadable text); counters went on", ["instance"],
+                        registry=REGISTRY)
 last_export = Gauge("pgflow_last_successful_export_timestamp_seconds", "Last acknowledged export",
                     registry=REGISTRY)
 
