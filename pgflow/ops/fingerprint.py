@@ -81,20 +81,31 @@ def _relations(node: object, out: list[str]) -> None:
             _relations(value, out)
 
 
-# String literals are where secrets live (passwords, tokens); numbers stay, since some are
-# syntax (GROUP BY 1) and pg_stat_statements already replaces the constants of queries.
-_REPLACEMENTS = {"SQL_COMMENT": b" ", "C_COMMENT": b" ", "SCONST": b"'?'", "USCONST": b"'?'", "BCONST": b"'0'",
-                 "XCONST": b"'0'"}
+# Every literal is a place a secret can hide (passwords, tokens, PINs, function bodies):
+# libpg_query normalizes only the constants it visits, and keeps utility statements'
+# literals (``OPTIONS (password '...')``, ``COPY ... FROM PROGRAM '...'``, ``DO $$...$$``)
+# verbatim. So every text that leaves is scanned with PostgreSQL's own scanner and every
+# remaining literal token (strings of every quoting, dollar-quoted bodies, numbers, bit
+# strings) and comment is replaced. ``_PARSEABLE`` keeps the text parseable (capture files,
+# fingerprint input); ``_SHOWN`` is what an exported text shows.
+_PARSEABLE = {"SQL_COMMENT": b" ", "C_COMMENT": b" ", "SCONST": b"'?'", "USCONST": b"'?'", "BCONST": b"'0'",
+              "XCONST": b"'0'", "ICONST": b"0", "FCONST": b"0"}
+_SHOWN = {**_PARSEABLE, "BCONST": b"'?'", "XCONST": b"'?'", "ICONST": b"?", "FCONST": b"?"}
+UNREADABLE = "<statement text not shown: it could not be scanned>"
 
 
-def _replace_tokens(text: str, names: frozenset[str]) -> str:
-    """Replace the scanner's tokens of the given kinds (comments, literals) in ``text``."""
+def _replace_tokens(text: str, replacements: dict[str, bytes]) -> str:
+    """Replace the scanner's tokens of the given kinds (comments, literals) in ``text``.
+
+    Raises when the scanner cannot read ``text``: callers never fall back to the raw text.
+    """
     raw = text.encode("utf-8")
     kept, pos = [], 0
     for tok in pg_parser.scan(text):
-        if tok.name in names:
+        new = replacements.get(tok.name)
+        if new is not None:
             kept.append(raw[pos:tok.start])
-            kept.append(_REPLACEMENTS[tok.name])
+            kept.append(new)
             pos = tok.end + 1
     if not kept:
         return text
@@ -102,20 +113,19 @@ def _replace_tokens(text: str, names: frozenset[str]) -> str:
     return b"".join(kept).decode("utf-8", "replace")
 
 
-_COMMENTS = frozenset({"SQL_COMMENT", "C_COMMENT"})
-_LITERALS = frozenset(_REPLACEMENTS)
-
-
-def _strip_comments(text: str) -> str:
-    """Drop comment tokens (they can carry anything, secrets included), using the SQL scanner."""
-    return _replace_tokens(text, _COMMENTS)
-
-
 _WS = re.compile(r"\s+")
 
 
 def _fold(text: str) -> str:
     return _WS.sub(" ", text).strip()
+
+
+def _shown(normalized: str) -> str:
+    """The exported text of a normalized statement: no literal, no comment; a marker if unscannable."""
+    try:
+        return _fold(_replace_tokens(normalized, _SHOWN))
+    except Exception:
+        return UNREADABLE
 
 
 def parse_info(text: str) -> QueryInfo:
@@ -135,28 +145,116 @@ def parse_info(text: str) -> QueryInfo:
     if stmt_type == "TransactionStmt":  # BEGIN, COMMIT, ROLLBACK, SAVEPOINT ... rather than one blur
         kind = str(stmt[stmt_type].get("kind", "")).removeprefix("TRANS_STMT_").replace("_", " ")
         summary = kind or operation
-    normalized = _fold(_strip_comments(pg_parser.normalize(text)))
+    normalized = _shown(pg_parser.normalize(text))
     # Fingerprint the text with its literals replaced: libpg_query keeps some literals in its
-    # fingerprint (a role's password, for one), and a hash of a secret must not leave either.
-    fingerprint = pg_parser.fingerprint(_replace_tokens(text, _LITERALS))
+    # fingerprint (a role's password, a function's body), and a hash of a secret must not
+    # leave either; statements differing only in literals then share one fingerprint.
+    fingerprint = pg_parser.fingerprint(_replace_tokens(text, _PARSEABLE))
     return QueryInfo(fingerprint, operation, summary, normalized[:MAX_TEXT])
 
 
-_STRING = re.compile(r"(?:[eEbBxXuU]&?)?'(?:[^']|'')*'?|\$([A-Za-z_]\w*)?\$.*?(?:\$\1\$|$)", re.S)
-_COMMENT = re.compile(r"--[^\n]*|/\*.*?(?:\*/|$)", re.S)
-_NUMBER = re.compile(r"(?<![\w$])[-+]?(?:0x[0-9a-f]+|\d+(?:\.\d*)?(?:e[-+]?\d+)?|\.\d+(?:e[-+]?\d+)?)\b", re.I)
+_DOLLAR_TAG = re.compile(r"\$(?:[^\W\d]\w*)?\$")
 _PARAM = re.compile(r"\$\d+")
+_NUMBER = re.compile(r"(?:0[xob][0-9a-f_]+|(?:\d[\d_]*)?\.?\d[\d_]*(?:e[-+]?\d+)?)\w*", re.I)
 _LIST = re.compile(r"\(\s*\?(?:\s*,\s*\?)+\s*\)")
 _FIRST_WORD = re.compile(r"[a-z]+")
 _TARGET = re.compile(r"\b(?:from|into|update|table|join)\s+([a-z_][\w$.]*)")
 
 
+def _ident_char(ch: str) -> bool:
+    return ch.isalnum() or ch in "_$" or ord(ch) >= 0x80
+
+
+def _string_end(text: str, quote: int, escapes: bool) -> int:
+    """Where the string literal opened at ``quote`` ends (past its closing quote, or the end).
+
+    A backslash in a standard string is ambiguous (``standard_conforming_strings`` may be
+    off on the server), so the rest of the text is treated as the literal: hidden, not guessed.
+    """
+    j, n = quote + 1, len(text)
+    while j < n:
+        ch = text[j]
+        if ch == "\\":
+            if not escapes:
+                return n
+            j += 2
+        elif ch == "'":
+            if text.startswith("''", j):
+                j += 2
+            else:
+                return j + 1
+        else:
+            j += 1
+    return n
+
+
+def _mask(text: str) -> str:
+    """Every literal (any quoting, dollar-quoted, numbers, parameters) to ``?``, comments out.
+
+    A small lexer for text libpg_query cannot read (truncated, garbage, not UTF-8): it never
+    fails, and whatever it cannot close (a literal, a comment, a quoted name) runs to the end
+    of the text and is hidden, so a secret never survives because the text was broken.
+    """
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        word_start = i == 0 or not _ident_char(text[i - 1])
+        if text.startswith("--", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            out.append(" ")
+        elif text.startswith("/*", i):
+            j, depth = i + 2, 1
+            while j < n and depth:
+                if text.startswith("/*", j):
+                    depth, j = depth + 1, j + 2
+                elif text.startswith("*/", j):
+                    depth, j = depth - 1, j + 2
+                else:
+                    j += 1
+            i = j
+            out.append(" ")
+        elif c == "'" or (word_start and ((c in "eEbBxXnN" and text.startswith("'", i + 1))
+                                          or (c in "uU" and text.startswith("&'", i + 1)))):
+            quote = text.index("'", i)
+            i = _string_end(text, quote, escapes=c in "eE" and quote == i + 1)
+            out.append("?")
+        elif c == "$" and word_start and (m := _DOLLAR_TAG.match(text, i)):
+            end = text.find(m.group(0), m.end())
+            i = n if end < 0 else end + len(m.group(0))
+            out.append("?")
+        elif c == "$" and word_start and (m := _PARAM.match(text, i)):
+            i = m.end()
+            out.append("?")
+        elif c == '"':
+            j = i + 1
+            while (j := text.find('"', j)) >= 0 and text.startswith('""', j):
+                j += 2
+            if j < 0:  # an unclosed quoted name: whatever follows may be a literal
+                out.append("?")
+                i = n
+            else:
+                out.append(text[i:j + 1])
+                i = j + 1
+        elif word_start and (c.isdigit() or (c == "." and i + 1 < n and text[i + 1].isdigit())):
+            m = _NUMBER.match(text, i)
+            i = m.end() if m else i + 1
+            out.append("?")
+        elif word_start and _ident_char(c):
+            j = i + 1
+            while j < n and _ident_char(text[j]):
+                j += 1
+            out.append(text[i:j])
+            i = j
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 def _fallback_normalize(text: str) -> str:
-    text = _COMMENT.sub(" ", text)
-    text = _STRING.sub("?", text)
-    text = _PARAM.sub("?", text)
-    text = _NUMBER.sub("?", text)
-    return _LIST.sub("(?)", _fold(text).lower())
+    return _LIST.sub("(?)", _fold(_mask(text)).lower())
 
 
 def fallback_info(text: str) -> QueryInfo:
@@ -171,7 +269,7 @@ def fallback_info(text: str) -> QueryInfo:
 
 
 def redact_text(text: str) -> str:
-    """The statement with its string literals and comments replaced, layout otherwise kept.
+    """The statement with its literals (strings, numbers) and comments replaced, layout otherwise kept.
 
     What a capture stores: pg_stat_statements keeps utility statements verbatim
     (``ALTER ROLE ... PASSWORD '...'``), and a capture file must not hold such secrets.
@@ -180,9 +278,9 @@ def redact_text(text: str) -> str:
         if len(text) > MAX_PARSE_BYTES:
             raise ValueError("too long")
         pg_parser.parse_sql_json(text)  # only text libpg_query accepts keeps its layout
-        # String literals become '?' rather than $n, so the text still parses where a
-        # parameter may not stand (ALTER ROLE ... PASSWORD) and fingerprints the same.
-        return _replace_tokens(text, _LITERALS)
+        # String literals become '?' and numbers 0 rather than $n, so the text still parses
+        # where a parameter may not stand (ALTER ROLE ... PASSWORD) and fingerprints the same.
+        return _replace_tokens(text, _PARSEABLE)
     except Exception:
         return fallback_info(text).text if len(text) <= MAX_TEXT else _fallback_normalize(text)
 

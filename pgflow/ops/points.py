@@ -113,6 +113,7 @@ _QUERY_ATTRIBUTES = attributes({
     "db.query.summary": pl.col("summary"),
     "postgresql.query.fingerprint": pl.col("fingerprint"),
     "db.query.text": pl.col("text"),
+    "postgresql.query.toplevel": pl.col("toplevel"),  # cast: "true" / "false"
     "postgresql.block.kind": pl.col("block_kind"),
     "postgresql.io.direction": pl.col("io_direction"),
 })
