@@ -88,9 +88,9 @@ def _relations(node: object, out: list[str]) -> None:
 # remaining literal token (strings of every quoting, dollar-quoted bodies, numbers, bit
 # strings) and comment is replaced. ``_PARSEABLE`` keeps the text parseable (capture files,
 # fingerprint input); ``_SHOWN`` is what an exported text shows.
-_PARSEABLE = {"SQL_COMMENT": b" ", "C_COMMENT": b" ", "SCONST": b"'?'", "USCONST": b"'?'", "BCONST": b"'0'",
-              "XCONST": b"'0'", "ICONST": b"0", "FCONST": b"0"}
-_SHOWN = {**_PARSEABLE, "BCONST": b"'?'", "XCONST": b"'?'", "ICONST": b"?", "FCONST": b"?"}
+_PARSEABLE = {"SQL_COMMENT": b" ", "C_COMMENT": b" ", "SCONST": b"'?'", "USCONST": b"'?'", "BCONST": b"'?'",
+              "XCONST": b"'?'", "ICONST": b"0", "FCONST": b"0"}
+_SHOWN = {**_PARSEABLE, "ICONST": b"?", "FCONST": b"?"}
 UNREADABLE = "<statement text not shown: it could not be scanned>"
 
 
@@ -128,10 +128,21 @@ def _shown(normalized: str) -> str:
         return UNREADABLE
 
 
-def parse_info(text: str) -> QueryInfo:
-    """Fingerprint one statement with pglast; raises on text libpg_query cannot parse."""
+def _cleaned(text: str) -> str:
+    """``text`` with every literal and comment replaced, if libpg_query can parse the result.
+
+    Everything the parse path derives comes from this text, never from the raw one: what
+    is not in it cannot leak, and statements that differ only in literals (even one that
+    makes the raw text unparseable, such as an integer past 2**31) are treated alike.
+    """
     if len(text) > MAX_PARSE_BYTES:
         raise ValueError("statement too long to parse")
+    return _replace_tokens(text, _PARSEABLE)
+
+
+def parse_info(text: str) -> QueryInfo:
+    """Fingerprint one statement with pglast; raises on text libpg_query cannot parse."""
+    text = _cleaned(text)
     tree = json.loads(pg_parser.parse_sql_json(text))
     stmts = tree.get("stmts") or []
     if not stmts:
@@ -146,10 +157,9 @@ def parse_info(text: str) -> QueryInfo:
         kind = str(stmt[stmt_type].get("kind", "")).removeprefix("TRANS_STMT_").replace("_", " ")
         summary = kind or operation
     normalized = _shown(pg_parser.normalize(text))
-    # Fingerprint the text with its literals replaced: libpg_query keeps some literals in its
-    # fingerprint (a role's password, a function's body), and a hash of a secret must not
-    # leave either; statements differing only in literals then share one fingerprint.
-    fingerprint = pg_parser.fingerprint(_replace_tokens(text, _PARSEABLE))
+    # libpg_query keeps some literals in its fingerprint (a role's password, a function's
+    # body): fingerprinted without them, a hash of a secret cannot leave either.
+    fingerprint = pg_parser.fingerprint(text)
     return QueryInfo(fingerprint, operation, summary, normalized[:MAX_TEXT])
 
 
@@ -275,12 +285,11 @@ def redact_text(text: str) -> str:
     (``ALTER ROLE ... PASSWORD '...'``), and a capture file must not hold such secrets.
     """
     try:
-        if len(text) > MAX_PARSE_BYTES:
-            raise ValueError("too long")
-        pg_parser.parse_sql_json(text)  # only text libpg_query accepts keeps its layout
         # String literals become '?' and numbers 0 rather than $n, so the text still parses
         # where a parameter may not stand (ALTER ROLE ... PASSWORD) and fingerprints the same.
-        return _replace_tokens(text, _PARSEABLE)
+        cleaned = _cleaned(text)
+        pg_parser.parse_sql_json(cleaned)  # only text libpg_query accepts keeps its layout
+        return cleaned
     except Exception:
         return fallback_info(text).text if len(text) <= MAX_TEXT else _fallback_normalize(text)
 
