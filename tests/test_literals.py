@@ -175,6 +175,15 @@ def test_unscannable_normalized_text_exports_a_marker(monkeypatch):
     assert info.text == fingerprint.UNREADABLE
 
 
+def test_quoting_that_depends_on_standard_conforming_strings_is_hidden():
+    """``'a\\'`` ends at its second quote only with standard_conforming_strings on (the
+    default); with it off the literal runs on, over what would be read as a name here."""
+    text = "SELECT 'a\\', ZqSecret123, 'b'"
+    info = query_info(text)
+    assert "zqsecret" not in (info.text + info.summary + redact_text(text)).lower()
+    assert query_info("SELECT 'a\\b'").text == "SELECT $1"  # a backslash inside a string is fine
+
+
 # Against a real server ------------------------------------------------------------------
 
 def _real_statements(tag: str) -> dict[str, str]:
@@ -230,6 +239,7 @@ def test_real_utility_literals_never_reach_points_or_state(pg):
     texts = points["attributes"].struct.field("db.query.text").drop_nulls().to_list()
     assert any("CREATE SERVER s14" in t for t in texts) and any("COPY t14" in t for t in texts)  # exported
     values = [v for c in points["attributes"].struct.unnest().iter_columns() for v in c.drop_nulls().to_list()]
+    assert len(values) > 100
     assert not _leaks(secrets, values)
 
     settings_ = OpsSettings()

@@ -103,6 +103,11 @@ def _replace_tokens(text: str, replacements: dict[str, bytes]) -> str:
     kept, pos = [], 0
     for tok in pg_parser.scan(text):
         new = replacements.get(tok.name)
+        if (tok.name == "SCONST" and raw[tok.end - 1:tok.end + 1] == b"\\'"
+                and raw[tok.start:tok.start + 1] in b"'nN"):
+            # 'C:\' ends here only with standard_conforming_strings on; with it off, the
+            # string goes on and what this scanner reads as names may be the literal.
+            raise ValueError("string quoting depends on standard_conforming_strings")
         if new is not None:
             kept.append(raw[pos:tok.start])
             kept.append(new)
