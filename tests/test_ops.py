@@ -438,12 +438,15 @@ def test_real_nested_statements_sum_top_level_only(pg):
     pg.execute("CREATE TABLE n14 (id int PRIMARY KEY, v int)", "INSERT INTO n14 VALUES (1, 0)",
                "CREATE FUNCTION bump14() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
                "UPDATE n14 SET v = v + 1 WHERE id = 1; PERFORM pg_sleep(0.02); END $$", dbname="nested14")
-    with Scraper(pg.dsn()) as scraper:
-        before = scraper.scrape()
-        started = time.monotonic()
-        pg.execute(*["SELECT bump14()"] * 10, *["UPDATE n14 SET v = v + 1 WHERE id = 1"] * 7, dbname="nested14")
-        wall = time.monotonic() - started
-        after = scraper.scrape()
+    try:
+        with Scraper(pg.dsn()) as scraper:
+            before = scraper.scrape()
+            started = time.monotonic()
+            pg.execute(*["SELECT bump14()"] * 10, *["UPDATE n14 SET v = v + 1 WHERE id = 1"] * 7, dbname="nested14")
+            wall = time.monotonic() - started
+            after = scraper.scrape()
+    finally:
+        pg.execute("DROP DATABASE nested14")
     pts = ops.run([before, after]).filter(pl.col("attributes").struct.field("db.namespace") == "nested14")
     rows = pts.filter(pl.col("metric").is_in(["postgresql.query.calls", "postgresql.query.duration"])).select(
         "metric", "value", text=pl.col("attributes").struct.field("db.query.text"),
@@ -469,8 +472,11 @@ def test_real_gauges_read_zero_rather_than_vanish(pg):
     """Issue 14 item 16: a database nobody is connected to still has its connection counts
     per state, its waiting-lock count and its blocked-session count, each reading 0."""
     pg.execute("DROP DATABASE IF EXISTS idle14", "CREATE DATABASE idle14")
-    with Scraper(pg.dsn()) as scraper:
-        snaps = [scraper.scrape(), scraper.scrape()]
+    try:
+        with Scraper(pg.dsn()) as scraper:
+            snaps = [scraper.scrape(), scraper.scrape()]
+    finally:
+        pg.execute("DROP DATABASE idle14")
     gauges = ops.run(snaps).filter((pl.col("kind") == "gauge")
                                    & (pl.col("attributes").struct.field("db.namespace") == "idle14"))
 
