@@ -134,7 +134,7 @@ def _shown(normalized: str) -> str:
 
 
 def _cleaned(text: str) -> str:
-    """``text`` with every literal and comment replaced, if libpg_query can parse the result.
+    """``text`` with every literal and comment replaced (raises if the scanner cannot read it).
 
     Everything the parse path derives comes from this text, never from the raw one: what
     is not in it cannot leak, and statements that differ only in literals (even one that
@@ -172,12 +172,11 @@ _DOLLAR_TAG = re.compile(r"\$(?:[^\W\d]\w*)?\$")
 _PARAM = re.compile(r"\$\d+")
 _NUMBER = re.compile(r"(?:0[xob][0-9a-f_]+|(?:\d[\d_]*)?\.?\d[\d_]*(?:e[-+]?\d+)?)\w*", re.I)
 _LIST = re.compile(r"\(\s*\?(?:\s*,\s*\?)+\s*\)")
+# Spaces and operators (nothing starts there), or a name (digits and $ inside it are its own).
+_SIMPLE = re.compile(r"[^-/'\"$.\w\x80-\U0010ffff]+|[^\W\d][\w$]*")
+_STRING_PREFIXES = frozenset("eEbBxXnN")
 _FIRST_WORD = re.compile(r"[a-z]+")
 _TARGET = re.compile(r"\b(?:from|into|update|table|join)\s+([a-z_][\w$.]*)")
-
-
-def _ident_char(ch: str) -> bool:
-    return ch.isalnum() or ch in "_$" or ord(ch) >= 0x80
 
 
 def _string_end(text: str, quote: int, escapes: bool) -> int:
@@ -213,8 +212,20 @@ def _mask(text: str) -> str:
     out: list[str] = []
     i, n = 0, len(text)
     while i < n:
+        m = _SIMPLE.match(text, i)  # spaces, operators, a whole name: most of any text
+        if m:
+            word, j = m.group(), m.end()
+            if j < n and text[j] == "'" and word in _STRING_PREFIXES:  # E'...', B'...', X'...', N'...'
+                i = _string_end(text, j, escapes=word in "eE")
+                out.append("?")
+            elif word in ("u", "U") and text.startswith("&'", j):  # U&'...'
+                i = _string_end(text, j + 1, escapes=False)
+                out.append("?")
+            else:
+                out.append(word)
+                i = j
+            continue
         c = text[i]
-        word_start = i == 0 or not _ident_char(text[i - 1])
         if text.startswith("--", i):
             end = text.find("\n", i)
             i = n if end < 0 else end
@@ -230,16 +241,14 @@ def _mask(text: str) -> str:
                     j += 1
             i = j
             out.append(" ")
-        elif c == "'" or (word_start and ((c in "eEbBxXnN" and text.startswith("'", i + 1))
-                                          or (c in "uU" and text.startswith("&'", i + 1)))):
-            quote = text.index("'", i)
-            i = _string_end(text, quote, escapes=c in "eE" and quote == i + 1)
+        elif c == "'":
+            i = _string_end(text, i, escapes=False)
             out.append("?")
-        elif c == "$" and word_start and (m := _DOLLAR_TAG.match(text, i)):
+        elif c == "$" and (m := _DOLLAR_TAG.match(text, i)):
             end = text.find(m.group(0), m.end())
             i = n if end < 0 else end + len(m.group(0))
             out.append("?")
-        elif c == "$" and word_start and (m := _PARAM.match(text, i)):
+        elif c == "$" and (m := _PARAM.match(text, i)):
             i = m.end()
             out.append("?")
         elif c == '"':
@@ -252,16 +261,10 @@ def _mask(text: str) -> str:
             else:
                 out.append(text[i:j + 1])
                 i = j + 1
-        elif word_start and (c.isdigit() or (c == "." and i + 1 < n and text[i + 1].isdigit())):
+        elif c.isdigit() or (c == "." and i + 1 < n and text[i + 1].isdigit()):
             m = _NUMBER.match(text, i)
             i = m.end() if m else i + 1
             out.append("?")
-        elif word_start and _ident_char(c):
-            j = i + 1
-            while j < n and _ident_char(text[j]):
-                j += 1
-            out.append(text[i:j])
-            i = j
         else:
             out.append(c)
             i += 1
