@@ -92,6 +92,9 @@ _PARSEABLE = {"SQL_COMMENT": b" ", "C_COMMENT": b" ", "SCONST": b"'?'", "USCONST
               "XCONST": b"'?'", "ICONST": b"0", "FCONST": b"0"}
 _SHOWN = {**_PARSEABLE, "ICONST": b"?", "FCONST": b"?"}
 UNREADABLE = "<statement text not shown: it could not be scanned>"
+# Where a literal or comment token could start: a quote, a comment, a dollar quote (``$`` not
+# before a digit), a number (a digit not inside a name or a ``$n`` parameter).
+_MAY_HOLD_LITERAL = re.compile(r"'|--|/\*|\$(?!\d)|(?<![\w$])\d")
 
 
 def _replace_tokens(text: str, replacements: dict[str, bytes]) -> str:
@@ -99,6 +102,8 @@ def _replace_tokens(text: str, replacements: dict[str, bytes]) -> str:
 
     Raises when the scanner cannot read ``text``: callers never fall back to the raw text.
     """
+    if not _MAY_HOLD_LITERAL.search(text):
+        return text  # no quote, comment, dollar quote or number: nothing to replace (most texts)
     raw = text.encode("utf-8")
     kept, pos = [], 0
     for tok in pg_parser.scan(text):

@@ -157,6 +157,8 @@ ZERO_LOCK_GRANTED = (True, False)
 def _missing(present: pl.DataFrame, databases: list[str], column: str, values: tuple, dtype: pl.DataType
              ) -> pl.DataFrame:
     """The (database, ``column``) pairs of the grid that ``present`` has no row for."""
+    if not databases:
+        return pl.DataFrame(schema={"database": pl.String, column: dtype})
     grid = pl.DataFrame({"database": databases}, schema={"database": pl.String}).join(
         pl.DataFrame({column: list(values)}, schema={column: dtype}), how="cross")
     return grid.join(present.select("database", column), on=["database", column], how="anti", nulls_equal=True)
