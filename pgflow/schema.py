@@ -124,6 +124,7 @@ ATTRIBUTE_KEYS = (
     "postgresql.lock.mode",
     "postgresql.lock.type",
     "postgresql.lock.granted",
+    "postgresql.query.toplevel",  # issue 14: "false" for nested statements (track = all)
 )
 ATTRIBUTES = pl.Struct({key: pl.String for key in ATTRIBUTE_KEYS})
 
