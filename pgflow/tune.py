@@ -53,10 +53,10 @@ def _measured_windows(points: pl.DataFrame, length_us: int, times: dict[str, lis
     Sums carry their window; a gauge belongs to the window containing its observation.
     Complete windows are used when the capture has any, else partial ones with deltas.
     """
-    end_us = pl.col("end").dt.epoch("us")
-    keyed = points.with_columns(
-        window_end=pl.when(pl.col("kind") == "sum").then(end_us)
-        .otherwise((end_us // length_us + 1) * length_us))
+    # A sum's window is the one its start falls in (the last window ends at its last scrape,
+    # before its nominal end); a gauge's, the one containing its observation.
+    at_us = pl.when(pl.col("kind") == "sum").then(pl.col("start")).otherwise(pl.col("end")).dt.epoch("us")
+    keyed = points.with_columns(window_end=(at_us // length_us + 1) * length_us)
     complete, partial = [], []
     for instance, at in times.items():
         first, last = (int(t.timestamp() * 1_000_000) for t in (at[0], at[-1]))
