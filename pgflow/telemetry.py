@@ -38,6 +38,13 @@ last_scrape = Gauge("pgflow_last_successful_scrape_timestamp_seconds", "Last suc
 last_export = Gauge("pgflow_last_successful_export_timestamp_seconds", "Last acknowledged export",
                     registry=REGISTRY)
 
+# issue 11: the active-session sampler (pgflow/scrape/sampler.py)
+activity_samples = Counter("pgflow_activity_samples_total", "Active-session samples by outcome (taken, failed, skipped)",
+                           ["instance", "outcome"], registry=REGISTRY)
+activity_sample_duration = Histogram("pgflow_activity_sample_duration_seconds", "Time one active-session sample took",
+                                     ["instance"], registry=REGISTRY,
+                                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+
 
 class Health:
     """Healthy while some instance was scraped successfully within the last three intervals."""
