@@ -108,7 +108,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config)
     usable = True
     for instance in settings.targets():
-        report = check(instance, connect_timeout=settings.connect_timeout_secs)
+        report = check(instance, connect_timeout=settings.connect_timeout_secs,
+                       sample_interval_secs=settings.activity_sample_interval_secs)
         print(report.render())
         usable &= report.usable
     return 0 if usable else 1

@@ -139,6 +139,7 @@ SAMPLES = pl.Schema(
 #   chain_depth_max   max blocking chain depth (root = 0), by database (gauge)
 #   xact_age_max      oldest open transaction in seconds, by database and state (gauge)
 #   xmin_age_max      oldest backend_xmin in transactions, by database and state (gauge)
+#   hidden_sessions   max sessions in one sample the role may not see (no pg_read_all_stats)
 #   samples_taken / samples_failed / samples_skipped / period_secs   the sampler's own counts
 SESSION_STATS = pl.Schema(
     {

@@ -40,12 +40,14 @@ PREPARED = "prepared transaction"  # pg_blocking_pids() reports a prepared trans
 UNKNOWN_STATE = "unknown"  # the root blocker was not in the sample (or a cycle, before deadlock detection)
 
 # Rows worth a sample: not idle, not a background process idling in its main loop
-# (wait_event_type Activity), not pgflow itself. Columns by position, see _Row.
+# (wait_event_type Activity), not pgflow itself. The last column flags other roles' sessions
+# that the monitoring role may not see (no state, no wait event): counted, never sampled.
 _SAMPLE_SQL = """
 SELECT pid, datid::int8, usesysid::int8, datname::text, usename::text, backend_type, state,
        wait_event_type, wait_event, {query_id}, leader_pid,
        extract(epoch FROM now() - xact_start)::float8, age(backend_xmin)::int8,
-       CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) END
+       CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) END,
+       query = '<insufficient privilege>'
 FROM pg_stat_activity
 WHERE pid <> pg_backend_pid()
   AND state IS DISTINCT FROM 'idle' AND state IS DISTINCT FROM 'disabled'
@@ -131,10 +133,14 @@ class Sampler:
 
     def _add(self, rows: list[tuple]) -> None:
         """Fold one sample's rows into the accumulator (caller holds the lock)."""
+        hidden = sum(1 for r in rows if r[14])
+        if hidden:
+            rows = [r for r in rows if not r[14]]
+        self._gauge("hidden_sessions", None, None, float(hidden))
         by_pid = {r[0]: r for r in rows}
         waiting: dict[int, list[int]] = {r[0]: list(r[13]) for r in rows if r[13]}
         for (pid, dbid, userid, database, user, backend_type, state, wtype, wevent, qid, leader,
-             xact_age, xmin_age, _) in rows:
+             xact_age, xmin_age, _, _) in rows:
             if qid is None and leader is not None and leader in by_pid:  # a parallel worker: its leader's statement
                 qid = by_pid[leader][9]
             if wevent is None and (state == "active" or state is None):
@@ -315,3 +321,73 @@ def sampler_for(dsn: str, instance: str, settings: object) -> Sampler | None:
     timeout = max(50, min(int(getattr(settings, "statement_timeout_ms", 5000)), int(interval * 1000)))
     return Sampler(dsn, instance=instance, interval_secs=interval, statement_timeout_ms=timeout,
                    lock_timeout_ms=timeout, connect_timeout_secs=int(getattr(settings, "connect_timeout_secs", 5)))
+
+
+_CHECK_SQL = """
+SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+         OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'),
+       current_user::text,
+       (SELECT extversion FROM pg_extension WHERE extname = 'pg_wait_sampling'),
+       current_setting('compute_query_id', true)
+"""
+
+
+def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
+                   samples: int = 5) -> list[tuple[str, str, str]]:
+    """``pgflow check``'s lines about sampling: (level, name, detail); never raises.
+
+    Whether sampling is on, whether the role sees other roles' wait events and query ids,
+    which source the waits come from, and the measured cost of one sample (median of a few).
+    """
+    if interval_secs <= 0:
+        return [("ok", "activity sampling", "off (activity_sample_interval_secs = 0)")]
+    out: list[tuple[str, str, str]] = []
+    try:
+        with connect(dsn, connect_timeout=connect_timeout) as conn:
+            can_read_all, user, wait_sampling, compute_query_id = conn.execute(_CHECK_SQL).fetchone()  # type: ignore[misc]
+            readable = False
+            if wait_sampling is not None:
+                try:
+                    conn.execute("SELECT 1 FROM pg_wait_sampling_profile LIMIT 1").fetchall()
+                    readable = True
+                except psycopg.Error:
+                    pass
+            conn.rollback()
+            version = int(conn.info.server_version)
+    except Exception as exc:
+        return [("warn", "activity sampling", f"could not check ({str(exc).strip().splitlines()[0][:200]})")]
+    if can_read_all:
+        out.append(("ok", "sampling privileges", f"{user} sees every session's wait event and query id"))
+    else:
+        out.append(("warn", "sampling privileges",
+                    f"{user} cannot see other roles' sessions' state, wait event or query id, so they are not sampled: "
+                    f"GRANT pg_read_all_stats TO {user} (or GRANT pg_monitor)"))
+    if version < 140000:
+        out.append(("warn", "sampling query ids", "PostgreSQL 13 has no query_id: activity is attributed to "
+                                                  "fingerprint 'unknown'"))
+    elif compute_query_id == "off":
+        out.append(("warn", "sampling query ids", "compute_query_id is off: activity is attributed to "
+                                                  "fingerprint 'unknown' (set compute_query_id = auto)"))
+    if wait_sampling is None:
+        out.append(("ok", "wait source", SOURCE_ACTIVITY))
+    elif readable:
+        out.append(("ok", "wait source", f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed; "
+                                         "pgflow does not read its profile yet)"))
+    else:
+        out.append(("warn", "wait source", f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed but "
+                                           f"{user} cannot read pg_wait_sampling_profile)"))
+    sampler = Sampler(dsn, instance="check", interval_secs=interval_secs, connect_timeout_secs=connect_timeout)
+    try:
+        durations = []
+        for _ in range(samples):
+            if not sampler.sample():
+                return out + [("warn", "activity sampling", f"a sample failed ({sampler.stats.last_error})")]
+            durations.append(sampler.stats.last_duration_secs)
+        rows = int(sampler.drain()[0]["count"].sum()) // samples
+    finally:
+        sampler.close()
+    median = sorted(durations)[len(durations) // 2]
+    out.append(("ok", "activity sampling", f"every {interval_secs:g} s; one sample took {median * 1000:.1f} ms "
+                                           f"(median of {samples}, {rows} sessions seen, "
+                                           f"{median / interval_secs:.2%} of the period)"))
+    return out
