@@ -309,3 +309,25 @@ def test_blocked_by_a_prepared_transaction_names_it(pg_factory):
     blocked = stats.filter(pl.col("stat") == "blocked_secs")
     assert blocked["state"].to_list() == [PREPARED]
     assert dict(zip(stats["stat"], stats["value"]))["chain_depth_max"] == 1
+
+
+def test_check_reports_sampling_privileges_source_and_cost(pg):
+    from pgflow.config import InstanceConfig
+    from pgflow.scrape.diagnose import check
+
+    pg.execute("DROP ROLE IF EXISTS sampling_mon", "CREATE ROLE sampling_mon LOGIN PASSWORD 'pw'")
+    with psycopg.connect(pg.dsn()) as busy:  # another role's session, idle in its transaction
+        busy.execute("SELECT 1")
+        full = check(InstanceConfig(name="a", database_url=pg.dsn())).findings
+        limited = check(InstanceConfig(name="b", database_url=pg.dsn(user="sampling_mon", password="pw"))).findings
+        off = check(InstanceConfig(name="c", database_url=pg.dsn()), sample_interval_secs=0).findings
+    by_name = {f.name: f for f in full}
+    assert by_name["sampling privileges"].level == "ok"
+    assert by_name["wait source"].detail.startswith("pg_stat_activity")
+    assert by_name["activity sampling"].level == "ok" and "one sample took" in by_name["activity sampling"].detail
+    assert "1 sessions seen" in by_name["activity sampling"].detail  # the idle-in-transaction session
+    limited_by_name = {f.name: f for f in limited}
+    assert limited_by_name["sampling privileges"].level == "warn"
+    assert "pg_read_all_stats" in limited_by_name["sampling privileges"].detail
+    assert "hidden" in limited_by_name["activity sampling"].detail  # postgres' session: counted, not sampled
+    assert [f.detail for f in off if f.name == "activity sampling"] == ["off (activity_sample_interval_secs = 0)"]

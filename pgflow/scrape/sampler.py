@@ -42,18 +42,23 @@ UNKNOWN_STATE = "unknown"  # the root blocker was not in the sample (or a cycle,
 # Rows worth a sample: not idle, not a background process idling in its main loop
 # (wait_event_type Activity), not pgflow itself. The last column flags other roles' sessions
 # that the monitoring role may not see (no state, no wait event): counted, never sampled.
+# pg_stat_get_activity() rather than the pg_stat_activity view: the view's joins with
+# pg_database and pg_authid cost planning and execution every second, for names that a
+# client-side cache of oids gives for free (see Sampler._names).
 _SAMPLE_SQL = """
-SELECT pid, datid::int8, usesysid::int8, datname::text, usename::text, backend_type, state,
+SELECT pid, datid::int8, usesysid::int8, NULL::text, NULL::text, backend_type, state,
        wait_event_type, wait_event, {query_id}, leader_pid,
        extract(epoch FROM now() - xact_start)::float8, age(backend_xmin)::int8,
        CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) END,
        query = '<insufficient privilege>'
-FROM pg_stat_activity
+FROM pg_stat_get_activity(NULL)
 WHERE pid <> pg_backend_pid()
   AND state IS DISTINCT FROM 'idle' AND state IS DISTINCT FROM 'disabled'
   AND wait_event_type IS DISTINCT FROM 'Activity'
   AND application_name IS DISTINCT FROM 'pgflow'
 """
+_NAMES_SQL = ("SELECT 'd', oid::int8, datname::text FROM pg_database "
+              "UNION ALL SELECT 'u', oid::int8, rolname::text FROM pg_roles")
 
 
 def sample_sql(version_num: int) -> str:
@@ -92,6 +97,8 @@ class Sampler:
         self.source = SOURCE_ACTIVITY
         self._conn: psycopg.Connection | None = None
         self._sql = ""
+        self._databases: dict[int, str] = {}  # oid -> name, per connection
+        self._users: dict[int, str] = {}
         self._lock = threading.Lock()
         self._reset()
         self._stop = threading.Event()
@@ -209,28 +216,45 @@ class Sampler:
             conn = connect(self._dsn, connect_timeout=self.connect_timeout_secs)
             try:
                 conn.autocommit = True  # the sample's own BEGIN READ ONLY ... ROLLBACK
+                self._databases, self._users = {}, {}
                 self.version_num = int(conn.info.server_version)
-                self._sql = (f"BEGIN READ ONLY; SET LOCAL statement_timeout = {self.statement_timeout_ms}; "
-                             f"SET LOCAL lock_timeout = {self.lock_timeout_ms}; {sample_sql(self.version_num)}; "
-                             "ROLLBACK")
+                self._sql = sample_sql(self.version_num)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
         return self._conn
 
+    def _run(self, conn: psycopg.Connection, sql: str) -> list[tuple]:
+        """``sql`` read-only under SET LOCAL statement_timeout and lock_timeout, in one round trip.
+
+        No parameters, so psycopg sends the five statements as one simple-protocol query.
+        """
+        cur = conn.execute(f"BEGIN READ ONLY; SET LOCAL statement_timeout = {self.statement_timeout_ms}; "  # type: ignore[arg-type]
+                           f"SET LOCAL lock_timeout = {self.lock_timeout_ms}; {sql}; ROLLBACK")
+        rows: list[tuple] = []
+        while True:
+            if cur.description is not None and len(cur.description) > 1:
+                rows = cur.fetchall()
+            if not cur.nextset():
+                return rows
+
+    def _names(self, conn: psycopg.Connection, rows: list[tuple]) -> list[tuple]:
+        """Rows with database and user names from the oid cache (refreshed when an oid is new)."""
+        if any((r[1] is not None and r[1] not in self._databases) or (r[2] is not None and r[2] not in self._users)
+               for r in rows):
+            names = self._run(conn, _NAMES_SQL)
+            self._databases = {oid: name for kind, oid, name in names if kind == "d"}
+            self._users = {oid: name for kind, oid, name in names if kind == "u"}
+        db, users = self._databases, self._users
+        return [(r[0], r[1], r[2], db.get(r[1]), users.get(r[2]), *r[5:]) for r in rows]
+
     def sample(self) -> bool:
         """Take one sample now; False (counted, logged at debug) when it failed."""
         started = time.perf_counter()
         try:
             conn = self._connection()
-            cur = conn.execute(self._sql)  # no parameters: one simple-protocol round trip
-            rows: list[tuple] = []
-            while True:
-                if cur.description is not None and len(cur.description) > 1:
-                    rows = cur.fetchall()
-                if not cur.nextset():
-                    break
+            rows = self._names(conn, self._run(conn, self._sql))
         except Exception as exc:  # a failed sample is counted and skipped, never fatal
             self.close()
             with self._lock:
@@ -383,11 +407,14 @@ def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
             if not sampler.sample():
                 return out + [("warn", "activity sampling", f"a sample failed ({sampler.stats.last_error})")]
             durations.append(sampler.stats.last_duration_secs)
-        rows = int(sampler.drain()[0]["count"].sum()) // samples
+        sampled, stats = sampler.drain()
+        rows = int(sampled["count"].sum()) // samples
+        hidden = int(stats.filter(pl.col("stat") == "hidden_sessions")["value"].max() or 0)
     finally:
         sampler.close()
     median = sorted(durations)[len(durations) // 2]
     out.append(("ok", "activity sampling", f"every {interval_secs:g} s; one sample took {median * 1000:.1f} ms "
-                                           f"(median of {samples}, {rows} sessions seen, "
+                                           f"(median of {samples}, {rows} sessions seen"
+                                           f"{f', {hidden} hidden' if hidden else ''}, "
                                            f"{median / interval_secs:.2%} of the period)"))
     return out
