@@ -331,3 +331,31 @@ def test_check_reports_sampling_privileges_source_and_cost(pg):
     assert "pg_read_all_stats" in limited_by_name["sampling privileges"].detail
     assert "hidden" in limited_by_name["activity sampling"].detail  # postgres' session: counted, not sampled
     assert [f.detail for f in off if f.name == "activity sampling"] == ["off (activity_sample_interval_secs = 0)"]
+
+
+WAIT_SAMPLING_BINDIR = "/usr/lib/postgresql/15/bin"  # Debian's postgresql-15-pg-wait-sampling installs here
+
+
+def test_check_detects_pg_wait_sampling(pg_factory):
+    import os
+
+    if not os.path.exists("/usr/lib/postgresql/15/lib/pg_wait_sampling.so"):
+        pytest.skip("pg_wait_sampling is not installed (apt-get install postgresql-15-pg-wait-sampling)")
+    from pgflow.config import InstanceConfig
+    from pgflow.pgserver import LocalPostgres
+    from pgflow.scrape.diagnose import check
+
+    server = LocalPostgres(WAIT_SAMPLING_BINDIR,
+                           settings={"shared_preload_libraries": "pg_stat_statements,pg_wait_sampling"}).start()
+    try:
+        server.execute("CREATE EXTENSION pg_stat_statements", "CREATE EXTENSION pg_wait_sampling")
+        findings = {f.name: f for f in check(InstanceConfig(name="ws", database_url=server.dsn())).findings}
+        # detected and named, and honest about which source the metrics use
+        assert "pg_wait_sampling 1.1 is installed" in findings["wait source"].detail
+        assert findings["wait source"].detail.startswith("pg_stat_activity")
+        with Sampler(server.dsn(), instance="ws", interval_secs=PERIOD) as sampler:
+            assert sampler.sample()
+            samples, _ = sampler.drain()
+        assert set(samples["source"]) <= {"pg_stat_activity"}
+    finally:
+        server.cleanup()
