@@ -359,3 +359,41 @@ def test_check_detects_pg_wait_sampling(pg_factory):
         assert set(samples["source"]) <= {"pg_stat_activity"}
     finally:
         server.cleanup()
+
+
+def test_collector_exports_activity_end_to_end(pg, tmp_path):
+    """The one end-to-end test: the real collector (bytewax flow, sampler thread) to a real receiver."""
+    import urllib.request
+
+    from e2e import collector_env, settle, start_collector, wait_for_baseline
+    from pgflow.otlp.receiver import Receiver
+
+    with Receiver() as receiver:
+        env = collector_env(pg.dsn(), receiver.grpc_endpoint, tmp_path / "state",
+                            PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD))
+        proc = start_collector(env, log=tmp_path / "log")
+        try:
+            wait_for_baseline(tmp_path / "state")
+            slept: list[float] = []
+            _timed(pg.dsn(), "SELECT pg_sleep(2)", slept).join()
+            settle(state_dir=tmp_path / "state")
+            with urllib.request.urlopen(f"http://{env['PGFLOW_METRICS_ADDR']}/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=60) == 0
+        points = receiver.points()
+    act = points.filter(pl.col("metric") == "postgresql.activity.time").with_columns(
+        wait=pl.col("attributes").str.json_path_match("$['postgresql.wait_event.name']"))
+    assert act["kind"].unique().to_list() == ["sum"] and act["monotonic"].all()
+
+    def samples(outcome: str) -> float:
+        lines = [line for line in metrics.splitlines()
+                 if line.startswith("pgflow_activity_samples_total") and f'outcome="{outcome}"' in line]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    sleeping = act.filter(pl.col("wait") == "PgSleep")["value"].sum()
+    slack = (2 + samples("skipped") + samples("failed")) * PERIOD
+    assert abs(sleeping - slept[0]) <= slack, (sleeping, slept, slack)
+    assert samples("taken") >= 1
+    assert "pgflow_activity_sample_duration_seconds_count" in metrics
