@@ -214,7 +214,7 @@ def capture_live(scrapers: list, path: str | Path, *, scrapes: int | None, inter
                     if on_error:
                         on_error(scraper.instance, exc)
                     continue
-                writer.write(with_samples(snapshot, (samplers or {}).get(scraper.instance)))  # type: ignore[arg-type]
+                writer.write(with_samples(snapshot, (samplers or {}).get(scraper.instance)))
             n += 1
             if progress:
                 progress(writer)

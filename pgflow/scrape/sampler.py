@@ -22,14 +22,15 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import polars as pl
 import psycopg
 
 from pgflow import telemetry
-from pgflow.config import redact_dsn
-from pgflow.schema import SAMPLES, SESSION_STATS
+from pgflow.config import Settings, redact_dsn
+from pgflow.logs import kv
+from pgflow.schema import SAMPLES, SESSION_STATS, Snapshot
 from pgflow.scrape.connection import connect
 
 log = logging.getLogger("pgflow.sampler")
@@ -100,6 +101,7 @@ class Sampler:
         self._databases: dict[int, str] = {}  # oid -> name, per connection
         self._users: dict[int, str] = {}
         self._lock = threading.Lock()
+        self._failing = False
         self._reset()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -262,8 +264,14 @@ class Sampler:
             self.stats.failed += 1
             self.stats.last_error = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             telemetry.activity_samples.labels(self.instance, "failed").inc()
-            log.debug("sample failed", extra={"instance": self.instance, "error": self.stats.last_error})
+            if not self._failing:  # once per outage; every failure is counted in /metrics
+                log.warning("activity sample failed; retrying every period",
+                            extra=kv(instance=self.instance, error=self.stats.last_error))
+            self._failing = True
             return False
+        if self._failing:
+            log.info("activity sampling resumed", extra=kv(instance=self.instance))
+            self._failing = False
         with self._lock:
             self._add(rows)
         elapsed = time.perf_counter() - started
@@ -324,27 +332,25 @@ class Sampler:
         self.stop()
 
 
-def with_samples(snapshot: object, sampler: Sampler | None) -> object:
+def with_samples(snapshot: Snapshot, sampler: Sampler | None) -> Snapshot:
     """``snapshot`` carrying the samples taken since the last call (unchanged without a sampler)."""
     if sampler is None:
         return snapshot
-    from dataclasses import replace
-
     samples, stats = sampler.drain()
-    return replace(snapshot, samples=samples, session_stats=stats)  # type: ignore[type-var]
+    return replace(snapshot, samples=samples, session_stats=stats)
 
 
-def sampler_for(dsn: str, instance: str, settings: object) -> Sampler | None:
+def sampler_for(dsn: str, instance: str, settings: Settings) -> Sampler | None:
     """The sampler the settings ask for (None when ``activity_sample_interval_secs`` is 0).
 
     A sample may take at most its period (and never more than ``statement_timeout_ms``).
     """
-    interval = float(getattr(settings, "activity_sample_interval_secs", 0.0))
+    interval = settings.activity_sample_interval_secs
     if interval <= 0:
         return None
-    timeout = max(50, min(int(getattr(settings, "statement_timeout_ms", 5000)), int(interval * 1000)))
+    timeout = max(50, min(settings.statement_timeout_ms, int(interval * 1000)))
     return Sampler(dsn, instance=instance, interval_secs=interval, statement_timeout_ms=timeout,
-                   lock_timeout_ms=timeout, connect_timeout_secs=int(getattr(settings, "connect_timeout_secs", 5)))
+                   lock_timeout_ms=timeout, connect_timeout_secs=settings.connect_timeout_secs)
 
 
 _CHECK_SQL = """

@@ -111,7 +111,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             log.error("scrape failed unexpectedly", extra=kv(instance=name, error=repr(exc)[:300]))
             self.scraper.close()
             return None
-        snapshot = with_samples(snapshot, self.sampler)  # type: ignore[assignment]  # issue 11
+        snapshot = with_samples(snapshot, self.sampler)  # issue 11
         telemetry.rows_scraped.labels(name).inc(snapshot.statements.height)
         fetches, hits = self.scraper.stats.text_fetches, self.scraper.texts.hits
         telemetry.text_fetches.labels(name).inc(fetches - self._last_stats[0])
