@@ -397,3 +397,18 @@ def test_collector_exports_activity_end_to_end(pg, tmp_path):
     assert abs(sleeping - slept[0]) <= slack, (sleeping, slept, slack)
     assert samples("taken") >= 1
     assert "pgflow_activity_sample_duration_seconds_count" in metrics
+
+
+def test_sample_interval_setting_is_validated(monkeypatch):
+    from pgflow.errors import ConfigError
+
+    assert Settings.load().activity_sample_interval_secs == 1.0
+    assert Settings.load(activity_sample_interval_secs=0).activity_sample_interval_secs == 0  # off
+    monkeypatch.setenv("PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS", "0.5")
+    assert Settings.load().activity_sample_interval_secs == 0.5
+    for bad in (0.05, -1, "often"):
+        with pytest.raises(ConfigError) as info:
+            Settings.load(activity_sample_interval_secs=bad)
+        message = str(info.value)
+        assert "activity_sample_interval_secs" in message and "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS" in message
+        assert "\n" not in message and info.value.exit_code == 2
