@@ -412,3 +412,25 @@ def test_sample_interval_setting_is_validated(monkeypatch):
         message = str(info.value)
         assert "activity_sample_interval_secs" in message and "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS" in message
         assert "\n" not in message and info.value.exit_code == 2
+
+
+def test_pgflow_capture_cli_stores_samples(pg, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from e2e import ROOT
+
+    out = tmp_path / "cli.duckdb"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_")}
+    env.update({"DATABASE_URL": pg.dsn(), "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS": str(PERIOD), "PYTHONPATH": str(ROOT)})
+    with psycopg.connect(pg.dsn()) as idle_in_xact:  # a session to be sampled the whole time
+        idle_in_xact.execute("SELECT 1")
+        proc = subprocess.run([sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "3",
+                               "--interval", "1"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    snaps = list(capture.read(out))
+    taken = sum(s.session_stats.filter(pl.col("stat") == "samples_taken")["value"].sum() for s in snaps)
+    assert len(snaps) == 3 and taken >= 2
+    idle = pl.concat([s.samples for s in snaps]).filter(pl.col("state") == "idle in transaction")
+    assert idle["count"].sum() >= 2
