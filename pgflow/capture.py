@@ -22,7 +22,8 @@ import polars as pl
 
 from pgflow.errors import CaptureError, PgflowError
 from pgflow.ops.fingerprint import redact_text
-from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, PLANS, STATEMENTS, ServerIdentity, Snapshot
+from pgflow.schema import (ACTIVITY, BLOCKED, DATABASES, LOCKS, PLANS, SAMPLES, SESSION_STATS, STATEMENTS,
+                           ServerIdentity, Snapshot)
 
 _SCALARS = {
     "scrape_id": "BIGINT", "instance": "VARCHAR", "scraped_at": "TIMESTAMPTZ", "server_version_num": "INTEGER",
@@ -35,7 +36,8 @@ _SCALARS = {
 }
 _IDENTITY_SCALARS = ("system_identifier", "timeline", "postmaster_started_at", "in_recovery", "identity_address")
 _FRAMES = {"statements": STATEMENTS, "activity": ACTIVITY, "locks": LOCKS, "blocked": BLOCKED, "databases": DATABASES,
-           "plans": PLANS}
+           "plans": PLANS, "samples": SAMPLES, "session_stats": SESSION_STATS}
+assert set(_FRAMES) == set(Snapshot.FRAMES), "capture must store every frame of a Snapshot"
 _TYPES = {pl.Int64: "BIGINT", pl.Float64: "DOUBLE", pl.String: "VARCHAR", pl.Boolean: "BOOLEAN"}
 
 
@@ -168,15 +170,16 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
         scrapes = _utc(con.sql(f"SELECT * FROM scrapes {where} ORDER BY scraped_at, scrape_id",
                                params=[instance] if instance else None).pl())
         texts = con.sql("SELECT * FROM texts").pl()
-        tables = {t for (t,) in con.sql("SHOW TABLES").fetchall()}  # older captures lack newer frames
+        # A capture written before a frame kind existed has no table for it: empty frames.
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         frames = {name: _utc(con.sql(f"SELECT * FROM {name} ORDER BY scrape_id, ord").pl()).partition_by(
-            "scrape_id", as_dict=True, maintain_order=True) if name in tables else {} for name in _FRAMES}
+            "scrape_id", as_dict=True, maintain_order=True) for name in _FRAMES if name in tables}
     texts_by_instance = texts.partition_by("instance", as_dict=True)
     for row in scrapes.iter_rows(named=True):
         sid = row["scrape_id"]
         parts: dict[str, pl.DataFrame] = {}
         for name, schema in _FRAMES.items():
-            frame = frames[name].get((sid,))
+            frame = frames[name].get((sid,)) if name in frames else None
             frame = frame.drop("scrape_id", "ord") if frame is not None else pl.DataFrame(schema=schema)
             if name == "statements":
                 known = texts_by_instance.get((row["instance"],), pl.DataFrame(
@@ -212,11 +215,15 @@ def record(snapshots: Iterable[Snapshot], path: str | Path) -> int:
 def capture_live(scrapers: list, path: str | Path, *, scrapes: int | None, interval: float,
                  progress: Callable[[CaptureWriter], None] | None = None,
                  on_error: Callable[[str, PgflowError], None] | None = None,
-                 stop: Callable[[], bool] = lambda: False) -> CaptureWriter:
+                 stop: Callable[[], bool] = lambda: False, samplers: dict | None = None) -> CaptureWriter:
     """Scrape every instance each ``interval`` seconds into ``path`` until ``scrapes`` or ``stop()``.
 
     A failed scrape is reported through ``on_error`` and skipped; the capture goes on.
+    ``samplers`` (instance name -> running Sampler, issue 11): each snapshot carries the
+    active-session samples taken since the previous one.
     """
+    from pgflow.scrape.sampler import with_samples
+
     writer = CaptureWriter(path)
     try:
         n = 0
@@ -229,7 +236,7 @@ def capture_live(scrapers: list, path: str | Path, *, scrapes: int | None, inter
                     if on_error:
                         on_error(scraper.instance, exc)
                     continue
-                writer.write(snapshot)
+                writer.write(with_samples(snapshot, (samplers or {}).get(scraper.instance)))
             n += 1
             if progress:
                 progress(writer)

@@ -194,6 +194,8 @@ class Settings(BaseSettings):
     connect_timeout_secs: int = Field(5, gt=0, le=600)
     text_cache_size: int = Field(50_000, gt=0)
     max_scrapes: int | None = Field(None, gt=0)
+    # issue 11: active-session sampling of pg_stat_activity every N seconds on its own connection; 0 = off
+    activity_sample_interval_secs: float = Field(1.0, ge=0, le=3600)
 
     # What to keep.
     fingerprint_cache_size: int = Field(50_000, gt=0)
@@ -257,6 +259,13 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_dsn(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None else SecretStr(_check_dsn(value.get_secret_value()))
+
+    @field_validator("activity_sample_interval_secs")
+    @classmethod
+    def _sample_interval(cls, value: float) -> float:  # issue 11
+        if 0 < value < 0.1:
+            raise ValueError("expected 0 (sampling off) or at least 0.1 seconds")
+        return value
 
     @field_validator("otlp_protocol", mode="before")
     @classmethod

@@ -45,6 +45,13 @@ text_failures = Counter("pgflow_text_fetch_failures_total",
 last_export = Gauge("pgflow_last_successful_export_timestamp_seconds", "Last acknowledged export",
                     registry=REGISTRY)
 
+# issue 11: the active-session sampler (pgflow/scrape/sampler.py)
+activity_samples = Counter("pgflow_activity_samples_total", "Active-session samples by outcome (taken, failed, skipped)",
+                           ["instance", "outcome"], registry=REGISTRY)
+activity_sample_duration = Histogram("pgflow_activity_sample_duration_seconds", "Time one active-session sample took",
+                                     ["instance"], registry=REGISTRY,
+                                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+
 
 # Issue 12: explain plans (and query samples).
 explains_taken = Counter("pgflow_explains_total", "Plans explained", ["instance"], registry=REGISTRY)

@@ -101,7 +101,7 @@ def _same_points(a: pl.DataFrame, b: pl.DataFrame) -> bool:
     return norm[0].equals(norm[1])
 
 
-@pytest.mark.parametrize("dataset", ["pgbench", "varied"])
+@pytest.mark.parametrize("dataset", ["pgbench", "varied", "activity"])  # activity: issue 11
 def test_replay_through_bytewax_equals_polars(dataset, tmp_path):
     path = DATASETS / f"{dataset}.duckdb"
     settings = Settings.load(max_queries_tracked=20, export_interval_secs=10)

@@ -68,7 +68,7 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check(instance: InstanceConfig, *, connect_timeout: int = 5) -> CheckReport:
+def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval_secs: float = 1.0) -> CheckReport:
     """Run every diagnostic against one instance; never raises for an expected failure."""
     report = CheckReport(instance.name, redact_dsn(instance.dsn))
     try:
@@ -83,6 +83,7 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5) -> CheckReport:
             report.add(*explain_helper_finding(conn))  # issue 12
     except psycopg.Error as exc:
         report.add("fail", "query", str(classify(exc, instance.dsn)))
+    _check_sampling(instance, report, connect_timeout, sample_interval_secs)
     return report
 
 
@@ -97,6 +98,14 @@ def _probe(conn: psycopg.Connection, query: sql.Composable) -> tuple[object, psy
     except psycopg.Error as exc:
         conn.rollback()
         return None, exc
+
+
+def _check_sampling(instance: InstanceConfig, report: CheckReport, connect_timeout: int, interval: float) -> None:
+    """issue 11: active-session sampling (privileges, wait source, measured cost of one sample)."""
+    from pgflow.scrape.sampler import check_sampling
+
+    for level, name, detail in check_sampling(instance.dsn, interval, connect_timeout=connect_timeout):
+        report.add(level, name, detail)
 
 
 def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
