@@ -10,12 +10,16 @@ ground truth (transactions after the baseline scrape) is in the capture's meta t
 varied.duckdb: 400 distinct statement shapes (tables, IN-lists, joins, DDL, failing and long
 statements) against pg_stat_statements.max = 100, so entries are deallocated and the cap,
 "other" and postgresql.statements.deallocated all show up.
+
+activity.duckdb (issue 11): snapshots carrying active-session samples: lock chains with an
+idle-in-transaction root, a CPU-bound statement, sleeps, pgbench underneath.
 """
 
 from __future__ import annotations
 
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,8 +99,76 @@ def make_varied(path: Path, rounds: int = 60, per_round: int = 80, seed: int = 1
                                 "pg_stat_statements.max = 100")
 
 
+def _session(dsn: str, sql: str, took: list[float] | None = None) -> threading.Thread:
+    def run() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            started = time.monotonic()
+            conn.execute(sql)  # type: ignore[arg-type]
+            if took is not None:
+                took.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def make_activity(path: Path, seconds: int = 40, period: float = 0.5, chains: int = 3) -> None:
+    """issue 11: a capture whose snapshots carry active-session samples (lock waits, CPU, sleeps).
+
+    pgbench (rate-limited) runs the whole time; every ~12 s a session takes a row lock and sits
+    idle in its transaction for 4 s while two others queue behind it (A -> B -> C); a CPU-bound
+    statement runs for 3 s and two sessions sleep. Scrapes every 2 s, samples every ``period``.
+    """
+    from pgflow.scrape.sampler import Sampler, with_samples
+
+    path.unlink(missing_ok=True)
+    with LocalPostgres() as pg, CaptureWriter(path) as writer, Scraper(pg.dsn(), instance="activity") as scraper, \
+            Sampler(pg.dsn(), instance="activity", interval_secs=period) as sampler:
+        pg.execute("CREATE EXTENSION pg_stat_statements")
+        pg.pgbench_init()
+        pg.execute("CREATE TABLE chain (id int PRIMARY KEY, v int)", "INSERT INTO chain VALUES (1, 0)",
+                   "SELECT pg_stat_statements_reset()")
+        dsn = pg.dsn()
+        writer.write(with_samples(scraper.scrape(), sampler))
+        sampler.start()
+        bench = threading.Thread(target=pg.pgbench, args=("-n", "-c", "4", "-R", "100", "-T", str(seconds)))
+        bench.start()
+        started = time.monotonic()
+        threads: list[threading.Thread] = []
+        blocked: list[float] = []
+        next_chain, chains_done, next_scrape = 2.0, 0, 2.0
+        while time.monotonic() - started < seconds:
+            now = time.monotonic() - started
+            if chains_done < chains and now >= next_chain:
+                holder = psycopg.connect(dsn)
+                holder.execute("SELECT v FROM chain WHERE id = 1 FOR UPDATE")
+                waiters = [_session(dsn, "UPDATE chain SET v = v + 1 WHERE id = 1", blocked) for _ in range(2)]
+                threading.Timer(4.0, lambda h=holder: (h.commit(), h.close())).start()
+                threads += waiters
+                chains_done += 1
+                next_chain += 12.0
+            if len(threads) < 3 and now >= 6.0:
+                threads.append(_session(dsn, "SELECT count(*) FROM (SELECT 1 FROM generate_series(1, 20000) a "
+                                             "CROSS JOIN generate_series(1, 20000) b WHERE clock_timestamp() > "
+                                             "statement_timestamp() + interval '3 seconds' LIMIT 1) s"))
+                threads += [_session(dsn, "SELECT pg_sleep(5)") for _ in range(2)]
+            if now >= next_scrape:
+                writer.write(with_samples(scraper.scrape(), sampler))
+                next_scrape += 2.0
+            time.sleep(0.05)
+        bench.join()
+        for thread in threads:
+            thread.join()
+        sampler.stop()
+        writer.write(with_samples(scraper.scrape(), sampler))
+        writer.note("workload", f"pgbench -c 4 -R 100 for {seconds} s; {chains} lock chains (A idle in transaction "
+                                "4 s, B and C queued behind it); a 3 s CPU-bound statement; two pg_sleep(5)")
+        writer.note("blocked_secs_client_timed", round(sum(blocked), 3))
+        writer.note("sample_period_secs", period)
+
+
 def main(which: list[str]) -> None:
-    makers = {"pgbench": make_pgbench, "varied": make_varied}
+    makers = {"pgbench": make_pgbench, "varied": make_varied, "activity": make_activity}
     for name in which or list(makers):
         started = time.monotonic()
         makers[name](HERE / f"{name}.duckdb")

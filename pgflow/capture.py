@@ -22,16 +22,22 @@ import polars as pl
 
 from pgflow.errors import CaptureError, PgflowError
 from pgflow.ops.fingerprint import redact_text
-from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, PLANS, STATEMENTS, Snapshot
+from pgflow.schema import (ACTIVITY, BLOCKED, DATABASES, LOCKS, PLANS, SAMPLES, SESSION_STATS, STATEMENTS,
+                           ServerIdentity, Snapshot)
 
 _SCALARS = {
     "scrape_id": "BIGINT", "instance": "VARCHAR", "scraped_at": "TIMESTAMPTZ", "server_version_num": "INTEGER",
     "stats_reset": "TIMESTAMPTZ", "dealloc": "BIGINT", "max_connections": "INTEGER",
     "oldest_xact_age_secs": "DOUBLE", "oldest_query_age_secs": "DOUBLE", "server_address": "VARCHAR",
     "server_port": "INTEGER", "hidden_statements": "INTEGER",
+    # issue 14: the server's identity (ServerIdentity), added to older files by ALTER TABLE
+    "system_identifier": "BIGINT", "timeline": "BIGINT", "postmaster_started_at": "TIMESTAMPTZ",
+    "in_recovery": "BOOLEAN", "identity_address": "VARCHAR",
 }
+_IDENTITY_SCALARS = ("system_identifier", "timeline", "postmaster_started_at", "in_recovery", "identity_address")
 _FRAMES = {"statements": STATEMENTS, "activity": ACTIVITY, "locks": LOCKS, "blocked": BLOCKED, "databases": DATABASES,
-           "plans": PLANS}
+           "plans": PLANS, "samples": SAMPLES, "session_stats": SESSION_STATS}
+assert set(_FRAMES) == set(Snapshot.FRAMES), "capture must store every frame of a Snapshot"
 _TYPES = {pl.Int64: "BIGINT", pl.Float64: "DOUBLE", pl.String: "VARCHAR", pl.Boolean: "BOOLEAN"}
 
 
@@ -44,6 +50,7 @@ def _ddl() -> list[str]:
            "CREATE TABLE IF NOT EXISTS texts (instance VARCHAR, dbid BIGINT, userid BIGINT, queryid BIGINT, "
            "query VARCHAR)",
            "CREATE TABLE IF NOT EXISTS meta (key VARCHAR, value VARCHAR)"]
+    out += [f'ALTER TABLE scrapes ADD COLUMN IF NOT EXISTS "{k}" {_SCALARS[k]}' for k in _IDENTITY_SCALARS]
     for name, schema in _FRAMES.items():
         cols = [(c, t) for c, t in schema.items() if not (name == "statements" and c == "query")]
         out.append(f"CREATE TABLE IF NOT EXISTS {name} (scrape_id BIGINT, ord INTEGER, "
@@ -59,6 +66,22 @@ def as_stored(snapshot: Snapshot) -> Snapshot:
     from dataclasses import replace
 
     return replace(snapshot, statements=snapshot.statements.with_columns(_REDACTED))
+
+
+def _identity_values(identity: ServerIdentity | None) -> list[object]:
+    if identity is None:
+        return [None] * len(_IDENTITY_SCALARS)
+    return [identity.system_identifier, identity.timeline, identity.started_at, identity.in_recovery,
+            identity.address]
+
+
+def _identity(row: dict) -> ServerIdentity | None:
+    if row.get("identity_address") is None and row.get("postmaster_started_at") is None:
+        return None  # a capture written before identities were recorded
+    started = row.get("postmaster_started_at")
+    return ServerIdentity(system_identifier=row.get("system_identifier"), timeline=row.get("timeline"),
+                          started_at=started.astimezone(timezone.utc) if started else None,
+                          in_recovery=row.get("in_recovery"), address=row.get("identity_address") or "")
 
 
 def _utc(frame: pl.DataFrame) -> pl.DataFrame:
@@ -100,7 +123,7 @@ class CaptureWriter:
                 scrape_id, snapshot.instance, snapshot.scraped_at, snapshot.server_version_num, snapshot.stats_reset,
                 snapshot.dealloc, snapshot.max_connections, snapshot.oldest_xact_age_secs,
                 snapshot.oldest_query_age_secs, snapshot.server_address, snapshot.server_port,
-                snapshot.hidden_statements])
+                snapshot.hidden_statements, *_identity_values(snapshot.identity)])
             texts = snapshot.statements.filter(pl.col("query").is_not_null()).select(
                 pl.lit(snapshot.instance).alias("instance"), "dbid", "userid", "queryid", "query"
             ).unique(subset=["dbid", "userid", "queryid"], keep="first", maintain_order=True)
@@ -147,15 +170,16 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
         scrapes = _utc(con.sql(f"SELECT * FROM scrapes {where} ORDER BY scraped_at, scrape_id",
                                params=[instance] if instance else None).pl())
         texts = con.sql("SELECT * FROM texts").pl()
-        tables = {t for (t,) in con.sql("SHOW TABLES").fetchall()}  # older captures lack newer frames
+        # A capture written before a frame kind existed has no table for it: empty frames.
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         frames = {name: _utc(con.sql(f"SELECT * FROM {name} ORDER BY scrape_id, ord").pl()).partition_by(
-            "scrape_id", as_dict=True, maintain_order=True) if name in tables else {} for name in _FRAMES}
+            "scrape_id", as_dict=True, maintain_order=True) for name in _FRAMES if name in tables}
     texts_by_instance = texts.partition_by("instance", as_dict=True)
     for row in scrapes.iter_rows(named=True):
         sid = row["scrape_id"]
         parts: dict[str, pl.DataFrame] = {}
         for name, schema in _FRAMES.items():
-            frame = frames[name].get((sid,))
+            frame = frames[name].get((sid,)) if name in frames else None
             frame = frame.drop("scrape_id", "ord") if frame is not None else pl.DataFrame(schema=schema)
             if name == "statements":
                 known = texts_by_instance.get((row["instance"],), pl.DataFrame(
@@ -171,7 +195,7 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
             dealloc=row["dealloc"], max_connections=row["max_connections"],
             oldest_xact_age_secs=row["oldest_xact_age_secs"], oldest_query_age_secs=row["oldest_query_age_secs"],
             server_address=row["server_address"] or "", server_port=row["server_port"] or 0,
-            hidden_statements=row["hidden_statements"] or 0, **parts,
+            hidden_statements=row["hidden_statements"] or 0, identity=_identity(row), **parts,
         )
 
 
@@ -191,11 +215,15 @@ def record(snapshots: Iterable[Snapshot], path: str | Path) -> int:
 def capture_live(scrapers: list, path: str | Path, *, scrapes: int | None, interval: float,
                  progress: Callable[[CaptureWriter], None] | None = None,
                  on_error: Callable[[str, PgflowError], None] | None = None,
-                 stop: Callable[[], bool] = lambda: False) -> CaptureWriter:
+                 stop: Callable[[], bool] = lambda: False, samplers: dict | None = None) -> CaptureWriter:
     """Scrape every instance each ``interval`` seconds into ``path`` until ``scrapes`` or ``stop()``.
 
     A failed scrape is reported through ``on_error`` and skipped; the capture goes on.
+    ``samplers`` (instance name -> running Sampler, issue 11): each snapshot carries the
+    active-session samples taken since the previous one.
     """
+    from pgflow.scrape.sampler import with_samples
+
     writer = CaptureWriter(path)
     try:
         n = 0
@@ -208,7 +236,7 @@ def capture_live(scrapers: list, path: str | Path, *, scrapes: int | None, inter
                     if on_error:
                         on_error(scraper.instance, exc)
                     continue
-                writer.write(snapshot)
+                writer.write(with_samples(snapshot, (samplers or {}).get(scraper.instance)))
             n += 1
             if progress:
                 progress(writer)

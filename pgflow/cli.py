@@ -105,6 +105,9 @@ def _cmd_capture(args: argparse.Namespace) -> int:
                         connect_timeout_secs=settings.connect_timeout_secs, text_cache_size=settings.text_cache_size)
                 for i in settings.targets()]
     interval = args.interval if args.interval is not None else settings.collection_interval_secs
+    from pgflow.scrape.sampler import sampler_for  # issue 11: captures hold active-session samples
+
+    samplers = {i.name: s.start() for i in settings.targets() if (s := sampler_for(i.dsn, i.name, settings))}
 
     def progress(writer) -> None:  # type: ignore[no-untyped-def]
         print(f"\rcaptured {writer.scrapes} snapshots, {writer.rows} statement rows", end="", flush=True)
@@ -114,10 +117,12 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
     try:
         writer = capture_live(scrapers, args.out, scrapes=args.scrapes, interval=interval, progress=progress,
-                              on_error=on_error, stop=stop.is_set)
+                              on_error=on_error, stop=stop.is_set, samplers=samplers)
     finally:
         for scraper in scrapers:
             scraper.close()
+        for sampler in samplers.values():
+            sampler.stop()
     print(f"\n{args.out}: {writer.scrapes} snapshots written")
     return 0
 
@@ -151,7 +156,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config)
     usable = True
     for instance in settings.targets():
-        report = check(instance, connect_timeout=settings.connect_timeout_secs)
+        report = check(instance, connect_timeout=settings.connect_timeout_secs,
+                       sample_interval_secs=settings.activity_sample_interval_secs)
         print(report.render())
         usable &= report.usable
     return 0 if usable else 1

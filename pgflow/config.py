@@ -9,6 +9,7 @@ names the setting and what is expected, and never echoes a secret.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import json
 import logging
 import os
@@ -56,13 +57,38 @@ def redact_dsn(dsn: str) -> str:
 
 
 def dsn_host_port(dsn: str) -> tuple[str, int]:
-    """The server address a DSN points at, as used in ``service.instance.id``."""
+    """The first server address a DSN points at (the scraper then labels by the host that answered)."""
     parts = psycopg.conninfo.conninfo_to_dict(dsn)
     host = str(parts.get("host") or parts.get("hostaddr") or "localhost").split(",")[0]
     if host.startswith("/"):
         host = "localhost"
     port = int(str(parts.get("port") or "5432").split(",")[0])
     return host, port
+
+
+# Identity (issue 14) ---------------------------------------------------------------------
+
+
+def dsn_instance_name(dsn: str) -> str:
+    """The default instance name of a DSN: ``host:port``, every host of a multi-host DSN
+    (``a:5432,b:5432``), so that a failover between them stays one instance."""
+    parts = psycopg.conninfo.conninfo_to_dict(dsn)
+    hosts = str(parts.get("host") or parts.get("hostaddr") or "localhost").split(",")
+    ports = str(parts.get("port") or "5432").split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    names = [f"{'localhost' if h.startswith('/') or not h else h}:{p or 5432}" for h, p in zip(hosts, ports)]
+    return ",".join(names)
+
+
+def is_local_address(address: str) -> bool:
+    """True for ``localhost``, a loopback address or a Unix socket: such an address names no host."""
+    if not address or address.startswith("/") or address.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_dsn(dsn: str) -> str:
@@ -168,6 +194,8 @@ class Settings(BaseSettings):
     connect_timeout_secs: int = Field(5, gt=0, le=600)
     text_cache_size: int = Field(50_000, gt=0)
     max_scrapes: int | None = Field(None, gt=0)
+    # issue 11: active-session sampling of pg_stat_activity every N seconds on its own connection; 0 = off
+    activity_sample_interval_secs: float = Field(1.0, ge=0, le=3600)
 
     # What to keep.
     fingerprint_cache_size: int = Field(50_000, gt=0)
@@ -231,6 +259,13 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_dsn(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None else SecretStr(_check_dsn(value.get_secret_value()))
+
+    @field_validator("activity_sample_interval_secs")
+    @classmethod
+    def _sample_interval(cls, value: float) -> float:  # issue 11
+        if 0 < value < 0.1:
+            raise ValueError("expected 0 (sampling off) or at least 0.1 seconds")
+        return value
 
     @field_validator("otlp_protocol", mode="before")
     @classmethod
@@ -305,8 +340,7 @@ class Settings(BaseSettings):
                 "set DATABASE_URL=postgresql://user@host:5432/db or list instances in the config file",
             )
         dsn = self.database_url.get_secret_value()
-        host, port = dsn_host_port(dsn)
-        return [InstanceConfig(name=f"{host}:{port}", database_url=dsn)]
+        return [InstanceConfig(name=dsn_instance_name(dsn), database_url=dsn)]
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration with every secret replaced, for the start log line."""

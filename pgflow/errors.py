@@ -52,6 +52,18 @@ class InsufficientPrivilege(ScrapeError):
     """The monitoring role lacks a privilege it needs."""
 
 
+class SslRefused(ScrapeError):
+    """The connection failed over SSL: the server offers none, demands it, or the handshake failed."""
+
+
+class PoolerRefused(ScrapeError):
+    """A connection pooler (PgBouncer in statement pooling) refused pgflow's transaction."""
+
+
+class TextUnreadable(ScrapeError):
+    """pg_stat_statements holds a statement text this connection cannot decode (encodings)."""
+
+
 class ScrapeTimeout(ScrapeError):
     """A scrape query ran past statement_timeout."""
 

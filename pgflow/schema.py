@@ -108,6 +108,51 @@ DATABASES = pl.Schema(
     }
 )
 
+# issue 11: active-session samples taken since the previous scrape (pgflow/scrape/sampler.py).
+# One row per distinct (database, user, backend_type, state, wait_event_type, wait_event,
+# query_id) seen by the samples; ``count`` samples of ``period_secs`` each (session-seconds =
+# count x period). ``dbid``/``userid`` (datid, usesysid) pair query_id with pg_stat_statements'
+# key; ``query_id`` is null on PostgreSQL 13 and for statements without one. ``source`` is
+# ``pg_stat_activity`` or ``pg_wait_sampling``.
+SAMPLES = pl.Schema(
+    {
+        "dbid": pl.Int64,
+        "userid": pl.Int64,
+        "database": pl.String,
+        "user": pl.String,
+        "backend_type": pl.String,
+        "state": pl.String,
+        "wait_event_type": pl.String,
+        "wait_event": pl.String,
+        "query_id": pl.Int64,
+        "source": pl.String,
+        "count": pl.Int64,
+        "period_secs": pl.Float64,
+    }
+)
+
+# issue 11: what the samples since the previous scrape found beyond waits, in long form.
+# ``stat`` is one of:
+#   blocked_secs      session-seconds spent blocked (samples x period), by the ROOT blocker:
+#                     database, state = root's state, query_id/dbid/userid = root's statement
+#   root_count        max number of root blockers in one sample, by database (gauge)
+#   chain_depth_max   max blocking chain depth (root = 0), by database (gauge)
+#   xact_age_max      oldest open transaction in seconds, by database and state (gauge)
+#   xmin_age_max      oldest backend_xmin in transactions, by database and state (gauge)
+#   hidden_sessions   max sessions in one sample the role may not see (no pg_read_all_stats)
+#   samples_taken / samples_failed / samples_skipped / period_secs   the sampler's own counts
+SESSION_STATS = pl.Schema(
+    {
+        "stat": pl.String,
+        "database": pl.String,
+        "state": pl.String,
+        "query_id": pl.Int64,
+        "dbid": pl.Int64,
+        "userid": pl.Int64,
+        "value": pl.Float64,
+    }
+)
+
 # Every point attribute pgflow exports; in a points frame, a null field is an absent attribute.
 ATTRIBUTE_KEYS = (
     "db.system.name",
@@ -124,6 +169,13 @@ ATTRIBUTE_KEYS = (
     "postgresql.lock.mode",
     "postgresql.lock.type",
     "postgresql.lock.granted",
+    "postgresql.query.toplevel",  # issue 14: "false" for nested statements (track = all)
+    # issue 11: active-session sampling
+    "postgresql.backend.type",
+    "postgresql.session.state",
+    "postgresql.wait_event.name",
+    "postgresql.blocking.root.state",
+    "postgresql.wait.source",
 )
 ATTRIBUTES = pl.Struct({key: pl.String for key in ATTRIBUTE_KEYS})
 
@@ -218,6 +270,44 @@ def empty(schema: pl.Schema) -> pl.DataFrame:
 
 
 @dataclass(frozen=True)
+class ServerIdentity:
+    """Which server, and which run of it, a snapshot came from (issue 14).
+
+    A DSN can reach another server (failover, a VIP or DNS move, PgBouncer retargeted, the
+    next host of ``host=a,b``); its counters are another history and must start a new
+    baseline. A restart of the same server keeps pg_stat_statements' counters and must not.
+    """
+
+    system_identifier: int | None = None  # pg_control_system(): same for a primary and its standbys
+    timeline: int | None = None  # a promoted standby moves to a new timeline
+    started_at: datetime | None = None  # pg_postmaster_start_time()
+    in_recovery: bool | None = None
+    address: str = ""  # inet_server_addr():port, or the host:port connected over a socket
+
+    def same_history(self, previous: ServerIdentity) -> str | None:
+        """None when the counters continue ``previous``'s; else why they do not.
+
+        Another cluster (system identifier) never continues. The same postmaster always does.
+        A new postmaster continues only as a restart of the same server: same timeline, same
+        recovery state, same address; a promoted standby, a replica behind the same VIP at
+        another address, or a server that is not the one before starts a new baseline.
+        """
+        if (self.system_identifier is not None and previous.system_identifier is not None
+                and self.system_identifier != previous.system_identifier):
+            return "another cluster (system identifier)"
+        if self.started_at == previous.started_at:
+            return None
+        for name in ("timeline", "in_recovery", "address"):
+            if getattr(self, name) != getattr(previous, name):
+                return f"another server ({name.replace('_', ' ')} changed and the postmaster restarted)"
+        return None
+
+    def describe(self) -> str:
+        return (f"system {self.system_identifier}, timeline {self.timeline}, "
+                f"{'standby' if self.in_recovery else 'primary'} at {self.address or 'an unknown address'}")
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One scrape of one PostgreSQL instance: metadata plus polars frames.
 
@@ -242,13 +332,18 @@ class Snapshot:
     server_port: int = 0
     hidden_statements: int = 0  # rows whose queryid the role may not see
     plans: pl.DataFrame = field(default_factory=lambda: empty(PLANS))  # issue 12
+    identity: ServerIdentity | None = None  # which server answered (issue 14); None in old captures
+    # issue 11: active-session samples since the previous scrape (empty when sampling is off)
+    samples: pl.DataFrame = field(default_factory=lambda: empty(SAMPLES))
+    session_stats: pl.DataFrame = field(default_factory=lambda: empty(SESSION_STATS))
 
-    FRAMES = ("statements", "activity", "locks", "blocked", "databases", "plans")
+    FRAMES = ("statements", "activity", "locks", "blocked", "databases", "plans", "samples", "session_stats")
 
     def equals(self, other: Snapshot) -> bool:
         """Frame-for-frame equality (for capture round trips and replay checks)."""
         scalars = ("instance", "scraped_at", "server_version_num", "stats_reset", "dealloc", "max_connections",
-                   "oldest_xact_age_secs", "oldest_query_age_secs", "server_address", "server_port", "hidden_statements")
+                   "oldest_xact_age_secs", "oldest_query_age_secs", "server_address", "server_port", "hidden_statements",
+                   "identity")
         return all(getattr(self, s) == getattr(other, s) for s in scalars) and all(
             getattr(self, f).equals(getattr(other, f)) for f in self.FRAMES
         )

@@ -35,8 +35,22 @@ points_dropped = Counter("pgflow_points_dropped_total", "Points given up", ["rea
 queue_depth = Gauge("pgflow_queue_depth", "Windows waiting for acknowledgement", ["instance"], registry=REGISTRY)
 last_scrape = Gauge("pgflow_last_successful_scrape_timestamp_seconds", "Last successful scrape", ["instance"],
                     registry=REGISTRY)
+# issue 14: statements the monitoring role may not see; text fetches that failed (encodings).
+hidden_statements = Gauge("pgflow_hidden_statements",
+                          "pg_stat_statements rows of other roles hidden without pg_read_all_stats (not exported)",
+                          ["instance"], registry=REGISTRY)
+text_failures = Counter("pgflow_text_fetch_failures_total",
+                        "Statement text fetches that failed (an unreadable text); counters went on", ["instance"],
+                        registry=REGISTRY)
 last_export = Gauge("pgflow_last_successful_export_timestamp_seconds", "Last acknowledged export",
                     registry=REGISTRY)
+
+# issue 11: the active-session sampler (pgflow/scrape/sampler.py)
+activity_samples = Counter("pgflow_activity_samples_total", "Active-session samples by outcome (taken, failed, skipped)",
+                           ["instance", "outcome"], registry=REGISTRY)
+activity_sample_duration = Histogram("pgflow_activity_sample_duration_seconds", "Time one active-session sample took",
+                                     ["instance"], registry=REGISTRY,
+                                     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 
 
 # Issue 12: explain plans (and query samples).

@@ -295,6 +295,7 @@ def workloads(draw):
     stats_reset = T0
     at = T0
     snaps, truth_calls, truth_time = [], 0, 0.0
+    by_series: list[tuple] = []  # (scraped_at, database, user, toplevel, calls, time): the truth per series
     next_qid = 1
     for i in range(draw(st.integers(2, 9))):
         at = at + timedelta(seconds=draw(st.integers(1, 50)))
@@ -321,17 +322,21 @@ def workloads(draw):
             if i:  # work before the baseline is not in any interval
                 truth_calls += calls
                 truth_time += time
+                by_series.append((at, f"db{key[0]}", f"u{key[1]}", key[3], calls, time))
         rows = [{"dbid": k[0], "userid": k[1], "queryid": k[2], "toplevel": k[3], "query": e["text"],
                  "database": f"db{k[0]}", "user": f"u{k[1]}", "calls": e["calls"],
                  "total_exec_time": e["time"], "stats_since": e["since"]} for k, e in entries.items()]
         snaps.append(snap(at, rows, stats_reset=stats_reset))
-    return snaps, truth_calls, truth_time
+    return snaps, truth_calls, truth_time, by_series
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), st.integers(1, 4), st.sampled_from([0.0, 1.0, 3.0]), st.sampled_from([10, 30, 60]))
 def test_exported_totals_equal_truth(workload, cap, threshold, window):
-    snaps, truth_calls, truth_time = workload
+    """Totals are exact overall, and per window for each database, each user and top-level
+    vs nested (issue 14 items 7, 8): ``other`` keeps the user, database and toplevel of what
+    it rolls up, and a user the user cap rolled up is counted under user ``other``."""
+    snaps, truth_calls, truth_time, by_series = workload
     pts = ops.run(snaps, max_queries_tracked=cap, max_users_tracked=1, slow_query_threshold_ms=threshold,
                   export_interval_secs=window)
     exported_calls = pts.filter(pl.col("metric") == "postgresql.query.calls")["value"].sum()
@@ -340,13 +345,33 @@ def test_exported_totals_equal_truth(workload, cap, threshold, window):
     assert exported_time == pytest.approx(truth_time / 1000.0, abs=1e-9)
     assert (pts.filter(pl.col("kind") == "sum")["value"] >= 0).all()
 
+    truth = pl.DataFrame(by_series, schema=["at", "database", "user", "toplevel", "calls", "time"], orient="row")
+    truth = truth.with_columns(start=pl.col("at").map_elements(lambda t: window_bounds(t, timedelta(seconds=window))[0],
+                                                             return_dtype=pts.schema["start"]),
+                               toplevel=pl.col("toplevel").cast(pl.String))
+    # windows are told apart by their start: the last one ends at its last scrape, not its nominal end
+    calls = pts.filter(pl.col("metric") == "postgresql.query.calls").select(
+        "start", *(pl.col("attributes").struct.field(a).alias(k) for k, a in
+                 (("database", "db.namespace"), ("user", "user.name"), ("toplevel", "postgresql.query.toplevel"))),
+        "value")
+    assert calls["user"].null_count() == 0 and calls["toplevel"].null_count() == 0
+    for dimension in ("database", "user", "toplevel"):
+        exported = calls.group_by("start", dimension).agg(pl.col("value").sum())
+        named = exported.filter(pl.col(dimension) != "other")
+        expected = truth.group_by("start", dimension).agg(pl.col("calls").sum())
+        joined = named.join(expected, on=["start", dimension], how="left")
+        assert (joined["value"] == joined["calls"].fill_null(0)).all(), (dimension, joined)
+        # what is named "other" is exactly the truth of those not named in that window
+        rest = expected.join(named, on=["start", dimension], how="anti")["calls"].sum()
+        assert exported.filter(pl.col(dimension) == "other")["value"].sum() == rest, dimension
+
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), st.integers(0, 2**32 - 1))
 def test_row_order_changes_nothing(workload, seed):
     """Scrapes returning their rows in the same order pair up by position; in any other
     order by key. Both must give every series the same numbers."""
-    snaps, _, _ = workload
+    snaps = workload[0]
     shuffled = [replace(s, statements=s.statements.sample(fraction=1.0, shuffle=True, seed=(seed + i) % 2**32))
                 for i, s in enumerate(snaps)]
     series = ("postgresql.query.fingerprint", "db.namespace", "user.name")
@@ -402,3 +427,67 @@ def test_real_database_counters_get_deltas(pg):
     assert 1000 <= totals["xact_commit"] < 1100
     assert 3000 <= totals["tup_updated"] < 3100
     assert (deltas.databases.select(pl.col("xact_commit", "blks_hit")) >= 0).to_numpy().all()
+
+
+def test_real_nested_statements_sum_top_level_only(pg):
+    """Issue 14 item 7: with pg_stat_statements.track = all a PL/pgSQL function's statements
+    are counted too, and their time is already inside the caller's. Top-level and nested
+    executions of one statement are separate series, told apart by postgresql.query.toplevel,
+    and summing toplevel = "true" gives the workload's top-level work alone."""
+    assert pg.execute("SHOW pg_stat_statements.track")[0][0] == "all"
+    version = int(pg.execute("SHOW server_version_num")[0][0])
+    pg.execute("DROP DATABASE IF EXISTS nested14", "CREATE DATABASE nested14")
+    pg.execute("CREATE TABLE n14 (id int PRIMARY KEY, v int)", "INSERT INTO n14 VALUES (1, 0)",
+               "CREATE FUNCTION bump14() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+               "UPDATE n14 SET v = v + 1 WHERE id = 1; PERFORM pg_sleep(0.02); END $$", dbname="nested14")
+    try:
+        with Scraper(pg.dsn()) as scraper:
+            before = scraper.scrape()
+            started = time.monotonic()
+            pg.execute(*["SELECT bump14()"] * 10, *["UPDATE n14 SET v = v + 1 WHERE id = 1"] * 7, dbname="nested14")
+            wall = time.monotonic() - started
+            after = scraper.scrape()
+    finally:
+        pg.execute("DROP DATABASE nested14")
+    pts = ops.run([before, after]).filter(pl.col("attributes").struct.field("db.namespace") == "nested14")
+    rows = pts.filter(pl.col("metric").is_in(["postgresql.query.calls", "postgresql.query.duration"])).select(
+        "metric", "value", text=pl.col("attributes").struct.field("db.query.text"),
+        toplevel=pl.col("attributes").struct.field("postgresql.query.toplevel"))
+    if version < 140000:  # one entry holds both there: the attribute is absent rather than wrong
+        assert rows.height and rows["toplevel"].null_count() == rows.height
+        return
+    calls = {(t, top): v for t, top, v in rows.filter(pl.col("metric") == "postgresql.query.calls")
+             .select("text", "toplevel", "value").iter_rows()}
+    update = "UPDATE n14 SET v = v + $1 WHERE id = $2"
+    assert calls[(update, "true")] == 7 and calls[(update, "false")] == 10  # one statement, two series
+    assert calls[("SELECT bump14()", "true")] == 10
+    assert sum(v for (_, top), v in calls.items() if top == "true") == 17  # the workload's 17 statements
+    assert sum(v for (_, top), v in calls.items() if top == "false") == 20  # 10 updates, 10 sleeps inside
+    durations = rows.filter(pl.col("metric") == "postgresql.query.duration")
+    top = durations.filter(pl.col("toplevel") == "true")["value"].sum()
+    nested = durations.filter(pl.col("toplevel") == "false")["value"].sum()
+    assert 10 * 0.02 <= top <= wall  # top-level time fits in the workload's wall time ...
+    assert nested >= 10 * 0.02  # ... while summing nested time too would count the sleeps twice
+
+
+def test_real_gauges_read_zero_rather_than_vanish(pg):
+    """Issue 14 item 16: a database nobody is connected to still has its connection counts
+    per state, its waiting-lock count and its blocked-session count, each reading 0."""
+    pg.execute("DROP DATABASE IF EXISTS idle14", "CREATE DATABASE idle14")
+    try:
+        with Scraper(pg.dsn()) as scraper:
+            snaps = [scraper.scrape(), scraper.scrape()]
+    finally:
+        pg.execute("DROP DATABASE idle14")
+    gauges = ops.run(snaps).filter((pl.col("kind") == "gauge")
+                                   & (pl.col("attributes").struct.field("db.namespace") == "idle14"))
+
+    def values(metric: str, attr: str) -> dict[str | None, float]:
+        rows = gauges.filter(pl.col("metric") == metric).with_columns(k=pl.col("attributes").struct.field(attr))
+        return dict(rows.group_by("k").agg(pl.col("value").sum()).iter_rows())
+
+    connections = values("postgresql.connection.count", "postgresql.connection.state")
+    assert {s: connections.get(s) for s in ("active", "idle", "idle in transaction")} == {
+        "active": 0, "idle": 0, "idle in transaction": 0}
+    assert values("postgresql.lock.count", "postgresql.lock.granted").get("false") == 0
+    assert values("postgresql.blocked.count", "db.namespace") == {"idle14": 0}

@@ -101,7 +101,7 @@ def _same_points(a: pl.DataFrame, b: pl.DataFrame) -> bool:
     return norm[0].equals(norm[1])
 
 
-@pytest.mark.parametrize("dataset", ["pgbench", "varied"])
+@pytest.mark.parametrize("dataset", ["pgbench", "varied", "activity"])  # activity: issue 11
 def test_replay_through_bytewax_equals_polars(dataset, tmp_path):
     path = DATASETS / f"{dataset}.duckdb"
     settings = Settings.load(max_queries_tracked=20, export_interval_secs=10)
@@ -157,3 +157,16 @@ def test_notebook_runs_headless_and_draws(name):
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, "the notebook drew no chart"
+
+
+def test_explore_notebook_draws_single_points_visibly():
+    """Issue 14 item 16: a series with one point (a connection state seen at one scrape) drawn
+    as a line without markers is invisible; every line of the explore notebook has markers."""
+    notebook = nbformat.read(ROOT / "notebooks" / "explore_workload.ipynb", as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell(
+        "drawn = [line for ax in (c_ax, l_ax, calls_ax, latency_ax) for line in ax.lines]\n"
+        "assert drawn, 'no line drawn'\n"
+        "assert all(line.get_marker() not in (None, '', ' ', 'None', 'none') for line in drawn), "
+        "[line.get_marker() for line in drawn]"))
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()

@@ -1,7 +1,10 @@
-"""Sum delta rows that share a series: ``(database, user, fingerprint)`` within an instance.
+"""Sum delta rows that share a series: ``(database, user, fingerprint, toplevel)`` within an instance.
 
 Several queryids can share a fingerprint (libpg_query ignores differences that queryid
 keeps, e.g. IN-list lengths on older servers): their deltas add up, never overwrite.
+Top-level and nested executions of one statement (``pg_stat_statements.track = all``) stay
+apart: a nested statement's time is already inside its caller's, so a dashboard must be
+able to sum top-level time alone.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import polars as pl
 from pgflow.ops.groups import group_rows
 from pgflow.schema import STATEMENT_INT_COUNTERS, STATEMENT_TIME_COUNTERS
 
-SERIES_KEY = ("database", "user", "fingerprint")
+SERIES_KEY = ("database", "user", "fingerprint", "toplevel")
 SERIES_LABELS = ("operation", "summary", "text")
 UNKNOWN = "<unknown>"
 
@@ -23,7 +26,7 @@ UNKNOWN = "<unknown>"
 class SeriesTable:
     """Series of one window: ``labels`` row ``i`` names the counter sums of matrix row ``i``."""
 
-    labels: pl.DataFrame  # SERIES_KEY + SERIES_LABELS
+    labels: pl.DataFrame  # SERIES_KEY + SERIES_LABELS (toplevel: Boolean, the rest String)
     ints: np.ndarray  # STATEMENT_INT_COUNTERS, int64
     floats: np.ndarray  # STATEMENT_TIME_COUNTERS, float64 (milliseconds)
 
@@ -38,7 +41,8 @@ class SeriesTable:
 
 
 def empty_series() -> SeriesTable:
-    labels = pl.DataFrame(schema={c: pl.String for c in (*SERIES_KEY, *SERIES_LABELS)})
+    labels = pl.DataFrame(schema={c: pl.Boolean if c == "toplevel" else pl.String
+                                  for c in (*SERIES_KEY, *SERIES_LABELS)})
     return SeriesTable(labels, np.zeros((0, len(STATEMENT_INT_COUNTERS)), np.int64),
                        np.zeros((0, len(STATEMENT_TIME_COUNTERS))))
 

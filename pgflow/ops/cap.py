@@ -5,8 +5,11 @@ window. A fingerprint is *active* in a window when its calls delta is > 0; activ
 refreshed in the LRU, heaviest (by execution time) last, and when a new one arrives at the
 cap the least recently active is evicted. Everything not tracked, and (with
 ``slow_query_threshold_ms``) every series whose mean time per call is under the threshold,
-rolls into one ``other`` series per ``(database, operation)``: the sum over all exported
-series equals the sum of the deltas exactly. Nothing is dropped.
+rolls into one ``other`` series per ``(database, user, operation, toplevel)``: the sum over
+all exported series equals the sum of the deltas exactly, and so does the sum per database
+and per user (untracked users and databases are themselves named ``other``, so the rollup
+is bounded by the caps: at most databases x users x operations x 2 ``other`` series).
+Nothing is dropped.
 """
 
 from __future__ import annotations
@@ -86,8 +89,8 @@ def cap(
 ) -> tuple[CapState, SeriesTable]:
     """Roll untracked and fast series into ``other``; return the new LRU state and series.
 
-    ``series`` has one row per ``(database, user, fingerprint)``; so has the result, plus
-    one ``other`` row per ``(database, operation)`` that anything was rolled into.
+    ``series`` has one row per ``(database, user, fingerprint, toplevel)``; so has the result,
+    plus one ``other`` row per ``(database, user, operation, toplevel)`` anything was rolled into.
     """
     if series.height == 0:
         return state, series
@@ -124,11 +127,13 @@ def cap(
         labels = labels.with_columns(renamed)
     kept = SeriesTable(labels.filter(pl.Series(~rolled)), series.ints[~rolled], series.floats[~rolled])
     if renamed:  # two users (or databases) renamed into one: their series merge
-        kept = sum_by(kept.labels, kept.ints, kept.floats, ["database", "user", "fingerprint", "operation"])
-    others = sum_by(labels.filter(pl.Series(rolled)).select("database", "operation"), series.ints[rolled],
-                    series.floats[rolled], ["database", "operation"])
+        kept = sum_by(kept.labels, kept.ints, kept.floats,
+                      ["database", "user", "fingerprint", "toplevel", "operation"])
+    rollup = ["database", "user", "operation", "toplevel"]
+    others = sum_by(labels.filter(pl.Series(rolled)).select(rollup), series.ints[rolled],
+                    series.floats[rolled], rollup)
     others_labels = others.labels.select(
-        "database", pl.lit(None, pl.String).alias("user"), pl.lit(OTHER).alias("fingerprint"), "operation",
+        "database", "user", pl.lit(OTHER).alias("fingerprint"), "toplevel", "operation",
         pl.col("operation").alias("summary"), pl.lit(None, pl.String).alias("text"),
     )
     return state, SeriesTable(pl.concat([kept.labels, others_labels]), np.concatenate([kept.ints, others.ints]),

@@ -11,6 +11,10 @@ other. The rules, per key:
   re-created since, so its current value is the delta;
 - ``stats_reset`` of ``pg_stat_statements_info`` changed: every entry restarted, so every
   current value is the delta;
+- another server answered (its :class:`ServerIdentity` does not continue the previous one,
+  or ``stats_reset`` moved to a time before the previous scrape, which no reset inside the
+  interval can do): its counters are another history, so this snapshot is a new baseline
+  and nothing is emitted for the interval (see :func:`server_changed`);
 - keys that vanished are forgotten.
 
 The arithmetic runs on numpy matrices (integers stay int64, exact; times float64): a
@@ -34,6 +38,7 @@ from pgflow.schema import (
     STATEMENT_INT_COUNTERS,
     STATEMENT_KEY,
     STATEMENT_TIME_COUNTERS,
+    ServerIdentity,
     Snapshot,
 )
 
@@ -116,6 +121,26 @@ class DeltaState:
     counters: Counters
     databases: pl.DataFrame  # datid, database
     database_counters: Counters
+    identity: ServerIdentity | None = None  # of the server the state's counters came from
+
+
+def server_changed(state: DeltaState, snapshot: Snapshot) -> str | None:
+    """Why ``snapshot``'s counters do not continue ``state``'s (another server), or None.
+
+    Both parts are needed: the identity needs no particular privilege beyond
+    pg_postmaster_start_time() but may lack the system identifier; ``stats_reset`` (PostgreSQL
+    14+) is kept across a clean restart of the same server, so a value that moved backwards
+    past the previous scrape comes from another server's counters.
+    """
+    previous = getattr(state, "identity", None)  # ledgers written before the field existed
+    if previous is not None and snapshot.identity is not None:
+        reason = snapshot.identity.same_history(previous)
+        if reason:
+            return reason
+    if (snapshot.stats_reset is not None and state.stats_reset is not None
+            and snapshot.stats_reset != state.stats_reset and snapshot.stats_reset <= state.scraped_at):
+        return "pg_stat_statements was last reset before the previous scrape: another server's counters"
+    return None
 
 
 @dataclass(frozen=True)
@@ -193,9 +218,9 @@ def delta(state: DeltaState | None, snapshot: Snapshot,
     elif label is not None:
         rows = label(rows)
     new_state = DeltaState(snapshot.scraped_at, snapshot.stats_reset, snapshot.dealloc, rows, counters,
-                           databases, database_counters)
-    if state is None:
-        return new_state, None
+                           databases, database_counters, snapshot.identity)
+    if state is None or server_changed(state, snapshot) is not None:
+        return new_state, None  # a baseline: the first snapshot, or the first of another server
 
     whole_reset = snapshot.stats_reset is not None and snapshot.stats_reset != state.stats_reset
     diffed = _diff(counters, state.counters, at, whole_reset)
@@ -222,4 +247,4 @@ def delta(state: DeltaState | None, snapshot: Snapshot,
     return new_state, deltas
 
 
-__all__ = ["Counters", "DeltaState", "Deltas", "active_rows", "delta"]
+__all__ = ["Counters", "DeltaState", "Deltas", "active_rows", "delta", "server_changed"]

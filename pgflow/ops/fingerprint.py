@@ -81,34 +81,46 @@ def _relations(node: object, out: list[str]) -> None:
             _relations(value, out)
 
 
-# String literals are where secrets live (passwords, tokens); numbers stay, since some are
-# syntax (GROUP BY 1) and pg_stat_statements already replaces the constants of queries.
-_REPLACEMENTS = {"SQL_COMMENT": b" ", "C_COMMENT": b" ", "SCONST": b"'?'", "USCONST": b"'?'", "BCONST": b"'0'",
-                 "XCONST": b"'0'"}
+# Every literal is a place a secret can hide (passwords, tokens, PINs, function bodies):
+# libpg_query normalizes only the constants it visits, and keeps utility statements'
+# literals (``OPTIONS (password '...')``, ``COPY ... FROM PROGRAM '...'``, ``DO $$...$$``)
+# verbatim. So every text that leaves is scanned with PostgreSQL's own scanner and every
+# remaining literal token (strings of every quoting, dollar-quoted bodies, numbers, bit
+# strings) and comment is replaced. ``_PARSEABLE`` keeps the text parseable (capture files,
+# fingerprint input); ``_SHOWN`` is what an exported text shows.
+_PARSEABLE = {"SQL_COMMENT": b" ", "C_COMMENT": b" ", "SCONST": b"'?'", "USCONST": b"'?'", "BCONST": b"'?'",
+              "XCONST": b"'?'", "ICONST": b"0", "FCONST": b"0"}
+_SHOWN = {**_PARSEABLE, "ICONST": b"?", "FCONST": b"?"}
+UNREADABLE = "<statement text not shown: it could not be scanned>"
+# Where a literal or comment token could start: a quote, a comment, a dollar quote (``$`` not
+# before a digit), a number (a digit not inside a name or a ``$n`` parameter).
+_MAY_HOLD_LITERAL = re.compile(r"'|--|/\*|\$(?!\d)|(?<![\w$])\d")
 
 
-def _replace_tokens(text: str, names: frozenset[str]) -> str:
-    """Replace the scanner's tokens of the given kinds (comments, literals) in ``text``."""
+def _replace_tokens(text: str, replacements: dict[str, bytes]) -> str:
+    """Replace the scanner's tokens of the given kinds (comments, literals) in ``text``.
+
+    Raises when the scanner cannot read ``text``: callers never fall back to the raw text.
+    """
+    if not _MAY_HOLD_LITERAL.search(text):
+        return text  # no quote, comment, dollar quote or number: nothing to replace (most texts)
     raw = text.encode("utf-8")
     kept, pos = [], 0
     for tok in pg_parser.scan(text):
-        if tok.name in names:
+        new = replacements.get(tok.name)
+        if (tok.name == "SCONST" and raw[tok.end - 1:tok.end + 1] == b"\\'"
+                and raw[tok.start:tok.start + 1] in b"'nN"):
+            # 'C:\' ends here only with standard_conforming_strings on; with it off, the
+            # string goes on and what this scanner reads as names may be the literal.
+            raise ValueError("string quoting depends on standard_conforming_strings")
+        if new is not None:
             kept.append(raw[pos:tok.start])
-            kept.append(_REPLACEMENTS[tok.name])
+            kept.append(new)
             pos = tok.end + 1
     if not kept:
         return text
     kept.append(raw[pos:])
     return b"".join(kept).decode("utf-8", "replace")
-
-
-_COMMENTS = frozenset({"SQL_COMMENT", "C_COMMENT"})
-_LITERALS = frozenset(_REPLACEMENTS)
-
-
-def _strip_comments(text: str) -> str:
-    """Drop comment tokens (they can carry anything, secrets included), using the SQL scanner."""
-    return _replace_tokens(text, _COMMENTS)
 
 
 _WS = re.compile(r"\s+")
@@ -118,10 +130,29 @@ def _fold(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
-def parse_info(text: str) -> QueryInfo:
-    """Fingerprint one statement with pglast; raises on text libpg_query cannot parse."""
+def _shown(normalized: str) -> str:
+    """The exported text of a normalized statement: no literal, no comment; a marker if unscannable."""
+    try:
+        return _fold(_replace_tokens(normalized, _SHOWN))
+    except Exception:
+        return UNREADABLE
+
+
+def _cleaned(text: str) -> str:
+    """``text`` with every literal and comment replaced (raises if the scanner cannot read it).
+
+    Everything the parse path derives comes from this text, never from the raw one: what
+    is not in it cannot leak, and statements that differ only in literals (even one that
+    makes the raw text unparseable, such as an integer past 2**31) are treated alike.
+    """
     if len(text) > MAX_PARSE_BYTES:
         raise ValueError("statement too long to parse")
+    return _replace_tokens(text, _PARSEABLE)
+
+
+def parse_info(text: str) -> QueryInfo:
+    """Fingerprint one statement with pglast; raises on text libpg_query cannot parse."""
+    text = _cleaned(text)
     tree = json.loads(pg_parser.parse_sql_json(text))
     stmts = tree.get("stmts") or []
     if not stmts:
@@ -135,28 +166,118 @@ def parse_info(text: str) -> QueryInfo:
     if stmt_type == "TransactionStmt":  # BEGIN, COMMIT, ROLLBACK, SAVEPOINT ... rather than one blur
         kind = str(stmt[stmt_type].get("kind", "")).removeprefix("TRANS_STMT_").replace("_", " ")
         summary = kind or operation
-    normalized = _fold(_strip_comments(pg_parser.normalize(text)))
-    # Fingerprint the text with its literals replaced: libpg_query keeps some literals in its
-    # fingerprint (a role's password, for one), and a hash of a secret must not leave either.
-    fingerprint = pg_parser.fingerprint(_replace_tokens(text, _LITERALS))
+    normalized = _shown(pg_parser.normalize(text))
+    # libpg_query keeps some literals in its fingerprint (a role's password, a function's
+    # body): fingerprinted without them, a hash of a secret cannot leave either.
+    fingerprint = pg_parser.fingerprint(text)
     return QueryInfo(fingerprint, operation, summary, normalized[:MAX_TEXT])
 
 
-_STRING = re.compile(r"(?:[eEbBxXuU]&?)?'(?:[^']|'')*'?|\$([A-Za-z_]\w*)?\$.*?(?:\$\1\$|$)", re.S)
-_COMMENT = re.compile(r"--[^\n]*|/\*.*?(?:\*/|$)", re.S)
-_NUMBER = re.compile(r"(?<![\w$])[-+]?(?:0x[0-9a-f]+|\d+(?:\.\d*)?(?:e[-+]?\d+)?|\.\d+(?:e[-+]?\d+)?)\b", re.I)
+_DOLLAR_TAG = re.compile(r"\$(?:[^\W\d]\w*)?\$")
 _PARAM = re.compile(r"\$\d+")
+_NUMBER = re.compile(r"(?:0[xob][0-9a-f_]+|(?:\d[\d_]*)?\.?\d[\d_]*(?:e[-+]?\d+)?)\w*", re.I)
 _LIST = re.compile(r"\(\s*\?(?:\s*,\s*\?)+\s*\)")
+# Spaces and operators (nothing starts there), or a name (digits and $ inside it are its own).
+_SIMPLE = re.compile(r"[^-/'\"$.\w\x80-\U0010ffff]+|[^\W\d][\w$]*")
+_STRING_PREFIXES = frozenset("eEbBxXnN")
 _FIRST_WORD = re.compile(r"[a-z]+")
 _TARGET = re.compile(r"\b(?:from|into|update|table|join)\s+([a-z_][\w$.]*)")
 
 
+def _string_end(text: str, quote: int, escapes: bool) -> int:
+    """Where the string literal opened at ``quote`` ends (past its closing quote, or the end).
+
+    A backslash in a standard string is ambiguous (``standard_conforming_strings`` may be
+    off on the server), so the rest of the text is treated as the literal: hidden, not guessed.
+    """
+    j, n = quote + 1, len(text)
+    while j < n:
+        ch = text[j]
+        if ch == "\\":
+            if not escapes:
+                return n
+            j += 2
+        elif ch == "'":
+            if text.startswith("''", j):
+                j += 2
+            else:
+                return j + 1
+        else:
+            j += 1
+    return n
+
+
+def _mask(text: str) -> str:
+    """Every literal (any quoting, dollar-quoted, numbers, parameters) to ``?``, comments out.
+
+    A small lexer for text libpg_query cannot read (truncated, garbage, not UTF-8): it never
+    fails, and whatever it cannot close (a literal, a comment, a quoted name) runs to the end
+    of the text and is hidden, so a secret never survives because the text was broken.
+    """
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        m = _SIMPLE.match(text, i)  # spaces, operators, a whole name: most of any text
+        if m:
+            word, j = m.group(), m.end()
+            if j < n and text[j] == "'" and word in _STRING_PREFIXES:  # E'...', B'...', X'...', N'...'
+                i = _string_end(text, j, escapes=word in "eE")
+                out.append("?")
+            elif word in ("u", "U") and text.startswith("&'", j):  # U&'...'
+                i = _string_end(text, j + 1, escapes=False)
+                out.append("?")
+            else:
+                out.append(word)
+                i = j
+            continue
+        c = text[i]
+        if text.startswith("--", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            out.append(" ")
+        elif text.startswith("/*", i):
+            j, depth = i + 2, 1
+            while j < n and depth:
+                if text.startswith("/*", j):
+                    depth, j = depth + 1, j + 2
+                elif text.startswith("*/", j):
+                    depth, j = depth - 1, j + 2
+                else:
+                    j += 1
+            i = j
+            out.append(" ")
+        elif c == "'":
+            i = _string_end(text, i, escapes=False)
+            out.append("?")
+        elif c == "$" and (m := _DOLLAR_TAG.match(text, i)):
+            end = text.find(m.group(0), m.end())
+            i = n if end < 0 else end + len(m.group(0))
+            out.append("?")
+        elif c == "$" and (m := _PARAM.match(text, i)):
+            i = m.end()
+            out.append("?")
+        elif c == '"':
+            j = i + 1
+            while (j := text.find('"', j)) >= 0 and text.startswith('""', j):
+                j += 2
+            if j < 0:  # an unclosed quoted name: whatever follows may be a literal
+                out.append("?")
+                i = n
+            else:
+                out.append(text[i:j + 1])
+                i = j + 1
+        elif c.isdigit() or (c == "." and i + 1 < n and text[i + 1].isdigit()):
+            m = _NUMBER.match(text, i)
+            i = m.end() if m else i + 1
+            out.append("?")
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 def _fallback_normalize(text: str) -> str:
-    text = _COMMENT.sub(" ", text)
-    text = _STRING.sub("?", text)
-    text = _PARAM.sub("?", text)
-    text = _NUMBER.sub("?", text)
-    return _LIST.sub("(?)", _fold(text).lower())
+    return _LIST.sub("(?)", _fold(_mask(text)).lower())
 
 
 def fallback_info(text: str) -> QueryInfo:
@@ -171,18 +292,17 @@ def fallback_info(text: str) -> QueryInfo:
 
 
 def redact_text(text: str) -> str:
-    """The statement with its string literals and comments replaced, layout otherwise kept.
+    """The statement with its literals (strings, numbers) and comments replaced, layout otherwise kept.
 
     What a capture stores: pg_stat_statements keeps utility statements verbatim
     (``ALTER ROLE ... PASSWORD '...'``), and a capture file must not hold such secrets.
     """
     try:
-        if len(text) > MAX_PARSE_BYTES:
-            raise ValueError("too long")
-        pg_parser.parse_sql_json(text)  # only text libpg_query accepts keeps its layout
-        # String literals become '?' rather than $n, so the text still parses where a
-        # parameter may not stand (ALTER ROLE ... PASSWORD) and fingerprints the same.
-        return _replace_tokens(text, _LITERALS)
+        # String literals become '?' and numbers 0 rather than $n, so the text still parses
+        # where a parameter may not stand (ALTER ROLE ... PASSWORD) and fingerprints the same.
+        cleaned = _cleaned(text)
+        pg_parser.parse_sql_json(cleaned)  # only text libpg_query accepts keeps its layout
+        return cleaned
     except Exception:
         return fallback_info(text).text if len(text) <= MAX_TEXT else _fallback_normalize(text)
 

@@ -16,6 +16,7 @@ from typing import Any
 import polars as pl
 
 from pgflow.config import Settings
+from pgflow.ops import activity as act
 from pgflow.ops import window as win
 from pgflow.ops.cap import CapState, cap
 from pgflow.ops.delta import DeltaState, delta
@@ -62,6 +63,7 @@ class InstanceState:
     window: win.WindowState
     cap: CapState
     scrapes: int = 0
+    activity: act.ActivityState | None = None  # issue 11: active-session samples per open window
 
 
 def initial_state(settings: OpsSettings) -> InstanceState:
@@ -71,6 +73,7 @@ def initial_state(settings: OpsSettings) -> InstanceState:
 def _emit(state: InstanceState, closed: list[win.Window], settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
     frames = []
     cap_state = state.cap
+    activity = getattr(state, "activity", None) or act.ActivityState()  # ledgers written before issue 11 lack it
     for window in closed:
         cap_state, series = cap(
             cap_state,
@@ -81,8 +84,13 @@ def _emit(state: InstanceState, closed: list[win.Window], settings: OpsSettings)
             slow_query_threshold_ms=settings.slow_query_threshold_ms,
         )
         frames.append(points(window, series))
+        activity, sampled = act.close(activity, window, cap_state, state.delta.rows if state.delta else None,
+                                      max_users_tracked=settings.max_users_tracked,
+                                      max_databases_tracked=settings.max_databases_tracked)
+        if sampled is not None:
+            frames.append(sampled)
     out = pl.concat(frames) if frames else _NO_POINTS
-    return replace(state, cap=cap_state), out
+    return replace(state, cap=cap_state, activity=activity), out
 
 
 def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
@@ -96,7 +104,8 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
         return state, _NO_POINTS
     window_state, closed = win.close_until(state.window, snapshot.scraped_at)
     window_state = win.add(window_state, snapshot, deltas)
-    state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1)
+    activity = act.add(getattr(state, "activity", None) or act.ActivityState(), snapshot, state.window.length)
+    state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1, activity=activity)
     return _emit(state, closed, settings)
 
 

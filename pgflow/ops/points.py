@@ -113,6 +113,7 @@ _QUERY_ATTRIBUTES = attributes({
     "db.query.summary": pl.col("summary"),
     "postgresql.query.fingerprint": pl.col("fingerprint"),
     "db.query.text": pl.col("text"),
+    "postgresql.query.toplevel": pl.col("toplevel"),  # cast: "true" / "false"
     "postgresql.block.kind": pl.col("block_kind"),
     "postgresql.io.direction": pl.col("io_direction"),
 })
@@ -128,7 +129,12 @@ def query_points(window: Window, series: SeriesTable) -> pl.DataFrame | None:
     row = np.tile(np.arange(n), len(_SPECS))
     keep = ~_ONLY_NONZERO[spec] | (values != 0)
     spec, row, values = spec[keep], row[keep], values[keep]
-    long = pl.concat([_SPEC_TABLE[spec], series.labels[row], pl.DataFrame({"value": values})], how="horizontal")
+    labels = series.labels[row]
+    if 0 < window.resource.server_version_num < 140000:
+        # PostgreSQL 13 keys statements without ``toplevel``: one entry holds top-level and
+        # nested executions alike, so the attribute is left out rather than guessed.
+        labels = labels.with_columns(pl.lit(None, pl.Boolean).alias("toplevel"))
+    long = pl.concat([_SPEC_TABLE[spec], labels, pl.DataFrame({"value": values})], how="horizontal")
     return long.with_columns(_QUERY_ATTRIBUTES.alias("attributes")).select(
         _columns(window, "sum", window.start, window.end))
 
@@ -141,14 +147,34 @@ def _gauge(window: Window, metric: str, unit: str, rows: pl.DataFrame, value: pl
     ).select(_columns(window, "gauge", at, at))
 
 
+# Gauge series a dashboard or an alert expects to read 0 rather than vanish (a chart of
+# "idle in transaction" or of waiting locks must show 0, not "no data"): per database,
+# these connection states and both lock states are always exported, 0 when nothing is there.
+ZERO_CONNECTION_STATES = ("active", "idle", "idle in transaction")
+ZERO_LOCK_GRANTED = (True, False)
+
+
+def _missing(present: pl.DataFrame, databases: list[str], column: str, values: tuple, dtype: pl.DataType
+             ) -> pl.DataFrame:
+    """The (database, ``column``) pairs of the grid that ``present`` has no row for."""
+    if not databases:
+        return pl.DataFrame(schema={"database": pl.String, column: dtype})
+    grid = pl.DataFrame({"database": databases}, schema={"database": pl.String}).join(
+        pl.DataFrame({column: list(values)}, schema={column: dtype}), how="cross")
+    return grid.join(present.select("database", column), on=["database", column], how="anti", nulls_equal=True)
+
+
 def gauge_points(window: Window) -> list[pl.DataFrame]:
-    """Connections, locks and blocked sessions as last observed in the window."""
+    """Connections, locks and blocked sessions as last observed in the window (0s included)."""
     g = window.gauges
     if g is None:
         return []
     at, c = g.observed_at, pl.col
     out = []
     clients = g.activity.filter(c("backend_type") == "client backend")
+    idle = _missing(clients, g.databases, "state", ZERO_CONNECTION_STATES, pl.String)
+    if idle.height:
+        clients = pl.concat([clients, idle.with_columns(count=pl.lit(0, pl.Int64))], how="diagonal_relaxed")
     if clients.height:
         out.append(_gauge(window, "postgresql.connection.count", "{connection}", clients, c("count"),
                           {"db.namespace": c("database"), "user.name": c("user"),
@@ -157,8 +183,12 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
     if g.max_connections is not None:
         out.append(_gauge(window, "postgresql.connection.max", "{connection}",
                           pl.DataFrame({"v": [g.max_connections]}), c("v"), {}, True, at))
-    if g.locks.height:
-        out.append(_gauge(window, "postgresql.lock.count", "{lock}", g.locks, c("count"),
+    locks = g.locks
+    unlocked = _missing(locks, g.databases, "granted", ZERO_LOCK_GRANTED, pl.Boolean)
+    if unlocked.height:
+        locks = pl.concat([locks, unlocked.with_columns(count=pl.lit(0, pl.Int64))], how="diagonal_relaxed")
+    if locks.height:
+        out.append(_gauge(window, "postgresql.lock.count", "{lock}", locks, c("count"),
                           {"db.namespace": c("database"), "postgresql.lock.mode": c("mode"),
                            "postgresql.lock.type": c("locktype"),
                            "postgresql.lock.granted": c("granted").cast(pl.String)}, True, at))

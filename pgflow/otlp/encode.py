@@ -1,6 +1,6 @@
 """Points frame → ExportMetricsServiceRequest bytes (the message of opentelemetry-proto).
 
-One ResourceMetrics per PostgreSQL instance (``service.instance.id`` = ``host:port``), one
+One ResourceMetrics per PostgreSQL instance (``service.instance.id``: see :func:`instance_id`), one
 scope ``pgflow``, one Metric per (name, kind, unit) holding its data points. Sums are
 DELTA and monotonic; gauges carry the time they were observed. Counts travel as ``as_int``,
 durations as ``as_double``. NaN and infinite values are dropped and counted.
@@ -8,15 +8,19 @@ durations as ``as_double``. NaN and infinite values are dropped and counted.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from itertools import chain
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import numpy as np
 import polars as pl
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from pgflow import __version__
+from pgflow.config import is_local_address
 from pgflow.ops.groups import Groups, group_rows
 from pgflow.otlp import wire
 from pgflow.schema import ATTRIBUTE_KEYS
@@ -92,18 +96,52 @@ def _prefixes(fixed: np.ndarray, is_sum: np.ndarray, attr_len: np.ndarray) -> tu
     return [flat[a:z] for a, z in zip(starts, ends)], 1 + width + body
 
 
+# pgflow's own resource keys: per instance, so a process-wide variable cannot set them.
+OWN_RESOURCE_KEYS = ("service.instance.id", "server.address", "server.port", "db.system.name", "db.system.version",
+                     "postgresql.instance.name")
+
+
+def env_resource_attributes() -> dict[str, str]:
+    """``OTEL_RESOURCE_ATTRIBUTES`` (``k1=v1,k2=v2``, values URL-encoded) and ``OTEL_SERVICE_NAME``."""
+    out: dict[str, str] = {}
+    for item in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            out[unquote(key.strip())] = unquote(value.strip())
+    if os.environ.get("OTEL_SERVICE_NAME", "").strip():
+        out["service.name"] = os.environ["OTEL_SERVICE_NAME"].strip()
+    return out
+
+
+def instance_id(instance: str, address: str) -> str:
+    """``service.instance.id``: the instance's name (configured, or ``host:port`` of the DSN),
+    and ``@<this host's name>`` when the address is loopback or a socket, which names no host:
+    every sidecar reaching ``localhost:5432`` would otherwise be one New Relic entity."""
+    return f"{instance}@{socket.gethostname()}" if is_local_address(address) else instance
+
+
 def resource_attributes(instance: str, address: str, port: int, version_num: int, service_name: str) -> dict[str, object]:
-    """The resource of one PostgreSQL instance (New Relic keys its entity on service.instance.id)."""
+    """The resource of one PostgreSQL instance (New Relic keys its entity on service.instance.id).
+
+    Precedence: pgflow's per-instance keys (:data:`OWN_RESOURCE_KEYS`) always; then
+    ``OTEL_RESOURCE_ATTRIBUTES`` (and ``OTEL_SERVICE_NAME`` for ``service.name``) over pgflow's
+    default ``service.name``; a ``service_name`` set in pgflow's settings wins over both.
+    """
     major, minor = divmod(int(version_num or 0), 10000)
-    attrs: dict[str, object] = {
-        "service.name": service_name,
-        "service.instance.id": f"{address}:{port}" if address else instance,
+    env = env_resource_attributes()
+    attrs: dict[str, object] = {k: v for k, v in env.items() if k not in OWN_RESOURCE_KEYS}
+    if service_name != "pgflow" or "service.name" not in env:
+        attrs["service.name"] = service_name
+    attrs.update({
+        "service.instance.id": instance_id(instance, address) if instance else f"{address}:{port}",
         "server.address": address,
         "server.port": int(port) if port else None,
         "db.system.name": "postgresql",
         "db.system.version": f"{major}.{minor}" if version_num else "",
         "postgresql.instance.name": instance,
-    }
+    })
+    if is_local_address(address) and "host.name" not in attrs:
+        attrs["host.name"] = socket.gethostname()
     return {k: v for k, v in attrs.items() if v not in (None, "")}
 
 

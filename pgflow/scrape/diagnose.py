@@ -5,24 +5,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg import sql
 
 from pgflow.config import InstanceConfig, redact_dsn
-from pgflow.errors import ScrapeError
+from pgflow.errors import ExtensionNotLoaded, ScrapeError, TextUnreadable
 from pgflow.scrape.connection import classify, connect
 from pgflow.scrape.explain import explain_helper_finding
+from pgflow.scrape.statements import MARK, timeout_sql
 
-_SETTINGS_SQL = """
-SELECT current_setting('server_version'), current_setting('server_version_num')::int,
-       current_setting('shared_preload_libraries'), current_setting('track_io_timing'),
-       current_setting('pg_stat_statements.track_planning', true), current_setting('pg_stat_statements.track', true),
-       current_setting('pg_stat_statements.max', true),
+_SERVER_SQL = f"""
+SELECT {MARK} current_setting('server_version'), current_setting('server_version_num')::int, current_user::text,
        (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
          OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'),
-       current_user::text,
        (SELECT extversion FROM pg_extension WHERE extname = 'pg_stat_statements'),
        (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
         WHERE e.extname = 'pg_stat_statements')
 """
+# pg_settings lists only what this role may read: shared_preload_libraries needs
+# pg_read_all_settings, and current_setting() would fail (42501) where this just has no row.
+_SETTINGS_SQL = f"SELECT {MARK} name, setting FROM pg_settings WHERE name = ANY(%s)"
+_SETTINGS = ["shared_preload_libraries", "track_io_timing", "pg_stat_statements.track_planning",
+             "pg_stat_statements.track", "pg_stat_statements.max"]
+
+
+def preloaded(setting: str) -> bool:
+    """pg_stat_statements among ``shared_preload_libraries`` (also as ``$libdir/pg_stat_statements``)."""
+    for entry in setting.split(","):
+        name = entry.strip().strip("\"'").strip()
+        name = name.rsplit("/", 1)[-1]
+        if name.endswith(".so"):
+            name = name[:-3]
+        if name == "pg_stat_statements":
+            return True
+    return False
 
 
 @dataclass
@@ -53,7 +68,7 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check(instance: InstanceConfig, *, connect_timeout: int = 5) -> CheckReport:
+def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval_secs: float = 1.0) -> CheckReport:
     """Run every diagnostic against one instance; never raises for an expected failure."""
     report = CheckReport(instance.name, redact_dsn(instance.dsn))
     try:
@@ -61,57 +76,117 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5) -> CheckReport:
     except ScrapeError as exc:
         report.add("fail", "connect", str(exc))
         return report
+    conn.read_only = True
     try:
         with conn:
             _diagnose(conn, instance.dsn, report)
             report.add(*explain_helper_finding(conn))  # issue 12
     except psycopg.Error as exc:
         report.add("fail", "query", str(classify(exc, instance.dsn)))
+    _check_sampling(instance, report, connect_timeout, sample_interval_secs)
     return report
 
 
+def _probe(conn: psycopg.Connection, query: sql.Composable) -> tuple[object, psycopg.Error | None]:
+    """Run one read under the scrape's limits; the error instead of raising."""
+    try:
+        for limit in timeout_sql(10_000):
+            conn.execute(limit)  # type: ignore[arg-type]
+        row = conn.execute(query).fetchone()
+        conn.rollback()
+        return (row[0] if row else None), None
+    except psycopg.Error as exc:
+        conn.rollback()
+        return None, exc
+
+
+def _check_sampling(instance: InstanceConfig, report: CheckReport, connect_timeout: int, interval: float) -> None:
+    """issue 11: active-session sampling (privileges, wait source, measured cost of one sample)."""
+    from pgflow.scrape.sampler import check_sampling
+
+    for level, name, detail in check_sampling(instance.dsn, interval, connect_timeout=connect_timeout):
+        report.add(level, name, detail)
+
+
 def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
-    (version, version_num, preload, io_timing, planning, track, pgss_max, can_read_all, user, ext_version,
-     ext_schema) = conn.execute(_SETTINGS_SQL).fetchone()  # type: ignore[misc]
+    row = conn.execute(_SERVER_SQL).fetchone()
+    version, version_num, user, can_read_all, ext_version, ext_schema = row  # type: ignore[misc]
+    settings = dict(conn.execute(_SETTINGS_SQL, (_SETTINGS,)).fetchall())
     conn.rollback()
     if version_num < 130000:
         report.add("fail", "server", f"PostgreSQL {version} is older than 13, which pgflow does not support")
     else:
         report.add("ok", "server", f"PostgreSQL {version}")
-    loaded = "pg_stat_statements" in [p.strip() for p in preload.split(",")]
-    if loaded:
-        report.add("ok", "preload", "pg_stat_statements is in shared_preload_libraries")
-    else:
-        report.add("fail", "preload", "pg_stat_statements is not loaded: add it to shared_preload_libraries and restart")
     if ext_version is None:
         report.add("fail", "extension", "pg_stat_statements is not installed here: run CREATE EXTENSION pg_stat_statements")
         return
-    report.add("ok", "extension", f"pg_stat_statements {ext_version}")
+    report.add("ok", "extension", f"pg_stat_statements {ext_version} in schema {ext_schema}")
+    usage_sql = f"SELECT {MARK} has_schema_privilege(%s, 'USAGE')"
+    usage = conn.execute(usage_sql, (ext_schema,)).fetchone()[0]  # type: ignore[index]
+    conn.rollback()
+    if not usage:
+        report.add("fail", "schema", f"{user} may not use schema {ext_schema}, where pg_stat_statements lives: "
+                                     f"GRANT USAGE ON SCHEMA {ext_schema} TO {user}")
+        return
+    # Whether the library is loaded is what pg_stat_statements itself answers; the setting is
+    # only read where this role may read it.
+    count, error = _probe(conn, sql.SQL(f"SELECT {MARK} count(*) FROM {{}}.pg_stat_statements(false)").format(
+        sql.Identifier(ext_schema)))
+    preload = settings.get("shared_preload_libraries")
+    if error is not None:
+        failure = classify(error, dsn)
+        if isinstance(failure, ExtensionNotLoaded):
+            report.add("fail", "preload", "pg_stat_statements is not loaded: add it to shared_preload_libraries "
+                                          "and restart PostgreSQL")
+        else:
+            report.add("fail", "read", str(failure))
+        return
+    if preload is None:
+        report.add("ok", "preload", f"pg_stat_statements answers (shared_preload_libraries is not readable by {user})")
+    elif preloaded(preload):
+        report.add("ok", "preload", "pg_stat_statements is in shared_preload_libraries")
+    else:  # answers although the setting does not name it: loaded some other way (e.g. a managed service)
+        report.add("ok", "preload", f"pg_stat_statements answers (shared_preload_libraries = {preload!r})")
+    _texts(conn, dsn, ext_schema, report)
     if can_read_all:
         report.add("ok", "privileges", f"{user} can read every role's statements")
     else:
         report.add("warn", "privileges",
-                   f"{user} sees only its own statements' text and ids: GRANT pg_read_all_stats TO {user} "
-                   "(or GRANT pg_monitor)")
-    report.add("ok" if io_timing == "on" else "warn", "track_io_timing",
-               io_timing if io_timing == "on" else "off: block read/write times will be zero (SET track_io_timing = on)")
+                   f"{user} sees only its own statements' text and ids; other roles' are hidden and not exported "
+                   f"(pgflow_hidden_statements): GRANT pg_read_all_stats TO {user} (or GRANT pg_monitor)")
+    io_timing = settings.get("track_io_timing")
+    if io_timing == "on":
+        report.add("ok", "track_io_timing", "on")
+    else:
+        report.add("warn", "track_io_timing",
+                   f"{io_timing or 'unknown'}: block read/write times are zero. As a superuser: "
+                   "ALTER SYSTEM SET track_io_timing = on; SELECT pg_reload_conf(); "
+                   "(or set it in postgresql.conf or the provider's parameter group)")
+    planning = settings.get("pg_stat_statements.track_planning")
     report.add("ok" if planning == "on" else "warn", "track_planning",
-               "on" if planning == "on" else "off: postgresql.query.plan.duration is not exported")
+               "on" if planning == "on" else "off: postgresql.query.plan.duration is not exported "
+               "(ALTER SYSTEM SET pg_stat_statements.track_planning = on; SELECT pg_reload_conf();)")
+    track = settings.get("pg_stat_statements.track")
     if track is not None:
         report.add("ok" if track in ("top", "all") else "warn", "pg_stat_statements.track", track)
-    if loaded:
-        try:
-            from psycopg import sql
+    pgss_max = settings.get("pg_stat_statements.max")
+    fill = int(count) / int(pgss_max) if pgss_max else 0.0  # type: ignore[call-overload]
+    level = "warn" if fill >= 0.9 else "ok"
+    hint = ": entries are being evicted; raise pg_stat_statements.max" if level == "warn" else ""
+    report.add(level, "pg_stat_statements.max", f"{count} of {pgss_max} entries used ({fill:.0%}){hint}")
 
-            count = conn.execute(
-                sql.SQL("SELECT count(*) FROM {}.pg_stat_statements(false)").format(sql.Identifier(ext_schema))
-            ).fetchone()[0]  # type: ignore[index]
-            conn.rollback()
-        except psycopg.Error as exc:
-            conn.rollback()
-            report.add("fail", "read", str(classify(exc, dsn)))
-            return
-        fill = int(count) / int(pgss_max) if pgss_max else 0.0
-        level = "warn" if fill >= 0.9 else "ok"
-        hint = ": entries are being evicted; raise pg_stat_statements.max" if level == "warn" else ""
-        report.add(level, "pg_stat_statements.max", f"{count} of {pgss_max} entries used ({fill:.0%}){hint}")
+
+def _texts(conn: psycopg.Connection, dsn: str, schema: str, report: CheckReport) -> None:
+    """The text path, as the scraper walks it: every stored text converted to this database's encoding."""
+    _, error = _probe(conn, sql.SQL(f"SELECT {MARK} count(query) FROM {{}}.pg_stat_statements(true)").format(
+        sql.Identifier(schema)))
+    if error is None:
+        report.add("ok", "texts", "statement texts are readable")
+        return
+    failure = classify(error, dsn)
+    if isinstance(failure, TextUnreadable):
+        report.add("warn", "texts",
+                   f"{failure.message}: counters are still exported; statements new since are labelled by "
+                   "queryid until that entry leaves pg_stat_statements (or pg_stat_statements_reset() removes it)")
+    else:
+        report.add("fail", "texts", str(failure))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 LOCKS_SQL = """
-SELECT d.datname::text, l.mode, l.locktype, l.granted, count(*)::int8
+SELECT /*pgflow*/ d.datname::text, l.mode, l.locktype, l.granted, count(*)::int8
 FROM pg_locks l LEFT JOIN pg_database d ON d.oid = l.database
 WHERE l.pid IS DISTINCT FROM pg_backend_pid()
 GROUP BY 1, 2, 3, 4
@@ -22,7 +22,7 @@ def blocked_sql(server_version_num: int) -> str:
         else "a.query_start"
     )
     return f"""
-SELECT a.datname::text, count(*)::int8, extract(epoch FROM max(clock_timestamp() - {since}))::float8
+SELECT /*pgflow*/ a.datname::text, count(*)::int8, extract(epoch FROM max(clock_timestamp() - {since}))::float8
 FROM pg_stat_activity a
 WHERE a.pid <> pg_backend_pid() AND cardinality(pg_blocking_pids(a.pid)) > 0
 GROUP BY 1

@@ -3,25 +3,56 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import polars as pl
 import psycopg
 
-from pgflow.config import dsn_host_port, redact_dsn
+from pgflow import telemetry
+from pgflow.config import dsn_host_port, dsn_instance_name, redact_dsn
 from pgflow.errors import ExtensionMissing, ScrapeError
+from pgflow.logs import kv
 from pgflow.lru import LRU
-from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS, Snapshot, conform
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS, ServerIdentity, Snapshot, conform
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
-from pgflow.scrape.connection import classify, connect
+from pgflow.scrape.connection import classify, connect, connected_address
 from pgflow.scrape.databases import DATABASES_SQL
 from pgflow.scrape.locks import LOCKS_SQL, blocked_sql
-from pgflow.scrape.statements import EXTENSION_SQL, info_sql, statements_sql, texts_sql
+from pgflow.scrape.statements import (
+    EXTENSION_SQL,
+    MARK,
+    info_sql,
+    is_own,
+    statements_sql,
+    texts_sql,
+    timeout_sql,
+)
 
 log = logging.getLogger("pgflow.scrape")
 
-_META_SQL = "SELECT clock_timestamp(), current_setting('server_version_num')::int, current_setting('max_connections')::int"
+_DISCOVER_SQL = (f"SELECT {MARK} current_setting('server_version_num')::int, current_user::text, "
+                 "has_function_privilege('pg_control_system()', 'EXECUTE'), "
+                 "has_function_privilege('pg_control_checkpoint()', 'EXECUTE')")
 _STATEMENT_COLUMNS = [c for c in STATEMENTS.names() if c != "query"]
+TEXT_RETRY_SECS = 300.0  # after a failed text fetch, counters go on and texts are tried again this late
+
+
+def meta_sql(server: ServerInfo) -> str:
+    """The scrape's clock and settings, and who answered: the server's identity (issue 14).
+
+    The system identifier and the checkpoint's timeline need EXECUTE on pg_control_*();
+    without it they are NULL and the other parts decide. A primary's current timeline is
+    read from its WAL file name: the checkpoint's lags a promotion until the next checkpoint.
+    """
+    sysid = "(SELECT system_identifier FROM pg_control_system())" if server.can_read_control else "NULL::int8"
+    standby_tli = ("(SELECT timeline_id FROM pg_control_checkpoint())::int8" if server.can_read_checkpoint
+                   else "NULL::int8")
+    return (f"SELECT {MARK} clock_timestamp(), current_setting('server_version_num')::int, "
+            "current_setting('max_connections')::int, "
+            f"{sysid}, CASE WHEN pg_is_in_recovery() THEN {standby_tli} "
+            "ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END, "
+            "pg_postmaster_start_time(), pg_is_in_recovery(), host(inet_server_addr()), inet_server_port()")
 
 
 @dataclass(frozen=True)
@@ -32,6 +63,9 @@ class ServerInfo:
     extension_version: str
     extension_schema: str
     columns: frozenset[str]
+    role: str = ""
+    can_read_control: bool = False  # EXECUTE on pg_control_system()
+    can_read_checkpoint: bool = False  # EXECUTE on pg_control_checkpoint()
 
     @property
     def has_info_view(self) -> bool:  # pg_stat_statements_info: extension 1.9+
@@ -48,6 +82,8 @@ class ScrapeStats:
     texts_fetched: int = 0  # statement texts received
     rows: int = 0
     hidden: int = 0
+    text_failures: int = 0  # text fetches that failed (encodings): counters went on, texts fell back
+    own: int = 0  # rows of pgflow's own statements left out
 
 
 class Scraper:
@@ -68,13 +104,17 @@ class Scraper:
     ) -> None:
         self._dsn = dsn
         self.server_address, self.server_port = dsn_host_port(dsn)
-        self.instance = instance or f"{self.server_address}:{self.server_port}"
+        self.instance = instance or dsn_instance_name(dsn)
         self.statement_timeout_ms = statement_timeout_ms
         self.connect_timeout_secs = connect_timeout_secs
         self.texts: LRU[tuple[int, int, int], str] = LRU(text_cache_size)
         self.stats = ScrapeStats()
         self.server: ServerInfo | None = None
         self._conn: psycopg.Connection | None = None
+        self.identity: ServerIdentity | None = None  # of the last snapshot
+        self._own: set[tuple[int, int, int]] = set()  # keys of pgflow's own statements: never evicted
+        self._texts_after = 0.0  # monotonic time before which no text fetch is tried (after a failure)
+        self._warned_hidden = False
 
     def __repr__(self) -> str:
         return f"Scraper(instance={self.instance!r})"
@@ -103,12 +143,14 @@ class Scraper:
             except BaseException:
                 conn.close()
                 raise
+            # Label by the host that answered: the second of ``host=a,b`` when the first is down.
+            self.server_address, self.server_port = connected_address(conn)
             self._conn = conn
         return self._conn
 
     def _discover(self, conn: psycopg.Connection) -> ServerInfo:
         try:
-            version = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()[0]  # type: ignore[index]
+            version, role, control, checkpoint = conn.execute(_DISCOVER_SQL).fetchone()  # type: ignore[misc]
             row = conn.execute(EXTENSION_SQL).fetchone()
             conn.rollback()
         except psycopg.Error as exc:
@@ -116,7 +158,7 @@ class Scraper:
         if row is None:
             raise ExtensionMissing(f"pg_stat_statements is not installed in {redact_dsn(self._dsn)}",
                                    "run CREATE EXTENSION pg_stat_statements in that database")
-        return ServerInfo(version, row[0], row[1], frozenset(row[2]))
+        return ServerInfo(version, row[0], row[1], frozenset(row[2]), role, bool(control), bool(checkpoint))
 
     # Scrape -----------------------------------------------------------------------
 
@@ -134,11 +176,29 @@ class Scraper:
             raise classify(exc, self._dsn, self.statement_timeout_ms) from None
         self.stats.scrapes += 1
         self.stats.rows += snap.statements.height
+        self._observe(snap)
         return snap
+
+    def _observe(self, snap: Snapshot) -> None:
+        """Log (once per event) what a person must act on: another server, hidden statements."""
+        previous, self.identity = self.identity, snap.identity
+        if previous is not None and snap.identity is not None:
+            reason = snap.identity.same_history(previous)
+            if reason:
+                log.warning("the server behind this instance changed: new baseline, nothing exported for this "
+                            "interval", extra=kv(instance=self.instance, reason=reason,
+                                                 before=previous.describe(), now=snap.identity.describe()))
+        telemetry.hidden_statements.labels(self.instance).set(snap.hidden_statements)
+        if snap.hidden_statements and not self._warned_hidden:
+            self._warned_hidden = True
+            role = self.server.role if self.server is not None and self.server.role else "the monitoring role"
+            log.warning(f"statements of other roles are hidden from {role} and not exported: "
+                        f"GRANT pg_read_all_stats TO {role}",
+                        extra=kv(instance=self.instance, hidden_statements=snap.hidden_statements))
 
     def _scrape(self, conn: psycopg.Connection, server: ServerInfo) -> Snapshot:
         queries: list[object] = [
-            _META_SQL,
+            meta_sql(server),
             statements_sql(server.extension_schema, set(server.columns)),
             ACTIVITY_SQL,
             AGES_SQL,
@@ -149,14 +209,18 @@ class Scraper:
         if server.has_info_view:
             queries.append(info_sql(server.extension_schema))
         with conn.pipeline():
-            conn.execute(f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}")
+            for limit in timeout_sql(self.statement_timeout_ms):
+                conn.execute(limit)  # type: ignore[arg-type]
             cursors = [conn.cursor(binary=True) for _ in queries]
             for cur, query in zip(cursors, queries):
                 cur.execute(query)  # type: ignore[arg-type]
         results = [cur.fetchall() for cur in cursors]
         conn.rollback()
 
-        (scraped_at, version, max_connections), = results[0]
+        (scraped_at, version, max_connections, sysid, timeline, started_at, in_recovery, addr, port), = results[0]
+        identity = ServerIdentity(
+            system_identifier=sysid, timeline=timeline, started_at=started_at, in_recovery=in_recovery,
+            address=f"{addr}:{port}" if addr else f"{self.server_address}:{self.server_port}")
         statements, hidden = self._statements(conn, server, results[1])
         dealloc, stats_reset = results[7][0] if server.has_info_view else (None, None)
         ages = results[3][0] if results[3] else (None, None)
@@ -178,6 +242,7 @@ class Scraper:
             server_address=self.server_address,
             server_port=self.server_port,
             hidden_statements=hidden,
+            identity=identity,
         )
 
     def _statements(self, conn: psycopg.Connection, server: ServerInfo, rows: list[tuple]) -> tuple[pl.DataFrame, int]:
@@ -188,29 +253,56 @@ class Scraper:
         if hidden:
             frame = frame.filter(pl.col("queryid").is_not_null())
         keys = list(zip(frame["dbid"].to_list(), frame["userid"].to_list(), frame["queryid"].to_list()))
-        missing = {k for k in keys if k not in self.texts}
-        if missing:
+        missing = {k for k in keys if k not in self.texts and k not in self._own}
+        if missing and time.monotonic() >= self._texts_after:
             self._fetch_texts(conn, server, missing)
         texts = [self.texts.get(k) for k in keys]
         frame = frame.with_columns(pl.Series("query", texts, dtype=pl.String))
+        if self._own:
+            # pgflow's own statements (marked): left out for their whole life, so deltas stay exact.
+            own = pl.Series([k in self._own for k in keys], dtype=pl.Boolean)
+            if own.any():
+                self.stats.own += int(own.sum())
+                frame = frame.filter(~own)
         return conform(frame, STATEMENTS), hidden
 
     def _fetch_texts(self, conn: psycopg.Connection, server: ServerInfo, keys: set[tuple[int, int, int]]) -> None:
+        """Texts of ``keys``, in one query; a text that cannot be read never stops the counters.
+
+        ``pg_stat_statements(true)`` converts every stored text to this database's encoding
+        and fails as a whole on one it cannot convert (a byte 0xe9 stored from a SQL_ASCII
+        database, read from a UTF8 one). Then the keys keep the queryid label, the failure is
+        logged and counted, and texts are tried again after :data:`TEXT_RETRY_SECS`.
+        """
         queryids = sorted({k[2] for k in keys})
-        with conn.cursor(binary=True) as cur:
-            cur.execute(f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}")
-            cur.execute(texts_sql(server.extension_schema), (queryids,))
-            rows = cur.fetchall()
+        try:
+            with conn.cursor(binary=True) as cur:
+                for limit in timeout_sql(self.statement_timeout_ms):
+                    cur.execute(limit)  # type: ignore[arg-type]
+                cur.execute(texts_sql(server.extension_schema), (queryids,))
+                rows = cur.fetchall()
+        except (psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter) as exc:
+            conn.rollback()
+            self.stats.text_failures += 1
+            self._texts_after = time.monotonic() + TEXT_RETRY_SECS
+            telemetry.text_failures.labels(self.instance).inc()
+            error = classify(exc, self._dsn)
+            log.warning("statement texts cannot be read: counters go on, new statements are labelled by queryid",
+                        extra=kv(instance=self.instance, error=str(error), retry_in_s=TEXT_RETRY_SECS))
+            return
         conn.rollback()
         self.stats.text_fetches += 1
         for dbid, userid, queryid, query in rows:
             if (dbid, userid, queryid) in keys:
+                if is_own(query):
+                    self._own.add((dbid, userid, queryid))
+                    continue
                 self.texts.put((dbid, userid, queryid), query)
                 self.stats.texts_fetched += 1
         # An entry deallocated between the two queries has no text; remember that, so it
         # is not asked for again every scrape (the fingerprint falls back on the queryid).
         for key in keys:
-            if key not in self.texts:
+            if key not in self.texts and key not in self._own:
                 self.texts.put(key, None)  # type: ignore[arg-type]
 
 

@@ -10,8 +10,29 @@ from psycopg import sql
 
 from pgflow.schema import STATEMENT_INT_COUNTERS, STATEMENT_TIME_COUNTERS
 
+# Every statement pgflow sends carries this comment after its first keyword (PostgreSQL 18
+# drops a leading comment from pg_stat_statements' text, not an inner one). A key whose text
+# holds it is pgflow's own work and is never exported: decided once per key, so a key is
+# either always or never in a snapshot and the deltas stay exact.
+MARK = "/*pgflow*/"
+
+
+def is_own(text: str | None) -> bool:
+    """True for the text of a statement pgflow itself sent."""
+    return text is not None and MARK in text
+
+
+def timeout_sql(statement_timeout_ms: int) -> list[str]:
+    """Limits for the scrape's transaction (marked, so they never show up as a workload).
+
+    pgflow takes no lock a writer waits on, but a catalog lock it waits for must not hold it
+    past the statement's own budget.
+    """
+    ms = int(statement_timeout_ms)
+    return [f"SET LOCAL {MARK} statement_timeout = {ms}", f"SET LOCAL {MARK} lock_timeout = {ms}"]
+
 EXTENSION_SQL = """
-SELECT e.extversion, n.nspname,
+SELECT /*pgflow*/ e.extversion, n.nspname,
        array(SELECT a.attname::text FROM pg_attribute a
              WHERE a.attrelid = format('%I.pg_stat_statements', n.nspname)::regclass
                AND a.attnum > 0 AND NOT a.attisdropped)
@@ -57,19 +78,19 @@ def statements_sql(schema: str, available: set[str]) -> sql.Composed:
         *(col(c, "float8") for c in STATEMENT_TIME_COUNTERS),
     ]
     return sql.SQL(
-        "SELECT {} FROM {}.pg_stat_statements(false) s "
+        "SELECT /*pgflow*/ {} FROM {}.pg_stat_statements(false) s "
         "LEFT JOIN pg_database d ON d.oid = s.dbid LEFT JOIN pg_roles r ON r.oid = s.userid"
     ).format(sql.SQL(", ").join(columns), sql.Identifier(schema))
 
 
 def info_sql(schema: str) -> sql.Composed:
     """``pg_stat_statements_info`` (extension 1.9+, PostgreSQL 14+): deallocations and last reset."""
-    return sql.SQL("SELECT dealloc, stats_reset FROM {}.pg_stat_statements_info").format(sql.Identifier(schema))
+    return sql.SQL("SELECT /*pgflow*/ dealloc, stats_reset FROM {}.pg_stat_statements_info").format(sql.Identifier(schema))
 
 
 def texts_sql(schema: str) -> sql.Composed:
     """Text for the given queryids only: the one place query text crosses the wire."""
     return sql.SQL(
-        "SELECT dbid::int8, userid::int8, queryid, query FROM {}.pg_stat_statements(true) "
+        "SELECT /*pgflow*/ dbid::int8, userid::int8, queryid, query FROM {}.pg_stat_statements(true) "
         "WHERE queryid = ANY(%s)"
     ).format(sql.Identifier(schema))

@@ -22,6 +22,7 @@ from pgflow.errors import PgflowError
 from pgflow.logs import kv
 from pgflow.schema import Snapshot
 from pgflow.scrape import Scraper
+from pgflow.scrape.sampler import sampler_for, with_samples
 
 log = logging.getLogger("pgflow.source")
 
@@ -75,6 +76,10 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         self.next_at = _now()
         self.pending: Future[Snapshot] | None = None
         self._last_stats = (0, 0)
+        # issue 11: active-session sampling beside the scrape, on its own connection and thread
+        self.sampler = sampler_for(instance.dsn, instance.name, settings)
+        if self.sampler is not None:
+            self.sampler.start()
 
     def next_batch(self) -> list[Snapshot]:
         if self.pending is None:
@@ -109,6 +114,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             log.error("scrape failed unexpectedly", extra=kv(instance=name, error=repr(exc)[:300]))
             self.scraper.close()
             return None
+        snapshot = with_samples(snapshot, self.sampler)  # issue 11
         telemetry.rows_scraped.labels(name).inc(snapshot.statements.height)
         fetches, hits = self.scraper.stats.text_fetches, self.scraper.texts.hits
         telemetry.text_fetches.labels(name).inc(fetches - self._last_stats[0])
@@ -138,6 +144,8 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.scraper.close()
+        if self.sampler is not None:  # issue 11
+            self.sampler.stop()
 
 
 class ScrapeSource(FixedPartitionedSource[Snapshot, None]):

@@ -1,0 +1,184 @@
+"""Active-session samples to points: session-seconds by wait event and query, blocking, ages.
+
+Pure (polars in, polars out). Each snapshot's ``samples`` and ``session_stats`` frames go to
+the export window that contains the snapshot (the same window as its deltas,
+``window.window_bounds``); when the pipeline closes that window, :func:`close` turns them into:
+
+- ``postgresql.activity.time`` (DELTA sum, s): samples x period, by database, user, backend
+  type, session state, wait event type and name, and fingerprint. AAS = value / window length.
+- ``postgresql.blocking.time`` (DELTA sum, s): session-seconds spent blocked, by the root
+  blocker's state and statement fingerprint.
+- gauges: ``postgresql.blocking.root.count``, ``postgresql.blocking.chain.depth.max`` (by
+  database, max over the window, 0 where nothing blocked), ``postgresql.transaction.age.max``
+  and ``postgresql.backend_xmin.age.max`` (by database and state, max over the window).
+
+Names of statements: ``query_id`` with the session's (datid, usesysid) is pg_stat_statements'
+(dbid, userid, queryid), looked up in the labelled rows the delta step holds; the cap's set of
+tracked fingerprints decides the name, so a fingerprint rolled into ``other`` for the query
+metrics is ``other`` here too. A query id pg_stat_statements does not (yet) hold, PostgreSQL 13
+(no query_id) and statements without one are ``unknown``. Nothing is dropped: renaming never
+changes a total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+import polars as pl
+
+from pgflow.ops.cap import OTHER, CapState
+from pgflow.ops.points import attributes
+from pgflow.ops.window import Window, window_bounds
+from pgflow.schema import POINTS, SAMPLES, SESSION_STATS, UTC_TS, Snapshot
+
+UNKNOWN = "unknown"
+CPU = "CPU"
+
+_GAUGES = {  # session_stats.stat -> (metric, unit, by state)
+    "root_count": ("postgresql.blocking.root.count", "{session}", False),
+    "chain_depth_max": ("postgresql.blocking.chain.depth.max", "{session}", False),
+    "xact_age_max": ("postgresql.transaction.age.max", "s", True),
+    "xmin_age_max": ("postgresql.backend_xmin.age.max", "{transaction}", True),
+}
+
+
+@dataclass(frozen=True)
+class Pending:
+    """One window's samples so far (frames appended scrape by scrape, concatenated at close)."""
+
+    samples: tuple[pl.DataFrame, ...] = ()
+    stats: tuple[pl.DataFrame, ...] = ()
+
+
+@dataclass(frozen=True)
+class ActivityState:
+    open: dict[datetime, Pending] = field(default_factory=dict)
+
+
+def add(state: ActivityState, snapshot: Snapshot, length: timedelta) -> ActivityState:
+    """Put one snapshot's samples into the window that contains its end (as window.add does)."""
+    samples, stats = snapshot.samples, snapshot.session_stats
+    if not samples.height and not stats.height:
+        return state
+    _, end = window_bounds(snapshot.scraped_at, length)
+    pending = state.open.get(end) or Pending()
+    pending = Pending(pending.samples + ((samples,) if samples.height else ()),
+                      pending.stats + ((stats,) if stats.height else ()))
+    return replace(state, open={**state.open, end: pending})
+
+
+def fingerprints(labels: pl.DataFrame | None) -> pl.DataFrame:
+    """(dbid, userid, queryid) -> fingerprint from the delta step's labelled rows (top level first)."""
+    schema = {"dbid": pl.Int64, "userid": pl.Int64, "queryid": pl.Int64, "fingerprint": pl.String}
+    if labels is None or "fingerprint" not in labels.columns or not labels.height:
+        return pl.DataFrame(schema=schema)
+    return (labels.select("dbid", "userid", "queryid", "fingerprint", "toplevel")
+            .sort("toplevel", descending=True, maintain_order=True, nulls_last=True)
+            .unique(["dbid", "userid", "queryid"], keep="first", maintain_order=True)
+            .select(list(schema)))
+
+
+def _named(frame: pl.DataFrame, known: pl.DataFrame, tracked: tuple[str, ...]) -> pl.DataFrame:
+    """``frame`` (dbid, userid, query_id) with ``fingerprint``: tracked, ``other`` or ``unknown``."""
+    joined = frame.join(known, left_on=["dbid", "userid", "query_id"], right_on=["dbid", "userid", "queryid"],
+                        how="left", maintain_order="left")
+    is_tracked = pl.col("fingerprint").is_in(pl.Series(tracked, dtype=pl.String).implode())
+    return joined.with_columns(
+        pl.when(pl.col("fingerprint").is_null()).then(pl.lit(UNKNOWN))
+        .when(is_tracked).then(pl.col("fingerprint")).otherwise(pl.lit(OTHER)).alias("fingerprint"))
+
+
+def _bounded(frame: pl.DataFrame, column: str, lru: tuple[str, ...], capacity: int) -> pl.DataFrame:
+    """Names the cap tracks keep; others keep theirs while the cap has room, heaviest first; the rest ``other``."""
+    room = capacity - len(lru)
+    untracked = frame.filter(pl.col(column).is_not_null()
+                             & ~pl.col(column).is_in(pl.Series(lru, dtype=pl.String).implode()))
+    if untracked.get_column(column).n_unique() <= room:
+        return frame  # the common case: every name fits
+    extra = (untracked.group_by(column, maintain_order=True).agg(pl.col("value").sum())
+             .sort("value", descending=True, maintain_order=True).head(max(0, room)).get_column(column))
+    keep = pl.Series([*lru, *extra.to_list()], dtype=pl.String)
+    return frame.with_columns(
+        pl.when(pl.col(column).is_null() | pl.col(column).is_in(keep.implode())).then(pl.col(column))
+        .otherwise(pl.lit(OTHER)).alias(column))
+
+
+def _frame(window: Window, metric: str, unit: str, kind: str, rows: pl.DataFrame, attrs: dict,
+           start: datetime, end: datetime) -> pl.DataFrame:
+    r = window.resource
+    return rows.select(
+        pl.lit(r.instance).alias("instance"), pl.lit(metric).alias("metric"), pl.lit(kind).alias("kind"),
+        pl.lit(unit).alias("unit"), pl.lit(kind == "sum").alias("monotonic"), pl.lit(start, UTC_TS).alias("start"),
+        pl.lit(end, UTC_TS).alias("end"), pl.col("value").cast(pl.Float64), pl.lit(unit != "s").alias("is_int"),
+        attributes(attrs).alias("attributes"), pl.lit(r.server_address).alias("server_address"),
+        pl.lit(r.server_port, pl.Int32).alias("server_port"),
+        pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
+    )
+
+
+def _period_of(state: ActivityState, window: Window) -> datetime | None:
+    """The nominal end of ``window``'s period among the pending ones: the window may start late
+    (after a restart) or end early (closed at shutdown), but always lies inside its period."""
+    ends = [end for end in state.open if end > window.start]
+    return min(ends) if ends and min(ends) >= window.end else None
+
+
+def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFrame | None, *,
+          max_users_tracked: int, max_databases_tracked: int) -> tuple[ActivityState, pl.DataFrame | None]:
+    """The points of ``window``'s samples (None without any), and the state without them."""
+    period = _period_of(state, window)
+    if period is None:
+        return state, None
+    pending = state.open[period]
+    state = replace(state, open={e: p for e, p in state.open.items() if e != period})
+    known = fingerprints(labels)
+    out = []
+    system = {"db.system.name": "postgresql"}
+    c = pl.col
+    if pending.samples:
+        samples = pl.concat(pending.samples).cast(SAMPLES)  # type: ignore[arg-type]
+        named = _named(samples.with_columns((c("count") * c("period_secs")).alias("value")), known, cap.queries)
+        named = _bounded(named, "database", cap.databases, max_databases_tracked)
+        named = _bounded(named, "user", cap.users, max_users_tracked)
+        key = ["database", "user", "backend_type", "state", "wait_event_type", "wait_event", "fingerprint", "source"]
+        summed = named.group_by(key, maintain_order=True).agg(c("value").sum())
+        out.append(_frame(window, "postgresql.activity.time", "s", "sum", summed, {
+            **system, "db.namespace": c("database"), "user.name": c("user"),
+            "postgresql.backend.type": c("backend_type"), "postgresql.session.state": c("state"),
+            "postgresql.wait_event.type": c("wait_event_type"), "postgresql.wait_event.name": c("wait_event"),
+            "postgresql.query.fingerprint": c("fingerprint"), "postgresql.wait.source": c("source")},
+            window.start, window.end))
+    if pending.stats:
+        stats = pl.concat(pending.stats).cast(SESSION_STATS)  # type: ignore[arg-type]
+        blocked = stats.filter(c("stat") == "blocked_secs")
+        if blocked.height:
+            named = _bounded(_named(blocked, known, cap.queries), "database", cap.databases, max_databases_tracked)
+            summed = named.group_by(["database", "state", "fingerprint"], maintain_order=True).agg(c("value").sum())
+            out.append(_frame(window, "postgresql.blocking.time", "s", "sum", summed, {
+                **system, "db.namespace": c("database"), "postgresql.blocking.root.state": c("state"),
+                "postgresql.query.fingerprint": c("fingerprint")}, window.start, window.end))
+        at = window.gauges.observed_at if window.gauges is not None else window.end
+        databases = window.gauges.databases if window.gauges is not None else []
+        for stat, (metric, unit, by_state) in _GAUGES.items():
+            rows = stats.filter(c("stat") == stat)
+            if not by_state:  # every database, 0 where nothing was blocked
+                zeros = pl.DataFrame({"database": databases, "value": [0.0] * len(databases)},
+                                     schema={"database": pl.String, "value": pl.Float64})
+                rows = pl.concat([rows.select("database", "value"), zeros])
+                rows = _bounded(rows, "database", cap.databases, max_databases_tracked)
+                rows = rows.group_by("database", maintain_order=True).agg(c("value").max())
+                attrs = {"db.namespace": c("database")}
+            else:
+                rows = _bounded(rows.select("database", "state", "value"), "database", cap.databases,
+                                max_databases_tracked)
+                rows = rows.group_by(["database", "state"], maintain_order=True).agg(c("value").max())
+                attrs = {"db.namespace": c("database"), "postgresql.session.state": c("state")}
+            if rows.height:
+                out.append(_frame(window, metric, unit, "gauge", rows, attrs, at, at))
+    if not out:
+        return state, None
+    return state, pl.concat(out, how="vertical_relaxed").cast(POINTS)  # type: ignore[arg-type]
+
+
+__all__ = ["ActivityState", "add", "close", "fingerprints", "UNKNOWN", "CPU"]

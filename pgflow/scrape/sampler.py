@@ -1,0 +1,426 @@
+"""Active-session sampling: ``pg_stat_activity`` every second, on its own connection and thread.
+
+The scrape stays one item per interval; the sampler runs beside it and accumulates what it
+sees into two compact tables that the next scrape takes with :meth:`Sampler.drain` and puts on
+its :class:`~pgflow.schema.Snapshot` (``samples`` and ``session_stats``):
+
+- one row per distinct (database, user, backend_type, state, wait_event_type, wait_event,
+  query_id) with a sample count and the period: session-seconds = count x period;
+- blocked session-seconds by the *root* blocker (state and statement), the most root blockers
+  and the deepest chain seen in one sample, and the oldest transaction and xmin horizon.
+
+One statement per sample, one round trip (simple protocol: ``BEGIN READ ONLY``, ``SET LOCAL``
+statement_timeout and lock_timeout, the SELECT, ``ROLLBACK``). It never reads the ``query``
+text, and it asks ``pg_blocking_pids()`` only for sessions waiting on a heavyweight lock (the
+function takes the lock manager's locks). A sample that fails or runs late is counted
+(``failed``, ``skipped``) and never guessed: missing samples add no session-seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+import polars as pl
+import psycopg
+
+from pgflow import telemetry
+from pgflow.config import Settings, redact_dsn
+from pgflow.logs import kv
+from pgflow.schema import SAMPLES, SESSION_STATS, Snapshot
+from pgflow.scrape.connection import connect
+
+log = logging.getLogger("pgflow.sampler")
+
+SOURCE_ACTIVITY = "pg_stat_activity"
+SOURCE_WAIT_SAMPLING = "pg_wait_sampling"
+PREPARED = "prepared transaction"  # pg_blocking_pids() reports a prepared transaction's locks as pid 0
+UNKNOWN_STATE = "unknown"  # the root blocker was not in the sample (or a cycle, before deadlock detection)
+
+# Rows worth a sample: not idle, not a background process idling in its main loop
+# (wait_event_type Activity), not pgflow itself. The last column flags other roles' sessions
+# that the monitoring role may not see (no state, no wait event): counted, never sampled.
+# pg_stat_get_activity() rather than the pg_stat_activity view: the view's joins with
+# pg_database and pg_authid cost planning and execution every second, for names that a
+# client-side cache of oids gives for free (see Sampler._names).
+_SAMPLE_SQL = """
+SELECT pid, datid::int8, usesysid::int8, NULL::text, NULL::text, backend_type, state,
+       wait_event_type, wait_event, {query_id}, leader_pid,
+       extract(epoch FROM now() - xact_start)::float8, age(backend_xmin)::int8,
+       CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) END,
+       query = '<insufficient privilege>'
+FROM pg_stat_get_activity(NULL)
+WHERE pid <> pg_backend_pid()
+  AND state IS DISTINCT FROM 'idle' AND state IS DISTINCT FROM 'disabled'
+  AND wait_event_type IS DISTINCT FROM 'Activity'
+  AND application_name IS DISTINCT FROM 'pgflow'
+"""
+_NAMES_SQL = ("SELECT 'd', oid::int8, datname::text FROM pg_database "
+              "UNION ALL SELECT 'u', oid::int8, rolname::text FROM pg_roles")
+
+
+def sample_sql(version_num: int) -> str:
+    """The sampling query for a server version (``query_id`` exists from PostgreSQL 14)."""
+    return _SAMPLE_SQL.format(query_id="query_id" if version_num >= 140000 else "NULL::int8")
+
+
+@dataclass
+class SamplerStats:
+    taken: int = 0
+    failed: int = 0
+    skipped: int = 0  # ticks missed because a sample (or a reconnect) ran past the next one
+    last_duration_secs: float = 0.0
+    last_error: str = ""
+
+
+class Sampler:
+    """Samples one instance every ``interval_secs`` on a private thread; ``drain`` hands over.
+
+    ``sample()`` takes one sample synchronously (tests, ``pgflow check``); ``start()`` runs
+    the schedule on a daemon thread. Thread-safe: the accumulator is swapped under a lock.
+    """
+
+    def __init__(self, dsn: str, *, instance: str, interval_secs: float, statement_timeout_ms: int = 500,
+                 lock_timeout_ms: int = 100, connect_timeout_secs: int = 5) -> None:
+        if interval_secs <= 0:
+            raise ValueError("interval_secs must be > 0 (0 means: do not build a Sampler)")
+        self._dsn = dsn
+        self.instance = instance
+        self.period = float(interval_secs)
+        self.statement_timeout_ms = int(statement_timeout_ms)
+        self.lock_timeout_ms = int(lock_timeout_ms)
+        self.connect_timeout_secs = connect_timeout_secs
+        self.stats = SamplerStats()
+        self.version_num = 0
+        self.source = SOURCE_ACTIVITY
+        self._conn: psycopg.Connection | None = None
+        self._sql = ""
+        self._databases: dict[int, str] = {}  # oid -> name, per connection
+        self._users: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._failing = False
+        self._reset()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"Sampler(instance={self.instance!r}, target={redact_dsn(self._dsn)!r}, period={self.period})"
+
+    # Accumulator --------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._counts: dict[tuple, int] = defaultdict(int)
+        self._blocked: dict[tuple, int] = defaultdict(int)
+        self._gauges: dict[tuple, float] = {}
+        self._taken = self._failed = self._skipped = 0
+
+    def drain(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """The samples since the last drain as (``samples``, ``session_stats``) frames."""
+        with self._lock:
+            counts, blocked, gauges = self._counts, self._blocked, self._gauges
+            taken, failed, skipped = self._taken, self._failed, self._skipped
+            self._reset()
+        samples = pl.DataFrame(
+            [(*key, self.source, n, self.period) for key, n in counts.items()], schema=SAMPLES, orient="row")
+        rows = [("blocked_secs", db, state, qid, dbid, uid, n * self.period)
+                for (db, state, qid, dbid, uid), n in blocked.items()]
+        rows += [(stat, db, state, None, None, None, value) for (stat, db, state), value in gauges.items()]
+        rows += [("samples_taken", None, None, None, None, None, float(taken)),
+                 ("samples_failed", None, None, None, None, None, float(failed)),
+                 ("samples_skipped", None, None, None, None, None, float(skipped)),
+                 ("period_secs", None, None, None, None, None, self.period)]
+        return samples, pl.DataFrame(rows, schema=SESSION_STATS, orient="row")
+
+    def _gauge(self, stat: str, database: str | None, state: str | None, value: float) -> None:
+        key = (stat, database, state)
+        old = self._gauges.get(key)
+        if old is None or value > old:
+            self._gauges[key] = value
+
+    def _add(self, rows: list[tuple]) -> None:
+        """Fold one sample's rows into the accumulator (caller holds the lock)."""
+        hidden = sum(1 for r in rows if r[14])
+        if hidden:
+            rows = [r for r in rows if not r[14]]
+        self._gauge("hidden_sessions", None, None, float(hidden))
+        by_pid = {r[0]: r for r in rows}
+        waiting: dict[int, list[int]] = {r[0]: list(r[13]) for r in rows if r[13]}
+        for (pid, dbid, userid, database, user, backend_type, state, wtype, wevent, qid, leader,
+             xact_age, xmin_age, _, _) in rows:
+            if qid is None and leader is not None and leader in by_pid:  # a parallel worker: its leader's statement
+                qid = by_pid[leader][9]
+            if wevent is None and (state == "active" or state is None):
+                wtype = wevent = "CPU"  # running, waiting on nothing: on CPU (or runnable)
+            self._counts[(dbid, userid, database, user, backend_type, state, wtype, wevent, qid or None)] += 1
+            if xact_age is not None:
+                self._gauge("xact_age_max", database, state, max(0.0, float(xact_age)))
+            if xmin_age is not None:
+                self._gauge("xmin_age_max", database, state, float(xmin_age))
+        if waiting:
+            self._add_blocking(by_pid, waiting)
+        self._taken += 1
+
+    def _add_blocking(self, by_pid: dict[int, tuple], waiting: dict[int, list[int]]) -> None:
+        """Root blockers (blocking others, waiting on nothing), chain depth, blocked time by root.
+
+        Depth is the longest path from a root (depth 0) down to a waiter; a waiter's time goes
+        to one root it leads to (the lowest pid: deterministic), so it is never counted twice.
+        """
+        memo: dict[int, tuple[frozenset[int], int]] = {}
+
+        def reach(pid: int, path: frozenset[int]) -> tuple[frozenset[int], int]:
+            """The roots ``pid`` leads to, and the longest chain above it (-1 roots: a cycle)."""
+            if pid in memo:
+                return memo[pid]
+            blockers = waiting.get(pid)
+            if not blockers:
+                return frozenset({pid}), 0
+            roots: set[int] = set()
+            hops = 0
+            for b in blockers:
+                if b in path:
+                    continue  # a cycle: the deadlock detector will break it
+                r, h = reach(b, path | {b})
+                roots |= r
+                hops = max(hops, h + 1)
+            memo[pid] = (frozenset(roots), hops)
+            return memo[pid]
+
+        roots_by_db: dict[str | None, set[int]] = defaultdict(set)
+        depth: dict[str | None, int] = defaultdict(int)
+        for pid in waiting:
+            database = by_pid[pid][3]
+            roots, hops = reach(pid, frozenset({pid}))
+            depth[database] = max(depth[database], hops)
+            roots_by_db[database] |= roots
+            root = min(roots, key=lambda r: (r == 0, r not in by_pid, r)) if roots else None
+            if root is None:
+                key = (database, UNKNOWN_STATE, None, None, None)
+            elif root == 0:
+                key = (database, PREPARED, None, None, None)
+            elif root in by_pid:
+                r = by_pid[root]
+                key = (database, r[6] or UNKNOWN_STATE, r[9] or None, r[1], r[2])
+            else:  # blocking from outside the sample (e.g. an idle-looking background process)
+                key = (database, UNKNOWN_STATE, None, None, None)
+            self._blocked[key] += 1
+        for database in depth:
+            self._gauge("root_count", database, None, float(len(roots_by_db[database])))
+            self._gauge("chain_depth_max", database, None, float(depth[database]))
+
+    # One sample ---------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            conn = connect(self._dsn, connect_timeout=self.connect_timeout_secs)
+            try:
+                conn.autocommit = True  # the sample's own BEGIN READ ONLY ... ROLLBACK
+                self._databases, self._users = {}, {}
+                self.version_num = int(conn.info.server_version)
+                self._sql = sample_sql(self.version_num)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _run(self, conn: psycopg.Connection, sql: str) -> list[tuple]:
+        """``sql`` read-only under SET LOCAL statement_timeout and lock_timeout, in one round trip.
+
+        No parameters, so psycopg sends the five statements as one simple-protocol query.
+        """
+        cur = conn.execute(f"BEGIN READ ONLY; SET LOCAL statement_timeout = {self.statement_timeout_ms}; "  # type: ignore[arg-type]
+                           f"SET LOCAL lock_timeout = {self.lock_timeout_ms}; {sql}; ROLLBACK")
+        rows: list[tuple] = []
+        while True:
+            if cur.description is not None and len(cur.description) > 1:
+                rows = cur.fetchall()
+            if not cur.nextset():
+                return rows
+
+    def _names(self, conn: psycopg.Connection, rows: list[tuple]) -> list[tuple]:
+        """Rows with database and user names from the oid cache (refreshed when an oid is new)."""
+        if any((r[1] is not None and r[1] not in self._databases) or (r[2] is not None and r[2] not in self._users)
+               for r in rows):
+            names = self._run(conn, _NAMES_SQL)
+            self._databases = {oid: name for kind, oid, name in names if kind == "d"}
+            self._users = {oid: name for kind, oid, name in names if kind == "u"}
+        db, users = self._databases, self._users
+        return [(r[0], r[1], r[2], db.get(r[1]), users.get(r[2]), *r[5:]) for r in rows]
+
+    def sample(self) -> bool:
+        """Take one sample now; False (counted, logged at debug) when it failed."""
+        started = time.perf_counter()
+        try:
+            conn = self._connection()
+            rows = self._names(conn, self._run(conn, self._sql))
+        except Exception as exc:  # a failed sample is counted and skipped, never fatal
+            self.close()
+            with self._lock:
+                self._failed += 1
+            self.stats.failed += 1
+            self.stats.last_error = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            telemetry.activity_samples.labels(self.instance, "failed").inc()
+            if not self._failing:  # once per outage; every failure is counted in /metrics
+                log.warning("activity sample failed; retrying every period",
+                            extra=kv(instance=self.instance, error=self.stats.last_error))
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("activity sampling resumed", extra=kv(instance=self.instance))
+            self._failing = False
+        with self._lock:
+            self._add(rows)
+        elapsed = time.perf_counter() - started
+        self.stats.taken += 1
+        self.stats.last_duration_secs = elapsed
+        telemetry.activity_samples.labels(self.instance, "taken").inc()
+        telemetry.activity_sample_duration.labels(self.instance).observe(elapsed)
+        return True
+
+    def skip(self, ticks: int) -> None:
+        """Count ``ticks`` scheduled samples that were not taken (the previous one ran late)."""
+        with self._lock:
+            self._skipped += ticks
+        self.stats.skipped += ticks
+        telemetry.activity_samples.labels(self.instance, "skipped").inc(ticks)
+
+    # Thread -------------------------------------------------------------------------
+
+    def start(self) -> Sampler:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name=f"sampler-{self.instance}", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            self.sample()
+            next_at += self.period
+            now = time.monotonic()
+            if now >= next_at:  # ran past the next tick(s): count them, never burst
+                missed = int((now - next_at) // self.period) + 1
+                self.skip(missed)
+                next_at += missed * self.period
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+        self.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+        self.close()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def with_samples(snapshot: Snapshot, sampler: Sampler | None) -> Snapshot:
+    """``snapshot`` carrying the samples taken since the last call (unchanged without a sampler)."""
+    if sampler is None:
+        return snapshot
+    samples, stats = sampler.drain()
+    return replace(snapshot, samples=samples, session_stats=stats)
+
+
+def sampler_for(dsn: str, instance: str, settings: Settings) -> Sampler | None:
+    """The sampler the settings ask for (None when ``activity_sample_interval_secs`` is 0).
+
+    A sample may take at most its period (and never more than ``statement_timeout_ms``).
+    """
+    interval = settings.activity_sample_interval_secs
+    if interval <= 0:
+        return None
+    timeout = max(50, min(settings.statement_timeout_ms, int(interval * 1000)))
+    return Sampler(dsn, instance=instance, interval_secs=interval, statement_timeout_ms=timeout,
+                   lock_timeout_ms=timeout, connect_timeout_secs=settings.connect_timeout_secs)
+
+
+_CHECK_SQL = """
+SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+         OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'),
+       current_user::text,
+       (SELECT extversion FROM pg_extension WHERE extname = 'pg_wait_sampling'),
+       current_setting('compute_query_id', true)
+"""
+
+
+def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
+                   samples: int = 5) -> list[tuple[str, str, str]]:
+    """``pgflow check``'s lines about sampling: (level, name, detail); never raises.
+
+    Whether sampling is on, whether the role sees other roles' wait events and query ids,
+    which source the waits come from, and the measured cost of one sample (median of a few).
+    """
+    if interval_secs <= 0:
+        return [("ok", "activity sampling", "off (activity_sample_interval_secs = 0)")]
+    out: list[tuple[str, str, str]] = []
+    try:
+        with connect(dsn, connect_timeout=connect_timeout) as conn:
+            can_read_all, user, wait_sampling, compute_query_id = conn.execute(_CHECK_SQL).fetchone()  # type: ignore[misc]
+            readable = False
+            if wait_sampling is not None:
+                try:
+                    conn.execute("SELECT 1 FROM pg_wait_sampling_profile LIMIT 1").fetchall()
+                    readable = True
+                except psycopg.Error:
+                    pass
+            conn.rollback()
+            version = int(conn.info.server_version)
+    except Exception as exc:
+        return [("warn", "activity sampling", f"could not check ({str(exc).strip().splitlines()[0][:200]})")]
+    if can_read_all:
+        out.append(("ok", "sampling privileges", f"{user} sees every session's wait event and query id"))
+    else:
+        out.append(("warn", "sampling privileges",
+                    f"{user} cannot see other roles' sessions' state, wait event or query id, so they are not sampled: "
+                    f"GRANT pg_read_all_stats TO {user} (or GRANT pg_monitor)"))
+    if version < 140000:
+        out.append(("warn", "sampling query ids", "PostgreSQL 13 has no query_id: activity is attributed to "
+                                                  "fingerprint 'unknown'"))
+    elif compute_query_id == "off":
+        out.append(("warn", "sampling query ids", "compute_query_id is off: activity is attributed to "
+                                                  "fingerprint 'unknown' (set compute_query_id = auto)"))
+    if wait_sampling is None:
+        out.append(("ok", "wait source", SOURCE_ACTIVITY))
+    elif readable:
+        out.append(("ok", "wait source", f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed; "
+                                         "pgflow does not read its profile yet)"))
+    else:
+        out.append(("warn", "wait source", f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed but "
+                                           f"{user} cannot read pg_wait_sampling_profile)"))
+    sampler = Sampler(dsn, instance="check", interval_secs=interval_secs, connect_timeout_secs=connect_timeout)
+    try:
+        durations = []
+        for _ in range(samples):
+            if not sampler.sample():
+                return out + [("warn", "activity sampling", f"a sample failed ({sampler.stats.last_error})")]
+            durations.append(sampler.stats.last_duration_secs)
+        sampled, stats = sampler.drain()
+        rows = int(sampled["count"].sum()) // samples
+        hidden = int(stats.filter(pl.col("stat") == "hidden_sessions")["value"].max() or 0)
+    finally:
+        sampler.close()
+    median = sorted(durations)[len(durations) // 2]
+    out.append(("ok", "activity sampling", f"every {interval_secs:g} s; one sample took {median * 1000:.1f} ms "
+                                           f"(median of {samples}, {rows} sessions seen"
+                                           f"{f', {hidden} hidden' if hidden else ''}, "
+                                           f"{median / interval_secs:.2%} of the period)"))
+    return out

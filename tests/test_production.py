@@ -1,0 +1,291 @@
+"""Issue 14, scrape side: what a production user met, against real servers.
+
+Encodings (a SQL_ASCII statement text, SQL_ASCII and LATIN1 databases), another server
+behind the same DSN, a multi-host DSN, hidden statements, pgflow's own statements and the
+instance's identity. Ground truth is the workload each test runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+import psycopg
+import pytest
+
+from conftest import PGBENCH_STATEMENTS
+from pgflow import ops, telemetry
+from pgflow.config import InstanceConfig, Settings
+from pgflow.errors import ScrapeError
+from pgflow.ops.delta import delta
+from pgflow.otlp.exporter import Exporter
+from pgflow.otlp.receiver import Receiver
+from pgflow.pgserver import free_port
+from pgflow.scrape import Scraper
+from pgflow.scrape.diagnose import check
+
+BAD_BYTE_STATEMENT = b'SELECT 1 AS "caf\xe9"'  # stored from a SQL_ASCII database: not valid UTF-8
+
+
+@pytest.fixture(scope="module")
+def encodings(pg_factory):
+    """A server whose pg_stat_statements holds a 0xe9 text from a SQL_ASCII database."""
+    server = pg_factory()
+    server.execute("CREATE EXTENSION pg_stat_statements",
+                   "CREATE DATABASE sqlascii ENCODING 'SQL_ASCII' TEMPLATE template0",
+                   "CREATE DATABASE latin ENCODING 'LATIN1' TEMPLATE template0")
+    for db in ("sqlascii", "latin"):
+        server.execute("CREATE EXTENSION pg_stat_statements", dbname=db)
+    with psycopg.connect(server.dsn("sqlascii"), autocommit=True) as conn:
+        conn.execute(BAD_BYTE_STATEMENT)
+    with pytest.raises(psycopg.errors.CharacterNotInRepertoire):  # the failure the issue reports
+        server.execute("SELECT count(query) FROM pg_stat_statements(true)")
+    return server
+
+
+def _calls(deltas, needle: str) -> int:
+    frame = deltas.statements
+    return int(sum(c for q, c in zip(frame["query"], frame["calls"]) if q is not None and needle in q)) \
+        if "query" in frame.columns else 0
+
+
+def _calls_by_queryid(deltas, queryids: set[int]) -> int:
+    frame = deltas.statements
+    return int(sum(c for q, c in zip(frame["queryid"], frame["calls"]) if q in queryids))
+
+
+def test_unreadable_text_keeps_counting(encodings, caplog):
+    """Item 1: one text the server cannot convert must not stop the counters of the whole server."""
+    with Scraper(encodings.dsn()) as scraper:
+        state, _ = delta(None, scraper.scrape())
+        with psycopg.connect(encodings.dsn(), autocommit=True) as conn:
+            for _ in range(7):
+                conn.execute("SELECT 42 AS fresh_after_the_bad_text")
+        queryid = encodings.execute("SELECT queryid FROM pg_stat_statements(false) s JOIN pg_roles r ON r.oid = s.userid "
+                                    "WHERE calls = 7 AND r.rolname = 'postgres'")
+        with caplog.at_level(logging.WARNING, logger="pgflow.scrape"):
+            state, deltas = delta(state, scraper.scrape())
+    assert deltas is not None
+    assert _calls_by_queryid(deltas, {q for q, in queryid}) == 7  # counted, under the queryid label
+    assert scraper.stats.text_failures >= 1
+    assert any("statement texts cannot be read" in r.getMessage() for r in caplog.records)
+    logged = caplog.text + " ".join(str(getattr(r, "kv", "")) for r in caplog.records)
+    assert "caf" not in logged and "0xe9" not in logged  # the failure is named, no byte of the text
+
+
+def test_check_exercises_the_text_path(encodings):
+    """Item 1: `pgflow check` reads texts the way the scraper does, and says what it means."""
+    report = check(InstanceConfig(name="enc", database_url=encodings.dsn()))
+    texts = [f for f in report.findings if f.name == "texts"]
+    assert texts and texts[0].level == "warn" and "labelled by queryid" in texts[0].detail, report.render()
+    assert report.usable, report.render()
+    assert "0xe9" not in report.render()  # the server quotes the bytes; they may belong to a literal
+
+
+def test_sql_ascii_and_latin1_databases(encodings):
+    """Item 2: a DSN naming a SQL_ASCII or a LATIN1 database scrapes and checks like any other."""
+    with psycopg.connect(encodings.dsn(), autocommit=True) as conn:  # a text LATIN1 cannot hold
+        conn.execute('SELECT 1 AS "€uro"')
+    for db in ("sqlascii", "latin"):
+        with Scraper(encodings.dsn(db)) as scraper:
+            first = scraper.scrape()
+            second = scraper.scrape()
+        assert first.statements.height > 0 and second.statements.height > 0
+        assert all(isinstance(d, str) for d in second.statements["database"].drop_nulls())
+        report = check(InstanceConfig(name=db, database_url=encodings.dsn(db)))
+        assert report.usable, report.render()
+        assert "Traceback" not in report.render()
+    # Read through the SQL_ASCII database, the 0xe9 text arrives, its byte replaced.
+    with Scraper(encodings.dsn("sqlascii")) as scraper:
+        texts = scraper.scrape().statements["query"].drop_nulls().to_list()
+    assert 'SELECT $1 AS "caf\ufffd"' in texts or 'SELECT 1 AS "caf\ufffd"' in texts
+
+
+def _scrape_retrying(scraper: Scraper):
+    """The first scrape after the server went away fails (dead connection); the next reconnects."""
+    try:
+        return scraper.scrape()
+    except ScrapeError:
+        return scraper.scrape()
+
+
+def _pgbench_calls(deltas) -> int:
+    frame = deltas.statements
+    return int(sum(c for q, c in zip(frame["query"], frame["calls"]) if q in PGBENCH_STATEMENTS.values()))
+
+
+def test_another_server_on_the_same_port_starts_a_new_baseline(pgbench_server, caplog):
+    """Item 3: server B replaces server A behind the same DSN: B's history is not an interval."""
+    a = pgbench_server()
+    b = pgbench_server()
+    b.pgbench("-c", "2", "-t", "150")  # B's own history: 300 of each pgbench statement
+    b.stop()
+    with Scraper(a.dsn(), instance="behind-the-vip") as scraper:
+        state, _ = delta(None, scraper.scrape())
+        state, first = delta(state, scraper.scrape())
+        assert first is not None
+        a.stop()
+        b.port = a.port  # the same host and port: a failover behind a VIP or a DNS name
+        b.start()
+        with caplog.at_level(logging.WARNING, logger="pgflow.scrape"):
+            state, switched = delta(state, _scrape_retrying(scraper))
+            assert switched is None  # a new baseline: nothing exported for that interval
+            state, after = delta(state, scraper.scrape())
+    assert after is not None and _pgbench_calls(after) == 0  # zero phantom calls
+    warnings = [r for r in caplog.records if "server behind this instance changed" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].kv["instance"] == "behind-the-vip"
+    assert "system identifier" in warnings[0].kv["reason"]
+
+
+def test_promoted_standby_behind_the_same_address_starts_a_new_baseline(pgbench_server, caplog):
+    """Item 3: the primary fails, its standby (same system identifier, own counters) is promoted
+    behind the same address: the standby's history is not an interval."""
+    a = pgbench_server()
+    b = a.standby()
+    b.start()
+    b.pgbench("-n", "-S", "-c", "1", "-t", "200")  # the standby's own read-only history
+    select = PGBENCH_STATEMENTS["SELECT pgbench_accounts"]
+    with Scraper(a.dsn(), instance="primary-vip") as scraper:
+        state, _ = delta(None, scraper.scrape())
+        a.stop()
+        b.stop()
+        b.port = a.port
+        b.start()
+        b.promote()
+        with caplog.at_level(logging.WARNING, logger="pgflow.scrape"):
+            state, switched = delta(state, _scrape_retrying(scraper))
+            assert switched is None
+            state, after = delta(state, scraper.scrape())
+    assert after is not None
+    frame = after.statements
+    assert sum(c for q, c in zip(frame["query"], frame["calls"]) if q == select) == 0  # zero phantom calls
+    (warning,) = [r for r in caplog.records if "server behind this instance changed" in r.getMessage()]
+    assert "timeline" in warning.kv["reason"] and warning.kv["instance"] == "primary-vip"
+
+
+def test_fast_restart_of_the_same_server_keeps_the_interval(pgbench_server, caplog):
+    """Item 3: a restart of the same server keeps pg_stat_statements' counters: no interval lost."""
+    a = pgbench_server()
+    with Scraper(a.dsn()) as scraper:
+        state, _ = delta(None, scraper.scrape())
+        a.pgbench("-c", "1", "-t", "40")
+        a.restart("fast")
+        with caplog.at_level(logging.WARNING, logger="pgflow.scrape"):
+            state, deltas = delta(state, _scrape_retrying(scraper))
+    assert deltas is not None
+    assert _pgbench_calls(deltas) == 40 * len(PGBENCH_STATEMENTS)
+    assert "server behind this instance changed" not in caplog.text
+
+
+def test_multi_host_dsn_is_labelled_by_the_host_that_answered(pg):
+    """Item 3: ``host=a,b`` with ``a`` down: the snapshot names ``b``, the instance both."""
+    dead = free_port()
+    dsn = f"postgresql://postgres@127.0.0.1:{dead},127.0.0.1:{pg.port}/postgres"
+    settings = Settings.load(database_url=dsn)
+    (target,) = settings.targets()
+    assert target.name == f"127.0.0.1:{dead},127.0.0.1:{pg.port}"
+    with Scraper(dsn, instance=target.name) as scraper:
+        snap = scraper.scrape()
+    assert (snap.server_address, snap.server_port) == ("127.0.0.1", pg.port)
+    assert snap.identity is not None and snap.identity.address == f"127.0.0.1:{pg.port}"
+
+
+def test_hidden_statements_are_counted_in_metrics_and_warned_once(pg, caplog):
+    """Item 5: other roles' statements hidden without pg_read_all_stats: a gauge and one warning."""
+    pg.execute("DROP ROLE IF EXISTS mon_hidden", "CREATE ROLE mon_hidden LOGIN PASSWORD 'pw'")
+    pg.pgbench("-c", "1", "-t", "5")
+    with caplog.at_level(logging.WARNING, logger="pgflow.scrape"):
+        with Scraper(pg.dsn(user="mon_hidden", password="pw"), instance="hidden-test") as scraper:
+            scraper.scrape()
+            snap = scraper.scrape()
+    assert snap.hidden_statements > 0
+    body = telemetry.generate_latest(telemetry.REGISTRY).decode()
+    assert f'pgflow_hidden_statements{{instance="hidden-test"}} {float(snap.hidden_statements)}' in body
+    grants = [r for r in caplog.records if "GRANT pg_read_all_stats TO mon_hidden" in r.getMessage()]
+    assert len(grants) == 1
+
+
+def test_own_statements_are_never_exported(pgbench_server):
+    """Item 16: pgflow's scrape statements are not the top statement; a user's same-looking one is."""
+    server = pgbench_server()
+    snapshots = []
+    with Scraper(server.dsn()) as scraper:
+        for _ in range(3):
+            snapshots.append(scraper.scrape())
+            with psycopg.connect(server.dsn(), autocommit=True) as conn:  # the user's own monitoring query
+                conn.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active'")
+    for snap in snapshots:
+        texts = snap.statements["query"].drop_nulls().to_list()
+        assert not any("pg_stat_statements(" in t or "pg_locks" in t for t in texts), texts
+    state = None
+    calls = []
+    for snap in snapshots:
+        state, deltas = delta(state, snap)
+        if deltas is not None:
+            calls.append(sum(c for q, c in zip(deltas.statements["query"], deltas.statements["calls"])
+                             if q is not None and "pg_stat_activity" in q))
+    assert calls == [1, 1]  # the user's query, exactly once per interval; pgflow's own never
+
+
+def test_instance_identity_names_the_host_for_a_local_address(pg, monkeypatch):
+    """Item 11: a sidecar on localhost is told apart by the host; OTEL_RESOURCE_ATTRIBUTES merges."""
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.instance.id=spoof,"
+                                                   "team=db%20ops")
+    with Scraper(pg.dsn()) as scraper:
+        snaps = [scraper.scrape(), scraper.scrape()]
+    points = ops.run(snaps, export_interval_secs=0.001)
+    assert points.height > 0
+    with Receiver() as receiver:
+        settings = Settings.load(otlp_endpoint=receiver.http_endpoint, otlp_protocol="http",
+                                 new_relic_api_key="k" * 40)
+        results = Exporter(settings).export(points)
+        assert all(r.acknowledged for _, r in results)
+        resource = json.loads(receiver.points()["resource"][0])
+    host = socket.gethostname()
+    assert resource["service.instance.id"] == f"127.0.0.1:{pg.port}@{host}"
+    assert resource["host.name"] == host and resource["server.address"] == "127.0.0.1"
+    assert resource["deployment.environment"] == "prod" and resource["team"] == "db ops"
+    assert resource["service.name"] == "pgflow"
+
+
+def test_configured_instance_name_is_the_instance_id(monkeypatch):
+    """Item 11: a configured name is the entity's key; OTEL_SERVICE_NAME names the service."""
+    from pgflow.otlp.encode import resource_attributes
+
+    attrs = resource_attributes("orders-primary", "10.1.2.3", 5432, 170004, "pgflow")
+    assert attrs["service.instance.id"] == "orders-primary" and "host.name" not in attrs
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "payments-db")
+    assert resource_attributes("orders-primary", "10.1.2.3", 5432, 170004, "pgflow")["service.name"] == "payments-db"
+    assert resource_attributes("orders-primary", "10.1.2.3", 5432, 170004, "mine")["service.name"] == "mine"
+
+
+def test_identity_survives_a_capture(pg, tmp_path):
+    """Item 3: the identity is captured, so a replay starts the same new baselines as live."""
+    from pgflow.capture import CaptureWriter, as_stored, read
+
+    with Scraper(pg.dsn()) as scraper:
+        snap = scraper.scrape()
+    assert snap.identity is not None and snap.identity.system_identifier is not None
+    with CaptureWriter(tmp_path / "c.duckdb") as writer:
+        writer.write(snap)
+    (back,) = list(read(tmp_path / "c.duckdb"))
+    assert back.identity == snap.identity and back.equals(as_stored(snap))
+
+
+def test_stats_reset_moved_before_the_previous_scrape_is_another_server(pg):
+    """Item 3, without the system identifier (a role that may not call pg_control_system()):
+    a ``stats_reset`` that moved to before the previous scrape cannot be a reset inside the
+    interval, so it is another server's counters; one after the previous scrape is a reset."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    with Scraper(pg.dsn()) as scraper:
+        first, second = scraper.scrape(), scraper.scrape()
+    first = replace(first, identity=None, stats_reset=first.scraped_at - timedelta(hours=2))
+    state, _ = delta(None, first)
+    other = replace(second, identity=None, stats_reset=first.scraped_at - timedelta(hours=1))
+    assert delta(state, other)[1] is None
+    reset = replace(second, identity=None, stats_reset=first.scraped_at + timedelta(microseconds=1))
+    assert delta(state, reset)[1] is not None
