@@ -22,6 +22,7 @@ from pgflow.errors import PgflowError
 from pgflow.logs import kv
 from pgflow.schema import Snapshot
 from pgflow.scrape import Scraper
+from pgflow.scrape.explain import WindowPlans
 from pgflow.scrape.sampler import sampler_for, with_samples
 
 log = logging.getLogger("pgflow.source")
@@ -65,8 +66,6 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         self.max_scrapes = settings.max_scrapes
         self.health = health
         self.recorder = recorder
-        from pgflow.scrape.explain import WindowPlans  # issue 12: explain plans beside the scrape
-
         self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings)  # None: plans off
         self.scraper = Scraper(instance.dsn, instance=instance.name, statement_timeout_ms=settings.statement_timeout_ms,
                                connect_timeout_secs=settings.connect_timeout_secs,
