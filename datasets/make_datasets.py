@@ -13,6 +13,10 @@ statements) against pg_stat_statements.max = 100, so entries are deallocated and
 
 activity.duckdb (issue 11): snapshots carrying active-session samples: lock chains with an
 idle-in-transaction root, a CPU-bound statement, sleeps, pgbench underneath.
+
+plans.duckdb (issue 12): snapshots carrying explain plans, taken exactly as `pgflow run` takes
+them (pgflow.scrape.explain.WindowPlans on the first scrape of each 10 s window): pgbench plus a
+lookup on pgbench_history.aid, which gets an index halfway through, so its plan hash changes.
 """
 
 from __future__ import annotations
@@ -167,8 +171,39 @@ def make_activity(path: Path, seconds: int = 40, period: float = 0.5, chains: in
         writer.note("sample_period_secs", period)
 
 
+def make_plans(path: Path, rounds: int = 40, clients: int = 2, transactions: int = 50, window_secs: float = 10) -> None:
+    from pgflow.config import Settings
+    from pgflow.scrape.explain import WindowPlans
+
+    path.unlink(missing_ok=True)
+    rng = random.Random(12)
+    with LocalPostgres() as pg, CaptureWriter(path) as writer, Scraper(pg.dsn(), instance="plans") as scraper:
+        pg.execute("CREATE EXTENSION pg_stat_statements")
+        pg.pgbench_init()
+        pg.execute("SELECT pg_stat_statements_reset()")
+        # Every window explains its busiest statements again (TTL 1 s), so plans form a history.
+        plans = WindowPlans.for_instance(pg.dsn(), "plans", Settings.load(
+            export_interval_secs=window_secs, explains_per_window=6, explain_ttl_secs=1))
+        assert plans is not None
+        writer.write(plans.attach(scraper.scrape()))  # the baseline
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            for n in range(1, rounds + 1):
+                pg.pgbench("-n", "-c", str(clients), "-t", str(transactions))
+                for _ in range(20):
+                    conn.execute(f"SELECT count(*), sum(delta) FROM pgbench_history WHERE aid = {rng.randint(1, 100000)}")  # type: ignore[arg-type]
+                if n == rounds // 2:
+                    conn.execute("CREATE INDEX pgbench_history_aid ON pgbench_history (aid)")
+                    conn.execute("ANALYZE pgbench_history")
+                time.sleep(1.0)
+                writer.write(plans.attach(scraper.scrape()))
+        writer.note("workload", f"pgbench -n -c {clients} -t {transactions} and 20 lookups on pgbench_history.aid per "
+                                f"round, {rounds} rounds; CREATE INDEX pgbench_history_aid after round {rounds // 2}; "
+                                f"plans: explains_per_window=6, explain_ttl_secs=1, {window_secs:g} s windows")
+        writer.note("index_created_after_round", rounds // 2)
+
+
 def main(which: list[str]) -> None:
-    makers = {"pgbench": make_pgbench, "varied": make_varied, "activity": make_activity}
+    makers = {"pgbench": make_pgbench, "varied": make_varied, "activity": make_activity, "plans": make_plans}
     for name in which or list(makers):
         started = time.monotonic()
         makers[name](HERE / f"{name}.duckdb")
