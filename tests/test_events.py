@@ -324,3 +324,21 @@ def test_query_samples_flow_through_events_with_a_budget_per_window():
     # A snapshot without plans or samples gives no event and leaves the state alone.
     same, none = events(state, snap(t0 + timedelta(seconds=70)), ops_settings)
     assert same is state and none.height == 0
+
+
+def test_plans_dataset_shows_a_plan_change():
+    """datasets/plans.duckdb (what the notebook's plans cells show): every window's plans as events,
+    pgbench's plan hashes stable, and the lookup's hash changing once its index exists."""
+    from pgflow.replay import replay_events
+
+    path = ROOT / "datasets" / "plans.duckdb"
+    events = replay_events(path)
+    a = events["attributes"].struct.unnest()
+    plans = pl.DataFrame({"time": events["time"], "fingerprint": a["postgresql.query.fingerprint"],
+                          "hash": a["postgresql.plan.hash"], "body": events["body"]})
+    hashes = plans.group_by("fingerprint").agg(pl.col("hash").n_unique().alias("n"), pl.len().alias("plans"))
+    assert hashes.height == 6 and hashes["plans"].min() >= 3  # pgbench's five and the lookup, window after window
+    (changed,) = hashes.filter(pl.col("n") > 1)["fingerprint"].to_list()
+    history = plans.filter(pl.col("fingerprint") == changed).sort("time")
+    assert "pgbench_history_aid" not in history["body"][0] and "pgbench_history_aid" in history["body"][-1]
+    assert history["hash"].unique(maintain_order=True).len() == 2  # one change, never back
