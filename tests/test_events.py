@@ -343,3 +343,47 @@ def test_plans_dataset_shows_a_plan_change():
     history = plans.filter(pl.col("fingerprint") == changed).sort("time")
     assert "pgbench_history_aid" not in history["body"][0] and "pgbench_history_aid" in history["body"][-1]
     assert history["hash"].n_unique() == 2 and history["hash"].rle_id().max() == 1  # one change, never back
+
+
+def test_an_endpoint_without_logs_pauses_events_never_metrics(tmp_path):
+    """A real gRPC endpoint that serves only MetricsService (UNIMPLEMENTED for logs): the events
+    entry is kept and paused, the points entry is acknowledged and metrics keep flowing."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+
+    from pgflow.config import Settings
+    from pgflow.otlp.exporter import Exporter
+    from pgflow.otlp.logs import events_frame
+    from pgflow.otlp.logs_export import LogsExporter
+    from pgflow.otlp.receiver import _GrpcService
+    from pgflow.stream.ledger import ROW, Ledger
+    from pgflow.stream.shipper import Outgoing, Shipper
+    from test_logs import sample
+    from test_ops import _pipeline_snaps
+
+    points = ops.run(_pipeline_snaps(3), export_interval_secs=30).with_row_index(ROW)
+    events = events_frame([sample(i) for i in range(3)]).with_row_index(ROW)
+    receiver = Receiver(grpc_port=None, http_port=None)  # its store and answers, served below
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_GrpcService(receiver), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    settings = Settings.load(otlp_endpoint=f"http://127.0.0.1:{port}", state_dir=tmp_path)
+    shipper = Shipper(Exporter(settings), retry_after_secs=1, refused_retry_secs=60,
+                      logs_exporter=LogsExporter(settings))
+    ledger = Ledger(tmp_path, "db1")
+    try:
+        for seq, kind, frame in ((0, "events", events), (1, "points", points), (2, "points", points)):
+            assert shipper.retry_due("db1", seq, kind)
+            shipper.submit(Outgoing("db1", seq, frame, kind), ledger)
+            wait_until(lambda: not shipper.busy("db1", seq), f"entry {seq} handled", timeout=20)
+        acked = ledger.take_acks()
+    finally:
+        shipper.close(deadline=time.monotonic() + 5)
+        ledger.close()
+        server.stop(0)
+        receiver.store.close()
+    assert 0 not in acked and {1, 2} <= set(acked)  # events kept, both windows acknowledged
+    assert not shipper.retry_due("db1", 3, "events") and shipper.retry_due("db1", 3, "points")

@@ -5,8 +5,9 @@ query samples: issue 12) sent as OTLP logs through the logs exporter. It encodes
 batch by batch with the exporter's retries, and reports back through the instance's ledger:
 acknowledged rows (made durable first), and entries to try again later when the endpoint stays
 unreachable. Both kinds share the sequence numbers, the acknowledgements and the pauses'
-rules; the pauses of an endpoint refusal are per kind, so an endpoint that takes metrics but
-not logs (404, UNIMPLEMENTED on logs) never holds the metrics back.
+rules: a refused key (401, 403) pauses both, since the same key sends both; a refused address
+(404, UNIMPLEMENTED) pauses only its kind, so an endpoint that takes metrics but not logs never
+holds the metrics back.
 
 A refusal (401/403, 400, 413... anything the OTLP specification calls not retryable) gives
 up nothing: the entry stays in the outbox and is tried again after ``refused_retry_secs``,
@@ -50,6 +51,8 @@ REFUSAL_CAP_SECS = 600.0
 # Refusals of the endpoint as a whole (credentials, address), not of one payload.
 ENDPOINT_REFUSALS = frozenset({"http_401", "http_403", "http_404", "UNAUTHENTICATED", "PERMISSION_DENIED",
                                "UNIMPLEMENTED"})
+# Of those, the refusals of the credentials: they pause points and events alike (issue 12).
+KEY_REFUSALS = frozenset({"http_401", "http_403", "UNAUTHENTICATED", "PERMISSION_DENIED"})
 
 
 KINDS = ("points", "events")
@@ -152,7 +155,8 @@ class Shipper:
             pause = min(cap, self.refused_retry_secs * 2 ** min(count - 1, 30))
             self.failed[key] = time.monotonic() + pause
             if cause in ENDPOINT_REFUSALS:
-                self.paused_until[item.kind] = self.failed[key]
+                for kind in (KINDS if cause in KEY_REFUSALS else (item.kind,)):
+                    self.paused_until[kind] = max(self.paused_until[kind], self.failed[key])
             self.refused[item.instance] = cause
         return pause
 
