@@ -44,9 +44,8 @@ LANDS_WITH = {
         "postgresql.blocking.time", "postgresql.blocking.root.state", "postgresql.transaction.age.max",
         "postgresql.backend_xmin.age.max"], "issue 11 (active sessions)"),
     **dict.fromkeys([
-        "FROM Log", "db.server.query_sample", "db.server.query_plan", "event.name", "postgresql.plan.hash",
-        "postgresql.state", "postgresql.wait_event_type", "postgresql.wait_event", "message"],
-        "issue 12 (samples and plans)"),
+        "db.server.query_sample", "postgresql.state", "postgresql.wait_event_type", "postgresql.wait_event"],
+        "issue 12 (query samples; plans have landed)"),
     **dict.fromkeys([
         "postgresql.commits", "postgresql.rollbacks", "postgresql.blks_hit", "postgresql.blks_read",
         "postgresql.db_size", "postgresql.database.frozen_xid.age", "postgresql.rows", "postgresql.row.state",
@@ -337,6 +336,8 @@ def missing_names(query: str, ex: Exported) -> set[str]:
     if q.source == "Log":
         if not ex.has_logs:
             return {"FROM Log"} | q.event_names
+        if q.event_names and not q.event_names & ex.events:
+            return set(q.event_names)  # none of its events came: their attributes cannot be judged yet
         missing = (q.selected | q.attributes) - ex.log_attributes
         missing |= q.event_names - ex.events
         if not q.event_names:
