@@ -387,3 +387,17 @@ def test_an_endpoint_without_logs_pauses_events_never_metrics(tmp_path):
         receiver.store.close()
     assert 0 not in acked and {1, 2} <= set(acked)  # events kept, both windows acknowledged
     assert not shipper.retry_due("db1", 3, "events") and shipper.retry_due("db1", 3, "points")
+
+
+def test_replay_of_a_capture_with_plans_gives_the_same_events_through_bytewax_and_polars(tmp_path):
+    """datasets/plans.duckdb through the bytewax flow (ledger, shipper, logs exporter, the in-process
+    receiver) and through polars alone: the same events, each once, beside the same points."""
+    from pgflow.config import Settings
+    from pgflow.replay import as_received, replay, replay_events, replay_flow
+
+    path = ROOT / "datasets" / "plans.duckdb"
+    out = tmp_path / "replayed.duckdb"
+    stored = replay_flow(path, Settings.load(export_interval_secs=10), out=out)
+    expected = rows(events_as_received(replay_events(path, export_interval_secs=10)))
+    assert len(expected) == 30 and rows(read_logs(out)) == expected
+    assert stored == as_received(replay(path, export_interval_secs=10)).height

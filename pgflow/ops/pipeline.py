@@ -145,7 +145,8 @@ def events(state: EventsState | None, snapshot: Snapshot, settings: OpsSettings)
     snapshot, in order, so all give the same events.
     """
     state = state or EventsState()
-    samples = _NO_SAMPLES  # issue 11: ``snapshot.query_samples`` here, once the Snapshot carries it
+    # Query samples: ``snapshot.query_samples`` here (QUERY_SAMPLES) once the sampler puts them on the Snapshot.
+    samples = _NO_SAMPLES
     if snapshot.plans.height == 0 and samples.height == 0:
         return state, _NO_EVENTS
     frames = [snapshot_plan_events(snapshot)] if snapshot.plans.height else []
