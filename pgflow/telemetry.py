@@ -35,6 +35,11 @@ points_dropped = Counter("pgflow_points_dropped_total", "Points given up", ["rea
 queue_depth = Gauge("pgflow_queue_depth", "Windows waiting for acknowledgement", ["instance"], registry=REGISTRY)
 last_scrape = Gauge("pgflow_last_successful_scrape_timestamp_seconds", "Last successful scrape", ["instance"],
                     registry=REGISTRY)
+# issue 13: instance health groups read, per group (each is one read-only query under the scrape's timeouts).
+health_queries = Counter("pgflow_health_queries_total", "Health group queries run", ["instance", "group"],
+                         registry=REGISTRY)
+health_groups_supported = Gauge("pgflow_health_group_supported", "1 if the server has the health group, else 0",
+                                ["instance", "group"], registry=REGISTRY)
 last_export = Gauge("pgflow_last_successful_export_timestamp_seconds", "Last acknowledged export",
                     registry=REGISTRY)
 

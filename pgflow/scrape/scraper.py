@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 import psycopg
 
+from pgflow import telemetry
 from pgflow.config import dsn_host_port, redact_dsn
 from pgflow.errors import ExtensionMissing, ScrapeError
 from pgflow.lru import LRU
-from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS, Snapshot, conform
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, STATEMENTS, Snapshot, conform
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
 from pgflow.scrape.connection import classify, connect
-from pgflow.scrape.databases import DATABASES_SQL
+from pgflow.scrape.databases import databases_sql
+from pgflow.scrape.health import DISCOVER_SQL, HealthSchedule, HealthSupport
 from pgflow.scrape.locks import LOCKS_SQL, blocked_sql
 from pgflow.scrape.statements import EXTENSION_SQL, info_sql, statements_sql, texts_sql
 
@@ -32,6 +34,7 @@ class ServerInfo:
     extension_version: str
     extension_schema: str
     columns: frozenset[str]
+    health: HealthSupport | None = None  # issue 13: the health groups this server has
 
     @property
     def has_info_view(self) -> bool:  # pg_stat_statements_info: extension 1.9+
@@ -48,6 +51,7 @@ class ScrapeStats:
     texts_fetched: int = 0  # statement texts received
     rows: int = 0
     hidden: int = 0
+    health_group_scrapes: dict[str, int] = field(default_factory=dict)  # issue 13: reads per health group
 
 
 class Scraper:
@@ -65,6 +69,7 @@ class Scraper:
         statement_timeout_ms: int = 5000,
         connect_timeout_secs: int = 5,
         text_cache_size: int = 50_000,
+        health: HealthSchedule | None = None,
     ) -> None:
         self._dsn = dsn
         self.server_address, self.server_port = dsn_host_port(dsn)
@@ -73,6 +78,7 @@ class Scraper:
         self.connect_timeout_secs = connect_timeout_secs
         self.texts: LRU[tuple[int, int, int], str] = LRU(text_cache_size)
         self.stats = ScrapeStats()
+        self.health = health if health is not None else HealthSchedule.of()  # issue 13
         self.server: ServerInfo | None = None
         self._conn: psycopg.Connection | None = None
 
@@ -104,19 +110,23 @@ class Scraper:
                 conn.close()
                 raise
             self._conn = conn
+            if self.server.health is not None:  # issue 13: say once per connection what the server has
+                for g in HEALTH_GROUPS:
+                    telemetry.health_groups_supported.labels(self.instance, g).set(int(self.server.health.supports(g)))
         return self._conn
 
     def _discover(self, conn: psycopg.Connection) -> ServerInfo:
         try:
             version = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()[0]  # type: ignore[index]
             row = conn.execute(EXTENSION_SQL).fetchone()
+            health = HealthSupport.of(conn.execute(DISCOVER_SQL).fetchone())  # type: ignore[arg-type]
             conn.rollback()
         except psycopg.Error as exc:
             raise classify(exc, self._dsn, self.statement_timeout_ms) from None
         if row is None:
             raise ExtensionMissing(f"pg_stat_statements is not installed in {redact_dsn(self._dsn)}",
                                    "run CREATE EXTENSION pg_stat_statements in that database")
-        return ServerInfo(version, row[0], row[1], frozenset(row[2]))
+        return ServerInfo(version, row[0], row[1], frozenset(row[2]), health)
 
     # Scrape -----------------------------------------------------------------------
 
@@ -144,12 +154,18 @@ class Scraper:
             AGES_SQL,
             LOCKS_SQL,
             blocked_sql(server.version_num),
-            DATABASES_SQL,
+            databases_sql(server.version_num),
         ]
         if server.has_info_view:
             queries.append(info_sql(server.extension_schema))
+        # issue 13: the health groups that are due ride at the end of the same round trip.
+        health_started = self.health.now()
+        groups = self.health.due(server.health) if server.health is not None else []
+        first_group = len(queries)
+        queries += [server.health.sql(g) for g in groups]  # type: ignore[union-attr]
         with conn.pipeline():
             conn.execute(f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}")
+            conn.execute(f"SET LOCAL lock_timeout = {int(self.statement_timeout_ms)}")
             cursors = [conn.cursor(binary=True) for _ in queries]
             for cur, query in zip(cursors, queries):
                 cur.execute(query)  # type: ignore[arg-type]
@@ -161,6 +177,12 @@ class Scraper:
         dealloc, stats_reset = results[7][0] if server.has_info_view else (None, None)
         ages = results[3][0] if results[3] else (None, None)
         self.stats.hidden += hidden
+        health = {HEALTH_GROUPS[g]: _frame(rows, HEALTH_FRAMES[HEALTH_GROUPS[g]])
+                  for g, rows in zip(groups, results[first_group:])}
+        self.health.done(groups, health_started)
+        for g in groups:
+            self.stats.health_group_scrapes[g] = self.stats.health_group_scrapes.get(g, 0) + 1
+            telemetry.health_queries.labels(self.instance, g).inc()
         return Snapshot(
             instance=self.instance,
             scraped_at=scraped_at,
@@ -178,6 +200,8 @@ class Scraper:
             server_address=self.server_address,
             server_port=self.server_port,
             hidden_statements=hidden,
+            health_scraped=tuple(groups),
+            **health,
         )
 
     def _statements(self, conn: psycopg.Connection, server: ServerInfo, rows: list[tuple]) -> tuple[pl.DataFrame, int]:
