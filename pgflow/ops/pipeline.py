@@ -13,6 +13,7 @@ from typing import Any
 import polars as pl
 
 from pgflow.config import Settings
+from pgflow.ops import health
 from pgflow.ops import window as win
 from pgflow.ops.cap import CapState, cap
 from pgflow.ops.delta import DeltaState, delta
@@ -53,6 +54,7 @@ class InstanceState:
     window: win.WindowState
     cap: CapState
     scrapes: int = 0
+    health: health.HealthState | None = None  # issue 13: per-database and instance health
 
 
 def initial_state(settings: OpsSettings) -> InstanceState:
@@ -88,10 +90,24 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
     window_state, closed = win.close_until(state.window, snapshot.scraped_at)
     window_state = win.add(window_state, snapshot, deltas)
     state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1)
-    return _emit(state, closed, settings)
+    state, out = _emit(state, closed, settings)
+    return _with_health(state, out, *health.step(_health_state(state), snapshot, deltas))
 
 
 def finish(state: InstanceState, settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
     """Close every open window (end of stream, shutdown)."""
     window_state, closed = win.close_all(state.window)
-    return _emit(replace(state, window=window_state), closed, settings)
+    state, out = _emit(replace(state, window=window_state), closed, settings)
+    return _with_health(state, out, *health.finish(_health_state(state)))
+
+
+def _health_state(state: InstanceState) -> health.HealthState:
+    return state.health if state.health is not None else health.initial(state.window.length)
+
+
+def _with_health(state: InstanceState, out: pl.DataFrame, health_state: health.HealthState,
+                 health_points: pl.DataFrame) -> tuple[InstanceState, pl.DataFrame]:
+    state = replace(state, health=health_state)
+    if not health_points.height:
+        return state, out
+    return state, (pl.concat([out, health_points]) if out.height else health_points)
