@@ -63,6 +63,7 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5) -> CheckReport:
     try:
         with conn:
             _diagnose(conn, instance.dsn, report)
+            health_groups(conn, report)  # issue 13
     except psycopg.Error as exc:
         report.add("fail", "query", str(classify(exc, instance.dsn)))
     return report
@@ -113,3 +114,18 @@ def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
         level = "warn" if fill >= 0.9 else "ok"
         hint = ": entries are being evicted; raise pg_stat_statements.max" if level == "warn" else ""
         report.add(level, "pg_stat_statements.max", f"{count} of {pgss_max} entries used ({fill:.0%}){hint}")
+
+
+def health_groups(conn: psycopg.Connection, report: CheckReport) -> None:
+    """Issue 13: which health groups this server supports (found as the scraper finds them)."""
+    from pgflow.schema import HEALTH_GROUPS
+    from pgflow.scrape.health import DISCOVER_SQL, HealthSupport
+
+    support = HealthSupport.of(conn.execute(DISCOVER_SQL).fetchone())  # type: ignore[arg-type]
+    standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
+    conn.rollback()
+    have = [g for g in HEALTH_GROUPS if support.supports(g)]
+    lacking = [f"{g} ({support.why_not(g)})" for g in HEALTH_GROUPS if not support.supports(g)]
+    role = "standby: replication lag is read from wal_receiver" if standby else "primary"
+    report.add("ok", "health groups", f"{', '.join(have)} ({role})"
+               + (f"; not on this server: {', '.join(lacking)}" if lacking else ""))

@@ -151,6 +151,12 @@ class HealthSchedule:
         intervals = {g: interval_secs for g in HEALTH_GROUPS} | {"db_size": db_size_interval_secs}
         return cls(intervals | dict(group_intervals or {}), disabled)
 
+    @classmethod
+    def from_settings(cls, settings: object) -> HealthSchedule:
+        """The schedule ``pgflow.config.Settings`` describes (its issue 13 block)."""
+        return cls.of(settings.health_interval_secs, settings.db_size_interval_secs,  # type: ignore[attr-defined]
+                      settings.health_group_intervals, settings.health_groups_disabled)  # type: ignore[attr-defined]
+
     def due(self, support: HealthSupport) -> list[str]:
         now = self._clock()
         # A little slack, so a group due every interval is not pushed back a whole scrape by jitter.
