@@ -166,20 +166,26 @@ def test_pg_stat_reset_nothing_negative_nothing_twice(server):
     pg.execute("CREATE DATABASE resets")
     pg.execute("CREATE TABLE t (i int)", dbname="resets")
     quiet(pg, "resets")
-    with Scraper(pg.dsn(), health=every_scrape()) as scraper:
-        s0 = scraper.scrape()
-        inserts(pg, "resets", 50)  # before the reset: unseen by anyone (the reset erases it)
-        wait_for(lambda: one(pg, "SELECT tup_inserted FROM pg_stat_database WHERE datname = 'resets'") >= 50,
-                 "the first inserts to be counted")
-        reset_before = one(pg, "SELECT stats_reset FROM pg_stat_database WHERE datname = 'resets'")
+    inserted = "SELECT tup_inserted FROM pg_stat_database WHERE datname = 'resets'"
+
+    def reset() -> None:
+        before = one(pg, "SELECT stats_reset FROM pg_stat_database WHERE datname = 'resets'")
         pg.execute("SELECT pg_stat_reset()", dbname="resets")
         quiet(pg, "resets")
-        wait_for(lambda: one(pg, "SELECT stats_reset FROM pg_stat_database WHERE datname = 'resets'") != reset_before,
+        wait_for(lambda: one(pg, "SELECT stats_reset FROM pg_stat_database WHERE datname = 'resets'") != before,
                  "the reset to be applied")
-        # More work after the reset than before it: a diff that ignored stats_reset would count 300 - 50.
+
+    reset()  # small counters at the baseline, so every counter ends higher after the second reset
+    inserts(pg, "resets", 20)
+    wait_for(lambda: one(pg, inserted) == 20, "the first inserts to be counted")
+    with Scraper(pg.dsn(), health=every_scrape()) as scraper:
+        s0 = scraper.scrape()
+        inserts(pg, "resets", 50)  # between the baseline and the reset: erased by it, seen by no one
+        wait_for(lambda: one(pg, inserted) == 70, "the second inserts to be counted")
+        reset()
+        # Every counter ends above its baseline value: only stats_reset tells that 300, not 280, were inserted.
         inserts(pg, "resets", 300)
-        wait_for(lambda: one(pg, "SELECT tup_inserted FROM pg_stat_database WHERE datname = 'resets'") >= 300,
-                 "the second inserts to be counted")
+        wait_for(lambda: one(pg, inserted) == 300, "the third inserts to be counted")
         s1 = scraper.scrape()
         s2 = scraper.scrape()
     two = ops.run([s0, s1], export_interval_secs=60)
@@ -211,14 +217,20 @@ def test_shared_resets_nothing_negative_nothing_twice(server):
     targets = ["bgwriter", "archiver"] + (["wal"] if version >= 140000 else []) + (
         ["io"] if version >= 160000 else []) + (["checkpointer"] if version >= 170000 else [])
     pg.execute("CREATE TABLE IF NOT EXISTS shared_t (i int)")
-    with Scraper(pg.dsn(), health=every_scrape()) as scraper:
-        s0 = scraper.scrape()
-        base = _requested_checkpoints(pg)
-        for _ in range(2):
-            pg.execute("CHECKPOINT")
-        wait_for(lambda: _requested_checkpoints(pg) == base + 2, "two checkpoints to be counted")
+
+    def reset() -> None:
         pg.execute(*(f"SELECT pg_stat_reset_shared('{t}')" for t in targets))
         wait_for(lambda: _requested_checkpoints(pg) == 0, "the shared reset to be applied")
+
+    reset()  # small counters at the baseline, so every counter ends higher after the second reset
+    pg.execute("CHECKPOINT")
+    wait_for(lambda: _requested_checkpoints(pg) == 1, "a checkpoint to be counted")
+    with Scraper(pg.dsn(), health=every_scrape()) as scraper:
+        s0 = scraper.scrape()
+        for _ in range(2):
+            pg.execute("CHECKPOINT")
+        wait_for(lambda: _requested_checkpoints(pg) == 3, "two checkpoints to be counted")
+        reset()
         for i in range(3):
             pg.execute(f"INSERT INTO shared_t SELECT generate_series(1, {1000 * (i + 1)})", "CHECKPOINT")
         wait_for(lambda: _requested_checkpoints(pg) == 3, "three checkpoints to be counted")
