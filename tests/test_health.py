@@ -381,3 +381,16 @@ def test_streaming_standby_lag_receiver_and_a_slot_that_retains_wal(pg_factory):
         assert isinstance(second.scraped_at, datetime)
     finally:
         standby.cleanup()
+
+
+def test_check_lists_the_groups_the_server_supports(server):
+    from pgflow.config import InstanceConfig
+    from pgflow.scrape.diagnose import check
+
+    report = check(InstanceConfig(name="h", database_url=server.dsn()))
+    finding = next(f for f in report.findings if f.name == "health groups")
+    version = pg_version(server)
+    supported, _, lacking = finding.detail.partition("; not on this server: ")
+    assert "checkpointer" in supported and "replication_slots" in supported and "(primary)" in supported
+    assert ("wal," in supported) == (version >= 140000) and ("io," in supported) == (version >= 160000)
+    assert ("io (needs PostgreSQL 16+)" in lacking) == (version < 160000)
