@@ -338,12 +338,16 @@ def test_streaming_standby_lag_receiver_and_a_slot_that_retains_wal(pg_factory):
         wait_for(lambda: one(primary, "SELECT coalesce(bool_or(state = 'streaming'), false) FROM pg_stat_replication "
                                       f"WHERE application_name = '{application}'"), "the standby to stream")
         primary.execute("INSERT INTO r SELECT generate_series(1, 5000)")
-        wait_for(lambda: one(primary, "SELECT coalesce(bool_or(write_lag IS NOT NULL AND flush_lag IS NOT NULL AND "
-                                      "replay_lag IS NOT NULL), false) FROM pg_stat_replication "
-                                      f"WHERE application_name = '{application}'"),
-                 "the standby to report its lag")
+
+        def scrape_showing_lag():  # lags read null once the standby has caught up and is idle: keep it busy
+            primary.execute("INSERT INTO r VALUES (0)")
+            snap = scraper.scrape()
+            row = snap.replication.filter(pl.col("application_name") == application)
+            lags = row.select("write_lag", "flush_lag", "replay_lag")
+            return snap if row.height and lags.null_count().sum_horizontal()[0] == 0 else None
+
         with Scraper(primary.dsn(), health=every_scrape()) as scraper:
-            on_primary = [scraper.scrape()]
+            on_primary = [wait_for(scrape_showing_lag, "a scrape that sees the standby's lag")]
         points = ops.run(on_primary, export_interval_secs=60)
         who = {"replication_client": "127.0.0.1", "postgresql__replication__application_name": application}
         assert last_gauge(points, "postgresql.replication.data_delay", **who) >= 0
@@ -352,7 +356,8 @@ def test_streaming_standby_lag_receiver_and_a_slot_that_retains_wal(pg_factory):
         slot = {"postgresql__replication_slot__name": "standby_slot"}
         assert last_gauge(points, "postgresql.replication_slot.active", **slot) == 1
 
-        wait_for(lambda: one(standby, "SELECT count(*) = 5000 FROM r"), "the rows to reach the standby")
+        rows = one(primary, "SELECT count(*) FROM r")
+        wait_for(lambda: one(standby, "SELECT count(*) FROM r") == rows, "the rows to reach the standby")
         with Scraper(standby.dsn(), health=every_scrape()) as scraper:
             on_standby = scraper.scrape()
         points = ops.run([on_standby], export_interval_secs=60)

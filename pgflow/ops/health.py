@@ -25,6 +25,7 @@ from pgflow.ops.delta import Counters, Deltas, _diff, _positions
 from pgflow.ops.points import attributes
 from pgflow.ops.window import Resource, window_bounds
 from pgflow.schema import (
+    ATTRIBUTES,
     BGWRITER,
     CHECKPOINTER,
     DATABASE_COUNTERS,
@@ -193,35 +194,49 @@ _IO_TIMES = {"read_time": "read", "write_time": "write", "writeback_time": "writ
 
 
 class _Out:
-    """Collects one window's points in the POINTS schema."""
+    """Collects one window's points, row by row (a window has tens of them), into the POINTS schema."""
 
     def __init__(self, window: HealthWindow) -> None:
         self.window = window
-        self.frames: list[pl.DataFrame] = []
+        self.columns: dict[str, list] = {k: [] for k in ("metric", "kind", "unit", "start", "end", "value", "is_int",
+                                                         "attributes")}
 
     def add(self, rows: pl.DataFrame, metric: str, unit: str, value: pl.Expr, *, attrs: dict | None = None,
             kind: str = "sum", is_int: bool = True, at: datetime | None = None, nonzero: bool = False) -> None:
         if rows.height == 0:
             return
-        frame = rows.select(value.cast(pl.Float64).alias("value"), attributes(attrs or {}).alias("attributes"))
-        frame = frame.filter(pl.col("value").is_not_null() & pl.col("value").is_finite())
-        if nonzero:
-            frame = frame.filter(pl.col("value") != 0)
-        if frame.height == 0:
-            return
-        w, r = self.window, self.window.resource
-        start, end = (w.start, w.end) if kind == "sum" else (at, at)
-        self.frames.append(frame.select(
-            pl.lit(r.instance).alias("instance"), pl.lit(metric).alias("metric"), pl.lit(kind).alias("kind"),
-            pl.lit(unit).alias("unit"), pl.lit(kind == "sum").alias("monotonic"),
-            pl.lit(start, UTC_TS).alias("start"), pl.lit(end, UTC_TS).alias("end"), pl.col("value"),
-            pl.lit(is_int).alias("is_int"), pl.col("attributes"),
-            pl.lit(r.server_address).alias("server_address"), pl.lit(r.server_port, pl.Int32).alias("server_port"),
-            pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
-        ))
+        attrs = attrs or {}
+        exprs = [value.cast(pl.Float64).alias("__value")] + [
+            (v if isinstance(v, pl.Expr) else pl.lit(v)).cast(pl.String).alias(k) for k, v in attrs.items()]
+        frame = rows.select(exprs)
+        start, end = (self.window.start, self.window.end) if kind == "sum" else (at, at)
+        keys = list(attrs)
+        cols = self.columns
+        for v, *labels in frame.iter_rows():
+            if v is None or not np.isfinite(v) or (nonzero and v == 0):
+                continue
+            cols["metric"].append(metric)
+            cols["kind"].append(kind)
+            cols["unit"].append(unit)
+            cols["start"].append(start)
+            cols["end"].append(end)
+            cols["value"].append(v)
+            cols["is_int"].append(is_int)
+            cols["attributes"].append(dict(zip(keys, labels)))
 
     def frame(self) -> pl.DataFrame:
-        return pl.concat(self.frames, how="vertical_relaxed").cast(POINTS) if self.frames else pl.DataFrame(schema=POINTS)  # type: ignore[arg-type]
+        cols, r = self.columns, self.window.resource
+        n = len(cols["value"])
+        if n == 0:
+            return pl.DataFrame(schema=POINTS)
+        attrs = pl.Series("attributes", cols.pop("attributes"), dtype=ATTRIBUTES)
+        return pl.DataFrame({
+            "instance": [r.instance] * n, **cols, "monotonic": [k == "sum" for k in cols["kind"]],
+        }, schema_overrides={"start": UTC_TS, "end": UTC_TS}).with_columns(
+            attrs, pl.lit(r.server_address).alias("server_address"),
+            pl.lit(r.server_port, pl.Int32).alias("server_port"),
+            pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
+        ).select(POINTS.names()).cast(POINTS)  # type: ignore[arg-type]
 
 
 def _summed(parts: tuple[pl.DataFrame, ...], key: tuple[str, ...]) -> pl.DataFrame:
