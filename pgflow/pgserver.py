@@ -262,8 +262,9 @@ def standby_of(primary: LocalPostgres, *, slot: str | None = None) -> LocalPostg
         os.chown(standby.root, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
     args = [str(_basebackup_binary(primary.bindir)), "-D", str(standby.datadir), "-R", "-X", "stream", "-c", "fast",
             "-h", primary.host, "-p", str(primary.port), "-U", "postgres"]
-    if slot:
-        args += ["-C", "-S", slot]
+    if slot:  # created here, not by -C, so that a retried backup finds it rather than fails on it
+        primary.execute(f"SELECT pg_create_physical_replication_slot('{slot}', true)")
+        args += ["-S", slot]
     deadline = time.monotonic() + 30
     while True:
         try:
