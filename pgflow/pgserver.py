@@ -246,11 +246,12 @@ def _basebackup_binary(bindir: Path) -> Path:
     return wheel / "pg_basebackup"
 
 
-def standby_of(primary: LocalPostgres, *, slot: str | None = None) -> LocalPostgres:
+def standby_of(primary: LocalPostgres, *, slot: str | None = None, settings: dict[str, str] | None = None) -> LocalPostgres:
     """A streaming standby of ``primary``, made with ``pg_basebackup -R`` and started.
 
     With ``slot``, the backup creates that physical replication slot and the standby streams
-    through it (so the primary keeps WAL for it while it is stopped). ``cleanup()`` removes it.
+    through it (so the primary keeps WAL for it while it is stopped). ``settings`` are the
+    standby's own (e.g. ``max_standby_streaming_delay``). ``cleanup()`` removes it.
     """
     hba = primary.datadir / "pg_hba.conf"
     if _REPLICATION_HBA not in hba.read_text():  # a server initialised before the line existed
@@ -281,4 +282,8 @@ def standby_of(primary: LocalPostgres, *, slot: str | None = None) -> LocalPostg
     lines.append(f"primary_conninfo = 'host={primary.host} port={primary.port} user=postgres "
                  f"application_name=standby_{standby.port}'")
     auto.write_text("\n".join(lines) + "\n")
+    if settings:
+        with open(standby.datadir / "postgresql.conf", "a") as conf:
+            conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
+        standby.settings.update(settings)
     return standby.start()

@@ -332,7 +332,8 @@ def test_capture_and_replay_keep_every_health_point(server, tmp_path):
 def test_streaming_standby_lag_receiver_and_a_slot_that_retains_wal(pg_factory):
     primary = pg_factory()
     primary.execute("CREATE EXTENSION pg_stat_statements", "CREATE TABLE r (i int)")
-    standby = standby_of(primary, slot="standby_slot")
+    # No waiting on conflicts: a query that stands in replay's way is cancelled at once.
+    standby = standby_of(primary, slot="standby_slot", settings={"max_standby_streaming_delay": "0"})
     try:
         application = f"standby_{standby.port}"
         wait_for(lambda: one(primary, "SELECT coalesce(bool_or(state = 'streaming'), false) FROM pg_stat_replication "
@@ -365,6 +366,23 @@ def test_streaming_standby_lag_receiver_and_a_slot_that_retains_wal(pg_factory):
         assert last_gauge(points, "postgresql.wal_receiver.replay.delay") >= 0
         assert last_gauge(points, "postgresql.wal_receiver.last_msg_receipt.age") >= 0
         assert points.filter(pl.col("metric") == "postgresql.replication.data_delay").height == 0
+
+        # A recovery conflict: a snapshot on the standby still sees rows the primary deletes and vacuums away.
+        conflicts = "SELECT confl_snapshot FROM pg_stat_database_conflicts WHERE datname = 'postgres'"
+        with Scraper(standby.dsn(), health=every_scrape()) as scraper:
+            before = scraper.scrape()
+            holder = psycopg.connect(standby.dsn())
+            try:
+                holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                holder.execute("SELECT count(*) FROM r").fetchone()
+                primary.execute("DELETE FROM r WHERE i > 100", "VACUUM r")
+                wait_for(lambda: one(standby, conflicts) >= 1, "the standby to cancel the conflicting snapshot")
+            finally:
+                holder.close()
+            after = scraper.scrape()
+        points = ops.run([before, after], export_interval_secs=60)
+        assert total(points, "postgresql.query.conflicts", postgresql__conflict__type="snapshot", **db("postgres")) == 1
+        assert points.filter(pl.col("metric") == "postgresql.query.conflicts").height >= 1
 
         # The standby stops: its slot holds the WAL the primary writes from then on.
         standby.stop()
