@@ -325,6 +325,19 @@ def test_capture_and_replay_keep_every_health_point(server, tmp_path):
     assert norm[0].equals(norm[1])
     assert flow_points.filter(pl.col("metric") == "postgresql.commits").height > 0
 
+    # A capture written before the health frames existed is still read, and can be appended to.
+    import shutil
+    from pathlib import Path
+
+    old = tmp_path / "old.duckdb"
+    shutil.copy(Path(__file__).parent.parent / "datasets" / "pgbench.duckdb", old)
+    count = len(list(capture.read(old)))
+    capture.record(snaps[-1:], old)
+    again = list(capture.read(old))
+    assert len(again) == count + 1
+    assert [s for s in again if s.instance == snaps[-1].instance and s.scraped_at == snaps[-1].scraped_at][0].equals(
+        capture.as_stored(snaps[-1]))
+
 
 # Replication ---------------------------------------------------------------------------------
 
