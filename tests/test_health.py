@@ -430,3 +430,20 @@ def test_check_lists_the_groups_the_server_supports(server):
     assert "checkpointer" in supported and "replication_slots" in supported and "(primary)" in supported
     assert ("wal," in supported) == (version >= 140000) and ("io," in supported) == (version >= 160000)
     assert ("io (needs PostgreSQL 16+)" in lacking) == (version < 160000)
+
+
+def test_archiver_counts_archived_segments_and_their_age(pg_factory):
+    pg = pg_factory(settings={"archive_mode": "on", "archive_command": "true"})  # archiving that always succeeds
+    pg.execute("CREATE EXTENSION pg_stat_statements", "CREATE TABLE a (i int)")
+    archived = "SELECT archived_count FROM pg_stat_archiver"
+    with Scraper(pg.dsn(), health=every_scrape()) as scraper:
+        before = scraper.scrape()
+        base = before.archiver["archived_count"][0]
+        for _ in range(3):  # three WAL segments switched out, each archived once
+            pg.execute("INSERT INTO a VALUES (1)", "SELECT pg_switch_wal()")
+        wait_for(lambda: one(pg, archived) == base + 3, "three segments to be archived")
+        after = scraper.scrape()
+    points = ops.run([before, after], export_interval_secs=60)
+    assert total(points, "postgresql.archiver.archived") == 3
+    assert total(points, "postgresql.archiver.failed") == 0
+    assert last_gauge(points, "postgresql.wal.age") >= 0
