@@ -28,6 +28,7 @@ from pgflow.ops.merge import merge_windows
 from pgflow.ops.pipeline import OpsSettings, finish, initial_state, step
 from pgflow.schema import Snapshot
 from pgflow.stream.ledger import ROW, Ledger, Record
+from pgflow.stream import runtime as runtime_module
 from pgflow.stream.runtime import runtime
 from pgflow.stream.shipper import Outgoing, Shipper
 
@@ -38,10 +39,13 @@ _local = threading.local()
 
 
 def _fingerprinter(size: int) -> Fingerprinter:
-    """One per worker thread: bytewax runs several workers as threads of one process."""
+    """One per worker thread: bytewax runs several workers as threads of one process. A new
+    run in the same process (a replay after a replay) starts a new one, so the labels a run
+    exports never depend on what an earlier run saw."""
     fp = getattr(_local, "fingerprinter", None)
-    if fp is None:
+    if fp is None or getattr(_local, "generation", None) != runtime_module.generation:
         fp = _local.fingerprinter = Fingerprinter(size, size)
+        _local.generation = runtime_module.generation
     return fp
 
 
