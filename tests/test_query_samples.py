@@ -58,6 +58,7 @@ class Workload:
     unreached_samples: pl.DataFrame | None = None
     unreached_queries: pl.DataFrame | None = None
     budget: pl.DataFrame | None = None  # the budget-3 sampler's query samples
+    per_query_id: pl.DataFrame | None = None  # the query samples of a sampler reading 2 texts per query id an hour
     off_capture: str = ""
     capture: str = ""
     log: list[str] = field(default_factory=list)
@@ -124,13 +125,15 @@ def workload(pg_factory, tmp_path_factory) -> Workload:
                 Sampler(dsn, instance="qs-main", interval_secs=PERIOD, sample_min_duration_ms=THRESHOLD_MS) as main, \
                 Sampler(dsn, instance="qs-unreached", interval_secs=PERIOD, sample_min_duration_ms=60_000) as high, \
                 Sampler(dsn, instance="qs-budget", interval_secs=PERIOD, sample_min_duration_ms=THRESHOLD_MS,
-                        max_query_samples=3) as budget, Scraper(dsn) as off_scraper:
+                        max_query_samples=3) as budget, \
+                Sampler(dsn, instance="qs-per-id", interval_secs=PERIOD, sample_min_duration_ms=THRESHOLD_MS,
+                        samples_per_fingerprint_per_hour=2) as per_id, Scraper(dsn) as off_scraper:
             assert sampler_for(dsn, "qs-off", off) is None  # sampling off: no sampler at all
             off_samplers = {off_scraper.instance: sampler_for(dsn, off_scraper.instance, off)}
             off_thread = threading.Thread(target=capture.capture_live, args=([off_scraper], w.off_capture), kwargs=dict(
                 scrapes=4, interval=0.5, samplers={k: v for k, v in off_samplers.items() if v}), daemon=True)
             w.snapshots.append(with_samples(scraper.scrape(), main))
-            for s in (main, high, budget):
+            for s in (main, high, budget, per_id):
                 s.start()
             off_thread.start()
             holder = psycopg.connect(dsn, application_name="qs-holder")  # A: a row lock, then idle in transaction
@@ -154,13 +157,14 @@ def workload(pg_factory, tmp_path_factory) -> Workload:
             for t in threads:
                 t.join(30)
             off_thread.join(30)
-            for s in (main, high, budget):
+            for s in (main, high, budget, per_id):
                 s.stop()
             w.snapshots.append(with_samples(scraper.scrape(), main))
             w.unreached_samples, _ = high.drain()
             w.unreached_queries = high.drain_query_samples()
             w.unreached = high
             w.budget = budget.drain_query_samples()
+            w.per_query_id = per_id.drain_query_samples()
     finally:
         logger.removeHandler(lines)
         logger.setLevel(old_level)
@@ -265,6 +269,14 @@ def test_limits_hold_with_many_slow_sessions(workload):
     assert w.budget.height == 3 and _texts_read("qs-budget") <= 4
     assert telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total",
                                                {"instance": "qs-budget", "reason": "budget"}) >= many.height - 3
+    # A sampler reads at most samples_per_fingerprint_per_hour texts per query id an hour (14+: 13 has none).
+    per_id = w.per_query_id.filter(pl.col("application_name").str.starts_with("qs-many"))
+    skipped_early = telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total",
+                                                        {"instance": "qs-per-id", "reason": "fingerprint"}) or 0
+    if w.version >= 140000:
+        assert per_id["fingerprint"].value_counts()["count"].to_list() == [2, 2] and skipped_early >= many.height - 4
+    else:
+        assert per_id.height == many.height and skipped_early == 0
     # The limiter: at most 3 per fingerprint per hour, at most 5 per window, the rest counted by reason.
     limits, events = _events(w.snapshots, samples_per_fingerprint_per_hour=3, max_samples_per_window=5,
                              export_interval_secs=3600)

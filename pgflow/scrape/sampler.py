@@ -146,7 +146,7 @@ class Sampler:
 
     def __init__(self, dsn: str, *, instance: str, interval_secs: float, statement_timeout_ms: int = 500,
                  lock_timeout_ms: int = 100, connect_timeout_secs: int = 5, sample_min_duration_ms: float = 100.0,
-                 max_query_samples: int = 100) -> None:
+                 max_query_samples: int = 100, samples_per_fingerprint_per_hour: int = 15) -> None:
         if interval_secs <= 0:
             raise ValueError("interval_secs must be > 0 (0 means: do not build a Sampler)")
         self._dsn = dsn
@@ -159,6 +159,10 @@ class Sampler:
         self.max_query_samples = int(max_query_samples)  # 0: never read a text
         self.track_activity_query_size = 1024  # read from the server once per connection
         self._seen: dict[int, object] = {}  # pid -> query_start of the execution already handled
+        # query_id -> monotonic times of its texts read in the last hour (PostgreSQL 14+): a statement
+        # read samples_per_fingerprint_per_hour times this hour would be dropped by the limiter anyway.
+        self.samples_per_fingerprint_per_hour = int(samples_per_fingerprint_per_hour)
+        self._reads: dict[int, list[float]] = {}
         self._query_rows: list[tuple] = []  # query samples waiting for the next drain (QUERY_SAMPLES order)
         self.stats = SamplerStats()
         self.version_num = 0
@@ -281,11 +285,24 @@ class Sampler:
                and self._seen.get(r[_PID]) != r[_QSTART]]
         if not new:
             return []
-        with self._lock:
-            room = max(0, self.max_query_samples - len(self._query_rows))
-        new.sort(key=lambda r: -(r[_RUNNING] or 0.0))  # the longest-running first
         for r in new:
             self._seen[r[_PID]] = r[_QSTART]
+        new.sort(key=lambda r: -(r[_RUNNING] or 0.0))  # the longest-running first
+        hour_ago = time.monotonic() - 3600
+        self._reads = {q: kept for q, times in self._reads.items() if (kept := [t for t in times if t > hour_ago])}
+        planned: dict[int, int] = defaultdict(int)
+        kept_rows = []
+        for r in new:
+            qid = r[_QID]
+            if qid and len(self._reads.get(qid, ())) + planned[qid] >= self.samples_per_fingerprint_per_hour:
+                continue
+            planned[qid] += 1
+            kept_rows.append(r)
+        if len(kept_rows) < len(new):
+            telemetry.query_samples_skipped.labels(self.instance, "fingerprint").inc(len(new) - len(kept_rows))
+            new = kept_rows
+        with self._lock:
+            room = max(0, self.max_query_samples - len(self._query_rows))
         if len(new) > room:
             telemetry.query_samples_skipped.labels(self.instance, "budget").inc(len(new) - room)
         return new[:room]
@@ -323,11 +340,14 @@ class Sampler:
             self._recover(conn)
             return []
         out = []
+        now = time.monotonic()
         for r in chosen:
             start, app, addr, text = texts.get(r[_PID], (None, None, None, None))
             if start != r[_QSTART] or text is None:  # it ended (or another statement began) in between
                 telemetry.query_samples_skipped.labels(self.instance, "ended").inc()
                 continue
+            if r[_QID]:
+                self._reads.setdefault(r[_QID], []).append(now)
             root_pid = root_state = root_fp = None
             if r[_PID] in roots:
                 root_pid = roots[r[_PID]]
@@ -497,7 +517,8 @@ def sampler_for(dsn: str, instance: str, settings: Settings) -> Sampler | None:
     return Sampler(dsn, instance=instance, interval_secs=interval, statement_timeout_ms=timeout,
                    lock_timeout_ms=timeout, connect_timeout_secs=settings.connect_timeout_secs,
                    sample_min_duration_ms=settings.sample_min_duration_ms,
-                   max_query_samples=settings.max_samples_per_window)
+                   max_query_samples=settings.max_samples_per_window,
+                   samples_per_fingerprint_per_hour=settings.samples_per_fingerprint_per_hour)
 
 
 _CHECK_SQL = """
