@@ -22,7 +22,10 @@ blockers' when they are blocked. Each text goes through
 :func:`~pgflow.ops.query_samples.sample_text` the moment it is read: only the normalized text
 (or a marker) and the fingerprint are kept, in a third table that rides on the Snapshot as
 ``query_samples``. At most ``max_query_samples`` wait there between two drains; past that no
-text is read (counted as skipped, reason ``budget``), so a busy server costs no more reads.
+text is read (counted as skipped, reason ``budget``), so a busy server costs no more reads; and
+on PostgreSQL 14+ a query id whose text was read ``samples_per_fingerprint_per_hour`` times in
+the last hour is not read again (reason ``fingerprint``). The limiter
+(:func:`pgflow.ops.query_samples.query_sample_events`) applies the exact limits downstream.
 """
 
 from __future__ import annotations
@@ -558,7 +561,8 @@ def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
         out.append(("ok", "sampling privileges", f"{user} sees every session's wait event and query id"))
     else:
         out.append(("warn", "sampling privileges",
-                    f"{user} cannot see other roles' sessions' state, wait event or query id, so they are not sampled: "
+                    f"{user} cannot see other roles' sessions' state, wait event, query id or text, so they are not "
+                    f"sampled (no activity, no query samples): "
                     f"GRANT pg_read_all_stats TO {user} (or GRANT pg_monitor)"))
     if version < 140000:
         out.append(("warn", "sampling query ids", "PostgreSQL 13 has no query_id: activity is attributed to "
