@@ -62,6 +62,7 @@ class Workload:
     off_capture: str = ""
     capture: str = ""
     log: list[str] = field(default_factory=list)
+    server: object = None
 
     @property
     def queries(self) -> pl.DataFrame:
@@ -111,7 +112,7 @@ def workload(pg_factory, tmp_path_factory) -> Workload:
     server.execute("CREATE EXTENSION pg_stat_statements", "CREATE TABLE qs_lock (id int PRIMARY KEY, v int)",
                    "INSERT INTO qs_lock VALUES (1, 0)", "SELECT pg_stat_statements_reset()")
     dsn = server.dsn()
-    w = Workload(version=int(server.execute("SHOW server_version_num")[0][0]))
+    w = Workload(version=int(server.execute("SHOW server_version_num")[0][0]), server=server)
     lines = _Lines(w.log)
     logger = logging.getLogger("pgflow")
     old_level = logger.level
@@ -339,3 +340,33 @@ def test_older_captures_without_query_samples_still_read(workload, tmp_path):
     (first, second) = capture.read(path)
     assert first.query_samples.schema == QUERY_SAMPLES and first.query_samples.height == 0
     assert second.statements.height == workload.snapshots[1].statements.height
+
+
+def test_a_failed_text_read_is_counted_and_retried(workload, monkeypatch, caplog):
+    """The text statement times out (statement_timeout, for real): counted, the activity sample
+    stands, the connection recovers and the execution is read at the next tick."""
+    import pgflow.scrape.sampler as sampler_module
+
+    server = workload.server
+    w = Workload(version=0)
+    caplog.set_level(logging.DEBUG, "pgflow.sampler")
+    worker = _session(server.dsn(), "qs-retry", SECRET_SQL, w)
+    _wait_for(server, "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = 'qs-retry' "
+                      "AND state = 'active' AND now() - query_start > interval '400 ms'")
+    sampler = Sampler(server.dsn(), instance="qs-retry", interval_secs=PERIOD, statement_timeout_ms=200,
+                      sample_min_duration_ms=300)
+    slow_texts = sampler_module._TEXTS_SQL.replace("FROM unnest", "FROM pg_sleep(1), unnest")
+    before = telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total",
+                                                 {"instance": "qs-retry", "reason": "failed"}) or 0
+    with monkeypatch.context() as patch:
+        patch.setattr(sampler_module, "_TEXTS_SQL", slow_texts)
+        assert sampler.sample()  # the activity sample is taken; its text statement timed out
+    assert telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total",
+                                               {"instance": "qs-retry", "reason": "failed"}) == before + 1
+    assert [r.kv["error"] for r in caplog.records if "texts not read" in r.getMessage()] == ["QueryCanceled"]
+    assert sampler.drain_query_samples().height == 0 and sampler.drain()[0]["count"].sum() >= 1
+    assert sampler.sample()  # the next tick reads it
+    (row,) = sampler.drain_query_samples().rows(named=True)
+    assert row["application_name"] == "qs-retry" and row["text"] == "SELECT pg_sleep($1) WHERE $2 <> current_user"
+    sampler.close()
+    worker.join(30)

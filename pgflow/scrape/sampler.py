@@ -315,12 +315,11 @@ class Sampler:
 
         The raw text is turned into a SampleText as each row is read and dropped at once.
         """
-        out: dict[int, tuple] = {}
         size = self.track_activity_query_size
-        for pid, start, app, addr, raw in self._run(conn, _TEXTS_SQL.format(pids=",".join(map(str, sorted(pids))))):
-            hidden = raw == HIDDEN_TEXT
-            out[pid] = (start, app, addr, None if hidden else sample_text(raw, size))
-            raw = None  # noqa: F841 (the raw text is not kept past this line)
+        rows = self._run(conn, _TEXTS_SQL.format(pids=",".join(map(str, sorted(pids)))))
+        out = {pid: (start, app, addr, None if raw == HIDDEN_TEXT else sample_text(raw, size))
+               for pid, start, app, addr, raw in rows}
+        del rows  # the raw texts go with the driver's result, now
         telemetry.query_sample_texts.labels(self.instance).inc(len(out))
         return out
 
@@ -578,7 +577,8 @@ def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
     else:
         out.append(("warn", "wait source", f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed but "
                                            f"{user} cannot read pg_wait_sampling_profile)"))
-    sampler = Sampler(dsn, instance="check", interval_secs=interval_secs, connect_timeout_secs=connect_timeout)
+    sampler = Sampler(dsn, instance="check", interval_secs=interval_secs, connect_timeout_secs=connect_timeout,
+                      max_query_samples=0)  # the check reads no statement text
     try:
         durations = []
         for _ in range(samples):
