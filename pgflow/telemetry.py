@@ -42,6 +42,12 @@ hidden_statements = Gauge("pgflow_hidden_statements",
 text_failures = Counter("pgflow_text_fetch_failures_total",
                         "Statement text fetches that failed (an unreadable text); counters went on", ["instance"],
                         registry=REGISTRY)
+
+# issue 13: instance health groups read, per group (each is one read-only query under the scrape's timeouts).
+health_queries = Counter("pgflow_health_queries_total", "Health group queries run", ["instance", "group"],
+                         registry=REGISTRY)
+health_groups_supported = Gauge("pgflow_health_group_supported", "1 if the server has the health group, else 0",
+                                ["instance", "group"], registry=REGISTRY)
 last_export = Gauge("pgflow_last_successful_export_timestamp_seconds", "Last acknowledged export",
                     registry=REGISTRY)
 

@@ -14,9 +14,10 @@ import polars as pl
 
 from pgflow.config import Settings
 from pgflow.ops import activity as act
+from pgflow.ops import health
 from pgflow.ops import window as win
 from pgflow.ops.cap import CapState, cap
-from pgflow.ops.delta import DeltaState, delta
+from pgflow.ops.delta import DeltaState, delta, server_changed
 from pgflow.ops.fingerprint import Fingerprinter
 from pgflow.ops.points import points
 from pgflow.schema import POINTS, Snapshot
@@ -55,6 +56,7 @@ class InstanceState:
     cap: CapState
     scrapes: int = 0
     activity: act.ActivityState | None = None  # issue 11: active-session samples per open window
+    health: health.HealthState | None = None  # issue 13: per-database and instance health
 
 
 def initial_state(settings: OpsSettings) -> InstanceState:
@@ -90,6 +92,7 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
     def label(rows: pl.DataFrame) -> pl.DataFrame:  # raw texts never enter the state
         return fingerprinter.apply(snapshot.instance, rows).drop("query")
 
+    changed = state.delta is not None and server_changed(state.delta, snapshot) is not None
     delta_state, deltas = delta(state.delta, snapshot, label)
     if delta_state is state.delta:  # a snapshot from the past: ignored whole
         return state, _NO_POINTS
@@ -97,7 +100,12 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
     window_state = win.add(window_state, snapshot, deltas)
     activity = act.add(getattr(state, "activity", None) or act.ActivityState(), snapshot, state.window.length)
     state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1, activity=activity)
-    return _emit(state, closed, settings)
+    state, out = _emit(state, closed, settings)
+    health_state = _health_state(state)
+    if changed:  # another server: its instance counters are a new baseline too
+        health_state = health.without_baselines(health_state)
+    return _with_health(state, out, *health.step(health_state, snapshot, deltas,
+                                                 closed_until=getattr(state.window, "closed_until", None)))
 
 
 def finish(state: InstanceState, settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
@@ -107,4 +115,17 @@ def finish(state: InstanceState, settings: OpsSettings) -> tuple[InstanceState, 
     restart the same period continues in a window that starts where this one ended.
     """
     window_state, closed = win.close_all(state.window)
-    return _emit(replace(state, window=window_state), closed, settings)
+    state, out = _emit(replace(state, window=window_state), closed, settings)
+    return _with_health(state, out, *health.finish(_health_state(state)))
+
+
+def _health_state(state: InstanceState) -> health.HealthState:
+    return state.health if state.health is not None else health.initial(state.window.length)
+
+
+def _with_health(state: InstanceState, out: pl.DataFrame, health_state: health.HealthState,
+                 health_points: pl.DataFrame) -> tuple[InstanceState, pl.DataFrame]:
+    state = replace(state, health=health_state)
+    if not health_points.height:
+        return state, out
+    return state, (pl.concat([out, health_points]) if out.height else health_points)
