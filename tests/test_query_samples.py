@@ -370,3 +370,23 @@ def test_a_failed_text_read_is_counted_and_retried(workload, monkeypatch, caplog
     assert row["application_name"] == "qs-retry" and row["text"] == "SELECT pg_sleep($1) WHERE $2 <> current_user"
     sampler.close()
     worker.join(30)
+
+
+def test_without_pg_read_all_stats_other_roles_texts_are_not_sampled(workload):
+    """PostgreSQL shows other roles' texts as <insufficient privilege>: those sessions are not
+    sampled; the role's own slow statement is (README: Query samples, privilege)."""
+    server = workload.server
+    server.execute("DROP ROLE IF EXISTS qs_limited", "CREATE ROLE qs_limited LOGIN PASSWORD 'pw'")
+    limited = server.dsn(user="qs_limited", password="pw")
+    w = Workload(version=0)
+    threads = [_session(server.dsn(), "qs-other-role", SECRET_SQL, w), _session(limited, "qs-own-role", SECRET_SQL, w)]
+    _wait_for(server, "SELECT count(*) = 2 FROM pg_stat_activity WHERE application_name IN ('qs-other-role', "
+                      "'qs-own-role') AND state = 'active' AND now() - query_start > interval '400 ms'")
+    with Sampler(limited, instance="qs-limited", interval_secs=PERIOD, sample_min_duration_ms=300) as sampler:
+        assert sampler.sample()
+        rows = sampler.drain_query_samples()
+        _, stats = sampler.drain()
+    for t in threads:
+        t.join(30)
+    assert rows["application_name"].to_list() == ["qs-own-role"] and rows["user"].to_list() == ["qs_limited"]
+    assert stats.filter(pl.col("stat") == "hidden_sessions")["value"].max() >= 1  # the other one, counted
