@@ -313,7 +313,7 @@ class Sampler:
     def _read_texts(self, conn: psycopg.Connection, pids: set[int]) -> dict[int, tuple]:
         """pid -> (query_start, application_name, client address, SampleText) for ``pids``.
 
-        The raw text is turned into a SampleText as each row is read and dropped at once.
+        The raw texts become SampleTexts right after the fetch and are dropped with the result.
         """
         size = self.track_activity_query_size
         rows = self._run(conn, _TEXTS_SQL.format(pids=",".join(map(str, sorted(pids)))))
@@ -437,7 +437,12 @@ class Sampler:
         if self._failing:
             log.info("activity sampling resumed", extra=kv(instance=self.instance))
             self._failing = False
-        queries = self._query_samples(conn, rows) if self.max_query_samples else []
+        try:
+            queries = self._query_samples(conn, rows) if self.max_query_samples else []
+        except Exception as exc:  # never costs the activity sample (nor the sampler's thread)
+            queries = []
+            telemetry.query_samples_skipped.labels(self.instance, "failed").inc()
+            log.debug("query samples failed", extra=kv(instance=self.instance, error=type(exc).__name__))
         with self._lock:
             self._add(rows)
             self._query_rows.extend(queries)
