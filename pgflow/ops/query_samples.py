@@ -157,10 +157,11 @@ def query_sample_events(limits: SampleLimits | None, snapshot: Snapshot, *, samp
     export window its scrape falls in, like its metrics. ``limits`` None: a fresh state.
     """
     limits = limits or SampleLimits()
-    if snapshot.query_samples.height == 0:
+    samples = getattr(snapshot, "query_samples", None)  # a Snapshot pickled before issue 12 has none
+    if samples is None or samples.height == 0:
         return limits, pl.DataFrame(schema=EVENTS)
     kept, limits = limit_samples(
-        snapshot.query_samples, limits, sample_min_duration_ms=sample_min_duration_ms,
+        samples, limits, sample_min_duration_ms=sample_min_duration_ms,
         samples_per_fingerprint_per_hour=samples_per_fingerprint_per_hour, max_samples_per_window=max_samples_per_window,
         window=window_index(snapshot.scraped_at, export_interval_secs), now=snapshot.scraped_at)
     return limits, sample_events(kept, instance=snapshot.instance, server_address=snapshot.server_address,
