@@ -350,6 +350,32 @@ PLANS = pl.Schema(
         "explained_at": UTC_TS,
     }
 )
+# Issue 12: query samples, one row per execution (pid, query_start) the sampler read the text of
+# (pgflow/scrape/sampler.py), riding on the next Snapshot. The text is normalized (or a marker)
+# the moment it is read: a raw text is never held in a frame, a capture, the ledger or a log.
+QUERY_SAMPLES = pl.Schema(
+    {
+        "seen_at": UTC_TS,  # the sample that saw it (the server's clock)
+        "database": pl.String,
+        "user": pl.String,
+        "pid": pl.Int64,
+        "query_start": UTC_TS,
+        "duration_secs": pl.Float64,  # how long it had run when seen
+        "state": pl.String,
+        "wait_event_type": pl.String,
+        "wait_event": pl.String,
+        "query_id": pl.Int64,  # PostgreSQL 14+ (null on 13, or compute_query_id off)
+        "application_name": pl.String,
+        "client_addr": pl.String,  # null over a Unix socket
+        "fingerprint": pl.String,  # pgflow.ops.query_samples.sample_text: the statement metrics' key
+        "text": pl.String,  # normalized, or <truncated> / <unparsable>
+        "truncated": pl.Boolean,
+        "unparsable": pl.Boolean,
+        "blocking_root_pid": pl.Int64,  # a blocked session's root blocker (0: a prepared transaction)
+        "blocking_root_state": pl.String,
+        "blocking_root_fingerprint": pl.String,
+    }
+)
 EVENTS = pl.Schema(
     {
         "instance": pl.String,
@@ -459,9 +485,11 @@ class Snapshot:
     replication_slots: pl.DataFrame = field(default_factory=lambda: empty(REPLICATION_SLOTS))
     wal_receiver: pl.DataFrame = field(default_factory=lambda: empty(WAL_RECEIVER))
     health_scraped: tuple[str, ...] = ()
+    # issue 12: query samples taken since the previous scrape (normalized texts only)
+    query_samples: pl.DataFrame = field(default_factory=lambda: empty(QUERY_SAMPLES))
 
     FRAMES = ("statements", "activity", "locks", "blocked", "databases", "plans", "samples", "session_stats",
-              *HEALTH_FRAMES)
+              *HEALTH_FRAMES, "query_samples")
 
     def equals(self, other: Snapshot) -> bool:
         """Frame-for-frame equality (for capture round trips and replay checks)."""

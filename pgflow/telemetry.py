@@ -68,6 +68,28 @@ explains_failed = Counter("pgflow_explain_failures_total", "Explains that failed
                           "(lock_timeout, statement_timeout, permission, undefined_object, syntax, ...)",
                           ["instance", "cause"], registry=REGISTRY)
 
+# Issue 12: query samples. The sampler counts what it does not read (budget: too many pending,
+# ended: finished before its text was read, failed: the text query failed) and the texts it
+# reads; the limiter's decisions (taken; skipped as short, seen, window, fingerprint) are counted
+# by the caller of pgflow.ops.query_samples.query_sample_events with count_query_samples.
+query_sample_texts = Counter("pgflow_query_sample_texts_read_total",
+                             "Statement texts the sampler read (each normalized as it was read)", ["instance"],
+                             registry=REGISTRY)
+query_samples_taken = Counter("pgflow_query_samples_total", "Query samples sent as db.server.query_sample events",
+                              ["instance"], registry=REGISTRY)
+query_samples_skipped = Counter("pgflow_query_samples_skipped_total", "Query sample candidates skipped, by reason "
+                                "(budget, ended, failed, short, seen, window, fingerprint)", ["instance", "reason"],
+                                registry=REGISTRY)
+
+
+def count_query_samples(instance: str, taken: int, skipped: dict[str, int]) -> None:
+    """Publish the limiter's decisions (``SampleLimits.counts_since``: new state vs the one passed)."""
+    if taken:
+        query_samples_taken.labels(instance).inc(taken)
+    for reason, n in skipped.items():
+        if n > 0:
+            query_samples_skipped.labels(instance, reason).inc(n)
+
 
 class Health:
     """Healthy while some instance was scraped successfully within the last three intervals."""
