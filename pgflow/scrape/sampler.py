@@ -60,7 +60,7 @@ UNKNOWN_STATE = "unknown"  # the root blocker was not in the sample (or a cycle,
 # pg_database and pg_authid cost planning and execution every second, for names that a
 # client-side cache of oids gives for free (see Sampler._names).
 _SAMPLE_SQL = """
-SELECT pid, datid::int8, usesysid::int8, NULL::text, NULL::text, backend_type, state,
+SELECT /*pgflow*/ pid, datid::int8, usesysid::int8, NULL::text, NULL::text, backend_type, state,
        wait_event_type, wait_event, {query_id}, leader_pid,
        extract(epoch FROM now() - xact_start)::float8, age(backend_xmin)::int8,
        CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) END,
@@ -72,12 +72,12 @@ WHERE pid <> pg_backend_pid()
   AND wait_event_type IS DISTINCT FROM 'Activity'
   AND application_name IS DISTINCT FROM 'pgflow'
 """
-_NAMES_SQL = ("SELECT 'd', oid::int8, datname::text FROM pg_database "
+_NAMES_SQL = ("SELECT /*pgflow*/ 'd', oid::int8, datname::text FROM pg_database "
               "UNION ALL SELECT 'u', oid::int8, rolname::text FROM pg_roles")
 # Issue 12: the texts of a few backends only (pg_stat_get_activity(pid) reads one backend's entry).
-_TEXTS_SQL = ("SELECT a.pid, a.query_start, a.application_name, host(a.client_addr), a.query "
+_TEXTS_SQL = ("SELECT /*pgflow*/ a.pid, a.query_start, a.application_name, host(a.client_addr), a.query "
               "FROM unnest('{{{pids}}}'::int4[]) AS p(pid), LATERAL pg_stat_get_activity(p.pid) AS a")
-_QUERY_SIZE_SQL = "SELECT setting::int8, unit FROM pg_settings WHERE name = 'track_activity_query_size'"
+_QUERY_SIZE_SQL = "SELECT /*pgflow*/ setting::int8, unit FROM pg_settings WHERE name = 'track_activity_query_size'"
 HIDDEN_TEXT = "<insufficient privilege>"
 CLIENT_BACKEND = "client backend"
 # Row fields of _SAMPLE_SQL after _names (database and user names filled in).
@@ -397,8 +397,8 @@ class Sampler:
 
         No parameters, so psycopg sends the five statements as one simple-protocol query.
         """
-        cur = conn.execute(f"BEGIN READ ONLY; SET LOCAL statement_timeout = {self.statement_timeout_ms}; "  # type: ignore[arg-type]
-                           f"SET LOCAL lock_timeout = {self.lock_timeout_ms}; {sql}; ROLLBACK")
+        cur = conn.execute(f"BEGIN READ ONLY; SET LOCAL /*pgflow*/ statement_timeout = {self.statement_timeout_ms}; "  # type: ignore[arg-type]
+                           f"SET LOCAL /*pgflow*/ lock_timeout = {self.lock_timeout_ms}; {sql}; ROLLBACK")
         rows: list[tuple] = []
         while True:
             if cur.description is not None and len(cur.description) > 1:
