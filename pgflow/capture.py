@@ -22,8 +22,8 @@ import polars as pl
 
 from pgflow.errors import CaptureError, PgflowError
 from pgflow.ops.fingerprint import redact_text
-from pgflow.schema import (ACTIVITY, BLOCKED, DATABASES, LOCKS, PLANS, SAMPLES, SESSION_STATS, STATEMENTS,
-                           ServerIdentity, Snapshot)
+from pgflow.schema import (ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, LOCKS, PLANS, QUERY_SAMPLES, SAMPLES,
+                           SESSION_STATS, STATEMENTS, ServerIdentity, Snapshot, conform)
 
 _SCALARS = {
     "scrape_id": "BIGINT", "instance": "VARCHAR", "scraped_at": "TIMESTAMPTZ", "server_version_num": "INTEGER",
@@ -33,10 +33,12 @@ _SCALARS = {
     # issue 14: the server's identity (ServerIdentity), added to older files by ALTER TABLE
     "system_identifier": "BIGINT", "timeline": "BIGINT", "postmaster_started_at": "TIMESTAMPTZ",
     "in_recovery": "BOOLEAN", "identity_address": "VARCHAR",
+    "health_scraped": "VARCHAR",  # issue 13: comma-separated health groups read by the scrape
 }
 _IDENTITY_SCALARS = ("system_identifier", "timeline", "postmaster_started_at", "in_recovery", "identity_address")
 _FRAMES = {"statements": STATEMENTS, "activity": ACTIVITY, "locks": LOCKS, "blocked": BLOCKED, "databases": DATABASES,
-           "plans": PLANS, "samples": SAMPLES, "session_stats": SESSION_STATS}
+           "plans": PLANS, "samples": SAMPLES, "session_stats": SESSION_STATS, **HEALTH_FRAMES,
+           "query_samples": QUERY_SAMPLES}  # issue 12: normalized texts only (the sampler never holds raw ones)
 assert set(_FRAMES) == set(Snapshot.FRAMES), "capture must store every frame of a Snapshot"
 _TYPES = {pl.Int64: "BIGINT", pl.Float64: "DOUBLE", pl.String: "VARCHAR", pl.Boolean: "BOOLEAN"}
 
@@ -55,6 +57,9 @@ def _ddl() -> list[str]:
         cols = [(c, t) for c, t in schema.items() if not (name == "statements" and c == "query")]
         out.append(f"CREATE TABLE IF NOT EXISTS {name} (scrape_id BIGINT, ord INTEGER, "
                    + ", ".join(f'"{c}" {_sql_type(t)}' for c, t in cols) + ")")
+        # A capture written by an older pgflow gains the columns added since (issue 13).
+        out += [f'ALTER TABLE {name} ADD COLUMN IF NOT EXISTS "{c}" {_sql_type(t)}' for c, t in cols]
+    out += [f'ALTER TABLE scrapes ADD COLUMN IF NOT EXISTS "{k}" {t}' for k, t in _SCALARS.items()]
     return out
 
 
@@ -119,11 +124,12 @@ class CaptureWriter:
         con = self._con
         con.execute("BEGIN TRANSACTION")
         try:
-            con.execute(f"INSERT INTO scrapes VALUES ({', '.join('?' * len(_SCALARS))})", [
+            con.execute(f"INSERT INTO scrapes ({', '.join(_SCALARS)}) VALUES ({', '.join('?' * len(_SCALARS))})", [
                 scrape_id, snapshot.instance, snapshot.scraped_at, snapshot.server_version_num, snapshot.stats_reset,
                 snapshot.dealloc, snapshot.max_connections, snapshot.oldest_xact_age_secs,
                 snapshot.oldest_query_age_secs, snapshot.server_address, snapshot.server_port,
-                snapshot.hidden_statements, *_identity_values(snapshot.identity)])
+                snapshot.hidden_statements, *_identity_values(snapshot.identity),
+                ",".join(snapshot.health_scraped)])
             texts = snapshot.statements.filter(pl.col("query").is_not_null()).select(
                 pl.lit(snapshot.instance).alias("instance"), "dbid", "userid", "queryid", "query"
             ).unique(subset=["dbid", "userid", "queryid"], keep="first", maintain_order=True)
@@ -140,7 +146,7 @@ class CaptureWriter:
                     rows = frame.with_row_index("ord").with_columns(pl.col("ord").cast(pl.Int32),
                                                                     pl.lit(scrape_id).alias("scrape_id"))
                     con.register("new_rows", rows.select("scrape_id", "ord", *frame.columns).to_arrow())
-                    con.execute(f"INSERT INTO {name} SELECT * FROM new_rows")
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM new_rows")
                     con.unregister("new_rows")
             con.execute("COMMIT")
         except BaseException:
@@ -179,7 +185,7 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
         sid = row["scrape_id"]
         parts: dict[str, pl.DataFrame] = {}
         for name, schema in _FRAMES.items():
-            frame = frames[name].get((sid,)) if name in frames else None
+            frame = frames[name].get((sid,)) if name in frames else None  # older captures lack newer frames
             frame = frame.drop("scrape_id", "ord") if frame is not None else pl.DataFrame(schema=schema)
             if name == "statements":
                 known = texts_by_instance.get((row["instance"],), pl.DataFrame(
@@ -187,7 +193,7 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
                             "query": pl.String}))
                 frame = frame.join(known.drop("instance"), on=["dbid", "userid", "queryid"], how="left",
                                    maintain_order="left")
-            parts[name] = frame.select(schema.names()).cast(schema)  # type: ignore[arg-type]
+            parts[name] = conform(frame, schema)  # columns an older capture lacks are null
         yield Snapshot(
             instance=row["instance"], scraped_at=row["scraped_at"].astimezone(timezone.utc),
             server_version_num=row["server_version_num"],
@@ -195,7 +201,8 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
             dealloc=row["dealloc"], max_connections=row["max_connections"],
             oldest_xact_age_secs=row["oldest_xact_age_secs"], oldest_query_age_secs=row["oldest_query_age_secs"],
             server_address=row["server_address"] or "", server_port=row["server_port"] or 0,
-            hidden_statements=row["hidden_statements"] or 0, identity=_identity(row), **parts,
+            hidden_statements=row["hidden_statements"] or 0, identity=_identity(row),
+            health_scraped=tuple(filter(None, (row.get("health_scraped") or "").split(","))), **parts,
         )
 
 

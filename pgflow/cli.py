@@ -96,13 +96,15 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
     from pgflow.capture import capture_live
     from pgflow.scrape import Scraper
+    from pgflow.scrape.health import HealthSchedule
 
     settings = Settings.load(args.config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     scrapers = [Scraper(i.dsn, instance=i.name, statement_timeout_ms=settings.statement_timeout_ms,
-                        connect_timeout_secs=settings.connect_timeout_secs, text_cache_size=settings.text_cache_size)
+                        connect_timeout_secs=settings.connect_timeout_secs, text_cache_size=settings.text_cache_size,
+                        health=HealthSchedule.from_settings(settings))  # issue 13
                 for i in settings.targets()]
     interval = args.interval if args.interval is not None else settings.collection_interval_secs
     from pgflow.scrape.sampler import sampler_for  # issue 11: captures hold active-session samples

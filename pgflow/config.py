@@ -205,6 +205,13 @@ class Settings(BaseSettings):
     slow_query_threshold_ms: float = Field(0.0, ge=0)
     export_interval_secs: float = Field(60.0, gt=0, le=86400)
 
+    # --- issue 13: instance health groups (schema.HEALTH_GROUPS), each on its own interval ---
+    health_interval_secs: float = Field(60.0, gt=0, le=86400)
+    db_size_interval_secs: float = Field(300.0, gt=0, le=86400)
+    health_group_intervals: dict[str, Annotated[float, Field(gt=0, le=86400)]] = Field(default_factory=dict)
+    health_groups_disabled: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # --- end issue 13 ---
+
     # Where to send.
     new_relic_api_key: SecretStr | None = Field(
         None, validation_alias=_env("new_relic_api_key", "NEW_RELIC_API_KEY", "PGFLOW_NEW_RELIC_API_KEY")
@@ -294,6 +301,25 @@ class Settings(BaseSettings):
         value = value.strip().rstrip("/")
         if not re.match(r"^(https?://)?[A-Za-z0-9.\-\[\]:]+(:\d+)?(/.*)?$", value):
             raise ValueError("expected an endpoint such as https://otlp.nr-data.net:4317 or http://127.0.0.1:4317")
+        return value
+
+    # issue 13: health group names are checked against the groups pgflow knows.
+    @field_validator("health_groups_disabled", mode="before")
+    @classmethod
+    def _groups_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # env: a JSON list or "io,wal"
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+        return value
+
+    @field_validator("health_groups_disabled", "health_group_intervals")
+    @classmethod
+    def _known_groups(cls, value: Any) -> Any:
+        from pgflow.schema import HEALTH_GROUPS
+
+        unknown = sorted(set(value) - set(HEALTH_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown health group {unknown[0]!r}; known: {', '.join(HEALTH_GROUPS)}")
         return value
 
     @field_validator("metrics_addr")

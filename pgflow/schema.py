@@ -97,7 +97,18 @@ DATABASE_COUNTERS = (
     "temp_files",
     "temp_bytes",
     "deadlocks",
+    # issue 13: PostgreSQL 14+ session counters, and pg_stat_database_conflicts (standbys); null where absent.
+    "sessions",
+    "sessions_abandoned",
+    "sessions_fatal",
+    "sessions_killed",
+    "confl_tablespace",
+    "confl_lock",
+    "confl_snapshot",
+    "confl_bufferpin",
+    "confl_deadlock",
 )
+DATABASE_TIME_COUNTERS = ("session_time", "active_time", "idle_in_transaction_time")  # issue 13: ms, 14+
 DATABASES = pl.Schema(
     {
         "datid": pl.Int64,
@@ -105,6 +116,10 @@ DATABASES = pl.Schema(
         "numbackends": pl.Int64,
         "stats_reset": UTC_TS,
         **{c: pl.Int64 for c in DATABASE_COUNTERS},
+        # issue 13: gauges (how close each database is to wraparound) and the session times.
+        "frozen_xid_age": pl.Int64,
+        "min_mxid_age": pl.Int64,
+        **{c: pl.Float64 for c in DATABASE_TIME_COUNTERS},
     }
 )
 
@@ -153,6 +168,86 @@ SESSION_STATS = pl.Schema(
     }
 )
 
+# --- issue 13: instance health groups (one frame each; empty when the group was not due) ---
+# Counters are cumulative as PostgreSQL reports them (times in ms); ``stats_reset`` is the
+# view's own reset time, so the delta operator can tell a pg_stat_reset_shared() from work.
+DATABASE_SIZES = pl.Schema({"datid": pl.Int64, "database": pl.String, "size_bytes": pl.Int64})
+CHECKPOINTER = pl.Schema({
+    "stats_reset": UTC_TS,
+    **{c: pl.Int64 for c in ("num_timed", "num_requested", "num_done", "restartpoints_timed", "restartpoints_req",
+                             "restartpoints_done", "buffers_written")},
+    "write_time": pl.Float64,
+    "sync_time": pl.Float64,
+})
+BGWRITER = pl.Schema({
+    "stats_reset": UTC_TS,
+    **{c: pl.Int64 for c in ("buffers_clean", "maxwritten_clean", "buffers_alloc", "buffers_backend",
+                             "buffers_backend_fsync")},
+})
+WAL = pl.Schema({
+    "stats_reset": UTC_TS,
+    **{c: pl.Int64 for c in ("wal_records", "wal_fpi", "wal_bytes", "wal_buffers_full", "wal_write", "wal_sync")},
+    "wal_write_time": pl.Float64,
+    "wal_sync_time": pl.Float64,
+})
+IO_INT_COUNTERS = ("reads", "writes", "writebacks", "extends", "hits", "evictions", "reuses", "fsyncs")
+IO_TIME_COUNTERS = ("read_time", "write_time", "writeback_time", "extend_time", "fsync_time")
+IO = pl.Schema({
+    "backend_type": pl.String,
+    "object": pl.String,
+    "context": pl.String,
+    "stats_reset": UTC_TS,
+    **{c: pl.Int64 for c in IO_INT_COUNTERS},
+    **{c: pl.Float64 for c in IO_TIME_COUNTERS},
+})
+ARCHIVER = pl.Schema({
+    "stats_reset": UTC_TS,
+    "archived_count": pl.Int64,
+    "failed_count": pl.Int64,
+    "last_archived_age_secs": pl.Float64,
+    "last_failed_age_secs": pl.Float64,
+})
+REPLICATION = pl.Schema({
+    "pid": pl.Int64,
+    "application_name": pl.String,
+    "client_addr": pl.String,
+    "state": pl.String,
+    "sync_state": pl.String,
+    "data_delay_bytes": pl.Int64,
+    "write_lag": pl.Float64,  # seconds
+    "flush_lag": pl.Float64,
+    "replay_lag": pl.Float64,
+})
+REPLICATION_SLOTS = pl.Schema({
+    "slot_name": pl.String,
+    "slot_type": pl.String,
+    "active": pl.Boolean,
+    "retained_wal_bytes": pl.Int64,
+    "xmin_age": pl.Int64,
+    "catalog_xmin_age": pl.Int64,
+    "wal_status": pl.String,
+})
+WAL_RECEIVER = pl.Schema({
+    "status": pl.String,  # null: the standby's WAL receiver is not running
+    "last_msg_receipt_age_secs": pl.Float64,
+    "replay_delay_bytes": pl.Int64,  # received but not yet replayed
+    "replay_lag_secs": pl.Float64,  # since the last replayed transaction committed on the primary
+})
+HEALTH_FRAMES = {
+    "database_sizes": DATABASE_SIZES,
+    "checkpointer": CHECKPOINTER,
+    "bgwriter": BGWRITER,
+    "wal": WAL,
+    "io": IO,
+    "archiver": ARCHIVER,
+    "replication": REPLICATION,
+    "replication_slots": REPLICATION_SLOTS,
+    "wal_receiver": WAL_RECEIVER,
+}
+# The groups a setting can name, and the Snapshot frame each fills.
+HEALTH_GROUPS = {"db_size": "database_sizes", **{name: name for name in HEALTH_FRAMES if name != "database_sizes"}}
+# --- end issue 13 ---
+
 # Every point attribute pgflow exports; in a points frame, a null field is an absent attribute.
 ATTRIBUTE_KEYS = (
     "db.system.name",
@@ -176,6 +271,21 @@ ATTRIBUTE_KEYS = (
     "postgresql.wait_event.name",
     "postgresql.blocking.root.state",
     "postgresql.wait.source",
+)
+# issue 13: health attributes (the OTel postgresqlreceiver's bare names where it has them).
+ATTRIBUTE_KEYS += (
+    "type",
+    "source",
+    "operation",
+    "replication_client",
+    "postgresql.replication.application_name",
+    "postgresql.conflict.type",
+    "postgresql.session.end",
+    "postgresql.io.object",
+    "postgresql.io.context",
+    "postgresql.io.operation",
+    "postgresql.replication_slot.name",
+    "postgresql.replication_slot.type",
 )
 ATTRIBUTES = pl.Struct({key: pl.String for key in ATTRIBUTE_KEYS})
 
@@ -238,6 +348,32 @@ PLANS = pl.Schema(
         "body": pl.String,  # the obfuscated plan, JSON, at most 128 KB
         "method": pl.String,  # generic_plan | prepare | helper
         "explained_at": UTC_TS,
+    }
+)
+# Issue 12: query samples, one row per execution (pid, query_start) the sampler read the text of
+# (pgflow/scrape/sampler.py), riding on the next Snapshot. The text is normalized (or a marker)
+# the moment it is read: a raw text is never held in a frame, a capture, the ledger or a log.
+QUERY_SAMPLES = pl.Schema(
+    {
+        "seen_at": UTC_TS,  # the sample that saw it (the server's clock)
+        "database": pl.String,
+        "user": pl.String,
+        "pid": pl.Int64,
+        "query_start": UTC_TS,
+        "duration_secs": pl.Float64,  # how long it had run when seen
+        "state": pl.String,
+        "wait_event_type": pl.String,
+        "wait_event": pl.String,
+        "query_id": pl.Int64,  # PostgreSQL 14+ (null on 13, or compute_query_id off)
+        "application_name": pl.String,
+        "client_addr": pl.String,  # null over a Unix socket
+        "fingerprint": pl.String,  # pgflow.ops.query_samples.sample_text: the statement metrics' key
+        "text": pl.String,  # normalized, or <truncated> / <unparsable>
+        "truncated": pl.Boolean,
+        "unparsable": pl.Boolean,
+        "blocking_root_pid": pl.Int64,  # a blocked session's root blocker (0: a prepared transaction)
+        "blocking_root_state": pl.String,
+        "blocking_root_fingerprint": pl.String,
     }
 )
 EVENTS = pl.Schema(
@@ -337,13 +473,29 @@ class Snapshot:
     samples: pl.DataFrame = field(default_factory=lambda: empty(SAMPLES))
     session_stats: pl.DataFrame = field(default_factory=lambda: empty(SESSION_STATS))
 
-    FRAMES = ("statements", "activity", "locks", "blocked", "databases", "plans", "samples", "session_stats")
+    # issue 13: instance health groups; ``health_scraped`` names the groups this scrape read
+    # (a group not in it was not due: its frame is empty and says nothing).
+    database_sizes: pl.DataFrame = field(default_factory=lambda: empty(DATABASE_SIZES))
+    checkpointer: pl.DataFrame = field(default_factory=lambda: empty(CHECKPOINTER))
+    bgwriter: pl.DataFrame = field(default_factory=lambda: empty(BGWRITER))
+    wal: pl.DataFrame = field(default_factory=lambda: empty(WAL))
+    io: pl.DataFrame = field(default_factory=lambda: empty(IO))
+    archiver: pl.DataFrame = field(default_factory=lambda: empty(ARCHIVER))
+    replication: pl.DataFrame = field(default_factory=lambda: empty(REPLICATION))
+    replication_slots: pl.DataFrame = field(default_factory=lambda: empty(REPLICATION_SLOTS))
+    wal_receiver: pl.DataFrame = field(default_factory=lambda: empty(WAL_RECEIVER))
+    health_scraped: tuple[str, ...] = ()
+    # issue 12: query samples taken since the previous scrape (normalized texts only)
+    query_samples: pl.DataFrame = field(default_factory=lambda: empty(QUERY_SAMPLES))
+
+    FRAMES = ("statements", "activity", "locks", "blocked", "databases", "plans", "samples", "session_stats",
+              *HEALTH_FRAMES, "query_samples")
 
     def equals(self, other: Snapshot) -> bool:
         """Frame-for-frame equality (for capture round trips and replay checks)."""
         scalars = ("instance", "scraped_at", "server_version_num", "stats_reset", "dealloc", "max_connections",
                    "oldest_xact_age_secs", "oldest_query_age_secs", "server_address", "server_port", "hidden_statements",
-                   "identity")
+                   "identity", "health_scraped")
         return all(getattr(self, s) == getattr(other, s) for s in scalars) and all(
             getattr(self, f).equals(getattr(other, f)) for f in self.FRAMES
         )

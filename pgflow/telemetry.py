@@ -42,6 +42,12 @@ hidden_statements = Gauge("pgflow_hidden_statements",
 text_failures = Counter("pgflow_text_fetch_failures_total",
                         "Statement text fetches that failed (an unreadable text); counters went on", ["instance"],
                         registry=REGISTRY)
+
+# issue 13: instance health groups read, per group (each is one read-only query under the scrape's timeouts).
+health_queries = Counter("pgflow_health_queries_total", "Health group queries run", ["instance", "group"],
+                         registry=REGISTRY)
+health_groups_supported = Gauge("pgflow_health_group_supported", "1 if the server has the health group, else 0",
+                                ["instance", "group"], registry=REGISTRY)
 last_export = Gauge("pgflow_last_successful_export_timestamp_seconds", "Last acknowledged export",
                     registry=REGISTRY)
 
@@ -67,10 +73,28 @@ events_exported = Counter("pgflow_events_exported_total", "Events (plans, query 
 events_dropped = Counter("pgflow_events_dropped_total", "Events given up, by reason (backlog: the oldest, past "
                          "the bound of waiting events; rejected_by_endpoint)", ["reason"], registry=REGISTRY)
 events_queued = Gauge("pgflow_events_queued", "Events waiting for acknowledgement", ["instance"], registry=REGISTRY)
-query_samples = Counter("pgflow_query_samples_total", "Query samples taken (sent as events)", ["instance"],
-                        registry=REGISTRY)
-query_samples_skipped = Counter("pgflow_query_samples_skipped_total", "Query samples not taken, by reason "
-                                "(short, seen, fingerprint, window)", ["instance", "reason"], registry=REGISTRY)
+
+# Issue 12: query samples. The sampler counts what it does not read (budget: too many pending,
+# ended: finished before its text was read, failed: the text query failed) and the texts it
+# reads; the limiter's decisions (taken; skipped as short, seen, window, fingerprint) are counted
+# by the caller of pgflow.ops.query_samples.query_sample_events with count_query_samples.
+query_sample_texts = Counter("pgflow_query_sample_texts_read_total",
+                             "Statement texts the sampler read (each normalized as it was read)", ["instance"],
+                             registry=REGISTRY)
+query_samples_taken = Counter("pgflow_query_samples_total", "Query samples sent as db.server.query_sample events",
+                              ["instance"], registry=REGISTRY)
+query_samples_skipped = Counter("pgflow_query_samples_skipped_total", "Query sample candidates skipped, by reason "
+                                "(budget, ended, failed, short, seen, window, fingerprint)", ["instance", "reason"],
+                                registry=REGISTRY)
+
+
+def count_query_samples(instance: str, taken: int, skipped: dict[str, int]) -> None:
+    """Publish the limiter's decisions (``SampleLimits.counts_since``: new state vs the one passed)."""
+    if taken:
+        query_samples_taken.labels(instance).inc(taken)
+    for reason, n in skipped.items():
+        if n > 0:
+            query_samples_skipped.labels(instance, reason).inc(n)
 
 
 class Health:

@@ -231,6 +231,43 @@ def test_kill_9_and_restart_every_event_arrives_once(fresh_stats, tmp_path):
     assert set(acknowledged_before) | set(waiting) | set(captured_events(tmp_path / "cap2.duckdb")) <= set(received)
 
 
+def test_run_sends_a_slow_statements_sample_once_with_no_literal_anywhere(fresh_stats, tmp_path):
+    """`pgflow run` with the sampler on: a statement running 1.5 s with a secret literal arrives once
+    as a normalized db.server.query_sample with the fingerprint of its query metrics; the literal is
+    in no event, point, log line, ledger or capture file."""
+    import psycopg
+
+    secret = "zq-run-sample-secret-91"
+    cap, out = tmp_path / "cap.duckdb", tmp_path / "received.duckdb"
+    receiver = Receiver(out).start()
+    try:
+        env = plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 0,
+                       PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS="0.1")
+        proc = start_collector(env, "--capture", str(cap), log=tmp_path / "log")
+        wait_for_baseline(tmp_path / "state")
+        with psycopg.connect(fresh_stats.dsn(), autocommit=True, application_name="slow-app") as conn:
+            conn.execute(f"SELECT pg_sleep(1.5) WHERE '{secret}' <> current_user")  # type: ignore[arg-type]
+
+        def sampled() -> list[dict]:
+            return [a for a in attrs(receiver.logs()) if "pg_sleep" in (a.get("db.query.text") or "")]
+
+        wait_until(sampled, "the sample of the slow statement")
+        wait_until(lambda: any("pg_sleep" in (a.get("db.query.text") or "")
+                               for a in attrs(receiver.points())), "the slow statement's metrics")
+        assert stop(proc) == 0
+        (sample,) = sampled()  # once
+        metrics = {a["postgresql.query.fingerprint"] for a in attrs(receiver.points())
+                   if "pg_sleep" in (a.get("db.query.text") or "")}
+    finally:
+        receiver.stop()
+    assert sample["db.query.text"] == "SELECT pg_sleep($1) WHERE $2 <> current_user"
+    assert sample["postgresql.application_name"] == "slow-app" and sample["postgresql.query.duration"] >= 0.1
+    assert metrics == {sample["postgresql.query.fingerprint"]}  # keyed like its metrics
+    assert rows(read_logs(out)) == captured_events(cap)  # what the capture holds, sent once
+    files = [out, cap, tmp_path / "log", *(tmp_path / "state").rglob("*")]
+    assert not [f for f in files if f.is_file() and secret.encode() in f.read_bytes()]
+
+
 # The events outbox, in process --------------------------------------------------------------
 
 def _plans(n: int, t0: datetime) -> pl.DataFrame:
@@ -294,33 +331,32 @@ def test_events_backlog_is_bounded_oldest_dropped_and_old_ledgers_load(pg, tmp_p
 
 
 def test_query_samples_flow_through_events_with_a_budget_per_window():
-    """The events path for query samples (QUERY_SAMPLES, the sampler's contract): limited per
-    execution and per export window across snapshots, as db.server.query_sample events."""
-    from pgflow.ops.pipeline import EventsState, OpsSettings, events, query_sample_events
-    from pgflow.ops.query_samples import QUERY_SAMPLE, QUERY_SAMPLES
-    from pgflow.schema import STATEMENTS, Snapshot
+    """Query samples on the Snapshot (``query_samples``, the sampler's frame) through the events
+    operator: limited per execution and per export window across snapshots, with plans beside them."""
+    from dataclasses import replace
+
+    from pgflow.ops.pipeline import OpsSettings, events
+    from pgflow.ops.query_samples import QUERY_SAMPLE
+    from pgflow.schema import QUERY_SAMPLES, STATEMENTS, Snapshot
 
     ops_settings = OpsSettings.of(export_interval_secs=60, max_samples_per_window=3)
     t0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
-    def snap(at: datetime) -> Snapshot:
+    def snap(at: datetime, pids: range = range(0)) -> Snapshot:
+        samples = pl.DataFrame([{"seen_at": at, "database": "app", "user": "u", "pid": p, "query_start": t0,
+                                 "duration_secs": 1.0, "state": "active", "fingerprint": f"fp{p}",
+                                 "text": "SELECT $1", "truncated": False, "unparsable": False} for p in pids],
+                               schema=QUERY_SAMPLES)
         return Snapshot("db1", at, 180000, None, None, pl.DataFrame(schema=STATEMENTS), server_address="h",
-                        server_port=5432)
+                        server_port=5432, query_samples=samples)
 
-    def samples(at: datetime, pids: range) -> pl.DataFrame:
-        return pl.DataFrame([{"seen_at": at, "database": "app", "user": "u", "pid": p, "query_start": t0,
-                              "duration_secs": 1.0, "state": "active", "fingerprint": f"fp{p}", "text": "SELECT $1",
-                              "truncated": False, "unparsable": False} for p in pids], schema=QUERY_SAMPLES)
-
-    state, first = query_sample_events(EventsState(), samples(t0 + timedelta(seconds=5), range(2)),
-                                       snap(t0 + timedelta(seconds=5)), ops_settings)
-    state, second = query_sample_events(state, samples(t0 + timedelta(seconds=35), range(10)),
-                                        snap(t0 + timedelta(seconds=35)), ops_settings)
+    state, first = events(None, snap(t0 + timedelta(seconds=5), range(2)), ops_settings)
+    state, second = events(state, snap(t0 + timedelta(seconds=35), range(10)), ops_settings)
     assert first.height == 2 and second.height == 1  # 3 per window, over both snapshots
     assert state.samples.skipped == {"seen": 2, "window": 7}
-    state, third = query_sample_events(state, samples(t0 + timedelta(seconds=65), range(10)),
-                                       snap(t0 + timedelta(seconds=65)), ops_settings)
-    assert third.height == 3  # a new window
+    with_plan = replace(snap(t0 + timedelta(seconds=65), range(10)), plans=_plans(1, t0))
+    state, third = events(state, with_plan, ops_settings)
+    assert third["event_name"].to_list() == [PLAN] + [QUERY_SAMPLE] * 3  # a new window: 3 more, and the plan
     assert set(first["event_name"]) == {QUERY_SAMPLE} and first["server_address"].to_list() == ["h", "h"]
     # A snapshot without plans or samples gives no event and leaves the state alone.
     same, none = events(state, snap(t0 + timedelta(seconds=70)), ops_settings)

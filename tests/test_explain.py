@@ -292,13 +292,14 @@ def test_an_update_is_explained_read_only_and_not_executed(server):
     assert plan[0]["Plan"]["Node Type"] == "ModifyTable" and plan[0]["Plan"]["Operation"] == "Update"
     assert server.execute("SELECT bid, bbalance, xmin::text FROM pgbench_branches ORDER BY bid") == rows_before
     sent = pgflow_statements(server, since)
-    assert sent[:3] == ["BEGIN READ ONLY", "SET LOCAL statement_timeout = 2000", "SET LOCAL lock_timeout = 100"]
+    assert sent[:3] == ["BEGIN READ ONLY", "SET LOCAL /*pgflow*/ statement_timeout = 2000",
+                        "SET LOCAL /*pgflow*/ lock_timeout = 100"]
     assert sent[-1] == "ROLLBACK" and not any("ANALYZE" in s.upper() for s in sent)
     if method == "generic_plan":
-        assert sent[3] == f"EXPLAIN (GENERIC_PLAN, FORMAT JSON) {text}"
+        assert sent[3] == f"EXPLAIN /*pgflow*/ (GENERIC_PLAN, FORMAT JSON) {text}"
     else:
-        assert sent[3:8] == ["SET LOCAL plan_cache_mode = force_generic_plan", f"PREPARE pgflow_explain AS {text}",
-                             sent[5], "EXPLAIN (FORMAT JSON) EXECUTE pgflow_explain(NULL, NULL)",
+        assert sent[3:8] == ["SET LOCAL /*pgflow*/ plan_cache_mode = force_generic_plan", f"PREPARE /*pgflow*/ pgflow_explain AS {text}",
+                             sent[5], "EXPLAIN /*pgflow*/ (FORMAT JSON) EXECUTE pgflow_explain(NULL, NULL)",
                              "DEALLOCATE pgflow_explain"]
 
 
@@ -358,7 +359,7 @@ def test_budget_ttl_and_error_cache_hold(server):
         since = log_size(server)
         got = plans_source.run(fifty, version(server))
         sent = [s for s in pgflow_statements(server, since)
-                if s.startswith(("EXPLAIN (GENERIC_PLAN", "PREPARE"))]  # one per statement explained
+                if s.startswith(("EXPLAIN /*pgflow*/ (GENERIC_PLAN", "PREPARE"))]  # one per statement explained
         assert got.height == 5 and len(sent) == 5  # the server saw five explains, no more
         seen.append(set(got["fingerprint"]))
     assert len(seen[0] | seen[1] | seen[2]) == 15  # none again within its TTL

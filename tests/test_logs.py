@@ -278,7 +278,8 @@ def test_sample_limits_hold():
     assert again.height <= 5  # executions already sent are not sent again; fingerprints near their hour's cap
     assert state.skipped["seen"] >= 40
     short = window(t0 + timedelta(minutes=1), 10, 1, duration=0.05).with_columns(pl.col("fingerprint") + "-new")
-    assert limit_samples(short, state)[0].height == 0 and state.skipped["short"] == 10
+    short_kept, state = limit_samples(short, state)  # the state is a value: the new one is returned
+    assert short_kept.height == 0 and state.skipped["short"] == 10
     later = window(t0 + timedelta(hours=1, minutes=1), 200, 3).with_columns(pl.col("pid") + 10_000)
     kept_later, state = limit_samples(later, state, samples_per_fingerprint_per_hour=15, max_samples_per_window=100)
     assert kept_later.height == 45  # an hour on, each fingerprint may have 15 again

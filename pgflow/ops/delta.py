@@ -35,6 +35,7 @@ import polars as pl
 
 from pgflow.schema import (
     DATABASE_COUNTERS,
+    DATABASE_TIME_COUNTERS,
     STATEMENT_INT_COUNTERS,
     STATEMENT_KEY,
     STATEMENT_TIME_COUNTERS,
@@ -165,7 +166,8 @@ class Deltas:
     @property
     def databases(self) -> pl.DataFrame:
         """pg_stat_database deltas: datid, database and the counters (built when asked for)."""
-        return _side_by_side(self.database_rows, (self.database_counters.ints, DATABASE_COUNTERS))
+        return _side_by_side(self.database_rows, (self.database_counters.ints, DATABASE_COUNTERS),
+                             (self.database_counters.floats, DATABASE_TIME_COUNTERS))
 
     @property
     def statements(self) -> pl.DataFrame:
@@ -211,7 +213,7 @@ def delta(state: DeltaState | None, snapshot: Snapshot,
     rows = _rows(snapshot.statements)
     counters = Counters.of(snapshot.statements, STATEMENT_INT_COUNTERS, STATEMENT_TIME_COUNTERS, "stats_since")
     databases = pl.DataFrame([snapshot.databases.get_column("datid"), snapshot.databases.get_column("database")])
-    database_counters = Counters.of(snapshot.databases, DATABASE_COUNTERS, (), "stats_reset")
+    database_counters = Counters.of(snapshot.databases, DATABASE_COUNTERS, DATABASE_TIME_COUNTERS, "stats_reset")
     at = None if state is None else _positions(rows, state.rows, list(STATEMENT_KEY))
     if at is None and state is not None and all(rows[c].equals(state.rows[c]) for c in ("database", "user")):
         rows = state.rows  # same entries, same names, same order: keep the frame the window holds

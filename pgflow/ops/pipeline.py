@@ -8,7 +8,6 @@ and the flow call it once per snapshot, beside ``step``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -17,13 +16,14 @@ import polars as pl
 
 from pgflow.config import Settings
 from pgflow.ops import activity as act
+from pgflow.ops import health
 from pgflow.ops import window as win
 from pgflow.ops.cap import CapState, cap
-from pgflow.ops.delta import DeltaState, delta
+from pgflow.ops.delta import DeltaState, delta, server_changed
 from pgflow.ops.fingerprint import Fingerprinter
 from pgflow.ops.plan_events import snapshot_plan_events
 from pgflow.ops.points import points
-from pgflow.ops.query_samples import QUERY_SAMPLES, SampleLimits, limit_samples, sample_events
+from pgflow.ops.query_samples import SampleLimits, query_sample_events
 from pgflow.schema import EVENTS, POINTS, Snapshot
 
 
@@ -64,6 +64,7 @@ class InstanceState:
     cap: CapState
     scrapes: int = 0
     activity: act.ActivityState | None = None  # issue 11: active-session samples per open window
+    health: health.HealthState | None = None  # issue 13: per-database and instance health
 
 
 def initial_state(settings: OpsSettings) -> InstanceState:
@@ -99,6 +100,7 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
     def label(rows: pl.DataFrame) -> pl.DataFrame:  # raw texts never enter the state
         return fingerprinter.apply(snapshot.instance, rows).drop("query")
 
+    changed = state.delta is not None and server_changed(state.delta, snapshot) is not None
     delta_state, deltas = delta(state.delta, snapshot, label)
     if delta_state is state.delta:  # a snapshot from the past: ignored whole
         return state, _NO_POINTS
@@ -106,7 +108,12 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
     window_state = win.add(window_state, snapshot, deltas)
     activity = act.add(getattr(state, "activity", None) or act.ActivityState(), snapshot, state.window.length)
     state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1, activity=activity)
-    return _emit(state, closed, settings)
+    state, out = _emit(state, closed, settings)
+    health_state = _health_state(state)
+    if changed:  # another server: its instance counters are a new baseline too
+        health_state = health.without_baselines(health_state)
+    return _with_health(state, out, *health.step(health_state, snapshot, deltas,
+                                                 closed_until=getattr(state.window, "closed_until", None)))
 
 
 def finish(state: InstanceState, settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
@@ -116,24 +123,34 @@ def finish(state: InstanceState, settings: OpsSettings) -> tuple[InstanceState, 
     restart the same period continues in a window that starts where this one ended.
     """
     window_state, closed = win.close_all(state.window)
-    return _emit(replace(state, window=window_state), closed, settings)
+    state, out = _emit(replace(state, window=window_state), closed, settings)
+    return _with_health(state, out, *health.finish(_health_state(state)))
+
+
+def _health_state(state: InstanceState) -> health.HealthState:
+    return state.health if state.health is not None else health.initial(state.window.length)
+
+
+def _with_health(state: InstanceState, out: pl.DataFrame, health_state: health.HealthState,
+                 health_points: pl.DataFrame) -> tuple[InstanceState, pl.DataFrame]:
+    state = replace(state, health=health_state)
+    if not health_points.height:
+        return state, out
+    return state, (pl.concat([out, health_points]) if out.height else health_points)
 
 
 # Issue 12: events ------------------------------------------------------------------------------
 
 _NO_EVENTS = pl.DataFrame(schema=EVENTS)
-_NO_SAMPLES = pl.DataFrame(schema=QUERY_SAMPLES)
 
 
 @dataclass(frozen=True)
 class EventsState:
-    """What the events carry from snapshot to snapshot: the query-sample limiter (at most an hour
-    of sent samples' times and executions) and how many samples the current window has sent.
-    Small and picklable; kept beside the operators' state in the ledger."""
+    """What the events carry from snapshot to snapshot: the query-sample limiter
+    (:class:`SampleLimits`: the last hour's samples, this window's budget). Small, immutable and
+    picklable; kept in the ledger beside the operators' state, so a restart sends no execution twice."""
 
     samples: SampleLimits = field(default_factory=SampleLimits)
-    window: int | None = None  # export window (index) of the last samples sent
-    sent_in_window: int = 0
 
 
 def events(state: EventsState | None, snapshot: Snapshot, settings: OpsSettings) -> tuple[EventsState, pl.DataFrame]:
@@ -145,31 +162,15 @@ def events(state: EventsState | None, snapshot: Snapshot, settings: OpsSettings)
     snapshot, in order, so all give the same events.
     """
     state = state or EventsState()
-    # Query samples: ``snapshot.query_samples`` here (QUERY_SAMPLES) once the sampler puts them on the Snapshot.
-    samples = _NO_SAMPLES
-    if snapshot.plans.height == 0 and samples.height == 0:
-        return state, _NO_EVENTS
     frames = [snapshot_plan_events(snapshot)] if snapshot.plans.height else []
-    if samples.height:
-        state, sampled = query_sample_events(state, samples, snapshot, settings)
-        frames.append(sampled)
+    if getattr(snapshot, "query_samples", _NO_EVENTS).height:  # (skipped when empty: an empty frame costs ~1 ms)
+        limits, samples = query_sample_events(
+            state.samples, snapshot, sample_min_duration_ms=settings.sample_min_duration_ms,
+            samples_per_fingerprint_per_hour=settings.samples_per_fingerprint_per_hour,
+            max_samples_per_window=settings.max_samples_per_window, export_interval_secs=settings.export_interval_secs)
+        state = replace(state, samples=limits)
+        frames.append(samples)
     frames = [f for f in frames if f.height]
-    return state, (pl.concat(frames) if frames else _NO_EVENTS)
-
-
-def query_sample_events(state: EventsState, samples: pl.DataFrame, snapshot: Snapshot,
-                        settings: OpsSettings) -> tuple[EventsState, pl.DataFrame]:
-    """A snapshot's query samples (``QUERY_SAMPLES``) through the limits, as events.
-
-    ``max_samples_per_window`` holds per export window (of the snapshot's time), however many
-    snapshots the window has; the limiter's state is copied, never changed in place.
-    """
-    window = int(snapshot.scraped_at.timestamp() // settings.export_interval_secs)
-    sent = state.sent_in_window if state.window == window else 0
-    kept, limits = limit_samples(samples, copy.deepcopy(state.samples),
-                                 sample_min_duration_ms=settings.sample_min_duration_ms,
-                                 samples_per_fingerprint_per_hour=settings.samples_per_fingerprint_per_hour,
-                                 max_samples_per_window=max(0, settings.max_samples_per_window - sent))
-    out = sample_events(kept, instance=snapshot.instance, server_address=snapshot.server_address,
-                        server_port=snapshot.server_port, server_version_num=snapshot.server_version_num)
-    return EventsState(limits, window, sent + kept.height), out
+    if not frames:
+        return state, _NO_EVENTS
+    return state, (frames[0] if len(frames) == 1 else pl.concat(frames))

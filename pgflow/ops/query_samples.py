@@ -1,52 +1,40 @@
-"""Query samples → ``db.server.query_sample`` events (pure; the sampler of issue 11 feeds it).
+"""Query samples → ``db.server.query_sample`` events (pure; the sampler feeds it).
 
 Three steps, each a pure function:
 - :func:`sample_text`: a ``pg_stat_activity.query`` text as it may leave the collector: normalized
   with pglast (no literal, no comment) and fingerprinted like the statement metrics; a text cut by
   ``track_activity_query_size`` or one pglast cannot parse becomes a marker, never raw text.
-  The sampler calls it the moment it reads a text, so a raw text is never held anywhere else.
+  The sampler (:mod:`pgflow.scrape.sampler`) calls it the moment it reads a text, so a raw text
+  is never held anywhere else; its rows ride on the Snapshot as the ``query_samples`` frame.
 - :func:`limit_samples`: one row per execution (pid, query_start), only executions running longer
   than ``sample_min_duration_ms``, at most ``samples_per_fingerprint_per_hour`` per fingerprint and
-  ``max_samples_per_window`` per window (the longest-running first); the state is a small,
-  picklable value carried from window to window.
+  ``max_samples_per_window`` per export window (the longest-running first); the state
+  (:class:`SampleLimits`) is a small, immutable, picklable value carried from snapshot to snapshot.
 - :func:`sample_events`: the kept rows as events with the OpenTelemetry receiver's attribute names.
+
+:func:`query_sample_events` composes them for one Snapshot: the one call the events path makes.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import polars as pl
 
 from pgflow.ops.fingerprint import fallback_info, parse_info
-from pgflow.schema import EVENT_ATTRIBUTE_TYPES, EVENTS, UTC_TS
+from pgflow.schema import EVENT_ATTRIBUTE_TYPES, EVENTS, QUERY_SAMPLES, Snapshot, conform
 
 QUERY_SAMPLE = "db.server.query_sample"
 TRUNCATED, UNPARSABLE = "<truncated>", "<unparsable>"
+SKIP_REASONS = ("short", "seen", "window", "fingerprint")  # the limiter's; the sampler adds its own
+HOUR = timedelta(hours=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
-# What the sampler hands over, one row per execution seen (proposed contract for issue 11's sampler).
-QUERY_SAMPLES = pl.Schema({
-    "seen_at": UTC_TS,  # the sample that saw it (the server's clock)
-    "database": pl.String,
-    "user": pl.String,
-    "pid": pl.Int64,
-    "query_start": UTC_TS,
-    "duration_secs": pl.Float64,  # how long it had run when seen
-    "state": pl.String,
-    "wait_event_type": pl.String,
-    "wait_event": pl.String,
-    "query_id": pl.Int64,  # PostgreSQL 14+
-    "application_name": pl.String,
-    "client_addr": pl.String,
-    "fingerprint": pl.String,  # from sample_text
-    "text": pl.String,  # from sample_text: normalized, or a marker
-    "truncated": pl.Boolean,
-    "unparsable": pl.Boolean,
-    "blocking_root_pid": pl.Int64,  # for a blocked session: its root blocker
-    "blocking_root_state": pl.String,
-    "blocking_root_fingerprint": pl.String,
-})
+__all__ = ["QUERY_SAMPLE", "QUERY_SAMPLES", "TRUNCATED", "UNPARSABLE", "SampleLimits", "SampleText", "limit_samples",
+           "query_sample_events", "sample_events", "sample_text"]
 
 
 @dataclass(frozen=True)
@@ -70,51 +58,114 @@ def sample_text(raw: str | None, track_activity_query_size: int = 1024) -> Sampl
     return SampleText(info.fingerprint, info.text, False, False)
 
 
-@dataclass
+def _secs(t: datetime) -> float:
+    return (t - _EPOCH).total_seconds()
+
+
+def _micros(t: datetime | None) -> int:
+    return (t - _EPOCH) // timedelta(microseconds=1) if t is not None else 0
+
+
+@dataclass(frozen=True)
 class SampleLimits:
-    """The limiter's state: when each fingerprint was last sampled, and executions already sent."""
+    """The limiter's state, carried from snapshot to snapshot (and kept in the ledger).
 
-    sent: dict[str, list] = field(default_factory=dict)  # fingerprint → times of samples in the last hour
-    executions: dict[tuple, object] = field(default_factory=dict)  # (pid, query_start) → seen_at
-    skipped: dict[str, int] = field(default_factory=dict)  # reason → count (cumulative)
+    Immutable (every call returns a new value) and bounded: ``sent`` holds one small tuple per
+    sample sent within the last hour, so at most ``max_samples_per_window`` x windows per hour
+    entries (6,000 with the defaults; typically a few dozen), pruned at every call.
+    ``taken``/``skipped`` are cumulative counts for ``/metrics``: the caller publishes the
+    difference between the state it passed and the one it got (:meth:`counts_since`).
+    """
 
-    def skip(self, reason: str, n: int = 1) -> None:
-        if n:
-            self.skipped[reason] = self.skipped.get(reason, 0) + n
+    # (sent at: epoch seconds, fingerprint, pid, query_start: epoch microseconds), oldest first
+    sent: tuple[tuple[float, str, int, int], ...] = ()
+    window: int | None = None  # the export window (index since the epoch) the budget below counts for
+    window_sent: int = 0
+    taken: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason → count; never mutated once built
+
+    def counts_since(self, previous: SampleLimits | None) -> tuple[int, dict[str, int]]:
+        """Samples taken and skipped (by reason) between ``previous`` and this state."""
+        before = previous.skipped if previous is not None else {}
+        skipped = {r: n - before.get(r, 0) for r, n in self.skipped.items() if n - before.get(r, 0) > 0}
+        return self.taken - (previous.taken if previous is not None else 0), skipped
 
 
 def limit_samples(samples: pl.DataFrame, state: SampleLimits | None = None, *, sample_min_duration_ms: float = 100,
                   samples_per_fingerprint_per_hour: int = 15, max_samples_per_window: int = 100,
-                  ) -> tuple[pl.DataFrame, SampleLimits]:
-    """The samples to send this window, and the new state (see the module's docstring)."""
+                  window: int | None = None, now: datetime | None = None) -> tuple[pl.DataFrame, SampleLimits]:
+    """The samples to send, and the new state (``state`` is never changed).
+
+    ``window``: the export window these samples count against (samples of one window share
+    ``max_samples_per_window``); None: a window of their own. ``now`` (default: the latest
+    ``seen_at``) ages the per-fingerprint hour. Executions are deduplicated on (pid, query_start):
+    within the frame (the longest observation is kept) and against the last hour's samples
+    (a sampler that restarted sees a still-running execution again).
+    """
     state = state or SampleLimits()
+    samples = conform(samples, QUERY_SAMPLES)
     if samples.height == 0:
         return samples, state
-    longest = (samples.sort("duration_secs", descending=True, maintain_order=True)
+    now = now or samples["seen_at"].max()  # type: ignore[assignment]
+    horizon = _secs(now) - HOUR.total_seconds()  # type: ignore[arg-type]
+    sent = [s for s in state.sent if s[0] > horizon]
+    window_sent = state.window_sent if window is not None and window == state.window else 0
+    skipped = dict(state.skipped)
+
+    def skip(reason: str, n: int = 1) -> None:
+        if n:
+            skipped[reason] = skipped.get(reason, 0) + n
+
+    longest = (samples.sort("duration_secs", descending=True, nulls_last=True, maintain_order=True)
                .unique(["pid", "query_start"], keep="first", maintain_order=True))
     slow = longest.filter(pl.col("duration_secs") * 1000 >= sample_min_duration_ms)
-    state.skip("short", longest.height - slow.height)
-    now = samples["seen_at"].max()
-    hour_ago = now - timedelta(hours=1)  # type: ignore[operator]
-    for fp in list(state.sent):
-        state.sent[fp] = [t for t in state.sent[fp] if t > hour_ago]
-        if not state.sent[fp]:
-            del state.sent[fp]
-    state.executions = {k: t for k, t in state.executions.items() if t > hour_ago}  # type: ignore[operator]
+    skip("short", longest.height - slow.height)
+    per_fingerprint = Counter(s[1] for s in sent)
+    executions = {(s[2], s[3]) for s in sent}
     kept = []
-    for i, row in enumerate(slow.select("pid", "query_start", "fingerprint", "seen_at").iter_rows()):
-        pid, start, fp, seen = row
-        if (pid, start) in state.executions:
-            state.skip("seen")
-        elif len(kept) >= max_samples_per_window:
-            state.skip("window")
-        elif len(state.sent.get(fp, ())) >= samples_per_fingerprint_per_hour:
-            state.skip("fingerprint")
+    for i, (pid, start, fp, seen) in enumerate(slow.select("pid", "query_start", "fingerprint", "seen_at").iter_rows()):
+        execution = (pid, _micros(start))
+        if execution in executions:
+            skip("seen")
+        elif window_sent >= max_samples_per_window:
+            skip("window")
+        elif per_fingerprint[fp] >= samples_per_fingerprint_per_hour:
+            skip("fingerprint")
         else:
             kept.append(i)
-            state.sent.setdefault(fp, []).append(seen)
-            state.executions[(pid, start)] = seen
-    return slow[kept], state
+            window_sent += 1
+            per_fingerprint[fp] += 1
+            executions.add(execution)
+            sent.append((_secs(seen), fp, pid, execution[1]))
+    sent.sort(key=lambda s: s[0])
+    new = SampleLimits(tuple(sent), window, window_sent, state.taken + len(kept), skipped)
+    return slow[kept], new
+
+
+def window_index(at: datetime, export_interval_secs: float) -> int:
+    """The export window ``at`` falls in (windows are aligned to the epoch, as pgflow.ops.window's)."""
+    return math.floor(_secs(at) / export_interval_secs)
+
+
+def query_sample_events(limits: SampleLimits | None, snapshot: Snapshot, *, sample_min_duration_ms: float = 100,
+                        samples_per_fingerprint_per_hour: int = 15, max_samples_per_window: int = 100,
+                        export_interval_secs: float = 60.0) -> tuple[SampleLimits, pl.DataFrame]:
+    """The ``db.server.query_sample`` events of one snapshot, and the limiter's new state.
+
+    The one call the events path makes per snapshot (pure: the same snapshots and settings give
+    the same events live, in replay and in a notebook). A snapshot's samples count against the
+    export window its scrape falls in, like its metrics. ``limits`` None: a fresh state.
+    """
+    limits = limits or SampleLimits()
+    samples = getattr(snapshot, "query_samples", None)  # a Snapshot pickled before issue 12 has none
+    if samples is None or samples.height == 0:
+        return limits, pl.DataFrame(schema=EVENTS)
+    kept, limits = limit_samples(
+        samples, limits, sample_min_duration_ms=sample_min_duration_ms,
+        samples_per_fingerprint_per_hour=samples_per_fingerprint_per_hour, max_samples_per_window=max_samples_per_window,
+        window=window_index(snapshot.scraped_at, export_interval_secs), now=snapshot.scraped_at)
+    return limits, sample_events(kept, instance=snapshot.instance, server_address=snapshot.server_address,
+                                 server_port=snapshot.server_port, server_version_num=snapshot.server_version_num)
 
 
 def sample_events(samples: pl.DataFrame, *, instance: str, server_address: str = "", server_port: int = 0,

@@ -81,6 +81,7 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval
         with conn:
             _diagnose(conn, instance.dsn, report)
             report.add(*explain_helper_finding(conn))  # issue 12
+            health_groups(conn, report)  # issue 13
     except psycopg.Error as exc:
         report.add("fail", "query", str(classify(exc, instance.dsn)))
     _check_sampling(instance, report, connect_timeout, sample_interval_secs)
@@ -190,3 +191,18 @@ def _texts(conn: psycopg.Connection, dsn: str, schema: str, report: CheckReport)
                    "queryid until that entry leaves pg_stat_statements (or pg_stat_statements_reset() removes it)")
     else:
         report.add("fail", "texts", str(failure))
+
+
+def health_groups(conn: psycopg.Connection, report: CheckReport) -> None:
+    """Issue 13: which health groups this server supports (found as the scraper finds them)."""
+    from pgflow.schema import HEALTH_GROUPS
+    from pgflow.scrape.health import DISCOVER_SQL, HealthSupport
+
+    support = HealthSupport.of(conn.execute(DISCOVER_SQL).fetchone())  # type: ignore[arg-type]
+    standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
+    conn.rollback()
+    have = [g for g in HEALTH_GROUPS if support.supports(g)]
+    lacking = [f"{g} ({support.why_not(g)})" for g in HEALTH_GROUPS if not support.supports(g)]
+    role = "standby: replication lag is read from wal_receiver" if standby else "primary"
+    report.add("ok", "health groups", f"{', '.join(have)} ({role})"
+               + (f"; not on this server: {', '.join(lacking)}" if lacking else ""))

@@ -130,8 +130,8 @@ class Explainer:
 
     def _begin(self, cur: psycopg.Cursor) -> None:
         cur.execute("BEGIN READ ONLY")
-        cur.execute(f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}")
-        cur.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
+        cur.execute(f"SET LOCAL /*pgflow*/ statement_timeout = {int(self.statement_timeout_ms)}")
+        cur.execute(f"SET LOCAL /*pgflow*/ lock_timeout = {int(self.lock_timeout_ms)}")
 
     def explain(self, conn: psycopg.Connection, text: str, server_version_num: int,
                 helper: bool = False) -> tuple[list, str]:
@@ -153,21 +153,21 @@ class Explainer:
                 self._begin(cur)
                 if method == "helper":
                     # A bound parameter: the text is a value here, never part of the command.
-                    cur.execute("SELECT pgflow.explain_generic(%s)", (text,))
+                    cur.execute("SELECT /*pgflow*/ pgflow.explain_generic(%s)", (text,))
                     plan = cur.fetchone()[0]  # type: ignore[index]
                 elif method == "generic_plan":
                     # Simple protocol (no parameters), so $n stay placeholders for GENERIC_PLAN.
-                    cur.execute("EXPLAIN (GENERIC_PLAN, FORMAT JSON) " + text)
+                    cur.execute("EXPLAIN /*pgflow*/ (GENERIC_PLAN, FORMAT JSON) " + text)
                     plan = cur.fetchone()[0]  # type: ignore[index]
                 else:
-                    cur.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-                    cur.execute("PREPARE pgflow_explain AS " + text)
+                    cur.execute("SET LOCAL /*pgflow*/ plan_cache_mode = force_generic_plan")
+                    cur.execute("PREPARE /*pgflow*/ pgflow_explain AS " + text)
                     prepared = True
-                    cur.execute("SELECT coalesce(cardinality(parameter_types), 0) FROM pg_prepared_statements "
+                    cur.execute("SELECT /*pgflow*/ coalesce(cardinality(parameter_types), 0) FROM pg_prepared_statements "
                                 "WHERE name = 'pgflow_explain'")
                     count = cur.fetchone()[0]  # type: ignore[index]
                     args = f"({', '.join(['NULL'] * count)})" if count else ""
-                    cur.execute(f"EXPLAIN (FORMAT JSON) EXECUTE pgflow_explain{args}")
+                    cur.execute(f"EXPLAIN /*pgflow*/ (FORMAT JSON) EXECUTE pgflow_explain{args}")
                     plan = cur.fetchone()[0]  # type: ignore[index]
                     cur.execute("DEALLOCATE pgflow_explain")
                     prepared = False

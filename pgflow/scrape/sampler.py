@@ -11,9 +11,21 @@ its :class:`~pgflow.schema.Snapshot` (``samples`` and ``session_stats``):
 
 One statement per sample, one round trip (simple protocol: ``BEGIN READ ONLY``, ``SET LOCAL``
 statement_timeout and lock_timeout, the SELECT, ``ROLLBACK``). It never reads the ``query``
-text, and it asks ``pg_blocking_pids()`` only for sessions waiting on a heavyweight lock (the
-function takes the lock manager's locks). A sample that fails or runs late is counted
-(``failed``, ``skipped``) and never guessed: missing samples add no session-seconds.
+text in that statement, and it asks ``pg_blocking_pids()`` only for sessions waiting on a
+heavyweight lock (the function takes the lock manager's locks). A sample that fails or runs late
+is counted (``failed``, ``skipped``) and never guessed: missing samples add no session-seconds.
+
+Query samples (issue 12): when a client backend's statement has been active longer than
+``sample_min_duration_ms`` and its execution (pid, query_start) was not seen before, a second
+narrow statement (same transaction rules) reads the text of those pids only, plus their root
+blockers' when they are blocked. Each text goes through
+:func:`~pgflow.ops.query_samples.sample_text` the moment it is read: only the normalized text
+(or a marker) and the fingerprint are kept, in a third table that rides on the Snapshot as
+``query_samples``. At most ``max_query_samples`` wait there between two drains; past that no
+text is read (counted as skipped, reason ``budget``), so a busy server costs no more reads; and
+on PostgreSQL 14+ a query id whose text was read ``samples_per_fingerprint_per_hour`` times in
+the last hour is not read again (reason ``fingerprint``). The limiter
+(:func:`pgflow.ops.query_samples.query_sample_events`) applies the exact limits downstream.
 """
 
 from __future__ import annotations
@@ -30,7 +42,8 @@ import psycopg
 from pgflow import telemetry
 from pgflow.config import Settings, redact_dsn
 from pgflow.logs import kv
-from pgflow.schema import SAMPLES, SESSION_STATS, Snapshot
+from pgflow.ops.query_samples import sample_text
+from pgflow.schema import QUERY_SAMPLES, SAMPLES, SESSION_STATS, Snapshot
 from pgflow.scrape.connection import connect
 
 log = logging.getLogger("pgflow.sampler")
@@ -47,24 +60,75 @@ UNKNOWN_STATE = "unknown"  # the root blocker was not in the sample (or a cycle,
 # pg_database and pg_authid cost planning and execution every second, for names that a
 # client-side cache of oids gives for free (see Sampler._names).
 _SAMPLE_SQL = """
-SELECT pid, datid::int8, usesysid::int8, NULL::text, NULL::text, backend_type, state,
+SELECT /*pgflow*/ pid, datid::int8, usesysid::int8, NULL::text, NULL::text, backend_type, state,
        wait_event_type, wait_event, {query_id}, leader_pid,
        extract(epoch FROM now() - xact_start)::float8, age(backend_xmin)::int8,
        CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) END,
-       query = '<insufficient privilege>'
+       query = '<insufficient privilege>',
+       query_start, extract(epoch FROM now() - query_start)::float8, now()
 FROM pg_stat_get_activity(NULL)
 WHERE pid <> pg_backend_pid()
   AND state IS DISTINCT FROM 'idle' AND state IS DISTINCT FROM 'disabled'
   AND wait_event_type IS DISTINCT FROM 'Activity'
   AND application_name IS DISTINCT FROM 'pgflow'
 """
-_NAMES_SQL = ("SELECT 'd', oid::int8, datname::text FROM pg_database "
+_NAMES_SQL = ("SELECT /*pgflow*/ 'd', oid::int8, datname::text FROM pg_database "
               "UNION ALL SELECT 'u', oid::int8, rolname::text FROM pg_roles")
+# Issue 12: the texts of a few backends only (pg_stat_get_activity(pid) reads one backend's entry).
+_TEXTS_SQL = ("SELECT /*pgflow*/ a.pid, a.query_start, a.application_name, host(a.client_addr), a.query "
+              "FROM unnest('{{{pids}}}'::int4[]) AS p(pid), LATERAL pg_stat_get_activity(p.pid) AS a")
+_QUERY_SIZE_SQL = "SELECT /*pgflow*/ setting::int8, unit FROM pg_settings WHERE name = 'track_activity_query_size'"
+HIDDEN_TEXT = "<insufficient privilege>"
+CLIENT_BACKEND = "client backend"
+# Row fields of _SAMPLE_SQL after _names (database and user names filled in).
+_PID, _DBID, _USERID, _DB, _USER, _BTYPE, _STATE, _WTYPE, _WEVENT, _QID, _LEADER = range(11)
+_BLOCKERS, _HIDDEN, _QSTART, _RUNNING, _NOW = 13, 14, 15, 16, 17
 
 
 def sample_sql(version_num: int) -> str:
     """The sampling query for a server version (``query_id`` exists from PostgreSQL 14)."""
     return _SAMPLE_SQL.format(query_id="query_id" if version_num >= 140000 else "NULL::int8")
+
+
+def _query_size(rows: list[tuple]) -> int:
+    """track_activity_query_size in bytes (pg_settings reports it in bytes; 1024 if unreadable)."""
+    if not rows or rows[0][0] is None:
+        return 1024
+    value, unit = rows[0]
+    return int(value) * (1024 if unit == "kB" else 1)
+
+
+def _reach(waiting: dict[int, list[int]]):  # noqa: ANN202 (a closure over one sample's waits)
+    """``reach(pid)``: the root blockers ``pid`` leads to and the longest chain above it.
+
+    Roots block others and wait on nothing; a cycle (before the deadlock detector breaks it)
+    leads to no root.
+    """
+    memo: dict[int, tuple[frozenset[int], int]] = {}
+
+    def walk(pid: int, path: frozenset[int]) -> tuple[frozenset[int], int]:
+        if pid in memo:
+            return memo[pid]
+        blockers = waiting.get(pid)
+        if not blockers:
+            return frozenset({pid}), 0
+        roots: set[int] = set()
+        hops = 0
+        for b in blockers:
+            if b in path:
+                continue  # a cycle: the deadlock detector will break it
+            r, h = walk(b, path | {b})
+            roots |= r
+            hops = max(hops, h + 1)
+        memo[pid] = (frozenset(roots), hops)
+        return memo[pid]
+
+    return lambda pid: walk(pid, frozenset({pid}))
+
+
+def _root(roots: frozenset[int], by_pid: dict[int, tuple]) -> int | None:
+    """The one root a waiter's time goes to: a sampled session first, then the lowest pid."""
+    return min(roots, key=lambda r: (r == 0, r not in by_pid, r)) if roots else None
 
 
 @dataclass
@@ -84,7 +148,8 @@ class Sampler:
     """
 
     def __init__(self, dsn: str, *, instance: str, interval_secs: float, statement_timeout_ms: int = 500,
-                 lock_timeout_ms: int = 100, connect_timeout_secs: int = 5) -> None:
+                 lock_timeout_ms: int = 100, connect_timeout_secs: int = 5, sample_min_duration_ms: float = 100.0,
+                 max_query_samples: int = 100, samples_per_fingerprint_per_hour: int = 15) -> None:
         if interval_secs <= 0:
             raise ValueError("interval_secs must be > 0 (0 means: do not build a Sampler)")
         self._dsn = dsn
@@ -93,6 +158,15 @@ class Sampler:
         self.statement_timeout_ms = int(statement_timeout_ms)
         self.lock_timeout_ms = int(lock_timeout_ms)
         self.connect_timeout_secs = connect_timeout_secs
+        self.sample_min_duration_ms = float(sample_min_duration_ms)
+        self.max_query_samples = int(max_query_samples)  # 0: never read a text
+        self.track_activity_query_size = 1024  # read from the server once per connection
+        self._seen: dict[int, object] = {}  # pid -> query_start of the execution already handled
+        # query_id -> monotonic times of its texts read in the last hour (PostgreSQL 14+): a statement
+        # read samples_per_fingerprint_per_hour times this hour would be dropped by the limiter anyway.
+        self.samples_per_fingerprint_per_hour = int(samples_per_fingerprint_per_hour)
+        self._reads: dict[int, list[float]] = {}
+        self._query_rows: list[tuple] = []  # query samples waiting for the next drain (QUERY_SAMPLES order)
         self.stats = SamplerStats()
         self.version_num = 0
         self.source = SOURCE_ACTIVITY
@@ -110,6 +184,12 @@ class Sampler:
         return f"Sampler(instance={self.instance!r}, target={redact_dsn(self._dsn)!r}, period={self.period})"
 
     # Accumulator --------------------------------------------------------------------
+
+    def drain_query_samples(self) -> pl.DataFrame:
+        """The query samples read since the last call, as a ``QUERY_SAMPLES`` frame (normalized texts)."""
+        with self._lock:
+            rows, self._query_rows = self._query_rows, []
+        return pl.DataFrame(rows, schema=QUERY_SAMPLES, orient="row")
 
     def _reset(self) -> None:
         self._counts: dict[tuple, int] = defaultdict(int)
@@ -142,14 +222,14 @@ class Sampler:
 
     def _add(self, rows: list[tuple]) -> None:
         """Fold one sample's rows into the accumulator (caller holds the lock)."""
-        hidden = sum(1 for r in rows if r[14])
+        hidden = sum(1 for r in rows if r[_HIDDEN])
         if hidden:
-            rows = [r for r in rows if not r[14]]
+            rows = [r for r in rows if not r[_HIDDEN]]
         self._gauge("hidden_sessions", None, None, float(hidden))
         by_pid = {r[0]: r for r in rows}
-        waiting: dict[int, list[int]] = {r[0]: list(r[13]) for r in rows if r[13]}
+        waiting: dict[int, list[int]] = {r[0]: list(r[_BLOCKERS]) for r in rows if r[_BLOCKERS]}
         for (pid, dbid, userid, database, user, backend_type, state, wtype, wevent, qid, leader,
-             xact_age, xmin_age, _, _) in rows:
+             xact_age, xmin_age, *_) in rows:
             if qid is None and leader is not None and leader in by_pid:  # a parallel worker: its leader's statement
                 qid = by_pid[leader][9]
             if wevent is None and (state == "active" or state is None):
@@ -169,34 +249,15 @@ class Sampler:
         Depth is the longest path from a root (depth 0) down to a waiter; a waiter's time goes
         to one root it leads to (the lowest pid: deterministic), so it is never counted twice.
         """
-        memo: dict[int, tuple[frozenset[int], int]] = {}
-
-        def reach(pid: int, path: frozenset[int]) -> tuple[frozenset[int], int]:
-            """The roots ``pid`` leads to, and the longest chain above it (-1 roots: a cycle)."""
-            if pid in memo:
-                return memo[pid]
-            blockers = waiting.get(pid)
-            if not blockers:
-                return frozenset({pid}), 0
-            roots: set[int] = set()
-            hops = 0
-            for b in blockers:
-                if b in path:
-                    continue  # a cycle: the deadlock detector will break it
-                r, h = reach(b, path | {b})
-                roots |= r
-                hops = max(hops, h + 1)
-            memo[pid] = (frozenset(roots), hops)
-            return memo[pid]
-
+        reach = _reach(waiting)
         roots_by_db: dict[str | None, set[int]] = defaultdict(set)
         depth: dict[str | None, int] = defaultdict(int)
         for pid in waiting:
             database = by_pid[pid][3]
-            roots, hops = reach(pid, frozenset({pid}))
+            roots, hops = reach(pid)
             depth[database] = max(depth[database], hops)
             roots_by_db[database] |= roots
-            root = min(roots, key=lambda r: (r == 0, r not in by_pid, r)) if roots else None
+            root = _root(roots, by_pid)
             if root is None:
                 key = (database, UNKNOWN_STATE, None, None, None)
             elif root == 0:
@@ -211,6 +272,108 @@ class Sampler:
             self._gauge("root_count", database, None, float(len(roots_by_db[database])))
             self._gauge("chain_depth_max", database, None, float(depth[database]))
 
+    # Query samples (issue 12) ---------------------------------------------------------
+
+    def _candidates(self, rows: list[tuple]) -> list[tuple]:
+        """Executions worth a text: client backends active past the threshold, not seen before.
+
+        Updates the seen set: executions no longer running are forgotten (it holds at most one
+        entry per backend), the chosen ones and those over the budget are remembered.
+        """
+        running = {r[_PID]: r[_QSTART] for r in rows if r[_QSTART] is not None}
+        self._seen = {pid: start for pid, start in self._seen.items() if running.get(pid) == start}
+        threshold = self.sample_min_duration_ms / 1000
+        new = [r for r in rows if r[_STATE] == "active" and r[_BTYPE] == CLIENT_BACKEND and not r[_HIDDEN]
+               and r[_QSTART] is not None and (r[_RUNNING] or 0.0) >= threshold
+               and self._seen.get(r[_PID]) != r[_QSTART]]
+        if not new:
+            return []
+        for r in new:
+            self._seen[r[_PID]] = r[_QSTART]
+        new.sort(key=lambda r: -(r[_RUNNING] or 0.0))  # the longest-running first
+        hour_ago = time.monotonic() - 3600
+        self._reads = {q: kept for q, times in self._reads.items() if (kept := [t for t in times if t > hour_ago])}
+        planned: dict[int, int] = defaultdict(int)
+        kept_rows = []
+        for r in new:
+            qid = r[_QID]
+            if qid and len(self._reads.get(qid, ())) + planned[qid] >= self.samples_per_fingerprint_per_hour:
+                continue
+            planned[qid] += 1
+            kept_rows.append(r)
+        if len(kept_rows) < len(new):
+            telemetry.query_samples_skipped.labels(self.instance, "fingerprint").inc(len(new) - len(kept_rows))
+            new = kept_rows
+        with self._lock:
+            room = max(0, self.max_query_samples - len(self._query_rows))
+        if len(new) > room:
+            telemetry.query_samples_skipped.labels(self.instance, "budget").inc(len(new) - room)
+        return new[:room]
+
+    def _read_texts(self, conn: psycopg.Connection, pids: set[int]) -> dict[int, tuple]:
+        """pid -> (query_start, application_name, client address, SampleText) for ``pids``.
+
+        The raw texts become SampleTexts right after the fetch and are dropped with the result.
+        """
+        size = self.track_activity_query_size
+        rows = self._run(conn, _TEXTS_SQL.format(pids=",".join(map(str, sorted(pids)))))
+        out = {pid: (start, app, addr, None if raw == HIDDEN_TEXT else sample_text(raw, size))
+               for pid, start, app, addr, raw in rows}
+        del rows  # the raw texts go with the driver's result, now
+        telemetry.query_sample_texts.labels(self.instance).inc(len(out))
+        return out
+
+    def _query_samples(self, conn: psycopg.Connection, rows: list[tuple]) -> list[tuple]:
+        """This sample's query samples (QUERY_SAMPLES rows), reading texts only when needed."""
+        chosen = self._candidates(rows)
+        if not chosen:
+            return []
+        by_pid = {r[_PID]: r for r in rows if not r[_HIDDEN]}
+        waiting = {r[_PID]: list(r[_BLOCKERS]) for r in by_pid.values() if r[_BLOCKERS]}
+        reach = _reach(waiting)
+        roots = {r[_PID]: _root(reach(r[_PID])[0], by_pid) for r in chosen if r[_PID] in waiting}
+        try:
+            texts = self._read_texts(conn, {r[_PID] for r in chosen} | {p for p in roots.values() if p in by_pid})
+        except Exception as exc:  # counted; the executions are tried again at the next sample
+            for r in chosen:
+                self._seen.pop(r[_PID], None)
+            telemetry.query_samples_skipped.labels(self.instance, "failed").inc(len(chosen))
+            log.debug("query sample texts not read", extra=kv(instance=self.instance, error=type(exc).__name__))
+            self._recover(conn)
+            return []
+        out = []
+        now = time.monotonic()
+        for r in chosen:
+            start, app, addr, text = texts.get(r[_PID], (None, None, None, None))
+            if start != r[_QSTART] or text is None:  # it ended (or another statement began) in between
+                telemetry.query_samples_skipped.labels(self.instance, "ended").inc()
+                continue
+            if r[_QID]:
+                self._reads.setdefault(r[_QID], []).append(now)
+            root_pid = root_state = root_fp = None
+            if r[_PID] in roots:
+                root_pid = roots[r[_PID]]
+                if root_pid is None:
+                    root_state = UNKNOWN_STATE
+                elif root_pid == 0:
+                    root_state = PREPARED
+                else:
+                    root_state = by_pid[root_pid][_STATE] if root_pid in by_pid else None
+                    root_state = root_state or UNKNOWN_STATE
+                    root_text = texts.get(root_pid, (None, None, None, None))[3]
+                    root_fp = root_text.fingerprint if root_text is not None else None
+            out.append((r[_NOW], r[_DB], r[_USER], r[_PID], r[_QSTART], max(0.0, r[_RUNNING] or 0.0), r[_STATE],
+                        r[_WTYPE], r[_WEVENT], r[_QID] or None, app, addr, text.fingerprint, text.text, text.truncated,
+                        text.unparsable, root_pid, root_state, root_fp))
+        return out
+
+    def _recover(self, conn: psycopg.Connection) -> None:
+        """End the failed statement's transaction (or drop the connection when that fails too)."""
+        try:
+            conn.execute("ROLLBACK")
+        except Exception:
+            self.close()
+
     # One sample ---------------------------------------------------------------------
 
     def _connection(self) -> psycopg.Connection:
@@ -221,6 +384,8 @@ class Sampler:
                 self._databases, self._users = {}, {}
                 self.version_num = int(conn.info.server_version)
                 self._sql = sample_sql(self.version_num)
+                if self.max_query_samples:  # issue 12: where a text is cut, once per connection
+                    self.track_activity_query_size = _query_size(self._run(conn, _QUERY_SIZE_SQL))
             except BaseException:
                 conn.close()
                 raise
@@ -232,8 +397,8 @@ class Sampler:
 
         No parameters, so psycopg sends the five statements as one simple-protocol query.
         """
-        cur = conn.execute(f"BEGIN READ ONLY; SET LOCAL statement_timeout = {self.statement_timeout_ms}; "  # type: ignore[arg-type]
-                           f"SET LOCAL lock_timeout = {self.lock_timeout_ms}; {sql}; ROLLBACK")
+        cur = conn.execute(f"BEGIN READ ONLY; SET LOCAL /*pgflow*/ statement_timeout = {self.statement_timeout_ms}; "  # type: ignore[arg-type]
+                           f"SET LOCAL /*pgflow*/ lock_timeout = {self.lock_timeout_ms}; {sql}; ROLLBACK")
         rows: list[tuple] = []
         while True:
             if cur.description is not None and len(cur.description) > 1:
@@ -272,8 +437,15 @@ class Sampler:
         if self._failing:
             log.info("activity sampling resumed", extra=kv(instance=self.instance))
             self._failing = False
+        try:
+            queries = self._query_samples(conn, rows) if self.max_query_samples else []
+        except Exception as exc:  # never costs the activity sample (nor the sampler's thread)
+            queries = []
+            telemetry.query_samples_skipped.labels(self.instance, "failed").inc()
+            log.debug("query samples failed", extra=kv(instance=self.instance, error=type(exc).__name__))
         with self._lock:
             self._add(rows)
+            self._query_rows.extend(queries)
         elapsed = time.perf_counter() - started
         self.stats.taken += 1
         self.stats.last_duration_secs = elapsed
@@ -337,7 +509,7 @@ def with_samples(snapshot: Snapshot, sampler: Sampler | None) -> Snapshot:
     if sampler is None:
         return snapshot
     samples, stats = sampler.drain()
-    return replace(snapshot, samples=samples, session_stats=stats)
+    return replace(snapshot, samples=samples, session_stats=stats, query_samples=sampler.drain_query_samples())
 
 
 def sampler_for(dsn: str, instance: str, settings: Settings) -> Sampler | None:
@@ -350,7 +522,10 @@ def sampler_for(dsn: str, instance: str, settings: Settings) -> Sampler | None:
         return None
     timeout = max(50, min(settings.statement_timeout_ms, int(interval * 1000)))
     return Sampler(dsn, instance=instance, interval_secs=interval, statement_timeout_ms=timeout,
-                   lock_timeout_ms=timeout, connect_timeout_secs=settings.connect_timeout_secs)
+                   lock_timeout_ms=timeout, connect_timeout_secs=settings.connect_timeout_secs,
+                   sample_min_duration_ms=settings.sample_min_duration_ms,
+                   max_query_samples=settings.max_samples_per_window,
+                   samples_per_fingerprint_per_hour=settings.samples_per_fingerprint_per_hour)
 
 
 _CHECK_SQL = """
@@ -390,7 +565,8 @@ def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
         out.append(("ok", "sampling privileges", f"{user} sees every session's wait event and query id"))
     else:
         out.append(("warn", "sampling privileges",
-                    f"{user} cannot see other roles' sessions' state, wait event or query id, so they are not sampled: "
+                    f"{user} cannot see other roles' sessions' state, wait event, query id or text, so they are not "
+                    f"sampled (no activity, no query samples): "
                     f"GRANT pg_read_all_stats TO {user} (or GRANT pg_monitor)"))
     if version < 140000:
         out.append(("warn", "sampling query ids", "PostgreSQL 13 has no query_id: activity is attributed to "
@@ -406,7 +582,8 @@ def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
     else:
         out.append(("warn", "wait source", f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed but "
                                            f"{user} cannot read pg_wait_sampling_profile)"))
-    sampler = Sampler(dsn, instance="check", interval_secs=interval_secs, connect_timeout_secs=connect_timeout)
+    sampler = Sampler(dsn, instance="check", interval_secs=interval_secs, connect_timeout_secs=connect_timeout,
+                      max_query_samples=0)  # the check reads no statement text
     try:
         durations = []
         for _ in range(samples):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 import psycopg
@@ -14,10 +14,12 @@ from pgflow.config import dsn_host_port, dsn_instance_name, redact_dsn
 from pgflow.errors import ExtensionMissing, ScrapeError
 from pgflow.logs import kv
 from pgflow.lru import LRU
-from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS, ServerIdentity, Snapshot, conform
+from pgflow.schema import (ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, STATEMENTS,
+                           ServerIdentity, Snapshot, conform)
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
 from pgflow.scrape.connection import classify, connect, connected_address
-from pgflow.scrape.databases import DATABASES_SQL
+from pgflow.scrape.databases import databases_sql
+from pgflow.scrape.health import DISCOVER_SQL, HealthSchedule, HealthSupport
 from pgflow.scrape.locks import LOCKS_SQL, blocked_sql
 from pgflow.scrape.statements import (
     EXTENSION_SQL,
@@ -66,6 +68,7 @@ class ServerInfo:
     role: str = ""
     can_read_control: bool = False  # EXECUTE on pg_control_system()
     can_read_checkpoint: bool = False  # EXECUTE on pg_control_checkpoint()
+    health: HealthSupport | None = None  # issue 13: the health groups this server has
 
     @property
     def has_info_view(self) -> bool:  # pg_stat_statements_info: extension 1.9+
@@ -84,6 +87,7 @@ class ScrapeStats:
     hidden: int = 0
     text_failures: int = 0  # text fetches that failed (encodings): counters went on, texts fell back
     own: int = 0  # rows of pgflow's own statements left out
+    health_group_scrapes: dict[str, int] = field(default_factory=dict)  # issue 13: reads per health group
 
 
 class Scraper:
@@ -101,6 +105,7 @@ class Scraper:
         statement_timeout_ms: int = 5000,
         connect_timeout_secs: int = 5,
         text_cache_size: int = 50_000,
+        health: HealthSchedule | None = None,
     ) -> None:
         self._dsn = dsn
         self.server_address, self.server_port = dsn_host_port(dsn)
@@ -109,6 +114,7 @@ class Scraper:
         self.connect_timeout_secs = connect_timeout_secs
         self.texts: LRU[tuple[int, int, int], str] = LRU(text_cache_size)
         self.stats = ScrapeStats()
+        self.health = health if health is not None else HealthSchedule.of()  # issue 13
         self.server: ServerInfo | None = None
         self._conn: psycopg.Connection | None = None
         self.identity: ServerIdentity | None = None  # of the last snapshot
@@ -146,19 +152,23 @@ class Scraper:
             # Label by the host that answered: the second of ``host=a,b`` when the first is down.
             self.server_address, self.server_port = connected_address(conn)
             self._conn = conn
+            if self.server.health is not None:  # issue 13: say once per connection what the server has
+                for g in HEALTH_GROUPS:
+                    telemetry.health_groups_supported.labels(self.instance, g).set(int(self.server.health.supports(g)))
         return self._conn
 
     def _discover(self, conn: psycopg.Connection) -> ServerInfo:
         try:
             version, role, control, checkpoint = conn.execute(_DISCOVER_SQL).fetchone()  # type: ignore[misc]
             row = conn.execute(EXTENSION_SQL).fetchone()
+            health = HealthSupport.of(conn.execute(DISCOVER_SQL).fetchone())  # type: ignore[arg-type]
             conn.rollback()
         except psycopg.Error as exc:
             raise classify(exc, self._dsn, self.statement_timeout_ms) from None
         if row is None:
             raise ExtensionMissing(f"pg_stat_statements is not installed in {redact_dsn(self._dsn)}",
                                    "run CREATE EXTENSION pg_stat_statements in that database")
-        return ServerInfo(version, row[0], row[1], frozenset(row[2]), role, bool(control), bool(checkpoint))
+        return ServerInfo(version, row[0], row[1], frozenset(row[2]), role, bool(control), bool(checkpoint), health)
 
     # Scrape -----------------------------------------------------------------------
 
@@ -204,10 +214,15 @@ class Scraper:
             AGES_SQL,
             LOCKS_SQL,
             blocked_sql(server.version_num),
-            DATABASES_SQL,
+            databases_sql(server.version_num),
         ]
         if server.has_info_view:
             queries.append(info_sql(server.extension_schema))
+        # issue 13: the health groups that are due ride at the end of the same round trip.
+        health_started = self.health.now()
+        groups = self.health.due(server.health) if server.health is not None else []
+        first_group = len(queries)
+        queries += [server.health.sql(g) for g in groups]  # type: ignore[union-attr]
         with conn.pipeline():
             for limit in timeout_sql(self.statement_timeout_ms):
                 conn.execute(limit)  # type: ignore[arg-type]
@@ -225,6 +240,12 @@ class Scraper:
         dealloc, stats_reset = results[7][0] if server.has_info_view else (None, None)
         ages = results[3][0] if results[3] else (None, None)
         self.stats.hidden += hidden
+        health = {HEALTH_GROUPS[g]: _frame(rows, HEALTH_FRAMES[HEALTH_GROUPS[g]])
+                  for g, rows in zip(groups, results[first_group:])}
+        self.health.done(groups, health_started)
+        for g in groups:
+            self.stats.health_group_scrapes[g] = self.stats.health_group_scrapes.get(g, 0) + 1
+            telemetry.health_queries.labels(self.instance, g).inc()
         return Snapshot(
             instance=self.instance,
             scraped_at=scraped_at,
@@ -243,6 +264,8 @@ class Scraper:
             server_port=self.server_port,
             hidden_statements=hidden,
             identity=identity,
+            health_scraped=tuple(groups),
+            **health,
         )
 
     def _statements(self, conn: psycopg.Connection, server: ServerInfo, rows: list[tuple]) -> tuple[pl.DataFrame, int]:

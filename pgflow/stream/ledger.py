@@ -56,7 +56,7 @@ def _safe(name: str) -> str:
 class Ledger:
     """Durable state of one instance; ``record_ack`` may be called from the shipper's thread."""
 
-    VERSION = 2  # 2: numpy counters in the operator state (1 held polars frames)
+    VERSION = 3  # 2: numpy counters in the operator state (1 held polars frames); 3: health state (issue 13)
 
     def __init__(self, state_dir: Path, instance: str) -> None:
         self.dir = Path(state_dir) / "instances" / _safe(instance)

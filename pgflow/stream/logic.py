@@ -29,9 +29,9 @@ from pgflow.logs import kv
 from pgflow.ops.fingerprint import Fingerprinter
 from pgflow.ops.merge import merge_windows
 from pgflow.ops.pipeline import OpsSettings, events, finish, initial_state, step
-from pgflow.ops.query_samples import QUERY_SAMPLE
 from pgflow.schema import Snapshot
 from pgflow.stream.ledger import ROW, Ledger, Record
+from pgflow.stream import runtime as runtime_module
 from pgflow.stream.runtime import runtime
 from pgflow.stream.shipper import Outgoing, Shipper
 
@@ -43,10 +43,13 @@ _local = threading.local()
 
 
 def _fingerprinter(size: int) -> Fingerprinter:
-    """One per worker thread: bytewax runs several workers as threads of one process."""
+    """One per worker thread: bytewax runs several workers as threads of one process. A new
+    run in the same process (a replay after a replay) starts a new one, so the labels a run
+    exports never depend on what an earlier run saw."""
     fp = getattr(_local, "fingerprinter", None)
-    if fp is None:
+    if fp is None or getattr(_local, "generation", None) != runtime_module.generation:
         fp = _local.fingerprinter = Fingerprinter(size, size)
+        _local.generation = runtime_module.generation
     return fp
 
 
@@ -149,16 +152,12 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
     def _queue_events(self, snapshot: Snapshot) -> None:
         """The snapshot's events into the events outbox, under their own sequence number."""
         before = self.record.events_state
-        skipped = dict(before.samples.skipped) if before is not None else {}
         self.record.events_state, frame = events(before, snapshot, self.ops)
-        for reason, count in self.record.events_state.samples.skipped.items():
-            if count > skipped.get(reason, 0):
-                telemetry.query_samples_skipped.labels(self.instance, reason).inc(count - skipped.get(reason, 0))
+        if before is None or self.record.events_state.samples is not before.samples:
+            telemetry.count_query_samples(self.instance, *self.record.events_state.samples.counts_since(
+                before.samples if before is not None else None))
         if not frame.height:
             return
-        samples = int((frame["event_name"] == QUERY_SAMPLE).sum())
-        if samples:
-            telemetry.query_samples.labels(self.instance).inc(samples)
         seq = self.record.next_seq
         self.record.next_seq += 1
         self.record.events[seq] = frame.with_row_index(ROW)

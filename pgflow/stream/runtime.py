@@ -100,12 +100,16 @@ def runtime(settings: Settings, *, require_metrics: bool = False) -> Runtime:
         return rt
 
 
+generation = 0  # bumped by reset(): per-thread caches of an earlier run are not reused
+
+
 def reset() -> None:
     """Forget the process's runtime (a replay in a long-lived process builds its own)."""
-    global _runtime, _shutdown_began
+    global _runtime, _shutdown_began, generation
     with _runtime_lock:
         _runtime = None
         _shutdown_began = None
+        generation += 1
 
 
 def install_signal_handlers() -> None:

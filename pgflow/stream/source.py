@@ -24,6 +24,7 @@ from pgflow.schema import Snapshot
 from pgflow.scrape import Scraper
 from pgflow.scrape.explain import WindowPlans
 from pgflow.scrape.sampler import sampler_for, with_samples
+from pgflow.scrape.health import HealthSchedule
 
 log = logging.getLogger("pgflow.source")
 
@@ -69,7 +70,8 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings)  # None: plans off
         self.scraper = Scraper(instance.dsn, instance=instance.name, statement_timeout_ms=settings.statement_timeout_ms,
                                connect_timeout_secs=settings.connect_timeout_secs,
-                               text_cache_size=settings.text_cache_size)
+                               text_cache_size=settings.text_cache_size,
+                               health=HealthSchedule.from_settings(settings))  # issue 13
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scrape-{instance.name}")
         self.attempts = 0
         self.next_at = _now()
