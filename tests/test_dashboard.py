@@ -44,9 +44,6 @@ LANDS_WITH = {
         "postgresql.blocking.time", "postgresql.blocking.root.state", "postgresql.transaction.age.max",
         "postgresql.backend_xmin.age.max"], "issue 11 (active sessions)"),
     **dict.fromkeys([
-        "db.server.query_sample", "postgresql.state", "postgresql.wait_event_type", "postgresql.wait_event"],
-        "issue 12 (query samples; plans have landed)"),
-    **dict.fromkeys([
         "postgresql.commits", "postgresql.rollbacks", "postgresql.blks_hit", "postgresql.blks_read",
         "postgresql.db_size", "postgresql.database.frozen_xid.age", "postgresql.rows", "postgresql.row.state",
         "db.collection.name", "postgresql.table.vacuum.count", "postgresql.operations", "postgresql.operation",
