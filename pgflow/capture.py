@@ -22,7 +22,7 @@ import polars as pl
 
 from pgflow.errors import CaptureError, PgflowError
 from pgflow.ops.fingerprint import redact_text
-from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS, Snapshot
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS, TABLES, Snapshot
 
 _SCALARS = {
     "scrape_id": "BIGINT", "instance": "VARCHAR", "scraped_at": "TIMESTAMPTZ", "server_version_num": "INTEGER",
@@ -30,7 +30,8 @@ _SCALARS = {
     "oldest_xact_age_secs": "DOUBLE", "oldest_query_age_secs": "DOUBLE", "server_address": "VARCHAR",
     "server_port": "INTEGER", "hidden_statements": "INTEGER",
 }
-_FRAMES = {"statements": STATEMENTS, "activity": ACTIVITY, "locks": LOCKS, "blocked": BLOCKED, "databases": DATABASES}
+_FRAMES = {"statements": STATEMENTS, "activity": ACTIVITY, "locks": LOCKS, "blocked": BLOCKED, "databases": DATABASES,
+           "tables": TABLES}  # issue 13: per-table statistics (empty in a scrape they were not due)
 _TYPES = {pl.Int64: "BIGINT", pl.Float64: "DOUBLE", pl.String: "VARCHAR", pl.Boolean: "BOOLEAN"}
 
 
@@ -146,14 +147,15 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
         scrapes = _utc(con.sql(f"SELECT * FROM scrapes {where} ORDER BY scraped_at, scrape_id",
                                params=[instance] if instance else None).pl())
         texts = con.sql("SELECT * FROM texts").pl()
+        present = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         frames = {name: _utc(con.sql(f"SELECT * FROM {name} ORDER BY scrape_id, ord").pl()).partition_by(
-            "scrape_id", as_dict=True, maintain_order=True) for name in _FRAMES}
+            "scrape_id", as_dict=True, maintain_order=True) for name in _FRAMES if name in present}  # older: fewer
     texts_by_instance = texts.partition_by("instance", as_dict=True)
     for row in scrapes.iter_rows(named=True):
         sid = row["scrape_id"]
         parts: dict[str, pl.DataFrame] = {}
         for name, schema in _FRAMES.items():
-            frame = frames[name].get((sid,))
+            frame = frames[name].get((sid,)) if name in frames else None
             frame = frame.drop("scrape_id", "ord") if frame is not None else pl.DataFrame(schema=schema)
             if name == "statements":
                 known = texts_by_instance.get((row["instance"],), pl.DataFrame(

@@ -164,6 +164,14 @@ class Settings(BaseSettings):
     slow_query_threshold_ms: float = Field(0.0, ge=0)
     export_interval_secs: float = Field(60.0, gt=0, le=86400)
 
+    # Per-table statistics (issue 13): each database's own catalog, on their own interval, bounded.
+    table_stats_interval_secs: float = Field(300.0, gt=0, le=86400)
+    max_tables_tracked: int = Field(300, gt=0)
+    table_stats_databases: list[str] = Field(default_factory=list)  # names or globs; empty: every database
+    table_stats_exclude_databases: list[str] = Field(default_factory=list)  # names or globs
+    table_stats_enabled: bool = True
+    table_stats_lock_timeout_ms: int = Field(1000, gt=0)  # never wait on a table's lock longer than this
+
     # Where to send.
     new_relic_api_key: SecretStr | None = Field(
         None, validation_alias=_env("new_relic_api_key", "NEW_RELIC_API_KEY", "PGFLOW_NEW_RELIC_API_KEY")

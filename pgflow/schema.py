@@ -108,6 +108,45 @@ DATABASES = pl.Schema(
     }
 )
 
+# Per-table statistics (issue 13), one row per table (partitions rolled into their root), scraped
+# from each database's own catalog every table_stats_interval_secs. ``kind`` says what a row is:
+# "table" (a table's cumulative counters and gauges), "bucket" (every table of bucket ``bucket``
+# was fetched: a table of it missing from the frame was dropped) or "all" (every table of the
+# database was fetched). Counters are cumulative; the operator diffs them (pgflow.ops.tables).
+TABLE_COUNTERS = (
+    "seq_scan",
+    "idx_scan",
+    "n_tup_ins",
+    "n_tup_upd",
+    "n_tup_del",
+    "n_tup_hot_upd",
+    "vacuum_count",
+    "autovacuum_count",
+    "analyze_count",
+    "autoanalyze_count",
+    "heap_blks_read",
+    "heap_blks_hit",
+    "idx_blks_read",
+    "idx_blks_hit",
+    "toast_blks_read",
+    "toast_blks_hit",
+)
+TABLE_GAUGES = ("n_live_tup", "n_dead_tup", "table_size", "index_size", "frozen_xid_age")
+TABLE_TIMES = ("last_vacuum", "last_autovacuum", "last_analyze", "last_autoanalyze")
+TABLES = pl.Schema(
+    {
+        "database": pl.String,
+        "kind": pl.String,
+        "bucket": pl.Int64,
+        "relid": pl.Int64,
+        "table": pl.String,
+        "observed_at": UTC_TS,
+        **{c: pl.Int64 for c in TABLE_COUNTERS},
+        **{c: pl.Int64 for c in TABLE_GAUGES},
+        **{c: UTC_TS for c in TABLE_TIMES},
+    }
+)
+
 # Every point attribute pgflow exports; in a points frame, a null field is an absent attribute.
 ATTRIBUTE_KEYS = (
     "db.system.name",
@@ -124,6 +163,11 @@ ATTRIBUTE_KEYS = (
     "postgresql.lock.mode",
     "postgresql.lock.type",
     "postgresql.lock.granted",
+    # issue 13, per table
+    "db.collection.name",
+    "postgresql.operation",
+    "postgresql.row.state",
+    "source",
 )
 ATTRIBUTES = pl.Struct({key: pl.String for key in ATTRIBUTE_KEYS})
 
@@ -185,8 +229,9 @@ class Snapshot:
     server_address: str = ""
     server_port: int = 0
     hidden_statements: int = 0  # rows whose queryid the role may not see
+    tables: pl.DataFrame = field(default_factory=lambda: empty(TABLES))  # issue 13: empty when not due
 
-    FRAMES = ("statements", "activity", "locks", "blocked", "databases")
+    FRAMES = ("statements", "activity", "locks", "blocked", "databases", "tables")
 
     def equals(self, other: Snapshot) -> bool:
         """Frame-for-frame equality (for capture round trips and replay checks)."""

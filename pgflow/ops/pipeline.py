@@ -6,13 +6,14 @@ the notebook replay and the bytewax flow all call them, so every path gives the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
 import polars as pl
 
 from pgflow.config import Settings
+from pgflow.ops import tables as tbl
 from pgflow.ops import window as win
 from pgflow.ops.cap import CapState, cap
 from pgflow.ops.delta import DeltaState, delta
@@ -34,6 +35,7 @@ class OpsSettings:
     max_databases_tracked: int = 100
     slow_query_threshold_ms: float = 0.0
     fingerprint_cache_size: int = 50_000
+    max_tables_tracked: int = 300  # issue 13
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpsSettings:
@@ -53,6 +55,7 @@ class InstanceState:
     window: win.WindowState
     cap: CapState
     scrapes: int = 0
+    tables: tbl.TableState = field(default_factory=tbl.TableState)  # issue 13: per-table statistics
 
 
 def initial_state(settings: OpsSettings) -> InstanceState:
@@ -72,8 +75,16 @@ def _emit(state: InstanceState, closed: list[win.Window], settings: OpsSettings)
             slow_query_threshold_ms=settings.slow_query_threshold_ms,
         )
         frames.append(points(window, series))
+        table_state, table_points = tbl.emit(_tables(state), window, settings.max_tables_tracked)
+        state = replace(state, tables=table_state)
+        if table_points.height:
+            frames.append(table_points)
     out = pl.concat(frames) if frames else _NO_POINTS
     return replace(state, cap=cap_state), out
+
+
+def _tables(state: InstanceState) -> tbl.TableState:
+    return getattr(state, "tables", None) or tbl.TableState()  # a ledger written before issue 13 has none
 
 
 def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
@@ -87,7 +98,8 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
         return state, _NO_POINTS
     window_state, closed = win.close_until(state.window, snapshot.scraped_at)
     window_state = win.add(window_state, snapshot, deltas)
-    state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1)
+    table_state = tbl.add(_tables(state), snapshot.tables, win.window_bounds(snapshot.scraped_at, window_state.length)[1])
+    state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1, tables=table_state)
     return _emit(state, closed, settings)
 
 

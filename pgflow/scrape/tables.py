@@ -1,0 +1,282 @@
+"""Per-table statistics from each database's own catalog, bounded however many tables there are.
+
+One connection per database (``application_name=pgflow``, read-only, ``SET LOCAL
+statement_timeout`` and ``lock_timeout``). Each scrape of a database is one transaction with
+two queries over one statistics snapshot:
+
+1. **buckets**: tables (partitions rolled into their root) hashed by oid into
+   :data:`BUCKETS` buckets; per bucket, how many tables and the sum of every cumulative
+   counter. Counters only grow, so a bucket whose (count, sum) is unchanged since the last
+   scrape holds no table whose counters moved (a reset or a drop lowers the sum: it shows too).
+2. **rows**: every table of a changed bucket (so no activity is ever missed: the operator
+   diffs each table against the last row it saw of it, and a table not fetched has not moved),
+   plus the top ``top_k`` by dead tuples, by frozen-xid age and by size (``relpages`` as the
+   prefilter; ``pg_table_size`` only for the rows returned): the risk candidates.
+
+The first scrape of a database fetches every table once (the baseline, row kind ``all``);
+after that the rows per scrape follow activity, not the number of tables. Sizes take an
+``AccessShareLock``: a table held ``ACCESS EXCLUSIVE`` makes the query fail on
+``lock_timeout``; the scrape is then retried at once without the sizes of locked tables
+(kept from their last observation), and the lock timeout is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import polars as pl
+import psycopg
+from psycopg import errors as pgerr
+
+from pgflow.config import redact_dsn
+from pgflow.errors import ScrapeError
+from pgflow.logs import kv
+from pgflow.schema import TABLE_COUNTERS, TABLE_GAUGES, TABLE_TIMES, TABLES, conform
+from pgflow.scrape.connection import classify, connect
+from pgflow.scrape.discovery import Discovered, discover
+
+log = logging.getLogger("pgflow.scrape.tables")
+
+BUCKETS = 1024
+
+_STAT = {  # column of the rows CTE -> expression over pg_stat_user_tables s / pg_statio_user_tables io
+    "seq_scan": "coalesce(s.seq_scan, 0)",
+    "idx_scan": "coalesce(s.idx_scan, 0)",
+    "n_tup_ins": "s.n_tup_ins",
+    "n_tup_upd": "s.n_tup_upd",
+    "n_tup_del": "s.n_tup_del",
+    "n_tup_hot_upd": "s.n_tup_hot_upd",
+    "vacuum_count": "s.vacuum_count",
+    "autovacuum_count": "s.autovacuum_count",
+    "analyze_count": "s.analyze_count",
+    "autoanalyze_count": "s.autoanalyze_count",
+    **{c: f"coalesce(io.{c}, 0)" for c in TABLE_COUNTERS if "_blks_" in c},
+}
+
+_ROWS_CTE = (
+    "WITH t AS (SELECT coalesce(CASE WHEN c.relispartition THEN pg_partition_root(c.oid) END, c.oid)::int8 AS root, "
+    "c.oid AS relid, c.relpages::int8 AS relpages, "
+    "CASE WHEN c.relfrozenxid <> '0'::xid THEN age(c.relfrozenxid) END::int8 AS frozen_xid_age, "
+    "s.n_live_tup, s.n_dead_tup, s.last_vacuum, s.last_autovacuum, s.last_analyze, s.last_autoanalyze, "
+    + ", ".join(f"{e}::int8 AS {c}" for c, e in _STAT.items())
+    + " FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid "
+    "LEFT JOIN pg_statio_user_tables io ON io.relid = s.relid)"
+)
+
+BUCKETS_SQL = (
+    _ROWS_CTE + f" SELECT root %% {BUCKETS} AS bucket, count(*)::int8, sum("
+    + " + ".join(TABLE_COUNTERS) + "), count(DISTINCT root)::int8 FROM t GROUP BY 1"
+)
+
+_LOCKED = (
+    "locked AS (SELECT l.relation FROM pg_locks l WHERE %(skip_locked)s AND l.granted "
+    "AND l.mode = 'AccessExclusiveLock' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+)
+ROWS_SQL = (
+    _ROWS_CTE + ", r AS (SELECT root, "
+    + ", ".join(f"sum({c})::int8 AS {c}" for c in TABLE_COUNTERS)
+    + ", sum(n_live_tup)::int8 AS n_live_tup, sum(n_dead_tup)::int8 AS n_dead_tup, max(frozen_xid_age) AS frozen_xid_age, "
+    "sum(relpages)::int8 AS relpages, "
+    + ", ".join(f"max({c}) AS {c}" for c in TABLE_TIMES)
+    + " FROM t GROUP BY root), "
+    f"pick AS (SELECT root FROM r WHERE %(all)s OR root %% {BUCKETS} = ANY(%(buckets)s) "
+    "UNION SELECT root FROM (SELECT root FROM r ORDER BY n_dead_tup DESC, root LIMIT %(k)s) a "
+    "UNION SELECT root FROM (SELECT root FROM r ORDER BY frozen_xid_age DESC NULLS LAST, root LIMIT %(k)s) b "
+    "UNION SELECT root FROM (SELECT root FROM r ORDER BY relpages DESC, root LIMIT %(k)s) c), "
+    + _LOCKED + ", "
+    "m AS (SELECT t.root, t.relid, (EXISTS (SELECT 1 FROM locked WHERE relation = t.relid) OR EXISTS ("
+    "SELECT 1 FROM locked JOIN pg_index i ON i.indexrelid = locked.relation WHERE i.indrelid = t.relid)) AS lk "
+    "FROM t JOIN pick USING (root)), "
+    "sizes AS (SELECT root, CASE WHEN bool_or(lk) THEN NULL ELSE "
+    "sum(CASE WHEN lk THEN 0 ELSE pg_table_size(relid) END) END::int8 AS table_size, "
+    "CASE WHEN bool_or(lk) THEN NULL ELSE sum(CASE WHEN lk THEN 0 ELSE pg_indexes_size(relid) END) END::int8 AS index_size "
+    "FROM m GROUP BY root) "
+    f"SELECT r.root %% {BUCKETS} AS bucket, r.root AS relid, n.nspname || '.' || c.relname AS \"table\", "
+    + ", ".join(f"r.{x}" for x in TABLE_COUNTERS)
+    + ", r.n_live_tup, r.n_dead_tup, sizes.table_size, sizes.index_size, r.frozen_xid_age, "
+    + ", ".join(f"r.{x}" for x in TABLE_TIMES)
+    + " FROM r JOIN pick USING (root) JOIN sizes USING (root) JOIN pg_class c ON c.oid = r.root "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY r.root"
+)
+_ROW_COLUMNS = ["bucket", "relid", "table", *TABLE_COUNTERS, *TABLE_GAUGES, *TABLE_TIMES]
+
+
+@dataclass
+class TableScrapeStats:
+    """What the table scraper did, for /metrics: per outcome, and rows read."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+    rows: int = 0  # table rows fetched
+    tables_seen: int = 0  # tables (partitions rolled up) in the databases scraped last time
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+class TableScraper:
+    """Scrapes the per-table statistics of every chosen database of one instance.
+
+    ``scrape()`` returns one :data:`~pgflow.schema.TABLES` frame; a database that fails is
+    left out of it (logged once, counted) and the others are kept: the next successful
+    scrape of that database covers the gap exactly, as every row is cumulative.
+    """
+
+    def __init__(self, dsn: str, *, instance: str, include: Iterable[str] = (), exclude: Iterable[str] = (),
+                 max_databases: int = 100, top_k: int = 300, statement_timeout_ms: int = 5000,
+                 lock_timeout_ms: int = 1000, connect_timeout_secs: int = 5) -> None:
+        self._dsn = dsn
+        self.instance = instance
+        self.include, self.exclude = list(include), list(exclude)
+        self.max_databases = max_databases
+        self.top_k = top_k
+        self.statement_timeout_ms = statement_timeout_ms
+        self.lock_timeout_ms = min(lock_timeout_ms, statement_timeout_ms)
+        self.connect_timeout_secs = connect_timeout_secs
+        self.stats = TableScrapeStats()
+        self._conns: dict[str, psycopg.Connection] = {}
+        self._buckets: dict[str, dict[int, tuple[int, Decimal]]] = {}  # per database: bucket -> (tables, sum)
+        self._said: dict[str, str] = {}  # database -> reason it is not scraped (said once)
+        self.discovered: Discovered | None = None
+
+    def __repr__(self) -> str:
+        return f"TableScraper(instance={self.instance!r})"
+
+    def __enter__(self) -> TableScraper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            try:
+                conn.close()
+            except Exception:
+                pass
+        self._conns.clear()
+
+    def _dsn_for(self, database: str) -> str:
+        return psycopg.conninfo.make_conninfo(self._dsn, dbname=database)
+
+    def _connection(self, database: str) -> psycopg.Connection:
+        conn = self._conns.get(database)
+        if conn is None or conn.closed:
+            conn = connect(self._dsn_for(database), connect_timeout=self.connect_timeout_secs)
+            conn.read_only = True
+            self._conns[database] = conn
+        return conn
+
+    def _home(self) -> psycopg.Connection:
+        """A connection to the DSN's own database, for discovery."""
+        name = psycopg.conninfo.conninfo_to_dict(self._dsn).get("dbname") or ""
+        if name:
+            return self._connection(str(name))
+        conn = connect(self._dsn, connect_timeout=self.connect_timeout_secs)
+        conn.read_only = True
+        name = conn.info.dbname
+        self._conns[name] = conn
+        return conn
+
+    def _say_once(self, database: str, reason: str) -> None:
+        if self._said.get(database) != reason:
+            self._said[database] = reason
+            log.warning("table statistics skipped for a database",
+                        extra=kv(instance=self.instance, database=database, reason=reason))
+
+    # Scrape -------------------------------------------------------------------------
+
+    def scrape(self) -> pl.DataFrame:
+        """Discover the databases, scrape each; raises ScrapeError only if discovery fails."""
+        try:
+            found = discover(self._home(), include=self.include, exclude=self.exclude, limit=self.max_databases)
+        except psycopg.Error as exc:
+            self.close()
+            raise classify(exc, self._dsn, self.statement_timeout_ms) from None
+        self.discovered = found
+        for name, reason in found.skipped.items():  # chosen by the settings: not worth a line
+            if reason.startswith(("refuses", "over")):
+                self._say_once(name, reason)
+        for name in list(self._conns):  # databases no longer chosen: let their connections go
+            if name not in found.chosen:
+                self._conns.pop(name).close()
+                self._buckets.pop(name, None)
+        frames = []
+        seen = 0
+        for database in found.chosen:
+            frame, tables = self._scrape_database(database)
+            if frame is not None:
+                frames.append(frame)
+                seen += tables
+        self.stats.tables_seen = seen
+        return pl.concat(frames) if frames else pl.DataFrame(schema=TABLES)
+
+    def _scrape_database(self, database: str) -> tuple[pl.DataFrame | None, int]:
+        try:
+            conn = self._connection(database)
+        except ScrapeError as exc:
+            self.stats.count("connect_failed")
+            self._say_once(database, f"cannot connect ({exc.message})")
+            return None, 0
+        try:
+            try:
+                result = self._query(conn, database, skip_locked=False)
+            except pgerr.LockNotAvailable:
+                conn.rollback()
+                self.stats.count("lock_timeout")
+                log.info("a table is locked ACCESS EXCLUSIVE: its size is kept from the last scrape",
+                         extra=kv(instance=self.instance, database=database))
+                result = self._query(conn, database, skip_locked=True)
+        except psycopg.Error as exc:
+            err = classify(exc, self._dsn_for(database), self.statement_timeout_ms)
+            self.stats.count("timeout" if isinstance(exc, pgerr.QueryCanceled) else "error")
+            log.warning("table statistics scrape failed",
+                        extra=kv(instance=self.instance, database=database, error=err.message))
+            try:
+                conn.close()
+            finally:
+                self._conns.pop(database, None)
+            return None, 0
+        if self._said.pop(database, None) is not None:
+            log.info("table statistics scraped again", extra=kv(instance=self.instance, database=database))
+        self.stats.count("ok")
+        return result
+
+    def _query(self, conn: psycopg.Connection, database: str, *, skip_locked: bool) -> tuple[pl.DataFrame, int]:
+        previous = self._buckets.get(database)
+        with conn.cursor(binary=True) as cur:
+            cur.execute(f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}")
+            cur.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
+            if conn.info.server_version >= 150000:  # both queries read one statistics snapshot
+                cur.execute("SET LOCAL stats_fetch_consistency = snapshot")  # (before 15: always so)
+            observed_at = cur.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+            found = cur.execute(BUCKETS_SQL, {}).fetchall()
+            buckets = {int(b): (int(n), s or Decimal(0)) for b, n, s, _ in found}
+            everything = previous is None
+            changed = [] if everything else sorted(
+                b for b in set(buckets) | set(previous) if buckets.get(b) != previous.get(b))  # type: ignore[union-attr]
+            cur.execute(ROWS_SQL, {"all": everything, "buckets": changed, "k": self.top_k,
+                                   "skip_locked": skip_locked})
+            rows = cur.fetchall()
+        conn.rollback()
+        self._buckets[database] = buckets
+        self.stats.rows += len(rows)
+        frame = pl.DataFrame(rows, schema=[(c, TABLES[c]) for c in _ROW_COLUMNS], orient="row") if rows \
+            else pl.DataFrame(schema={c: TABLES[c] for c in _ROW_COLUMNS})
+        frame = frame.with_columns(pl.lit("table").alias("kind"))
+        if everything:
+            marks = pl.DataFrame({"kind": ["all"]})
+        else:
+            marks = pl.DataFrame({"kind": ["bucket"] * len(changed), "bucket": changed},
+                                 schema={"kind": pl.String, "bucket": pl.Int64})
+        frame = pl.concat([marks, frame], how="diagonal_relaxed").with_columns(
+            pl.lit(database).alias("database"), pl.lit(observed_at).alias("observed_at"))
+        return conform(frame, TABLES), sum(int(roots) for *_, roots in found)
+
+
+def scrape_tables_once(dsn: str, **kwargs: object) -> pl.DataFrame:
+    """Convenience for notebooks and tests: connect, scrape every database's tables once, close."""
+    with TableScraper(dsn, **{"instance": redact_dsn(dsn), **kwargs}) as scraper:  # type: ignore[arg-type]
+        return scraper.scrape()
