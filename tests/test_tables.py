@@ -39,6 +39,18 @@ def _wait(pg, db: str, sql: str, expected, timeout: float = 20.0):
         time.sleep(0.05)
 
 
+def _settled(pg, db: str, sql: str, timeout: float = 20.0) -> None:
+    """Wait until the server's statistics stop moving (PostgreSQL 13/14 apply them asynchronously)."""
+    deadline = time.monotonic() + timeout
+    last = pg.execute(sql, dbname=db)[0][0]
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = pg.execute(sql, dbname=db)[0][0]
+        if now == last:
+            return
+        last = now
+
+
 class Collector:
     """The scrape pair the collector runs: a Snapshot with the table frame attached."""
 
@@ -158,7 +170,8 @@ def test_cap_names_by_activity_and_keeps_totals_exact(pg):
                        i, CASE WHEN i <= 200 THEN 400 ELSE 2 END);
         END LOOP; END $$""" for lo in range(1, 5001, 500)),  # one transaction per 500: lock table
                "CREATE TABLE hot (id int) WITH (autovacuum_enabled = false)", dbname=db)
-    _wait(pg, db, "SELECT count(*) FROM pg_stat_user_tables WHERE n_tup_ins > 0", 5000)
+    _wait(pg, db, "SELECT count(*) FROM pg_stat_user_tables", 5001)
+    _settled(pg, db, "SELECT sum(n_tup_ins) FROM pg_stat_user_tables")  # (before 15 the statistics collector lags)
     c = Collector(pg, db, top_k=50)
     truth = []
     try:
