@@ -225,9 +225,9 @@ def test_access_exclusive_lock_never_stalls_the_scrape(pg):
     holder = psycopg.connect(pg.dsn(db))
     try:
         c.scrape()
+        pg.execute("INSERT INTO free VALUES (2)", "INSERT INTO locked VALUES (2)", dbname=db)  # both are re-read
+        _wait(pg, db, "SELECT sum(n_tup_ins)::int FROM pg_stat_user_tables", 4)
         holder.execute("LOCK TABLE locked IN ACCESS EXCLUSIVE MODE")  # held until rollback
-        pg.execute("INSERT INTO free VALUES (2)", dbname=db)
-        _wait(pg, db, "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'free'", 2)
         frame = c.scrape().tables
         assert c.tables.stats.outcomes.get("lock_timeout") == 1  # the size query hit lock_timeout ...
         assert c.tables.stats.outcomes.get("ok") == 2  # ... and the scrape went on without that size

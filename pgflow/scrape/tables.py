@@ -10,9 +10,9 @@ statement_timeout`` and ``lock_timeout``), one statement per scrape of a databas
   lowers the sum: it shows too);
 - it returns the digests that changed, every table of a changed bucket (so no activity is
   ever missed: the operator diffs each table against the last row it saw of it, and a table
-  not returned has not moved), and the top ``top_k`` by dead tuples, by frozen-xid age and by
-  size (``relpages`` as the prefilter; ``pg_table_size`` only for the rows returned): the risk
-  candidates.
+  not returned has not moved; ``pg_table_size`` only for these), and the ``top_k`` oldest
+  frozen xids (an age grows without any counter moving). Dead tuples and sizes move only
+  with the counters: the operator ranks those risks over every table it knows.
 
 The first scrape of a database fetches every table once (the baseline, row kind ``all``);
 after that the rows per scrape follow activity, not the number of tables. Sizes take an
@@ -69,16 +69,15 @@ _STAT = {
 _TIMES = {f"last_{w}": f"pg_stat_get_last_{w}_time(c.oid)" for w in ("vacuum", "autovacuum", "analyze", "autoanalyze")}
 
 # One statement, one pass over the statistics: the bucket digests are compared on the server
-# with the previous scrape's (passed as arrays), and only what changed comes back.
+# with the previous scrape's (passed as arrays), and only what changed comes back. Only the
+# counters (the digest) and the frozen-xid age (a risk) are read for every table; the rest
+# only for the tables returned.
 SCRAPE_SQL = (
     "WITH ix AS (SELECT i.indrelid, sum(pg_stat_get_numscans(i.indexrelid)) AS idx_scan, "
     f"sum({_blocks('i.indexrelid')[0]}) AS idx_blks_read, sum({_blocks('i.indexrelid')[1]}) AS idx_blks_hit "
     "FROM pg_index i GROUP BY i.indrelid), "
     "t AS (SELECT coalesce(CASE WHEN c.relispartition THEN pg_partition_root(c.oid) END, c.oid)::int8 AS root, "
-    "c.oid AS relid, c.relpages::int8 AS relpages, "
-    "CASE WHEN c.relfrozenxid <> '0'::xid THEN age(c.relfrozenxid) END::int8 AS frozen_xid_age, "
-    "pg_stat_get_live_tuples(c.oid) AS n_live_tup, pg_stat_get_dead_tuples(c.oid) AS n_dead_tup, "
-    + ", ".join(f"{e} AS {c}" for c, e in _TIMES.items()) + ", "
+    "c.oid AS relid, CASE WHEN c.relfrozenxid <> '0'::xid THEN age(c.relfrozenxid) END::int8 AS frozen_xid_age, "
     + ", ".join(f"({e})::int8 AS {c}" for c, e in _STAT.items())
     + " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace LEFT JOIN ix ON ix.indrelid = c.oid "
     "WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' "
@@ -89,38 +88,36 @@ SCRAPE_SQL = (
     "prev AS (SELECT * FROM unnest(%(pb)s::int8[], %(pn)s::int8[], %(ps)s::int8[]) AS p(bucket, n, s)), "
     "changed AS (SELECT coalesce(bk.bucket, prev.bucket) AS bucket, bk.n, bk.s, bk.roots FROM bk "
     "FULL JOIN prev ON prev.bucket = bk.bucket WHERE bk.n IS DISTINCT FROM prev.n OR bk.s IS DISTINCT FROM prev.s), "
-    "r AS (SELECT root, "
-    + ", ".join(f"sum({c})::int8 AS {c}" for c in TABLE_COUNTERS)
-    + ", sum(n_live_tup)::int8 AS n_live_tup, sum(n_dead_tup)::int8 AS n_dead_tup, max(frozen_xid_age) AS frozen_xid_age, "
-    "sum(relpages)::int8 AS relpages, "
-    + ", ".join(f"max({c}) AS {c}" for c in TABLE_TIMES)
-    + " FROM t GROUP BY root), "
-    f"pick AS (SELECT root FROM r WHERE %(all)s OR root %% {BUCKETS} IN (SELECT bucket FROM changed) "
-    "UNION SELECT root FROM (SELECT root FROM r ORDER BY n_dead_tup DESC, root LIMIT %(k)s) a "
-    "UNION SELECT root FROM (SELECT root FROM r ORDER BY frozen_xid_age DESC NULLS LAST, root LIMIT %(k)s) b "
-    "UNION SELECT root FROM (SELECT root FROM r ORDER BY relpages DESC, root LIMIT %(k)s) c), "
+    # Tables whose counters moved (read whole, sizes included) and the oldest frozen xids (their
+    # age grows without any counter moving; sizes not re-read: the operator keeps them).
+    f"moved AS (SELECT DISTINCT root, true AS sized FROM t WHERE %(all)s OR root %% {BUCKETS} IN (SELECT bucket FROM changed)), "
+    "pick AS (SELECT * FROM moved UNION ALL SELECT root, false FROM (SELECT root FROM t GROUP BY root "
+    "ORDER BY max(frozen_xid_age) DESC NULLS LAST, root LIMIT %(k)s) o WHERE root NOT IN (SELECT root FROM moved)), "
     "locked AS (SELECT l.relation FROM pg_locks l WHERE %(skip_locked)s AND l.granted "
     "AND l.mode = 'AccessExclusiveLock' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())), "
-    "m AS (SELECT t.root, t.relid, (EXISTS (SELECT 1 FROM locked WHERE relation = t.relid) OR EXISTS ("
-    "SELECT 1 FROM locked JOIN pg_index i ON i.indexrelid = locked.relation WHERE i.indrelid = t.relid)) AS lk "
-    "FROM t JOIN pick USING (root)), "
-    "sizes AS (SELECT root, CASE WHEN bool_or(lk) THEN NULL ELSE "
-    "sum(CASE WHEN lk THEN 0 ELSE pg_table_size(relid) END) END::int8 AS table_size, "
-    "CASE WHEN bool_or(lk) THEN NULL ELSE sum(CASE WHEN lk THEN 0 ELSE pg_indexes_size(relid) END) END::int8 AS index_size "
-    "FROM m GROUP BY root) "
-    # The digests of the changed buckets first (relid null; n, s and roots ride in three counter columns) ...
+    "m AS (SELECT t.*, pick.sized AND NOT (EXISTS (SELECT 1 FROM locked WHERE relation = t.relid) OR EXISTS ("
+    "SELECT 1 FROM locked JOIN pg_index i ON i.indexrelid = locked.relation WHERE i.indrelid = t.relid)) AS sized, "
+    "pick.sized AS wanted FROM t JOIN pick USING (root)), "
+    "r AS (SELECT root, "
+    + ", ".join(f"sum({c})::int8 AS {c}" for c in TABLE_COUNTERS)
+    + ", sum(pg_stat_get_live_tuples(relid))::int8 AS n_live_tup, sum(pg_stat_get_dead_tuples(relid))::int8 AS n_dead_tup, "
+    "CASE WHEN bool_and(sized) THEN sum(CASE WHEN sized THEN pg_table_size(relid) END) END::int8 AS table_size, "
+    "CASE WHEN bool_and(sized) THEN sum(CASE WHEN sized THEN pg_indexes_size(relid) END) END::int8 AS index_size, "
+    "max(frozen_xid_age) AS frozen_xid_age, "
+    + ", ".join(f"max({e}) AS {c}" for c, e in _TIMES.items()).replace("c.oid", "relid")
+    + " FROM m GROUP BY root) "
+    # The digests of the changed buckets (relid null; n, s and roots ride in three counter columns) ...
     "SELECT bucket, NULL::int8, NULL::text, n, s, roots, "
     + ", ".join("NULL::int8" for _ in TABLE_COUNTERS[3:]) + ", "
     + ", ".join("NULL::int8" for _ in TABLE_GAUGES) + ", "
     + ", ".join("NULL::timestamptz" for _ in TABLE_TIMES)
     + " FROM changed UNION ALL "
-    # ... then the tables.
-    f"(SELECT r.root %% {BUCKETS}, r.root, n.nspname || '.' || c.relname, "
+    # ... and the tables.
+    f"SELECT r.root %% {BUCKETS}, r.root, n.nspname || '.' || c.relname, "
     + ", ".join(f"r.{x}" for x in TABLE_COUNTERS)
-    + ", r.n_live_tup, r.n_dead_tup, sizes.table_size, sizes.index_size, r.frozen_xid_age, "
+    + ", r.n_live_tup, r.n_dead_tup, r.table_size, r.index_size, r.frozen_xid_age, "
     + ", ".join(f"r.{x}" for x in TABLE_TIMES)
-    + " FROM r JOIN pick USING (root) JOIN sizes USING (root) JOIN pg_class c ON c.oid = r.root "
-    "JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY r.root)"
+    + " FROM r JOIN pg_class c ON c.oid = r.root JOIN pg_namespace n ON n.oid = c.relnamespace"
 )
 _ROW_COLUMNS = ["bucket", "relid", "table", *TABLE_COUNTERS, *TABLE_GAUGES, *TABLE_TIMES]
 
