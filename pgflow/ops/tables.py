@@ -32,7 +32,6 @@ from pgflow.ops.cap import OTHER, track
 from pgflow.schema import POINTS, TABLE_COUNTERS, TABLE_GAUGES, TABLE_TIMES, TABLES, UTC_TS
 
 KEY = ["database", "relid"]
-BUCKETS = 1024  # as pgflow.scrape.tables.BUCKETS (ops never import the scrape layer)
 KNOWN = pl.Schema({c: t for c, t in TABLES.items() if c != "kind"})
 _DELTAS = pl.Schema({"database": pl.String, "relid": pl.Int64, "table": pl.String,
                      **{c: pl.Int64 for c in TABLE_COUNTERS}})
@@ -87,7 +86,7 @@ def observe(known: pl.DataFrame, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.
     # Sizes not read (the table was locked ACCESS EXCLUSIVE) keep their last observation.
     current = joined.with_columns(pl.col("table_size").fill_null(pl.col("table_size__prev")),
                                   pl.col("index_size").fill_null(pl.col("index_size__prev"))).select(KNOWN.names())
-    dropped_scope = known.with_columns((pl.col("relid") % BUCKETS).alias("bucket")).filter(
+    dropped_scope = known.filter(  # each known row keeps the bucket the scraper put it in
         pl.col("database").is_in(whole.get_column("database").implode())
         | pl.struct("database", "bucket").is_in(changed.select(pl.struct("database", "bucket")).to_series().implode()))
     dropped = dropped_scope.join(rows.select(KEY), on=KEY, how="anti").select(KEY)

@@ -3,7 +3,7 @@
 One connection per database (``application_name=pgflow``, read-only, ``SET LOCAL
 statement_timeout`` and ``lock_timeout``), one statement per scrape of a database:
 
-- tables (partitions rolled into their root) are hashed by oid into :data:`BUCKETS` buckets;
+- tables (partitions rolled into their root) are hashed by oid into a number of buckets that grows with the tables (:func:`buckets_for`);
   per bucket, the server sums every cumulative counter (a *digest*) and compares it with the
   previous scrape's digests, passed in as arrays. Counters only grow, so a bucket whose table
   count and digest are unchanged holds no table whose counters moved (a reset or a drop
@@ -40,7 +40,18 @@ from pgflow.scrape.discovery import Discovered, discover
 
 log = logging.getLogger("pgflow.scrape.tables")
 
-BUCKETS = 1024
+MIN_BUCKETS, MAX_BUCKETS = 256, 16384
+TABLES_PER_BUCKET = 12  # a moved table brings about this many rows along: rows follow activity
+
+
+def buckets_for(tables: int) -> int:
+    """How many buckets a database of ``tables`` tables is hashed into (a power of two)."""
+    want = max(1, tables // TABLES_PER_BUCKET)
+    return max(MIN_BUCKETS, min(MAX_BUCKETS, 1 << (want - 1).bit_length()))
+
+
+COUNT_SQL = ("SELECT count(*) FROM pg_class c WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' "
+             "AND NOT c.relispartition")
 
 def _blocks(oid: str) -> tuple[str, str]:
     return f"pg_stat_get_blocks_fetched({oid}) - pg_stat_get_blocks_hit({oid})", f"pg_stat_get_blocks_hit({oid})"
@@ -82,15 +93,16 @@ SCRAPE_SQL = (
     + " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace LEFT JOIN ix ON ix.indrelid = c.oid "
     "WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' "
     "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'), "
-    f"bk AS (SELECT root %% {BUCKETS} AS bucket, count(*)::int8 AS n, (sum("
-    + " + ".join(TABLE_COUNTERS) + ") %% 9223372036854775807)::int8 AS s, count(DISTINCT root)::int8 AS roots "
+    # digest = a 64-bit hash of (number of rows, sum of every counter) per bucket
+    "bk AS (SELECT root %% %(b)s AS bucket, hashint8extended((sum("
+    + " + ".join(TABLE_COUNTERS) + ") %% 9223372036854775807)::int8, count(*)) AS d, count(DISTINCT root)::int8 AS roots "
     "FROM t GROUP BY 1), "
-    "prev AS (SELECT * FROM unnest(%(pb)s::int8[], %(pn)s::int8[], %(ps)s::int8[]) AS p(bucket, n, s)), "
-    "changed AS (SELECT coalesce(bk.bucket, prev.bucket) AS bucket, bk.n, bk.s, bk.roots FROM bk "
-    "FULL JOIN prev ON prev.bucket = bk.bucket WHERE bk.n IS DISTINCT FROM prev.n OR bk.s IS DISTINCT FROM prev.s), "
+    # the previous digests, one per bucket by position (null: the bucket was empty)
+    "changed AS (SELECT g AS bucket, bk.d, bk.roots FROM generate_series(0, %(b)s - 1) g "
+    "LEFT JOIN bk ON bk.bucket = g WHERE bk.d IS DISTINCT FROM (%(pd)s::int8[])[g + 1]), "
     # Tables whose counters moved (read whole, sizes included) and the oldest frozen xids (their
     # age grows without any counter moving; sizes not re-read: the operator keeps them).
-    f"moved AS (SELECT DISTINCT root, true AS sized FROM t WHERE %(all)s OR root %% {BUCKETS} IN (SELECT bucket FROM changed)), "
+    "moved AS (SELECT DISTINCT root, true AS sized FROM t WHERE root %% %(b)s IN (SELECT bucket FROM changed)), "
     "pick AS (SELECT * FROM moved UNION ALL SELECT root, false FROM (SELECT root FROM t GROUP BY root "
     "ORDER BY max(frozen_xid_age) DESC NULLS LAST, root LIMIT %(k)s) o WHERE root NOT IN (SELECT root FROM moved)), "
     "locked AS (SELECT l.relation FROM pg_locks l WHERE %(skip_locked)s AND l.granted "
@@ -106,14 +118,14 @@ SCRAPE_SQL = (
     "max(frozen_xid_age) AS frozen_xid_age, "
     + ", ".join(f"max({e}) AS {c}" for c, e in _TIMES.items()).replace("c.oid", "relid")
     + " FROM m GROUP BY root) "
-    # The digests of the changed buckets (relid null; n, s and roots ride in three counter columns) ...
-    "SELECT bucket, NULL::int8, NULL::text, n, s, roots, "
-    + ", ".join("NULL::int8" for _ in TABLE_COUNTERS[3:]) + ", "
+    # The digests of the changed buckets (relid null; digest and tables ride in two counter columns) ...
+    "SELECT bucket, NULL::int8, NULL::text, d, roots, "
+    + ", ".join("NULL::int8" for _ in TABLE_COUNTERS[2:]) + ", "
     + ", ".join("NULL::int8" for _ in TABLE_GAUGES) + ", "
     + ", ".join("NULL::timestamptz" for _ in TABLE_TIMES)
     + " FROM changed UNION ALL "
     # ... and the tables.
-    f"SELECT r.root %% {BUCKETS}, r.root, n.nspname || '.' || c.relname, "
+    "SELECT r.root %% %(b)s, r.root, n.nspname || '.' || c.relname, "
     + ", ".join(f"r.{x}" for x in TABLE_COUNTERS)
     + ", r.n_live_tup, r.n_dead_tup, r.table_size, r.index_size, r.frozen_xid_age, "
     + ", ".join(f"r.{x}" for x in TABLE_TIMES)
@@ -155,7 +167,8 @@ class TableScraper:
         self.connect_timeout_secs = connect_timeout_secs
         self.stats = TableScrapeStats()
         self._conns: dict[str, psycopg.Connection] = {}
-        self._buckets: dict[str, dict[int, tuple[int, int, int]]] = {}  # database -> bucket -> (rows, digest, tables)
+        # database -> digest per bucket (None: empty) and tables per bucket, of the last scrape
+        self._buckets: dict[str, tuple[list[int | None], list[int]]] = {}
         self._said: dict[str, str] = {}  # database -> reason it is not scraped (said once)
         self.discovered: Discovered | None = None
 
@@ -264,31 +277,31 @@ class TableScraper:
 
     def _query(self, conn: psycopg.Connection, database: str, *, skip_locked: bool) -> tuple[pl.DataFrame, int]:
         previous = self._buckets.get(database)
-        everything = previous is None
-        known = previous or {}
         with conn.cursor(binary=True) as cur:
             cur.execute(f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}")
             cur.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
-            observed_at = cur.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
-            cur.execute(SCRAPE_SQL, {"all": everything, "k": self.top_k, "skip_locked": skip_locked,
-                                     "pb": list(known), "pn": [v[0] for v in known.values()],
-                                     "ps": [v[1] for v in known.values()]})
+            observed_at, tables = cur.execute(f"SELECT now(), ({COUNT_SQL})").fetchone()  # type: ignore[misc]
+            if previous is not None and not len(previous[0]) // 2 <= buckets_for(tables) <= 2 * len(previous[0]):
+                previous = None  # the database grew or shrank a lot: hash it again, all tables read once
+            everything = previous is None
+            b = buckets_for(tables) if everything else len(previous[0])  # type: ignore[index]
+            digests, counts = (list(previous[0]), list(previous[1])) if previous else ([None] * b, [0] * b)
+            cur.execute(SCRAPE_SQL, {"b": b, "pd": [] if everything else digests, "k": max(10, self.top_k // 6),
+                                     "skip_locked": skip_locked})
             rows = cur.fetchall()
         conn.rollback()
-        digests = [r for r in rows if r[1] is None]
+        changed = []
+        for row in rows:
+            if row[1] is None:  # a digest row
+                changed.append(int(row[0]))
+                digests[row[0]], counts[row[0]] = row[3], row[4] or 0
         rows = [r for r in rows if r[1] is not None]
-        buckets = dict(known)
-        for bucket, _, _, n, digest, roots, *_ in digests:
-            if n is None:
-                buckets.pop(int(bucket), None)  # no table left in it
-            else:
-                buckets[int(bucket)] = (int(n), int(digest), int(roots))
-        self._buckets[database] = buckets
+        self._buckets[database] = (digests, counts)
         self.stats.rows += len(rows)
         frame = pl.DataFrame(rows, schema=[(c, TABLES[c]) for c in _ROW_COLUMNS], orient="row") if rows \
             else pl.DataFrame(schema={c: TABLES[c] for c in _ROW_COLUMNS})
         frame = frame.with_columns(pl.lit("table").alias("kind"))
-        changed = sorted(int(d[0]) for d in digests)
+        changed.sort()
         if everything:
             marks = pl.DataFrame({"kind": ["all"]})
         else:
@@ -296,7 +309,7 @@ class TableScraper:
                                  schema={"kind": pl.String, "bucket": pl.Int64})
         frame = pl.concat([marks, frame], how="diagonal_relaxed").with_columns(
             pl.lit(database).alias("database"), pl.lit(observed_at).alias("observed_at"))
-        return conform(frame, TABLES), sum(v[2] for v in buckets.values())
+        return conform(frame, TABLES), sum(counts)
 
 
 def scrape_tables_once(dsn: str, **kwargs: object) -> pl.DataFrame:
