@@ -4,10 +4,12 @@ One connection per database (``application_name=pgflow``, read-only, ``SET LOCAL
 statement_timeout`` and ``lock_timeout``), one statement per scrape of a database:
 
 - tables (partitions rolled into their root) are hashed by oid into a number of buckets that grows with the tables (:func:`buckets_for`);
-  per bucket, the server sums every cumulative counter (a *digest*) and compares it with the
-  previous scrape's digests, passed in as arrays. Counters only grow, so a bucket whose table
-  count and digest are unchanged holds no table whose counters moved (a reset or a drop
-  lowers the sum: it shows too);
+  per bucket, the server sums the counters that move with any use of a table (scans, heap
+  block reads, writes, vacuum and analyze counts) into a 64-bit *digest* and compares it with
+  the previous scrape's digests, passed in by position. Counters only grow, so a bucket whose
+  table count and digest are unchanged holds no table that was used (a reset or a drop lowers
+  the sum: it shows too). A counter outside the digest that moves alone (blocks read by a
+  vacuum still running) is not lost: it is in the table's next delta;
 - it returns the digests that changed, every table of a changed bucket (so no activity is
   ever missed: the operator diffs each table against the last row it saw of it, and a table
   not returned has not moved; ``pg_table_size`` only for these), and the ``top_k`` oldest
@@ -83,20 +85,23 @@ _TIMES = {f"last_{w}": f"pg_stat_get_last_{w}_time(c.oid)" for w in ("vacuum", "
 # with the previous scrape's (passed as arrays), and only what changed comes back. Only the
 # counters (the digest) and the frozen-xid age (a risk) are read for every table; the rest
 # only for the tables returned.
+_DIGEST = " + ".join(["pg_stat_get_numscans(c.oid)", "coalesce(ixs.idx_scan, 0)", "pg_stat_get_blocks_fetched(c.oid)",
+                       *(_STAT[k] for k in ("n_tup_ins", "n_tup_upd", "n_tup_del", "vacuum_count", "autovacuum_count",
+                                            "analyze_count", "autoanalyze_count"))])
 SCRAPE_SQL = (
-    "WITH ix AS (SELECT i.indrelid, sum(pg_stat_get_numscans(i.indexrelid)) AS idx_scan, "
-    f"sum({_blocks('i.indexrelid')[0]}) AS idx_blks_read, sum({_blocks('i.indexrelid')[1]}) AS idx_blks_hit "
+    "WITH ixs AS (SELECT i.indrelid, sum(pg_stat_get_numscans(i.indexrelid)) AS idx_scan "
     "FROM pg_index i GROUP BY i.indrelid), "
+    # Every table: its root, its frozen-xid age and the sum of the counters that move with any
+    # use of it (scans, block reads, writes, maintenance): its digest.
     "t AS (SELECT coalesce(CASE WHEN c.relispartition THEN pg_partition_root(c.oid) END, c.oid)::int8 AS root, "
     "c.oid AS relid, CASE WHEN c.relfrozenxid <> '0'::xid THEN age(c.relfrozenxid) END::int8 AS frozen_xid_age, "
-    + ", ".join(f"({e})::int8 AS {c}" for c, e in _STAT.items())
-    + " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace LEFT JOIN ix ON ix.indrelid = c.oid "
+    f"({_DIGEST})::numeric AS dg "
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace LEFT JOIN ixs ON ixs.indrelid = c.oid "
     "WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' "
     "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'), "
-    # digest = a 64-bit hash of (number of rows, sum of every counter) per bucket
-    "bk AS (SELECT root %% %(b)s AS bucket, hashint8extended((sum("
-    + " + ".join(TABLE_COUNTERS) + ") %% 9223372036854775807)::int8, count(*)) AS d, count(DISTINCT root)::int8 AS roots "
-    "FROM t GROUP BY 1), "
+    # digest of a bucket = a 64-bit hash of (number of tables, sum of their digests)
+    "bk AS (SELECT root %% %(b)s AS bucket, hashint8extended((sum(dg) %% 9223372036854775807)::int8, count(*)) AS d, "
+    "(count(*) FILTER (WHERE root = relid))::int8 AS roots FROM t GROUP BY 1), "
     # the previous digests, one per bucket by position (null: the bucket was empty)
     "changed AS (SELECT g AS bucket, bk.d, bk.roots FROM generate_series(0, %(b)s - 1) g "
     "LEFT JOIN bk ON bk.bucket = g WHERE bk.d IS DISTINCT FROM (%(pd)s::int8[])[g + 1]), "
@@ -107,9 +112,14 @@ SCRAPE_SQL = (
     "ORDER BY max(frozen_xid_age) DESC NULLS LAST, root LIMIT %(k)s) o WHERE root NOT IN (SELECT root FROM moved)), "
     "locked AS (SELECT l.relation FROM pg_locks l WHERE %(skip_locked)s AND l.granted "
     "AND l.mode = 'AccessExclusiveLock' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())), "
-    "m AS (SELECT t.*, pick.sized AND NOT (EXISTS (SELECT 1 FROM locked WHERE relation = t.relid) OR EXISTS ("
-    "SELECT 1 FROM locked JOIN pg_index i ON i.indexrelid = locked.relation WHERE i.indrelid = t.relid)) AS sized, "
-    "pick.sized AS wanted FROM t JOIN pick USING (root)), "
+    # Everything else, for the tables returned only.
+    "m AS (SELECT t.root, t.relid, t.frozen_xid_age, pick.sized AND NOT (EXISTS (SELECT 1 FROM locked WHERE relation = t.relid) "
+    "OR EXISTS (SELECT 1 FROM locked JOIN pg_index i ON i.indexrelid = locked.relation WHERE i.indrelid = t.relid)) AS sized, "
+    + ", ".join(f"({e})::int8 AS {c}" for c, e in _STAT.items())
+    + " FROM t JOIN pick USING (root) JOIN pg_class c ON c.oid = t.relid "
+    "LEFT JOIN LATERAL (SELECT sum(pg_stat_get_numscans(i.indexrelid)) AS idx_scan, "
+    f"sum({_blocks('i.indexrelid')[0]}) AS idx_blks_read, sum({_blocks('i.indexrelid')[1]}) AS idx_blks_hit "
+    "FROM pg_index i WHERE i.indrelid = c.oid) ix ON true), "
     "r AS (SELECT root, "
     + ", ".join(f"sum({c})::int8 AS {c}" for c in TABLE_COUNTERS)
     + ", sum(pg_stat_get_live_tuples(relid))::int8 AS n_live_tup, sum(pg_stat_get_dead_tuples(relid))::int8 AS n_dead_tup, "
