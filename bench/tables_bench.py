@@ -11,7 +11,8 @@ inserts into 50 random tables; then, in the same interval, each way scrapes the 
   notes (table stats with ``pg_relation_size`` per table, block I/O per table, index stats with
   ``pg_relation_size`` per index), every row fetched, no bound.
 
-Both connect through a byte-counting TCP relay, so "bytes" are what the server sent on the wire.
+Both connect through a byte-counting TCP relay: "bytes" are what crossed the wire, both ways
+(pgflow sends its previous bucket digests up with the query).
 Ends with: ms_10k=<f> ms_100k=<f> ratio_unbounded_100k=<f> (peer ms / pgflow ms at 100,000 tables).
 Usage: python bench/tables_bench.py [sizes, default 10000,100000] [intervals, default 5]
 """
@@ -51,6 +52,7 @@ class Relay:
     def __init__(self, port: int) -> None:
         self.target = port
         self.sent = 0
+        self.received = 0
         self._lock = threading.Lock()
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -69,9 +71,11 @@ class Relay:
     def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
         try:
             while data := src.recv(1 << 16):
-                if count:
-                    with self._lock:
+                with self._lock:
+                    if count:
                         self.sent += len(data)
+                    else:
+                        self.received += len(data)
                 dst.sendall(data)
         except OSError:
             pass
@@ -83,9 +87,10 @@ class Relay:
                     pass
 
     def take(self) -> int:
+        """Bytes both ways since the last call (server to client, and the queries sent)."""
         with self._lock:
-            sent, self.sent = self.sent, 0
-        return sent
+            total, self.sent, self.received = self.sent + self.received, 0, 0
+        return total
 
 
 def make_tables(pg: LocalPostgres, db: str, n: int) -> None:

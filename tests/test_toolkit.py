@@ -149,7 +149,7 @@ def test_sweep_matches_replay():
     assert small["series"] <= large["series"] and small["time_share_named"] <= large["time_share_named"]
 
 
-@pytest.mark.parametrize("name", ["explore_workload", "tune_limits", "replay_check"])
+@pytest.mark.parametrize("name", ["explore_workload", "tune_limits", "replay_check", "server_health"])
 def test_notebook_runs_headless_and_draws(name):
     notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
