@@ -304,3 +304,56 @@ def test_capture_round_trip_keeps_the_tables_frame(pg, tmp_path):
     assert back[2].tables.height == 0 and back[0].tables.height > 0
     assert all(capture.as_stored(a).equals(b) for a, b in zip(c.snapshots, back))
     assert ops.run(back, export_interval_secs=0.001).equals(ops.run(c.snapshots, export_interval_secs=0.001))
+
+
+def test_collector_exports_table_statistics_on_their_own_thread(pg, tmp_path):
+    """The real collector (a subprocess) with the real receiver: the table thread's frames reach the endpoint."""
+    import json
+    import signal
+    import urllib.request
+
+    from e2e import collector_env, start_collector
+    from pgflow.otlp.receiver import Receiver
+
+    db = _database(pg, "e2e")
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v int)", "INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g",
+               dbname=db)
+
+    def table_points(receiver, metric):
+        points = receiver.points().filter(pl.col("metric") == metric)
+        return points.with_columns(
+            collection=pl.col("attributes").str.json_path_match("$['db.collection.name']"),
+            operation=pl.col("attributes").str.json_path_match("$['postgresql.operation']"),
+        ).filter(pl.col("collection") == "public.t")
+
+    def until(condition, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "the collector did not export table statistics in time"
+            time.sleep(0.1)
+
+    with Receiver() as receiver:
+        env = collector_env(pg.dsn(), receiver.grpc_endpoint, tmp_path / "state",
+                            PGFLOW_TABLE_STATS_INTERVAL_SECS="0.5",
+                            PGFLOW_TABLE_STATS_DATABASES=json.dumps([db]))
+        proc = start_collector(env, log=tmp_path / "log")
+        try:
+            until(lambda: table_points(receiver, "postgresql.table.size").height > 0)  # the baseline was exported
+            n = 25
+            with psycopg.connect(pg.dsn(db), autocommit=True) as conn:
+                for i in range(n):
+                    conn.execute("UPDATE t SET v = v + 1 WHERE id = %s", (i % 10 + 1,))
+
+            def updates():
+                return table_points(receiver, "postgresql.operations").filter(
+                    pl.col("operation") == "upd").get_column("value").sum()
+
+            until(lambda: updates() >= n)
+            time.sleep(1.5)  # a few more windows: nothing more may arrive
+            assert updates() == n
+            metrics = urllib.request.urlopen(f"http://{env['PGFLOW_METRICS_ADDR']}/metrics", timeout=5).read().decode()
+            assert 'pgflow_tables_seen{instance=' in metrics and "pgflow_table_scrapes_total" in metrics
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in (tmp_path / "log").read_text()
