@@ -57,6 +57,10 @@ class InstanceState:
     scrapes: int = 0
     tables: tbl.TableState = field(default_factory=tbl.TableState)  # issue 13: per-table statistics
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("tables", tbl.TableState())  # a ledger written before issue 13 has none
+        self.__dict__.update(state)
+
 
 def initial_state(settings: OpsSettings) -> InstanceState:
     return InstanceState(None, win.WindowState(timedelta(seconds=settings.export_interval_secs)), CapState())
@@ -84,7 +88,7 @@ def _emit(state: InstanceState, closed: list[win.Window], settings: OpsSettings)
 
 
 def _tables(state: InstanceState) -> tbl.TableState:
-    return getattr(state, "tables", None) or tbl.TableState()  # a ledger written before issue 13 has none
+    return state.tables
 
 
 def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
