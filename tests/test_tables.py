@@ -357,3 +357,17 @@ def test_collector_exports_table_statistics_on_their_own_thread(pg, tmp_path):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0
     assert "Traceback" not in (tmp_path / "log").read_text()
+
+
+def test_discovery_rules():
+    from pgflow.scrape.discovery import choose
+
+    rows = [("template1", True, True), ("postgres", True, False), ("rdsadmin", True, False),
+            ("closed", False, False), ("app_1", True, False), ("app_2", True, False), ("logs", True, False),
+            ("app_3", True, False)]
+    found = choose(rows, include=["app_*", "postgres"], exclude=["app_2"], limit=2)
+    assert found.chosen == ("postgres", "app_1")
+    assert found.skipped == {"template1": "template", "rdsadmin": "provider maintenance database",
+                             "closed": "refuses connections (datallowconn = false)",
+                             "app_2": "in table_stats_exclude_databases", "logs": "not in table_stats_databases",
+                             "app_3": "over max_databases_tracked"}

@@ -240,8 +240,9 @@ class TableScraper:
         for name, reason in found.skipped.items():  # chosen by the settings: not worth a line
             if reason.startswith(("refuses", "over")):
                 self._say_once(name, reason)
-        for name in list(self._conns):  # databases no longer chosen: let their connections go
-            if name not in found.chosen:
+        home = self._home().info.dbname
+        for name in list(self._conns):  # databases no longer chosen: let their connections go (not discovery's)
+            if name not in found.chosen and name != home:
                 self._conns.pop(name).close()
                 self._buckets.pop(name, None)
         frames = []
