@@ -3,8 +3,8 @@
 One connection per database (``application_name=pgflow``, read-only, ``SET LOCAL
 statement_timeout`` and ``lock_timeout``), one statement per scrape of a database:
 
-- tables (partitions rolled into their root) are hashed by oid into a number of buckets that grows with the tables (:func:`buckets_for`);
-  per bucket, the server sums the counters that move with any use of a table (scans, heap
+- tables (partitions rolled into their root) are hashed by oid into buckets, about six
+  tables each (:func:`buckets_for`); per bucket, the server sums the counters that move with any use of a table (scans, heap
   block reads, writes, vacuum and analyze counts) into a 64-bit *digest* and compares it with
   the previous scrape's digests, passed in by position. Counters only grow, so a bucket whose
   table count and digest are unchanged holds no table that was used (a reset or a drop lowers
