@@ -3,7 +3,7 @@
 One connection per database (``application_name=pgflow``, read-only, ``SET LOCAL
 statement_timeout`` and ``lock_timeout``), one statement per scrape of a database:
 
-- tables (partitions rolled into their root) are hashed by oid into buckets, about six
+- tables (partitions rolled into their root) are hashed (by oid) into buckets, six to twelve
   tables each (:func:`buckets_for`); per bucket, the server sums the counters that move with any use of a table (scans, heap
   block reads, writes, vacuum and analyze counts) into a 64-bit *digest* and compares it with
   the previous scrape's digests, passed in by position. Counters only grow, so a bucket whose
@@ -49,7 +49,7 @@ TABLES_PER_BUCKET = 6  # a moved table brings about this many rows along: rows f
 def buckets_for(tables: int) -> int:
     """How many buckets a database of ``tables`` tables is hashed into (a power of two)."""
     want = max(1, tables // TABLES_PER_BUCKET)
-    return max(MIN_BUCKETS, min(MAX_BUCKETS, 1 << (want - 1).bit_length()))
+    return max(MIN_BUCKETS, min(MAX_BUCKETS, 1 << (want.bit_length() - 1)))  # 6 to 12 tables per bucket
 
 
 COUNT_SQL = ("SELECT count(*) FROM pg_class c WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' "
@@ -100,14 +100,14 @@ SCRAPE_SQL = (
     "WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' "
     "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'), "
     # digest of a bucket = a 64-bit hash of (number of tables, sum of their digests)
-    "bk AS (SELECT root %% %(b)s AS bucket, hashint8extended((sum(dg) %% 9223372036854775807)::int8, count(*)) AS d, "
+    "bk AS (SELECT (hashint8(root) & (%(b)s - 1)) AS bucket, hashint8extended((sum(dg) %% 9223372036854775807)::int8, count(*)) AS d, "
     "(count(*) FILTER (WHERE root = relid))::int8 AS roots FROM t GROUP BY 1), "
     # the previous digests, one per bucket by position (null: the bucket was empty)
     "changed AS (SELECT g AS bucket, bk.d, bk.roots FROM generate_series(0, %(b)s - 1) g "
     "LEFT JOIN bk ON bk.bucket = g WHERE bk.d IS DISTINCT FROM (%(pd)s::int8[])[g + 1]), "
     # Tables whose counters moved (read whole, sizes included) and the oldest frozen xids (their
     # age grows without any counter moving; sizes not re-read: the operator keeps them).
-    "moved AS (SELECT DISTINCT root, true AS sized FROM t WHERE root %% %(b)s IN (SELECT bucket FROM changed)), "
+    "moved AS (SELECT DISTINCT root, true AS sized FROM t WHERE (hashint8(root) & (%(b)s - 1)) IN (SELECT bucket FROM changed)), "
     "pick AS (SELECT * FROM moved UNION ALL SELECT DISTINCT root, false FROM (SELECT root FROM t "
     "ORDER BY frozen_xid_age DESC NULLS LAST, root LIMIT %(k)s) o WHERE root NOT IN (SELECT root FROM moved)), "
     "locked AS (SELECT l.relation FROM pg_locks l WHERE %(skip_locked)s AND l.granted "
@@ -135,7 +135,7 @@ SCRAPE_SQL = (
     + ", ".join("NULL::timestamptz" for _ in TABLE_TIMES)
     + " FROM changed UNION ALL "
     # ... and the tables.
-    "SELECT r.root %% %(b)s, r.root, n.nspname || '.' || c.relname, "
+    "SELECT (hashint8(r.root) & (%(b)s - 1)), r.root, n.nspname || '.' || c.relname, "
     + ", ".join(f"r.{x}" for x in TABLE_COUNTERS)
     + ", r.n_live_tup, r.n_dead_tup, r.table_size, r.index_size, r.frozen_xid_age, "
     + ", ".join(f"r.{x}" for x in TABLE_TIMES)
