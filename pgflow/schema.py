@@ -111,8 +111,8 @@ DATABASES = pl.Schema(
 # Per-table statistics (issue 13), one row per table (partitions rolled into their root), scraped
 # from each database's own catalog every table_stats_interval_secs. ``kind`` says what a row is:
 # "table" (a table's cumulative counters and gauges), "bucket" (every table of bucket ``bucket``
-# was fetched: a table of it missing from the frame was dropped) or "all" (every table of the
-# database was fetched). Counters are cumulative; the operator diffs them (pgflow.ops.tables).
+# was fetched: a table of it missing from the frame was dropped), "seed" (the same, read for the
+# first time: its tables are a baseline) or "all" (every table of the database was fetched). Counters are cumulative; the operator diffs them (pgflow.ops.tables).
 TABLE_COUNTERS = (
     "seq_scan",
     "idx_scan",

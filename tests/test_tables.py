@@ -375,3 +375,39 @@ def test_discovery_rules():
                              "closed": "refuses connections (datallowconn = false)",
                              "app_2": "in table_stats_exclude_databases", "logs": "not in table_stats_databases",
                              "app_3": "over max_databases_tracked"}
+
+
+def test_a_large_database_is_seeded_in_slices_then_exact(pg, monkeypatch):
+    from pgflow.scrape import tables as scrape_tables
+
+    monkeypatch.setattr(scrape_tables, "SEED_TABLES", 20)  # 100 tables: five slices
+    db = _database(pg, "seed")
+    pg.execute("DO $$ BEGIN FOR i IN 1..100 LOOP EXECUTE format('CREATE TABLE s%s (id int)', i); END LOOP; END $$",
+               dbname=db)
+    c = Collector(pg, db)
+
+    def write_everywhere(round_: int) -> None:
+        pg.execute("DO $$ BEGIN FOR i IN 1..100 LOOP EXECUTE format('INSERT INTO s%s VALUES (1)', i); END LOOP; END $$",
+                   dbname=db)
+        _wait(pg, db, "SELECT sum(n_tup_ins)::int FROM pg_stat_user_tables", 100 * round_)
+
+    try:
+        rows = []
+        for round_ in range(1, 20):
+            before = c.tables.stats.rows
+            c.scrape()
+            rows.append(c.tables.stats.rows - before)
+            write_everywhere(round_)
+            digests, _, seeded = c.tables._buckets[db]
+            if seeded == len(digests):
+                break
+        c.scrape()
+        points = _table_points(c.points(max_tables_tracked=1000))
+    finally:
+        c.close()
+    assert len(rows) >= 4 and rows[0] < 100, rows  # seeded over several scrapes, not read whole at once
+    ends = _windows(points)
+    ops_ = points.filter((pl.col("metric") == "postgresql.operations") & (pl.col("operation") == "ins"))
+    assert ops_.filter(pl.col("end") == ends[-1]).get_column("value").sum() == 100  # seeded: every insert counted
+    assert (ops_.get_column("value") >= 0).all()
+    assert ops_.filter(pl.col("end") == ends[-1]).height == 100  # every table named, each with its one insert

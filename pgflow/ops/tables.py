@@ -10,8 +10,9 @@ against it. The rules, per ``(database, relid)``:
   down (``pg_stat_reset()``, drop and re-create) means the row restarted: its current value is
   the delta;
 - a table not known, in a bucket marked changed (or a database fetched whole): created
-  since, its whole value is the delta; elsewhere (a risk candidate whose counters did not
-  move): baseline only;
+  since, its whole value is the delta; in a bucket read for the first time (``seed``: the
+  scraper reads a new database whole, a slice per scrape) or elsewhere (a risk candidate whose
+  counters did not move): baseline only;
 - a known table missing from a bucket marked changed (or from a whole fetch) was dropped.
 
 Per export window the deltas are summed; the cap names at most ``max_tables_tracked`` tables per
@@ -65,7 +66,8 @@ def observe(known: pl.DataFrame, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.
     rows = frame.filter(pl.col("kind") == "table").drop("kind")
     marks = frame.filter(pl.col("kind") != "table")
     whole = marks.filter(pl.col("kind") == "all").select("database").unique()
-    changed = marks.filter(pl.col("kind") == "bucket").select("database", "bucket").unique()
+    changed = marks.filter(pl.col("kind").is_in(["bucket", "seed"])).select("database", "bucket").unique()
+    seeding = marks.filter(pl.col("kind") == "seed").select("database", "bucket").unique()
     baseline_dbs = frame.select("database").unique().join(known.select("database").unique(), on="database",
                                                           how="anti")
 
@@ -75,7 +77,9 @@ def observe(known: pl.DataFrame, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.
     has_prev = pl.col("seq_scan__prev").is_not_null()
     in_changed = (pl.col("database").is_in(whole.get_column("database").implode())
                   | pl.struct("database", "bucket").is_in(changed.select(pl.struct("database", "bucket")).to_series().implode()))
-    new = ~has_prev & in_changed & ~pl.col("database").is_in(baseline_dbs.get_column("database").implode())
+    in_seed = pl.struct("database", "bucket").is_in(seeding.select(pl.struct("database", "bucket")).to_series().implode())
+    new = (~has_prev & in_changed & ~in_seed
+           & ~pl.col("database").is_in(baseline_dbs.get_column("database").implode()))
     restarted = pl.any_horizontal([pl.col(c) < pl.col(f"{c}__prev") for c in TABLE_COUNTERS]).fill_null(False)
     deltas = joined.select(
         "database", "relid", "table",

@@ -16,7 +16,8 @@ statement_timeout`` and ``lock_timeout``), one statement per scrape of a databas
   frozen xids (an age grows without any counter moving). Dead tuples and sizes move only
   with the counters: the operator ranks those risks over every table it knows.
 
-The first scrape of a database fetches every table once (the baseline, row kind ``all``);
+A database seen for the first time is read whole (its baseline), ``SEED_TABLES`` tables'
+worth of buckets per scrape so that no statement grows with the database (``seed`` marks);
 after that the rows per scrape follow activity, not the number of tables. Sizes take an
 ``AccessShareLock``: a table held ``ACCESS EXCLUSIVE`` makes the statement fail on
 ``lock_timeout``; the scrape is then retried at once without the sizes of locked tables
@@ -43,7 +44,8 @@ from pgflow.scrape.discovery import Discovered, discover
 log = logging.getLogger("pgflow.scrape.tables")
 
 MIN_BUCKETS, MAX_BUCKETS = 256, 32768
-TABLES_PER_BUCKET = 6  # a moved table brings about this many rows along: rows follow activity
+TABLES_PER_BUCKET = 6
+SEED_TABLES = 20_000  # tables read whole per scrape while a database is first seeded (sizes cost)  # a moved table brings about this many rows along: rows follow activity
 
 
 def buckets_for(tables: int) -> int:
@@ -52,8 +54,9 @@ def buckets_for(tables: int) -> int:
     return max(MIN_BUCKETS, min(MAX_BUCKETS, 1 << (want.bit_length() - 1)))  # 6 to 12 tables per bucket
 
 
-COUNT_SQL = ("SELECT count(*) FROM pg_class c WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' "
-             "AND NOT c.relispartition")
+COUNT_SQL = ("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+             "WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' AND NOT c.relispartition "
+             "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'")
 
 def _blocks(oid: str) -> tuple[str, str]:
     return f"pg_stat_get_blocks_fetched({oid}) - pg_stat_get_blocks_hit({oid})", f"pg_stat_get_blocks_hit({oid})"
@@ -103,7 +106,8 @@ SCRAPE_SQL = (
     "bk AS (SELECT (hashint8(root) & (%(b)s - 1)) AS bucket, hashint8extended((sum(dg) %% 9223372036854775807)::int8, count(*)) AS d, "
     "(count(*) FILTER (WHERE root = relid))::int8 AS roots FROM t GROUP BY 1), "
     # the previous digests, one per bucket by position (null: the bucket was empty)
-    "changed AS (SELECT g AS bucket, bk.d, bk.roots FROM generate_series(0, %(b)s - 1) g "
+    # (buckets from %(hi)s on are not seeded yet: not looked at)
+    "changed AS (SELECT g AS bucket, bk.d, bk.roots FROM generate_series(0, %(hi)s - 1) g "
     "LEFT JOIN bk ON bk.bucket = g WHERE bk.d IS DISTINCT FROM (%(pd)s::int8[])[g + 1]), "
     # Tables whose counters moved (read whole, sizes included) and the oldest frozen xids (their
     # age grows without any counter moving; sizes not re-read: the operator keeps them).
@@ -177,8 +181,9 @@ class TableScraper:
         self.connect_timeout_secs = connect_timeout_secs
         self.stats = TableScrapeStats()
         self._conns: dict[str, psycopg.Connection] = {}
-        # database -> digest per bucket (None: empty) and tables per bucket, of the last scrape
-        self._buckets: dict[str, tuple[list[int | None], list[int]]] = {}
+        # database -> (digest per bucket (None: empty), tables per bucket, buckets seeded so far)
+        self._buckets: dict[str, tuple[list[int | None], list[int], int]] = {}
+        self._table_counts: dict[str, int] = {}
         self._said: dict[str, str] = {}  # database -> reason it is not scraped (said once)
         self.discovered: Discovered | None = None
 
@@ -293,13 +298,18 @@ class TableScraper:
             cur.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
             if conn.info.server_version >= 150000:  # one statistics snapshot: a third cheaper than entry by entry
                 cur.execute("SET LOCAL stats_fetch_consistency = snapshot")
-            observed_at, tables = cur.execute(f"SELECT now(), ({COUNT_SQL})").fetchone()  # type: ignore[misc]
-            if previous is not None and not len(previous[0]) // 2 <= buckets_for(tables) <= 2 * len(previous[0]):
-                previous = None  # the database grew or shrank a lot: hash it again, all tables read once
-            everything = previous is None
-            b = buckets_for(tables) if everything else len(previous[0])  # type: ignore[index]
-            digests, counts = (list(previous[0]), list(previous[1])) if previous else ([None] * b, [0] * b)
-            cur.execute(SCRAPE_SQL, {"b": b, "pd": [] if everything else digests, "k": max(10, self.top_k // 6),
+            if previous is None:  # the bucket count is chosen once per database, by its size then
+                observed_at, tables = cur.execute(f"SELECT now(), ({COUNT_SQL})").fetchone()  # type: ignore[misc]
+                b = buckets_for(tables)
+                previous = ([None] * b, [0] * b, 0)
+                self._table_counts[database] = tables
+            else:
+                observed_at = cur.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+            digests, counts, seeded = list(previous[0]), list(previous[1]), previous[2]
+            b = len(digests)
+            # Seeding: the first scrapes read the database whole, SEED_TABLES tables' worth of buckets at a time.
+            hi = min(b, seeded + max(1, b * SEED_TABLES // max(1, self._table_counts.get(database, 0))))
+            cur.execute(SCRAPE_SQL, {"b": b, "hi": hi, "pd": digests[:hi], "k": max(10, self.top_k // 6),
                                      "skip_locked": skip_locked})
             rows = cur.fetchall()
         conn.rollback()
@@ -309,21 +319,17 @@ class TableScraper:
                 changed.append(int(row[0]))
                 digests[row[0]], counts[row[0]] = row[3], row[4] or 0
         rows = [r for r in rows if r[1] is not None]
-        self._buckets[database] = (digests, counts)
+        self._buckets[database] = (digests, counts, hi)
         self.stats.rows += len(rows)
         frame = pl.DataFrame(rows, schema=[(c, TABLES[c]) for c in _ROW_COLUMNS], orient="row") if rows \
             else pl.DataFrame(schema={c: TABLES[c] for c in _ROW_COLUMNS})
         frame = frame.with_columns(pl.lit("table").alias("kind"))
         changed.sort()
-        if everything:
-            marks = pl.DataFrame({"kind": ["all"]})
-        else:
-            marks = pl.DataFrame({"kind": ["bucket"] * len(changed), "bucket": changed},
-                                 schema={"kind": pl.String, "bucket": pl.Int64})
+        kinds = ["seed" if bucket >= seeded else "bucket" for bucket in changed]
+        marks = pl.DataFrame({"kind": kinds, "bucket": changed}, schema={"kind": pl.String, "bucket": pl.Int64})
         frame = pl.concat([marks, frame], how="diagonal_relaxed").with_columns(
             pl.lit(database).alias("database"), pl.lit(observed_at).alias("observed_at"))
         return conform(frame, TABLES), sum(counts)
-
 
 def scrape_tables_once(dsn: str, **kwargs: object) -> pl.DataFrame:
     """Convenience for notebooks and tests: connect, scrape every database's tables once, close."""
