@@ -119,10 +119,10 @@ SCRAPE_SQL = (
     "locked AS (SELECT l.relation FROM pg_locks l WHERE %(skip_locked)s AND l.granted "
     "AND l.mode = 'AccessExclusiveLock' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())), "
     # Everything else, for the tables returned only.
-    "m AS (SELECT t.root, t.relid, t.frozen_xid_age, pick.sized AND NOT (EXISTS (SELECT 1 FROM locked WHERE relation = t.relid) "
+    "m AS (SELECT t.root, t.relid, t.frozen_xid_age, t.sized AND NOT (EXISTS (SELECT 1 FROM locked WHERE relation = t.relid) "
     "OR EXISTS (SELECT 1 FROM locked JOIN pg_index i ON i.indexrelid = locked.relation WHERE i.indrelid = t.relid)) AS sized, "
     + ", ".join(f"({e})::int8 AS {c}" for c, e in _STAT.items())
-    + " FROM t JOIN pick USING (root) JOIN pg_class c ON c.oid = t.relid "
+    + " FROM (SELECT * FROM t JOIN pick USING (root) OFFSET 0) t JOIN pg_class c ON c.oid = t.relid "
     "LEFT JOIN LATERAL (SELECT sum(pg_stat_get_numscans(i.indexrelid)) AS idx_scan, "
     f"sum({_blocks('i.indexrelid')[0]}) AS idx_blks_read, sum({_blocks('i.indexrelid')[1]}) AS idx_blks_hit "
     "FROM pg_index i WHERE i.indrelid = c.oid) ix ON true), "
@@ -300,6 +300,8 @@ class TableScraper:
             cur.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
             if conn.info.server_version >= 150000:  # one statistics snapshot: a third cheaper than entry by entry
                 cur.execute("SET LOCAL stats_fetch_consistency = snapshot")
+            # The planner cannot know how few tables moved: it would sort every table for a merge join.
+            cur.execute("SET LOCAL enable_mergejoin = off")
             if previous is None:  # the bucket count is chosen once per database, by its size then
                 observed_at, tables = cur.execute(f"SELECT now(), ({COUNT_SQL})").fetchone()  # type: ignore[misc]
                 b = buckets_for(tables)
