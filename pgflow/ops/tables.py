@@ -242,8 +242,8 @@ def emit(state: TableState, window: object, max_tables_tracked: int) -> tuple[Ta
     # its database's last scrape, which is when they are reported.
     tables = tables.with_columns(pl.col("observed_at").max().over("database"))
     rows = _rollup(tables)
-    per_db = tables.filter(pl.col("table").is_not_null() & pl.col("observed_at").is_not_null()).group_by(
-        "database", maintain_order=True).agg(pl.len().alias("tables"), pl.col("observed_at").max())
+    known = table_window.known if table_window.known is not None else state.known  # (not the dropped ones)
+    per_db = known.group_by("database", maintain_order=True).agg(pl.len().alias("tables"), pl.col("observed_at").max())
     return state, table_points(rows, per_db, window.resource, window.start, end)  # type: ignore[attr-defined]
 
 
