@@ -101,7 +101,7 @@ def _same_points(a: pl.DataFrame, b: pl.DataFrame) -> bool:
     return norm[0].equals(norm[1])
 
 
-@pytest.mark.parametrize("dataset", ["pgbench", "varied"])
+@pytest.mark.parametrize("dataset", ["pgbench", "varied", "health"])
 def test_replay_through_bytewax_equals_polars(dataset, tmp_path):
     path = DATASETS / f"{dataset}.duckdb"
     settings = Settings.load(max_queries_tracked=20, export_interval_secs=10)
@@ -157,3 +157,13 @@ def test_notebook_runs_headless_and_draws(name):
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, "the notebook drew no chart"
+
+
+def test_health_dataset_has_table_statistics():
+    points = replay(DATASETS / "health.duckdb", export_interval_secs=10)
+    table = points.with_columns(t=pl.col("attributes").struct.field("db.namespace") + "."
+                                + pl.col("attributes").struct.field("db.collection.name"))
+    vacuums = table.filter(pl.col("metric") == "postgresql.table.vacuum.count").group_by("t").agg(pl.col("value").sum())
+    assert dict(vacuums.iter_rows())["app.public.t0"] == 1  # the one VACUUM of the workload
+    assert table.filter((pl.col("metric") == "postgresql.rows") & (pl.col("t") == "app.public.t1")).height > 0
+    assert (points.filter(pl.col("kind") == "sum")["value"] >= 0).all()
