@@ -134,7 +134,8 @@ def choose(state: TableState, window: TableWindow, max_tables_tracked: int) -> t
     m = max_tables_tracked
     quotas = [max(1, m // 2), max(1, m // 6), max(1, m // 6), max(1, m - m // 2 - 2 * (m // 6))]
     rankings = [_ranking(tables, c) for c in ("activity", "n_dead_tup", "frozen_xid_age", "table_size")]
-    lru, evicted = track(state.lru, rankings, quotas, m)
+    alive = set(tables.get_column("name").to_list())  # a dropped table leaves the LRU: its place is free
+    lru, evicted = track(tuple(n for n in state.lru if n in alive), rankings, quotas, m)
     tables = tables.with_columns(pl.col("name").is_in(pl.Series(lru, dtype=pl.String).implode()).alias("named"))
     if gone.height:
         tables = pl.concat([tables, gone.rename({c: f"{c}__delta" for c in TABLE_COUNTERS}).with_columns(
