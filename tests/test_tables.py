@@ -13,7 +13,6 @@ from itertools import count
 
 import polars as pl
 import psycopg
-import pytest
 
 from pgflow import capture, ops
 from pgflow.scrape import Scraper

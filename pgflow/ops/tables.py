@@ -30,7 +30,7 @@ from datetime import datetime
 import polars as pl
 
 from pgflow.ops.cap import OTHER, track
-from pgflow.schema import POINTS, TABLE_COUNTERS, TABLE_GAUGES, TABLE_TIMES, TABLES, UTC_TS
+from pgflow.schema import POINTS, TABLE_COUNTERS, TABLES, UTC_TS
 
 KEY = ["database", "relid"]
 KNOWN = pl.Schema({c: t for c, t in TABLES.items() if c != "kind"})
