@@ -234,10 +234,11 @@ def table_points(rows: pl.DataFrame, tables_per_db: pl.DataFrame, resource: obje
 def emit(state: TableState, window: object, max_tables_tracked: int) -> tuple[TableState, pl.DataFrame]:
     """Close the table window that ends with ``window`` (a pgflow.ops.window.Window): cap, roll up, points."""
     end = window.end  # type: ignore[attr-defined]
-    table_window = state.open.get(end)
+    period = window.period  # type: ignore[attr-defined]  # ``end`` is earlier when the window closed early
+    table_window = state.open.get(period)
     if table_window is None:
         return state, pl.DataFrame(schema=POINTS)
-    state = replace(state, open={e: w for e, w in state.open.items() if e != end})
+    state = replace(state, open={e: w for e, w in state.open.items() if e != period})
     state, tables = choose(state, table_window, max_tables_tracked)
     # A table not re-read is unchanged since (its counters did not move): its gauges hold as of
     # its database's last scrape, which is when they are reported.
