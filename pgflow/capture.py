@@ -23,7 +23,7 @@ import polars as pl
 from pgflow.errors import CaptureError, PgflowError
 from pgflow.ops.fingerprint import redact_text
 from pgflow.schema import (ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, LOCKS, PLANS, QUERY_SAMPLES, SAMPLES,
-                           SESSION_STATS, STATEMENTS, ServerIdentity, Snapshot, conform)
+                           SESSION_STATS, STATEMENTS, TABLES, ServerIdentity, Snapshot, conform)
 
 _SCALARS = {
     "scrape_id": "BIGINT", "instance": "VARCHAR", "scraped_at": "TIMESTAMPTZ", "server_version_num": "INTEGER",
@@ -38,7 +38,8 @@ _SCALARS = {
 _IDENTITY_SCALARS = ("system_identifier", "timeline", "postmaster_started_at", "in_recovery", "identity_address")
 _FRAMES = {"statements": STATEMENTS, "activity": ACTIVITY, "locks": LOCKS, "blocked": BLOCKED, "databases": DATABASES,
            "plans": PLANS, "samples": SAMPLES, "session_stats": SESSION_STATS, **HEALTH_FRAMES,
-           "query_samples": QUERY_SAMPLES}  # issue 12: normalized texts only (the sampler never holds raw ones)
+           "query_samples": QUERY_SAMPLES,  # issue 12: normalized texts only (the sampler never holds raw ones)
+           "tables": TABLES}  # issue 13: per-table statistics (empty in a scrape they were not due)
 assert set(_FRAMES) == set(Snapshot.FRAMES), "capture must store every frame of a Snapshot"
 _TYPES = {pl.Int64: "BIGINT", pl.Float64: "DOUBLE", pl.String: "VARCHAR", pl.Boolean: "BOOLEAN"}
 

@@ -211,6 +211,13 @@ class Settings(BaseSettings):
     health_group_intervals: dict[str, Annotated[float, Field(gt=0, le=86400)]] = Field(default_factory=dict)
     health_groups_disabled: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # --- end issue 13 ---
+    # Per-table statistics (issue 13): each database's own catalog, on their own interval, bounded.
+    table_stats_interval_secs: float = Field(300.0, gt=0, le=86400)
+    max_tables_tracked: int = Field(300, gt=0)
+    table_stats_databases: list[str] = Field(default_factory=list)  # names or globs; empty: every database
+    table_stats_exclude_databases: list[str] = Field(default_factory=list)  # names or globs
+    table_stats_enabled: bool = True
+    table_stats_lock_timeout_ms: int = Field(1000, gt=0)  # never wait on a table's lock longer than this
 
     # Where to send.
     new_relic_api_key: SecretStr | None = Field(

@@ -248,6 +248,45 @@ HEALTH_FRAMES = {
 HEALTH_GROUPS = {"db_size": "database_sizes", **{name: name for name in HEALTH_FRAMES if name != "database_sizes"}}
 # --- end issue 13 ---
 
+# Per-table statistics (issue 13), one row per table (partitions rolled into their root), scraped
+# from each database's own catalog every table_stats_interval_secs. ``kind`` says what a row is:
+# "table" (a table's cumulative counters and gauges), "bucket" (every table of bucket ``bucket``
+# was fetched: a table of it missing from the frame was dropped), "seed" (the same, read for the
+# first time: its tables are a baseline) or "all" (every table of the database was fetched). Counters are cumulative; the operator diffs them (pgflow.ops.tables).
+TABLE_COUNTERS = (
+    "seq_scan",
+    "idx_scan",
+    "n_tup_ins",
+    "n_tup_upd",
+    "n_tup_del",
+    "n_tup_hot_upd",
+    "vacuum_count",
+    "autovacuum_count",
+    "analyze_count",
+    "autoanalyze_count",
+    "heap_blks_read",
+    "heap_blks_hit",
+    "idx_blks_read",
+    "idx_blks_hit",
+    "toast_blks_read",
+    "toast_blks_hit",
+)
+TABLE_GAUGES = ("n_live_tup", "n_dead_tup", "table_size", "index_size", "frozen_xid_age")
+TABLE_TIMES = ("last_vacuum", "last_autovacuum", "last_analyze", "last_autoanalyze")
+TABLES = pl.Schema(
+    {
+        "database": pl.String,
+        "kind": pl.String,
+        "bucket": pl.Int64,
+        "relid": pl.Int64,
+        "table": pl.String,
+        "observed_at": UTC_TS,
+        **{c: pl.Int64 for c in TABLE_COUNTERS},
+        **{c: pl.Int64 for c in TABLE_GAUGES},
+        **{c: UTC_TS for c in TABLE_TIMES},
+    }
+)
+
 # Every point attribute pgflow exports; in a points frame, a null field is an absent attribute.
 ATTRIBUTE_KEYS = (
     "db.system.name",
@@ -286,6 +325,10 @@ ATTRIBUTE_KEYS += (
     "postgresql.io.operation",
     "postgresql.replication_slot.name",
     "postgresql.replication_slot.type",
+    # issue 13, per table
+    "db.collection.name",
+    "postgresql.operation",
+    "postgresql.row.state",
 )
 ATTRIBUTES = pl.Struct({key: pl.String for key in ATTRIBUTE_KEYS})
 
@@ -488,8 +531,10 @@ class Snapshot:
     # issue 12: query samples taken since the previous scrape (normalized texts only)
     query_samples: pl.DataFrame = field(default_factory=lambda: empty(QUERY_SAMPLES))
 
+    tables: pl.DataFrame = field(default_factory=lambda: empty(TABLES))  # issue 13: empty when not due
+
     FRAMES = ("statements", "activity", "locks", "blocked", "databases", "plans", "samples", "session_stats",
-              *HEALTH_FRAMES, "query_samples")
+              *HEALTH_FRAMES, "query_samples", "tables")
 
     def equals(self, other: Snapshot) -> bool:
         """Frame-for-frame equality (for capture round trips and replay checks)."""

@@ -96,6 +96,19 @@ def count_query_samples(instance: str, taken: int, skipped: dict[str, int]) -> N
         if n > 0:
             query_samples_skipped.labels(instance, reason).inc(n)
 
+# Per-table statistics (issue 13).
+table_scrapes = Counter("pgflow_table_scrapes_total", "Per-database table statistics scrapes by outcome "
+                        "(ok, lock_timeout, timeout, error, connect_failed)", ["instance", "outcome"], registry=REGISTRY)
+table_scrape_duration = Histogram("pgflow_table_scrape_duration_seconds", "Time one table statistics scrape took "
+                                  "(every database of the instance)", ["instance"], registry=REGISTRY,
+                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+table_rows_fetched = Counter("pgflow_table_rows_fetched_total", "Table rows read by the table statistics scrape",
+                             ["instance"], registry=REGISTRY)
+tables_seen = Gauge("pgflow_tables_seen", "Tables (partitions rolled up) in the databases scraped",
+                    ["instance"], registry=REGISTRY)
+tables_rolled_up = Gauge("pgflow_tables_rolled_up", "Tables rolled into db.collection.name=other in the last window",
+                         ["instance"], registry=REGISTRY)
+
 
 class Health:
     """Healthy while some instance was scraped successfully within the last three intervals."""

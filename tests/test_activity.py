@@ -229,7 +229,7 @@ def test_sampling_off_means_no_sampler_connection_and_no_activity_points(pg):
         (waiting lets connections closed by earlier tests go away; a sampler that should not be
         there makes the wait time out)."""
         settings = Settings.load(database_url=pg.dsn(), activity_sample_interval_secs=interval,
-                                 collection_interval_secs=0.5)
+                                 collection_interval_secs=0.5, table_stats_enabled=False)  # tables: own connections
         part = ScrapePartition(settings.targets()[0], settings, None)
         try:
             snaps: list = []

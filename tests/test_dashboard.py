@@ -59,6 +59,8 @@ FEATURE_ENV = {
     "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS": "0.1",
     "PGFLOW_SAMPLE_MIN_DURATION_MS": "100",
     "PGFLOW_TABLE_STATS_INTERVAL_SECS": "1",
+    "PGFLOW_HEALTH_INTERVAL_SECS": "0.5",
+    "PGFLOW_EXPLAINS_PER_WINDOW": "5",
 }
 
 # What New Relic itself puts on a Log record from an OTLP LogRecord: the body is `message`.

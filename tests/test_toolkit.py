@@ -101,7 +101,7 @@ def _same_points(a: pl.DataFrame, b: pl.DataFrame) -> bool:
     return norm[0].equals(norm[1])
 
 
-@pytest.mark.parametrize("dataset", ["pgbench", "varied", "activity"])  # activity: issue 11
+@pytest.mark.parametrize("dataset", ["pgbench", "varied", "activity", "health"])  # activity: issue 11; health: 13
 def test_replay_through_bytewax_equals_polars(dataset, tmp_path):
     path = DATASETS / f"{dataset}.duckdb"
     settings = Settings.load(max_queries_tracked=20, export_interval_secs=10)
@@ -149,7 +149,7 @@ def test_sweep_matches_replay():
     assert small["series"] <= large["series"] and small["time_share_named"] <= large["time_share_named"]
 
 
-@pytest.mark.parametrize("name", ["explore_workload", "tune_limits", "replay_check"])
+@pytest.mark.parametrize("name", ["explore_workload", "tune_limits", "replay_check", "server_health"])
 def test_notebook_runs_headless_and_draws(name):
     notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
@@ -170,3 +170,13 @@ def test_explore_notebook_draws_single_points_visibly():
         "[line.get_marker() for line in drawn]"))
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+
+
+def test_health_dataset_has_table_statistics():
+    points = replay(DATASETS / "health.duckdb", export_interval_secs=10)
+    table = points.with_columns(t=pl.col("attributes").struct.field("db.namespace") + "."
+                                + pl.col("attributes").struct.field("db.collection.name"))
+    vacuums = table.filter(pl.col("metric") == "postgresql.table.vacuum.count").group_by("t").agg(pl.col("value").sum())
+    assert dict(vacuums.iter_rows())["app.public.t0"] == 1  # the one VACUUM of the workload
+    assert table.filter((pl.col("metric") == "postgresql.rows") & (pl.col("t") == "app.public.t1")).height > 0
+    assert (points.filter(pl.col("kind") == "sum")["value"] >= 0).all()

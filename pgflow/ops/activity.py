@@ -117,20 +117,13 @@ def _frame(window: Window, metric: str, unit: str, kind: str, rows: pl.DataFrame
     )
 
 
-def _period_of(state: ActivityState, window: Window) -> datetime | None:
-    """The nominal end of ``window``'s period among the pending ones: the window may start late
-    (after a restart) or end early (closed at shutdown), but always lies inside its period."""
-    ends = [end for end in state.open if end > window.start]
-    return min(ends) if ends and min(ends) >= window.end else None
-
-
 def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFrame | None, *,
           max_users_tracked: int, max_databases_tracked: int) -> tuple[ActivityState, pl.DataFrame | None]:
     """The points of ``window``'s samples (None without any), and the state without them."""
-    period = _period_of(state, window)
-    if period is None:
+    period = window.period  # ``window.end`` is earlier when the window closed early (shutdown)
+    pending = state.open.get(period)
+    if pending is None:
         return state, None
-    pending = state.open[period]
     state = replace(state, open={e: p for e, p in state.open.items() if e != period})
     known = fingerprints(labels)
     out = []

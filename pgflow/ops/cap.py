@@ -138,3 +138,33 @@ def cap(
     )
     return state, SeriesTable(pl.concat([kept.labels, others_labels]), np.concatenate([kept.ints, others.ints]),
                               np.concatenate([kept.floats, others.floats]))
+
+
+def track(lru: tuple[str, ...], rankings: list[list[str]], quotas: list[int], capacity: int) -> tuple[tuple[str, ...], int]:
+    """The LRU step for a dimension ranked by several criteria (issue 13: tables by activity and risk).
+
+    Takes the first ``quotas[i]`` names of each ranking (most important ranking first, each
+    heaviest first), refreshes them in the LRU like one window's active names, and evicts past
+    ``capacity``: names stay tracked until newcomers push them out.
+    """
+    chosen: list[str] = []
+    seen: set[str] = set()
+    for ranking, quota in zip(rankings, quotas):
+        for name in ranking[:quota]:
+            if name not in seen:
+                seen.add(name)
+                chosen.append(name)
+    # Below capacity (first windows, few candidates): top up from the rankings, round robin,
+    # so that as many names as the cap allows are tracked; names already tracked keep their place.
+    tracked = set(lru)
+    room = capacity - len(tracked | seen)
+    depth = 0
+    while room > 0 and any(q + depth < len(r) for r, q in zip(rankings, quotas)):
+        for ranking, quota in zip(rankings, quotas):
+            name = ranking[quota + depth] if quota + depth < len(ranking) else None
+            if name is not None and name not in seen and name not in tracked and room > 0:
+                seen.add(name)
+                chosen.append(name)
+                room -= 1
+        depth += 1
+    return _touch(lru, chosen[:capacity], capacity)

@@ -17,6 +17,7 @@ import polars as pl
 from pgflow.config import Settings
 from pgflow.ops import activity as act
 from pgflow.ops import health
+from pgflow.ops import tables as tbl
 from pgflow.ops import window as win
 from pgflow.ops.cap import CapState, cap
 from pgflow.ops.delta import DeltaState, delta, server_changed
@@ -40,6 +41,7 @@ class OpsSettings:
     max_databases_tracked: int = 100
     slow_query_threshold_ms: float = 0.0
     fingerprint_cache_size: int = 50_000
+    max_tables_tracked: int = 300  # issue 13
     # issue 12: events (query samples' limits; plans are budgeted where they are explained)
     sample_min_duration_ms: float = 100.0
     samples_per_fingerprint_per_hour: int = 15
@@ -65,6 +67,11 @@ class InstanceState:
     scrapes: int = 0
     activity: act.ActivityState | None = None  # issue 11: active-session samples per open window
     health: health.HealthState | None = None  # issue 13: per-database and instance health
+    tables: tbl.TableState = field(default_factory=tbl.TableState)  # issue 13: per-table statistics
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("tables", tbl.TableState())  # a ledger written before issue 13 has none
+        self.__dict__.update(state)
 
 
 def initial_state(settings: OpsSettings) -> InstanceState:
@@ -90,8 +97,16 @@ def _emit(state: InstanceState, closed: list[win.Window], settings: OpsSettings)
                                       max_databases_tracked=settings.max_databases_tracked)
         if sampled is not None:
             frames.append(sampled)
+        table_state, table_points = tbl.emit(_tables(state), window, settings.max_tables_tracked)
+        state = replace(state, tables=table_state)
+        if table_points.height:
+            frames.append(table_points)
     out = pl.concat(frames) if frames else _NO_POINTS
     return replace(state, cap=cap_state, activity=activity), out
+
+
+def _tables(state: InstanceState) -> tbl.TableState:
+    return state.tables
 
 
 def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
@@ -107,7 +122,9 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
     window_state, closed = win.close_until(state.window, snapshot.scraped_at)
     window_state = win.add(window_state, snapshot, deltas)
     activity = act.add(getattr(state, "activity", None) or act.ActivityState(), snapshot, state.window.length)
-    state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1, activity=activity)
+    table_state = tbl.add(_tables(state), snapshot.tables, win.window_bounds(snapshot.scraped_at, window_state.length)[1])
+    state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1, activity=activity,
+                    tables=table_state)
     state, out = _emit(state, closed, settings)
     health_state = _health_state(state)
     if changed:  # another server: its instance counters are a new baseline too

@@ -86,6 +86,12 @@ class Window:
     runs: tuple[Run, ...] = ()
     deallocated: int = 0
     gauges: Gauges | None = None
+    period_end: datetime | None = None  # the aligned end of its period: ``end`` unless closed early
+
+    @property
+    def period(self) -> datetime:
+        """The key of this window's period (what other per-window operators file their data under)."""
+        return getattr(self, "period_end", None) or self.end
 
     def series(self) -> SeriesTable:
         """The window's deltas, one row per series (aggregated once, when the window closes)."""
@@ -122,7 +128,7 @@ def add(state: WindowState, snapshot: Snapshot, deltas: Deltas | None) -> Window
     closed_until = getattr(state, "closed_until", None)  # absent from states pickled before it existed
     if closed_until is not None and start < closed_until < end:
         start = closed_until  # the first part of this period was exported before a restart
-    current = state.open.get(end) or Window(Resource.of(snapshot), start, end)
+    current = state.open.get(end) or Window(Resource.of(snapshot), start, end, period_end=end)
     runs = _with(current.runs, deltas) if deltas is not None and deltas.rows.height else current.runs
     deallocated = deltas.deallocated if deltas is not None else 0
     updated = replace(current, resource=Resource.of(snapshot), runs=runs,

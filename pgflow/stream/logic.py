@@ -87,6 +87,7 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         telemetry.fingerprint_cache.labels("miss").inc(fp.key_misses - misses)
         self.record.state = state
         telemetry.series_tracked.labels(self.instance).set(len(state.cap.queries))
+        telemetry.tables_rolled_up.labels(self.instance).set(state.tables.rolled_up)  # issue 13
         self._queue(points)
         self._queue_events(value)
         self._apply_acks()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -25,6 +26,7 @@ from pgflow.scrape import Scraper
 from pgflow.scrape.explain import WindowPlans
 from pgflow.scrape.sampler import sampler_for, with_samples
 from pgflow.scrape.health import HealthSchedule
+from pgflow.scrape.tables import TableScraper
 
 log = logging.getLogger("pgflow.source")
 
@@ -81,8 +83,11 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         self.sampler = sampler_for(instance.dsn, instance.name, settings)
         if self.sampler is not None:
             self.sampler.start()
+        self.tables = TableStatsThread(instance, settings) if settings.table_stats_enabled else None  # issue 13
 
     def next_batch(self) -> list[Snapshot]:
+        if self.tables is not None:
+            self.tables.poll()
         if self.pending is None:
             if STOP.is_set() or (self.max_scrapes is not None and self.attempts >= self.max_scrapes):
                 raise StopIteration()
@@ -116,6 +121,8 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             self.scraper.close()
             return None
         snapshot = with_samples(snapshot, self.sampler)  # issue 11
+        if self.tables is not None:
+            snapshot = self.tables.attach(snapshot)
         telemetry.rows_scraped.labels(name).inc(snapshot.statements.height)
         fetches, hits = self.scraper.stats.text_fetches, self.scraper.texts.hits
         telemetry.text_fetches.labels(name).inc(fetches - self._last_stats[0])
@@ -147,6 +154,76 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         self.scraper.close()
         if self.sampler is not None:  # issue 11
             self.sampler.stop()
+        if self.tables is not None:
+            self.tables.close()
+
+
+class TableStatsThread:
+    """Issue 13: per-table statistics every ``table_stats_interval_secs`` on their own thread.
+
+    ``poll`` (from the worker: never waits) starts a scrape when one is due; the result waits
+    until ``attach`` puts it on the next successful snapshot (a ``tables`` frame), and no new
+    scrape starts before then, so no frame is ever lost or sent twice.
+    """
+
+    def __init__(self, instance: InstanceConfig, settings: Settings) -> None:
+        self.name = instance.name
+        self.interval = timedelta(seconds=settings.table_stats_interval_secs)
+        self.scraper = TableScraper(instance.dsn, instance=instance.name, include=settings.table_stats_databases,
+                                    exclude=settings.table_stats_exclude_databases,
+                                    max_databases=settings.max_databases_tracked, top_k=settings.max_tables_tracked,
+                                    statement_timeout_ms=settings.statement_timeout_ms,
+                                    lock_timeout_ms=settings.table_stats_lock_timeout_ms,
+                                    connect_timeout_secs=settings.connect_timeout_secs)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tables-{instance.name}")
+        self.next_at = _now()
+        self.pending: Future[None] | None = None
+        self._ready = None
+        self._lock = threading.Lock()
+        self._counted: dict[str, int] = {}
+        self._rows = 0
+
+    def poll(self) -> None:
+        if self.pending is not None and not self.pending.done():
+            return
+        with self._lock:
+            waiting = self._ready is not None
+        if waiting or _now() < self.next_at or STOP.is_set():
+            return
+        self.next_at = _now() + self.interval
+        self.pending = self.pool.submit(self._scrape)
+
+    def _scrape(self) -> None:
+        try:
+            with telemetry.table_scrape_duration.labels(self.name).time():
+                frame = self.scraper.scrape()
+        except PgflowError as exc:
+            telemetry.table_scrapes.labels(self.name, "error").inc()
+            log.warning("table statistics scrape failed", extra=kv(instance=self.name, error=str(exc)))
+            return
+        except Exception as exc:  # never let it kill the flow
+            telemetry.table_scrapes.labels(self.name, "error").inc()
+            log.error("table statistics scrape failed unexpectedly", extra=kv(instance=self.name, error=repr(exc)[:300]))
+            self.scraper.close()
+            return
+        stats = self.scraper.stats
+        for outcome, n in stats.outcomes.items():
+            telemetry.table_scrapes.labels(self.name, outcome).inc(n - self._counted.get(outcome, 0))
+        self._counted = dict(stats.outcomes)
+        telemetry.table_rows_fetched.labels(self.name).inc(stats.rows - self._rows)
+        self._rows = stats.rows
+        telemetry.tables_seen.labels(self.name).set(stats.tables_seen)
+        with self._lock:
+            self._ready = frame
+
+    def attach(self, snapshot: Snapshot) -> Snapshot:
+        with self._lock:
+            frame, self._ready = self._ready, None
+        return snapshot if frame is None else replace(snapshot, tables=frame)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.scraper.close()
 
 
 class ScrapeSource(FixedPartitionedSource[Snapshot, None]):

@@ -1,0 +1,341 @@
+"""Per-table statistics from each database's own catalog, bounded however many tables there are.
+
+One connection per database (``application_name=pgflow``, read-only, ``SET LOCAL
+statement_timeout`` and ``lock_timeout``), one statement per scrape of a database:
+
+- tables (partitions rolled into their root) are hashed (by oid) into buckets, six to twelve
+  tables each (:func:`buckets_for`); per bucket, the server sums the counters that move with any use of a table (scans, heap
+  block reads, writes, vacuum and analyze counts) into a 64-bit *digest* and compares it with
+  the previous scrape's digests, passed in by position. Counters only grow, so a bucket whose
+  table count and digest are unchanged holds no table that was used (a reset or a drop lowers
+  the sum: it shows too). A counter outside the digest that moves alone (blocks read by a
+  vacuum still running) is not lost: it is in the table's next delta;
+- it returns the digests that changed, every table of a changed bucket (so no activity is
+  ever missed: the operator diffs each table against the last row it saw of it, and a table
+  not returned has not moved; ``pg_table_size`` only for these), and the ``top_k`` oldest
+  frozen xids (an age grows without any counter moving). Dead tuples and sizes move only
+  with the counters: the operator ranks those risks over every table it knows.
+
+A database seen for the first time is read whole (its baseline), ``SEED_TABLES`` tables'
+worth of buckets per scrape so that no statement grows with the database (``seed`` marks);
+after that the rows per scrape follow activity, not the number of tables. Sizes take an
+``AccessShareLock``: a table held ``ACCESS EXCLUSIVE`` makes the statement fail on
+``lock_timeout``; the scrape is then retried at once without the sizes of locked tables
+(kept from their last observation), and the lock timeout is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import polars as pl
+import psycopg
+from psycopg import errors as pgerr
+
+from pgflow.config import redact_dsn
+from pgflow.errors import ScrapeError
+from pgflow.logs import kv
+from pgflow.schema import TABLE_COUNTERS, TABLE_GAUGES, TABLE_TIMES, TABLES, conform
+from pgflow.scrape.connection import classify, connect
+from pgflow.scrape.discovery import Discovered, discover
+
+log = logging.getLogger("pgflow.scrape.tables")
+
+MIN_BUCKETS, MAX_BUCKETS = 256, 32768
+TABLES_PER_BUCKET = 6
+SEED_TABLES = 20_000  # tables read whole per scrape while a database is first seeded (sizes cost)  # a moved table brings about this many rows along: rows follow activity
+
+
+def buckets_for(tables: int) -> int:
+    """How many buckets a database of ``tables`` tables is hashed into (a power of two)."""
+    want = max(1, tables // TABLES_PER_BUCKET)
+    return max(MIN_BUCKETS, min(MAX_BUCKETS, 1 << (want.bit_length() - 1)))  # 6 to 12 tables per bucket
+
+
+COUNT_SQL = ("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+             "WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' AND NOT c.relispartition "
+             "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'")
+
+def _blocks(oid: str) -> tuple[str, str]:
+    return f"pg_stat_get_blocks_fetched({oid}) - pg_stat_get_blocks_hit({oid})", f"pg_stat_get_blocks_hit({oid})"
+
+
+# Per relation, straight from the statistics functions (the pg_stat_user_tables and
+# pg_statio_user_tables views compute far more per row: five times the time on 10,000 tables).
+_STAT = {
+    "seq_scan": "pg_stat_get_numscans(c.oid)",
+    "idx_scan": "coalesce(ix.idx_scan, 0)",
+    "n_tup_ins": "pg_stat_get_tuples_inserted(c.oid)",
+    "n_tup_upd": "pg_stat_get_tuples_updated(c.oid)",
+    "n_tup_del": "pg_stat_get_tuples_deleted(c.oid)",
+    "n_tup_hot_upd": "pg_stat_get_tuples_hot_updated(c.oid)",
+    "vacuum_count": "pg_stat_get_vacuum_count(c.oid)",
+    "autovacuum_count": "pg_stat_get_autovacuum_count(c.oid)",
+    "analyze_count": "pg_stat_get_analyze_count(c.oid)",
+    "autoanalyze_count": "pg_stat_get_autoanalyze_count(c.oid)",
+    "heap_blks_read": _blocks("c.oid")[0],
+    "heap_blks_hit": _blocks("c.oid")[1],
+    "idx_blks_read": "coalesce(ix.idx_blks_read, 0)",
+    "idx_blks_hit": "coalesce(ix.idx_blks_hit, 0)",
+    "toast_blks_read": f"CASE WHEN c.reltoastrelid <> 0 THEN {_blocks('c.reltoastrelid')[0]} ELSE 0 END",
+    "toast_blks_hit": f"CASE WHEN c.reltoastrelid <> 0 THEN {_blocks('c.reltoastrelid')[1]} ELSE 0 END",
+}
+_TIMES = {f"last_{w}": f"pg_stat_get_last_{w}_time(c.oid)" for w in ("vacuum", "autovacuum", "analyze", "autoanalyze")}
+
+# One statement, one pass over the statistics: the bucket digests are compared on the server
+# with the previous scrape's (passed as arrays), and only what changed comes back. Only the
+# counters (the digest) and the frozen-xid age (a risk) are read for every table; the rest
+# only for the tables returned.
+_DIGEST = " + ".join(["pg_stat_get_numscans(c.oid)", "coalesce(ixs.idx_scan, 0)", "pg_stat_get_blocks_fetched(c.oid)",
+                       *(_STAT[k] for k in ("n_tup_ins", "n_tup_upd", "n_tup_del", "vacuum_count", "autovacuum_count",
+                                            "analyze_count", "autoanalyze_count"))])
+SCRAPE_SQL = (
+    "WITH ixs AS (SELECT i.indrelid, sum(pg_stat_get_numscans(i.indexrelid)) AS idx_scan "
+    "FROM pg_index i GROUP BY i.indrelid), "
+    # Every table: its root, its frozen-xid age and the sum of the counters that move with any
+    # use of it (scans, block reads, writes, maintenance): its digest.
+    "t AS (SELECT coalesce(CASE WHEN c.relispartition THEN pg_partition_root(c.oid) END, c.oid)::int8 AS root, "
+    "c.oid AS relid, CASE WHEN c.relfrozenxid <> '0'::xid THEN age(c.relfrozenxid) END::int8 AS frozen_xid_age, "
+    f"({_DIGEST})::int8 AS dg "
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace LEFT JOIN ixs ON ixs.indrelid = c.oid "
+    "WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' "
+    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'), "
+    # digest of a bucket = a 64-bit hash of (number of tables, sum of their digests)
+    "bk AS (SELECT (hashint8(root) & (%(b)s - 1)) AS bucket, hashint8extended((sum(dg) %% 9223372036854775807)::int8, count(*)) AS d, "
+    "(count(*) FILTER (WHERE root = relid))::int8 AS roots FROM t GROUP BY 1), "
+    # the previous digests, one per bucket by position (null: the bucket was empty)
+    # (buckets from %(hi)s on are not seeded yet: not looked at; unnest, not a subscript per bucket,
+    # which walks the null bitmap of the whole array each time)
+    "prev AS (SELECT (ord - 1)::int8 AS bucket, pd FROM unnest(%(pd)s::int8[]) WITH ORDINALITY AS p(pd, ord)), "
+    "changed AS (SELECT g AS bucket, bk.d, bk.roots FROM generate_series(0, %(hi)s - 1) g "
+    "LEFT JOIN bk ON bk.bucket = g LEFT JOIN prev ON prev.bucket = g WHERE bk.d IS DISTINCT FROM prev.pd), "
+    # Tables whose counters moved (read whole, sizes included) and the oldest frozen xids (their
+    # age grows without any counter moving; sizes not re-read: the operator keeps them).
+    "moved AS (SELECT DISTINCT root, true AS sized FROM t WHERE (hashint8(root) & (%(b)s - 1)) IN (SELECT bucket FROM changed)), "
+    "pick AS (SELECT * FROM moved UNION ALL SELECT DISTINCT root, false FROM (SELECT root FROM t "
+    "ORDER BY frozen_xid_age DESC NULLS LAST, root LIMIT %(k)s) o WHERE root NOT IN (SELECT root FROM moved)), "
+    "locked AS (SELECT l.relation FROM pg_locks l WHERE %(skip_locked)s AND l.granted "
+    "AND l.mode = 'AccessExclusiveLock' AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())), "
+    # Everything else, for the tables returned only.
+    "m AS (SELECT t.root, t.relid, t.frozen_xid_age, t.sized AND NOT (EXISTS (SELECT 1 FROM locked WHERE relation = t.relid) "
+    "OR EXISTS (SELECT 1 FROM locked JOIN pg_index i ON i.indexrelid = locked.relation WHERE i.indrelid = t.relid)) AS sized, "
+    + ", ".join(f"({e})::int8 AS {c}" for c, e in _STAT.items())
+    + " FROM (SELECT * FROM t JOIN pick USING (root) OFFSET 0) t JOIN pg_class c ON c.oid = t.relid "
+    "LEFT JOIN LATERAL (SELECT sum(pg_stat_get_numscans(i.indexrelid)) AS idx_scan, "
+    f"sum({_blocks('i.indexrelid')[0]}) AS idx_blks_read, sum({_blocks('i.indexrelid')[1]}) AS idx_blks_hit "
+    "FROM pg_index i WHERE i.indrelid = c.oid) ix ON true), "
+    "r AS (SELECT root, "
+    + ", ".join(f"sum({c})::int8 AS {c}" for c in TABLE_COUNTERS)
+    + ", sum(pg_stat_get_live_tuples(relid))::int8 AS n_live_tup, sum(pg_stat_get_dead_tuples(relid))::int8 AS n_dead_tup, "
+    "CASE WHEN bool_and(sized) THEN sum(CASE WHEN sized THEN pg_table_size(relid) END) END::int8 AS table_size, "
+    "CASE WHEN bool_and(sized) THEN sum(CASE WHEN sized THEN pg_indexes_size(relid) END) END::int8 AS index_size, "
+    "max(frozen_xid_age) AS frozen_xid_age, "
+    + ", ".join(f"max({e}) AS {c}" for c, e in _TIMES.items()).replace("c.oid", "relid")
+    + " FROM m GROUP BY root) "
+    # The digests of the changed buckets (relid null; digest and tables ride in two counter columns) ...
+    "SELECT bucket, NULL::int8, NULL::text, d, roots, "
+    + ", ".join("NULL::int8" for _ in TABLE_COUNTERS[2:]) + ", "
+    + ", ".join("NULL::int8" for _ in TABLE_GAUGES) + ", "
+    + ", ".join("NULL::timestamptz" for _ in TABLE_TIMES)
+    + " FROM changed UNION ALL "
+    # ... and the tables.
+    "SELECT (hashint8(r.root) & (%(b)s - 1)), r.root, n.nspname || '.' || c.relname, "
+    + ", ".join(f"r.{x}" for x in TABLE_COUNTERS)
+    + ", r.n_live_tup, r.n_dead_tup, r.table_size, r.index_size, r.frozen_xid_age, "
+    + ", ".join(f"r.{x}" for x in TABLE_TIMES)
+    + " FROM r JOIN pg_class c ON c.oid = r.root JOIN pg_namespace n ON n.oid = c.relnamespace"
+)
+_ROW_COLUMNS = ["bucket", "relid", "table", *TABLE_COUNTERS, *TABLE_GAUGES, *TABLE_TIMES]
+
+
+@dataclass
+class TableScrapeStats:
+    """What the table scraper did, for /metrics: per outcome, and rows read."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+    rows: int = 0  # table rows fetched
+    tables_seen: int = 0  # tables (partitions rolled up) in the databases scraped last time
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+class TableScraper:
+    """Scrapes the per-table statistics of every chosen database of one instance.
+
+    ``scrape()`` returns one :data:`~pgflow.schema.TABLES` frame; a database that fails is
+    left out of it (logged once, counted) and the others are kept: the next successful
+    scrape of that database covers the gap exactly, as every row is cumulative.
+    """
+
+    def __init__(self, dsn: str, *, instance: str, include: Iterable[str] = (), exclude: Iterable[str] = (),
+                 max_databases: int = 100, top_k: int = 300, statement_timeout_ms: int = 5000,
+                 lock_timeout_ms: int = 1000, connect_timeout_secs: int = 5) -> None:
+        self._dsn = dsn
+        self.instance = instance
+        self.include, self.exclude = list(include), list(exclude)
+        self.max_databases = max_databases
+        self.top_k = top_k
+        self.statement_timeout_ms = statement_timeout_ms
+        self.lock_timeout_ms = min(lock_timeout_ms, statement_timeout_ms)
+        self.connect_timeout_secs = connect_timeout_secs
+        self.stats = TableScrapeStats()
+        self._conns: dict[str, psycopg.Connection] = {}
+        # database -> (digest per bucket (None: empty), tables per bucket, buckets seeded so far)
+        self._buckets: dict[str, tuple[list[int | None], list[int], int]] = {}
+        self._table_counts: dict[str, int] = {}
+        self._said: dict[str, str] = {}  # database -> reason it is not scraped (said once)
+        self.discovered: Discovered | None = None
+
+    def __repr__(self) -> str:
+        return f"TableScraper(instance={self.instance!r})"
+
+    def __enter__(self) -> TableScraper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            try:
+                conn.close()
+            except Exception:
+                pass
+        self._conns.clear()
+
+    def _dsn_for(self, database: str) -> str:
+        return psycopg.conninfo.make_conninfo(self._dsn, dbname=database)
+
+    def _connection(self, database: str) -> psycopg.Connection:
+        conn = self._conns.get(database)
+        if conn is None or conn.closed:
+            conn = connect(self._dsn_for(database), connect_timeout=self.connect_timeout_secs)
+            conn.read_only = True
+            self._conns[database] = conn
+        return conn
+
+    def _home(self) -> psycopg.Connection:
+        """A connection to the DSN's own database, for discovery."""
+        name = psycopg.conninfo.conninfo_to_dict(self._dsn).get("dbname") or ""
+        if name:
+            return self._connection(str(name))
+        conn = connect(self._dsn, connect_timeout=self.connect_timeout_secs)
+        conn.read_only = True
+        name = conn.info.dbname
+        self._conns[name] = conn
+        return conn
+
+    def _say_once(self, database: str, reason: str) -> None:
+        if self._said.get(database) != reason:
+            self._said[database] = reason
+            log.warning("table statistics skipped for a database",
+                        extra=kv(instance=self.instance, database=database, reason=reason))
+
+    # Scrape -------------------------------------------------------------------------
+
+    def scrape(self) -> pl.DataFrame:
+        """Discover the databases, scrape each; raises ScrapeError only if discovery fails."""
+        try:
+            found = discover(self._home(), include=self.include, exclude=self.exclude, limit=self.max_databases)
+        except psycopg.Error as exc:
+            self.close()
+            raise classify(exc, self._dsn, self.statement_timeout_ms) from None
+        self.discovered = found
+        for name, reason in found.skipped.items():  # chosen by the settings: not worth a line
+            if reason.startswith(("refuses", "over")):
+                self._say_once(name, reason)
+        home = self._home().info.dbname
+        for name in list(self._conns):  # databases no longer chosen: let their connections go (not discovery's)
+            if name not in found.chosen and name != home:
+                self._conns.pop(name).close()
+                self._buckets.pop(name, None)
+        frames = []
+        seen = 0
+        for database in found.chosen:
+            frame, tables = self._scrape_database(database)
+            if frame is not None:
+                frames.append(frame)
+                seen += tables
+        self.stats.tables_seen = seen
+        return pl.concat(frames) if frames else pl.DataFrame(schema=TABLES)
+
+    def _scrape_database(self, database: str) -> tuple[pl.DataFrame | None, int]:
+        try:
+            conn = self._connection(database)
+        except ScrapeError as exc:
+            self.stats.count("connect_failed")
+            self._say_once(database, f"cannot connect ({exc.message})")
+            return None, 0
+        try:
+            try:
+                result = self._query(conn, database, skip_locked=False)
+            except pgerr.LockNotAvailable:
+                conn.rollback()
+                self.stats.count("lock_timeout")
+                log.info("a table is locked ACCESS EXCLUSIVE: its size is kept from the last scrape",
+                         extra=kv(instance=self.instance, database=database))
+                result = self._query(conn, database, skip_locked=True)
+        except psycopg.Error as exc:
+            err = classify(exc, self._dsn_for(database), self.statement_timeout_ms)
+            self.stats.count("timeout" if isinstance(exc, pgerr.QueryCanceled) else "error")
+            log.warning("table statistics scrape failed",
+                        extra=kv(instance=self.instance, database=database, error=err.message))
+            try:
+                conn.close()
+            finally:
+                self._conns.pop(database, None)
+            return None, 0
+        if self._said.pop(database, None) is not None:
+            log.info("table statistics scraped again", extra=kv(instance=self.instance, database=database))
+        self.stats.count("ok")
+        return result
+
+    def _query(self, conn: psycopg.Connection, database: str, *, skip_locked: bool) -> tuple[pl.DataFrame, int]:
+        previous = self._buckets.get(database)
+        with conn.cursor(binary=True) as cur:
+            cur.execute(f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)}")
+            cur.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout_ms)}")
+            if conn.info.server_version >= 150000:  # one statistics snapshot: a third cheaper than entry by entry
+                cur.execute("SET LOCAL stats_fetch_consistency = snapshot")
+            # The planner cannot know how few tables moved: it would sort every table for a merge join.
+            cur.execute("SET LOCAL enable_mergejoin = off")
+            if previous is None:  # the bucket count is chosen once per database, by its size then
+                observed_at, tables = cur.execute(f"SELECT now(), ({COUNT_SQL})").fetchone()  # type: ignore[misc]
+                b = buckets_for(tables)
+                previous = ([None] * b, [0] * b, 0)
+                self._table_counts[database] = tables
+            else:
+                observed_at = cur.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+            digests, counts, seeded = list(previous[0]), list(previous[1]), previous[2]
+            b = len(digests)
+            # Seeding: the first scrapes read the database whole, SEED_TABLES tables' worth of buckets at a time.
+            hi = min(b, seeded + max(1, b * SEED_TABLES // max(1, self._table_counts.get(database, 0))))
+            cur.execute(SCRAPE_SQL, {"b": b, "hi": hi, "pd": digests[:hi], "k": max(10, self.top_k // 6),
+                                     "skip_locked": skip_locked})
+            rows = cur.fetchall()
+        conn.rollback()
+        changed = []
+        for row in rows:
+            if row[1] is None:  # a digest row
+                changed.append(int(row[0]))
+                digests[row[0]], counts[row[0]] = row[3], row[4] or 0
+        rows = [r for r in rows if r[1] is not None]
+        self._buckets[database] = (digests, counts, hi)
+        self.stats.rows += len(rows)
+        frame = pl.DataFrame(rows, schema=[(c, TABLES[c]) for c in _ROW_COLUMNS], orient="row") if rows \
+            else pl.DataFrame(schema={c: TABLES[c] for c in _ROW_COLUMNS})
+        frame = frame.with_columns(pl.lit("table").alias("kind"))
+        changed.sort()
+        kinds = ["seed" if bucket >= seeded else "bucket" for bucket in changed]
+        marks = pl.DataFrame({"kind": kinds, "bucket": changed}, schema={"kind": pl.String, "bucket": pl.Int64})
+        frame = pl.concat([marks, frame], how="diagonal_relaxed").with_columns(
+            pl.lit(database).alias("database"), pl.lit(observed_at).alias("observed_at"))
+        return conform(frame, TABLES), sum(counts)
+
+def scrape_tables_once(dsn: str, **kwargs: object) -> pl.DataFrame:
+    """Convenience for notebooks and tests: connect, scrape every database's tables once, close."""
+    with TableScraper(dsn, **{"instance": redact_dsn(dsn), **kwargs}) as scraper:  # type: ignore[arg-type]
+        return scraper.scrape()
