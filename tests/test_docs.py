@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from pgflow import capture, ops
-from pgflow.schema import ATTRIBUTE_KEYS
+from pgflow.schema import ATTRIBUTE_KEYS, EVENT_ATTRIBUTE_TYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = re.compile(r'"(postgresql\.[a-z_.]+)"')
@@ -20,7 +20,7 @@ def _operator_metric_names() -> set[str]:
         names |= set(NAME.findall(path.read_text()))
     for dataset in sorted((ROOT / "datasets").glob("*.duckdb")):
         names |= set(ops.run(capture.read(dataset), export_interval_secs=10)["metric"].unique())
-    return names - set(ATTRIBUTE_KEYS)
+    return names - set(ATTRIBUTE_KEYS) - set(EVENT_ATTRIBUTE_TYPES)  # attributes, not metrics
 
 
 def _readme_table() -> str:
