@@ -181,11 +181,14 @@ def make_health(path: Path, rounds: int = 24, tables: int = 40, every: int = 2) 
     """
     from dataclasses import replace
 
+    from pgflow.scrape.health import HealthSchedule
     from pgflow.scrape.tables import TableScraper
 
     path.unlink(missing_ok=True)
     rng = random.Random(13)
-    with LocalPostgres() as pg, CaptureWriter(path) as writer, Scraper(pg.dsn(), instance="health") as scraper, \
+    schedule = HealthSchedule.of(interval_secs=2.0, db_size_interval_secs=4.0)  # every group, several times
+    with LocalPostgres() as pg, CaptureWriter(path) as writer, \
+            Scraper(pg.dsn(), instance="health", health=schedule) as scraper, \
             TableScraper(pg.dsn(), instance="health", top_k=20) as table_scraper:
         pg.execute("CREATE EXTENSION pg_stat_statements", "CREATE DATABASE bench", "CREATE DATABASE app")
         pg.pgbench_init(dbname="bench")

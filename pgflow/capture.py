@@ -223,14 +223,21 @@ def record(snapshots: Iterable[Snapshot], path: str | Path) -> int:
 def capture_live(scrapers: list, path: str | Path, *, scrapes: int | None, interval: float,
                  progress: Callable[[CaptureWriter], None] | None = None,
                  on_error: Callable[[str, PgflowError], None] | None = None,
-                 stop: Callable[[], bool] = lambda: False, samplers: dict | None = None) -> CaptureWriter:
+                 stop: Callable[[], bool] = lambda: False, samplers: dict | None = None,
+                 tables: dict | None = None, table_interval: float = 300.0) -> CaptureWriter:
     """Scrape every instance each ``interval`` seconds into ``path`` until ``scrapes`` or ``stop()``.
 
     A failed scrape is reported through ``on_error`` and skipped; the capture goes on.
     ``samplers`` (instance name -> running Sampler, issue 11): each snapshot carries the
-    active-session samples taken since the previous one.
+    active-session samples taken since the previous one. ``tables`` (instance name ->
+    TableScraper, issue 13): per-table statistics ride on a snapshot every ``table_interval``
+    seconds, as in the collector.
     """
+    from dataclasses import replace
+
     from pgflow.scrape.sampler import with_samples
+
+    tables_due: dict[str, float] = {}
 
     writer = CaptureWriter(path)
     try:
@@ -244,6 +251,14 @@ def capture_live(scrapers: list, path: str | Path, *, scrapes: int | None, inter
                     if on_error:
                         on_error(scraper.instance, exc)
                     continue
+                table_scraper = (tables or {}).get(scraper.instance)
+                if table_scraper is not None and time.monotonic() >= tables_due.get(scraper.instance, 0.0):
+                    tables_due[scraper.instance] = time.monotonic() + table_interval
+                    try:
+                        snapshot = replace(snapshot, tables=table_scraper.scrape())
+                    except PgflowError as exc:
+                        if on_error:
+                            on_error(scraper.instance, exc)
                 writer.write(with_samples(snapshot, (samplers or {}).get(scraper.instance)))
             n += 1
             if progress:

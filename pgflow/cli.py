@@ -110,6 +110,10 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from pgflow.scrape.sampler import sampler_for  # issue 11: captures hold active-session samples
 
     samplers = {i.name: s.start() for i in settings.targets() if (s := sampler_for(i.dsn, i.name, settings))}
+    from pgflow.scrape.tables import TableScraper  # issue 13: and per-table statistics
+
+    tables = {i.name: TableScraper.for_instance(i, settings) for i in settings.targets()} \
+        if settings.table_stats_enabled else {}
 
     def progress(writer) -> None:  # type: ignore[no-untyped-def]
         print(f"\rcaptured {writer.scrapes} snapshots, {writer.rows} statement rows", end="", flush=True)
@@ -119,9 +123,10 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
     try:
         writer = capture_live(scrapers, args.out, scrapes=args.scrapes, interval=interval, progress=progress,
-                              on_error=on_error, stop=stop.is_set, samplers=samplers)
+                              on_error=on_error, stop=stop.is_set, samplers=samplers, tables=tables,
+                              table_interval=settings.table_stats_interval_secs)
     finally:
-        for scraper in scrapers:
+        for scraper in [*scrapers, *tables.values()]:
             scraper.close()
         for sampler in samplers.values():
             sampler.stop()
@@ -159,7 +164,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     usable = True
     for instance in settings.targets():
         report = check(instance, connect_timeout=settings.connect_timeout_secs,
-                       sample_interval_secs=settings.activity_sample_interval_secs)
+                       sample_interval_secs=settings.activity_sample_interval_secs, settings=settings)
         print(report.render())
         usable &= report.usable
     return 0 if usable else 1

@@ -410,3 +410,38 @@ def test_a_large_database_is_seeded_in_slices_then_exact(pg, monkeypatch):
     assert ops_.filter(pl.col("end") == ends[-1]).get_column("value").sum() == 100  # seeded: every insert counted
     assert (ops_.get_column("value") >= 0).all()
     assert ops_.filter(pl.col("end") == ends[-1]).height == 100  # every table named, each with its one insert
+
+
+def test_capture_cli_records_table_statistics(pg, tmp_path):
+    """`pgflow capture` records what `pgflow run --capture` does: the tables frame, on its interval."""
+    import os
+    import subprocess
+    import sys
+
+    db = _database(pg, "cap")
+    pg.execute("CREATE TABLE captured (id int)", "INSERT INTO captured SELECT generate_series(1, 10)", dbname=db)
+    out = tmp_path / "tables.duckdb"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_")}
+    env |= {"DATABASE_URL": pg.dsn(), "PGFLOW_TABLE_STATS_DATABASES": f'["{db}"]',
+            "PGFLOW_TABLE_STATS_INTERVAL_SECS": "600", "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS": "0"}
+    subprocess.run([sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "3", "--interval", "0.2"],
+                   env=env, check=True, capture_output=True, timeout=60)
+    snapshots = list(capture.read(out))
+    assert len(snapshots) == 3
+    assert "public.captured" in set(snapshots[0].tables.get_column("table").drop_nulls())
+    assert snapshots[1].tables.height == snapshots[2].tables.height == 0  # not due again within 600 s
+
+
+def test_check_lists_the_databases_table_statistics_read(pg):
+    from pgflow.config import Settings
+    from pgflow.scrape.diagnose import check
+
+    closed = _database(pg, "nocheck")
+    pg.execute(f"ALTER DATABASE {closed} ALLOW_CONNECTIONS false")
+    settings = Settings.load(database_url=pg.dsn())
+    report = check(settings.targets()[0], settings=settings)
+    [line] = [f.detail for f in report.findings if f.name == "table statistics"]
+    assert "postgres" in line and f"{closed} (refuses connections" in line
+    off = Settings.load(database_url=pg.dsn(), table_stats_enabled=False)
+    assert [f.detail for f in check(off.targets()[0], settings=off).findings
+            if f.name == "table statistics"] == ["off (table_stats_enabled = false)"]

@@ -68,7 +68,8 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval_secs: float = 1.0) -> CheckReport:
+def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval_secs: float = 1.0,
+          settings: object | None = None) -> CheckReport:
     """Run every diagnostic against one instance; never raises for an expected failure."""
     report = CheckReport(instance.name, redact_dsn(instance.dsn))
     try:
@@ -82,6 +83,8 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval
             _diagnose(conn, instance.dsn, report)
             report.add(*explain_helper_finding(conn))  # issue 12
             health_groups(conn, report)  # issue 13
+            if settings is not None:
+                table_databases(conn, report, settings)  # issue 13
     except psycopg.Error as exc:
         report.add("fail", "query", str(classify(exc, instance.dsn)))
     _check_sampling(instance, report, connect_timeout, sample_interval_secs)
@@ -206,3 +209,20 @@ def health_groups(conn: psycopg.Connection, report: CheckReport) -> None:
     role = "standby: replication lag is read from wal_receiver" if standby else "primary"
     report.add("ok", "health groups", f"{', '.join(have)} ({role})"
                + (f"; not on this server: {', '.join(lacking)}" if lacking else ""))
+
+
+def table_databases(conn: psycopg.Connection, report: CheckReport, settings: object) -> None:
+    """Issue 13: which databases per-table statistics would be read from, and why not the others."""
+    from pgflow.scrape.discovery import discover
+
+    if not settings.table_stats_enabled:  # type: ignore[attr-defined]
+        report.add("ok", "table statistics", "off (table_stats_enabled = false)")
+        return
+    found = discover(conn, include=settings.table_stats_databases,  # type: ignore[attr-defined]
+                     exclude=settings.table_stats_exclude_databases,  # type: ignore[attr-defined]
+                     limit=settings.max_databases_tracked)  # type: ignore[attr-defined]
+    skipped = "; ".join(f"{name} ({why})" for name, why in found.skipped.items() if why != "template")
+    report.add("ok" if found.chosen else "warn", "table statistics",
+               f"databases {', '.join(found.chosen) or 'none'}, every "
+               f"{settings.table_stats_interval_secs:g} s, at most {settings.max_tables_tracked} tables named"  # type: ignore[attr-defined]
+               + (f"; skipped: {skipped}" if skipped else ""))

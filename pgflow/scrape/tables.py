@@ -170,6 +170,16 @@ class TableScraper:
     scrape of that database covers the gap exactly, as every row is cumulative.
     """
 
+    @classmethod
+    def for_instance(cls, instance: object, settings: object) -> TableScraper:
+        """The table scraper ``pgflow.config.Settings`` describes for one configured instance."""
+        s = settings
+        return cls(instance.dsn, instance=instance.name, include=s.table_stats_databases,  # type: ignore[attr-defined]
+                   exclude=s.table_stats_exclude_databases, max_databases=s.max_databases_tracked,  # type: ignore[attr-defined]
+                   top_k=s.max_tables_tracked, statement_timeout_ms=s.statement_timeout_ms,  # type: ignore[attr-defined]
+                   lock_timeout_ms=s.table_stats_lock_timeout_ms,  # type: ignore[attr-defined]
+                   connect_timeout_secs=s.connect_timeout_secs)  # type: ignore[attr-defined]
+
     def __init__(self, dsn: str, *, instance: str, include: Iterable[str] = (), exclude: Iterable[str] = (),
                  max_databases: int = 100, top_k: int = 300, statement_timeout_ms: int = 5000,
                  lock_timeout_ms: int = 1000, connect_timeout_secs: int = 5) -> None:

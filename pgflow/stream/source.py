@@ -169,12 +169,7 @@ class TableStatsThread:
     def __init__(self, instance: InstanceConfig, settings: Settings) -> None:
         self.name = instance.name
         self.interval = timedelta(seconds=settings.table_stats_interval_secs)
-        self.scraper = TableScraper(instance.dsn, instance=instance.name, include=settings.table_stats_databases,
-                                    exclude=settings.table_stats_exclude_databases,
-                                    max_databases=settings.max_databases_tracked, top_k=settings.max_tables_tracked,
-                                    statement_timeout_ms=settings.statement_timeout_ms,
-                                    lock_timeout_ms=settings.table_stats_lock_timeout_ms,
-                                    connect_timeout_secs=settings.connect_timeout_secs)
+        self.scraper = TableScraper.for_instance(instance, settings)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tables-{instance.name}")
         self.next_at = _now()
         self.pending: Future[None] | None = None
