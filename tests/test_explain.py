@@ -283,6 +283,23 @@ def test_pgbench_plans_arrive_with_a_stable_hash_that_follows_an_index(server):
     assert before["plan_hash"][0] != after["plan_hash"][0]
 
 
+def test_an_explained_statement_is_never_exported_as_workload(server):
+    """With pg_stat_statements.track = all (the test servers' setting), EXPLAIN counts the
+    explained statement as one nested call under the text it was given; that entry is pgflow's
+    own (marked) and never reaches a snapshot, so a workload's calls stay exact."""
+    from pgflow.scrape import Scraper
+
+    text = "UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tid = $2"
+    with database_connector(server.dsn())("postgres") as conn:
+        Explainer().explain(conn, text, version(server))
+    rows = server.execute("SELECT query FROM pg_stat_statements WHERE query LIKE '%pgbench_tellers%' AND calls > 0")
+    ours = [q for (q,) in rows if "/*pgflow*/" in q]
+    assert ours  # the server counted the explain (ground truth)
+    with Scraper(server.dsn()) as scraper:
+        texts = [q for q in scraper.scrape().statements.get_column("query").to_list() if q and "pgbench_tellers" in q]
+    assert sorted(texts) == sorted(q for (q,) in rows if "/*pgflow*/" not in q)  # the workload's, and only
+
+
 def test_an_update_is_explained_read_only_and_not_executed(server):
     rows_before = server.execute("SELECT bid, bbalance, xmin::text FROM pgbench_branches ORDER BY bid")
     since = log_size(server)
@@ -295,6 +312,7 @@ def test_an_update_is_explained_read_only_and_not_executed(server):
     assert sent[:3] == ["BEGIN READ ONLY", "SET LOCAL /*pgflow*/ statement_timeout = 2000",
                         "SET LOCAL /*pgflow*/ lock_timeout = 100"]
     assert sent[-1] == "ROLLBACK" and not any("ANALYZE" in s.upper() for s in sent)
+    text = "UPDATE /*pgflow*/ pgbench_branches SET bbalance = bbalance + $1 WHERE bid = $2"  # as sent: marked
     if method == "generic_plan":
         assert sent[3] == f"EXPLAIN /*pgflow*/ (GENERIC_PLAN, FORMAT JSON) {text}"
     else:

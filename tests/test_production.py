@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 
+import polars as pl
 import psycopg
 import pytest
 
@@ -226,6 +227,35 @@ def test_own_statements_are_never_exported(pgbench_server):
             calls.append(sum(c for q, c in zip(deltas.statements["query"], deltas.statements["calls"])
                              if q is not None and "pg_stat_activity" in q))
     assert calls == [1, 1]  # the user's query, exactly once per interval; pgflow's own never
+
+
+def test_texts_are_keyed_like_the_counters_top_level_and_nested_apart(pgbench_server):
+    """One queryid can have a top-level entry (the user's) and a nested one (pgflow's EXPLAIN of
+    it, marked): each keeps its own text, so the user's calls are exported exactly and pgflow's
+    nested one never. Before texts were keyed with ``toplevel``, one text served both keys."""
+    server = pgbench_server()
+    if server.execute("SHOW server_version_num")[0][0] < "140000":
+        pytest.skip("PostgreSQL 13 keeps top-level and nested executions in one entry (no toplevel)")
+    server.execute("CREATE TABLE twin (id int)", "CREATE FUNCTION twin_count() RETURNS bigint LANGUAGE sql "
+                   "AS $$SELECT /*pgflow*/ count(*) FROM twin WHERE id = 1$$")
+    user = "SELECT count(*) FROM twin WHERE id = 1"
+    nested = "SELECT twin_count()"  # the same statement, nested and marked: same queryid, toplevel false
+    with Scraper(server.dsn()) as scraper:
+        snapshots = [scraper.scrape()]
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            for _ in range(5):
+                conn.execute(user)
+            for _ in range(3):
+                conn.execute(nested)
+        snapshots.append(scraper.scrape())
+    same = server.execute("SELECT count(DISTINCT toplevel), count(DISTINCT queryid) FROM pg_stat_statements "
+                          "WHERE query LIKE 'SELECT %count(*) FROM twin WHERE%'")
+    assert same == [(2, 1)]  # ground truth: one queryid, a top-level and a nested entry
+    calls = ops.run(snapshots, export_interval_secs=0.001).filter(
+        (pl.col("metric") == "postgresql.query.calls")
+        & pl.col("attributes").struct.field("db.query.text").str.contains("FROM twin"))
+    assert calls["value"].sum() == 5
+    assert set(calls["attributes"].struct.field("postgresql.query.toplevel")) == {"true"}
 
 
 def test_instance_identity_names_the_host_for_a_local_address(pg, monkeypatch):

@@ -121,6 +121,17 @@ def _cause(exc: psycopg.Error) -> tuple[str, bool]:
     return f"sqlstate_{getattr(exc, 'sqlstate', None) or 'unknown'}", True
 
 
+_FIRST_WORD = re.compile(r"^(\s*[A-Za-z]+)")
+
+
+def marked(text: str) -> str:
+    """``text`` with pgflow's mark after its first keyword. EXPLAIN runs the statement's executor
+    start and end, so with ``pg_stat_statements.track = all`` the explained statement is
+    counted as a nested call (one per explain) under the text it was given: the mark makes
+    that entry pgflow's own, left out like every other statement pgflow sends."""
+    return _FIRST_WORD.sub(r"\1 /*pgflow*/", text, count=1)
+
+
 @dataclass
 class Explainer:
     """One explain at a time on a given connection (autocommit), whatever the server version."""
@@ -143,7 +154,7 @@ class Explainer:
         if reason is not None:
             raise ExplainFailed(f"not_explainable_{reason}", True)
         method = "helper" if helper else ("generic_plan" if server_version_num >= 160000 else "prepare")
-        return self._run(conn, text, method), method
+        return self._run(conn, marked(text), method), method
 
     def _run(self, conn: psycopg.Connection, text: str, method: str) -> list:
         """The read-only transaction of one explain, for a text already checked."""

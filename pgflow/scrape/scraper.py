@@ -112,13 +112,13 @@ class Scraper:
         self.instance = instance or dsn_instance_name(dsn)
         self.statement_timeout_ms = statement_timeout_ms
         self.connect_timeout_secs = connect_timeout_secs
-        self.texts: LRU[tuple[int, int, int], str] = LRU(text_cache_size)
+        self.texts: LRU[tuple[int, int, int, bool | None], str] = LRU(text_cache_size)  # the counters' key
         self.stats = ScrapeStats()
         self.health = health if health is not None else HealthSchedule.of()  # issue 13
         self.server: ServerInfo | None = None
         self._conn: psycopg.Connection | None = None
         self.identity: ServerIdentity | None = None  # of the last snapshot
-        self._own: set[tuple[int, int, int]] = set()  # keys of pgflow's own statements: never evicted
+        self._own: set[tuple[int, int, int, bool | None]] = set()  # keys of pgflow's own statements: never evicted
         self._texts_after = 0.0  # monotonic time before which no text fetch is tried (after a failure)
         self._warned_hidden = False
 
@@ -275,7 +275,8 @@ class Scraper:
         hidden = frame.filter(pl.col("queryid").is_null()).height
         if hidden:
             frame = frame.filter(pl.col("queryid").is_not_null())
-        keys = list(zip(frame["dbid"].to_list(), frame["userid"].to_list(), frame["queryid"].to_list()))
+        keys = list(zip(frame["dbid"].to_list(), frame["userid"].to_list(), frame["queryid"].to_list(),
+                        frame["toplevel"].to_list()))
         missing = {k for k in keys if k not in self.texts and k not in self._own}
         if missing and time.monotonic() >= self._texts_after:
             self._fetch_texts(conn, server, missing)
@@ -289,7 +290,8 @@ class Scraper:
                 frame = frame.filter(~own)
         return conform(frame, STATEMENTS), hidden
 
-    def _fetch_texts(self, conn: psycopg.Connection, server: ServerInfo, keys: set[tuple[int, int, int]]) -> None:
+    def _fetch_texts(self, conn: psycopg.Connection, server: ServerInfo,
+                     keys: set[tuple[int, int, int, bool | None]]) -> None:
         """Texts of ``keys``, in one query; a text that cannot be read never stops the counters.
 
         ``pg_stat_statements(true)`` converts every stored text to this database's encoding
@@ -302,7 +304,7 @@ class Scraper:
             with conn.cursor(binary=True) as cur:
                 for limit in timeout_sql(self.statement_timeout_ms):
                     cur.execute(limit)  # type: ignore[arg-type]
-                cur.execute(texts_sql(server.extension_schema), (queryids,))
+                cur.execute(texts_sql(server.extension_schema, "toplevel" in server.columns), (queryids,))
                 rows = cur.fetchall()
         except (psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter) as exc:
             conn.rollback()
@@ -315,12 +317,13 @@ class Scraper:
             return
         conn.rollback()
         self.stats.text_fetches += 1
-        for dbid, userid, queryid, query in rows:
-            if (dbid, userid, queryid) in keys:
+        for dbid, userid, queryid, toplevel, query in rows:
+            key = (dbid, userid, queryid, toplevel)
+            if key in keys:
                 if is_own(query):
-                    self._own.add((dbid, userid, queryid))
+                    self._own.add(key)
                     continue
-                self.texts.put((dbid, userid, queryid), query)
+                self.texts.put(key, query)
                 self.stats.texts_fetched += 1
         # An entry deallocated between the two queries has no text; remember that, so it
         # is not asked for again every scrape (the fingerprint falls back on the queryid).

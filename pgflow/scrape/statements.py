@@ -88,9 +88,13 @@ def info_sql(schema: str) -> sql.Composed:
     return sql.SQL("SELECT /*pgflow*/ dealloc, stats_reset FROM {}.pg_stat_statements_info").format(sql.Identifier(schema))
 
 
-def texts_sql(schema: str) -> sql.Composed:
-    """Text for the given queryids only: the one place query text crosses the wire."""
+def texts_sql(schema: str, has_toplevel: bool = True) -> sql.Composed:
+    """Text for the given queryids only: the one place query text crosses the wire.
+
+    Keyed like the counters, ``toplevel`` included: one queryid may have a top-level entry
+    (the workload's) and a nested one with another text (an EXPLAIN of pgflow's, say)."""
+    toplevel = "toplevel" if has_toplevel else "NULL::bool"
     return sql.SQL(
-        "SELECT /*pgflow*/ dbid::int8, userid::int8, queryid, query FROM {}.pg_stat_statements(true) "
+        "SELECT /*pgflow*/ dbid::int8, userid::int8, queryid, " + toplevel + ", query FROM {}.pg_stat_statements(true) "
         "WHERE queryid = ANY(%s)"
     ).format(sql.Identifier(schema))
