@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 from pgflow.errors import PgflowError
+
+log = logging.getLogger("pgflow.pgserver")
 
 UNPRIVILEGED_UID = 65534  # nobody
 
@@ -173,11 +177,29 @@ class LocalPostgres:
     def stop(self, mode: str = "fast") -> None:
         pidfile = self.datadir / "postmaster.pid"
         if pidfile.exists():
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop"],
-                      check=False)
-            deadline = time.monotonic() + 60
-            while pidfile.exists() and time.monotonic() < deadline:  # a restart must not find the old server
-                time.sleep(0.05)
+            proc = self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60",
+                              "stop"], check=False)
+            if not self._gone(pidfile, 20):
+                # pg_ctl once returned without the server ever logging a shutdown request (a
+                # restart test then found the old server): signal the postmaster directly.
+                log.warning("pg_ctl stop left the server running; signalling it directly: %s",
+                            proc.stderr.strip()[-300:])
+                self._signal(pidfile, {"smart": signal.SIGTERM, "fast": signal.SIGINT}.get(mode, signal.SIGQUIT))
+                self._gone(pidfile, 60)  # a restart must not find the old server
+
+    @staticmethod
+    def _gone(pidfile: Path, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not pidfile.exists()
+
+    @staticmethod
+    def _signal(pidfile: Path, signum: int) -> None:
+        try:
+            os.kill(int(pidfile.read_text().split()[0]), signum)
+        except (OSError, ValueError, IndexError):
+            pass  # gone meanwhile, or not a pid file any more
 
     def restart(self, mode: str = "fast") -> None:
         self.stop(mode)

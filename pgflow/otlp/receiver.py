@@ -194,16 +194,7 @@ class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer):
         if reply.kind == "PARTIAL":
             return ExportMetricsServiceResponse(partial_success=ExportMetricsPartialSuccess(
                 rejected_data_points=reply.rejected, error_message="scripted partial success"))
-        name = reply.grpc_code()
-        code = grpc.StatusCode[name]
-        if reply.delay is not None:
-            info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
-                seconds=int(reply.delay), nanos=int((reply.delay % 1) * 1e9)))
-            status = status_pb2.Status(code=getattr(code_pb2, name), message=f"scripted {name}")
-            status.details.add().Pack(info)
-            context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
-        context.set_code(code)
-        context.set_details(f"scripted {name}")
+        _grpc_refuse(reply, context)
         return ExportMetricsServiceResponse()
 
 
