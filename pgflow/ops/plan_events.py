@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from pgflow.schema import EVENT_ATTRIBUTE_TYPES, EVENTS, PLANS, Snapshot, conform
+from pgflow.ops.events import event_frame
+from pgflow.schema import PLANS, Snapshot, conform
 
 QUERY_PLAN = "db.server.query_plan"
 
@@ -19,8 +20,6 @@ def plan_events(plans: pl.DataFrame, *, instance: str, server_address: str = "",
                 server_version_num: int = 0) -> pl.DataFrame:
     """The events of one instance's plans frame, in its order."""
     plans = conform(plans, PLANS)
-    if plans.height == 0:
-        return pl.DataFrame(schema=EVENTS)
     given = {
         "db.system.name": pl.lit("postgresql"),
         "db.namespace": pl.col("database"),
@@ -29,19 +28,9 @@ def plan_events(plans: pl.DataFrame, *, instance: str, server_address: str = "",
         "postgresql.plan.hash": pl.col("plan_hash"),
         "postgresql.plan.generic": pl.lit(True),
     }
-    attributes = pl.struct(*[(given[k] if k in given else pl.lit(None)).cast(t).alias(k)
-                             for k, t in EVENT_ATTRIBUTE_TYPES.items()])
-    return plans.select(
-        pl.lit(instance).alias("instance"),
-        pl.lit(QUERY_PLAN).alias("event_name"),
-        pl.col("explained_at").alias("time"),
-        pl.lit("INFO").alias("severity"),
-        pl.col("body"),
-        attributes.alias("attributes"),
-        pl.lit(server_address).alias("server_address"),
-        pl.lit(server_port).alias("server_port"),
-        pl.lit(server_version_num).alias("server_version_num"),
-    ).cast(dict(EVENTS))  # type: ignore[arg-type]
+    return event_frame(plans, event_name=QUERY_PLAN, time=pl.col("explained_at"), body=pl.col("body"), given=given,
+                       instance=instance, server_address=server_address, server_port=server_port,
+                       server_version_num=server_version_num)
 
 
 def snapshot_plan_events(snapshot: Snapshot) -> pl.DataFrame:

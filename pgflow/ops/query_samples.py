@@ -25,7 +25,8 @@ from datetime import datetime, timedelta, timezone
 import polars as pl
 
 from pgflow.ops.fingerprint import fallback_info, parse_info
-from pgflow.schema import EVENT_ATTRIBUTE_TYPES, EVENTS, QUERY_SAMPLES, Snapshot, conform
+from pgflow.ops.events import event_frame
+from pgflow.schema import EVENTS, QUERY_SAMPLES, Snapshot, conform
 
 QUERY_SAMPLE = "db.server.query_sample"
 TRUNCATED, UNPARSABLE = "<truncated>", "<unparsable>"
@@ -171,8 +172,6 @@ def query_sample_events(limits: SampleLimits | None, snapshot: Snapshot, *, samp
 def sample_events(samples: pl.DataFrame, *, instance: str, server_address: str = "", server_port: int = 0,
                   server_version_num: int = 0) -> pl.DataFrame:
     """The kept samples as ``db.server.query_sample`` events (time: when the sample saw them)."""
-    if samples.height == 0:
-        return pl.DataFrame(schema=EVENTS)
     given = {
         "db.system.name": pl.lit("postgresql"),
         "db.namespace": pl.col("database"),
@@ -194,11 +193,6 @@ def sample_events(samples: pl.DataFrame, *, instance: str, server_address: str =
         "postgresql.blocking.root.fingerprint": pl.col("blocking_root_fingerprint"),
         "network.peer.address": pl.col("client_addr"),
     }
-    attributes = pl.struct(*[(given[k] if k in given else pl.lit(None)).cast(t).alias(k)
-                             for k, t in EVENT_ATTRIBUTE_TYPES.items()])
-    return samples.select(
-        pl.lit(instance).alias("instance"), pl.lit(QUERY_SAMPLE).alias("event_name"), pl.col("seen_at").alias("time"),
-        pl.lit("INFO").alias("severity"), pl.lit(None, pl.String).alias("body"), attributes.alias("attributes"),
-        pl.lit(server_address).alias("server_address"), pl.lit(server_port).alias("server_port"),
-        pl.lit(server_version_num).alias("server_version_num"),
-    ).cast(dict(EVENTS))  # type: ignore[arg-type]
+    return event_frame(samples, event_name=QUERY_SAMPLE, time=pl.col("seen_at"), body=pl.lit(None, pl.String),
+                       given=given, instance=instance, server_address=server_address, server_port=server_port,
+                       server_version_num=server_version_num)
