@@ -7,8 +7,10 @@ active in pg_sleep, and a lock chain of 10: one idle-in-transaction holder, 9 se
 behind it). The last line is the busy mix's (the harder case for pgflow). Alternating, N
 times each:
 
-- pgflow: ``Sampler.sample()`` (one round trip: the narrow pg_stat_activity SELECT, with
-  pg_blocking_pids() only for the sessions waiting on a Lock, folded into the accumulator);
+- pgflow: ``Sampler.sample()`` (one round trip: BEGIN READ ONLY, SET LOCAL timeouts, EXECUTE of
+  the prepared sampling query, ROLLBACK; a text-free look at every backend, then the status rows
+  of the possibly busy ones only, pg_blocking_pids() only for the sessions waiting on a Lock;
+  folded into the accumulator);
 - peer: the query Datadog's agent runs every second, ``SELECT *, pg_blocking_pids(pid) FROM
   pg_stat_activity`` (texts included, pg_blocking_pids for every row), fetched with psycopg.
   Datadog then obfuscates every text in Python; that cost is NOT counted here (the peer's

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import duckdb
@@ -23,6 +24,7 @@ from pgflow.config import Settings
 from pgflow.ops.fingerprint import query_info
 from pgflow.schema import SAMPLES, SESSION_STATS
 from pgflow.scrape import Scraper
+from pgflow.scrape import sampler as sampler_module
 from pgflow.scrape.sampler import PREPARED, Sampler, with_samples
 
 PERIOD = 0.2
@@ -434,3 +436,121 @@ def test_pgflow_capture_cli_stores_samples(pg, tmp_path):
     assert len(snaps) == 3 and taken >= 2
     idle = pl.concat([s.samples for s in snaps]).filter(pl.col("state") == "idle in transaction")
     assert idle["count"].sum() >= 2
+
+
+def _sessions(dsn: str) -> tuple[list[psycopg.Connection], dict[str, set[int]]]:
+    """Sessions in every state the prefilter must tell apart; pids by what the sampler must report.
+
+    20 idle (their last statement a long one), 3 idle in transaction, 1 idle in an aborted
+    transaction, 2 active in pg_sleep, 1 active in COPY FROM STDIN (waiting on ClientRead, like
+    an idle session, but inside a transaction).
+    """
+    conns: list[psycopg.Connection] = []
+    expect: dict[str, set[int]] = defaultdict(set)
+    for _ in range(20):
+        c = psycopg.connect(dsn, autocommit=True)
+        c.execute("SELECT " + ", ".join(f"{i} AS c{i}" for i in range(60)))
+        conns.append(c)
+    for _ in range(3):
+        c = psycopg.connect(dsn)
+        c.execute("SELECT txid_current()")
+        conns.append(c)
+        expect["idle in transaction"].add(c.info.backend_pid)
+    c = psycopg.connect(dsn)
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        c.execute("SELECT 1 / 0")
+    conns.append(c)
+    expect["idle in transaction (aborted)"].add(c.info.backend_pid)
+    for _ in range(2):
+        c = psycopg.connect(dsn, autocommit=True)
+        c.pgconn.send_query(b"SELECT pg_sleep(60)")
+        conns.append(c)
+        expect["active"].add(c.info.backend_pid)
+    c = psycopg.connect(dsn, autocommit=True)
+    c.pgconn.send_query(b"COPY copy_target FROM STDIN")
+    conns.append(c)
+    expect["active"].add(c.info.backend_pid)
+    return conns, expect
+
+
+@pytest.mark.parametrize("path", ["per-session", "whole"])
+def test_the_prefilter_reads_every_session_the_whole_read_would(pg, monkeypatch, path):
+    """Both ways of reading (the text-free prefilter then one call per candidate, or one read of
+    every backend) report exactly the non-idle sessions, in their true states."""
+    pg.execute("DROP TABLE IF EXISTS copy_target", "CREATE TABLE copy_target (v int)")
+    conns, expect = _sessions(pg.dsn())
+    try:
+        pids = set().union(*expect.values())
+        _wait_for(pg, "SELECT count(*) = 3 FROM pg_stat_activity WHERE state = 'active' AND pid IN (%s)"
+                  % ",".join(map(str, pids)))
+        monkeypatch.setattr(sampler_module, "WHOLE_READ_RATIO", 1000 if path == "whole" else 0)
+        version = int(pg.execute("SHOW server_version_num")[0][0])
+        sql = sampler_module.sample_sql(version)
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            first = conn.execute(sampler_module.with_known_idle(sql, {})).fetchall()
+            # the idle sessions come back once, flagged with their last statement's start: passed
+            # back as known, they are not read again
+            known = {row[0]: row[18] for row in first if row[18] is not None}
+            rows = conn.execute(sampler_module.with_known_idle(sql, known)).fetchall()
+            plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) "
+                                + sampler_module.with_known_idle(sql, known)).fetchone()[0]
+        idle = {c.info.backend_pid for c in conns} - pids
+        assert idle <= set(known)  # every idle session was learned ...
+        assert {row[6] for row in first if row[18] is not None} == {"idle"}  # ... as idle, and only those
+        assert not idle & {row[0] for row in rows}  # ... and then never read again
+        for sample in (first, rows):
+            seen: dict[str, set[int]] = defaultdict(set)
+            for row in sample:
+                if row[0] in pids and row[18] is None:
+                    seen[row[6]].add(row[0])
+            assert seen == expect
+
+        def scans(node: dict) -> list[dict]:
+            found = [node] if node.get("Function Name") == "pg_stat_get_activity" else []
+            return found + [s for child in node.get("Plans", []) for s in scans(child)]
+
+        loops = [(s["Alias"], s["Actual Loops"]) for s in scans(plan[0]["Plan"])]
+        whole = [n for alias, n in loops if alias == "pg_stat_get_activity"]
+        per_session = [n for alias, n in loops if alias != "pg_stat_get_activity"]
+        if path == "whole":  # only the branch the one-time filter chose runs
+            assert whole == [1] and per_session == [0]
+        else:  # one read per candidate: the sessions in the workload, not the idle ones
+            assert whole == [0] and len(pids) <= per_session[0] < len(pids) + 10
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_sampling_plans_once_per_connection_and_survives_a_lost_prepared_statement(pg):
+    """The sampling query is prepared once per connection; if the server forgets it (a pooler in
+    transaction mode hands another server connection), the sample is not lost: the query is sent
+    whole from then on."""
+    with Sampler(pg.dsn(), instance="prepared-statement", interval_secs=PERIOD) as sampler:
+        assert sampler.sample()
+        assert sampler._statement.startswith("EXECUTE")
+        sampler._conn.execute("DEALLOCATE pgflow_sample")  # as a pooler's other server connection would
+        assert sampler.sample()
+        assert sampler._statement == sampler._sql
+        assert sampler.sample()
+        assert sampler.stats.failed == 0 and sampler.stats.taken == 3
+
+
+def test_a_known_idle_session_whose_next_statement_fails_is_sampled_idle_in_an_aborted_transaction(pg):
+    """Idle and idle in an aborted transaction look alike to the text-free prefilter; a new
+    statement makes the session unknown again, so the sampler reads it and sees the abort."""
+    dsn = pg.dsn()
+    with psycopg.connect(dsn) as session, Sampler(dsn, instance="aborted", interval_secs=PERIOD) as sampler:
+        session.execute("SELECT 1")
+        session.commit()  # idle
+        assert sampler.sample()
+        assert session.info.backend_pid in sampler._known_idle  # learned idle
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            session.execute("SELECT 1 / 0")  # now idle in an aborted transaction
+        assert sampler.sample() and sampler.sample()
+        samples, _ = sampler.drain()
+        session.rollback()
+        assert sampler.sample()  # idle again: learned again, not sampled
+        after, _ = sampler.drain()
+    aborted = samples.filter(pl.col("state") == "idle in transaction (aborted)")
+    assert aborted["count"].sum() == 2
+    assert after.filter(pl.col("state").str.starts_with("idle in transaction (aborted)")).height == 0
