@@ -224,14 +224,16 @@ def capture_live(scrapers: list, path: str | Path, *, scrapes: int | None, inter
                  progress: Callable[[CaptureWriter], None] | None = None,
                  on_error: Callable[[str, PgflowError], None] | None = None,
                  stop: Callable[[], bool] = lambda: False, samplers: dict | None = None,
-                 tables: dict | None = None, table_interval: float = 300.0) -> CaptureWriter:
+                 tables: dict | None = None, table_interval: float = 300.0,
+                 plans: dict | None = None) -> CaptureWriter:
     """Scrape every instance each ``interval`` seconds into ``path`` until ``scrapes`` or ``stop()``.
 
     A failed scrape is reported through ``on_error`` and skipped; the capture goes on.
     ``samplers`` (instance name -> running Sampler, issue 11): each snapshot carries the
     active-session samples taken since the previous one. ``tables`` (instance name ->
     TableScraper, issue 13): per-table statistics ride on a snapshot every ``table_interval``
-    seconds, as in the collector.
+    seconds, as in the collector. ``plans`` (instance name -> WindowPlans, issue 12): the
+    plans of each export window that closed ride on the next snapshot, as in ``pgflow run``.
     """
     from dataclasses import replace
 
@@ -259,6 +261,9 @@ def capture_live(scrapers: list, path: str | Path, *, scrapes: int | None, inter
                     except PgflowError as exc:
                         if on_error:
                             on_error(scraper.instance, exc)
+                window_plans = (plans or {}).get(scraper.instance)
+                if window_plans is not None:
+                    snapshot = window_plans.attach(snapshot)
                 writer.write(with_samples(snapshot, (samplers or {}).get(scraper.instance)))
             n += 1
             if progress:

@@ -114,6 +114,9 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
     tables = {i.name: TableScraper.for_instance(i, settings) for i in settings.targets()} \
         if settings.table_stats_enabled else {}
+    from pgflow.scrape.explain import WindowPlans  # issue 12: and the plans of each closed export window
+
+    plans = {i.name: p for i in settings.targets() if (p := WindowPlans.for_instance(i.dsn, i.name, settings))}
 
     def progress(writer) -> None:  # type: ignore[no-untyped-def]
         print(f"\rcaptured {writer.scrapes} snapshots, {writer.rows} statement rows", end="", flush=True)
@@ -124,7 +127,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     try:
         writer = capture_live(scrapers, args.out, scrapes=args.scrapes, interval=interval, progress=progress,
                               on_error=on_error, stop=stop.is_set, samplers=samplers, tables=tables,
-                              table_interval=settings.table_stats_interval_secs)
+                              table_interval=settings.table_stats_interval_secs, plans=plans)
     finally:
         for scraper in [*scrapers, *tables.values()]:
             scraper.close()

@@ -539,3 +539,47 @@ def test_window_plans_explain_once_per_window_on_the_scrape_after_it(server):
     assert 1 <= closed.plans.height <= 3
     assert all("pgbench_" in b for b in closed.plans["body"])  # what ran in that window, none of pgflow's
     assert quiet.plans.height == 0  # nothing new ran, and the TTL holds the others
+
+
+def test_pgflow_capture_cli_attaches_the_plans_of_each_closed_window(server, tmp_path):
+    """`pgflow capture` explains like `pgflow run --capture`: the busiest statements of each export
+    window that closed ride, as plans, on the next snapshot of the capture."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from e2e import ROOT
+
+    from pgflow import capture
+
+    stop = threading.Event()
+
+    def workload() -> None:  # a statement busy in every window
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("SELECT abalance FROM pgbench_accounts WHERE aid = %s", (7,))
+                time.sleep(0.01)
+
+    out = tmp_path / "plans.duckdb"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_")}
+    env.update({"DATABASE_URL": server.dsn(), "PYTHONPATH": str(ROOT), "PGFLOW_EXPORT_INTERVAL_SECS": "2",
+                "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS": "0", "PGFLOW_TABLE_STATS_ENABLED": "false"})
+    thread = threading.Thread(target=workload)
+    thread.start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "12",
+                               "--interval", "0.5"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    finally:
+        stop.set()
+        thread.join()
+    assert proc.returncode == 0, proc.stderr
+    snaps = list(capture.read(out))
+    with_plans = [s for s in snaps if s.plans.height]
+    assert len(snaps) == 12 and with_plans  # 6 s of 2 s windows: plans of the windows that closed
+    explained = pl.concat([s.statements for s in snaps]).filter(
+        pl.col("query").str.contains("pgbench_accounts", literal=True) & pl.col("query").str.contains("abalance"))
+    assert explained.height
+    plans_frame = pl.concat([s.plans for s in with_plans])
+    assert set(explained["queryid"].to_list()) & set(plans_frame["queryid"].to_list())
