@@ -115,8 +115,8 @@ def test_deallocation_under_a_small_pg_stat_statements_max(pgbench_server, tmp_p
 
     def churn() -> None:
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
-            for i in range(330):
-                cols = ", ".join(f"v + {j} AS c{j}" for j in range(i % 30 + 1))
+            for i in range(330):  # 330 shapes (target lists of 1 to 330 columns): distinct query ids on 13-18
+                cols = ", ".join(f"v + {j} AS c{j}" for j in range(i + 1))
                 conn.execute(f"SELECT {cols} FROM churn WHERE id = {i} AND v > {i % 11}")  # type: ignore[arg-type]
                 conn.execute(f"SELECT count(*) FROM churn c{i} WHERE c{i}.id = 1")  # type: ignore[arg-type]
 
