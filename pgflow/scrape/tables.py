@@ -110,14 +110,15 @@ _DIGEST = ("hashint8extended((" + " + ".join(
 _ROOT = "coalesce(CASE WHEN c.relispartition THEN pg_partition_root(c.oid) END, c.oid)::int8"
 _AGE = "CASE WHEN c.relfrozenxid <> '0'::xid THEN age(c.relfrozenxid) END::int8"
 SCRAPE_SQL = (
-    "WITH ixs AS (SELECT i.indrelid, bit_xor(hashint8extended(pg_stat_get_numscans(i.indexrelid), i.indexrelid::int8)) AS ih "
+    "WITH ixs AS (SELECT i.indrelid, XOR(hashint8extended(pg_stat_get_numscans(i.indexrelid), i.indexrelid::int8)) AS ih "
     "FROM pg_index i GROUP BY i.indrelid), "
+    # (a table without indexes (relhasindex false: none now) skips the join's probe)
     # Per bucket (tables hashed by their root: partitions roll into it): digest = a 64-bit hash
     # of (number of tables, xor of their digests); the oldest frozen-xid age in it.
-    "bk AS (SELECT hashint8(root) & (%(b)s - 1) AS bucket, hashint8extended(bit_xor(dg), count(*)) AS d, "
+    "bk AS (SELECT hashint8(root) & (%(b)s - 1) AS bucket, hashint8extended(XOR(dg), count(*)) AS d, "
     "(count(*) FILTER (WHERE root = relid))::int8 AS roots, max(frozen_xid_age) AS oldest FROM ("
     f"SELECT {_ROOT} AS root, c.oid AS relid, {_AGE} AS frozen_xid_age, {_DIGEST} AS dg "
-    f"FROM pg_class c LEFT JOIN ixs ON ixs.indrelid = c.oid WHERE {_USER_TABLE}) y GROUP BY 1), "
+    f"FROM pg_class c LEFT JOIN ixs ON ixs.indrelid = CASE WHEN c.relhasindex THEN c.oid END WHERE {_USER_TABLE}) y GROUP BY 1), "
     # the previous digests, one per bucket by position (null: the bucket was empty)
     # (buckets from %(hi)s on are not seeded yet: not looked at)
     "changed AS (SELECT coalesce(bk.bucket, p.bucket) AS bucket, bk.d, bk.roots FROM (SELECT * FROM bk WHERE bucket < %(hi)s) bk "
@@ -170,6 +171,11 @@ SCRAPE_SQL = (
     + ", ".join(f"r.{x}" for x in TABLE_TIMES)
     + " FROM r JOIN pg_class c ON c.oid = r.root JOIN pg_namespace n ON n.oid = c.relnamespace"
 )
+# bit_xor came with PostgreSQL 14; before, a sum modulo 2^63 - 1 (a numeric sum: slower, as exact).
+SCRAPE_SQL_13 = SCRAPE_SQL.replace("XOR(dg)", "(sum(dg) %% 9223372036854775807)::int8").replace(
+    "XOR(hashint8extended(pg_stat_get_numscans(i.indexrelid), i.indexrelid::int8))",
+    "(sum(hashint8extended(pg_stat_get_numscans(i.indexrelid), i.indexrelid::int8)) %% 9223372036854775807)::int8")
+SCRAPE_SQL = SCRAPE_SQL.replace("XOR(", "bit_xor(")
 _ROW_COLUMNS = ["bucket", "relid", "table", *TABLE_COUNTERS, *TABLE_GAUGES, *TABLE_TIMES]
 
 
@@ -376,7 +382,7 @@ class TableScraper:
             with conn.pipeline():
                 if not fresh:
                     first.execute(prepare)
-                cur.execute(SCRAPE_SQL, params)
+                cur.execute(SCRAPE_SQL if conn.info.server_version >= 140000 else SCRAPE_SQL_13, params)
                 conn.rollback()
             if not fresh:
                 observed_at = first.fetchone()[0]  # type: ignore[index]
