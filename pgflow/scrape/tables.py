@@ -1,20 +1,33 @@
 """Per-table statistics from each database's own catalog, bounded however many tables there are.
 
-One connection per database (``application_name=pgflow``, read-only, ``SET LOCAL
-statement_timeout`` and ``lock_timeout``), one statement per scrape of a database:
+One connection per database (``application_name=pgflow``, read-only, ``statement_timeout`` and
+``lock_timeout`` set transaction-local by ``set_config``), one query per scrape of a database,
+pipelined with its settings and the rollback: one round trip (the first scrape of a database
+counts its tables first):
 
-- tables (partitions rolled into their root) are hashed (by oid) into buckets, six to twelve
-  tables each (:func:`buckets_for`); per bucket, the server sums the counters that move with any use of a table (scans, heap
-  block reads, writes, vacuum and analyze counts) into a 64-bit *digest* and compares it with
-  the previous scrape's digests, passed in by position. Counters only grow, so a bucket whose
-  table count and digest are unchanged holds no table that was used (a reset or a drop lowers
-  the sum: it shows too). A counter outside the digest that moves alone (blocks read by a
-  vacuum still running) is not lost: it is in the table's next delta;
-- it returns the digests that changed, every table of a changed bucket (so no activity is
-  ever missed: the operator diffs each table against the last row it saw of it, and a table
-  not returned has not moved; ``pg_table_size`` only for these), and the ``top_k`` oldest
-  frozen xids (an age grows without any counter moving). Dead tuples and sizes move only
-  with the counters: the operator ranks those risks over every table it knows.
+- tables (partitions rolled into their root) are hashed (by their root's oid) into buckets, six
+  to twelve tables each (:func:`buckets_for`). One pass over ``pg_class`` reads each table's
+  statistics entry once (the floor) and folds it straight into its bucket: a table's *digest* is
+  a 64-bit hash (seeded with its oid) of the sum of the counters of which at least one moves
+  with any use of it (sequential scans, heap block reads, inserts, updates, deletes, vacuum and
+  analyze counts, manual and auto), xor-ed with a hash per index of its scan count (index and
+  index-only scans, which may read no heap block at all); a bucket's digest is a hash of the
+  number of its tables and the xor of their digests (PostgreSQL 13, without ``bit_xor``: a
+  sum modulo 2^63 - 1). Any use, a new table, a drop or a reset changes it (but for a 2^-64
+  collision). The server compares them with the previous scrape's digests, passed in by
+  position as one binary array. A counter outside the digest that moves alone (blocks read by
+  a vacuum still running) is not lost: it is in the table's next delta;
+- a second pass over ``pg_class`` (catalog only, no statistics) picks the tables of the changed
+  buckets, returned whole (so no activity is ever missed: the operator diffs each table against
+  the last row it saw of it, and a table not returned has not moved; ``pg_table_size`` only for
+  these), and the ``top_k`` oldest frozen xids (an age grows without any counter moving), looked
+  for only in the buckets whose oldest age is at least the k-th largest bucket oldest (which
+  must hold them, ties included). Dead tuples and sizes move only with the counters: the
+  operator ranks those risks over every table it knows.
+
+Nothing per table is kept between the passes (materialising every table cost as much as reading
+its statistics): the work per table is one catalog row read twice, its statistics entry read
+once, one hash-join probe if it has indexes, one hash-aggregate step.
 
 A database seen for the first time is read whole (its baseline), ``SEED_TABLES`` tables'
 worth of buckets per scrape so that no statement grows with the database (``seed`` marks);
