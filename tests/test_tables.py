@@ -463,6 +463,7 @@ def test_every_kind_of_use_alone_is_seen_the_next_scrape(pg):
                "CREATE TABLE pt (id int) PARTITION BY RANGE (id)",
                "CREATE TABLE pt1 PARTITION OF pt FOR VALUES FROM (-100000) TO (100000) WITH (autovacuum_enabled = false)",
                "CREATE INDEX ON pt (id)", "INSERT INTO pt SELECT generate_series(1, 1000)",
+               "CREATE TABLE tr (id int) WITH (autovacuum_enabled = false)", "INSERT INTO tr SELECT generate_series(1, 1000)",
                "VACUUM ios", "VACUUM pt1", dbname=db)  # all visible: index-only scans read no heap block
     _settled(pg, db, "SELECT sum(n_tup_ins) + sum(vacuum_count) FROM pg_stat_user_tables")
     stat = "SELECT {} FROM pg_stat_user_tables WHERE relname = '{}'"
@@ -488,6 +489,11 @@ def test_every_kind_of_use_alone_is_seen_the_next_scrape(pg):
             rows = _scrape_rows(scraper, table)
             assert rows.height == 1, (table, use)
             assert rows.get_column(counter)[0] == before + 1, (table, use)
+        # A TRUNCATE moves no counter: only the file (relfilenode), the live tuples and the size.
+        pg.execute("TRUNCATE tr", dbname=db)
+        _wait(pg, db, stat.format("n_live_tup", "tr"), 0)
+        rows = _scrape_rows(scraper, "public.tr")
+        assert rows.select("n_live_tup", "table_size").rows() == [(0, 0)]
     finally:
         scraper.close()
 

@@ -8,7 +8,8 @@ counts its tables first):
 - tables (partitions rolled into their root) are hashed (by their root's oid) into buckets, six
   to twelve tables each (:func:`buckets_for`). One pass over ``pg_class`` reads each table's
   statistics entry once (the floor) and folds it straight into its bucket: a table's *digest* is
-  a 64-bit hash (seeded with its oid) of the sum of the counters of which at least one moves
+  a 64-bit hash (seeded with its oid and relfilenode: a TRUNCATE moves no counter, only the
+  file, the live tuples and the size) of the sum of the counters of which at least one moves
   with any use of it (sequential scans, heap block reads, inserts, updates, deletes, vacuum and
   analyze counts, manual and auto), xor-ed with a hash per index of its scan count (index and
   index-only scans, which may read no heap block at all); a bucket's digest is a hash of the
@@ -105,15 +106,16 @@ _STAT = {
 }
 _TIMES = {f"last_{w}": f"pg_stat_get_last_{w}_time(relid)" for w in ("vacuum", "autovacuum", "analyze", "autoanalyze")}
 
-# The digest of a table: a 64-bit hash (seeded with its oid) of the sum of the counters of which
-# at least one moves with any use of it (a scan of any kind, a block read, a write, a vacuum or an
+# The digest of a table: a 64-bit hash (seeded with its oid and its relfilenode: a TRUNCATE moves no
+# counter, only the file, the live tuples and the size) of the sum of the counters of which at
+# least one moves with any use of it (a scan of any kind, a block read, a write, a vacuum or an
 # analyze), xor-ed with the hashes of its indexes' scan counts. Hashes and xor, not sums: the
 # aggregates stay by-value int8 (a numeric sum per bucket and per table cost a third of the time).
 _DIGEST = ("hashint8extended((" + " + ".join(
     ["pg_stat_get_numscans(c.oid)", "pg_stat_get_blocks_fetched(c.oid)",
      *(f"pg_stat_get_{f}(c.oid)" for f in ("tuples_inserted", "tuples_updated", "tuples_deleted", "vacuum_count",
                                            "autovacuum_count", "analyze_count", "autoanalyze_count"))])
-    + ")::int8, c.oid::int8) # coalesce(ixs.ih, 0)")
+    + ")::int8, (c.oid::int8 << 32) # c.relfilenode::int8) # coalesce(ixs.ih, 0)")
 # One statement, two passes over pg_class: the first reads each table's statistics entry once
 # (the floor) and folds them straight into one digest per bucket, compared on the server with the
 # previous scrape's (passed as one array); the second (catalog only, no statistics) picks the
