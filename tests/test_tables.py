@@ -445,3 +445,74 @@ def test_check_lists_the_databases_table_statistics_read(pg):
     off = Settings.load(database_url=pg.dsn(), table_stats_enabled=False)
     assert [f.detail for f in check(off.targets()[0], settings=off).findings
             if f.name == "table statistics"] == ["off (table_stats_enabled = false)"]
+
+
+def _scrape_rows(scraper: TableScraper, table: str) -> pl.DataFrame:
+    return scraper.scrape().filter((pl.col("kind") == "table") & (pl.col("table") == table))
+
+
+def test_every_kind_of_use_alone_is_seen_the_next_scrape(pg):
+    """The bucket digests read a handful of counters per table (and the scans of its indexes):
+    each use on its own, with nothing else moving on that table, must change its bucket."""
+    db = _database(pg, "use")
+    pg.execute("DO $$ BEGIN FOR i IN 1..300 LOOP "  # 300 tables: 256 buckets, mostly alone
+               "EXECUTE format('CREATE TABLE f%s (id int) WITH (autovacuum_enabled = false)', i); END LOOP; END $$",
+               *(f"CREATE TABLE {t} (id int) WITH (autovacuum_enabled = false)" for t in ("e_seq", "e_vac", "e_an", "e_ins")),
+               "CREATE TABLE ios (id int PRIMARY KEY) WITH (autovacuum_enabled = false)",
+               "INSERT INTO ios SELECT generate_series(1, 1000)",
+               "CREATE TABLE pt (id int) PARTITION BY RANGE (id)",
+               "CREATE TABLE pt1 PARTITION OF pt FOR VALUES FROM (-100000) TO (100000) WITH (autovacuum_enabled = false)",
+               "CREATE INDEX ON pt (id)", "INSERT INTO pt SELECT generate_series(1, 1000)",
+               "CREATE TABLE tr (id int) WITH (autovacuum_enabled = false)", "INSERT INTO tr SELECT generate_series(1, 1000)",
+               "VACUUM ios", "VACUUM pt1", dbname=db)  # all visible: index-only scans read no heap block
+    _settled(pg, db, "SELECT sum(n_tup_ins) + sum(vacuum_count) FROM pg_stat_user_tables")
+    stat = "SELECT {} FROM pg_stat_user_tables WHERE relname = '{}'"
+    # an index scan finding nothing reads no heap block (not even the visibility map): only its index moves
+    no_heap = "SET enable_seqscan = off; SET enable_bitmapscan = off; "
+    uses = [  # (table reported, the use, counter, the server's own view of it)
+        ("public.e_seq", "SELECT * FROM e_seq", "seq_scan", ("seq_scan", "e_seq")),
+        ("public.e_vac", "VACUUM e_vac", "vacuum_count", ("vacuum_count", "e_vac")),
+        ("public.e_an", "ANALYZE e_an", "analyze_count", ("analyze_count", "e_an")),
+        ("public.e_ins", "INSERT INTO e_ins VALUES (1)", "n_tup_ins", ("n_tup_ins", "e_ins")),
+        ("public.ios", no_heap + "SELECT id FROM ios WHERE id = -7", "idx_scan", ("idx_scan", "ios")),
+        ("public.pt", no_heap + "SELECT id FROM pt WHERE id = -7", "idx_scan", ("idx_scan", "pt1")),  # rolled into pt
+    ]
+    scraper = TableScraper(pg.dsn(db), instance="t", include=[db])
+    try:
+        scraper.scrape()  # baseline
+        for table, use, counter, (column, relname) in uses:
+            before = pg.execute(stat.format(f"coalesce({column}, 0)", relname), dbname=db)[0][0]
+            with psycopg.connect(pg.dsn(db), autocommit=True) as conn:
+                for sql in use.split("; "):
+                    conn.execute(sql)
+            _wait(pg, db, stat.format(f"coalesce({column}, 0)", relname), before + 1)
+            rows = _scrape_rows(scraper, table)
+            assert rows.height == 1, (table, use)
+            assert rows.get_column(counter)[0] == before + 1, (table, use)
+        # A TRUNCATE moves no counter: only the file (relfilenode), the live tuples and the size.
+        pg.execute("TRUNCATE tr", dbname=db)
+        _wait(pg, db, stat.format("n_live_tup", "tr"), 0)
+        rows = _scrape_rows(scraper, "public.tr")
+        assert rows.select("n_live_tup", "table_size").rows() == [(0, 0)]
+    finally:
+        scraper.close()
+
+
+def test_the_oldest_frozen_xids_are_the_servers_own_ties_included(pg):
+    """The k oldest frozen xids are looked for in the buckets whose oldest age could hold them;
+    many tables share an age (one per creating transaction): ties go to the lowest oid."""
+    db = _database(pg, "aged")
+    pg.execute(*(f"DO $$ BEGIN FOR i IN {lo}..{lo + 49} LOOP "
+                 "EXECUTE format('CREATE TABLE a%s (id int) WITH (autovacuum_enabled = false)', i); END LOOP; END $$"
+                 for lo in range(1, 401, 50)), dbname=db)  # 8 transactions: 8 ages, 50 tables each
+    truth = {r[0] for r in pg.execute(
+        "SELECT oid::int8 FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' "
+        "ORDER BY age(relfrozenxid) DESC, oid LIMIT 10", dbname=db)}
+    scraper = TableScraper(pg.dsn(db), instance="t", include=[db], top_k=60)  # the 10 oldest
+    try:
+        scraper.scrape()  # baseline: every table
+        frame = scraper.scrape()  # nothing moved: only the oldest frozen xids
+    finally:
+        scraper.close()
+    assert frame.filter(pl.col("kind") != "table").height == 0  # no bucket changed
+    assert set(frame.filter(pl.col("kind") == "table").get_column("relid").to_list()) == truth
