@@ -319,3 +319,36 @@ def test_stats_reset_moved_before_the_previous_scrape_is_another_server(pg):
     assert delta(state, other)[1] is None
     reset = replace(second, identity=None, stats_reset=first.scraped_at + timedelta(microseconds=1))
     assert delta(state, reset)[1] is not None
+
+
+def test_every_statement_pgflow_sends_carries_its_mark(pg_factory):
+    """pgflow's own work is never exported as workload: every statement its scrapers send (the
+    statements and health scrape, the table scrape and its database discovery, the sampler, the
+    check) carries /*pgflow*/, so pg_stat_statements' entries of the monitoring role are all
+    marked. Only transaction control, which cannot carry a comment, is left (README). The table
+    scrape and the discovery of databases were once unmarked and showed in the demo's top queries."""
+    from pgflow.scrape.health import HealthSchedule
+    from pgflow.scrape.sampler import Sampler
+    from pgflow.scrape.statements import MARK
+    from pgflow.scrape.tables import TableScraper
+
+    server = pg_factory()
+    server.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+                   "CREATE ROLE pgflow_mark LOGIN PASSWORD 'mark'", "GRANT pg_monitor TO pgflow_mark",
+                   "CREATE DATABASE marked")
+    server.execute("CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t VALUES (1)", dbname="marked")
+    dsn = server.dsn(user="pgflow_mark", password="mark")
+    server.execute("SELECT pg_stat_statements_reset()")
+    with Scraper(dsn, health=HealthSchedule.of(interval_secs=0.001)) as scraper, \
+            TableScraper(dsn, instance="mark") as tables, Sampler(dsn, instance="mark", interval_secs=1) as sampler:
+        for _ in range(2):
+            scraper.scrape()
+            tables.scrape()
+            assert sampler.sample()
+    check(InstanceConfig(name="mark", database_url=dsn))
+    entries = server.execute("SELECT s.query FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid "
+                             "WHERE r.rolname = 'pgflow_mark'")
+    assert len(entries) >= 10  # the scrapers did run as that role
+    unmarked = [q for (q,) in entries if MARK not in q
+                and not q.split()[0].upper() in ("BEGIN", "ROLLBACK", "COMMIT", "START", "DEALLOCATE")]
+    assert unmarked == [], "\n".join(q[:100] for q in unmarked)

@@ -202,7 +202,7 @@ def health_groups(conn: psycopg.Connection, report: CheckReport) -> None:
     from pgflow.scrape.health import DISCOVER_SQL, HealthSupport
 
     support = HealthSupport.of(conn.execute(DISCOVER_SQL).fetchone())  # type: ignore[arg-type]
-    standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
+    standby = conn.execute(f"SELECT {MARK} pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
     conn.rollback()
     have = [g for g in HEALTH_GROUPS if support.supports(g)]
     lacking = [f"{g} ({support.why_not(g)})" for g in HEALTH_GROUPS if not support.supports(g)]

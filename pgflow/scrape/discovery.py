@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 
 import psycopg
 
-DATABASES_SQL = "SELECT datname::text, datallowconn, datistemplate FROM pg_database ORDER BY oid"
+DATABASES_SQL = "SELECT /*pgflow*/ datname::text, datallowconn, datistemplate FROM pg_database ORDER BY oid"
 
 # Databases a managed service keeps for itself: never ours to watch (peers learnt this the hard way).
 PROVIDER_DATABASES = ("rdsadmin", "azure_maintenance", "cloudsqladmin", "alloydbadmin")

@@ -228,7 +228,7 @@ def helper_status(conn: psycopg.Connection) -> tuple[str, str]:
 
 
 _HELPER_SQL = """
-SELECT count(*) > 0, coalesce(bool_or(has_schema_privilege(n.oid, 'USAGE') AND has_function_privilege(p.oid, 'EXECUTE')),
+SELECT /*pgflow*/ count(*) > 0, coalesce(bool_or(has_schema_privilege(n.oid, 'USAGE') AND has_function_privilege(p.oid, 'EXECUTE')),
                               false)
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname = 'pgflow' AND p.proname = 'explain_generic'

@@ -654,7 +654,7 @@ def sampler_for(dsn: str, instance: str, settings: Settings) -> Sampler | None:
 
 
 _CHECK_SQL = """
-SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+SELECT /*pgflow*/ (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
          OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'),
        current_user::text,
        (SELECT extversion FROM pg_extension WHERE extname = 'pg_wait_sampling'),
@@ -678,7 +678,7 @@ def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
             readable = False
             if wait_sampling is not None:
                 try:
-                    conn.execute("SELECT 1 FROM pg_wait_sampling_profile LIMIT 1").fetchall()
+                    conn.execute("SELECT /*pgflow*/ 1 FROM pg_wait_sampling_profile LIMIT 1").fetchall()
                     readable = True
                 except psycopg.Error:
                     pass

@@ -125,7 +125,7 @@ _DIGEST = ("hashint8extended((" + " + ".join(
 _ROOT = "coalesce(CASE WHEN c.relispartition THEN pg_partition_root(c.oid) END, c.oid)::int8"
 _AGE = "CASE WHEN c.relfrozenxid <> '0'::xid THEN age(c.relfrozenxid) END::int8"
 SCRAPE_SQL = (
-    "WITH ixs AS (SELECT i.indrelid, XOR(hashint8extended(pg_stat_get_numscans(i.indexrelid), i.indexrelid::int8)) AS ih "
+    "WITH /*pgflow*/ ixs AS (SELECT i.indrelid, XOR(hashint8extended(pg_stat_get_numscans(i.indexrelid), i.indexrelid::int8)) AS ih "
     "FROM pg_index i GROUP BY i.indrelid), "
     # (a table without indexes (relhasindex false: none now) skips the join's probe)
     # Per bucket (tables hashed by their root: partitions roll into it): digest = a 64-bit hash
@@ -379,7 +379,7 @@ class TableScraper:
                     ("enable_mergejoin", "off")]
         if conn.info.server_version >= 150000:  # one statistics snapshot: a third cheaper than entry by entry
             settings.append(("stats_fetch_consistency", "snapshot"))
-        prepare = "SELECT now(), " + ", ".join(f"set_config('{k}', '{v}', true)" for k, v in settings)
+        prepare = "SELECT /*pgflow*/ now(), " + ", ".join(f"set_config('{k}', '{v}', true)" for k, v in settings)
         fresh = previous is None
         with conn.cursor(binary=True) as first, conn.cursor(binary=True) as cur:
             if previous is None:  # the bucket count is chosen once per database, by its size then
