@@ -350,5 +350,5 @@ def test_every_statement_pgflow_sends_carries_its_mark(pg_factory):
                              "WHERE r.rolname = 'pgflow_mark'")
     assert len(entries) >= 10  # the scrapers did run as that role
     unmarked = [q for (q,) in entries if MARK not in q
-                and not q.split()[0].upper() in ("BEGIN", "ROLLBACK", "COMMIT", "START", "DEALLOCATE")]
+                and q.split()[0].upper() not in ("BEGIN", "ROLLBACK", "COMMIT", "START", "DEALLOCATE")]
     assert unmarked == [], "\n".join(q[:100] for q in unmarked)

@@ -290,10 +290,7 @@ class Sampler:
         Runs every second on the collector's process: one pass over the rows, the gauges'
         maxima kept per key in local dicts and merged once.
         """
-        hidden = 0
-        for r in rows:
-            if r[_HIDDEN]:
-                hidden += 1
+        hidden = sum(1 for r in rows if r[_HIDDEN])
         if hidden:
             rows = [r for r in rows if not r[_HIDDEN]]
         self._gauge("hidden_sessions", None, None, float(hidden))

@@ -382,7 +382,7 @@ class TableScraper:
         prepare = "SELECT /*pgflow*/ now(), " + ", ".join(f"set_config('{k}', '{v}', true)" for k, v in settings)
         fresh = previous is None
         with conn.cursor(binary=True) as first, conn.cursor(binary=True) as cur:
-            if previous is None:  # the bucket count is chosen once per database, by its size then
+            if fresh:  # the bucket count is chosen once per database, by its size then
                 row = first.execute(f"{prepare}, ({COUNT_SQL})").fetchone()
                 observed_at, tables = row[0], row[-1]  # type: ignore[index]
                 b = buckets_for(tables)
