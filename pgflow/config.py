@@ -218,6 +218,11 @@ class Settings(BaseSettings):
     table_stats_exclude_databases: list[str] = Field(default_factory=list)  # names or globs
     table_stats_enabled: bool = True
     table_stats_lock_timeout_ms: int = Field(1000, gt=0)  # never wait on a table's lock longer than this
+    # Issue 20: gentle on the server. Never more than this many connections per instance at any
+    # moment (the scrape, the sampler, one for per-database work), and optional work waits while
+    # fewer than reserved_connections_headroom connections are free for others.
+    max_connections_per_instance: int = Field(3, ge=2, le=100)
+    reserved_connections_headroom: int = Field(5, ge=0, le=10_000)
 
     # Where to send.
     new_relic_api_key: SecretStr | None = Field(
