@@ -212,6 +212,43 @@ def test_the_dashboard_is_importable_new_relic_json():
     assert all("{{fingerprint}}" in q["query"] for w in detail for q in w["rawConfiguration"]["nrqlQueries"])
 
 
+def state_filters(query: str) -> set[str]:
+    """The values a query compares ``postgresql.session.state`` with (``=`` or ``IN``), anywhere in it."""
+    query = re.sub(r"\{\{\s*\w+\s*\}\}", "'{{variable}}'", query)
+    tokens = [(m.lastgroup, m.group(m.lastgroup)) for m in _TOKEN.finditer(query)]
+    values: set[str] = set()
+    for i, (kind, text) in enumerate(tokens):
+        if kind in ("ident", "tick") and text == "postgresql.session.state":
+            values |= _compared_values(tokens, i)
+    return values
+
+
+def test_average_active_sessions_count_the_active_state_only():
+    """Issue 19 item 4: AAS, as RDS Performance Insights, Oracle ASH and pganalyze define it, counts
+    sessions in the ``active`` state; ``postgresql.activity.time`` also holds idle-in-transaction
+    sessions, so every widget that sums it names the state it draws, and idle in transaction has a
+    widget of its own."""
+    assert state_filters("FROM Metric SELECT x WHERE a = 'b' AND postgresql.session.state = 'active'") == {"active"}
+    assert state_filters("FROM Metric SELECT x WHERE `postgresql.session.state` IN ('idle in transaction')") == {
+        "idle in transaction"}
+    drawn: dict[str, set[str]] = {}
+    for name, widget in nrql_widgets():
+        for q in widget["rawConfiguration"]["nrqlQueries"]:
+            if "postgresql.activity.time" in q["query"]:
+                states = state_filters(q["query"])
+                assert len(states) == 1, f"{name}: sums postgresql.activity.time over {sorted(states) or 'every state'}"
+                drawn[name] = states
+    active = {name for name, states in drawn.items() if states == {"active"}}
+    idle = {name for name, states in drawn.items() if states == {"idle in transaction"}}
+    assert active | idle == set(drawn), drawn
+    assert {n for n in drawn if "active sessions" in n.lower()} <= active
+    assert any("Average active sessions" in n for n in active) and any(n.startswith("Query detail") for n in active)
+    assert any("idle in transaction" in n.lower() for n in idle)
+    [intro] = [w["rawConfiguration"]["text"] for _, w in widgets() if w["visualization"]["id"] == "viz.markdown"
+               and "Average active sessions" in w["rawConfiguration"]["text"]]
+    assert "`active`" in intro and "idle in transaction" in intro
+
+
 # What pgflow exports, from a real run -------------------------------------------------------------
 
 
