@@ -15,12 +15,10 @@ dashboard, not excused here.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ import pytest
 
 from e2e import collector_env, settle, start_collector, wait_for_baseline, write_config
 from pgflow.otlp.receiver import Receiver
-from pgflow.pgserver import UNPRIVILEGED_UID, LocalPostgres, default_bindir
+from pgflow.pgserver import LocalPostgres, standby_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "newrelic" / "dashboard.json"
@@ -270,24 +268,6 @@ def _keys(rows: list[tuple[str | None]]) -> set[str]:
     return keys
 
 
-def _standby_of(primary: LocalPostgres) -> LocalPostgres:
-    """A streaming standby of ``primary`` made with pg_basebackup -R (for the replication metrics).
-    Its directory is a fresh temp dir (pytest's are private to root; the server may run as nobody)."""
-    root = Path(tempfile.mkdtemp(prefix="pgflow-standby-"))
-    with open(primary.datadir / "pg_hba.conf", "a") as hba:
-        hba.write("host replication postgres 127.0.0.1/32 trust\n")
-    primary.execute("SELECT pg_reload_conf()")
-    standby = LocalPostgres(primary.bindir, datadir=root)
-    if standby.run_as_nobody:
-        os.chown(root, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
-    # builds without client tools borrow the newest pg_basebackup, which serves older servers too
-    basebackup = next((p for p in (primary.bindir / "pg_basebackup", default_bindir() / "pg_basebackup",
-                                   Path("/usr/lib/postgresql/15/bin/pg_basebackup")) if p.exists()))
-    standby._run([str(basebackup), "-D", str(standby.datadir), "-R", "-X", "stream",
-                  "-h", primary.host, "-p", str(primary.port), "-U", "postgres", "-c", "fast"])
-    return standby.start()
-
-
 def _workload(server: LocalPostgres) -> None:
     """pgbench, a lock chain (a holder and a blocked session), a slow statement, a vacuum, a checkpoint,
     and more distinct statements than pg_stat_statements.max holds (deallocations)."""
@@ -315,7 +295,7 @@ def exported(pgbench_server, tmp_path_factory) -> Exported:
     tmp = tmp_path_factory.mktemp("dashboard")
     primary = pgbench_server(settings={"pg_stat_statements.max": "100"})  # the least it allows
     [(version,)] = primary.execute("SELECT current_setting('server_version_num')::int")
-    standby = _standby_of(primary)
+    standby = standby_of(primary)  # (pgserver's: on 13 it rewrites what 13's libpq rejects, so it streams)
     try:
         state, out = tmp / "state", tmp / "received.duckdb"
         config = write_config(tmp / "pgflow.json", instances=[
