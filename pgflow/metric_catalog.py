@@ -280,7 +280,8 @@ METRICS = (
 
 # Events ------------------------------------------------------------------------------------------
 
-_EVENT_COMMON = (DB_SYSTEM, DB, FINGERPRINT, A("postgresql.query_id", "pg_stat_statements' queryid (14+)."))
+_EVENT_COMMON = (A("event.name", "The event's name, also as an attribute (added by the OTLP encoder)."), DB_SYSTEM,
+                 DB, FINGERPRINT, A("postgresql.query_id", "pg_stat_statements' queryid (14+)."))
 EVENTS = (
     Event("db.server.query_sample", "One execution running longer than `sample_min_duration_ms`, as the sampler "
           "saw it (limited per fingerprint and per window).", _EVENT_COMMON + (

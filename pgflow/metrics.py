@@ -12,6 +12,7 @@ Sums are DELTA and monotonic over the export window; gauges are the value last o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Literal
@@ -255,6 +256,42 @@ def check_events(events_frame: pl.DataFrame) -> pl.DataFrame:
     return events_frame
 
 
+def received_problems(points: pl.DataFrame, logs: pl.DataFrame | None = None) -> list[str]:
+    """As :func:`point_problems`, for what an OTLP receiver stored (pgflow.otlp.store: ``points`` and
+    ``logs`` tables, attributes as JSON): name, kind, unit, temporality, monotonic flag, attribute
+    keys and fixed values of each metric; name, attribute keys and fixed values of each event."""
+    declared, problems = metrics(), []
+    seen = points.select("metric", "kind", "temporality", "monotonic", "unit", "attributes").unique()
+    for name, kind, temporality, monotonic, unit, attributes in seen.sort("metric").iter_rows():
+        m = declared.get(name)
+        if m is None:
+            problems.append(f"{name}: not declared in pgflow/metric_catalog.py")
+            continue
+        for what, got, want in (("kind", kind, m.kind), ("unit", unit, m.unit), ("monotonic", monotonic, m.monotonic),
+                                ("temporality", temporality.upper() if temporality else None, m.temporality)):
+            if got != want:
+                problems.append(f"{name}: {what} {got!r}, declared {want!r}")
+        for key, value in json.loads(attributes or "{}").items():
+            a = m.attribute(key)
+            if a is None:
+                problems.append(f"{name}: attribute {key!r} not declared")
+            elif a.values and _text(value) not in a.values:
+                problems.append(f"{name}: {key}={_text(value)!r}, declared values {list(a.values)}")
+    known = events()
+    for name, attributes in ([] if logs is None else logs.select("event_name", "attributes").unique().iter_rows()):
+        e = known.get(name)
+        if e is None:
+            problems.append(f"{name}: event not declared in pgflow/metric_catalog.py")
+            continue
+        allowed = {a.key: a for a in e.attributes}
+        for key, value in json.loads(attributes or "{}").items():
+            if key not in allowed:
+                problems.append(f"{name}: attribute {key!r} not declared")
+            elif allowed[key].values and _text(value) not in allowed[key].values:
+                problems.append(f"{name}: {key}={_text(value)!r}, declared values {list(allowed[key].values)}")
+    return sorted(set(problems))
+
+
 __all__ = ["Attribute", "DB_SYSTEM", "Event", "Group", "Metric", "UndeclaredPoint", "check_events", "check_points",
            "event_problems", "events", "groups", "metric", "metrics", "point_attributes", "point_problems",
-           "resource_attributes", "version_label"]
+           "received_problems", "resource_attributes", "version_label"]

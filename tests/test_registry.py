@@ -12,14 +12,21 @@ import os
 import re
 import shutil
 import subprocess
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
+import psycopg
 import pytest
 
 from pgflow import capture, dashboard_check, gendocs, metrics, ops
 from pgflow.config import Settings
+from pgflow.pgserver import LocalPostgres, standby_of
 from pgflow.schema import ATTRIBUTE_KEYS, EVENT_ATTRIBUTE_TYPES, HEALTH_GROUPS
+from pgflow.scrape import Scraper
+from pgflow.scrape.health import HealthSchedule
+from pgflow.scrape.tables import TableScraper
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = sorted((ROOT / "datasets").glob("*.duckdb"))
@@ -123,11 +130,78 @@ def test_the_registry_is_consistent_with_the_schema():
         assert set(keys) <= set(ATTRIBUTE_KEYS), f"{m.name}: {set(keys) - set(ATTRIBUTE_KEYS)} not in schema"
     health = {g.name for g in groups.values() if g.health_group}
     assert health == set(HEALTH_GROUPS), "health groups differ from schema.HEALTH_GROUPS"
-    for e in metrics.events().values():
-        assert {a.key for a in e.attributes} <= set(EVENT_ATTRIBUTE_TYPES), e.name
+    for e in metrics.events().values():  # event.name: the encoder adds it (pgflow.otlp.logs)
+        assert {a.key for a in e.attributes} - {"event.name"} <= set(EVENT_ATTRIBUTE_TYPES), e.name
     assert metrics.metric("postgresql.replication.standbys").unit == "{standby}"
     with pytest.raises(KeyError, match="not declared"):
         metrics.metric("postgresql.nope")
+
+
+# Declared metrics no other test produces -----------------------------------------------------------
+
+
+def _wait_for(check, what: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+    return value
+
+
+def _gauge(points: pl.DataFrame, metric: str, **attrs: str) -> list[float]:
+    frame = points.filter(pl.col("metric") == metric)
+    for key, value in attrs.items():
+        frame = frame.filter(pl.col("attributes").struct.field(key) == value)
+    return frame.get_column("value").to_list()
+
+
+def _burn_xids(pg: LocalPostgres, n: int) -> None:
+    """``n`` transactions that each take a transaction id (ground truth for the ages below)."""
+    for _ in range(n):
+        pg.execute("SELECT txid_current()")
+
+
+def test_slot_horizons_and_autovacuum_ages_from_a_real_server(pg_factory):
+    """``replication_slot.xmin.age`` / ``.catalog_xmin.age`` and ``table.autovacuum.age`` /
+    ``.autoanalyze.age``: a standby with hot_standby_feedback holding a snapshot, a logical slot
+    nobody reads, and autovacuum let loose on a table; every age is at least what the workload made."""
+    primary = pg_factory(settings={"wal_level": "logical", "autovacuum_naptime": "1"})
+    primary.execute("CREATE EXTENSION pg_stat_statements",
+                    "CREATE TABLE av (i int) WITH (autovacuum_vacuum_threshold = 1, autovacuum_vacuum_scale_factor = 0,"
+                    " autovacuum_analyze_threshold = 1, autovacuum_analyze_scale_factor = 0)",
+                    "SELECT pg_create_logical_replication_slot('logical_slot', 'pgoutput')")
+    created = time.time()
+    standby = standby_of(primary, slot="standby_slot", settings={"hot_standby_feedback": "on"})
+    try:
+        _wait_for(lambda: primary.execute("SELECT xmin IS NOT NULL FROM pg_replication_slots "
+                                          "WHERE slot_name = 'standby_slot'")[0][0], "the standby's feedback xmin")
+        holder = psycopg.connect(standby.dsn())  # holds the standby's snapshot: the slot's xmin stays put
+        try:
+            holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            holder.execute("SELECT 1").fetchone()
+            primary.execute("INSERT INTO av SELECT generate_series(1, 100)", "DELETE FROM av WHERE i > 50")
+            _burn_xids(primary, 10)
+            _wait_for(lambda: primary.execute("SELECT last_autovacuum IS NOT NULL AND last_autoanalyze IS NOT NULL "
+                                              "FROM pg_stat_user_tables WHERE relname = 'av'")[0][0],
+                      "autovacuum and autoanalyze of av")
+            with Scraper(primary.dsn(), health=HealthSchedule.of(0.001, 0.001)) as scraper, \
+                    TableScraper(primary.dsn(), instance="t", include=["postgres"]) as tables:
+                snapshots = [replace(scraper.scrape(), tables=tables.scrape()) for _ in range(2)]
+        finally:
+            holder.close()
+    finally:
+        standby.cleanup()
+    points = ops.run(snapshots, export_interval_secs=0.001)
+    assert metrics.point_problems(points) == []
+    physical = _gauge(points, "postgresql.replication_slot.xmin.age", **{"postgresql.replication_slot.name": "standby_slot"})
+    logical = _gauge(points, "postgresql.replication_slot.catalog_xmin.age",
+                     **{"postgresql.replication_slot.name": "logical_slot", "postgresql.replication_slot.type": "logical"})
+    assert physical and min(physical) >= 10 and logical and min(logical) >= 10, (physical, logical)
+    since = time.time() - created
+    for metric in ("postgresql.table.autovacuum.age", "postgresql.table.autoanalyze.age"):
+        ages = _gauge(points, metric, **{"db.collection.name": "public.av"})
+        assert ages and all(0 <= a <= since for a in ages), (metric, ages, since)
 
 
 # Nothing of the README's table is lost --------------------------------------------------------------
