@@ -23,6 +23,7 @@ import pytest
 from pgflow import capture, dashboard_check, gendocs, metrics, ops
 from pgflow.config import Settings
 from pgflow.pgserver import LocalPostgres, standby_of
+from pgflow.replay import as_received, events_as_received
 from pgflow.schema import ATTRIBUTE_KEYS, EVENT_ATTRIBUTE_TYPES, HEALTH_GROUPS
 from pgflow.scrape import Scraper
 from pgflow.scrape.health import HealthSchedule
@@ -99,6 +100,24 @@ def test_check_events_refuses_undeclared_events(replayed):
                                                                                             fields)]
     with pytest.raises(metrics.UndeclaredPoint, match=r"attributes \['postgresql.pid'\] not declared"):
         metrics.check_events(events.with_columns(pl.struct(with_pid).alias("attributes")))
+
+
+@pytest.mark.parametrize("dataset", ["activity", "plans"])
+def test_what_a_receiver_stores_is_declared(replayed, dataset):
+    """The points and events encoded as OTLP and flattened as the receiver stores them (the form
+    tests/registry_coverage.py checks in every end-to-end test): temporality, event.name and all."""
+    points, events = replayed[dataset]
+    received, logs = as_received(points), events_as_received(events)
+    assert set(received.get_column("temporality").drop_nulls().unique()) == {"delta"}
+    assert metrics.received_problems(received, logs) == []
+    bad = as_received(_with_attribute(_set(points, "postgresql.connection.max", "unit", "1"),
+                                      "postgresql.query.blocks", "postgresql.block.kind", "shared_miss"))
+    assert metrics.received_problems(bad, logs.with_columns(pl.lit("db.server.query").alias("event_name"))) == [
+        "db.server.query: event not declared in pgflow/metric_catalog.py",
+        "postgresql.connection.max: unit '1', declared '{connection}'",
+        "postgresql.query.blocks: postgresql.block.kind='shared_miss', declared values "
+        f"{list(metrics.metric('postgresql.query.blocks').attribute('postgresql.block.kind').values)}",
+    ][0 if events.height else 1:]
 
 
 def test_every_declared_attribute_of_a_replayed_metric_is_sent(replayed):
