@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from pgflow import metrics as reg
 
@@ -173,7 +174,7 @@ def _value_problems(use: Use, carriers: list[reg.Attribute]) -> list[str]:
             if v not in allowed and v != "{{variable}}"]
 
 
-def dashboard_problems(dashboard: dict) -> list[str]:
+def dashboard_problems(dashboard: dict[str, Any]) -> list[str]:
     """Every problem of every query (widgets and variables), as ``where: what``."""
     queries: list[tuple[str, str]] = [(f"variable {v.get('name')}", v["nrqlQuery"]["query"])
                                       for v in dashboard.get("variables", []) if v.get("nrqlQuery")]

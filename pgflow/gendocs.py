@@ -104,7 +104,7 @@ def metrics_page() -> str:
         "[configuration](configuration.md)) are marked *group*.",
         "",
         " · ".join(f"[{g.title}](#{anchor(g.title)})" for g in used)
-        + f" · [Events](#events) · [Resource attributes](#resource-attributes)",
+        + " · [Events](#events) · [Resource attributes](#resource-attributes)",
         "",
     ]
     for g in used:

@@ -7,7 +7,9 @@ marked ``otel=True`` are the OpenTelemetry postgresqlreceiver's, unit and attrib
 
 from __future__ import annotations
 
-from pgflow.metrics import DB_SYSTEM, Attribute, Event, Group, Metric
+from typing import Any
+
+from pgflow.metrics import DB_SYSTEM, Attribute, Event, Group, Kind, Metric
 
 A = Attribute
 
@@ -114,13 +116,13 @@ CKPT = "pg_stat_bgwriter (13–16), pg_stat_checkpointer (17+)"
 WALIO = "pg_stat_wal (14–17), pg_stat_io object `wal` (18+)"
 
 
-def _db(name: str, unit: str, description: str, **kw) -> Metric:
+def _db(name: str, unit: str, description: str, **kw: Any) -> Metric:
     kw.setdefault("otel", True)
     return M(name, kw.pop("kind", "sum"), unit, kw.pop("value_type", "int"), description, kw.pop("source", PGSD),
              kw.pop("group", "databases"), kw.pop("attributes", (DB,)), **kw)
 
 
-def _table(name: str, kind: str, unit: str, description: str, *extra: Attribute, **kw) -> Metric:
+def _table(name: str, kind: Kind, unit: str, description: str, *extra: Attribute, **kw: Any) -> Metric:
     return M(name, kind, unit, kw.pop("value_type", "int"), description, kw.pop("source", "pg_stat_user_tables"),
              "tables", PER_TABLE + extra, **kw)
 

@@ -13,6 +13,7 @@ Sums are DELTA and monotonic over the export window; gauges are the value last o
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Literal
@@ -111,7 +112,7 @@ def version_label(version_num: int) -> str:
 # Lookups -----------------------------------------------------------------------------------------
 
 
-def _catalog():  # imported late: the catalog imports the classes above
+def _catalog() -> types.ModuleType:  # imported late: the catalog imports the classes above
     from pgflow import metric_catalog
 
     return metric_catalog
