@@ -100,8 +100,8 @@ def metrics_page() -> str:
         "the name, unit and attributes are the OpenTelemetry postgresqlreceiver's; the other names are "
         "pgflow's, in the semantic conventions' style. Every point may also carry `db.system.name` = "
         "`postgresql`, which is on every resource too ([resource attributes](#resource-attributes)). "
-        "Health groups (their names are those of `health_groups_disabled` and `health_group_intervals`, "
-        "[configuration](configuration.md)) are marked *group*.",
+        "A health group's section starts with its name, as `health_groups_disabled` and "
+        "`health_group_intervals` take it ([configuration](configuration.md)).",
         "",
         " · ".join(f"[{g.title}](#{anchor(g.title)})" for g in used)
         + " · [Events](#events) · [Resource attributes](#resource-attributes)",

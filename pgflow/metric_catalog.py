@@ -90,7 +90,8 @@ GROUPS = (
     Group("connections", "Connections and locks", "From pg_stat_activity and pg_locks, every scrape. "
           "Connection states, lock states and blocked sessions read 0 rather than vanish."),
     Group("activity", "Active sessions", "From the active-session sampler (`activity_sample_interval_secs`). "
-          "AAS = `postgresql.activity.time` / window length."),
+          "Average active sessions (AAS) = `postgresql.activity.time` of `postgresql.session.state = active` / "
+          "window length."),
     Group("databases", "Databases", "From pg_stat_database, every scrape, per database (not capped)."),
     Group("db_size", "Database size", "`pg_database_size`, every `db_size_interval_secs`.", True),
     Group("checkpointer", "Checkpointer", "pg_stat_bgwriter (13–16), pg_stat_checkpointer (17+).", True),
