@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Literal
@@ -125,14 +126,14 @@ def _fixed_keys() -> frozenset[str]:
 
 
 @cache
-def metrics() -> dict[str, Metric]:
-    """Every declared metric by name, in declaration order."""
-    return {m.name: m for m in _catalog().METRICS}
+def metrics() -> Mapping[str, Metric]:
+    """Every declared metric by name, in declaration order (read-only: built once)."""
+    return types.MappingProxyType({m.name: m for m in _catalog().METRICS})
 
 
 @cache
-def events() -> dict[str, Event]:
-    return {e.name: e for e in _catalog().EVENTS}
+def events() -> Mapping[str, Event]:
+    return types.MappingProxyType({e.name: e for e in _catalog().EVENTS})
 
 
 def groups() -> dict[str, Group]:
