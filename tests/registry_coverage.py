@@ -65,7 +65,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  #
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     unseen = sorted(set(metrics.metrics()) - SEEN)
-    cache = session.config.cache
+    cache = getattr(session.config, "cache", None)  # None under -p no:cacheprovider
     if cache is not None:
         cache.set("registry-coverage/seen", sorted(SEEN))
         cache.set("registry-coverage/unseen", unseen)
