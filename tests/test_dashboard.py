@@ -15,12 +15,10 @@ dashboard, not excused here.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ import pytest
 
 from e2e import collector_env, settle, start_collector, wait_for_baseline, write_config
 from pgflow.otlp.receiver import Receiver
-from pgflow.pgserver import UNPRIVILEGED_UID, LocalPostgres, default_bindir
+from pgflow.pgserver import LocalPostgres, standby_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "newrelic" / "dashboard.json"
@@ -212,6 +210,43 @@ def test_the_dashboard_is_importable_new_relic_json():
     assert all("{{fingerprint}}" in q["query"] for w in detail for q in w["rawConfiguration"]["nrqlQueries"])
 
 
+def state_filters(query: str) -> set[str]:
+    """The values a query compares ``postgresql.session.state`` with (``=`` or ``IN``), anywhere in it."""
+    query = re.sub(r"\{\{\s*\w+\s*\}\}", "'{{variable}}'", query)
+    tokens = [(m.lastgroup, m.group(m.lastgroup)) for m in _TOKEN.finditer(query)]
+    values: set[str] = set()
+    for i, (kind, text) in enumerate(tokens):
+        if kind in ("ident", "tick") and text == "postgresql.session.state":
+            values |= _compared_values(tokens, i)
+    return values
+
+
+def test_average_active_sessions_count_the_active_state_only():
+    """Issue 19 item 4: AAS, as RDS Performance Insights, Oracle ASH and pganalyze define it, counts
+    sessions in the ``active`` state; ``postgresql.activity.time`` also holds idle-in-transaction
+    sessions, so every widget that sums it names the state it draws, and idle in transaction has a
+    widget of its own."""
+    assert state_filters("FROM Metric SELECT x WHERE a = 'b' AND postgresql.session.state = 'active'") == {"active"}
+    assert state_filters("FROM Metric SELECT x WHERE `postgresql.session.state` IN ('idle in transaction')") == {
+        "idle in transaction"}
+    drawn: dict[str, set[str]] = {}
+    for name, widget in nrql_widgets():
+        for q in widget["rawConfiguration"]["nrqlQueries"]:
+            if "postgresql.activity.time" in q["query"]:
+                states = state_filters(q["query"])
+                assert len(states) == 1, f"{name}: sums postgresql.activity.time over {sorted(states) or 'every state'}"
+                drawn[name] = states
+    active = {name for name, states in drawn.items() if states == {"active"}}
+    idle = {name for name, states in drawn.items() if states == {"idle in transaction"}}
+    assert active | idle == set(drawn), drawn
+    assert {n for n in drawn if "active sessions" in n.lower()} <= active
+    assert any("Average active sessions" in n for n in active) and any(n.startswith("Query detail") for n in active)
+    assert any("idle in transaction" in n.lower() for n in idle)
+    [intro] = [w["rawConfiguration"]["text"] for _, w in widgets() if w["visualization"]["id"] == "viz.markdown"
+               and "Average active sessions" in w["rawConfiguration"]["text"]]
+    assert "`active`" in intro and "idle in transaction" in intro
+
+
 # What pgflow exports, from a real run -------------------------------------------------------------
 
 
@@ -231,24 +266,6 @@ def _keys(rows: list[tuple[str | None]]) -> set[str]:
         if text:
             keys |= set(json.loads(text))
     return keys
-
-
-def _standby_of(primary: LocalPostgres) -> LocalPostgres:
-    """A streaming standby of ``primary`` made with pg_basebackup -R (for the replication metrics).
-    Its directory is a fresh temp dir (pytest's are private to root; the server may run as nobody)."""
-    root = Path(tempfile.mkdtemp(prefix="pgflow-standby-"))
-    with open(primary.datadir / "pg_hba.conf", "a") as hba:
-        hba.write("host replication postgres 127.0.0.1/32 trust\n")
-    primary.execute("SELECT pg_reload_conf()")
-    standby = LocalPostgres(primary.bindir, datadir=root)
-    if standby.run_as_nobody:
-        os.chown(root, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
-    # builds without client tools borrow the newest pg_basebackup, which serves older servers too
-    basebackup = next((p for p in (primary.bindir / "pg_basebackup", default_bindir() / "pg_basebackup",
-                                   Path("/usr/lib/postgresql/15/bin/pg_basebackup")) if p.exists()))
-    standby._run([str(basebackup), "-D", str(standby.datadir), "-R", "-X", "stream",
-                  "-h", primary.host, "-p", str(primary.port), "-U", "postgres", "-c", "fast"])
-    return standby.start()
 
 
 def _workload(server: LocalPostgres) -> None:
@@ -278,7 +295,7 @@ def exported(pgbench_server, tmp_path_factory) -> Exported:
     tmp = tmp_path_factory.mktemp("dashboard")
     primary = pgbench_server(settings={"pg_stat_statements.max": "100"})  # the least it allows
     [(version,)] = primary.execute("SELECT current_setting('server_version_num')::int")
-    standby = _standby_of(primary)
+    standby = standby_of(primary)  # (pgserver's: on 13 it rewrites what 13's libpq rejects, so it streams)
     try:
         state, out = tmp / "state", tmp / "received.duckdb"
         config = write_config(tmp / "pgflow.json", instances=[

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 
 import polars as pl
 import psycopg
@@ -447,3 +447,60 @@ def test_archiver_counts_archived_segments_and_their_age(pg_factory):
     assert total(points, "postgresql.archiver.archived") == 3
     assert total(points, "postgresql.archiver.failed") == 0
     assert last_gauge(points, "postgresql.wal.age") >= 0
+
+
+def test_standby_count_goes_to_zero_when_the_standby_stops_while_its_lag_stops(pg_factory, tmp_path):
+    """Issue 19 item 7, as New Relic receives it from `pgflow run`: while a standby streams, the primary's
+    `postgresql.replication.standbys` is 1 and its lag series are there; once it stops, the count is 0
+    (a point, not silence) and the lag series stop (nothing after the standby left)."""
+    import signal
+
+    from e2e import collector_env, settle, start_collector, wait_for_baseline
+    from pgflow.otlp.receiver import Receiver
+
+    primary = pg_factory()
+    primary.execute("CREATE EXTENSION pg_stat_statements", "CREATE TABLE r (i int)")
+    standby = standby_of(primary)
+    try:
+        application = f"standby_{standby.port}"
+        streaming = ("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' "
+                     f"AND application_name = '{application}'")
+        wait_for(lambda: one(primary, streaming) == 1, "the standby to stream")
+        state = tmp_path / "state"
+        with Receiver() as receiver:
+            env = collector_env(primary.dsn(), receiver.grpc_endpoint, state, PGFLOW_HEALTH_INTERVAL_SECS="0.3")
+            proc = start_collector(env, log=tmp_path / "collector.log")
+            try:
+                wait_for_baseline(state)
+
+                def seen(metric: str, value: float | None = None) -> bool:
+                    rows = receiver.points().filter(pl.col("metric") == metric)
+                    return rows.height > 0 and (value is None or (rows["value"] == value).any())
+
+                def delay() -> bool:  # lags read null once the standby is idle: keep it busy
+                    primary.execute("INSERT INTO r VALUES (0)")
+                    return seen("postgresql.replication.data_delay")
+
+                wait_for(lambda: seen("postgresql.replication.standbys", 1), "a standby count of 1")
+                wait_for(delay, "the standby's replication lag")
+                standby.stop()
+                wait_for(lambda: one(primary, "SELECT count(*) = 0 FROM pg_stat_replication"),
+                         "the primary to see the standby gone")
+                left = one(primary, "SELECT clock_timestamp()").astimezone(timezone.utc)
+                settle(3, state_dir=state, scrapes=6)
+                wait_for(lambda: seen("postgresql.replication.standbys", 0), "a standby count of 0")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=60) == 0, (tmp_path / "collector.log").read_text()[-3000:]
+            points = receiver.points()
+    finally:
+        standby.cleanup()
+    standbys = points.filter(pl.col("metric") == "postgresql.replication.standbys").sort("end")
+    assert set(standbys["unit"]) == {"{standby}"} and set(standbys["kind"]) == {"gauge"}
+    assert 1.0 in standbys["value"].to_list()
+    after = standbys.filter(pl.col("end") > left)
+    assert after.height >= 1 and set(after["value"]) == {0.0}, standbys.select("end", "value")
+    assert standbys["value"][-1] == 0.0
+    assert points.filter((pl.col("metric") == "postgresql.replication.data_delay") & (pl.col("end") <= left)).height
+    for metric in ("postgresql.replication.data_delay", "postgresql.wal.delay"):  # these stop: no point, no zero
+        assert points.filter((pl.col("metric") == metric) & (pl.col("end") > left)).height == 0, metric

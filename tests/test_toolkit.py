@@ -101,7 +101,7 @@ def _same_points(a: pl.DataFrame, b: pl.DataFrame) -> bool:
     return norm[0].equals(norm[1])
 
 
-@pytest.mark.parametrize("dataset", ["pgbench", "varied", "activity", "health"])  # activity: issue 11; health: 13
+@pytest.mark.parametrize("dataset", ["pgbench", "varied", "activity", "workload"])  # activity: issue 11; workload: 19
 def test_replay_through_bytewax_equals_polars(dataset, tmp_path):
     path = DATASETS / f"{dataset}.duckdb"
     settings = Settings.load(max_queries_tracked=20, export_interval_secs=10)
@@ -172,11 +172,21 @@ def test_explore_notebook_draws_single_points_visibly():
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
 
 
-def test_health_dataset_has_table_statistics():
-    points = replay(DATASETS / "health.duckdb", export_interval_secs=10)
+def test_workload_dataset_has_table_statistics_and_health():
+    """datasets/workload.duckdb (issue 19, replacing issue 13's health.duckdb): its one VACUUM of t0 and of t1,
+    dead tuples that grow and fall, and every health group that the notebook draws."""
+    points = replay(DATASETS / "workload.duckdb", export_interval_secs=10)
     table = points.with_columns(t=pl.col("attributes").struct.field("db.namespace") + "."
                                 + pl.col("attributes").struct.field("db.collection.name"))
     vacuums = table.filter(pl.col("metric") == "postgresql.table.vacuum.count").group_by("t").agg(pl.col("value").sum())
-    assert dict(vacuums.iter_rows())["app.public.t0"] == 1  # the one VACUUM of the workload
-    assert table.filter((pl.col("metric") == "postgresql.rows") & (pl.col("t") == "app.public.t1")).height > 0
+    assert {t: v for t, v in vacuums.iter_rows() if v} == {"app.public.t0": 1, "app.public.t1": 1}  # the workload's
+    dead = table.filter((pl.col("metric") == "postgresql.rows") & (pl.col("t") == "app.public.t0")
+                        & (pl.col("attributes").struct.field("postgresql.row.state") == "dead")).sort("end")["value"]
+    assert dead.max() > dead[-1] and dead.max() > dead[0]  # piled up, then vacuumed
+    for metric in ("postgresql.wal.fpi", "postgresql.wal.syncs", "postgresql.wal.sync.time", "postgresql.wal.buffers_full",
+                   "postgresql.bgwriter.checkpoint.count", "postgresql.blks_read", "postgresql.rollbacks"):
+        assert points.filter(pl.col("metric") == metric)["value"].sum() > 0, metric
     assert (points.filter(pl.col("kind") == "sum")["value"] >= 0).all()
+    states = {s for snap in capture.read(DATASETS / "workload.duckdb") for s in
+              snap.activity.filter(pl.col("backend_type") == "client backend")["state"].to_list()}
+    assert {"active", "idle", "idle in transaction"} <= states  # the scrapes saw the clients' states

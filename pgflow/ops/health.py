@@ -373,6 +373,12 @@ def _gauges(out: _Out, window: HealthWindow) -> None:
         out.add(d, "postgresql.wal.age", "s", c("last_archived_age_secs"), kind="gauge", at=at, is_int=False)
     if "replication" in g:
         at, d = g["replication"]
+        # issue 19: how many standbys are connected, 0 when none (an alert on it never turns into "no
+        # data"; the per-standby lag series below stop when their standby leaves). A base backup's
+        # walsender (state ``backup``) is not a standby.
+        standbys = d.filter(c("state").is_null() | (c("state") != "backup")).height
+        out.add(pl.DataFrame({"n": [standbys]}), "postgresql.replication.standbys", "{standby}", c("n"),
+                kind="gauge", at=at)
         client = {"replication_client": c("client_addr"), "postgresql.replication.application_name": c("application_name")}
         out.add(d, "postgresql.replication.data_delay", "By", c("data_delay_bytes"), attrs=client, kind="gauge", at=at)
         for op in ("write", "flush", "replay"):
