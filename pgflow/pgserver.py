@@ -9,6 +9,7 @@ copied once into a world-readable cache under the temp directory.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import logging
@@ -103,6 +104,16 @@ def _world_readable_install(bindir: Path) -> Path:
 _REPLICATION_HBA = "host replication postgres 127.0.0.1/32 trust\n"  # streaming standbys (standby_of)
 
 
+_running: dict[int, LocalPostgres] = {}  # every server this process started and has not cleaned up
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """A safety net: a server a test forgot (or a crash skipped) does not outlive the process."""
+    for server in list(_running.values()):
+        server.cleanup()
+
+
 class LocalPostgres:
     """A PostgreSQL server in a temp directory on a free localhost port.
 
@@ -172,6 +183,7 @@ class LocalPostgres:
         except PgflowError as exc:  # the server's own words say why
             log = self.logfile.read_text(errors="replace").strip().splitlines() if self.logfile.exists() else []
             raise PgflowError(f"{exc} | server log: {' / '.join(log[-5:])}") from None
+        _running[id(self)] = self
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -222,6 +234,7 @@ class LocalPostgres:
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-w", "-t", "60", "promote"])
 
     def cleanup(self) -> None:
+        _running.pop(id(self), None)
         self.stop("immediate")
         if self._own_dir:
             shutil.rmtree(self.root, ignore_errors=True)

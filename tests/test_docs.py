@@ -24,8 +24,8 @@ def _operator_metric_names() -> set[str]:
 
 
 def _readme_table() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("### Every exported metric")
+    text = (ROOT / "docs" / "exported.md").read_text()
+    start = text.index("## Every exported metric")
     end = text.index("\n#", start + 1)
     return text[start:end]
 
