@@ -12,6 +12,9 @@ import pytest
 
 from pgflow.pgserver import LocalPostgres
 
+# Every receiver a test runs is checked against the metric registry (tests/registry_coverage.py).
+pytest_plugins = ["registry_coverage"]
+
 PGBENCH_STATEMENTS = {
     # pgbench's built-in tpcb-like transaction: each runs exactly once per transaction.
     "UPDATE pgbench_accounts": "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",

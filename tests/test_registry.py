@@ -31,8 +31,6 @@ from pgflow.scrape.tables import TableScraper
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = sorted((ROOT / "datasets").glob("*.duckdb"))
-# Declared before the README lists them: name -> the change that adds its README row.
-README_PENDING = {"postgresql.replication.standbys": "the replication-standbys branch (issue 22 coordination)"}
 
 
 def with_metrics(replayed: dict[str, tuple[pl.DataFrame, pl.DataFrame]], *names: str) -> pl.DataFrame:
@@ -231,34 +229,6 @@ def test_slot_horizons_and_autovacuum_ages_from_a_real_server(pg_factory):
     for metric in ("postgresql.table.autovacuum.age", "postgresql.table.autoanalyze.age"):
         ages = _gauge(points, metric, **{"db.collection.name": "public.av"})
         assert ages and all(0 <= a <= since for a in ages), (metric, ages, since)
-
-
-# Nothing of the README's table is lost --------------------------------------------------------------
-
-
-def _exported_table() -> str:
-    """The hand-written table "Every exported metric" (in README.md today, in docs/ once it moves)."""
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        text = path.read_text()
-        if "### Every exported metric" in text or "## Every exported metric" in text:
-            start = text.index("Every exported metric")
-            end = text.find("\n#", start + 1)
-            return text[start:end if end > 0 else None]
-    pytest.fail("no section 'Every exported metric' in README.md or docs/")
-
-
-def test_every_metric_of_the_readme_table_is_declared_alike_and_the_other_way_round():
-    rows = re.findall(r"^\| `(postgresql\.[a-z_.]+)` \| (\w+) \| ([^|]*) \|", _exported_table(), flags=re.M)
-    assert len(rows) > 80
-    declared = metrics.metrics()
-    listed = {name for name, _, _ in rows}
-    assert not listed - set(declared), f"in the README, not declared: {sorted(listed - set(declared))}"
-    for name, kind, units in rows:
-        m = declared[name]
-        assert m.kind == kind, f"{name}: README says {kind}, declared {m.kind}"
-        assert m.unit in re.findall(r"`([^`]+)`", units), f"{name}: README says {units.strip()}, declared {m.unit}"
-    missing = set(declared) - listed - set(README_PENDING)
-    assert not missing, f"declared, not in the README's table: {sorted(missing)}"
 
 
 # The generated pages -------------------------------------------------------------------------------
