@@ -13,11 +13,16 @@ the export window that contains the snapshot (the same window as its deltas,
   and ``postgresql.backend_xmin.age.max`` (by database and state, max over the window).
 
 Names of statements: ``query_id`` with the session's (datid, usesysid) is pg_stat_statements'
-(dbid, userid, queryid), looked up in the labelled rows the delta step holds; the cap's set of
-tracked fingerprints decides the name, so a fingerprint rolled into ``other`` for the query
-metrics is ``other`` here too. A query id pg_stat_statements does not (yet) hold, PostgreSQL 13
-(no query_id) and statements without one are ``unknown``. Nothing is dropped: renaming never
-changes a total.
+(dbid, userid, queryid), looked up in the labelled rows the delta step holds (every entry of
+the last scrape, whether it ran in the window or not; an entry pg_stat_statements shows under
+another database or user names the query id too). The cap's set of tracked fingerprints
+decides the name: a window's sampled statements compete for it like statements with calls
+(:func:`sampled`, passed to :func:`pgflow.ops.cap.cap` before :func:`close`), so a long
+statement carries its own name in every window it spans, not only in the one where its call
+completes; a fingerprint the cap rolls into ``other`` for the query metrics is ``other`` here
+too. A query id nothing knows yet (pg_stat_statements shows an entry only once it has been
+planned, with ``track_planning``, or executed), PostgreSQL 13 (no query_id) and statements
+without one are ``unknown``. Nothing is dropped: renaming never changes a total.
 """
 
 from __future__ import annotations
@@ -79,10 +84,54 @@ def fingerprints(labels: pl.DataFrame | None) -> pl.DataFrame:
             .select(list(schema)))
 
 
-def _named(frame: pl.DataFrame, known: pl.DataFrame, tracked: tuple[str, ...]) -> pl.DataFrame:
-    """``frame`` (dbid, userid, query_id) with ``fingerprint``: tracked, ``other`` or ``unknown``."""
+def by_query_id(known: pl.DataFrame) -> pl.DataFrame:
+    """queryid -> fingerprint whatever the database and user: a statement another role (or
+    database) ran before has the same query id, and pg_stat_statements shows a new entry only
+    once it is planned or has run. Several fingerprints for one query id: the smallest, so
+    every path and every arrival order names it alike."""
+    return (known.filter(pl.col("fingerprint").is_not_null()).group_by("queryid")
+            .agg(pl.col("fingerprint").min().alias("any_fingerprint")))
+
+
+def _lookup(frame: pl.DataFrame, known: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` (dbid, userid, query_id) with the statement's ``fingerprint`` (null: nothing knows it)."""
     joined = frame.join(known, left_on=["dbid", "userid", "query_id"], right_on=["dbid", "userid", "queryid"],
                         how="left", maintain_order="left")
+    if not joined.get_column("fingerprint").has_nulls():
+        return joined
+    joined = joined.join(by_query_id(known), left_on="query_id", right_on="queryid", how="left",
+                         maintain_order="left")
+    return joined.with_columns(pl.coalesce("fingerprint", "any_fingerprint").alias("fingerprint")).drop(
+        "any_fingerprint")
+
+
+def sampled(state: ActivityState, window: Window, labels: pl.DataFrame | None) -> pl.DataFrame:
+    """The statements sampled in ``window`` (``fingerprint``, ``value``: session-seconds, running
+    or blocking others), for the cap: a statement that ran (or held a lock) through the window
+    competes for a name there like one whose calls completed in it."""
+    out = pl.DataFrame(schema={"fingerprint": pl.String, "value": pl.Float64})
+    pending = state.open.get(window.period)
+    if pending is None:
+        return out
+    known = fingerprints(labels)
+    c = pl.col
+    frames = []
+    if pending.samples:
+        samples = pl.concat(pending.samples).cast(SAMPLES)  # type: ignore[arg-type]
+        frames.append(samples.select("dbid", "userid", "query_id", (c("count") * c("period_secs")).alias("value")))
+    if pending.stats:
+        stats = pl.concat(pending.stats).cast(SESSION_STATS)  # type: ignore[arg-type]
+        frames.append(stats.filter(c("stat") == "blocked_secs").select("dbid", "userid", "query_id", "value"))
+    frames = [f for f in frames if f.height]
+    if not frames or not known.height:
+        return out
+    named = _lookup(pl.concat(frames, how="vertical_relaxed"), known).filter(c("fingerprint").is_not_null())
+    return named.group_by("fingerprint", maintain_order=True).agg(c("value").cast(pl.Float64).sum())
+
+
+def _named(frame: pl.DataFrame, known: pl.DataFrame, tracked: tuple[str, ...]) -> pl.DataFrame:
+    """``frame`` (dbid, userid, query_id) with ``fingerprint``: tracked, ``other`` or ``unknown``."""
+    joined = _lookup(frame, known)
     is_tracked = pl.col("fingerprint").is_in(pl.Series(tracked, dtype=pl.String).implode())
     return joined.with_columns(
         pl.when(pl.col("fingerprint").is_null()).then(pl.lit(UNKNOWN))
@@ -174,4 +223,4 @@ def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFr
     return state, pl.concat(out, how="vertical_relaxed").cast(POINTS)  # type: ignore[arg-type]
 
 
-__all__ = ["ActivityState", "add", "close", "fingerprints", "UNKNOWN", "CPU"]
+__all__ = ["ActivityState", "add", "by_query_id", "close", "fingerprints", "sampled", "UNKNOWN", "CPU"]
