@@ -103,10 +103,11 @@ def test_a_long_statement_carries_its_fingerprint_in_every_window_end_to_end(pg,
     assert per_window.height == 0 or per_window["fp"].max() <= 1, per_window
 
 
-def _record(pg, dsn: str, statements: list[tuple[float, list[float]]]) -> list:
+def _record(dsn: str, statements: list[tuple[float, list[float]]], query_samples: bool) -> list:
     """Snapshots every 0.5 s while each ``(seconds, out)`` sleeps in turn (one session each)."""
     snapshots = []
-    with Scraper(dsn) as scraper, Sampler(dsn, instance=scraper.instance, interval_secs=PERIOD) as sampler:
+    with Scraper(dsn) as scraper, Sampler(dsn, instance=scraper.instance, interval_secs=PERIOD,
+                                          max_query_samples=100 if query_samples else 0) as sampler:
         snapshots.append(with_samples(scraper.scrape(), sampler))
         sampler.start()
         for secs, out in statements:
@@ -145,15 +146,17 @@ def untracked_planning(pg_factory):
 
 
 def test_a_query_id_nothing_knows_is_unknown_until_it_is_known_never_other(untracked_planning):
-    """First run: pg_stat_statements hides the entry until the call completes, so its windows
-    before are ``unknown`` (not ``other``); the second run of the same statement is known from
-    its first sample on. With the cap at one fingerprint the totals equal the uncapped run's."""
+    """Query samples off (no statement text read): the first run's entry is hidden by
+    pg_stat_statements until its call completes, so its windows before are ``unknown`` (not
+    ``other``); the second run of the same statement is known from its first sample on. With the
+    cap at one fingerprint the totals equal the uncapped run's."""
     server = untracked_planning
     if int(server.execute("SHOW server_version_num")[0][0]) < 140000:
         pytest.skip("PostgreSQL 13 has no query_id: every sample is unknown")
+    server.execute("SELECT pg_stat_statements_reset()")
     first: list[float] = []
     second: list[float] = []
-    snapshots = _record(server, server.dsn(), [(4, first), (4, second)])
+    snapshots = _record(server.dsn(), [(4, first), (4, second)], query_samples=False)
     points = ops.run(snapshots, export_interval_secs=1)
     act = _activity(points).filter(pl.col("wait") == "PgSleep")
     fp = _calls_fp(points)
@@ -170,3 +173,21 @@ def test_a_query_id_nothing_knows_is_unknown_until_it_is_known_never_other(untra
     assert capped["value"].sum() == pytest.approx(full["value"].sum(), abs=1e-9)
     by_wait = lambda f: dict(f.group_by("wait").agg(pl.col("value").sum()).iter_rows())  # noqa: E731
     assert by_wait(capped) == pytest.approx(by_wait(full), abs=1e-9)
+
+
+def test_a_statement_pgflow_has_read_is_named_before_pg_stat_statements_shows_it(untracked_planning):
+    """Query samples on: the sampler reads the running statement's text (past 100 ms), so its
+    first execution carries its own fingerprint from the first window, before its call completes
+    and with no ``track_planning``; and that fingerprint is the one its calls carry."""
+    server = untracked_planning
+    if int(server.execute("SHOW server_version_num")[0][0]) < 140000:
+        pytest.skip("PostgreSQL 13 has no query_id: every sample is unknown")
+    server.execute("SELECT pg_stat_statements_reset()")
+    slept: list[float] = []
+    snapshots = _record(server.dsn(), [(5, slept)], query_samples=True)
+    points = ops.run(snapshots, export_interval_secs=1)
+    act = _activity(points).filter(pl.col("wait") == "PgSleep")
+    fp = _calls_fp(points)
+    assert act.height >= 4  # several windows before the call completed
+    own = act.filter(pl.col("fp") == fp)["value"].sum()
+    assert own >= 0.8 * act["value"].sum() and own >= slept[0] - 4 * PERIOD, act
