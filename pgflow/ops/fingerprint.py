@@ -452,9 +452,11 @@ class Fingerprinter:
         return cached
 
     def _canonical(self, infos: list[QueryInfo]) -> list[QueryInfo]:
-        """One label set per fingerprint: texts that share a fingerprint (libpg_query ignores
-        e.g. temporary table names) would otherwise flip a series' attributes, and so its
-        identity, from window to window. The first seen wins; among new ones, the smallest text.
+        """One label set per fingerprint. Canonical texts make the variants of a statement one
+        text (:func:`canonical_text`); what they do not fold (the order of a select list, table
+        names that differ only in digits, which libpg_query ignores) would otherwise flip a
+        series' attributes, and so its identity, from window to window. For those the first seen
+        wins; among new ones, the smallest text.
         """
         for info in sorted(infos, key=lambda i: i.text):
             if info.fingerprint not in self._labels:
