@@ -194,3 +194,19 @@ def test_a_statement_pgflow_has_read_is_named_before_pg_stat_statements_shows_it
     assert act.height >= 4  # several windows before the call completed
     own = act.filter(pl.col("fp") == fp)["value"].sum()
     assert own >= 0.8 * act["value"].sum() and own >= slept[0] - 4 * PERIOD, act
+
+
+def test_a_ledger_written_before_the_seen_query_ids_still_loads():
+    """The activity state gained ``seen`` (issue 19): a state pickled without it loads and works."""
+    import pickle
+    from datetime import datetime, timedelta, timezone
+
+    from pgflow.ops import activity as act
+    from pgflow.schema import STATEMENTS, Snapshot
+
+    old = act.ActivityState()
+    del old.__dict__["seen"]  # what an older pgflow pickled
+    state = pickle.loads(pickle.dumps(old))
+    assert state.seen == {}
+    snapshot = Snapshot("i", datetime(2026, 1, 1, tzinfo=timezone.utc), 180000, None, None, pl.DataFrame(schema=STATEMENTS))
+    assert act.add(state, snapshot, timedelta(seconds=1)).seen == {}

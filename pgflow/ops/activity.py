@@ -69,6 +69,10 @@ class ActivityState:
     # it runs) and from pg_stat_statements' entries of sampled sessions (kept after the entry goes)
     seen: dict[int, str] = field(default_factory=dict)
 
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("seen", {})  # a ledger written before issue 19 has none
+        self.__dict__.update(state)
+
 
 def _seen(state: ActivityState) -> dict[int, str]:
     return getattr(state, "seen", None) or {}  # states pickled before issue 19 lack it
