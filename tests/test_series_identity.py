@@ -141,7 +141,7 @@ def test_a_batch_and_the_session_it_blocks_name_the_statement_its_query_id_names
     events = ops.run_events(snapshots, export_interval_secs=1).with_columns(pl.col("attributes").struct.unnest())
     calls = points.filter(pl.col("metric") == "postgresql.query.calls").with_columns(
         pl.col("attributes").struct.unnest())
-    sleeps = calls.filter(pl.col("db.query.text") == "SELECT pg_sleep($1)")
+    sleeps = calls.filter(pl.col("db.query.text").str.to_lowercase() == "select pg_sleep($1)")
     assert sleeps["value"].sum() == 1  # the batch's one call of it
     (sleep_fp,) = sleeps["postgresql.query.fingerprint"].unique()
     (sleep_qid,) = pg.execute("SELECT queryid FROM pg_stat_statements WHERE query = 'select pg_sleep($1)'")[0]
@@ -158,3 +158,65 @@ def test_a_batch_and_the_session_it_blocks_name_the_statement_its_query_id_names
         pl.col("attributes").struct.unnest())
     assert blocking.height and set(blocking["postgresql.query.fingerprint"]) == {sleep_fp}  # the same root
     assert all(HEX16.fullmatch(fp) for fp in events["postgresql.query.fingerprint"])
+
+
+def test_the_batch_and_its_blocked_session_end_to_end(pg, tmp_path):
+    """The same through the real collector (flow, sampler thread) to a real receiver: the events and
+    the metrics the receiver holds name the statement the query id names, and the same root."""
+    import json
+
+    from e2e import collector_env, settle, start_collector, wait_for_baseline
+    from pgflow.otlp.receiver import Receiver
+
+    if int(pg.execute("SHOW server_version_num")[0][0]) < 140000:
+        pytest.skip("PostgreSQL 13 has no query_id")
+    pg.execute("DROP TABLE IF EXISTS i19_lock", "CREATE TABLE i19_lock (id int PRIMARY KEY, v int)",
+               "INSERT INTO i19_lock VALUES (1, 0)", "SELECT pg_stat_statements_reset()")
+    dsn = pg.dsn()
+
+    def session(app: str, sql: str) -> threading.Thread:
+        def run() -> None:
+            with psycopg.connect(dsn, autocommit=True, application_name=app) as conn:
+                conn.execute(sql)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    with Receiver() as receiver:
+        env = collector_env(dsn, receiver.grpc_endpoint, tmp_path / "state",
+                            PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD))
+        proc = start_collector(env, log=tmp_path / "log")
+        try:
+            wait_for_baseline(tmp_path / "state")
+            batch = session("i19-batch", BATCH)
+            deadline = time.monotonic() + 20
+            while not pg.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")[0][0]:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            blocked = session("i19-blocked", "update i19_lock set v = v + 2 where id = 1")
+            batch.join()
+            blocked.join()
+            settle(state_dir=tmp_path / "state")
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=60) == 0
+        points, logs = receiver.points(), receiver.logs()
+
+    def attributes(frame: pl.DataFrame) -> list[dict]:
+        return [json.loads(a) for a in frame["attributes"]]
+
+    calls = [a for a, m in zip(attributes(points), points["metric"]) if m == "postgresql.query.calls"]
+    sleeps = {(a["postgresql.query.fingerprint"], a["db.query.text"]) for a in calls
+              if (a.get("db.query.text") or "").lower() == "select pg_sleep($1)"}
+    assert len(sleeps) == 1
+    ((sleep_fp, sleep_text),) = sleeps
+    events = attributes(logs.filter(pl.col("event_name") == "db.server.query_sample"))
+    (sample,) = [e for e in events if e.get("postgresql.application_name") == "i19-batch"]
+    assert sample["postgresql.query.fingerprint"] == sleep_fp  # the metrics' key, not the batch's
+    assert sample["db.query.text"] == sleep_text == "SELECT pg_sleep($1)"
+    (waiter,) = [e for e in events if e.get("postgresql.application_name") == "i19-blocked"]
+    assert waiter["postgresql.blocking.root.fingerprint"] == sleep_fp
+    roots = {a["postgresql.query.fingerprint"] for a, m in zip(attributes(points), points["metric"])
+             if m == "postgresql.blocking.time"}
+    assert roots == {sleep_fp}  # events and metrics name the same root
+    assert all(HEX16.fullmatch(e["postgresql.query.fingerprint"]) for e in events)
