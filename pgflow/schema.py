@@ -417,6 +417,7 @@ QUERY_SAMPLES = pl.Schema(
         "blocking_root_pid": pl.Int64,  # a blocked session's root blocker (0: a prepared transaction)
         "blocking_root_state": pl.String,
         "blocking_root_fingerprint": pl.String,
+        "blocking_root_query_id": pl.Int64,  # issue 19: the root's statement as the metrics name it
     }
 )
 EVENTS = pl.Schema(

@@ -260,7 +260,7 @@ def test_run_sends_a_slow_statements_sample_once_with_no_literal_anywhere(fresh_
                    if "pg_sleep" in (a.get("db.query.text") or "")}
     finally:
         receiver.stop()
-    assert sample["db.query.text"] == "SELECT pg_sleep($1) WHERE $2 <> current_user"
+    assert sample["db.query.text"] == "SELECT pg_sleep($1) WHERE $2 <> CURRENT_USER"
     assert sample["postgresql.application_name"] == "slow-app" and sample["postgresql.query.duration"] >= 0.1
     assert metrics == {sample["postgresql.query.fingerprint"]}  # keyed like its metrics
     assert rows(read_logs(out)) == captured_events(cap)  # what the capture holds, sent once

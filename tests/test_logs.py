@@ -232,7 +232,7 @@ def test_a_slow_statement_with_a_secret_arrives_as_a_normalized_sample(fresh_sta
     (row,) = read_logs(out).rows(named=True)
     attrs = json.loads(row["attributes"])
     assert row["event_name"] == "db.server.query_sample"
-    assert attrs["db.query.text"] == "SELECT pg_sleep($1) WHERE $2 <> current_user"
+    assert attrs["db.query.text"] == "SELECT pg_sleep($1) WHERE $2 <> CURRENT_USER"
     assert attrs["postgresql.pid"] == first[0]["pid"] and attrs["db.namespace"] == "postgres"
     assert attrs["postgresql.application_name"] == "slow-app" and attrs["postgresql.state"] == "active"
     assert attrs["postgresql.query.duration"] >= 0.3 and "postgresql.query_start" in attrs

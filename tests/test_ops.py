@@ -139,7 +139,7 @@ def test_operations_and_summaries():
 ])
 def test_fallback_never_raises_and_is_stable(text):
     a, b = query_info(text), query_info(text)
-    assert a == b and len(a.fingerprint) == 32  # xxh3_128
+    assert a == b and len(a.fingerprint) == 16 and int(a.fingerprint, 16) >= 0  # xxh3_64: one format for every fingerprint
     assert len(a.text) <= MAX_TEXT
 
 

@@ -199,13 +199,13 @@ def test_a_slow_statement_gives_one_normalized_sample_keyed_like_its_metrics(wor
     row = _by_app(w, "qs-secret")
     assert row.height == 1  # one execution: one sample, however many ticks saw it run
     (r,) = row.rows(named=True)
-    assert r["text"] == "SELECT pg_sleep($1) WHERE $2 <> current_user"
+    assert r["text"] == "SELECT pg_sleep($1) WHERE $2 <> CURRENT_USER"
     assert r["pid"] == w.pids["qs-secret"] and r["database"] == "postgres" and r["user"] == "postgres"
     assert r["state"] == "active" and r["wait_event"] == "PgSleep" and not r["truncated"] and not r["unparsable"]
     assert THRESHOLD_MS / 1000 <= r["duration_secs"] <= max(w.slow_secs)
     assert r["query_start"] < r["seen_at"] and r["blocking_root_pid"] is None
     points = ops.run(w.snapshots)
-    assert r["fingerprint"] == _fingerprint_of(points, "SELECT pg_sleep($1) WHERE $2 <> current_user")
+    assert r["fingerprint"] == _fingerprint_of(points, "SELECT pg_sleep($1) WHERE $2 <> CURRENT_USER")
     if w.version >= 140000:  # the statement's pg_stat_statements queryid; PostgreSQL 13 has none
         (pgss,) = w.snapshots[-1].statements.filter(pl.col("query").str.contains("current_user", literal=True)
                                                     & pl.col("query").str.contains("pg_sleep"))["queryid"]
@@ -367,7 +367,7 @@ def test_a_failed_text_read_is_counted_and_retried(workload, monkeypatch, caplog
     assert sampler.drain_query_samples().height == 0 and sampler.drain()[0]["count"].sum() >= 1
     assert sampler.sample()  # the next tick reads it
     (row,) = sampler.drain_query_samples().rows(named=True)
-    assert row["application_name"] == "qs-retry" and row["text"] == "SELECT pg_sleep($1) WHERE $2 <> current_user"
+    assert row["application_name"] == "qs-retry" and row["text"] == "SELECT pg_sleep($1) WHERE $2 <> CURRENT_USER"
     sampler.close()
     worker.join(30)
 

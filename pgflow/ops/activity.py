@@ -13,11 +13,19 @@ the export window that contains the snapshot (the same window as its deltas,
   and ``postgresql.backend_xmin.age.max`` (by database and state, max over the window).
 
 Names of statements: ``query_id`` with the session's (datid, usesysid) is pg_stat_statements'
-(dbid, userid, queryid), looked up in the labelled rows the delta step holds; the cap's set of
-tracked fingerprints decides the name, so a fingerprint rolled into ``other`` for the query
-metrics is ``other`` here too. A query id pg_stat_statements does not (yet) hold, PostgreSQL 13
-(no query_id) and statements without one are ``unknown``. Nothing is dropped: renaming never
-changes a total.
+(dbid, userid, queryid), looked up in the labelled rows the delta step holds (every entry of
+the last scrape, whether it ran in the window or not; an entry pg_stat_statements shows under
+another database or user names the query id too). The cap's set of tracked fingerprints
+decides the name: a window's sampled statements compete for it like statements with calls
+(:func:`sampled`, passed to :func:`pgflow.ops.cap.cap` before :func:`close`), so a long
+statement carries its own name in every window it spans, not only in the one where its call
+completes; a fingerprint the cap rolls into ``other`` for the query metrics is ``other`` here
+too. pgflow also remembers what it has seen of a query id (``ActivityState.seen``): the
+fingerprint of a query sample's text (read while the statement runs, before
+pg_stat_statements shows it) and the names pg_stat_statements gave sampled query ids (kept after
+a reset or an eviction). A query id nothing knows yet (pg_stat_statements shows an entry only
+once it has been planned, with ``track_planning``, or executed; no query sample read its text),
+PostgreSQL 13 (no query_id) and statements without one are ``unknown``. Nothing is dropped: renaming never changes a total.
 """
 
 from __future__ import annotations
@@ -51,13 +59,55 @@ class Pending:
     stats: tuple[pl.DataFrame, ...] = ()
 
 
+SEEN_MAX = 10_000  # query ids remembered (most recent): a few hundred kB at most
+
+
 @dataclass(frozen=True)
 class ActivityState:
     open: dict[datetime, Pending] = field(default_factory=dict)
+    # query id -> fingerprint pgflow has seen: from query samples (the statement's text, read while
+    # it runs) and from pg_stat_statements' entries of sampled sessions (kept after the entry goes)
+    seen: dict[int, str] = field(default_factory=dict)
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("seen", {})  # a ledger written before issue 19 has none
+        self.__dict__.update(state)
+
+
+def _seen(state: ActivityState) -> dict[int, str]:
+    return getattr(state, "seen", None) or {}  # states pickled before issue 19 lack it
+
+
+def _remember(state: ActivityState, pairs: pl.DataFrame) -> ActivityState:
+    """``state`` with (query_id, fingerprint) ``pairs`` remembered, the most recent SEEN_MAX kept."""
+    seen = _seen(state)
+    fresh = [(q, f) for q, f in pairs.unique(maintain_order=True).iter_rows() if seen.get(q) != f]
+    if not fresh:
+        return state
+    merged = {q: f for q, f in seen.items() if q not in {q for q, _ in fresh}}
+    merged.update(fresh)
+    if len(merged) > SEEN_MAX:
+        merged = dict(list(merged.items())[-SEEN_MAX:])
+    return replace(state, seen=merged)
+
+
+def _from_query_samples(snapshot: Snapshot) -> pl.DataFrame | None:
+    """(query_id, fingerprint) of the snapshot's query samples whose text named the statement
+    (not truncated, parsed, one statement): the metrics' key once its call completes."""
+    qs = getattr(snapshot, "query_samples", None)
+    if qs is None or not qs.height:
+        return None
+    c = pl.col
+    return qs.filter(c("query_id").is_not_null() & c("fingerprint").is_not_null() & (c("fingerprint") != UNKNOWN)
+                     & ~c("truncated").fill_null(False) & ~c("unparsable").fill_null(False)).select(
+        c("query_id").cast(pl.Int64), c("fingerprint").cast(pl.String))
 
 
 def add(state: ActivityState, snapshot: Snapshot, length: timedelta) -> ActivityState:
     """Put one snapshot's samples into the window that contains its end (as window.add does)."""
+    named = _from_query_samples(snapshot)
+    if named is not None and named.height:
+        state = _remember(state, named)
     samples, stats = snapshot.samples, snapshot.session_stats
     if not samples.height and not stats.height:
         return state
@@ -79,10 +129,65 @@ def fingerprints(labels: pl.DataFrame | None) -> pl.DataFrame:
             .select(list(schema)))
 
 
-def _named(frame: pl.DataFrame, known: pl.DataFrame, tracked: tuple[str, ...]) -> pl.DataFrame:
-    """``frame`` (dbid, userid, query_id) with ``fingerprint``: tracked, ``other`` or ``unknown``."""
+def by_query_id(known: pl.DataFrame) -> pl.DataFrame:
+    """queryid -> fingerprint whatever the database and user: a statement another role (or
+    database) ran before has the same query id, and pg_stat_statements shows a new entry only
+    once it is planned or has run. Several fingerprints for one query id: the smallest, so
+    every path and every arrival order names it alike."""
+    return (known.filter(pl.col("fingerprint").is_not_null()).group_by("queryid")
+            .agg(pl.col("fingerprint").min().alias("any_fingerprint")))
+
+
+def _lookup(frame: pl.DataFrame, known: pl.DataFrame, seen: dict[int, str] | None = None) -> pl.DataFrame:
+    """``frame`` (dbid, userid, query_id) with the statement's ``fingerprint`` (null: nothing knows
+    it): pg_stat_statements' entry for the session's database and user, else any entry of the
+    query id, else what pgflow has seen of it."""
     joined = frame.join(known, left_on=["dbid", "userid", "query_id"], right_on=["dbid", "userid", "queryid"],
                         how="left", maintain_order="left")
+    if not joined.get_column("fingerprint").has_nulls():
+        return joined
+    joined = joined.join(by_query_id(known), left_on="query_id", right_on="queryid", how="left",
+                         maintain_order="left")
+    joined = joined.with_columns(pl.coalesce("fingerprint", "any_fingerprint").alias("fingerprint")).drop(
+        "any_fingerprint")
+    if not seen or not joined.get_column("fingerprint").has_nulls():
+        return joined
+    remembered = pl.DataFrame({"query_id": list(seen), "seen_fingerprint": list(seen.values())},
+                              schema={"query_id": pl.Int64, "seen_fingerprint": pl.String})
+    joined = joined.join(remembered, on="query_id", how="left", maintain_order="left")
+    return joined.with_columns(pl.coalesce("fingerprint", "seen_fingerprint").alias("fingerprint")).drop(
+        "seen_fingerprint")
+
+
+def sampled(state: ActivityState, window: Window, labels: pl.DataFrame | None) -> pl.DataFrame:
+    """The statements sampled in ``window`` (``fingerprint``, ``value``: session-seconds, running
+    or blocking others), for the cap: a statement that ran (or held a lock) through the window
+    competes for a name there like one whose calls completed in it."""
+    out = pl.DataFrame(schema={"fingerprint": pl.String, "value": pl.Float64})
+    pending = state.open.get(window.period)
+    if pending is None:
+        return out
+    known = fingerprints(labels)
+    c = pl.col
+    frames = []
+    if pending.samples:
+        samples = pl.concat(pending.samples).cast(SAMPLES)  # type: ignore[arg-type]
+        frames.append(samples.select("dbid", "userid", "query_id", (c("count") * c("period_secs")).alias("value")))
+    if pending.stats:
+        stats = pl.concat(pending.stats).cast(SESSION_STATS)  # type: ignore[arg-type]
+        frames.append(stats.filter(c("stat") == "blocked_secs").select("dbid", "userid", "query_id", "value"))
+    frames = [f for f in frames if f.height]
+    if not frames:
+        return out
+    named = _lookup(pl.concat(frames, how="vertical_relaxed"), known, _seen(state)).filter(
+        c("fingerprint").is_not_null())
+    return named.group_by("fingerprint", maintain_order=True).agg(c("value").cast(pl.Float64).sum())
+
+
+def _named(frame: pl.DataFrame, known: pl.DataFrame, tracked: tuple[str, ...],
+           seen: dict[int, str] | None = None) -> pl.DataFrame:
+    """``frame`` (dbid, userid, query_id) with ``fingerprint``: tracked, ``other`` or ``unknown``."""
+    joined = _lookup(frame, known, seen)
     is_tracked = pl.col("fingerprint").is_in(pl.Series(tracked, dtype=pl.String).implode())
     return joined.with_columns(
         pl.when(pl.col("fingerprint").is_null()).then(pl.lit(UNKNOWN))
@@ -126,12 +231,17 @@ def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFr
         return state, None
     state = replace(state, open={e: p for e, p in state.open.items() if e != period})
     known = fingerprints(labels)
+    seen = _seen(state)
+    if known.height:  # remember what pg_stat_statements names of the sampled query ids (a reset may drop it)
+        ids = pl.concat([f.select(pl.col("query_id").cast(pl.Int64)) for f in (*pending.samples, *pending.stats)])
+        state = _remember(state, by_query_id(known).join(ids.unique(), left_on="queryid", right_on="query_id",
+                                                         how="semi").select("queryid", "any_fingerprint").sort("queryid"))
     out = []
     system = {"db.system.name": "postgresql"}
     c = pl.col
     if pending.samples:
         samples = pl.concat(pending.samples).cast(SAMPLES)  # type: ignore[arg-type]
-        named = _named(samples.with_columns((c("count") * c("period_secs")).alias("value")), known, cap.queries)
+        named = _named(samples.with_columns((c("count") * c("period_secs")).alias("value")), known, cap.queries, seen)
         named = _bounded(named, "database", cap.databases, max_databases_tracked)
         named = _bounded(named, "user", cap.users, max_users_tracked)
         key = ["database", "user", "backend_type", "state", "wait_event_type", "wait_event", "fingerprint", "source"]
@@ -146,7 +256,8 @@ def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFr
         stats = pl.concat(pending.stats).cast(SESSION_STATS)  # type: ignore[arg-type]
         blocked = stats.filter(c("stat") == "blocked_secs")
         if blocked.height:
-            named = _bounded(_named(blocked, known, cap.queries), "database", cap.databases, max_databases_tracked)
+            named = _bounded(_named(blocked, known, cap.queries, seen), "database", cap.databases,
+                             max_databases_tracked)
             summed = named.group_by(["database", "state", "fingerprint"], maintain_order=True).agg(c("value").sum())
             out.append(_frame(window, "postgresql.blocking.time", "s", "sum", summed, {
                 **system, "db.namespace": c("database"), "postgresql.blocking.root.state": c("state"),
@@ -174,4 +285,4 @@ def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFr
     return state, pl.concat(out, how="vertical_relaxed").cast(POINTS)  # type: ignore[arg-type]
 
 
-__all__ = ["ActivityState", "add", "close", "fingerprints", "UNKNOWN", "CPU"]
+__all__ = ["ActivityState", "add", "by_query_id", "close", "fingerprints", "sampled", "UNKNOWN", "CPU"]

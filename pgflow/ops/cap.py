@@ -1,8 +1,10 @@
 """Bounded cardinality: a keyed LRU of tracked fingerprints, users and databases per instance.
 
 Applied once per closed window, so a series is either named or rolled up for a whole
-window. A fingerprint is *active* in a window when its calls delta is > 0; active ones are
-refreshed in the LRU, heaviest (by execution time) last, and when a new one arrives at the
+window. A fingerprint is *active* in a window when its calls delta is > 0, or when sessions
+were sampled running it (``sampled``: a long statement has no completed call in the windows
+before its last, yet its wait time must carry its name); active ones are refreshed in the
+LRU, heaviest (execution time plus sampled time) last, and when a new one arrives at the
 cap the least recently active is evicted. Everything not tracked, and (with
 ``slow_query_threshold_ms``) every series whose mean time per call is under the threshold,
 rolls into one ``other`` series per ``(database, user, operation, toplevel)``: the sum over
@@ -71,6 +73,19 @@ def _ranked(names: pl.Series, hashes: np.ndarray, rows: np.ndarray, weights: np.
     return names.gather(rows[_heaviest(weights, limit)]).to_list()
 
 
+def _with_sampled(names: pl.Series, weights: np.ndarray, sampled: pl.DataFrame, limit: int) -> list[str]:
+    """The active names and the sampled ones by summed weight (ms), heaviest first (ties: first
+    seen, statements with calls before sampled ones), at most ``limit``."""
+    both = pl.concat([
+        pl.DataFrame({"name": names.cast(pl.String), "w": pl.Series(weights, dtype=pl.Float64)}),
+        sampled.select(pl.col("fingerprint").cast(pl.String).alias("name"),
+                       (pl.col("value").cast(pl.Float64) * 1000.0).alias("w")),
+    ])
+    ranked = (both.group_by("name", maintain_order=True).agg(pl.col("w").sum())
+              .sort("w", descending=True, maintain_order=True).head(limit))
+    return ranked.get_column("name").to_list()
+
+
 def _tracked(labels: pl.DataFrame, lrus: dict[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
     """Per column, which rows carry a tracked name (one pass for all columns)."""
     found = labels.select(pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()).fill_null(False)
@@ -86,13 +101,18 @@ def cap(
     max_users_tracked: int,
     max_databases_tracked: int,
     slow_query_threshold_ms: float = 0.0,
+    sampled: pl.DataFrame | None = None,
 ) -> tuple[CapState, SeriesTable]:
     """Roll untracked and fast series into ``other``; return the new LRU state and series.
 
     ``series`` has one row per ``(database, user, fingerprint, toplevel)``; so has the result,
     plus one ``other`` row per ``(database, user, operation, toplevel)`` anything was rolled into.
+    ``sampled`` (``fingerprint``, ``value``: session-seconds) are the window's sampled
+    statements (:func:`pgflow.ops.activity.sampled`): they compete for a name like statements
+    with calls, weighted by their sampled time.
     """
-    if series.height == 0:
+    sampled = sampled if sampled is not None and sampled.height else None
+    if series.height == 0 and sampled is None:
         return state, series
     labels = series.labels
     calls, time = series.column("calls"), series.column("total_exec_time")
@@ -108,7 +128,12 @@ def cap(
 
     databases, ev_d = touch(state.databases, "database", max_databases_tracked)
     users, ev_u = touch(state.users, "user", max_users_tracked)
-    queries, ev_q = touch(state.queries, "fingerprint", max_queries_tracked)
+    if sampled is None:
+        queries, ev_q = touch(state.queries, "fingerprint", max_queries_tracked)
+    else:
+        queries, ev_q = _touch(state.queries, _with_sampled(labels.get_column("fingerprint").gather(active),
+                                                             weights, sampled, max_queries_tracked),
+                               max_queries_tracked)
     evictions = {"queries": state.evictions["queries"] + ev_q, "users": state.evictions["users"] + ev_u,
                  "databases": state.evictions["databases"] + ev_d}
     state = replace(state, queries=queries, users=users, databases=databases, evictions=evictions)

@@ -4,9 +4,21 @@ For every statement: ``fingerprint`` (hex), ``operation`` (``db.operation.name``
 ``summary`` (``db.query.summary``, e.g. ``UPDATE pgbench_branches``) and ``text`` (the
 normalized statement: never a literal value, no comments, at most 4095 characters).
 
+The text is canonical: a deterministic function of the statement, not of the variant seen
+first (issue 19). It is the normalized parse tree deparsed (keywords upper case, one layout:
+``END`` and ``commit`` are both ``COMMIT``), with what libpg_query's fingerprint ignores
+made uniform: select-list aliases dropped, parameters renumbered in order of appearance,
+repeated items of ``IN`` lists and ``VALUES`` rows folded, the schema of a relation read or
+written dropped, and the names of savepoints, prepared statements, cursors and channels
+shown as ``?``. So every collector, restart and arrival order gives a statement the same
+text, and a series is never split by its text. What the fingerprint ignores beyond that
+(the order of a select list, table names differing only in digits) keeps the first text seen
+by this collector (:meth:`Fingerprinter.apply`).
+
 Text that pglast cannot parse (truncated by ``track_activity_query_size``, garbage,
 non-UTF-8, ``<insufficient privilege>``, huge) gets a simple normalization hashed with
-xxh3_128, so the same bad text always yields the same fingerprint.
+xxh3_64 (16 hex digits, like every fingerprint), so the same bad text always yields the same
+fingerprint.
 """
 
 from __future__ import annotations
@@ -17,7 +29,10 @@ from dataclasses import dataclass
 
 import polars as pl
 import xxhash
+from pglast import ast as pg_ast
+from pglast import parse_sql
 from pglast import parser as pg_parser
+from pglast.stream import RawStream
 
 from pgflow.lru import LRU
 
@@ -150,6 +165,91 @@ def _cleaned(text: str) -> str:
     return _replace_tokens(text, _PARSEABLE)
 
 
+MAX_DEPARSE_CHARS = 20_000  # longer normalized texts are shown as normalized, not deparsed
+_NAME = "pgflow_name_placeholder"  # a name the fingerprint ignores, shown as ``?``
+_NAMED = {  # node type -> the fields that only name something (savepoint, prepared statement, cursor, channel)
+    "TransactionStmt": ("savepoint_name", "gid"), "PrepareStmt": ("name",), "ExecuteStmt": ("name",),
+    "DeallocateStmt": ("name",), "DeclareCursorStmt": ("portalname",), "FetchStmt": ("portalname",),
+    "ClosePortalStmt": ("portalname",), "ListenStmt": ("conditionname",), "UnlistenStmt": ("conditionname",),
+    "NotifyStmt": ("conditionname",),
+}
+# Where a relation is read or written (the fingerprint ignores its schema there, as PostgreSQL 18's query id does)
+_DML = {("SelectStmt", "fromClause"), ("InsertStmt", "relation"), ("UpdateStmt", "relation"),
+        ("UpdateStmt", "fromClause"), ("DeleteStmt", "relation"), ("DeleteStmt", "usingClause"),
+        ("MergeStmt", "relation"), ("MergeStmt", "sourceRelation"), ("JoinExpr", "larg"), ("JoinExpr", "rarg")}
+_PARAM_NUMBER = re.compile(r"\$\d+")
+
+
+def _deparse(node: object) -> str:
+    return RawStream()(node)
+
+
+def _fold_items(items: tuple) -> tuple:
+    """Items that differ only in parameters (``IN ($1, $2)``, ``VALUES ($1), ($2)``) kept once."""
+    seen: set[str] = set()
+    kept = []
+    for item in items:
+        key = _PARAM_NUMBER.sub("$", _deparse(item))
+        if key not in seen:
+            seen.add(key)
+            kept.append(item)
+    return tuple(kept)
+
+
+def _canonicalize(node: object, parent: str = "", field: str = "", params: list | None = None) -> None:
+    """Make uniform, in place, what the fingerprint ignores (see the module's docstring)."""
+    if isinstance(node, (tuple, list)):
+        for item in node:
+            _canonicalize(item, parent, field, params)
+        return
+    if not isinstance(node, pg_ast.Node):
+        return
+    kind = type(node).__name__
+    if kind == "ParamRef" and params is not None:
+        params.append(node)
+    elif kind == "ResTarget" and parent == "SelectStmt" and field == "targetList":
+        node.name = None
+    elif kind == "RangeVar" and (parent, field) in _DML:
+        node.schemaname = None
+        node.catalogname = None
+    elif kind == "A_Expr" and isinstance(node.rexpr, tuple) and len(node.rexpr) > 1:
+        node.rexpr = _fold_items(node.rexpr)
+    elif kind == "SelectStmt" and node.valuesLists and len(node.valuesLists) > 1:
+        node.valuesLists = _fold_items(node.valuesLists)
+    for name in _NAMED.get(kind, ()):
+        if getattr(node, name, None):
+            setattr(node, name, _NAME)
+    for name in node.__slots__:
+        if name != "location":
+            _canonicalize(getattr(node, name, None), kind, name, params)
+
+
+def canonical_text(normalized: str) -> str | None:
+    """The statement's canonical text (None when pglast cannot deparse it: the caller shows the
+    normalized text instead). ``normalized``: already cleaned of literals and normalized."""
+    if len(normalized) > MAX_DEPARSE_CHARS:
+        return None
+    try:
+        stmts = parse_sql(normalized)
+        out = []
+        for stmt in stmts:
+            params: list = []
+            _canonicalize(stmt, params=params)
+            numbers: dict[int, int] = {}
+            for ref in sorted(params, key=lambda r: r.location if r.location is not None else -1):
+                ref.number = numbers.setdefault(ref.number, len(numbers) + 1)
+            out.append(_deparse(stmt))
+        text = "; ".join(out).replace(f'"{_NAME}"', "?").replace(_NAME, "?")
+    except Exception:
+        return None
+    return text or None
+
+
+def statement_count(text: str) -> int:
+    """How many statements ``text`` holds (raises on text libpg_query cannot parse)."""
+    return len(pg_parser.split(_cleaned(text)))
+
+
 def parse_info(text: str) -> QueryInfo:
     """Fingerprint one statement with pglast; raises on text libpg_query cannot parse."""
     text = _cleaned(text)
@@ -166,7 +266,8 @@ def parse_info(text: str) -> QueryInfo:
     if stmt_type == "TransactionStmt":  # BEGIN, COMMIT, ROLLBACK, SAVEPOINT ... rather than one blur
         kind = str(stmt[stmt_type].get("kind", "")).removeprefix("TRANS_STMT_").replace("_", " ")
         summary = kind or operation
-    normalized = _shown(pg_parser.normalize(text))
+    normalized = pg_parser.normalize(text)
+    normalized = _shown(canonical_text(normalized) or normalized)
     # libpg_query keeps some literals in its fingerprint (a role's password, a function's
     # body): fingerprinted without them, a hash of a secret cannot leave either.
     fingerprint = pg_parser.fingerprint(text)
@@ -287,7 +388,7 @@ def fallback_info(text: str) -> QueryInfo:
     operation = _FALLBACK_KEYWORDS.get(word.group(0).upper(), "OTHER") if word else "OTHER"
     target = _TARGET.search(text)
     summary = f"{operation} {target.group(1)}" if target else operation
-    digest = xxhash.xxh3_128_hexdigest(text.encode("utf-8", "replace"))
+    digest = xxhash.xxh3_64_hexdigest(text.encode("utf-8", "replace"))
     return QueryInfo(digest, operation, summary, text[:MAX_TEXT])
 
 
@@ -319,7 +420,7 @@ def query_info(text: str | None) -> QueryInfo:
 
 def unknown_text_info(queryid: int) -> QueryInfo:
     """A statement whose text is gone (deallocated before it was read): one series per queryid."""
-    return QueryInfo(xxhash.xxh3_128_hexdigest(f"queryid:{queryid}".encode()), "OTHER", "OTHER", "")
+    return QueryInfo(xxhash.xxh3_64_hexdigest(f"queryid:{queryid}".encode()), "OTHER", "OTHER", "")
 
 
 class Fingerprinter:
@@ -351,9 +452,11 @@ class Fingerprinter:
         return cached
 
     def _canonical(self, infos: list[QueryInfo]) -> list[QueryInfo]:
-        """One label set per fingerprint: texts that share a fingerprint (libpg_query ignores
-        e.g. temporary table names) would otherwise flip a series' attributes, and so its
-        identity, from window to window. The first seen wins; among new ones, the smallest text.
+        """One label set per fingerprint. Canonical texts make the variants of a statement one
+        text (:func:`canonical_text`); what they do not fold (the order of a select list, table
+        names that differ only in digits, which libpg_query ignores) would otherwise flip a
+        series' attributes, and so its identity, from window to window. For those the first seen
+        wins; among new ones, the smallest text.
         """
         for info in sorted(infos, key=lambda i: i.text):
             if info.fingerprint not in self._labels:

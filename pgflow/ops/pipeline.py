@@ -82,6 +82,7 @@ def _emit(state: InstanceState, closed: list[win.Window], settings: OpsSettings)
     frames = []
     cap_state = state.cap
     activity = getattr(state, "activity", None) or act.ActivityState()  # ledgers written before issue 11 lack it
+    labels = state.delta.rows if state.delta else None
     for window in closed:
         cap_state, series = cap(
             cap_state,
@@ -90,9 +91,10 @@ def _emit(state: InstanceState, closed: list[win.Window], settings: OpsSettings)
             max_users_tracked=settings.max_users_tracked,
             max_databases_tracked=settings.max_databases_tracked,
             slow_query_threshold_ms=settings.slow_query_threshold_ms,
+            sampled=act.sampled(activity, window, labels),  # long statements compete for a name too
         )
         frames.append(points(window, series))
-        activity, sampled = act.close(activity, window, cap_state, state.delta.rows if state.delta else None,
+        activity, sampled = act.close(activity, window, cap_state, labels,
                                       max_users_tracked=settings.max_users_tracked,
                                       max_databases_tracked=settings.max_databases_tracked)
         if sampled is not None:

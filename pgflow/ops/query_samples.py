@@ -1,11 +1,18 @@
 """Query samples → ``db.server.query_sample`` events (pure; the sampler feeds it).
 
-Three steps, each a pure function:
+Four steps, each a pure function:
 - :func:`sample_text`: a ``pg_stat_activity.query`` text as it may leave the collector: normalized
   with pglast (no literal, no comment) and fingerprinted like the statement metrics; a text cut by
   ``track_activity_query_size`` or one pglast cannot parse becomes a marker, never raw text.
   The sampler (:mod:`pgflow.scrape.sampler`) calls it the moment it reads a text, so a raw text
   is never held anywhere else; its rows ride on the Snapshot as the ``query_samples`` frame.
+- :func:`named_by_query_id`: a sample (and its blocking root) takes the fingerprint and text of the
+  statement its query id names in ``pg_stat_statements``, the ones the metrics carry (issue 19):
+  the activity text of ``begin; update ...; select pg_sleep(2); commit;`` is the whole batch, while
+  its query id names the statement running now (a ``<truncated>`` or ``<unparsable>`` marker stays,
+  with the statement's fingerprint). A query id pg_stat_statements does not show yet
+  keeps the text's own fingerprint, or ``unknown`` for a multi-statement text (which statement
+  runs is not known).
 - :func:`limit_samples`: one row per execution (pid, query_start), only executions running longer
   than ``sample_min_duration_ms``, at most ``samples_per_fingerprint_per_hour`` per fingerprint and
   ``max_samples_per_window`` per export window (the longest-running first); the state
@@ -24,18 +31,19 @@ from datetime import datetime, timedelta, timezone
 
 import polars as pl
 
-from pgflow.ops.fingerprint import fallback_info, parse_info
+from pgflow.ops.fingerprint import fallback_info, parse_info, query_info, statement_count
 from pgflow.ops.events import event_frame
 from pgflow.schema import EVENTS, QUERY_SAMPLES, Snapshot, conform
 
 QUERY_SAMPLE = "db.server.query_sample"
 TRUNCATED, UNPARSABLE = "<truncated>", "<unparsable>"
+UNKNOWN = "unknown"  # a multi-statement text whose running statement no query id names (as the activity's)
 SKIP_REASONS = ("short", "seen", "window", "fingerprint")  # the limiter's; the sampler adds its own
 HOUR = timedelta(hours=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 __all__ = ["QUERY_SAMPLE", "QUERY_SAMPLES", "TRUNCATED", "UNPARSABLE", "SampleLimits", "SampleText", "limit_samples",
-           "query_sample_events", "sample_events", "sample_text"]
+           "named_by_query_id", "query_sample_events", "sample_events", "sample_text"]
 
 
 @dataclass(frozen=True)
@@ -54,9 +62,56 @@ def sample_text(raw: str | None, track_activity_query_size: int = 1024) -> Sampl
         return SampleText(fallback_info(raw).fingerprint, TRUNCATED, True, False)
     try:
         info = parse_info(raw)
+        several = statement_count(raw) > 1
     except Exception:
         return SampleText(fallback_info(raw).fingerprint, UNPARSABLE, False, True)
-    return SampleText(info.fingerprint, info.text, False, False)
+    return SampleText(UNKNOWN if several else info.fingerprint, info.text, False, False)
+
+
+def _statement_names(statements: pl.DataFrame, query_ids: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The fingerprint and text of each query id pg_stat_statements shows: by (database, user,
+    queryid), and by queryid alone (another database or user ran it; the smallest fingerprint,
+    then text, so every path picks alike)."""
+    rows = (statements.filter(pl.col("queryid").is_in(query_ids.implode()) & pl.col("query").is_not_null())
+            .select("database", "user", "queryid", "toplevel", "query"))
+    infos = [query_info(q) for q in rows.get_column("query").to_list()]
+    rows = rows.drop("query").with_columns(
+        pl.Series("named_fp", [i.fingerprint for i in infos], dtype=pl.String),
+        pl.Series("named_text", [i.text for i in infos], dtype=pl.String))
+    rows = rows.sort(["queryid", "toplevel", "named_fp", "named_text"], descending=[False, True, False, False],
+                     nulls_last=True)
+    exact = rows.unique(["database", "user", "queryid"], keep="first", maintain_order=True).drop("toplevel")
+    anywhere = rows.unique(["queryid"], keep="first", maintain_order=True).select(
+        "queryid", pl.col("named_fp").alias("any_fp"), pl.col("named_text").alias("any_text"))
+    return exact, anywhere
+
+
+def named_by_query_id(samples: pl.DataFrame, statements: pl.DataFrame | None) -> pl.DataFrame:
+    """``samples`` (QUERY_SAMPLES) with the fingerprint and text of the statement each query id
+    names, and the blocking root's fingerprint likewise, wherever ``statements`` (a snapshot's
+    pg_stat_statements rows, with their texts) knows the query id."""
+    if statements is None or not samples.height or not statements.height or "query" not in statements.columns:
+        return samples
+    ids = pl.concat([samples.get_column("query_id"), samples.get_column("blocking_root_query_id")]).drop_nulls()
+    if not ids.len():
+        return samples
+    exact, anywhere = _statement_names(statements, ids.unique())
+    if not exact.height:
+        return samples
+    c = pl.col
+    out = (samples.join(exact, left_on=["database", "user", "query_id"], right_on=["database", "user", "queryid"],
+                        how="left", maintain_order="left")
+           .join(anywhere, left_on="query_id", right_on="queryid", how="left", maintain_order="left")
+           .with_columns(pl.coalesce("named_fp", "any_fp", "fingerprint").alias("fingerprint"),
+                         pl.when(c("truncated").fill_null(False) | c("unparsable").fill_null(False))
+                         .then(c("text"))  # a marker stays a marker: the sample's own text was not read whole
+                         .otherwise(pl.coalesce("named_text", "any_text", "text")).alias("text"))
+           .drop("named_fp", "named_text", "any_fp", "any_text"))
+    root = anywhere.select(c("queryid").alias("blocking_root_query_id"), c("any_fp").alias("root_fp"))
+    out = (out.join(root, on="blocking_root_query_id", how="left", maintain_order="left")
+           .with_columns(pl.coalesce("root_fp", "blocking_root_fingerprint").alias("blocking_root_fingerprint"))
+           .drop("root_fp"))
+    return out.select(samples.columns)
 
 
 def _secs(t: datetime) -> float:
@@ -161,6 +216,7 @@ def query_sample_events(limits: SampleLimits | None, snapshot: Snapshot, *, samp
     samples = getattr(snapshot, "query_samples", None)  # a Snapshot pickled before issue 12 has none
     if samples is None or samples.height == 0:
         return limits, pl.DataFrame(schema=EVENTS)
+    samples = named_by_query_id(conform(samples, QUERY_SAMPLES), snapshot.statements)
     kept, limits = limit_samples(
         samples, limits, sample_min_duration_ms=sample_min_duration_ms,
         samples_per_fingerprint_per_hour=samples_per_fingerprint_per_hour, max_samples_per_window=max_samples_per_window,

@@ -427,7 +427,7 @@ class Sampler:
                 continue
             if r[_QID]:
                 self._reads.setdefault(r[_QID], []).append(now)
-            root_pid = root_state = root_fp = None
+            root_pid = root_state = root_fp = root_qid = None
             if r[_PID] in roots:
                 root_pid = roots[r[_PID]]
                 if root_pid is None:
@@ -439,9 +439,10 @@ class Sampler:
                     root_state = root_state or UNKNOWN_STATE
                     root_text = texts.get(root_pid, (None, None, None, None))[3]
                     root_fp = root_text.fingerprint if root_text is not None else None
+                    root_qid = by_pid[root_pid][_QID] or None if root_pid in by_pid else None
             out.append((r[_NOW], r[_DB], r[_USER], r[_PID], r[_QSTART], max(0.0, r[_RUNNING] or 0.0), r[_STATE],
                         r[_WTYPE], r[_WEVENT], r[_QID] or None, app, addr, text.fingerprint, text.text, text.truncated,
-                        text.unparsable, root_pid, root_state, root_fp))
+                        text.unparsable, root_pid, root_state, root_fp, root_qid))
         return out
 
     def _recover(self, conn: psycopg.Connection) -> None:
