@@ -14,6 +14,7 @@ from typing import Any
 
 import polars as pl
 
+from pgflow import metrics
 from pgflow.config import Settings
 from pgflow.ops import activity as act
 from pgflow.ops import health
@@ -153,9 +154,10 @@ def _health_state(state: InstanceState) -> health.HealthState:
 def _with_health(state: InstanceState, out: pl.DataFrame, health_state: health.HealthState,
                  health_points: pl.DataFrame) -> tuple[InstanceState, pl.DataFrame]:
     state = replace(state, health=health_state)
-    if not health_points.height:
-        return state, out
-    return state, (pl.concat([out, health_points]) if out.height else health_points)
+    if health_points.height:
+        out = pl.concat([out, health_points]) if out.height else health_points
+    # Every point leaves through here: one the registry does not declare is a bug, never sent.
+    return state, (metrics.check_points(out) if out.height else out)
 
 
 # Issue 12: events ------------------------------------------------------------------------------
@@ -192,4 +194,4 @@ def events(state: EventsState | None, snapshot: Snapshot, settings: OpsSettings)
     frames = [f for f in frames if f.height]
     if not frames:
         return state, _NO_EVENTS
-    return state, (frames[0] if len(frames) == 1 else pl.concat(frames))
+    return state, metrics.check_events(frames[0] if len(frames) == 1 else pl.concat(frames))
