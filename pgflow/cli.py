@@ -190,7 +190,8 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     receiver = Receiver(args.out, grpc_port=args.grpc_port, http_port=args.http_port, host=args.host,
-                        script=script).start()
+                        script=script, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                        client_ca=args.client_ca).start()  # issue 21: TLS and mTLS
     print(f"pgflow receive: grpc on {receiver.grpc_endpoint}, http on {receiver.http_endpoint}, "
           f"storing into {args.out or 'memory'}", flush=True)
     try:
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--http-port", type=int, default=4318, help="0 picks a free port")
     receive.add_argument("--host", default="127.0.0.1")
     receive.add_argument("--script", help="answers to give first, e.g. UNAVAILABLE,UNAVAILABLE,OK or 429:1,OK")
+    receive.add_argument("--tls-cert", help="PEM certificate: serve both ports over TLS (with --tls-key)")
+    receive.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    receive.add_argument("--client-ca", help="PEM CA bundle: require client certificates it signed (mTLS)")
     receive.set_defaults(func=_cmd_receive)
 
     demo = sub.add_parser("demo", help="pgflow end to end: embedded PostgreSQL, pgbench, the collector, a local receiver")
