@@ -358,7 +358,7 @@ def probe(endpoint: str, net: Network, default_port: int, alpn: list[str] | None
     """Connect to the endpoint as the transports do (proxy, TLS, client certificate) and return the
     cause of a failure, or None when the connection (and its TLS handshake) works."""
     tls, host, port, _ = split_endpoint(endpoint, default_port, net.insecure)
-    timeout = max(1.0, min(net.timeout, 10.0))
+    timeout = max(1.0, min(net.timeout, 5.0))
     try:
         sock = open_socket(host, port, net, timeout)
     except OSError as exc:
@@ -369,17 +369,35 @@ def probe(endpoint: str, net: Network, default_port: int, alpn: list[str] | None
         ctx = net.ssl_context(alpn)
         with ctx.wrap_socket(sock, server_hostname=host) as tls_sock:
             # TLS 1.3: a refused client certificate arrives as an alert after the handshake.
+            # A gateway that closes the connection right after the handshake (no alert: grpc's
+            # BoringSSL) refused the client certificate too: a healthy one waits or sends SETTINGS.
             tls_sock.settimeout(min(timeout, 1.0))
             try:
-                tls_sock.recv(1)
+                if tls_sock.recv(1) == b"":
+                    return TLS_CLIENT_CERT
             except (socket.timeout, TimeoutError):
                 pass
+            except (ssl.SSLEOFError, ConnectionResetError):
+                return TLS_CLIENT_CERT
             except ssl.SSLError as exc:
                 return classify_exception(exc)
             except OSError:
-                pass  # closed or reset after a good handshake: not a TLS or proxy problem
+                pass
         return None
     except (ssl.SSLError, OSError) as exc:
         return classify_exception(exc)
     finally:
         sock.close()
+
+
+def check_export(endpoint: str, net: Network, protocol: str) -> tuple[str, str]:
+    """``pgflow check``'s export finding: (level, detail). A TLS or proxy problem fails the check;
+    an endpoint that cannot be reached at all is a warning (it may be down for a while)."""
+    default_port = 4317 if protocol == "grpc" else 4318
+    tls = split_endpoint(endpoint, default_port, net.insecure)[0]
+    cause = probe(endpoint, net, default_port, alpn=["h2"] if protocol == "grpc" else None)
+    via = f" through proxy {redact_proxy(net.proxy)} ({net.proxy_source})" if net.proxy else ""
+    if cause is None:
+        return "ok", f"connected to {endpoint}{via} ({'TLS verified' if tls else 'plaintext'})"
+    line = describe(cause, endpoint, net)
+    return ("warn" if cause == CONNECTION else "fail"), f"{line} [{cause}]"

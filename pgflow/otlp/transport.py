@@ -163,8 +163,9 @@ class HttpTransport:
         except (OSError, http.client.HTTPException, socket.timeout) as exc:
             self.close()
             cause = netmod.classify_exception(exc)
-            if cause == netmod.CONNECTION and self.net.proxy and not isinstance(exc, socket.timeout):
-                cause = netmod.probe(self.endpoint, self.net, 4318) or netmod.CONNECTION
+            if (cause == netmod.CONNECTION and self.net.proxy and not isinstance(exc, socket.timeout)) \
+                    or cause == netmod.TLS_OTHER:  # the probe names which check failed
+                cause = netmod.probe(self.endpoint, self.net, 4318) or cause
             if cause != netmod.CONNECTION:
                 return _network_failure(cause, f"{type(exc).__name__}: {exc}")
             return Attempt(ok=False, cause="connection", retryable=True, detail=type(exc).__name__)
