@@ -15,7 +15,7 @@ class Certs:
     ca: Path  # the test CA's certificate
     server_cert: Path  # localhost, 127.0.0.1
     server_key: Path
-    client_cert: Path  # CN=postgres (PostgreSQL's cert auth maps CN to the user)
+    client_cert: Path  # CN=pgflow_cert (PostgreSQL cert auth: CN = the role)
     client_key: Path
     expired_cert: Path  # localhost, 127.0.0.1, valid in 2020 only
     expired_key: Path
@@ -70,7 +70,7 @@ def make_certs(d: Path) -> Certs:
     _ca(d, "ca")
     _ca(d, "other-ca")
     _leaf(d, "server", "localhost", "DNS:localhost,IP:127.0.0.1")
-    _leaf(d, "client", "postgres", None, client=True)
+    _leaf(d, "client", "pgflow_cert", None, client=True)
     _leaf(d, "expired", "localhost", "DNS:localhost,IP:127.0.0.1", dates=("20200101000000Z", "20200102000000Z"))
     _leaf(d, "wrong-name", "other.example", "DNS:other.example")
     for key in d.glob("*.key"):
