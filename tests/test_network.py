@@ -79,7 +79,7 @@ def test_pgbench_exact_over_tls_trusting_the_test_ca(fresh_stats, certs, tmp_pat
         assert endpoint(receiver, protocol).startswith("https://")
         log = run_pgbench_through(fresh_stats, receiver, protocol, tmp_path,
                                   OTEL_EXPORTER_OTLP_CERTIFICATE=str(certs.ca))
-        assert_pgbench_exact(calls_by_summary(receiver.points()), 50)
+        assert_pgbench_exact(calls_by_summary(receiver.points()), 100)  # 2 clients x 50
     assert "Traceback" not in log and "cause=tls_" not in log
 
 
@@ -91,7 +91,7 @@ def test_pgbench_exact_with_mtls_required(fresh_stats, certs, tmp_path, protocol
                             OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY=str(certs.client_key),
                             OTEL_EXPORTER_OTLP_LOGS_CLIENT_CERTIFICATE=str(certs.client_cert),
                             OTEL_EXPORTER_OTLP_LOGS_CLIENT_KEY=str(certs.client_key))
-        assert_pgbench_exact(calls_by_summary(receiver.points()), 50)
+        assert_pgbench_exact(calls_by_summary(receiver.points()), 100)  # 2 clients x 50
 
 
 # Refusals: one line per cause, nothing lost -------------------------------------------------------
@@ -122,7 +122,7 @@ def test_untrusted_certificate_exits_3_then_the_ca_delivers_every_window_once(fr
         proc = start_collector(env, log=tmp_path / "log2")
         settle(state_dir=state)
         assert stop(proc) == 0, (tmp_path / "log2").read_text()[-3000:]
-        assert_pgbench_exact(calls_by_summary(receiver.points()), 40)
+        assert_pgbench_exact(calls_by_summary(receiver.points()), 80)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -288,7 +288,7 @@ def test_pgbench_exact_through_an_https_proxy(fresh_stats, certs, proxy, tmp_pat
         port = receiver.grpc_port if protocol == "grpc" else receiver.http_port
         log = run_pgbench_through(fresh_stats, receiver, protocol, tmp_path, HTTPS_PROXY=proxy.url,
                                   OTEL_EXPORTER_OTLP_CERTIFICATE=str(certs.ca))
-        assert_pgbench_exact(calls_by_summary(receiver.points()), 50)
+        assert_pgbench_exact(calls_by_summary(receiver.points()), 100)  # 2 clients x 50
     assert proxy.connects(port) >= 1  # the tunnel went through the proxy
     assert "Traceback" not in log
 
@@ -345,7 +345,7 @@ def test_proxy_refusing_connect_gives_its_line_and_loses_nothing(fresh_stats, ce
         proc = start_collector(env, log=tmp_path / "log2")
         settle(state_dir=state)
         assert stop(proc) == 0
-        assert_pgbench_exact(calls_by_summary(receiver.points()), 30)
+        assert_pgbench_exact(calls_by_summary(receiver.points()), 60)
 
 
 def test_grpc_proxy_refusal_is_named(certs, refusing_proxy, caplog):
