@@ -51,10 +51,10 @@ def certs(tmp_path_factory) -> Certs:
 
 @pytest.fixture(scope="module")
 def tls_pg(certs):
-    """ssl = on with the test certificates; the client-certificate role must present its certificate,
-    and no TCP connection without TLS is admitted."""
+    """ssl = on with the test certificates; the client-certificate role must present its certificate
+    and is refused without TLS (pgbench, as postgres, may use a libpq without SSL)."""
     server = LocalPostgres(ssl_bindir(), ssl=(certs.server_cert, certs.server_key, certs.ca),
-                           hba=[f"hostssl all {ROLE} 127.0.0.1/32 cert", "hostnossl all all 127.0.0.1/32 reject"])
+                           hba=[f"hostssl all {ROLE} 127.0.0.1/32 cert", f"hostnossl all {ROLE} 127.0.0.1/32 reject"])
     server.start()
     try:
         server.execute("CREATE EXTENSION pg_stat_statements", "CREATE DATABASE other",
