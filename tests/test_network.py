@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 PGBENCH = tuple(PGBENCH_STATEMENTS)
 UNTRUSTED = "presented an untrusted certificate"
+PROXY_AUTH = ("pgflow", "s3cret-pw")
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +229,7 @@ def test_api_key_over_plaintext_to_another_host_is_refused(pg, tmp_path):
 class Tinyproxy:
     """Debian's tinyproxy on a loopback port; ``connect_ports`` limits CONNECT (403 otherwise)."""
 
-    def __init__(self, connect_ports: tuple[int, ...] = ()) -> None:
+    def __init__(self, connect_ports: tuple[int, ...] = (), auth: tuple[str, str] | None = None) -> None:
         binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
         if not os.path.exists(binary):
             pytest.fail("tinyproxy is not installed: apt-get install tinyproxy (scripts/test does as root)")
@@ -238,7 +239,9 @@ class Tinyproxy:
         self.port = free_port()
         self.log = root / "tinyproxy.log"
         lines = [f"Port {self.port}", "Listen 127.0.0.1", "Timeout 60", f'LogFile "{self.log}"', "LogLevel Connect",
-                 "MaxClients 50", "Allow 127.0.0.1", *(f"ConnectPort {p}" for p in connect_ports)]
+                 "MaxClients 50", "Allow 127.0.0.1", *(f"ConnectPort {p}" for p in connect_ports),
+                 *([f"BasicAuth {auth[0]} {auth[1]}"] if auth else [])]
+        self.auth = auth
         if os.geteuid() == 0:
             lines[:0] = ["User nobody", "Group nogroup"]
         conf = root / "tinyproxy.conf"
@@ -256,7 +259,8 @@ class Tinyproxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        cred = f"{self.auth[0]}:{self.auth[1]}@" if self.auth else ""
+        return f"http://{cred}127.0.0.1:{self.port}"
 
     def connects(self, port: int) -> int:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -270,7 +274,7 @@ class Tinyproxy:
 
 @pytest.fixture(scope="module")
 def proxy():
-    p = Tinyproxy()
+    p = Tinyproxy(auth=PROXY_AUTH)  # it admits only pgflow with this password
     yield p
     p.stop()
 
@@ -289,8 +293,8 @@ def test_pgbench_exact_through_an_https_proxy(fresh_stats, certs, proxy, tmp_pat
         log = run_pgbench_through(fresh_stats, receiver, protocol, tmp_path, HTTPS_PROXY=proxy.url,
                                   OTEL_EXPORTER_OTLP_CERTIFICATE=str(certs.ca))
         assert_pgbench_exact(calls_by_summary(receiver.points()), 100)  # 2 clients x 50
-    assert proxy.connects(port) >= 1  # the tunnel went through the proxy
-    assert "Traceback" not in log
+    assert proxy.connects(port) >= 1  # the tunnel went through the proxy, which checked the password
+    assert "Traceback" not in log and PROXY_AUTH[1] not in log
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -314,7 +318,7 @@ def test_otlp_proxy_overrides_the_environment_and_hides_credentials(certs, proxy
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         settings = Settings.load(otlp_endpoint=endpoint(receiver, protocol), otlp_protocol=protocol,
                                  otlp_certificate=certs.ca,
-                                 otlp_proxy=f"http://user:s3cret-pw@127.0.0.1:{proxy.port}")
+                                 otlp_proxy=proxy.url)
         assert "s3cret-pw" not in repr(settings) and "<redacted>@127.0.0.1" in repr(settings)
         exporter = Exporter(settings)
         assert all(r.acknowledged for _, r in exporter.export(make_points(2)))
@@ -360,6 +364,25 @@ def test_grpc_proxy_refusal_is_named(certs, refusing_proxy, caplog):
     assert any("refused to CONNECT" in r.getMessage() for r in caplog.records)
 
 
+def test_proxy_from_the_environment_by_scheme(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://secure-proxy:3128")
+    monkeypatch.setenv("http_proxy", "plain-proxy:8080")
+    assert network.proxy_for("https://gw.example:4317", None) == ("http://secure-proxy:3128", "HTTPS_PROXY")
+    assert network.proxy_for("gw.example:4317", None)[1] == "HTTPS_PROXY"  # no scheme: TLS
+    assert network.proxy_for("http://gw.example:4317", None) == ("http://plain-proxy:8080", "http_proxy")
+    assert network.proxy_for("https://gw.example:4317", "none") == (None, "otlp_proxy")
+    monkeypatch.setenv("no_proxy", ".example")
+    assert network.proxy_for("https://gw.example:4317", None) == (None, "NO_PROXY")
+    assert network.proxy_for("https://gw.example:4317", "http://p:1")[0] == "http://p:1"  # the setting wins
+    monkeypatch.setenv("HTTPS_PROXY", "https://u:pw@secure-proxy:3128")
+    monkeypatch.delenv("no_proxy")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(otlp_endpoint="https://gw.example:4317")
+    assert "HTTPS_PROXY" in str(info.value) and "pw" not in str(info.value).replace("https://", "")
+
+
 def test_no_proxy_matching():
     assert network.no_proxy_covers("otlp.example.com", 4317, ".example.com")
     assert network.no_proxy_covers("example.com", 4317, "example.com")
@@ -367,3 +390,34 @@ def test_no_proxy_matching():
     assert network.no_proxy_covers("gw", 4317, "gw:4317") and not network.no_proxy_covers("gw", 4318, "gw:4317")
     assert network.no_proxy_covers("anything", 1, "*")
     assert not network.no_proxy_covers("notexample.com", 4317, "example.com")
+
+
+def test_receive_cli_serves_both_ports_over_mtls(certs, tmp_path):
+    out = tmp_path / "points.duckdb"
+    proc = subprocess.Popen([sys.executable, "-m", "pgflow", "receive", "--out", str(out), "--grpc-port", "0",
+                             "--http-port", "0", "--tls-cert", str(certs.server_cert), "--tls-key",
+                             str(certs.server_key), "--client-ca", str(certs.ca)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        assert line.count("https://127.0.0.1:") == 2, line
+        grpc_port, http_port = map(int, re.findall(r"127\.0\.0\.1:(\d+)", line))
+        for protocol, port in [("grpc", grpc_port), ("http", http_port)]:
+            url = f"https://127.0.0.1:{port}"
+            refused = Exporter(Settings.load(otlp_endpoint=url, otlp_protocol=protocol, otlp_certificate=certs.ca,
+                                             retry_max_attempts=1), sleep=lambda _: None)
+            [(_, result)] = refused.export(make_points(3))
+            assert result.cause == network.TLS_CLIENT_CERT
+            refused.close()
+            exporter = Exporter(Settings.load(otlp_endpoint=url, otlp_protocol=protocol, otlp_certificate=certs.ca,
+                                              otlp_client_certificate=certs.client_cert,
+                                              otlp_client_key=certs.client_key))
+            assert all(r.acknowledged for _, r in exporter.export(make_points(3)))
+            exporter.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    from pgflow.otlp.store import read_points
+
+    assert read_points(out).height == 8
