@@ -421,3 +421,15 @@ def test_receive_cli_serves_both_ports_over_mtls(certs, tmp_path):
     from pgflow.otlp.store import read_points
 
     assert read_points(out).height == 8
+
+
+def test_grpc_cores_own_proxy_variables_are_not_used(monkeypatch):
+    """grpc core alone would read grpc_proxy / https_proxy / http_proxy (lower case only, whatever
+    the target's scheme) and no_grpc_proxy: pgflow decides for both transports, by one rule."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("grpc_proxy", "http://127.0.0.1:9")  # nothing listens there
+    with Receiver() as receiver:
+        exporter = Exporter(Settings.load(otlp_endpoint=receiver.grpc_endpoint, retry_max_attempts=1))
+        assert all(r.acknowledged for _, r in exporter.export(make_points(2)))
+        exporter.close()
