@@ -182,6 +182,13 @@ def test_unreadable_or_invalid_tls_files_exit_2_naming_them(pg, certs, tmp_path)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and name in lines[0] and value in lines[0], lines
+    config = tmp_path / "pgflow.json"  # the JSON file's settings are checked the same way
+    config.write_text(f'{{"otlp_client_certificate": "{certs.client_cert}", "otlp_client_key": "{junk}"}}')
+    env = collector_env(pg.dsn(), "https://127.0.0.1:1", tmp_path / "state", PGFLOW_CONFIG=str(config))
+    proc = subprocess.run([sys.executable, "-m", "pgflow", "run"], env=env, capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"otlp_client_key (OTEL_EXPORTER_OTLP_CLIENT_KEY) {junk} holds no PEM private key" in proc.stderr
     with pytest.raises(ConfigError, match="otlp_client_certificate .* is set but otlp_client_key"):
         Settings.load(otlp_endpoint="https://127.0.0.1:1", otlp_client_certificate=certs.client_cert)
     with pytest.raises(ConfigError, match="do not make a usable pair"):

@@ -208,7 +208,7 @@ def check_pem(path: Path, name: str, kind: str) -> None:
                           "check the path and that the user pgflow runs as may read it") from None
     marker = b"PRIVATE KEY-----" if kind == "key" else b"-----BEGIN CERTIFICATE-----"
     if marker not in text:
-        what = "a PEM private key" if kind == "key" else "PEM certificates"
+        what = "PEM private key" if kind == "key" else "PEM certificate"
         raise ConfigError(f"{name} {path} holds no {what}", f"point {name} at a PEM file")
     if kind == "ca":
         try:
