@@ -2,5 +2,6 @@
 
 import os
 
-# grpc core logs every failed TLS handshake at INFO on stderr; pgflow says it once, in its own log line.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# grpc core logs every failed TLS handshake (INFO) and proxy refusal (ERROR, with a source trace) on
+# stderr, per attempt; pgflow says each once, in its own log line. GRPC_VERBOSITY set by the user wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")

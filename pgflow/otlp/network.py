@@ -115,7 +115,7 @@ def check_proxy(url: str, setting: str) -> str:
         text = "http://" + text
     try:
         parts = urlsplit(text)
-        port = parts.port
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
     except ValueError:
         raise ConfigError(f"invalid proxy URL in {setting} ({redact_proxy(url)})",
                           "expected http://[user:password@]host:port") from None
@@ -126,7 +126,6 @@ def check_proxy(url: str, setting: str) -> str:
     if not parts.hostname:
         raise ConfigError(f"invalid proxy URL in {setting} ({redact_proxy(url)})",
                           "expected http://[user:password@]host:port")
-    del port
     return text
 
 
@@ -260,7 +259,7 @@ def classify_exception(exc: BaseException) -> str:
 def classify_text(text: str) -> str | None:
     """The cause named in an error message (gRPC's details, OpenSSL's reasons), or None."""
     t = text.lower()
-    if "tunnel connection failed" in t or "http proxy returned response code" in t or "proxy" in t and "40" in t:
+    if "tunnel connection failed" in t or "http proxy returned response code" in t:
         return PROXY_REFUSED
     if "hostname mismatch" in t or "not in peer certificate" in t or "ip address mismatch" in t \
             or "doesn't match" in t or "hostname" in t and "match" in t:
