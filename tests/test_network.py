@@ -440,3 +440,31 @@ def test_grpc_cores_own_proxy_variables_are_not_used(monkeypatch):
         exporter = Exporter(Settings.load(otlp_endpoint=receiver.grpc_endpoint, retry_max_attempts=1))
         assert all(r.acknowledged for _, r in exporter.export(make_points(2)))
         exporter.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_http_proxy_carries_a_plaintext_endpoint(proxy, monkeypatch, protocol):
+    for name in ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    with Receiver() as receiver:
+        settings = Settings.load(otlp_endpoint=endpoint(receiver, protocol), otlp_protocol=protocol)
+        assert settings.network().proxy_source == "HTTP_PROXY"
+        exporter = Exporter(settings)
+        assert all(r.acknowledged for _, r in exporter.export(make_points(2)))
+        exporter.close()
+        port = receiver.grpc_port if protocol == "grpc" else receiver.http_port
+    assert proxy.connects(port) == 1
+
+
+def test_check_names_the_refusing_proxy(certs, refusing_proxy, proxy):
+    with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
+        for via, expected in ((refusing_proxy, "fail"), (proxy, "ok")):
+            settings = Settings.load(otlp_endpoint=receiver.grpc_endpoint, otlp_certificate=certs.ca,
+                                     otlp_proxy=via.url)
+            level, detail = network.check_export(settings.endpoint, settings.network(), "grpc")
+            assert level == expected, detail
+        assert "refused to CONNECT" in network.check_export(
+            receiver.grpc_endpoint, Settings.load(otlp_endpoint=receiver.grpc_endpoint, otlp_certificate=certs.ca,
+                                                  otlp_proxy=refusing_proxy.url).network(), "grpc")[1]
+        assert PROXY_AUTH[1] not in detail and "through proxy http://<redacted>@127.0.0.1" in detail
