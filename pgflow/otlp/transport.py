@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import socket
+from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -29,8 +30,8 @@ def _split(endpoint: str, default_port: int, insecure: bool = False) -> tuple[bo
     return netmod.split_endpoint(endpoint, default_port, insecure)
 
 
-def _read(path: object) -> bytes | None:
-    return open(str(path), "rb").read() if path else None
+def _read(path: Path | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 def _network_failure(cause: str, detail: str) -> Attempt:
