@@ -28,12 +28,28 @@ def require_export_key(settings: Settings) -> None:
                           "set NEW_RELIC_API_KEY, or PGFLOW_OTLP_ENDPOINT for another OTLP endpoint")
 
 
+def require_tls_for_key(settings: Settings) -> None:
+    """Issue 21: the API key goes only over TLS, or to this host, or where the user said
+    ``OTEL_EXPORTER_OTLP_INSECURE=true`` (exit 2 otherwise)."""
+    from pgflow.config import is_local_address
+    from pgflow.otlp.network import split_endpoint
+
+    if "api-key" not in {k.lower() for k in settings.export_headers} or settings.otlp_insecure:
+        return
+    tls, host, _, _ = split_endpoint(settings.endpoint, 4317)
+    if not tls and not is_local_address(host):
+        raise ConfigError(f"the API key would be sent in plaintext to {settings.endpoint}",
+                          "use https:// in the endpoint, or set OTEL_EXPORTER_OTLP_INSECURE=true if this network "
+                          "is trusted")
+
+
 def load_settings_or_exit(config: str | None = None, **overrides: object) -> Settings:
     """Settings for entry points outside ``main`` (the bytewax flow module): one line and exit 2 on error."""
     try:
         settings = Settings.load(config, **overrides)
         settings.targets()
         require_export_key(settings)
+        require_tls_for_key(settings)
         return settings
     except PgflowError as exc:
         print(f"pgflow: {exc}", file=sys.stderr)
@@ -53,6 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config, **overrides)
     settings.targets()
     require_export_key(settings)
+    require_tls_for_key(settings)
     setup(settings.log_level, settings.log_format)
     log = logging.getLogger("pgflow.run")
     rt = runtime(settings, require_metrics=True)  # a taken metrics_addr or an unwritable state_dir: exit 2
@@ -146,6 +163,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config)
     if not args.out:
         require_export_key(settings)
+        require_tls_for_key(settings)
     setup(settings.log_level, settings.log_format)
     log = logging.getLogger("pgflow.replay")
     stored, unacknowledged = replay_flow(args.capture, settings, out=args.out, report=True)
@@ -170,7 +188,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
                        sample_interval_secs=settings.activity_sample_interval_secs, settings=settings)
         print(report.render())
         usable &= report.usable
+    usable &= _check_export(settings)  # issue 21
     return 0 if usable else 1
+
+
+def _check_export(settings: Settings) -> bool:
+    """Connect to the OTLP endpoint as the exporter would (TLS files, proxy): TLS and proxy problems fail."""
+    from pgflow.otlp.network import check_export
+
+    level, detail = check_export(settings.endpoint, settings.network("metrics"), settings.otlp_protocol)
+    mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}[level]
+    print(f"export ({settings.otlp_protocol})\n  {mark} connect: {detail}")
+    return level != "fail"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -190,7 +219,8 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     receiver = Receiver(args.out, grpc_port=args.grpc_port, http_port=args.http_port, host=args.host,
-                        script=script).start()
+                        script=script, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                        client_ca=args.client_ca).start()  # issue 21: TLS and mTLS
     print(f"pgflow receive: grpc on {receiver.grpc_endpoint}, http on {receiver.http_endpoint}, "
           f"storing into {args.out or 'memory'}", flush=True)
     try:
@@ -237,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--http-port", type=int, default=4318, help="0 picks a free port")
     receive.add_argument("--host", default="127.0.0.1")
     receive.add_argument("--script", help="answers to give first, e.g. UNAVAILABLE,UNAVAILABLE,OK or 429:1,OK")
+    receive.add_argument("--tls-cert", help="PEM certificate: serve both ports over TLS (with --tls-key)")
+    receive.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    receive.add_argument("--client-ca", help="PEM CA bundle: require client certificates it signed (mTLS)")
     receive.set_defaults(func=_cmd_receive)
 
     demo = sub.add_parser("demo", help="pgflow end to end: embedded PostgreSQL, pgbench, the collector, a local receiver")

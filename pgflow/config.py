@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -39,7 +40,7 @@ NEW_RELIC_ENDPOINTS = {
     "eu": {"grpc": "https://otlp.eu01.nr-data.net:4317", "http": "https://otlp.eu01.nr-data.net:4318"},
 }
 
-_SECRET_FIELDS = {"database_url", "new_relic_api_key", "otlp_headers", "instances"}
+_SECRET_FIELDS = {"database_url", "new_relic_api_key", "otlp_headers", "instances", "otlp_proxy"}
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("pgflow_config_file", default=None)
 
 
@@ -238,6 +239,22 @@ class Settings(BaseSettings):
     otlp_headers: Annotated[dict[str, SecretStr], NoDecode] = Field(
         default_factory=dict, validation_alias=_env("otlp_headers", "PGFLOW_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
     )
+    # Issue 21: TLS, mTLS, proxies, timeout and compression of the export, as the OTel exporters
+    # read them (per-signal OTEL_EXPORTER_OTLP_METRICS_* / _LOGS_* variables win: see network()).
+    otlp_certificate: Path | None = Field(None, validation_alias=_env(
+        "otlp_certificate", "PGFLOW_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"))
+    otlp_client_certificate: Path | None = Field(None, validation_alias=_env(
+        "otlp_client_certificate", "PGFLOW_OTLP_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"))
+    otlp_client_key: Path | None = Field(None, validation_alias=_env(
+        "otlp_client_key", "PGFLOW_OTLP_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"))
+    otlp_insecure: bool = Field(False, validation_alias=_env(
+        "otlp_insecure", "PGFLOW_OTLP_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"))
+    otlp_timeout_ms: int | None = Field(None, gt=0, le=3_600_000, validation_alias=_env(
+        "otlp_timeout_ms", "PGFLOW_OTLP_TIMEOUT_MS", "OTEL_EXPORTER_OTLP_TIMEOUT"))  # else export_timeout_secs
+    otlp_compression: Literal["gzip", "none"] = Field("gzip", validation_alias=_env(
+        "otlp_compression", "PGFLOW_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"))
+    otlp_proxy: SecretStr | None = Field(None, validation_alias=_env("otlp_proxy", "PGFLOW_OTLP_PROXY"))
+    _signal_env: dict[str, dict[str, tuple[str, str]]] = PrivateAttr(default_factory=dict)
     batch_size: int = Field(1000, gt=0, le=100_000)
     batch_timeout_secs: float = Field(10.0, gt=0)
     export_timeout_secs: float = Field(10.0, gt=0)
@@ -305,6 +322,23 @@ class Settings(BaseSettings):
             return headers
         return value
 
+    @field_validator("otlp_compression", mode="before")
+    @classmethod
+    def _compression(cls, value: Any) -> Any:  # issue 21: the OTel values are lower-case words
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _otlp_network(self) -> Settings:
+        """Issue 21: read the per-signal OTEL variables once and check every TLS file and proxy at start."""
+        from pgflow.otlp.network import OTEL_SUFFIX, SIGNALS
+
+        self._signal_env = {sig: {setting: (os.environ[name], name) for setting, suffix in OTEL_SUFFIX.items()
+                                  if (name := f"OTEL_EXPORTER_OTLP_{sig.upper()}_{suffix}") in os.environ
+                                  and os.environ[name].strip()} for sig in SIGNALS}
+        for sig in SIGNALS:
+            self.network(sig)  # raises ConfigError naming the file or the proxy variable
+        return self
+
     @field_validator("otlp_endpoint")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
@@ -368,6 +402,56 @@ class Settings(BaseSettings):
             headers["api-key"] = self.new_relic_api_key.get_secret_value()
         return headers
 
+    def network(self, signal: str = "metrics"):  # type: ignore[no-untyped-def]
+        """Issue 21: the export's TLS files, proxy, timeout and compression for one signal (a
+        :class:`pgflow.otlp.network.Network`); per-signal OTEL variables win over the general ones.
+        Raises ConfigError (exit 2, one line naming it) for an unreadable or invalid file or proxy."""
+        from pgflow.otlp.network import Network, check_client_pair, check_pem, proxy_for
+
+        env = getattr(self, "_signal_env", {}).get(signal, {})
+        names = {s: f"{s} (OTEL_EXPORTER_OTLP_{suffix})" for s, suffix in
+                 (("otlp_certificate", "CERTIFICATE"), ("otlp_client_certificate", "CLIENT_CERTIFICATE"),
+                  ("otlp_client_key", "CLIENT_KEY"))}
+
+        def pick(setting: str, general: Any) -> Any:
+            if setting in env:
+                value, name = env[setting]
+                names[setting] = name
+                return value.strip()
+            return general
+
+        def as_bool(setting: str, general: bool) -> bool:
+            value = pick(setting, general)
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false"):
+                    raise ConfigError(f"invalid setting {names.get(setting, setting)}: expected true or false, "
+                                      f"got {value[:20]!r}")
+                return value.lower() == "true"
+            return bool(value)
+
+        ca, cert, key = (pick(s, getattr(self, s)) for s in ("otlp_certificate", "otlp_client_certificate",
+                                                            "otlp_client_key"))
+        ca, cert, key = (Path(v) if v else None for v in (ca, cert, key))
+        timeout_ms = pick("otlp_timeout_ms", self.otlp_timeout_ms)
+        try:
+            timeout = int(timeout_ms) / 1000 if timeout_ms else self.export_timeout_secs
+            if timeout <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"invalid setting {names.get('otlp_timeout_ms', 'OTEL_EXPORTER_OTLP_TIMEOUT')}: "
+                              f"expected milliseconds, got {str(timeout_ms)[:20]!r}") from None
+        compression = str(pick("otlp_compression", self.otlp_compression)).lower()
+        if compression not in ("gzip", "none"):
+            raise ConfigError(f"invalid compression {compression[:20]!r} for the {signal} export", "expected gzip or none")
+        insecure = as_bool("otlp_insecure", self.otlp_insecure)
+        if ca is not None:
+            check_pem(ca, names["otlp_certificate"], "ca")
+        check_client_pair(cert, key, names["otlp_client_certificate"], names["otlp_client_key"])
+        explicit = self.otlp_proxy.get_secret_value() if self.otlp_proxy is not None else None
+        proxy, source = proxy_for(self.endpoint, explicit, insecure)
+        return Network(certificate=ca, client_certificate=cert, client_key=key, insecure=insecure, timeout=timeout,
+                       compression=compression, proxy=proxy, proxy_source=source, names=tuple(names.items()))
+
     def targets(self) -> list[InstanceConfig]:
         """The instances to scrape; raises ConfigError when none is configured."""
         if self.instances:
@@ -393,6 +477,10 @@ class Settings(BaseSettings):
                          for i in value]
             elif name == "new_relic_api_key":
                 value = "<set>" if value else None
+            elif name == "otlp_proxy":  # issue 21: a proxy URL may carry credentials
+                from pgflow.otlp.network import redact_proxy
+
+                value = redact_proxy(value.get_secret_value()) if value is not None else None
             elif name == "otlp_headers":
                 value = {k: "<redacted>" for k in value}
             elif isinstance(value, Path):

@@ -128,7 +128,12 @@ class LocalPostgres:
         settings: dict[str, str] | None = None,
         preload: bool = True,
         datadir: str | Path | None = None,
+        ssl: tuple[str | Path, str | Path, str | Path | None] | None = None,
+        hba: list[str] | None = None,
     ) -> None:
+        """``ssl``: (server certificate, key, CA of client certificates or None) in PEM: the server
+        turns ssl on with copies of them (issue 21). ``hba``: pg_hba.conf lines put before the
+        defaults (e.g. ``hostssl all monitor 127.0.0.1/32 cert``)."""
         bindir = Path(bindir) if bindir else default_bindir()
         if not (bindir / "postgres").exists():
             raise PgflowError(f"no postgres binary in {bindir}", "point to the bin directory of a PostgreSQL install")
@@ -146,6 +151,8 @@ class LocalPostgres:
         self.logfile = self.root / "server.log"
         self.port = free_port()
         self.host = "127.0.0.1"
+        self.ssl = ssl
+        self.hba = list(hba or [])
 
     # Processes --------------------------------------------------------------------
 
@@ -166,12 +173,32 @@ class LocalPostgres:
         with open(self.datadir / "postgresql.conf", "a") as conf:
             for key, value in self.settings.items():
                 conf.write(f"{key} = '{value}'\n")
+        if self.ssl is not None:
+            self._install_ssl()
         (self.datadir / "pg_hba.conf").write_text(
+            "".join(line.rstrip("\n") + "\n" for line in self.hba) +
             "local all all trust\n"
             "host all postgres 127.0.0.1/32 trust\n"
             "host all all 127.0.0.1/32 scram-sha-256\n"
             + _REPLICATION_HBA
         )
+
+    def _install_ssl(self) -> None:
+        """Copy the certificate, key (mode 0600, owned by the server's user) and client CA into the
+        data directory and turn ssl on."""
+        assert self.ssl is not None
+        cert, key, ca = self.ssl
+        files = {"server.crt": cert, "server.key": key, **({"root.crt": ca} if ca else {})}
+        for name, source in files.items():
+            target = self.datadir / name
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            if self.run_as_nobody:
+                os.chown(target, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+        with open(self.datadir / "postgresql.conf", "a") as conf:
+            conf.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+            if ca:
+                conf.write("ssl_ca_file = 'root.crt'\n")
 
     def start(self) -> LocalPostgres:
         if not (self.datadir / "PG_VERSION").exists():

@@ -20,6 +20,7 @@ import polars as pl
 
 from pgflow.config import Settings
 from pgflow.logs import kv
+from pgflow.otlp import network as netmod
 from pgflow.otlp.encode import Batch, Encoder
 from pgflow.otlp.retry import Attempt, RetryPolicy
 from pgflow.otlp.transport import GrpcTransport, HttpTransport
@@ -63,10 +64,14 @@ def describe_rejection(cause: str, endpoint: str, detail: str) -> str:
 class Exporter:
     """Sends points to one OTLP endpoint (gRPC or HTTP) with the settings' retry policy."""
 
-    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] | None = None) -> None:
+    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] | None = None,
+                 signal: str = "metrics") -> None:
         self.endpoint = settings.endpoint
+        self.signal = signal
+        self.net = settings.network(signal)  # issue 21: TLS files, proxy, timeout, compression
+        self.connection_state: str | None = None  # the TLS/proxy cause in force, logged once per change
         transport_cls = GrpcTransport if settings.otlp_protocol == "grpc" else HttpTransport
-        self.transport = transport_cls(self.endpoint, settings.export_headers, settings.export_timeout_secs)
+        self.transport = transport_cls(self.endpoint, settings.export_headers, self.net.timeout, self.net)
         self.encoder = Encoder(service_name=settings.service_name, batch_size=settings.batch_size)
         self.policy = RetryPolicy(settings.retry_initial_delay_secs, settings.retry_max_delay_secs,
                                   settings.retry_max_attempts)
@@ -101,6 +106,7 @@ class Exporter:
             attempt = self.transport.send(batch.payload)
             if self._aborted.is_set() and not attempt.ok:
                 return SendResult(False, n, "shutdown", retryable=True)
+            self._connection_state(attempt)
             if attempt.ok:
                 self.stats.batches_acked += 1
                 self.stats.points_acked += batch.points - attempt.rejected_points
@@ -113,8 +119,9 @@ class Exporter:
             if not attempt.retryable:
                 self.stats.batches_failed += 1
                 self.stats.failures[attempt.cause] += 1
-                log.error(describe_rejection(attempt.cause, self.endpoint, attempt.detail),
-                          extra=kv(points=batch.points, attempts=n))
+                if attempt.cause not in netmod.CAUSES:  # a TLS/proxy cause has its line, once per change
+                    log.error(describe_rejection(attempt.cause, self.endpoint, attempt.detail),
+                              extra=kv(points=batch.points, attempts=n))
                 return SendResult(False, n, attempt.cause, retryable=False)
             if n < self.policy.max_attempts:
                 delay = attempt.delay if attempt.delay is not None else self.policy.backoff(n)
@@ -127,6 +134,21 @@ class Exporter:
         log.warning("export failed after retries", extra=kv(cause=attempt.cause, attempts=self.policy.max_attempts,
                                                             points=batch.points, endpoint=self.endpoint))
         return SendResult(False, self.policy.max_attempts, attempt.cause, retryable=True)
+
+    def _connection_state(self, attempt: Attempt) -> None:
+        """Issue 21: one line when the connection's TLS/proxy state changes (not per retry or window):
+        the cause and the setting to change; one line when it works again."""
+        cause = attempt.cause if not attempt.ok and attempt.cause in netmod.CAUSES \
+            and attempt.cause != netmod.CONNECTION else None
+        if attempt.ok or cause is not None:
+            if cause != self.connection_state:
+                if cause is not None:
+                    log.error(netmod.describe(cause, self.endpoint, self.net), extra=kv(
+                        cause=cause, signal=self.signal, detail=attempt.detail[:160]))
+                else:
+                    log.info("export connection works again", extra=kv(
+                        signal=self.signal, endpoint=self.endpoint, was=self.connection_state))
+            self.connection_state = cause
 
     def export(self, points: pl.DataFrame) -> list[tuple[Batch, SendResult]]:
         """Encode and send every point; returns each batch with its result, in order."""

@@ -20,6 +20,7 @@ from pgflow.config import Settings
 from pgflow.otlp.encode import Batch
 from pgflow.otlp.exporter import Exporter, SendResult
 from pgflow.otlp.logs import LogEncoder
+from pgflow.otlp.network import Network
 from pgflow.otlp.transport import GrpcTransport, HttpTransport
 
 LOGS_METHOD = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
@@ -38,8 +39,8 @@ def _as_metrics_response(data: bytes) -> ExportMetricsServiceResponse:
 class LogsGrpcTransport(GrpcTransport):
     """OTLP/gRPC LogsService, gzip, on its own channel."""
 
-    def __init__(self, endpoint: str, headers: dict[str, str], timeout: float) -> None:
-        super().__init__(endpoint, headers, timeout)
+    def __init__(self, endpoint: str, headers: dict[str, str], timeout: float, net: Network | None = None) -> None:
+        super().__init__(endpoint, headers, timeout, net)
         self._export = self._channel.unary_unary(LOGS_METHOD, request_serializer=None,
                                                  response_deserializer=_as_metrics_response)
 
@@ -48,8 +49,8 @@ class LogsHttpTransport(HttpTransport):
     """OTLP/HTTP ``POST {endpoint}/v1/logs``. The partial-success part of a logs response has the
     same field numbers and types as the metrics one, so the metrics transport reads it as is."""
 
-    def __init__(self, endpoint: str, headers: dict[str, str], timeout: float) -> None:
-        super().__init__(endpoint, headers, timeout)
+    def __init__(self, endpoint: str, headers: dict[str, str], timeout: float, net: Network | None = None) -> None:
+        super().__init__(endpoint, headers, timeout, net)
         self.path = self.path.removesuffix("/v1/metrics") + "/v1/logs"
 
 
@@ -58,10 +59,10 @@ class LogsExporter(Exporter):
 
     def __init__(self, settings: Settings, *, sleep: Callable[[float], None] | None = None) -> None:
         # Without ``sleep`` the metrics exporter's own default applies (its pause between retries).
-        super().__init__(settings, **({"sleep": sleep} if sleep is not None else {}))
+        super().__init__(settings, **({"sleep": sleep} if sleep is not None else {}), signal="logs")
         self.transport.close()
         transport_cls = LogsGrpcTransport if settings.otlp_protocol == "grpc" else LogsHttpTransport
-        self.transport = transport_cls(self.endpoint, settings.export_headers, settings.export_timeout_secs)
+        self.transport = transport_cls(self.endpoint, settings.export_headers, self.net.timeout, self.net)
         self.encoder = LogEncoder(service_name=settings.service_name, batch_size=settings.batch_size)  # type: ignore[assignment]
 
     def __repr__(self) -> str:

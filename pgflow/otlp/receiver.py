@@ -5,6 +5,9 @@ server (gzip accepted, partial_success, RetryInfo, Retry-After) and can be told 
 scripted sequence first, e.g. ``UNAVAILABLE,UNAVAILABLE,OK`` or ``429:1,OK`` (status 429
 with ``Retry-After: 1``) or ``PARTIAL:3`` (accept, report 3 points rejected). Script items
 are gRPC code names or HTTP statuses; each is translated for the protocol that receives it.
+
+Issue 21: with ``tls_cert`` and ``tls_key`` both ports speak TLS; with ``client_ca`` as well they
+require a client certificate signed by that CA (mTLS): a local TLS gateway, and the tests' TLS peer.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import ssl
 import threading
 from collections import deque
 from concurrent import futures
@@ -94,7 +98,17 @@ class Receiver:
     """Serves OTLP/gRPC and OTLP/HTTP on localhost and stores what it accepts."""
 
     def __init__(self, out: str | Path | None = None, *, grpc_port: int | None = 0, http_port: int | None = 0,
-                 host: str = "127.0.0.1", script: list[Reply] | None = None) -> None:
+                 host: str = "127.0.0.1", script: list[Reply] | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, client_ca: str | Path | None = None) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together", "give both, or neither for plaintext")
+        if client_ca is not None and tls_cert is None:
+            raise ConfigError("--client-ca needs --tls-cert and --tls-key", "client certificates need TLS")
+        self.tls_files = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
+        self.client_ca = Path(client_ca) if client_ca else None
+        for path in (*(self.tls_files or ()), *((self.client_ca,) if self.client_ca else ())):
+            if not path.is_file():
+                raise ConfigError(f"cannot read {path}", "give the PEM files of the receiver's certificate and key")
         self.store = PointStore(out)
         self.host = host
         self.script: deque[Reply] = deque(script or [])
@@ -142,22 +156,46 @@ class Receiver:
             self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
             metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_GrpcService(self), self._grpc)
             logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_GrpcLogsService(self), self._grpc)
-            self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{self._grpc_port}")
+            address = f"{self.host}:{self._grpc_port}"
+            if self.tls_files is not None:
+                cert, key = (p.read_bytes() for p in self.tls_files)
+                creds = grpc.ssl_server_credentials(
+                    [(key, cert)], root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
+                    require_client_auth=self.client_ca is not None)
+                self.grpc_port = self._grpc.add_secure_port(address, creds)
+            else:
+                self.grpc_port = self._grpc.add_insecure_port(address)
             self._grpc.start()
         if self._http_port is not None:
-            self._http = ThreadingHTTPServer((self.host, self._http_port), _http_handler(self))
+            self._http = _QuietHTTPServer((self.host, self._http_port), _http_handler(self))
             self._http.daemon_threads = True
+            if self.tls_files is not None:  # the handshake happens in the request's thread, not in accept()
+                self._http.socket = self._server_context().wrap_socket(
+                    self._http.socket, server_side=True, do_handshake_on_connect=False)
             self.http_port = self._http.server_address[1]
             threading.Thread(target=self._http.serve_forever, name="otlp-http", daemon=True).start()
         return self
 
+    def _server_context(self) -> ssl.SSLContext:
+        assert self.tls_files is not None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self.tls_files[0]), str(self.tls_files[1]))
+        if self.client_ca is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(str(self.client_ca))
+        return ctx
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_files is not None else "http"
+
     @property
     def grpc_endpoint(self) -> str:
-        return f"http://{self.host}:{self.grpc_port}"
+        return f"{self.scheme}://{self.host}:{self.grpc_port}"
 
     @property
     def http_endpoint(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"{self.scheme}://{self.host}:{self.http_port}"
 
     def stop(self) -> None:
         if self._grpc is not None:
@@ -180,6 +218,15 @@ class Receiver:
 
     def logs(self):  # type: ignore[no-untyped-def]
         return self.store.logs()
+
+
+class _QuietHTTPServer(ThreadingHTTPServer):
+    """A refused TLS handshake (untrusted or missing client certificate) is a debug line, not a traceback."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        import sys
+
+        log.debug("request failed", extra={"client": str(client_address), "error": repr(sys.exc_info()[1])[:200]})
 
 
 class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer):

@@ -2,6 +2,9 @@
 
 A transport sends one serialized ExportMetricsServiceRequest and reports an :class:`Attempt`;
 it never retries (the exporter does) and never raises for a network or server failure.
+Issue 21: both take a :class:`~pgflow.otlp.network.Network` (CA bundle, client certificate,
+proxy, timeout, compression); a connection that fails for a TLS or proxy reason reports that
+cause (``tls_untrusted``, ``proxy_refused``...) as not retryable: it does not fix itself.
 """
 
 from __future__ import annotations
@@ -9,24 +12,32 @@ from __future__ import annotations
 import gzip
 import http.client
 import socket
-import ssl
-from urllib.parse import urlsplit
+from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
+from pgflow.otlp import network as netmod
+from pgflow.otlp.network import Network
 from pgflow.otlp.retry import Attempt, grpc_retryable, http_retryable, parse_retry_after
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 
 
-def _split(endpoint: str, default_port: int) -> tuple[bool, str, int, str]:
+def _split(endpoint: str, default_port: int, insecure: bool = False) -> tuple[bool, str, int, str]:
     """(tls, host, port, path) of an endpoint; ``http://`` means no TLS, anything else TLS."""
-    if "://" not in endpoint:
-        endpoint = "https://" + endpoint
-    parts = urlsplit(endpoint)
-    return parts.scheme != "http", parts.hostname or "localhost", parts.port or default_port, parts.path.rstrip("/")
+    return netmod.split_endpoint(endpoint, default_port, insecure)
+
+
+def _read(path: Path | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def _network_failure(cause: str, detail: str) -> Attempt:
+    """A TLS or proxy failure: not retryable (the same certificate and proxy answer the same)."""
+    return Attempt(ok=False, cause=cause, retryable=cause in (netmod.CONNECTION, netmod.PROXY_UNREACHABLE),
+                   detail=detail[:200])
 
 
 def _partial(response: ExportMetricsServiceResponse) -> tuple[int, str]:
@@ -38,29 +49,63 @@ def _partial(response: ExportMetricsServiceResponse) -> tuple[int, str]:
 class GrpcTransport:
     """OTLP/gRPC with gzip; the channel is created once and reused for every request."""
 
-    def __init__(self, endpoint: str, headers: dict[str, str], timeout: float) -> None:
-        tls, host, port, _ = _split(endpoint, 4317)
+    def __init__(self, endpoint: str, headers: dict[str, str], timeout: float, net: Network | None = None) -> None:
+        self.net = net or Network(timeout=timeout)
+        self.endpoint = endpoint
+        tls, host, port, _ = _split(endpoint, 4317, self.net.insecure)
         target = f"{host}:{port}"
-        options = [("grpc.max_send_message_length", 16 * 1024 * 1024)]
-        self._channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
-                         if tls else grpc.insecure_channel(target, options=options))
+        options: list[tuple[str, object]] = [("grpc.max_send_message_length", 16 * 1024 * 1024)]
+        # The proxy is pgflow's decision (otlp_proxy, HTTPS_PROXY / NO_PROXY as the HTTP transport
+        # reads them): grpc core's own environment handling (grpc_proxy, no_grpc_proxy...) is off.
+        options.append(("grpc.http_proxy", self.net.proxy) if self.net.proxy else ("grpc.enable_http_proxy", 0))
+        if tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=_read(self.net.certificate),
+                                                 private_key=_read(self.net.client_key),
+                                                 certificate_chain=_read(self.net.client_certificate))
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._export = self._channel.unary_unary(
             EXPORT_METHOD, request_serializer=None, response_deserializer=ExportMetricsServiceResponse.FromString
         )
         self._metadata = tuple((k.lower(), v) for k, v in headers.items())
-        self.timeout = timeout
+        self.timeout = self.net.timeout
+        self._compression = grpc.Compression.Gzip if self.net.compression == "gzip" else grpc.Compression.NoCompression
 
     def send(self, payload: bytes) -> Attempt:
         try:
             response = self._export(payload, timeout=self.timeout, metadata=self._metadata,
-                                    compression=grpc.Compression.Gzip)
+                                    compression=self._compression)
         except grpc.RpcError as exc:
-            return _grpc_failure(exc)
+            attempt = _grpc_failure(exc)
+            if attempt.cause in ("UNAVAILABLE", "UNKNOWN", "DEADLINE_EXCEEDED"):
+                cause = self._connection_cause(attempt.detail)
+                if cause is not None:
+                    return _network_failure(cause, attempt.detail)
+            return attempt
         rejected, message = _partial(response)
         return Attempt(ok=True, rejected_points=rejected, detail=message)
 
+    def _connection_cause(self, detail: str) -> str | None:
+        """The TLS or proxy cause behind an UNAVAILABLE, or None for any other (a down endpoint:
+        retryable as before). grpc's message names some causes; a probe with the same settings
+        names the rest (which certificate check failed)."""
+        named = netmod.classify_text(detail)
+        if named in (None, netmod.TLS_OTHER, netmod.CONNECTION) and not _connect_failure(detail):
+            return None
+        if named not in (None, netmod.TLS_OTHER, netmod.CONNECTION):
+            return named
+        found = netmod.probe(self.endpoint, self.net, 4317, alpn=["h2"])
+        return found if found not in (None, netmod.CONNECTION) else None
+
     def close(self) -> None:
         self._channel.close()
+
+
+def _connect_failure(detail: str) -> bool:
+    t = detail.lower()
+    return any(w in t for w in ("failed to connect", "handshake", "ssl", "tls", "certificate", "proxy",
+                                "connection reset", "socket closed", "end of tcp stream", "connect"))
 
 
 def _grpc_failure(exc: grpc.RpcError) -> Attempt:
@@ -83,24 +128,34 @@ def _grpc_failure(exc: grpc.RpcError) -> Attempt:
 class HttpTransport:
     """OTLP/HTTP binary protobuf with gzip: ``POST {endpoint}/v1/metrics`` on one kept-alive connection."""
 
-    def __init__(self, endpoint: str, headers: dict[str, str], timeout: float) -> None:
-        self.tls, self.host, self.port, path = _split(endpoint, 4318)
+    def __init__(self, endpoint: str, headers: dict[str, str], timeout: float, net: Network | None = None) -> None:
+        self.net = net or Network(timeout=timeout)
+        self.endpoint = endpoint
+        self.tls, self.host, self.port, path = _split(endpoint, 4318, self.net.insecure)
         self.path = path if path.endswith("/v1/metrics") else f"{path}/v1/metrics"
-        self.headers = {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip", **headers}
-        self.timeout = timeout
+        self.gzip = self.net.compression == "gzip"
+        self.headers = {"Content-Type": "application/x-protobuf", **({"Content-Encoding": "gzip"} if self.gzip else {}),
+                        **headers}
+        self.timeout = self.net.timeout
         self._conn: http.client.HTTPConnection | None = None
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
+            host, port, tunnel_headers = self.host, self.port, {}
+            if self.net.proxy:  # CONNECT through the proxy, for https and http endpoints alike
+                host, port, tunnel_headers = netmod.proxy_parts(self.net.proxy)
             if self.tls:
-                self._conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                                         context=ssl.create_default_context())
+                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    host, port, timeout=self.timeout, context=self.net.ssl_context())
             else:
-                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+            if self.net.proxy:
+                conn.set_tunnel(self.host, self.port, headers=tunnel_headers)
+            self._conn = conn
         return self._conn
 
     def send(self, payload: bytes) -> Attempt:
-        body = gzip.compress(payload, compresslevel=6)
+        body = gzip.compress(payload, compresslevel=6) if self.gzip else payload
         try:
             conn = self._connection()
             conn.request("POST", self.path, body=body, headers=self.headers)
@@ -108,6 +163,12 @@ class HttpTransport:
             data = response.read()
         except (OSError, http.client.HTTPException, socket.timeout) as exc:
             self.close()
+            cause = netmod.classify_exception(exc)
+            if (cause == netmod.CONNECTION and self.net.proxy and not isinstance(exc, socket.timeout)) \
+                    or cause == netmod.TLS_OTHER:  # the probe names which check failed
+                cause = netmod.probe(self.endpoint, self.net, 4318) or cause
+            if cause != netmod.CONNECTION:
+                return _network_failure(cause, f"{type(exc).__name__}: {exc}")
             return Attempt(ok=False, cause="connection", retryable=True, detail=type(exc).__name__)
         status = response.status
         if 200 <= status < 300:

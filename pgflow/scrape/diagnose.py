@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import psycopg
+import psycopg.conninfo
 from psycopg import sql
 
 from pgflow.config import InstanceConfig, redact_dsn
@@ -26,6 +27,32 @@ SELECT {MARK} current_setting('server_version'), current_setting('server_version
 _SETTINGS_SQL = f"SELECT {MARK} name, setting FROM pg_settings WHERE name = ANY(%s)"
 _SETTINGS = ["shared_preload_libraries", "track_io_timing", "pg_stat_statements.track_planning",
              "pg_stat_statements.track", "pg_stat_statements.max"]
+
+
+def certificate_advice(message: str, dsn: str) -> str | None:
+    """Issue 21: what a PostgreSQL TLS failure means and the DSN parameter to set, or None."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    root = params.get("sslrootcert") or "~/.postgresql/root.crt"
+    host = params.get("host") or "localhost"
+    t = message.lower()
+    if "does not match host name" in t:
+        return (f"the server's certificate does not name the host {host!r} (hostname mismatch): connect by a name "
+                f"the certificate lists (host= in DATABASE_URL), or use sslmode=verify-ca to check only the CA")
+    if "root certificate file" in t and "does not exist" in t:
+        return f"sslrootcert {root} does not exist: set sslrootcert= in DATABASE_URL to the CA file that signed the server's certificate"
+    if "certificate verify failed" in t or "unable to get local issuer" in t or "self-signed" in t:
+        return (f"the server's certificate is not signed by a CA in sslrootcert {root} (unknown CA, or expired): "
+                f"set sslrootcert= in DATABASE_URL to the CA that signed it")
+    if "requires a valid client certificate" in t or "certificate required" in t:
+        return ("the server requires a client certificate (pg_hba.conf cert / clientcert): set sslcert= and "
+                "sslkey= in DATABASE_URL to a certificate signed by the server's ssl_ca_file")
+    if "certificate authentication failed" in t:
+        return ("the server refused the client certificate (sslcert): its CN must be the role's name "
+                "(or map it in pg_ident.conf), signed by the server's ssl_ca_file")
+    if ("sslcert" in t or "sslkey" in t or "private key file" in t or "certificate file" in t) and \
+            ("could not" in t or "does not exist" in t or "permissions" in t):
+        return "pgflow cannot use sslcert / sslkey: check the paths in DATABASE_URL and that the key is mode 0600"
+    return None
 
 
 def preloaded(setting: str) -> bool:
@@ -76,6 +103,9 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval
         conn = connect(instance.dsn, connect_timeout=connect_timeout)
     except ScrapeError as exc:
         report.add("fail", "connect", str(exc))
+        advice = certificate_advice(str(exc), instance.dsn)  # issue 21
+        if advice:
+            report.add("fail", "tls", advice)
         return report
     conn.read_only = True
     try:
