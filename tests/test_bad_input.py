@@ -25,7 +25,7 @@ NUMERIC = {name: f for name, f in Settings.model_fields.items()
 @pytest.mark.parametrize("value", ["not-a-number", -1, 0])
 def test_every_numeric_setting_rejects_bad_values(name, value):
     if value == 0 and name in ("slow_query_threshold_ms", "explains_per_window",
-                                           "activity_sample_interval_secs"):
+                                           "activity_sample_interval_secs", "reserved_connections_headroom"):
         Settings.load(**{name: value})  # 0 is meaningful there: the threshold is off
         return
     with pytest.raises(ConfigError) as info:

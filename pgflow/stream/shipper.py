@@ -30,6 +30,7 @@ import polars as pl
 
 from pgflow import telemetry
 from pgflow.logs import kv
+from pgflow.otlp import network
 from pgflow.otlp.exporter import Exporter
 from pgflow.schema import EVENTS
 from pgflow.stream.ledger import ROW, Ledger
@@ -50,7 +51,9 @@ class Outgoing:
 REFUSAL_CAP_SECS = 600.0
 # Refusals of the endpoint as a whole (credentials, address), not of one payload.
 ENDPOINT_REFUSALS = frozenset({"http_401", "http_403", "http_404", "UNAUTHENTICATED", "PERMISSION_DENIED",
-                               "UNIMPLEMENTED"})
+                               "UNIMPLEMENTED"}) | {c for c in network.CAUSES if c != network.CONNECTION}
+# A TLS or proxy failure: the exporter logs it once per change of state, naming the setting to change.
+NETWORK_REFUSALS = frozenset(network.CAUSES) - {network.CONNECTION}
 # Of those, the refusals of the credentials: they pause points and events alike (issue 12).
 KEY_REFUSALS = frozenset({"http_401", "http_403", "UNAUTHENTICATED", "PERMISSION_DENIED"})
 
@@ -196,7 +199,8 @@ class Shipper:
             elif not result.retryable:
                 telemetry.export_failures.labels(result.cause).inc()
                 pause = self._refused(item, result.cause)
-                log.warning(f"endpoint refused the {what}; it stays in the ledger", extra=kv(
+                (log.debug if result.cause in NETWORK_REFUSALS else log.warning)(
+                    f"endpoint refused the {what}; it stays in the ledger", extra=kv(
                     instance=item.instance, seq=item.seq, cause=result.cause, retry_in_s=round(pause, 1)))
                 return
             else:
