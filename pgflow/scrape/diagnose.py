@@ -9,9 +9,11 @@ from psycopg import sql
 
 from pgflow.config import InstanceConfig, redact_dsn
 from pgflow.errors import ExtensionNotLoaded, ScrapeError, TextUnreadable
-from pgflow.scrape.connection import classify, connect
+from pgflow.scrape.connection import classify, connect, guarded
 from pgflow.scrape.explain import explain_helper_finding
-from pgflow.scrape.statements import MARK, timeout_sql
+from pgflow.scrape.statements import MARK
+
+_LIMIT_MS = 10_000
 
 _SERVER_SQL = f"""
 SELECT {MARK} current_setting('server_version'), current_setting('server_version_num')::int, current_user::text,
@@ -77,7 +79,6 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval
     except ScrapeError as exc:
         report.add("fail", "connect", str(exc))
         return report
-    conn.read_only = True
     try:
         with conn:
             _diagnose(conn, instance.dsn, report)
@@ -94,14 +95,18 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval
 def _probe(conn: psycopg.Connection, query: sql.Composable) -> tuple[object, psycopg.Error | None]:
     """Run one read under the scrape's limits; the error instead of raising."""
     try:
-        for limit in timeout_sql(10_000):
-            conn.execute(limit)  # type: ignore[arg-type]
-        row = conn.execute(query).fetchone()
-        conn.rollback()
-        return (row[0] if row else None), None
+        row = _read(conn, query)
+        return (row[0][0] if row else None), None
     except psycopg.Error as exc:
-        conn.rollback()
         return None, exc
+
+
+def _read(conn: psycopg.Connection, query: object, params: object = None) -> list[tuple]:
+    """Rows of one read in its own read-only, time-limited implicit transaction (no BEGIN: issue 19)."""
+    cur = conn.cursor()
+    with guarded(conn, _LIMIT_MS):
+        cur.execute(query, params)  # type: ignore[arg-type]
+    return cur.fetchall()
 
 
 def _check_sampling(instance: InstanceConfig, report: CheckReport, connect_timeout: int, interval: float) -> None:
@@ -113,10 +118,8 @@ def _check_sampling(instance: InstanceConfig, report: CheckReport, connect_timeo
 
 
 def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
-    row = conn.execute(_SERVER_SQL).fetchone()
-    version, version_num, user, can_read_all, ext_version, ext_schema = row  # type: ignore[misc]
-    settings = dict(conn.execute(_SETTINGS_SQL, (_SETTINGS,)).fetchall())
-    conn.rollback()
+    (version, version_num, user, can_read_all, ext_version, ext_schema), = _read(conn, _SERVER_SQL)
+    settings = dict(_read(conn, _SETTINGS_SQL, (_SETTINGS,)))  # type: ignore[arg-type]
     if version_num < 130000:
         report.add("fail", "server", f"PostgreSQL {version} is older than 13, which pgflow does not support")
     else:
@@ -126,8 +129,7 @@ def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
         return
     report.add("ok", "extension", f"pg_stat_statements {ext_version} in schema {ext_schema}")
     usage_sql = f"SELECT {MARK} has_schema_privilege(%s, 'USAGE')"
-    usage = conn.execute(usage_sql, (ext_schema,)).fetchone()[0]  # type: ignore[index]
-    conn.rollback()
+    usage = _read(conn, usage_sql, (ext_schema,))[0][0]
     if not usage:
         report.add("fail", "schema", f"{user} may not use schema {ext_schema}, where pg_stat_statements lives: "
                                      f"GRANT USAGE ON SCHEMA {ext_schema} TO {user}")
@@ -188,12 +190,25 @@ def _texts(conn: psycopg.Connection, dsn: str, schema: str, report: CheckReport)
         report.add("ok", "texts", "statement texts are readable")
         return
     failure = classify(error, dsn)
-    if isinstance(failure, TextUnreadable):
-        report.add("warn", "texts",
-                   f"{failure.message}: counters are still exported; statements new since are labelled by "
-                   "queryid until that entry leaves pg_stat_statements (or pg_stat_statements_reset() removes it)")
-    else:
+    if not isinstance(failure, TextUnreadable):
         report.add("fail", "texts", str(failure))
+        return
+    # The scraper's way round (issue 19): a SQL_ASCII database with pg_stat_statements.
+    from pgflow.scrape import texts
+
+    try:
+        route = texts.find_route(conn, dsn, texts.entry_dbids(conn, schema, _LIMIT_MS), statement_timeout_ms=_LIMIT_MS)
+    except psycopg.Error as exc:
+        report.add("warn", "texts", f"{failure.message}; where it comes from could not be found "
+                                    f"({str(classify(exc, dsn))})")
+        return
+    problem, fix = route.advice()
+    if route.database is not None:
+        report.add("ok", "texts", f"{problem}: texts are read through database {route.database} (SQL_ASCII, "
+                                  "pg_stat_statements installed), each decoded in its own database's encoding")
+    else:
+        report.add("warn", "texts", f"{problem}: counters are still exported but new statements are labelled by "
+                                    f"queryid; {fix}")
 
 
 def health_groups(conn: psycopg.Connection, report: CheckReport) -> None:
@@ -201,9 +216,8 @@ def health_groups(conn: psycopg.Connection, report: CheckReport) -> None:
     from pgflow.schema import HEALTH_GROUPS
     from pgflow.scrape.health import DISCOVER_SQL, HealthSupport
 
-    support = HealthSupport.of(conn.execute(DISCOVER_SQL).fetchone())  # type: ignore[arg-type]
-    standby = conn.execute(f"SELECT {MARK} pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
-    conn.rollback()
+    support = HealthSupport.of(_read(conn, DISCOVER_SQL)[0])  # type: ignore[arg-type]
+    standby = _read(conn, f"SELECT {MARK} pg_is_in_recovery()")[0][0]
     have = [g for g in HEALTH_GROUPS if support.supports(g)]
     lacking = [f"{g} ({support.why_not(g)})" for g in HEALTH_GROUPS if not support.supports(g)]
     role = "standby: replication lag is read from wal_receiver" if standby else "primary"
