@@ -165,6 +165,12 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
                               f"database's encoding (SQLSTATE {sqlstate})",
                               "pgflow reads texts through a SQL_ASCII database with pg_stat_statements; "
                               "pgflow check names the database and the fix")
+    missing_role = re.search(r'role "([^"]+)" does not exist', detail)
+    if missing_role and sqlstate in ("28000", None):  # invalid_authorization_specification (issue 19)
+        name = missing_role.group(1)
+        return AuthenticationFailed(f"PostgreSQL at {target} has no role {name}",
+                                    f"fix the user in DATABASE_URL, or create it: CREATE ROLE {name} LOGIN PASSWORD '...'; "
+                                    f"GRANT pg_monitor TO {name}")
     if sqlstate == "28P01" or "password authentication failed" in lowered or "no password supplied" in lowered:
         return AuthenticationFailed(f"PostgreSQL at {target} refused the credentials",
                                     "check the user and password in DATABASE_URL")
