@@ -83,6 +83,8 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval
         with conn:
             _diagnose(conn, instance.dsn, report)
             report.add(*explain_helper_finding(conn))  # issue 12
+            if settings is None or getattr(settings, "explains_per_window", 1) > 0:
+                plan_databases(conn, instance.dsn, report, connect_timeout)  # issue 19
             health_groups(conn, report)  # issue 13
             if settings is not None:
                 table_databases(conn, report, settings)  # issue 13
@@ -209,6 +211,64 @@ def _texts(conn: psycopg.Connection, dsn: str, schema: str, report: CheckReport)
     else:
         report.add("warn", "texts", f"{problem}: counters are still exported but new statements are labelled by "
                                     f"queryid; {fix}")
+
+
+_PLANNABLE_SQL = f"""
+SELECT {MARK} current_user::text, count(*), count(*) FILTER (WHERE NOT has_table_privilege(c.oid, 'SELECT'))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname !~ '^pg_(toast|temp_)'
+"""
+_MAX_PLAN_DATABASES = 20
+
+
+def plan_databases(conn: psycopg.Connection, dsn: str, report: CheckReport, connect_timeout: int = 5) -> None:
+    """Issue 19: per database where ``run`` will explain (those pg_stat_statements holds statements
+    of, and the DSN's), whether plans will work: the helper usable there, or the role may read the
+    tables; else a warning with the fix. Each database on a short-lived connection."""
+    from pgflow.scrape.explain import ExplainFailed, Explainer, _helper
+
+    row = _read(conn, f"SELECT {MARK} n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                      "WHERE e.extname = 'pg_stat_statements'")
+    if not row:
+        return
+    try:
+        names = [r[0] for r in _read(conn, sql.SQL(
+            f"SELECT {MARK} d.datname::text FROM pg_database d WHERE d.datallowconn AND NOT d.datistemplate "
+            "AND (d.datname = current_database() OR d.oid IN (SELECT dbid FROM {}.pg_stat_statements(false))) "
+            "ORDER BY d.datname").format(sql.Identifier(row[0][0])))]
+    except psycopg.Error:
+        return  # the statements themselves are unreadable: said by the other lines
+    for name in names[:_MAX_PLAN_DATABASES]:
+        try:
+            with connect(psycopg.conninfo.make_conninfo(dsn, dbname=name), connect_timeout=connect_timeout) as other:
+                user, tables, denied = _read(other, _PLANNABLE_SQL)[0]
+                installed, callable_ = _helper(other)
+                usable = False
+                if callable_:
+                    try:
+                        Explainer()._run(other, "SELECT 1", "helper")
+                        usable = True
+                    except ExplainFailed:
+                        pass
+        except (ScrapeError, psycopg.Error) as exc:
+            report.add("warn", f"plans in {name}", f"not checked ({exc if isinstance(exc, ScrapeError) else classify(exc, dsn)})")
+            continue
+        helper_fix = (f"install the explain helper there as the tables' owner (psql -d {name} -f "
+                      f"pgflow/sql/explain_helper.sql) and GRANT USAGE ON SCHEMA pgflow, EXECUTE ON FUNCTION "
+                      f"pgflow.explain_generic(text) TO {user}")
+        if usable:
+            report.add("ok", f"plans in {name}", "explain helper installed and usable")
+        elif installed:
+            report.add("warn", f"plans in {name}", f"explain helper installed but {user} may not call it: "
+                       f"GRANT USAGE ON SCHEMA pgflow TO {user}; GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) "
+                       f"TO {user}" + (f" ({denied} of {tables} tables cannot be planned until then)" if denied else ""))
+        elif denied:
+            report.add("warn", f"plans in {name}", f"{user} may not read {denied} of {tables} tables, so their "
+                       f"statements cannot be explained (permission denied): {helper_fix}, or GRANT SELECT on them "
+                       f"to {user} (statements that write need that privilege too)")
+        else:
+            report.add("ok", f"plans in {name}", f"{user} may read all {tables} tables")
 
 
 def health_groups(conn: psycopg.Connection, report: CheckReport) -> None:
