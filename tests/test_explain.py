@@ -588,3 +588,29 @@ def test_pgflow_capture_cli_attaches_the_plans_of_each_closed_window(server, tmp
     assert explained.height
     plans_frame = pl.concat([s.plans for s in with_plans])
     assert set(explained["queryid"].to_list()) & set(plans_frame["queryid"].to_list())
+
+
+def test_plans_resume_after_a_grant_without_restart(server, caplog):
+    """Issue 19 item 8: a permission failure is retried after PERMISSION_RETRY_SECS (10 min), not
+    24 h: once the DBA grants access, plans resume in the same process."""
+    import logging
+
+    from pgflow.scrape.explain import PERMISSION_RETRY_SECS
+
+    server.execute("DROP ROLE IF EXISTS planner", "CREATE ROLE planner LOGIN PASSWORD 'pw' IN ROLE pg_monitor",
+                   "REVOKE SELECT ON pgbench_accounts FROM planner")
+    focus = candidates(server).filter(pl.col("query").str.starts_with("SELECT abalance FROM pgbench_accounts"))
+    assert focus.height == 1
+    clock = Clock()
+    plans_source = PlanSource(database_connector(server.dsn(user="planner", password="pw")), instance="t", clock=clock)
+    with caplog.at_level(logging.INFO, logger="pgflow.explain"):
+        assert plans_source.run(focus, version(server)).height == 0
+    assert plans_source.stats.failed == {"permission": 1}
+    assert any("retried in 10 min" in r.getMessage() for r in caplog.records)
+    server.execute("GRANT SELECT ON pgbench_accounts TO planner")
+    clock.now += 60  # a minute later: still waiting, nothing sent
+    assert plans_source.run(focus, version(server)).height == 0 and plans_source.stats.failed == {"permission": 1}
+    clock.now += PERMISSION_RETRY_SECS
+    got = plans_source.run(focus, version(server))
+    assert got.height == 1 and plans_source.stats.explained == 1
+    server.execute("REVOKE SELECT ON pgbench_accounts FROM planner", "DROP OWNED BY planner", "DROP ROLE planner")
