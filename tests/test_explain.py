@@ -599,8 +599,8 @@ def test_plans_resume_after_a_grant_without_restart(server, caplog):
 
     server.execute("DROP ROLE IF EXISTS planner", "CREATE ROLE planner LOGIN PASSWORD 'pw' IN ROLE pg_monitor",
                    "REVOKE SELECT ON pgbench_accounts FROM planner")
-    focus = candidates(server).filter(pl.col("query").str.starts_with("SELECT abalance FROM pgbench_accounts"))
-    assert focus.height == 1
+    focus = candidates(server).filter(pl.col("query").str.starts_with("SELECT abalance FROM pgbench_accounts")).head(1)
+    assert focus.height == 1  # (on 13 one statement may have several entries: one is enough)
     clock = Clock()
     plans_source = PlanSource(database_connector(server.dsn(user="planner", password="pw")), instance="t", clock=clock)
     with caplog.at_level(logging.INFO, logger="pgflow.explain"):
