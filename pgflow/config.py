@@ -494,8 +494,8 @@ def _env_names(field: str) -> list[str]:
 
 def _source(field: str) -> str:
     """Where the value of ``field`` came from, as a person would look for it."""
-    if field in _overrides.get():
-        return "command line"
+    if field in _overrides.get():  # given by the program (a command-line option): named by its env name
+        return f"env {_ENV_NAMES.get(field, 'PGFLOW_' + field.upper())}"
     env = {k.upper() for k in os.environ}
     if field in Settings.model_fields:
         for name in _env_names(field):
