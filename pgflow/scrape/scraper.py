@@ -309,16 +309,19 @@ class Scraper:
         queryids = sorted({k[2] for k in keys})
         has_toplevel = "toplevel" in server.columns
         rows: list[tuple] | None = None
-        if self._route is None and (self._blocked is None or not self._blocked <= set(present)):
+        if self._blocked is None or not self._blocked <= set(present):  # never failed, or an entry has left since
             try:
                 rows = self._read_here(conn, server, queryids, has_toplevel)
-                self._blocked = None
+                if self._blocked is not None:
+                    log.info("statement texts are readable here again", extra=kv(instance=self.instance))
+                self._blocked, self._route, self._text_advice = None, None, None
             except (psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter):
                 self.stats.text_failures += 1
                 telemetry.text_failures.labels(self.instance).inc()
                 self._blocked = set(present)
-                self._probe_after = 0.0  # look for a way round now
-        if rows is None and (self._route is not None or self._blocked is not None):
+                if self._route is None:
+                    self._probe_after = 0.0  # look for a way round now
+        if rows is None and self._blocked is not None:
             rows = self._read_elsewhere(conn, server, queryids, has_toplevel, present)
         if rows is None:
             return
