@@ -42,11 +42,6 @@ def limits_sql(statement_timeout_ms: int, lock_timeout_ms: int | None = None, **
     return f"SELECT {MARK} {calls}"
 
 
-def timeout_sql(statement_timeout_ms: int) -> list[str]:
-    """The statements that open a unit of work (kept for callers that iterate): see :func:`limits_sql`."""
-    return [limits_sql(statement_timeout_ms)]
-
-
 EXTENSION_SQL = """
 SELECT /*pgflow*/ e.extversion, n.nspname,
        array(SELECT a.attname::text FROM pg_attribute a
