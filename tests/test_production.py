@@ -220,20 +220,23 @@ def test_promoted_standby_behind_the_same_address_starts_a_new_baseline(pgbench_
     behind the same address: the standby's history is not an interval."""
     a = pgbench_server()
     b = a.standby()
-    b.start()
-    b.pgbench("-n", "-S", "-c", "1", "-t", "200")  # the standby's own read-only history
-    select = PGBENCH_STATEMENTS["SELECT pgbench_accounts"]
-    with Scraper(a.dsn(), instance="primary-vip") as scraper:
-        state, _ = delta(None, scraper.scrape())
-        a.stop()
-        b.stop()
-        b.port = a.port
+    try:
         b.start()
-        b.promote()
-        with caplog.at_level(logging.WARNING, logger="pgflow.scrape"):
-            state, switched = delta(state, _scrape_retrying(scraper))
-            assert switched is None
-            state, after = delta(state, scraper.scrape())
+        b.pgbench("-n", "-S", "-c", "1", "-t", "200")  # the standby's own read-only history
+        select = PGBENCH_STATEMENTS["SELECT pgbench_accounts"]
+        with Scraper(a.dsn(), instance="primary-vip") as scraper:
+            state, _ = delta(None, scraper.scrape())
+            a.stop()
+            b.stop()
+            b.port = a.port
+            b.start()
+            b.promote()
+            with caplog.at_level(logging.WARNING, logger="pgflow.scrape"):
+                state, switched = delta(state, _scrape_retrying(scraper))
+                assert switched is None
+                state, after = delta(state, scraper.scrape())
+    finally:
+        b.cleanup()  # the standby is not the factory's: it outlived the session before
     assert after is not None
     frame = after.statements
     assert sum(c for q, c in zip(frame["query"], frame["calls"]) if q == select) == 0  # zero phantom calls
