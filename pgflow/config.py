@@ -160,10 +160,8 @@ class _JsonFileSource(PydanticBaseSettingsSource):
             raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}", "it must hold one JSON object of settings")
         unknown = sorted(set(data) - set(Settings.model_fields))
         if unknown:
-            raise ConfigError(
-                f"unknown setting {unknown[0]!r} in config file {path}",
-                f"known settings: {', '.join(sorted(Settings.model_fields))}",
-            )
+            raise ConfigError(f"unknown setting {unknown[0]!r} in config file {path}", _nearest(unknown[0]))
+        _file_keys.set((Path(path), frozenset(data)))
         return data
 
 
@@ -502,17 +500,24 @@ class Settings(BaseSettings):
 
         Raises ConfigError (one line, no secret) instead of pydantic's multi-line report.
         """
+        _unknown_env()  # issue 19: a misspelled PGFLOW_ variable is an error, as in the file
         token = _config_file.set(Path(config_file) if config_file else None)
+        keys = _file_keys.set(None)
+        over = _overrides.set(frozenset(overrides))
         try:
-            return cls(**overrides)
+            settings = cls(**overrides)
+            _say_which_wins(settings)
+            return settings
         except ValidationError as exc:
             raise _config_error(exc) from None
         except SettingsError as exc:
             field = re.search(r'field "(\w+)"', str(exc))
             name = field.group(1) if field else "settings"
-            raise ConfigError(f"invalid setting {name} (env PGFLOW_{name.upper()})", "expected a JSON value of the right type") from None
+            raise ConfigError(f"invalid setting {name} ({_source(name)})", "expected a JSON value of the right type") from None
         finally:
             _config_file.reset(token)
+            _file_keys.reset(keys)
+            _overrides.reset(over)
 
 
 def _default_state_dir() -> Path:
@@ -536,13 +541,99 @@ def _config_error(exc: ValidationError) -> ConfigError:
     kind = err.get("type", "")
     msg = str(err.get("msg", "invalid value"))
     if kind == "extra_forbidden":
-        return ConfigError(f"unknown setting {where!r}", f"known settings: {', '.join(sorted(Settings.model_fields))}")
+        return ConfigError(f"unknown setting {where!r}", _nearest(field))
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if not loc:  # a rule across settings (unique instance names): named by the setting it is about
+        about = "instances" if "instance" in msg else ""
+        return ConfigError(f"invalid setting instances ({_source('instances')}): {msg}" if about
+                           else f"invalid configuration: {msg}")
     shown = ""
     if field not in _SECRET_FIELDS and "input" in err and not isinstance(err["input"], (dict, list)):
         shown = f", got {str(err['input'])[:80]!r}"
-    return ConfigError(f"invalid setting {where} (env {env}): {msg}{shown}")
+    del env
+    return ConfigError(f"invalid setting {where} ({_source(field)}): {msg}{shown}")
+
+
+# --- issue 19: the user's mistakes, said once and clearly --------------------------------------
+
+_file_keys: contextvars.ContextVar[tuple[Path, frozenset[str]] | None] = contextvars.ContextVar(
+    "pgflow_config_file_keys", default=None)
+_overrides: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("pgflow_overrides", default=frozenset())
+# PGFLOW_ variables that are not settings: the config file's path, and the test and bench tools'.
+_OTHER_ENV = ("PGFLOW_CONFIG",)
+_OTHER_ENV_PREFIXES = ("PGFLOW_TEST_", "PGFLOW_BENCH_", "PGFLOW_PYTHON")
+_said_which_wins = False
+
+
+def _env_names(field: str) -> list[str]:
+    """Every environment name a setting is read from, the documented one first."""
+    info = Settings.model_fields[field]
+    names = [f"PGFLOW_{field.upper()}"]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        names = [str(c).upper() for c in alias.choices if str(c).upper() != field.upper()] + names
+    out: list[str] = []
+    for n in names:
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def _source(field: str) -> str:
+    """Where the value of ``field`` came from, as a person would look for it."""
+    if field in _overrides.get():  # given by the program (a command-line option): named by its env name
+        return f"env {_ENV_NAMES.get(field, 'PGFLOW_' + field.upper())}"
+    env = {k.upper() for k in os.environ}
+    if field in Settings.model_fields:
+        for name in _env_names(field):
+            if name in env:
+                return f"env {name}"
+    keys = _file_keys.get()
+    if keys is not None and field in keys[1]:
+        return f"config file {keys[0]}"
+    return f"env {_ENV_NAMES.get(field, 'PGFLOW_' + field.upper())}"
+
+
+def _nearest(name: str) -> str:
+    """The hint for an unknown setting: the nearest known one, else the list."""
+    import difflib
+
+    known = sorted(Settings.model_fields)
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"known settings: {', '.join(known)}"
+
+
+def _unknown_env() -> None:
+    """A ``PGFLOW_`` variable that names no setting exits 2, naming the nearest one: a typo must
+    not leave the default silently in place (the JSON file already refuses unknown keys)."""
+    known = {n for f in Settings.model_fields for n in _env_names(f)}
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not upper.startswith("PGFLOW_") or upper in known or upper in _OTHER_ENV \
+                or upper.startswith(_OTHER_ENV_PREFIXES):
+            continue
+        import difflib
+
+        fields = sorted(Settings.model_fields)
+        close = difflib.get_close_matches(upper[len("PGFLOW_"):].lower(), fields, n=1, cutoff=0.6)
+        hint = f"did you mean PGFLOW_{close[0].upper()}?" if close else \
+            f"known settings: {', '.join(fields)} (as PGFLOW_<SETTING>)"
+        raise ConfigError(f"unknown environment variable {name}", hint)
+
+
+def _say_which_wins(settings: Settings) -> None:
+    """DATABASE_URL and ``instances`` both set: the instances are scraped; said once per process."""
+    global _said_which_wins
+    if settings.instances and settings.database_url is not None and not _said_which_wins:
+        _said_which_wins = True
+        import logging
+
+        logging.getLogger("pgflow.config").warning(
+            f"DATABASE_URL ({_source('database_url')}) is ignored: the {len(settings.instances)} instance(s) listed "
+            "in instances are scraped; unset DATABASE_URL, or add it to instances")
 
 
 # --- issue 15: secrets from files ---------------------------------------------------------

@@ -111,3 +111,52 @@ def test_not_loaded_is_still_reported(pg_factory):
     server.execute("CREATE EXTENSION pg_stat_statements")
     text, findings = _report(server.dsn())
     assert findings["preload"][0] == "fail" and "shared_preload_libraries" in findings["preload"][1], text
+
+
+# --- issue 19 item 8 (the real CLI) ------------------------------------------------------------
+
+def _cli_check(dsn: str) -> tuple[int, str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), "DATABASE_URL": dsn}
+    proc = subprocess.run([sys.executable, "-m", "pgflow", "check"], capture_output=True, text=True, env=env, timeout=120)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_missing_role_gets_missing_role_advice(server):
+    """`FATAL: role "nobody" does not exist` (a trusted socket: no password step first) was told
+    to check that the server is running."""
+    code, out = _cli_check(f"postgresql://nobody@/postgres?host={server.root}&port={server.port}")
+    assert code == 1
+    assert "has no role nobody" in out and "CREATE ROLE nobody LOGIN" in out, out
+    assert "server is running" not in out
+
+
+def test_check_warns_per_database_where_plans_will_fail(pg_factory):
+    """A pg_monitor role cannot explain the statements on tables it may not read, in a database
+    other than the DSN's: `check` says so for that database with the fix, and says ok once the
+    helper is installed there and granted."""
+    from pathlib import Path
+
+    server = pg_factory()
+    server.execute("CREATE EXTENSION pg_stat_statements", "CREATE ROLE watcher LOGIN PASSWORD 'pw' IN ROLE pg_monitor",
+                   "CREATE DATABASE shop")
+    server.execute("CREATE TABLE orders (id int PRIMARY KEY, total int)", "SELECT total FROM orders WHERE id = 1",
+                   dbname="shop")
+    dsn = server.dsn(user="watcher", password="pw")
+    code, out = _cli_check(dsn)
+    assert code == 0, out
+    line = next((x for x in out.splitlines() if "plans in shop" in x), "")
+    assert line.strip().startswith("WARN") and "may not read 1 of 1 tables" in line, out
+    assert "psql -d shop -f pgflow/sql/explain_helper.sql" in line and "TO watcher" in line, line
+    helper = (Path(__file__).resolve().parent.parent / "pgflow" / "sql" / "explain_helper.sql").read_text()
+    with psycopg.connect(server.dsn("shop"), autocommit=True) as conn:
+        conn.execute(helper)
+        conn.execute("GRANT USAGE ON SCHEMA pgflow TO watcher")
+        conn.execute("GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) TO watcher")
+    code, out = _cli_check(dsn)
+    line = next((x for x in out.splitlines() if "plans in shop" in x), "")
+    assert line.strip().startswith("ok") and "helper installed and usable" in line, out

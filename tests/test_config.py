@@ -136,3 +136,56 @@ def test_cli_bad_config_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and SECRET not in proc.stderr + proc.stdout
     assert proc.stderr.strip().count("\n") == 0 and "database_url" in proc.stderr
+
+
+# --- issue 19 item 8: the user's mistakes, said once and clearly (the real CLI) ----------------
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run([sys.executable, "-m", "pgflow", *args], capture_output=True, text=True,
+                          env={**base, **env}, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_misspelled_env_variable_exits_2_naming_the_setting(command, tmp_path):
+    """A typo in a PGFLOW_ variable was silently ignored (interval stayed 30 s, exit 0)."""
+    proc = _cli(command, PGFLOW_COLECTION_INTERVAL_SECS="5", DATABASE_URL="postgresql://u@127.0.0.1:1/db",
+                PGFLOW_STATE_DIR=str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("pgflow: unknown environment variable PGFLOW_COLECTION_INTERVAL_SECS: "
+                                   "did you mean PGFLOW_COLLECTION_INTERVAL_SECS?"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_value_names_the_source_it_came_from(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"collection_interval_secs": -1}))
+    from_file = _cli("check", "--config", str(path), DATABASE_URL="postgresql://u@127.0.0.1:1/db")
+    assert from_file.returncode == 2
+    assert f"invalid setting collection_interval_secs (config file {path})" in from_file.stderr, from_file.stderr
+    from_env = _cli("check", PGFLOW_COLLECTION_INTERVAL_SECS="-1", DATABASE_URL="postgresql://u@127.0.0.1:1/db")
+    assert from_env.returncode == 2
+    assert "invalid setting collection_interval_secs (env PGFLOW_COLLECTION_INTERVAL_SECS)" in from_env.stderr
+
+
+def test_duplicate_instance_names_are_named_as_instances(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"instances": [{"name": "a", "database_url": "postgresql://u@h/x"},
+                                              {"name": "a", "database_url": "postgresql://u@h/y"}]}))
+    proc = _cli("check", "--config", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"pgflow: invalid setting instances (config file {path}): instance name 'a' is "
+                                   "used twice; each instance needs its own name"), proc.stderr
+    assert "PGFLOW_SETTINGS" not in proc.stderr
+
+
+def test_database_url_beside_instances_says_which_wins_once(pg, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"instances": [{"name": "listed", "database_url": pg.dsn()}]}))
+    proc = _cli("check", "--config", str(path), DATABASE_URL="postgresql://u@127.0.0.1:1/elsewhere")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    said = [line for line in (proc.stderr + proc.stdout).splitlines() if "DATABASE_URL" in line and "ignored" in line]
+    assert len(said) == 1 and "listed in instances are scraped" in said[0], said
+    assert "listed (" in proc.stdout and "elsewhere" not in proc.stdout

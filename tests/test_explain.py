@@ -309,16 +309,21 @@ def test_an_update_is_explained_read_only_and_not_executed(server):
     assert plan[0]["Plan"]["Node Type"] == "ModifyTable" and plan[0]["Plan"]["Operation"] == "Update"
     assert server.execute("SELECT bid, bbalance, xmin::text FROM pgbench_branches ORDER BY bid") == rows_before
     sent = pgflow_statements(server, since)
-    assert sent[:3] == ["BEGIN READ ONLY", "SET LOCAL /*pgflow*/ statement_timeout = 2000",
-                        "SET LOCAL /*pgflow*/ lock_timeout = 100"]
-    assert sent[-1] == "ROLLBACK" and not any("ANALYZE" in s.upper() for s in sent)
+    # Issue 19: no BEGIN or ROLLBACK (they would be exported as the user's); every round trip is one
+    # implicit transaction opened by the marked limits: read-only, statement and lock timeouts.
+    limits = ("SELECT /*pgflow*/ set_config('statement_timeout', '2000', true) || set_config('lock_timeout', '100', true)"
+              " || set_config('transaction_read_only', 'on', true)")
+    assert not any(s.split()[0].upper() in ("BEGIN", "ROLLBACK", "COMMIT", "START") for s in sent), sent
+    assert not any("ANALYZE" in s.upper() for s in sent)
     text = "UPDATE /*pgflow*/ pgbench_branches SET bbalance = bbalance + $1 WHERE bid = $2"  # as sent: marked
     if method == "generic_plan":
-        assert sent[3] == f"EXPLAIN /*pgflow*/ (GENERIC_PLAN, FORMAT JSON) {text}"
+        assert sent == [f"{limits}; EXPLAIN /*pgflow*/ (GENERIC_PLAN, FORMAT JSON) {text}"]
     else:
-        assert sent[3:8] == ["SET LOCAL /*pgflow*/ plan_cache_mode = force_generic_plan", f"PREPARE /*pgflow*/ pgflow_explain AS {text}",
-                             sent[5], "EXPLAIN /*pgflow*/ (FORMAT JSON) EXECUTE pgflow_explain(NULL, NULL)",
-                             "DEALLOCATE pgflow_explain"]
+        assert sent[0] == (f"{limits}; PREPARE /*pgflow*/ pgflow_explain AS {text}; SELECT /*pgflow*/ "
+                           "coalesce(cardinality(parameter_types), 0) FROM pg_prepared_statements WHERE name = 'pgflow_explain'")
+        assert sent[1:] == [f"{limits} || set_config('plan_cache_mode', 'force_generic_plan', true); "
+                            "EXPLAIN /*pgflow*/ (FORMAT JSON) EXECUTE pgflow_explain(NULL, NULL)",
+                            "DEALLOCATE pgflow_explain"]
 
 
 def test_a_locked_table_times_out_on_lock_timeout_and_is_retried_later(server):
@@ -377,7 +382,7 @@ def test_budget_ttl_and_error_cache_hold(server):
         since = log_size(server)
         got = plans_source.run(fifty, version(server))
         sent = [s for s in pgflow_statements(server, since)
-                if s.startswith(("EXPLAIN /*pgflow*/ (GENERIC_PLAN", "PREPARE"))]  # one per statement explained
+                if "; EXPLAIN /*pgflow*/ (GENERIC_PLAN" in s or "; PREPARE" in s]  # one per statement explained
         assert got.height == 5 and len(sent) == 5  # the server saw five explains, no more
         seen.append(set(got["fingerprint"]))
     assert len(seen[0] | seen[1] | seen[2]) == 15  # none again within its TTL
@@ -583,3 +588,29 @@ def test_pgflow_capture_cli_attaches_the_plans_of_each_closed_window(server, tmp
     assert explained.height
     plans_frame = pl.concat([s.plans for s in with_plans])
     assert set(explained["queryid"].to_list()) & set(plans_frame["queryid"].to_list())
+
+
+def test_plans_resume_after_a_grant_without_restart(server, caplog):
+    """Issue 19 item 8: a permission failure is retried after PERMISSION_RETRY_SECS (10 min), not
+    24 h: once the DBA grants access, plans resume in the same process."""
+    import logging
+
+    from pgflow.scrape.explain import PERMISSION_RETRY_SECS
+
+    server.execute("DROP ROLE IF EXISTS planner", "CREATE ROLE planner LOGIN PASSWORD 'pw' IN ROLE pg_monitor",
+                   "REVOKE SELECT ON pgbench_accounts FROM planner")
+    focus = candidates(server).filter(pl.col("query").str.starts_with("SELECT abalance FROM pgbench_accounts")).head(1)
+    assert focus.height == 1  # (on 13 one statement may have several entries: one is enough)
+    clock = Clock()
+    plans_source = PlanSource(database_connector(server.dsn(user="planner", password="pw")), instance="t", clock=clock)
+    with caplog.at_level(logging.INFO, logger="pgflow.explain"):
+        assert plans_source.run(focus, version(server)).height == 0
+    assert plans_source.stats.failed == {"permission": 1}
+    assert any("retried in 10 min" in r.getMessage() for r in caplog.records)
+    server.execute("GRANT SELECT ON pgbench_accounts TO planner")
+    clock.now += 60  # a minute later: still waiting, nothing sent
+    assert plans_source.run(focus, version(server)).height == 0 and plans_source.stats.failed == {"permission": 1}
+    clock.now += PERMISSION_RETRY_SECS
+    got = plans_source.run(focus, version(server))
+    assert got.height == 1 and plans_source.stats.explained == 1
+    server.execute("REVOKE SELECT ON pgbench_accounts FROM planner", "DROP OWNED BY planner", "DROP ROLE planner")

@@ -56,30 +56,42 @@ def _calls_by_queryid(deltas, queryids: set[int]) -> int:
     return int(sum(c for q, c in zip(frame["queryid"], frame["calls"]) if q in queryids))
 
 
+def _texts(deltas) -> dict[str, int]:
+    frame = deltas.statements
+    out: dict[str, int] = {}
+    for q, c in zip(frame["query"], frame["calls"]):
+        if q is not None:
+            out[q] = out.get(q, 0) + int(c)
+    return out
+
+
 def test_unreadable_text_keeps_counting(encodings, caplog):
-    """Item 1: one text the server cannot convert must not stop the counters of the whole server."""
-    with Scraper(encodings.dsn()) as scraper:
+    """Item 1 (issue 14), issue 19 item 2: one text the server cannot convert stops neither the
+    counters nor the texts: they are read through the SQL_ASCII database that has the extension."""
+    with Scraper(encodings.dsn()) as scraper, caplog.at_level(logging.INFO, logger="pgflow.scrape"):
         state, _ = delta(None, scraper.scrape())
         with psycopg.connect(encodings.dsn(), autocommit=True) as conn:
             for _ in range(7):
                 conn.execute("SELECT 42 AS fresh_after_the_bad_text")
-        queryid = encodings.execute("SELECT queryid FROM pg_stat_statements(false) s JOIN pg_roles r ON r.oid = s.userid "
-                                    "WHERE calls = 7 AND r.rolname = 'postgres'")
-        with caplog.at_level(logging.WARNING, logger="pgflow.scrape"):
-            state, deltas = delta(state, scraper.scrape())
+        with psycopg.connect(encodings.dsn("sqlascii"), autocommit=True) as conn:
+            for _ in range(3):
+                conn.execute(BAD_BYTE_STATEMENT)
+        state, deltas = delta(state, scraper.scrape())
     assert deltas is not None
-    assert _calls_by_queryid(deltas, {q for q, in queryid}) == 7  # counted, under the queryid label
+    texts = _texts(deltas)
+    assert texts.get("SELECT $1 AS fresh_after_the_bad_text") == 7, texts  # its own text, not a queryid
+    assert texts.get('SELECT $1 AS "caf\ufffd"') == 3, texts  # the bad byte replaced, the rest kept
     assert scraper.stats.text_failures >= 1
-    assert any("statement texts cannot be read" in r.getMessage() for r in caplog.records)
+    assert any("read through a SQL_ASCII database" in r.getMessage() for r in caplog.records)
     logged = caplog.text + " ".join(str(getattr(r, "kv", "")) for r in caplog.records)
     assert "caf" not in logged and "0xe9" not in logged  # the failure is named, no byte of the text
 
 
 def test_check_exercises_the_text_path(encodings):
-    """Item 1: `pgflow check` reads texts the way the scraper does, and says what it means."""
+    """`pgflow check` reads texts the way the scraper does, and says which way (issue 19 item 2)."""
     report = check(InstanceConfig(name="enc", database_url=encodings.dsn()))
     texts = [f for f in report.findings if f.name == "texts"]
-    assert texts and texts[0].level == "warn" and "labelled by queryid" in texts[0].detail, report.render()
+    assert texts and texts[0].level == "ok" and "read through database sqlascii" in texts[0].detail, report.render()
     assert report.usable, report.render()
     assert "0xe9" not in report.render()  # the server quotes the bytes; they may belong to a literal
 
@@ -101,6 +113,70 @@ def test_sql_ascii_and_latin1_databases(encodings):
     with Scraper(encodings.dsn("sqlascii")) as scraper:
         texts = scraper.scrape().statements["query"].drop_nulls().to_list()
     assert 'SELECT $1 AS "caf\ufffd"' in texts or 'SELECT 1 AS "caf\ufffd"' in texts
+
+
+def test_latin1_text_comes_out_as_unicode(encodings):
+    """Issue 19 item 2: a valid LATIN1 text is the right characters whichever way it is read: from
+    a UTF8 database (converted by the server, here through the SQL_ASCII database because of the
+    0xe9 text) and from the SQL_ASCII database itself (decoded in the LATIN1 database's encoding)."""
+    with psycopg.connect(encodings.dsn("latin"), autocommit=True) as conn:
+        assert conn.info.encoding == "iso8859-1"
+        for _ in range(2):
+            conn.execute('SELECT 1 AS "déjà_vu_café"')
+    for db in ("postgres", "sqlascii"):
+        with Scraper(encodings.dsn(db)) as scraper:
+            texts = scraper.scrape().statements["query"].drop_nulls().to_list()
+        assert 'SELECT $1 AS "déjà_vu_café"' in texts, (db, [t for t in texts if "vu" in t])
+
+
+@pytest.fixture()
+def blind(pg_factory):
+    """A server whose 0xe9 text comes from a SQL_ASCII database without pg_stat_statements."""
+    server = pg_factory()
+    server.execute("CREATE EXTENSION pg_stat_statements",
+                   "CREATE DATABASE legacy ENCODING 'SQL_ASCII' TEMPLATE template0")
+    with psycopg.connect(server.dsn("legacy"), autocommit=True) as conn:
+        conn.execute(BAD_BYTE_STATEMENT)
+    return server
+
+
+def test_unreadable_text_without_a_way_round_says_where_and_how(blind, caplog, monkeypatch):
+    """Issue 19 item 2: no SQL_ASCII database with the extension: known texts kept, new keys by
+    queryid, one warning naming the database and the fix, the same in `pgflow check`; once the
+    DBA creates the extension there, texts come back without a restart."""
+    from pgflow.scrape import scraper as scraper_module
+
+    with Scraper(blind.dsn()) as scraper, caplog.at_level(logging.WARNING, logger="pgflow.scrape"):
+        state, _ = delta(None, scraper.scrape())
+        with psycopg.connect(blind.dsn(), autocommit=True) as conn:
+            for _ in range(7):
+                conn.execute("SELECT 42 AS fresh_after_the_bad_text")
+        state, deltas = delta(state, scraper.scrape())
+        state, _ = delta(state, scraper.scrape())
+        queryid = blind.execute("SELECT queryid FROM pg_stat_statements(false) s JOIN pg_roles r ON r.oid = s.userid "
+                                "WHERE calls = 7 AND r.rolname = 'postgres'")
+        assert _calls_by_queryid(deltas, {q for q, in queryid}) == 7  # counted, under the queryid label
+        warnings = [r.getMessage() for r in caplog.records if "statement texts cannot be read" in r.getMessage()]
+        assert len(warnings) == 1, warnings  # once
+        assert "database legacy" in warnings[0] and "CREATE EXTENSION pg_stat_statements in database legacy" \
+            in warnings[0], warnings[0]
+        assert "caf" not in caplog.text
+        # The way out: the extension created there; looked for again (TEXT_RETRY_SECS, 0 here).
+        blind.execute("CREATE EXTENSION pg_stat_statements", dbname="legacy")
+        monkeypatch.setattr(scraper_module, "TEXT_RETRY_SECS", 0.0)
+        scraper._probe_after = 0.0
+        with psycopg.connect(blind.dsn(), autocommit=True) as conn:
+            for _ in range(5):
+                conn.execute("SELECT count(*) FROM pg_class WHERE relname = 'after_the_grant'")
+        state, deltas = delta(state, scraper.scrape())
+    assert _texts(deltas).get("SELECT count(*) FROM pg_class WHERE relname = $1") == 5, _texts(deltas)
+    blind.execute("DROP EXTENSION pg_stat_statements", dbname="legacy")
+    report = check(InstanceConfig(name="blind", database_url=blind.dsn()))
+    texts = [f for f in report.findings if f.name == "texts"]
+    assert texts and texts[0].level == "warn", report.render()
+    assert "database legacy" in texts[0].detail and \
+        "CREATE EXTENSION pg_stat_statements in database legacy" in texts[0].detail, report.render()
+    assert "caf" not in report.render()
 
 
 def _scrape_retrying(scraper: Scraper):
@@ -328,7 +404,8 @@ def test_every_statement_pgflow_sends_carries_its_mark(pg_factory):
     """pgflow's own work is never exported as workload: every statement its scrapers send (the
     statements and health scrape, the table scrape and its database discovery, the sampler, the
     check) carries /*pgflow*/, so pg_stat_statements' entries of the monitoring role are all
-    marked. Only transaction control, which cannot carry a comment, is left (README). The table
+    marked. No transaction control is sent at all (issue 19): from PostgreSQL 16 a marked
+    ROLLBACK would share the user's entry (utility queryids ignore comments). The table
     scrape and the discovery of databases were once unmarked and showed in the demo's top queries."""
     from pgflow.scrape.health import HealthSchedule
     from pgflow.scrape.sampler import Sampler
@@ -352,6 +429,5 @@ def test_every_statement_pgflow_sends_carries_its_mark(pg_factory):
     entries = server.execute("SELECT s.query FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid "
                              "WHERE r.rolname = 'pgflow_mark'")
     assert len(entries) >= 10  # the scrapers did run as that role
-    unmarked = [q for (q,) in entries if MARK not in q
-                and q.split()[0].upper() not in ("BEGIN", "ROLLBACK", "COMMIT", "START", "DEALLOCATE")]
+    unmarked = [q for (q,) in entries if MARK not in q]  # transaction control included (issue 19)
     assert unmarked == [], "\n".join(q[:100] for q in unmarked)

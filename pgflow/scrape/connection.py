@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 from psycopg import errors as pgerr
@@ -26,10 +28,11 @@ from pgflow.errors import (
 
 
 def connect(dsn: str, *, connect_timeout: int = 5) -> psycopg.Connection:
-    """Open the monitoring connection: no prepared statements (pgbouncer-safe), read-only work.
+    """Open the monitoring connection: no prepared statements (pgbouncer-safe), autocommit.
 
     ``prepare_threshold=None`` keeps psycopg from preparing statements, which breaks behind
-    pgbouncer in transaction pooling.
+    pgbouncer in transaction pooling. Autocommit: psycopg sends no ``BEGIN`` of its own; each
+    unit of work is made read-only and time-limited by :func:`guarded` (issue 19).
     """
     try:
         conn = psycopg.connect(
@@ -37,12 +40,29 @@ def connect(dsn: str, *, connect_timeout: int = 5) -> psycopg.Connection:
             connect_timeout=connect_timeout,
             application_name="pgflow",
             prepare_threshold=None,
-            autocommit=False,
+            autocommit=True,
         )
     except psycopg.Error as exc:
         raise classify(exc, dsn) from None
     lenient_text(conn)
     return conn
+
+
+@contextmanager
+def guarded(conn: psycopg.Connection, statement_timeout_ms: int, lock_timeout_ms: int | None = None,
+            **extra: str) -> Iterator[None]:
+    """One unit of work in one implicit transaction, read-only and time-limited, no ``BEGIN``.
+
+    A pipeline: the marked limits statement (:func:`~pgflow.scrape.statements.limits_sql`),
+    then what the block executes; Sync only at the end, so all of it is one transaction (one
+    snapshot where the isolation gives one). Results are fetched after the block: a fetch
+    inside it would Sync and end the transaction early.
+    """
+    from pgflow.scrape.statements import limits_sql
+
+    with conn.pipeline():
+        conn.execute(limits_sql(statement_timeout_ms, lock_timeout_ms, **extra))  # type: ignore[arg-type]
+        yield
 
 
 class _LenientText(Loader):
@@ -143,7 +163,14 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
         # The server's message quotes bytes of the text (maybe of a literal): only the SQLSTATE is kept.
         return TextUnreadable(f"a statement text in pg_stat_statements on {target} cannot be converted to this "
                               f"database's encoding (SQLSTATE {sqlstate})",
-                              "texts are labelled by queryid until that entry leaves pg_stat_statements")
+                              "pgflow reads texts through a SQL_ASCII database with pg_stat_statements; "
+                              "pgflow check names the database and the fix")
+    missing_role = re.search(r'role "([^"]+)" does not exist', detail)
+    if missing_role and sqlstate in ("28000", None):  # invalid_authorization_specification (issue 19)
+        name = missing_role.group(1)
+        return AuthenticationFailed(f"PostgreSQL at {target} has no role {name}",
+                                    f"fix the user in DATABASE_URL, or create it: CREATE ROLE {name} LOGIN PASSWORD '...'; "
+                                    f"GRANT pg_monitor TO {name}")
     if sqlstate == "28P01" or "password authentication failed" in lowered or "no password supplied" in lowered:
         return AuthenticationFailed(f"PostgreSQL at {target} refused the credentials",
                                     "check the user and password in DATABASE_URL")

@@ -10,9 +10,11 @@ from psycopg import sql
 
 from pgflow.config import InstanceConfig, redact_dsn
 from pgflow.errors import ExtensionNotLoaded, ScrapeError, TextUnreadable
-from pgflow.scrape.connection import classify, connect
+from pgflow.scrape.connection import classify, connect, guarded
 from pgflow.scrape.explain import explain_helper_finding
-from pgflow.scrape.statements import MARK, timeout_sql
+from pgflow.scrape.statements import MARK
+
+_LIMIT_MS = 10_000
 
 _SERVER_SQL = f"""
 SELECT {MARK} current_setting('server_version'), current_setting('server_version_num')::int, current_user::text,
@@ -107,11 +109,12 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval
         if advice:
             report.add("fail", "tls", advice)
         return report
-    conn.read_only = True
     try:
         with conn:
             _diagnose(conn, instance.dsn, report)
             report.add(*explain_helper_finding(conn))  # issue 12
+            if settings is None or getattr(settings, "explains_per_window", 1) > 0:
+                plan_databases(conn, instance.dsn, report, connect_timeout)  # issue 19
             health_groups(conn, report)  # issue 13
             if settings is not None:
                 table_databases(conn, report, settings)  # issue 13
@@ -124,14 +127,18 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval
 def _probe(conn: psycopg.Connection, query: sql.Composable) -> tuple[object, psycopg.Error | None]:
     """Run one read under the scrape's limits; the error instead of raising."""
     try:
-        for limit in timeout_sql(10_000):
-            conn.execute(limit)  # type: ignore[arg-type]
-        row = conn.execute(query).fetchone()
-        conn.rollback()
-        return (row[0] if row else None), None
+        row = _read(conn, query)
+        return (row[0][0] if row else None), None
     except psycopg.Error as exc:
-        conn.rollback()
         return None, exc
+
+
+def _read(conn: psycopg.Connection, query: object, params: object = None) -> list[tuple]:
+    """Rows of one read in its own read-only, time-limited implicit transaction (no BEGIN: issue 19)."""
+    cur = conn.cursor()
+    with guarded(conn, _LIMIT_MS):
+        cur.execute(query, params)  # type: ignore[arg-type]
+    return cur.fetchall()
 
 
 def _check_sampling(instance: InstanceConfig, report: CheckReport, connect_timeout: int, interval: float) -> None:
@@ -143,10 +150,8 @@ def _check_sampling(instance: InstanceConfig, report: CheckReport, connect_timeo
 
 
 def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
-    row = conn.execute(_SERVER_SQL).fetchone()
-    version, version_num, user, can_read_all, ext_version, ext_schema = row  # type: ignore[misc]
-    settings = dict(conn.execute(_SETTINGS_SQL, (_SETTINGS,)).fetchall())
-    conn.rollback()
+    (version, version_num, user, can_read_all, ext_version, ext_schema), = _read(conn, _SERVER_SQL)
+    settings = dict(_read(conn, _SETTINGS_SQL, (_SETTINGS,)))  # type: ignore[arg-type]
     if version_num < 130000:
         report.add("fail", "server", f"PostgreSQL {version} is older than 13, which pgflow does not support")
     else:
@@ -156,8 +161,7 @@ def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
         return
     report.add("ok", "extension", f"pg_stat_statements {ext_version} in schema {ext_schema}")
     usage_sql = f"SELECT {MARK} has_schema_privilege(%s, 'USAGE')"
-    usage = conn.execute(usage_sql, (ext_schema,)).fetchone()[0]  # type: ignore[index]
-    conn.rollback()
+    usage = _read(conn, usage_sql, (ext_schema,))[0][0]
     if not usage:
         report.add("fail", "schema", f"{user} may not use schema {ext_schema}, where pg_stat_statements lives: "
                                      f"GRANT USAGE ON SCHEMA {ext_schema} TO {user}")
@@ -218,12 +222,83 @@ def _texts(conn: psycopg.Connection, dsn: str, schema: str, report: CheckReport)
         report.add("ok", "texts", "statement texts are readable")
         return
     failure = classify(error, dsn)
-    if isinstance(failure, TextUnreadable):
-        report.add("warn", "texts",
-                   f"{failure.message}: counters are still exported; statements new since are labelled by "
-                   "queryid until that entry leaves pg_stat_statements (or pg_stat_statements_reset() removes it)")
-    else:
+    if not isinstance(failure, TextUnreadable):
         report.add("fail", "texts", str(failure))
+        return
+    # The scraper's way round (issue 19): a SQL_ASCII database with pg_stat_statements.
+    from pgflow.scrape import texts
+
+    try:
+        route = texts.find_route(conn, dsn, texts.entry_dbids(conn, schema, _LIMIT_MS), statement_timeout_ms=_LIMIT_MS)
+    except psycopg.Error as exc:
+        report.add("warn", "texts", f"{failure.message}; where it comes from could not be found "
+                                    f"({str(classify(exc, dsn))})")
+        return
+    problem, fix = route.advice()
+    if route.database is not None:
+        report.add("ok", "texts", f"{problem}: texts are read through database {route.database} (SQL_ASCII, "
+                                  "pg_stat_statements installed), each decoded in its own database's encoding")
+    else:
+        report.add("warn", "texts", f"{problem}: counters are still exported but new statements are labelled by "
+                                    f"queryid; {fix}")
+
+
+_PLANNABLE_SQL = f"""
+SELECT {MARK} current_user::text, count(*), count(*) FILTER (WHERE NOT has_table_privilege(c.oid, 'SELECT'))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname !~ '^pg_(toast|temp_)'
+"""
+_MAX_PLAN_DATABASES = 20
+
+
+def plan_databases(conn: psycopg.Connection, dsn: str, report: CheckReport, connect_timeout: int = 5) -> None:
+    """Issue 19: per database where ``run`` will explain (those pg_stat_statements holds statements
+    of, and the DSN's), whether plans will work: the helper usable there, or the role may read the
+    tables; else a warning with the fix. Each database on a short-lived connection."""
+    from pgflow.scrape.explain import ExplainFailed, Explainer, _helper
+
+    row = _read(conn, f"SELECT {MARK} n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                      "WHERE e.extname = 'pg_stat_statements'")
+    if not row:
+        return
+    try:
+        names = [r[0] for r in _read(conn, sql.SQL(
+            f"SELECT {MARK} d.datname::text FROM pg_database d WHERE d.datallowconn AND NOT d.datistemplate "
+            "AND (d.datname = current_database() OR d.oid IN (SELECT dbid FROM {}.pg_stat_statements(false))) "
+            "ORDER BY d.datname").format(sql.Identifier(row[0][0])))]
+    except psycopg.Error:
+        return  # the statements themselves are unreadable: said by the other lines
+    for name in names[:_MAX_PLAN_DATABASES]:
+        try:
+            with connect(psycopg.conninfo.make_conninfo(dsn, dbname=name), connect_timeout=connect_timeout) as other:
+                user, tables, denied = _read(other, _PLANNABLE_SQL)[0]
+                installed, callable_ = _helper(other)
+                usable = False
+                if callable_:
+                    try:
+                        Explainer()._run(other, "SELECT 1", "helper")
+                        usable = True
+                    except ExplainFailed:
+                        pass
+        except (ScrapeError, psycopg.Error) as exc:
+            report.add("warn", f"plans in {name}", f"not checked ({exc if isinstance(exc, ScrapeError) else classify(exc, dsn)})")
+            continue
+        helper_fix = (f"install the explain helper there as the tables' owner (psql -d {name} -f "
+                      f"pgflow/sql/explain_helper.sql) and GRANT USAGE ON SCHEMA pgflow, EXECUTE ON FUNCTION "
+                      f"pgflow.explain_generic(text) TO {user}")
+        if usable:
+            report.add("ok", f"plans in {name}", "explain helper installed and usable")
+        elif installed:
+            report.add("warn", f"plans in {name}", f"explain helper installed but {user} may not call it: "
+                       f"GRANT USAGE ON SCHEMA pgflow TO {user}; GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) "
+                       f"TO {user}" + (f" ({denied} of {tables} tables cannot be planned until then)" if denied else ""))
+        elif denied:
+            report.add("warn", f"plans in {name}", f"{user} may not read {denied} of {tables} tables, so their "
+                       f"statements cannot be explained (permission denied): {helper_fix}, or GRANT SELECT on them "
+                       f"to {user} (statements that write need that privilege too)")
+        else:
+            report.add("ok", f"plans in {name}", f"{user} may read all {tables} tables")
 
 
 def health_groups(conn: psycopg.Connection, report: CheckReport) -> None:
@@ -231,9 +306,8 @@ def health_groups(conn: psycopg.Connection, report: CheckReport) -> None:
     from pgflow.schema import HEALTH_GROUPS
     from pgflow.scrape.health import DISCOVER_SQL, HealthSupport
 
-    support = HealthSupport.of(conn.execute(DISCOVER_SQL).fetchone())  # type: ignore[arg-type]
-    standby = conn.execute(f"SELECT {MARK} pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
-    conn.rollback()
+    support = HealthSupport.of(_read(conn, DISCOVER_SQL)[0])  # type: ignore[arg-type]
+    standby = _read(conn, f"SELECT {MARK} pg_is_in_recovery()")[0][0]
     have = [g for g in HEALTH_GROUPS if support.supports(g)]
     lacking = [f"{g} ({support.why_not(g)})" for g in HEALTH_GROUPS if not support.supports(g)]
     role = "standby: replication lag is read from wal_receiver" if standby else "primary"

@@ -51,6 +51,10 @@ def choose(rows: list[tuple[str, bool, bool]], *, include: list[str], exclude: l
 
 def discover(conn: psycopg.Connection, *, include: list[str], exclude: list[str], limit: int) -> Discovered:
     """Read ``pg_database`` on ``conn`` (any database of the instance) and choose."""
-    rows = conn.execute(DATABASES_SQL).fetchall()
-    conn.rollback()
+    from pgflow.scrape.connection import guarded
+
+    cur = conn.cursor()
+    with guarded(conn, 10_000):  # read-only and time-limited, no BEGIN (issue 19)
+        cur.execute(DATABASES_SQL)
+    rows = cur.fetchall()
     return choose(rows, include=include, exclude=exclude, limit=limit)  # type: ignore[arg-type]

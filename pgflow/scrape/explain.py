@@ -6,15 +6,16 @@ For each window, the fingerprints with the most execution time are explained, at
   ``$n`` text, no literal needed;
 - 13–15: ``PREPARE`` + ``plan_cache_mode = force_generic_plan`` + ``EXPLAIN EXECUTE`` with NULL
   parameters + ``DEALLOCATE``;
-always inside ``BEGIN READ ONLY`` with ``SET LOCAL statement_timeout`` and ``lock_timeout``,
+always read-only with statement_timeout and lock_timeout set for the transaction (one implicit
+transaction per round trip, no ``BEGIN`` or ``ROLLBACK`` to show as workload: issue 19),
 never ``ANALYZE``, on a connection to the statement's own database, and only for a text
 that pglast parses as exactly one SELECT, INSERT, UPDATE, DELETE or MERGE. When the optional
 ``pgflow.explain_generic`` helper (``pgflow/sql/explain_helper.sql``) is installed and usable
 in that database, it is used instead, so plans of tables the monitoring role may not read work.
 
 A deterministic failure (syntax, an undefined table from another ``search_path``, a missing
-privilege) is remembered for 24 hours per (database, fingerprint) and counted once by cause; a
-timeout is retried at a later window. The plan is obfuscated (``pgflow.ops.plans``) before
+privilege) is remembered per (database, fingerprint) and counted once by cause: 24 hours, but a
+missing privilege only 10 minutes (a GRANT fixes it); a timeout is retried at a later window. The plan is obfuscated (``pgflow.ops.plans``) before
 it leaves this module, so no constant is ever held, captured or sent.
 """
 
@@ -40,10 +41,19 @@ from pgflow.logs import kv
 from pgflow.ops import plans
 from pgflow.ops.explain_targets import explain_candidates
 from pgflow.schema import PLANS, Snapshot
+from pgflow.scrape.connection import guarded
+from pgflow.scrape.statements import limits_sql
 
 log = logging.getLogger("pgflow.explain")
 
 ERROR_TTL_SECS = 24 * 3600
+# A missing privilege is fixed by a GRANT, not by the statement changing: retried this soon, so
+# plans resume after the DBA grants access, without a restart (issue 19).
+PERMISSION_RETRY_SECS = 600.0
+
+
+def _error_ttl(cause: str) -> float:
+    return PERMISSION_RETRY_SECS if cause == "permission" else ERROR_TTL_SECS
 EXPLAINABLE = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 def helper_sql() -> str:
     """The optional SECURITY DEFINER helper's SQL, shipped inside the package."""
@@ -139,10 +149,17 @@ class Explainer:
     statement_timeout_ms: int = 2000
     lock_timeout_ms: int = 100
 
-    def _begin(self, cur: psycopg.Cursor) -> None:
-        cur.execute("BEGIN READ ONLY")
-        cur.execute(f"SET LOCAL /*pgflow*/ statement_timeout = {int(self.statement_timeout_ms)}")
-        cur.execute(f"SET LOCAL /*pgflow*/ lock_timeout = {int(self.lock_timeout_ms)}")
+    def _limits(self, **extra: str) -> str:
+        """The first statement of each round trip: read-only, time-limited (no BEGIN: issue 19)."""
+        return limits_sql(self.statement_timeout_ms, self.lock_timeout_ms, **extra)
+
+    def _simple(self, conn: psycopg.Connection, statements: list[str]) -> list[tuple]:
+        """``statements`` after the limits as one simple-protocol query (one implicit transaction,
+        no BEGIN or ROLLBACK to show in pg_stat_statements); the last statement's rows."""
+        cur = conn.execute("; ".join([self._limits(), *statements]))  # type: ignore[arg-type]
+        while cur.nextset():
+            pass
+        return cur.fetchall()
 
     def explain(self, conn: psycopg.Connection, text: str, server_version_num: int,
                 helper: bool = False) -> tuple[list, str]:
@@ -160,29 +177,30 @@ class Explainer:
         """The read-only transaction of one explain, for a text already checked."""
         prepared = False
         try:
-            with conn.cursor() as cur:
-                self._begin(cur)
-                if method == "helper":
-                    # A bound parameter: the text is a value here, never part of the command.
+            if method == "helper":
+                # A bound parameter: the text is a value here, never part of the command.
+                cur = conn.cursor()
+                with guarded(conn, self.statement_timeout_ms, self.lock_timeout_ms):
                     cur.execute("SELECT /*pgflow*/ pgflow.explain_generic(%s)", (text,))
-                    plan = cur.fetchone()[0]  # type: ignore[index]
-                elif method == "generic_plan":
-                    # Simple protocol (no parameters), so $n stay placeholders for GENERIC_PLAN.
-                    cur.execute("EXPLAIN /*pgflow*/ (GENERIC_PLAN, FORMAT JSON) " + text)
-                    plan = cur.fetchone()[0]  # type: ignore[index]
-                else:
-                    cur.execute("SET LOCAL /*pgflow*/ plan_cache_mode = force_generic_plan")
-                    cur.execute("PREPARE /*pgflow*/ pgflow_explain AS " + text)
-                    prepared = True
-                    cur.execute("SELECT /*pgflow*/ coalesce(cardinality(parameter_types), 0) FROM pg_prepared_statements "
-                                "WHERE name = 'pgflow_explain'")
-                    count = cur.fetchone()[0]  # type: ignore[index]
-                    args = f"({', '.join(['NULL'] * count)})" if count else ""
-                    cur.execute(f"EXPLAIN /*pgflow*/ (FORMAT JSON) EXECUTE pgflow_explain{args}")
-                    plan = cur.fetchone()[0]  # type: ignore[index]
-                    cur.execute("DEALLOCATE pgflow_explain")
-                    prepared = False
-                cur.execute("ROLLBACK")
+                plan = cur.fetchone()[0]  # type: ignore[index]
+            elif method == "generic_plan":
+                # Simple protocol (no parameters), so $n stay placeholders for GENERIC_PLAN.
+                plan = self._simple(conn, ["EXPLAIN /*pgflow*/ (GENERIC_PLAN, FORMAT JSON) " + text])[0][0]
+            else:
+                generic = {"plan_cache_mode": "force_generic_plan"}
+                prepared = True  # a prepared statement outlives its transaction: deallocated below
+                count = self._simple(conn, [
+                    "PREPARE /*pgflow*/ pgflow_explain AS " + text,
+                    "SELECT /*pgflow*/ coalesce(cardinality(parameter_types), 0) FROM pg_prepared_statements "
+                    "WHERE name = 'pgflow_explain'"])[0][0]
+                args = f"({', '.join(['NULL'] * count)})" if count else ""
+                cur = conn.execute(f"{self._limits(**generic)}; "  # type: ignore[arg-type]
+                                   f"EXPLAIN /*pgflow*/ (FORMAT JSON) EXECUTE pgflow_explain{args}")
+                while cur.nextset():
+                    pass
+                plan = cur.fetchone()[0]  # type: ignore[index]
+                conn.execute("DEALLOCATE pgflow_explain")  # not recorded by pg_stat_statements
+                prepared = False
         except psycopg.Error as exc:
             cause, deterministic = _cause(exc)
             _end(conn, prepared)
@@ -196,7 +214,7 @@ def _end(conn: psycopg.Connection, prepared: bool) -> None:
     if conn.closed:
         return
     try:
-        conn.execute("ROLLBACK")
+        conn.rollback()  # autocommit: sends ROLLBACK only if a transaction is still open
         if prepared:
             conn.execute("DEALLOCATE pgflow_explain")
     except psycopg.Error:
@@ -303,7 +321,7 @@ class PlanSource:
                 self._skip("own")
             elif now - self.explained_at.get(key, -1e18) < self.ttl:
                 self._skip("ttl")
-            elif key in self.errors and now - self.errors[key][0] < ERROR_TTL_SECS:
+            elif key in self.errors and now - self.errors[key][0] < _error_ttl(self.errors[key][1]):
                 self._skip("error_cached")
             elif explainable(row["query"]) is not None:
                 self.errors[key] = (now, "not_explainable")
@@ -355,8 +373,10 @@ class PlanSource:
         _count("failed", self.instance, cause)
         if deterministic:
             self.errors[(database, fingerprint)] = (self.clock(), cause)
-            log.info("explain failed; not retried for 24 h", extra=kv(
-                instance=self.instance, database=database, fingerprint=fingerprint, cause=cause))
+            retry = _error_ttl(cause)
+            log.info(f"explain failed; retried in {retry / 3600:g} h" if retry >= 3600 else
+                     f"explain failed; retried in {retry / 60:g} min", extra=kv(
+                         instance=self.instance, database=database, fingerprint=fingerprint, cause=cause))
         else:
             log.debug("explain failed; retried later", extra=kv(instance=self.instance, cause=cause))
 

@@ -448,7 +448,7 @@ class Sampler:
     def _recover(self, conn: psycopg.Connection) -> None:
         """End the failed statement's transaction (or drop the connection when that fails too)."""
         try:
-            conn.execute("ROLLBACK")
+            conn.rollback()  # autocommit: a ROLLBACK only if a transaction is still open (issue 19)
         except Exception:
             self.close()
 
@@ -493,8 +493,8 @@ class Sampler:
 
         No parameters, so psycopg sends the five statements as one simple-protocol query.
         """
-        cur = conn.execute(f"BEGIN READ ONLY; SET LOCAL /*pgflow*/ statement_timeout = {self.statement_timeout_ms}; "  # type: ignore[arg-type]
-                           f"SET LOCAL /*pgflow*/ lock_timeout = {self.lock_timeout_ms}; {sql}; ROLLBACK")
+        from pgflow.scrape.statements import limits_sql  # issue 19: no BEGIN/ROLLBACK, one implicit transaction
+        cur = conn.execute(f"{limits_sql(self.statement_timeout_ms, self.lock_timeout_ms)}; {sql}")  # type: ignore[arg-type]
         rows: list[tuple] = []
         while True:
             result = cur.pgresult

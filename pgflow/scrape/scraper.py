@@ -17,7 +17,8 @@ from pgflow.lru import LRU
 from pgflow.schema import (ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, STATEMENTS,
                            ServerIdentity, Snapshot, conform)
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
-from pgflow.scrape.connection import classify, connect, connected_address
+from pgflow.scrape.connection import classify, connect, connected_address, guarded
+from pgflow.scrape import texts
 from pgflow.scrape.databases import databases_sql
 from pgflow.scrape.health import DISCOVER_SQL, HealthSchedule, HealthSupport
 from pgflow.scrape.locks import LOCKS_SQL, blocked_sql
@@ -28,7 +29,6 @@ from pgflow.scrape.statements import (
     is_own,
     statements_sql,
     texts_sql,
-    timeout_sql,
 )
 
 log = logging.getLogger("pgflow.scrape")
@@ -37,7 +37,7 @@ _DISCOVER_SQL = (f"SELECT {MARK} current_setting('server_version_num')::int, cur
                  "has_function_privilege('pg_control_system()', 'EXECUTE'), "
                  "has_function_privilege('pg_control_checkpoint()', 'EXECUTE')")
 _STATEMENT_COLUMNS = [c for c in STATEMENTS.names() if c != "query"]
-TEXT_RETRY_SECS = 300.0  # after a failed text fetch, counters go on and texts are tried again this late
+TEXT_RETRY_SECS = 300.0  # texts unreadable and no way round: the way round is looked for again this late
 
 
 def meta_sql(server: ServerInfo) -> str:
@@ -119,7 +119,11 @@ class Scraper:
         self._conn: psycopg.Connection | None = None
         self.identity: ServerIdentity | None = None  # of the last snapshot
         self._own: set[tuple[int, int, int, bool | None]] = set()  # keys of pgflow's own statements: never evicted
-        self._texts_after = 0.0  # monotonic time before which no text fetch is tried (after a failure)
+        # Issue 19: texts another database's encoding keeps from this connection (pgflow.scrape.texts).
+        self._route: texts.Route | None = None  # the SQL_ASCII database texts are read through
+        self._blocked: set[tuple] | None = None  # the keys present when the texts failed here
+        self._probe_after = 0.0  # monotonic time before which no way round is looked for again
+        self._text_advice: tuple[str, str] | None = None  # said once per advice
         self._warned_hidden = False
 
     def __repr__(self) -> str:
@@ -143,7 +147,6 @@ class Scraper:
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             conn = connect(self._dsn, connect_timeout=self.connect_timeout_secs)
-            conn.read_only = True
             try:
                 self.server = self._discover(conn)
             except BaseException:
@@ -159,10 +162,13 @@ class Scraper:
 
     def _discover(self, conn: psycopg.Connection) -> ServerInfo:
         try:
-            version, role, control, checkpoint = conn.execute(_DISCOVER_SQL).fetchone()  # type: ignore[misc]
-            row = conn.execute(EXTENSION_SQL).fetchone()
-            health = HealthSupport.of(conn.execute(DISCOVER_SQL).fetchone())  # type: ignore[arg-type]
-            conn.rollback()
+            cursors = [conn.cursor() for _ in range(3)]
+            with guarded(conn, self.statement_timeout_ms):
+                for cur, query in zip(cursors, (_DISCOVER_SQL, EXTENSION_SQL, DISCOVER_SQL)):
+                    cur.execute(query)  # type: ignore[arg-type]
+            version, role, control, checkpoint = cursors[0].fetchone()  # type: ignore[misc]
+            row = cursors[1].fetchone()
+            health = HealthSupport.of(cursors[2].fetchone())  # type: ignore[arg-type]
         except psycopg.Error as exc:
             raise classify(exc, self._dsn, self.statement_timeout_ms) from None
         if row is None:
@@ -223,14 +229,11 @@ class Scraper:
         groups = self.health.due(server.health) if server.health is not None else []
         first_group = len(queries)
         queries += [server.health.sql(g) for g in groups]  # type: ignore[union-attr]
-        with conn.pipeline():
-            for limit in timeout_sql(self.statement_timeout_ms):
-                conn.execute(limit)  # type: ignore[arg-type]
-            cursors = [conn.cursor(binary=True) for _ in queries]
+        cursors = [conn.cursor(binary=True) for _ in queries]
+        with guarded(conn, self.statement_timeout_ms):  # one implicit read-only transaction, no BEGIN
             for cur, query in zip(cursors, queries):
                 cur.execute(query)  # type: ignore[arg-type]
         results = [cur.fetchall() for cur in cursors]
-        conn.rollback()
 
         (scraped_at, version, max_connections, sysid, timeline, started_at, in_recovery, addr, port), = results[0]
         identity = ServerIdentity(
@@ -278,8 +281,8 @@ class Scraper:
         keys = list(zip(frame["dbid"].to_list(), frame["userid"].to_list(), frame["queryid"].to_list(),
                         frame["toplevel"].to_list()))
         missing = {k for k in keys if k not in self.texts and k not in self._own}
-        if missing and time.monotonic() >= self._texts_after:
-            self._fetch_texts(conn, server, missing)
+        if missing:
+            self._fetch_texts(conn, server, missing, keys)
         texts = [self.texts.get(k) for k in keys]
         frame = frame.with_columns(pl.Series("query", texts, dtype=pl.String))
         if self._own:
@@ -291,31 +294,37 @@ class Scraper:
         return conform(frame, STATEMENTS), hidden
 
     def _fetch_texts(self, conn: psycopg.Connection, server: ServerInfo,
-                     keys: set[tuple[int, int, int, bool | None]]) -> None:
+                     keys: set[tuple[int, int, int, bool | None]], present: list[tuple]) -> None:
         """Texts of ``keys``, in one query; a text that cannot be read never stops the counters.
 
         ``pg_stat_statements(true)`` converts every stored text to this database's encoding
         and fails as a whole on one it cannot convert (a byte 0xe9 stored from a SQL_ASCII
-        database, read from a UTF8 one). Then the keys keep the queryid label, the failure is
-        logged and counted, and texts are tried again after :data:`TEXT_RETRY_SECS`.
+        database, read from a UTF8 one). Then the texts are read through a SQL_ASCII database
+        that has pg_stat_statements (:mod:`pgflow.scrape.texts`). When there is none, the keys
+        keep the queryid label and the warning says once which database and what to do; the
+        main connection is tried again only when an entry present at the failure has left (the
+        unreadable one may have), and the way out (the extension created) is looked for every
+        :data:`TEXT_RETRY_SECS`.
         """
         queryids = sorted({k[2] for k in keys})
-        try:
-            with conn.cursor(binary=True) as cur:
-                for limit in timeout_sql(self.statement_timeout_ms):
-                    cur.execute(limit)  # type: ignore[arg-type]
-                cur.execute(texts_sql(server.extension_schema, "toplevel" in server.columns), (queryids,))
-                rows = cur.fetchall()
-        except (psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter) as exc:
-            conn.rollback()
-            self.stats.text_failures += 1
-            self._texts_after = time.monotonic() + TEXT_RETRY_SECS
-            telemetry.text_failures.labels(self.instance).inc()
-            error = classify(exc, self._dsn)
-            log.warning("statement texts cannot be read: counters go on, new statements are labelled by queryid",
-                        extra=kv(instance=self.instance, error=str(error), retry_in_s=TEXT_RETRY_SECS))
+        has_toplevel = "toplevel" in server.columns
+        rows: list[tuple] | None = None
+        if self._blocked is None or not self._blocked <= set(present):  # never failed, or an entry has left since
+            try:
+                rows = self._read_here(conn, server, queryids, has_toplevel)
+                if self._blocked is not None:
+                    log.info("statement texts are readable here again", extra=kv(instance=self.instance))
+                self._blocked, self._route, self._text_advice = None, None, None
+            except (psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter):
+                self.stats.text_failures += 1
+                telemetry.text_failures.labels(self.instance).inc()
+                self._blocked = set(present)
+                if self._route is None:
+                    self._probe_after = 0.0  # look for a way round now
+        if rows is None and self._blocked is not None:
+            rows = self._read_elsewhere(conn, server, queryids, has_toplevel, present)
+        if rows is None:
             return
-        conn.rollback()
         self.stats.text_fetches += 1
         for dbid, userid, queryid, toplevel, query in rows:
             key = (dbid, userid, queryid, toplevel)
@@ -330,6 +339,53 @@ class Scraper:
         for key in keys:
             if key not in self.texts and key not in self._own:
                 self.texts.put(key, None)  # type: ignore[arg-type]
+
+    def _read_here(self, conn: psycopg.Connection, server: ServerInfo, queryids: list[int],
+                   has_toplevel: bool) -> list[tuple]:
+        """On the scrape's connection. In a SQL_ASCII database the texts arrive as stored: each is
+        decoded in the encoding of the database it ran in (a LATIN1 text stays right)."""
+        if conn.info.encoding == "ascii":
+            encodings = {oid: enc for oid, _, enc, _ in texts.databases(conn, self.statement_timeout_ms)}
+            return texts.read_raw(conn, server.extension_schema, has_toplevel, queryids,
+                                  self.statement_timeout_ms, encodings)
+        cur = conn.cursor(binary=True)
+        with guarded(conn, self.statement_timeout_ms):
+            cur.execute(texts_sql(server.extension_schema, has_toplevel), (queryids,))
+        return cur.fetchall()
+
+    def _read_elsewhere(self, conn: psycopg.Connection, server: ServerInfo, queryids: list[int],
+                        has_toplevel: bool, present: list[tuple]) -> list[tuple] | None:
+        """Through the SQL_ASCII database found (looked for again every TEXT_RETRY_SECS), or None."""
+        if self._route is None:
+            if time.monotonic() < self._probe_after:
+                return None
+            self._probe_after = time.monotonic() + TEXT_RETRY_SECS
+            route = texts.find_route(conn, self._dsn, {k[0] for k in present},
+                                     statement_timeout_ms=self.statement_timeout_ms,
+                                     connect_timeout=self.connect_timeout_secs)
+            if route.database is None:
+                problem, fix = route.advice()
+                if self._text_advice != (problem, fix):
+                    self._text_advice = (problem, fix)
+                    log.warning(f"statement texts cannot be read: {problem}; counters go on and new statements "
+                                f"are labelled by queryid: {fix}", extra=kv(instance=self.instance))
+                return None
+            self._route = route
+            log.info("statement texts are read through a SQL_ASCII database: another database's text cannot be "
+                     "converted to this one's encoding", extra=kv(instance=self.instance, database=route.database))
+        try:
+            encodings = {oid: enc for oid, _, enc, _ in texts.databases(conn, self.statement_timeout_ms)}
+            return texts.read_through(self._route, self._dsn, has_toplevel, queryids, encodings,
+                                      statement_timeout_ms=self.statement_timeout_ms,
+                                      connect_timeout=self.connect_timeout_secs)
+        except (psycopg.Error, ScrapeError) as exc:  # gone, or the extension dropped: look again later
+            log.warning("statement texts could not be read through the SQL_ASCII database; looked for again later",
+                        extra=kv(instance=self.instance, database=self._route.database,
+                                 error=type(exc).__name__))
+            self._route = None
+            self._blocked = set(present)
+            self._probe_after = time.monotonic() + TEXT_RETRY_SECS
+            return None
 
 
 def _frame(rows: list[tuple], schema: pl.Schema) -> pl.DataFrame:

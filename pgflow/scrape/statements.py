@@ -22,14 +22,25 @@ def is_own(text: str | None) -> bool:
     return text is not None and MARK in text
 
 
-def timeout_sql(statement_timeout_ms: int) -> list[str]:
-    """Limits for the scrape's transaction (marked, so they never show up as a workload).
+def limits_sql(statement_timeout_ms: int, lock_timeout_ms: int | None = None, **extra: str) -> str:
+    """The one statement that makes the rest of its implicit transaction read-only and time-limited.
 
-    pgflow takes no lock a writer waits on, but a catalog lock it waits for must not hold it
-    past the statement's own budget.
+    pgflow sends no transaction control (issue 19): ``BEGIN`` and ``ROLLBACK`` cannot be told
+    apart from the user's in pg_stat_statements (from PostgreSQL 16 a utility statement's
+    queryid is its parse tree, comments excluded). Instead the connection is in autocommit and
+    each unit of work is one implicit transaction: a pipeline without an intermediate Sync, or a
+    multi-statement simple query. This marked SELECT comes first in it; ``set_config(..., true)``
+    is ``SET LOCAL``, so the limits end with the unit of work (also behind PgBouncer in
+    transaction pooling). pgflow takes no lock a writer waits on, but a catalog lock it waits for
+    must not hold it past the statement's own budget. ``extra``: more settings for the same
+    transaction. One column, so readers that skip narrow results skip it.
     """
     ms = int(statement_timeout_ms)
-    return [f"SET LOCAL {MARK} statement_timeout = {ms}", f"SET LOCAL {MARK} lock_timeout = {ms}"]
+    lock = int(lock_timeout_ms if lock_timeout_ms is not None else ms)
+    settings = {"statement_timeout": str(ms), "lock_timeout": str(lock), "transaction_read_only": "on", **extra}
+    calls = " || ".join(f"set_config('{k}', '{v}', true)" for k, v in settings.items())
+    return f"SELECT {MARK} {calls}"
+
 
 EXTENSION_SQL = """
 SELECT /*pgflow*/ e.extversion, n.nspname,

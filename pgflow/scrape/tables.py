@@ -373,18 +373,19 @@ class TableScraper:
     def _query(self, conn: psycopg.Connection, database: str, *, skip_locked: bool) -> tuple[pl.DataFrame, int]:
         previous = self._buckets.get(database)
         # The settings ride in one statement (set_config(..., true) is SET LOCAL), pipelined with
-        # the scrape: one round trip per scrape (BEGIN, settings, scrape and ROLLBACK), not eight.
+        # the scrape: one round trip, one implicit transaction (no BEGIN or ROLLBACK: issue 19).
         settings = [("statement_timeout", int(self.statement_timeout_ms)), ("lock_timeout", int(self.lock_timeout_ms)),
                     # The planner cannot know how few tables moved: it would sort every table for a merge join.
                     ("enable_mergejoin", "off")]
         if conn.info.server_version >= 150000:  # one statistics snapshot: a third cheaper than entry by entry
             settings.append(("stats_fetch_consistency", "snapshot"))
+        settings.append(("transaction_read_only", "on"))
         prepare = "SELECT /*pgflow*/ now(), " + ", ".join(f"set_config('{k}', '{v}', true)" for k, v in settings)
         fresh = previous is None
         with conn.cursor(binary=True) as first, conn.cursor(binary=True) as cur:
-            if fresh:  # the bucket count is chosen once per database, by its size then
+            if fresh:  # the bucket count is chosen once per database, by its size then (its own transaction)
                 row = first.execute(f"{prepare}, ({COUNT_SQL})").fetchone()
-                observed_at, tables = row[0], row[-1]  # type: ignore[index]
+                tables = row[-1]  # type: ignore[index]
                 b = buckets_for(tables)
                 previous = ([None] * b, [0] * b, 0)
                 self._table_counts[database] = tables
@@ -394,13 +395,10 @@ class TableScraper:
             hi = min(b, seeded + max(1, b * SEED_TABLES // max(1, self._table_counts.get(database, 0))))
             params = {"b": b, "hi": hi, "pd": _Digests(digests[:hi]), "k": max(10, self.top_k // 6),
                       "skip_locked": skip_locked}
-            with conn.pipeline():
-                if not fresh:
-                    first.execute(prepare)
+            with conn.pipeline():  # no Sync before the end: the settings hold for the scrape
+                first.execute(prepare)
                 cur.execute(SCRAPE_SQL if conn.info.server_version >= 140000 else SCRAPE_SQL_13, params)
-                conn.rollback()
-            if not fresh:
-                observed_at = first.fetchone()[0]  # type: ignore[index]
+            observed_at = first.fetchone()[0]  # type: ignore[index]
             rows = cur.fetchall()
         changed = []
         for row in rows:
