@@ -7,8 +7,8 @@ active in pg_sleep, and a lock chain of 10: one idle-in-transaction holder, 9 se
 behind it). The last line is the busy mix's (the harder case for pgflow). Alternating, N
 times each:
 
-- pgflow: ``Sampler.sample()`` (one round trip: BEGIN READ ONLY, SET LOCAL timeouts, EXECUTE of
-  the prepared sampling query, ROLLBACK; a text-free look at every backend, then the status rows
+- pgflow: ``Sampler.sample()`` (one round trip: the marked set_config of the limits, EXECUTE of
+  the prepared sampling query, in one implicit transaction; a text-free look at every backend, then the status rows
   of the possibly busy ones only, pg_blocking_pids() only for the sessions waiting on a Lock;
   folded into the accumulator);
 - peer: the query Datadog's agent runs every second, ``SELECT *, pg_blocking_pids(pid) FROM
@@ -17,7 +17,7 @@ times each:
   figure is a lower bound).
 
 Cost of one sample = server CPU (the side's backend process, /proc/<pid>/schedstat, per
-sample: everything it did, pgflow's BEGIN READ ONLY / SET LOCAL / ROLLBACK included) + client
+sample: everything it did, pgflow's set_config of the limits included) + client
 CPU (median thread CPU time around the call). Also printed: server exec ms (pg_stat_statements:
 planning + execution of every statement the side sent, summed per role, per sample; wall
 clock, so inflated when the machine is busy) and the median wall time of a call. cpu_pct_1hz = the process's

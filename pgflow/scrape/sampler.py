@@ -9,9 +9,9 @@ its :class:`~pgflow.schema.Snapshot` (``samples`` and ``session_stats``):
 - blocked session-seconds by the *root* blocker (state and statement), the most root blockers
   and the deepest chain seen in one sample, and the oldest transaction and xmin horizon.
 
-One round trip per sample (simple protocol: ``BEGIN READ ONLY``, ``SET LOCAL``
-statement_timeout and lock_timeout, ``EXECUTE`` of the sampling query, prepared once per
-connection, ``ROLLBACK``). It never returns the ``query`` text, reads a backend's status row
+One round trip per sample (simple protocol, one implicit transaction: the marked ``set_config``
+of statement_timeout, lock_timeout and read-only, then ``EXECUTE`` of the sampling query,
+prepared once per connection; no ``BEGIN`` or ``ROLLBACK``, issue 19). It never returns the ``query`` text, reads a backend's status row
 only when a text-free look says it may be busy (see ``_SAMPLE_SQL``), and asks
 ``pg_blocking_pids()`` only for sessions waiting on a heavyweight lock (the function takes the
 lock manager's locks). A sample that fails or runs late
@@ -458,7 +458,7 @@ class Sampler:
         if self._conn is None or self._conn.closed:
             conn = connect(self._dsn, connect_timeout=self.connect_timeout_secs)
             try:
-                conn.autocommit = True  # the sample's own BEGIN READ ONLY ... ROLLBACK
+                conn.autocommit = True  # each sample is one implicit transaction
                 self._databases, self._users = {}, {}
                 self.version_num = int(conn.info.server_version)
                 self._sql = sample_sql(self.version_num)
