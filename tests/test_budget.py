@@ -213,3 +213,34 @@ def test_check_reports_the_budget_and_the_headroom(crowded):
     assert finding.level == "ok"
     assert "at most 3 connections" in finding.detail and "max_connections 30" in finding.detail
     assert "3 superuser-reserved" in finding.detail
+
+
+def test_an_interval_too_short_for_every_database_is_counted_and_said_once(crowded, tmp_path):
+    """40 databases cannot all be visited in 0.1 s: every round is late, counted in /metrics, said
+    once; each database is still read every round (the round ends later, never skips one)."""
+    server, names = crowded
+    writer = Writer(server, names)
+    log = tmp_path / "log"
+    try:
+        with Receiver() as receiver:
+            env = collector_env(server.dsn(), receiver.grpc_endpoint, tmp_path / "state",
+                                PGFLOW_TABLE_STATS_INTERVAL_SECS="0.1")
+            proc = start_collector(env, log=log)
+            try:
+                def late_rounds() -> float:
+                    for line in _metrics(env).splitlines():
+                        if line.startswith("pgflow_table_stats_rounds_late_total{"):
+                            return float(line.rsplit(" ", 1)[1])
+                    return 0.0
+
+                _until(lambda: late_rounds() >= 3, 240, "late rounds were not counted")
+                metrics = _metrics(env)
+            finally:
+                _stop(proc)
+            inserts = _inserts(receiver)
+    finally:
+        writer.close()
+    assert "pgflow_table_stats_databases_late_total{" in metrics
+    assert set(inserts.get_column("database")) == set(names)  # late, never skipped
+    lines = log.read_text().splitlines()
+    assert sum("could not all be visited within table_stats_interval_secs" in line for line in lines) == 1
