@@ -103,13 +103,12 @@ class ConnectionBudget:
 
     ``probe`` returns the server's free connections (None: unknown, treated as too few); it
     runs on the scrape's own connection. Without a probe (a tool used alone) the headroom is
-    not checked. ``stop`` ends any wait (the flow is stopping).
+    not checked. :meth:`close` (the instance is done) ends any wait.
     """
 
     def __init__(self, dsn: str, *, instance: str, max_connections: int = 3, fixed: int = 2,
                  headroom: int = 5, connect_timeout: int = 5,
-                 probe: Callable[[], int | None] | None = None,
-                 stop: threading.Event | None = None, recheck_secs: float = 5.0) -> None:
+                 probe: Callable[[], int | None] | None = None, recheck_secs: float = 5.0) -> None:
         self._dsn = dsn
         self.instance = instance
         self.max_connections = max_connections
@@ -118,7 +117,7 @@ class ConnectionBudget:
         self.headroom = headroom
         self.connect_timeout = connect_timeout
         self.probe = probe
-        self.stop = stop or threading.Event()
+        self.stop = threading.Event()
         self.recheck_secs = recheck_secs
         self._sem = threading.BoundedSemaphore(self.slots) if self.slots else None
         self._lock = threading.Lock()
@@ -129,16 +128,22 @@ class ConnectionBudget:
         self._said_no_slot = False
 
     @classmethod
-    def from_settings(cls, instance: object, settings: object, *, sampler: bool, probe: Callable[[], int | None] | None = None,
-                      stop: threading.Event | None = None) -> ConnectionBudget:
+    def from_settings(cls, instance: object, settings: object, *, sampler: bool,
+                      probe: Callable[[], int | None] | None = None) -> ConnectionBudget:
         """The budget ``pgflow.config.Settings`` gives one instance (``sampler``: sampling is on)."""
         s = settings
         budget = cls(instance.dsn, instance=instance.name,  # type: ignore[attr-defined]
                      max_connections=s.max_connections_per_instance, fixed=2 if sampler else 1,  # type: ignore[attr-defined]
                      headroom=s.reserved_connections_headroom, connect_timeout=s.connect_timeout_secs,  # type: ignore[attr-defined]
-                     probe=probe, stop=stop)
+                     probe=probe)
         register(budget)
         return budget
+
+    def close(self) -> None:
+        """The instance is done: every wait ends (with :class:`NoConnection`), nothing more opens."""
+        self.stop.set()
+        if _BUDGETS.get(self.instance) is self:
+            _BUDGETS.pop(self.instance, None)
 
     def __repr__(self) -> str:
         return f"ConnectionBudget(instance={self.instance!r}, slots={self.slots})"

@@ -87,7 +87,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         # issue 20: the scrape's and the sampler's connections are held; per-database work shares the rest
         self._conn_lock = threading.RLock()  # the scrape's connection: one user at a time
         self.budget = ConnectionBudget.from_settings(instance, settings, sampler=self.sampler is not None,
-                                                     probe=self._free_connections, stop=STOP)
+                                                     probe=self._free_connections)
         self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings, self.budget)  # None: plans off
         self.tables = TableStatsThread(instance, settings, self.budget) if settings.table_stats_enabled else None  # issue 13
 
@@ -165,6 +165,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         return None  # scrapes are not replayable: the delta baseline lives in the ledger
 
     def close(self) -> None:
+        self.budget.close()  # issue 20: a table round waiting for headroom ends now
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.scraper.close()
         if self.sampler is not None:  # issue 11
