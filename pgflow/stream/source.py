@@ -34,6 +34,7 @@ log = logging.getLogger("pgflow.source")
 
 STOP = threading.Event()  # set by the signal handlers: every source ends, every window is flushed
 _POLL = timedelta(milliseconds=50)
+_IDLE_WAKE = timedelta(seconds=1)
 
 
 class SnapshotRecorder:
@@ -159,7 +160,11 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             return _now() + _POLL
         if STOP.is_set():
             return None
-        return min(self.next_at, _now() + timedelta(milliseconds=250))  # wake to notice STOP
+        # Issue 20: once a second at most while idle (to notice STOP and a table round's end),
+        # not four times: each wake-up is a call into Python per instance.
+        wake = min(self.next_at, _now() + _IDLE_WAKE)
+        due = self.tables.due() if self.tables is not None else None
+        return wake if due is None else min(wake, max(due, _now()))
 
     def snapshot(self) -> None:
         return None  # scrapes are not replayable: the delta baseline lives in the ledger
@@ -204,6 +209,13 @@ class TableStatsThread:
             return
         self.next_at = _now() + self.interval
         self.pending = self.pool.submit(self._scrape)
+
+    def due(self) -> datetime | None:
+        """When :meth:`poll` would start the next round (None: one is running or waiting to be attached)."""
+        if self.pending is not None and not self.pending.done():
+            return None
+        with self._lock:
+            return None if self._ready is not None else self.next_at
 
     def _scrape(self) -> None:
         try:
