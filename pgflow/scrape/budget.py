@@ -56,14 +56,17 @@ class NoConnection(Exception):
 def read_free(conn: psycopg.Connection) -> tuple[int, int, int, int]:
     """(max_connections, superuser_reserved, reserved, client backends in use) on ``conn``'s server.
 
-    Runs in its own short transaction (rolled back) under a 2 s statement timeout.
+    Runs in its own short transaction (rolled back) under a 2 s statement timeout; inside a
+    transaction already open on ``conn`` (a caller in the middle of a scrape) it runs in it,
+    under that transaction's limits, and leaves it open.
     """
+    own = not conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     try:
-        if not conn.autocommit:
+        if own:
             conn.execute(_TIMEOUT_SQL)
         row = conn.execute(FREE_SQL).fetchone()
     finally:
-        if not conn.autocommit:
+        if own:
             conn.rollback()
     return tuple(int(v) for v in row)  # type: ignore[return-value,union-attr]
 
