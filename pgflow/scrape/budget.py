@@ -174,6 +174,10 @@ class ConnectionBudget:
             return True
         free = self._free()
         enough = free is not None and free >= self.headroom
+        with self._lock:  # table statistics and explains may ask at once: one line per change
+            return self._note(enough, free)
+
+    def _note(self, enough: bool, free: int | None) -> bool:
         if not enough:
             telemetry.optional_connections_deferred.labels(self.instance, "headroom").inc()
             if not self.waiting:
