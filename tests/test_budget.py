@@ -244,3 +244,22 @@ def test_an_interval_too_short_for_every_database_is_counted_and_said_once(crowd
     assert set(inserts.get_column("database")) == set(names)  # late, never skipped
     lines = log.read_text().splitlines()
     assert sum("could not all be visited within table_stats_interval_secs" in line for line in lines) == 1
+
+
+def test_check_warns_when_the_budget_leaves_no_slot_or_the_server_no_headroom(crowded):
+    from pgflow.config import Settings
+    from pgflow.scrape.diagnose import check
+
+    server, _ = crowded
+    tight = Settings.load(database_url=server.dsn(), max_connections_per_instance=2)
+    [finding] = [f for f in check(tight.targets()[0], settings=tight).findings if f.name == "connection budget"]
+    assert finding.level == "warn" and "no slot left" in finding.detail
+    held = [psycopg.connect(server.dsn(), autocommit=True) for _ in range(22)]  # 27 - 22 - check's own < 5
+    try:
+        settings = Settings.load(database_url=server.dsn())
+        [finding] = [f for f in check(settings.targets()[0], settings=settings).findings
+                     if f.name == "connection budget"]
+    finally:
+        for conn in held:
+            conn.close()
+    assert finding.level == "warn" and "optional work would wait" in finding.detail
