@@ -109,6 +109,24 @@ tables_seen = Gauge("pgflow_tables_seen", "Tables (partitions rolled up) in the 
 tables_rolled_up = Gauge("pgflow_tables_rolled_up", "Tables rolled into db.collection.name=other in the last window",
                          ["instance"], registry=REGISTRY)
 
+# Issue 20: the connection budget (pgflow/scrape/budget.py) and the server's headroom.
+optional_connections_open = Gauge("pgflow_optional_connections_open", "Per-database connections open now (within "
+                                  "max_connections_per_instance minus the scrape's and the sampler's)", ["instance"],
+                                  registry=REGISTRY)
+optional_connections_deferred = Counter("pgflow_optional_connections_deferred_total", "Per-database connections not "
+                                        "opened when wanted, by reason (headroom: too few free on the server; busy: "
+                                        "every slot in use; no_slot: the budget leaves none)", ["instance", "reason"],
+                                        registry=REGISTRY)
+optional_work_waiting = Gauge("pgflow_optional_work_waiting", "1 while per-database work waits for the server's "
+                              "headroom (reserved_connections_headroom)", ["instance"], registry=REGISTRY)
+server_free_connections = Gauge("pgflow_server_free_connections", "Connections left free for ordinary roles when last "
+                                "read (max_connections - reserved - in use)", ["instance"], registry=REGISTRY)
+table_rounds_late = Counter("pgflow_table_stats_rounds_late_total", "Table statistics rounds that did not visit every "
+                            "database within table_stats_interval_secs", ["instance"], registry=REGISTRY)
+table_databases_late = Counter("pgflow_table_stats_databases_late_total", "Databases whose table statistics were read "
+                               "after their interval had passed (a round too long for the interval)", ["instance"],
+                               registry=REGISTRY)
+
 
 class Health:
     """Healthy while some instance was scraped successfully within the last three intervals."""

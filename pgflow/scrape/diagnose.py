@@ -10,6 +10,7 @@ from psycopg import sql
 
 from pgflow.config import InstanceConfig, redact_dsn
 from pgflow.errors import ExtensionNotLoaded, ScrapeError, TextUnreadable
+from pgflow.scrape.budget import check_budget
 from pgflow.scrape.connection import classify, connect, guarded
 from pgflow.scrape.explain import explain_helper_finding
 from pgflow.scrape.statements import MARK
@@ -118,6 +119,7 @@ def check(instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval
             health_groups(conn, report)  # issue 13
             if settings is not None:
                 table_databases(conn, report, settings)  # issue 13
+                report.add(*check_budget(conn, settings))  # issue 20
     except psycopg.Error as exc:
         report.add("fail", "query", str(classify(exc, instance.dsn)))
     _check_sampling(instance, report, connect_timeout, sample_interval_secs)

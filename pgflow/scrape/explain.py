@@ -26,6 +26,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import resources
@@ -41,6 +42,7 @@ from pgflow.logs import kv
 from pgflow.ops import plans
 from pgflow.ops.explain_targets import explain_candidates
 from pgflow.schema import PLANS, Snapshot
+from pgflow.scrape.budget import ConnectionBudget, NoConnection
 from pgflow.scrape.connection import guarded
 from pgflow.scrape.statements import limits_sql
 
@@ -54,7 +56,12 @@ PERMISSION_RETRY_SECS = 600.0
 
 def _error_ttl(cause: str) -> float:
     return PERMISSION_RETRY_SECS if cause == "permission" else ERROR_TTL_SECS
+
+
+_SLOT_WAIT_SECS = 5.0  # explains run on the scrape thread: wait this long at most for a budget slot
 EXPLAINABLE = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+
+
 def helper_sql() -> str:
     """The optional SECURITY DEFINER helper's SQL, shipped inside the package."""
     return resources.files("pgflow").joinpath("sql/explain_helper.sql").read_text(encoding="utf-8")
@@ -338,18 +345,21 @@ class PlanSource:
         rows: list[dict] = []
         for database in chosen["database"].unique(maintain_order=True).to_list():
             todo = chosen.filter(pl.col("database") == database)
+            opened = ExitStack()  # a Connection closes on exit; a budget's connection gives its slot back
             try:
-                conn = self.connect(database)
+                conn = opened.enter_context(self.connect(database))
+            except NoConnection as exc:  # issue 20: no slot, or too few connections free: a later window
+                for _ in range(todo.height):
+                    self._skip(f"connections_{exc.reason}")
+                continue
             except Exception as exc:  # unreachable database: retried at a later window
                 for _ in range(todo.height):
                     self._fail("connection", False, database, "", str(exc))
                 continue
-            try:
+            with opened:
                 helper = _has_helper(conn)
                 for row in todo.iter_rows(named=True):
                     rows += self._one(conn, row, server_version_num, helper)
-            finally:
-                conn.close()
         return pl.DataFrame(rows, schema=PLANS) if rows else pl.DataFrame(schema=PLANS)
 
     def _one(self, conn: psycopg.Connection, row: dict, version: int, helper: bool) -> list[dict]:
@@ -396,9 +406,16 @@ def _count(kind: str, instance: str, label: str) -> None:
         telemetry.explains_failed.labels(instance, label).inc()
 
 
-def database_connector(dsn: str, connect_timeout: int = 5) -> Callable[[str], psycopg.Connection]:
+def database_connector(dsn: str, connect_timeout: int = 5,
+                       budget: ConnectionBudget | None = None) -> Callable[[str], AbstractContextManager]:
     """``connect(database)`` for PlanSource: the instance's DSN with another dbname, autocommit,
-    no prepared statements of psycopg's own (pgbouncer-safe), ``application_name=pgflow``."""
+    no prepared statements of psycopg's own (pgbouncer-safe), ``application_name=pgflow``.
+
+    With the instance's ``budget`` (issue 20) the connection takes one of its slots (waiting
+    at most a few seconds for one) and only while the server has headroom; it raises
+    :class:`~pgflow.scrape.budget.NoConnection` otherwise."""
+    if budget is not None:
+        return lambda database: budget.connection(database, slot_wait_secs=_SLOT_WAIT_SECS)
 
     def connect(database: str) -> psycopg.Connection:
         return psycopg.connect(psycopg.conninfo.make_conninfo(dsn, dbname=database), autocommit=True,
@@ -422,12 +439,13 @@ class WindowPlans:
         self._base: pl.DataFrame | None = None  # statements at the first scrape of the current window
 
     @classmethod
-    def for_instance(cls, dsn: str, instance: str, settings: Settings) -> WindowPlans | None:
+    def for_instance(cls, dsn: str, instance: str, settings: Settings,
+                     budget: ConnectionBudget | None = None) -> WindowPlans | None:
         """None when plans are off (``explains_per_window = 0``)."""
         if settings.explains_per_window <= 0:
             return None
         statement_timeout = min(settings.statement_timeout_ms, Explainer.statement_timeout_ms)
-        return cls(PlanSource(database_connector(dsn, settings.connect_timeout_secs), instance=instance,
+        return cls(PlanSource(database_connector(dsn, settings.connect_timeout_secs, budget), instance=instance,
                               explains_per_window=settings.explains_per_window,
                               explain_ttl_secs=settings.explain_ttl_secs,
                               explainer=Explainer(statement_timeout_ms=statement_timeout)),

@@ -1,6 +1,7 @@
 """Per-table statistics from each database's own catalog, bounded however many tables there are.
 
-One connection per database (``application_name=pgflow``, read-only, ``statement_timeout`` and
+One connection per database at a time, opened for the visit and closed after it within the
+instance's connection budget (issue 20: ``pgflow.scrape.budget``; ``application_name=pgflow``, read-only, ``statement_timeout`` and
 ``lock_timeout`` set transaction-local by ``set_config``), one query per scrape of a database,
 pipelined with its settings and the rollback: one round trip (the first scrape of a database
 counts its tables first):
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -55,7 +57,8 @@ from pgflow.config import redact_dsn
 from pgflow.errors import ScrapeError
 from pgflow.logs import kv
 from pgflow.schema import TABLE_COUNTERS, TABLE_GAUGES, TABLE_TIMES, TABLES, conform
-from pgflow.scrape.connection import classify, connect
+from pgflow.scrape.budget import ConnectionBudget, NoConnection
+from pgflow.scrape.connection import classify
 from pgflow.scrape.discovery import Discovered, discover
 
 log = logging.getLogger("pgflow.scrape.tables")
@@ -223,6 +226,7 @@ class TableScrapeStats:
 
     outcomes: dict[str, int] = field(default_factory=dict)
     rows: int = 0  # table rows fetched
+    late: int = 0  # databases of the last round visited after its deadline (issue 20)
     tables_seen: int = 0  # tables (partitions rolled up) in the databases scraped last time
 
     def count(self, outcome: str) -> None:
@@ -238,18 +242,19 @@ class TableScraper:
     """
 
     @classmethod
-    def for_instance(cls, instance: object, settings: object) -> TableScraper:
+    def for_instance(cls, instance: object, settings: object, budget: ConnectionBudget | None = None) -> TableScraper:
         """The table scraper ``pgflow.config.Settings`` describes for one configured instance."""
         s = settings
         return cls(instance.dsn, instance=instance.name, include=s.table_stats_databases,  # type: ignore[attr-defined]
                    exclude=s.table_stats_exclude_databases, max_databases=s.max_databases_tracked,  # type: ignore[attr-defined]
                    top_k=s.max_tables_tracked, statement_timeout_ms=s.statement_timeout_ms,  # type: ignore[attr-defined]
                    lock_timeout_ms=s.table_stats_lock_timeout_ms,  # type: ignore[attr-defined]
-                   connect_timeout_secs=s.connect_timeout_secs)  # type: ignore[attr-defined]
+                   connect_timeout_secs=s.connect_timeout_secs, budget=budget)  # type: ignore[attr-defined]
 
     def __init__(self, dsn: str, *, instance: str, include: Iterable[str] = (), exclude: Iterable[str] = (),
                  max_databases: int = 100, top_k: int = 300, statement_timeout_ms: int = 5000,
-                 lock_timeout_ms: int = 1000, connect_timeout_secs: int = 5) -> None:
+                 lock_timeout_ms: int = 1000, connect_timeout_secs: int = 5,
+                 budget: ConnectionBudget | None = None) -> None:
         self._dsn = dsn
         self.instance = instance
         self.include, self.exclude = list(include), list(exclude)
@@ -258,8 +263,11 @@ class TableScraper:
         self.statement_timeout_ms = statement_timeout_ms
         self.lock_timeout_ms = min(lock_timeout_ms, statement_timeout_ms)
         self.connect_timeout_secs = connect_timeout_secs
+        # Issue 20: every database is visited on a connection of the instance's budget (connect,
+        # scrape, disconnect); used alone, one connection at a time and no headroom check.
+        self.budget = budget or ConnectionBudget(dsn, instance=instance, max_connections=1, fixed=0,
+                                                 connect_timeout=connect_timeout_secs)
         self.stats = TableScrapeStats()
-        self._conns: dict[str, psycopg.Connection] = {}
         # database -> (digest per bucket (None: empty), tables per bucket, buckets seeded so far)
         self._buckets: dict[str, tuple[list[int | None], list[int], int]] = {}
         self._table_counts: dict[str, int] = {}
@@ -276,34 +284,10 @@ class TableScraper:
         self.close()
 
     def close(self) -> None:
-        for conn in self._conns.values():
-            try:
-                conn.close()
-            except Exception:
-                pass
-        self._conns.clear()
+        """Nothing stays open between visits (issue 20): kept for callers that close."""
 
     def _dsn_for(self, database: str) -> str:
         return psycopg.conninfo.make_conninfo(self._dsn, dbname=database)
-
-    def _connection(self, database: str) -> psycopg.Connection:
-        conn = self._conns.get(database)
-        if conn is None or conn.closed:
-            conn = connect(self._dsn_for(database), connect_timeout=self.connect_timeout_secs)
-            conn.read_only = True
-            self._conns[database] = conn
-        return conn
-
-    def _home(self) -> psycopg.Connection:
-        """A connection to the DSN's own database, for discovery."""
-        name = psycopg.conninfo.conninfo_to_dict(self._dsn).get("dbname") or ""
-        if name:
-            return self._connection(str(name))
-        conn = connect(self._dsn, connect_timeout=self.connect_timeout_secs)
-        conn.read_only = True
-        name = conn.info.dbname
-        self._conns[name] = conn
-        return conn
 
     def _say_once(self, database: str, reason: str) -> None:
         if self._said.get(database) != reason:
@@ -313,39 +297,62 @@ class TableScraper:
 
     # Scrape -------------------------------------------------------------------------
 
-    def scrape(self) -> pl.DataFrame:
-        """Discover the databases, scrape each; raises ScrapeError only if discovery fails."""
+    def scrape(self, deadline: float | None = None) -> pl.DataFrame:
+        """Discover the databases, visit each in turn; raises ScrapeError only if discovery fails.
+
+        ``deadline`` (``time.monotonic()``): a database whose visit starts after it is counted
+        late (``stats.late``): the round was too long for its interval. It is still visited.
+        """
+        home = psycopg.conninfo.conninfo_to_dict(self._dsn).get("dbname") or None
+        frames: list[pl.DataFrame] = []
+        seen = 0
+        self.stats.late = 0
         try:
-            found = discover(self._home(), include=self.include, exclude=self.exclude, limit=self.max_databases)
-        except psycopg.Error as exc:
-            self.close()
-            raise classify(exc, self._dsn, self.statement_timeout_ms) from None
-        self.discovered = found
+            with self.budget.connection(str(home) if home else None, wait=True) as conn:
+                try:
+                    found = discover(conn, include=self.include, exclude=self.exclude, limit=self.max_databases)
+                except psycopg.Error as exc:
+                    raise classify(exc, self._dsn, self.statement_timeout_ms) from None
+                home = conn.info.dbname
+                self.discovered = found
+                if home in found.chosen:  # the discovery's connection scrapes its own database too
+                    frame, tables = self._scrape_database(home, conn)
+                    if frame is not None:
+                        frames.append(frame)
+                        seen += tables
+        except NoConnection as exc:  # stopping, or the budget leaves no slot (said by the budget)
+            self.stats.count("deferred")
+            log.debug("table statistics round not started", extra=kv(instance=self.instance, reason=exc.reason))
+            return pl.DataFrame(schema=TABLES)
         for name, reason in found.skipped.items():  # chosen by the settings: not worth a line
             if reason.startswith(("refuses", "over")):
                 self._say_once(name, reason)
-        home = self._home().info.dbname
-        for name in list(self._conns):  # databases no longer chosen: let their connections go (not discovery's)
-            if name not in found.chosen and name != home:
-                self._conns.pop(name).close()
+        for name in list(self._buckets):  # databases no longer chosen: forget their baselines
+            if name not in found.chosen:
                 self._buckets.pop(name, None)
-        frames = []
-        seen = 0
+                self._table_counts.pop(name, None)
         for database in found.chosen:
-            frame, tables = self._scrape_database(database)
+            if database == home:
+                continue
+            if deadline is not None and time.monotonic() > deadline:
+                self.stats.late += 1
+            try:
+                with self.budget.connection(database, wait=True) as conn:
+                    frame, tables = self._scrape_database(database, conn)
+            except NoConnection:  # the flow is stopping
+                self.stats.count("deferred")
+                break
+            except ScrapeError as exc:
+                self.stats.count("connect_failed")
+                self._say_once(database, f"cannot connect ({exc.message})")
+                continue
             if frame is not None:
                 frames.append(frame)
                 seen += tables
         self.stats.tables_seen = seen
         return pl.concat(frames) if frames else pl.DataFrame(schema=TABLES)
 
-    def _scrape_database(self, database: str) -> tuple[pl.DataFrame | None, int]:
-        try:
-            conn = self._connection(database)
-        except ScrapeError as exc:
-            self.stats.count("connect_failed")
-            self._say_once(database, f"cannot connect ({exc.message})")
-            return None, 0
+    def _scrape_database(self, database: str, conn: psycopg.Connection) -> tuple[pl.DataFrame | None, int]:
         try:
             try:
                 result = self._query(conn, database, skip_locked=False)
@@ -360,10 +367,6 @@ class TableScraper:
             self.stats.count("timeout" if isinstance(exc, pgerr.QueryCanceled) else "error")
             log.warning("table statistics scrape failed",
                         extra=kv(instance=self.instance, database=database, error=err.message))
-            try:
-                conn.close()
-            finally:
-                self._conns.pop(database, None)
             return None, 0
         if self._said.pop(database, None) is not None:
             log.info("table statistics scraped again", extra=kv(instance=self.instance, database=database))

@@ -6,8 +6,10 @@ one process, or several processes in a cluster); nothing here is pickled.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -134,3 +136,26 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, hangup)
+
+
+# Issue 20: how late a timed wait of this process may end. bytewax 0.21.1 never sleeps longer
+# than 1 ms: its worker loop is ``step_or_park(Some(1 ms))`` and its main thread checks signals
+# every 1 ms (a GIL acquisition each), whatever the sources' ``next_awake`` says (bytewax issue
+# #161). Those 2,000 wake-ups a second were most of an idle collector's CPU. With a timer slack
+# the kernel may end each 1 ms timeout up to this much later (coalescing it with other wake-ups):
+# about 50 wake-ups a second. Nothing of pgflow's waits on a timer that needs finer precision
+# (scrapes every 30 s, samples every second, their timestamps are read when they run).
+TIMER_SLACK_NS = 20_000_000
+_PR_SET_TIMERSLACK = 29
+
+
+def quiet_timers(slack_ns: int = TIMER_SLACK_NS) -> bool:
+    """Let this thread's (and the threads it starts after this: bytewax's workers) timed waits end
+    up to ``slack_ns`` late. Linux only; True when set. Call in the thread that runs the flow."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(slack_ns), 0, 0, 0) == 0
+    except Exception:  # no prctl: the flow runs as before, only busier
+        return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -23,6 +24,7 @@ from pgflow.errors import PgflowError
 from pgflow.logs import kv
 from pgflow.schema import Snapshot
 from pgflow.scrape import Scraper
+from pgflow.scrape.budget import ConnectionBudget, free_of, read_free
 from pgflow.scrape.explain import WindowPlans
 from pgflow.scrape.sampler import sampler_for, with_samples
 from pgflow.scrape.health import HealthSchedule
@@ -32,6 +34,7 @@ log = logging.getLogger("pgflow.source")
 
 STOP = threading.Event()  # set by the signal handlers: every source ends, every window is flushed
 _POLL = timedelta(milliseconds=50)
+_IDLE_WAKE = timedelta(seconds=1)
 
 
 class SnapshotRecorder:
@@ -69,7 +72,6 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         self.max_scrapes = settings.max_scrapes
         self.health = health
         self.recorder = recorder
-        self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings)  # None: plans off
         self.scraper = Scraper(instance.dsn, instance=instance.name, statement_timeout_ms=settings.statement_timeout_ms,
                                connect_timeout_secs=settings.connect_timeout_secs,
                                text_cache_size=settings.text_cache_size,
@@ -83,7 +85,17 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         self.sampler = sampler_for(instance.dsn, instance.name, settings)
         if self.sampler is not None:
             self.sampler.start()
-        self.tables = TableStatsThread(instance, settings) if settings.table_stats_enabled else None  # issue 13
+        # issue 20: the scrape's and the sampler's connections are held; per-database work shares the rest
+        self._conn_lock = threading.RLock()  # the scrape's connection: one user at a time
+        self.budget = ConnectionBudget.from_settings(instance, settings, sampler=self.sampler is not None,
+                                                     probe=self._free_connections)
+        self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings, self.budget)  # None: plans off
+        self.tables = TableStatsThread(instance, settings, self.budget) if settings.table_stats_enabled else None  # issue 13
+
+    def _free_connections(self) -> int:
+        """The server's free connections, read on the scrape's own connection (never a new one)."""
+        with self._conn_lock:
+            return free_of(read_free(self.scraper._connection()))
 
     def next_batch(self) -> list[Snapshot]:
         if self.tables is not None:
@@ -106,6 +118,10 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         return [snapshot] if snapshot is not None else []
 
     def _scrape(self) -> Snapshot | None:
+        with self._conn_lock:
+            return self._scrape_locked()
+
+    def _scrape_locked(self) -> Snapshot | None:
         name = self.instance.name
         started = _now()
         try:
@@ -144,12 +160,17 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             return _now() + _POLL
         if STOP.is_set():
             return None
-        return min(self.next_at, _now() + timedelta(milliseconds=250))  # wake to notice STOP
+        # Issue 20: once a second at most while idle (to notice STOP and a table round's end),
+        # not four times: each wake-up is a call into Python per instance.
+        wake = min(self.next_at, _now() + _IDLE_WAKE)
+        due = self.tables.due() if self.tables is not None else None
+        return wake if due is None else min(wake, max(due, _now()))
 
     def snapshot(self) -> None:
         return None  # scrapes are not replayable: the delta baseline lives in the ledger
 
     def close(self) -> None:
+        self.budget.close()  # issue 20: a table round waiting for headroom ends now
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.scraper.close()
         if self.sampler is not None:  # issue 11
@@ -166,10 +187,11 @@ class TableStatsThread:
     scrape starts before then, so no frame is ever lost or sent twice.
     """
 
-    def __init__(self, instance: InstanceConfig, settings: Settings) -> None:
+    def __init__(self, instance: InstanceConfig, settings: Settings, budget: ConnectionBudget | None = None) -> None:
         self.name = instance.name
         self.interval = timedelta(seconds=settings.table_stats_interval_secs)
-        self.scraper = TableScraper.for_instance(instance, settings)
+        self.scraper = TableScraper.for_instance(instance, settings, budget)
+        self._late = False  # the last round was too long for its interval (said once)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tables-{instance.name}")
         self.next_at = _now()
         self.pending: Future[None] | None = None
@@ -188,10 +210,17 @@ class TableStatsThread:
         self.next_at = _now() + self.interval
         self.pending = self.pool.submit(self._scrape)
 
+    def due(self) -> datetime | None:
+        """When :meth:`poll` would start the next round (None: one is running or waiting to be attached)."""
+        if self.pending is not None and not self.pending.done():
+            return None
+        with self._lock:
+            return None if self._ready is not None else self.next_at
+
     def _scrape(self) -> None:
         try:
             with telemetry.table_scrape_duration.labels(self.name).time():
-                frame = self.scraper.scrape()
+                frame = self.scraper.scrape(deadline=time.monotonic() + self.interval.total_seconds())
         except PgflowError as exc:
             telemetry.table_scrapes.labels(self.name, "error").inc()
             log.warning("table statistics scrape failed", extra=kv(instance=self.name, error=str(exc)))
@@ -208,8 +237,25 @@ class TableStatsThread:
         telemetry.table_rows_fetched.labels(self.name).inc(stats.rows - self._rows)
         self._rows = stats.rows
         telemetry.tables_seen.labels(self.name).set(stats.tables_seen)
+        self._count_late(stats.late)
         with self._lock:
             self._ready = frame
+
+    def _count_late(self, late: int) -> None:
+        """Issue 20: a round that could not visit every database within its interval: counted, said once."""
+        if late:
+            telemetry.table_rounds_late.labels(self.name).inc()
+            telemetry.table_databases_late.labels(self.name).inc(late)
+            if not self._late:
+                log.warning("table statistics: the databases could not all be visited within "
+                            "table_stats_interval_secs; every database is still read each round, later",
+                            extra=kv(instance=self.name, late_databases=late,
+                                     interval_secs=self.interval.total_seconds(),
+                                     hint="raise PGFLOW_TABLE_STATS_INTERVAL_SECS or narrow "
+                                          "PGFLOW_TABLE_STATS_DATABASES"))
+        elif self._late:
+            log.info("table statistics: every database visited within its interval again", extra=kv(instance=self.name))
+        self._late = bool(late)
 
     def attach(self, snapshot: Snapshot) -> Snapshot:
         with self._lock:

@@ -1,0 +1,143 @@
+"""Fleet: the cost of one instance, and of each further one, at every default setting (issue 20).
+
+One real PostgreSQL holds about ``statements`` distinct statements (nearly idle otherwise);
+``pgflow run`` is started twice as a user would (a subprocess, default intervals: statements
+every 30 s, sampling at 1 Hz, health every 60 s, tables every 300 s, export every 60 s), with
+1 instance and with N instances (each instance is one database of the server: every one reads
+the server's whole pg_stat_statements), exporting to a `pgflow receive` in its own process.
+After ``warmup`` seconds, for ``duration`` seconds: CPU of the collector process (all its
+threads: utime + stime from /proc/<pid>/stat), its resident memory (VmRSS) at the end, and the
+connections it holds (pg_stat_activity, application_name = 'pgflow', sampled every 0.5 s).
+
+Last line: cpu_pct_1=<f> cpu_pct_per_instance=<f> rss_mb_1=<f> rss_mb_per_instance=<f> connections_max=<n>
+(cpu_pct: percent of one core; connections_max: the most one instance's run held at once).
+
+Usage: python bench/fleet_bench.py [instances=5] [duration_secs=120] [warmup_secs=40] [statements=2000]
+(a duration under 120 s is for trying the bench, not for a figure). PGFLOW_BENCH_PG_BINDIR picks
+the PostgreSQL (the issue's figures: /usr/lib/postgresql/15/bin).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+from pgflow.pgserver import LocalPostgres, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def make_statements(pg: LocalPostgres, n: int) -> None:
+    """``n`` distinct statements in pg_stat_statements (the shapes load_bench uses)."""
+    pg.execute("CREATE TABLE IF NOT EXISTS load (id int PRIMARY KEY, v int)")
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        for i in range(n):
+            cols = ", ".join(f"v + {j} AS c{j}" for j in range(i % 9 + 1))
+            conn.execute(f"SELECT {cols} FROM load l{i // 9} WHERE id = {i}")  # type: ignore[arg-type]
+
+
+def cpu_secs(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` (the process's own totals include its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+class Connections:
+    """The most connections pgflow held at once, sampled from the server's pg_stat_activity."""
+
+    def __init__(self, dsn: str) -> None:
+        self.conn = psycopg.connect(dsn, autocommit=True, application_name="fleet-bench")
+        self.most = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            n = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgflow'").fetchone()[0]
+            self.most = max(self.most, n)
+
+    def close(self) -> int:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.conn.close()
+        return self.most
+
+
+def run_collector(pg: LocalPostgres, databases: list[str], endpoint: str, work: Path, duration: float,
+                  warmup: float) -> tuple[float, float, int]:
+    """(CPU % of one core, RSS MB, most connections held) of one ``pgflow run`` over ``databases``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLOW_", "OTEL_"))}
+    env.pop("DATABASE_URL", None)
+    state = Path(tempfile.mkdtemp(prefix="state-", dir=work))
+    env |= {"PGFLOW_INSTANCES": json.dumps([{"name": d, "database_url": pg.dsn(d)} for d in databases]),
+            "PGFLOW_OTLP_ENDPOINT": endpoint, "PGFLOW_STATE_DIR": str(state),
+            "PGFLOW_METRICS_ADDR": f"127.0.0.1:{free_port()}", "PYTHONPATH": str(ROOT)}
+    log = open(work / f"collector-{len(databases)}.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "pgflow", "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=ROOT)
+    watch = Connections(pg.dsn())
+    try:
+        time.sleep(warmup)
+        if proc.poll() is not None:
+            raise SystemExit(f"pgflow run exited ({proc.returncode}): see {work}")
+        cpu0, t0 = cpu_secs(proc.pid), time.monotonic()
+        time.sleep(duration)
+        cpu1, t1 = cpu_secs(proc.pid), time.monotonic()
+        rss = rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        most = watch.close()
+    return 100 * (cpu1 - cpu0) / (t1 - t0), rss, most
+
+
+def main() -> None:
+    args = [int(a) for a in sys.argv[1:]]
+    instances, duration, warmup, statements = (args + [5, 120, 40, 2000][len(args):])[:4]
+    work = Path(tempfile.mkdtemp(prefix="pgflow-fleet-"))
+    bindir = os.environ.get("PGFLOW_BENCH_PG_BINDIR") or None
+    with LocalPostgres(bindir, settings={"pg_stat_statements.max": str(statements + 1000)}) as pg:
+        pg.execute("CREATE EXTENSION pg_stat_statements", dbname="template1")
+        pg.execute("CREATE EXTENSION pg_stat_statements")
+        databases = [f"fleet_{i:03d}" for i in range(instances)]
+        for name in databases:
+            pg.execute(f"CREATE DATABASE {name}")
+        make_statements(pg, statements)
+        receiver = subprocess.Popen([sys.executable, "-m", "pgflow", "receive", "--grpc-port", "0", "--http-port", "0"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        try:
+            grpc_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[0])  # type: ignore[union-attr]
+            endpoint = f"http://127.0.0.1:{grpc_port}"
+            cpu_1, rss_1, conns_1 = run_collector(pg, databases[:1], endpoint, work, duration, warmup)
+            print(f"1 instance: cpu {cpu_1:.3f}% rss {rss_1:.1f} MB connections {conns_1}", flush=True)
+            cpu_n, rss_n, conns_n = run_collector(pg, databases, endpoint, work, duration, warmup)
+            print(f"{instances} instances: cpu {cpu_n:.3f}% rss {rss_n:.1f} MB connections {conns_n}", flush=True)
+        finally:
+            receiver.terminate()
+            receiver.wait(timeout=30)
+    extra = max(1, instances - 1)
+    print(f"cpu_pct_1={cpu_1:.3f} cpu_pct_per_instance={(cpu_n - cpu_1) / extra:.3f} rss_mb_1={rss_1:.1f} "
+          f"rss_mb_per_instance={(rss_n - rss_1) / extra:.2f} connections_max={conns_1}")
+
+
+if __name__ == "__main__":
+    main()
