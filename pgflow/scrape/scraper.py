@@ -360,9 +360,13 @@ class Scraper:
             if time.monotonic() < self._probe_after:
                 return None
             self._probe_after = time.monotonic() + TEXT_RETRY_SECS
-            route = texts.find_route(conn, self._dsn, {k[0] for k in present},
-                                     statement_timeout_ms=self.statement_timeout_ms,
-                                     connect_timeout=self.connect_timeout_secs)
+            try:
+                route = texts.find_route(conn, self._dsn, {k[0] for k in present},
+                                         statement_timeout_ms=self.statement_timeout_ms,
+                                         connect_timeout=self.connect_timeout_secs, instance=self.instance)
+            except texts.NoConnection:  # the connection budget says not now (counted): the next scrape
+                self._probe_after = 0.0
+                return None
             if route.database is None:
                 problem, fix = route.advice()
                 if self._text_advice != (problem, fix):
@@ -377,7 +381,9 @@ class Scraper:
             encodings = {oid: enc for oid, _, enc, _ in texts.databases(conn, self.statement_timeout_ms)}
             return texts.read_through(self._route, self._dsn, has_toplevel, queryids, encodings,
                                       statement_timeout_ms=self.statement_timeout_ms,
-                                      connect_timeout=self.connect_timeout_secs)
+                                      connect_timeout=self.connect_timeout_secs, instance=self.instance)
+        except texts.NoConnection:  # the connection budget says not now (counted): the next scrape
+            return None
         except (psycopg.Error, ScrapeError) as exc:  # gone, or the extension dropped: look again later
             log.warning("statement texts could not be read through the SQL_ASCII database; looked for again later",
                         extra=kv(instance=self.instance, database=self._route.database,

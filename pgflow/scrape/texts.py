@@ -12,10 +12,17 @@ pg_stat_statements, :func:`advice` says which database holds the unreadable text
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import psycopg
 from psycopg import sql
 
+from pgflow.scrape import budget as budgets
+from pgflow.scrape.budget import NoConnection
 from pgflow.scrape.statements import MARK
+
+SLOT_WAIT_SECS = 5.0  # on the scrape thread: wait this long at most for a budget slot (as explains do)
 
 # Every database with its encoding, and whether pg_stat_statements has entries from it.
 DATABASES_SQL = (f"SELECT {MARK} d.oid::int8, d.datname::text, pg_encoding_to_char(d.encoding)::text, "
@@ -143,15 +150,29 @@ class Route:
         return advice(self.suspect, self.ascii_suspect)
 
 
+@contextmanager
+def short_lived(dsn: str, dbname: str, instance: str | None, connect_timeout: int) -> Iterator[psycopg.Connection]:
+    """A connection to another database of the instance for one read, then closed: inside the
+    collector through the instance's connection budget (issue 20: it may raise NoConnection),
+    elsewhere (``pgflow check``, a tool used alone) opened directly."""
+    from pgflow.scrape.connection import connect
+
+    budget = budgets.for_instance_name(instance) if instance else None
+    if budget is not None:
+        with budget.connection(dbname, slot_wait_secs=SLOT_WAIT_SECS) as conn:
+            yield conn
+        return
+    with connect(psycopg.conninfo.make_conninfo(dsn, dbname=dbname), connect_timeout=connect_timeout) as conn:
+        yield conn
+
+
 def find_route(conn: psycopg.Connection, dsn: str, dbids: set[int], *, statement_timeout_ms: int,
-               connect_timeout: int = 5) -> Route:
+               connect_timeout: int = 5, instance: str | None = None) -> Route:
     """Look for a ``SQL_ASCII`` database with pg_stat_statements, the ones holding entries first.
 
     Each candidate is looked at on a short-lived connection (connect, read, close) with the
     DSN's other parameters (TLS included) and ``application_name=pgflow``.
     """
-    from pgflow.scrape.connection import connect
-
     found = databases(conn, statement_timeout_ms)
     own_encoding = next((enc for _, name, enc, _ in found if name == conn.info.dbname), "")
     suspect = suspects(found, dbids, own_encoding)
@@ -159,8 +180,10 @@ def find_route(conn: psycopg.Connection, dsn: str, dbids: set[int], *, statement
     ascii_suspect = bool(suspect) and suspect[0] in ascii_names
     for name in routes(found, dbids):
         try:
-            with connect(psycopg.conninfo.make_conninfo(dsn, dbname=name), connect_timeout=connect_timeout) as other:
+            with short_lived(dsn, name, instance, connect_timeout) as other:
                 schema = extension_schema(other, statement_timeout_ms)
+        except NoConnection:  # the budget or the server's headroom says not now: look again later
+            raise
         except Exception:  # unreachable or refused: the next candidate, else the advice
             continue
         if schema is not None:
@@ -169,10 +192,8 @@ def find_route(conn: psycopg.Connection, dsn: str, dbids: set[int], *, statement
 
 
 def read_through(route: Route, dsn: str, has_toplevel: bool, queryids: list[int], encodings: dict[int, str], *,
-                 statement_timeout_ms: int, connect_timeout: int = 5) -> list[tuple]:
+                 statement_timeout_ms: int, connect_timeout: int = 5, instance: str | None = None) -> list[tuple]:
     """The texts of ``queryids`` read in ``route``'s database on a short-lived connection."""
-    from pgflow.scrape.connection import connect
-
     assert route.database is not None and route.schema is not None
-    with connect(psycopg.conninfo.make_conninfo(dsn, dbname=route.database), connect_timeout=connect_timeout) as other:
+    with short_lived(dsn, route.database, instance, connect_timeout) as other:
         return read_raw(other, route.schema, has_toplevel, queryids, statement_timeout_ms, encodings)
