@@ -127,13 +127,18 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from pgflow.scrape.sampler import sampler_for  # issue 11: captures hold active-session samples
 
     samplers = {i.name: s.start() for i in settings.targets() if (s := sampler_for(i.dsn, i.name, settings))}
+    from pgflow.scrape.budget import ConnectionBudget, free_of, read_free  # issue 20: within each budget
     from pgflow.scrape.tables import TableScraper  # issue 13: and per-table statistics
 
-    tables = {i.name: TableScraper.for_instance(i, settings) for i in settings.targets()} \
+    budgets = {i.name: ConnectionBudget.from_settings(i, settings, sampler=i.name in samplers,
+                                                      probe=lambda s=s: free_of(read_free(s._connection())))
+               for i, s in zip(settings.targets(), scrapers)}
+    tables = {i.name: TableScraper.for_instance(i, settings, budgets[i.name]) for i in settings.targets()} \
         if settings.table_stats_enabled else {}
     from pgflow.scrape.explain import WindowPlans  # issue 12: and the plans of each closed export window
 
-    plans = {i.name: p for i in settings.targets() if (p := WindowPlans.for_instance(i.dsn, i.name, settings))}
+    plans = {i.name: p for i in settings.targets()
+             if (p := WindowPlans.for_instance(i.dsn, i.name, settings, budgets[i.name]))}
 
     def progress(writer) -> None:  # type: ignore[no-untyped-def]
         print(f"\rcaptured {writer.scrapes} snapshots, {writer.rows} statement rows", end="", flush=True)
@@ -146,7 +151,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
                               on_error=on_error, stop=stop.is_set, samplers=samplers, tables=tables,
                               table_interval=settings.table_stats_interval_secs, plans=plans)
     finally:
-        for scraper in [*scrapers, *tables.values()]:
+        for scraper in [*scrapers, *tables.values(), *budgets.values()]:
             scraper.close()
         for sampler in samplers.values():
             sampler.stop()
