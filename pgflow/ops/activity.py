@@ -30,8 +30,10 @@ PostgreSQL 13 (no query_id) and statements without one are ``unknown``. Nothing 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import polars as pl
 
@@ -69,13 +71,14 @@ class ActivityState:
     # it runs) and from pg_stat_statements' entries of sampled sessions (kept after the entry goes)
     seen: dict[int, str] = field(default_factory=dict)
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("seen", {})  # a ledger written before issue 19 has none
         self.__dict__.update(state)
 
 
 def _seen(state: ActivityState) -> dict[int, str]:
-    return getattr(state, "seen", None) or {}  # states pickled before issue 19 lack it
+    seen: dict[int, str] | None = getattr(state, "seen", None)  # states pickled before issue 19 lack it
+    return seen or {}
 
 
 def _remember(state: ActivityState, pairs: pl.DataFrame) -> ActivityState:
@@ -94,7 +97,7 @@ def _remember(state: ActivityState, pairs: pl.DataFrame) -> ActivityState:
 def _from_query_samples(snapshot: Snapshot) -> pl.DataFrame | None:
     """(query_id, fingerprint) of the snapshot's query samples whose text named the statement
     (not truncated, parsed, one statement): the metrics' key once its call completes."""
-    qs = getattr(snapshot, "query_samples", None)
+    qs: pl.DataFrame | None = getattr(snapshot, "query_samples", None)
     if qs is None or not qs.height:
         return None
     c = pl.col
@@ -171,10 +174,10 @@ def sampled(state: ActivityState, window: Window, labels: pl.DataFrame | None) -
     c = pl.col
     frames = []
     if pending.samples:
-        samples = pl.concat(pending.samples).cast(SAMPLES)  # type: ignore[arg-type]
+        samples = pl.concat(pending.samples).cast(SAMPLES)
         frames.append(samples.select("dbid", "userid", "query_id", (c("count") * c("period_secs")).alias("value")))
     if pending.stats:
-        stats = pl.concat(pending.stats).cast(SESSION_STATS)  # type: ignore[arg-type]
+        stats = pl.concat(pending.stats).cast(SESSION_STATS)
         frames.append(stats.filter(c("stat") == "blocked_secs").select("dbid", "userid", "query_id", "value"))
     frames = [f for f in frames if f.height]
     if not frames:
@@ -209,7 +212,7 @@ def _bounded(frame: pl.DataFrame, column: str, lru: tuple[str, ...], capacity: i
         .otherwise(pl.lit(OTHER)).alias(column))
 
 
-def _frame(window: Window, metric: str, unit: str, kind: str, rows: pl.DataFrame, attrs: dict,
+def _frame(window: Window, metric: str, unit: str, kind: str, rows: pl.DataFrame, attrs: Mapping[str, pl.Expr | str],
            start: datetime, end: datetime) -> pl.DataFrame:
     r = window.resource
     return rows.select(
@@ -240,7 +243,7 @@ def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFr
     system = {"db.system.name": "postgresql"}
     c = pl.col
     if pending.samples:
-        samples = pl.concat(pending.samples).cast(SAMPLES)  # type: ignore[arg-type]
+        samples = pl.concat(pending.samples).cast(SAMPLES)
         named = _named(samples.with_columns((c("count") * c("period_secs")).alias("value")), known, cap.queries, seen)
         named = _bounded(named, "database", cap.databases, max_databases_tracked)
         named = _bounded(named, "user", cap.users, max_users_tracked)
@@ -253,7 +256,7 @@ def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFr
             "postgresql.query.fingerprint": c("fingerprint"), "postgresql.wait.source": c("source")},
             window.start, window.end))
     if pending.stats:
-        stats = pl.concat(pending.stats).cast(SESSION_STATS)  # type: ignore[arg-type]
+        stats = pl.concat(pending.stats).cast(SESSION_STATS)
         blocked = stats.filter(c("stat") == "blocked_secs")
         if blocked.height:
             named = _bounded(_named(blocked, known, cap.queries, seen), "database", cap.databases,
@@ -282,7 +285,7 @@ def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFr
                 out.append(_frame(window, metric, unit, "gauge", rows, attrs, at, at))
     if not out:
         return state, None
-    return state, pl.concat(out, how="vertical_relaxed").cast(POINTS)  # type: ignore[arg-type]
+    return state, pl.concat(out, how="vertical_relaxed").cast(POINTS)
 
 
 __all__ = ["ActivityState", "add", "by_query_id", "close", "fingerprints", "sampled", "UNKNOWN", "CPU"]

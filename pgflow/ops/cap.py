@@ -186,10 +186,10 @@ def track(lru: tuple[str, ...], rankings: list[list[str]], quotas: list[int], ca
     depth = 0
     while room > 0 and any(q + depth < len(r) for r, q in zip(rankings, quotas)):
         for ranking, quota in zip(rankings, quotas):
-            name = ranking[quota + depth] if quota + depth < len(ranking) else None
-            if name is not None and name not in seen and name not in tracked and room > 0:
-                seen.add(name)
-                chosen.append(name)
+            extra = ranking[quota + depth] if quota + depth < len(ranking) else None
+            if extra is not None and extra not in seen and extra not in tracked and room > 0:
+                seen.add(extra)
+                chosen.append(extra)
                 room -= 1
         depth += 1
     return _touch(lru, chosen[:capacity], capacity)

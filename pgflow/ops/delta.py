@@ -65,7 +65,7 @@ class Counters:
 
 def _matrix(frame: pl.DataFrame, columns: tuple[str, ...], dtype: type) -> np.ndarray:
     # Column by column: a DataFrame.select costs more than copying the numbers.
-    out = np.empty((frame.height, len(columns)), dtype, order="F")
+    out: np.ndarray = np.empty((frame.height, len(columns)), dtype, order="F")
     for j, name in enumerate(columns):
         column = frame.get_column(name)
         # A column a server version lacks is null: it never moves, so 0 counts the same.

@@ -10,6 +10,8 @@ takes: ``database, user, fingerprint, queryid, query, exec_time`` (milliseconds)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import polars as pl
 
 from pgflow.ops.fingerprint import query_info
@@ -20,7 +22,7 @@ CANDIDATES = pl.Schema({"database": pl.String, "user": pl.String, "fingerprint":
 
 
 def explain_candidates(previous: pl.DataFrame | None, current: pl.DataFrame, limit: int = 1000,
-                       fingerprint=lambda text: query_info(text).fingerprint) -> pl.DataFrame:  # noqa: ANN001
+                       fingerprint: Callable[[str], str] = lambda text: query_info(text).fingerprint) -> pl.DataFrame:
     """The ``limit`` busiest (database, fingerprint) pairs of ``current`` since ``previous``
     (statements frames of one instance), busiest first."""
     cols = [*STATEMENT_KEY, "database", "user", "query", "total_exec_time"]

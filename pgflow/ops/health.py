@@ -15,8 +15,10 @@ postgresqlreceiver where it has the metric (``RECEIVER_METRICS``); the rest are 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -74,7 +76,7 @@ class HealthWindow:
     start: datetime
     end: datetime
     # source -> deltas per scrape (frames; for "databases", the delta operator's rows and counters)
-    sums: dict[str, tuple] = field(default_factory=dict)
+    sums: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     gauges: dict[str, tuple[datetime, pl.DataFrame]] = field(default_factory=dict)
 
 
@@ -145,8 +147,8 @@ def step(state: HealthState, snapshot: Snapshot, deltas: Deltas | None, *,
             sums[name] = d
     gauges = {"databases": (snapshot.scraped_at, snapshot.databases)}
     for name in GAUGE_FRAMES:
-        group = "db_size" if name == "database_sizes" else name
-        if group in scraped:
+        scrape_group = "db_size" if name == "database_sizes" else name
+        if scrape_group in scraped:
             gauges[name] = (snapshot.scraped_at, getattr(snapshot, name))
 
     start, end = window_bounds(snapshot.scraped_at, state.length)
@@ -223,11 +225,12 @@ class _Out:
 
     def __init__(self, window: HealthWindow) -> None:
         self.window = window
-        self.columns: dict[str, list] = {k: [] for k in ("metric", "kind", "unit", "start", "end", "value", "is_int",
-                                                         "attributes")}
+        self.columns: dict[str, list[Any]] = {
+            k: [] for k in ("metric", "kind", "unit", "start", "end", "value", "is_int", "attributes")}
 
-    def add(self, rows: pl.DataFrame, metric: str, unit: str, value: pl.Expr, *, attrs: dict | None = None,
-            kind: str = "sum", is_int: bool = True, at: datetime | None = None, nonzero: bool = False) -> None:
+    def add(self, rows: pl.DataFrame, metric: str, unit: str, value: pl.Expr, *,
+            attrs: Mapping[str, pl.Expr | str] | None = None, kind: str = "sum", is_int: bool = True,
+            at: datetime | None = None, nonzero: bool = False) -> None:
         if rows.height == 0:
             return
         attrs = attrs or {}
@@ -261,7 +264,7 @@ class _Out:
             attrs, pl.lit(r.server_address).alias("server_address"),
             pl.lit(r.server_port, pl.Int32).alias("server_port"),
             pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
-        ).select(POINTS.names()).cast(POINTS)  # type: ignore[arg-type]
+        ).select(POINTS.names()).cast(POINTS)
 
 
 def _summed(parts: tuple[pl.DataFrame, ...], key: tuple[str, ...]) -> pl.DataFrame:

@@ -26,4 +26,4 @@ def merge_windows(older: pl.DataFrame, newer: pl.DataFrame) -> tuple[pl.DataFram
     gauges_new = newer.filter(pl.col("kind") != "sum")
     dropped = older.filter(pl.col("kind") != "sum").height
     out = pl.concat([merged_sums.select(POINTS.names()), gauges_new.select(POINTS.names())])
-    return out.cast(POINTS), dropped  # type: ignore[arg-type]
+    return out.cast(POINTS), dropped

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 from pglast import parser as pg_parser
 
 MAX_PLAN_BYTES = 128 * 1024  # New Relic stores up to 128 KB of a log body
+
+PlanNode = dict[str, Any]  # one node of EXPLAIN (FORMAT JSON) output, parsed
+Explain = str | list[Any] | dict[str, Any]  # EXPLAIN (FORMAT JSON) output, as text or parsed
 
 # Fields whose values name things or choose among a fixed set: kept as they are. The first
 # group is the plan's shape, the input of the plan hash.
@@ -79,8 +83,8 @@ def _scrub_value(value: object) -> object:
     return None
 
 
-def _node(node: dict) -> dict:
-    kept: dict = {}
+def _node(node: PlanNode) -> PlanNode:
+    kept: PlanNode = {}
     for key, value in node.items():
         if key in _KEPT:
             if isinstance(value, (str, int, float, bool)) or value is None or (
@@ -95,7 +99,7 @@ def _node(node: dict) -> dict:
     return kept
 
 
-def _plan_of(explain: str | list | dict) -> dict:
+def _plan_of(explain: Explain) -> PlanNode:
     """The root plan node of EXPLAIN (FORMAT JSON) output, given as text or parsed."""
     data = json.loads(explain) if isinstance(explain, str) else explain
     if isinstance(data, list):
@@ -107,38 +111,38 @@ def _plan_of(explain: str | list | dict) -> dict:
     return data
 
 
-def obfuscate(explain: str | list | dict) -> dict:
+def obfuscate(explain: Explain) -> PlanNode:
     """The root plan node with no constant left and no unknown field (see the module's docstring)."""
     return _node(_plan_of(explain))
 
 
-def _shape(node: dict) -> list:
+def _shape(node: PlanNode) -> list[Any]:
     return [[node.get(f) for f in SHAPE_FIELDS], [_shape(child) for child in node.get("Plans", [])]]
 
 
-def plan_hash(plan: dict) -> str:
+def plan_hash(plan: PlanNode) -> str:
     """16 hex digits over the plan's shape (not costs, rows or expressions), stable across runs."""
     return xxhash.xxh3_64_hexdigest(json.dumps(_shape(_plan_of(plan)), separators=(",", ":")).encode())
 
 
-def _without_depth(node: dict, depth: int) -> dict:
+def _without_depth(node: PlanNode, depth: int) -> PlanNode:
     if depth <= 0:
         return {k: v for k, v in node.items() if k != "Plans"} | ({"Plans Omitted": True} if "Plans" in node else {})
     return node | ({"Plans": [_without_depth(c, depth - 1) for c in node["Plans"]]} if "Plans" in node else {})
 
 
-def _depth(node: dict) -> int:
+def _depth(node: PlanNode) -> int:
     return 1 + max((_depth(c) for c in node.get("Plans", [])), default=0)
 
 
-def body(plan: dict, limit: int = MAX_PLAN_BYTES) -> str:
+def body(plan: PlanNode, limit: int = MAX_PLAN_BYTES) -> str:
     """``[{"Plan": plan}]`` as compact JSON within ``limit`` bytes: when too long, only the shape
     fields are kept, then the deepest levels are cut (marked ``"Plans Omitted": true``)."""
     text = json.dumps([{"Plan": plan}], separators=(",", ":"))
     if len(text.encode()) <= limit:
         return text
 
-    def shape_only(node: dict) -> dict:
+    def shape_only(node: PlanNode) -> PlanNode:
         out = {k: node[k] for k in SHAPE_FIELDS if k in node}
         if "Plans" in node:
             out["Plans"] = [shape_only(c) for c in node["Plans"]]
@@ -158,7 +162,7 @@ class NormalizedPlan:
     body: str  # the obfuscated plan, JSON, at most MAX_PLAN_BYTES
 
 
-def normalize(explain: str | list | dict) -> NormalizedPlan:
+def normalize(explain: Explain) -> NormalizedPlan:
     """EXPLAIN (FORMAT JSON) output → its shape hash and its shippable body."""
     plan = obfuscate(explain)
     return NormalizedPlan(plan_hash(plan), body(plan))

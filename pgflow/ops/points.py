@@ -8,6 +8,7 @@ This frame is the only input of the OTLP encoder, the local receiver's store and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,7 +23,7 @@ _BLOCK_KINDS = ("shared_hit", "shared_read", "shared_dirtied", "shared_written",
                 "local_dirtied", "local_written", "temp_read", "temp_written")
 
 
-def attributes(values: dict[str, pl.Expr | str]) -> pl.Expr:
+def attributes(values: Mapping[str, pl.Expr | str]) -> pl.Expr:
     """The attributes struct: given keys from expressions or constants, the rest null."""
     unknown = set(values) - set(ATTRIBUTE_KEYS)
     if unknown:
@@ -134,7 +135,8 @@ def query_points(window: Window, series: SeriesTable) -> pl.DataFrame | None:
         # PostgreSQL 13 keys statements without ``toplevel``: one entry holds top-level and
         # nested executions alike, so the attribute is left out rather than guessed.
         labels = labels.with_columns(pl.lit(None, pl.Boolean).alias("toplevel"))
-    long = pl.concat([_SPEC_TABLE[spec], labels, pl.DataFrame({"value": values})], how="horizontal")
+    # polars types a frame indexed by an array as Any, and so the concatenation
+    long: pl.DataFrame = pl.concat([_SPEC_TABLE[spec], labels, pl.DataFrame({"value": values})], how="horizontal")
     return long.with_columns(_QUERY_ATTRIBUTES.alias("attributes")).select(
         _columns(window, "sum", window.start, window.end))
 
@@ -154,8 +156,8 @@ ZERO_CONNECTION_STATES = ("active", "idle", "idle in transaction")
 ZERO_LOCK_GRANTED = (True, False)
 
 
-def _missing(present: pl.DataFrame, databases: list[str], column: str, values: tuple, dtype: pl.DataType
-             ) -> pl.DataFrame:
+def _missing(present: pl.DataFrame, databases: list[str], column: str, values: tuple[str | bool, ...],
+             dtype: pl.DataType | type[pl.DataType]) -> pl.DataFrame:
     """The (database, ``column``) pairs of the grid that ``present`` has no row for."""
     if not databases:
         return pl.DataFrame(schema={"database": pl.String, column: dtype})
@@ -216,4 +218,4 @@ def points(window: Window, series: SeriesTable) -> pl.DataFrame:
         )
     if not frames:
         return pl.DataFrame(schema=POINTS)
-    return pl.concat(frames, how="vertical_relaxed").cast(POINTS)  # type: ignore[arg-type]
+    return pl.concat(frames, how="vertical_relaxed").cast(POINTS)

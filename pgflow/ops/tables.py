@@ -30,6 +30,7 @@ from datetime import datetime
 import polars as pl
 
 from pgflow.ops.cap import OTHER, track
+from pgflow.ops.window import Resource, Window
 from pgflow.schema import POINTS, TABLE_COUNTERS, TABLES, UTC_TS
 
 KEY = ["database", "relid"]
@@ -95,7 +96,7 @@ def observe(known: pl.DataFrame, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.
         | pl.struct("database", "bucket").is_in(changed.select(pl.struct("database", "bucket")).to_series().implode()))
     dropped = dropped_scope.join(rows.select(KEY), on=KEY, how="anti").select(KEY)
     kept = known.join(current.select(KEY), on=KEY, how="anti").join(dropped, on=KEY, how="anti")
-    return pl.concat([kept, current]).cast(KNOWN), deltas.cast(_DELTAS)  # type: ignore[arg-type]
+    return pl.concat([kept, current]).cast(KNOWN), deltas.cast(_DELTAS)
 
 
 def add(state: TableState, frame: pl.DataFrame, window_end: datetime) -> TableState:
@@ -112,7 +113,7 @@ def _summed(window: TableWindow) -> pl.DataFrame:
     if not window.deltas:
         return pl.DataFrame(schema=_DELTAS)
     return pl.concat(window.deltas).group_by(KEY, maintain_order=True).agg(
-        pl.col("table").last(), *(pl.col(c).sum() for c in TABLE_COUNTERS)).cast(_DELTAS)  # type: ignore[arg-type]
+        pl.col("table").last(), *(pl.col(c).sum() for c in TABLE_COUNTERS)).cast(_DELTAS)
 
 
 def _ranking(frame: pl.DataFrame, column: str) -> list[str]:
@@ -192,7 +193,7 @@ def _attributes(extra_key: str | None, extra_value: str | None) -> pl.Expr:
     return attributes(values)
 
 
-def table_points(rows: pl.DataFrame, tables_per_db: pl.DataFrame, resource: object, start: datetime,
+def table_points(rows: pl.DataFrame, tables_per_db: pl.DataFrame, resource: Resource, start: datetime,
                  end: datetime) -> pl.DataFrame:
     """The per-table points of one window from its rolled-up rows."""
     r = resource
@@ -201,13 +202,13 @@ def table_points(rows: pl.DataFrame, tables_per_db: pl.DataFrame, resource: obje
     def emit(kind: str, metric: str, unit: str, value: pl.Expr, attrs: pl.Expr, at_start: pl.Expr, at_end: pl.Expr,
              is_int: bool, source: pl.DataFrame) -> None:
         frames.append(source.select(
-            pl.lit(r.instance).alias("instance"), pl.lit(metric).alias("metric"),  # type: ignore[attr-defined]
+            pl.lit(r.instance).alias("instance"), pl.lit(metric).alias("metric"),
             pl.lit(kind).alias("kind"), pl.lit(unit).alias("unit"), pl.lit(kind == "sum").alias("monotonic"),
             at_start.cast(UTC_TS).alias("start"), at_end.cast(UTC_TS).alias("end"),
             value.cast(pl.Float64).alias("value"), pl.lit(is_int).alias("is_int"), attrs.alias("attributes"),
-            pl.lit(r.server_address).alias("server_address"),  # type: ignore[attr-defined]
-            pl.lit(r.server_port, pl.Int32).alias("server_port"),  # type: ignore[attr-defined]
-            pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),  # type: ignore[attr-defined]
+            pl.lit(r.server_address).alias("server_address"),
+            pl.lit(r.server_port, pl.Int32).alias("server_port"),
+            pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
         ))
 
     window_start, window_end = pl.lit(start, UTC_TS), pl.lit(end, UTC_TS)
@@ -228,13 +229,13 @@ def table_points(rows: pl.DataFrame, tables_per_db: pl.DataFrame, resource: obje
              _attributes(None, None), observed, observed, True,
              tables_per_db.with_columns(pl.lit(None, pl.String).alias("collection")))
     out = [f for f in frames if f.height]
-    return pl.concat(out).cast(POINTS) if out else pl.DataFrame(schema=POINTS)  # type: ignore[arg-type]
+    return pl.concat(out).cast(POINTS) if out else pl.DataFrame(schema=POINTS)
 
 
-def emit(state: TableState, window: object, max_tables_tracked: int) -> tuple[TableState, pl.DataFrame]:
-    """Close the table window that ends with ``window`` (a pgflow.ops.window.Window): cap, roll up, points."""
-    end = window.end  # type: ignore[attr-defined]
-    period = window.period  # type: ignore[attr-defined]  # ``end`` is earlier when the window closed early
+def emit(state: TableState, window: Window, max_tables_tracked: int) -> tuple[TableState, pl.DataFrame]:
+    """Close the table window that ends with ``window``: cap, roll up, points."""
+    end = window.end
+    period = window.period  # ``end`` is earlier when the window closed early
     table_window = state.open.get(period)
     if table_window is None:
         return state, pl.DataFrame(schema=POINTS)
@@ -246,7 +247,7 @@ def emit(state: TableState, window: object, max_tables_tracked: int) -> tuple[Ta
     rows = _rollup(tables)
     known = table_window.known if table_window.known is not None else state.known  # (not the dropped ones)
     per_db = known.group_by("database", maintain_order=True).agg(pl.len().alias("tables"), pl.col("observed_at").max())
-    return state, table_points(rows, per_db, window.resource, window.start, end)  # type: ignore[attr-defined]
+    return state, table_points(rows, per_db, window.resource, window.start, end)
 
 
 __all__ = ["TableState", "TableWindow", "add", "choose", "emit", "observe", "table_points"]

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator
 from itertools import chain
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote
 
 import numpy as np
@@ -169,9 +170,9 @@ class Encoder:
 
     def __post_init__(self) -> None:
         self._blocks: dict[tuple[str, ...], dict[tuple[int, int], bytes]] = {}
-        self._resources: dict[tuple, bytes] = {}
+        self._resources: dict[tuple[str, str, int, int], bytes] = {}
 
-    def _encode_block(self, keys: tuple[str, ...], values: tuple) -> bytes:
+    def _encode_block(self, keys: tuple[str, ...], values: tuple[str | None, ...]) -> bytes:
         """The encoded ``attributes`` entries of ``keys`` = ``values`` (None: absent)."""
         entries = []
         for key, value in zip(keys, values):
@@ -230,9 +231,9 @@ class Encoder:
         attr_len = np.zeros(n, np.int64)
         halves = []
         for keys in (_SERIES_KEYS, _POINT_KEYS):
-            values = attrs.select(keys)
-            sets = group_rows(values)
-            blocks = self._blocks_of(keys, values, sets)
+            key_values = attrs.select(keys)
+            sets = group_rows(key_values)
+            blocks = self._blocks_of(keys, key_values, sets)
             attr_len += np.array([len(b) for b in blocks], np.int64)[sets.of_row]
             halves.append(list(map(blocks.__getitem__, sets.of_row.tolist())))
         is_sum = (frame["kind"] == "sum").to_numpy()
@@ -251,7 +252,7 @@ class Encoder:
         starts = np.flatnonzero(np.diff(run_of_row, prepend=-1))
         ends = np.append(starts[1:], points.height)
         heads = points.select(keys)[starts].rows()
-        order: dict[tuple, list[int]] = {}
+        order: dict[tuple[Any, ...], list[int]] = {}
         for r, head in enumerate(heads):
             order.setdefault(head[:4], []).append(r)
         if len(order) < len(heads):  # a metric in two places: gather its rows
@@ -301,7 +302,7 @@ class Encoder:
     def _request(self, points: _Points, start: int, end: int) -> Batch:
         """The request's bytes, joined once: message lengths are summed, not measured on copies."""
         varint, offsets, blob = wire.varint, points.offsets, points.blob
-        instances: dict[str, tuple[bytes, list[tuple[list[bytes], int]]]] = {}
+        instances: dict[str, tuple[bytes, list[tuple[list[bytes | memoryview], int]]]] = {}
         for run in points.runs:
             a, b = max(run.start, start), min(run.end, end)
             if a >= b:
@@ -312,7 +313,7 @@ class Encoder:
                     + varint(((7 if run.kind == "sum" else 5) << 3) | 2) + varint(data_len))
             instances.setdefault(run.instance, (run.resource, []))[1].append(
                 ([head, blob[offsets[a]:offsets[b]], tail], len(head) + data_len))
-        pieces: list[bytes] = []
+        pieces: list[bytes | memoryview] = []
         for resource, metrics in instances.values():
             scope_len = len(_SCOPE) + sum(1 + len(varint(n)) + n for _, n in metrics)
             pieces += [b"\x0a", varint(len(resource) + 1 + len(varint(scope_len)) + scope_len), resource,
@@ -330,7 +331,7 @@ class _Points:
     blob: memoryview  # every data_points entry, one after another
     offsets: np.ndarray  # where entry i starts (and, last, where the blob ends)
     runs: list[_Run]
-    ids: list
+    ids: list[int]  # the ``row_id`` column's values (or positions)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -121,12 +122,12 @@ class LogEncoder:
     def __post_init__(self) -> None:
         # The metrics encoder owns the resource of an instance; events reuse it verbatim.
         self._metrics = Encoder(service_name=self.service_name)
-        self._pieces: dict[str, dict] = {}  # column → value → its encoded piece
+        self._pieces: dict[str, dict[Any, bytes]] = {}  # column → value → its encoded piece
 
     def _attribute(self, key: str, value: object) -> bytes:
         return self._attribute_encoder(key)(value)
 
-    def _attribute_encoder(self, key: str):  # type: ignore[no-untyped-def]
+    def _attribute_encoder(self, key: str) -> Callable[[object], bytes]:
         """A function value → the encoded ``attributes`` entry of ``key`` (key bytes made once)."""
         head = wire.field_bytes(1, key.encode()) + b"\x12"
         varint = wire.varint
@@ -157,7 +158,7 @@ class LogEncoder:
         text = (severity or "INFO").upper()
         return wire.field_varint(2, SEVERITY_NUMBERS.get(text, 9)) + wire.field_bytes(3, text.encode())
 
-    def _column(self, name: str, values: list, encode, keep: bool = True) -> list[bytes]:
+    def _column(self, name: str, values: list[Any], encode: Callable[[Any], bytes], keep: bool = True) -> list[bytes]:
         """Each value's piece (b"" for null), every distinct value encoded once."""
         cache = self._pieces.get(name) if keep else None
         if cache is None:
@@ -201,7 +202,7 @@ class LogEncoder:
             return
         ids = events[row_id].to_list() if row_id else list(range(events.height))
         records = self.records(events)
-        groups: dict[tuple, tuple[bytes, list[int]]] = {}
+        groups: dict[tuple[Any, ...], tuple[bytes, list[int]]] = {}
         heads = events.select("instance", "server_address", "server_port", "server_version_num").rows()
         for i, key in enumerate(heads):
             group = groups.get(key)
@@ -211,7 +212,7 @@ class LogEncoder:
             group[1].append(i)
         yield from self._split(records, list(groups.values()), ids)
 
-    def _split(self, records: list[bytes], groups: list[tuple[bytes, list[int]]], ids: list) -> Iterator[Batch]:
+    def _split(self, records: list[bytes], groups: list[tuple[bytes, list[int]]], ids: list[int]) -> Iterator[Batch]:
         """Greedy requests, instance after instance: full by count or by bytes (sizes are exact,
         plus a little slack per resource for the varints of the enclosing lengths)."""
         current: list[tuple[bytes, list[int]]] = []
@@ -235,9 +236,9 @@ class LogEncoder:
         if current:
             yield self._request(records, current, ids)
 
-    def _request(self, records: list[bytes], groups: list[tuple[bytes, list[int]]], ids: list) -> Batch:
+    def _request(self, records: list[bytes], groups: list[tuple[bytes, list[int]]], ids: list[int]) -> Batch:
         pieces: list[bytes] = []
-        carried: list = []
+        carried: list[int] = []
         for resource, rows in groups:
             scope = [_SCOPE] + [records[i] for i in rows]
             scope_logs = wire.field_bytes(2, b"".join(scope))
@@ -246,7 +247,7 @@ class LogEncoder:
         return Batch(b"".join(pieces), len(carried), tuple(carried))
 
 
-def events_frame(rows: list[dict]) -> pl.DataFrame:
+def events_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     """An events frame from dicts (``attributes`` a dict of EVENT_ATTRIBUTE_TYPES keys); for producers and tests."""
     from pgflow.schema import EVENT_ATTRIBUTE_TYPES, EVENTS
 

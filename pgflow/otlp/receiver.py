@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
+import polars as pl
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
@@ -154,8 +155,11 @@ class Receiver:
     def start(self) -> Receiver:
         if self._grpc_port is not None:
             self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-            metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_GrpcService(self), self._grpc)
-            logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_GrpcLogsService(self), self._grpc)
+            # The generated grpc modules carry no annotations.
+            metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+                _GrpcService(self), self._grpc)
+            logs_service_pb2_grpc.add_LogsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+                _GrpcLogsService(self), self._grpc)
             address = f"{self.host}:{self._grpc_port}"
             if self.tls_files is not None:
                 cert, key = (p.read_bytes() for p in self.tls_files)
@@ -213,10 +217,10 @@ class Receiver:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def points(self):  # type: ignore[no-untyped-def]
+    def points(self) -> pl.DataFrame:
         return self.store.points()
 
-    def logs(self):  # type: ignore[no-untyped-def]
+    def logs(self) -> pl.DataFrame:
         return self.store.logs()
 
 

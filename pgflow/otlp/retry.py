@@ -38,7 +38,7 @@ class RetryPolicy:
 
     def backoff(self, retry: int, rng: random.Random | None = None) -> float:
         """Delay before retry number ``retry`` (1-based): exponential, capped, with equal jitter."""
-        ceiling = min(self.max_delay, self.initial_delay * (2 ** (retry - 1)))
+        ceiling = min(self.max_delay, self.initial_delay * (2.0 ** (retry - 1)))  # int ** int is Any to mypy
         return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 

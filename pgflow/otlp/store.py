@@ -13,6 +13,7 @@ import json
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -21,6 +22,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 _TEMPORALITY = {0: None, 1: "delta", 2: "cumulative"}
+Dtype = pl.DataType | type[pl.DataType]  # a polars dtype, as a class (pl.String) or an instance
 
 POINTS_DDL = """
 CREATE TABLE IF NOT EXISTS points (
@@ -40,11 +42,11 @@ CREATE TABLE IF NOT EXISTS logs (
     received_at TIMESTAMPTZ
 )
 """
-LOGS_SCHEMA = {
+LOGS_SCHEMA: dict[str, Dtype] = {
     "event_name": pl.String, "time": pl.Datetime("ns", "UTC"), "severity": pl.String, "body": pl.String,
     "attributes": pl.String, "resource": pl.String, "received_at": pl.Datetime("us", "UTC"),
 }
-POINTS_SCHEMA = {
+POINTS_SCHEMA: dict[str, Dtype] = {
     "metric": pl.String, "kind": pl.String, "temporality": pl.String, "monotonic": pl.Boolean, "unit": pl.String,
     "start": pl.Datetime("ns", "UTC"), "end": pl.Datetime("ns", "UTC"), "value": pl.Float64,
     "attributes": pl.String, "resource": pl.String, "received_at": pl.Datetime("us", "UTC"),
@@ -58,7 +60,7 @@ def _value(v: AnyValue) -> object:
 
 def request_rows(request: ExportMetricsServiceRequest, received_at: datetime) -> pl.DataFrame:
     """Flatten a request into rows of the ``points`` table."""
-    cols: dict[str, list] = {name: [] for name in POINTS_SCHEMA}
+    cols: dict[str, list[Any]] = {name: [] for name in POINTS_SCHEMA}
     for rm in request.resource_metrics:
         resource = json.dumps({kv.key: _value(kv.value) for kv in rm.resource.attributes}, sort_keys=True)
         for sm in rm.scope_metrics:
@@ -94,7 +96,7 @@ def request_rows(request: ExportMetricsServiceRequest, received_at: datetime) ->
 
 def log_rows(request: ExportLogsServiceRequest, received_at: datetime) -> pl.DataFrame:
     """Flatten a logs request into rows of the ``logs`` table (an AnyValue body as its value)."""
-    rows: dict[str, list] = {name: [] for name in LOGS_SCHEMA}
+    rows: dict[str, list[Any]] = {name: [] for name in LOGS_SCHEMA}
     for rl in request.resource_logs:
         resource = json.dumps({kv.key: _value(kv.value) for kv in rl.resource.attributes}, sort_keys=True)
         for sl in rl.scope_logs:

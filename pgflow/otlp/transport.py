@@ -141,7 +141,8 @@ class HttpTransport:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            host, port, tunnel_headers = self.host, self.port, {}
+            tunnel_headers: dict[str, str] = {}
+            host, port = self.host, self.port
             if self.net.proxy:  # CONNECT through the proxy, for https and http endpoints alike
                 host, port, tunnel_headers = netmod.proxy_parts(self.net.proxy)
             if self.tls:
