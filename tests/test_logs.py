@@ -25,11 +25,13 @@ T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
 
 def sample(i: int, instance: str = "db1:5432", body: str | None = None, **extra) -> dict:
+    """A query sample, or with ``body`` a plan, each with only the attributes the registry declares for it."""
+    own = ({"postgresql.pid": 1000 + i, "postgresql.query.duration": i / 8, "postgresql.query.truncated": True}
+           if body is None else {})
     return {"instance": instance, "event_name": "db.server.query_sample" if body is None else "db.server.query_plan",
             "time": T0 + timedelta(seconds=i), "severity": "INFO", "body": body,
-            "attributes": {"db.system.name": "postgresql", "db.namespace": "app", "postgresql.pid": 1000 + i,
-                           "postgresql.query.fingerprint": f"{i:016x}", "postgresql.query.duration": i / 8,
-                           "postgresql.query.truncated": False, **extra},
+            "attributes": {"db.system.name": "postgresql", "db.namespace": "app",
+                           "postgresql.query.fingerprint": f"{i:016x}", **own, **extra},
             "server_address": instance.split(":")[0], "server_port": 5432, "server_version_num": 170004}
 
 
@@ -132,7 +134,7 @@ def test_receiver_stores_logs_beside_points(tmp_path, protocol):
     assert logs["time"].to_list() == events["time"].to_list()
     assert logs["body"].to_list() == [None, '{"Plan": 1}', None, '{"Plan": 3}', None]
     attrs = [json.loads(a) for a in logs["attributes"]]
-    assert [a["postgresql.pid"] for a in attrs] == [1000, 1001, 1002, 1003, 1004]
+    assert [a.get("postgresql.pid") for a in attrs] == [1000, None, 1002, None, 1004]  # plans have no pid
     assert json.loads(logs["resource"][0])["service.instance.id"] == "db1:5432"
 
 
