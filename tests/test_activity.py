@@ -23,8 +23,7 @@ from pgflow import capture, ops
 from pgflow.config import Settings
 from pgflow.ops.fingerprint import query_info
 from pgflow.schema import SAMPLES, SESSION_STATS
-from pgflow.scrape import Scraper
-from pgflow.scrape import sampler as sampler_module
+from pgflow.scrape import Scraper, sampling_sql
 from pgflow.scrape.sampler import PREPARED, Sampler, with_samples
 
 PERIOD = 0.2
@@ -483,17 +482,17 @@ def test_the_prefilter_reads_every_session_the_whole_read_would(pg, monkeypatch,
         pids = set().union(*expect.values())
         _wait_for(pg, "SELECT count(*) = 3 FROM pg_stat_activity WHERE state = 'active' AND pid IN (%s)"
                   % ",".join(map(str, pids)))
-        monkeypatch.setattr(sampler_module, "WHOLE_READ_RATIO", 1000 if path == "whole" else 0)
+        monkeypatch.setattr(sampling_sql, "WHOLE_READ_RATIO", 1000 if path == "whole" else 0)
         version = int(pg.execute("SHOW server_version_num")[0][0])
-        sql = sampler_module.sample_sql(version)
+        sql = sampling_sql.sample_sql(version)
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
-            first = conn.execute(sampler_module.with_known_idle(sql, {})).fetchall()
+            first = conn.execute(sampling_sql.with_known_idle(sql, {})).fetchall()
             # the idle sessions come back once, flagged with their last statement's start: passed
             # back as known, they are not read again
             known = {row[0]: row[18] for row in first if row[18] is not None}
-            rows = conn.execute(sampler_module.with_known_idle(sql, known)).fetchall()
+            rows = conn.execute(sampling_sql.with_known_idle(sql, known)).fetchall()
             plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) "
-                                + sampler_module.with_known_idle(sql, known)).fetchone()[0]
+                                + sampling_sql.with_known_idle(sql, known)).fetchone()[0]
         idle = {c.info.backend_pid for c in conns} - pids
         assert idle <= set(known)  # every idle session was learned ...
         assert {row[6] for row in first if row[18] is not None} == {"idle"}  # ... as idle, and only those

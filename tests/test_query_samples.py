@@ -345,7 +345,7 @@ def test_older_captures_without_query_samples_still_read(workload, tmp_path):
 def test_a_failed_text_read_is_counted_and_retried(workload, monkeypatch, caplog):
     """The text statement times out (statement_timeout, for real): counted, the activity sample
     stands, the connection recovers and the execution is read at the next tick."""
-    import pgflow.scrape.sampler as sampler_module
+    import pgflow.scrape.query_sample_reads as reads_module
 
     server = workload.server
     w = Workload(version=0)
@@ -355,11 +355,11 @@ def test_a_failed_text_read_is_counted_and_retried(workload, monkeypatch, caplog
                       "AND state = 'active' AND now() - query_start > interval '400 ms'")
     sampler = Sampler(server.dsn(), instance="qs-retry", interval_secs=PERIOD, statement_timeout_ms=200,
                       sample_min_duration_ms=300)
-    slow_texts = sampler_module._TEXTS_SQL.replace("FROM unnest", "FROM pg_sleep(1), unnest")
+    slow_texts = reads_module._TEXTS_SQL.replace("FROM unnest", "FROM pg_sleep(1), unnest")
     before = telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total",
                                                  {"instance": "qs-retry", "reason": "failed"}) or 0
     with monkeypatch.context() as patch:
-        patch.setattr(sampler_module, "_TEXTS_SQL", slow_texts)
+        patch.setattr(reads_module, "_TEXTS_SQL", slow_texts)
         assert sampler.sample()  # the activity sample is taken; its text statement timed out
     assert telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total",
                                                {"instance": "qs-retry", "reason": "failed"}) == before + 1

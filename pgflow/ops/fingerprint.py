@@ -5,20 +5,14 @@ For every statement: ``fingerprint`` (hex), ``operation`` (``db.operation.name``
 normalized statement: never a literal value, no comments, at most 4095 characters).
 
 The text is canonical: a deterministic function of the statement, not of the variant seen
-first (issue 19). It is the normalized parse tree deparsed (keywords upper case, one layout:
-``END`` and ``commit`` are both ``COMMIT``), with what libpg_query's fingerprint ignores
-made uniform: select-list aliases dropped, parameters renumbered in order of appearance,
-repeated items of ``IN`` lists and ``VALUES`` rows folded, the schema of a relation read or
-written dropped, and the names of savepoints, prepared statements, cursors and channels
-shown as ``?``. So every collector, restart and arrival order gives a statement the same
-text, and a series is never split by its text. What the fingerprint ignores beyond that
-(the order of a select list, table names differing only in digits) keeps the first text seen
-by this collector (:meth:`Fingerprinter.apply`).
+first (issue 19; how, in :mod:`pgflow.ops.canonical`). What the fingerprint ignores beyond
+that (the order of a select list, table names differing only in digits) keeps the first text
+seen by this collector (:meth:`Fingerprinter.apply`).
 
 Text that pglast cannot parse (truncated by ``track_activity_query_size``, garbage,
-non-UTF-8, ``<insufficient privilege>``, huge) gets a simple normalization hashed with
-xxh3_64 (16 hex digits, like every fingerprint), so the same bad text always yields the same
-fingerprint.
+non-UTF-8, ``<insufficient privilege>``, huge) gets a simple normalization
+(:mod:`pgflow.ops.masking`) hashed with xxh3_64 (16 hex digits, like every fingerprint), so
+the same bad text always yields the same fingerprint.
 """
 
 from __future__ import annotations
@@ -29,12 +23,11 @@ from dataclasses import dataclass
 
 import polars as pl
 import xxhash
-from pglast import ast as pg_ast
-from pglast import parse_sql
 from pglast import parser as pg_parser
-from pglast.stream import RawStream
 
 from pgflow.lru import LRU
+from pgflow.ops.canonical import canonical_text
+from pgflow.ops.masking import fallback_normalize, fold
 
 MAX_TEXT = 4095
 MAX_PARSE_BYTES = 200_000  # longer statements go straight to the fallback: parsing them is not worth it
@@ -138,17 +131,10 @@ def _replace_tokens(text: str, replacements: dict[str, bytes]) -> str:
     return b"".join(kept).decode("utf-8", "replace")
 
 
-_WS = re.compile(r"\s+")
-
-
-def _fold(text: str) -> str:
-    return _WS.sub(" ", text).strip()
-
-
 def _shown(normalized: str) -> str:
     """The exported text of a normalized statement: no literal, no comment; a marker if unscannable."""
     try:
-        return _fold(_replace_tokens(normalized, _SHOWN))
+        return fold(_replace_tokens(normalized, _SHOWN))
     except Exception:
         return UNREADABLE
 
@@ -163,86 +149,6 @@ def _cleaned(text: str) -> str:
     if len(text) > MAX_PARSE_BYTES:
         raise ValueError("statement too long to parse")
     return _replace_tokens(text, _PARSEABLE)
-
-
-MAX_DEPARSE_CHARS = 20_000  # longer normalized texts are shown as normalized, not deparsed
-_NAME = "pgflow_name_placeholder"  # a name the fingerprint ignores, shown as ``?``
-_NAMED = {  # node type -> the fields that only name something (savepoint, prepared statement, cursor, channel)
-    "TransactionStmt": ("savepoint_name", "gid"), "PrepareStmt": ("name",), "ExecuteStmt": ("name",),
-    "DeallocateStmt": ("name",), "DeclareCursorStmt": ("portalname",), "FetchStmt": ("portalname",),
-    "ClosePortalStmt": ("portalname",), "ListenStmt": ("conditionname",), "UnlistenStmt": ("conditionname",),
-    "NotifyStmt": ("conditionname",),
-}
-# Where a relation is read or written (the fingerprint ignores its schema there, as PostgreSQL 18's query id does)
-_DML = {("SelectStmt", "fromClause"), ("InsertStmt", "relation"), ("UpdateStmt", "relation"),
-        ("UpdateStmt", "fromClause"), ("DeleteStmt", "relation"), ("DeleteStmt", "usingClause"),
-        ("MergeStmt", "relation"), ("MergeStmt", "sourceRelation"), ("JoinExpr", "larg"), ("JoinExpr", "rarg")}
-_PARAM_NUMBER = re.compile(r"\$\d+")
-
-
-def _deparse(node: object) -> str:
-    return RawStream()(node)
-
-
-def _fold_items(items: tuple) -> tuple:
-    """Items that differ only in parameters (``IN ($1, $2)``, ``VALUES ($1), ($2)``) kept once."""
-    seen: set[str] = set()
-    kept = []
-    for item in items:
-        key = _PARAM_NUMBER.sub("$", _deparse(item))
-        if key not in seen:
-            seen.add(key)
-            kept.append(item)
-    return tuple(kept)
-
-
-def _canonicalize(node: object, parent: str = "", field: str = "", params: list | None = None) -> None:
-    """Make uniform, in place, what the fingerprint ignores (see the module's docstring)."""
-    if isinstance(node, (tuple, list)):
-        for item in node:
-            _canonicalize(item, parent, field, params)
-        return
-    if not isinstance(node, pg_ast.Node):
-        return
-    kind = type(node).__name__
-    if kind == "ParamRef" and params is not None:
-        params.append(node)
-    elif kind == "ResTarget" and parent == "SelectStmt" and field == "targetList":
-        node.name = None
-    elif kind == "RangeVar" and (parent, field) in _DML:
-        node.schemaname = None
-        node.catalogname = None
-    elif kind == "A_Expr" and isinstance(node.rexpr, tuple) and len(node.rexpr) > 1:
-        node.rexpr = _fold_items(node.rexpr)
-    elif kind == "SelectStmt" and node.valuesLists and len(node.valuesLists) > 1:
-        node.valuesLists = _fold_items(node.valuesLists)
-    for name in _NAMED.get(kind, ()):
-        if getattr(node, name, None):
-            setattr(node, name, _NAME)
-    for name in node.__slots__:
-        if name != "location":
-            _canonicalize(getattr(node, name, None), kind, name, params)
-
-
-def canonical_text(normalized: str) -> str | None:
-    """The statement's canonical text (None when pglast cannot deparse it: the caller shows the
-    normalized text instead). ``normalized``: already cleaned of literals and normalized."""
-    if len(normalized) > MAX_DEPARSE_CHARS:
-        return None
-    try:
-        stmts = parse_sql(normalized)
-        out = []
-        for stmt in stmts:
-            params: list = []
-            _canonicalize(stmt, params=params)
-            numbers: dict[int, int] = {}
-            for ref in sorted(params, key=lambda r: r.location if r.location is not None else -1):
-                ref.number = numbers.setdefault(ref.number, len(numbers) + 1)
-            out.append(_deparse(stmt))
-        text = "; ".join(out).replace(f'"{_NAME}"', "?").replace(_NAME, "?")
-    except Exception:
-        return None
-    return text or None
 
 
 def statement_count(text: str) -> int:
@@ -274,116 +180,13 @@ def parse_info(text: str) -> QueryInfo:
     return QueryInfo(fingerprint, operation, summary, normalized[:MAX_TEXT])
 
 
-_DOLLAR_TAG = re.compile(r"\$(?:[^\W\d]\w*)?\$")
-_PARAM = re.compile(r"\$\d+")
-_NUMBER = re.compile(r"(?:0[xob][0-9a-f_]+|(?:\d[\d_]*)?\.?\d[\d_]*(?:e[-+]?\d+)?)\w*", re.I)
-_LIST = re.compile(r"\(\s*\?(?:\s*,\s*\?)+\s*\)")
-# Spaces and operators (nothing starts there), or a name (digits and $ inside it are its own).
-_SIMPLE = re.compile(r"[^-/'\"$.\w\x80-\U0010ffff]+|[^\W\d][\w$]*")
-_STRING_PREFIXES = frozenset("eEbBxXnN")
 _FIRST_WORD = re.compile(r"[a-z]+")
 _TARGET = re.compile(r"\b(?:from|into|update|table|join)\s+([a-z_][\w$.]*)")
 
 
-def _string_end(text: str, quote: int, escapes: bool) -> int:
-    """Where the string literal opened at ``quote`` ends (past its closing quote, or the end).
-
-    A backslash in a standard string is ambiguous (``standard_conforming_strings`` may be
-    off on the server), so the rest of the text is treated as the literal: hidden, not guessed.
-    """
-    j, n = quote + 1, len(text)
-    while j < n:
-        ch = text[j]
-        if ch == "\\":
-            if not escapes:
-                return n
-            j += 2
-        elif ch == "'":
-            if text.startswith("''", j):
-                j += 2
-            else:
-                return j + 1
-        else:
-            j += 1
-    return n
-
-
-def _mask(text: str) -> str:
-    """Every literal (any quoting, dollar-quoted, numbers, parameters) to ``?``, comments out.
-
-    A small lexer for text libpg_query cannot read (truncated, garbage, not UTF-8): it never
-    fails, and whatever it cannot close (a literal, a comment, a quoted name) runs to the end
-    of the text and is hidden, so a secret never survives because the text was broken.
-    """
-    out: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        m = _SIMPLE.match(text, i)  # spaces, operators, a whole name: most of any text
-        if m:
-            word, j = m.group(), m.end()
-            if j < n and text[j] == "'" and word in _STRING_PREFIXES:  # E'...', B'...', X'...', N'...'
-                i = _string_end(text, j, escapes=word in "eE")
-                out.append("?")
-            elif word in ("u", "U") and text.startswith("&'", j):  # U&'...'
-                i = _string_end(text, j + 1, escapes=False)
-                out.append("?")
-            else:
-                out.append(word)
-                i = j
-            continue
-        c = text[i]
-        if text.startswith("--", i):
-            end = text.find("\n", i)
-            i = n if end < 0 else end
-            out.append(" ")
-        elif text.startswith("/*", i):
-            j, depth = i + 2, 1
-            while j < n and depth:
-                if text.startswith("/*", j):
-                    depth, j = depth + 1, j + 2
-                elif text.startswith("*/", j):
-                    depth, j = depth - 1, j + 2
-                else:
-                    j += 1
-            i = j
-            out.append(" ")
-        elif c == "'":
-            i = _string_end(text, i, escapes=False)
-            out.append("?")
-        elif c == "$" and (m := _DOLLAR_TAG.match(text, i)):
-            end = text.find(m.group(0), m.end())
-            i = n if end < 0 else end + len(m.group(0))
-            out.append("?")
-        elif c == "$" and (m := _PARAM.match(text, i)):
-            i = m.end()
-            out.append("?")
-        elif c == '"':
-            j = i + 1
-            while (j := text.find('"', j)) >= 0 and text.startswith('""', j):
-                j += 2
-            if j < 0:  # an unclosed quoted name: whatever follows may be a literal
-                out.append("?")
-                i = n
-            else:
-                out.append(text[i:j + 1])
-                i = j + 1
-        elif c.isdigit() or (c == "." and i + 1 < n and text[i + 1].isdigit()):
-            m = _NUMBER.match(text, i)
-            i = m.end() if m else i + 1
-            out.append("?")
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def _fallback_normalize(text: str) -> str:
-    return _LIST.sub("(?)", _fold(_mask(text)).lower())
-
-
 def fallback_info(text: str) -> QueryInfo:
     """Normalization for text pglast cannot parse: comments and literals out, lists folded."""
-    text = _fallback_normalize(text)
+    text = fallback_normalize(text)
     word = _FIRST_WORD.search(text)
     operation = _FALLBACK_KEYWORDS.get(word.group(0).upper(), "OTHER") if word else "OTHER"
     target = _TARGET.search(text)
@@ -405,7 +208,7 @@ def redact_text(text: str) -> str:
         pg_parser.parse_sql_json(cleaned)  # only text libpg_query accepts keeps its layout
         return cleaned
     except Exception:
-        return fallback_info(text).text if len(text) <= MAX_TEXT else _fallback_normalize(text)
+        return fallback_info(text).text if len(text) <= MAX_TEXT else fallback_normalize(text)
 
 
 def query_info(text: str | None) -> QueryInfo:
