@@ -22,6 +22,15 @@ PERIOD = 0.25  # activity sampling
 SLEEP_SECS = 9  # spans at least four 2-s windows
 
 
+@pytest.fixture(scope="module")
+def pg(pg_factory):
+    """A server of this module's own: sessions other tests leave sleeping on the shared one would
+    be sampled as PgSleep time too."""
+    server = pg_factory()
+    server.execute("CREATE EXTENSION pg_stat_statements")
+    return server
+
+
 def _sleep(dsn: str, secs: float, out: list[float]) -> threading.Thread:
     def run() -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
