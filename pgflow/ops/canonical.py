@@ -14,6 +14,7 @@ cleaned of literals) and scans what it returns once more before it leaves.
 from __future__ import annotations
 
 import re
+from typing import Any, cast
 
 from pglast import ast as pg_ast
 from pglast import parse_sql
@@ -34,11 +35,11 @@ _DML = {("SelectStmt", "fromClause"), ("InsertStmt", "relation"), ("UpdateStmt",
 _PARAM_NUMBER = re.compile(r"\$\d+")
 
 
-def _deparse(node: object) -> str:
+def _deparse(node: Any) -> str:
     return RawStream()(node)
 
 
-def _fold_items(items: tuple) -> tuple:
+def _fold_items(items: tuple[Any, ...]) -> tuple[Any, ...]:
     """Items that differ only in parameters (``IN ($1, $2)``, ``VALUES ($1), ($2)``) kept once."""
     seen: set[str] = set()
     kept = []
@@ -50,7 +51,7 @@ def _fold_items(items: tuple) -> tuple:
     return tuple(kept)
 
 
-def _canonicalize(node: object, parent: str = "", field: str = "", params: list | None = None) -> None:
+def _canonicalize(node: Any, parent: str = "", field: str = "", params: list[Any] | None = None) -> None:
     """Make uniform, in place, what the fingerprint ignores (see the module's docstring)."""
     if isinstance(node, (tuple, list)):
         for item in node:
@@ -58,6 +59,7 @@ def _canonicalize(node: object, parent: str = "", field: str = "", params: list 
         return
     if not isinstance(node, pg_ast.Node):
         return
+    node = cast(Any, node)  # pglast's nodes have their fields as attributes its stubs do not list
     kind = type(node).__name__
     if kind == "ParamRef" and params is not None:
         params.append(node)
@@ -87,7 +89,7 @@ def canonical_text(normalized: str) -> str | None:
         stmts = parse_sql(normalized)
         out = []
         for stmt in stmts:
-            params: list = []
+            params: list[Any] = []
             _canonicalize(stmt, params=params)
             numbers: dict[int, int] = {}
             for ref in sorted(params, key=lambda r: r.location if r.location is not None else -1):
