@@ -20,7 +20,7 @@ class InstanceConfig(BaseModel):
                       description="The instance's name: `service.instance.id` and `postgresql.instance.name`.")
     database_url: SecretStr = Field(description="Its DSN; required unless `database_url_file` is given.")
     database_url_file: Path | None = Field(  # issue 15: the DSN read from this file instead
-        None, description="Read `database_url` from this file instead.")
+        default=None, description="Read `database_url` from this file instead.")
 
     @model_validator(mode="before")
     @classmethod

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import AliasChoices, ValidationError
-from pydantic_settings import PydanticBaseSettingsSource, SettingsError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsError
 
 from pgflow.errors import ConfigError
 
@@ -62,7 +62,8 @@ class _JsonFileSource(PydanticBaseSettingsSource):
             raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}", "it must hold one JSON object of settings")
         unknown = sorted(set(data) - set(self.settings_cls.model_fields))
         if unknown:
-            raise ConfigError(f"unknown setting {unknown[0]!r} in config file {path}", _nearest(self.settings_cls, unknown[0]))
+            raise ConfigError(f"unknown setting {unknown[0]!r} in config file {path}",
+                              _nearest(self.settings_cls, unknown[0]))
         _file_keys.set((Path(path), frozenset(data)))
         return data
 
@@ -85,14 +86,15 @@ def load(cls: type[Settings], config_file: str | Path | None = None, **overrides
     except SettingsError as exc:
         field = re.search(r'field "(\w+)"', str(exc))
         name = field.group(1) if field else "settings"
-        raise ConfigError(f"invalid setting {name} ({_source(cls, name)})", "expected a JSON value of the right type") from None
+        raise ConfigError(f"invalid setting {name} ({_source(cls, name)})",
+                          "expected a JSON value of the right type") from None
     finally:
         _config_file.reset(token)
         _file_keys.reset(keys)
         _overrides.reset(over)
 
 
-def _config_error(cls: type[Settings], exc: ValidationError) -> ConfigError:
+def _config_error(cls: type[BaseSettings], exc: ValidationError) -> ConfigError:
     err = exc.errors(include_url=False)[0]
     loc = [str(p) for p in err.get("loc", ())]
     field = loc[0] if loc else "settings"
@@ -116,7 +118,7 @@ def _config_error(cls: type[Settings], exc: ValidationError) -> ConfigError:
     return ConfigError(f"invalid setting {where} ({_source(cls, field)}): {msg}{shown}")
 
 
-def _env_names(cls: type[Settings], field: str) -> list[str]:
+def _env_names(cls: type[BaseSettings], field: str) -> list[str]:
     """Every environment name a setting is read from, the documented one first."""
     info = cls.model_fields[field]
     names = [f"PGFLOW_{field.upper()}"]
@@ -130,7 +132,7 @@ def _env_names(cls: type[Settings], field: str) -> list[str]:
     return out
 
 
-def _source(cls: type[Settings], field: str) -> str:
+def _source(cls: type[BaseSettings], field: str) -> str:
     """Where the value of ``field`` came from, as a person would look for it."""
     if field in _overrides.get():  # given by the program (a command-line option): named by its env name
         return f"env {_ENV_NAMES.get(field, 'PGFLOW_' + field.upper())}"
@@ -145,7 +147,7 @@ def _source(cls: type[Settings], field: str) -> str:
     return f"env {_ENV_NAMES.get(field, 'PGFLOW_' + field.upper())}"
 
 
-def _nearest(cls: type[Settings], name: str) -> str:
+def _nearest(cls: type[BaseSettings], name: str) -> str:
     """The hint for an unknown setting: the nearest known one, else the list."""
     known = sorted(cls.model_fields)
     close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
@@ -154,7 +156,7 @@ def _nearest(cls: type[Settings], name: str) -> str:
     return f"known settings: {', '.join(known)}"
 
 
-def _unknown_env(cls: type[Settings]) -> None:
+def _unknown_env(cls: type[BaseSettings]) -> None:
     """A ``PGFLOW_`` variable that names no setting exits 2, naming the nearest one: a typo must
     not leave the default silently in place (the JSON file already refuses unknown keys)."""
     known = {n for f in cls.model_fields for n in _env_names(cls, f)}

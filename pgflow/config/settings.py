@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pgflow.config import loading
@@ -31,17 +32,17 @@ NEW_RELIC_ENDPOINTS = {
 }
 
 # The sections of docs/configuration.md (a field joins its group's table; groups in order of first use).
-SERVERS = {"group": "Servers and secrets"}
-SCRAPE = {"group": "Scraping"}
-KEEP = {"group": "What to keep"}
-HEALTH = {"group": "Instance health"}
-TABLES = {"group": "Per-table statistics"}
-GENTLE = {"group": "Connections to the server"}
-SEND = {"group": "Where to send"}
-NETWORK = {"group": "The export's TLS, proxy, timeout and compression"}
-BATCHES = {"group": "Export batches and retries"}
-SAMPLES = {"group": "Query samples and plans"}
-RUNNING = {"group": "Running"}
+SERVERS: JsonDict = {"group": "Servers and secrets"}
+SCRAPE: JsonDict = {"group": "Scraping"}
+KEEP: JsonDict = {"group": "What to keep"}
+HEALTH: JsonDict = {"group": "Instance health"}
+TABLES: JsonDict = {"group": "Per-table statistics"}
+GENTLE: JsonDict = {"group": "Connections to the server"}
+SEND: JsonDict = {"group": "Where to send"}
+NETWORK: JsonDict = {"group": "The export's TLS, proxy, timeout and compression"}
+BATCHES: JsonDict = {"group": "Export batches and retries"}
+SAMPLES: JsonDict = {"group": "Query samples and plans"}
+RUNNING: JsonDict = {"group": "Running"}
 
 
 def _env(*names: str) -> AliasChoices:
@@ -72,7 +73,8 @@ class Settings(BaseSettings):
         json_schema_extra=SERVERS,
         description="Read `database_url` from this file (a mounted Secret, a systemd credential).")
     new_relic_api_key_file: Path | None = Field(
-        None, validation_alias=_env("new_relic_api_key_file", "NEW_RELIC_API_KEY_FILE", "PGFLOW_NEW_RELIC_API_KEY_FILE"),
+        None,
+        validation_alias=_env("new_relic_api_key_file", "NEW_RELIC_API_KEY_FILE", "PGFLOW_NEW_RELIC_API_KEY_FILE"),
         json_schema_extra=SERVERS, description="Read `new_relic_api_key` from this file.")
     collection_interval_secs: float = Field(30.0, gt=0, le=86400, json_schema_extra=SCRAPE,
                                             description="Time between scrapes.")
@@ -156,7 +158,8 @@ class Settings(BaseSettings):
         "grpc", validation_alias=_env("otlp_protocol", "PGFLOW_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
         json_schema_extra=SEND, description="`grpc` or `http` (`http/protobuf` accepted).")
     otlp_headers: Annotated[dict[str, SecretStr], NoDecode] = Field(
-        default_factory=dict, validation_alias=_env("otlp_headers", "PGFLOW_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"),
+        default_factory=dict,
+        validation_alias=_env("otlp_headers", "PGFLOW_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"),
         json_schema_extra=SEND, description="Extra export headers (env: `k=v,k2=v2`, values URL-encoded).")
     # Issue 21: TLS, mTLS, proxies, timeout and compression of the export, as the OTel exporters
     # read them (per-signal OTEL_EXPORTER_OTLP_METRICS_* / _LOGS_* variables win: see network()).
