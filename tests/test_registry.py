@@ -326,8 +326,6 @@ def test_every_documented_environment_name_sets_its_setting(monkeypatch):
     assert len(tried) > 40
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22 coordination: the coordinator adds a Field(description=...) to "
-                   "every setting once the config branches land; then remove this mark")
 def test_every_setting_has_a_description():
     assert gendocs.undescribed_settings() == []
 

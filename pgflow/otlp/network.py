@@ -1,15 +1,10 @@
-"""How pgflow reaches the OTLP endpoint: TLS files, proxies, and what a failure to connect means.
+"""How pgflow reaches the OTLP endpoint: proxy tunnels, connection probes, and what a failure to connect means.
 
-The settings follow the OpenTelemetry exporter specification: ``OTEL_EXPORTER_OTLP_CERTIFICATE``
-(CA bundle to trust), ``..._CLIENT_CERTIFICATE`` / ``..._CLIENT_KEY`` (mTLS), ``..._INSECURE``,
-``..._TIMEOUT`` (milliseconds), ``..._COMPRESSION`` (gzip | none), each also per signal
-(``OTEL_EXPORTER_OTLP_METRICS_...``, ``OTEL_EXPORTER_OTLP_LOGS_...``), which wins over the general one.
-
-Proxies: ``otlp_proxy`` when set (``none`` turns proxies off), else ``HTTPS_PROXY`` for an
-https endpoint and ``HTTP_PROXY`` for an http one (lower-case forms first, as curl does), unless
-``NO_PROXY`` covers the endpoint's host. Both transports tunnel with ``CONNECT``; the proxy
-itself is spoken to in plain HTTP (``http://user:pass@host:port``). The credentials in a proxy
-URL are never logged: :func:`redact_proxy` shows ``http://<redacted>@host:port``.
+What to connect with (the TLS files, proxy, timeout and compression, from pgflow's settings and the
+OpenTelemetry exporter variables, per signal) is resolved and checked when the settings load, by
+:mod:`pgflow.config.network`; its names (:class:`Network`, :func:`proxy_for`, :func:`redact_proxy`, ...)
+stay importable from here. Both transports tunnel through a proxy with ``CONNECT``; the proxy itself
+is spoken to in plain HTTP (``http://user:pass@host:port``), and its credentials are never logged.
 
 A connection that fails is classified into one *cause* (:data:`CAUSES`), each with one line
 naming what to change: it labels ``pgflow_export_failures_total`` and the exporter's log line.
@@ -18,21 +13,21 @@ naming what to change: it labels ``pgflow_export_failures_total`` and the export
 from __future__ import annotations
 
 import base64
-import ipaddress
-import os
 import socket
 import ssl
-from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pgflow.errors import ConfigError
-
-SIGNALS = ("metrics", "logs")
-# setting -> the OTEL variable suffix (OTEL_EXPORTER_OTLP_[SIGNAL_]<suffix>)
-OTEL_SUFFIX = {"otlp_certificate": "CERTIFICATE", "otlp_client_certificate": "CLIENT_CERTIFICATE",
-               "otlp_client_key": "CLIENT_KEY", "otlp_insecure": "INSECURE", "otlp_timeout_ms": "TIMEOUT",
-               "otlp_compression": "COMPRESSION"}
+# The settings' side lives on the configuration's floor (pgflow.config may not import pgflow.otlp).
+from pgflow.config.network import OTEL_SUFFIX as OTEL_SUFFIX
+from pgflow.config.network import SIGNALS as SIGNALS
+from pgflow.config.network import Network as Network
+from pgflow.config.network import check_client_pair as check_client_pair
+from pgflow.config.network import check_pem as check_pem
+from pgflow.config.network import check_proxy as check_proxy
+from pgflow.config.network import no_proxy_covers as no_proxy_covers
+from pgflow.config.network import proxy_for as proxy_for
+from pgflow.config.network import redact_proxy as redact_proxy
+from pgflow.config.network import split_endpoint as split_endpoint
 
 # Failure causes of a connection (not of an answer: those are gRPC codes / http_NNN).
 TLS_UNTRUSTED = "tls_untrusted"
@@ -48,141 +43,7 @@ CAUSES = (TLS_UNTRUSTED, TLS_HOSTNAME, TLS_EXPIRED, TLS_CLIENT_CERT, TLS_OTHER, 
           PROXY_UNREACHABLE, CONNECTION)
 
 
-@dataclass(frozen=True)
-class Network:
-    """Everything one signal's transport needs to connect: TLS files, proxy, timeout, compression.
-
-    ``names`` holds, per setting, the name the user set it by (for messages saying what to change).
-    """
-
-    certificate: Path | None = None
-    client_certificate: Path | None = None
-    client_key: Path | None = None
-    insecure: bool = False
-    timeout: float = 10.0
-    compression: str = "gzip"
-    proxy: str | None = None  # the proxy URL in use for this endpoint, None: direct
-    proxy_source: str = ""  # "otlp_proxy", "HTTPS_PROXY", ...
-    names: tuple[tuple[str, str], ...] = ()
-
-    def name(self, setting: str) -> str:
-        return dict(self.names).get(setting, setting)
-
-    def ssl_context(self, alpn: list[str] | None = None) -> ssl.SSLContext:
-        """A client context trusting the system's CAs, or only the configured bundle, with the client
-        certificate when one is set: what the HTTP transport uses and what probes use."""
-        ctx = ssl.create_default_context(cafile=str(self.certificate) if self.certificate else None)
-        if self.client_certificate and self.client_key:
-            ctx.load_cert_chain(str(self.client_certificate), str(self.client_key))
-        if alpn:
-            ctx.set_alpn_protocols(alpn)
-        return ctx
-
-
-# Endpoint -----------------------------------------------------------------------------------
-
-
-def split_endpoint(endpoint: str, default_port: int, insecure: bool = False) -> tuple[bool, str, int, str]:
-    """(tls, host, port, path) of an endpoint: ``http://`` means no TLS, ``https://`` TLS, and an
-    endpoint without a scheme is TLS unless ``insecure`` (the OTel rule for gRPC)."""
-    if "://" not in endpoint:
-        endpoint = ("http://" if insecure else "https://") + endpoint
-    parts = urlsplit(endpoint)
-    return parts.scheme != "http", parts.hostname or "localhost", parts.port or default_port, parts.path.rstrip("/")
-
-
 # Proxies ------------------------------------------------------------------------------------
-
-
-def redact_proxy(url: str | None) -> str | None:
-    """A proxy URL without its credentials: ``http://<redacted>@host:port``."""
-    if not url:
-        return url
-    try:
-        parts = urlsplit(url if "://" in url else "http://" + url)
-        host = parts.hostname or "?"
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparseable proxy URL>"
-    cred = "<redacted>@" if parts.username or parts.password else ""
-    return f"{parts.scheme}://{cred}{host}{port}"
-
-
-def check_proxy(url: str, setting: str) -> str:
-    """The proxy URL with a scheme; ConfigError (never echoing credentials) when it is not usable."""
-    text = url.strip()
-    if "://" not in text:
-        text = "http://" + text
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
-    except ValueError:
-        raise ConfigError(f"invalid proxy URL in {setting} ({redact_proxy(url)})",
-                          "expected http://[user:password@]host:port") from None
-    if parts.scheme != "http":
-        raise ConfigError(f"proxy in {setting} uses {parts.scheme}:// ({redact_proxy(url)})",
-                          "pgflow speaks to proxies in plain HTTP and tunnels TLS with CONNECT: "
-                          "use http://host:port") from None
-    if not parts.hostname:
-        raise ConfigError(f"invalid proxy URL in {setting} ({redact_proxy(url)})",
-                          "expected http://[user:password@]host:port")
-    return text
-
-
-def _env(*names: str) -> tuple[str | None, str]:
-    for name in names:
-        value = os.environ.get(name)
-        if value is not None and value.strip():
-            return value.strip(), name
-    return None, ""
-
-
-def no_proxy_covers(host: str, port: int, no_proxy: str) -> bool:
-    """Whether a NO_PROXY list covers ``host:port``: ``*``, a host, a domain (``.example.com``
-    or ``example.com``, subdomains too), an IP address, a CIDR range, each optionally ``:port``."""
-    host = host.lower().strip("[]")
-    for raw in no_proxy.split(","):
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        entry_port = None
-        if entry.count(":") == 1 or (entry.startswith("[") and "]:" in entry):
-            entry, _, p = entry.rpartition(":")
-            entry_port = int(p) if p.isdigit() else None
-        entry = entry.strip("[]")
-        if entry_port is not None and entry_port != port:
-            continue
-        try:
-            if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
-                return True
-            continue
-        except ValueError:
-            pass
-        domain = entry.lstrip(".")
-        if host == domain or host.endswith("." + domain):
-            return True
-    return False
-
-
-def proxy_for(endpoint: str, explicit: str | None, insecure: bool = False) -> tuple[str | None, str]:
-    """(proxy URL or None, where it came from) for an endpoint: ``otlp_proxy`` overrides the
-    environment (``none`` or empty: no proxy); else HTTPS_PROXY / HTTP_PROXY by the endpoint's
-    scheme, unless NO_PROXY covers it."""
-    if explicit is not None:
-        if explicit.strip().lower() in ("", "none", "direct"):
-            return None, "otlp_proxy"
-        return check_proxy(explicit, "otlp_proxy"), "otlp_proxy"
-    tls, host, port, _ = split_endpoint(endpoint, 4317, insecure)
-    names = ("https_proxy", "HTTPS_PROXY") if tls else ("http_proxy", "HTTP_PROXY")
-    url, name = _env(*names)
-    if url is None:
-        return None, ""
-    no_proxy, _ = _env("no_proxy", "NO_PROXY")
-    if no_proxy and no_proxy_covers(host, port, no_proxy):
-        return None, "NO_PROXY"
-    return check_proxy(url, name), name
 
 
 def proxy_parts(url: str) -> tuple[str, int, dict[str, str]]:
@@ -193,44 +54,6 @@ def proxy_parts(url: str) -> tuple[str, int, dict[str, str]]:
         token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         headers["Proxy-Authorization"] = "Basic " + base64.b64encode(token).decode()
     return parts.hostname or "localhost", parts.port or 80, headers
-
-
-# Files ----------------------------------------------------------------------------------------
-
-
-def check_pem(path: Path, name: str, kind: str) -> None:
-    """Stop at start (exit 2, one line naming the file) when a PEM file is unreadable or not what it should be."""
-    try:
-        text = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {name} {path} ({exc.strerror})",
-                          "check the path and that the user pgflow runs as may read it") from None
-    marker = b"PRIVATE KEY-----" if kind == "key" else b"-----BEGIN CERTIFICATE-----"
-    if marker not in text:
-        what = "PEM private key" if kind == "key" else "PEM certificate"
-        raise ConfigError(f"{name} {path} holds no {what}", f"point {name} at a PEM file")
-    if kind == "ca":
-        try:
-            ssl.create_default_context(cafile=str(path))
-        except ssl.SSLError as exc:
-            raise ConfigError(f"{name} {path} is not a valid PEM certificate bundle ({exc.reason or exc})",
-                              "point it at the CA certificate(s) in PEM form") from None
-
-
-def check_client_pair(cert: Path | None, key: Path | None, cert_name: str, key_name: str) -> None:
-    """A client certificate needs its key and the two must match (exit 2 otherwise)."""
-    if (cert is None) != (key is None):
-        missing, given = (key_name, cert_name) if key is None else (cert_name, key_name)
-        raise ConfigError(f"{given} is set but {missing} is not", "mTLS needs both the client certificate and its key")
-    if cert is None or key is None:
-        return
-    check_pem(cert, cert_name, "cert")
-    check_pem(key, key_name, "key")
-    try:
-        ssl.create_default_context().load_cert_chain(str(cert), str(key))
-    except ssl.SSLError as exc:
-        raise ConfigError(f"{cert_name} {cert} and {key_name} {key} do not make a usable pair "
-                          f"({exc.reason or exc})", "the key must be the certificate's own, unencrypted") from None
 
 
 # Failures -------------------------------------------------------------------------------------
