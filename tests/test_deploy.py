@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -252,10 +253,15 @@ def test_a_wheel_installs_and_runs_in_a_fresh_venv(pg, tmp_path):
     checked = run("check", DATABASE_URL=pg.dsn())
     assert checked.returncode == 0 and "=> usable" in checked.stdout, checked.stdout + checked.stderr
 
+    # A workload while it runs: pgflow's own statements are never exported (issue 19), so without
+    # one there is nothing to count.
+    workload = threading.Thread(target=pg.pgbench, args=("-n", "-S", "-c", "1", "-T", "6"))
+    workload.start()
     with Receiver() as receiver:
-        ran = run("run", "--scrapes", "4", DATABASE_URL=pg.dsn(), PGFLOW_OTLP_ENDPOINT=receiver.grpc_endpoint,
-                  PGFLOW_COLLECTION_INTERVAL_SECS="0.3", PGFLOW_EXPORT_INTERVAL_SECS="1",
+        ran = run("run", "--scrapes", "8", DATABASE_URL=pg.dsn(), PGFLOW_OTLP_ENDPOINT=receiver.grpc_endpoint,
+                  PGFLOW_COLLECTION_INTERVAL_SECS="0.5", PGFLOW_EXPORT_INTERVAL_SECS="1",
                   PGFLOW_STATE_DIR=str(tmp_path / "state"), PGFLOW_METRICS_ADDR="127.0.0.1:0")
+        workload.join()
         assert ran.returncode == 0, ran.stderr[-2000:]
         metrics = set(receiver.points()["metric"].to_list())
     assert {"postgresql.query.calls", "postgresql.connection.max"} <= metrics
