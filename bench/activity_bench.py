@@ -89,16 +89,21 @@ def backend_cpu_ms(pid: int) -> float:
 
 def server_ms(pg: LocalPostgres, role: str, samples: int) -> float:
     """Everything the role ran (planning and execution, every statement of the round trip), per sample."""
-    rows = pg.execute("SELECT sum(total_exec_time + total_plan_time) FROM pg_stat_statements s "
-                      f"JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = '{role}'")
+    rows = pg.execute(
+        "SELECT sum(total_exec_time + total_plan_time) FROM pg_stat_statements s "
+        f"JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = '{role}'"
+    )
     return float(rows[0][0]) / samples
 
 
 def measure(samples: int, mix: str, run_1hz: bool) -> dict:
     """One server, one session mix: both sides alternately, ``samples`` times each."""
     with LocalPostgres(settings={"max_connections": "300"}) as pg:
-        pg.execute("CREATE EXTENSION pg_stat_statements", "CREATE TABLE chain (id int PRIMARY KEY, v int)",
-                   "INSERT INTO chain VALUES (1, 0)")
+        pg.execute(
+            "CREATE EXTENSION pg_stat_statements",
+            "CREATE TABLE chain (id int PRIMARY KEY, v int)",
+            "INSERT INTO chain VALUES (1, 0)",
+        )
         conns = open_sessions(pg, mix)
         waiters = 9 if mix == "busy" else 0
         deadline = time.monotonic() + 30
@@ -110,8 +115,9 @@ def measure(samples: int, mix: str, run_1hz: bool) -> dict:
         for role in ("pgflow_bench", "datadog_bench"):  # one role each: server time is counted per role
             pg.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'bench'", f"GRANT pg_monitor TO {role}")
         sampler = Sampler(pg.dsn(user="pgflow_bench", password="bench"), instance="bench", interval_secs=1.0)
-        peer = psycopg.connect(pg.dsn(user="datadog_bench", password="bench"), autocommit=True,
-                               application_name="datadog-peer")
+        peer = psycopg.connect(
+            pg.dsn(user="datadog_bench", password="bench"), autocommit=True, application_name="datadog-peer"
+        )
         sampler.sample()  # connect both before measuring
         peer.execute(PEER_SQL).fetchall()
         pg.execute("SELECT pg_stat_statements_reset()")
@@ -140,17 +146,27 @@ def measure(samples: int, mix: str, run_1hz: bool) -> dict:
             taken_1hz = sampler.stats.taken - samples - 1
         sampler.close()
         if "-v" in sys.argv:
-            for row in pg.execute("SELECT r.rolname, calls, round((total_exec_time + total_plan_time)::numeric, 3), "
-                                  "round(min_exec_time::numeric, 3), left(query, 60) FROM pg_stat_statements s "
-                                  "JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname LIKE '%_bench' ORDER BY 3 DESC"):
+            for row in pg.execute(
+                "SELECT r.rolname, calls, round((total_exec_time + total_plan_time)::numeric, 3), "
+                "round(min_exec_time::numeric, 3), left(query, 60) FROM pg_stat_statements s "
+                "JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname LIKE '%_bench' ORDER BY 3 DESC"
+            ):
                 print(*row)
         result = {
-            "mix": mix, "backends": backends, "seen": int(sampled["count"].sum()) // samples, "peer_rows": peer_rows,
-            "ours_exec": server_ms(pg, "pgflow_bench", samples), "peer_exec": server_ms(pg, "datadog_bench", samples),
-            "ours_server": ours_backend, "peer_server": peer_backend,
-            "ours_cpu": statistics.median(ours_cpu) * 1000, "peer_cpu": statistics.median(peer_cpu) * 1000,
-            "ours_wall": statistics.median(ours_wall) * 1000, "peer_wall": statistics.median(peer_wall) * 1000,
-            "cpu_1hz": cpu_1hz, "taken_1hz": taken_1hz,
+            "mix": mix,
+            "backends": backends,
+            "seen": int(sampled["count"].sum()) // samples,
+            "peer_rows": peer_rows,
+            "ours_exec": server_ms(pg, "pgflow_bench", samples),
+            "peer_exec": server_ms(pg, "datadog_bench", samples),
+            "ours_server": ours_backend,
+            "peer_server": peer_backend,
+            "ours_cpu": statistics.median(ours_cpu) * 1000,
+            "peer_cpu": statistics.median(peer_cpu) * 1000,
+            "ours_wall": statistics.median(ours_wall) * 1000,
+            "peer_wall": statistics.median(peer_wall) * 1000,
+            "cpu_1hz": cpu_1hz,
+            "taken_1hz": taken_1hz,
         }
         peer.close()
         for c in conns:
@@ -160,12 +176,16 @@ def measure(samples: int, mix: str, run_1hz: bool) -> dict:
 
 def report(r: dict) -> float:
     ours, theirs = r["ours_server"] + r["ours_cpu"], r["peer_server"] + r["peer_cpu"]
-    print(f"{r['mix']} mix: {r['backends']} client backends; pgflow sees {r['seen']} non-idle sessions a sample, "
-          f"the peer fetches {r['peer_rows']} rows")
+    print(
+        f"{r['mix']} mix: {r['backends']} client backends; pgflow sees {r['seen']} non-idle sessions a sample, "
+        f"the peer fetches {r['peer_rows']} rows"
+    )
     print(f"{'':26}{'server cpu ms':>14}{'client cpu ms':>14}{'total ms':>10}{'server exec ms':>16}{'wall ms':>9}")
     for name, side, total in (("pgflow sample", "ours", ours), ("Datadog per-second query", "peer", theirs)):
-        print(f"{name:26}{r[side + '_server']:14.3f}{r[side + '_cpu']:14.3f}{total:10.3f}{r[side + '_exec']:16.3f}"
-              f"{r[side + '_wall']:9.3f}")
+        print(
+            f"{name:26}{r[side + '_server']:14.3f}{r[side + '_cpu']:14.3f}{total:10.3f}{r[side + '_exec']:16.3f}"
+            f"{r[side + '_wall']:9.3f}"
+        )
     print(f"ratio ({r['mix']} mix): {theirs / ours:.2f}")
     return theirs / ours
 
@@ -174,8 +194,10 @@ def main(samples: int = 200) -> None:
     report(measure(samples, "pool", run_1hz=False))
     busy = measure(samples, "busy", run_1hz=True)
     ratio = report(busy)
-    print(f"sampler thread at 1 Hz for {RUN_1HZ_SECS} s ({busy['taken_1hz']:.0f} samples, busy mix): process CPU "
-          f"{busy['cpu_1hz'] * 100:.3f}% of a core (per-sample client CPU x 1 Hz: {busy['ours_cpu'] / 10:.3f}%)")
+    print(
+        f"sampler thread at 1 Hz for {RUN_1HZ_SECS} s ({busy['taken_1hz']:.0f} samples, busy mix): process CPU "
+        f"{busy['cpu_1hz'] * 100:.3f}% of a core (per-sample client CPU x 1 Hz: {busy['ours_cpu'] / 10:.3f}%)"
+    )
     print(f"ratio_datadog={ratio:.2f} cpu_pct_1hz={busy['cpu_1hz'] * 100:.3f}")
 
 

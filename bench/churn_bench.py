@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 os.environ.setdefault("POLARS_MAX_THREADS", "1")
 
@@ -25,7 +25,7 @@ from pgflow.ops.fingerprint import Fingerprinter  # noqa: E402
 from pgflow.ops.pipeline import OpsSettings, finish, initial_state, step  # noqa: E402
 from pgflow.schema import STATEMENTS, Snapshot, conform  # noqa: E402
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def snapshots(total: int, statements: int, churn: int):  # type: ignore[no-untyped-def]
@@ -44,12 +44,19 @@ def snapshots(total: int, statements: int, churn: int):  # type: ignore[no-untyp
             seen += 1
         for i in live:
             calls[i] += 1 + i % 3
-        frame = pl.DataFrame({
-            "dbid": [1] * len(live), "userid": [10] * len(live), "queryid": live, "toplevel": [True] * len(live),
-            "database": ["app"] * len(live), "user": ["app"] * len(live),
-            "query": [f"SELECT a, b FROM generated_{i} WHERE id = $1" for i in live],
-            "calls": [calls[i] for i in live], "total_exec_time": [calls[i] * 0.5 for i in live],
-        })
+        frame = pl.DataFrame(
+            {
+                "dbid": [1] * len(live),
+                "userid": [10] * len(live),
+                "queryid": live,
+                "toplevel": [True] * len(live),
+                "database": ["app"] * len(live),
+                "user": ["app"] * len(live),
+                "query": [f"SELECT a, b FROM generated_{i} WHERE id = $1" for i in live],
+                "calls": [calls[i] for i in live],
+                "total_exec_time": [calls[i] * 0.5 for i in live],
+            }
+        )
         yield seen, Snapshot("churn:5432", T0 + timedelta(seconds=10 * n), 170000, T0, 0, conform(frame, STATEMENTS))
         n += 1
 
@@ -57,8 +64,11 @@ def snapshots(total: int, statements: int, churn: int):  # type: ignore[no-untyp
 def run(total: int, statements: int, churn: int, bounded: bool) -> list[tuple[int, float]]:
     every = max(1, total // 10)  # 100,000 for the default million
     proc = psutil.Process()
-    settings = OpsSettings(export_interval_secs=60, max_queries_tracked=1000 if bounded else 10**9,
-                           fingerprint_cache_size=50_000 if bounded else 10**9)
+    settings = OpsSettings(
+        export_interval_secs=60,
+        max_queries_tracked=1000 if bounded else 10**9,
+        fingerprint_cache_size=50_000 if bounded else 10**9,
+    )
     fp = Fingerprinter(settings.fingerprint_cache_size, settings.fingerprint_cache_size)
     state = initial_state(settings)
     curve, mark = [], 0
@@ -66,8 +76,10 @@ def run(total: int, statements: int, churn: int, bounded: bool) -> list[tuple[in
         state, _ = step(state, snap, fp, settings)
         if seen >= mark:
             curve.append((seen, proc.memory_info().rss / 1e6))
-            print(f"  {'bounded' if bounded else 'unbounded'}: {seen:>9,} fingerprints  rss {curve[-1][1]:8.1f} MB",
-                  flush=True)
+            print(
+                f"  {'bounded' if bounded else 'unbounded'}: {seen:>9,} fingerprints  rss {curve[-1][1]:8.1f} MB",
+                flush=True,
+            )
             mark += every
     finish(state, settings)
     return curve
@@ -82,8 +94,10 @@ def main() -> None:
     # growth after warm-up (the first mark), so allocator start-up is not counted
     growth = bounded[-1][1] - bounded[1][1] if len(bounded) > 2 else 0.0
     growth_u = unbounded[-1][1] - unbounded[1][1] if len(unbounded) > 2 else 0.0
-    print(f"rss_growth_mb={growth:.1f} rss_growth_unbounded_mb={growth_u:.1f} "
-          f"ratio={growth_u / growth if growth > 0 else float('inf'):.1f}")
+    print(
+        f"rss_growth_mb={growth:.1f} rss_growth_unbounded_mb={growth_u:.1f} "
+        f"ratio={growth_u / growth if growth > 0 else float('inf'):.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ class Connections:
 
     def _run(self) -> None:
         while not self.stop.wait(0.5):
-            n = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgflow'").fetchone()[0]
+            n = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgflow'").fetchone()[
+                0
+            ]
             self.most = max(self.most, n)
 
     def close(self) -> int:
@@ -79,18 +81,24 @@ class Connections:
         return self.most
 
 
-def run_collector(pg: LocalPostgres, databases: list[str], endpoint: str, work: Path, duration: float,
-                  warmup: float) -> tuple[float, float, int]:
+def run_collector(
+    pg: LocalPostgres, databases: list[str], endpoint: str, work: Path, duration: float, warmup: float
+) -> tuple[float, float, int]:
     """(CPU % of one core, RSS MB, most connections held) of one ``pgflow run`` over ``databases``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLOW_", "OTEL_"))}
     env.pop("DATABASE_URL", None)
     state = Path(tempfile.mkdtemp(prefix="state-", dir=work))
-    env |= {"PGFLOW_INSTANCES": json.dumps([{"name": d, "database_url": pg.dsn(d)} for d in databases]),
-            "PGFLOW_OTLP_ENDPOINT": endpoint, "PGFLOW_STATE_DIR": str(state),
-            "PGFLOW_METRICS_ADDR": f"127.0.0.1:{free_port()}", "PYTHONPATH": str(ROOT)}
+    env |= {
+        "PGFLOW_INSTANCES": json.dumps([{"name": d, "database_url": pg.dsn(d)} for d in databases]),
+        "PGFLOW_OTLP_ENDPOINT": endpoint,
+        "PGFLOW_STATE_DIR": str(state),
+        "PGFLOW_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+        "PYTHONPATH": str(ROOT),
+    }
     log = open(work / f"collector-{len(databases)}.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "pgflow", "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgflow", "run"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+    )
     watch = Connections(pg.dsn())
     try:
         time.sleep(warmup)
@@ -112,7 +120,7 @@ def run_collector(pg: LocalPostgres, databases: list[str], endpoint: str, work: 
 
 def main() -> None:
     args = [int(a) for a in sys.argv[1:]]
-    instances, duration, warmup, statements = (args + [5, 120, 40, 2000][len(args):])[:4]
+    instances, duration, warmup, statements = (args + [5, 120, 40, 2000][len(args) :])[:4]
     work = Path(tempfile.mkdtemp(prefix="pgflow-fleet-"))
     bindir = os.environ.get("PGFLOW_BENCH_PG_BINDIR") or None
     with LocalPostgres(bindir, settings={"pg_stat_statements.max": str(statements + 1000)}) as pg:
@@ -122,8 +130,13 @@ def main() -> None:
         for name in databases:
             pg.execute(f"CREATE DATABASE {name}")
         make_statements(pg, statements)
-        receiver = subprocess.Popen([sys.executable, "-m", "pgflow", "receive", "--grpc-port", "0", "--http-port", "0"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        receiver = subprocess.Popen(
+            [sys.executable, "-m", "pgflow", "receive", "--grpc-port", "0", "--http-port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
         try:
             grpc_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[0])  # type: ignore[union-attr]
             endpoint = f"http://127.0.0.1:{grpc_port}"
@@ -135,8 +148,10 @@ def main() -> None:
             receiver.terminate()
             receiver.wait(timeout=30)
     extra = max(1, instances - 1)
-    print(f"cpu_pct_1={cpu_1:.3f} cpu_pct_per_instance={(cpu_n - cpu_1) / extra:.3f} rss_mb_1={rss_1:.1f} "
-          f"rss_mb_per_instance={(rss_n - rss_1) / extra:.2f} connections_max={conns_1}")
+    print(
+        f"cpu_pct_1={cpu_1:.3f} cpu_pct_per_instance={(cpu_n - cpu_1) / extra:.3f} rss_mb_1={rss_1:.1f} "
+        f"rss_mb_per_instance={(rss_n - rss_1) / extra:.2f} connections_max={conns_1}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -32,30 +32,62 @@ import polars as pl  # noqa: E402
 from pgflow.otlp.encode import resource_attributes  # noqa: E402
 from pgflow.otlp.logs import LogEncoder, decode, events_frame  # noqa: E402
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def make_events(n: int) -> pl.DataFrame:
-    plan = json.dumps([{"Plan": {"Node Type": "Index Scan", "Relation Name": "pgbench_accounts",
-                                 "Index Name": "pgbench_accounts_pkey", "Index Cond": "(aid = $1)",
-                                 "Plans": [{"Node Type": "Seq Scan", "Filter": f"(x{i} = $1)"} for i in range(30)]}}])
+    plan = json.dumps(
+        [
+            {
+                "Plan": {
+                    "Node Type": "Index Scan",
+                    "Relation Name": "pgbench_accounts",
+                    "Index Name": "pgbench_accounts_pkey",
+                    "Index Cond": "(aid = $1)",
+                    "Plans": [{"Node Type": "Seq Scan", "Filter": f"(x{i} = $1)"} for i in range(30)],
+                }
+            }
+        ]
+    )
     rows = []
     for i in range(n):
         is_plan = i % 5 == 4
-        attrs = {"db.system.name": "postgresql", "db.namespace": f"app{i % 4}", "postgresql.query.fingerprint": f"{i % 97:016x}"}
+        attrs = {
+            "db.system.name": "postgresql",
+            "db.namespace": f"app{i % 4}",
+            "postgresql.query.fingerprint": f"{i % 97:016x}",
+        }
         if is_plan:
             attrs["postgresql.plan.hash"] = f"{i * 7919:016x}"
         else:
-            attrs.update({"user.name": f"user{i % 7}", "db.query.text": f"SELECT a, b FROM t{i % 97} WHERE id = $1",
-                          "postgresql.pid": 10_000 + i, "postgresql.state": "active",
-                          "postgresql.wait_event": "DataFileRead", "postgresql.wait_event_type": "IO",
-                          "postgresql.query_id": -1234567890123 + i % 97, "postgresql.application_name": "web",
-                          "postgresql.query_start": (T0 + timedelta(milliseconds=i)).isoformat(),
-                          "network.peer.address": "10.0.0.7", "postgresql.query.duration": i / 1000})
-        rows.append({"instance": "db1:5432", "event_name": "db.server.query_plan" if is_plan else "db.server.query_sample",
-                     "time": T0 + timedelta(milliseconds=i), "severity": "INFO", "body": plan if is_plan else None,
-                     "attributes": attrs, "server_address": "db1", "server_port": 5432,
-                     "server_version_num": 180001})
+            attrs.update(
+                {
+                    "user.name": f"user{i % 7}",
+                    "db.query.text": f"SELECT a, b FROM t{i % 97} WHERE id = $1",
+                    "postgresql.pid": 10_000 + i,
+                    "postgresql.state": "active",
+                    "postgresql.wait_event": "DataFileRead",
+                    "postgresql.wait_event_type": "IO",
+                    "postgresql.query_id": -1234567890123 + i % 97,
+                    "postgresql.application_name": "web",
+                    "postgresql.query_start": (T0 + timedelta(milliseconds=i)).isoformat(),
+                    "network.peer.address": "10.0.0.7",
+                    "postgresql.query.duration": i / 1000,
+                }
+            )
+        rows.append(
+            {
+                "instance": "db1:5432",
+                "event_name": "db.server.query_plan" if is_plan else "db.server.query_sample",
+                "time": T0 + timedelta(milliseconds=i),
+                "severity": "INFO",
+                "body": plan if is_plan else None,
+                "attributes": attrs,
+                "server_address": "db1",
+                "server_port": 5432,
+                "server_version_num": 180001,
+            }
+        )
     return events_frame(rows)
 
 
@@ -74,18 +106,32 @@ def sdk_encode(events: pl.DataFrame) -> int:
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     first = events.row(0, named=True)
-    resource = Resource(resource_attributes(first["instance"], first["server_address"], first["server_port"],
-                                            first["server_version_num"], "pgflow"))
+    resource = Resource(
+        resource_attributes(
+            first["instance"], first["server_address"], first["server_port"], first["server_version_num"], "pgflow"
+        )
+    )
     scope = InstrumentationScope("pgflow", "0.1.0")
     records = []
     for row in events.iter_rows(named=True):
         stamp = int(row["time"].timestamp() * 1e9)
         attributes = {k: v for k, v in row["attributes"].items() if v is not None}
         attributes["event.name"] = row["event_name"]
-        records.append(ReadableLogRecord(LogRecord(
-            timestamp=stamp, observed_timestamp=stamp, severity_text="INFO", severity_number=SeverityNumber.INFO,
-            body=row["body"], attributes=attributes, event_name=row["event_name"]), resource=resource,
-            instrumentation_scope=scope))
+        records.append(
+            ReadableLogRecord(
+                LogRecord(
+                    timestamp=stamp,
+                    observed_timestamp=stamp,
+                    severity_text="INFO",
+                    severity_number=SeverityNumber.INFO,
+                    body=row["body"],
+                    attributes=attributes,
+                    event_name=row["event_name"],
+                ),
+                resource=resource,
+                instrumentation_scope=scope,
+            )
+        )
     return len(encode_logs(records).SerializeToString())
 
 
@@ -139,8 +185,9 @@ def main() -> None:
     assert sum(len(sl.log_records) for rl in decode(batch.payload).resource_logs for sl in rl.scope_logs) == n
     warm = LogEncoder(batch_size=n + 1, max_bytes=1 << 30)
     pgflow_encode(events.with_columns(pl.col("time").dt.offset_by("-1m")), warm)  # an earlier frame
-    best = interleaved({"cold": pgflow_encode, "warm": lambda e: pgflow_encode(e, warm), "sdk": sdk_encode},
-                       events, repeats)
+    best = interleaved(
+        {"cold": pgflow_encode, "warm": lambda e: pgflow_encode(e, warm), "sdk": sdk_encode}, events, repeats
+    )
     (t_cold, b_pgflow), (t_warm, _), (t_sdk, b_sdk) = best["cold"], best["warm"], best["sdk"]
     ms, statements, path = explain_ms()
     print(f"events={n}")

@@ -20,7 +20,7 @@ import time
 
 os.environ.setdefault("POLARS_MAX_THREADS", "1")  # one core, for every contender
 
-from datetime import datetime, timedelta, timezone  # noqa: E402
+from datetime import UTC, datetime, timedelta  # noqa: E402
 
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
@@ -29,33 +29,55 @@ from pgflow.ops.fingerprint import Fingerprinter  # noqa: E402
 from pgflow.ops.pipeline import OpsSettings, finish, initial_state, step  # noqa: E402
 from pgflow.schema import STATEMENT_COUNTERS, STATEMENT_INT_COUNTERS, STATEMENTS, Snapshot, conform  # noqa: E402
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def synthetic(scrapes: int, statements: int, seed: int = 7) -> list[Snapshot]:
     """Cumulative snapshots: every statement runs a random number of times each interval."""
     rng = np.random.default_rng(seed)
     tables = [f"table_{i}" for i in range(max(1, statements // 25))]
-    texts = [f"SELECT c{i % 7}, c{i % 11} FROM {tables[i % len(tables)]} WHERE id = $1 AND k{i} = $2"
-             for i in range(statements)]
-    base = pl.DataFrame({
-        "dbid": np.full(statements, 16384), "userid": (np.arange(statements) % 5) + 10,
-        "queryid": rng.integers(-(2**62), 2**62, statements), "toplevel": np.ones(statements, bool),
-        "database": ["app"] * statements, "user": [f"role{i % 5}" for i in range(statements)], "query": texts,
-    })
+    texts = [
+        f"SELECT c{i % 7}, c{i % 11} FROM {tables[i % len(tables)]} WHERE id = $1 AND k{i} = $2"
+        for i in range(statements)
+    ]
+    base = pl.DataFrame(
+        {
+            "dbid": np.full(statements, 16384),
+            "userid": (np.arange(statements) % 5) + 10,
+            "queryid": rng.integers(-(2**62), 2**62, statements),
+            "toplevel": np.ones(statements, bool),
+            "database": ["app"] * statements,
+            "user": [f"role{i % 5}" for i in range(statements)],
+            "query": texts,
+        }
+    )
     cumulative = {c: np.zeros(statements) for c in STATEMENT_COUNTERS}
     out = []
     for n in range(scrapes):
         calls = rng.poisson(3, statements)
         for c in STATEMENT_COUNTERS:
-            step_ = calls * (rng.random(statements) * 2 if c not in STATEMENT_INT_COUNTERS else rng.integers(0, 3, statements))
+            step_ = calls * (
+                rng.random(statements) * 2 if c not in STATEMENT_INT_COUNTERS else rng.integers(0, 3, statements)
+            )
             cumulative[c] = cumulative[c] + (calls if c == "calls" else step_)
         frame = base.with_columns(
-            *(pl.Series(c, cumulative[c]).cast(pl.Int64 if c in STATEMENT_INT_COUNTERS else pl.Float64)
-              for c in STATEMENT_COUNTERS)
+            *(
+                pl.Series(c, cumulative[c]).cast(pl.Int64 if c in STATEMENT_INT_COUNTERS else pl.Float64)
+                for c in STATEMENT_COUNTERS
+            )
         )
-        out.append(Snapshot("bench:5432", T0 + timedelta(seconds=10 * n), 170000, T0, 0,
-                            conform(frame, STATEMENTS), server_address="bench", server_port=5432))
+        out.append(
+            Snapshot(
+                "bench:5432",
+                T0 + timedelta(seconds=10 * n),
+                170000,
+                T0,
+                0,
+                conform(frame, STATEMENTS),
+                server_address="bench",
+                server_port=5432,
+            )
+        )
     return out
 
 
@@ -98,11 +120,11 @@ def bench_duckdb(snaps: list[Snapshot]) -> float:
     allrows = pl.concat([s.statements.drop("query").with_columns(scrape=pl.lit(i)) for i, s in enumerate(snaps)])
     con.register("rows_view", allrows.to_arrow())
     con.execute("CREATE TABLE rows AS SELECT * FROM rows_view")
-    deltas = ", ".join(
-        f"{c} - lag({c}) OVER w AS {c}" for c in STATEMENT_COUNTERS
+    deltas = ", ".join(f"{c} - lag({c}) OVER w AS {c}" for c in STATEMENT_COUNTERS)
+    sql = (
+        f"SELECT scrape, dbid, userid, queryid, toplevel, {deltas} FROM rows "
+        "WINDOW w AS (PARTITION BY dbid, userid, queryid, toplevel ORDER BY scrape)"
     )
-    sql = (f"SELECT scrape, dbid, userid, queryid, toplevel, {deltas} FROM rows "
-           "WINDOW w AS (PARTITION BY dbid, userid, queryid, toplevel ORDER BY scrape)")
     # Sum every delta column: with only some of them used, DuckDB prunes the other LAGs and
     # computes a fraction of the deltas (EXPLAIN shows one projection for `sum(calls)` alone).
     every = ", ".join(f"sum({c})" for c in STATEMENT_COUNTERS)

@@ -99,10 +99,13 @@ def make_tables(pg: LocalPostgres, db: str, n: int) -> None:
     pg.execute(f"CREATE DATABASE {db}")
     for lo in range(1, n + 1, 1000):  # one transaction per 1,000 tables (lock table size)
         hi = min(n, lo + 999)
-        pg.execute(f"""DO $$ BEGIN FOR i IN {lo}..{hi} LOOP
+        pg.execute(
+            f"""DO $$ BEGIN FOR i IN {lo}..{hi} LOOP
             IF i % 10 = 0 THEN EXECUTE format('CREATE TABLE t%s (id int PRIMARY KEY, v int)', i);
             ELSE EXECUTE format('CREATE TABLE t%s (id int, v int)', i); END IF;
-            END LOOP; END $$""", dbname=db)
+            END LOOP; END $$""",
+            dbname=db,
+        )
 
 
 def workload(pg: LocalPostgres, db: str, n: int, rng: random.Random) -> None:
@@ -160,11 +163,14 @@ def measure(pg: LocalPostgres, relay: Relay, n: int, intervals: int) -> dict[str
     peer.close()
     out = {k: v / intervals for k, v in res.items()}
     out |= {"first_ms": first_ms, "first_bytes": first_bytes, "seeding": seeding}
-    print(f"{n:>7} tables  pgflow: {out['ours_ms']:8.1f} ms {out['ours_bytes'] / 1024:8.1f} KiB "
-          f"{out['ours_rows']:7.0f} rows per interval (seeding: {seeding} scrapes, at most {first_ms:.0f} ms and "
-          f"{first_bytes / 1024:.0f} KiB each)   unbounded: {out['peer_ms']:8.1f} ms {out['peer_bytes'] / 1024:8.1f} KiB "
-          f"{out['peer_rows']:7.0f} rows   ratio {out['peer_ms'] / out['ours_ms']:.1f}x time, "
-          f"{out['peer_bytes'] / max(1.0, out['ours_bytes']):.1f}x bytes", flush=True)
+    print(
+        f"{n:>7} tables  pgflow: {out['ours_ms']:8.1f} ms {out['ours_bytes'] / 1024:8.1f} KiB "
+        f"{out['ours_rows']:7.0f} rows per interval (seeding: {seeding} scrapes, at most {first_ms:.0f} ms and "
+        f"{first_bytes / 1024:.0f} KiB each)   unbounded: {out['peer_ms']:8.1f} ms {out['peer_bytes'] / 1024:8.1f} KiB "
+        f"{out['peer_rows']:7.0f} rows   ratio {out['peer_ms'] / out['ours_ms']:.1f}x time, "
+        f"{out['peer_bytes'] / max(1.0, out['ours_bytes']):.1f}x bytes",
+        flush=True,
+    )
     pg.execute(f"DROP DATABASE {db}")
     return out
 
@@ -176,8 +182,10 @@ def main() -> None:
         relay = Relay(pg.port)
         results = {n: measure(pg, relay, n, intervals) for n in sizes}
     small, large = results[sizes[0]], results[sizes[-1]]
-    print(f"ms_10k={small['ours_ms']:.2f} ms_100k={large['ours_ms']:.2f} "
-          f"ratio_unbounded_100k={large['peer_ms'] / large['ours_ms']:.2f}")
+    print(
+        f"ms_10k={small['ours_ms']:.2f} ms_100k={large['ours_ms']:.2f} "
+        f"ratio_unbounded_100k={large['peer_ms'] / large['ours_ms']:.2f}"
+    )
 
 
 if __name__ == "__main__":

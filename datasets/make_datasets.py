@@ -60,16 +60,18 @@ def make_pgbench(path: Path, rounds: int = 60, clients: int = 4, transactions: i
 def _shapes(rng: random.Random) -> list[str]:
     shapes = []
     for t in range(20):
-        shapes += [f"SELECT * FROM t{t} WHERE id = {rng.randint(1, 500)}",
-                   f"SELECT a, b FROM t{t} WHERE a > {rng.randint(1, 50)} ORDER BY b LIMIT 10",
-                   f"UPDATE t{t} SET b = b + 1 WHERE id = {rng.randint(1, 500)}",
-                   f"INSERT INTO t{t} (a, b) VALUES ({rng.randint(1, 99)}, 'x')",
-                   f"DELETE FROM t{t} WHERE id = -{rng.randint(1, 9)}",
-                   f"SELECT count(*) FROM t{t} JOIN t{(t + 1) % 20} USING (id)",
-                   f"SELECT * FROM t{t} WHERE id IN ({', '.join(str(i) for i in range(rng.randint(1, 40)))})",
-                   f"SELECT a, sum(b::int) FROM t{t} GROUP BY a HAVING count(*) > {rng.randint(1, 5)}",
-                   f"SELECT * FROM t{t} WHERE c = 'secret-token-{t}'",
-                   "SELECT " + ", ".join(f"a + {i} AS c{i}" for i in range(60)) + f" FROM t{t} LIMIT 1"]
+        shapes += [
+            f"SELECT * FROM t{t} WHERE id = {rng.randint(1, 500)}",
+            f"SELECT a, b FROM t{t} WHERE a > {rng.randint(1, 50)} ORDER BY b LIMIT 10",
+            f"UPDATE t{t} SET b = b + 1 WHERE id = {rng.randint(1, 500)}",
+            f"INSERT INTO t{t} (a, b) VALUES ({rng.randint(1, 99)}, 'x')",
+            f"DELETE FROM t{t} WHERE id = -{rng.randint(1, 9)}",
+            f"SELECT count(*) FROM t{t} JOIN t{(t + 1) % 20} USING (id)",
+            f"SELECT * FROM t{t} WHERE id IN ({', '.join(str(i) for i in range(rng.randint(1, 40)))})",
+            f"SELECT a, sum(b::int) FROM t{t} GROUP BY a HAVING count(*) > {rng.randint(1, 5)}",
+            f"SELECT * FROM t{t} WHERE c = 'secret-token-{t}'",
+            "SELECT " + ", ".join(f"a + {i} AS c{i}" for i in range(60)) + f" FROM t{t} LIMIT 1",
+        ]
     for i in range(100):
         shapes.append(f"SELECT {', '.join(f'col{j}' for j in range(i % 7 + 1))} FROM t{i % 20} x{i} WHERE false")
     for i in range(60):
@@ -82,12 +84,17 @@ def _shapes(rng: random.Random) -> list[str]:
 def make_varied(path: Path, rounds: int = 60, per_round: int = 80, seed: int = 11) -> None:
     path.unlink(missing_ok=True)
     rng = random.Random(seed)
-    with LocalPostgres(settings={"pg_stat_statements.max": "100"}) as pg, CaptureWriter(path) as writer, \
-            Scraper(pg.dsn(), instance="varied") as scraper:
+    with (
+        LocalPostgres(settings={"pg_stat_statements.max": "100"}) as pg,
+        CaptureWriter(path) as writer,
+        Scraper(pg.dsn(), instance="varied") as scraper,
+    ):
         pg.execute("CREATE EXTENSION pg_stat_statements")
         for t in range(20):
-            pg.execute(f"CREATE TABLE t{t} (id serial PRIMARY KEY, a int, b text, c text)",
-                       f"INSERT INTO t{t} (a, b, c) SELECT g % 50, (g % 7)::text, 'v' FROM generate_series(1, 500) g")
+            pg.execute(
+                f"CREATE TABLE t{t} (id serial PRIMARY KEY, a int, b text, c text)",
+                f"INSERT INTO t{t} (a, b, c) SELECT g % 50, (g % 7)::text, 'v' FROM generate_series(1, 500) g",
+            )
         for i in range(100):
             pg.execute(f"ALTER TABLE t{i % 20} ADD COLUMN IF NOT EXISTS col{i % 7} int")
         shapes = _shapes(rng)
@@ -102,8 +109,11 @@ def make_varied(path: Path, rounds: int = 60, per_round: int = 80, seed: int = 1
                         pass
                 time.sleep(0.5)
                 writer.write(scraper.scrape())
-        writer.note("workload", f"{len(shapes)} shapes, {per_round} random statements per round, {rounds} rounds, "
-                                "pg_stat_statements.max = 100")
+        writer.note(
+            "workload",
+            f"{len(shapes)} shapes, {per_round} random statements per round, {rounds} rounds, "
+            "pg_stat_statements.max = 100",
+        )
 
 
 def _session(dsn: str, sql: str, took: list[float] | None = None) -> threading.Thread:
@@ -129,12 +139,19 @@ def make_activity(path: Path, seconds: int = 40, period: float = 0.5, chains: in
     from pgflow.scrape.sampler import Sampler, with_samples
 
     path.unlink(missing_ok=True)
-    with LocalPostgres() as pg, CaptureWriter(path) as writer, Scraper(pg.dsn(), instance="activity") as scraper, \
-            Sampler(pg.dsn(), instance="activity", interval_secs=period) as sampler:
+    with (
+        LocalPostgres() as pg,
+        CaptureWriter(path) as writer,
+        Scraper(pg.dsn(), instance="activity") as scraper,
+        Sampler(pg.dsn(), instance="activity", interval_secs=period) as sampler,
+    ):
         pg.execute("CREATE EXTENSION pg_stat_statements")
         pg.pgbench_init()
-        pg.execute("CREATE TABLE chain (id int PRIMARY KEY, v int)", "INSERT INTO chain VALUES (1, 0)",
-                   "SELECT pg_stat_statements_reset()")
+        pg.execute(
+            "CREATE TABLE chain (id int PRIMARY KEY, v int)",
+            "INSERT INTO chain VALUES (1, 0)",
+            "SELECT pg_stat_statements_reset()",
+        )
         dsn = pg.dsn()
         writer.write(with_samples(scraper.scrape(), sampler))
         sampler.start()
@@ -155,9 +172,14 @@ def make_activity(path: Path, seconds: int = 40, period: float = 0.5, chains: in
                 chains_done += 1
                 next_chain += 12.0
             if len(threads) < 3 and now >= 6.0:
-                threads.append(_session(dsn, "SELECT count(*) FROM (SELECT 1 FROM generate_series(1, 20000) a "
-                                             "CROSS JOIN generate_series(1, 20000) b WHERE clock_timestamp() > "
-                                             "statement_timestamp() + interval '3 seconds' LIMIT 1) s"))
+                threads.append(
+                    _session(
+                        dsn,
+                        "SELECT count(*) FROM (SELECT 1 FROM generate_series(1, 20000) a "
+                        "CROSS JOIN generate_series(1, 20000) b WHERE clock_timestamp() > "
+                        "statement_timestamp() + interval '3 seconds' LIMIT 1) s",
+                    )
+                )
                 threads += [_session(dsn, "SELECT pg_sleep(5)") for _ in range(2)]
             if now >= next_scrape:
                 writer.write(with_samples(scraper.scrape(), sampler))
@@ -168,20 +190,29 @@ def make_activity(path: Path, seconds: int = 40, period: float = 0.5, chains: in
             thread.join()
         sampler.stop()
         writer.write(with_samples(scraper.scrape(), sampler))
-        writer.note("workload", f"pgbench -c 4 -R 100 for {seconds} s; {chains} lock chains (A idle in transaction "
-                                "4 s, B and C queued behind it); a 3 s CPU-bound statement; two pg_sleep(5)")
+        writer.note(
+            "workload",
+            f"pgbench -c 4 -R 100 for {seconds} s; {chains} lock chains (A idle in transaction "
+            "4 s, B and C queued behind it); a 3 s CPU-bound statement; two pg_sleep(5)",
+        )
         writer.note("blocked_secs_client_timed", round(sum(blocked), 3))
         writer.note("sample_period_secs", period)
-
 
 
 # issue 19: a server that does something different every minute, so that every chart of the explore and
 # health notebooks tells something. The test server's defaults trade durability for speed (fsync, full
 # page writes and synchronous commit off): here they are on, so WAL syncs, their time and full-page
 # images are real; shared_buffers is small so tables are read from disk and buffers are evicted.
-WORKLOAD_SETTINGS = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on",
-                     "track_wal_io_timing": "on", "wal_buffers": "64kB", "shared_buffers": "16MB",
-                     "checkpoint_timeout": "30s", "autovacuum_naptime": "5s"}
+WORKLOAD_SETTINGS = {
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+    "track_wal_io_timing": "on",
+    "wal_buffers": "64kB",
+    "shared_buffers": "16MB",
+    "checkpoint_timeout": "30s",
+    "autovacuum_naptime": "5s",
+}
 
 
 def _later(at: float, started: float, stop: threading.Event) -> bool:
@@ -191,8 +222,11 @@ def _later(at: float, started: float, stop: threading.Event) -> bool:
 
 def _bench_phases(pg: LocalPostgres, started: float, stop: threading.Event) -> None:
     """pgbench in database ``bench``: steady, a burst, a quiet minute, steady again."""
-    for at, args in ((0, ("-c", "4", "-R", "40", "-T", "70")), (75, ("-c", "8", "-T", "40")),
-                     (175, ("-c", "4", "-R", "40", "-T", "75"))):
+    for at, args in (
+        (0, ("-c", "4", "-R", "40", "-T", "70")),
+        (75, ("-c", "8", "-T", "40")),
+        (175, ("-c", "4", "-R", "40", "-T", "75")),
+    ):
         if not _later(at, started, stop):
             return
         pg.pgbench("-n", *args, dbname="bench")
@@ -210,8 +244,10 @@ def _app_writer(dsn: str, started: float, stop: threading.Event, rng: random.Ran
                 i = rng.choice([0, 0, 0, 1, 1, 2, 3]) if rng.random() < 0.85 else rng.randrange(4, 12)
                 conn.execute(f"UPDATE t{i} SET v = v + 1 WHERE id = %s", (rng.randint(1, 200),))  # type: ignore[arg-type]
             rows = 20000 if burst else 50 if quiet else 1000
-            conn.execute("INSERT INTO events (kind, payload) SELECT g % 7, repeat('e', 200) "  # type: ignore[arg-type]
-                         f"FROM generate_series(1, {rows}) g")
+            conn.execute(
+                "INSERT INTO events (kind, payload) SELECT g % 7, repeat('e', 200) "  # type: ignore[arg-type]
+                f"FROM generate_series(1, {rows}) g"
+            )
             if rng.random() < 0.3:
                 with conn.transaction(force_rollback=True):
                     conn.execute("UPDATE t4 SET v = v - 1 WHERE id = 1")
@@ -255,8 +291,10 @@ def _events(pg: LocalPostgres, dsn: str, started: float, stop: threading.Event) 
     """The one-off events, in order: long transactions, lock chains, sleeps, a CPU-bound statement,
     checkpoints and vacuums."""
     threads: list[threading.Thread] = []
-    cpu = ("SELECT count(*) FROM (SELECT 1 FROM generate_series(1, 20000) a CROSS JOIN generate_series(1, 20000) b "
-           "WHERE clock_timestamp() > statement_timestamp() + interval '4 seconds' LIMIT 1) s")
+    cpu = (
+        "SELECT count(*) FROM (SELECT 1 FROM generate_series(1, 20000) a CROSS JOIN generate_series(1, 20000) b "
+        "WHERE clock_timestamp() > statement_timestamp() + interval '4 seconds' LIMIT 1) s"
+    )
     schedule: list[tuple[float, object]] = [
         (20, lambda: threads.extend(_lock_chain(dsn, "t8", 8.0, active_root=False))),
         (45, lambda: threads.append(threading.Thread(target=_idle_in_transaction, args=(dsn, 25.0)))),
@@ -314,17 +352,28 @@ def make_workload(path: Path, seconds: int = 250, scrape_every: float = 2.0, per
     with LocalPostgres(settings=WORKLOAD_SETTINGS) as pg:
         pg.execute("CREATE EXTENSION pg_stat_statements", "CREATE DATABASE bench", "CREATE DATABASE app")
         pg.pgbench_init(scale=4, dbname="bench")  # 60 MB of accounts against 16 MB of shared buffers
-        pg.execute(*(f"CREATE TABLE t{i} (id serial PRIMARY KEY, v int, pad text)"
-                     + (" WITH (autovacuum_enabled = false)" if i < 4 else "") for i in range(12)),
-                   *(f"INSERT INTO t{i} (v, pad) SELECT g, repeat('x', {20 + 10 * i}) FROM generate_series(1, {200 * (i + 1)}) g"
-                     for i in range(12)),
-                   "CREATE TABLE events (id bigserial PRIMARY KEY, kind int, payload text, at timestamptz DEFAULT now())",
-                   dbname="app")
+        pg.execute(
+            *(
+                f"CREATE TABLE t{i} (id serial PRIMARY KEY, v int, pad text)"
+                + (" WITH (autovacuum_enabled = false)" if i < 4 else "")
+                for i in range(12)
+            ),
+            *(
+                f"INSERT INTO t{i} (v, pad) SELECT g, repeat('x', {20 + 10 * i}) FROM generate_series(1, {200 * (i + 1)}) g"
+                for i in range(12)
+            ),
+            "CREATE TABLE events (id bigserial PRIMARY KEY, kind int, payload text, at timestamptz DEFAULT now())",
+            dbname="app",
+        )
         pg.execute("SELECT pg_stat_statements_reset()")
         dsn, app = pg.dsn(), pg.dsn("app")
-        with CaptureWriter(path) as writer, Scraper(dsn, instance="workload", health=schedule) as scraper, \
-                TableScraper(dsn, instance="workload", top_k=20) as tables, \
-                Sampler(dsn, instance="workload", interval_secs=period) as sampler:
+        with (
+            CaptureWriter(path) as writer,
+            Scraper(dsn, instance="workload", health=schedule) as scraper,
+            TableScraper(dsn, instance="workload", top_k=20) as tables,
+            Sampler(dsn, instance="workload", interval_secs=period) as sampler,
+        ):
+
             def scrape(n: int) -> None:
                 snapshot = with_samples(scraper.scrape(), sampler)
                 if n % 5 == 0:
@@ -335,10 +384,14 @@ def make_workload(path: Path, seconds: int = 250, scrape_every: float = 2.0, per
             sampler.start()
             stop = threading.Event()
             started = time.monotonic()
-            workers = [threading.Thread(target=_bench_phases, args=(pg, started, stop)),
-                       threading.Thread(target=_app_writer, args=(app, started, stop, rng)),
-                       *(threading.Thread(target=_thinking_app, args=(app, started, stop, random.Random(k), until))
-                         for k, until in ((1, 115.0), (2, seconds), (3, 70.0)))]
+            workers = [
+                threading.Thread(target=_bench_phases, args=(pg, started, stop)),
+                threading.Thread(target=_app_writer, args=(app, started, stop, rng)),
+                *(
+                    threading.Thread(target=_thinking_app, args=(app, started, stop, random.Random(k), until))
+                    for k, until in ((1, 115.0), (2, seconds), (3, 70.0))
+                ),
+            ]
             for worker in workers:
                 worker.start()
             events: list[threading.Thread] = []
@@ -359,10 +412,13 @@ def make_workload(path: Path, seconds: int = 250, scrape_every: float = 2.0, per
                         thread.join()
             sampler.stop()
             scrape(n + 1)
-            writer.note("workload", f"{seconds} s: pgbench -c 4 -R 40 in database bench, a burst (-c 8, 75-115 s), "
-                                    "a quiet minute, steady again; hot updates, a growing table, rollbacks, sessions idle "
-                                    "in transaction, three lock chains, sleeps, CPU-bound statements, two CHECKPOINTs, "
-                                    "two VACUUMs in database app; fsync, full_page_writes and synchronous_commit on")
+            writer.note(
+                "workload",
+                f"{seconds} s: pgbench -c 4 -R 40 in database bench, a burst (-c 8, 75-115 s), "
+                "a quiet minute, steady again; hot updates, a growing table, rollbacks, sessions idle "
+                "in transaction, three lock chains, sleeps, CPU-bound statements, two CHECKPOINTs, "
+                "two VACUUMs in database app; fsync, full_page_writes and synchronous_commit on",
+            )
             writer.note("sample_period_secs", period)
 
 
@@ -377,29 +433,42 @@ def make_plans(path: Path, rounds: int = 40, clients: int = 2, transactions: int
         pg.pgbench_init()
         pg.execute("SELECT pg_stat_statements_reset()")
         # Every window explains its busiest statements again (TTL 1 s), so plans form a history.
-        plans = WindowPlans.for_instance(pg.dsn(), "plans", Settings.load(
-            export_interval_secs=window_secs, explains_per_window=6, explain_ttl_secs=1))
+        plans = WindowPlans.for_instance(
+            pg.dsn(),
+            "plans",
+            Settings.load(export_interval_secs=window_secs, explains_per_window=6, explain_ttl_secs=1),
+        )
         assert plans is not None
         writer.write(plans.attach(scraper.scrape()))  # the baseline
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
             for n in range(1, rounds + 1):
                 pg.pgbench("-n", "-c", str(clients), "-t", str(transactions))
                 for _ in range(20):
-                    conn.execute(f"SELECT count(*), sum(delta) FROM pgbench_history WHERE aid = {rng.randint(1, 100000)}")  # type: ignore[arg-type]
+                    conn.execute(
+                        f"SELECT count(*), sum(delta) FROM pgbench_history WHERE aid = {rng.randint(1, 100000)}"
+                    )  # type: ignore[arg-type]
                 if n == rounds // 2:
                     conn.execute("CREATE INDEX pgbench_history_aid ON pgbench_history (aid)")
                     conn.execute("ANALYZE pgbench_history")
                 time.sleep(1.0)
                 writer.write(plans.attach(scraper.scrape()))
-        writer.note("workload", f"pgbench -n -c {clients} -t {transactions} and 20 lookups on pgbench_history.aid per "
-                                f"round, {rounds} rounds; CREATE INDEX pgbench_history_aid after round {rounds // 2}; "
-                                f"plans: explains_per_window=6, explain_ttl_secs=1, {window_secs:g} s windows")
+        writer.note(
+            "workload",
+            f"pgbench -n -c {clients} -t {transactions} and 20 lookups on pgbench_history.aid per "
+            f"round, {rounds} rounds; CREATE INDEX pgbench_history_aid after round {rounds // 2}; "
+            f"plans: explains_per_window=6, explain_ttl_secs=1, {window_secs:g} s windows",
+        )
         writer.note("index_created_after_round", rounds // 2)
 
 
 def main(which: list[str]) -> None:
-    makers = {"pgbench": make_pgbench, "varied": make_varied, "activity": make_activity, "workload": make_workload,
-              "plans": make_plans}
+    makers = {
+        "pgbench": make_pgbench,
+        "varied": make_varied,
+        "activity": make_activity,
+        "workload": make_workload,
+        "plans": make_plans,
+    }
     for name in which or list(makers):
         started = time.monotonic()
         makers[name](HERE / f"{name}.duckdb")

@@ -23,9 +23,10 @@ EXIT_NOT_SCRAPED = 4
 def require_export_key(settings: Settings) -> None:
     """New Relic as the endpoint needs a key: without one every export is refused (exit 2)."""
     if settings.otlp_endpoint is None and "api-key" not in {k.lower() for k in settings.export_headers}:
-        raise ConfigError("NEW_RELIC_API_KEY is not set and the endpoint is New Relic's "
-                          f"({settings.endpoint})",
-                          "set NEW_RELIC_API_KEY, or PGFLOW_OTLP_ENDPOINT for another OTLP endpoint")
+        raise ConfigError(
+            f"NEW_RELIC_API_KEY is not set and the endpoint is New Relic's ({settings.endpoint})",
+            "set NEW_RELIC_API_KEY, or PGFLOW_OTLP_ENDPOINT for another OTLP endpoint",
+        )
 
 
 def require_tls_for_key(settings: Settings) -> None:
@@ -38,9 +39,10 @@ def require_tls_for_key(settings: Settings) -> None:
         return
     tls, host, _, _ = split_endpoint(settings.endpoint, 4317)
     if not tls and not is_local_address(host):
-        raise ConfigError(f"the API key would be sent in plaintext to {settings.endpoint}",
-                          "use https:// in the endpoint, or set OTEL_EXPORTER_OTLP_INSECURE=true if this network "
-                          "is trusted")
+        raise ConfigError(
+            f"the API key would be sent in plaintext to {settings.endpoint}",
+            "use https:// in the endpoint, or set OTEL_EXPORTER_OTLP_INSECURE=true if this network is trusted",
+        )
 
 
 def load_settings_or_exit(config: str | None = None, **overrides: object) -> Settings:
@@ -119,10 +121,17 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    scrapers = [Scraper(i.dsn, instance=i.name, statement_timeout_ms=settings.statement_timeout_ms,
-                        connect_timeout_secs=settings.connect_timeout_secs, text_cache_size=settings.text_cache_size,
-                        health=HealthSchedule.from_settings(settings))  # issue 13
-                for i in settings.targets()]
+    scrapers = [
+        Scraper(
+            i.dsn,
+            instance=i.name,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            connect_timeout_secs=settings.connect_timeout_secs,
+            text_cache_size=settings.text_cache_size,
+            health=HealthSchedule.from_settings(settings),
+        )  # issue 13
+        for i in settings.targets()
+    ]
     interval = args.interval if args.interval is not None else settings.collection_interval_secs
     from pgflow.scrape.sampler import sampler_for  # issue 11: captures hold active-session samples
 
@@ -130,15 +139,24 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from pgflow.scrape.budget import ConnectionBudget, free_of, read_free  # issue 20: within each budget
     from pgflow.scrape.tables import TableScraper  # issue 13: and per-table statistics
 
-    budgets = {i.name: ConnectionBudget.from_settings(i, settings, sampler=i.name in samplers,
-                                                      probe=lambda s=s: free_of(read_free(s._connection())))
-               for i, s in zip(settings.targets(), scrapers)}
-    tables = {i.name: TableScraper.for_instance(i, settings, budgets[i.name]) for i in settings.targets()} \
-        if settings.table_stats_enabled else {}
+    budgets = {
+        i.name: ConnectionBudget.from_settings(
+            i, settings, sampler=i.name in samplers, probe=lambda s=s: free_of(read_free(s._connection()))
+        )
+        for i, s in zip(settings.targets(), scrapers)
+    }
+    tables = (
+        {i.name: TableScraper.for_instance(i, settings, budgets[i.name]) for i in settings.targets()}
+        if settings.table_stats_enabled
+        else {}
+    )
     from pgflow.scrape.explain import WindowPlans  # issue 12: and the plans of each closed export window
 
-    plans = {i.name: p for i in settings.targets()
-             if (p := WindowPlans.for_instance(i.dsn, i.name, settings, budgets[i.name]))}
+    plans = {
+        i.name: p
+        for i in settings.targets()
+        if (p := WindowPlans.for_instance(i.dsn, i.name, settings, budgets[i.name]))
+    }
 
     def progress(writer) -> None:  # type: ignore[no-untyped-def]
         print(f"\rcaptured {writer.scrapes} snapshots, {writer.rows} statement rows", end="", flush=True)
@@ -147,9 +165,19 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         print(f"\nscrape of {instance} failed: {exc}", file=sys.stderr, flush=True)
 
     try:
-        writer = capture_live(scrapers, args.out, scrapes=args.scrapes, interval=interval, progress=progress,
-                              on_error=on_error, stop=stop.is_set, samplers=samplers, tables=tables,
-                              table_interval=settings.table_stats_interval_secs, plans=plans)
+        writer = capture_live(
+            scrapers,
+            args.out,
+            scrapes=args.scrapes,
+            interval=interval,
+            progress=progress,
+            on_error=on_error,
+            stop=stop.is_set,
+            samplers=samplers,
+            tables=tables,
+            table_interval=settings.table_stats_interval_secs,
+            plans=plans,
+        )
     finally:
         for scraper in [*scrapers, *tables.values(), *budgets.values()]:
             scraper.close()
@@ -173,8 +201,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     log = logging.getLogger("pgflow.replay")
     stored, unacknowledged = replay_flow(args.capture, settings, out=args.out, report=True)
     if unacknowledged:
-        log.error("replay not delivered: windows were not acknowledged", extra=kv(
-            capture=args.capture, endpoint=settings.endpoint, windows=unacknowledged))
+        log.error(
+            "replay not delivered: windows were not acknowledged",
+            extra=kv(capture=args.capture, endpoint=settings.endpoint, windows=unacknowledged),
+        )
         return EXIT_UNACKNOWLEDGED
     if args.out:
         log.info("replayed", extra=kv(capture=args.capture, out=args.out, points=stored))
@@ -189,8 +219,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config)
     usable = True
     for instance in settings.targets():
-        report = check(instance, connect_timeout=settings.connect_timeout_secs,
-                       sample_interval_secs=settings.activity_sample_interval_secs, settings=settings)
+        report = check(
+            instance,
+            connect_timeout=settings.connect_timeout_secs,
+            sample_interval_secs=settings.activity_sample_interval_secs,
+            settings=settings,
+        )
         print(report.render())
         usable &= report.usable
     usable &= _check_export(settings)  # issue 21
@@ -223,11 +257,21 @@ def _cmd_receive(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    receiver = Receiver(args.out, grpc_port=args.grpc_port, http_port=args.http_port, host=args.host,
-                        script=script, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                        client_ca=args.client_ca).start()  # issue 21: TLS and mTLS
-    print(f"pgflow receive: grpc on {receiver.grpc_endpoint}, http on {receiver.http_endpoint}, "
-          f"storing into {args.out or 'memory'}", flush=True)
+    receiver = Receiver(
+        args.out,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        host=args.host,
+        script=script,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        client_ca=args.client_ca,
+    ).start()  # issue 21: TLS and mTLS
+    print(
+        f"pgflow receive: grpc on {receiver.grpc_endpoint}, http on {receiver.http_endpoint}, "
+        f"storing into {args.out or 'memory'}",
+        flush=True,
+    )
     try:
         while not stop.wait(0.5):
             pass
@@ -277,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--client-ca", help="PEM CA bundle: require client certificates it signed (mTLS)")
     receive.set_defaults(func=_cmd_receive)
 
-    demo = sub.add_parser("demo", help="pgflow end to end: embedded PostgreSQL, pgbench, the collector, a local receiver")
+    demo = sub.add_parser(
+        "demo", help="pgflow end to end: embedded PostgreSQL, pgbench, the collector, a local receiver"
+    )
     demo.add_argument("--pg-bindir", help="bin directory of another PostgreSQL install")
     demo.add_argument("--clients", type=int, default=4, help="pgbench clients")
     demo.add_argument("--seconds", type=int, default=10, help="how long pgbench runs")

@@ -22,13 +22,61 @@ GAUGE_AGGREGATES = frozenset({"average", "max", "min", "latest"})
 NRQL_NAMES = frozenset({"metricName", "timestamp", "event.name"})  # New Relic's own, not pgflow's
 LOG_FIELDS = frozenset({"message", "timestamp", "event.name"})  # New Relic's fields of a Log record
 
-_CLAUSES = frozenset({"SELECT", "FROM", "WHERE", "FACET", "TIMESERIES", "SINCE", "UNTIL", "LIMIT", "COMPARE",
-                      "ORDER", "WITH", "EXTRAPOLATE", "SLIDE"})
-_WORDS = frozenset({"AS", "AND", "OR", "NOT", "IN", "IS", "NULL", "LIKE", "RLIKE", "TRUE", "FALSE", "BY", "AGO",
-                    "AUTO", "MAX", "MIN", "ASC", "DESC", "SECOND", "SECONDS", "MINUTE", "MINUTES", "HOUR", "HOURS",
-                    "DAY", "DAYS", "WEEK", "WEEKS", "MONTH", "MONTHS"})
-_TOKEN = re.compile(r"`(?P<tick>[^`]+)`|'(?P<str>(?:[^'\\]|\\.)*)'|\"(?P<dstr>[^\"]*)\"|"
-                    r"(?P<num>\d+(?:\.\d+)?)|(?P<ident>[A-Za-z_][A-Za-z0-9_.]*)|(?P<op>!=|\S)")
+_CLAUSES = frozenset(
+    {
+        "SELECT",
+        "FROM",
+        "WHERE",
+        "FACET",
+        "TIMESERIES",
+        "SINCE",
+        "UNTIL",
+        "LIMIT",
+        "COMPARE",
+        "ORDER",
+        "WITH",
+        "EXTRAPOLATE",
+        "SLIDE",
+    }
+)
+_WORDS = frozenset(
+    {
+        "AS",
+        "AND",
+        "OR",
+        "NOT",
+        "IN",
+        "IS",
+        "NULL",
+        "LIKE",
+        "RLIKE",
+        "TRUE",
+        "FALSE",
+        "BY",
+        "AGO",
+        "AUTO",
+        "MAX",
+        "MIN",
+        "ASC",
+        "DESC",
+        "SECOND",
+        "SECONDS",
+        "MINUTE",
+        "MINUTES",
+        "HOUR",
+        "HOURS",
+        "DAY",
+        "DAYS",
+        "WEEK",
+        "WEEKS",
+        "MONTH",
+        "MONTHS",
+    }
+)
+_TOKEN = re.compile(
+    r"`(?P<tick>[^`]+)`|'(?P<str>(?:[^'\\]|\\.)*)'|\"(?P<dstr>[^\"]*)\"|"
+    r"(?P<num>\d+(?:\.\d+)?)|(?P<ident>[A-Za-z_][A-Za-z0-9_.]*)|(?P<op>!=|\S)"
+)
 
 
 @dataclass
@@ -78,13 +126,19 @@ def read_nrql(query: str) -> tuple[str, list[Use]]:
             continue
         where = clause == "WHERE" or (clause == "SELECT" and inner_where >= 0)
         function = next((f for f in reversed(stack) if f), None) if clause == "SELECT" and not where else None
-        uses.append(Use(text, "WHERE" if where else clause, function.lower() if function else None,
-                        _compared(tokens, i) if where else []))
+        uses.append(
+            Use(
+                text,
+                "WHERE" if where else clause,
+                function.lower() if function else None,
+                _compared(tokens, i) if where else [],
+            )
+        )
     return source, uses
 
 
 def _compared(tokens: list[tuple[str, str]], i: int) -> list[str]:
-    rest = tokens[i + 1:]
+    rest = tokens[i + 1 :]
     if rest[:1] == [("op", "=")] and len(rest) > 1 and rest[1][0] == "str":
         return [rest[1][1]]
     if rest and rest[0][0] == "ident" and rest[0][1].upper() == "IN":
@@ -126,16 +180,20 @@ def _metric_problems(uses: list[Use]) -> list[str]:
                 continue
             allowed = SUM_AGGREGATES if m.kind == "sum" else GAUGE_AGGREGATES
             if u.function not in allowed:
-                problems.append(f"{m.name} is a {'DELTA sum' if m.kind == 'sum' else 'gauge'}: aggregate it with "
-                                f"{' or '.join(sorted(allowed))}(), not {u.function or 'nothing'}")
+                problems.append(
+                    f"{m.name} is a {'DELTA sum' if m.kind == 'sum' else 'gauge'}: aggregate it with "
+                    f"{' or '.join(sorted(allowed))}(), not {u.function or 'nothing'}"
+                )
             continue
         if u.name in NRQL_NAMES or u.name in resource:
             continue
         carriers = [a for q in queried if (a := q.attribute(u.name)) is not None]
         if not carriers:
             known = u.name in reg.point_attributes()
-            problems.append(f"{u.name!r} is {'not an attribute of the metrics queried' if known else 'not declared'}"
-                            f" ({', '.join(sorted({q.name for q in queried})) or 'none'})")
+            problems.append(
+                f"{u.name!r} is {'not an attribute of the metrics queried' if known else 'not declared'}"
+                f" ({', '.join(sorted({q.name for q in queried})) or 'none'})"
+            )
             continue
         problems += _value_problems(u, carriers)
     return problems
@@ -170,14 +228,20 @@ def _value_problems(use: Use, carriers: list[reg.Attribute]) -> list[str]:
     if any(not a.values for a in carriers):
         return []
     allowed = {v for a in carriers for v in a.values}
-    return [f"{use.name} = {v!r}: pgflow sends only {sorted(allowed)}" for v in use.compared
-            if v not in allowed and v != "{{variable}}"]
+    return [
+        f"{use.name} = {v!r}: pgflow sends only {sorted(allowed)}"
+        for v in use.compared
+        if v not in allowed and v != "{{variable}}"
+    ]
 
 
 def dashboard_problems(dashboard: dict[str, Any]) -> list[str]:
     """Every problem of every query (widgets and variables), as ``where: what``."""
-    queries: list[tuple[str, str]] = [(f"variable {v.get('name')}", v["nrqlQuery"]["query"])
-                                      for v in dashboard.get("variables", []) if v.get("nrqlQuery")]
+    queries: list[tuple[str, str]] = [
+        (f"variable {v.get('name')}", v["nrqlQuery"]["query"])
+        for v in dashboard.get("variables", [])
+        if v.get("nrqlQuery")
+    ]
     for page in dashboard.get("pages", []):
         for widget in page.get("widgets", []):
             for q in (widget.get("rawConfiguration") or {}).get("nrqlQueries", []):

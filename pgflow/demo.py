@@ -39,14 +39,26 @@ def run_demo(bindir: str | None = None, clients: int = 4, seconds: int = 10, out
         try:
             print(f"2/4 local OTLP receiver on {receiver.grpc_endpoint} (gRPC), storing into {points_file}", flush=True)
             env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLOW_", "OTEL_"))}
-            env.update({"DATABASE_URL": pg.dsn(), "PGFLOW_OTLP_ENDPOINT": receiver.grpc_endpoint,
-                        "PGFLOW_COLLECTION_INTERVAL_SECS": "1", "PGFLOW_EXPORT_INTERVAL_SECS": "5",
-                        "PGFLOW_STATE_DIR": str(workdir / "state"), "PGFLOW_METRICS_ADDR": f"127.0.0.1:{free_port()}"})
+            env.update(
+                {
+                    "DATABASE_URL": pg.dsn(),
+                    "PGFLOW_OTLP_ENDPOINT": receiver.grpc_endpoint,
+                    "PGFLOW_COLLECTION_INTERVAL_SECS": "1",
+                    "PGFLOW_EXPORT_INTERVAL_SECS": "5",
+                    "PGFLOW_STATE_DIR": str(workdir / "state"),
+                    "PGFLOW_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+                }
+            )
             env.pop("NEW_RELIC_API_KEY", None)
-            print("3/4 running the collector (pgflow run) while pgbench runs "
-                  f"-c {clients} -T {seconds} ...", flush=True)
-            collector = subprocess.Popen([sys.executable, "-m", "pgflow", "run", "--scrapes", str(seconds + 6)],
-                                         env=env, stdout=subprocess.DEVNULL, stderr=open(workdir / "collector.log", "wb"))
+            print(
+                f"3/4 running the collector (pgflow run) while pgbench runs -c {clients} -T {seconds} ...", flush=True
+            )
+            collector = subprocess.Popen(
+                [sys.executable, "-m", "pgflow", "run", "--scrapes", str(seconds + 6)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(workdir / "collector.log", "wb"),
+            )
             time.sleep(2)
             pg.pgbench("-n", "-c", str(clients), "-T", str(seconds))
             code = collector.wait(timeout=120)
@@ -58,8 +70,9 @@ def run_demo(bindir: str | None = None, clients: int = 4, seconds: int = 10, out
             receiver.stop()
     print(f"4/4 the receiver stored {points.height} data points; top queries by total execution time:\n")
     _print_top(points)
-    print(f"\nThe points are in {points_file} (DuckDB, table points): "
-          f"pgflow.otlp.store.read_points({str(points_file)!r})")
+    print(
+        f"\nThe points are in {points_file} (DuckDB, table points): pgflow.otlp.store.read_points({str(points_file)!r})"
+    )
     return 0
 
 

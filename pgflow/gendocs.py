@@ -111,39 +111,73 @@ def metrics_page() -> str:
         members = [m for m in all_metrics if m.group == g.name]
         out += [f"## {g.title}", ""]
         out += [(f"Group `{g.name}`. " if g.health_group else "") + g.description, ""]
-        out += ["| metric | kind | unit | attributes | source | since | meaning |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
+        out += [
+            "| metric | kind | unit | attributes | source | since | meaning |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         attributes = [a for m in members for a in m.attributes]
         varying = _varying(attributes)
         for m in members:
             kind = "sum (DELTA)" if m.kind == "sum" else "gauge"
             attrs = ", ".join(_attribute_cell(a, varying) for a in m.attributes)
             source = m.source + (" (*OTel*)" if m.otel else "")
-            out.append(f"| `{m.name}` | {kind} | `{m.unit}` | {cell(attrs)} | {cell(source)} | "
-                       f"{reg.version_label(m.min_version)} | {cell(m.description)} |")
+            out.append(
+                f"| `{m.name}` | {kind} | `{m.unit}` | {cell(attrs)} | {cell(source)} | "
+                f"{reg.version_label(m.min_version)} | {cell(m.description)} |"
+            )
         if attributes:
             out += ["", *_attribute_rows(attributes)]
         out.append("")
-    out += ["## Events", "", reg.groups()["events"].description + " In New Relic they are `Log` records: "
-            "query them with `FROM Log WHERE event.name = '...'`; the body is `message`.", ""]
+    out += [
+        "## Events",
+        "",
+        reg.groups()["events"].description + " In New Relic they are `Log` records: "
+        "query them with `FROM Log WHERE event.name = '...'`; the body is `message`.",
+        "",
+    ]
     for e in all_events:
-        out += [f"### `{e.name}`", "", e.description, "",
-                f"- body: {e.body or 'none'}", f"- source: {e.source}", f"- since: PostgreSQL "
-                f"{reg.version_label(e.min_version)}", "", *_attribute_rows(list(e.attributes)), ""]
-    out += ["## Resource attributes", "", "On every metric and event, per PostgreSQL instance "
-            "(`OTEL_RESOURCE_ATTRIBUTES` adds more; pgflow's own keys always win).", "",
-            *_attribute_rows(list(reg.resource_attributes().values())), ""]
+        out += [
+            f"### `{e.name}`",
+            "",
+            e.description,
+            "",
+            f"- body: {e.body or 'none'}",
+            f"- source: {e.source}",
+            f"- since: PostgreSQL {reg.version_label(e.min_version)}",
+            "",
+            *_attribute_rows(list(e.attributes)),
+            "",
+        ]
+    out += [
+        "## Resource attributes",
+        "",
+        "On every metric and event, per PostgreSQL instance "
+        "(`OTEL_RESOURCE_ATTRIBUTES` adds more; pgflow's own keys always win).",
+        "",
+        *_attribute_rows(list(reg.resource_attributes().values())),
+        "",
+    ]
     return "\n".join(out)
 
 
 # docs/configuration.md ------------------------------------------------------------------------
 
-_TYPE_NAMES: dict[Any, str] = {float: "number", int: "integer", str: "string", bool: "boolean", Path: "path",
-                               SecretStr: "secret string"}
-_BOUNDS: list[tuple[type, str, str]] = [(annotated_types.Gt, "gt", "> {}"), (annotated_types.Ge, "ge", "≥ {}"),
-                                        (annotated_types.Lt, "lt", "< {}"), (annotated_types.Le, "le", "≤ {}"),
-                                        (annotated_types.MinLen, "min_length", "at least {} characters"),
-                                        (annotated_types.MaxLen, "max_length", "at most {} characters")]
+_TYPE_NAMES: dict[Any, str] = {
+    float: "number",
+    int: "integer",
+    str: "string",
+    bool: "boolean",
+    Path: "path",
+    SecretStr: "secret string",
+}
+_BOUNDS: list[tuple[type, str, str]] = [
+    (annotated_types.Gt, "gt", "> {}"),
+    (annotated_types.Ge, "ge", "≥ {}"),
+    (annotated_types.Lt, "lt", "< {}"),
+    (annotated_types.Le, "le", "≤ {}"),
+    (annotated_types.MinLen, "min_length", "at least {} characters"),
+    (annotated_types.MaxLen, "max_length", "at most {} characters"),
+]
 
 
 def constraints(metadata: list[Any]) -> list[str]:
@@ -233,7 +267,8 @@ def undescribed_settings() -> list[str]:
     from pgflow.config import InstanceConfig, Settings
 
     return [n for n, f in Settings.model_fields.items() if not f.description] + [
-        f"instances[].{n}" for n, f in InstanceConfig.model_fields.items() if not f.description]
+        f"instances[].{n}" for n, f in InstanceConfig.model_fields.items() if not f.description
+    ]
 
 
 def _description(info: FieldInfo) -> str:
@@ -262,14 +297,27 @@ def configuration_page() -> str:
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         groups.setdefault(str(extra.get("group", "Settings")), []).append(name)
     for title, names in groups.items():
-        out += [f"## {title}", "", "| setting | environment | default | type | meaning |", "| --- | --- | --- | --- | --- |"]
+        out += [
+            f"## {title}",
+            "",
+            "| setting | environment | default | type | meaning |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name in names:
             info = fields[name]
-            out.append(f"| `{name}` | {_env_cell(env_names(name, info, prefix))} | {cell(default_text(info))} | "
-                       f"{cell(field_type(info))} | {_description(info)} |")
+            out.append(
+                f"| `{name}` | {_env_cell(env_names(name, info, prefix))} | {cell(default_text(info))} | "
+                f"{cell(field_type(info))} | {_description(info)} |"
+            )
         out.append("")
-    out += [f"## {InstanceConfig.__name__}", "", "One entry of `instances` (JSON file, or `PGFLOW_INSTANCES` as "
-            "JSON): one PostgreSQL server to watch.", "", "| key | default | type | meaning |", "| --- | --- | --- | --- |"]
+    out += [
+        f"## {InstanceConfig.__name__}",
+        "",
+        "One entry of `instances` (JSON file, or `PGFLOW_INSTANCES` as JSON): one PostgreSQL server to watch.",
+        "",
+        "| key | default | type | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, info in InstanceConfig.model_fields.items():
         out.append(f"| `{name}` | {cell(default_text(info))} | {cell(field_type(info))} | {_description(info)} |")
     out.append("")

@@ -185,12 +185,19 @@ def point_problems(points: pl.DataFrame) -> list[str]:
         if m is None:
             problems.append(f"{name}: not declared in pgflow/metric_catalog.py")
             continue
-        for what, got, want in (("kind", kind, m.kind), ("unit", unit, m.unit), ("monotonic", monotonic, m.monotonic),
-                                ("is_int", is_int, m.is_int)):
+        for what, got, want in (
+            ("kind", kind, m.kind),
+            ("unit", unit, m.unit),
+            ("monotonic", monotonic, m.monotonic),
+            ("is_int", is_int, m.is_int),
+        ):
             if got != want:
                 problems.append(f"{name}: {what} {got!r}, declared {want!r}")
-    long = (points.select("metric", pl.col("attributes").struct.unnest())
-            .unpivot(index="metric", variable_name="key", value_name="value").drop_nulls("value"))
+    long = (
+        points.select("metric", pl.col("attributes").struct.unnest())
+        .unpivot(index="metric", variable_name="key", value_name="value")
+        .drop_nulls("value")
+    )
     for name, key in long.select("metric", "key").unique().sort("metric", "key").iter_rows():
         m = declared.get(name)
         if m is not None and key not in m.attribute_keys:
@@ -217,11 +224,15 @@ def event_problems(events_frame: pl.DataFrame) -> list[str]:
         return []
     declared = events()
     problems: list[str] = []
-    attrs = events_frame.select("event_name", pl.col("body").is_not_null().alias("__body"),
-                                pl.col("attributes").struct.unnest())
+    attrs = events_frame.select(
+        "event_name", pl.col("body").is_not_null().alias("__body"), pl.col("attributes").struct.unnest()
+    )
     keys = [c for c in attrs.columns if c not in ("event_name", "__body")]
-    present = attrs.group_by("event_name").agg(pl.col("__body").any(), pl.col("__body").all().alias("__all_body"),
-                                               *(pl.col(k).is_not_null().any() for k in keys))
+    present = attrs.group_by("event_name").agg(
+        pl.col("__body").any(),
+        pl.col("__body").all().alias("__all_body"),
+        *(pl.col(k).is_not_null().any() for k in keys),
+    )
     for row in present.sort("event_name").iter_rows(named=True):
         e = declared.get(row["event_name"])
         if e is None:
@@ -269,8 +280,12 @@ def received_problems(points: pl.DataFrame, logs: pl.DataFrame | None = None) ->
         if m is None:
             problems.append(f"{name}: not declared in pgflow/metric_catalog.py")
             continue
-        for what, got, want in (("kind", kind, m.kind), ("unit", unit, m.unit), ("monotonic", monotonic, m.monotonic),
-                                ("temporality", temporality.upper() if temporality else None, m.temporality)):
+        for what, got, want in (
+            ("kind", kind, m.kind),
+            ("unit", unit, m.unit),
+            ("monotonic", monotonic, m.monotonic),
+            ("temporality", temporality.upper() if temporality else None, m.temporality),
+        ):
             if got != want:
                 problems.append(f"{name}: {what} {got!r}, declared {want!r}")
         for key, value in json.loads(attributes or "{}").items():
@@ -280,7 +295,7 @@ def received_problems(points: pl.DataFrame, logs: pl.DataFrame | None = None) ->
             elif a.values and _text(value) not in a.values:
                 problems.append(f"{name}: {key}={_text(value)!r}, declared values {list(a.values)}")
     known = events()
-    for name, attributes in ([] if logs is None else logs.select("event_name", "attributes").unique().iter_rows()):
+    for name, attributes in [] if logs is None else logs.select("event_name", "attributes").unique().iter_rows():
         e = known.get(name)
         if e is None:
             problems.append(f"{name}: event not declared in pgflow/metric_catalog.py")
@@ -294,6 +309,23 @@ def received_problems(points: pl.DataFrame, logs: pl.DataFrame | None = None) ->
     return sorted(set(problems))
 
 
-__all__ = ["Attribute", "DB_SYSTEM", "Event", "Group", "Metric", "UndeclaredPoint", "check_events", "check_points",
-           "event_problems", "events", "groups", "metric", "metrics", "point_attributes", "point_problems",
-           "received_problems", "resource_attributes", "version_label"]
+__all__ = [
+    "Attribute",
+    "DB_SYSTEM",
+    "Event",
+    "Group",
+    "Metric",
+    "UndeclaredPoint",
+    "check_events",
+    "check_points",
+    "event_problems",
+    "events",
+    "groups",
+    "metric",
+    "metrics",
+    "point_attributes",
+    "point_problems",
+    "received_problems",
+    "resource_attributes",
+    "version_label",
+]

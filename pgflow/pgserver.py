@@ -87,7 +87,7 @@ def _world_readable_install(bindir: Path) -> Path:
         libs = install.parent.parent / f"{install.parent.name}.libs"  # auditwheel's vendored libpq
         if libs.exists():
             shutil.copytree(libs, staging / libs.name, symlinks=True)
-        for root, dirs, files in os.walk(staging):
+        for root, _dirs, files in os.walk(staging):
             os.chmod(root, 0o755)
             for name in files:
                 p = Path(root) / name
@@ -168,19 +168,29 @@ class LocalPostgres:
     def init(self) -> None:
         if self.run_as_nobody:
             os.chown(self.root, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
-        self._run([str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
-                   "-E", "UTF8", "--no-locale", "--no-sync"])
+        self._run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ]
+        )
         with open(self.datadir / "postgresql.conf", "a") as conf:
             for key, value in self.settings.items():
                 conf.write(f"{key} = '{value}'\n")
         if self.ssl is not None:
             self._install_ssl()
         (self.datadir / "pg_hba.conf").write_text(
-            "".join(line.rstrip("\n") + "\n" for line in self.hba) +
-            "local all all trust\n"
+            "".join(line.rstrip("\n") + "\n" for line in self.hba) + "local all all trust\n"
             "host all postgres 127.0.0.1/32 trust\n"
-            "host all all 127.0.0.1/32 scram-sha-256\n"
-            + _REPLICATION_HBA
+            "host all all 127.0.0.1/32 scram-sha-256\n" + _REPLICATION_HBA
         )
 
     def _install_ssl(self) -> None:
@@ -205,8 +215,21 @@ class LocalPostgres:
             self.init()
         opts = f"-p {self.port} -c listen_addresses={self.host} -c unix_socket_directories={self.root}"
         try:
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-o", opts,
-                       "-w", "-t", "60", "start"])
+            self._run(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.datadir),
+                    "-l",
+                    str(self.logfile),
+                    "-o",
+                    opts,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            )
         except PgflowError as exc:  # the server's own words say why
             log = self.logfile.read_text(errors="replace").strip().splitlines() if self.logfile.exists() else []
             raise PgflowError(f"{exc} | server log: {' / '.join(log[-5:])}") from None
@@ -216,13 +239,16 @@ class LocalPostgres:
     def stop(self, mode: str = "fast") -> None:
         pidfile = self.datadir / "postmaster.pid"
         if pidfile.exists():
-            proc = self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60",
-                              "stop"], check=False)
+            proc = self._run(
+                [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop"],
+                check=False,
+            )
             if not self._gone(pidfile, 20):
                 # pg_ctl once returned without the server ever logging a shutdown request (a
                 # restart test then found the old server): signal the postmaster directly.
-                log.warning("pg_ctl stop left the server running; signalling it directly: %s",
-                            proc.stderr.strip()[-300:])
+                log.warning(
+                    "pg_ctl stop left the server running; signalling it directly: %s", proc.stderr.strip()[-300:]
+                )
                 self._signal(pidfile, {"smart": signal.SIGTERM, "fast": signal.SIGINT}.get(mode, signal.SIGQUIT))
                 self._gone(pidfile, 60)  # a restart must not find the old server
 
@@ -252,8 +278,25 @@ class LocalPostgres:
         replica = LocalPostgres(self.bindir, settings=self.settings)
         if replica.run_as_nobody:
             os.chown(replica.root, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
-        replica._run([str(self._client_binary("pg_basebackup")), "-D", str(replica.datadir), "-h", self.host,
-                      "-p", str(self.port), "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "--no-sync"])
+        replica._run(
+            [
+                str(self._client_binary("pg_basebackup")),
+                "-D",
+                str(replica.datadir),
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ]
+        )
         return replica
 
     def promote(self) -> None:
@@ -313,8 +356,9 @@ class LocalPostgres:
     def pgbench(self, *args: str, dbname: str = "postgres") -> str:
         """Run pgbench with ``args`` (e.g. ``"-c", "4", "-t", "250"``) and return its output."""
         env = dict(os.environ, PGHOST=self.host, PGPORT=str(self.port), PGUSER="postgres", PGDATABASE=dbname)
-        proc = subprocess.run([str(self._pgbench_binary()), *args], capture_output=True, text=True, env=env,
-                              timeout=600)
+        proc = subprocess.run(
+            [str(self._pgbench_binary()), *args], capture_output=True, text=True, env=env, timeout=600
+        )
         if proc.returncode != 0:
             raise PgflowError(f"pgbench {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
         return proc.stdout
@@ -333,7 +377,9 @@ def _basebackup_binary(bindir: Path) -> Path:
     return wheel / "pg_basebackup"
 
 
-def standby_of(primary: LocalPostgres, *, slot: str | None = None, settings: dict[str, str] | None = None) -> LocalPostgres:
+def standby_of(
+    primary: LocalPostgres, *, slot: str | None = None, settings: dict[str, str] | None = None
+) -> LocalPostgres:
     """A streaming standby of ``primary``, made with ``pg_basebackup -R`` and started.
 
     With ``slot``, the backup creates that physical replication slot and the standby streams
@@ -348,8 +394,22 @@ def standby_of(primary: LocalPostgres, *, slot: str | None = None, settings: dic
     standby = LocalPostgres(primary.bindir, settings=primary.settings)
     if standby.run_as_nobody:
         os.chown(standby.root, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
-    args = [str(_basebackup_binary(primary.bindir)), "-D", str(standby.datadir), "-R", "-X", "stream", "-c", "fast",
-            "-h", primary.host, "-p", str(primary.port), "-U", "postgres"]
+    args = [
+        str(_basebackup_binary(primary.bindir)),
+        "-D",
+        str(standby.datadir),
+        "-R",
+        "-X",
+        "stream",
+        "-c",
+        "fast",
+        "-h",
+        primary.host,
+        "-p",
+        str(primary.port),
+        "-U",
+        "postgres",
+    ]
     if slot:  # created here, not by -C, so that a retried backup finds it rather than fails on it
         primary.execute(f"SELECT pg_create_physical_replication_slot('{slot}', true)")
         args += ["-S", slot]
@@ -366,8 +426,10 @@ def standby_of(primary: LocalPostgres, *, slot: str | None = None, settings: dic
     # -R writes every option of the client's libpq; an older server's libpq rejects the newer ones.
     auto = standby.datadir / "postgresql.auto.conf"
     lines = [ln for ln in auto.read_text().splitlines() if not ln.startswith("primary_conninfo")]
-    lines.append(f"primary_conninfo = 'host={primary.host} port={primary.port} user=postgres "
-                 f"application_name=standby_{standby.port}'")
+    lines.append(
+        f"primary_conninfo = 'host={primary.host} port={primary.port} user=postgres "
+        f"application_name=standby_{standby.port}'"
+    )
     auto.write_text("\n".join(lines) + "\n")
     if settings:
         with open(standby.datadir / "postgresql.conf", "a") as conf:

@@ -34,8 +34,10 @@ def replay_events(path: str | Path, **settings: Any) -> pl.DataFrame:
 
 def as_received(points: pl.DataFrame, service_name: str = "pgflow") -> pl.DataFrame:
     """Points as the receiver would store them (encoded, decoded, flattened), for comparisons."""
-    frames = [request_rows(decode(b.payload), received_at=None)  # type: ignore[arg-type]
-              for b in Encoder(service_name=service_name, batch_size=100_000, max_bytes=1 << 40).batches(points)]
+    frames = [
+        request_rows(decode(b.payload), received_at=None)  # type: ignore[arg-type]
+        for b in Encoder(service_name=service_name, batch_size=100_000, max_bytes=1 << 40).batches(points)
+    ]
     return pl.concat(frames) if frames else pl.DataFrame(schema=POINTS_SCHEMA)
 
 
@@ -45,8 +47,10 @@ def events_as_received(events: pl.DataFrame, service_name: str = "pgflow") -> pl
     from pgflow.otlp.logs import decode as decode_logs
     from pgflow.otlp.store import LOGS_SCHEMA, log_rows
 
-    frames = [log_rows(decode_logs(b.payload), received_at=None)  # type: ignore[arg-type]
-              for b in LogEncoder(service_name=service_name, batch_size=100_000, max_bytes=1 << 40).batches(events)]
+    frames = [
+        log_rows(decode_logs(b.payload), received_at=None)  # type: ignore[arg-type]
+        for b in LogEncoder(service_name=service_name, batch_size=100_000, max_bytes=1 << 40).batches(events)
+    ]
     return pl.concat(frames) if frames else pl.DataFrame(schema=LOGS_SCHEMA)
 
 
@@ -80,8 +84,9 @@ class ReplaySource(FixedPartitionedSource[Snapshot, int]):
         return _ReplayPartition(self.path, for_part, resume_state)
 
 
-def replay_flow(path: str | Path, settings: Settings, out: str | Path | None = None,
-                report: bool = False) -> int | tuple[int, int]:
+def replay_flow(
+    path: str | Path, settings: Settings, out: str | Path | None = None, report: bool = False
+) -> int | tuple[int, int]:
     """Run a capture through the bytewax collector flow, to the endpoint or into ``out`` (DuckDB).
 
     With ``out``, an in-process receiver on a free port takes the endpoint's place, so the

@@ -31,23 +31,71 @@ def _ssl(*args: str, cwd: Path) -> None:
 
 
 def _ca(d: Path, name: str) -> None:
-    _ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
-         "-days", "3", "-subj", f"/CN=pgflow test {name}", "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    _ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "3",
+        "-subj",
+        f"/CN=pgflow test {name}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=d,
+    )
 
 
-def _leaf(d: Path, name: str, cn: str, san: str | None, client: bool = False,
-          dates: tuple[str, str] | None = None) -> None:
-    _ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-         "-subj", f"/CN={cn}", cwd=d)
-    ext = ["basicConstraints=CA:FALSE", f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}",
-           "keyUsage=digitalSignature,keyEncipherment"]
+def _leaf(
+    d: Path, name: str, cn: str, san: str | None, client: bool = False, dates: tuple[str, str] | None = None
+) -> None:
+    _ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={cn}",
+        cwd=d,
+    )
+    ext = [
+        "basicConstraints=CA:FALSE",
+        f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}",
+        "keyUsage=digitalSignature,keyEncipherment",
+    ]
     if san:
         ext.append(f"subjectAltName={san}")
     (d / f"{name}.ext").write_text("\n".join(ext) + "\n")
     if dates is None:
-        _ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "3", "-extfile", f"{name}.ext", cwd=d)
+        _ssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "3",
+            "-extfile",
+            f"{name}.ext",
+            cwd=d,
+        )
         return
     # openssl x509 cannot back-date; the ca command can (-startdate / -enddate).
     db = d / f"{name}-db"
@@ -58,10 +106,30 @@ def _leaf(d: Path, name: str, cn: str, san: str | None, client: bool = False,
         "[ca]\ndefault_ca=test\n[test]\n"
         f"database={db}/index.txt\nserial={db}/serial\nnew_certs_dir={db}\n"
         "default_md=sha256\npolicy=any\ncopy_extensions=none\nunique_subject=no\n"
-        "[any]\ncommonName=supplied\n")
-    _ssl("ca", "-batch", "-config", f"{name}-ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key",
-         "-in", f"{name}.csr", "-out", f"{name}.pem", "-startdate", dates[0], "-enddate", dates[1],
-         "-extfile", f"{name}.ext", "-notext", cwd=d)
+        "[any]\ncommonName=supplied\n"
+    )
+    _ssl(
+        "ca",
+        "-batch",
+        "-config",
+        f"{name}-ca.cnf",
+        "-cert",
+        "ca.pem",
+        "-keyfile",
+        "ca.key",
+        "-in",
+        f"{name}.csr",
+        "-out",
+        f"{name}.pem",
+        "-startdate",
+        dates[0],
+        "-enddate",
+        dates[1],
+        "-extfile",
+        f"{name}.ext",
+        "-notext",
+        cwd=d,
+    )
 
 
 def make_certs(d: Path) -> Certs:
@@ -75,5 +143,16 @@ def make_certs(d: Path) -> Certs:
     _leaf(d, "wrong-name", "other.example", "DNS:other.example")
     for key in d.glob("*.key"):
         key.chmod(0o600)
-    return Certs(d, d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key",
-                 d / "expired.pem", d / "expired.key", d / "wrong-name.pem", d / "wrong-name.key", d / "other-ca.pem")
+    return Certs(
+        d,
+        d / "ca.pem",
+        d / "server.pem",
+        d / "server.key",
+        d / "client.pem",
+        d / "client.key",
+        d / "expired.pem",
+        d / "expired.key",
+        d / "wrong-name.pem",
+        d / "wrong-name.key",
+        d / "other-ca.pem",
+    )

@@ -19,17 +19,19 @@ ROOT = Path(__file__).resolve().parent.parent
 def collector_env(dsn: str | None, endpoint: str, state_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLOW_", "OTEL_"))}
     env.pop("DATABASE_URL", None)
-    env.update({
-        "PGFLOW_OTLP_ENDPOINT": endpoint,
-        "PGFLOW_COLLECTION_INTERVAL_SECS": "0.3",
-        "PGFLOW_EXPORT_INTERVAL_SECS": "1",
-        "PGFLOW_STATE_DIR": str(state_dir),
-        "PGFLOW_METRICS_ADDR": f"127.0.0.1:{free_port()}",
-        "PGFLOW_RETRY_INITIAL_DELAY_SECS": "0.05",
-        "PGFLOW_RETRY_MAX_DELAY_SECS": "0.2",
-        "PGFLOW_RETRY_MAX_ATTEMPTS": "2",
-        "PYTHONPATH": str(ROOT),
-    })
+    env.update(
+        {
+            "PGFLOW_OTLP_ENDPOINT": endpoint,
+            "PGFLOW_COLLECTION_INTERVAL_SECS": "0.3",
+            "PGFLOW_EXPORT_INTERVAL_SECS": "1",
+            "PGFLOW_STATE_DIR": str(state_dir),
+            "PGFLOW_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+            "PGFLOW_RETRY_INITIAL_DELAY_SECS": "0.05",
+            "PGFLOW_RETRY_MAX_DELAY_SECS": "0.2",
+            "PGFLOW_RETRY_MAX_ATTEMPTS": "2",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     if dsn:
         env["DATABASE_URL"] = dsn
     env.update(extra)
@@ -38,8 +40,9 @@ def collector_env(dsn: str | None, endpoint: str, state_dir: Path, **extra: str)
 
 def start_collector(env: dict[str, str], *args: str, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "pgflow", "run", *args], env=env, stdout=out,
-                            stderr=subprocess.STDOUT, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pgflow", "run", *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+    )
 
 
 def wait_for_baseline(state_dir: Path, instances: int = 1, timeout: float = 30) -> None:
@@ -52,8 +55,9 @@ def wait_for_baseline(state_dir: Path, instances: int = 1, timeout: float = 30) 
     raise AssertionError(f"no baseline scrape within {timeout} s")
 
 
-def settle(seconds: float = 2.5, state_dir: Path | None = None, scrapes: int = 3, timeout: float = 60,
-           instance: str = "*") -> None:
+def settle(
+    seconds: float = 2.5, state_dir: Path | None = None, scrapes: int = 3, timeout: float = 60, instance: str = "*"
+) -> None:
     """Let time pass (interval 0.3 s, windows of 1 s) and, with ``state_dir``, wait until every
     (or one) instance's ledger has recorded ``scrapes`` more scrapes, however slow the machine is."""
     started = time.monotonic()

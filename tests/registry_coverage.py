@@ -82,5 +82,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for problem, test in sorted(PROBLEMS.items()):
         write(f"UNDECLARED {problem} (first seen in {test})")
     listed = unseen and os.environ.get("PGFLOW_REGISTRY_COVERAGE") == "1"  # a partial run produces few: say how many
-    write(f"{len(SEEN & set(metrics.metrics()))} of {len(metrics.metrics())} declared metrics produced"
-          + (f"; not produced: {', '.join(unseen)}" if listed else ""))
+    write(
+        f"{len(SEEN & set(metrics.metrics()))} of {len(metrics.metrics())} declared metrics produced"
+        + (f"; not produced: {', '.join(unseen)}" if listed else "")
+    )

@@ -21,7 +21,6 @@ import pytest
 
 from pgflow import capture, ops
 from pgflow.config import Settings
-from pgflow.ops.fingerprint import query_info
 from pgflow.schema import SAMPLES, SESSION_STATS
 from pgflow.scrape import Scraper, sampling_sql
 from pgflow.scrape.sampler import PREPARED, Sampler, with_samples
@@ -30,8 +29,10 @@ PERIOD = 0.2
 SLEEP_SECS = 6
 CPU_SECS = 3
 HOLD_SECS = 3
-CPU_SQL = ("SELECT count(*) FROM (SELECT 1 FROM generate_series(1, 20000) a CROSS JOIN generate_series(1, 20000) b "
-           "WHERE clock_timestamp() > statement_timestamp() + interval '3 seconds' LIMIT 1) s")
+CPU_SQL = (
+    "SELECT count(*) FROM (SELECT 1 FROM generate_series(1, 20000) a CROSS JOIN generate_series(1, 20000) b "
+    "WHERE clock_timestamp() > statement_timestamp() + interval '3 seconds' LIMIT 1) s"
+)
 
 
 @dataclass
@@ -76,8 +77,12 @@ def _lock_waiters(pg) -> int:
 
 @pytest.fixture(scope="module")
 def workload(pg) -> Workload:
-    pg.execute("DROP TABLE IF EXISTS chain", "CREATE TABLE chain (id int PRIMARY KEY, v int)",
-               "INSERT INTO chain VALUES (1, 0)", "SELECT pg_stat_statements_reset()")
+    pg.execute(
+        "DROP TABLE IF EXISTS chain",
+        "CREATE TABLE chain (id int PRIMARY KEY, v int)",
+        "INSERT INTO chain VALUES (1, 0)",
+        "SELECT pg_stat_statements_reset()",
+    )
     dsn = pg.dsn()
     w = Workload(version=int(pg.execute("SHOW server_version_num")[0][0]))
     with Scraper(dsn) as scraper, Sampler(dsn, instance=scraper.instance, interval_secs=PERIOD) as sampler:
@@ -229,8 +234,12 @@ def test_sampling_off_means_no_sampler_connection_and_no_activity_points(pg):
         """Snapshots of a partition, once pg_stat_activity shows exactly ``pgflow_backends`` of ours
         (waiting lets connections closed by earlier tests go away; a sampler that should not be
         there makes the wait time out)."""
-        settings = Settings.load(database_url=pg.dsn(), activity_sample_interval_secs=interval,
-                                 collection_interval_secs=0.5, table_stats_enabled=False)  # tables: own connections
+        settings = Settings.load(
+            database_url=pg.dsn(),
+            activity_sample_interval_secs=interval,
+            collection_interval_secs=0.5,
+            table_stats_enabled=False,
+        )  # tables: own connections
         part = ScrapePartition(settings.targets()[0], settings, None)
         try:
             snaps: list = []
@@ -238,8 +247,11 @@ def test_sampling_off_means_no_sampler_connection_and_no_activity_points(pg):
             while len(snaps) < 2 and time.monotonic() < deadline:
                 snaps += part.next_batch()
                 time.sleep(0.02)
-            _wait_for(pg, "SELECT count(*) = %d FROM pg_stat_activity WHERE application_name = 'pgflow'"
-                      % pgflow_backends, timeout=10)
+            _wait_for(
+                pg,
+                f"SELECT count(*) = {pgflow_backends} FROM pg_stat_activity WHERE application_name = 'pgflow'",
+                timeout=10,
+            )
             return snaps
         finally:
             part.close()
@@ -288,6 +300,7 @@ def test_blocked_by_a_prepared_transaction_names_it(pg_factory):
     with psycopg.connect(dsn) as holder:
         holder.execute("SELECT 1 FROM t WHERE id = 1 FOR UPDATE")
         holder.execute("PREPARE TRANSACTION 'pgflow_test'")
+
     def wait() -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             try:
@@ -346,8 +359,9 @@ def test_check_detects_pg_wait_sampling(pg_factory):
     from pgflow.pgserver import LocalPostgres
     from pgflow.scrape.diagnose import check
 
-    server = LocalPostgres(WAIT_SAMPLING_BINDIR,
-                           settings={"shared_preload_libraries": "pg_stat_statements,pg_wait_sampling"}).start()
+    server = LocalPostgres(
+        WAIT_SAMPLING_BINDIR, settings={"shared_preload_libraries": "pg_stat_statements,pg_wait_sampling"}
+    ).start()
     try:
         server.execute("CREATE EXTENSION pg_stat_statements", "CREATE EXTENSION pg_wait_sampling")
         findings = {f.name: f for f in check(InstanceConfig(name="ws", database_url=server.dsn())).findings}
@@ -367,11 +381,13 @@ def test_collector_exports_activity_end_to_end(pg, tmp_path):
     import urllib.request
 
     from e2e import collector_env, settle, start_collector, wait_for_baseline
+
     from pgflow.otlp.receiver import Receiver
 
     with Receiver() as receiver:
-        env = collector_env(pg.dsn(), receiver.grpc_endpoint, tmp_path / "state",
-                            PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD))
+        env = collector_env(
+            pg.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD)
+        )
         proc = start_collector(env, log=tmp_path / "log")
         try:
             wait_for_baseline(tmp_path / "state")
@@ -385,12 +401,16 @@ def test_collector_exports_activity_end_to_end(pg, tmp_path):
             assert proc.wait(timeout=60) == 0
         points = receiver.points()
     act = points.filter(pl.col("metric") == "postgresql.activity.time").with_columns(
-        wait=pl.col("attributes").str.json_path_match("$['postgresql.wait_event.name']"))
+        wait=pl.col("attributes").str.json_path_match("$['postgresql.wait_event.name']")
+    )
     assert act["kind"].unique().to_list() == ["sum"] and act["monotonic"].all()
 
     def samples(outcome: str) -> float:
-        lines = [line for line in metrics.splitlines()
-                 if line.startswith("pgflow_activity_samples_total") and f'outcome="{outcome}"' in line]
+        lines = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("pgflow_activity_samples_total") and f'outcome="{outcome}"' in line
+        ]
         return float(lines[0].split()[-1]) if lines else 0.0
 
     sleeping = act.filter(pl.col("wait") == "PgSleep")["value"].sum()
@@ -427,8 +447,14 @@ def test_pgflow_capture_cli_stores_samples(pg, tmp_path):
     env.update({"DATABASE_URL": pg.dsn(), "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS": str(PERIOD), "PYTHONPATH": str(ROOT)})
     with psycopg.connect(pg.dsn()) as idle_in_xact:  # a session to be sampled the whole time
         idle_in_xact.execute("SELECT 1")
-        proc = subprocess.run([sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "3",
-                               "--interval", "1"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "3", "--interval", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
     assert proc.returncode == 0, proc.stderr
     snaps = list(capture.read(out))
     taken = sum(s.session_stats.filter(pl.col("stat") == "samples_taken")["value"].sum() for s in snaps)
@@ -480,8 +506,10 @@ def test_the_prefilter_reads_every_session_the_whole_read_would(pg, monkeypatch,
     conns, expect = _sessions(pg.dsn())
     try:
         pids = set().union(*expect.values())
-        _wait_for(pg, "SELECT count(*) = 3 FROM pg_stat_activity WHERE state = 'active' AND pid IN (%s)"
-                  % ",".join(map(str, pids)))
+        _wait_for(
+            pg,
+            f"SELECT count(*) = 3 FROM pg_stat_activity WHERE state = 'active' AND pid IN ({','.join(map(str, pids))})",
+        )
         monkeypatch.setattr(sampling_sql, "WHOLE_READ_RATIO", 1000 if path == "whole" else 0)
         version = int(pg.execute("SHOW server_version_num")[0][0])
         sql = sampling_sql.sample_sql(version)
@@ -491,8 +519,9 @@ def test_the_prefilter_reads_every_session_the_whole_read_would(pg, monkeypatch,
             # back as known, they are not read again
             known = {row[0]: row[18] for row in first if row[18] is not None}
             rows = conn.execute(sampling_sql.with_known_idle(sql, known)).fetchall()
-            plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) "
-                                + sampling_sql.with_known_idle(sql, known)).fetchone()[0]
+            plan = conn.execute(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + sampling_sql.with_known_idle(sql, known)
+            ).fetchone()[0]
         idle = {c.info.backend_pid for c in conns} - pids
         assert idle <= set(known)  # every idle session was learned ...
         assert {row[6] for row in first if row[18] is not None} == {"idle"}  # ... as idle, and only those

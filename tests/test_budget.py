@@ -16,8 +16,8 @@ import urllib.request
 import polars as pl
 import psycopg
 import pytest
-
 from e2e import collector_env, start_collector
+
 from pgflow.otlp.receiver import Receiver
 
 DATABASES = 40
@@ -49,8 +49,9 @@ class ConnectionWatch:
 
     def _run(self) -> None:
         while not self.stop.wait(0.1):
-            rows = self.conn.execute("SELECT datname, state, left(query, 60) FROM pg_stat_activity "
-                                     "WHERE application_name = 'pgflow'").fetchall()
+            rows = self.conn.execute(
+                "SELECT datname, state, left(query, 60) FROM pg_stat_activity WHERE application_name = 'pgflow'"
+            ).fetchall()
             if self.counts and len(rows) > max(self.counts):
                 self.crowded = rows
             self.counts.append(len(rows))
@@ -121,10 +122,12 @@ def test_forty_databases_never_exceed_the_budget_and_each_gets_its_statistics(cr
     log = tmp_path / "log"
     try:
         with Receiver() as receiver:
-            env = collector_env(server.dsn(), receiver.grpc_endpoint, tmp_path / "state",
-                                PGFLOW_TABLE_STATS_INTERVAL_SECS="5")
+            env = collector_env(
+                server.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_TABLE_STATS_INTERVAL_SECS="5"
+            )
             proc = start_collector(env, log=log)
             try:
+
                 def rounds_seen() -> int:  # rounds after the baseline in which every database was exported
                     windows = _inserts(receiver).group_by("database").agg(pl.col("end").n_unique())
                     return 0 if windows.height < DATABASES else int(windows.get_column("end").min())
@@ -160,26 +163,40 @@ def test_too_little_headroom_opens_nothing_optional_says_so_once_and_resumes(cro
     log = tmp_path / "log"
     try:
         with Receiver() as receiver:
-            env = collector_env(server.dsn(), receiver.grpc_endpoint, tmp_path / "state",
-                                PGFLOW_TABLE_STATS_INTERVAL_SECS="1",
-                                PGFLOW_TABLE_STATS_DATABASES=json.dumps(names[:3]),
-                                PGFLOW_RESERVED_CONNECTIONS_HEADROOM="5")
+            env = collector_env(
+                server.dsn(),
+                receiver.grpc_endpoint,
+                tmp_path / "state",
+                PGFLOW_TABLE_STATS_INTERVAL_SECS="1",
+                PGFLOW_TABLE_STATS_DATABASES=json.dumps(names[:3]),
+                PGFLOW_RESERVED_CONNECTIONS_HEADROOM="5",
+            )
             proc = start_collector(env, log=log)
             try:
-                _until(lambda: 'pgflow_optional_work_waiting{instance=' in _metrics(env)
-                       and _waiting(_metrics(env)) == 1.0, 120, "the optional work never waited")
+                _until(
+                    lambda: (
+                        "pgflow_optional_work_waiting{instance=" in _metrics(env) and _waiting(_metrics(env)) == 1.0
+                    ),
+                    120,
+                    "the optional work never waited",
+                )
                 time.sleep(12)  # several table intervals and headroom re-reads while held
                 waiting_counts = list(watch.counts)
                 waited = _metrics(env)
-                assert _inserts(receiver).height == 0 and receiver.points().filter(
-                    pl.col("metric") == "postgresql.table.size").height == 0  # no table statistics meanwhile
+                assert (
+                    _inserts(receiver).height == 0
+                    and receiver.points().filter(pl.col("metric") == "postgresql.table.size").height == 0
+                )  # no table statistics meanwhile
                 for conn in held:
                     conn.close()
                 held = []
                 for name in names[:3]:
                     server.execute("INSERT INTO t (v) VALUES (1)", dbname=name)
-                _until(lambda: receiver.points().filter(pl.col("metric") == "postgresql.table.size").height > 0,
-                       120, "table statistics did not resume once connections were freed")
+                _until(
+                    lambda: receiver.points().filter(pl.col("metric") == "postgresql.table.size").height > 0,
+                    120,
+                    "table statistics did not resume once connections were freed",
+                )
                 _until(lambda: _waiting(_metrics(env)) == 0.0, 30, "still waiting")
             finally:
                 _stop(proc)
@@ -188,7 +205,7 @@ def test_too_little_headroom_opens_nothing_optional_says_so_once_and_resumes(cro
             conn.close()
         watch.close()
     assert waiting_counts and max(waiting_counts) <= 2, "an optional connection was opened without headroom"
-    assert 'pgflow_optional_connections_deferred_total{instance=' in waited and 'reason="headroom"' in waited
+    assert "pgflow_optional_connections_deferred_total{instance=" in waited and 'reason="headroom"' in waited
     lines = log.read_text().splitlines()
     assert sum("optional work waits" in line for line in lines) == 1
     assert sum("optional work resumed" in line for line in lines) == 1
@@ -223,10 +240,12 @@ def test_an_interval_too_short_for_every_database_is_counted_and_said_once(crowd
     log = tmp_path / "log"
     try:
         with Receiver() as receiver:
-            env = collector_env(server.dsn(), receiver.grpc_endpoint, tmp_path / "state",
-                                PGFLOW_TABLE_STATS_INTERVAL_SECS="0.1")
+            env = collector_env(
+                server.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_TABLE_STATS_INTERVAL_SECS="0.1"
+            )
             proc = start_collector(env, log=log)
             try:
+
                 def late_rounds() -> float:
                     for line in _metrics(env).splitlines():
                         if line.startswith("pgflow_table_stats_rounds_late_total{"):
@@ -257,8 +276,9 @@ def test_check_warns_when_the_budget_leaves_no_slot_or_the_server_no_headroom(cr
     held = [psycopg.connect(server.dsn(), autocommit=True) for _ in range(22)]  # 27 - 22 - check's own < 5
     try:
         settings = Settings.load(database_url=server.dsn())
-        [finding] = [f for f in check(settings.targets()[0], settings=settings).findings
-                     if f.name == "connection budget"]
+        [finding] = [
+            f for f in check(settings.targets()[0], settings=settings).findings if f.name == "connection budget"
+        ]
     finally:
         for conn in held:
             conn.close()

@@ -9,14 +9,18 @@ import time
 import urllib.request
 
 import pytest
+from e2e import ROOT, calls_by_summary, collector_env, settle, start_collector, wait_for_baseline, write_config
 
-from e2e import (ROOT, calls_by_summary, collector_env, settle, start_collector, wait_for_baseline,
-                 write_config)
 from pgflow.otlp.receiver import Receiver, parse_script
 from pgflow.pgserver import free_port
 
-PGBENCH = ("UPDATE pgbench_branches", "UPDATE pgbench_tellers", "UPDATE pgbench_accounts",
-           "SELECT pgbench_accounts", "INSERT pgbench_history")
+PGBENCH = (
+    "UPDATE pgbench_branches",
+    "UPDATE pgbench_tellers",
+    "UPDATE pgbench_accounts",
+    "SELECT pgbench_accounts",
+    "INSERT pgbench_history",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +36,9 @@ def assert_pgbench_exact(calls: dict[str, float], expected: int) -> None:
 
 def test_end_to_end_exact_and_sigterm_exits_zero(fresh_stats, tmp_path):
     with Receiver() as receiver:
-        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"),
-                               log=tmp_path / "log")
+        proc = start_collector(
+            collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log"
+        )
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
         settle(state_dir=tmp_path / "state")
@@ -59,8 +64,9 @@ def test_http_protocol_end_to_end(fresh_stats, tmp_path):
 
 def test_endpoint_unavailable_for_several_windows_still_exact(fresh_stats, tmp_path):
     with Receiver(script=parse_script(",".join(["UNAVAILABLE"] * 12))) as receiver:
-        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"),
-                               log=tmp_path / "log")
+        proc = start_collector(
+            collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log"
+        )
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
         settle(5, state_dir=tmp_path / "state")
@@ -73,8 +79,13 @@ def test_endpoint_unavailable_for_several_windows_still_exact(fresh_stats, tmp_p
 
 def test_rejecting_endpoint_keeps_windows_without_retry_storm(fresh_stats, tmp_path):
     with Receiver(script=parse_script(",".join(["403"] * 1000))) as receiver:
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state",
-                            NEW_RELIC_API_KEY="NRAK-WRONG-KEY-123", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2")
+        env = collector_env(
+            fresh_stats.dsn(),
+            receiver.grpc_endpoint,
+            tmp_path / "state",
+            NEW_RELIC_API_KEY="NRAK-WRONG-KEY-123",
+            PGFLOW_SHUTDOWN_TIMEOUT_SECS="2",
+        )
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "2", "-t", "50")
@@ -107,11 +118,14 @@ def test_kill_9_and_restart_is_exact(fresh_stats, tmp_path):
 
 def test_two_instances_one_stopped(fresh_stats, pgbench_server, tmp_path):
     other = pgbench_server()
-    config = write_config(tmp_path / "c.json", instances=[{"name": "a", "database_url": fresh_stats.dsn()},
-                                                           {"name": "b", "database_url": other.dsn()}])
+    config = write_config(
+        tmp_path / "c.json",
+        instances=[{"name": "a", "database_url": fresh_stats.dsn()}, {"name": "b", "database_url": other.dsn()}],
+    )
     with Receiver() as receiver:
-        env = collector_env(None, receiver.grpc_endpoint, tmp_path / "state", PGFLOW_CONFIG=str(config),
-                            PGFLOW_CONNECT_TIMEOUT_SECS="1")
+        env = collector_env(
+            None, receiver.grpc_endpoint, tmp_path / "state", PGFLOW_CONFIG=str(config), PGFLOW_CONNECT_TIMEOUT_SECS="1"
+        )
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state", instances=2)
         other.stop("immediate")
@@ -124,17 +138,30 @@ def test_two_instances_one_stopped(fresh_stats, pgbench_server, tmp_path):
 
 def test_two_process_bytewax_cluster(fresh_stats, pgbench_server, tmp_path):
     other = pgbench_server()
-    config = write_config(tmp_path / "c.json", instances=[{"name": "a", "database_url": fresh_stats.dsn()},
-                                                           {"name": "b", "database_url": other.dsn()}])
+    config = write_config(
+        tmp_path / "c.json",
+        instances=[{"name": "a", "database_url": fresh_stats.dsn()}, {"name": "b", "database_url": other.dsn()}],
+    )
     addresses = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     with Receiver() as receiver:
         procs = []
         for i in range(2):
             env = collector_env(None, receiver.grpc_endpoint, tmp_path / f"state{i}", PGFLOW_CONFIG=str(config))
-            args = [sys.executable, "-m", "bytewax.run", "flows.collector:flow", "-i", str(i), "-a",
-                    ";".join(addresses)]
-            procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(tmp_path / f"log{i}", "wb"),
-                                          stderr=subprocess.STDOUT))
+            args = [
+                sys.executable,
+                "-m",
+                "bytewax.run",
+                "flows.collector:flow",
+                "-i",
+                str(i),
+                "-a",
+                ";".join(addresses),
+            ]
+            procs.append(
+                subprocess.Popen(
+                    args, env=env, cwd=ROOT, stdout=open(tmp_path / f"log{i}", "wb"), stderr=subprocess.STDOUT
+                )
+            )
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("state*/instances/*/state.pkl"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -163,15 +190,19 @@ def test_scrapes_n_flushes_and_exits_zero(fresh_stats, tmp_path):
 def test_metrics_and_healthz(fresh_stats, tmp_path):
     with Receiver() as receiver:
         port = free_port()
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state",
-                            PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}")
+        env = collector_env(
+            fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}"
+        )
         proc = start_collector(env)
         wait_for_baseline(tmp_path / "state")
 
         def metric(name: str) -> float:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith(name) and not line.startswith("#"))
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(name) and not line.startswith("#")
+            )
 
         first = metric("pgflow_rows_scraped_total")
         fresh_stats.pgbench("-n", "-c", "2", "-t", "50")
@@ -189,8 +220,16 @@ def test_two_collectors_cannot_share_a_ledger(tmp_path):
     from pgflow.stream.ledger import Ledger
 
     held = Ledger(tmp_path, "db1")
-    probe = subprocess.run([sys.executable, "-c", "from pgflow.stream.ledger import Ledger; import sys; "
-                            f"Ledger({str(tmp_path)!r}, 'db1')"], capture_output=True, text=True, cwd=ROOT)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from pgflow.stream.ledger import Ledger; import sys; Ledger({str(tmp_path)!r}, 'db1')",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert probe.returncode != 0 and "in use by another pgflow process" in probe.stderr
     assert held.load() is None
     with pytest.raises(PgflowError):  # nor two ledgers of one instance in one process

@@ -18,7 +18,6 @@ import json
 import re
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,8 +26,8 @@ from pathlib import Path
 import duckdb
 import psycopg
 import pytest
-
 from e2e import collector_env, settle, start_collector, wait_for_baseline, write_config
+
 from pgflow.otlp.receiver import Receiver
 from pgflow.pgserver import LocalPostgres, standby_of
 
@@ -56,13 +55,58 @@ LOG_FIELDS = {"message", "timestamp"}
 
 # NRQL ----------------------------------------------------------------------------------------
 
-_CLAUSES = ("SELECT", "FROM", "WHERE", "FACET", "TIMESERIES", "SINCE", "UNTIL", "LIMIT", "COMPARE", "ORDER",
-            "WITH", "EXTRAPOLATE", "SLIDE")
-_WORDS = {"AS", "AND", "OR", "NOT", "IN", "IS", "NULL", "LIKE", "RLIKE", "TRUE", "FALSE", "BY", "AGO", "AUTO",
-          "MAX", "MIN", "ASC", "DESC", "WHERE", "SECOND", "SECONDS", "MINUTE", "MINUTES", "HOUR", "HOURS", "DAY",
-          "DAYS", "WEEK", "WEEKS", "MONTH", "MONTHS"}
-_TOKEN = re.compile(r"`(?P<tick>[^`]+)`|'(?P<str>(?:[^'\\]|\\.)*)'|\"(?P<dstr>[^\"]*)\"|"
-                    r"(?P<num>\d+(?:\.\d+)?)|(?P<ident>[A-Za-z_][A-Za-z0-9_.]*)|(?P<op>\S)")
+_CLAUSES = (
+    "SELECT",
+    "FROM",
+    "WHERE",
+    "FACET",
+    "TIMESERIES",
+    "SINCE",
+    "UNTIL",
+    "LIMIT",
+    "COMPARE",
+    "ORDER",
+    "WITH",
+    "EXTRAPOLATE",
+    "SLIDE",
+)
+_WORDS = {
+    "AS",
+    "AND",
+    "OR",
+    "NOT",
+    "IN",
+    "IS",
+    "NULL",
+    "LIKE",
+    "RLIKE",
+    "TRUE",
+    "FALSE",
+    "BY",
+    "AGO",
+    "AUTO",
+    "MAX",
+    "MIN",
+    "ASC",
+    "DESC",
+    "WHERE",
+    "SECOND",
+    "SECONDS",
+    "MINUTE",
+    "MINUTES",
+    "HOUR",
+    "HOURS",
+    "DAY",
+    "DAYS",
+    "WEEK",
+    "WEEKS",
+    "MONTH",
+    "MONTHS",
+}
+_TOKEN = re.compile(
+    r"`(?P<tick>[^`]+)`|'(?P<str>(?:[^'\\]|\\.)*)'|\"(?P<dstr>[^\"]*)\"|"
+    r"(?P<num>\d+(?:\.\d+)?)|(?P<ident>[A-Za-z_][A-Za-z0-9_.]*)|(?P<op>\S)"
+)
 
 
 @dataclass
@@ -70,11 +114,11 @@ class Nrql:
     """The names one NRQL query uses, by where it uses them."""
 
     source: str = ""
-    selected: set[str] = field(default_factory=set)    # metric names or attributes (inside SELECT)
-    filtered: set[str] = field(default_factory=set)    # attributes in WHERE (and filter(... WHERE ...))
-    faceted: set[str] = field(default_factory=set)     # attributes in FACET
+    selected: set[str] = field(default_factory=set)  # metric names or attributes (inside SELECT)
+    filtered: set[str] = field(default_factory=set)  # attributes in WHERE (and filter(... WHERE ...))
+    faceted: set[str] = field(default_factory=set)  # attributes in FACET
     metric_names: set[str] = field(default_factory=set)  # values compared with metricName
-    event_names: set[str] = field(default_factory=set)   # values compared with event.name
+    event_names: set[str] = field(default_factory=set)  # values compared with event.name
 
     @property
     def attributes(self) -> set[str]:
@@ -120,14 +164,15 @@ def parse_nrql(query: str) -> Nrql:
             (out.metric_names if name == "metricName" else out.event_names).update(values)
             if name == "metricName":
                 continue
-        {"SELECT": out.filtered if inner_where >= 0 else out.selected, "WHERE": out.filtered,
-         "FACET": out.faceted}[clause].add(name)
+        {"SELECT": out.filtered if inner_where >= 0 else out.selected, "WHERE": out.filtered, "FACET": out.faceted}[
+            clause
+        ].add(name)
     return out
 
 
 def _compared_values(tokens: list[tuple[str, str]], i: int) -> set[str]:
     """The string literals after ``name =`` or ``name IN (...)``."""
-    rest = tokens[i + 1:]
+    rest = tokens[i + 1 :]
     if rest[:1] == [("op", "=")]:
         return {rest[1][1]} if len(rest) > 1 and rest[1][0] == "str" else set()
     if rest and rest[0][0] == "ident" and rest[0][1].upper() == "IN":
@@ -142,17 +187,24 @@ def _compared_values(tokens: list[tuple[str, str]], i: int) -> set[str]:
 
 
 def test_the_nrql_parser_reads_every_form_the_dashboard_may_use():
-    q = parse_nrql("FROM Metric SELECT rate(sum(postgresql.query.calls), 1 second) AS 'calls FROM x WHERE y', "
-                   "sum(a.b) * 1000 / (sum(c.d) + sum(`e.f`)), filter(sum(g.h), WHERE `type` = 'x' AND i.j IN ('a')) "
-                   "WHERE metricName IN ('m.one', 'm.two') AND k.l IS NOT NULL AND fp = {{fingerprint}} "
-                   "FACET db.namespace, `type` LIMIT 10 SINCE 1 hour ago TIMESERIES 1 minute")
+    q = parse_nrql(
+        "FROM Metric SELECT rate(sum(postgresql.query.calls), 1 second) AS 'calls FROM x WHERE y', "
+        "sum(a.b) * 1000 / (sum(c.d) + sum(`e.f`)), filter(sum(g.h), WHERE `type` = 'x' AND i.j IN ('a')) "
+        "WHERE metricName IN ('m.one', 'm.two') AND k.l IS NOT NULL AND fp = {{fingerprint}} "
+        "FACET db.namespace, `type` LIMIT 10 SINCE 1 hour ago TIMESERIES 1 minute"
+    )
     assert q.source == "Metric"
     assert q.selected == {"postgresql.query.calls", "a.b", "c.d", "e.f", "g.h"}
     assert q.filtered == {"type", "i.j", "k.l", "fp"} and q.faceted == {"db.namespace", "type"}
     assert q.metric_names == {"m.one", "m.two"}
     q = parse_nrql("SELECT count(*) FROM Log WHERE event.name = 'db.server.query_sample' FACET x.y LIMIT MAX")
     assert (q.source, q.selected, q.filtered, q.faceted, q.event_names) == (
-        "Log", set(), {"event.name"}, {"x.y"}, {"db.server.query_sample"})
+        "Log",
+        set(),
+        {"event.name"},
+        {"x.y"},
+        {"db.server.query_sample"},
+    )
     q = parse_nrql("FROM Log SELECT a, b.c, message WHERE event.name = 'p' AND metricName = 'q'")
     assert q.selected == {"a", "b.c", "message"} and q.metric_names == {"q"}
 
@@ -165,8 +217,11 @@ def dashboard() -> dict:
 
 
 def widgets() -> list[tuple[str, dict]]:
-    return [(f"{page['name']} / {w['title'] or w['visualization']['id']}", w)
-            for page in dashboard()["pages"] for w in page["widgets"]]
+    return [
+        (f"{page['name']} / {w['title'] or w['visualization']['id']}", w)
+        for page in dashboard()["pages"]
+        for w in page["widgets"]
+    ]
 
 
 def nrql_widgets() -> list[tuple[str, dict]]:
@@ -188,8 +243,11 @@ def test_the_dashboard_is_importable_new_relic_json():
         for w in page["widgets"]:
             layout = w["layout"]
             assert 1 <= layout["column"] and layout["column"] + layout["width"] - 1 <= 12, w["title"]
-            mine = {(r, c) for r in range(layout["row"], layout["row"] + layout["height"])
-                    for c in range(layout["column"], layout["column"] + layout["width"])}
+            mine = {
+                (r, c)
+                for r in range(layout["row"], layout["row"] + layout["height"])
+                for c in range(layout["column"], layout["column"] + layout["width"])
+            }
             assert not mine & cells, f"{page['name']} / {w['title']} overlaps another widget"
             cells |= mine
             viz = w["visualization"]["id"]
@@ -228,7 +286,8 @@ def test_average_active_sessions_count_the_active_state_only():
     widget of its own."""
     assert state_filters("FROM Metric SELECT x WHERE a = 'b' AND postgresql.session.state = 'active'") == {"active"}
     assert state_filters("FROM Metric SELECT x WHERE `postgresql.session.state` IN ('idle in transaction')") == {
-        "idle in transaction"}
+        "idle in transaction"
+    }
     drawn: dict[str, set[str]] = {}
     for name, widget in nrql_widgets():
         for q in widget["rawConfiguration"]["nrqlQueries"]:
@@ -242,8 +301,11 @@ def test_average_active_sessions_count_the_active_state_only():
     assert {n for n in drawn if "active sessions" in n.lower()} <= active
     assert any("Average active sessions" in n for n in active) and any(n.startswith("Query detail") for n in active)
     assert any("idle in transaction" in n.lower() for n in idle)
-    [intro] = [w["rawConfiguration"]["text"] for _, w in widgets() if w["visualization"]["id"] == "viz.markdown"
-               and "Average active sessions" in w["rawConfiguration"]["text"]]
+    [intro] = [
+        w["rawConfiguration"]["text"]
+        for _, w in widgets()
+        if w["visualization"]["id"] == "viz.markdown" and "Average active sessions" in w["rawConfiguration"]["text"]
+    ]
     assert "`active`" in intro and "idle in transaction" in intro
 
 
@@ -280,8 +342,10 @@ def _workload(server: LocalPostgres) -> None:
     blocked.start()
     slow.start()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not server.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")[0][0]:
+    while (
+        time.monotonic() < deadline
+        and not server.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")[0][0]
+    ):
         time.sleep(0.05)
     slow.join()  # the blocked session waited as long as the slow statement ran
     holder.rollback()
@@ -298,9 +362,13 @@ def exported(pgbench_server, tmp_path_factory) -> Exported:
     standby = standby_of(primary)  # (pgserver's: on 13 it rewrites what 13's libpq rejects, so it streams)
     try:
         state, out = tmp / "state", tmp / "received.duckdb"
-        config = write_config(tmp / "pgflow.json", instances=[
-            {"name": "primary", "database_url": primary.dsn()},
-            {"name": "standby", "database_url": standby.dsn()}])
+        config = write_config(
+            tmp / "pgflow.json",
+            instances=[
+                {"name": "primary", "database_url": primary.dsn()},
+                {"name": "standby", "database_url": standby.dsn()},
+            ],
+        )
         with Receiver(out) as receiver:
             env = collector_env(None, receiver.grpc_endpoint, state, **FEATURE_ENV)
             proc = start_collector(env, "--config", str(config), log=tmp / "collector.log")
@@ -372,7 +440,10 @@ def test_the_fingerprint_variable_lists_real_fingerprints(exported):
 
 @pytest.mark.slow
 def test_names_waiting_for_other_issues_are_still_missing(exported):
-    landed = {n for n in LANDS_WITH
-              if n in exported.metrics | exported.metric_attributes | exported.events | exported.log_attributes
-              or (n == "FROM Log" and exported.has_logs)}
+    landed = {
+        n
+        for n in LANDS_WITH
+        if n in exported.metrics | exported.metric_attributes | exported.events | exported.log_attributes
+        or (n == "FROM Log" and exported.has_logs)
+    }
     assert not landed, f"these names are exported now: remove them from LANDS_WITH: {sorted(landed)}"

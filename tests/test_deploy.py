@@ -30,7 +30,11 @@ ROLE = "deploy_mon"
 def clean_env(monkeypatch):
     for name in list(os.environ):
         if name.startswith(("PGFLOW_", "OTEL_EXPORTER_OTLP_", "PG")) or name in (
-                "DATABASE_URL", "NEW_RELIC_API_KEY", "DATABASE_URL_FILE", "NEW_RELIC_API_KEY_FILE"):
+            "DATABASE_URL",
+            "NEW_RELIC_API_KEY",
+            "DATABASE_URL_FILE",
+            "NEW_RELIC_API_KEY_FILE",
+        ):
             monkeypatch.delenv(name)
 
 
@@ -41,15 +45,19 @@ def _secret_file(path: Path, text: str, mode: int = 0o600) -> Path:
 
 
 def _cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PGFLOW_", "OTEL_", "PG")) and k not in ("DATABASE_URL", "NEW_RELIC_API_KEY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PGFLOW_", "OTEL_", "PG")) and k not in ("DATABASE_URL", "NEW_RELIC_API_KEY")
+    }
     env.update(PYTHONPATH=str(ROOT), **extra)
     return env
 
 
 def _pgflow(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pgflow", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pgflow", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
 
 
 # Secrets from files -----------------------------------------------------------------------
@@ -72,28 +80,42 @@ def test_secret_files_fill_the_dsn_and_the_api_key(tmp_path, monkeypatch):
 def test_instance_database_url_file_in_the_json_config(tmp_path):
     dsn = _secret_file(tmp_path / "main.dsn", f"host=db1 port=5433 user=mon password={SECRET} dbname=app\n")
     config = tmp_path / "pgflow.json"
-    config.write_text(json.dumps({"instances": [{"name": "main", "database_url_file": str(dsn)},
-                                                {"name": "other", "database_url": "postgresql://mon@db2/app"}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "instances": [
+                    {"name": "main", "database_url_file": str(dsn)},
+                    {"name": "other", "database_url": "postgresql://mon@db2/app"},
+                ]
+            }
+        )
+    )
     s = Settings.load(config)
     main, other = s.targets()
     assert (main.name, main.dsn) == ("main", dsn.read_text().strip())
     assert other.dsn == "postgresql://mon@db2/app"
     assert SECRET not in repr(s) + str(s.redacted())
-    assert s.redacted()["instances"][0] == {"name": "main", "database_url": "mon@db1:5433/app",
-                                            "database_url_file": str(dsn)}
+    assert s.redacted()["instances"][0] == {
+        "name": "main",
+        "database_url": "mon@db1:5433/app",
+        "database_url_file": str(dsn),
+    }
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing DATABASE_URL_FILE", "cannot read DATABASE_URL_FILE"),
-    ("empty DATABASE_URL_FILE", "DATABASE_URL_FILE .* is empty"),
-    ("directory NEW_RELIC_API_KEY_FILE", "cannot read NEW_RELIC_API_KEY_FILE"),
-    ("empty NEW_RELIC_API_KEY_FILE", "NEW_RELIC_API_KEY_FILE .* is empty"),
-    ("bad DSN in DATABASE_URL_FILE", "the DSN in DATABASE_URL_FILE .* has scheme 'mysql'"),
-    ("both DATABASE_URL and DATABASE_URL_FILE", "both DATABASE_URL and DATABASE_URL_FILE are set"),
-    ("missing instance file", "cannot read database_url_file of instance 'main'"),
-    ("empty instance file", "database_url_file of instance 'main' .* is empty"),
-    ("instance with both", "instance 'main' sets both database_url and database_url_file"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing DATABASE_URL_FILE", "cannot read DATABASE_URL_FILE"),
+        ("empty DATABASE_URL_FILE", "DATABASE_URL_FILE .* is empty"),
+        ("directory NEW_RELIC_API_KEY_FILE", "cannot read NEW_RELIC_API_KEY_FILE"),
+        ("empty NEW_RELIC_API_KEY_FILE", "NEW_RELIC_API_KEY_FILE .* is empty"),
+        ("bad DSN in DATABASE_URL_FILE", "the DSN in DATABASE_URL_FILE .* has scheme 'mysql'"),
+        ("both DATABASE_URL and DATABASE_URL_FILE", "both DATABASE_URL and DATABASE_URL_FILE are set"),
+        ("missing instance file", "cannot read database_url_file of instance 'main'"),
+        ("empty instance file", "database_url_file of instance 'main' .* is empty"),
+        ("instance with both", "instance 'main' sets both database_url and database_url_file"),
+    ],
+)
 def test_a_bad_secret_file_is_one_line_exit_2(tmp_path, monkeypatch, case, expected):
     empty = _secret_file(tmp_path / "empty", " \n")
     bad = _secret_file(tmp_path / "bad", f"mysql://u:{SECRET}@h/db")
@@ -117,8 +139,9 @@ def test_a_bad_secret_file_is_one_line_exit_2(tmp_path, monkeypatch, case, expec
     elif case == "empty instance file":
         overrides = {"instances": [{"name": "main", "database_url_file": str(empty)}]}
     elif case == "instance with both":
-        overrides = {"instances": [{"name": "main", "database_url_file": str(good),
-                                    "database_url": "postgresql://h/db"}]}
+        overrides = {
+            "instances": [{"name": "main", "database_url_file": str(good), "database_url": "postgresql://h/db"}]
+        }
     with pytest.raises(ConfigError) as info:
         Settings.load(**overrides)
     message = str(info.value)
@@ -133,8 +156,19 @@ def test_a_missing_secret_file_from_the_cli_exits_2_in_one_line(tmp_path):
     assert f"cannot read DATABASE_URL_FILE {tmp_path / 'absent'} (No such file or directory)" in proc.stderr
 
 
-@pytest.mark.parametrize("mode, warns", [(0o600, False), (0o400, False), (0o640, False), (0o440, False),
-                                         (0o644, True), (0o604, True), (0o620, True), (0o666, True)])
+@pytest.mark.parametrize(
+    "mode, warns",
+    [
+        (0o600, False),
+        (0o400, False),
+        (0o640, False),
+        (0o440, False),
+        (0o644, True),
+        (0o604, True),
+        (0o620, True),
+        (0o666, True),
+    ],
+)
 def test_a_secret_file_others_may_read_or_change_is_warned_once(tmp_path, monkeypatch, caplog, mode, warns):
     key = _secret_file(tmp_path / f"key-{mode:o}", "NRAK-MODE", mode)
     monkeypatch.setenv("NEW_RELIC_API_KEY_FILE", str(key))
@@ -152,7 +186,7 @@ def test_a_world_readable_secret_file_warns_on_stderr_and_still_runs(tmp_path, p
     dsn = _secret_file(tmp_path / "dsn", pg.dsn() + "\n", 0o644)
     proc = _pgflow("check", env=_cli_env(DATABASE_URL_FILE=str(dsn)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    [line] = [l for l in proc.stderr.splitlines() if "DATABASE_URL_FILE" in l]
+    [line] = [text for text in proc.stderr.splitlines() if "DATABASE_URL_FILE" in text]
     assert "has mode 0644: other users may read it" in line
 
 
@@ -161,8 +195,9 @@ def test_a_world_readable_secret_file_warns_on_stderr_and_still_runs(tmp_path, p
 
 @pytest.fixture()
 def monitoring_role(pg):
-    pg.execute(f"DROP ROLE IF EXISTS {ROLE}", f"CREATE ROLE {ROLE} LOGIN PASSWORD '{SECRET}'",
-               f"GRANT pg_monitor TO {ROLE}")
+    pg.execute(
+        f"DROP ROLE IF EXISTS {ROLE}", f"CREATE ROLE {ROLE} LOGIN PASSWORD '{SECRET}'", f"GRANT pg_monitor TO {ROLE}"
+    )
     return pg
 
 
@@ -178,8 +213,12 @@ def test_libpq_password_sources_keep_the_password_out_of_the_dsn(monitoring_role
     elif source == "PGPASSWORD":
         env["PGPASSWORD"] = SECRET
     elif source == "PGSERVICEFILE":
-        env["PGSERVICEFILE"] = str(_secret_file(tmp_path / "pg_service.conf", (
-            f"[pgflow]\nhost={pg.host}\nport={pg.port}\ndbname=postgres\nuser={ROLE}\npassword={SECRET}\n")))
+        env["PGSERVICEFILE"] = str(
+            _secret_file(
+                tmp_path / "pg_service.conf",
+                (f"[pgflow]\nhost={pg.host}\nport={pg.port}\ndbname=postgres\nuser={ROLE}\npassword={SECRET}\n"),
+            )
+        )
         env["DATABASE_URL"] = "service=pgflow"
     else:
         del env["DATABASE_URL"]
@@ -188,8 +227,10 @@ def test_libpq_password_sources_keep_the_password_out_of_the_dsn(monitoring_role
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "=> usable" in proc.stdout and SECRET not in proc.stdout + proc.stderr
     # the server saw the monitoring role run pgflow's diagnostics (the role is new in each test)
-    [(ran,)] = pg.execute("SELECT count(*) FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid "
-                          f"WHERE r.rolname = '{ROLE}' AND s.query LIKE '%pg_stat_statements%'")
+    [(ran,)] = pg.execute(
+        "SELECT count(*) FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid "
+        f"WHERE r.rolname = '{ROLE}' AND s.query LIKE '%pg_stat_statements%'"
+    )
     assert ran > 0
 
 
@@ -208,8 +249,13 @@ def test_a_wheel_installs_and_runs_in_a_fresh_venv(pg, tmp_path):
     copied = re.findall(r"^COPY (?!--)(.+) \S+$", (DEPLOY / "container" / "Dockerfile").read_text(), re.M)
     sources = [part for line in copied for part in line.split()]
     assert sorted(sources) == ["README.md", "pgflow", "pyproject.toml"]
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z", *sources], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z", *sources], cwd=ROOT, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
@@ -221,32 +267,54 @@ def test_a_wheel_installs_and_runs_in_a_fresh_venv(pg, tmp_path):
     shipped_sql = sorted(p.name for p in sql_dir.glob("*.sql"))
 
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), "."], cwd=tree,
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), "."],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     [wheel] = dist.glob("pgflow-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True, timeout=120)  # type: ignore[attr-defined]
     assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
-    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
-                             capture_output=True, text=True, timeout=900)
+    install = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert install.returncode == 0, install.stderr[-2000:]
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PGFLOW_", "OTEL_", "PYTHON", "VIRTUAL_ENV", "PG")) and k != "DATABASE_URL"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PGFLOW_", "OTEL_", "PYTHON", "VIRTUAL_ENV", "PG")) and k != "DATABASE_URL"
+    }
     pgflow = str(venv / "bin" / "pgflow")
 
     def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([pgflow, *args], capture_output=True, text=True, cwd=outside, env={**env, **extra},
-                              timeout=180)
+        return subprocess.run(
+            [pgflow, *args], capture_output=True, text=True, cwd=outside, env={**env, **extra}, timeout=180
+        )
 
     helped = run("--help")
     assert helped.returncode == 0 and "check" in helped.stdout and "run" in helped.stdout
-    where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import pgflow, pathlib; p = pathlib.Path(pgflow.__file__).parent; "
-                            "print(p); print(' '.join(sorted(x.name for x in (p / 'sql').glob('*.sql'))))"],
-                           capture_output=True, text=True, cwd=outside, env=env, check=True)
+    where = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import pgflow, pathlib; p = pathlib.Path(pgflow.__file__).parent; "
+            "print(p); print(' '.join(sorted(x.name for x in (p / 'sql').glob('*.sql'))))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=outside,
+        env=env,
+        check=True,
+    )
     package_dir, installed_sql = where.stdout.splitlines()
     assert Path(package_dir).is_relative_to(venv) and installed_sql.split() == shipped_sql
 
@@ -258,9 +326,17 @@ def test_a_wheel_installs_and_runs_in_a_fresh_venv(pg, tmp_path):
     workload = threading.Thread(target=pg.pgbench, args=("-n", "-S", "-c", "1", "-T", "6"))
     workload.start()
     with Receiver() as receiver:
-        ran = run("run", "--scrapes", "8", DATABASE_URL=pg.dsn(), PGFLOW_OTLP_ENDPOINT=receiver.grpc_endpoint,
-                  PGFLOW_COLLECTION_INTERVAL_SECS="0.5", PGFLOW_EXPORT_INTERVAL_SECS="1",
-                  PGFLOW_STATE_DIR=str(tmp_path / "state"), PGFLOW_METRICS_ADDR="127.0.0.1:0")
+        ran = run(
+            "run",
+            "--scrapes",
+            "8",
+            DATABASE_URL=pg.dsn(),
+            PGFLOW_OTLP_ENDPOINT=receiver.grpc_endpoint,
+            PGFLOW_COLLECTION_INTERVAL_SECS="0.5",
+            PGFLOW_EXPORT_INTERVAL_SECS="1",
+            PGFLOW_STATE_DIR=str(tmp_path / "state"),
+            PGFLOW_METRICS_ADDR="127.0.0.1:0",
+        )
         workload.join()
         assert ran.returncode == 0, ran.stderr[-2000:]
         metrics = set(receiver.points()["metric"].to_list())
@@ -268,8 +344,13 @@ def test_a_wheel_installs_and_runs_in_a_fresh_venv(pg, tmp_path):
     assert list((tmp_path / "state").glob("instances/*/state.pkl"))  # the ledger was written
 
     # `pip install .` from the copy builds through the same backend (dependencies already there)
-    again = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
-                            "--force-reinstall", "."], cwd=tree, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", "."],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert run("check", DATABASE_URL=pg.dsn()).returncode == 0
 
@@ -302,8 +383,11 @@ def unit_directives(path: Path) -> dict[str, list[str]]:
 
 
 def env_file(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
     return {k.strip(): v.strip() for k, v in pairs}
 
 
@@ -311,7 +395,7 @@ def _verifiable_unit(tmp_path: Path) -> Path:
     """The unit with ExecStart pointed at an executable that exists here (verify checks it)."""
     exe = tmp_path / "bin" / "pgflow"
     exe.parent.mkdir()
-    exe.write_text(f"#!/bin/sh\nexec {sys.executable} -m pgflow \"$@\"\n")
+    exe.write_text(f'#!/bin/sh\nexec {sys.executable} -m pgflow "$@"\n')
     exe.chmod(0o755)
     [start] = unit_directives(UNIT)["ExecStart"]
     unit = tmp_path / "pgflow.service"
@@ -340,8 +424,12 @@ def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path):
 def test_the_systemd_unit_is_hardened(tmp_path):
     _need_systemd_analyze()
     unit = _verifiable_unit(tmp_path)
-    proc = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=20", str(unit)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=20", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]  # exposure at most 2.0 ("OK") of 10
     assert "Overall exposure level for pgflow.service" in proc.stdout
 
@@ -354,8 +442,9 @@ def test_the_systemd_unit_fits_what_pgflow_does(pg, tmp_path, monkeypatch):
     environment = dict(v.split("=", 1) for v in d["Environment"])
     assert d["StateDirectory"] == ["pgflow"] and environment["PGFLOW_STATE_DIR"] == "%S/pgflow"
     credentials = dict(v.split(":", 1) for v in d["LoadCredential"])
-    assert {environment["DATABASE_URL_FILE"], environment["NEW_RELIC_API_KEY_FILE"]} == \
-        {f"%d/{name}" for name in credentials}
+    assert {environment["DATABASE_URL_FILE"], environment["NEW_RELIC_API_KEY_FILE"]} == {
+        f"%d/{name}" for name in credentials
+    }
     assert d["EnvironmentFile"] == ["/etc/pgflow/pgflow.env"]
 
     # What systemd would hand pgflow: the example environment, the unit's Environment= lines
@@ -365,8 +454,10 @@ def test_the_systemd_unit_fits_what_pgflow_does(pg, tmp_path, monkeypatch):
     secrets = {"database_url": pg.dsn(), "new_relic_api_key": "NRAK-SYSTEMD"}
     for name in credentials:
         _secret_file(creds / name, secrets[name] + "\n", 0o400)
-    env = {**env_file(ENV_EXAMPLE), **{k: v.replace("%S", str(state)).replace("%d", str(creds))
-                                         for k, v in environment.items()}}
+    env = {
+        **env_file(ENV_EXAMPLE),
+        **{k: v.replace("%S", str(state)).replace("%d", str(creds)) for k, v in environment.items()},
+    }
     assert not {k for k in env if not k.startswith(("PGFLOW_", "PG", "DATABASE_URL", "NEW_RELIC"))}
     proc = _pgflow("check", env=_cli_env(**env), cwd=tmp_path)
     assert proc.returncode == 0 and "=> usable" in proc.stdout and proc.stderr == "", proc.stdout + proc.stderr
@@ -427,8 +518,11 @@ def test_every_manifest_parses_and_names_its_kind():
     if kubectl:  # kustomize builds offline; no cluster needed
         built = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
         assert built.returncode == 0, built.stderr
-        assert [d["kind"] for d in yaml.safe_load_all(built.stdout)] == ["Secret", "PersistentVolumeClaim",
-                                                                           "Deployment"]
+        assert [d["kind"] for d in yaml.safe_load_all(built.stdout)] == [
+            "Secret",
+            "PersistentVolumeClaim",
+            "Deployment",
+        ]
 
 
 def test_the_deployment_is_one_replica_on_a_volume_that_outlives_the_pod():
@@ -531,8 +625,7 @@ def test_the_image_runs_as_the_user_the_pods_expect():
     dockerfile = (DEPLOY / "container" / "Dockerfile").read_text()
     [user] = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.M)
     for _, workload, container in _pgflow_pods():
-        security = {**workload["spec"]["template"]["spec"].get("securityContext", {}),
-                    **container["securityContext"]}
+        security = {**workload["spec"]["template"]["spec"].get("securityContext", {}), **container["securityContext"]}
         assert str(security["runAsUser"]) == user[0]
     bases = re.findall(r"^FROM python:(3\.\d+)", dockerfile, re.M)
     assert bases and all(b in ("3.11", "3.12") for b in bases)  # bytewax 0.21.1: wheels up to 3.12

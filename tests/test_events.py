@@ -17,27 +17,33 @@ import sys
 import threading
 import time
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 import pytest
-
 from e2e import ROOT, collector_env, start_collector, wait_for_baseline
+
 from pgflow import capture, ops
 from pgflow.otlp.receiver import Receiver, Reply
 from pgflow.otlp.store import read_logs, read_points
 from pgflow.pgserver import free_port
 from pgflow.replay import events_as_received
 
-PGBENCH = ("UPDATE pgbench_branches", "UPDATE pgbench_tellers", "UPDATE pgbench_accounts",
-           "SELECT pgbench_accounts", "INSERT pgbench_history")
+PGBENCH = (
+    "UPDATE pgbench_branches",
+    "UPDATE pgbench_tellers",
+    "UPDATE pgbench_accounts",
+    "SELECT pgbench_accounts",
+    "INSERT pgbench_history",
+)
 PLAN = "db.server.query_plan"
 
 pytestmark = pytest.mark.slow
 
 
 # Helpers --------------------------------------------------------------------------------------
+
 
 def stop(proc: subprocess.Popen, timeout: float = 90) -> int:
     proc.send_signal(signal.SIGTERM)
@@ -56,8 +62,9 @@ def wait_until(condition, what: str, timeout: float = 60):  # type: ignore[no-un
 
 def background_pgbench(server, seconds: int) -> threading.Thread:  # type: ignore[no-untyped-def]
     """pgbench at a modest rate for ``seconds``: its statements run through several 1 s windows."""
-    thread = threading.Thread(target=server.pgbench, args=("-n", "-c", "1", "-T", str(seconds), "-R", "150"),
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.pgbench, args=("-n", "-c", "1", "-T", str(seconds), "-R", "150"), daemon=True
+    )
     thread.start()
     return thread
 
@@ -78,9 +85,17 @@ def ledger_events(state_dir: Path) -> int:
 def rows(logs: pl.DataFrame) -> list[tuple]:
     """Received (or would-be-received) log records, comparable: no receive time, JSON normalized."""
     logs = logs.with_columns(pl.col("time").cast(pl.Datetime("us", "UTC")))
-    return sorted((r["event_name"], r["time"], r["severity"], r["body"],
-                   json.dumps(json.loads(r["attributes"]), sort_keys=True),
-                   json.dumps(json.loads(r["resource"]), sort_keys=True)) for r in logs.iter_rows(named=True))
+    return sorted(
+        (
+            r["event_name"],
+            r["time"],
+            r["severity"],
+            r["body"],
+            json.dumps(json.loads(r["attributes"]), sort_keys=True),
+            json.dumps(json.loads(r["resource"]), sort_keys=True),
+        )
+        for r in logs.iter_rows(named=True)
+    )
 
 
 def captured_events(path: Path) -> list[tuple]:
@@ -104,8 +119,11 @@ def pgbench_fingerprints(points: pl.DataFrame) -> dict[str, str]:
 
 def metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
 
 
 def plan_env(server, endpoint: str, state_dir: Path, per_window: int, **extra: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -114,14 +132,19 @@ def plan_env(server, endpoint: str, state_dir: Path, per_window: int, **extra: s
 
 # End to end -----------------------------------------------------------------------------------
 
+
 def test_run_sends_plans_keyed_like_the_metrics_and_replay_gives_the_same_events(fresh_stats, tmp_path):
     """`pgflow run` against pgbench: plans arrive in the receiver's logs table with the fingerprint
     of their query metrics and a plan hash, at most explains_per_window per window, each
     fingerprint once (TTL); the capture replayed (bytewax and polars) gives the same events."""
     cap = tmp_path / "cap.duckdb"
     with Receiver() as receiver:
-        proc = start_collector(plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 2),
-                               "--capture", str(cap), log=tmp_path / "log")
+        proc = start_collector(
+            plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 2),
+            "--capture",
+            str(cap),
+            log=tmp_path / "log",
+        )
         wait_for_baseline(tmp_path / "state")
         bench = background_pgbench(fresh_stats, 6)
 
@@ -157,8 +180,14 @@ def test_run_sends_plans_keyed_like_the_metrics_and_replay_gives_the_same_events
     # capture → replay: the bytewax flow into a receiver file, and polars alone, give the same events.
     out = tmp_path / "replayed.duckdb"
     env = collector_env(None, "http://127.0.0.1:9", tmp_path / "unused")  # --out: its own receiver
-    proc = subprocess.run([sys.executable, "-m", "pgflow", "replay", str(cap), "--out", str(out)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgflow", "replay", str(cap), "--out", str(out)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert rows(read_logs(out)) == rows(live)
     assert read_points(out).height > 0
@@ -171,8 +200,9 @@ def test_endpoint_outage_then_up_every_event_arrives_once(fresh_stats, tmp_path)
     port = free_port()
     outage = [Reply.parse("UNAVAILABLE")] * 100_000
     with Receiver(script=list(outage)) as receiver:
-        env = plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 1,
-                       PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}")
+        env = plan_env(
+            fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 1, PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}"
+        )
         proc = start_collector(env, "--capture", str(cap), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         bench = background_pgbench(fresh_stats, 5)
@@ -182,8 +212,10 @@ def test_endpoint_outage_then_up_every_event_arrives_once(fresh_stats, tmp_path)
         assert receiver.logs().height == 0
         receiver.set_script([])  # the endpoint is back
         bench.join()
-        wait_until(lambda: receiver.logs().height >= 2 and ledger_events(tmp_path / "state") == 0,
-                   "the queued events delivered")
+        wait_until(
+            lambda: receiver.logs().height >= 2 and ledger_events(tmp_path / "state") == 0,
+            "the queued events delivered",
+        )
         exported = metric(port, "pgflow_events_exported_total")
         assert stop(proc) == 0
         live = receiver.logs()
@@ -241,8 +273,9 @@ def test_run_sends_a_slow_statements_sample_once_with_no_literal_anywhere(fresh_
     cap, out = tmp_path / "cap.duckdb", tmp_path / "received.duckdb"
     receiver = Receiver(out).start()
     try:
-        env = plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 0,
-                       PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS="0.1")
+        env = plan_env(
+            fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 0, PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS="0.1"
+        )
         proc = start_collector(env, "--capture", str(cap), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         with psycopg.connect(fresh_stats.dsn(), autocommit=True, application_name="slow-app") as conn:
@@ -252,12 +285,17 @@ def test_run_sends_a_slow_statements_sample_once_with_no_literal_anywhere(fresh_
             return [a for a in attrs(receiver.logs()) if "pg_sleep" in (a.get("db.query.text") or "")]
 
         wait_until(sampled, "the sample of the slow statement")
-        wait_until(lambda: any("pg_sleep" in (a.get("db.query.text") or "")
-                               for a in attrs(receiver.points())), "the slow statement's metrics")
+        wait_until(
+            lambda: any("pg_sleep" in (a.get("db.query.text") or "") for a in attrs(receiver.points())),
+            "the slow statement's metrics",
+        )
         assert stop(proc) == 0
         (sample,) = sampled()  # once
-        metrics = {a["postgresql.query.fingerprint"] for a in attrs(receiver.points())
-                   if "pg_sleep" in (a.get("db.query.text") or "")}
+        metrics = {
+            a["postgresql.query.fingerprint"]
+            for a in attrs(receiver.points())
+            if "pg_sleep" in (a.get("db.query.text") or "")
+        }
     finally:
         receiver.stop()
     assert sample["db.query.text"] == "SELECT pg_sleep($1) WHERE $2 <> CURRENT_USER"
@@ -270,12 +308,25 @@ def test_run_sends_a_slow_statements_sample_once_with_no_literal_anywhere(fresh_
 
 # The events outbox, in process --------------------------------------------------------------
 
+
 def _plans(n: int, t0: datetime) -> pl.DataFrame:
     from pgflow.schema import PLANS
 
-    return pl.DataFrame([{"database": "postgres", "fingerprint": f"{i:016x}", "queryid": i, "plan_hash": f"h{i}",
-                          "body": '[{"Plan": {"Node Type": "Result"}}]', "method": "generic_plan",
-                          "explained_at": t0 + timedelta(seconds=i)} for i in range(n)], schema=PLANS)
+    return pl.DataFrame(
+        [
+            {
+                "database": "postgres",
+                "fingerprint": f"{i:016x}",
+                "queryid": i,
+                "plan_hash": f"h{i}",
+                "body": '[{"Plan": {"Node Type": "Result"}}]',
+                "method": "generic_plan",
+                "explained_at": t0 + timedelta(seconds=i),
+            }
+            for i in range(n)
+        ],
+        schema=PLANS,
+    )
 
 
 def test_events_backlog_is_bounded_oldest_dropped_and_old_ledgers_load(pg, tmp_path):
@@ -293,25 +344,31 @@ def test_events_backlog_is_bounded_oldest_dropped_and_old_ledgers_load(pg, tmp_p
     from pgflow.stream.logic import CollectorLogic
     from pgflow.stream.shipper import Shipper
 
-    settings = Settings.load(otlp_endpoint=f"http://127.0.0.1:{free_port()}", state_dir=tmp_path,
-                             retry_max_attempts=1, export_interval_secs=60)
+    settings = Settings.load(
+        otlp_endpoint=f"http://127.0.0.1:{free_port()}",
+        state_dir=tmp_path,
+        retry_max_attempts=1,
+        export_interval_secs=60,
+    )
     shipper = Shipper(Exporter(settings), retry_after_secs=60, logs_exporter=LogsExporter(settings))
     shipper.paused_until = {"points": float("inf"), "events": float("inf")}  # nothing in flight: all idle
     ledger = Ledger(tmp_path, "db1")
     dropped = telemetry.REGISTRY.get_sample_value("pgflow_events_dropped_total", {"reason": "backlog"}) or 0
     try:
         logic = CollectorLogic("db1", OpsSettings.from_settings(settings), ledger, shipper, 5, max_pending_events=5)
-        t0 = datetime.now(timezone.utc).replace(microsecond=0)
+        t0 = datetime.now(UTC).replace(microsecond=0)
         with Scraper(pg.dsn(), instance="db1") as scraper:
             for i in range(4):
                 snapshot = replace(scraper.scrape(), plans=_plans(3, t0 + timedelta(minutes=i)))
                 logic.on_item(snapshot)
         waiting = pl.concat(list(logic.record.events.values()))
         assert waiting.height == 5  # 12 taken, bound 5: the 7 oldest dropped
-        assert waiting["time"].to_list() == [t0 + timedelta(minutes=m, seconds=s)
-                                             for m, s in [(2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]]
-        assert (telemetry.REGISTRY.get_sample_value("pgflow_events_dropped_total", {"reason": "backlog"})
-                - dropped) == 7
+        assert waiting["time"].to_list() == [
+            t0 + timedelta(minutes=m, seconds=s) for m, s in [(2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]
+        ]
+        assert (
+            telemetry.REGISTRY.get_sample_value("pgflow_events_dropped_total", {"reason": "backlog"}) - dropped
+        ) == 7
         saved = ledger.load()
         assert saved is not None and sum(f.height for f in saved.events.values()) == 5
     finally:
@@ -340,15 +397,39 @@ def test_query_samples_flow_through_events_with_a_budget_per_window():
     from pgflow.schema import QUERY_SAMPLES, STATEMENTS, Snapshot
 
     ops_settings = OpsSettings.of(export_interval_secs=60, max_samples_per_window=3)
-    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
     def snap(at: datetime, pids: range = range(0)) -> Snapshot:
-        samples = pl.DataFrame([{"seen_at": at, "database": "app", "user": "u", "pid": p, "query_start": t0,
-                                 "duration_secs": 1.0, "state": "active", "fingerprint": f"fp{p}",
-                                 "text": "SELECT $1", "truncated": False, "unparsable": False} for p in pids],
-                               schema=QUERY_SAMPLES)
-        return Snapshot("db1", at, 180000, None, None, pl.DataFrame(schema=STATEMENTS), server_address="h",
-                        server_port=5432, query_samples=samples)
+        samples = pl.DataFrame(
+            [
+                {
+                    "seen_at": at,
+                    "database": "app",
+                    "user": "u",
+                    "pid": p,
+                    "query_start": t0,
+                    "duration_secs": 1.0,
+                    "state": "active",
+                    "fingerprint": f"fp{p}",
+                    "text": "SELECT $1",
+                    "truncated": False,
+                    "unparsable": False,
+                }
+                for p in pids
+            ],
+            schema=QUERY_SAMPLES,
+        )
+        return Snapshot(
+            "db1",
+            at,
+            180000,
+            None,
+            None,
+            pl.DataFrame(schema=STATEMENTS),
+            server_address="h",
+            server_port=5432,
+            query_samples=samples,
+        )
 
     state, first = events(None, snap(t0 + timedelta(seconds=5), range(2)), ops_settings)
     state, second = events(state, snap(t0 + timedelta(seconds=35), range(10)), ops_settings)
@@ -371,8 +452,14 @@ def test_plans_dataset_shows_a_plan_change():
     path = ROOT / "datasets" / "plans.duckdb"
     events = replay_events(path)
     a = events["attributes"].struct.unnest()
-    plans = pl.DataFrame({"time": events["time"], "fingerprint": a["postgresql.query.fingerprint"],
-                          "hash": a["postgresql.plan.hash"], "body": events["body"]})
+    plans = pl.DataFrame(
+        {
+            "time": events["time"],
+            "fingerprint": a["postgresql.query.fingerprint"],
+            "hash": a["postgresql.plan.hash"],
+            "body": events["body"],
+        }
+    )
     hashes = plans.group_by("fingerprint").agg(pl.col("hash").n_unique().alias("n"), pl.len().alias("plans"))
     assert hashes.height == 6 and hashes["plans"].min() >= 3  # pgbench's five and the lookup, window after window
     (changed,) = hashes.filter(pl.col("n") > 1)["fingerprint"].to_list()
@@ -388,6 +475,8 @@ def test_an_endpoint_without_logs_pauses_events_never_metrics(tmp_path):
 
     import grpc
     from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+    from test_logs import sample
+    from test_ops import _pipeline_snaps
 
     from pgflow.config import Settings
     from pgflow.otlp.exporter import Exporter
@@ -396,8 +485,6 @@ def test_an_endpoint_without_logs_pauses_events_never_metrics(tmp_path):
     from pgflow.otlp.receiver import _GrpcService
     from pgflow.stream.ledger import ROW, Ledger
     from pgflow.stream.shipper import Outgoing, Shipper
-    from test_logs import sample
-    from test_ops import _pipeline_snaps
 
     points = ops.run(_pipeline_snaps(3), export_interval_secs=30).with_row_index(ROW)
     events = events_frame([sample(i) for i in range(3)]).with_row_index(ROW)
@@ -407,14 +494,15 @@ def test_an_endpoint_without_logs_pauses_events_never_metrics(tmp_path):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     settings = Settings.load(otlp_endpoint=f"http://127.0.0.1:{port}", state_dir=tmp_path)
-    shipper = Shipper(Exporter(settings), retry_after_secs=1, refused_retry_secs=60,
-                      logs_exporter=LogsExporter(settings))
+    shipper = Shipper(
+        Exporter(settings), retry_after_secs=1, refused_retry_secs=60, logs_exporter=LogsExporter(settings)
+    )
     ledger = Ledger(tmp_path, "db1")
     try:
         for seq, kind, frame in ((0, "events", events), (1, "points", points), (2, "points", points)):
             assert shipper.retry_due("db1", seq, kind)
             shipper.submit(Outgoing("db1", seq, frame, kind), ledger)
-            wait_until(lambda: not shipper.busy("db1", seq), f"entry {seq} handled", timeout=20)
+            wait_until(lambda seq=seq: not shipper.busy("db1", seq), f"entry {seq} handled", timeout=20)
         acked = ledger.take_acks()
     finally:
         shipper.close(deadline=time.monotonic() + 5)

@@ -53,8 +53,12 @@ TEMPLATES = [
     "SELECT * FROM t WHERE name ~ '{s}' LIMIT {n}",
     "SELECT * FROM t WHERE ts > '2020-01-01'::date + {n} AND b'1010' = b'1010' AND x'ff' = x'ff' AND true",
 ]
-SETTINGS = ["", "SET enable_hashjoin = off; SET enable_mergejoin = on", "SET enable_seqscan = off",
-            "SET enable_nestloop = off; SET enable_hashagg = off"]
+SETTINGS = [
+    "",
+    "SET enable_hashjoin = off; SET enable_mergejoin = on",
+    "SET enable_seqscan = off",
+    "SET enable_nestloop = off; SET enable_hashagg = off",
+]
 CONSTANT_TOKENS = {"SCONST", "USCONST", "BCONST", "XCONST", "ICONST", "FCONST", "TRUE_P", "FALSE_P"}
 
 
@@ -103,7 +107,7 @@ def assert_no_constant(normalized: dict, literals: list[str]) -> None:
         raw = expression.encode()
         for i, tok in enumerate(tokens):
             if tok.name in CONSTANT_TOKENS:
-                before = raw[tokens[i - 1].start:tokens[i - 1].end + 1] if i else b""
+                before = raw[tokens[i - 1].start : tokens[i - 1].end + 1] if i else b""
                 assert tok.name == "ICONST" and before in (b"SubPlan", b"InitPlan", b"CTE"), (expression, text)
 
 
@@ -119,8 +123,11 @@ def test_every_template_shows_its_literals_raw_and_none_normalized(plan_db):
         for verbose in (False, True):
             raw = explain(plan_db, query, verbose=verbose)
             raw_text = json.dumps(raw)
-            literals = [lit for lit in ("strsecret_zq", "other_zq", "9137452", "viewsecret_zq", "4242429", "37.25")
-                        if lit in raw_text]
+            literals = [
+                lit
+                for lit in ("strsecret_zq", "other_zq", "9137452", "viewsecret_zq", "4242429", "37.25")
+                if lit in raw_text
+            ]
             carried += bool(literals)
             normalized = plans.obfuscate(raw)
             assert normalized["Node Type"] == raw[0]["Plan"]["Node Type"]
@@ -131,11 +138,15 @@ def test_every_template_shows_its_literals_raw_and_none_normalized(plan_db):
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(template=st.sampled_from(TEMPLATES),
-       s=st.text(string.ascii_letters + string.digits + " _-", min_size=4, max_size=12).map(lambda x: f"zq{x}qz"),
-       s2=st.text(string.ascii_letters + string.digits, min_size=4, max_size=12).map(lambda x: f"zq{x}qz"),
-       n=st.integers(1_000_003, 999_999_999), f=st.floats(1.5, 99.5).map(lambda x: round(x, 3)),
-       setting=st.sampled_from(SETTINGS), verbose=st.booleans())
+@given(
+    template=st.sampled_from(TEMPLATES),
+    s=st.text(string.ascii_letters + string.digits + " _-", min_size=4, max_size=12).map(lambda x: f"zq{x}qz"),
+    s2=st.text(string.ascii_letters + string.digits, min_size=4, max_size=12).map(lambda x: f"zq{x}qz"),
+    n=st.integers(1_000_003, 999_999_999),
+    f=st.floats(1.5, 99.5).map(lambda x: round(x, 3)),
+    setting=st.sampled_from(SETTINGS),
+    verbose=st.booleans(),
+)
 def test_no_literal_survives_any_plan(plan_db, template, s, s2, n, f, setting, verbose):
     raw = explain(plan_db, fill(template, s, s2, n, f), setting, verbose)
     normalized = plans.obfuscate(raw)
@@ -175,23 +186,32 @@ def test_body_stays_within_its_limit(plan_db):
 
 
 def test_unknown_fields_and_unreadable_expressions_are_dropped():
-    raw = [{"Plan": {"Node Type": "Seq Scan", "Relation Name": "t", "Filter": "(name = 'open",
-                     "Some Future Field": "secret 'x'", "Plans": [{"Node Type": "Result", "Extra": {"a": "b"}}]},
-            "Query Text": "SELECT 'secret'", "Settings": {"work_mem": "1GB"}}]
+    raw = [
+        {
+            "Plan": {
+                "Node Type": "Seq Scan",
+                "Relation Name": "t",
+                "Filter": "(name = 'open",
+                "Some Future Field": "secret 'x'",
+                "Plans": [{"Node Type": "Result", "Extra": {"a": "b"}}],
+            },
+            "Query Text": "SELECT 'secret'",
+            "Settings": {"work_mem": "1GB"},
+        }
+    ]
     assert plans.obfuscate(raw) == {"Node Type": "Seq Scan", "Relation Name": "t", "Plans": [{"Node Type": "Result"}]}
 
 
 # Explaining (pgflow.scrape.explain), on a real server with pgbench ----------------------------------
 
-from datetime import datetime, timezone  # noqa: E402
 
 import polars as pl  # noqa: E402
 
 from pgflow import telemetry  # noqa: E402
 from pgflow.ops.fingerprint import query_info  # noqa: E402
 from pgflow.scrape.explain import (  # noqa: E402
-    ExplainFailed,
     Explainer,
+    ExplainFailed,
     PlanSource,
     database_connector,
     explainable,
@@ -215,16 +235,28 @@ def server(pgbench_server):
 
 def candidates(server, extra: list[tuple] = ()) -> pl.DataFrame:
     rows = server.execute(CANDIDATES_SQL) + list(extra)
-    frame = pl.DataFrame(rows, schema={"database": pl.String, "user": pl.String, "queryid": pl.Int64,
-                                       "query": pl.String, "exec_time": pl.Float64}, orient="row")
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "database": pl.String,
+            "user": pl.String,
+            "queryid": pl.Int64,
+            "query": pl.String,
+            "exec_time": pl.Float64,
+        },
+        orient="row",
+    )
     return frame.with_columns(pl.Series("fingerprint", [query_info(q).fingerprint for q in frame["query"]]))
 
 
 def pgflow_statements(server, since: int) -> list[str]:
     """What pgflow's connections sent after log offset ``since`` (the server's own record)."""
     text = server.logfile.read_text(errors="replace")[since:]
-    return [line.split("statement: ", 1)[1] for line in text.splitlines()
-            if line.startswith("pgflow|") and "statement: " in line]
+    return [
+        line.split("statement: ", 1)[1]
+        for line in text.splitlines()
+        if line.startswith("pgflow|") and "statement: " in line
+    ]
 
 
 def log_size(server) -> int:
@@ -256,10 +288,17 @@ def test_pgbench_plans_arrive_with_a_stable_hash_that_follows_an_index(server):
     plans_source = source(server, clock=clock)
     pgbench = candidates(server).filter(pl.col("query").str.contains("pgbench_"))
     got = plans_source.run(pgbench, version(server))
-    summaries = {query_info(q).summary for q in pgbench.filter(
-        pl.col("fingerprint").is_in(got["fingerprint"].implode()))["query"]}
-    assert {"UPDATE pgbench_accounts", "UPDATE pgbench_tellers", "UPDATE pgbench_branches",
-            "SELECT pgbench_accounts", "INSERT pgbench_history"} <= summaries
+    summaries = {
+        query_info(q).summary
+        for q in pgbench.filter(pl.col("fingerprint").is_in(got["fingerprint"].implode()))["query"]
+    }
+    assert {
+        "UPDATE pgbench_accounts",
+        "UPDATE pgbench_tellers",
+        "UPDATE pgbench_branches",
+        "SELECT pgbench_accounts",
+        "INSERT pgbench_history",
+    } <= summaries
     assert set(got["method"]) == {"generic_plan" if generic(server) else "prepare"}
     assert got.height <= 5 and set(got["database"]) == {"postgres"}
     assert all(json.loads(b)[0]["Plan"]["Node Type"] for b in got["body"])
@@ -268,8 +307,11 @@ def test_pgbench_plans_arrive_with_a_stable_hash_that_follows_an_index(server):
     again = plans_source.run(pgbench, version(server))
     assert dict(zip(again["fingerprint"], again["plan_hash"])) == dict(zip(got["fingerprint"], got["plan_hash"]))
     # A statement filtering on an unindexed column; then an index on it: another plan, another hash.
-    server.execute("CREATE TABLE keyed AS SELECT g AS id, g * 7 AS k FROM generate_series(1, 50000) g",
-                   "ANALYZE keyed", "SELECT * FROM keyed WHERE k = 4242")
+    server.execute(
+        "CREATE TABLE keyed AS SELECT g AS id, g * 7 AS k FROM generate_series(1, 50000) g",
+        "ANALYZE keyed",
+        "SELECT * FROM keyed WHERE k = 4242",
+    )
     focus = candidates(server).filter(pl.col("query").str.contains("FROM keyed WHERE k = \\$1"))
     before = source(server).run(focus, version(server))
     server.execute("CREATE INDEX keyed_k ON keyed (k)")
@@ -311,24 +353,32 @@ def test_an_update_is_explained_read_only_and_not_executed(server):
     sent = pgflow_statements(server, since)
     # Issue 19: no BEGIN or ROLLBACK (they would be exported as the user's); every round trip is one
     # implicit transaction opened by the marked limits: read-only, statement and lock timeouts.
-    limits = ("SELECT /*pgflow*/ set_config('statement_timeout', '2000', true) || set_config('lock_timeout', '100', true)"
-              " || set_config('transaction_read_only', 'on', true)")
+    limits = (
+        "SELECT /*pgflow*/ set_config('statement_timeout', '2000', true) || set_config('lock_timeout', '100', true)"
+        " || set_config('transaction_read_only', 'on', true)"
+    )
     assert not any(s.split()[0].upper() in ("BEGIN", "ROLLBACK", "COMMIT", "START") for s in sent), sent
     assert not any("ANALYZE" in s.upper() for s in sent)
     text = "UPDATE /*pgflow*/ pgbench_branches SET bbalance = bbalance + $1 WHERE bid = $2"  # as sent: marked
     if method == "generic_plan":
         assert sent == [f"{limits}; EXPLAIN /*pgflow*/ (GENERIC_PLAN, FORMAT JSON) {text}"]
     else:
-        assert sent[0] == (f"{limits}; PREPARE /*pgflow*/ pgflow_explain AS {text}; SELECT /*pgflow*/ "
-                           "coalesce(cardinality(parameter_types), 0) FROM pg_prepared_statements WHERE name = 'pgflow_explain'")
-        assert sent[1:] == [f"{limits} || set_config('plan_cache_mode', 'force_generic_plan', true); "
-                            "EXPLAIN /*pgflow*/ (FORMAT JSON) EXECUTE pgflow_explain(NULL, NULL)",
-                            "DEALLOCATE pgflow_explain"]
+        assert sent[0] == (
+            f"{limits}; PREPARE /*pgflow*/ pgflow_explain AS {text}; SELECT /*pgflow*/ "
+            "coalesce(cardinality(parameter_types), 0) FROM pg_prepared_statements WHERE name = 'pgflow_explain'"
+        )
+        assert sent[1:] == [
+            f"{limits} || set_config('plan_cache_mode', 'force_generic_plan', true); "
+            "EXPLAIN /*pgflow*/ (FORMAT JSON) EXECUTE pgflow_explain(NULL, NULL)",
+            "DEALLOCATE pgflow_explain",
+        ]
 
 
 def test_a_locked_table_times_out_on_lock_timeout_and_is_retried_later(server):
-    failures = telemetry.REGISTRY.get_sample_value("pgflow_explain_failures_total",
-                                                   {"instance": "t", "cause": "lock_timeout"}) or 0
+    failures = (
+        telemetry.REGISTRY.get_sample_value("pgflow_explain_failures_total", {"instance": "t", "cause": "lock_timeout"})
+        or 0
+    )
     focus = candidates(server).filter(pl.col("query").str.starts_with("UPDATE pgbench_branches"))
     assert focus.height == 1
     plans_source = source(server)
@@ -336,21 +386,38 @@ def test_a_locked_table_times_out_on_lock_timeout_and_is_retried_later(server):
         holder.execute("LOCK TABLE pgbench_branches IN ACCESS EXCLUSIVE MODE")
         got = plans_source.run(focus, version(server))  # returns: lock_timeout, no wait on the lock
         assert got.height == 0 and plans_source.stats.failed == {"lock_timeout": 1}
-        assert holder.execute("SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' "
-                              "AND relation = 'pgbench_branches'::regclass AND granted").fetchone()[0] == 1
+        assert (
+            holder.execute(
+                "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' "
+                "AND relation = 'pgbench_branches'::regclass AND granted"
+            ).fetchone()[0]
+            == 1
+        )
         holder.rollback()
-    assert telemetry.REGISTRY.get_sample_value("pgflow_explain_failures_total",
-                                               {"instance": "t", "cause": "lock_timeout"}) == failures + 1
+    assert (
+        telemetry.REGISTRY.get_sample_value("pgflow_explain_failures_total", {"instance": "t", "cause": "lock_timeout"})
+        == failures + 1
+    )
     assert not server.execute("SELECT name FROM pg_prepared_statements")  # nothing left behind
     retried = plans_source.run(focus, version(server))  # a timeout is not remembered as an error
     assert retried.height == 1
 
 
 def test_multi_statement_utility_and_pgflow_texts_are_never_sent(server):
-    bad = ["SELECT 1; DROP TABLE pgbench_history", "VACUUM pgbench_accounts", "CREATE TABLE evil (a int)",
-           "SELECT * INTO evil FROM pgbench_branches", "BEGIN", "SELECT pgflow.explain_generic($1)", "SELECT clock_timestamp(), current_setting($1)::int",
-           "SELECT queryid, calls FROM public.pg_stat_statements(false)", "SELECT count(*) FROM pg_stat_activity",
-           "SET work_mem = $1", "EXPLAIN ANALYZE DELETE FROM pgbench_history", "SELECT 'unterminated"]
+    bad = [
+        "SELECT 1; DROP TABLE pgbench_history",
+        "VACUUM pgbench_accounts",
+        "CREATE TABLE evil (a int)",
+        "SELECT * INTO evil FROM pgbench_branches",
+        "BEGIN",
+        "SELECT pgflow.explain_generic($1)",
+        "SELECT clock_timestamp(), current_setting($1)::int",
+        "SELECT queryid, calls FROM public.pg_stat_statements(false)",
+        "SELECT count(*) FROM pg_stat_activity",
+        "SET work_mem = $1",
+        "EXPLAIN ANALYZE DELETE FROM pgbench_history",
+        "SELECT 'unterminated",
+    ]
     for text in bad:
         assert explainable(text) is not None, text
     assert explainable("WITH x AS (SELECT $1::int AS a) SELECT a FROM x") is None
@@ -381,8 +448,9 @@ def test_budget_ttl_and_error_cache_hold(server):
     for _ in range(3):
         since = log_size(server)
         got = plans_source.run(fifty, version(server))
-        sent = [s for s in pgflow_statements(server, since)
-                if "; EXPLAIN /*pgflow*/ (GENERIC_PLAN" in s or "; PREPARE" in s]  # one per statement explained
+        sent = [
+            s for s in pgflow_statements(server, since) if "; EXPLAIN /*pgflow*/ (GENERIC_PLAN" in s or "; PREPARE" in s
+        ]  # one per statement explained
         assert got.height == 5 and len(sent) == 5  # the server saw five explains, no more
         seen.append(set(got["fingerprint"]))
     assert len(seen[0] | seen[1] | seen[2]) == 15  # none again within its TTL
@@ -405,8 +473,12 @@ def test_budget_ttl_and_error_cache_hold(server):
 
 
 def test_the_helper_explains_for_a_role_without_table_privileges(server):
-    server.execute("CREATE TABLE IF NOT EXISTS private_t (id int PRIMARY KEY, secret text)",
-                   "DROP ROLE IF EXISTS mon", "CREATE ROLE mon LOGIN PASSWORD 'mon-pw'", "GRANT pg_monitor TO mon")
+    server.execute(
+        "CREATE TABLE IF NOT EXISTS private_t (id int PRIMARY KEY, secret text)",
+        "DROP ROLE IF EXISTS mon",
+        "CREATE ROLE mon LOGIN PASSWORD 'mon-pw'",
+        "GRANT pg_monitor TO mon",
+    )
     connect = database_connector(server.dsn(user="mon", password="mon-pw"))
     text = "SELECT secret FROM private_t WHERE id = $1"
     row = [("postgres", "app", 7, text, 1e6)]
@@ -420,16 +492,21 @@ def test_the_helper_explains_for_a_role_without_table_privileges(server):
         with connect("postgres") as conn:
             level, detail = helper_status(conn)
             assert level == "warn" and "GRANT EXECUTE" in detail
-        server.execute("GRANT USAGE ON SCHEMA pgflow TO mon",
-                       "GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) TO mon")
+        server.execute(
+            "GRANT USAGE ON SCHEMA pgflow TO mon", "GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) TO mon"
+        )
         with connect("postgres") as conn:
             assert helper_status(conn) == ("ok", "explain helper installed and usable")
         import subprocess
         import sys
 
-        check = subprocess.run([sys.executable, "-m", "pgflow", "check"], capture_output=True, text=True, timeout=60,
-                               env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ".",
-                                    "DATABASE_URL": server.dsn(user="mon", password="mon-pw")})
+        check = subprocess.run(
+            [sys.executable, "-m", "pgflow", "check"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ".", "DATABASE_URL": server.dsn(user="mon", password="mon-pw")},
+        )
         assert "explain helper: explain helper installed and usable" in check.stdout, check.stdout + check.stderr
         got = PlanSource(connect, instance="t").run(focus, version(server))
         assert got["method"].to_list() == ["helper"]
@@ -444,12 +521,19 @@ def test_bad_explain_settings_exit_2():
     import subprocess
     import sys
 
-    for name, value in [("PGFLOW_EXPLAINS_PER_WINDOW", "-1"), ("PGFLOW_EXPLAIN_TTL_SECS", "0"),
-                        ("PGFLOW_SAMPLE_MIN_DURATION_MS", "x"), ("PGFLOW_MAX_SAMPLES_PER_WINDOW", "0"),
-                        ("PGFLOW_SAMPLES_PER_FINGERPRINT_PER_HOUR", "-3")]:
-        proc = subprocess.run([sys.executable, "-m", "pgflow", "check"], capture_output=True, text=True,
-                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ".", "DATABASE_URL": "postgresql://x@h/db",
-                                   name: value})
+    for name, value in [
+        ("PGFLOW_EXPLAINS_PER_WINDOW", "-1"),
+        ("PGFLOW_EXPLAIN_TTL_SECS", "0"),
+        ("PGFLOW_SAMPLE_MIN_DURATION_MS", "x"),
+        ("PGFLOW_MAX_SAMPLES_PER_WINDOW", "0"),
+        ("PGFLOW_SAMPLES_PER_FINGERPRINT_PER_HOUR", "-3"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pgflow", "check"],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ".", "DATABASE_URL": "postgresql://x@h/db", name: value},
+        )
         assert proc.returncode == 2, (name, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and name.removeprefix("PGFLOW_").lower() in lines[0]
@@ -468,14 +552,19 @@ def test_plans_ride_on_the_snapshot_through_capture_and_arrive_as_events(server,
     from pgflow.otlp.store import read_logs
     from pgflow.scrape.scraper import Scraper
 
-    server.execute("CREATE OR REPLACE VIEW secret_branches AS SELECT * FROM pgbench_branches "
-                   "WHERE filler IS DISTINCT FROM 'viewsecret_e2e'", "SELECT * FROM secret_branches WHERE bid = 1")
+    server.execute(
+        "CREATE OR REPLACE VIEW secret_branches AS SELECT * FROM pgbench_branches "
+        "WHERE filler IS DISTINCT FROM 'viewsecret_e2e'",
+        "SELECT * FROM secret_branches WHERE bid = 1",
+    )
     with database_connector(server.dsn())("postgres") as conn:
         raw, _ = Explainer().explain(conn, "SELECT * FROM secret_branches WHERE bid = $1", version(server))
     assert "viewsecret_e2e" in json.dumps(raw)  # the plan does show it
     pgbench = candidates(server).filter(pl.col("query").str.contains("pgbench_|secret_branches"))
     got = source(server, explains_per_window=10).run(pgbench, version(server))
-    assert "secret_branches" in " ".join(pgbench.filter(pl.col("fingerprint").is_in(got["fingerprint"].implode()))["query"])
+    assert "secret_branches" in " ".join(
+        pgbench.filter(pl.col("fingerprint").is_in(got["fingerprint"].implode()))["query"]
+    )
     with Scraper(server.dsn()) as scraper:
         snapshot = replace(scraper.scrape(), plans=got)
     path = tmp_path / "cap.duckdb"
@@ -492,7 +581,8 @@ def test_plans_ride_on_the_snapshot_through_capture_and_arrive_as_events(server,
     logs = read_logs(out)
     attrs = [json.loads(a) for a in logs["attributes"]]
     assert {(a["postgresql.query.fingerprint"], a["postgresql.plan.hash"]) for a in attrs} == set(
-        zip(got["fingerprint"], got["plan_hash"]))
+        zip(got["fingerprint"], got["plan_hash"])
+    )
     assert all(a["db.namespace"] == "postgres" and a["postgresql.plan.generic"] is True for a in attrs)
     assert sorted(logs["body"]) == sorted(got["body"])
     assert not any("viewsecret_e2e" in (b or "") + a for b, a in zip(logs["body"], logs["attributes"]))
@@ -569,13 +659,26 @@ def test_pgflow_capture_cli_attaches_the_plans_of_each_closed_window(server, tmp
 
     out = tmp_path / "plans.duckdb"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_")}
-    env.update({"DATABASE_URL": server.dsn(), "PYTHONPATH": str(ROOT), "PGFLOW_EXPORT_INTERVAL_SECS": "2",
-                "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS": "0", "PGFLOW_TABLE_STATS_ENABLED": "false"})
+    env.update(
+        {
+            "DATABASE_URL": server.dsn(),
+            "PYTHONPATH": str(ROOT),
+            "PGFLOW_EXPORT_INTERVAL_SECS": "2",
+            "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS": "0",
+            "PGFLOW_TABLE_STATS_ENABLED": "false",
+        }
+    )
     thread = threading.Thread(target=workload)
     thread.start()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "12",
-                               "--interval", "0.5"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "12", "--interval", "0.5"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
     finally:
         stop.set()
         thread.join()
@@ -584,7 +687,8 @@ def test_pgflow_capture_cli_attaches_the_plans_of_each_closed_window(server, tmp
     with_plans = [s for s in snaps if s.plans.height]
     assert len(snaps) == 12 and with_plans  # 6 s of 2 s windows: plans of the windows that closed
     explained = pl.concat([s.statements for s in snaps]).filter(
-        pl.col("query").str.contains("pgbench_accounts", literal=True) & pl.col("query").str.contains("abalance"))
+        pl.col("query").str.contains("pgbench_accounts", literal=True) & pl.col("query").str.contains("abalance")
+    )
     assert explained.height
     plans_frame = pl.concat([s.plans for s in with_plans])
     assert set(explained["queryid"].to_list()) & set(plans_frame["queryid"].to_list())
@@ -597,8 +701,11 @@ def test_plans_resume_after_a_grant_without_restart(server, caplog):
 
     from pgflow.scrape.explain import PERMISSION_RETRY_SECS
 
-    server.execute("DROP ROLE IF EXISTS planner", "CREATE ROLE planner LOGIN PASSWORD 'pw' IN ROLE pg_monitor",
-                   "REVOKE SELECT ON pgbench_accounts FROM planner")
+    server.execute(
+        "DROP ROLE IF EXISTS planner",
+        "CREATE ROLE planner LOGIN PASSWORD 'pw' IN ROLE pg_monitor",
+        "REVOKE SELECT ON pgbench_accounts FROM planner",
+    )
     focus = candidates(server).filter(pl.col("query").str.starts_with("SELECT abalance FROM pgbench_accounts")).head(1)
     assert focus.height == 1  # (on 13 one statement may have several entries: one is enough)
     clock = Clock()

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import polars as pl
 import psycopg
 import pytest
 
 from pgflow import capture, ops, telemetry
+from pgflow.config import Settings
 from pgflow.ops.health import RECEIVER_METRICS
 from pgflow.pgserver import LocalPostgres, standby_of
 from pgflow.replay import as_received, replay, replay_flow
-from pgflow.config import Settings
 from pgflow.schema import HEALTH_GROUPS, IO_INT_COUNTERS
 from pgflow.scrape import Scraper
 from pgflow.scrape.health import HealthSchedule
@@ -63,8 +63,10 @@ def wait_for(check, what: str, timeout: float = 60.0):
 
 def quiet(pg: LocalPostgres, db: str) -> None:
     """Wait until no session is left in ``db``: a backend flushes its statistics before it leaves."""
-    wait_for(lambda: pg.execute(f"SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = '{db}'")[0][0],
-             f"sessions in {db} to end")
+    wait_for(
+        lambda: pg.execute(f"SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = '{db}'")[0][0],
+        f"sessions in {db} to end",
+    )
 
 
 def one(pg: LocalPostgres, sql: str, db: str = "postgres"):
@@ -123,12 +125,17 @@ def test_pgbench_database_counters_are_exact(server, tmp_path):
         before = scraper.scrape()
         pg.pgbench("-n", "-c", "4", "-t", "250", "-f", str(script), dbname="bench")
         quiet(pg, "bench")
-        wait_for(lambda: one(pg, "SELECT tup_updated FROM pg_stat_database WHERE datname = 'bench'")
-                 >= 3000 + before.databases.filter(pl.col("database") == "bench")["tup_updated"][0],
-                 "pgbench's statistics to be delivered")
+        wait_for(
+            lambda: (
+                one(pg, "SELECT tup_updated FROM pg_stat_database WHERE datname = 'bench'")
+                >= 3000 + before.databases.filter(pl.col("database") == "bench")["tup_updated"][0]
+            ),
+            "pgbench's statistics to be delivered",
+        )
         after = scraper.scrape()
-    size, frozen_age = pg.execute("SELECT pg_database_size('bench'), age(datfrozenxid)::int8 FROM pg_database "
-                                  "WHERE datname = 'bench'")[0]
+    size, frozen_age = pg.execute(
+        "SELECT pg_database_size('bench'), age(datfrozenxid)::int8 FROM pg_database WHERE datname = 'bench'"
+    )[0]
     with open(pg.logfile, "rb") as fh:
         fh.seek(log_from)
         log = fh.read().decode(errors="replace")
@@ -172,8 +179,10 @@ def test_pg_stat_reset_nothing_negative_nothing_twice(server):
         before = one(pg, "SELECT stats_reset FROM pg_stat_database WHERE datname = 'resets'")
         pg.execute("SELECT pg_stat_reset()", dbname="resets")
         quiet(pg, "resets")
-        wait_for(lambda: one(pg, "SELECT stats_reset FROM pg_stat_database WHERE datname = 'resets'") != before,
-                 "the reset to be applied")
+        wait_for(
+            lambda: one(pg, "SELECT stats_reset FROM pg_stat_database WHERE datname = 'resets'") != before,
+            "the reset to be applied",
+        )
 
     reset()  # small counters at the baseline, so every counter ends higher after the second reset
     inserts(pg, "resets", 20)
@@ -202,8 +211,11 @@ def test_pg_stat_reset_nothing_negative_nothing_twice(server):
 
 
 def _requested_checkpoints(pg: LocalPostgres) -> int:
-    view, column = (("pg_stat_checkpointer", "num_requested") if pg_version(pg) >= 170000
-                    else ("pg_stat_bgwriter", "checkpoints_req"))
+    view, column = (
+        ("pg_stat_checkpointer", "num_requested")
+        if pg_version(pg) >= 170000
+        else ("pg_stat_bgwriter", "checkpoints_req")
+    )
     return one(pg, f"SELECT {column} FROM {view}")
 
 
@@ -214,8 +226,12 @@ def pg_version(pg: LocalPostgres) -> int:
 def test_shared_resets_nothing_negative_nothing_twice(server):
     pg = server
     version = pg_version(pg)
-    targets = ["bgwriter", "archiver"] + (["wal"] if version >= 140000 else []) + (
-        ["io"] if version >= 160000 else []) + (["checkpointer"] if version >= 170000 else [])
+    targets = (
+        ["bgwriter", "archiver"]
+        + (["wal"] if version >= 140000 else [])
+        + (["io"] if version >= 160000 else [])
+        + (["checkpointer"] if version >= 170000 else [])
+    )
     pg.execute("CREATE TABLE IF NOT EXISTS shared_t (i int)")
 
     def reset() -> None:
@@ -238,8 +254,11 @@ def test_shared_resets_nothing_negative_nothing_twice(server):
         pg.execute("INSERT INTO shared_t SELECT generate_series(1, 100)")
         s2 = scraper.scrape()
     points = ops.run([s0, s1, s2], export_interval_secs=60)
-    assert set(s1.health_scraped) == {g for g in HEALTH_GROUPS if g not in (
-        {"wal"} if version < 140000 else set()) | ({"io"} if version < 160000 else set())}
+    assert set(s1.health_scraped) == {
+        g
+        for g in HEALTH_GROUPS
+        if g not in ({"wal"} if version < 140000 else set()) | ({"io"} if version < 160000 else set())
+    }
     # Exactly the three CHECKPOINTs after the reset; the two before it were erased by it.
     assert total(points, "postgresql.bgwriter.checkpoint.count", type="requested") == 3
     assert points.filter(pl.col("metric") == "postgresql.bgwriter.checkpoint.count").height >= 2
@@ -268,11 +287,21 @@ def test_shared_resets_nothing_negative_nothing_twice(server):
 
 def test_groups_follow_their_schedule_and_settings(server):
     ticks = [0.0]
-    schedule = HealthSchedule.of(**{"interval_secs": 10, "db_size_interval_secs": 100,
-                                    "group_intervals": {"archiver": 1000}, "disabled": ["io", "bgwriter"]})
+    schedule = HealthSchedule.of(
+        **{
+            "interval_secs": 10,
+            "db_size_interval_secs": 100,
+            "group_intervals": {"archiver": 1000},
+            "disabled": ["io", "bgwriter"],
+        }
+    )
     schedule._clock = lambda: ticks[0]
-    settings = Settings.load(health_interval_secs=10, db_size_interval_secs=100,
-                             health_group_intervals={"archiver": 1000}, health_groups_disabled="io,bgwriter")
+    settings = Settings.load(
+        health_interval_secs=10,
+        db_size_interval_secs=100,
+        health_group_intervals={"archiver": 1000},
+        health_groups_disabled="io,bgwriter",
+    )
     assert HealthSchedule.from_settings(settings).intervals == schedule.intervals
     with Scraper(server.dsn(), instance="sched", health=schedule) as scraper:
         first = scraper.scrape()
@@ -286,10 +315,16 @@ def test_groups_follow_their_schedule_and_settings(server):
     assert "checkpointer" in second.health_scraped
     assert second.database_sizes.height == 0 and second.archiver.height == 0  # not due: empty frames
     assert "db_size" in third.health_scraped and third.database_sizes.height > 0
-    assert telemetry.REGISTRY.get_sample_value("pgflow_health_queries_total",
-                                               {"instance": "sched", "group": "checkpointer"}) == 3
-    assert telemetry.REGISTRY.get_sample_value("pgflow_health_queries_total",
-                                               {"instance": "sched", "group": "db_size"}) == 2
+    assert (
+        telemetry.REGISTRY.get_sample_value(
+            "pgflow_health_queries_total", {"instance": "sched", "group": "checkpointer"}
+        )
+        == 3
+    )
+    assert (
+        telemetry.REGISTRY.get_sample_value("pgflow_health_queries_total", {"instance": "sched", "group": "db_size"})
+        == 2
+    )
     # A group not due says nothing: db_size is exported from the scrapes that read it only.
     points = ops.run([first, second], export_interval_secs=60)
     assert points.filter(pl.col("metric") == "postgresql.db_size").height > 0
@@ -320,8 +355,10 @@ def test_capture_and_replay_keep_every_health_point(server, tmp_path):
     polars_points = as_received(replayed)
     assert stored == flow_points.height == polars_points.height
     cols = [c for c in flow_points.columns if c != "received_at"]
-    norm = [f.select(cols).with_columns(pl.col("start", "end").cast(pl.Datetime("us", "UTC"))).sort(cols)
-            for f in (flow_points, polars_points)]
+    norm = [
+        f.select(cols).with_columns(pl.col("start", "end").cast(pl.Datetime("us", "UTC"))).sort(cols)
+        for f in (flow_points, polars_points)
+    ]
     assert norm[0].equals(norm[1])
     assert flow_points.filter(pl.col("metric") == "postgresql.commits").height > 0
 
@@ -336,7 +373,8 @@ def test_capture_and_replay_keep_every_health_point(server, tmp_path):
     again = list(capture.read(old))
     assert len(again) == count + 1
     assert [s for s in again if s.instance == snaps[-1].instance and s.scraped_at == snaps[-1].scraped_at][0].equals(
-        capture.as_stored(snaps[-1]))
+        capture.as_stored(snaps[-1])
+    )
 
 
 # Replication ---------------------------------------------------------------------------------
@@ -349,8 +387,14 @@ def test_streaming_standby_lag_receiver_and_a_slot_that_retains_wal(pg_factory):
     standby = standby_of(primary, slot="standby_slot", settings={"max_standby_streaming_delay": "0"})
     try:
         application = f"standby_{standby.port}"
-        wait_for(lambda: one(primary, "SELECT coalesce(bool_or(state = 'streaming'), false) FROM pg_stat_replication "
-                                      f"WHERE application_name = '{application}'"), "the standby to stream")
+        wait_for(
+            lambda: one(
+                primary,
+                "SELECT coalesce(bool_or(state = 'streaming'), false) FROM pg_stat_replication "
+                f"WHERE application_name = '{application}'",
+            ),
+            "the standby to stream",
+        )
         primary.execute("INSERT INTO r SELECT generate_series(1, 5000)")
 
         def scrape_showing_lag():  # lags read null once the standby has caught up and is idle: keep it busy
@@ -399,8 +443,10 @@ def test_streaming_standby_lag_receiver_and_a_slot_that_retains_wal(pg_factory):
 
         # The standby stops: its slot holds the WAL the primary writes from then on.
         standby.stop()
-        wait_for(lambda: one(primary, "SELECT NOT active FROM pg_replication_slots WHERE slot_name = 'standby_slot'"),
-                 "the slot to become inactive")
+        wait_for(
+            lambda: one(primary, "SELECT NOT active FROM pg_replication_slots WHERE slot_name = 'standby_slot'"),
+            "the slot to become inactive",
+        )
         with Scraper(primary.dsn(), health=every_scrape()) as scraper:
             first = scraper.scrape()
             lsn_before = one(primary, "SELECT pg_current_wal_lsn()::text")
@@ -456,6 +502,7 @@ def test_standby_count_goes_to_zero_when_the_standby_stops_while_its_lag_stops(p
     import signal
 
     from e2e import collector_env, settle, start_collector, wait_for_baseline
+
     from pgflow.otlp.receiver import Receiver
 
     primary = pg_factory()
@@ -463,8 +510,9 @@ def test_standby_count_goes_to_zero_when_the_standby_stops_while_its_lag_stops(p
     standby = standby_of(primary)
     try:
         application = f"standby_{standby.port}"
-        streaming = ("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' "
-                     f"AND application_name = '{application}'")
+        streaming = (
+            f"SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND application_name = '{application}'"
+        )
         wait_for(lambda: one(primary, streaming) == 1, "the standby to stream")
         state = tmp_path / "state"
         with Receiver() as receiver:
@@ -484,9 +532,11 @@ def test_standby_count_goes_to_zero_when_the_standby_stops_while_its_lag_stops(p
                 wait_for(lambda: seen("postgresql.replication.standbys", 1), "a standby count of 1")
                 wait_for(delay, "the standby's replication lag")
                 standby.stop()
-                wait_for(lambda: one(primary, "SELECT count(*) = 0 FROM pg_stat_replication"),
-                         "the primary to see the standby gone")
-                left = one(primary, "SELECT clock_timestamp()").astimezone(timezone.utc)
+                wait_for(
+                    lambda: one(primary, "SELECT count(*) = 0 FROM pg_stat_replication"),
+                    "the primary to see the standby gone",
+                )
+                left = one(primary, "SELECT clock_timestamp()").astimezone(UTC)
                 settle(3, state_dir=state, scrapes=6)
                 wait_for(lambda: seen("postgresql.replication.standbys", 0), "a standby count of 0")
             finally:

@@ -12,13 +12,27 @@ MAX_LINES = 420  # "about 400"
 
 # module prefix -> floor; the longest matching prefix wins
 FLOORS = {
-    "pgflow.errors": 0, "pgflow.logs": 0, "pgflow.lru": 0, "pgflow.schema": 0, "pgflow.telemetry": 0,
-    "pgflow.config": 0, "pgflow.metrics": 0, "pgflow.pgserver": 0, "pgflow": 0,
+    "pgflow.errors": 0,
+    "pgflow.logs": 0,
+    "pgflow.lru": 0,
+    "pgflow.schema": 0,
+    "pgflow.telemetry": 0,
+    "pgflow.config": 0,
+    "pgflow.metrics": 0,
+    "pgflow.pgserver": 0,
+    "pgflow": 0,
     "pgflow.ops": 1,
-    "pgflow.scrape": 2, "pgflow.otlp": 2,
-    "pgflow.capture": 3, "pgflow.tune": 3, "pgflow.gendocs": 3,
+    "pgflow.scrape": 2,
+    "pgflow.otlp": 2,
+    "pgflow.capture": 3,
+    "pgflow.tune": 3,
+    "pgflow.gendocs": 3,
     "pgflow.stream": 4,
-    "pgflow.replay": 5, "pgflow.demo": 5, "flows": 5, "pgflow.cli": 5, "pgflow.__main__": 5,
+    "pgflow.replay": 5,
+    "pgflow.demo": 5,
+    "flows": 5,
+    "pgflow.cli": 5,
+    "pgflow.__main__": 5,
 }
 
 
@@ -59,5 +73,7 @@ def test_no_module_imports_from_a_floor_above_its_own():
 
 
 def test_no_module_is_over_about_400_lines():
-    big = {str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    big = {
+        str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not big, f"split these along their seams: {big}"

@@ -12,19 +12,25 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 
 import duckdb
 import polars as pl
 import pytest
-
 from e2e import ROOT, calls_by_summary, collector_env, settle, start_collector, wait_for_baseline
+
 from pgflow.otlp.receiver import Receiver, parse_script
 from pgflow.otlp.store import read_points
 from pgflow.pgserver import free_port
 
-PGBENCH = ("UPDATE pgbench_branches", "UPDATE pgbench_tellers", "UPDATE pgbench_accounts",
-           "SELECT pgbench_accounts", "INSERT pgbench_history")
+PGBENCH = (
+    "UPDATE pgbench_branches",
+    "UPDATE pgbench_tellers",
+    "UPDATE pgbench_accounts",
+    "SELECT pgbench_accounts",
+    "INSERT pgbench_history",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -68,13 +74,15 @@ def dead_endpoint() -> str:
 
 # 4. A restart inside an export window ---------------------------------------------------------
 
+
 def test_restart_inside_a_window_neither_overlaps_nor_duplicates(fresh_stats, tmp_path):
     """Points of one series never overlap and never end after they were received; a restart in
     the middle of a window neither loses nor repeats any of its work."""
     length = 4.0
     with Receiver() as receiver:
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state",
-                            PGFLOW_EXPORT_INTERVAL_SECS=str(length))
+        env = collector_env(
+            fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_EXPORT_INTERVAL_SECS=str(length)
+        )
         first = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
@@ -99,17 +107,36 @@ def test_restart_inside_a_window_neither_overlaps_nor_duplicates(fresh_stats, tm
 
 # 6. Refused exports ---------------------------------------------------------------------------------
 
+
 def test_refused_windows_are_kept_and_sent_once_accepted(fresh_stats, tmp_path):
     """`pgflow receive --script 403,403,403,OK`: refused windows stay in the ledger and every count
     arrives once; the endpoint is paused between tries, never stormed; "flushed" only when true."""
     port, out = free_port(), tmp_path / "received.duckdb"
-    receiver = subprocess.Popen([sys.executable, "-m", "pgflow", "receive", "--out", str(out), "--grpc-port", str(port),
-                                 "--http-port", "0", "--script", "403,403,403,OK"], cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    receiver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pgflow",
+            "receive",
+            "--out",
+            str(out),
+            "--grpc-port",
+            str(port),
+            "--http-port",
+            "0",
+            "--script",
+            "403,403,403,OK",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "pgflow receive: grpc on" in receiver.stdout.readline()
-        env = collector_env(fresh_stats.dsn(), f"http://127.0.0.1:{port}", tmp_path / "state",
-                            PGFLOW_REFUSED_RETRY_SECS="0.3")
+        env = collector_env(
+            fresh_stats.dsn(), f"http://127.0.0.1:{port}", tmp_path / "state", PGFLOW_REFUSED_RETRY_SECS="0.3"
+        )
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
@@ -129,8 +156,9 @@ def test_refused_windows_are_kept_and_sent_once_accepted(fresh_stats, tmp_path):
 
 def test_endpoint_refusing_until_shutdown_keeps_windows_and_exits_3(fresh_stats, tmp_path):
     with Receiver(script=parse_script(",".join(["403"] * 1000))) as receiver:
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state",
-                            PGFLOW_SHUTDOWN_TIMEOUT_SECS="2")
+        env = collector_env(
+            fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2"
+        )
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "2", "-t", "50")
@@ -147,27 +175,45 @@ def test_new_relic_without_an_api_key_refuses_to_start(tmp_path, command):
     env = collector_env("postgresql://mon@127.0.0.1:1/db", "unused", tmp_path / "state")
     del env["PGFLOW_OTLP_ENDPOINT"]
     env.pop("NEW_RELIC_API_KEY", None)
-    proc = subprocess.run([sys.executable, "-m", "pgflow", *command], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgflow", *command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "NEW_RELIC_API_KEY is not set" in proc.stderr
 
 
 # 13. Exit codes ----------------------------------------------------------------------------------------------
 
+
 def test_run_scrapes_with_the_server_down_exits_4(tmp_path):
-    env = collector_env(f"postgresql://mon@127.0.0.1:{free_port()}/db", dead_endpoint(), tmp_path / "state",
-                        PGFLOW_CONNECT_TIMEOUT_SECS="1")
-    proc = subprocess.run([sys.executable, "-m", "pgflow", "run", "--scrapes", "2"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    env = collector_env(
+        f"postgresql://mon@127.0.0.1:{free_port()}/db",
+        dead_endpoint(),
+        tmp_path / "state",
+        PGFLOW_CONNECT_TIMEOUT_SECS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgflow", "run", "--scrapes", "2"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 4, proc.stderr
     assert "no successful scrape of this instance" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_run_scrapes_with_the_endpoint_down_exits_3_and_keeps_windows(fresh_stats, tmp_path):
     env = collector_env(fresh_stats.dsn(), dead_endpoint(), tmp_path / "state", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2")
-    proc = subprocess.run([sys.executable, "-m", "pgflow", "run", "--scrapes", "6"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgflow", "run", "--scrapes", "6"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "stopping with windows not acknowledged" in proc.stderr and "flushed" not in proc.stderr
     assert queued_windows(tmp_path / "state") > 0
@@ -176,10 +222,15 @@ def test_run_scrapes_with_the_endpoint_down_exits_3_and_keeps_windows(fresh_stat
 def test_replay_with_the_endpoint_down_exits_3_cleans_up_and_logs_alike(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = collector_env(None, dead_endpoint(), tmp_path / "state", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2",
-                        TMPDIR=str(tmp))
-    proc = subprocess.run([sys.executable, "-m", "pgflow", "replay", "datasets/pgbench.duckdb"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    env = collector_env(None, dead_endpoint(), tmp_path / "state", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2", TMPDIR=str(tmp))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgflow", "replay", "datasets/pgbench.duckdb"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 3, proc.stderr
     assert list(tmp.iterdir()) == []  # no temporary ledger left behind
     lines = proc.stderr.strip().splitlines()
@@ -189,10 +240,12 @@ def test_replay_with_the_endpoint_down_exits_3_cleans_up_and_logs_alike(tmp_path
 
 # 14. SIGHUP -----------------------------------------------------------------------------------------------
 
+
 def test_sighup_is_logged_and_ignored(fresh_stats, tmp_path):
     with Receiver() as receiver:
-        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"),
-                               log=tmp_path / "log")
+        proc = start_collector(
+            collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log"
+        )
         wait_for_baseline(tmp_path / "state")
         proc.send_signal(signal.SIGHUP)
         wait_for_log(tmp_path / "log", "SIGHUP ignored")
@@ -207,6 +260,7 @@ def test_sighup_is_logged_and_ignored(fresh_stats, tmp_path):
 
 # 15. A bounded shutdown ------------------------------------------------------------------------------
 
+
 def test_shutdown_during_an_outage_is_bounded_and_keeps_windows(fresh_stats, tmp_path):
     """The endpoint accepts connections but never answers (export_timeout_secs 12); SIGTERM must end
     the process within shutdown_timeout_secs (3, plus the process's own start-up/tear-down margin),
@@ -217,8 +271,13 @@ def test_shutdown_during_an_outage_is_bounded_and_keeps_windows(fresh_stats, tmp
     hole.listen(64)  # the kernel accepts; nobody answers
     state = tmp_path / "state"
     try:
-        env = collector_env(fresh_stats.dsn(), f"http://127.0.0.1:{hole.getsockname()[1]}", state,
-                            PGFLOW_EXPORT_TIMEOUT_SECS="12", PGFLOW_SHUTDOWN_TIMEOUT_SECS=str(shutdown_timeout))
+        env = collector_env(
+            fresh_stats.dsn(),
+            f"http://127.0.0.1:{hole.getsockname()[1]}",
+            state,
+            PGFLOW_EXPORT_TIMEOUT_SECS="12",
+            PGFLOW_SHUTDOWN_TIMEOUT_SECS=str(shutdown_timeout),
+        )
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(state)
         fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
@@ -241,15 +300,26 @@ def test_shutdown_during_an_outage_is_bounded_and_keeps_windows(fresh_stats, tmp
 
 # 16. A taken metrics port, an unwritable state dir -------------------------------------------------------
 
+
 def test_metrics_addr_in_use_exits_2(tmp_path):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
     try:
-        env = collector_env(f"postgresql://mon@127.0.0.1:{free_port()}/db", dead_endpoint(), tmp_path / "state",
-                            PGFLOW_METRICS_ADDR=f"127.0.0.1:{taken.getsockname()[1]}")
-        proc = subprocess.run([sys.executable, "-m", "pgflow", "run", "--scrapes", "1"], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+        env = collector_env(
+            f"postgresql://mon@127.0.0.1:{free_port()}/db",
+            dead_endpoint(),
+            tmp_path / "state",
+            PGFLOW_METRICS_ADDR=f"127.0.0.1:{taken.getsockname()[1]}",
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "pgflow", "run", "--scrapes", "1"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         taken.close()
     assert proc.returncode == 2, proc.stderr
@@ -264,8 +334,14 @@ def test_unwritable_state_dir_exits_2(tmp_path, given):
     if not given:  # the default: $XDG_DATA_HOME/pgflow
         del env["PGFLOW_STATE_DIR"]
         env["XDG_DATA_HOME"] = str(blocker)
-    proc = subprocess.run([sys.executable, "-m", "pgflow", "run", "--scrapes", "1"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgflow", "run", "--scrapes", "1"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "PGFLOW_STATE_DIR" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -273,25 +349,28 @@ def test_unwritable_state_dir_exits_2(tmp_path, given):
 def test_a_window_closed_early_ends_at_its_last_scrape_and_the_next_continues_from_there():
     """The operators' half of the restart guarantee, without a server: ``finish`` then more scrapes
     of the same period (what a restart with the same ledger does) give contiguous points."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
+
+    from test_ops import snap
 
     from pgflow.ops.fingerprint import Fingerprinter
     from pgflow.ops.pipeline import OpsSettings, finish, initial_state, step
-    from test_ops import snap
 
-    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
     ops = OpsSettings.of(export_interval_secs=60)
     fp = Fingerprinter(100, 100)
     state, frames = initial_state(ops), []
     for second, calls in [(1, 0), (10, 5), (20, 9)]:  # baseline, then two scrapes in [0, 60)
-        state, out = step(state, snap(t0 + timedelta(seconds=second), [{"queryid": 1, "query": "SELECT 1",
-                                                                        "calls": calls}]), fp, ops)
+        state, out = step(
+            state, snap(t0 + timedelta(seconds=second), [{"queryid": 1, "query": "SELECT 1", "calls": calls}]), fp, ops
+        )
         frames.append(out)
     state, out = finish(state, ops)  # shutdown at 20 s
     frames.append(out)
     for second, calls in [(30, 12), (70, 20)]:  # restarted: the same period, then the next
-        state, out = step(state, snap(t0 + timedelta(seconds=second), [{"queryid": 1, "query": "SELECT 1",
-                                                                        "calls": calls}]), fp, ops)
+        state, out = step(
+            state, snap(t0 + timedelta(seconds=second), [{"queryid": 1, "query": "SELECT 1", "calls": calls}]), fp, ops
+        )
         frames.append(out)
     calls = pl.concat([f for f in frames if f.height]).filter(pl.col("metric") == "postgresql.query.calls")
     s = timedelta(seconds=1)
@@ -302,12 +381,13 @@ def test_a_window_closed_early_ends_at_its_last_scrape_and_the_next_continues_fr
 def test_a_refused_key_pauses_the_endpoint_a_refused_payload_only_its_window(tmp_path, code, pauses_all):
     """The shipper against the real receiver: after a 403 nothing is sent until the pause is over;
     after a 400 the other windows keep flowing. Neither is acknowledged (dropped) in the ledger."""
+    from test_ops import _pipeline_snaps
+
     from pgflow import ops
     from pgflow.config import Settings
     from pgflow.otlp.exporter import Exporter
     from pgflow.stream.ledger import ROW, Ledger
     from pgflow.stream.shipper import Outgoing, Shipper
-    from test_ops import _pipeline_snaps
 
     points = ops.run(_pipeline_snaps(3), export_interval_secs=30).with_row_index(ROW)
     with Receiver(script=parse_script(code)) as receiver:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pickle
 
 import polars as pl
-import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -97,8 +96,7 @@ def _quote(secret: str, style: str) -> str:
 
 
 SAFE = st.text(st.sampled_from("abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"), min_size=8, max_size=16)
-NASTY = st.sampled_from(["", "'", "''", "\\", "\\'", "$", "$$", "$q14$", "*/", "/*", "--", "\n", " ", "é€", ";",
-                         '"'])
+NASTY = st.sampled_from(["", "'", "''", "\\", "\\'", "$", "$$", "$q14$", "*/", "/*", "--", "\n", " ", "é€", ";", '"'])
 
 
 @st.composite
@@ -117,9 +115,14 @@ def secret_statements(draw):
             assume("$$" not in secret and not secret.endswith("$"))
         if style == "tagged":
             assume("$q14$" not in secret)
-        number = {"int": digits, "decimal": f"{digits}.{digits[::-1]}", "exponent": f"{digits}e3",
-                  "hex": f"0x{digits}", "underscore": "_".join(digits[i:i + 3] for i in range(0, len(digits), 3)),
-                  "negative": f"-{digits}"}[number_style]
+        number = {
+            "int": digits,
+            "decimal": f"{digits}.{digits[::-1]}",
+            "exponent": f"{digits}e3",
+            "hex": f"0x{digits}",
+            "underscore": "_".join(digits[i : i + 3] for i in range(0, len(digits), 3)),
+            "negative": f"-{digits}",
+        }[number_style]
         statement = template.replace("{S}", _quote(secret, style)).replace("{N}", number)
         statement = comment.replace("{C}", note) + statement + tail.replace("{C}", note)
         return statement, [*halves, number, note] + ([digits] if digits in statement else [])
@@ -187,11 +190,33 @@ def test_quoting_that_depends_on_standard_conforming_strings_is_hidden():
 
 # Against a real server ------------------------------------------------------------------
 
+
 def _real_statements(tag: str) -> dict[str, str]:
     """Statements that run on PostgreSQL (superuser), each with its own secret."""
-    s = {k: f"{MARK}{tag}{k}Secret" for k in ("copy", "server", "mapping", "role", "view", "system", "set",
-                                            "comment", "do", "function", "tagged", "escape", "unicode",
-                                            "sequence", "default", "notify", "comment2", "comment3", "password")}
+    s = {
+        k: f"{MARK}{tag}{k}Secret"
+        for k in (
+            "copy",
+            "server",
+            "mapping",
+            "role",
+            "view",
+            "system",
+            "set",
+            "comment",
+            "do",
+            "function",
+            "tagged",
+            "escape",
+            "unicode",
+            "sequence",
+            "default",
+            "notify",
+            "comment2",
+            "comment3",
+            "password",
+        )
+    }
     n = {"view": "918273645", "sequence": "736451928", "default": "564738291", "limit": "88776655"}
     return {
         "copy": f"COPY t14 (a) FROM PROGRAM 'echo {s['copy']}'",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 import polars as pl
@@ -21,23 +21,43 @@ from pgflow.otlp.store import read_logs
 from pgflow.schema import EVENTS
 
 API_KEY = "NRAK-LOGSKEY-0123456789"
-T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 def sample(i: int, instance: str = "db1:5432", body: str | None = None, **extra) -> dict:
     """A query sample, or with ``body`` a plan, each with only the attributes the registry declares for it."""
-    own = ({"postgresql.pid": 1000 + i, "postgresql.query.duration": i / 8, "postgresql.query.truncated": True}
-           if body is None else {})
-    return {"instance": instance, "event_name": "db.server.query_sample" if body is None else "db.server.query_plan",
-            "time": T0 + timedelta(seconds=i), "severity": "INFO", "body": body,
-            "attributes": {"db.system.name": "postgresql", "db.namespace": "app",
-                           "postgresql.query.fingerprint": f"{i:016x}", **own, **extra},
-            "server_address": instance.split(":")[0], "server_port": 5432, "server_version_num": 170004}
+    own = (
+        {"postgresql.pid": 1000 + i, "postgresql.query.duration": i / 8, "postgresql.query.truncated": True}
+        if body is None
+        else {}
+    )
+    return {
+        "instance": instance,
+        "event_name": "db.server.query_sample" if body is None else "db.server.query_plan",
+        "time": T0 + timedelta(seconds=i),
+        "severity": "INFO",
+        "body": body,
+        "attributes": {
+            "db.system.name": "postgresql",
+            "db.namespace": "app",
+            "postgresql.query.fingerprint": f"{i:016x}",
+            **own,
+            **extra,
+        },
+        "server_address": instance.split(":")[0],
+        "server_port": 5432,
+        "server_version_num": 170004,
+    }
 
 
 def test_records_decode_with_opentelemetry_proto():
-    events = events_frame([sample(0, **{"postgresql.query_id": -(2**63)}), sample(1, body='{"Plan": {}}'),
-                           sample(2, instance="db2:5432", **{"postgresql.pid": None, "postgresql.query_id": 2**63 - 1})])
+    events = events_frame(
+        [
+            sample(0, **{"postgresql.query_id": -(2**63)}),
+            sample(1, body='{"Plan": {}}'),
+            sample(2, instance="db2:5432", **{"postgresql.pid": None, "postgresql.query_id": 2**63 - 1}),
+        ]
+    )
     assert events.schema == EVENTS
     (batch,) = list(LogEncoder().batches(events))
     request = decode(batch.payload)
@@ -71,7 +91,9 @@ def test_resource_is_the_metrics_resource():
 
     (metrics,) = list(Encoder().batches(make_points(2)))
     (logs,) = list(LogEncoder().batches(events_frame([sample(0)])))
-    assert decode(logs.payload).resource_logs[0].resource == decode_metrics(metrics.payload).resource_metrics[0].resource
+    assert (
+        decode(logs.payload).resource_logs[0].resource == decode_metrics(metrics.payload).resource_metrics[0].resource
+    )
 
 
 def test_long_values_are_cut_where_new_relic_cuts():
@@ -97,8 +119,9 @@ def test_batches_stay_within_both_limits_and_carry_each_event_once(batch_size):
     for batch in batches:
         assert len(batch.payload) <= MAX_REQUEST_BYTES and batch.points <= batch_size
         request = decode(batch.payload)
-        bodies = [r.body.string_value[:5] for rl in request.resource_logs for sl in rl.scope_logs
-                  for r in sl.log_records]
+        bodies = [
+            r.body.string_value[:5] for rl in request.resource_logs for sl in rl.scope_logs for r in sl.log_records
+        ]
         assert [f"e{int(b)}" for b in bodies] == list(batch.rows)
         carried += batch.rows
     assert sorted(carried) == sorted(events["id"].to_list())
@@ -107,8 +130,14 @@ def test_batches_stay_within_both_limits_and_carry_each_event_once(batch_size):
 def exporter_for(receiver: Receiver, protocol: str, **overrides) -> tuple[LogsExporter, list[float]]:
     delays: list[float] = []
     endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
-    settings = Settings.load(otlp_endpoint=endpoint, otlp_protocol=protocol, new_relic_api_key=API_KEY,
-                             retry_initial_delay_secs=0.01, retry_max_delay_secs=0.05, **overrides)
+    settings = Settings.load(
+        otlp_endpoint=endpoint,
+        otlp_protocol=protocol,
+        new_relic_api_key=API_KEY,
+        retry_initial_delay_secs=0.01,
+        retry_max_delay_secs=0.05,
+        **overrides,
+    )
     return LogsExporter(settings, sleep=delays.append), delays
 
 
@@ -130,7 +159,8 @@ def test_receiver_stores_logs_beside_points(tmp_path, protocol):
     assert {"logs", "points"} <= tables
     logs = read_logs(out).sort("time")
     assert logs["event_name"].to_list() == ["db.server.query_sample", "db.server.query_plan"] * 2 + [
-        "db.server.query_sample"]
+        "db.server.query_sample"
+    ]
     assert logs["time"].to_list() == events["time"].to_list()
     assert logs["body"].to_list() == [None, '{"Plan": 1}', None, '{"Plan": 3}', None]
     attrs = [json.loads(a) for a in logs["attributes"]]
@@ -209,8 +239,11 @@ def as_samples(rows: list[dict], size: int) -> pl.DataFrame:
     out = []
     for row in rows:
         text = sample_text(row.pop("query"), size)  # the only place the raw text is read
-        out.append(dict(row, fingerprint=text.fingerprint, text=text.text, truncated=text.truncated,
-                        unparsable=text.unparsable))
+        out.append(
+            dict(
+                row, fingerprint=text.fingerprint, text=text.text, truncated=text.truncated, unparsable=text.unparsable
+            )
+        )
     return pl.DataFrame(out, schema=QUERY_SAMPLES)
 
 
@@ -225,8 +258,9 @@ def test_a_slow_statement_with_a_secret_arrives_as_a_normalized_sample(fresh_sta
     kept, state = limit_samples(samples)
     assert kept.height == 1 and state.skipped == {}
     assert kept["duration_secs"][0] >= 0.3  # the longest observation of the execution is kept
-    events = sample_events(kept, instance="db1", server_address="127.0.0.1", server_port=server.port,
-                           server_version_num=180000)
+    events = sample_events(
+        kept, instance="db1", server_address="127.0.0.1", server_port=server.port, server_version_num=180000
+    )
     out = tmp_path / "received.duckdb"
     with Receiver(out) as receiver:
         settings = Settings.load(otlp_endpoint=receiver.http_endpoint, otlp_protocol="http")
@@ -263,13 +297,25 @@ def test_truncated_and_unparsable_texts_leave_as_markers(pg_factory):
 
 
 def test_sample_limits_hold():
-    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
     def window(start: datetime, executions: int, fingerprints: int, duration: float = 1.0) -> pl.DataFrame:
-        rows = [{"seen_at": start + timedelta(seconds=i % 60), "database": "app", "user": "u", "pid": 1000 + i,
-                 "query_start": start + timedelta(milliseconds=i), "duration_secs": duration + i / 1000,
-                 "state": "active", "fingerprint": f"fp{i % fingerprints}", "text": "SELECT $1",
-                 "truncated": False, "unparsable": False} for i in range(executions)]
+        rows = [
+            {
+                "seen_at": start + timedelta(seconds=i % 60),
+                "database": "app",
+                "user": "u",
+                "pid": 1000 + i,
+                "query_start": start + timedelta(milliseconds=i),
+                "duration_secs": duration + i / 1000,
+                "state": "active",
+                "fingerprint": f"fp{i % fingerprints}",
+                "text": "SELECT $1",
+                "truncated": False,
+                "unparsable": False,
+            }
+            for i in range(executions)
+        ]
         return pl.DataFrame(rows, schema=QUERY_SAMPLES)
 
     first = window(t0, 200, 3)

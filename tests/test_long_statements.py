@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC
 
 import polars as pl
 import psycopg
@@ -49,7 +50,8 @@ def _attr(name: str) -> pl.Expr:
 
 def _received(points: pl.DataFrame, metric: str) -> pl.DataFrame:
     return points.filter(pl.col("metric") == metric).with_columns(
-        fp=_attr("postgresql.query.fingerprint"), text=_attr("db.query.text"), wait=_attr("postgresql.wait_event.name"))
+        fp=_attr("postgresql.query.fingerprint"), text=_attr("db.query.text"), wait=_attr("postgresql.wait_event.name")
+    )
 
 
 def _sleep_fingerprint(calls: pl.DataFrame) -> str:
@@ -63,6 +65,7 @@ def test_a_long_statement_carries_its_fingerprint_in_every_window_end_to_end(pg,
     """The real collector (flow, sampler thread) to real receivers, uncapped and with
     ``max_queries_tracked=1`` side by side on the same statement."""
     from e2e import collector_env, settle, start_collector, wait_for_baseline
+
     from pgflow.otlp.receiver import Receiver
 
     pg.execute("SELECT pg_stat_statements_reset()")
@@ -72,9 +75,15 @@ def test_a_long_statement_carries_its_fingerprint_in_every_window_end_to_end(pg,
         for name, rx, extra in (("full", full_rx, {}), ("capped", capped_rx, {"PGFLOW_MAX_QUERIES_TRACKED": "1"})):
             state = tmp_path / name
             dirs.append(state)
-            env = collector_env(pg.dsn(), rx.grpc_endpoint, state, PGFLOW_EXPORT_INTERVAL_SECS="2",
-                                PGFLOW_COLLECTION_INTERVAL_SECS="0.5",
-                                PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD), **extra)
+            env = collector_env(
+                pg.dsn(),
+                rx.grpc_endpoint,
+                state,
+                PGFLOW_EXPORT_INTERVAL_SECS="2",
+                PGFLOW_COLLECTION_INTERVAL_SECS="0.5",
+                PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD),
+                **extra,
+            )
             procs.append(start_collector(env, log=tmp_path / f"{name}.log"))
         try:
             for state in dirs:
@@ -109,8 +118,9 @@ def test_a_long_statement_carries_its_fingerprint_in_every_window_end_to_end(pg,
     capped_sleep = capped_act.filter(pl.col("wait") == "PgSleep")
     assert abs(capped_sleep["value"].sum() - truth) <= slack, (capped_sleep, truth)
     assert set(capped_sleep["fp"]) <= {fp, "other"}  # 13: "unknown" (no query id), which no cap renames
-    named = pl.concat([capped_act.select("start", "fp"),
-                       _received(capped, "postgresql.query.calls").select("start", "fp")])
+    named = pl.concat(
+        [capped_act.select("start", "fp"), _received(capped, "postgresql.query.calls").select("start", "fp")]
+    )
     per_window = named.filter(~pl.col("fp").is_in(["other", "unknown"])).group_by("start").agg(pl.col("fp").n_unique())
     assert per_window.height == 0 or per_window["fp"].max() <= 1, per_window
 
@@ -118,8 +128,12 @@ def test_a_long_statement_carries_its_fingerprint_in_every_window_end_to_end(pg,
 def _record(dsn: str, statements: list[tuple[float, list[float]]], query_samples: bool) -> list:
     """Snapshots every 0.5 s while each ``(seconds, out)`` sleeps in turn (one session each)."""
     snapshots = []
-    with Scraper(dsn) as scraper, Sampler(dsn, instance=scraper.instance, interval_secs=PERIOD,
-                                          max_query_samples=100 if query_samples else 0) as sampler:
+    with (
+        Scraper(dsn) as scraper,
+        Sampler(
+            dsn, instance=scraper.instance, interval_secs=PERIOD, max_query_samples=100 if query_samples else 0
+        ) as sampler,
+    ):
         snapshots.append(with_samples(scraper.scrape(), sampler))
         sampler.start()
         for secs, out in statements:
@@ -137,13 +151,15 @@ def _record(dsn: str, statements: list[tuple[float, list[float]]], query_samples
 def _activity(points: pl.DataFrame) -> pl.DataFrame:
     return points.filter(pl.col("metric") == "postgresql.activity.time").with_columns(
         pl.col("attributes").struct.field("postgresql.query.fingerprint").alias("fp"),
-        pl.col("attributes").struct.field("postgresql.wait_event.name").alias("wait"))
+        pl.col("attributes").struct.field("postgresql.wait_event.name").alias("wait"),
+    )
 
 
 def _calls_fp(points: pl.DataFrame) -> str:
     calls = points.filter(pl.col("metric") == "postgresql.query.calls").with_columns(
         pl.col("attributes").struct.field("postgresql.query.fingerprint").alias("fp"),
-        pl.col("attributes").struct.field("db.query.text").alias("text"))
+        pl.col("attributes").struct.field("db.query.text").alias("text"),
+    )
     mine = calls.filter(pl.col("text").str.to_lowercase().str.contains("pg_sleep", literal=True))
     assert mine["fp"].n_unique() == 1, mine
     return mine["fp"][0]
@@ -208,7 +224,7 @@ def test_a_statement_pgflow_has_read_is_named_before_pg_stat_statements_shows_it
 def test_a_ledger_written_before_the_seen_query_ids_still_loads():
     """The activity state gained ``seen`` (issue 19): a state pickled without it loads and works."""
     import pickle
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from pgflow.ops import activity as act
     from pgflow.schema import STATEMENTS, Snapshot
@@ -217,7 +233,7 @@ def test_a_ledger_written_before_the_seen_query_ids_still_loads():
     del old.__dict__["seen"]  # what an older pgflow pickled
     state = pickle.loads(pickle.dumps(old))
     assert state.seen == {}
-    snapshot = Snapshot("i", datetime(2026, 1, 1, tzinfo=timezone.utc), 180000, None, None, pl.DataFrame(schema=STATEMENTS))
+    snapshot = Snapshot("i", datetime(2026, 1, 1, tzinfo=UTC), 180000, None, None, pl.DataFrame(schema=STATEMENTS))
     assert act.add(state, snapshot, timedelta(seconds=1)).seen == {}
 
 

@@ -118,8 +118,9 @@ def execute(name: str, *extra_cells: str) -> nbformat.NotebookNode:
     first = nbformat.v4.new_code_cell(_source(_keep_figures) + "\n_keep_figures()")
     notebook.cells.insert(0, first)
     notebook.cells += [nbformat.v4.new_code_cell(source) for source in extra_cells]
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     return notebook
 
 
@@ -140,19 +141,24 @@ def _sampled_seconds(path: Path) -> dict[str | None, float]:
     """Session-seconds by state, straight from the capture's raw samples (count x period)."""
     frames = [s.samples for s in capture.read(path) if s.samples.height]
     samples = pl.concat(frames)
-    return {state: float(seconds) for state, seconds in samples.group_by("state").agg(
-        (pl.col("count") * pl.col("period_secs")).sum()).iter_rows()}
+    return {
+        state: float(seconds)
+        for state, seconds in samples.group_by("state").agg((pl.col("count") * pl.col("period_secs")).sum()).iter_rows()
+    }
 
 
 def test_explore_notebook_counts_active_sessions_only_and_idle_in_transaction_apart():
     """Issue 19 item 4: the AAS stack is the active state and nothing else; idle in transaction is drawn apart."""
-    notebook = execute("explore_workload", "import json\nprint(json.dumps({"
-                       "'capture': CAPTURE, "
-                       "'aas_session_seconds': float(aas.join(active.group_by('end').agg(pl.col('window_s').first()), "
-                       "on='end').select(pl.sum_horizontal(*waits) * pl.col('window_s')).sum().item()), "
-                       "'idle_session_seconds': float(idle_by_db.join(idle.group_by('end').agg(pl.col('window_s')"
-                       ".first()), on='end').select(pl.col('sessions') * pl.col('window_s')).sum().item()), "
-                       "'states_in_aas': active['state'].unique().to_list()}))")
+    notebook = execute(
+        "explore_workload",
+        "import json\nprint(json.dumps({"
+        "'capture': CAPTURE, "
+        "'aas_session_seconds': float(aas.join(active.group_by('end').agg(pl.col('window_s').first()), "
+        "on='end').select(pl.sum_horizontal(*waits) * pl.col('window_s')).sum().item()), "
+        "'idle_session_seconds': float(idle_by_db.join(idle.group_by('end').agg(pl.col('window_s')"
+        ".first()), on='end').select(pl.col('sessions') * pl.col('window_s')).sum().item()), "
+        "'states_in_aas': active['state'].unique().to_list()}))",
+    )
     drawn = json.loads(last_output(notebook).strip().splitlines()[-1])
     truth = _sampled_seconds((ROOT / "notebooks" / drawn["capture"]).resolve())
     assert truth.get("active", 0) > 0 and truth.get("idle in transaction", 0) > 0, truth  # the data has both

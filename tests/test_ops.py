@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
 import pytest
+from conftest import PGBENCH_STATEMENTS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import PGBENCH_STATEMENTS
 from pgflow import ops
 from pgflow.errors import ConfigError
 from pgflow.ops.delta import delta
@@ -22,15 +22,29 @@ from pgflow.ops.window import window_bounds
 from pgflow.schema import POINTS, STATEMENTS, Snapshot, conform
 from pgflow.scrape import Scraper
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def snap(at: datetime, rows: list[dict], *, stats_reset: datetime | None = T0, dealloc: int | None = 0,
-         instance: str = "db1:5432") -> Snapshot:
+def snap(
+    at: datetime,
+    rows: list[dict],
+    *,
+    stats_reset: datetime | None = T0,
+    dealloc: int | None = 0,
+    instance: str = "db1:5432",
+) -> Snapshot:
     base = {"dbid": 1, "userid": 10, "toplevel": True, "database": "app", "user": "web"}
     frame = conform(pl.DataFrame([{**base, **r} for r in rows]) if rows else pl.DataFrame(), STATEMENTS)
-    return Snapshot(instance=instance, scraped_at=at, server_version_num=170000, stats_reset=stats_reset,
-                    dealloc=dealloc, statements=frame, server_address="db1", server_port=5432)
+    return Snapshot(
+        instance=instance,
+        scraped_at=at,
+        server_version_num=170000,
+        stats_reset=stats_reset,
+        dealloc=dealloc,
+        statements=frame,
+        server_address="db1",
+        server_port=5432,
+    )
 
 
 def calls_of(points: pl.DataFrame, attr: str = "postgresql.query.fingerprint") -> dict[str, float]:
@@ -40,6 +54,7 @@ def calls_of(points: pl.DataFrame, attr: str = "postgresql.query.fingerprint") -
 
 
 # Delta -----------------------------------------------------------------------------------
+
 
 def test_baseline_emits_nothing_then_exact_difference():
     s0 = snap(T0, [{"queryid": 1, "query": "SELECT 1", "calls": 5, "total_exec_time": 10.0}])
@@ -54,8 +69,13 @@ def test_baseline_emits_nothing_then_exact_difference():
 
 def test_new_key_counts_whole_value_and_reset_entry_counts_current():
     s0 = snap(T0, [{"queryid": 1, "calls": 50}, {"queryid": 2, "calls": 7}])
-    s1 = snap(T0 + timedelta(seconds=10), [{"queryid": 1, "calls": 4},  # went down: reset, 4 since
-                                           {"queryid": 3, "calls": 2}])  # new; 2 vanished
+    s1 = snap(
+        T0 + timedelta(seconds=10),
+        [
+            {"queryid": 1, "calls": 4},  # went down: reset, 4 since
+            {"queryid": 3, "calls": 2},
+        ],
+    )  # new; 2 vanished
     state, _ = delta(None, s0)
     _, out = delta(state, s1)
     assert dict(out.statements.select("queryid", "calls").iter_rows()) == {1: 4, 3: 2}
@@ -71,12 +91,14 @@ def test_stats_since_change_means_recreated():
 
 def test_whole_reset_counts_current_values_and_dealloc():
     s0 = snap(T0, [{"queryid": 1, "calls": 50}], dealloc=3)
-    s1 = snap(T0 + timedelta(seconds=10), [{"queryid": 1, "calls": 60}], stats_reset=T0 + timedelta(seconds=5),
-              dealloc=2)
+    s1 = snap(
+        T0 + timedelta(seconds=10), [{"queryid": 1, "calls": 60}], stats_reset=T0 + timedelta(seconds=5), dealloc=2
+    )
     _, out = delta(delta(None, s0)[0], s1)
     assert out.statements["calls"].to_list() == [60] and out.deallocated == 2
-    s2 = snap(T0 + timedelta(seconds=20), [{"queryid": 1, "calls": 61}], stats_reset=T0 + timedelta(seconds=5),
-              dealloc=9)
+    s2 = snap(
+        T0 + timedelta(seconds=20), [{"queryid": 1, "calls": 61}], stats_reset=T0 + timedelta(seconds=5), dealloc=9
+    )
     _, out = delta(delta(None, s1)[0], s2)
     assert out.deallocated == 7
 
@@ -99,6 +121,7 @@ def test_snapshot_from_the_past_is_ignored():
 
 
 # Fingerprint ------------------------------------------------------------------------------
+
 
 def test_seed_fingerprint_cases():
     a, b = query_info("SELECT * FROM users WHERE id = 1"), query_info("SELECT * FROM users WHERE id = 999")
@@ -130,16 +153,21 @@ def test_operations_and_summaries():
         assert (info.operation, info.summary) == expected, text
 
 
-@pytest.mark.parametrize("text", [
-    "SELECT * FROM users WHERE id IN (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1",  # truncated
-    "SELECT '\udcff\udcfe' FROM t",  # undecodable bytes as psycopg surrogate-escapes them
-    "<insufficient privilege>",
-    "",
-    "SELEC * FORM nowhere",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT * FROM users WHERE id IN (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1",  # truncated
+        "SELECT '\udcff\udcfe' FROM t",  # undecodable bytes as psycopg surrogate-escapes them
+        "<insufficient privilege>",
+        "",
+        "SELEC * FORM nowhere",
+    ],
+)
 def test_fallback_never_raises_and_is_stable(text):
     a, b = query_info(text), query_info(text)
-    assert a == b and len(a.fingerprint) == 16 and int(a.fingerprint, 16) >= 0  # xxh3_64: one format for every fingerprint
+    assert (
+        a == b and len(a.fingerprint) == 16 and int(a.fingerprint, 16) >= 0
+    )  # xxh3_64: one format for every fingerprint
     assert len(a.text) <= MAX_TEXT
 
 
@@ -150,13 +178,16 @@ def test_one_megabyte_statement():
     assert len(info.text) <= MAX_TEXT and "'1'" not in info.text
 
 
-@pytest.mark.parametrize("text", [
-    "ALTER ROLE app PASSWORD 'hunter2-secret'",
-    "SELECT * FROM sessions WHERE token = 'hunter2-secret'",
-    "SELECT 1 /* hunter2-secret */",
-    "SELECT * FROM sessions WHERE token = 'hunter2-secret",  # truncated: fallback path
-    "UPDATE t SET v = $1 -- hunter2-secret",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ALTER ROLE app PASSWORD 'hunter2-secret'",
+        "SELECT * FROM sessions WHERE token = 'hunter2-secret'",
+        "SELECT 1 /* hunter2-secret */",
+        "SELECT * FROM sessions WHERE token = 'hunter2-secret",  # truncated: fallback path
+        "UPDATE t SET v = $1 -- hunter2-secret",
+    ],
+)
 def test_secret_literals_never_reach_any_column(text):
     info = query_info(text)
     assert all("hunter2" not in getattr(info, f) for f in ("fingerprint", "operation", "summary", "text"))
@@ -164,24 +195,33 @@ def test_secret_literals_never_reach_any_column(text):
 
 def test_fingerprinter_caches_by_key_and_text():
     fp = Fingerprinter(key_cache_size=10, text_cache_size=10)
-    frame = pl.DataFrame({"dbid": [1, 1, 2], "queryid": [7, 8, 7],
-                          "query": ["SELECT 1", "SELECT 2", "SELECT 1"]})
+    frame = pl.DataFrame({"dbid": [1, 1, 2], "queryid": [7, 8, 7], "query": ["SELECT 1", "SELECT 2", "SELECT 1"]})
     out = fp.apply("i", frame)
     assert out["fingerprint"].n_unique() == 1 and fp.parses == 2  # 3 keys, 2 distinct texts
     fp.apply("i", frame)
     assert fp.key_hits == 3
-    many = pl.DataFrame({"dbid": [1] * 30, "queryid": list(range(100, 130)), "query": [f"SELECT {i}" for i in range(30)]})
+    many = pl.DataFrame(
+        {"dbid": [1] * 30, "queryid": list(range(100, 130)), "query": [f"SELECT {i}" for i in range(30)]}
+    )
     assert fp.apply("i", many).height == 30
     assert fp._by_key["i"].height <= 30  # bounded: keeps this frame's keys, sheds older ones
 
 
 # Cap, windows, points ---------------------------------------------------------------------
 
+
 def _pipeline_snaps(n_queries: int, scrapes: int = 4, step: int = 20) -> list[Snapshot]:
     out = []
     for i in range(scrapes):
-        rows = [{"queryid": q, "query": f"SELECT * FROM t{q} WHERE id = $1", "calls": (i + 1) * (q + 1),
-                 "total_exec_time": float((i + 1) * (q + 1) * (q + 1))} for q in range(n_queries)]
+        rows = [
+            {
+                "queryid": q,
+                "query": f"SELECT * FROM t{q} WHERE id = $1",
+                "calls": (i + 1) * (q + 1),
+                "total_exec_time": float((i + 1) * (q + 1) * (q + 1)),
+            }
+            for q in range(n_queries)
+        ]
         out.append(snap(T0 + timedelta(seconds=step * i), rows))
     return out
 
@@ -210,8 +250,12 @@ def test_lru_evicts_least_recently_active():
     s = [snap(T0, first)]
     # window 2: a0 active again; window 3: a new one arrives at the cap of 2
     s.append(snap(T0 + timedelta(seconds=61), [dict(r, calls=2) for r in first]))
-    later = [dict(first[0], calls=3), dict(first[1], calls=2), dict(first[2], calls=2),
-             {"queryid": 9, "query": "SELECT * FROM fresh", "calls": 1, "total_exec_time": 5.0}]
+    later = [
+        dict(first[0], calls=3),
+        dict(first[1], calls=2),
+        dict(first[2], calls=2),
+        {"queryid": 9, "query": "SELECT * FROM fresh", "calls": 1, "total_exec_time": 5.0},
+    ]
     s.append(snap(T0 + timedelta(seconds=122), later))
     pts = ops.run(s, export_interval_secs=60, max_queries_tracked=2)
     last = pts.filter(pl.col("end") == pts["end"].max())
@@ -219,8 +263,18 @@ def test_lru_evicts_least_recently_active():
 
 
 def test_users_and_databases_capped_with_rollup():
-    rows = [{"queryid": q, "user": f"u{q}", "database": f"d{q}", "dbid": q, "query": "SELECT * FROM t",
-             "calls": 10 * (q + 1), "total_exec_time": float(q + 1)} for q in range(4)]
+    rows = [
+        {
+            "queryid": q,
+            "user": f"u{q}",
+            "database": f"d{q}",
+            "dbid": q,
+            "query": "SELECT * FROM t",
+            "calls": 10 * (q + 1),
+            "total_exec_time": float(q + 1),
+        }
+        for q in range(4)
+    ]
     s0 = snap(T0, [dict(r, calls=0, total_exec_time=0.0) for r in rows])
     pts = ops.run([s0, snap(T0 + timedelta(seconds=5), rows)], max_users_tracked=2, max_databases_tracked=1)
     users, dbs = calls_of(pts, "user.name"), calls_of(pts, "db.namespace")
@@ -232,12 +286,16 @@ def test_window_alignment_and_boundary():
     length = timedelta(seconds=60)
     assert window_bounds(T0 + timedelta(seconds=59), length) == (T0, T0 + length)
     assert window_bounds(T0 + timedelta(seconds=60), length) == (T0 + length, T0 + 2 * length)
-    snaps = [snap(T0 + timedelta(seconds=s), [{"queryid": 1, "query": "SELECT 1", "calls": c}])
-             for s, c in [(50, 1), (70, 4), (130, 10)]]  # first delta crosses the boundary
+    snaps = [
+        snap(T0 + timedelta(seconds=s), [{"queryid": 1, "query": "SELECT 1", "calls": c}])
+        for s, c in [(50, 1), (70, 4), (130, 10)]
+    ]  # first delta crosses the boundary
     pts = ops.run(snaps, export_interval_secs=60).filter(pl.col("metric") == "postgresql.query.calls")
     # the last window is closed by the end of the stream: it ends at its last scrape (130 s)
-    assert pts.select("start", "end", "value").rows() == [(T0 + length, T0 + 2 * length, 3.0),
-                                                           (T0 + 2 * length, T0 + timedelta(seconds=130), 6.0)]
+    assert pts.select("start", "end", "value").rows() == [
+        (T0 + length, T0 + 2 * length, 3.0),
+        (T0 + 2 * length, T0 + timedelta(seconds=130), 6.0),
+    ]
 
 
 def test_points_frame_contract():
@@ -248,8 +306,15 @@ def test_points_frame_contract():
     calls = pts.filter(pl.col("metric") == "postgresql.query.calls")
     assert (calls["kind"] == "sum").all() and calls["monotonic"].all() and calls["is_int"].all()
     attrs = calls["attributes"].struct.unnest()
-    for key in ("db.system.name", "db.namespace", "user.name", "db.operation.name", "db.query.summary",
-                "postgresql.query.fingerprint", "db.query.text"):
+    for key in (
+        "db.system.name",
+        "db.namespace",
+        "user.name",
+        "db.operation.name",
+        "db.query.summary",
+        "postgresql.query.fingerprint",
+        "db.query.text",
+    ):
         assert attrs[key].null_count() == 0, key
     assert (attrs["db.system.name"] == "postgresql").all()
 
@@ -261,6 +326,7 @@ def test_run_rejects_unknown_settings():
 
 # Grouping ---------------------------------------------------------------------------------
 
+
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b", "", None]), st.integers(0, 3)), min_size=1, max_size=40))
 def test_grouping_by_hash_equals_grouping_by_value(rows):
@@ -268,8 +334,9 @@ def test_grouping_by_hash_equals_grouping_by_value(rows):
     hashed, exact = group_rows(keys), _group_exactly(keys)
     assert hashed.first.tolist() == exact.first.tolist() and hashed.of_row.tolist() == exact.of_row.tolist()
     values = np.arange(len(rows), dtype=np.int64)[:, None] * 3
-    assert hashed.sum(values).tolist() == [[3 * sum(i for i, g in enumerate(exact.of_row) if g == k)]
-                                           for k in range(len(exact))]
+    assert hashed.sum(values).tolist() == [
+        [3 * sum(i for i, g in enumerate(exact.of_row) if g == k)] for k in range(len(exact))
+    ]
 
 
 def test_grouping_survives_a_hash_collision(monkeypatch):
@@ -285,6 +352,7 @@ def test_grouping_survives_a_hash_collision(monkeypatch):
 
 
 # Property: whatever happens on the server, exported totals equal the truth -----------------
+
 
 @st.composite
 def workloads(draw):
@@ -307,13 +375,22 @@ def workloads(draw):
             entries.pop(draw(st.sampled_from(sorted(entries))))
         if event == "reset_one" and entries:
             key = draw(st.sampled_from(sorted(entries)))
-            entries[key] = {"calls": 0, "time": 0.0, "since": at - timedelta(microseconds=1), "text": entries[key]["text"]}
+            entries[key] = {
+                "calls": 0,
+                "time": 0.0,
+                "since": at - timedelta(microseconds=1),
+                "text": entries[key]["text"],
+            }
         if event == "new" or not entries:
             for _ in range(draw(st.integers(1, 3))):
                 key = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), next_qid, draw(st.booleans()))
                 next_qid += 1
-                entries[key] = {"calls": 0, "time": 0.0, "since": at - timedelta(microseconds=1),
-                                "text": draw(st.sampled_from(texts))}
+                entries[key] = {
+                    "calls": 0,
+                    "time": 0.0,
+                    "since": at - timedelta(microseconds=1),
+                    "text": draw(st.sampled_from(texts)),
+                }
         for key in sorted(entries):
             calls = draw(st.integers(0, 5))
             time = calls * draw(st.sampled_from([0.5, 2.0, 7.25]))
@@ -323,9 +400,21 @@ def workloads(draw):
                 truth_calls += calls
                 truth_time += time
                 by_series.append((at, f"db{key[0]}", f"u{key[1]}", key[3], calls, time))
-        rows = [{"dbid": k[0], "userid": k[1], "queryid": k[2], "toplevel": k[3], "query": e["text"],
-                 "database": f"db{k[0]}", "user": f"u{k[1]}", "calls": e["calls"],
-                 "total_exec_time": e["time"], "stats_since": e["since"]} for k, e in entries.items()]
+        rows = [
+            {
+                "dbid": k[0],
+                "userid": k[1],
+                "queryid": k[2],
+                "toplevel": k[3],
+                "query": e["text"],
+                "database": f"db{k[0]}",
+                "user": f"u{k[1]}",
+                "calls": e["calls"],
+                "total_exec_time": e["time"],
+                "stats_since": e["since"],
+            }
+            for k, e in entries.items()
+        ]
         snaps.append(snap(at, rows, stats_reset=stats_reset))
     return snaps, truth_calls, truth_time, by_series
 
@@ -337,8 +426,13 @@ def test_exported_totals_equal_truth(workload, cap, threshold, window):
     vs nested (issue 14 items 7, 8): ``other`` keeps the user, database and toplevel of what
     it rolls up, and a user the user cap rolled up is counted under user ``other``."""
     snaps, truth_calls, truth_time, by_series = workload
-    pts = ops.run(snaps, max_queries_tracked=cap, max_users_tracked=1, slow_query_threshold_ms=threshold,
-                  export_interval_secs=window)
+    pts = ops.run(
+        snaps,
+        max_queries_tracked=cap,
+        max_users_tracked=1,
+        slow_query_threshold_ms=threshold,
+        export_interval_secs=window,
+    )
     exported_calls = pts.filter(pl.col("metric") == "postgresql.query.calls")["value"].sum()
     exported_time = pts.filter(pl.col("metric") == "postgresql.query.duration")["value"].sum()
     assert exported_calls == truth_calls
@@ -346,14 +440,21 @@ def test_exported_totals_equal_truth(workload, cap, threshold, window):
     assert (pts.filter(pl.col("kind") == "sum")["value"] >= 0).all()
 
     truth = pl.DataFrame(by_series, schema=["at", "database", "user", "toplevel", "calls", "time"], orient="row")
-    truth = truth.with_columns(start=pl.col("at").map_elements(lambda t: window_bounds(t, timedelta(seconds=window))[0],
-                                                             return_dtype=pts.schema["start"]),
-                               toplevel=pl.col("toplevel").cast(pl.String))
+    truth = truth.with_columns(
+        start=pl.col("at").map_elements(
+            lambda t: window_bounds(t, timedelta(seconds=window))[0], return_dtype=pts.schema["start"]
+        ),
+        toplevel=pl.col("toplevel").cast(pl.String),
+    )
     # windows are told apart by their start: the last one ends at its last scrape, not its nominal end
     calls = pts.filter(pl.col("metric") == "postgresql.query.calls").select(
-        "start", *(pl.col("attributes").struct.field(a).alias(k) for k, a in
-                 (("database", "db.namespace"), ("user", "user.name"), ("toplevel", "postgresql.query.toplevel"))),
-        "value")
+        "start",
+        *(
+            pl.col("attributes").struct.field(a).alias(k)
+            for k, a in (("database", "db.namespace"), ("user", "user.name"), ("toplevel", "postgresql.query.toplevel"))
+        ),
+        "value",
+    )
     assert calls["user"].null_count() == 0 and calls["toplevel"].null_count() == 0
     for dimension in ("database", "user", "toplevel"):
         exported = calls.group_by("start", dimension).agg(pl.col("value").sum())
@@ -372,13 +473,16 @@ def test_row_order_changes_nothing(workload, seed):
     """Scrapes returning their rows in the same order pair up by position; in any other
     order by key. Both must give every series the same numbers."""
     snaps = workload[0]
-    shuffled = [replace(s, statements=s.statements.sample(fraction=1.0, shuffle=True, seed=(seed + i) % 2**32))
-                for i, s in enumerate(snaps)]
+    shuffled = [
+        replace(s, statements=s.statements.sample(fraction=1.0, shuffle=True, seed=(seed + i) % 2**32))
+        for i, s in enumerate(snaps)
+    ]
     series = ("postgresql.query.fingerprint", "db.namespace", "user.name")
 
     def totals(points: pl.DataFrame) -> dict:
         keyed = points.filter(pl.col("kind") == "sum").with_columns(
-            *(pl.col("attributes").struct.field(a).alias(a) for a in series))
+            *(pl.col("attributes").struct.field(a).alias(a) for a in series)
+        )
         summed = keyed.group_by("metric", *series).agg(pl.col("value").sum())
         return {tuple(row[:4]): round(row[4], 9) for row in summed.iter_rows()}
 
@@ -386,6 +490,7 @@ def test_row_order_changes_nothing(workload, seed):
 
 
 # Against the real server -------------------------------------------------------------------
+
 
 def _pgbench_calls(points: pl.DataFrame) -> dict[str, float]:
     return {k: v for k, v in calls_of(points, "db.query.text").items() if k in PGBENCH_STATEMENTS.values()}
@@ -437,9 +542,13 @@ def test_real_nested_statements_sum_top_level_only(pg):
     assert pg.execute("SHOW pg_stat_statements.track")[0][0] == "all"
     version = int(pg.execute("SHOW server_version_num")[0][0])
     pg.execute("DROP DATABASE IF EXISTS nested14", "CREATE DATABASE nested14")
-    pg.execute("CREATE TABLE n14 (id int PRIMARY KEY, v int)", "INSERT INTO n14 VALUES (1, 0)",
-               "CREATE FUNCTION bump14() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
-               "UPDATE n14 SET v = v + 1 WHERE id = 1; PERFORM pg_sleep(0.02); END $$", dbname="nested14")
+    pg.execute(
+        "CREATE TABLE n14 (id int PRIMARY KEY, v int)",
+        "INSERT INTO n14 VALUES (1, 0)",
+        "CREATE FUNCTION bump14() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+        "UPDATE n14 SET v = v + 1 WHERE id = 1; PERFORM pg_sleep(0.02); END $$",
+        dbname="nested14",
+    )
     try:
         with Scraper(pg.dsn()) as scraper:
             before = scraper.scrape()
@@ -451,13 +560,20 @@ def test_real_nested_statements_sum_top_level_only(pg):
         pg.execute("DROP DATABASE nested14")
     pts = ops.run([before, after]).filter(pl.col("attributes").struct.field("db.namespace") == "nested14")
     rows = pts.filter(pl.col("metric").is_in(["postgresql.query.calls", "postgresql.query.duration"])).select(
-        "metric", "value", text=pl.col("attributes").struct.field("db.query.text"),
-        toplevel=pl.col("attributes").struct.field("postgresql.query.toplevel"))
+        "metric",
+        "value",
+        text=pl.col("attributes").struct.field("db.query.text"),
+        toplevel=pl.col("attributes").struct.field("postgresql.query.toplevel"),
+    )
     if version < 140000:  # one entry holds both there: the attribute is absent rather than wrong
         assert rows.height and rows["toplevel"].null_count() == rows.height
         return
-    calls = {(t, top): v for t, top, v in rows.filter(pl.col("metric") == "postgresql.query.calls")
-             .select("text", "toplevel", "value").iter_rows()}
+    calls = {
+        (t, top): v
+        for t, top, v in rows.filter(pl.col("metric") == "postgresql.query.calls")
+        .select("text", "toplevel", "value")
+        .iter_rows()
+    }
     update = "UPDATE n14 SET v = v + $1 WHERE id = $2"
     assert calls[(update, "true")] == 7 and calls[(update, "false")] == 10  # one statement, two series
     assert calls[("SELECT bump14()", "true")] == 10
@@ -479,8 +595,9 @@ def test_real_gauges_read_zero_rather_than_vanish(pg):
             snaps = [scraper.scrape(), scraper.scrape()]
     finally:
         pg.execute("DROP DATABASE idle14")
-    gauges = ops.run(snaps).filter((pl.col("kind") == "gauge")
-                                   & (pl.col("attributes").struct.field("db.namespace") == "idle14"))
+    gauges = ops.run(snaps).filter(
+        (pl.col("kind") == "gauge") & (pl.col("attributes").struct.field("db.namespace") == "idle14")
+    )
 
     def values(metric: str, attr: str) -> dict[str | None, float]:
         rows = gauges.filter(pl.col("metric") == metric).with_columns(k=pl.col("attributes").struct.field(attr))
@@ -488,6 +605,9 @@ def test_real_gauges_read_zero_rather_than_vanish(pg):
 
     connections = values("postgresql.connection.count", "postgresql.connection.state")
     assert {s: connections.get(s) for s in ("active", "idle", "idle in transaction")} == {
-        "active": 0, "idle": 0, "idle in transaction": 0}
+        "active": 0,
+        "idle": 0,
+        "idle in transaction": 0,
+    }
     assert values("postgresql.lock.count", "postgresql.lock.granted").get("false") == 0
     assert values("postgresql.blocked.count", "db.namespace") == {"idle14": 0}

@@ -11,7 +11,7 @@ import re
 import signal
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pytest
@@ -26,7 +26,7 @@ from pgflow.pgserver import free_port
 from pgflow.schema import ATTRIBUTE_KEYS, POINTS
 
 API_KEY = "NRAK-TESTKEY-0123456789"
-W0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+W0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 W1 = W0 + timedelta(seconds=60)
 
 
@@ -36,24 +36,58 @@ def make_points(n: int, text_len: int = 40, value: float | None = None) -> pl.Da
     for i in range(n):
         is_int = i % 2 == 0
         attrs = {k: None for k in ATTRIBUTE_KEYS}
-        attrs.update({"db.system.name": "postgresql", "db.namespace": "app", "user.name": f"u{i % 3}",
-                      "db.operation.name": "SELECT", "db.query.summary": f"SELECT t{i}",
-                      "postgresql.query.fingerprint": f"{i:016x}", "db.query.text": ("x" * text_len)[:text_len]})
-        rows.append({"instance": "db1:5432", "metric": "postgresql.query.calls" if is_int else "postgresql.query.duration",
-                     "kind": "sum", "unit": "{call}" if is_int else "s", "monotonic": True, "start": W0, "end": W1,
-                     "value": float(value if value is not None else (i + 1 if is_int else (i + 1) / 1000)),
-                     "is_int": is_int, "attributes": attrs, "server_address": "db1", "server_port": 5432,
-                     "server_version_num": 170004})
-    gauge = dict(rows[0], metric="postgresql.connection.max", kind="gauge", unit="{connection}", monotonic=False,
-                 start=W1, value=100.0, attributes={k: None for k in ATTRIBUTE_KEYS})
+        attrs.update(
+            {
+                "db.system.name": "postgresql",
+                "db.namespace": "app",
+                "user.name": f"u{i % 3}",
+                "db.operation.name": "SELECT",
+                "db.query.summary": f"SELECT t{i}",
+                "postgresql.query.fingerprint": f"{i:016x}",
+                "db.query.text": ("x" * text_len)[:text_len],
+            }
+        )
+        rows.append(
+            {
+                "instance": "db1:5432",
+                "metric": "postgresql.query.calls" if is_int else "postgresql.query.duration",
+                "kind": "sum",
+                "unit": "{call}" if is_int else "s",
+                "monotonic": True,
+                "start": W0,
+                "end": W1,
+                "value": float(value if value is not None else (i + 1 if is_int else (i + 1) / 1000)),
+                "is_int": is_int,
+                "attributes": attrs,
+                "server_address": "db1",
+                "server_port": 5432,
+                "server_version_num": 170004,
+            }
+        )
+    gauge = dict(
+        rows[0],
+        metric="postgresql.connection.max",
+        kind="gauge",
+        unit="{connection}",
+        monotonic=False,
+        start=W1,
+        value=100.0,
+        attributes={k: None for k in ATTRIBUTE_KEYS},
+    )
     return pl.DataFrame(rows + [gauge], schema=POINTS)
 
 
 def exporter_for(receiver: Receiver, protocol: str, **overrides) -> tuple[Exporter, list[float]]:
     delays: list[float] = []
     endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
-    settings = Settings.load(otlp_endpoint=endpoint, otlp_protocol=protocol, new_relic_api_key=API_KEY,
-                             retry_initial_delay_secs=0.01, retry_max_delay_secs=0.05, **overrides)
+    settings = Settings.load(
+        otlp_endpoint=endpoint,
+        otlp_protocol=protocol,
+        new_relic_api_key=API_KEY,
+        retry_initial_delay_secs=0.01,
+        retry_max_delay_secs=0.05,
+        **overrides,
+    )
     return Exporter(settings, sleep=delays.append), delays
 
 
@@ -91,17 +125,30 @@ def test_round_trip(receiver, protocol):
 def test_integers_as_int_and_durations_as_double():
     [batch] = Encoder().batches(make_points(4))
     request = decode(batch.payload)
-    kinds = {m.name: m.sum.data_points[0].WhichOneof("value")
-             for m in request.resource_metrics[0].scope_metrics[0].metrics if m.HasField("sum")}
+    kinds = {
+        m.name: m.sum.data_points[0].WhichOneof("value")
+        for m in request.resource_metrics[0].scope_metrics[0].metrics
+        if m.HasField("sum")
+    }
     assert kinds == {"postgresql.query.calls": "as_int", "postgresql.query.duration": "as_double"}
     assert request.resource_metrics[0].scope_metrics[0].scope.name == "pgflow"
 
 
-@pytest.mark.parametrize("protocol, code", [
-    ("grpc", "UNAVAILABLE"), ("grpc", "CANCELLED"), ("grpc", "DEADLINE_EXCEEDED"), ("grpc", "ABORTED"),
-    ("grpc", "OUT_OF_RANGE"), ("grpc", "DATA_LOSS"), ("http", "429"), ("http", "502"), ("http", "503"),
-    ("http", "504"),
-])
+@pytest.mark.parametrize(
+    "protocol, code",
+    [
+        ("grpc", "UNAVAILABLE"),
+        ("grpc", "CANCELLED"),
+        ("grpc", "DEADLINE_EXCEEDED"),
+        ("grpc", "ABORTED"),
+        ("grpc", "OUT_OF_RANGE"),
+        ("grpc", "DATA_LOSS"),
+        ("http", "429"),
+        ("http", "502"),
+        ("http", "503"),
+        ("http", "504"),
+    ],
+)
 def test_retryable_codes_are_retried(receiver, protocol, code):
     receiver.set_script(parse_script(f"{code},{code},OK"))
     exporter, delays = exporter_for(receiver, protocol)
@@ -112,11 +159,20 @@ def test_retryable_codes_are_retried(receiver, protocol, code):
     assert receiver.points().height == 3
 
 
-@pytest.mark.parametrize("protocol, code", [
-    ("grpc", "RESOURCE_EXHAUSTED"), ("grpc", "INVALID_ARGUMENT"), ("grpc", "UNAUTHENTICATED"),
-    ("grpc", "PERMISSION_DENIED"), ("http", "400"), ("http", "401"), ("http", "403"), ("http", "413"),
-    ("http", "500"),
-])
+@pytest.mark.parametrize(
+    "protocol, code",
+    [
+        ("grpc", "RESOURCE_EXHAUSTED"),
+        ("grpc", "INVALID_ARGUMENT"),
+        ("grpc", "UNAUTHENTICATED"),
+        ("grpc", "PERMISSION_DENIED"),
+        ("http", "400"),
+        ("http", "401"),
+        ("http", "403"),
+        ("http", "413"),
+        ("http", "500"),
+    ],
+)
 def test_non_retryable_codes_are_not_retried(receiver, protocol, code, caplog):
     receiver.set_script(parse_script(f"{code},OK"))
     exporter, delays = exporter_for(receiver, protocol)
@@ -146,7 +202,7 @@ def test_retry_after_is_honoured(receiver):
 
 
 def test_retry_after_http_date():
-    now = datetime(2026, 1, 1, 0, 0, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, 0, 0, 0, tzinfo=UTC)
     assert parse_retry_after("Thu, 01 Jan 2026 00:00:07 GMT", now) == 7.0
     assert parse_retry_after("12", now) == 12.0 and parse_retry_after("soon", now) is None
 
@@ -168,8 +224,13 @@ def test_gives_up_after_max_attempts_and_says_so(receiver):
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_connection_refused_is_retried(protocol):
     port = free_port()
-    settings = Settings.load(otlp_endpoint=f"http://127.0.0.1:{port}", otlp_protocol=protocol,
-                             retry_max_attempts=3, retry_initial_delay_secs=0.01, export_timeout_secs=2)
+    settings = Settings.load(
+        otlp_endpoint=f"http://127.0.0.1:{port}",
+        otlp_protocol=protocol,
+        retry_max_attempts=3,
+        retry_initial_delay_secs=0.01,
+        export_timeout_secs=2,
+    )
     delays: list[float] = []
     exporter = Exporter(settings, sleep=delays.append)
     [(_, result)] = exporter.export(make_points(2))
@@ -228,8 +289,12 @@ def test_api_key_is_sent_as_header_and_never_logged(receiver, protocol, caplog):
 
 def test_receive_cli_stores_and_closes_cleanly_on_sigterm(tmp_path):
     out = tmp_path / "points.duckdb"
-    proc = subprocess.Popen([sys.executable, "-m", "pgflow", "receive", "--out", str(out), "--grpc-port", "0",
-                             "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgflow", "receive", "--out", str(out), "--grpc-port", "0", "--http-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         grpc_port, http_port = map(int, re.findall(r"127\.0\.0\.1:(\d+)", line))
@@ -264,6 +329,7 @@ def test_encoding_is_the_same_when_attribute_hashes_collide(monkeypatch):
     points = make_points(50)
     expected = decode(next(Encoder().batches(points)).payload)
     real = pl.DataFrame.hash_rows
-    monkeypatch.setattr(pl.DataFrame, "hash_rows",
-                        lambda self, seed=0, *a, **k: real(self, seed, *a, **k) * (0 if seed == 0 else 1))
+    monkeypatch.setattr(
+        pl.DataFrame, "hash_rows", lambda self, seed=0, *a, **k: real(self, seed, *a, **k) * (0 if seed == 0 else 1)
+    )
     assert decode(next(Encoder().batches(points)).payload) == expected

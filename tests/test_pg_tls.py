@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from certs import Certs, make_certs
 from conftest import PGBENCH_STATEMENTS
 from e2e import ROOT, calls_by_summary, collector_env, settle, start_collector, wait_for_baseline
+
 from pgflow.otlp.receiver import Receiver
 from pgflow.pgserver import LocalPostgres
 
@@ -37,13 +37,18 @@ def _has_ssl(bindir: Path) -> bool:
 
 
 def ssl_bindir() -> Path:
-    candidates = [os.environ.get("PGFLOW_TEST_PG_BINDIR"), *sorted(glob.glob("/usr/lib/postgresql/*/bin")),
-                  *sorted(glob.glob(str(ROOT / ".pgflow-cache" / "pg" / "*" / "native" / "bin")))]  # scripts/fetch-postgres
+    candidates = [
+        os.environ.get("PGFLOW_TEST_PG_BINDIR"),
+        *sorted(glob.glob("/usr/lib/postgresql/*/bin")),
+        *sorted(glob.glob(str(ROOT / ".pgflow-cache" / "pg" / "*" / "native" / "bin"))),
+    ]  # scripts/fetch-postgres
     for candidate in filter(None, candidates):
         if _has_ssl(Path(candidate)):
             return Path(candidate)
-    pytest.fail("no PostgreSQL build with SSL found (the embedded wheel has none): apt-get install postgresql, "
-                "or set PGFLOW_TEST_PG_BINDIR to one")
+    pytest.fail(
+        "no PostgreSQL build with SSL found (the embedded wheel has none): apt-get install postgresql, "
+        "or set PGFLOW_TEST_PG_BINDIR to one"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,30 +60,46 @@ def certs(tmp_path_factory) -> Certs:
 def tls_pg(certs):
     """ssl = on with the test certificates; the client-certificate role must present its certificate
     and is refused without TLS (pgbench, as postgres, may use a libpq without SSL)."""
-    server = LocalPostgres(ssl_bindir(), ssl=(certs.server_cert, certs.server_key, certs.ca),
-                           hba=[f"hostssl all {ROLE} 127.0.0.1/32 cert", f"hostnossl all {ROLE} 127.0.0.1/32 reject"])
+    server = LocalPostgres(
+        ssl_bindir(),
+        ssl=(certs.server_cert, certs.server_key, certs.ca),
+        hba=[f"hostssl all {ROLE} 127.0.0.1/32 cert", f"hostnossl all {ROLE} 127.0.0.1/32 reject"],
+    )
     server.start()
     try:
-        server.execute("CREATE EXTENSION pg_stat_statements", "CREATE DATABASE other",
-                       f"CREATE ROLE {ROLE} LOGIN", f"GRANT pg_monitor TO {ROLE}")
+        server.execute(
+            "CREATE EXTENSION pg_stat_statements",
+            "CREATE DATABASE other",
+            f"CREATE ROLE {ROLE} LOGIN",
+            f"GRANT pg_monitor TO {ROLE}",
+        )
         server.pgbench_init()
         yield server
     finally:
         server.cleanup()
 
 
-def verified_dsn(server: LocalPostgres, certs: Certs, *, user: str = ROLE, host: str = "localhost",
-                 ca: Path | None = None, client: bool = True, extra: str = "") -> str:
-    dsn = (f"postgresql://{user}@{host}:{server.port}/postgres?sslmode=verify-full"
-           f"&sslrootcert={ca or certs.ca}{extra}")
+def verified_dsn(
+    server: LocalPostgres,
+    certs: Certs,
+    *,
+    user: str = ROLE,
+    host: str = "localhost",
+    ca: Path | None = None,
+    client: bool = True,
+    extra: str = "",
+) -> str:
+    dsn = f"postgresql://{user}@{host}:{server.port}/postgres?sslmode=verify-full&sslrootcert={ca or certs.ca}{extra}"
     if client:
         dsn += f"&sslcert={certs.client_cert}&sslkey={certs.client_key}"
     return dsn
 
 
 def pgflow_backends(server: LocalPostgres) -> set[tuple[str, bool, str]]:
-    rows = server.execute("SELECT a.datname, s.ssl, coalesce(s.client_dn, '') FROM pg_stat_activity a "
-                          "JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'pgflow'")
+    rows = server.execute(
+        "SELECT a.datname, s.ssl, coalesce(s.client_dn, '') FROM pg_stat_activity a "
+        "JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'pgflow'"
+    )
     return {(d, bool(ssl), dn) for d, ssl, dn in rows}
 
 
@@ -87,8 +108,9 @@ def test_verify_full_with_a_client_certificate_on_every_connection(tls_pg, certs
     state = tmp_path / "state"
     seen: set[tuple[str, bool, str]] = set()
     with Receiver() as receiver:
-        env = collector_env(verified_dsn(tls_pg, certs), receiver.grpc_endpoint, state,
-                            PGFLOW_TABLE_STATS_INTERVAL_SECS="0.5")
+        env = collector_env(
+            verified_dsn(tls_pg, certs), receiver.grpc_endpoint, state, PGFLOW_TABLE_STATS_INTERVAL_SECS="0.5"
+        )
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(state)
         tls_pg.pgbench("-n", "-c", "2", "-t", "50")
@@ -110,8 +132,9 @@ def test_verify_full_with_a_client_certificate_on_every_connection(tls_pg, certs
 def run_check(dsn: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     with Receiver() as receiver:
         env = collector_env(dsn, receiver.grpc_endpoint, tmp_path)
-        return subprocess.run([sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True,
-                              cwd=ROOT, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
 
 
 def test_check_accepts_the_verified_client_certificate(tls_pg, certs, tmp_path):
@@ -120,15 +143,20 @@ def test_check_accepts_the_verified_client_certificate(tls_pg, certs, tmp_path):
     assert "=> usable" in proc.stdout
 
 
-@pytest.mark.parametrize("case,words", [
-    ("wrong_ca", "not signed by a CA in sslrootcert"),
-    ("wrong_host", "hostname mismatch"),
-    ("no_client_cert", "requires a client certificate"),
-])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("wrong_ca", "not signed by a CA in sslrootcert"),
+        ("wrong_host", "hostname mismatch"),
+        ("no_client_cert", "requires a client certificate"),
+    ],
+)
 def test_check_explains_certificate_failures(tls_pg, certs, tmp_path, case, words):
-    dsn = {"wrong_ca": verified_dsn(tls_pg, certs, ca=certs.other_ca),
-           "wrong_host": verified_dsn(tls_pg, certs, host="other.example", extra="&hostaddr=127.0.0.1"),
-           "no_client_cert": verified_dsn(tls_pg, certs, client=False)}[case]
+    dsn = {
+        "wrong_ca": verified_dsn(tls_pg, certs, ca=certs.other_ca),
+        "wrong_host": verified_dsn(tls_pg, certs, host="other.example", extra="&hostaddr=127.0.0.1"),
+        "no_client_cert": verified_dsn(tls_pg, certs, client=False),
+    }[case]
     proc = run_check(dsn, tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     tls = [ln for ln in proc.stdout.splitlines() if "FAIL tls:" in ln]

@@ -14,8 +14,8 @@ import socket
 import polars as pl
 import psycopg
 import pytest
-
 from conftest import PGBENCH_STATEMENTS
+
 from pgflow import ops, telemetry
 from pgflow.config import InstanceConfig, Settings
 from pgflow.errors import ScrapeError
@@ -33,9 +33,11 @@ BAD_BYTE_STATEMENT = b'SELECT 1 AS "caf\xe9"'  # stored from a SQL_ASCII databas
 def encodings(pg_factory):
     """A server whose pg_stat_statements holds a 0xe9 text from a SQL_ASCII database."""
     server = pg_factory()
-    server.execute("CREATE EXTENSION pg_stat_statements",
-                   "CREATE DATABASE sqlascii ENCODING 'SQL_ASCII' TEMPLATE template0",
-                   "CREATE DATABASE latin ENCODING 'LATIN1' TEMPLATE template0")
+    server.execute(
+        "CREATE EXTENSION pg_stat_statements",
+        "CREATE DATABASE sqlascii ENCODING 'SQL_ASCII' TEMPLATE template0",
+        "CREATE DATABASE latin ENCODING 'LATIN1' TEMPLATE template0",
+    )
     for db in ("sqlascii", "latin"):
         server.execute("CREATE EXTENSION pg_stat_statements", dbname=db)
     with psycopg.connect(server.dsn("sqlascii"), autocommit=True) as conn:
@@ -47,8 +49,11 @@ def encodings(pg_factory):
 
 def _calls(deltas, needle: str) -> int:
     frame = deltas.statements
-    return int(sum(c for q, c in zip(frame["query"], frame["calls"]) if q is not None and needle in q)) \
-        if "query" in frame.columns else 0
+    return (
+        int(sum(c for q, c in zip(frame["query"], frame["calls"]) if q is not None and needle in q))
+        if "query" in frame.columns
+        else 0
+    )
 
 
 def _calls_by_queryid(deltas, queryids: set[int]) -> int:
@@ -133,8 +138,9 @@ def test_latin1_text_comes_out_as_unicode(encodings):
 def blind(pg_factory):
     """A server whose 0xe9 text comes from a SQL_ASCII database without pg_stat_statements."""
     server = pg_factory()
-    server.execute("CREATE EXTENSION pg_stat_statements",
-                   "CREATE DATABASE legacy ENCODING 'SQL_ASCII' TEMPLATE template0")
+    server.execute(
+        "CREATE EXTENSION pg_stat_statements", "CREATE DATABASE legacy ENCODING 'SQL_ASCII' TEMPLATE template0"
+    )
     with psycopg.connect(server.dsn("legacy"), autocommit=True) as conn:
         conn.execute(BAD_BYTE_STATEMENT)
     return server
@@ -153,13 +159,16 @@ def test_unreadable_text_without_a_way_round_says_where_and_how(blind, caplog, m
                 conn.execute("SELECT 42 AS fresh_after_the_bad_text")
         state, deltas = delta(state, scraper.scrape())
         state, _ = delta(state, scraper.scrape())
-        queryid = blind.execute("SELECT queryid FROM pg_stat_statements(false) s JOIN pg_roles r ON r.oid = s.userid "
-                                "WHERE calls = 7 AND r.rolname = 'postgres'")
-        assert _calls_by_queryid(deltas, {q for q, in queryid}) == 7  # counted, under the queryid label
+        queryid = blind.execute(
+            "SELECT queryid FROM pg_stat_statements(false) s JOIN pg_roles r ON r.oid = s.userid "
+            "WHERE calls = 7 AND r.rolname = 'postgres'"
+        )
+        assert _calls_by_queryid(deltas, {q for (q,) in queryid}) == 7  # counted, under the queryid label
         warnings = [r.getMessage() for r in caplog.records if "statement texts cannot be read" in r.getMessage()]
         assert len(warnings) == 1, warnings  # once
-        assert "database legacy" in warnings[0] and "CREATE EXTENSION pg_stat_statements in database legacy" \
-            in warnings[0], warnings[0]
+        assert (
+            "database legacy" in warnings[0] and "CREATE EXTENSION pg_stat_statements in database legacy" in warnings[0]
+        ), warnings[0]
         assert "caf" not in caplog.text
         # The way out: the extension created there; looked for again (TEXT_RETRY_SECS, 0 here).
         blind.execute("CREATE EXTENSION pg_stat_statements", dbname="legacy")
@@ -174,8 +183,10 @@ def test_unreadable_text_without_a_way_round_says_where_and_how(blind, caplog, m
     report = check(InstanceConfig(name="blind", database_url=blind.dsn()))
     texts = [f for f in report.findings if f.name == "texts"]
     assert texts and texts[0].level == "warn", report.render()
-    assert "database legacy" in texts[0].detail and \
-        "CREATE EXTENSION pg_stat_statements in database legacy" in texts[0].detail, report.render()
+    assert (
+        "database legacy" in texts[0].detail
+        and "CREATE EXTENSION pg_stat_statements in database legacy" in texts[0].detail
+    ), report.render()
     assert "caf" not in report.render()
 
 
@@ -303,8 +314,13 @@ def test_own_statements_are_never_exported(pgbench_server):
     for snap in snapshots:
         state, deltas = delta(state, snap)
         if deltas is not None:
-            calls.append(sum(c for q, c in zip(deltas.statements["query"], deltas.statements["calls"])
-                             if q is not None and "pg_stat_activity" in q))
+            calls.append(
+                sum(
+                    c
+                    for q, c in zip(deltas.statements["query"], deltas.statements["calls"])
+                    if q is not None and "pg_stat_activity" in q
+                )
+            )
     assert calls == [1, 1]  # the user's query, exactly once per interval; pgflow's own never
 
 
@@ -315,8 +331,11 @@ def test_texts_are_keyed_like_the_counters_top_level_and_nested_apart(pgbench_se
     server = pgbench_server()
     if server.execute("SHOW server_version_num")[0][0] < "140000":
         pytest.skip("PostgreSQL 13 keeps top-level and nested executions in one entry (no toplevel)")
-    server.execute("CREATE TABLE twin (id int)", "CREATE FUNCTION twin_count() RETURNS bigint LANGUAGE sql "
-                   "AS $$SELECT /*pgflow*/ count(*) FROM twin WHERE id = 1$$")
+    server.execute(
+        "CREATE TABLE twin (id int)",
+        "CREATE FUNCTION twin_count() RETURNS bigint LANGUAGE sql "
+        "AS $$SELECT /*pgflow*/ count(*) FROM twin WHERE id = 1$$",
+    )
     user = "SELECT count(*) FROM twin WHERE id = 1"
     nested = "SELECT twin_count()"  # the same statement, nested and marked: same queryid, toplevel false
     with Scraper(server.dsn()) as scraper:
@@ -327,12 +346,15 @@ def test_texts_are_keyed_like_the_counters_top_level_and_nested_apart(pgbench_se
             for _ in range(3):
                 conn.execute(nested)
         snapshots.append(scraper.scrape())
-    same = server.execute("SELECT count(DISTINCT toplevel), count(DISTINCT queryid) FROM pg_stat_statements "
-                          "WHERE query LIKE 'SELECT %count(*) FROM twin WHERE%'")
+    same = server.execute(
+        "SELECT count(DISTINCT toplevel), count(DISTINCT queryid) FROM pg_stat_statements "
+        "WHERE query LIKE 'SELECT %count(*) FROM twin WHERE%'"
+    )
     assert same == [(2, 1)]  # ground truth: one queryid, a top-level and a nested entry
     calls = ops.run(snapshots, export_interval_secs=0.001).filter(
         (pl.col("metric") == "postgresql.query.calls")
-        & pl.col("attributes").struct.field("db.query.text").str.contains("FROM twin"))
+        & pl.col("attributes").struct.field("db.query.text").str.contains("FROM twin")
+    )
     assert calls["value"].sum() == 5
     assert set(calls["attributes"].struct.field("postgresql.query.toplevel")) == {"true"}
 
@@ -340,15 +362,15 @@ def test_texts_are_keyed_like_the_counters_top_level_and_nested_apart(pgbench_se
 def test_instance_identity_names_the_host_for_a_local_address(pg, monkeypatch):
     """Item 11: a sidecar on localhost is told apart by the host; OTEL_RESOURCE_ATTRIBUTES merges."""
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
-    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.instance.id=spoof,"
-                                                   "team=db%20ops")
+    monkeypatch.setenv(
+        "OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.instance.id=spoof,team=db%20ops"
+    )
     with Scraper(pg.dsn()) as scraper:
         snaps = [scraper.scrape(), scraper.scrape()]
     points = ops.run(snaps, export_interval_secs=0.001)
     assert points.height > 0
     with Receiver() as receiver:
-        settings = Settings.load(otlp_endpoint=receiver.http_endpoint, otlp_protocol="http",
-                                 new_relic_api_key="k" * 40)
+        settings = Settings.load(otlp_endpoint=receiver.http_endpoint, otlp_protocol="http", new_relic_api_key="k" * 40)
         results = Exporter(settings).export(points)
         assert all(r.acknowledged for _, r in results)
         resource = json.loads(receiver.points()["resource"][0])
@@ -413,21 +435,28 @@ def test_every_statement_pgflow_sends_carries_its_mark(pg_factory):
     from pgflow.scrape.tables import TableScraper
 
     server = pg_factory()
-    server.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
-                   "CREATE ROLE pgflow_mark LOGIN PASSWORD 'mark'", "GRANT pg_monitor TO pgflow_mark",
-                   "CREATE DATABASE marked")
+    server.execute(
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+        "CREATE ROLE pgflow_mark LOGIN PASSWORD 'mark'",
+        "GRANT pg_monitor TO pgflow_mark",
+        "CREATE DATABASE marked",
+    )
     server.execute("CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t VALUES (1)", dbname="marked")
     dsn = server.dsn(user="pgflow_mark", password="mark")
     server.execute("SELECT pg_stat_statements_reset()")
-    with Scraper(dsn, health=HealthSchedule.of(interval_secs=0.001)) as scraper, \
-            TableScraper(dsn, instance="mark") as tables, Sampler(dsn, instance="mark", interval_secs=1) as sampler:
+    with (
+        Scraper(dsn, health=HealthSchedule.of(interval_secs=0.001)) as scraper,
+        TableScraper(dsn, instance="mark") as tables,
+        Sampler(dsn, instance="mark", interval_secs=1) as sampler,
+    ):
         for _ in range(2):
             scraper.scrape()
             tables.scrape()
             assert sampler.sample()
     check(InstanceConfig(name="mark", database_url=dsn))
-    entries = server.execute("SELECT s.query FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid "
-                             "WHERE r.rolname = 'pgflow_mark'")
+    entries = server.execute(
+        "SELECT s.query FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = 'pgflow_mark'"
+    )
     assert len(entries) >= 10  # the scrapers did run as that role
     unmarked = [q for (q,) in entries if MARK not in q]  # transaction control included (issue 19)
     assert unmarked == [], "\n".join(q[:100] for q in unmarked)

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import duckdb
 import polars as pl
+import psycopg
 import pytest
 
-import psycopg
 from pgflow import capture, ops, telemetry
 from pgflow.config import Settings
 from pgflow.ops.query_samples import TRUNCATED, SampleLimits, query_sample_events, window_index
@@ -109,8 +109,12 @@ def _texts_read(instance: str) -> float:
 @pytest.fixture(scope="module")
 def workload(pg_factory, tmp_path_factory) -> Workload:
     server = pg_factory(settings={"track_activity_query_size": str(QUERY_SIZE)})
-    server.execute("CREATE EXTENSION pg_stat_statements", "CREATE TABLE qs_lock (id int PRIMARY KEY, v int)",
-                   "INSERT INTO qs_lock VALUES (1, 0)", "SELECT pg_stat_statements_reset()")
+    server.execute(
+        "CREATE EXTENSION pg_stat_statements",
+        "CREATE TABLE qs_lock (id int PRIMARY KEY, v int)",
+        "INSERT INTO qs_lock VALUES (1, 0)",
+        "SELECT pg_stat_statements_reset()",
+    )
     dsn = server.dsn()
     w = Workload(version=int(server.execute("SHOW server_version_num")[0][0]), server=server)
     lines = _Lines(w.log)
@@ -122,17 +126,34 @@ def workload(pg_factory, tmp_path_factory) -> Workload:
     w.off_capture, w.capture = str(tmp / "off.duckdb"), str(tmp / "on.duckdb")
     off = Settings.load(activity_sample_interval_secs=0)
     try:
-        with Scraper(dsn) as scraper, \
-                Sampler(dsn, instance="qs-main", interval_secs=PERIOD, sample_min_duration_ms=THRESHOLD_MS) as main, \
-                Sampler(dsn, instance="qs-unreached", interval_secs=PERIOD, sample_min_duration_ms=60_000) as high, \
-                Sampler(dsn, instance="qs-budget", interval_secs=PERIOD, sample_min_duration_ms=THRESHOLD_MS,
-                        max_query_samples=3) as budget, \
-                Sampler(dsn, instance="qs-per-id", interval_secs=PERIOD, sample_min_duration_ms=THRESHOLD_MS,
-                        samples_per_fingerprint_per_hour=2) as per_id, Scraper(dsn) as off_scraper:
+        with (
+            Scraper(dsn) as scraper,
+            Sampler(dsn, instance="qs-main", interval_secs=PERIOD, sample_min_duration_ms=THRESHOLD_MS) as main,
+            Sampler(dsn, instance="qs-unreached", interval_secs=PERIOD, sample_min_duration_ms=60_000) as high,
+            Sampler(
+                dsn,
+                instance="qs-budget",
+                interval_secs=PERIOD,
+                sample_min_duration_ms=THRESHOLD_MS,
+                max_query_samples=3,
+            ) as budget,
+            Sampler(
+                dsn,
+                instance="qs-per-id",
+                interval_secs=PERIOD,
+                sample_min_duration_ms=THRESHOLD_MS,
+                samples_per_fingerprint_per_hour=2,
+            ) as per_id,
+            Scraper(dsn) as off_scraper,
+        ):
             assert sampler_for(dsn, "qs-off", off) is None  # sampling off: no sampler at all
             off_samplers = {off_scraper.instance: sampler_for(dsn, off_scraper.instance, off)}
-            off_thread = threading.Thread(target=capture.capture_live, args=([off_scraper], w.off_capture), kwargs=dict(
-                scrapes=4, interval=0.5, samplers={k: v for k, v in off_samplers.items() if v}), daemon=True)
+            off_thread = threading.Thread(
+                target=capture.capture_live,
+                args=([off_scraper], w.off_capture),
+                kwargs=dict(scrapes=4, interval=0.5, samplers={k: v for k, v in off_samplers.items() if v}),
+                daemon=True,
+            )
             w.snapshots.append(with_samples(scraper.scrape(), main))
             for s in (main, high, budget, per_id):
                 s.start()
@@ -140,9 +161,11 @@ def workload(pg_factory, tmp_path_factory) -> Workload:
             holder = psycopg.connect(dsn, application_name="qs-holder")  # A: a row lock, then idle in transaction
             w.pids["qs-holder"] = holder.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
             holder.execute(HOLD_SQL)
-            threads = [_session(dsn, "qs-secret", SECRET_SQL, w, w.slow_secs),
-                       _session(dsn, "qs-short", ";\n".join([SHORT_SQL] * 5), w, w.short_secs),
-                       _session(dsn, "qs-long", LONG_SQL, w, w.slow_secs)]
+            threads = [
+                _session(dsn, "qs-secret", SECRET_SQL, w, w.slow_secs),
+                _session(dsn, "qs-short", ";\n".join([SHORT_SQL] * 5), w, w.short_secs),
+                _session(dsn, "qs-long", LONG_SQL, w, w.slow_secs),
+            ]
             threads += [_session(dsn, f"qs-many-a{i}", sql, w, w.slow_secs) for i, sql in enumerate(MANY_A)]
             threads += [_session(dsn, f"qs-many-b{i}", sql, w, w.slow_secs) for i, sql in enumerate(MANY_B)]
             threads.append(_session(dsn, "qs-waiter-b", WAIT_SQL[0], w))
@@ -175,14 +198,18 @@ def workload(pg_factory, tmp_path_factory) -> Workload:
 
 def _fingerprint_of(points: pl.DataFrame, text: str) -> str:
     """The fingerprint the query metrics give the statement whose normalized text is ``text``."""
-    calls = points.filter(pl.col("metric") == "postgresql.query.calls").with_columns(
-        pl.col("attributes").struct.unnest()).filter(pl.col("db.query.text") == text)
+    calls = (
+        points.filter(pl.col("metric") == "postgresql.query.calls")
+        .with_columns(pl.col("attributes").struct.unnest())
+        .filter(pl.col("db.query.text") == text)
+    )
     assert calls["postgresql.query.fingerprint"].n_unique() == 1, f"no query series for {text!r}"
     return calls["postgresql.query.fingerprint"][0]
 
 
-def _events(snapshots: list[Snapshot], limits: SampleLimits | None = None, **settings) -> tuple[SampleLimits,
-                                                                                               pl.DataFrame]:
+def _events(
+    snapshots: list[Snapshot], limits: SampleLimits | None = None, **settings
+) -> tuple[SampleLimits, pl.DataFrame]:
     frames = []
     for snapshot in snapshots:
         limits, events = query_sample_events(limits, snapshot, **settings)
@@ -207,8 +234,9 @@ def test_a_slow_statement_gives_one_normalized_sample_keyed_like_its_metrics(wor
     points = ops.run(w.snapshots)
     assert r["fingerprint"] == _fingerprint_of(points, "SELECT pg_sleep($1) WHERE $2 <> CURRENT_USER")
     if w.version >= 140000:  # the statement's pg_stat_statements queryid; PostgreSQL 13 has none
-        (pgss,) = w.snapshots[-1].statements.filter(pl.col("query").str.contains("current_user", literal=True)
-                                                    & pl.col("query").str.contains("pg_sleep"))["queryid"]
+        (pgss,) = w.snapshots[-1].statements.filter(
+            pl.col("query").str.contains("current_user", literal=True) & pl.col("query").str.contains("pg_sleep")
+        )["queryid"]
         assert r["query_id"] == pgss
     else:
         assert r["query_id"] is None
@@ -268,25 +296,35 @@ def test_limits_hold_with_many_slow_sessions(workload):
     assert many["fingerprint"].n_unique() == 2
     # The sampler with a budget of 3 read 3 texts (and its root blockers' at most) and skipped the rest.
     assert w.budget.height == 3 and _texts_read("qs-budget") <= 4
-    assert telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total",
-                                               {"instance": "qs-budget", "reason": "budget"}) >= many.height - 3
+    assert (
+        telemetry.REGISTRY.get_sample_value(
+            "pgflow_query_samples_skipped_total", {"instance": "qs-budget", "reason": "budget"}
+        )
+        >= many.height - 3
+    )
     # A sampler reads at most samples_per_fingerprint_per_hour texts per query id an hour (14+: 13 has none).
     per_id = w.per_query_id.filter(pl.col("application_name").str.starts_with("qs-many"))
-    skipped_early = telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total",
-                                                        {"instance": "qs-per-id", "reason": "fingerprint"}) or 0
+    skipped_early = (
+        telemetry.REGISTRY.get_sample_value(
+            "pgflow_query_samples_skipped_total", {"instance": "qs-per-id", "reason": "fingerprint"}
+        )
+        or 0
+    )
     if w.version >= 140000:
         assert per_id["fingerprint"].value_counts()["count"].to_list() == [2, 2] and skipped_early >= many.height - 4
     else:
         assert per_id.height == many.height and skipped_early == 0
     # The limiter: at most 3 per fingerprint per hour, at most 5 per window, the rest counted by reason.
-    limits, events = _events(w.snapshots, samples_per_fingerprint_per_hour=3, max_samples_per_window=5,
-                             export_interval_secs=3600)
+    limits, events = _events(
+        w.snapshots, samples_per_fingerprint_per_hour=3, max_samples_per_window=5, export_interval_secs=3600
+    )
     assert events.height and events["postgresql.query.fingerprint"].value_counts()["count"].max() <= 3
     per_window: dict[int, int] = {}  # a snapshot's samples count against the window its scrape falls in
     state = None
     for snapshot in w.snapshots:
-        state, sent = query_sample_events(state, snapshot, samples_per_fingerprint_per_hour=3, max_samples_per_window=5,
-                                          export_interval_secs=3600)
+        state, sent = query_sample_events(
+            state, snapshot, samples_per_fingerprint_per_hour=3, max_samples_per_window=5, export_interval_secs=3600
+        )
         key = window_index(snapshot.scraped_at, 3600)
         per_window[key] = per_window.get(key, 0) + sent.height
     assert max(per_window.values()) <= 5 and sum(per_window.values()) == events.height
@@ -298,12 +336,15 @@ def test_limits_hold_with_many_slow_sessions(workload):
     assert set(skipped) <= {"window", "fingerprint"} and skipped
     before = telemetry.REGISTRY.get_sample_value("pgflow_query_samples_total", {"instance": "qs-limits"}) or 0
     telemetry.count_query_samples("qs-limits", taken, skipped)
-    assert telemetry.REGISTRY.get_sample_value("pgflow_query_samples_total", {"instance": "qs-limits"}) == before + taken
+    assert (
+        telemetry.REGISTRY.get_sample_value("pgflow_query_samples_total", {"instance": "qs-limits"}) == before + taken
+    )
     # The state is a value: the one passed in is unchanged, and it pickles small.
     import pickle
 
-    again, replayed = _events(w.snapshots, limits, samples_per_fingerprint_per_hour=3, max_samples_per_window=5,
-                              export_interval_secs=3600)
+    again, replayed = _events(
+        w.snapshots, limits, samples_per_fingerprint_per_hour=3, max_samples_per_window=5, export_interval_secs=3600
+    )
     assert replayed.height == 0  # the same executions again (a restarted sampler): never sent twice
     assert limits.counts_since(None) == (taken, skipped) and again.counts_since(limits)[1]["seen"] == events.height
     assert len(pickle.dumps(again)) < 10_000
@@ -351,18 +392,30 @@ def test_a_failed_text_read_is_counted_and_retried(workload, monkeypatch, caplog
     w = Workload(version=0)
     caplog.set_level(logging.DEBUG, "pgflow.sampler")
     worker = _session(server.dsn(), "qs-retry", SECRET_SQL, w)
-    _wait_for(server, "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = 'qs-retry' "
-                      "AND state = 'active' AND now() - query_start > interval '400 ms'")
-    sampler = Sampler(server.dsn(), instance="qs-retry", interval_secs=PERIOD, statement_timeout_ms=200,
-                      sample_min_duration_ms=300)
+    _wait_for(
+        server,
+        "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = 'qs-retry' "
+        "AND state = 'active' AND now() - query_start > interval '400 ms'",
+    )
+    sampler = Sampler(
+        server.dsn(), instance="qs-retry", interval_secs=PERIOD, statement_timeout_ms=200, sample_min_duration_ms=300
+    )
     slow_texts = reads_module._TEXTS_SQL.replace("FROM unnest", "FROM pg_sleep(1), unnest")
-    before = telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total",
-                                                 {"instance": "qs-retry", "reason": "failed"}) or 0
+    before = (
+        telemetry.REGISTRY.get_sample_value(
+            "pgflow_query_samples_skipped_total", {"instance": "qs-retry", "reason": "failed"}
+        )
+        or 0
+    )
     with monkeypatch.context() as patch:
         patch.setattr(reads_module, "_TEXTS_SQL", slow_texts)
         assert sampler.sample()  # the activity sample is taken; its text statement timed out
-    assert telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total",
-                                               {"instance": "qs-retry", "reason": "failed"}) == before + 1
+    assert (
+        telemetry.REGISTRY.get_sample_value(
+            "pgflow_query_samples_skipped_total", {"instance": "qs-retry", "reason": "failed"}
+        )
+        == before + 1
+    )
     assert [r.kv["error"] for r in caplog.records if "texts not read" in r.getMessage()] == ["QueryCanceled"]
     assert sampler.drain_query_samples().height == 0 and sampler.drain()[0]["count"].sum() >= 1
     assert sampler.sample()  # the next tick reads it
@@ -380,8 +433,11 @@ def test_without_pg_read_all_stats_other_roles_texts_are_not_sampled(workload):
     limited = server.dsn(user="qs_limited", password="pw")
     w = Workload(version=0)
     threads = [_session(server.dsn(), "qs-other-role", SECRET_SQL, w), _session(limited, "qs-own-role", SECRET_SQL, w)]
-    _wait_for(server, "SELECT count(*) = 2 FROM pg_stat_activity WHERE application_name IN ('qs-other-role', "
-                      "'qs-own-role') AND state = 'active' AND now() - query_start > interval '400 ms'")
+    _wait_for(
+        server,
+        "SELECT count(*) = 2 FROM pg_stat_activity WHERE application_name IN ('qs-other-role', "
+        "'qs-own-role') AND state = 'active' AND now() - query_start > interval '400 ms'",
+    )
     with Sampler(limited, instance="qs-limited", interval_secs=PERIOD, sample_min_duration_ms=300) as sampler:
         assert sampler.sample()
         rows = sampler.drain_query_samples()

@@ -69,28 +69,35 @@ def test_every_point_and_event_of_a_shipped_dataset_is_declared(replayed, datase
 
 def _with_attribute(points: pl.DataFrame, metric: str, key: str, value: str) -> pl.DataFrame:
     fields = [pl.col("attributes").struct.field(k) for k in ATTRIBUTE_KEYS]
-    fields = [pl.when(pl.col("metric") == metric).then(pl.lit(value)).otherwise(f).alias(k) if k == key else f
-              for k, f in zip(ATTRIBUTE_KEYS, fields)]
+    fields = [
+        pl.when(pl.col("metric") == metric).then(pl.lit(value)).otherwise(f).alias(k) if k == key else f
+        for k, f in zip(ATTRIBUTE_KEYS, fields)
+    ]
     return points.with_columns(pl.struct(fields).alias("attributes"))
 
 
 def _set(points: pl.DataFrame, metric: str, column: str, value: object) -> pl.DataFrame:
-    return points.with_columns(pl.when(pl.col("metric") == metric).then(pl.lit(value)).otherwise(pl.col(column))
-                               .alias(column))
+    return points.with_columns(
+        pl.when(pl.col("metric") == metric).then(pl.lit(value)).otherwise(pl.col(column)).alias(column)
+    )
 
 
 def test_check_points_refuses_each_kind_of_undeclared_point(replayed):
-    points = with_metrics(replayed, "postgresql.wal.bytes", "postgresql.db_size", "postgresql.bgwriter.checkpoint.count")
+    points = with_metrics(
+        replayed, "postgresql.wal.bytes", "postgresql.db_size", "postgresql.bgwriter.checkpoint.count"
+    )
     cases = {
         "unit 'kBy', declared 'By'": _set(points, "postgresql.wal.bytes", "unit", "kBy"),
         "postgresql.commit: not declared": _set(points, "postgresql.commits", "metric", "postgresql.commit"),
         "kind 'sum', declared 'gauge'": _set(points, "postgresql.db_size", "kind", "sum"),
         "monotonic False, declared True": _set(points, "postgresql.commits", "monotonic", False),
         "is_int False, declared True": _set(points, "postgresql.commits", "is_int", False),
-        "postgresql.db_size: attribute 'user.name' not declared":
-            _with_attribute(points, "postgresql.db_size", "user.name", "alice"),
-        "type='timed', declared values ['scheduled', 'requested']":
-            _with_attribute(points, "postgresql.bgwriter.checkpoint.count", "type", "timed"),
+        "postgresql.db_size: attribute 'user.name' not declared": _with_attribute(
+            points, "postgresql.db_size", "user.name", "alice"
+        ),
+        "type='timed', declared values ['scheduled', 'requested']": _with_attribute(
+            points, "postgresql.bgwriter.checkpoint.count", "type", "timed"
+        ),
     }
     for expected, frame in cases.items():
         with pytest.raises(metrics.UndeclaredPoint, match=re.escape(expected)):
@@ -105,8 +112,9 @@ def test_check_events_refuses_undeclared_events(replayed):
     with pytest.raises(metrics.UndeclaredPoint, match="an event without a body"):
         metrics.check_events(events.with_columns(pl.lit(None, pl.String).alias("body")))
     fields = [pl.col("attributes").struct.field(k) for k in EVENT_ATTRIBUTE_TYPES]
-    with_pid = [pl.lit(42, pl.Int64).alias(k) if k == "postgresql.pid" else f for k, f in zip(EVENT_ATTRIBUTE_TYPES,
-                                                                                            fields)]
+    with_pid = [
+        pl.lit(42, pl.Int64).alias(k) if k == "postgresql.pid" else f for k, f in zip(EVENT_ATTRIBUTE_TYPES, fields)
+    ]
     with pytest.raises(metrics.UndeclaredPoint, match=r"attributes \['postgresql.pid'\] not declared"):
         metrics.check_events(events.with_columns(pl.struct(with_pid).alias("attributes")))
 
@@ -118,8 +126,14 @@ def test_what_a_receiver_stores_is_declared(replayed):
     received, logs = as_received(points), events_as_received(events)
     assert set(received.get_column("temporality").drop_nulls().unique()) == {"delta"}
     assert metrics.received_problems(received, logs) == []
-    bad = as_received(_with_attribute(_set(points, "postgresql.connection.max", "unit", "1"),
-                                      "postgresql.query.blocks", "postgresql.block.kind", "shared_miss"))
+    bad = as_received(
+        _with_attribute(
+            _set(points, "postgresql.connection.max", "unit", "1"),
+            "postgresql.query.blocks",
+            "postgresql.block.kind",
+            "shared_miss",
+        )
+    )
     assert metrics.received_problems(bad, logs.with_columns(pl.lit("db.server.query").alias("event_name"))) == [
         "db.server.query: event not declared in pgflow/metric_catalog.py",
         "postgresql.connection.max: unit '1', declared '{connection}'",
@@ -136,8 +150,13 @@ def test_every_declared_attribute_of_a_replayed_metric_is_sent(replayed):
     long = points.select("metric", pl.col("attributes").struct.unnest()).unpivot(index="metric").drop_nulls("value")
     for name, key in long.select("metric", "variable").unique().iter_rows():
         sent.setdefault(name, set()).add(key)
-    never = {(m.name, a.key) for m in metrics.metrics().values() if m.name in sent
-             for a in m.attributes if a.key not in sent[m.name]}
+    never = {
+        (m.name, a.key)
+        for m in metrics.metrics().values()
+        if m.name in sent
+        for a in m.attributes
+        if a.key not in sent[m.name]
+    }
     assert not never, f"declared, never sent by any replay: {sorted(never)}"
 
 
@@ -194,26 +213,38 @@ def test_slot_horizons_and_autovacuum_ages_from_a_real_server(pg_factory):
     ``.autoanalyze.age``: a standby with hot_standby_feedback holding a snapshot, a logical slot
     nobody reads, and autovacuum let loose on a table; every age is at least what the workload made."""
     primary = pg_factory(settings={"wal_level": "logical", "autovacuum_naptime": "1"})
-    primary.execute("CREATE EXTENSION pg_stat_statements",
-                    "CREATE TABLE av (i int) WITH (autovacuum_vacuum_threshold = 1, autovacuum_vacuum_scale_factor = 0,"
-                    " autovacuum_analyze_threshold = 1, autovacuum_analyze_scale_factor = 0)",
-                    "SELECT pg_create_logical_replication_slot('logical_slot', 'pgoutput')")
+    primary.execute(
+        "CREATE EXTENSION pg_stat_statements",
+        "CREATE TABLE av (i int) WITH (autovacuum_vacuum_threshold = 1, autovacuum_vacuum_scale_factor = 0,"
+        " autovacuum_analyze_threshold = 1, autovacuum_analyze_scale_factor = 0)",
+        "SELECT pg_create_logical_replication_slot('logical_slot', 'pgoutput')",
+    )
     created = time.time()
     standby = standby_of(primary, slot="standby_slot", settings={"hot_standby_feedback": "on"})
     try:
-        _wait_for(lambda: primary.execute("SELECT xmin IS NOT NULL FROM pg_replication_slots "
-                                          "WHERE slot_name = 'standby_slot'")[0][0], "the standby's feedback xmin")
+        _wait_for(
+            lambda: primary.execute(
+                "SELECT xmin IS NOT NULL FROM pg_replication_slots WHERE slot_name = 'standby_slot'"
+            )[0][0],
+            "the standby's feedback xmin",
+        )
         holder = psycopg.connect(standby.dsn())  # holds the standby's snapshot: the slot's xmin stays put
         try:
             holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             holder.execute("SELECT 1").fetchone()
             primary.execute("INSERT INTO av SELECT generate_series(1, 100)", "DELETE FROM av WHERE i > 50")
             _burn_xids(primary, 10)
-            _wait_for(lambda: primary.execute("SELECT last_autovacuum IS NOT NULL AND last_autoanalyze IS NOT NULL "
-                                              "FROM pg_stat_user_tables WHERE relname = 'av'")[0][0],
-                      "autovacuum and autoanalyze of av")
-            with Scraper(primary.dsn(), health=HealthSchedule.of(0.001, 0.001)) as scraper, \
-                    TableScraper(primary.dsn(), instance="t", include=["postgres"]) as tables:
+            _wait_for(
+                lambda: primary.execute(
+                    "SELECT last_autovacuum IS NOT NULL AND last_autoanalyze IS NOT NULL "
+                    "FROM pg_stat_user_tables WHERE relname = 'av'"
+                )[0][0],
+                "autovacuum and autoanalyze of av",
+            )
+            with (
+                Scraper(primary.dsn(), health=HealthSchedule.of(0.001, 0.001)) as scraper,
+                TableScraper(primary.dsn(), instance="t", include=["postgres"]) as tables,
+            ):
                 snapshots = [replace(scraper.scrape(), tables=tables.scrape()) for _ in range(2)]
         finally:
             holder.close()
@@ -221,9 +252,14 @@ def test_slot_horizons_and_autovacuum_ages_from_a_real_server(pg_factory):
         standby.cleanup()
     points = ops.run(snapshots, export_interval_secs=0.001)
     assert metrics.point_problems(points) == []
-    physical = _gauge(points, "postgresql.replication_slot.xmin.age", **{"postgresql.replication_slot.name": "standby_slot"})
-    logical = _gauge(points, "postgresql.replication_slot.catalog_xmin.age",
-                     **{"postgresql.replication_slot.name": "logical_slot", "postgresql.replication_slot.type": "logical"})
+    physical = _gauge(
+        points, "postgresql.replication_slot.xmin.age", **{"postgresql.replication_slot.name": "standby_slot"}
+    )
+    logical = _gauge(
+        points,
+        "postgresql.replication_slot.catalog_xmin.age",
+        **{"postgresql.replication_slot.name": "logical_slot", "postgresql.replication_slot.type": "logical"},
+    )
     assert physical and min(physical) >= 10 and logical and min(logical) >= 10, (physical, logical)
     since = time.time() - created
     for metric in ("postgresql.table.autovacuum.age", "postgresql.table.autoanalyze.age"):
@@ -278,20 +314,38 @@ def test_the_configuration_page_lists_every_setting_default_and_environment_name
     page = (ROOT / "docs" / "configuration.md").read_text()
     for name in Settings.model_fields:
         assert f"| `{name}` |" in page, name
-    for env in ("DATABASE_URL", "DATABASE_URL_FILE", "NEW_RELIC_API_KEY", "NEW_RELIC_API_KEY_FILE",
-                "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_HEADERS", "PGFLOW_EXPORT_INTERVAL_SECS"):
+    for env in (
+        "DATABASE_URL",
+        "DATABASE_URL_FILE",
+        "NEW_RELIC_API_KEY",
+        "NEW_RELIC_API_KEY_FILE",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "PGFLOW_EXPORT_INTERVAL_SECS",
+    ):
         assert f"`{env}`" in page, env
     assert "| `export_interval_secs` | `PGFLOW_EXPORT_INTERVAL_SECS` | `60.0` | number (> 0, ≤ 86400) |" in page
 
 
 def _candidate(name: str, default: object) -> str | None:
     """A valid value other than the default, as an environment variable's text (None: not tried here)."""
-    special = {"database_url": "postgresql://u@db.example:5432/app", "new_relic_api_key": "key-1",
-               "otlp_endpoint": "http://127.0.0.1:4999", "metrics_addr": "127.0.0.1:9999", "service_name": "svc",
-               "state_dir": "/tmp/pgflow-registry-test", "new_relic_region": "eu", "otlp_protocol": "http",
-               "log_level": "debug", "log_format": "json", "table_stats_enabled": "false",
-               "table_stats_databases": '["app"]', "table_stats_exclude_databases": '["tmp*"]',
-               "health_groups_disabled": "io", "activity_sample_interval_secs": "2"}
+    special = {
+        "database_url": "postgresql://u@db.example:5432/app",
+        "new_relic_api_key": "key-1",
+        "otlp_endpoint": "http://127.0.0.1:4999",
+        "metrics_addr": "127.0.0.1:9999",
+        "service_name": "svc",
+        "state_dir": "/tmp/pgflow-registry-test",
+        "new_relic_region": "eu",
+        "otlp_protocol": "http",
+        "log_level": "debug",
+        "log_format": "json",
+        "table_stats_enabled": "false",
+        "table_stats_databases": '["app"]',
+        "table_stats_exclude_databases": '["tmp*"]',
+        "health_groups_disabled": "io",
+        "activity_sample_interval_secs": "2",
+    }
     if name in special:
         return special[name]
     if isinstance(default, bool) or default is None:
@@ -321,8 +375,15 @@ def test_every_documented_environment_name_sets_its_setting(monkeypatch):
                 got = getattr(Settings.load(), name)
             assert got != getattr(defaults, name), f"{env}={value} did not set {name}"
             tried.add(env)
-    assert {"DATABASE_URL", "PGFLOW_DATABASE_URL", "NEW_RELIC_API_KEY", "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "PGFLOW_OTLP_ENDPOINT", "PGFLOW_EXPORT_INTERVAL_SECS", "PGFLOW_MAX_QUERIES_TRACKED"} <= tried
+    assert {
+        "DATABASE_URL",
+        "PGFLOW_DATABASE_URL",
+        "NEW_RELIC_API_KEY",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "PGFLOW_OTLP_ENDPOINT",
+        "PGFLOW_EXPORT_INTERVAL_SECS",
+        "PGFLOW_MAX_QUERIES_TRACKED",
+    } <= tried
     assert len(tried) > 40
 
 
@@ -335,28 +396,36 @@ def test_every_setting_has_a_description():
 
 def test_the_dashboard_queries_only_declared_names_aggregated_by_their_kind():
     dashboard = json.loads((ROOT / "deploy" / "newrelic" / "dashboard.json").read_text())
-    queries = sum(len(w.get("rawConfiguration", {}).get("nrqlQueries", [])) for p in dashboard["pages"]
-                  for w in p["widgets"])
+    queries = sum(
+        len(w.get("rawConfiguration", {}).get("nrqlQueries", [])) for p in dashboard["pages"] for w in p["widgets"]
+    )
     assert queries > 20
     assert dashboard_check.dashboard_problems(dashboard) == []
 
 
-@pytest.mark.parametrize("query, problem", [
-    ("FROM Metric SELECT average(postgresql.query.calls) FACET db.namespace", "is a DELTA sum"),
-    ("FROM Metric SELECT sum(postgresql.db_size) FACET db.namespace", "is a gauge"),
-    ("FROM Metric SELECT postgresql.connection.count", "not nothing"),
-    ("FROM Metric SELECT max(postgresql.db_size) FACET postgresql.block.kind", "not an attribute of the metrics"),
-    ("FROM Metric SELECT max(postgresql.db_size) FACET postgresql.database.name", "not declared"),
-    ("FROM Metric SELECT latest(postgresql.rows) WHERE postgresql.row.state = 'zombie'", "pgflow sends only"),
-    ("FROM Metric SELECT filter(sum(postgresql.operations), WHERE postgresql.operation IN ('ins', 'insert'))",
-     "'insert'"),
-    ("FROM Metric SELECT uniques(postgresql.query.fingerprint) WHERE metricName = 'postgresql.query.call'",
-     "not a declared metric"),
-    ("FROM Log SELECT message WHERE event.name = 'db.server.query_sample'", "has no body"),
-    ("FROM Log SELECT postgresql.pid WHERE event.name = 'db.server.query_plan'", "not an attribute of"),
-    ("FROM Log SELECT count(*) WHERE event.name = 'db.server.query_plans'", "not a declared event"),
-    ("FROM Span SELECT count(*)", "Metric and Log data only"),
-])
+@pytest.mark.parametrize(
+    "query, problem",
+    [
+        ("FROM Metric SELECT average(postgresql.query.calls) FACET db.namespace", "is a DELTA sum"),
+        ("FROM Metric SELECT sum(postgresql.db_size) FACET db.namespace", "is a gauge"),
+        ("FROM Metric SELECT postgresql.connection.count", "not nothing"),
+        ("FROM Metric SELECT max(postgresql.db_size) FACET postgresql.block.kind", "not an attribute of the metrics"),
+        ("FROM Metric SELECT max(postgresql.db_size) FACET postgresql.database.name", "not declared"),
+        ("FROM Metric SELECT latest(postgresql.rows) WHERE postgresql.row.state = 'zombie'", "pgflow sends only"),
+        (
+            "FROM Metric SELECT filter(sum(postgresql.operations), WHERE postgresql.operation IN ('ins', 'insert'))",
+            "'insert'",
+        ),
+        (
+            "FROM Metric SELECT uniques(postgresql.query.fingerprint) WHERE metricName = 'postgresql.query.call'",
+            "not a declared metric",
+        ),
+        ("FROM Log SELECT message WHERE event.name = 'db.server.query_sample'", "has no body"),
+        ("FROM Log SELECT postgresql.pid WHERE event.name = 'db.server.query_plan'", "not an attribute of"),
+        ("FROM Log SELECT count(*) WHERE event.name = 'db.server.query_plans'", "not a declared event"),
+        ("FROM Span SELECT count(*)", "Metric and Log data only"),
+    ],
+)
 def test_the_dashboard_check_finds_each_kind_of_mistake(query, problem):
     problems = dashboard_check.query_problems(query)
     assert any(problem in p for p in problems), problems

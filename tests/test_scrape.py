@@ -9,8 +9,8 @@ import threading
 import polars as pl
 import psycopg
 import pytest
-
 from conftest import PGBENCH_STATEMENTS
+
 from pgflow.config import InstanceConfig
 from pgflow.errors import (
     AuthenticationFailed,
@@ -120,8 +120,10 @@ def test_missing_database(pg):
 
 def test_extension_not_installed(pg):
     pg.execute("DROP DATABASE IF EXISTS noext", "CREATE DATABASE noext")
-    with pytest.raises(ExtensionMissing, match="CREATE EXTENSION pg_stat_statements"), \
-            Scraper(pg.dsn("noext")) as scraper:
+    with (
+        pytest.raises(ExtensionMissing, match="CREATE EXTENSION pg_stat_statements"),
+        Scraper(pg.dsn("noext")) as scraper,
+    ):
         scraper.scrape()
 
 
@@ -147,9 +149,11 @@ def test_statement_timeout_raises_and_next_scrape_works(pg):
 
 
 def test_rows_hidden_by_missing_privileges(pg):
-    pg.execute("DROP ROLE IF EXISTS mon_plain",
-               "CREATE ROLE mon_plain LOGIN PASSWORD 'pw'",
-               "GRANT pg_read_all_settings TO mon_plain")
+    pg.execute(
+        "DROP ROLE IF EXISTS mon_plain",
+        "CREATE ROLE mon_plain LOGIN PASSWORD 'pw'",
+        "GRANT pg_read_all_settings TO mon_plain",
+    )
     with Scraper(pg.dsn(user="mon_plain", password="pw")) as scraper:
         snap = scraper.scrape()
     assert snap.hidden_statements > 0  # the superuser's pgbench statements
@@ -167,8 +171,13 @@ def test_pg_monitor_role_sees_everything(pg):
 
 
 def _cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "pgflow", *args], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "pgflow", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **env},
+        timeout=60,
+    )
 
 
 def test_check_exit_codes(pg):

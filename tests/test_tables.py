@@ -97,8 +97,11 @@ def _windows(points: pl.DataFrame) -> list:
 
 def test_updates_vacuum_and_size(pg):
     db = _database(pg, "tu")
-    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v int) WITH (autovacuum_enabled = false)",
-               "INSERT INTO t SELECT g, 0 FROM generate_series(1, 100) g", dbname=db)
+    pg.execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v int) WITH (autovacuum_enabled = false)",
+        "INSERT INTO t SELECT g, 0 FROM generate_series(1, 100) g",
+        dbname=db,
+    )
     _wait(pg, db, "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 't'", 100)
     c = Collector(pg, db)
     try:
@@ -118,8 +121,15 @@ def test_updates_vacuum_and_size(pg):
     finally:
         c.close()
     w0, w1, w2 = _windows(points)
-    ops_at = lambda end, op: _value(points, "postgresql.operations", "public.t", operation=op).filter(  # noqa: E731
-        pl.col("end") == end).get_column("value").to_list()
+
+    def ops_at(end, op):
+        return (
+            _value(points, "postgresql.operations", "public.t", operation=op)
+            .filter(pl.col("end") == end)
+            .get_column("value")
+            .to_list()
+        )
+
     assert ops_at(w0, "upd") == [0.0]  # the baseline
     assert ops_at(w1, "upd") == [float(n)]
     assert ops_at(w2, "upd") == [0.0]
@@ -137,9 +147,12 @@ def test_updates_vacuum_and_size(pg):
 
 def test_partitions_roll_up_to_their_parent(pg):
     db = _database(pg, "tp")
-    pg.execute("CREATE TABLE p (id int, v int) PARTITION BY RANGE (id)",
-               "CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (50)",
-               "CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (50) TO (100)", dbname=db)
+    pg.execute(
+        "CREATE TABLE p (id int, v int) PARTITION BY RANGE (id)",
+        "CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (50)",
+        "CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (50) TO (100)",
+        dbname=db,
+    )
     c = Collector(pg, db)
     try:
         c.scrape()
@@ -157,19 +170,27 @@ def test_partitions_roll_up_to_their_parent(pg):
 
 
 def _totals(pg, db: str) -> tuple[int, int, int, int]:
-    return pg.execute("SELECT sum(n_tup_ins)::int8, sum(n_tup_upd)::int8, sum(seq_scan)::int8, "
-                      "(SELECT sum(pg_table_size(relid))::int8 FROM pg_stat_user_tables) FROM pg_stat_user_tables",
-                      dbname=db)[0]
+    return pg.execute(
+        "SELECT sum(n_tup_ins)::int8, sum(n_tup_upd)::int8, sum(seq_scan)::int8, "
+        "(SELECT sum(pg_table_size(relid))::int8 FROM pg_stat_user_tables) FROM pg_stat_user_tables",
+        dbname=db,
+    )[0]
 
 
 def test_cap_names_by_activity_and_keeps_totals_exact(pg):
     db = _database(pg, "many")
-    pg.execute(*(f"""DO $$ BEGIN FOR i IN {lo}..{lo + 499} LOOP
+    pg.execute(
+        *(
+            f"""DO $$ BEGIN FOR i IN {lo}..{lo + 499} LOOP
         EXECUTE format('CREATE TABLE t%s (id int, pad text) WITH (autovacuum_enabled = false)', i);
         EXECUTE format('INSERT INTO t%s SELECT g, repeat(''x'', 100) FROM generate_series(1, %s) g',
                        i, CASE WHEN i <= 200 THEN 400 ELSE 2 END);
-        END LOOP; END $$""" for lo in range(1, 5001, 500)),  # one transaction per 500: lock table
-               "CREATE TABLE hot (id int) WITH (autovacuum_enabled = false)", dbname=db)
+        END LOOP; END $$"""
+            for lo in range(1, 5001, 500)
+        ),  # one transaction per 500: lock table
+        "CREATE TABLE hot (id int) WITH (autovacuum_enabled = false)",
+        dbname=db,
+    )
     _wait(pg, db, "SELECT count(*) FROM pg_stat_user_tables", 5001)
     _settled(pg, db, "SELECT sum(n_tup_ins) FROM pg_stat_user_tables")  # (before 15 the statistics collector lags)
     c = Collector(pg, db, top_k=50)
@@ -183,9 +204,12 @@ def test_cap_names_by_activity_and_keeps_totals_exact(pg):
             # Waits are for this round's own increments: on 13 the statistics collector may have
             # dropped some of the creation's messages (UDP), so absolute counts can fall short.
             last = f"t{1099 + round_ * 100}"
-            upd_before, ins_before = (pg.execute(f"SELECT coalesce(sum({column}), 0) FROM pg_stat_user_tables "
-                                                 f"WHERE relname = '{t}'", dbname=db)[0][0]
-                                      for column, t in (("n_tup_upd", "hot"), ("n_tup_ins", last)))
+            upd_before, ins_before = (
+                pg.execute(
+                    f"SELECT coalesce(sum({column}), 0) FROM pg_stat_user_tables WHERE relname = '{t}'", dbname=db
+                )[0][0]
+                for column, t in (("n_tup_upd", "hot"), ("n_tup_ins", last))
+            )
             with psycopg.connect(pg.dsn(db), autocommit=True) as conn:
                 if round_ == 0:
                     conn.execute("INSERT INTO hot VALUES (1)")
@@ -206,12 +230,15 @@ def test_cap_names_by_activity_and_keeps_totals_exact(pg):
     assert fetched[0] == 5001 and all(n <= 1500 for n in fetched[1:]), fetched
     ends = _windows(points)
     assert len(ends) == 3
-    hot_size = pg.execute("SELECT pg_table_size('hot'), (SELECT min(pg_table_size(relid)) FROM pg_stat_user_tables "
-                          "WHERE relname <> 'hot') FROM pg_stat_user_tables LIMIT 1", dbname=db)[0]
+    hot_size = pg.execute(
+        "SELECT pg_table_size('hot'), (SELECT min(pg_table_size(relid)) FROM pg_stat_user_tables "
+        "WHERE relname <> 'hot') FROM pg_stat_user_tables LIMIT 1",
+        dbname=db,
+    )[0]
     assert hot_size[0] <= hot_size[1]  # the smallest table (size would never name it)
     for k, end in enumerate(ends):
         window = points.filter(pl.col("end") == end)
-        sizes = points.filter((pl.col("metric") == "postgresql.table.size"))
+        sizes = points.filter(pl.col("metric") == "postgresql.table.size")
         named = set(window.get_column("collection").unique()) - {"other"}
         assert len(named) == 50, (k, len(named))
         assert "other" in set(window.get_column("collection"))
@@ -222,15 +249,24 @@ def test_cap_names_by_activity_and_keeps_totals_exact(pg):
             assert op.filter(pl.col("operation") == "ins").get_column("value").sum() == ins
             assert op.filter(pl.col("operation") == "upd").get_column("value").sum() == upd == 100
             assert window.filter(pl.col("metric") == "postgresql.sequential_scans").get_column("value").sum() == scans
-        assert sizes.filter(pl.col("start") == sizes.sort("start").get_column("start").unique()[k]) \
-            .get_column("value").sum() == truth[k][3]
+        assert (
+            sizes.filter(pl.col("start") == sizes.sort("start").get_column("start").unique()[k])
+            .get_column("value")
+            .sum()
+            == truth[k][3]
+        )
         assert (window.get_column("value") >= 0).all()
 
 
 def test_access_exclusive_lock_never_stalls_the_scrape(pg):
     db = _database(pg, "lk")
-    pg.execute("CREATE TABLE locked (id int PRIMARY KEY)", "CREATE TABLE free (id int)",
-               "INSERT INTO locked VALUES (1)", "INSERT INTO free VALUES (1)", dbname=db)
+    pg.execute(
+        "CREATE TABLE locked (id int PRIMARY KEY)",
+        "CREATE TABLE free (id int)",
+        "INSERT INTO locked VALUES (1)",
+        "INSERT INTO free VALUES (1)",
+        dbname=db,
+    )
     c = Collector(pg, db, lock_timeout_ms=200, statement_timeout_ms=5000)
     holder = psycopg.connect(pg.dsn(db))
     try:
@@ -257,12 +293,18 @@ def test_databases_refusing_connections_are_skipped_once(pg, caplog):
     db = _database(pg, "ok")
     closed = _database(pg, "closed")
     private = _database(pg, "private")
-    pg.execute(f"ALTER DATABASE {closed} ALLOW_CONNECTIONS false", f"REVOKE CONNECT ON DATABASE {private} FROM PUBLIC",
-               "DROP ROLE IF EXISTS tables_monitor", "CREATE ROLE tables_monitor LOGIN PASSWORD 'pw'",
-               "GRANT pg_monitor TO tables_monitor")
+    pg.execute(
+        f"ALTER DATABASE {closed} ALLOW_CONNECTIONS false",
+        f"REVOKE CONNECT ON DATABASE {private} FROM PUBLIC",
+        "DROP ROLE IF EXISTS tables_monitor",
+        "CREATE ROLE tables_monitor LOGIN PASSWORD 'pw'",
+        "GRANT pg_monitor TO tables_monitor",
+    )
     pg.execute("CREATE TABLE t (id int)", dbname=db)
     caplog.set_level(logging.INFO, logger="pgflow.scrape.tables")
-    with TableScraper(pg.dsn(db, user="tables_monitor", password="pw"), instance="t", include=[db, closed, private]) as ts:
+    with TableScraper(
+        pg.dsn(db, user="tables_monitor", password="pw"), instance="t", include=[db, closed, private]
+    ) as ts:
         frames = [ts.scrape() for _ in range(3)]
     for frame in frames:
         assert set(frame.get_column("database")) == {db}
@@ -323,11 +365,15 @@ def test_collector_exports_table_statistics_on_their_own_thread(pg, tmp_path):
     import urllib.request
 
     from e2e import collector_env, start_collector
+
     from pgflow.otlp.receiver import Receiver
 
     db = _database(pg, "e2e")
-    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v int)", "INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g",
-               dbname=db)
+    pg.execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v int)",
+        "INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g",
+        dbname=db,
+    )
 
     def table_points(receiver, metric):
         points = receiver.points().filter(pl.col("metric") == metric)
@@ -343,9 +389,13 @@ def test_collector_exports_table_statistics_on_their_own_thread(pg, tmp_path):
             time.sleep(0.1)
 
     with Receiver() as receiver:
-        env = collector_env(pg.dsn(), receiver.grpc_endpoint, tmp_path / "state",
-                            PGFLOW_TABLE_STATS_INTERVAL_SECS="0.5",
-                            PGFLOW_TABLE_STATS_DATABASES=json.dumps([db]))
+        env = collector_env(
+            pg.dsn(),
+            receiver.grpc_endpoint,
+            tmp_path / "state",
+            PGFLOW_TABLE_STATS_INTERVAL_SECS="0.5",
+            PGFLOW_TABLE_STATS_DATABASES=json.dumps([db]),
+        )
         proc = start_collector(env, log=tmp_path / "log")
         try:
             until(lambda: table_points(receiver, "postgresql.table.size").height > 0)  # the baseline was exported
@@ -355,14 +405,18 @@ def test_collector_exports_table_statistics_on_their_own_thread(pg, tmp_path):
                     conn.execute("UPDATE t SET v = v + 1 WHERE id = %s", (i % 10 + 1,))
 
             def updates():
-                return table_points(receiver, "postgresql.operations").filter(
-                    pl.col("operation") == "upd").get_column("value").sum()
+                return (
+                    table_points(receiver, "postgresql.operations")
+                    .filter(pl.col("operation") == "upd")
+                    .get_column("value")
+                    .sum()
+                )
 
             until(lambda: updates() >= n)
             time.sleep(1.5)  # a few more windows: nothing more may arrive
             assert updates() == n
             metrics = urllib.request.urlopen(f"http://{env['PGFLOW_METRICS_ADDR']}/metrics", timeout=5).read().decode()
-            assert 'pgflow_tables_seen{instance=' in metrics and "pgflow_table_scrapes_total" in metrics
+            assert "pgflow_tables_seen{instance=" in metrics and "pgflow_table_scrapes_total" in metrics
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0
@@ -372,15 +426,26 @@ def test_collector_exports_table_statistics_on_their_own_thread(pg, tmp_path):
 def test_discovery_rules():
     from pgflow.scrape.discovery import choose
 
-    rows = [("template1", True, True), ("postgres", True, False), ("rdsadmin", True, False),
-            ("closed", False, False), ("app_1", True, False), ("app_2", True, False), ("logs", True, False),
-            ("app_3", True, False)]
+    rows = [
+        ("template1", True, True),
+        ("postgres", True, False),
+        ("rdsadmin", True, False),
+        ("closed", False, False),
+        ("app_1", True, False),
+        ("app_2", True, False),
+        ("logs", True, False),
+        ("app_3", True, False),
+    ]
     found = choose(rows, include=["app_*", "postgres"], exclude=["app_2"], limit=2)
     assert found.chosen == ("postgres", "app_1")
-    assert found.skipped == {"template1": "template", "rdsadmin": "provider maintenance database",
-                             "closed": "refuses connections (datallowconn = false)",
-                             "app_2": "in table_stats_exclude_databases", "logs": "not in table_stats_databases",
-                             "app_3": "over max_databases_tracked"}
+    assert found.skipped == {
+        "template1": "template",
+        "rdsadmin": "provider maintenance database",
+        "closed": "refuses connections (datallowconn = false)",
+        "app_2": "in table_stats_exclude_databases",
+        "logs": "not in table_stats_databases",
+        "app_3": "over max_databases_tracked",
+    }
 
 
 def test_a_large_database_is_seeded_in_slices_then_exact(pg, monkeypatch):
@@ -388,13 +453,16 @@ def test_a_large_database_is_seeded_in_slices_then_exact(pg, monkeypatch):
 
     monkeypatch.setattr(scrape_tables, "SEED_TABLES", 20)  # 100 tables: five slices
     db = _database(pg, "seed")
-    pg.execute("DO $$ BEGIN FOR i IN 1..100 LOOP EXECUTE format('CREATE TABLE s%s (id int)', i); END LOOP; END $$",
-               dbname=db)
+    pg.execute(
+        "DO $$ BEGIN FOR i IN 1..100 LOOP EXECUTE format('CREATE TABLE s%s (id int)', i); END LOOP; END $$", dbname=db
+    )
     c = Collector(pg, db)
 
     def write_everywhere(round_: int) -> None:
-        pg.execute("DO $$ BEGIN FOR i IN 1..100 LOOP EXECUTE format('INSERT INTO s%s VALUES (1)', i); END LOOP; END $$",
-                   dbname=db)
+        pg.execute(
+            "DO $$ BEGIN FOR i IN 1..100 LOOP EXECUTE format('INSERT INTO s%s VALUES (1)', i); END LOOP; END $$",
+            dbname=db,
+        )
         _wait(pg, db, "SELECT sum(n_tup_ins)::int FROM pg_stat_user_tables", 100 * round_)
 
     try:
@@ -429,10 +497,19 @@ def test_capture_cli_records_table_statistics(pg, tmp_path):
     pg.execute("CREATE TABLE captured (id int)", "INSERT INTO captured SELECT generate_series(1, 10)", dbname=db)
     out = tmp_path / "tables.duckdb"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGFLOW_")}
-    env |= {"DATABASE_URL": pg.dsn(), "PGFLOW_TABLE_STATS_DATABASES": f'["{db}"]',
-            "PGFLOW_TABLE_STATS_INTERVAL_SECS": "600", "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS": "0"}
-    subprocess.run([sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "3", "--interval", "0.2"],
-                   env=env, check=True, capture_output=True, timeout=60)
+    env |= {
+        "DATABASE_URL": pg.dsn(),
+        "PGFLOW_TABLE_STATS_DATABASES": f'["{db}"]',
+        "PGFLOW_TABLE_STATS_INTERVAL_SECS": "600",
+        "PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS": "0",
+    }
+    subprocess.run(
+        [sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "3", "--interval", "0.2"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     snapshots = list(capture.read(out))
     assert len(snapshots) == 3
     assert "public.captured" in set(snapshots[0].tables.get_column("table").drop_nulls())
@@ -450,8 +527,9 @@ def test_check_lists_the_databases_table_statistics_read(pg):
     [line] = [f.detail for f in report.findings if f.name == "table statistics"]
     assert "postgres" in line and f"{closed} (refuses connections" in line
     off = Settings.load(database_url=pg.dsn(), table_stats_enabled=False)
-    assert [f.detail for f in check(off.targets()[0], settings=off).findings
-            if f.name == "table statistics"] == ["off (table_stats_enabled = false)"]
+    assert [f.detail for f in check(off.targets()[0], settings=off).findings if f.name == "table statistics"] == [
+        "off (table_stats_enabled = false)"
+    ]
 
 
 def _scrape_rows(scraper: TableScraper, table: str) -> pl.DataFrame:
@@ -462,16 +540,22 @@ def test_every_kind_of_use_alone_is_seen_the_next_scrape(pg):
     """The bucket digests read a handful of counters per table (and the scans of its indexes):
     each use on its own, with nothing else moving on that table, must change its bucket."""
     db = _database(pg, "use")
-    pg.execute("DO $$ BEGIN FOR i IN 1..300 LOOP "  # 300 tables: 256 buckets, mostly alone
-               "EXECUTE format('CREATE TABLE f%s (id int) WITH (autovacuum_enabled = false)', i); END LOOP; END $$",
-               *(f"CREATE TABLE {t} (id int) WITH (autovacuum_enabled = false)" for t in ("e_seq", "e_vac", "e_an", "e_ins")),
-               "CREATE TABLE ios (id int PRIMARY KEY) WITH (autovacuum_enabled = false)",
-               "INSERT INTO ios SELECT generate_series(1, 1000)",
-               "CREATE TABLE pt (id int) PARTITION BY RANGE (id)",
-               "CREATE TABLE pt1 PARTITION OF pt FOR VALUES FROM (-100000) TO (100000) WITH (autovacuum_enabled = false)",
-               "CREATE INDEX ON pt (id)", "INSERT INTO pt SELECT generate_series(1, 1000)",
-               "CREATE TABLE tr (id int) WITH (autovacuum_enabled = false)", "INSERT INTO tr SELECT generate_series(1, 1000)",
-               "VACUUM ios", "VACUUM pt1", dbname=db)  # all visible: index-only scans read no heap block
+    pg.execute(
+        "DO $$ BEGIN FOR i IN 1..300 LOOP "  # 300 tables: 256 buckets, mostly alone
+        "EXECUTE format('CREATE TABLE f%s (id int) WITH (autovacuum_enabled = false)', i); END LOOP; END $$",
+        *(f"CREATE TABLE {t} (id int) WITH (autovacuum_enabled = false)" for t in ("e_seq", "e_vac", "e_an", "e_ins")),
+        "CREATE TABLE ios (id int PRIMARY KEY) WITH (autovacuum_enabled = false)",
+        "INSERT INTO ios SELECT generate_series(1, 1000)",
+        "CREATE TABLE pt (id int) PARTITION BY RANGE (id)",
+        "CREATE TABLE pt1 PARTITION OF pt FOR VALUES FROM (-100000) TO (100000) WITH (autovacuum_enabled = false)",
+        "CREATE INDEX ON pt (id)",
+        "INSERT INTO pt SELECT generate_series(1, 1000)",
+        "CREATE TABLE tr (id int) WITH (autovacuum_enabled = false)",
+        "INSERT INTO tr SELECT generate_series(1, 1000)",
+        "VACUUM ios",
+        "VACUUM pt1",
+        dbname=db,
+    )  # all visible: index-only scans read no heap block
     _settled(pg, db, "SELECT sum(n_tup_ins) + sum(vacuum_count) FROM pg_stat_user_tables")
     stat = "SELECT {} FROM pg_stat_user_tables WHERE relname = '{}'"
     # an index scan finding nothing reads no heap block (not even the visibility map): only its index moves
@@ -509,12 +593,22 @@ def test_the_oldest_frozen_xids_are_the_servers_own_ties_included(pg):
     """The k oldest frozen xids are looked for in the buckets whose oldest age could hold them;
     many tables share an age (one per creating transaction): ties go to the lowest oid."""
     db = _database(pg, "aged")
-    pg.execute(*(f"DO $$ BEGIN FOR i IN {lo}..{lo + 49} LOOP "
-                 "EXECUTE format('CREATE TABLE a%s (id int) WITH (autovacuum_enabled = false)', i); END LOOP; END $$"
-                 for lo in range(1, 401, 50)), dbname=db)  # 8 transactions: 8 ages, 50 tables each
-    truth = {r[0] for r in pg.execute(
-        "SELECT oid::int8 FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' "
-        "ORDER BY age(relfrozenxid) DESC, oid LIMIT 10", dbname=db)}
+    pg.execute(
+        *(
+            f"DO $$ BEGIN FOR i IN {lo}..{lo + 49} LOOP "
+            "EXECUTE format('CREATE TABLE a%s (id int) WITH (autovacuum_enabled = false)', i); END LOOP; END $$"
+            for lo in range(1, 401, 50)
+        ),
+        dbname=db,
+    )  # 8 transactions: 8 ages, 50 tables each
+    truth = {
+        r[0]
+        for r in pg.execute(
+            "SELECT oid::int8 FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' "
+            "ORDER BY age(relfrozenxid) DESC, oid LIMIT 10",
+            dbname=db,
+        )
+    }
     scraper = TableScraper(pg.dsn(db), instance="t", include=[db], top_k=60)  # the 10 oldest
     try:
         scraper.scrape()  # baseline: every table

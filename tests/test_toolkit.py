@@ -22,8 +22,13 @@ from pgflow.scrape import Scraper
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT / "datasets"
-PGBENCH_SUMMARIES = ("UPDATE pgbench_branches", "UPDATE pgbench_tellers", "UPDATE pgbench_accounts",
-                     "SELECT pgbench_accounts", "INSERT pgbench_history")
+PGBENCH_SUMMARIES = (
+    "UPDATE pgbench_branches",
+    "UPDATE pgbench_tellers",
+    "UPDATE pgbench_accounts",
+    "SELECT pgbench_accounts",
+    "INSERT pgbench_history",
+)
 
 
 def test_capture_round_trip(pg, tmp_path):
@@ -44,8 +49,11 @@ def test_capture_round_trip(pg, tmp_path):
 
 def test_capture_holds_no_secret(pg, tmp_path):
     secret = "Capture-Secret-8317"
-    pg.execute("DROP ROLE IF EXISTS cap_role", f"CREATE ROLE cap_role PASSWORD '{secret}'",
-               f"SELECT count(*) FROM pg_class WHERE relname = '{secret}'")
+    pg.execute(
+        "DROP ROLE IF EXISTS cap_role",
+        f"CREATE ROLE cap_role PASSWORD '{secret}'",
+        f"SELECT count(*) FROM pg_class WHERE relname = '{secret}'",
+    )
     with Scraper(pg.dsn()) as scraper:
         snapshots = [scraper.scrape()]
     assert any(secret in (q or "") for q in snapshots[0].statements["query"].to_list())  # pg_stat_statements has it
@@ -70,21 +78,31 @@ def test_texts_stored_once_per_key(pg, tmp_path):
 def test_capture_cli_sigint_keeps_committed_scrapes(pg, tmp_path):
     out = tmp_path / "live.duckdb"
     env = {**os.environ, "DATABASE_URL": pg.dsn()}
-    proc = subprocess.Popen([sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--interval", "0.2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--interval", "0.2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in stderr
     n = len(list(capture.read(out)))
     assert n >= 3 and f"{n} snapshots written" in stdout
-    subprocess.run([sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "2", "--interval", "0.1"],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pgflow", "capture", "--out", str(out), "--scrapes", "2", "--interval", "0.1"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     assert len(list(capture.read(out))) == n + 2
 
 
 def test_run_can_capture_while_collecting(fresh_stats, tmp_path):
     from e2e import collector_env, start_collector
+
     from pgflow.otlp.receiver import Receiver
 
     with Receiver() as receiver:
@@ -97,7 +115,9 @@ def test_run_can_capture_while_collecting(fresh_stats, tmp_path):
 
 def _same_points(a: pl.DataFrame, b: pl.DataFrame) -> bool:
     cols = [c for c in a.columns if c != "received_at"]
-    norm = [f.select(cols).with_columns(pl.col("start", "end").cast(pl.Datetime("us", "UTC"))).sort(cols) for f in (a, b)]
+    norm = [
+        f.select(cols).with_columns(pl.col("start", "end").cast(pl.Datetime("us", "UTC"))).sort(cols) for f in (a, b)
+    ]
     return norm[0].equals(norm[1])
 
 
@@ -119,7 +139,8 @@ def test_pgbench_dataset_replays_to_its_ground_truth():
     truth = int(capture.meta(path)["pgbench_transactions_after_baseline"])
     points = replay(path)
     calls = points.filter(pl.col("metric") == "postgresql.query.calls").with_columns(
-        s=pl.col("attributes").struct.field("db.query.summary"))
+        s=pl.col("attributes").struct.field("db.query.summary")
+    )
     got = dict(calls.group_by("s").agg(pl.col("value").sum()).iter_rows())
     assert {s: got[s] for s in PGBENCH_SUMMARIES} == {s: truth for s in PGBENCH_SUMMARIES}
     assert (points.filter(pl.col("kind") == "sum")["value"] >= 0).all()
@@ -135,27 +156,40 @@ def test_varied_dataset_shows_cap_other_and_dealloc():
 
 def test_sweep_matches_replay():
     path = DATASETS / "varied.duckdb"
-    table = tune.sweep(path, max_queries_tracked=[10, 50], slow_query_threshold_ms=[0.0, 0.5],
-                       export_interval_secs=[30])
+    table = tune.sweep(
+        path, max_queries_tracked=[10, 50], slow_query_threshold_ms=[0.0, 0.5], export_interval_secs=[30]
+    )
     assert table.height == 4
     snapshots = list(capture.read(path))
     for row in table.iter_rows(named=True):
-        points = ops.run(snapshots, max_queries_tracked=row["max_queries_tracked"],
-                         slow_query_threshold_ms=row["slow_query_threshold_ms"], export_interval_secs=30)
+        points = ops.run(
+            snapshots,
+            max_queries_tracked=row["max_queries_tracked"],
+            slow_query_threshold_ms=row["slow_query_threshold_ms"],
+            export_interval_secs=30,
+        )
         assert row["points"] == points.height
         calls = points.filter(pl.col("metric") == "postgresql.query.calls")
         assert row["series"] == calls.select("instance", "attributes").unique().height
-    small, large = table.filter(pl.col("slow_query_threshold_ms") == 0).sort("max_queries_tracked").iter_rows(named=True)
+    small, large = (
+        table.filter(pl.col("slow_query_threshold_ms") == 0).sort("max_queries_tracked").iter_rows(named=True)
+    )
     assert small["series"] <= large["series"] and small["time_share_named"] <= large["time_share_named"]
 
 
 @pytest.mark.parametrize("name", ["explore_workload", "tune_limits", "replay_check", "server_health"])
 def test_notebook_runs_headless_and_draws(name):
     notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
+    images = [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert images, "the notebook drew no chart"
 
 
@@ -163,30 +197,50 @@ def test_explore_notebook_draws_single_points_visibly():
     """Issue 14 item 16: a series with one point (a connection state seen at one scrape) drawn
     as a line without markers is invisible; every line of the explore notebook has markers."""
     notebook = nbformat.read(ROOT / "notebooks" / "explore_workload.ipynb", as_version=4)
-    notebook.cells.append(nbformat.v4.new_code_cell(
-        "drawn = [line for ax in (c_ax, l_ax, calls_ax, latency_ax) for line in ax.lines]\n"
-        "assert drawn, 'no line drawn'\n"
-        "assert all(line.get_marker() not in (None, '', ' ', 'None', 'none') for line in drawn), "
-        "[line.get_marker() for line in drawn]"))
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    notebook.cells.append(
+        nbformat.v4.new_code_cell(
+            "drawn = [line for ax in (c_ax, l_ax, calls_ax, latency_ax) for line in ax.lines]\n"
+            "assert drawn, 'no line drawn'\n"
+            "assert all(line.get_marker() not in (None, '', ' ', 'None', 'none') for line in drawn), "
+            "[line.get_marker() for line in drawn]"
+        )
+    )
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
 
 
 def test_workload_dataset_has_table_statistics_and_health():
     """datasets/workload.duckdb (issue 19, replacing issue 13's health.duckdb): its one VACUUM of t0 and of t1,
     dead tuples that grow and fall, and every health group that the notebook draws."""
     points = replay(DATASETS / "workload.duckdb", export_interval_secs=10)
-    table = points.with_columns(t=pl.col("attributes").struct.field("db.namespace") + "."
-                                + pl.col("attributes").struct.field("db.collection.name"))
+    table = points.with_columns(
+        t=pl.col("attributes").struct.field("db.namespace")
+        + "."
+        + pl.col("attributes").struct.field("db.collection.name")
+    )
     vacuums = table.filter(pl.col("metric") == "postgresql.table.vacuum.count").group_by("t").agg(pl.col("value").sum())
     assert {t: v for t, v in vacuums.iter_rows() if v} == {"app.public.t0": 1, "app.public.t1": 1}  # the workload's
-    dead = table.filter((pl.col("metric") == "postgresql.rows") & (pl.col("t") == "app.public.t0")
-                        & (pl.col("attributes").struct.field("postgresql.row.state") == "dead")).sort("end")["value"]
+    dead = table.filter(
+        (pl.col("metric") == "postgresql.rows")
+        & (pl.col("t") == "app.public.t0")
+        & (pl.col("attributes").struct.field("postgresql.row.state") == "dead")
+    ).sort("end")["value"]
     assert dead.max() > dead[-1] and dead.max() > dead[0]  # piled up, then vacuumed
-    for metric in ("postgresql.wal.fpi", "postgresql.wal.syncs", "postgresql.wal.sync.time", "postgresql.wal.buffers_full",
-                   "postgresql.bgwriter.checkpoint.count", "postgresql.blks_read", "postgresql.rollbacks"):
+    for metric in (
+        "postgresql.wal.fpi",
+        "postgresql.wal.syncs",
+        "postgresql.wal.sync.time",
+        "postgresql.wal.buffers_full",
+        "postgresql.bgwriter.checkpoint.count",
+        "postgresql.blks_read",
+        "postgresql.rollbacks",
+    ):
         assert points.filter(pl.col("metric") == metric)["value"].sum() > 0, metric
     assert (points.filter(pl.col("kind") == "sum")["value"] >= 0).all()
-    states = {s for snap in capture.read(DATASETS / "workload.duckdb") for s in
-              snap.activity.filter(pl.col("backend_type") == "client backend")["state"].to_list()}
+    states = {
+        s
+        for snap in capture.read(DATASETS / "workload.duckdb")
+        for s in snap.activity.filter(pl.col("backend_type") == "client backend")["state"].to_list()
+    }
     assert {"active", "idle", "idle in transaction"} <= states  # the scrapes saw the clients' states

@@ -13,9 +13,9 @@ import subprocess
 
 import polars as pl
 import psycopg
-
 from conftest import PGBENCH_STATEMENTS
 from e2e import collector_env, settle, start_collector, wait_for_baseline
+
 from pgflow.otlp.receiver import Receiver
 
 # Stored from a SQL_ASCII database: not valid UTF-8. The byte is in a relation's name, which the
@@ -34,7 +34,8 @@ def _calls(points: pl.DataFrame) -> pl.DataFrame:
     calls = points.filter(pl.col("metric") == "postgresql.query.calls")
     keyed = calls.with_columns(
         database=pl.col("attributes").str.json_path_match("$['db.namespace']"),
-        text=pl.col("attributes").str.json_path_match("$['db.query.text']"))
+        text=pl.col("attributes").str.json_path_match("$['db.query.text']"),
+    )
     return keyed.group_by("database", "text").agg(pl.col("value").sum().alias("calls"))
 
 
@@ -43,8 +44,11 @@ def test_pgbench_text_exported_beside_an_unreadable_one(pg_factory, tmp_path):
     in another database: its UPDATE is exported under its text with exactly pgbench's calls,
     and the bad statement under its normalized text with U+FFFD."""
     server = pg_factory()
-    server.execute("CREATE EXTENSION pg_stat_statements",
-                   "CREATE DATABASE sqlascii ENCODING 'SQL_ASCII' TEMPLATE template0", "CREATE DATABASE bench")
+    server.execute(
+        "CREATE EXTENSION pg_stat_statements",
+        "CREATE DATABASE sqlascii ENCODING 'SQL_ASCII' TEMPLATE template0",
+        "CREATE DATABASE bench",
+    )
     server.execute("CREATE EXTENSION pg_stat_statements", dbname="sqlascii")
     server.pgbench_init(dbname="bench")
     with psycopg.connect(server.dsn("sqlascii"), autocommit=True) as conn:
@@ -64,8 +68,9 @@ def test_pgbench_text_exported_beside_an_unreadable_one(pg_factory, tmp_path):
             assert _stop(proc) == 0
         calls = {(d, t): c for d, t, c in _calls(receiver.points()).iter_rows()}
     log = (tmp_path / "log").read_text()
-    assert calls.get(("bench", PGBENCH_STATEMENTS["UPDATE pgbench_branches"])) == 300, \
-        {k: v for k, v in calls.items() if k[0] == "bench"}
+    assert calls.get(("bench", PGBENCH_STATEMENTS["UPDATE pgbench_branches"])) == 300, {
+        k: v for k, v in calls.items() if k[0] == "bench"
+    }
     bad = {t: c for (d, t), c in calls.items() if d == "sqlascii" and t and t.startswith("SELECT") and "caf\ufffd" in t}
     assert list(bad.values()) == [4], bad  # one series, the byte replaced
     assert "Traceback" not in log and "caf" not in log
@@ -83,8 +88,7 @@ def test_pgflow_alone_exports_nothing(pg_factory, tmp_path):
     server.execute("SELECT pg_stat_statements_reset()")
     with Receiver() as receiver:
         state = tmp_path / "state"
-        env = collector_env(server.dsn("quiet"), receiver.grpc_endpoint, state,
-                            PGFLOW_TABLE_STATS_INTERVAL_SECS="0.3")
+        env = collector_env(server.dsn("quiet"), receiver.grpc_endpoint, state, PGFLOW_TABLE_STATS_INTERVAL_SECS="0.3")
         proc = start_collector(env, log=tmp_path / "log")
         try:
             wait_for_baseline(state)
@@ -99,11 +103,16 @@ def test_pgflow_alone_exports_nothing(pg_factory, tmp_path):
     assert quiet["calls"].sum() == 0, quiet.rows()
     postgres = {t: c for d, t, c in frame.iter_rows() if d == "postgres"}
     assert postgres.get(PGBENCH_STATEMENTS["UPDATE pgbench_branches"]) == 300, postgres  # exported at all
-    pgflows = {t: c for t, c in postgres.items() if t and any(
-        w in t.lower() for w in ("rollback", "read only", "set_config", "statement_timeout", "pgflow"))}
+    pgflows = {
+        t: c
+        for t, c in postgres.items()
+        if t and any(w in t.lower() for w in ("rollback", "read only", "set_config", "statement_timeout", "pgflow"))
+    }
     assert pgflows == {}, pgflows
     assert plans.height > 0  # pgflow did explain in postgres (so its explain statements were sent there)
-    entries = server.execute("SELECT d.datname, s.query, s.calls FROM pg_stat_statements s "
-                             "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'quiet'")
+    entries = server.execute(
+        "SELECT d.datname, s.query, s.calls FROM pg_stat_statements s "
+        "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'quiet'"
+    )
     assert entries and all("/*pgflow*/" in q for _, q, _ in entries), [q for _, q, _ in entries][:20]
     assert "Traceback" not in (tmp_path / "log").read_text()

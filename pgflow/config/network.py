@@ -31,9 +31,14 @@ if TYPE_CHECKING:
 
 SIGNALS = ("metrics", "logs")
 # setting -> the OTEL variable suffix (OTEL_EXPORTER_OTLP_[SIGNAL_]<suffix>)
-OTEL_SUFFIX = {"otlp_certificate": "CERTIFICATE", "otlp_client_certificate": "CLIENT_CERTIFICATE",
-               "otlp_client_key": "CLIENT_KEY", "otlp_insecure": "INSECURE", "otlp_timeout_ms": "TIMEOUT",
-               "otlp_compression": "COMPRESSION"}
+OTEL_SUFFIX = {
+    "otlp_certificate": "CERTIFICATE",
+    "otlp_client_certificate": "CLIENT_CERTIFICATE",
+    "otlp_client_key": "CLIENT_KEY",
+    "otlp_insecure": "INSECURE",
+    "otlp_timeout_ms": "TIMEOUT",
+    "otlp_compression": "COMPRESSION",
+}
 
 
 @dataclass(frozen=True)
@@ -105,15 +110,18 @@ def check_proxy(url: str, setting: str) -> str:
         parts = urlsplit(text)
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
     except ValueError:
-        raise ConfigError(f"invalid proxy URL in {setting} ({redact_proxy(url)})",
-                          "expected http://[user:password@]host:port") from None
+        raise ConfigError(
+            f"invalid proxy URL in {setting} ({redact_proxy(url)})", "expected http://[user:password@]host:port"
+        ) from None
     if parts.scheme != "http":
-        raise ConfigError(f"proxy in {setting} uses {parts.scheme}:// ({redact_proxy(url)})",
-                          "pgflow speaks to proxies in plain HTTP and tunnels TLS with CONNECT: "
-                          "use http://host:port") from None
+        raise ConfigError(
+            f"proxy in {setting} uses {parts.scheme}:// ({redact_proxy(url)})",
+            "pgflow speaks to proxies in plain HTTP and tunnels TLS with CONNECT: use http://host:port",
+        ) from None
     if not parts.hostname:
-        raise ConfigError(f"invalid proxy URL in {setting} ({redact_proxy(url)})",
-                          "expected http://[user:password@]host:port")
+        raise ConfigError(
+            f"invalid proxy URL in {setting} ({redact_proxy(url)})", "expected http://[user:password@]host:port"
+        )
     return text
 
 
@@ -181,8 +189,9 @@ def check_pem(path: Path, name: str, kind: str) -> None:
     try:
         text = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read {name} {path} ({exc.strerror})",
-                          "check the path and that the user pgflow runs as may read it") from None
+        raise ConfigError(
+            f"cannot read {name} {path} ({exc.strerror})", "check the path and that the user pgflow runs as may read it"
+        ) from None
     marker = b"PRIVATE KEY-----" if kind == "key" else b"-----BEGIN CERTIFICATE-----"
     if marker not in text:
         what = "PEM private key" if kind == "key" else "PEM certificate"
@@ -191,8 +200,10 @@ def check_pem(path: Path, name: str, kind: str) -> None:
         try:
             ssl.create_default_context(cafile=str(path))
         except ssl.SSLError as exc:
-            raise ConfigError(f"{name} {path} is not a valid PEM certificate bundle ({exc.reason or exc})",
-                              "point it at the CA certificate(s) in PEM form") from None
+            raise ConfigError(
+                f"{name} {path} is not a valid PEM certificate bundle ({exc.reason or exc})",
+                "point it at the CA certificate(s) in PEM form",
+            ) from None
 
 
 def check_client_pair(cert: Path | None, key: Path | None, cert_name: str, key_name: str) -> None:
@@ -207,8 +218,10 @@ def check_client_pair(cert: Path | None, key: Path | None, cert_name: str, key_n
     try:
         ssl.create_default_context().load_cert_chain(str(cert), str(key))
     except ssl.SSLError as exc:
-        raise ConfigError(f"{cert_name} {cert} and {key_name} {key} do not make a usable pair "
-                          f"({exc.reason or exc})", "the key must be the certificate's own, unencrypted") from None
+        raise ConfigError(
+            f"{cert_name} {cert} and {key_name} {key} do not make a usable pair ({exc.reason or exc})",
+            "the key must be the certificate's own, unencrypted",
+        ) from None
 
 
 # The settings, per signal -------------------------------------------------------------------
@@ -216,9 +229,14 @@ def check_client_pair(cert: Path | None, key: Path | None, cert_name: str, key_n
 
 def signal_env() -> dict[str, dict[str, tuple[str, str]]]:
     """The per-signal OTEL variables that are set: signal -> setting -> (value, variable name)."""
-    return {sig: {setting: (os.environ[name], name) for setting, suffix in OTEL_SUFFIX.items()
-                  if (name := f"OTEL_EXPORTER_OTLP_{sig.upper()}_{suffix}") in os.environ
-                  and os.environ[name].strip()} for sig in SIGNALS}
+    return {
+        sig: {
+            setting: (os.environ[name], name)
+            for setting, suffix in OTEL_SUFFIX.items()
+            if (name := f"OTEL_EXPORTER_OTLP_{sig.upper()}_{suffix}") in os.environ and os.environ[name].strip()
+        }
+        for sig in SIGNALS
+    }
 
 
 def resolve_network(settings: Settings, signal: str = "metrics") -> Network:
@@ -226,9 +244,14 @@ def resolve_network(settings: Settings, signal: str = "metrics") -> Network:
     per-signal OTEL variables win over the general ones. Raises ConfigError (exit 2, one line
     naming it) for an unreadable or invalid file or proxy."""
     env = getattr(settings, "_signal_env", {}).get(signal, {})
-    names = {s: f"{s} (OTEL_EXPORTER_OTLP_{suffix})" for s, suffix in
-             (("otlp_certificate", "CERTIFICATE"), ("otlp_client_certificate", "CLIENT_CERTIFICATE"),
-              ("otlp_client_key", "CLIENT_KEY"))}
+    names = {
+        s: f"{s} (OTEL_EXPORTER_OTLP_{suffix})"
+        for s, suffix in (
+            ("otlp_certificate", "CERTIFICATE"),
+            ("otlp_client_certificate", "CLIENT_CERTIFICATE"),
+            ("otlp_client_key", "CLIENT_KEY"),
+        )
+    }
 
     def pick(setting: str, general: Any) -> Any:
         if setting in env:
@@ -241,13 +264,15 @@ def resolve_network(settings: Settings, signal: str = "metrics") -> Network:
         value = pick(setting, general)
         if isinstance(value, str):
             if value.lower() not in ("true", "false"):
-                raise ConfigError(f"invalid setting {names.get(setting, setting)}: expected true or false, "
-                                  f"got {value[:20]!r}")
+                raise ConfigError(
+                    f"invalid setting {names.get(setting, setting)}: expected true or false, got {value[:20]!r}"
+                )
             return value.lower() == "true"
         return bool(value)
 
-    ca, cert, key = (pick(s, getattr(settings, s)) for s in ("otlp_certificate", "otlp_client_certificate",
-                                                             "otlp_client_key"))
+    ca, cert, key = (
+        pick(s, getattr(settings, s)) for s in ("otlp_certificate", "otlp_client_certificate", "otlp_client_key")
+    )
     ca, cert, key = (Path(v) if v else None for v in (ca, cert, key))
     timeout_ms = pick("otlp_timeout_ms", settings.otlp_timeout_ms)
     try:
@@ -255,8 +280,10 @@ def resolve_network(settings: Settings, signal: str = "metrics") -> Network:
         if timeout <= 0:
             raise ValueError
     except ValueError:
-        raise ConfigError(f"invalid setting {names.get('otlp_timeout_ms', 'OTEL_EXPORTER_OTLP_TIMEOUT')}: "
-                          f"expected milliseconds, got {str(timeout_ms)[:20]!r}") from None
+        raise ConfigError(
+            f"invalid setting {names.get('otlp_timeout_ms', 'OTEL_EXPORTER_OTLP_TIMEOUT')}: "
+            f"expected milliseconds, got {str(timeout_ms)[:20]!r}"
+        ) from None
     compression = str(pick("otlp_compression", settings.otlp_compression)).lower()
     if compression not in ("gzip", "none"):
         raise ConfigError(f"invalid compression {compression[:20]!r} for the {signal} export", "expected gzip or none")
@@ -266,5 +293,14 @@ def resolve_network(settings: Settings, signal: str = "metrics") -> Network:
     check_client_pair(cert, key, names["otlp_client_certificate"], names["otlp_client_key"])
     explicit = settings.otlp_proxy.get_secret_value() if settings.otlp_proxy is not None else None
     proxy, source = proxy_for(settings.endpoint, explicit, insecure)
-    return Network(certificate=ca, client_certificate=cert, client_key=key, insecure=insecure, timeout=timeout,
-                   compression=compression, proxy=proxy, proxy_source=source, names=tuple(names.items()))
+    return Network(
+        certificate=ca,
+        client_certificate=cert,
+        client_key=key,
+        insecure=insecure,
+        timeout=timeout,
+        compression=compression,
+        proxy=proxy,
+        proxy_source=source,
+        names=tuple(names.items()),
+    )

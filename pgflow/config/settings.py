@@ -62,192 +62,319 @@ class Settings(BaseSettings):
 
     # Where to scrape.
     database_url: SecretStr | None = Field(
-        None, validation_alias=_env("database_url", "DATABASE_URL", "PGFLOW_DATABASE_URL"), json_schema_extra=SERVERS,
-        description="One PostgreSQL server to watch (a URL or key=value DSN); use `instances` for several.")
+        None,
+        validation_alias=_env("database_url", "DATABASE_URL", "PGFLOW_DATABASE_URL"),
+        json_schema_extra=SERVERS,
+        description="One PostgreSQL server to watch (a URL or key=value DSN); use `instances` for several.",
+    )
     instances: list[InstanceConfig] = Field(
-        default_factory=list, json_schema_extra=SERVERS,
-        description='Several servers: `[{"name": "main", "database_url": "postgresql://..."}]`.')
+        default_factory=list,
+        json_schema_extra=SERVERS,
+        description='Several servers: `[{"name": "main", "database_url": "postgresql://..."}]`.',
+    )
     # issue 15: secrets from files (the container and Kubernetes convention)
     database_url_file: Path | None = Field(
-        None, validation_alias=_env("database_url_file", "DATABASE_URL_FILE", "PGFLOW_DATABASE_URL_FILE"),
+        None,
+        validation_alias=_env("database_url_file", "DATABASE_URL_FILE", "PGFLOW_DATABASE_URL_FILE"),
         json_schema_extra=SERVERS,
-        description="Read `database_url` from this file (a mounted Secret, a systemd credential).")
+        description="Read `database_url` from this file (a mounted Secret, a systemd credential).",
+    )
     new_relic_api_key_file: Path | None = Field(
         None,
         validation_alias=_env("new_relic_api_key_file", "NEW_RELIC_API_KEY_FILE", "PGFLOW_NEW_RELIC_API_KEY_FILE"),
-        json_schema_extra=SERVERS, description="Read `new_relic_api_key` from this file.")
-    collection_interval_secs: float = Field(30.0, gt=0, le=86400, json_schema_extra=SCRAPE,
-                                            description="Time between scrapes.")
-    statement_timeout_ms: int = Field(5000, gt=0, json_schema_extra=SCRAPE,
-                                      description="Limit on every statement pgflow runs on a server.")
+        json_schema_extra=SERVERS,
+        description="Read `new_relic_api_key` from this file.",
+    )
+    collection_interval_secs: float = Field(
+        30.0, gt=0, le=86400, json_schema_extra=SCRAPE, description="Time between scrapes."
+    )
+    statement_timeout_ms: int = Field(
+        5000, gt=0, json_schema_extra=SCRAPE, description="Limit on every statement pgflow runs on a server."
+    )
     connect_timeout_secs: int = Field(5, gt=0, le=600, json_schema_extra=SCRAPE, description="Limit on connecting.")
-    text_cache_size: int = Field(50_000, gt=0, json_schema_extra=SCRAPE,
-                                 description="Query texts kept, so steady-state scrapes transfer none.")
+    text_cache_size: int = Field(
+        50_000, gt=0, json_schema_extra=SCRAPE, description="Query texts kept, so steady-state scrapes transfer none."
+    )
     max_scrapes: int | None = Field(
-        None, gt=0, json_schema_extra=SCRAPE,
-        description="Stop after this many scrapes per instance and flush (`pgflow run --scrapes`).")
+        None,
+        gt=0,
+        json_schema_extra=SCRAPE,
+        description="Stop after this many scrapes per instance and flush (`pgflow run --scrapes`).",
+    )
     # issue 11: active-session sampling of pg_stat_activity every N seconds on its own connection; 0 = off
     activity_sample_interval_secs: float = Field(
-        1.0, ge=0, le=3600, json_schema_extra=SCRAPE,
-        description="Active-session sampling period, on its own connection (0: off; else at least 0.1).")
+        1.0,
+        ge=0,
+        le=3600,
+        json_schema_extra=SCRAPE,
+        description="Active-session sampling period, on its own connection (0: off; else at least 0.1).",
+    )
 
     # What to keep.
     fingerprint_cache_size: int = Field(50_000, gt=0, json_schema_extra=KEEP, description="Fingerprints kept.")
     max_queries_tracked: int = Field(
-        1000, gt=0, json_schema_extra=KEEP,
-        description="Fingerprints exported as their own series, per instance; the rest roll into `other`.")
-    max_users_tracked: int = Field(100, gt=0, json_schema_extra=KEEP,
-                                   description="Users exported under their own name; the rest are `other`.")
-    max_databases_tracked: int = Field(100, gt=0, json_schema_extra=KEEP,
-                                       description="Databases exported under their own name; the rest are `other`.")
+        1000,
+        gt=0,
+        json_schema_extra=KEEP,
+        description="Fingerprints exported as their own series, per instance; the rest roll into `other`.",
+    )
+    max_users_tracked: int = Field(
+        100, gt=0, json_schema_extra=KEEP, description="Users exported under their own name; the rest are `other`."
+    )
+    max_databases_tracked: int = Field(
+        100, gt=0, json_schema_extra=KEEP, description="Databases exported under their own name; the rest are `other`."
+    )
     slow_query_threshold_ms: float = Field(
-        0.0, ge=0, json_schema_extra=KEEP,
-        description="Series under this mean time per call roll into `other` (0: off).")
-    export_interval_secs: float = Field(60.0, gt=0, le=86400, json_schema_extra=KEEP,
-                                        description="Length of the export windows, aligned to the clock.")
+        0.0,
+        ge=0,
+        json_schema_extra=KEEP,
+        description="Series under this mean time per call roll into `other` (0: off).",
+    )
+    export_interval_secs: float = Field(
+        60.0, gt=0, le=86400, json_schema_extra=KEEP, description="Length of the export windows, aligned to the clock."
+    )
 
     # --- issue 13: instance health groups (schema.HEALTH_GROUPS), each on its own interval ---
-    health_interval_secs: float = Field(60.0, gt=0, le=86400, json_schema_extra=HEALTH,
-                                        description="How often each instance health group is read.")
+    health_interval_secs: float = Field(
+        60.0, gt=0, le=86400, json_schema_extra=HEALTH, description="How often each instance health group is read."
+    )
     db_size_interval_secs: float = Field(
-        300.0, gt=0, le=86400, json_schema_extra=HEALTH,
-        description="How often `pg_database_size` is read (it walks every file of every database).")
+        300.0,
+        gt=0,
+        le=86400,
+        json_schema_extra=HEALTH,
+        description="How often `pg_database_size` is read (it walks every file of every database).",
+    )
     health_group_intervals: dict[str, Annotated[float, Field(gt=0, le=86400)]] = Field(
-        default_factory=dict, json_schema_extra=HEALTH,
-        description='Per-group intervals overriding the two above, e.g. `{"io": 300, "replication": 15}`.')
+        default_factory=dict,
+        json_schema_extra=HEALTH,
+        description='Per-group intervals overriding the two above, e.g. `{"io": 300, "replication": 15}`.',
+    )
     health_groups_disabled: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, json_schema_extra=HEALTH,
-        description='Health groups never read, e.g. `["io", "db_size"]` (env: a JSON list or `io,db_size`).')
+        default_factory=list,
+        json_schema_extra=HEALTH,
+        description='Health groups never read, e.g. `["io", "db_size"]` (env: a JSON list or `io,db_size`).',
+    )
     # --- end issue 13 ---
     # Per-table statistics (issue 13): each database's own catalog, on their own interval, bounded.
-    table_stats_interval_secs: float = Field(300.0, gt=0, le=86400, json_schema_extra=TABLES,
-                                             description="Time between per-table statistics scrapes.")
+    table_stats_interval_secs: float = Field(
+        300.0, gt=0, le=86400, json_schema_extra=TABLES, description="Time between per-table statistics scrapes."
+    )
     max_tables_tracked: int = Field(
-        300, gt=0, json_schema_extra=TABLES,
-        description="Tables exported under their own name, per instance; the rest roll into `other` per database.")
+        300,
+        gt=0,
+        json_schema_extra=TABLES,
+        description="Tables exported under their own name, per instance; the rest roll into `other` per database.",
+    )
     table_stats_databases: list[str] = Field(
-        default_factory=list, json_schema_extra=TABLES,
-        description="Databases whose tables are scraped (names or globs); empty: every database.")
+        default_factory=list,
+        json_schema_extra=TABLES,
+        description="Databases whose tables are scraped (names or globs); empty: every database.",
+    )
     table_stats_exclude_databases: list[str] = Field(
-        default_factory=list, json_schema_extra=TABLES,
-        description="Databases whose tables are never scraped (names or globs).")
-    table_stats_enabled: bool = Field(True, json_schema_extra=TABLES,
-                                      description="`false` turns the table scrape off.")
-    table_stats_lock_timeout_ms: int = Field(1000, gt=0, json_schema_extra=TABLES,
-                                             description="How long a size read may wait on a table's lock.")
+        default_factory=list,
+        json_schema_extra=TABLES,
+        description="Databases whose tables are never scraped (names or globs).",
+    )
+    table_stats_enabled: bool = Field(True, json_schema_extra=TABLES, description="`false` turns the table scrape off.")
+    table_stats_lock_timeout_ms: int = Field(
+        1000, gt=0, json_schema_extra=TABLES, description="How long a size read may wait on a table's lock."
+    )
     # Issue 20: gentle on the server. Never more than this many connections per instance at any
     # moment (the scrape, the sampler, one for per-database work), and optional work waits while
     # fewer than reserved_connections_headroom connections are free for others.
     max_connections_per_instance: int = Field(
-        3, ge=2, le=100, json_schema_extra=GENTLE,
-        description="Connections pgflow holds to one instance at any moment, at most.")
+        3,
+        ge=2,
+        le=100,
+        json_schema_extra=GENTLE,
+        description="Connections pgflow holds to one instance at any moment, at most.",
+    )
     reserved_connections_headroom: int = Field(
-        5, ge=0, le=10_000, json_schema_extra=GENTLE,
-        description="Optional work waits while fewer than this many connections are free for others.")
+        5,
+        ge=0,
+        le=10_000,
+        json_schema_extra=GENTLE,
+        description="Optional work waits while fewer than this many connections are free for others.",
+    )
 
     # Where to send.
     new_relic_api_key: SecretStr | None = Field(
-        None, validation_alias=_env("new_relic_api_key", "NEW_RELIC_API_KEY", "PGFLOW_NEW_RELIC_API_KEY"),
-        json_schema_extra=SERVERS, description="New Relic license key, sent as the `api-key` header.")
-    new_relic_region: Literal["us", "eu"] = Field("us", json_schema_extra=SEND,
-                                                  description="`us` or `eu`: picks New Relic's OTLP endpoint.")
+        None,
+        validation_alias=_env("new_relic_api_key", "NEW_RELIC_API_KEY", "PGFLOW_NEW_RELIC_API_KEY"),
+        json_schema_extra=SERVERS,
+        description="New Relic license key, sent as the `api-key` header.",
+    )
+    new_relic_region: Literal["us", "eu"] = Field(
+        "us", json_schema_extra=SEND, description="`us` or `eu`: picks New Relic's OTLP endpoint."
+    )
     otlp_endpoint: str | None = Field(
-        None, validation_alias=_env("otlp_endpoint", "PGFLOW_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
-        json_schema_extra=SEND, description="Any OTLP endpoint instead of New Relic's; `http://` means no TLS.")
+        None,
+        validation_alias=_env("otlp_endpoint", "PGFLOW_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        json_schema_extra=SEND,
+        description="Any OTLP endpoint instead of New Relic's; `http://` means no TLS.",
+    )
     otlp_protocol: Literal["grpc", "http"] = Field(
-        "grpc", validation_alias=_env("otlp_protocol", "PGFLOW_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
-        json_schema_extra=SEND, description="`grpc` or `http` (`http/protobuf` accepted).")
+        "grpc",
+        validation_alias=_env("otlp_protocol", "PGFLOW_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        json_schema_extra=SEND,
+        description="`grpc` or `http` (`http/protobuf` accepted).",
+    )
     otlp_headers: Annotated[dict[str, SecretStr], NoDecode] = Field(
         default_factory=dict,
         validation_alias=_env("otlp_headers", "PGFLOW_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"),
-        json_schema_extra=SEND, description="Extra export headers (env: `k=v,k2=v2`, values URL-encoded).")
+        json_schema_extra=SEND,
+        description="Extra export headers (env: `k=v,k2=v2`, values URL-encoded).",
+    )
     # Issue 21: TLS, mTLS, proxies, timeout and compression of the export, as the OTel exporters
     # read them (per-signal OTEL_EXPORTER_OTLP_METRICS_* / _LOGS_* variables win: see network()).
     otlp_certificate: Path | None = Field(
-        None, validation_alias=_env("otlp_certificate", "PGFLOW_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"),
+        None,
+        validation_alias=_env("otlp_certificate", "PGFLOW_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"),
         json_schema_extra=NETWORK,
         description="CA bundle (PEM) the endpoint's certificate must chain to, instead of the system's. This "
-                    "and the five settings below also have per-signal forms, `OTEL_EXPORTER_OTLP_METRICS_*` and "
-                    "`OTEL_EXPORTER_OTLP_LOGS_*`, which win.")
+        "and the five settings below also have per-signal forms, `OTEL_EXPORTER_OTLP_METRICS_*` and "
+        "`OTEL_EXPORTER_OTLP_LOGS_*`, which win.",
+    )
     otlp_client_certificate: Path | None = Field(
-        None, validation_alias=_env("otlp_client_certificate", "PGFLOW_OTLP_CLIENT_CERTIFICATE",
-                                    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
-        json_schema_extra=NETWORK, description="Client certificate (PEM) for mTLS; needs `otlp_client_key`.")
+        None,
+        validation_alias=_env(
+            "otlp_client_certificate", "PGFLOW_OTLP_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"
+        ),
+        json_schema_extra=NETWORK,
+        description="Client certificate (PEM) for mTLS; needs `otlp_client_key`.",
+    )
     otlp_client_key: Path | None = Field(
-        None, validation_alias=_env("otlp_client_key", "PGFLOW_OTLP_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
-        json_schema_extra=NETWORK, description="The client certificate's private key (PEM, unencrypted).")
+        None,
+        validation_alias=_env("otlp_client_key", "PGFLOW_OTLP_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+        json_schema_extra=NETWORK,
+        description="The client certificate's private key (PEM, unencrypted).",
+    )
     otlp_insecure: bool = Field(
-        False, validation_alias=_env("otlp_insecure", "PGFLOW_OTLP_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"),
-        json_schema_extra=NETWORK, description="`true`: an endpoint given without `http://` or `https://` is "
-                                               "reached without TLS.")
+        False,
+        validation_alias=_env("otlp_insecure", "PGFLOW_OTLP_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"),
+        json_schema_extra=NETWORK,
+        description="`true`: an endpoint given without `http://` or `https://` is reached without TLS.",
+    )
     otlp_timeout_ms: int | None = Field(
-        None, gt=0, le=3_600_000,
+        None,
+        gt=0,
+        le=3_600_000,
         validation_alias=_env("otlp_timeout_ms", "PGFLOW_OTLP_TIMEOUT_MS", "OTEL_EXPORTER_OTLP_TIMEOUT"),
-        json_schema_extra=NETWORK, description="Limit on one export call, in milliseconds; unset: "
-                                               "`export_timeout_secs`.")
+        json_schema_extra=NETWORK,
+        description="Limit on one export call, in milliseconds; unset: `export_timeout_secs`.",
+    )
     otlp_compression: Literal["gzip", "none"] = Field(
-        "gzip", validation_alias=_env("otlp_compression", "PGFLOW_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"),
-        json_schema_extra=NETWORK, description="`gzip` or `none`: compression of the export requests.")
+        "gzip",
+        validation_alias=_env("otlp_compression", "PGFLOW_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"),
+        json_schema_extra=NETWORK,
+        description="`gzip` or `none`: compression of the export requests.",
+    )
     otlp_proxy: SecretStr | None = Field(
-        None, validation_alias=_env("otlp_proxy", "PGFLOW_OTLP_PROXY"), json_schema_extra=NETWORK,
+        None,
+        validation_alias=_env("otlp_proxy", "PGFLOW_OTLP_PROXY"),
+        json_schema_extra=NETWORK,
         description="HTTP proxy for the export, `http://[user:password@]host:port` (TLS is tunnelled with CONNECT); "
-                    "`none`: no proxy. Unset: `HTTPS_PROXY` or `HTTP_PROXY` by the endpoint's scheme, unless "
-                    "`NO_PROXY` covers its host.")
+        "`none`: no proxy. Unset: `HTTPS_PROXY` or `HTTP_PROXY` by the endpoint's scheme, unless "
+        "`NO_PROXY` covers its host.",
+    )
     _signal_env: dict[str, dict[str, tuple[str, str]]] = PrivateAttr(default_factory=dict)
     batch_size: int = Field(
-        1000, gt=0, le=100_000, json_schema_extra=BATCHES,
-        description="Data points per OTLP request (requests also stay under 1,000,000 bytes).")
+        1000,
+        gt=0,
+        le=100_000,
+        json_schema_extra=BATCHES,
+        description="Data points per OTLP request (requests also stay under 1,000,000 bytes).",
+    )
     batch_timeout_secs: float = Field(
-        10.0, gt=0, json_schema_extra=BATCHES,
-        description="Accepted for the seed's configuration; windows are sent as soon as they close.")
-    export_timeout_secs: float = Field(10.0, gt=0, json_schema_extra=BATCHES,
-                                       description="Limit on one export call.")
+        10.0,
+        gt=0,
+        json_schema_extra=BATCHES,
+        description="Accepted for the seed's configuration; windows are sent as soon as they close.",
+    )
+    export_timeout_secs: float = Field(10.0, gt=0, json_schema_extra=BATCHES, description="Limit on one export call.")
     retry_initial_delay_secs: float = Field(
-        1.0, gt=0, json_schema_extra=BATCHES,
-        description="First pause before retrying an export (then exponential, with jitter).")
-    retry_max_delay_secs: float = Field(30.0, gt=0, json_schema_extra=BATCHES,
-                                        description="Longest pause between export retries.")
+        1.0,
+        gt=0,
+        json_schema_extra=BATCHES,
+        description="First pause before retrying an export (then exponential, with jitter).",
+    )
+    retry_max_delay_secs: float = Field(
+        30.0, gt=0, json_schema_extra=BATCHES, description="Longest pause between export retries."
+    )
     retry_max_attempts: int = Field(
-        5, gt=0, le=100, json_schema_extra=BATCHES,
-        description="Attempts of one export (retryable answers only); a batch still failing stays in the ledger.")
+        5,
+        gt=0,
+        le=100,
+        json_schema_extra=BATCHES,
+        description="Attempts of one export (retryable answers only); a batch still failing stays in the ledger.",
+    )
     service_name: str = Field("pgflow", json_schema_extra=SEND, description="The `service.name` resource attribute.")
 
     # Issue 12: query samples and explain plans.
     sample_min_duration_ms: float = Field(
-        100.0, gt=0, json_schema_extra=SAMPLES,
-        description="Query samples: only statements running longer than this when seen.")
+        100.0,
+        gt=0,
+        json_schema_extra=SAMPLES,
+        description="Query samples: only statements running longer than this when seen.",
+    )
     samples_per_fingerprint_per_hour: int = Field(
-        15, gt=0, json_schema_extra=SAMPLES, description="Query samples: at most this many per fingerprint per hour.")
+        15, gt=0, json_schema_extra=SAMPLES, description="Query samples: at most this many per fingerprint per hour."
+    )
     max_samples_per_window: int = Field(
-        100, gt=0, json_schema_extra=SAMPLES,
-        description="Query samples: at most this many per export window, per instance.")
+        100,
+        gt=0,
+        json_schema_extra=SAMPLES,
+        description="Query samples: at most this many per export window, per instance.",
+    )
     explains_per_window: int = Field(
-        5, ge=0, le=1000, json_schema_extra=SAMPLES,
-        description="Plans explained per export window, busiest fingerprints first (0: no plans).")
+        5,
+        ge=0,
+        le=1000,
+        json_schema_extra=SAMPLES,
+        description="Plans explained per export window, busiest fingerprints first (0: no plans).",
+    )
     explain_ttl_secs: float = Field(
-        3600.0, gt=0, json_schema_extra=SAMPLES,
-        description="A fingerprint is explained at most once per this many seconds per database.")
+        3600.0,
+        gt=0,
+        json_schema_extra=SAMPLES,
+        description="A fingerprint is explained at most once per this many seconds per database.",
+    )
 
     # Running.
-    metrics_addr: str = Field("127.0.0.1:9187", json_schema_extra=RUNNING,
-                              description="The collector's own `/metrics` and `/healthz` (port 0: any free port).")
+    metrics_addr: str = Field(
+        "127.0.0.1:9187",
+        json_schema_extra=RUNNING,
+        description="The collector's own `/metrics` and `/healthz` (port 0: any free port).",
+    )
     state_dir: Path = Field(
         default_factory=lambda: _default_state_dir(),
         json_schema_extra={**RUNNING, "doc_default": "`$XDG_DATA_HOME/pgflow`, else `~/.local/share/pgflow`"},
-        description="Durable state (the ledger); the same directory resumes after a restart.")
+        description="Durable state (the ledger); the same directory resumes after a restart.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", json_schema_extra=RUNNING, description="`debug`, `info`, `warning` or `error`.")
-    log_format: Literal["kv", "json"] = Field("kv", json_schema_extra=RUNNING,
-                                              description="`kv` (key=value lines) or `json`.")
+        "info", json_schema_extra=RUNNING, description="`debug`, `info`, `warning` or `error`."
+    )
+    log_format: Literal["kv", "json"] = Field(
+        "kv", json_schema_extra=RUNNING, description="`kv` (key=value lines) or `json`."
+    )
 
     # Issue 14 (stream): shutdown bound and refused exports.
     shutdown_timeout_secs: float = Field(
-        20.0, gt=0, le=3600, json_schema_extra=RUNNING,
-        description="Bound on the whole shutdown after SIGTERM/SIGINT; keep it under the orchestrator's grace period.")
+        20.0,
+        gt=0,
+        le=3600,
+        json_schema_extra=RUNNING,
+        description="Bound on the whole shutdown after SIGTERM/SIGINT; keep it under the orchestrator's grace period.",
+    )
     refused_retry_secs: float = Field(
-        60.0, gt=0, le=86400, json_schema_extra=RUNNING,
+        60.0,
+        gt=0,
+        le=86400,
+        json_schema_extra=RUNNING,
         description="Pause after the endpoint refuses (401/403, 400, 413) before trying again; doubles while "
-                    "refusals go on.")
+        "refusals go on.",
+    )
 
     @classmethod
     def settings_customise_sources(

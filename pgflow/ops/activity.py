@@ -101,9 +101,13 @@ def _from_query_samples(snapshot: Snapshot) -> pl.DataFrame | None:
     if qs is None or not qs.height:
         return None
     c = pl.col
-    return qs.filter(c("query_id").is_not_null() & c("fingerprint").is_not_null() & (c("fingerprint") != UNKNOWN)
-                     & ~c("truncated").fill_null(False) & ~c("unparsable").fill_null(False)).select(
-        c("query_id").cast(pl.Int64), c("fingerprint").cast(pl.String))
+    return qs.filter(
+        c("query_id").is_not_null()
+        & c("fingerprint").is_not_null()
+        & (c("fingerprint") != UNKNOWN)
+        & ~c("truncated").fill_null(False)
+        & ~c("unparsable").fill_null(False)
+    ).select(c("query_id").cast(pl.Int64), c("fingerprint").cast(pl.String))
 
 
 def add(state: ActivityState, snapshot: Snapshot, length: timedelta) -> ActivityState:
@@ -116,8 +120,9 @@ def add(state: ActivityState, snapshot: Snapshot, length: timedelta) -> Activity
         return state
     _, end = window_bounds(snapshot.scraped_at, length)
     pending = state.open.get(end) or Pending()
-    pending = Pending(pending.samples + ((samples,) if samples.height else ()),
-                      pending.stats + ((stats,) if stats.height else ()))
+    pending = Pending(
+        pending.samples + ((samples,) if samples.height else ()), pending.stats + ((stats,) if stats.height else ())
+    )
     return replace(state, open={**state.open, end: pending})
 
 
@@ -126,10 +131,12 @@ def fingerprints(labels: pl.DataFrame | None) -> pl.DataFrame:
     schema = {"dbid": pl.Int64, "userid": pl.Int64, "queryid": pl.Int64, "fingerprint": pl.String}
     if labels is None or "fingerprint" not in labels.columns or not labels.height:
         return pl.DataFrame(schema=schema)
-    return (labels.select("dbid", "userid", "queryid", "fingerprint", "toplevel")
-            .sort("toplevel", descending=True, maintain_order=True, nulls_last=True)
-            .unique(["dbid", "userid", "queryid"], keep="first", maintain_order=True)
-            .select(list(schema)))
+    return (
+        labels.select("dbid", "userid", "queryid", "fingerprint", "toplevel")
+        .sort("toplevel", descending=True, maintain_order=True, nulls_last=True)
+        .unique(["dbid", "userid", "queryid"], keep="first", maintain_order=True)
+        .select(list(schema))
+    )
 
 
 def by_query_id(known: pl.DataFrame) -> pl.DataFrame:
@@ -137,29 +144,40 @@ def by_query_id(known: pl.DataFrame) -> pl.DataFrame:
     database) ran before has the same query id, and pg_stat_statements shows a new entry only
     once it is planned or has run. Several fingerprints for one query id: the smallest, so
     every path and every arrival order names it alike."""
-    return (known.filter(pl.col("fingerprint").is_not_null()).group_by("queryid")
-            .agg(pl.col("fingerprint").min().alias("any_fingerprint")))
+    return (
+        known.filter(pl.col("fingerprint").is_not_null())
+        .group_by("queryid")
+        .agg(pl.col("fingerprint").min().alias("any_fingerprint"))
+    )
 
 
 def _lookup(frame: pl.DataFrame, known: pl.DataFrame, seen: dict[int, str] | None = None) -> pl.DataFrame:
     """``frame`` (dbid, userid, query_id) with the statement's ``fingerprint`` (null: nothing knows
     it): pg_stat_statements' entry for the session's database and user, else any entry of the
     query id, else what pgflow has seen of it."""
-    joined = frame.join(known, left_on=["dbid", "userid", "query_id"], right_on=["dbid", "userid", "queryid"],
-                        how="left", maintain_order="left")
+    joined = frame.join(
+        known,
+        left_on=["dbid", "userid", "query_id"],
+        right_on=["dbid", "userid", "queryid"],
+        how="left",
+        maintain_order="left",
+    )
     if not joined.get_column("fingerprint").has_nulls():
         return joined
-    joined = joined.join(by_query_id(known), left_on="query_id", right_on="queryid", how="left",
-                         maintain_order="left")
+    joined = joined.join(by_query_id(known), left_on="query_id", right_on="queryid", how="left", maintain_order="left")
     joined = joined.with_columns(pl.coalesce("fingerprint", "any_fingerprint").alias("fingerprint")).drop(
-        "any_fingerprint")
+        "any_fingerprint"
+    )
     if not seen or not joined.get_column("fingerprint").has_nulls():
         return joined
-    remembered = pl.DataFrame({"query_id": list(seen), "seen_fingerprint": list(seen.values())},
-                              schema={"query_id": pl.Int64, "seen_fingerprint": pl.String})
+    remembered = pl.DataFrame(
+        {"query_id": list(seen), "seen_fingerprint": list(seen.values())},
+        schema={"query_id": pl.Int64, "seen_fingerprint": pl.String},
+    )
     joined = joined.join(remembered, on="query_id", how="left", maintain_order="left")
     return joined.with_columns(pl.coalesce("fingerprint", "seen_fingerprint").alias("fingerprint")).drop(
-        "seen_fingerprint")
+        "seen_fingerprint"
+    )
 
 
 def sampled(state: ActivityState, window: Window, labels: pl.DataFrame | None) -> pl.DataFrame:
@@ -183,50 +201,88 @@ def sampled(state: ActivityState, window: Window, labels: pl.DataFrame | None) -
     if not frames:
         return out
     named = _lookup(pl.concat(frames, how="vertical_relaxed"), known, _seen(state)).filter(
-        c("fingerprint").is_not_null())
+        c("fingerprint").is_not_null()
+    )
     return named.group_by("fingerprint", maintain_order=True).agg(c("value").cast(pl.Float64).sum())
 
 
-def _named(frame: pl.DataFrame, known: pl.DataFrame, tracked: tuple[str, ...],
-           seen: dict[int, str] | None = None) -> pl.DataFrame:
+def _named(
+    frame: pl.DataFrame, known: pl.DataFrame, tracked: tuple[str, ...], seen: dict[int, str] | None = None
+) -> pl.DataFrame:
     """``frame`` (dbid, userid, query_id) with ``fingerprint``: tracked, ``other`` or ``unknown``."""
     joined = _lookup(frame, known, seen)
     is_tracked = pl.col("fingerprint").is_in(pl.Series(tracked, dtype=pl.String).implode())
     return joined.with_columns(
-        pl.when(pl.col("fingerprint").is_null()).then(pl.lit(UNKNOWN))
-        .when(is_tracked).then(pl.col("fingerprint")).otherwise(pl.lit(OTHER)).alias("fingerprint"))
+        pl.when(pl.col("fingerprint").is_null())
+        .then(pl.lit(UNKNOWN))
+        .when(is_tracked)
+        .then(pl.col("fingerprint"))
+        .otherwise(pl.lit(OTHER))
+        .alias("fingerprint")
+    )
 
 
 def _bounded(frame: pl.DataFrame, column: str, lru: tuple[str, ...], capacity: int) -> pl.DataFrame:
     """Names the cap tracks keep; others keep theirs while the cap has room, heaviest first; the rest ``other``."""
     room = capacity - len(lru)
-    untracked = frame.filter(pl.col(column).is_not_null()
-                             & ~pl.col(column).is_in(pl.Series(lru, dtype=pl.String).implode()))
+    untracked = frame.filter(
+        pl.col(column).is_not_null() & ~pl.col(column).is_in(pl.Series(lru, dtype=pl.String).implode())
+    )
     if untracked.get_column(column).n_unique() <= room:
         return frame  # the common case: every name fits
-    extra = (untracked.group_by(column, maintain_order=True).agg(pl.col("value").sum())
-             .sort("value", descending=True, maintain_order=True).head(max(0, room)).get_column(column))
+    extra = (
+        untracked.group_by(column, maintain_order=True)
+        .agg(pl.col("value").sum())
+        .sort("value", descending=True, maintain_order=True)
+        .head(max(0, room))
+        .get_column(column)
+    )
     keep = pl.Series([*lru, *extra.to_list()], dtype=pl.String)
     return frame.with_columns(
-        pl.when(pl.col(column).is_null() | pl.col(column).is_in(keep.implode())).then(pl.col(column))
-        .otherwise(pl.lit(OTHER)).alias(column))
+        pl.when(pl.col(column).is_null() | pl.col(column).is_in(keep.implode()))
+        .then(pl.col(column))
+        .otherwise(pl.lit(OTHER))
+        .alias(column)
+    )
 
 
-def _frame(window: Window, metric: str, unit: str, kind: str, rows: pl.DataFrame, attrs: Mapping[str, pl.Expr | str],
-           start: datetime, end: datetime) -> pl.DataFrame:
+def _frame(
+    window: Window,
+    metric: str,
+    unit: str,
+    kind: str,
+    rows: pl.DataFrame,
+    attrs: Mapping[str, pl.Expr | str],
+    start: datetime,
+    end: datetime,
+) -> pl.DataFrame:
     r = window.resource
     return rows.select(
-        pl.lit(r.instance).alias("instance"), pl.lit(metric).alias("metric"), pl.lit(kind).alias("kind"),
-        pl.lit(unit).alias("unit"), pl.lit(kind == "sum").alias("monotonic"), pl.lit(start, UTC_TS).alias("start"),
-        pl.lit(end, UTC_TS).alias("end"), pl.col("value").cast(pl.Float64), pl.lit(unit != "s").alias("is_int"),
-        attributes(attrs).alias("attributes"), pl.lit(r.server_address).alias("server_address"),
+        pl.lit(r.instance).alias("instance"),
+        pl.lit(metric).alias("metric"),
+        pl.lit(kind).alias("kind"),
+        pl.lit(unit).alias("unit"),
+        pl.lit(kind == "sum").alias("monotonic"),
+        pl.lit(start, UTC_TS).alias("start"),
+        pl.lit(end, UTC_TS).alias("end"),
+        pl.col("value").cast(pl.Float64),
+        pl.lit(unit != "s").alias("is_int"),
+        attributes(attrs).alias("attributes"),
+        pl.lit(r.server_address).alias("server_address"),
         pl.lit(r.server_port, pl.Int32).alias("server_port"),
         pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
     )
 
 
-def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFrame | None, *,
-          max_users_tracked: int, max_databases_tracked: int) -> tuple[ActivityState, pl.DataFrame | None]:
+def close(
+    state: ActivityState,
+    window: Window,
+    cap: CapState,
+    labels: pl.DataFrame | None,
+    *,
+    max_users_tracked: int,
+    max_databases_tracked: int,
+) -> tuple[ActivityState, pl.DataFrame | None]:
     """The points of ``window``'s samples (None without any), and the state without them."""
     period = window.period  # ``window.end`` is earlier when the window closed early (shutdown)
     pending = state.open.get(period)
@@ -237,8 +293,13 @@ def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFr
     seen = _seen(state)
     if known.height:  # remember what pg_stat_statements names of the sampled query ids (a reset may drop it)
         ids = pl.concat([f.select(pl.col("query_id").cast(pl.Int64)) for f in (*pending.samples, *pending.stats)])
-        state = _remember(state, by_query_id(known).join(ids.unique(), left_on="queryid", right_on="query_id",
-                                                         how="semi").select("queryid", "any_fingerprint").sort("queryid"))
+        state = _remember(
+            state,
+            by_query_id(known)
+            .join(ids.unique(), left_on="queryid", right_on="query_id", how="semi")
+            .select("queryid", "any_fingerprint")
+            .sort("queryid"),
+        )
     out = []
     system = {"db.system.name": "postgresql"}
     c = pl.col
@@ -249,36 +310,70 @@ def close(state: ActivityState, window: Window, cap: CapState, labels: pl.DataFr
         named = _bounded(named, "user", cap.users, max_users_tracked)
         key = ["database", "user", "backend_type", "state", "wait_event_type", "wait_event", "fingerprint", "source"]
         summed = named.group_by(key, maintain_order=True).agg(c("value").sum())
-        out.append(_frame(window, "postgresql.activity.time", "s", "sum", summed, {
-            **system, "db.namespace": c("database"), "user.name": c("user"),
-            "postgresql.backend.type": c("backend_type"), "postgresql.session.state": c("state"),
-            "postgresql.wait_event.type": c("wait_event_type"), "postgresql.wait_event.name": c("wait_event"),
-            "postgresql.query.fingerprint": c("fingerprint"), "postgresql.wait.source": c("source")},
-            window.start, window.end))
+        out.append(
+            _frame(
+                window,
+                "postgresql.activity.time",
+                "s",
+                "sum",
+                summed,
+                {
+                    **system,
+                    "db.namespace": c("database"),
+                    "user.name": c("user"),
+                    "postgresql.backend.type": c("backend_type"),
+                    "postgresql.session.state": c("state"),
+                    "postgresql.wait_event.type": c("wait_event_type"),
+                    "postgresql.wait_event.name": c("wait_event"),
+                    "postgresql.query.fingerprint": c("fingerprint"),
+                    "postgresql.wait.source": c("source"),
+                },
+                window.start,
+                window.end,
+            )
+        )
     if pending.stats:
         stats = pl.concat(pending.stats).cast(SESSION_STATS)
         blocked = stats.filter(c("stat") == "blocked_secs")
         if blocked.height:
-            named = _bounded(_named(blocked, known, cap.queries, seen), "database", cap.databases,
-                             max_databases_tracked)
+            named = _bounded(
+                _named(blocked, known, cap.queries, seen), "database", cap.databases, max_databases_tracked
+            )
             summed = named.group_by(["database", "state", "fingerprint"], maintain_order=True).agg(c("value").sum())
-            out.append(_frame(window, "postgresql.blocking.time", "s", "sum", summed, {
-                **system, "db.namespace": c("database"), "postgresql.blocking.root.state": c("state"),
-                "postgresql.query.fingerprint": c("fingerprint")}, window.start, window.end))
+            out.append(
+                _frame(
+                    window,
+                    "postgresql.blocking.time",
+                    "s",
+                    "sum",
+                    summed,
+                    {
+                        **system,
+                        "db.namespace": c("database"),
+                        "postgresql.blocking.root.state": c("state"),
+                        "postgresql.query.fingerprint": c("fingerprint"),
+                    },
+                    window.start,
+                    window.end,
+                )
+            )
         at = window.gauges.observed_at if window.gauges is not None else window.end
         databases = window.gauges.databases if window.gauges is not None else []
         for stat, (metric, unit, by_state) in _GAUGES.items():
             rows = stats.filter(c("stat") == stat)
             if not by_state:  # every database, 0 where nothing was blocked
-                zeros = pl.DataFrame({"database": databases, "value": [0.0] * len(databases)},
-                                     schema={"database": pl.String, "value": pl.Float64})
+                zeros = pl.DataFrame(
+                    {"database": databases, "value": [0.0] * len(databases)},
+                    schema={"database": pl.String, "value": pl.Float64},
+                )
                 rows = pl.concat([rows.select("database", "value"), zeros])
                 rows = _bounded(rows, "database", cap.databases, max_databases_tracked)
                 rows = rows.group_by("database", maintain_order=True).agg(c("value").max())
                 attrs = {"db.namespace": c("database")}
             else:
-                rows = _bounded(rows.select("database", "state", "value"), "database", cap.databases,
-                                max_databases_tracked)
+                rows = _bounded(
+                    rows.select("database", "state", "value"), "database", cap.databases, max_databases_tracked
+                )
                 rows = rows.group_by(["database", "state"], maintain_order=True).agg(c("value").max())
                 attrs = {"db.namespace": c("database"), "postgresql.session.state": c("state")}
             if rows.height:

@@ -23,15 +23,30 @@ from pglast.stream import RawStream
 MAX_DEPARSE_CHARS = 20_000  # longer normalized texts are shown as normalized, not deparsed
 _NAME = "pgflow_name_placeholder"  # a name the fingerprint ignores, shown as ``?``
 _NAMED = {  # node type -> the fields that only name something (savepoint, prepared statement, cursor, channel)
-    "TransactionStmt": ("savepoint_name", "gid"), "PrepareStmt": ("name",), "ExecuteStmt": ("name",),
-    "DeallocateStmt": ("name",), "DeclareCursorStmt": ("portalname",), "FetchStmt": ("portalname",),
-    "ClosePortalStmt": ("portalname",), "ListenStmt": ("conditionname",), "UnlistenStmt": ("conditionname",),
+    "TransactionStmt": ("savepoint_name", "gid"),
+    "PrepareStmt": ("name",),
+    "ExecuteStmt": ("name",),
+    "DeallocateStmt": ("name",),
+    "DeclareCursorStmt": ("portalname",),
+    "FetchStmt": ("portalname",),
+    "ClosePortalStmt": ("portalname",),
+    "ListenStmt": ("conditionname",),
+    "UnlistenStmt": ("conditionname",),
     "NotifyStmt": ("conditionname",),
 }
 # Where a relation is read or written (the fingerprint ignores its schema there, as PostgreSQL 18's query id does)
-_DML = {("SelectStmt", "fromClause"), ("InsertStmt", "relation"), ("UpdateStmt", "relation"),
-        ("UpdateStmt", "fromClause"), ("DeleteStmt", "relation"), ("DeleteStmt", "usingClause"),
-        ("MergeStmt", "relation"), ("MergeStmt", "sourceRelation"), ("JoinExpr", "larg"), ("JoinExpr", "rarg")}
+_DML = {
+    ("SelectStmt", "fromClause"),
+    ("InsertStmt", "relation"),
+    ("UpdateStmt", "relation"),
+    ("UpdateStmt", "fromClause"),
+    ("DeleteStmt", "relation"),
+    ("DeleteStmt", "usingClause"),
+    ("MergeStmt", "relation"),
+    ("MergeStmt", "sourceRelation"),
+    ("JoinExpr", "larg"),
+    ("JoinExpr", "rarg"),
+}
 _PARAM_NUMBER = re.compile(r"\$\d+")
 
 

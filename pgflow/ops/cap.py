@@ -57,8 +57,9 @@ def _heaviest(weights: np.ndarray, limit: int) -> np.ndarray:
     return candidates[np.argsort(-weights[candidates], kind="stable")]
 
 
-def _ranked(names: pl.Series, hashes: np.ndarray, rows: np.ndarray, weights: np.ndarray, limit: int,
-            distinct: bool = False) -> list[str]:
+def _ranked(
+    names: pl.Series, hashes: np.ndarray, rows: np.ndarray, weights: np.ndarray, limit: int, distinct: bool = False
+) -> list[str]:
     """The distinct names of ``rows`` by summed weight, heaviest first (ties: first seen), at
     most ``limit``: more active than the cap, the heaviest win this window.
 
@@ -76,20 +77,29 @@ def _ranked(names: pl.Series, hashes: np.ndarray, rows: np.ndarray, weights: np.
 def _with_sampled(names: pl.Series, weights: np.ndarray, sampled: pl.DataFrame, limit: int) -> list[str]:
     """The active names and the sampled ones by summed weight (ms), heaviest first (ties: first
     seen, statements with calls before sampled ones), at most ``limit``."""
-    both = pl.concat([
-        pl.DataFrame({"name": names.cast(pl.String), "w": pl.Series(weights, dtype=pl.Float64)}),
-        sampled.select(pl.col("fingerprint").cast(pl.String).alias("name"),
-                       (pl.col("value").cast(pl.Float64) * 1000.0).alias("w")),
-    ])
-    ranked = (both.group_by("name", maintain_order=True).agg(pl.col("w").sum())
-              .sort("w", descending=True, maintain_order=True).head(limit))
+    both = pl.concat(
+        [
+            pl.DataFrame({"name": names.cast(pl.String), "w": pl.Series(weights, dtype=pl.Float64)}),
+            sampled.select(
+                pl.col("fingerprint").cast(pl.String).alias("name"),
+                (pl.col("value").cast(pl.Float64) * 1000.0).alias("w"),
+            ),
+        ]
+    )
+    ranked = (
+        both.group_by("name", maintain_order=True)
+        .agg(pl.col("w").sum())
+        .sort("w", descending=True, maintain_order=True)
+        .head(limit)
+    )
     return ranked.get_column("name").to_list()
 
 
 def _tracked(labels: pl.DataFrame, lrus: dict[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
     """Per column, which rows carry a tracked name (one pass for all columns)."""
-    found = labels.select(pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()).fill_null(False)
-                          for c, lru in lrus.items())
+    found = labels.select(
+        pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()).fill_null(False) for c, lru in lrus.items()
+    )
     return {c: found.get_column(c).to_numpy() for c in lrus}
 
 
@@ -122,8 +132,14 @@ def cap(
     distinct = labels.get_column("fingerprint").n_unique() == labels.height  # the common case
 
     def touch(lru: tuple[str, ...], column: str, limit: int) -> tuple[tuple[str, ...], int]:
-        ranked = _ranked(labels.get_column(column), hashes.get_column(column).to_numpy(), active, weights, limit,
-                         distinct=column == "fingerprint" and distinct)
+        ranked = _ranked(
+            labels.get_column(column),
+            hashes.get_column(column).to_numpy(),
+            active,
+            weights,
+            limit,
+            distinct=column == "fingerprint" and distinct,
+        )
         return _touch(lru, ranked, limit)
 
     databases, ev_d = touch(state.databases, "database", max_databases_tracked)
@@ -131,11 +147,16 @@ def cap(
     if sampled is None:
         queries, ev_q = touch(state.queries, "fingerprint", max_queries_tracked)
     else:
-        queries, ev_q = _touch(state.queries, _with_sampled(labels.get_column("fingerprint").gather(active),
-                                                             weights, sampled, max_queries_tracked),
-                               max_queries_tracked)
-    evictions = {"queries": state.evictions["queries"] + ev_q, "users": state.evictions["users"] + ev_u,
-                 "databases": state.evictions["databases"] + ev_d}
+        queries, ev_q = _touch(
+            state.queries,
+            _with_sampled(labels.get_column("fingerprint").gather(active), weights, sampled, max_queries_tracked),
+            max_queries_tracked,
+        )
+    evictions = {
+        "queries": state.evictions["queries"] + ev_q,
+        "users": state.evictions["users"] + ev_u,
+        "databases": state.evictions["databases"] + ev_d,
+    }
     state = replace(state, queries=queries, users=users, databases=databases, evictions=evictions)
 
     tracked = _tracked(labels, {"fingerprint": queries, "database": databases, "user": users})
@@ -143,8 +164,11 @@ def cap(
     if slow_query_threshold_ms > 0:
         with np.errstate(divide="ignore", invalid="ignore"):
             rolled |= (calls == 0) | (time / np.where(calls == 0, 1, calls) < slow_query_threshold_ms)
-    renamed = [pl.when(pl.Series(tracked[c])).then(pl.col(c)).otherwise(pl.lit(OTHER)).alias(c)
-               for c in ("database", "user") if not tracked[c].all()]
+    renamed = [
+        pl.when(pl.Series(tracked[c])).then(pl.col(c)).otherwise(pl.lit(OTHER)).alias(c)
+        for c in ("database", "user")
+        if not tracked[c].all()
+    ]
     if not rolled.any() and not renamed:
         return state, series  # the common case: every series tracked under its own name
 
@@ -152,20 +176,28 @@ def cap(
         labels = labels.with_columns(renamed)
     kept = SeriesTable(labels.filter(pl.Series(~rolled)), series.ints[~rolled], series.floats[~rolled])
     if renamed:  # two users (or databases) renamed into one: their series merge
-        kept = sum_by(kept.labels, kept.ints, kept.floats,
-                      ["database", "user", "fingerprint", "toplevel", "operation"])
+        kept = sum_by(kept.labels, kept.ints, kept.floats, ["database", "user", "fingerprint", "toplevel", "operation"])
     rollup = ["database", "user", "operation", "toplevel"]
-    others = sum_by(labels.filter(pl.Series(rolled)).select(rollup), series.ints[rolled],
-                    series.floats[rolled], rollup)
+    others = sum_by(labels.filter(pl.Series(rolled)).select(rollup), series.ints[rolled], series.floats[rolled], rollup)
     others_labels = others.labels.select(
-        "database", "user", pl.lit(OTHER).alias("fingerprint"), "toplevel", "operation",
-        pl.col("operation").alias("summary"), pl.lit(None, pl.String).alias("text"),
+        "database",
+        "user",
+        pl.lit(OTHER).alias("fingerprint"),
+        "toplevel",
+        "operation",
+        pl.col("operation").alias("summary"),
+        pl.lit(None, pl.String).alias("text"),
     )
-    return state, SeriesTable(pl.concat([kept.labels, others_labels]), np.concatenate([kept.ints, others.ints]),
-                              np.concatenate([kept.floats, others.floats]))
+    return state, SeriesTable(
+        pl.concat([kept.labels, others_labels]),
+        np.concatenate([kept.ints, others.ints]),
+        np.concatenate([kept.floats, others.floats]),
+    )
 
 
-def track(lru: tuple[str, ...], rankings: list[list[str]], quotas: list[int], capacity: int) -> tuple[tuple[str, ...], int]:
+def track(
+    lru: tuple[str, ...], rankings: list[list[str]], quotas: list[int], capacity: int
+) -> tuple[tuple[str, ...], int]:
     """The LRU step for a dimension ranked by several criteria (issue 13: tables by activity and risk).
 
     Takes the first ``quotas[i]`` names of each ranking (most important ranking first, each

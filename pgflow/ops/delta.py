@@ -138,8 +138,12 @@ def server_changed(state: DeltaState, snapshot: Snapshot) -> str | None:
         reason = snapshot.identity.same_history(previous)
         if reason:
             return reason
-    if (snapshot.stats_reset is not None and state.stats_reset is not None
-            and snapshot.stats_reset != state.stats_reset and snapshot.stats_reset <= state.scraped_at):
+    if (
+        snapshot.stats_reset is not None
+        and state.stats_reset is not None
+        and snapshot.stats_reset != state.stats_reset
+        and snapshot.stats_reset <= state.scraped_at
+    ):
         return "pg_stat_statements was last reset before the previous scrape: another server's counters"
     return None
 
@@ -166,15 +170,21 @@ class Deltas:
     @property
     def databases(self) -> pl.DataFrame:
         """pg_stat_database deltas: datid, database and the counters (built when asked for)."""
-        return _side_by_side(self.database_rows, (self.database_counters.ints, DATABASE_COUNTERS),
-                             (self.database_counters.floats, DATABASE_TIME_COUNTERS))
+        return _side_by_side(
+            self.database_rows,
+            (self.database_counters.ints, DATABASE_COUNTERS),
+            (self.database_counters.floats, DATABASE_TIME_COUNTERS),
+        )
 
     @property
     def statements(self) -> pl.DataFrame:
         """The rows that ran in the interval, with their counter deltas, as one frame."""
         keep = active_rows(self.counters)
-        return _side_by_side(self.rows.filter(pl.Series(keep)), (self.counters.ints[keep], STATEMENT_INT_COUNTERS),
-                             (self.counters.floats[keep], STATEMENT_TIME_COUNTERS))
+        return _side_by_side(
+            self.rows.filter(pl.Series(keep)),
+            (self.counters.ints[keep], STATEMENT_INT_COUNTERS),
+            (self.counters.floats[keep], STATEMENT_TIME_COUNTERS),
+        )
 
 
 def active_rows(counters: Counters) -> np.ndarray:
@@ -186,8 +196,9 @@ def active_rows(counters: Counters) -> np.ndarray:
 
 def _side_by_side(rows: pl.DataFrame, *matrices: tuple[np.ndarray, tuple[str, ...]]) -> pl.DataFrame:
     """``rows`` with the columns of each (matrix, column names) appended."""
-    return pl.concat([rows, *(pl.from_numpy(m, schema=list(names), orient="row") for m, names in matrices)],
-                     how="horizontal")
+    return pl.concat(
+        [rows, *(pl.from_numpy(m, schema=list(names), orient="row") for m, names in matrices)], how="horizontal"
+    )
 
 
 def _rows(statements: pl.DataFrame) -> pl.DataFrame:
@@ -198,8 +209,9 @@ def _rows(statements: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(columns)
 
 
-def delta(state: DeltaState | None, snapshot: Snapshot,
-          label: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> tuple[DeltaState, Deltas | None]:
+def delta(
+    state: DeltaState | None, snapshot: Snapshot, label: Callable[[pl.DataFrame], pl.DataFrame] | None = None
+) -> tuple[DeltaState, Deltas | None]:
     """Diff ``snapshot`` against ``state``; returns the new state and the deltas (None at baseline).
 
     ``label`` turns a scrape's rows (ROW_COLUMNS) into the rows kept in the state and the
@@ -219,8 +231,16 @@ def delta(state: DeltaState | None, snapshot: Snapshot,
         rows = state.rows  # same entries, same names, same order: keep the frame the window holds
     elif label is not None:
         rows = label(rows)
-    new_state = DeltaState(snapshot.scraped_at, snapshot.stats_reset, snapshot.dealloc, rows, counters,
-                           databases, database_counters, snapshot.identity)
+    new_state = DeltaState(
+        snapshot.scraped_at,
+        snapshot.stats_reset,
+        snapshot.dealloc,
+        rows,
+        counters,
+        databases,
+        database_counters,
+        snapshot.identity,
+    )
     if state is None or server_changed(state, snapshot) is not None:
         return new_state, None  # a baseline: the first snapshot, or the first of another server
 

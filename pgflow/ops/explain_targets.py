@@ -17,12 +17,24 @@ import polars as pl
 from pgflow.ops.fingerprint import query_info
 from pgflow.schema import STATEMENT_KEY
 
-CANDIDATES = pl.Schema({"database": pl.String, "user": pl.String, "fingerprint": pl.String, "queryid": pl.Int64,
-                        "query": pl.String, "exec_time": pl.Float64})
+CANDIDATES = pl.Schema(
+    {
+        "database": pl.String,
+        "user": pl.String,
+        "fingerprint": pl.String,
+        "queryid": pl.Int64,
+        "query": pl.String,
+        "exec_time": pl.Float64,
+    }
+)
 
 
-def explain_candidates(previous: pl.DataFrame | None, current: pl.DataFrame, limit: int = 1000,
-                       fingerprint: Callable[[str], str] = lambda text: query_info(text).fingerprint) -> pl.DataFrame:
+def explain_candidates(
+    previous: pl.DataFrame | None,
+    current: pl.DataFrame,
+    limit: int = 1000,
+    fingerprint: Callable[[str], str] = lambda text: query_info(text).fingerprint,
+) -> pl.DataFrame:
     """The ``limit`` busiest (database, fingerprint) pairs of ``current`` since ``previous``
     (statements frames of one instance), busiest first."""
     cols = [*STATEMENT_KEY, "database", "user", "query", "total_exec_time"]
@@ -31,19 +43,24 @@ def explain_candidates(previous: pl.DataFrame | None, current: pl.DataFrame, lim
         before = previous.select(*STATEMENT_KEY, pl.col("total_exec_time").alias("before"))
         now = now.join(before, on=list(STATEMENT_KEY), how="left", nulls_equal=True)
         gained = pl.col("total_exec_time") - pl.col("before").fill_null(0)
-        now = now.with_columns(pl.when(gained < 0).then(pl.col("total_exec_time")).otherwise(gained)
-                               .alias("exec_time"))
+        now = now.with_columns(pl.when(gained < 0).then(pl.col("total_exec_time")).otherwise(gained).alias("exec_time"))
     else:
         now = now.with_columns(pl.col("total_exec_time").alias("exec_time"))
     now = now.filter(pl.col("exec_time") > 0)
     if now.height == 0:
         return pl.DataFrame(schema=CANDIDATES)
     texts = now["query"].unique().to_list()
-    fps = pl.DataFrame({"query": texts, "fingerprint": [fingerprint(t) for t in texts]},
-                       schema={"query": pl.String, "fingerprint": pl.String})
-    ranked = (now.join(fps, on="query", how="left")
-              .sort("exec_time", descending=True, maintain_order=True))
+    fps = pl.DataFrame(
+        {"query": texts, "fingerprint": [fingerprint(t) for t in texts]},
+        schema={"query": pl.String, "fingerprint": pl.String},
+    )
+    ranked = now.join(fps, on="query", how="left").sort("exec_time", descending=True, maintain_order=True)
     totals = ranked.group_by("database", "fingerprint", maintain_order=True).agg(
-        pl.col("user").first(), pl.col("queryid").first(), pl.col("query").first(), pl.col("exec_time").sum())
-    return totals.sort("exec_time", descending=True, maintain_order=True).head(limit).select(
-        list(CANDIDATES)).cast(dict(CANDIDATES))  # type: ignore[arg-type]
+        pl.col("user").first(), pl.col("queryid").first(), pl.col("query").first(), pl.col("exec_time").sum()
+    )
+    return (
+        totals.sort("exec_time", descending=True, maintain_order=True)
+        .head(limit)
+        .select(list(CANDIDATES))
+        .cast(dict(CANDIDATES))  # type: ignore[arg-type]
+    )

@@ -49,14 +49,45 @@ _OPERATIONS = {
     "VariableShowStmt": "SHOW",
     "ExplainStmt": "EXPLAIN",
 }
-_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "Truncate", "Comment", "Grant", "Revoke", "Index",
-                 "Define", "Composite", "View")
+_DDL_PREFIXES = (
+    "Create",
+    "Alter",
+    "Drop",
+    "Rename",
+    "Truncate",
+    "Comment",
+    "Grant",
+    "Revoke",
+    "Index",
+    "Define",
+    "Composite",
+    "View",
+)
 _FALLBACK_KEYWORDS = {
-    "SELECT": "SELECT", "WITH": "SELECT", "INSERT": "INSERT", "UPDATE": "UPDATE", "DELETE": "DELETE",
-    "MERGE": "MERGE", "COPY": "COPY", "CALL": "CALL", "BEGIN": "TRANSACTION", "COMMIT": "TRANSACTION",
-    "ROLLBACK": "TRANSACTION", "START": "TRANSACTION", "END": "TRANSACTION", "SET": "SET", "SHOW": "SHOW",
-    "VACUUM": "MAINTENANCE", "ANALYZE": "MAINTENANCE", "CREATE": "DDL", "ALTER": "DDL", "DROP": "DDL",
-    "TRUNCATE": "DDL", "GRANT": "DDL", "REVOKE": "DDL", "EXPLAIN": "EXPLAIN",
+    "SELECT": "SELECT",
+    "WITH": "SELECT",
+    "INSERT": "INSERT",
+    "UPDATE": "UPDATE",
+    "DELETE": "DELETE",
+    "MERGE": "MERGE",
+    "COPY": "COPY",
+    "CALL": "CALL",
+    "BEGIN": "TRANSACTION",
+    "COMMIT": "TRANSACTION",
+    "ROLLBACK": "TRANSACTION",
+    "START": "TRANSACTION",
+    "END": "TRANSACTION",
+    "SET": "SET",
+    "SHOW": "SHOW",
+    "VACUUM": "MAINTENANCE",
+    "ANALYZE": "MAINTENANCE",
+    "CREATE": "DDL",
+    "ALTER": "DDL",
+    "DROP": "DDL",
+    "TRUNCATE": "DDL",
+    "GRANT": "DDL",
+    "REVOKE": "DDL",
+    "EXPLAIN": "EXPLAIN",
 }
 
 
@@ -96,8 +127,16 @@ def _relations(node: object, out: list[str]) -> None:
 # remaining literal token (strings of every quoting, dollar-quoted bodies, numbers, bit
 # strings) and comment is replaced. ``_PARSEABLE`` keeps the text parseable (capture files,
 # fingerprint input); ``_SHOWN`` is what an exported text shows.
-_PARSEABLE = {"SQL_COMMENT": b" ", "C_COMMENT": b" ", "SCONST": b"'?'", "USCONST": b"'?'", "BCONST": b"'?'",
-              "XCONST": b"'?'", "ICONST": b"0", "FCONST": b"0"}
+_PARSEABLE = {
+    "SQL_COMMENT": b" ",
+    "C_COMMENT": b" ",
+    "SCONST": b"'?'",
+    "USCONST": b"'?'",
+    "BCONST": b"'?'",
+    "XCONST": b"'?'",
+    "ICONST": b"0",
+    "FCONST": b"0",
+}
 _SHOWN = {**_PARSEABLE, "ICONST": b"?", "FCONST": b"?"}
 UNREADABLE = "<statement text not shown: it could not be scanned>"
 # Where a literal or comment token could start: a quote, a comment, a dollar quote (``$`` not
@@ -116,13 +155,16 @@ def _replace_tokens(text: str, replacements: dict[str, bytes]) -> str:
     kept, pos = [], 0
     for tok in pg_parser.scan(text):
         new = replacements.get(tok.name)
-        if (tok.name == "SCONST" and raw[tok.end - 1:tok.end + 1] == b"\\'"
-                and raw[tok.start:tok.start + 1] in b"'nN"):
+        if (
+            tok.name == "SCONST"
+            and raw[tok.end - 1 : tok.end + 1] == b"\\'"
+            and raw[tok.start : tok.start + 1] in b"'nN"
+        ):
             # 'C:\' ends here only with standard_conforming_strings on; with it off, the
             # string goes on and what this scanner reads as names may be the literal.
             raise ValueError("string quoting depends on standard_conforming_strings")
         if new is not None:
-            kept.append(raw[pos:tok.start])
+            kept.append(raw[pos : tok.start])
             kept.append(new)
             pos = tok.end + 1
     if not kept:
@@ -278,8 +320,12 @@ class Fingerprinter:
         if missing.height:
             self.key_misses += missing.height
             fresh = missing.select(*key, "query").unique(subset=key, keep="first", maintain_order=True)
-            infos = self._canonical([self.info(q) if q is not None else unknown_text_info(qid)
-                                     for q, qid in zip(fresh["query"].to_list(), fresh["queryid"].to_list())])
+            infos = self._canonical(
+                [
+                    self.info(q) if q is not None else unknown_text_info(qid)
+                    for q, qid in zip(fresh["query"].to_list(), fresh["queryid"].to_list())
+                ]
+            )
             new_rows = fresh.select(key).with_columns(
                 pl.Series("fingerprint", [i.fingerprint for i in infos], dtype=pl.String),
                 pl.Series("operation", [i.operation for i in infos], dtype=pl.String),
@@ -293,7 +339,6 @@ class Fingerprinter:
                 rest = table.join(used, on=key, how="anti").tail(max(0, self.key_cache_size - recent.height))
                 table = pl.concat([rest, recent])
             # Fill the new keys in place: rows keep the server's order (sums stay deterministic).
-            joined = joined.drop(*FINGERPRINT_COLUMNS).join(
-                table, on=key, how="left", maintain_order="left")
+            joined = joined.drop(*FINGERPRINT_COLUMNS).join(table, on=key, how="left", maintain_order="left")
         self._by_key[instance] = table
         return joined

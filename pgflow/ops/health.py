@@ -24,7 +24,6 @@ import numpy as np
 import polars as pl
 
 from pgflow.ops.delta import Counters, Deltas, _diff, _positions
-from pgflow.ops.points import attributes
 from pgflow.ops.window import Resource, window_bounds
 from pgflow.schema import (
     ATTRIBUTES,
@@ -96,8 +95,9 @@ def initial(length: timedelta) -> HealthState:
 # Diffing -------------------------------------------------------------------------------------
 
 
-def _group_deltas(group: CounterGroup, frame: pl.DataFrame,
-                  baseline: tuple[pl.DataFrame, Counters] | None) -> tuple[tuple[pl.DataFrame, Counters], pl.DataFrame | None]:
+def _group_deltas(
+    group: CounterGroup, frame: pl.DataFrame, baseline: tuple[pl.DataFrame, Counters] | None
+) -> tuple[tuple[pl.DataFrame, Counters], pl.DataFrame | None]:
     """The new baseline and the deltas of one scraped group (None: this is its baseline)."""
     keys = frame.select(group.key) if group.key else pl.DataFrame({"__row": np.arange(frame.height)})
     counters = Counters.of(frame, group.ints, group.floats, "stats_reset")
@@ -108,23 +108,35 @@ def _group_deltas(group: CounterGroup, frame: pl.DataFrame,
         return (keys, counters), None
     at = _positions(keys, prev_keys, list(keys.columns))
     d = _diff(counters, prev, at, False)
-    out = pl.concat([keys, pl.from_numpy(d.ints, schema=list(group.ints), orient="row"),
-                     pl.from_numpy(d.floats, schema=list(group.floats), orient="row")], how="horizontal")
+    out = pl.concat(
+        [
+            keys,
+            pl.from_numpy(d.ints, schema=list(group.ints), orient="row"),
+            pl.from_numpy(d.floats, schema=list(group.floats), orient="row"),
+        ],
+        how="horizontal",
+    )
     return (keys, counters), out.drop("__row", strict=False)
 
 
 def _database_frame(rows: pl.DataFrame, counters: Counters) -> pl.DataFrame:
     """Per-database deltas as a frame; built when the window closes, not on every scrape."""
-    return pl.concat([rows.drop("datid"), pl.from_numpy(counters.ints, schema=list(DATABASE_COUNTERS), orient="row"),
-                      pl.from_numpy(counters.floats, schema=list(DATABASE_TIME_COUNTERS), orient="row")],
-                     how="horizontal")
+    return pl.concat(
+        [
+            rows.drop("datid"),
+            pl.from_numpy(counters.ints, schema=list(DATABASE_COUNTERS), orient="row"),
+            pl.from_numpy(counters.floats, schema=list(DATABASE_TIME_COUNTERS), orient="row"),
+        ],
+        how="horizontal",
+    )
 
 
 # The operator ---------------------------------------------------------------------------------
 
 
-def step(state: HealthState, snapshot: Snapshot, deltas: Deltas | None, *,
-         closed_until: datetime | None = None) -> tuple[HealthState, pl.DataFrame]:
+def step(
+    state: HealthState, snapshot: Snapshot, deltas: Deltas | None, *, closed_until: datetime | None = None
+) -> tuple[HealthState, pl.DataFrame]:
     """Feed one snapshot (and its per-database deltas); return the points of windows it closed.
 
     ``closed_until``: where the query windows' last closed window ended (window.WindowState):
@@ -185,15 +197,33 @@ def without_baselines(state: HealthState) -> HealthState:
 # Points ----------------------------------------------------------------------------------------
 
 # Metrics whose name, unit and attributes are the OpenTelemetry postgresqlreceiver's.
-RECEIVER_METRICS = frozenset({
-    "postgresql.commits", "postgresql.rollbacks", "postgresql.blks_hit", "postgresql.blks_read",
-    "postgresql.tup_returned", "postgresql.tup_fetched", "postgresql.tup_inserted", "postgresql.tup_updated",
-    "postgresql.tup_deleted", "postgresql.deadlocks", "postgresql.temp_files", "postgresql.temp.io",
-    "postgresql.query.conflicts", "postgresql.db_size", "postgresql.backends",
-    "postgresql.bgwriter.checkpoint.count", "postgresql.bgwriter.duration", "postgresql.bgwriter.buffers.writes",
-    "postgresql.bgwriter.buffers.allocated", "postgresql.bgwriter.maxwritten", "postgresql.wal.age",
-    "postgresql.replication.data_delay", "postgresql.wal.delay",
-})
+RECEIVER_METRICS = frozenset(
+    {
+        "postgresql.commits",
+        "postgresql.rollbacks",
+        "postgresql.blks_hit",
+        "postgresql.blks_read",
+        "postgresql.tup_returned",
+        "postgresql.tup_fetched",
+        "postgresql.tup_inserted",
+        "postgresql.tup_updated",
+        "postgresql.tup_deleted",
+        "postgresql.deadlocks",
+        "postgresql.temp_files",
+        "postgresql.temp.io",
+        "postgresql.query.conflicts",
+        "postgresql.db_size",
+        "postgresql.backends",
+        "postgresql.bgwriter.checkpoint.count",
+        "postgresql.bgwriter.duration",
+        "postgresql.bgwriter.buffers.writes",
+        "postgresql.bgwriter.buffers.allocated",
+        "postgresql.bgwriter.maxwritten",
+        "postgresql.wal.age",
+        "postgresql.replication.data_delay",
+        "postgresql.wal.delay",
+    }
+)
 
 _DATABASE_SUMS = (  # metric, unit, column (pg_stat_database)
     ("postgresql.commits", "1", "xact_commit"),
@@ -211,13 +241,29 @@ _DATABASE_SUMS = (  # metric, unit, column (pg_stat_database)
 )
 assert all(c in DATABASE_COUNTERS for _, _, c in _DATABASE_SUMS)
 _CONFLICT_TYPES = ("tablespace", "lock", "snapshot", "bufferpin", "deadlock")
-_SESSION_TIMES = (("postgresql.session.time", "session_time"), ("postgresql.session.active.time", "active_time"),
-                  ("postgresql.session.idle_in_transaction.time", "idle_in_transaction_time"))
+_SESSION_TIMES = (
+    ("postgresql.session.time", "session_time"),
+    ("postgresql.session.active.time", "active_time"),
+    ("postgresql.session.idle_in_transaction.time", "idle_in_transaction_time"),
+)
 assert all(c in DATABASE_TIME_COUNTERS for _, c in _SESSION_TIMES)
-_IO_OPS = {"reads": "read", "writes": "write", "writebacks": "writeback", "extends": "extend", "hits": "hit",
-           "evictions": "eviction", "reuses": "reuse", "fsyncs": "fsync"}
-_IO_TIMES = {"read_time": "read", "write_time": "write", "writeback_time": "writeback", "extend_time": "extend",
-             "fsync_time": "fsync"}
+_IO_OPS = {
+    "reads": "read",
+    "writes": "write",
+    "writebacks": "writeback",
+    "extends": "extend",
+    "hits": "hit",
+    "evictions": "eviction",
+    "reuses": "reuse",
+    "fsyncs": "fsync",
+}
+_IO_TIMES = {
+    "read_time": "read",
+    "write_time": "write",
+    "writeback_time": "writeback",
+    "extend_time": "extend",
+    "fsync_time": "fsync",
+}
 
 
 class _Out:
@@ -226,16 +272,28 @@ class _Out:
     def __init__(self, window: HealthWindow) -> None:
         self.window = window
         self.columns: dict[str, list[Any]] = {
-            k: [] for k in ("metric", "kind", "unit", "start", "end", "value", "is_int", "attributes")}
+            k: [] for k in ("metric", "kind", "unit", "start", "end", "value", "is_int", "attributes")
+        }
 
-    def add(self, rows: pl.DataFrame, metric: str, unit: str, value: pl.Expr, *,
-            attrs: Mapping[str, pl.Expr | str] | None = None, kind: str = "sum", is_int: bool = True,
-            at: datetime | None = None, nonzero: bool = False) -> None:
+    def add(
+        self,
+        rows: pl.DataFrame,
+        metric: str,
+        unit: str,
+        value: pl.Expr,
+        *,
+        attrs: Mapping[str, pl.Expr | str] | None = None,
+        kind: str = "sum",
+        is_int: bool = True,
+        at: datetime | None = None,
+        nonzero: bool = False,
+    ) -> None:
         if rows.height == 0:
             return
         attrs = attrs or {}
         exprs = [value.cast(pl.Float64).alias("__value")] + [
-            (v if isinstance(v, pl.Expr) else pl.lit(v)).cast(pl.String).alias(k) for k, v in attrs.items()]
+            (v if isinstance(v, pl.Expr) else pl.lit(v)).cast(pl.String).alias(k) for k, v in attrs.items()
+        ]
         frame = rows.select(exprs)
         start, end = (self.window.start, self.window.end) if kind == "sum" else (at, at)
         keys = list(attrs)
@@ -258,13 +316,24 @@ class _Out:
         if n == 0:
             return _NO_POINTS
         attrs = pl.Series("attributes", cols.pop("attributes"), dtype=ATTRIBUTES)
-        return pl.DataFrame({
-            "instance": [r.instance] * n, **cols, "monotonic": [k == "sum" for k in cols["kind"]],
-        }, schema_overrides={"start": UTC_TS, "end": UTC_TS}).with_columns(
-            attrs, pl.lit(r.server_address).alias("server_address"),
-            pl.lit(r.server_port, pl.Int32).alias("server_port"),
-            pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
-        ).select(POINTS.names()).cast(POINTS)
+        return (
+            pl.DataFrame(
+                {
+                    "instance": [r.instance] * n,
+                    **cols,
+                    "monotonic": [k == "sum" for k in cols["kind"]],
+                },
+                schema_overrides={"start": UTC_TS, "end": UTC_TS},
+            )
+            .with_columns(
+                attrs,
+                pl.lit(r.server_address).alias("server_address"),
+                pl.lit(r.server_port, pl.Int32).alias("server_port"),
+                pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
+            )
+            .select(POINTS.names())
+            .cast(POINTS)
+        )
 
 
 def _summed(parts: tuple[pl.DataFrame, ...], key: tuple[str, ...]) -> pl.DataFrame:
@@ -287,38 +356,62 @@ def window_points(window: HealthWindow) -> pl.DataFrame:
         for metric, unit, column in _DATABASE_SUMS:
             out.add(d, metric, unit, c(column), attrs=db)
         for kind in _CONFLICT_TYPES:
-            out.add(d, "postgresql.query.conflicts", "{query}", c(f"confl_{kind}"),
-                    attrs=db | {"postgresql.conflict.type": kind}, nonzero=True)
+            out.add(
+                d,
+                "postgresql.query.conflicts",
+                "{query}",
+                c(f"confl_{kind}"),
+                attrs=db | {"postgresql.conflict.type": kind},
+                nonzero=True,
+            )
         if version >= 140000:
             for metric, column in _SESSION_TIMES:
                 out.add(d, metric, "s", c(column) / 1000.0, attrs=db, is_int=False)
             out.add(d, "postgresql.session.count", "{session}", c("sessions"), attrs=db)
             for end in ("abandoned", "fatal", "killed"):
-                out.add(d, "postgresql.sessions", "{session}", c(f"sessions_{end}"),
-                        attrs=db | {"postgresql.session.end": end}, nonzero=True)
+                out.add(
+                    d,
+                    "postgresql.sessions",
+                    "{session}",
+                    c(f"sessions_{end}"),
+                    attrs=db | {"postgresql.session.end": end},
+                    nonzero=True,
+                )
 
     if "checkpointer" in window.sums:
         d = _summed(window.sums["checkpointer"], ())
         out.add(d, "postgresql.bgwriter.checkpoint.count", "{checkpoints}", c("num_timed"), attrs={"type": "scheduled"})
-        out.add(d, "postgresql.bgwriter.checkpoint.count", "{checkpoints}", c("num_requested"),
-                attrs={"type": "requested"})
+        out.add(
+            d, "postgresql.bgwriter.checkpoint.count", "{checkpoints}", c("num_requested"), attrs={"type": "requested"}
+        )
         out.add(d, "postgresql.bgwriter.duration", "ms", c("write_time"), attrs={"type": "write"}, is_int=False)
         out.add(d, "postgresql.bgwriter.duration", "ms", c("sync_time"), attrs={"type": "sync"}, is_int=False)
-        out.add(d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_written"),
-                attrs={"source": "checkpoints"})
+        out.add(
+            d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_written"), attrs={"source": "checkpoints"}
+        )
         if version >= 170000:
-            for kind, column in (("scheduled", "restartpoints_timed"), ("requested", "restartpoints_req"),
-                                 ("done", "restartpoints_done")):
-                out.add(d, "postgresql.checkpointer.restartpoint.count", "{restartpoints}", c(column),
-                        attrs={"type": kind})
+            for kind, column in (
+                ("scheduled", "restartpoints_timed"),
+                ("requested", "restartpoints_req"),
+                ("done", "restartpoints_done"),
+            ):
+                out.add(
+                    d, "postgresql.checkpointer.restartpoint.count", "{restartpoints}", c(column), attrs={"type": kind}
+                )
     if "bgwriter" in window.sums:
         d = _summed(window.sums["bgwriter"], ())
         out.add(d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_clean"), attrs={"source": "bgwriter"})
         if version < 170000:
-            out.add(d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_backend"),
-                    attrs={"source": "backend"})
-            out.add(d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_backend_fsync"),
-                    attrs={"source": "backend_fsync"})
+            out.add(
+                d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_backend"), attrs={"source": "backend"}
+            )
+            out.add(
+                d,
+                "postgresql.bgwriter.buffers.writes",
+                "{buffers}",
+                c("buffers_backend_fsync"),
+                attrs={"source": "backend_fsync"},
+            )
         out.add(d, "postgresql.bgwriter.buffers.allocated", "{buffers}", c("buffers_alloc"))
         out.add(d, "postgresql.bgwriter.maxwritten", "1", c("maxwritten_clean"))
 
@@ -332,14 +425,30 @@ def window_points(window: HealthWindow) -> pl.DataFrame:
             _wal_io(out, d, "wal_write", "wal_sync", "wal_write_time", "wal_sync_time")
     if "io" in window.sums:
         d = _summed(window.sums["io"], COUNTER_GROUPS["io"].key)
-        io = {"postgresql.backend.type": c("backend_type"), "postgresql.io.object": c("object"),
-              "postgresql.io.context": c("context")}
+        io = {
+            "postgresql.backend.type": c("backend_type"),
+            "postgresql.io.object": c("object"),
+            "postgresql.io.context": c("context"),
+        }
         for column, op in _IO_OPS.items():
-            out.add(d, "postgresql.io.operations", "{operation}", c(column),
-                    attrs=io | {"postgresql.io.operation": op}, nonzero=True)
+            out.add(
+                d,
+                "postgresql.io.operations",
+                "{operation}",
+                c(column),
+                attrs=io | {"postgresql.io.operation": op},
+                nonzero=True,
+            )
         for column, op in _IO_TIMES.items():
-            out.add(d, "postgresql.io.duration", "s", c(column) / 1000.0, attrs=io | {"postgresql.io.operation": op},
-                    is_int=False, nonzero=True)
+            out.add(
+                d,
+                "postgresql.io.duration",
+                "s",
+                c(column) / 1000.0,
+                attrs=io | {"postgresql.io.operation": op},
+                is_int=False,
+                nonzero=True,
+            )
         if version >= 180000:  # 18 counts WAL writes and syncs in pg_stat_io only
             _wal_io(out, d.filter(c("object") == "wal").sum(), "writes", "fsyncs", "write_time", "fsync_time")
     if "archiver" in window.sums:
@@ -365,8 +474,9 @@ def _gauges(out: _Out, window: HealthWindow) -> None:
     if "databases" in g:
         at, d = g["databases"]
         out.add(d, "postgresql.backends", "1", c("numbackends"), attrs=db, kind="gauge", at=at)
-        out.add(d, "postgresql.database.frozen_xid.age", "{transaction}", c("frozen_xid_age"), attrs=db,
-                kind="gauge", at=at)
+        out.add(
+            d, "postgresql.database.frozen_xid.age", "{transaction}", c("frozen_xid_age"), attrs=db, kind="gauge", at=at
+        )
         out.add(d, "postgresql.database.min_mxid.age", "{multixact}", c("min_mxid_age"), attrs=db, kind="gauge", at=at)
     if "database_sizes" in g:
         at, d = g["database_sizes"]
@@ -380,33 +490,82 @@ def _gauges(out: _Out, window: HealthWindow) -> None:
         # data"; the per-standby lag series below stop when their standby leaves). A base backup's
         # walsender (state ``backup``) is not a standby.
         standbys = d.filter(c("state").is_null() | (c("state") != "backup")).height
-        out.add(pl.DataFrame({"n": [standbys]}), "postgresql.replication.standbys", "{standby}", c("n"),
-                kind="gauge", at=at)
-        client = {"replication_client": c("client_addr"), "postgresql.replication.application_name": c("application_name")}
+        out.add(
+            pl.DataFrame({"n": [standbys]}), "postgresql.replication.standbys", "{standby}", c("n"), kind="gauge", at=at
+        )
+        client = {
+            "replication_client": c("client_addr"),
+            "postgresql.replication.application_name": c("application_name"),
+        }
         out.add(d, "postgresql.replication.data_delay", "By", c("data_delay_bytes"), attrs=client, kind="gauge", at=at)
         for op in ("write", "flush", "replay"):
-            out.add(d, "postgresql.wal.delay", "s", c(f"{op}_lag"), attrs=client | {"operation": op}, kind="gauge",
-                    at=at, is_int=False)
+            out.add(
+                d,
+                "postgresql.wal.delay",
+                "s",
+                c(f"{op}_lag"),
+                attrs=client | {"operation": op},
+                kind="gauge",
+                at=at,
+                is_int=False,
+            )
     if "replication_slots" in g:
         at, d = g["replication_slots"]
         slot = {"postgresql.replication_slot.name": c("slot_name"), "postgresql.replication_slot.type": c("slot_type")}
-        out.add(d, "postgresql.replication_slot.retained_wal", "By", c("retained_wal_bytes"), attrs=slot,
-                kind="gauge", at=at)
-        out.add(d, "postgresql.replication_slot.active", "1", c("active").cast(pl.Int64), attrs=slot, kind="gauge",
-                at=at)
-        out.add(d, "postgresql.replication_slot.xmin.age", "{transaction}", c("xmin_age"), attrs=slot, kind="gauge",
-                at=at)
-        out.add(d, "postgresql.replication_slot.catalog_xmin.age", "{transaction}", c("catalog_xmin_age"), attrs=slot,
-                kind="gauge", at=at)
+        out.add(
+            d,
+            "postgresql.replication_slot.retained_wal",
+            "By",
+            c("retained_wal_bytes"),
+            attrs=slot,
+            kind="gauge",
+            at=at,
+        )
+        out.add(
+            d, "postgresql.replication_slot.active", "1", c("active").cast(pl.Int64), attrs=slot, kind="gauge", at=at
+        )
+        out.add(
+            d, "postgresql.replication_slot.xmin.age", "{transaction}", c("xmin_age"), attrs=slot, kind="gauge", at=at
+        )
+        out.add(
+            d,
+            "postgresql.replication_slot.catalog_xmin.age",
+            "{transaction}",
+            c("catalog_xmin_age"),
+            attrs=slot,
+            kind="gauge",
+            at=at,
+        )
     if "wal_receiver" in g:
         at, d = g["wal_receiver"]
-        out.add(d, "postgresql.wal_receiver.connected", "1", (c("status") == "streaming").fill_null(False).cast(pl.Int64),
-                kind="gauge", at=at)
-        out.add(d, "postgresql.wal_receiver.last_msg_receipt.age", "s", c("last_msg_receipt_age_secs"), kind="gauge",
-                at=at, is_int=False)
+        out.add(
+            d,
+            "postgresql.wal_receiver.connected",
+            "1",
+            (c("status") == "streaming").fill_null(False).cast(pl.Int64),
+            kind="gauge",
+            at=at,
+        )
+        out.add(
+            d,
+            "postgresql.wal_receiver.last_msg_receipt.age",
+            "s",
+            c("last_msg_receipt_age_secs"),
+            kind="gauge",
+            at=at,
+            is_int=False,
+        )
         out.add(d, "postgresql.wal_receiver.replay.delay", "By", c("replay_delay_bytes"), kind="gauge", at=at)
         out.add(d, "postgresql.wal_receiver.replay.lag", "s", c("replay_lag_secs"), kind="gauge", at=at, is_int=False)
 
 
-__all__ = ["COUNTER_GROUPS", "HealthState", "HealthWindow", "RECEIVER_METRICS", "finish", "initial", "step",
-           "window_points"]
+__all__ = [
+    "COUNTER_GROUPS",
+    "HealthState",
+    "HealthWindow",
+    "RECEIVER_METRICS",
+    "finish",
+    "initial",
+    "step",
+    "window_points",
+]

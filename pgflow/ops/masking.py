@@ -107,7 +107,7 @@ def mask(text: str) -> str:
                 out.append("?")
                 i = n
             else:
-                out.append(text[i:j + 1])
+                out.append(text[i : j + 1])
                 i = j + 1
         elif c.isdigit() or (c == "." and i + 1 < n and text[i + 1].isdigit()):
             m = _NUMBER.match(text, i)

@@ -28,7 +28,6 @@ from pgflow.ops.points import points
 from pgflow.ops.query_samples import SampleLimits, query_sample_events
 from pgflow.schema import EVENTS, POINTS, Snapshot
 
-
 _NO_POINTS = pl.DataFrame(schema=POINTS)  # built once: an empty frame with a struct column costs ~1 ms
 
 
@@ -95,9 +94,14 @@ def _emit(state: InstanceState, closed: list[win.Window], settings: OpsSettings)
             sampled=act.sampled(activity, window, labels),  # long statements compete for a name too
         )
         frames.append(points(window, series))
-        activity, sampled = act.close(activity, window, cap_state, labels,
-                                      max_users_tracked=settings.max_users_tracked,
-                                      max_databases_tracked=settings.max_databases_tracked)
+        activity, sampled = act.close(
+            activity,
+            window,
+            cap_state,
+            labels,
+            max_users_tracked=settings.max_users_tracked,
+            max_databases_tracked=settings.max_databases_tracked,
+        )
         if sampled is not None:
             frames.append(sampled)
         table_state, table_points = tbl.emit(_tables(state), window, settings.max_tables_tracked)
@@ -112,9 +116,11 @@ def _tables(state: InstanceState) -> tbl.TableState:
     return state.tables
 
 
-def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
-         settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
+def step(
+    state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter, settings: OpsSettings
+) -> tuple[InstanceState, pl.DataFrame]:
     """Feed one snapshot; return the new state and the points of windows it closed."""
+
     def label(rows: pl.DataFrame) -> pl.DataFrame:  # raw texts never enter the state
         return fingerprinter.apply(snapshot.instance, rows).drop("query")
 
@@ -125,15 +131,21 @@ def step(state: InstanceState, snapshot: Snapshot, fingerprinter: Fingerprinter,
     window_state, closed = win.close_until(state.window, snapshot.scraped_at)
     window_state = win.add(window_state, snapshot, deltas)
     activity = act.add(getattr(state, "activity", None) or act.ActivityState(), snapshot, state.window.length)
-    table_state = tbl.add(_tables(state), snapshot.tables, win.window_bounds(snapshot.scraped_at, window_state.length)[1])
-    state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1, activity=activity,
-                    tables=table_state)
+    table_state = tbl.add(
+        _tables(state), snapshot.tables, win.window_bounds(snapshot.scraped_at, window_state.length)[1]
+    )
+    state = replace(
+        state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1, activity=activity, tables=table_state
+    )
     state, out = _emit(state, closed, settings)
     health_state = _health_state(state)
     if changed:  # another server: its instance counters are a new baseline too
         health_state = health.without_baselines(health_state)
-    return _with_health(state, out, *health.step(health_state, snapshot, deltas,
-                                                 closed_until=getattr(state.window, "closed_until", None)))
+    return _with_health(
+        state,
+        out,
+        *health.step(health_state, snapshot, deltas, closed_until=getattr(state.window, "closed_until", None)),
+    )
 
 
 def finish(state: InstanceState, settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:
@@ -151,8 +163,9 @@ def _health_state(state: InstanceState) -> health.HealthState:
     return state.health if state.health is not None else health.initial(state.window.length)
 
 
-def _with_health(state: InstanceState, out: pl.DataFrame, health_state: health.HealthState,
-                 health_points: pl.DataFrame) -> tuple[InstanceState, pl.DataFrame]:
+def _with_health(
+    state: InstanceState, out: pl.DataFrame, health_state: health.HealthState, health_points: pl.DataFrame
+) -> tuple[InstanceState, pl.DataFrame]:
     state = replace(state, health=health_state)
     if health_points.height:
         out = pl.concat([out, health_points]) if out.height else health_points
@@ -186,9 +199,13 @@ def events(state: EventsState | None, snapshot: Snapshot, settings: OpsSettings)
     frames = [snapshot_plan_events(snapshot)] if snapshot.plans.height else []
     if getattr(snapshot, "query_samples", _NO_EVENTS).height:  # (skipped when empty: an empty frame costs ~1 ms)
         limits, samples = query_sample_events(
-            state.samples, snapshot, sample_min_duration_ms=settings.sample_min_duration_ms,
+            state.samples,
+            snapshot,
+            sample_min_duration_ms=settings.sample_min_duration_ms,
             samples_per_fingerprint_per_hour=settings.samples_per_fingerprint_per_hour,
-            max_samples_per_window=settings.max_samples_per_window, export_interval_secs=settings.export_interval_secs)
+            max_samples_per_window=settings.max_samples_per_window,
+            export_interval_secs=settings.export_interval_secs,
+        )
         state = replace(state, samples=limits)
         frames.append(samples)
     frames = [f for f in frames if f.height]

@@ -16,8 +16,9 @@ from pgflow.schema import PLANS, Snapshot, conform
 QUERY_PLAN = "db.server.query_plan"
 
 
-def plan_events(plans: pl.DataFrame, *, instance: str, server_address: str = "", server_port: int = 0,
-                server_version_num: int = 0) -> pl.DataFrame:
+def plan_events(
+    plans: pl.DataFrame, *, instance: str, server_address: str = "", server_port: int = 0, server_version_num: int = 0
+) -> pl.DataFrame:
     """The events of one instance's plans frame, in its order."""
     plans = conform(plans, PLANS)
     given = {
@@ -28,12 +29,25 @@ def plan_events(plans: pl.DataFrame, *, instance: str, server_address: str = "",
         "postgresql.plan.hash": pl.col("plan_hash"),
         "postgresql.plan.generic": pl.lit(True),
     }
-    return event_frame(plans, event_name=QUERY_PLAN, time=pl.col("explained_at"), body=pl.col("body"), given=given,
-                       instance=instance, server_address=server_address, server_port=server_port,
-                       server_version_num=server_version_num)
+    return event_frame(
+        plans,
+        event_name=QUERY_PLAN,
+        time=pl.col("explained_at"),
+        body=pl.col("body"),
+        given=given,
+        instance=instance,
+        server_address=server_address,
+        server_port=server_port,
+        server_version_num=server_version_num,
+    )
 
 
 def snapshot_plan_events(snapshot: Snapshot) -> pl.DataFrame:
     """The plan events a snapshot carries (none when it has no plans)."""
-    return plan_events(snapshot.plans, instance=snapshot.instance, server_address=snapshot.server_address,
-                       server_port=snapshot.server_port, server_version_num=snapshot.server_version_num)
+    return plan_events(
+        snapshot.plans,
+        instance=snapshot.instance,
+        server_address=snapshot.server_address,
+        server_port=snapshot.server_port,
+        server_version_num=snapshot.server_version_num,
+    )

@@ -30,21 +30,78 @@ Explain = str | list[Any] | dict[str, Any]  # EXPLAIN (FORMAT JSON) output, as t
 
 # Fields whose values name things or choose among a fixed set: kept as they are. The first
 # group is the plan's shape, the input of the plan hash.
-SHAPE_FIELDS = ("Node Type", "Parent Relationship", "Join Type", "Relation Name", "Schema", "Index Name",
-                "Operation", "Strategy", "Partial Mode", "Scan Direction", "Subplan Name", "CTE Name",
-                "Function Name", "Command", "Table Function Name", "Sampling Method", "Custom Plan Provider")
-_KEPT = frozenset(SHAPE_FIELDS) | frozenset({
-    "Alias", "Parallel Aware", "Async Capable", "Startup Cost", "Total Cost", "Plan Rows", "Plan Width",
-    "Inner Unique", "Single Copy", "Workers Planned", "Cache Mode", "Conflict Resolution",
-    "Conflict Arbiter Indexes", "Disabled", "Disabled Nodes", "Subplans Removed", "Planned Partitions",
-})
+SHAPE_FIELDS = (
+    "Node Type",
+    "Parent Relationship",
+    "Join Type",
+    "Relation Name",
+    "Schema",
+    "Index Name",
+    "Operation",
+    "Strategy",
+    "Partial Mode",
+    "Scan Direction",
+    "Subplan Name",
+    "CTE Name",
+    "Function Name",
+    "Command",
+    "Table Function Name",
+    "Sampling Method",
+    "Custom Plan Provider",
+)
+_KEPT = frozenset(SHAPE_FIELDS) | frozenset(
+    {
+        "Alias",
+        "Parallel Aware",
+        "Async Capable",
+        "Startup Cost",
+        "Total Cost",
+        "Plan Rows",
+        "Plan Width",
+        "Inner Unique",
+        "Single Copy",
+        "Workers Planned",
+        "Cache Mode",
+        "Conflict Resolution",
+        "Conflict Arbiter Indexes",
+        "Disabled",
+        "Disabled Nodes",
+        "Subplans Removed",
+        "Planned Partitions",
+    }
+)
 # Fields that hold expressions (a string or a list of strings): constants replaced.
-EXPRESSION_FIELDS = frozenset({
-    "Filter", "Index Cond", "Hash Cond", "Merge Cond", "Join Filter", "Recheck Cond", "Output", "Cache Key",
-    "TID Cond", "One-Time Filter", "Function Call", "Sort Key", "Presorted Key", "Group Key", "Hash Key",
-    "Hash Keys", "Group Keys", "Sort Keys", "Conflict Filter", "Repeatable Seed", "Sampling Parameters",
-    "Table Function Call", "Run Condition", "Order By", "Partition By", "Window", "Index Cond Expr",
-})
+EXPRESSION_FIELDS = frozenset(
+    {
+        "Filter",
+        "Index Cond",
+        "Hash Cond",
+        "Merge Cond",
+        "Join Filter",
+        "Recheck Cond",
+        "Output",
+        "Cache Key",
+        "TID Cond",
+        "One-Time Filter",
+        "Function Call",
+        "Sort Key",
+        "Presorted Key",
+        "Group Key",
+        "Hash Key",
+        "Hash Keys",
+        "Group Keys",
+        "Sort Keys",
+        "Conflict Filter",
+        "Repeatable Seed",
+        "Sampling Parameters",
+        "Table Function Call",
+        "Run Condition",
+        "Order By",
+        "Partition By",
+        "Window",
+        "Index Cond Expr",
+    }
+)
 _NESTED = frozenset({"Plans", "Grouping Sets", "Target Tables"})  # lists of objects, same rules inside
 
 _CONSTANTS = frozenset({"SCONST", "USCONST", "BCONST", "XCONST", "ICONST", "FCONST", "TRUE_P", "FALSE_P"})
@@ -60,12 +117,12 @@ def scrub(expression: str) -> str | None:
         return None
     out, pos, previous = [], 0, b""
     for tok in tokens:
-        text = raw[tok.start:tok.end + 1]
+        text = raw[tok.start : tok.end + 1]
         if tok.name in _CONSTANTS and not (tok.name == "ICONST" and previous in _PLAN_REFERENCES):
-            out += [raw[pos:tok.start], b"?"]
+            out += [raw[pos : tok.start], b"?"]
             pos = tok.end + 1
         elif tok.name in ("SQL_COMMENT", "C_COMMENT"):
-            out += [raw[pos:tok.start], b" "]
+            out += [raw[pos : tok.start], b" "]
             pos = tok.end + 1
         previous = text
     out.append(raw[pos:])
@@ -87,8 +144,11 @@ def _node(node: PlanNode) -> PlanNode:
     kept: PlanNode = {}
     for key, value in node.items():
         if key in _KEPT:
-            if isinstance(value, (str, int, float, bool)) or value is None or (
-                    isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            if (
+                isinstance(value, (str, int, float, bool))
+                or value is None
+                or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            ):
                 kept[key] = value
         elif key in EXPRESSION_FIELDS:
             clean = _scrub_value(value)

@@ -19,8 +19,18 @@ from pgflow.ops.aggregate import SeriesTable
 from pgflow.ops.window import Window
 from pgflow.schema import ATTRIBUTE_KEYS, POINTS, UTC_TS
 
-_BLOCK_KINDS = ("shared_hit", "shared_read", "shared_dirtied", "shared_written", "local_hit", "local_read",
-                "local_dirtied", "local_written", "temp_read", "temp_written")
+_BLOCK_KINDS = (
+    "shared_hit",
+    "shared_read",
+    "shared_dirtied",
+    "shared_written",
+    "local_hit",
+    "local_read",
+    "local_dirtied",
+    "local_written",
+    "temp_read",
+    "temp_written",
+)
 
 
 def attributes(values: Mapping[str, pl.Expr | str]) -> pl.Expr:
@@ -85,12 +95,20 @@ def _query_specs() -> list[_Spec]:
     ]
     for kind in _BLOCK_KINDS:
         scope, op = kind.split("_")
-        specs.append(_Spec("postgresql.query.blocks", "{block}", (f"{scope}_blks_{op}",), only_nonzero=True,
-                           block_kind=kind))
+        specs.append(
+            _Spec("postgresql.query.blocks", "{block}", (f"{scope}_blks_{op}",), only_nonzero=True, block_kind=kind)
+        )
     for direction in ("read", "write"):
-        specs.append(_Spec("postgresql.query.io.duration", "s",
-                           tuple(f"{s}_blk_{direction}_time" for s in ("shared", "local", "temp")), ms,
-                           only_nonzero=True, io_direction=direction))
+        specs.append(
+            _Spec(
+                "postgresql.query.io.duration",
+                "s",
+                tuple(f"{s}_blk_{direction}_time" for s in ("shared", "local", "temp")),
+                ms,
+                only_nonzero=True,
+                io_direction=direction,
+            )
+        )
     return specs
 
 
@@ -106,18 +124,20 @@ _SPEC_TABLE = pl.DataFrame(
     schema_overrides={"block_kind": pl.String, "io_direction": pl.String},
 )
 _ONLY_NONZERO = np.array([s.only_nonzero for s in _SPECS])
-_QUERY_ATTRIBUTES = attributes({
-    "db.system.name": "postgresql",
-    "db.namespace": pl.col("database"),
-    "user.name": pl.col("user"),
-    "db.operation.name": pl.col("operation"),
-    "db.query.summary": pl.col("summary"),
-    "postgresql.query.fingerprint": pl.col("fingerprint"),
-    "db.query.text": pl.col("text"),
-    "postgresql.query.toplevel": pl.col("toplevel"),  # cast: "true" / "false"
-    "postgresql.block.kind": pl.col("block_kind"),
-    "postgresql.io.direction": pl.col("io_direction"),
-})
+_QUERY_ATTRIBUTES = attributes(
+    {
+        "db.system.name": "postgresql",
+        "db.namespace": pl.col("database"),
+        "user.name": pl.col("user"),
+        "db.operation.name": pl.col("operation"),
+        "db.query.summary": pl.col("summary"),
+        "postgresql.query.fingerprint": pl.col("fingerprint"),
+        "db.query.text": pl.col("text"),
+        "postgresql.query.toplevel": pl.col("toplevel"),  # cast: "true" / "false"
+        "postgresql.block.kind": pl.col("block_kind"),
+        "postgresql.io.direction": pl.col("io_direction"),
+    }
+)
 
 
 def query_points(window: Window, series: SeriesTable) -> pl.DataFrame | None:
@@ -138,14 +158,26 @@ def query_points(window: Window, series: SeriesTable) -> pl.DataFrame | None:
     # polars types a frame indexed by an array as Any, and so the concatenation
     long: pl.DataFrame = pl.concat([_SPEC_TABLE[spec], labels, pl.DataFrame({"value": values})], how="horizontal")
     return long.with_columns(_QUERY_ATTRIBUTES.alias("attributes")).select(
-        _columns(window, "sum", window.start, window.end))
+        _columns(window, "sum", window.start, window.end)
+    )
 
 
-def _gauge(window: Window, metric: str, unit: str, rows: pl.DataFrame, value: pl.Expr, attrs: dict[str, pl.Expr],
-           is_int: bool, at: datetime) -> pl.DataFrame:
+def _gauge(
+    window: Window,
+    metric: str,
+    unit: str,
+    rows: pl.DataFrame,
+    value: pl.Expr,
+    attrs: dict[str, pl.Expr],
+    is_int: bool,
+    at: datetime,
+) -> pl.DataFrame:
     return rows.select(
-        pl.lit(metric).alias("metric"), pl.lit(unit).alias("unit"), value.alias("value"),
-        pl.lit(is_int).alias("is_int"), attributes(attrs).alias("attributes"),
+        pl.lit(metric).alias("metric"),
+        pl.lit(unit).alias("unit"),
+        value.alias("value"),
+        pl.lit(is_int).alias("is_int"),
+        attributes(attrs).alias("attributes"),
     ).select(_columns(window, "gauge", at, at))
 
 
@@ -156,13 +188,19 @@ ZERO_CONNECTION_STATES = ("active", "idle", "idle in transaction")
 ZERO_LOCK_GRANTED = (True, False)
 
 
-def _missing(present: pl.DataFrame, databases: list[str], column: str, values: tuple[str | bool, ...],
-             dtype: pl.DataType | type[pl.DataType]) -> pl.DataFrame:
+def _missing(
+    present: pl.DataFrame,
+    databases: list[str],
+    column: str,
+    values: tuple[str | bool, ...],
+    dtype: pl.DataType | type[pl.DataType],
+) -> pl.DataFrame:
     """The (database, ``column``) pairs of the grid that ``present`` has no row for."""
     if not databases:
         return pl.DataFrame(schema={"database": pl.String, column: dtype})
     grid = pl.DataFrame({"database": databases}, schema={"database": pl.String}).join(
-        pl.DataFrame({column: list(values)}, schema={column: dtype}), how="cross")
+        pl.DataFrame({column: list(values)}, schema={column: dtype}), how="cross"
+    )
     return grid.join(present.select("database", column), on=["database", column], how="anti", nulls_equal=True)
 
 
@@ -178,22 +216,58 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
     if idle.height:
         clients = pl.concat([clients, idle.with_columns(count=pl.lit(0, pl.Int64))], how="diagonal_relaxed")
     if clients.height:
-        out.append(_gauge(window, "postgresql.connection.count", "{connection}", clients, c("count"),
-                          {"db.namespace": c("database"), "user.name": c("user"),
-                           "postgresql.connection.state": c("state"),
-                           "postgresql.wait_event.type": c("wait_event_type")}, True, at))
+        out.append(
+            _gauge(
+                window,
+                "postgresql.connection.count",
+                "{connection}",
+                clients,
+                c("count"),
+                {
+                    "db.namespace": c("database"),
+                    "user.name": c("user"),
+                    "postgresql.connection.state": c("state"),
+                    "postgresql.wait_event.type": c("wait_event_type"),
+                },
+                True,
+                at,
+            )
+        )
     if g.max_connections is not None:
-        out.append(_gauge(window, "postgresql.connection.max", "{connection}",
-                          pl.DataFrame({"v": [g.max_connections]}), c("v"), {}, True, at))
+        out.append(
+            _gauge(
+                window,
+                "postgresql.connection.max",
+                "{connection}",
+                pl.DataFrame({"v": [g.max_connections]}),
+                c("v"),
+                {},
+                True,
+                at,
+            )
+        )
     locks = g.locks
     unlocked = _missing(locks, g.databases, "granted", ZERO_LOCK_GRANTED, pl.Boolean)
     if unlocked.height:
         locks = pl.concat([locks, unlocked.with_columns(count=pl.lit(0, pl.Int64))], how="diagonal_relaxed")
     if locks.height:
-        out.append(_gauge(window, "postgresql.lock.count", "{lock}", locks, c("count"),
-                          {"db.namespace": c("database"), "postgresql.lock.mode": c("mode"),
-                           "postgresql.lock.type": c("locktype"),
-                           "postgresql.lock.granted": c("granted").cast(pl.String)}, True, at))
+        out.append(
+            _gauge(
+                window,
+                "postgresql.lock.count",
+                "{lock}",
+                locks,
+                c("count"),
+                {
+                    "db.namespace": c("database"),
+                    "postgresql.lock.mode": c("mode"),
+                    "postgresql.lock.type": c("locktype"),
+                    "postgresql.lock.granted": c("granted").cast(pl.String),
+                },
+                True,
+                at,
+            )
+        )
     if g.databases:
         blocked = (
             pl.DataFrame({"database": g.databases}, schema={"database": pl.String})
@@ -211,8 +285,14 @@ def points(window: Window, series: SeriesTable) -> pl.DataFrame:
     frames = [f for f in [query_points(window, series)] if f is not None] + gauge_points(window)
     if window.deallocated:
         frames.append(
-            pl.DataFrame({"metric": ["postgresql.statements.deallocated"], "unit": ["{statement}"],
-                          "value": [float(window.deallocated)], "is_int": [True]})
+            pl.DataFrame(
+                {
+                    "metric": ["postgresql.statements.deallocated"],
+                    "unit": ["{statement}"],
+                    "value": [float(window.deallocated)],
+                    "is_int": [True],
+                }
+            )
             .with_columns(attributes({}).alias("attributes"))
             .select(_columns(window, "sum", window.start, window.end))
         )

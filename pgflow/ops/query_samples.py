@@ -27,12 +27,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
-from pgflow.ops.fingerprint import fallback_info, parse_info, query_info, statement_count
 from pgflow.ops.events import event_frame
+from pgflow.ops.fingerprint import fallback_info, parse_info, query_info, statement_count
 from pgflow.schema import EVENTS, QUERY_SAMPLES, Snapshot, conform
 
 QUERY_SAMPLE = "db.server.query_sample"
@@ -40,10 +40,21 @@ TRUNCATED, UNPARSABLE = "<truncated>", "<unparsable>"
 UNKNOWN = "unknown"  # a multi-statement text whose running statement no query id names (as the activity's)
 SKIP_REASONS = ("short", "seen", "window", "fingerprint")  # the limiter's; the sampler adds its own
 HOUR = timedelta(hours=1)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-__all__ = ["QUERY_SAMPLE", "QUERY_SAMPLES", "TRUNCATED", "UNPARSABLE", "SampleLimits", "SampleText", "limit_samples",
-           "named_by_query_id", "query_sample_events", "sample_events", "sample_text"]
+__all__ = [
+    "QUERY_SAMPLE",
+    "QUERY_SAMPLES",
+    "TRUNCATED",
+    "UNPARSABLE",
+    "SampleLimits",
+    "SampleText",
+    "limit_samples",
+    "named_by_query_id",
+    "query_sample_events",
+    "sample_events",
+    "sample_text",
+]
 
 
 @dataclass(frozen=True)
@@ -72,17 +83,21 @@ def _statement_names(statements: pl.DataFrame, query_ids: pl.Series) -> tuple[pl
     """The fingerprint and text of each query id pg_stat_statements shows: by (database, user,
     queryid), and by queryid alone (another database or user ran it; the smallest fingerprint,
     then text, so every path picks alike)."""
-    rows = (statements.filter(pl.col("queryid").is_in(query_ids.implode()) & pl.col("query").is_not_null())
-            .select("database", "user", "queryid", "toplevel", "query"))
+    rows = statements.filter(pl.col("queryid").is_in(query_ids.implode()) & pl.col("query").is_not_null()).select(
+        "database", "user", "queryid", "toplevel", "query"
+    )
     infos = [query_info(q) for q in rows.get_column("query").to_list()]
     rows = rows.drop("query").with_columns(
         pl.Series("named_fp", [i.fingerprint for i in infos], dtype=pl.String),
-        pl.Series("named_text", [i.text for i in infos], dtype=pl.String))
-    rows = rows.sort(["queryid", "toplevel", "named_fp", "named_text"], descending=[False, True, False, False],
-                     nulls_last=True)
+        pl.Series("named_text", [i.text for i in infos], dtype=pl.String),
+    )
+    rows = rows.sort(
+        ["queryid", "toplevel", "named_fp", "named_text"], descending=[False, True, False, False], nulls_last=True
+    )
     exact = rows.unique(["database", "user", "queryid"], keep="first", maintain_order=True).drop("toplevel")
     anywhere = rows.unique(["queryid"], keep="first", maintain_order=True).select(
-        "queryid", pl.col("named_fp").alias("any_fp"), pl.col("named_text").alias("any_text"))
+        "queryid", pl.col("named_fp").alias("any_fp"), pl.col("named_text").alias("any_text")
+    )
     return exact, anywhere
 
 
@@ -99,18 +114,30 @@ def named_by_query_id(samples: pl.DataFrame, statements: pl.DataFrame | None) ->
     if not exact.height:
         return samples
     c = pl.col
-    out = (samples.join(exact, left_on=["database", "user", "query_id"], right_on=["database", "user", "queryid"],
-                        how="left", maintain_order="left")
-           .join(anywhere, left_on="query_id", right_on="queryid", how="left", maintain_order="left")
-           .with_columns(pl.coalesce("named_fp", "any_fp", "fingerprint").alias("fingerprint"),
-                         pl.when(c("truncated").fill_null(False) | c("unparsable").fill_null(False))
-                         .then(c("text"))  # a marker stays a marker: the sample's own text was not read whole
-                         .otherwise(pl.coalesce("named_text", "any_text", "text")).alias("text"))
-           .drop("named_fp", "named_text", "any_fp", "any_text"))
+    out = (
+        samples.join(
+            exact,
+            left_on=["database", "user", "query_id"],
+            right_on=["database", "user", "queryid"],
+            how="left",
+            maintain_order="left",
+        )
+        .join(anywhere, left_on="query_id", right_on="queryid", how="left", maintain_order="left")
+        .with_columns(
+            pl.coalesce("named_fp", "any_fp", "fingerprint").alias("fingerprint"),
+            pl.when(c("truncated").fill_null(False) | c("unparsable").fill_null(False))
+            .then(c("text"))  # a marker stays a marker: the sample's own text was not read whole
+            .otherwise(pl.coalesce("named_text", "any_text", "text"))
+            .alias("text"),
+        )
+        .drop("named_fp", "named_text", "any_fp", "any_text")
+    )
     root = anywhere.select(c("queryid").alias("blocking_root_query_id"), c("any_fp").alias("root_fp"))
-    out = (out.join(root, on="blocking_root_query_id", how="left", maintain_order="left")
-           .with_columns(pl.coalesce("root_fp", "blocking_root_fingerprint").alias("blocking_root_fingerprint"))
-           .drop("root_fp"))
+    out = (
+        out.join(root, on="blocking_root_query_id", how="left", maintain_order="left")
+        .with_columns(pl.coalesce("root_fp", "blocking_root_fingerprint").alias("blocking_root_fingerprint"))
+        .drop("root_fp")
+    )
     return out.select(samples.columns)
 
 
@@ -147,9 +174,16 @@ class SampleLimits:
         return self.taken - (previous.taken if previous is not None else 0), skipped
 
 
-def limit_samples(samples: pl.DataFrame, state: SampleLimits | None = None, *, sample_min_duration_ms: float = 100,
-                  samples_per_fingerprint_per_hour: int = 15, max_samples_per_window: int = 100,
-                  window: int | None = None, now: datetime | None = None) -> tuple[pl.DataFrame, SampleLimits]:
+def limit_samples(
+    samples: pl.DataFrame,
+    state: SampleLimits | None = None,
+    *,
+    sample_min_duration_ms: float = 100,
+    samples_per_fingerprint_per_hour: int = 15,
+    max_samples_per_window: int = 100,
+    window: int | None = None,
+    now: datetime | None = None,
+) -> tuple[pl.DataFrame, SampleLimits]:
     """The samples to send, and the new state (``state`` is never changed).
 
     ``window``: the export window these samples count against (samples of one window share
@@ -172,8 +206,9 @@ def limit_samples(samples: pl.DataFrame, state: SampleLimits | None = None, *, s
         if n:
             skipped[reason] = skipped.get(reason, 0) + n
 
-    longest = (samples.sort("duration_secs", descending=True, nulls_last=True, maintain_order=True)
-               .unique(["pid", "query_start"], keep="first", maintain_order=True))
+    longest = samples.sort("duration_secs", descending=True, nulls_last=True, maintain_order=True).unique(
+        ["pid", "query_start"], keep="first", maintain_order=True
+    )
     slow = longest.filter(pl.col("duration_secs") * 1000 >= sample_min_duration_ms)
     skip("short", longest.height - slow.height)
     per_fingerprint = Counter(s[1] for s in sent)
@@ -203,9 +238,15 @@ def window_index(at: datetime, export_interval_secs: float) -> int:
     return math.floor(_secs(at) / export_interval_secs)
 
 
-def query_sample_events(limits: SampleLimits | None, snapshot: Snapshot, *, sample_min_duration_ms: float = 100,
-                        samples_per_fingerprint_per_hour: int = 15, max_samples_per_window: int = 100,
-                        export_interval_secs: float = 60.0) -> tuple[SampleLimits, pl.DataFrame]:
+def query_sample_events(
+    limits: SampleLimits | None,
+    snapshot: Snapshot,
+    *,
+    sample_min_duration_ms: float = 100,
+    samples_per_fingerprint_per_hour: int = 15,
+    max_samples_per_window: int = 100,
+    export_interval_secs: float = 60.0,
+) -> tuple[SampleLimits, pl.DataFrame]:
     """The ``db.server.query_sample`` events of one snapshot, and the limiter's new state.
 
     The one call the events path makes per snapshot (pure: the same snapshots and settings give
@@ -218,15 +259,26 @@ def query_sample_events(limits: SampleLimits | None, snapshot: Snapshot, *, samp
         return limits, pl.DataFrame(schema=EVENTS)
     samples = named_by_query_id(conform(samples, QUERY_SAMPLES), snapshot.statements)
     kept, limits = limit_samples(
-        samples, limits, sample_min_duration_ms=sample_min_duration_ms,
-        samples_per_fingerprint_per_hour=samples_per_fingerprint_per_hour, max_samples_per_window=max_samples_per_window,
-        window=window_index(snapshot.scraped_at, export_interval_secs), now=snapshot.scraped_at)
-    return limits, sample_events(kept, instance=snapshot.instance, server_address=snapshot.server_address,
-                                 server_port=snapshot.server_port, server_version_num=snapshot.server_version_num)
+        samples,
+        limits,
+        sample_min_duration_ms=sample_min_duration_ms,
+        samples_per_fingerprint_per_hour=samples_per_fingerprint_per_hour,
+        max_samples_per_window=max_samples_per_window,
+        window=window_index(snapshot.scraped_at, export_interval_secs),
+        now=snapshot.scraped_at,
+    )
+    return limits, sample_events(
+        kept,
+        instance=snapshot.instance,
+        server_address=snapshot.server_address,
+        server_port=snapshot.server_port,
+        server_version_num=snapshot.server_version_num,
+    )
 
 
-def sample_events(samples: pl.DataFrame, *, instance: str, server_address: str = "", server_port: int = 0,
-                  server_version_num: int = 0) -> pl.DataFrame:
+def sample_events(
+    samples: pl.DataFrame, *, instance: str, server_address: str = "", server_port: int = 0, server_version_num: int = 0
+) -> pl.DataFrame:
     """The kept samples as ``db.server.query_sample`` events (time: when the sample saw them)."""
     given = {
         "db.system.name": pl.lit("postgresql"),
@@ -249,6 +301,14 @@ def sample_events(samples: pl.DataFrame, *, instance: str, server_address: str =
         "postgresql.blocking.root.fingerprint": pl.col("blocking_root_fingerprint"),
         "network.peer.address": pl.col("client_addr"),
     }
-    return event_frame(samples, event_name=QUERY_SAMPLE, time=pl.col("seen_at"), body=pl.lit(None, pl.String),
-                       given=given, instance=instance, server_address=server_address, server_port=server_port,
-                       server_version_num=server_version_num)
+    return event_frame(
+        samples,
+        event_name=QUERY_SAMPLE,
+        time=pl.col("seen_at"),
+        body=pl.lit(None, pl.String),
+        given=given,
+        instance=instance,
+        server_address=server_address,
+        server_port=server_port,
+        server_version_num=server_version_num,
+    )

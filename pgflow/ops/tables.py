@@ -35,8 +35,9 @@ from pgflow.schema import POINTS, TABLE_COUNTERS, TABLES, UTC_TS
 
 KEY = ["database", "relid"]
 KNOWN = pl.Schema({c: t for c, t in TABLES.items() if c != "kind"})
-_DELTAS = pl.Schema({"database": pl.String, "relid": pl.Int64, "table": pl.String,
-                     **{c: pl.Int64 for c in TABLE_COUNTERS}})
+_DELTAS = pl.Schema(
+    {"database": pl.String, "relid": pl.Int64, "table": pl.String, **{c: pl.Int64 for c in TABLE_COUNTERS}}
+)
 _ACTIVITY = ("seq_scan", "idx_scan", "n_tup_ins", "n_tup_upd", "n_tup_del")
 
 
@@ -69,31 +70,43 @@ def observe(known: pl.DataFrame, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.
     whole = marks.filter(pl.col("kind") == "all").select("database").unique()
     changed = marks.filter(pl.col("kind").is_in(["bucket", "seed"])).select("database", "bucket").unique()
     seeding = marks.filter(pl.col("kind") == "seed").select("database", "bucket").unique()
-    baseline_dbs = frame.select("database").unique().join(known.select("database").unique(), on="database",
-                                                          how="anti")
+    baseline_dbs = frame.select("database").unique().join(known.select("database").unique(), on="database", how="anti")
 
-    prev = known.select(*KEY, *(pl.col(c).alias(f"{c}__prev") for c in (*TABLE_COUNTERS, "table_size",
-                                                                         "index_size")))
+    prev = known.select(*KEY, *(pl.col(c).alias(f"{c}__prev") for c in (*TABLE_COUNTERS, "table_size", "index_size")))
     joined = rows.join(prev, on=KEY, how="left", maintain_order="left")
     has_prev = pl.col("seq_scan__prev").is_not_null()
-    in_changed = (pl.col("database").is_in(whole.get_column("database").implode())
-                  | pl.struct("database", "bucket").is_in(changed.select(pl.struct("database", "bucket")).to_series().implode()))
-    in_seed = pl.struct("database", "bucket").is_in(seeding.select(pl.struct("database", "bucket")).to_series().implode())
-    new = (~has_prev & in_changed & ~in_seed
-           & ~pl.col("database").is_in(baseline_dbs.get_column("database").implode()))
+    in_changed = pl.col("database").is_in(whole.get_column("database").implode()) | pl.struct(
+        "database", "bucket"
+    ).is_in(changed.select(pl.struct("database", "bucket")).to_series().implode())
+    in_seed = pl.struct("database", "bucket").is_in(
+        seeding.select(pl.struct("database", "bucket")).to_series().implode()
+    )
+    new = ~has_prev & in_changed & ~in_seed & ~pl.col("database").is_in(baseline_dbs.get_column("database").implode())
     restarted = pl.any_horizontal([pl.col(c) < pl.col(f"{c}__prev") for c in TABLE_COUNTERS]).fill_null(False)
     deltas = joined.select(
-        "database", "relid", "table",
-        *(pl.when(has_prev & ~restarted).then(pl.col(c) - pl.col(f"{c}__prev"))
-          .when(has_prev | new).then(pl.col(c)).otherwise(0).alias(c) for c in TABLE_COUNTERS),
+        "database",
+        "relid",
+        "table",
+        *(
+            pl.when(has_prev & ~restarted)
+            .then(pl.col(c) - pl.col(f"{c}__prev"))
+            .when(has_prev | new)
+            .then(pl.col(c))
+            .otherwise(0)
+            .alias(c)
+            for c in TABLE_COUNTERS
+        ),
     ).filter(pl.any_horizontal([pl.col(c) != 0 for c in TABLE_COUNTERS]))
 
     # Sizes not read (the table was locked ACCESS EXCLUSIVE) keep their last observation.
-    current = joined.with_columns(pl.col("table_size").fill_null(pl.col("table_size__prev")),
-                                  pl.col("index_size").fill_null(pl.col("index_size__prev"))).select(KNOWN.names())
+    current = joined.with_columns(
+        pl.col("table_size").fill_null(pl.col("table_size__prev")),
+        pl.col("index_size").fill_null(pl.col("index_size__prev")),
+    ).select(KNOWN.names())
     dropped_scope = known.filter(  # each known row keeps the bucket the scraper put it in
         pl.col("database").is_in(whole.get_column("database").implode())
-        | pl.struct("database", "bucket").is_in(changed.select(pl.struct("database", "bucket")).to_series().implode()))
+        | pl.struct("database", "bucket").is_in(changed.select(pl.struct("database", "bucket")).to_series().implode())
+    )
     dropped = dropped_scope.join(rows.select(KEY), on=KEY, how="anti").select(KEY)
     kept = known.join(current.select(KEY), on=KEY, how="anti").join(dropped, on=KEY, how="anti")
     return pl.concat([kept, current]).cast(KNOWN), deltas.cast(_DELTAS)
@@ -112,13 +125,21 @@ def add(state: TableState, frame: pl.DataFrame, window_end: datetime) -> TableSt
 def _summed(window: TableWindow) -> pl.DataFrame:
     if not window.deltas:
         return pl.DataFrame(schema=_DELTAS)
-    return pl.concat(window.deltas).group_by(KEY, maintain_order=True).agg(
-        pl.col("table").last(), *(pl.col(c).sum() for c in TABLE_COUNTERS)).cast(_DELTAS)
+    return (
+        pl.concat(window.deltas)
+        .group_by(KEY, maintain_order=True)
+        .agg(pl.col("table").last(), *(pl.col(c).sum() for c in TABLE_COUNTERS))
+        .cast(_DELTAS)
+    )
 
 
 def _ranking(frame: pl.DataFrame, column: str) -> list[str]:
-    return (frame.filter(pl.col(column).fill_null(0) > 0).sort([column, "name"], descending=[True, False])
-            .get_column("name").to_list())
+    return (
+        frame.filter(pl.col(column).fill_null(0) > 0)
+        .sort([column, "name"], descending=[True, False])
+        .get_column("name")
+        .to_list()
+    )
 
 
 def choose(state: TableState, window: TableWindow, max_tables_tracked: int) -> tuple[TableState, pl.DataFrame]:
@@ -139,11 +160,17 @@ def choose(state: TableState, window: TableWindow, max_tables_tracked: int) -> t
     lru, evicted = track(tuple(n for n in state.lru if n in alive), rankings, quotas, m)
     tables = tables.with_columns(pl.col("name").is_in(pl.Series(lru, dtype=pl.String).implode()).alias("named"))
     if gone.height:
-        tables = pl.concat([tables, gone.rename({c: f"{c}__delta" for c in TABLE_COUNTERS}).with_columns(
-            pl.lit(False).alias("named"))], how="diagonal_relaxed")
+        tables = pl.concat(
+            [
+                tables,
+                gone.rename({c: f"{c}__delta" for c in TABLE_COUNTERS}).with_columns(pl.lit(False).alias("named")),
+            ],
+            how="diagonal_relaxed",
+        )
     named = int(tables.get_column("named").sum())
-    state = replace(state, lru=lru, evictions=state.evictions + evicted, seen=known.height,
-                    rolled_up=known.height - named)
+    state = replace(
+        state, lru=lru, evictions=state.evictions + evicted, seen=known.height, rolled_up=known.height - named
+    )
     return state, tables
 
 
@@ -153,25 +180,36 @@ def _rollup(tables: pl.DataFrame) -> pl.DataFrame:
     rest = tables.filter(~pl.col("named"))
     if rest.height == 0:
         return named
-    other = rest.group_by("database", maintain_order=True).agg(
-        *(pl.col(f"{c}__delta").sum() for c in TABLE_COUNTERS),
-        *(pl.col(c).sum() for c in ("n_live_tup", "n_dead_tup", "table_size", "index_size")),
-        pl.col("frozen_xid_age").max(), pl.col("observed_at").max(),
-    ).with_columns(pl.lit(OTHER).alias("collection"))
+    other = (
+        rest.group_by("database", maintain_order=True)
+        .agg(
+            *(pl.col(f"{c}__delta").sum() for c in TABLE_COUNTERS),
+            *(pl.col(c).sum() for c in ("n_live_tup", "n_dead_tup", "table_size", "index_size")),
+            pl.col("frozen_xid_age").max(),
+            pl.col("observed_at").max(),
+        )
+        .with_columns(pl.lit(OTHER).alias("collection"))
+    )
     return pl.concat([named, other], how="diagonal_relaxed")
 
 
 # (metric, unit, column, extra attribute key, value)
 _SUMS = [
-    *(("postgresql.operations", "1", f"n_tup_{op}", "postgresql.operation", op) for op in ("ins", "upd", "del", "hot_upd")),
+    *(
+        ("postgresql.operations", "1", f"n_tup_{op}", "postgresql.operation", op)
+        for op in ("ins", "upd", "del", "hot_upd")
+    ),
     ("postgresql.sequential_scans", "{sequential_scan}", "seq_scan", None, None),
     ("postgresql.index.scans", "{scans}", "idx_scan", None, None),
     ("postgresql.table.vacuum.count", "{vacuum}", "vacuum_count", None, None),
     ("postgresql.table.autovacuum.count", "{vacuum}", "autovacuum_count", None, None),
     ("postgresql.table.analyze.count", "{analyze}", "analyze_count", None, None),
     ("postgresql.table.autoanalyze.count", "{analyze}", "autoanalyze_count", None, None),
-    *(("postgresql.blocks_read", "1", f"{scope}_blks_{kind}", "source", f"{scope}_{kind}")
-      for scope in ("heap", "idx", "toast") for kind in ("read", "hit")),
+    *(
+        ("postgresql.blocks_read", "1", f"{scope}_blks_{kind}", "source", f"{scope}_{kind}")
+        for scope in ("heap", "idx", "toast")
+        for kind in ("read", "hit")
+    ),
 ]
 _GAUGES = [
     ("postgresql.rows", "1", "n_live_tup", "postgresql.row.state", "live"),
@@ -180,41 +218,73 @@ _GAUGES = [
     ("postgresql.index.size", "By", "index_size", None, None),
     ("postgresql.table.frozen_xid.age", "{transaction}", "frozen_xid_age", None, None),
 ]
-_AGES = [(f"postgresql.table.{what}.age", f"last_{what}") for what in ("vacuum", "autovacuum", "analyze", "autoanalyze")]
+_AGES = [
+    (f"postgresql.table.{what}.age", f"last_{what}") for what in ("vacuum", "autovacuum", "analyze", "autoanalyze")
+]
 
 
 def _attributes(extra_key: str | None, extra_value: str | None) -> pl.Expr:
     from pgflow.ops.points import attributes  # the one attributes builder
 
-    values: dict[str, pl.Expr | str] = {"db.system.name": "postgresql", "db.namespace": pl.col("database"),
-                                        "db.collection.name": pl.col("collection")}
+    values: dict[str, pl.Expr | str] = {
+        "db.system.name": "postgresql",
+        "db.namespace": pl.col("database"),
+        "db.collection.name": pl.col("collection"),
+    }
     if extra_key is not None and extra_value is not None:
         values[extra_key] = extra_value
     return attributes(values)
 
 
-def table_points(rows: pl.DataFrame, tables_per_db: pl.DataFrame, resource: Resource, start: datetime,
-                 end: datetime) -> pl.DataFrame:
+def table_points(
+    rows: pl.DataFrame, tables_per_db: pl.DataFrame, resource: Resource, start: datetime, end: datetime
+) -> pl.DataFrame:
     """The per-table points of one window from its rolled-up rows."""
     r = resource
     frames = []
 
-    def emit(kind: str, metric: str, unit: str, value: pl.Expr, attrs: pl.Expr, at_start: pl.Expr, at_end: pl.Expr,
-             is_int: bool, source: pl.DataFrame) -> None:
-        frames.append(source.select(
-            pl.lit(r.instance).alias("instance"), pl.lit(metric).alias("metric"),
-            pl.lit(kind).alias("kind"), pl.lit(unit).alias("unit"), pl.lit(kind == "sum").alias("monotonic"),
-            at_start.cast(UTC_TS).alias("start"), at_end.cast(UTC_TS).alias("end"),
-            value.cast(pl.Float64).alias("value"), pl.lit(is_int).alias("is_int"), attrs.alias("attributes"),
-            pl.lit(r.server_address).alias("server_address"),
-            pl.lit(r.server_port, pl.Int32).alias("server_port"),
-            pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
-        ))
+    def emit(
+        kind: str,
+        metric: str,
+        unit: str,
+        value: pl.Expr,
+        attrs: pl.Expr,
+        at_start: pl.Expr,
+        at_end: pl.Expr,
+        is_int: bool,
+        source: pl.DataFrame,
+    ) -> None:
+        frames.append(
+            source.select(
+                pl.lit(r.instance).alias("instance"),
+                pl.lit(metric).alias("metric"),
+                pl.lit(kind).alias("kind"),
+                pl.lit(unit).alias("unit"),
+                pl.lit(kind == "sum").alias("monotonic"),
+                at_start.cast(UTC_TS).alias("start"),
+                at_end.cast(UTC_TS).alias("end"),
+                value.cast(pl.Float64).alias("value"),
+                pl.lit(is_int).alias("is_int"),
+                attrs.alias("attributes"),
+                pl.lit(r.server_address).alias("server_address"),
+                pl.lit(r.server_port, pl.Int32).alias("server_port"),
+                pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
+            )
+        )
 
     window_start, window_end = pl.lit(start, UTC_TS), pl.lit(end, UTC_TS)
     for metric, unit, column, key, value in _SUMS:
-        emit("sum", metric, unit, pl.col(f"{column}__delta"), _attributes(key, value), window_start, window_end,
-             True, rows)
+        emit(
+            "sum",
+            metric,
+            unit,
+            pl.col(f"{column}__delta"),
+            _attributes(key, value),
+            window_start,
+            window_end,
+            True,
+            rows,
+        )
     observed = pl.col("observed_at")
     for metric, unit, column, key, value in _GAUGES:
         present = rows.filter(pl.col(column).is_not_null())
@@ -225,9 +295,17 @@ def table_points(rows: pl.DataFrame, tables_per_db: pl.DataFrame, resource: Reso
         age = (observed - pl.col(column)).dt.total_microseconds() / 1e6
         emit("gauge", metric, "s", age, _attributes(None, None), observed, observed, False, present)
     if tables_per_db.height:
-        emit("gauge", "postgresql.table.count", "{table}", pl.col("tables"),
-             _attributes(None, None), observed, observed, True,
-             tables_per_db.with_columns(pl.lit(None, pl.String).alias("collection")))
+        emit(
+            "gauge",
+            "postgresql.table.count",
+            "{table}",
+            pl.col("tables"),
+            _attributes(None, None),
+            observed,
+            observed,
+            True,
+            tables_per_db.with_columns(pl.lit(None, pl.String).alias("collection")),
+        )
     out = [f for f in frames if f.height]
     return pl.concat(out).cast(POINTS) if out else pl.DataFrame(schema=POINTS)
 

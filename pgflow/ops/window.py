@@ -16,7 +16,7 @@ with the same ledger) starts there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
@@ -24,7 +24,7 @@ from pgflow.ops.aggregate import SeriesTable, aggregate
 from pgflow.ops.delta import Counters, Deltas, active_rows
 from pgflow.schema import Snapshot
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TICK = timedelta(microseconds=1)
 
 
@@ -41,8 +41,14 @@ class Gauges:
 
     @classmethod
     def of(cls, snapshot: Snapshot) -> Gauges:
-        return cls(snapshot.scraped_at, snapshot.activity, snapshot.locks, snapshot.blocked,
-                   snapshot.databases["database"].to_list(), snapshot.max_connections)
+        return cls(
+            snapshot.scraped_at,
+            snapshot.activity,
+            snapshot.locks,
+            snapshot.blocked,
+            snapshot.databases["database"].to_list(),
+            snapshot.max_connections,
+        )
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,11 @@ class Window:
 
     def series(self) -> SeriesTable:
         """The window's deltas, one row per series (aggregated once, when the window closes)."""
-        parts = [SeriesTable(run.rows, run.counters.ints, run.counters.floats)
-                 for run in (r.compacted() for r in self.runs) if run.rows.height]
+        parts = [
+            SeriesTable(run.rows, run.counters.ints, run.counters.floats)
+            for run in (r.compacted() for r in self.runs)
+            if run.rows.height
+        ]
         # Rows keep the server's order and runs the scrapes' order, so floating-point sums
         # add up in the same order on every replay of the same snapshots.
         return aggregate(parts)
@@ -131,8 +140,13 @@ def add(state: WindowState, snapshot: Snapshot, deltas: Deltas | None) -> Window
     current = state.open.get(end) or Window(Resource.of(snapshot), start, end, period_end=end)
     runs = _with(current.runs, deltas) if deltas is not None and deltas.rows.height else current.runs
     deallocated = deltas.deallocated if deltas is not None else 0
-    updated = replace(current, resource=Resource.of(snapshot), runs=runs,
-                      deallocated=current.deallocated + deallocated, gauges=Gauges.of(snapshot))
+    updated = replace(
+        current,
+        resource=Resource.of(snapshot),
+        runs=runs,
+        deallocated=current.deallocated + deallocated,
+        gauges=Gauges.of(snapshot),
+    )
     return replace(state, open={**state.open, end: updated})
 
 
@@ -142,8 +156,9 @@ def close_until(state: WindowState, watermark: datetime) -> tuple[WindowState, l
     if not due:
         return state, []
     closed = [state.open[end] for end in due]
-    return replace(state, open={e: w for e, w in state.open.items() if e > watermark},
-                   closed_until=_latest(state, closed[-1].end)), closed
+    return replace(
+        state, open={e: w for e, w in state.open.items() if e > watermark}, closed_until=_latest(state, closed[-1].end)
+    ), closed
 
 
 def close_all(state: WindowState) -> tuple[WindowState, list[Window]]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 from urllib.parse import unquote
 
@@ -52,8 +52,9 @@ class Batch:
     rows: tuple[int, ...] = ()  # ids of the points it carries (``row_id`` column, else position)
 
 
-_FIXED = np.dtype([("t_start", "u1"), ("start", "<u8"), ("t_time", "u1"), ("time", "<u8"),
-                   ("t_value", "u1"), ("value", "<u8")])
+_FIXED = np.dtype(
+    [("t_start", "u1"), ("start", "<u8"), ("t_time", "u1"), ("time", "<u8"), ("t_value", "u1"), ("value", "<u8")]
+)
 
 
 def _fixed_fields(frame: pl.DataFrame) -> np.ndarray:
@@ -98,8 +99,14 @@ def _prefixes(fixed: np.ndarray, is_sum: np.ndarray, attr_len: np.ndarray) -> tu
 
 
 # pgflow's own resource keys: per instance, so a process-wide variable cannot set them.
-OWN_RESOURCE_KEYS = ("service.instance.id", "server.address", "server.port", "db.system.name", "db.system.version",
-                     "postgresql.instance.name")
+OWN_RESOURCE_KEYS = (
+    "service.instance.id",
+    "server.address",
+    "server.port",
+    "db.system.name",
+    "db.system.version",
+    "postgresql.instance.name",
+)
 
 
 def env_resource_attributes() -> dict[str, str]:
@@ -121,7 +128,9 @@ def instance_id(instance: str, address: str) -> str:
     return f"{instance}@{socket.gethostname()}" if is_local_address(address) else instance
 
 
-def resource_attributes(instance: str, address: str, port: int, version_num: int, service_name: str) -> dict[str, object]:
+def resource_attributes(
+    instance: str, address: str, port: int, version_num: int, service_name: str
+) -> dict[str, object]:
     """The resource of one PostgreSQL instance (New Relic keys its entity on service.instance.id).
 
     Precedence: pgflow's per-instance keys (:data:`OWN_RESOURCE_KEYS`) always; then
@@ -133,14 +142,16 @@ def resource_attributes(instance: str, address: str, port: int, version_num: int
     attrs: dict[str, object] = {k: v for k, v in env.items() if k not in OWN_RESOURCE_KEYS}
     if service_name != "pgflow" or "service.name" not in env:
         attrs["service.name"] = service_name
-    attrs.update({
-        "service.instance.id": instance_id(instance, address) if instance else f"{address}:{port}",
-        "server.address": address,
-        "server.port": int(port) if port else None,
-        "db.system.name": "postgresql",
-        "db.system.version": f"{major}.{minor}" if version_num else "",
-        "postgresql.instance.name": instance,
-    })
+    attrs.update(
+        {
+            "service.instance.id": instance_id(instance, address) if instance else f"{address}:{port}",
+            "server.address": address,
+            "server.port": int(port) if port else None,
+            "db.system.name": "postgresql",
+            "db.system.version": f"{major}.{minor}" if version_num else "",
+            "postgresql.instance.name": instance,
+        }
+    )
     if is_local_address(address) and "host.name" not in attrs:
         attrs["host.name"] = socket.gethostname()
     return {k: v for k, v in attrs.items() if v not in (None, "")}
@@ -204,7 +215,8 @@ class Encoder:
         block = self._resources.get(key)
         if block is None:
             block = self._resources[key] = _resource_bytes(
-                resource_attributes(instance, address, port, version, self.service_name))
+                resource_attributes(instance, address, port, version, self.service_name)
+            )
         return block
 
     def batches(self, points: pl.DataFrame, row_id: str | None = None) -> Iterator[Batch]:
@@ -241,8 +253,9 @@ class Encoder:
         # One NumberDataPoint after another: its fixed fields first (protobuf fields may come
         # in any order), then the two attribute blocks.
         blob = b"".join(chain.from_iterable(zip(prefixes, *halves)))
-        yield from self._split(_Points(memoryview(blob), np.concatenate([[0], np.cumsum(sizes)]), runs,
-                                       frame[row_id].to_list()))
+        yield from self._split(
+            _Points(memoryview(blob), np.concatenate([[0], np.cumsum(sizes)]), runs, frame[row_id].to_list())
+        )
 
     def _grouped(self, points: pl.DataFrame) -> tuple[pl.DataFrame, list[_Run]]:
         """``points`` with the points of each metric of each instance contiguous (one Metric
@@ -262,8 +275,9 @@ class Encoder:
         for rs in order.values():
             instance, metric, kind, unit, address, port, version = heads[rs[0]]
             size = int(sum(ends[r] - starts[r] for r in rs))
-            runs.append(_Run(instance, metric, kind, unit, self._resource(instance, address, port, version),
-                             at, at + size))
+            runs.append(
+                _Run(instance, metric, kind, unit, self._resource(instance, address, port, version), at, at + size)
+            )
             at += size
         return points, runs
 
@@ -276,8 +290,9 @@ class Encoder:
         sizes, runs = np.diff(points.offsets), points.runs
         seen: set[str] = set()
         for run in runs:
-            sizes[run.start] += 64 + len(run.metric) + len(run.unit) + (
-                len(run.resource) + 64 if run.instance not in seen else 0)
+            sizes[run.start] += (
+                64 + len(run.metric) + len(run.unit) + (len(run.resource) + 64 if run.instance not in seen else 0)
+            )
             seen.add(run.instance)
         slack = 256 + max(64 + len(r.metric) + len(r.unit) + len(r.resource) + 64 for r in runs)
         budget = max(1, self.max_bytes - slack)
@@ -309,15 +324,26 @@ class Encoder:
                 continue
             tail = _SUM_TAIL if run.kind == "sum" else b""
             data_len = int(offsets[b] - offsets[a]) + len(tail)
-            head = (wire.field_bytes(1, run.metric.encode()) + wire.field_bytes(3, run.unit.encode())
-                    + varint(((7 if run.kind == "sum" else 5) << 3) | 2) + varint(data_len))
+            head = (
+                wire.field_bytes(1, run.metric.encode())
+                + wire.field_bytes(3, run.unit.encode())
+                + varint(((7 if run.kind == "sum" else 5) << 3) | 2)
+                + varint(data_len)
+            )
             instances.setdefault(run.instance, (run.resource, []))[1].append(
-                ([head, blob[offsets[a]:offsets[b]], tail], len(head) + data_len))
+                ([head, blob[offsets[a] : offsets[b]], tail], len(head) + data_len)
+            )
         pieces: list[bytes | memoryview] = []
         for resource, metrics in instances.values():
             scope_len = len(_SCOPE) + sum(1 + len(varint(n)) + n for _, n in metrics)
-            pieces += [b"\x0a", varint(len(resource) + 1 + len(varint(scope_len)) + scope_len), resource,
-                       b"\x12", varint(scope_len), _SCOPE]
+            pieces += [
+                b"\x0a",
+                varint(len(resource) + 1 + len(varint(scope_len)) + scope_len),
+                resource,
+                b"\x12",
+                varint(scope_len),
+                _SCOPE,
+            ]
             for metric, n in metrics:
                 pieces += [b"\x12", varint(n)]
                 pieces += metric

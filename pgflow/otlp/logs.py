@@ -33,8 +33,9 @@ SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARN": 13, "ERROR": 17, 
 _SCOPE = wire.field_bytes(1, wire.field_bytes(1, b"pgflow") + wire.field_bytes(2, __version__.encode()))
 _DOUBLE = struct.Struct("<d")
 # Attributes whose values are new with almost every event: encoded, not kept.
-_PER_EVENT = frozenset({"postgresql.pid", "postgresql.query_start", "postgresql.query.duration",
-                        "postgresql.blocking.root.pid"})
+_PER_EVENT = frozenset(
+    {"postgresql.pid", "postgresql.query_start", "postgresql.query.duration", "postgresql.blocking.root.pid"}
+)
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _stamps(frame: pl.DataFrame) -> list[bytes]:
     out["t1"], out["t2"] = (1 << 3) | 1, (11 << 3) | 1
     out["time"] = out["observed"] = frame["time"].dt.epoch("ns").fill_null(0).to_numpy().astype(np.uint64)
     flat = out.tobytes()
-    return [flat[i:i + 18] for i in range(0, 18 * n, 18)]
+    return [flat[i : i + 18] for i in range(0, 18 * n, 18)]
 
 
 def _numeric_entries(head: bytes, series: pl.Series) -> list[bytes]:
@@ -89,11 +90,11 @@ def _numeric_entries(head: bytes, series: pl.Series) -> list[bytes]:
     table = np.zeros((n, width), np.uint8)
     table[:, 0] = 0x32
     table[:, 1] = kv_len
-    table[:, 2:2 + len(head)] = np.frombuffer(head, np.uint8)
+    table[:, 2 : 2 + len(head)] = np.frombuffer(head, np.uint8)
     table[:, 2 + len(head)] = any_len
     table[:, 3 + len(head)] = 0x21 if is_float else 0x18
     if is_float:
-        table[:, fixed:fixed + 8] = bits.view(np.uint8).reshape(n, 8)
+        table[:, fixed : fixed + 8] = bits.view(np.uint8).reshape(n, 8)
     else:
         for k in range(10):
             byte = (bits >> np.uint64(7 * k)) & np.uint64(0x7F)
@@ -102,7 +103,7 @@ def _numeric_entries(head: bytes, series: pl.Series) -> list[bytes]:
     flat = table.tobytes()
     ends = (np.arange(n) * width + fixed + widths).tolist()
     valid = series.is_not_null().to_list()
-    return [flat[i * width:end] if ok else b"" for i, (end, ok) in enumerate(zip(ends, valid))]
+    return [flat[i * width : end] if ok else b"" for i, (end, ok) in enumerate(zip(ends, valid))]
 
 
 @dataclass
@@ -175,10 +176,12 @@ class LogEncoder:
     def records(self, events: pl.DataFrame) -> list[bytes]:
         """Each event's ``log_records`` entry of a ScopeLogs (tag, length, LogRecord), in frame order."""
         names = events["event_name"].to_list()
-        columns = [_stamps(events),
-                   self._column("severity", events["severity"].to_list(), self._severity),
-                   self._column("body", events["body"].to_list(), self._body, keep=False),
-                   self._column("event.name", names, lambda v: self._attribute("event.name", v))]
+        columns = [
+            _stamps(events),
+            self._column("severity", events["severity"].to_list(), self._severity),
+            self._column("body", events["body"].to_list(), self._body, keep=False),
+            self._column("event.name", names, lambda v: self._attribute("event.name", v)),
+        ]
         attrs = events["attributes"].struct.unnest()
         for key in attrs.columns:
             if attrs[key].null_count() == events.height:
@@ -186,8 +189,9 @@ class LogEncoder:
             if attrs[key].dtype in (pl.Int64, pl.Float64) and key in _PER_EVENT:
                 columns.append(_numeric_entries(wire.field_bytes(1, key.encode()) + b"\x12", attrs[key]))
             else:
-                columns.append(self._column(key, attrs[key].to_list(), self._attribute_encoder(key),
-                                            keep=key not in _PER_EVENT))
+                columns.append(
+                    self._column(key, attrs[key].to_list(), self._attribute_encoder(key), keep=key not in _PER_EVENT)
+                )
         columns.append(self._column("event_name", names, lambda v: wire.field_bytes(12, v.encode())))
         varint = wire.varint
         messages = [b"".join(parts) for parts in zip(*columns)]
@@ -255,8 +259,7 @@ def events_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
         unknown = set(row.get("attributes") or {}) - set(EVENT_ATTRIBUTE_TYPES)
         if unknown:
             raise ValueError(f"unknown event attribute {sorted(unknown)[0]!r}: add it to schema.EVENT_ATTRIBUTE_TYPES")
-    shaped = [dict(r, attributes={k: (r.get("attributes") or {}).get(k) for k in EVENT_ATTRIBUTE_TYPES})
-              for r in rows]
+    shaped = [dict(r, attributes={k: (r.get("attributes") or {}).get(k) for k in EVENT_ATTRIBUTE_TYPES}) for r in rows]
     return pl.DataFrame(shaped, schema=EVENTS) if shaped else pl.DataFrame(schema=EVENTS)
 
 

@@ -31,9 +31,12 @@ def _as_metrics_response(data: bytes) -> ExportMetricsServiceResponse:
     logs = ExportLogsServiceResponse.FromString(data)
     if not logs.HasField("partial_success"):
         return ExportMetricsServiceResponse()
-    return ExportMetricsServiceResponse(partial_success=ExportMetricsPartialSuccess(
-        rejected_data_points=logs.partial_success.rejected_log_records,
-        error_message=logs.partial_success.error_message))
+    return ExportMetricsServiceResponse(
+        partial_success=ExportMetricsPartialSuccess(
+            rejected_data_points=logs.partial_success.rejected_log_records,
+            error_message=logs.partial_success.error_message,
+        )
+    )
 
 
 class LogsGrpcTransport(GrpcTransport):
@@ -41,8 +44,9 @@ class LogsGrpcTransport(GrpcTransport):
 
     def __init__(self, endpoint: str, headers: dict[str, str], timeout: float, net: Network | None = None) -> None:
         super().__init__(endpoint, headers, timeout, net)
-        self._export = self._channel.unary_unary(LOGS_METHOD, request_serializer=None,
-                                                 response_deserializer=_as_metrics_response)
+        self._export = self._channel.unary_unary(
+            LOGS_METHOD, request_serializer=None, response_deserializer=_as_metrics_response
+        )
 
 
 class LogsHttpTransport(HttpTransport):

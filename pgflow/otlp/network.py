@@ -39,8 +39,17 @@ TLS_PLAINTEXT = "tls_not_offered"
 PROXY_REFUSED = "proxy_refused"
 PROXY_UNREACHABLE = "proxy_unreachable"
 CONNECTION = "connection"
-CAUSES = (TLS_UNTRUSTED, TLS_HOSTNAME, TLS_EXPIRED, TLS_CLIENT_CERT, TLS_OTHER, TLS_PLAINTEXT, PROXY_REFUSED,
-          PROXY_UNREACHABLE, CONNECTION)
+CAUSES = (
+    TLS_UNTRUSTED,
+    TLS_HOSTNAME,
+    TLS_EXPIRED,
+    TLS_CLIENT_CERT,
+    TLS_OTHER,
+    TLS_PLAINTEXT,
+    PROXY_REFUSED,
+    PROXY_UNREACHABLE,
+    CONNECTION,
+)
 
 
 # Proxies ------------------------------------------------------------------------------------
@@ -58,8 +67,16 @@ def proxy_parts(url: str) -> tuple[str, int, dict[str, str]]:
 
 # Failures -------------------------------------------------------------------------------------
 
-_VERIFY_CAUSES = {10: TLS_EXPIRED, 9: TLS_OTHER, 62: TLS_HOSTNAME, 18: TLS_UNTRUSTED, 19: TLS_UNTRUSTED,
-                  20: TLS_UNTRUSTED, 21: TLS_UNTRUSTED, 2: TLS_UNTRUSTED}
+_VERIFY_CAUSES = {
+    10: TLS_EXPIRED,
+    9: TLS_OTHER,
+    62: TLS_HOSTNAME,
+    18: TLS_UNTRUSTED,
+    19: TLS_UNTRUSTED,
+    20: TLS_UNTRUSTED,
+    21: TLS_UNTRUSTED,
+    2: TLS_UNTRUSTED,
+}
 
 
 def classify_exception(exc: BaseException) -> str:
@@ -84,23 +101,49 @@ def classify_text(text: str) -> str | None:
     t = text.lower()
     if "tunnel connection failed" in t or "http proxy returned response code" in t:
         return PROXY_REFUSED
-    if "hostname mismatch" in t or "not in peer certificate" in t or "ip address mismatch" in t \
-            or "doesn't match" in t or "hostname" in t and "match" in t:
+    if (
+        "hostname mismatch" in t
+        or "not in peer certificate" in t
+        or "ip address mismatch" in t
+        or "doesn't match" in t
+        or "hostname" in t
+        and "match" in t
+    ):
         return TLS_HOSTNAME
     if "expired" in t:
         return TLS_EXPIRED
-    if "certificate required" in t or "certificate_required" in t or "bad certificate" in t \
-            or "bad_certificate" in t or "alert unknown ca" in t or "alert_unknown_ca" in t \
-            or "peer did not return a certificate" in t:
+    if (
+        "certificate required" in t
+        or "certificate_required" in t
+        or "bad certificate" in t
+        or "bad_certificate" in t
+        or "alert unknown ca" in t
+        or "alert_unknown_ca" in t
+        or "peer did not return a certificate" in t
+    ):
         return TLS_CLIENT_CERT
-    if "unable to get local issuer" in t or "self-signed" in t or "self signed" in t \
-            or "unknown ca" in t or "unable to get issuer" in t:
+    if (
+        "unable to get local issuer" in t
+        or "self-signed" in t
+        or "self signed" in t
+        or "unknown ca" in t
+        or "unable to get issuer" in t
+    ):
         return TLS_UNTRUSTED
-    if "wrong version number" in t or "record layer failure" in t or "wrong_version_number" in t \
-            or "packet length too long" in t:
+    if (
+        "wrong version number" in t
+        or "record layer failure" in t
+        or "wrong_version_number" in t
+        or "packet length too long" in t
+    ):
         return TLS_PLAINTEXT
-    if "certificate_verify_failed" in t or "certificate verify failed" in t or "handshake" in t \
-            or "ssl" in t or "tls" in t:
+    if (
+        "certificate_verify_failed" in t
+        or "certificate verify failed" in t
+        or "handshake" in t
+        or "ssl" in t
+        or "tls" in t
+    ):
         return TLS_OTHER
     return None
 
@@ -110,33 +153,49 @@ def describe(cause: str, endpoint: str, net: Network) -> str:
     ca = net.name("otlp_certificate")
     via = f" through proxy {redact_proxy(net.proxy)}" if net.proxy else ""
     if cause == TLS_UNTRUSTED:
-        return (f"the OTLP endpoint {endpoint} presented an untrusted certificate (unknown certificate authority): "
-                f"set {ca} to the CA bundle that signed it")
+        return (
+            f"the OTLP endpoint {endpoint} presented an untrusted certificate (unknown certificate authority): "
+            f"set {ca} to the CA bundle that signed it"
+        )
     if cause == TLS_HOSTNAME:
-        return (f"the OTLP endpoint {endpoint} presented a certificate for another name (hostname mismatch): "
-                f"use the host name the certificate names in the endpoint, or have the gateway's certificate "
-                f"include this name")
+        return (
+            f"the OTLP endpoint {endpoint} presented a certificate for another name (hostname mismatch): "
+            f"use the host name the certificate names in the endpoint, or have the gateway's certificate "
+            f"include this name"
+        )
     if cause == TLS_EXPIRED:
-        return (f"the OTLP endpoint {endpoint} presented an expired certificate (or one not yet valid): "
-                f"renew the gateway's certificate (and check this host's clock)")
+        return (
+            f"the OTLP endpoint {endpoint} presented an expired certificate (or one not yet valid): "
+            f"renew the gateway's certificate (and check this host's clock)"
+        )
     if cause == TLS_CLIENT_CERT:
         cert = net.name("otlp_client_certificate")
         if net.client_certificate:
-            return (f"the OTLP endpoint {endpoint} refused pgflow's client certificate {net.client_certificate}: "
-                    f"set {cert} and {net.name('otlp_client_key')} to a certificate the gateway trusts")
-        return (f"the OTLP endpoint {endpoint} requires a client certificate (mTLS): "
-                f"set {cert} and {net.name('otlp_client_key')}")
+            return (
+                f"the OTLP endpoint {endpoint} refused pgflow's client certificate {net.client_certificate}: "
+                f"set {cert} and {net.name('otlp_client_key')} to a certificate the gateway trusts"
+            )
+        return (
+            f"the OTLP endpoint {endpoint} requires a client certificate (mTLS): "
+            f"set {cert} and {net.name('otlp_client_key')}"
+        )
     if cause == TLS_PLAINTEXT:
-        return (f"the OTLP endpoint {endpoint} does not speak TLS: use http:// in the endpoint if the network is "
-                f"trusted, or the gateway's TLS port")
+        return (
+            f"the OTLP endpoint {endpoint} does not speak TLS: use http:// in the endpoint if the network is "
+            f"trusted, or the gateway's TLS port"
+        )
     if cause == TLS_OTHER:
         return f"the TLS handshake with the OTLP endpoint {endpoint} failed: check {ca} and the gateway's TLS setup"
     if cause == PROXY_REFUSED:
-        return (f"proxy {redact_proxy(net.proxy)} refused to CONNECT to {endpoint}: allow the endpoint's host and "
-                f"port in the proxy, or set NO_PROXY / otlp_proxy (from {net.proxy_source or 'otlp_proxy'})")
+        return (
+            f"proxy {redact_proxy(net.proxy)} refused to CONNECT to {endpoint}: allow the endpoint's host and "
+            f"port in the proxy, or set NO_PROXY / otlp_proxy (from {net.proxy_source or 'otlp_proxy'})"
+        )
     if cause == PROXY_UNREACHABLE:
-        return (f"cannot reach proxy {redact_proxy(net.proxy)} (from {net.proxy_source}): check the proxy setting "
-                f"or set NO_PROXY for {endpoint}")
+        return (
+            f"cannot reach proxy {redact_proxy(net.proxy)} (from {net.proxy_source}): check the proxy setting "
+            f"or set NO_PROXY for {endpoint}"
+        )
     return f"cannot connect to the OTLP endpoint {endpoint}{via}: check the endpoint and the network"
 
 
@@ -197,7 +256,7 @@ def probe(endpoint: str, net: Network, default_port: int, alpn: list[str] | None
             try:
                 if tls_sock.recv(1) == b"":
                     return TLS_CLIENT_CERT
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 pass
             except (ssl.SSLEOFError, ConnectionResetError):
                 return TLS_CLIENT_CERT

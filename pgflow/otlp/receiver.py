@@ -45,12 +45,32 @@ from pgflow.otlp.store import PointStore
 
 log = logging.getLogger("pgflow.receive")
 
-_HTTP_FOR_GRPC = {"UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 429, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401,
-                  "PERMISSION_DENIED": 403, "DEADLINE_EXCEEDED": 504, "INTERNAL": 500, "UNIMPLEMENTED": 501,
-                  "ABORTED": 503, "CANCELLED": 503, "OUT_OF_RANGE": 400, "DATA_LOSS": 500}
-_GRPC_FOR_HTTP = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "UNIMPLEMENTED",
-                  413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 502: "UNAVAILABLE",
-                  503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_HTTP_FOR_GRPC = {
+    "UNAVAILABLE": 503,
+    "RESOURCE_EXHAUSTED": 429,
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "DEADLINE_EXCEEDED": 504,
+    "INTERNAL": 500,
+    "UNIMPLEMENTED": 501,
+    "ABORTED": 503,
+    "CANCELLED": 503,
+    "OUT_OF_RANGE": 400,
+    "DATA_LOSS": 500,
+}
+_GRPC_FOR_HTTP = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "UNIMPLEMENTED",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 
 
 @dataclass(frozen=True)
@@ -69,7 +89,9 @@ class Reply:
         try:
             number = float(arg) if arg else None
         except ValueError:
-            raise ConfigError(f"invalid script item {item!r}", "use e.g. OK, UNAVAILABLE, 503, 429:1, PARTIAL:3") from None
+            raise ConfigError(
+                f"invalid script item {item!r}", "use e.g. OK, UNAVAILABLE, 503, 429:1, PARTIAL:3"
+            ) from None
         if name == "OK":
             return cls("OK")
         if name == "PARTIAL":
@@ -98,9 +120,18 @@ def _key_hash(value: str | None) -> str | None:
 class Receiver:
     """Serves OTLP/gRPC and OTLP/HTTP on localhost and stores what it accepts."""
 
-    def __init__(self, out: str | Path | None = None, *, grpc_port: int | None = 0, http_port: int | None = 0,
-                 host: str = "127.0.0.1", script: list[Reply] | None = None, tls_cert: str | Path | None = None,
-                 tls_key: str | Path | None = None, client_ca: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        out: str | Path | None = None,
+        *,
+        grpc_port: int | None = 0,
+        http_port: int | None = 0,
+        host: str = "127.0.0.1",
+        script: list[Reply] | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        client_ca: str | Path | None = None,
+    ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together", "give both, or neither for plaintext")
         if client_ca is not None and tls_cert is None:
@@ -129,8 +160,11 @@ class Receiver:
 
     def _handle(self, request: ExportMetricsServiceRequest, protocol: str, api_key: str | None) -> Reply:
         reply = self._next(protocol)
-        outcome = reply.kind if reply.kind in ("OK", "PARTIAL") else (
-            str(reply.http_status()) if protocol == "http" else reply.grpc_code())
+        outcome = (
+            reply.kind
+            if reply.kind in ("OK", "PARTIAL")
+            else (str(reply.http_status()) if protocol == "http" else reply.grpc_code())
+        )
         self.store.add(request, protocol, outcome, _key_hash(api_key), store=reply.kind in ("OK", "PARTIAL"))
         with self._lock:
             self.attempts.append((protocol, outcome))
@@ -139,8 +173,11 @@ class Receiver:
     def _handle_logs(self, request: ExportLogsServiceRequest, protocol: str, api_key: str | None) -> Reply:
         """The same scripted answers as for metrics (one script for both signals); records go to ``logs``."""
         reply = self._next(protocol)
-        outcome = reply.kind if reply.kind in ("OK", "PARTIAL") else (
-            str(reply.http_status()) if protocol == "http" else reply.grpc_code())
+        outcome = (
+            reply.kind
+            if reply.kind in ("OK", "PARTIAL")
+            else (str(reply.http_status()) if protocol == "http" else reply.grpc_code())
+        )
         self.store.add_logs(request, protocol, outcome, _key_hash(api_key), store=reply.kind in ("OK", "PARTIAL"))
         with self._lock:
             self.attempts.append((f"{protocol}/logs", outcome))
@@ -157,15 +194,19 @@ class Receiver:
             self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
             # The generated grpc modules carry no annotations.
             metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
-                _GrpcService(self), self._grpc)
+                _GrpcService(self), self._grpc
+            )
             logs_service_pb2_grpc.add_LogsServiceServicer_to_server(  # type: ignore[no-untyped-call]
-                _GrpcLogsService(self), self._grpc)
+                _GrpcLogsService(self), self._grpc
+            )
             address = f"{self.host}:{self._grpc_port}"
             if self.tls_files is not None:
                 cert, key = (p.read_bytes() for p in self.tls_files)
                 creds = grpc.ssl_server_credentials(
-                    [(key, cert)], root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
-                    require_client_auth=self.client_ca is not None)
+                    [(key, cert)],
+                    root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
+                    require_client_auth=self.client_ca is not None,
+                )
                 self.grpc_port = self._grpc.add_secure_port(address, creds)
             else:
                 self.grpc_port = self._grpc.add_insecure_port(address)
@@ -175,7 +216,8 @@ class Receiver:
             self._http.daemon_threads = True
             if self.tls_files is not None:  # the handshake happens in the request's thread, not in accept()
                 self._http.socket = self._server_context().wrap_socket(
-                    self._http.socket, server_side=True, do_handshake_on_connect=False)
+                    self._http.socket, server_side=True, do_handshake_on_connect=False
+                )
             self.http_port = self._http.server_address[1]
             threading.Thread(target=self._http.serve_forever, name="otlp-http", daemon=True).start()
         return self
@@ -237,14 +279,19 @@ class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer):
     def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
 
-    def Export(self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext) -> ExportMetricsServiceResponse:  # noqa: N802
+    def Export(
+        self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext
+    ) -> ExportMetricsServiceResponse:  # noqa: N802
         api_key = dict(context.invocation_metadata()).get("api-key")
         reply = self.receiver._handle(request, "grpc", api_key)
         if reply.kind == "OK":
             return ExportMetricsServiceResponse()
         if reply.kind == "PARTIAL":
-            return ExportMetricsServiceResponse(partial_success=ExportMetricsPartialSuccess(
-                rejected_data_points=reply.rejected, error_message="scripted partial success"))
+            return ExportMetricsServiceResponse(
+                partial_success=ExportMetricsPartialSuccess(
+                    rejected_data_points=reply.rejected, error_message="scripted partial success"
+                )
+            )
         _grpc_refuse(reply, context)
         return ExportMetricsServiceResponse()
 
@@ -254,8 +301,9 @@ def _grpc_refuse(reply: Reply, context: grpc.ServicerContext) -> None:
     name = reply.grpc_code()
     code = grpc.StatusCode[name]
     if reply.delay is not None:
-        info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
-            seconds=int(reply.delay), nanos=int((reply.delay % 1) * 1e9)))
+        info = error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=int(reply.delay), nanos=int((reply.delay % 1) * 1e9))
+        )
         status = status_pb2.Status(code=getattr(code_pb2, name), message=f"scripted {name}")
         status.details.add().Pack(info)
         context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
@@ -265,8 +313,11 @@ def _grpc_refuse(reply: Reply, context: grpc.ServicerContext) -> None:
 
 def _logs_response(reply: Reply) -> ExportLogsServiceResponse:
     if reply.kind == "PARTIAL":
-        return ExportLogsServiceResponse(partial_success=ExportLogsPartialSuccess(
-            rejected_log_records=reply.rejected, error_message="scripted partial success"))
+        return ExportLogsServiceResponse(
+            partial_success=ExportLogsPartialSuccess(
+                rejected_log_records=reply.rejected, error_message="scripted partial success"
+            )
+        )
     return ExportLogsServiceResponse()
 
 
@@ -304,23 +355,38 @@ def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 self._post_logs(body)
                 return
             if self.path.rstrip("/") != "/v1/metrics":
-                self._answer(404, status_pb2.Status(code=code_pb2.NOT_FOUND,
-                                                    message="only /v1/metrics and /v1/logs").SerializeToString())
+                self._answer(
+                    404,
+                    status_pb2.Status(
+                        code=code_pb2.NOT_FOUND, message="only /v1/metrics and /v1/logs"
+                    ).SerializeToString(),
+                )
                 return
             try:
                 if self.headers.get("Content-Encoding", "").lower() == "gzip":
                     body = gzip.decompress(body)
                 request = ExportMetricsServiceRequest.FromString(body)
             except Exception:
-                self._answer(400, status_pb2.Status(code=code_pb2.INVALID_ARGUMENT,
-                                                    message="body is not a gzip/protobuf ExportMetricsServiceRequest").SerializeToString())
+                self._answer(
+                    400,
+                    status_pb2.Status(
+                        code=code_pb2.INVALID_ARGUMENT,
+                        message="body is not a gzip/protobuf ExportMetricsServiceRequest",
+                    ).SerializeToString(),
+                )
                 return
             reply = receiver._handle(request, "http", self.headers.get("api-key"))
             if reply.kind == "OK":
                 self._answer(200, ExportMetricsServiceResponse().SerializeToString())
             elif reply.kind == "PARTIAL":
-                self._answer(200, ExportMetricsServiceResponse(partial_success=ExportMetricsPartialSuccess(
-                    rejected_data_points=reply.rejected, error_message="scripted partial success")).SerializeToString())
+                self._answer(
+                    200,
+                    ExportMetricsServiceResponse(
+                        partial_success=ExportMetricsPartialSuccess(
+                            rejected_data_points=reply.rejected, error_message="scripted partial success"
+                        )
+                    ).SerializeToString(),
+                )
             else:
                 status = reply.http_status()
                 headers = {"Retry-After": str(int(reply.delay))} if reply.delay is not None else {}
@@ -332,8 +398,12 @@ def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                     body = gzip.decompress(body)
                 request = ExportLogsServiceRequest.FromString(body)
             except Exception:
-                self._answer(400, status_pb2.Status(code=code_pb2.INVALID_ARGUMENT,
-                                                    message="body is not a gzip/protobuf ExportLogsServiceRequest").SerializeToString())
+                self._answer(
+                    400,
+                    status_pb2.Status(
+                        code=code_pb2.INVALID_ARGUMENT, message="body is not a gzip/protobuf ExportLogsServiceRequest"
+                    ).SerializeToString(),
+                )
                 return
             reply = receiver._handle_logs(request, "http", self.headers.get("api-key"))
             if reply.kind in ("OK", "PARTIAL"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,26 @@ CREATE TABLE IF NOT EXISTS logs (
 )
 """
 LOGS_SCHEMA: dict[str, Dtype] = {
-    "event_name": pl.String, "time": pl.Datetime("ns", "UTC"), "severity": pl.String, "body": pl.String,
-    "attributes": pl.String, "resource": pl.String, "received_at": pl.Datetime("us", "UTC"),
+    "event_name": pl.String,
+    "time": pl.Datetime("ns", "UTC"),
+    "severity": pl.String,
+    "body": pl.String,
+    "attributes": pl.String,
+    "resource": pl.String,
+    "received_at": pl.Datetime("us", "UTC"),
 }
 POINTS_SCHEMA: dict[str, Dtype] = {
-    "metric": pl.String, "kind": pl.String, "temporality": pl.String, "monotonic": pl.Boolean, "unit": pl.String,
-    "start": pl.Datetime("ns", "UTC"), "end": pl.Datetime("ns", "UTC"), "value": pl.Float64,
-    "attributes": pl.String, "resource": pl.String, "received_at": pl.Datetime("us", "UTC"),
+    "metric": pl.String,
+    "kind": pl.String,
+    "temporality": pl.String,
+    "monotonic": pl.Boolean,
+    "unit": pl.String,
+    "start": pl.Datetime("ns", "UTC"),
+    "end": pl.Datetime("ns", "UTC"),
+    "value": pl.Float64,
+    "attributes": pl.String,
+    "resource": pl.String,
+    "received_at": pl.Datetime("us", "UTC"),
 }
 
 
@@ -83,11 +96,14 @@ def request_rows(request: ExportMetricsServiceRequest, received_at: datetime) ->
                     cols["end"].append(dp.time_unix_nano)
                     cols["value"].append(float(dp.as_int) if dp.WhichOneof("value") == "as_int" else dp.as_double)
                     cols["attributes"].append(
-                        json.dumps({kv.key: _value(kv.value) for kv in dp.attributes}, sort_keys=True))
+                        json.dumps({kv.key: _value(kv.value) for kv in dp.attributes}, sort_keys=True)
+                    )
                     cols["resource"].append(resource)
                     cols["received_at"].append(received_at)
-    frame = pl.DataFrame({k: v for k, v in cols.items() if k not in ("start", "end")},
-                         schema={k: t for k, t in POINTS_SCHEMA.items() if k not in ("start", "end")})
+    frame = pl.DataFrame(
+        {k: v for k, v in cols.items() if k not in ("start", "end")},
+        schema={k: t for k, t in POINTS_SCHEMA.items() if k not in ("start", "end")},
+    )
     return frame.with_columns(
         pl.Series("start", cols["start"], dtype=pl.Int64).cast(pl.Datetime("ns", "UTC")),
         pl.Series("end", cols["end"], dtype=pl.Int64).cast(pl.Datetime("ns", "UTC")),
@@ -107,13 +123,16 @@ def log_rows(request: ExportLogsServiceRequest, received_at: datetime) -> pl.Dat
                 rows["severity"].append(record.severity_text or None)
                 rows["body"].append(None if body is None else body if isinstance(body, str) else str(body))
                 rows["attributes"].append(
-                    json.dumps({kv.key: _value(kv.value) for kv in record.attributes}, sort_keys=True))
+                    json.dumps({kv.key: _value(kv.value) for kv in record.attributes}, sort_keys=True)
+                )
                 rows["resource"].append(resource)
                 rows["received_at"].append(received_at)
-    frame = pl.DataFrame({k: v for k, v in rows.items() if k != "time"},
-                         schema={k: t for k, t in LOGS_SCHEMA.items() if k != "time"})
-    return frame.with_columns(
-        pl.Series("time", rows["time"], dtype=pl.Int64).cast(pl.Datetime("ns", "UTC"))).select(list(LOGS_SCHEMA))
+    frame = pl.DataFrame(
+        {k: v for k, v in rows.items() if k != "time"}, schema={k: t for k, t in LOGS_SCHEMA.items() if k != "time"}
+    )
+    return frame.with_columns(pl.Series("time", rows["time"], dtype=pl.Int64).cast(pl.Datetime("ns", "UTC"))).select(
+        list(LOGS_SCHEMA)
+    )
 
 
 class PointStore:
@@ -127,31 +146,37 @@ class PointStore:
         self._con.execute(LOGS_DDL)
         self._lock = threading.Lock()
 
-    def add(self, request: ExportMetricsServiceRequest, protocol: str, outcome: str, api_key_sha256: str | None,
-            store: bool) -> int:
-        now = datetime.now(timezone.utc)
+    def add(
+        self, request: ExportMetricsServiceRequest, protocol: str, outcome: str, api_key_sha256: str | None, store: bool
+    ) -> int:
+        now = datetime.now(UTC)
         rows = request_rows(request, now) if store else None
         with self._lock:
             if rows is not None and rows.height:
                 self._con.register("incoming", rows.to_arrow())
                 self._con.execute("INSERT INTO points SELECT * FROM incoming")
                 self._con.unregister("incoming")
-            self._con.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
-                              [now, protocol, outcome, 0 if rows is None else rows.height, api_key_sha256])
+            self._con.execute(
+                "INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
+                [now, protocol, outcome, 0 if rows is None else rows.height, api_key_sha256],
+            )
         return 0 if rows is None else rows.height
 
-    def add_logs(self, request: ExportLogsServiceRequest, protocol: str, outcome: str,
-                 api_key_sha256: str | None, store: bool) -> int:
+    def add_logs(
+        self, request: ExportLogsServiceRequest, protocol: str, outcome: str, api_key_sha256: str | None, store: bool
+    ) -> int:
         """Store a logs request's records (when accepted) and log the request like ``add``."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows = log_rows(request, now) if store else None
         with self._lock:
             if rows is not None and rows.height:
                 self._con.register("incoming_logs", rows.to_arrow())
                 self._con.execute("INSERT INTO logs SELECT * FROM incoming_logs")
                 self._con.unregister("incoming_logs")
-            self._con.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
-                              [now, f"{protocol}/logs", outcome, 0 if rows is None else rows.height, api_key_sha256])
+            self._con.execute(
+                "INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
+                [now, f"{protocol}/logs", outcome, 0 if rows is None else rows.height, api_key_sha256],
+            )
         return 0 if rows is None else rows.height
 
     def logs(self) -> pl.DataFrame:

@@ -36,8 +36,9 @@ def _read(path: Path | None) -> bytes | None:
 
 def _network_failure(cause: str, detail: str) -> Attempt:
     """A TLS or proxy failure: not retryable (the same certificate and proxy answer the same)."""
-    return Attempt(ok=False, cause=cause, retryable=cause in (netmod.CONNECTION, netmod.PROXY_UNREACHABLE),
-                   detail=detail[:200])
+    return Attempt(
+        ok=False, cause=cause, retryable=cause in (netmod.CONNECTION, netmod.PROXY_UNREACHABLE), detail=detail[:200]
+    )
 
 
 def _partial(response: ExportMetricsServiceResponse) -> tuple[int, str]:
@@ -59,9 +60,11 @@ class GrpcTransport:
         # reads them): grpc core's own environment handling (grpc_proxy, no_grpc_proxy...) is off.
         options.append(("grpc.http_proxy", self.net.proxy) if self.net.proxy else ("grpc.enable_http_proxy", 0))
         if tls:
-            creds = grpc.ssl_channel_credentials(root_certificates=_read(self.net.certificate),
-                                                 private_key=_read(self.net.client_key),
-                                                 certificate_chain=_read(self.net.client_certificate))
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(self.net.certificate),
+                private_key=_read(self.net.client_key),
+                certificate_chain=_read(self.net.client_certificate),
+            )
             self._channel = grpc.secure_channel(target, creds, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -74,8 +77,9 @@ class GrpcTransport:
 
     def send(self, payload: bytes) -> Attempt:
         try:
-            response = self._export(payload, timeout=self.timeout, metadata=self._metadata,
-                                    compression=self._compression)
+            response = self._export(
+                payload, timeout=self.timeout, metadata=self._metadata, compression=self._compression
+            )
         except grpc.RpcError as exc:
             attempt = _grpc_failure(exc)
             if attempt.cause in ("UNAVAILABLE", "UNKNOWN", "DEADLINE_EXCEEDED"):
@@ -104,8 +108,21 @@ class GrpcTransport:
 
 def _connect_failure(detail: str) -> bool:
     t = detail.lower()
-    return any(w in t for w in ("failed to connect", "handshake", "ssl", "tls", "certificate", "proxy",
-                                "connection reset", "socket closed", "end of tcp stream", "connect"))
+    return any(
+        w in t
+        for w in (
+            "failed to connect",
+            "handshake",
+            "ssl",
+            "tls",
+            "certificate",
+            "proxy",
+            "connection reset",
+            "socket closed",
+            "end of tcp stream",
+            "connect",
+        )
+    )
 
 
 def _grpc_failure(exc: grpc.RpcError) -> Attempt:
@@ -121,8 +138,13 @@ def _grpc_failure(exc: grpc.RpcError) -> Attempt:
                     detail.Unpack(info)
                     delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
     details = exc.details() if hasattr(exc, "details") else ""
-    return Attempt(ok=False, cause=name, retryable=grpc_retryable(name, delay is not None), delay=delay,
-                   detail=str(details or "")[:200])
+    return Attempt(
+        ok=False,
+        cause=name,
+        retryable=grpc_retryable(name, delay is not None),
+        delay=delay,
+        detail=str(details or "")[:200],
+    )
 
 
 class HttpTransport:
@@ -134,8 +156,11 @@ class HttpTransport:
         self.tls, self.host, self.port, path = _split(endpoint, 4318, self.net.insecure)
         self.path = path if path.endswith("/v1/metrics") else f"{path}/v1/metrics"
         self.gzip = self.net.compression == "gzip"
-        self.headers = {"Content-Type": "application/x-protobuf", **({"Content-Encoding": "gzip"} if self.gzip else {}),
-                        **headers}
+        self.headers = {
+            "Content-Type": "application/x-protobuf",
+            **({"Content-Encoding": "gzip"} if self.gzip else {}),
+            **headers,
+        }
         self.timeout = self.net.timeout
         self._conn: http.client.HTTPConnection | None = None
 
@@ -147,7 +172,8 @@ class HttpTransport:
                 host, port, tunnel_headers = netmod.proxy_parts(self.net.proxy)
             if self.tls:
                 conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    host, port, timeout=self.timeout, context=self.net.ssl_context())
+                    host, port, timeout=self.timeout, context=self.net.ssl_context()
+                )
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
             if self.net.proxy:
@@ -162,11 +188,12 @@ class HttpTransport:
             conn.request("POST", self.path, body=body, headers=self.headers)
             response = conn.getresponse()
             data = response.read()
-        except (OSError, http.client.HTTPException, socket.timeout) as exc:
+        except (TimeoutError, OSError, http.client.HTTPException) as exc:
             self.close()
             cause = netmod.classify_exception(exc)
-            if (cause == netmod.CONNECTION and self.net.proxy and not isinstance(exc, socket.timeout)) \
-                    or cause == netmod.TLS_OTHER:  # the probe names which check failed
+            if (
+                cause == netmod.CONNECTION and self.net.proxy and not isinstance(exc, socket.timeout)
+            ) or cause == netmod.TLS_OTHER:  # the probe names which check failed
                 cause = netmod.probe(self.endpoint, self.net, 4318) or cause
             if cause != netmod.CONNECTION:
                 return _network_failure(cause, f"{type(exc).__name__}: {exc}")
@@ -182,9 +209,13 @@ class HttpTransport:
             return Attempt(ok=True, rejected_points=rejected, detail=message)
         if response.getheader("Connection", "").lower() == "close":
             self.close()
-        return Attempt(ok=False, cause=f"http_{status}", retryable=http_retryable(status),
-                       delay=parse_retry_after(response.getheader("Retry-After")),
-                       detail=data[:200].decode("utf-8", "replace"))
+        return Attempt(
+            ok=False,
+            cause=f"http_{status}",
+            retryable=http_retryable(status),
+            delay=parse_retry_after(response.getheader("Retry-After")),
+            detail=data[:200].decode("utf-8", "replace"),
+        )
 
     def close(self) -> None:
         """Close the connection; a read blocked in another thread returns at once."""

@@ -12,47 +12,47 @@ from datetime import datetime
 import polars as pl
 
 from pgflow.schema.frames import (
-    UTC_TS,
-    STATEMENT_INT_COUNTERS,
-    STATEMENT_TIME_COUNTERS,
-    STATEMENT_COUNTERS,
-    STATEMENT_KEY,
-    STATEMENTS,
     ACTIVITY,
-    LOCKS,
     BLOCKED,
     DATABASE_COUNTERS,
     DATABASE_TIME_COUNTERS,
     DATABASES,
+    LOCKS,
+    STATEMENT_COUNTERS,
+    STATEMENT_INT_COUNTERS,
+    STATEMENT_KEY,
+    STATEMENT_TIME_COUNTERS,
+    STATEMENTS,
+    UTC_TS,
 )
 from pgflow.schema.health import (
-    DATABASE_SIZES,
-    CHECKPOINTER,
-    BGWRITER,
-    WAL,
-    IO_INT_COUNTERS,
-    IO_TIME_COUNTERS,
-    IO,
     ARCHIVER,
-    REPLICATION,
-    REPLICATION_SLOTS,
-    WAL_RECEIVER,
+    BGWRITER,
+    CHECKPOINTER,
+    DATABASE_SIZES,
     HEALTH_FRAMES,
     HEALTH_GROUPS,
+    IO,
+    IO_INT_COUNTERS,
+    IO_TIME_COUNTERS,
+    REPLICATION,
+    REPLICATION_SLOTS,
     TABLE_COUNTERS,
     TABLE_GAUGES,
     TABLE_TIMES,
     TABLES,
+    WAL,
+    WAL_RECEIVER,
 )
 from pgflow.schema.output import (
     ATTRIBUTE_KEYS,
     ATTRIBUTES,
-    POINTS,
     EVENT_ATTRIBUTE_TYPES,
     EVENT_ATTRIBUTES,
-    PLANS,
-    QUERY_SAMPLES,
     EVENTS,
+    PLANS,
+    POINTS,
+    QUERY_SAMPLES,
 )
 from pgflow.schema.sessions import (
     SAMPLES,
@@ -97,8 +97,11 @@ class ServerIdentity:
         recovery state, same address; a promoted standby, a replica behind the same VIP at
         another address, or a server that is not the one before starts a new baseline.
         """
-        if (self.system_identifier is not None and previous.system_identifier is not None
-                and self.system_identifier != previous.system_identifier):
+        if (
+            self.system_identifier is not None
+            and previous.system_identifier is not None
+            and self.system_identifier != previous.system_identifier
+        ):
             return "another cluster (system identifier)"
         if self.started_at == previous.started_at:
             return None
@@ -108,8 +111,10 @@ class ServerIdentity:
         return None
 
     def describe(self) -> str:
-        return (f"system {self.system_identifier}, timeline {self.timeline}, "
-                f"{'standby' if self.in_recovery else 'primary'} at {self.address or 'an unknown address'}")
+        return (
+            f"system {self.system_identifier}, timeline {self.timeline}, "
+            f"{'standby' if self.in_recovery else 'primary'} at {self.address or 'an unknown address'}"
+        )
 
 
 @dataclass(frozen=True)
@@ -159,17 +164,41 @@ class Snapshot:
 
     tables: pl.DataFrame = field(default_factory=lambda: empty(TABLES))  # issue 13: empty when not due
 
-    FRAMES = ("statements", "activity", "locks", "blocked", "databases", "plans", "samples", "session_stats",
-              *HEALTH_FRAMES, "query_samples", "tables")
+    FRAMES = (
+        "statements",
+        "activity",
+        "locks",
+        "blocked",
+        "databases",
+        "plans",
+        "samples",
+        "session_stats",
+        *HEALTH_FRAMES,
+        "query_samples",
+        "tables",
+    )
 
     def equals(self, other: Snapshot) -> bool:
         """Frame-for-frame equality (for capture round trips and replay checks)."""
-        scalars = ("instance", "scraped_at", "server_version_num", "stats_reset", "dealloc", "max_connections",
-                   "oldest_xact_age_secs", "oldest_query_age_secs", "server_address", "server_port", "hidden_statements",
-                   "identity", "health_scraped")
+        scalars = (
+            "instance",
+            "scraped_at",
+            "server_version_num",
+            "stats_reset",
+            "dealloc",
+            "max_connections",
+            "oldest_xact_age_secs",
+            "oldest_query_age_secs",
+            "server_address",
+            "server_port",
+            "hidden_statements",
+            "identity",
+            "health_scraped",
+        )
         return all(getattr(self, s) == getattr(other, s) for s in scalars) and all(
             getattr(self, f).equals(getattr(other, f)) for f in self.FRAMES
         )
+
 
 __all__ = [
     "ACTIVITY",

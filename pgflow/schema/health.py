@@ -10,67 +10,95 @@ from pgflow.schema.frames import UTC_TS
 # Counters are cumulative as PostgreSQL reports them (times in ms); ``stats_reset`` is the
 # view's own reset time, so the delta operator can tell a pg_stat_reset_shared() from work.
 DATABASE_SIZES = pl.Schema({"datid": pl.Int64, "database": pl.String, "size_bytes": pl.Int64})
-CHECKPOINTER = pl.Schema({
-    "stats_reset": UTC_TS,
-    **{c: pl.Int64 for c in ("num_timed", "num_requested", "num_done", "restartpoints_timed", "restartpoints_req",
-                             "restartpoints_done", "buffers_written")},
-    "write_time": pl.Float64,
-    "sync_time": pl.Float64,
-})
-BGWRITER = pl.Schema({
-    "stats_reset": UTC_TS,
-    **{c: pl.Int64 for c in ("buffers_clean", "maxwritten_clean", "buffers_alloc", "buffers_backend",
-                             "buffers_backend_fsync")},
-})
-WAL = pl.Schema({
-    "stats_reset": UTC_TS,
-    **{c: pl.Int64 for c in ("wal_records", "wal_fpi", "wal_bytes", "wal_buffers_full", "wal_write", "wal_sync")},
-    "wal_write_time": pl.Float64,
-    "wal_sync_time": pl.Float64,
-})
+CHECKPOINTER = pl.Schema(
+    {
+        "stats_reset": UTC_TS,
+        **{
+            c: pl.Int64
+            for c in (
+                "num_timed",
+                "num_requested",
+                "num_done",
+                "restartpoints_timed",
+                "restartpoints_req",
+                "restartpoints_done",
+                "buffers_written",
+            )
+        },
+        "write_time": pl.Float64,
+        "sync_time": pl.Float64,
+    }
+)
+BGWRITER = pl.Schema(
+    {
+        "stats_reset": UTC_TS,
+        **{
+            c: pl.Int64
+            for c in ("buffers_clean", "maxwritten_clean", "buffers_alloc", "buffers_backend", "buffers_backend_fsync")
+        },
+    }
+)
+WAL = pl.Schema(
+    {
+        "stats_reset": UTC_TS,
+        **{c: pl.Int64 for c in ("wal_records", "wal_fpi", "wal_bytes", "wal_buffers_full", "wal_write", "wal_sync")},
+        "wal_write_time": pl.Float64,
+        "wal_sync_time": pl.Float64,
+    }
+)
 IO_INT_COUNTERS = ("reads", "writes", "writebacks", "extends", "hits", "evictions", "reuses", "fsyncs")
 IO_TIME_COUNTERS = ("read_time", "write_time", "writeback_time", "extend_time", "fsync_time")
-IO = pl.Schema({
-    "backend_type": pl.String,
-    "object": pl.String,
-    "context": pl.String,
-    "stats_reset": UTC_TS,
-    **{c: pl.Int64 for c in IO_INT_COUNTERS},
-    **{c: pl.Float64 for c in IO_TIME_COUNTERS},
-})
-ARCHIVER = pl.Schema({
-    "stats_reset": UTC_TS,
-    "archived_count": pl.Int64,
-    "failed_count": pl.Int64,
-    "last_archived_age_secs": pl.Float64,
-    "last_failed_age_secs": pl.Float64,
-})
-REPLICATION = pl.Schema({
-    "pid": pl.Int64,
-    "application_name": pl.String,
-    "client_addr": pl.String,
-    "state": pl.String,
-    "sync_state": pl.String,
-    "data_delay_bytes": pl.Int64,
-    "write_lag": pl.Float64,  # seconds
-    "flush_lag": pl.Float64,
-    "replay_lag": pl.Float64,
-})
-REPLICATION_SLOTS = pl.Schema({
-    "slot_name": pl.String,
-    "slot_type": pl.String,
-    "active": pl.Boolean,
-    "retained_wal_bytes": pl.Int64,
-    "xmin_age": pl.Int64,
-    "catalog_xmin_age": pl.Int64,
-    "wal_status": pl.String,
-})
-WAL_RECEIVER = pl.Schema({
-    "status": pl.String,  # null: the standby's WAL receiver is not running
-    "last_msg_receipt_age_secs": pl.Float64,
-    "replay_delay_bytes": pl.Int64,  # received but not yet replayed
-    "replay_lag_secs": pl.Float64,  # since the last replayed transaction committed on the primary
-})
+IO = pl.Schema(
+    {
+        "backend_type": pl.String,
+        "object": pl.String,
+        "context": pl.String,
+        "stats_reset": UTC_TS,
+        **{c: pl.Int64 for c in IO_INT_COUNTERS},
+        **{c: pl.Float64 for c in IO_TIME_COUNTERS},
+    }
+)
+ARCHIVER = pl.Schema(
+    {
+        "stats_reset": UTC_TS,
+        "archived_count": pl.Int64,
+        "failed_count": pl.Int64,
+        "last_archived_age_secs": pl.Float64,
+        "last_failed_age_secs": pl.Float64,
+    }
+)
+REPLICATION = pl.Schema(
+    {
+        "pid": pl.Int64,
+        "application_name": pl.String,
+        "client_addr": pl.String,
+        "state": pl.String,
+        "sync_state": pl.String,
+        "data_delay_bytes": pl.Int64,
+        "write_lag": pl.Float64,  # seconds
+        "flush_lag": pl.Float64,
+        "replay_lag": pl.Float64,
+    }
+)
+REPLICATION_SLOTS = pl.Schema(
+    {
+        "slot_name": pl.String,
+        "slot_type": pl.String,
+        "active": pl.Boolean,
+        "retained_wal_bytes": pl.Int64,
+        "xmin_age": pl.Int64,
+        "catalog_xmin_age": pl.Int64,
+        "wal_status": pl.String,
+    }
+)
+WAL_RECEIVER = pl.Schema(
+    {
+        "status": pl.String,  # null: the standby's WAL receiver is not running
+        "last_msg_receipt_age_secs": pl.Float64,
+        "replay_delay_bytes": pl.Int64,  # received but not yet replayed
+        "replay_lag_secs": pl.Float64,  # since the last replayed transaction committed on the primary
+    }
+)
 HEALTH_FRAMES = {
     "database_sizes": DATABASE_SIZES,
     "checkpointer": CHECKPOINTER,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import polars as pl
 
-
 # issue 11: active-session samples taken since the previous scrape (pgflow/scrape/sampler.py).
 # One row per distinct (database, user, backend_type, state, wait_event_type, wait_event,
 # query_id) seen by the samples; ``count`` samples of ``period_secs`` each (session-seconds =

@@ -38,11 +38,15 @@ log = logging.getLogger("pgflow.budget")
 # max_connections minus the slots reserved for superusers (and, 16+, for pg_use_reserved_connections)
 # minus the client backends in use: what is left for everyone else. Any role may count
 # pg_stat_activity's rows (other users' rows are listed, only their details hidden).
-FREE_SQL = ("SELECT /*pgflow*/ current_setting('max_connections')::int, "
-            "current_setting('superuser_reserved_connections')::int, "
-            "coalesce(current_setting('reserved_connections', true)::int, 0), "
-            "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int")
-_TIMEOUT_SQL = "SELECT /*pgflow*/ set_config('statement_timeout', '2000', true), set_config('lock_timeout', '1000', true)"
+FREE_SQL = (
+    "SELECT /*pgflow*/ current_setting('max_connections')::int, "
+    "current_setting('superuser_reserved_connections')::int, "
+    "coalesce(current_setting('reserved_connections', true)::int, 0), "
+    "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int"
+)
+_TIMEOUT_SQL = (
+    "SELECT /*pgflow*/ set_config('statement_timeout', '2000', true), set_config('lock_timeout', '1000', true)"
+)
 
 
 class NoConnection(Exception):
@@ -115,9 +119,18 @@ class ConnectionBudget:
     not checked. :meth:`close` (the instance is done) ends any wait.
     """
 
-    def __init__(self, dsn: str, *, instance: str, max_connections: int = 3, fixed: int = 2,
-                 headroom: int = 5, connect_timeout: int = 5,
-                 probe: Callable[[], int | None] | None = None, recheck_secs: float = 5.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        instance: str,
+        max_connections: int = 3,
+        fixed: int = 2,
+        headroom: int = 5,
+        connect_timeout: int = 5,
+        probe: Callable[[], int | None] | None = None,
+        recheck_secs: float = 5.0,
+    ) -> None:
         self._dsn = dsn
         self.instance = instance
         self.max_connections = max_connections
@@ -137,14 +150,20 @@ class ConnectionBudget:
         self._said_no_slot = False
 
     @classmethod
-    def from_settings(cls, instance: object, settings: object, *, sampler: bool,
-                      probe: Callable[[], int | None] | None = None) -> ConnectionBudget:
+    def from_settings(
+        cls, instance: object, settings: object, *, sampler: bool, probe: Callable[[], int | None] | None = None
+    ) -> ConnectionBudget:
         """The budget ``pgflow.config.Settings`` gives one instance (``sampler``: sampling is on)."""
         s = settings
-        budget = cls(instance.dsn, instance=instance.name,  # type: ignore[attr-defined]
-                     max_connections=s.max_connections_per_instance, fixed=2 if sampler else 1,  # type: ignore[attr-defined]
-                     headroom=s.reserved_connections_headroom, connect_timeout=s.connect_timeout_secs,  # type: ignore[attr-defined]
-                     probe=probe)
+        budget = cls(
+            instance.dsn,
+            instance=instance.name,  # type: ignore[attr-defined]
+            max_connections=s.max_connections_per_instance,
+            fixed=2 if sampler else 1,  # type: ignore[attr-defined]
+            headroom=s.reserved_connections_headroom,
+            connect_timeout=s.connect_timeout_secs,  # type: ignore[attr-defined]
+            probe=probe,
+        )
         register(budget)
         return budget
 
@@ -167,7 +186,9 @@ class ConnectionBudget:
         try:
             free = self.probe() if self.probe is not None else None
         except Exception as exc:  # unknown: treated as too few (the scrape says why it fails)
-            log.debug("reading the server's free connections failed", extra=kv(instance=self.instance, error=repr(exc)[:200]))
+            log.debug(
+                "reading the server's free connections failed", extra=kv(instance=self.instance, error=repr(exc)[:200])
+            )
             free = None
         if free is not None:
             self.last_free = free
@@ -189,11 +210,16 @@ class ConnectionBudget:
             if not self.waiting:
                 self.waiting = True
                 telemetry.optional_work_waiting.labels(self.instance).set(1)
-                log.warning("optional work waits: too few connections left free on the server for others",
-                            extra=kv(instance=self.instance, free="unknown" if free is None else free,
-                                     headroom=self.headroom,
-                                     hint="it resumes by itself; lower PGFLOW_RESERVED_CONNECTIONS_HEADROOM "
-                                          "or raise max_connections to change this"))
+                log.warning(
+                    "optional work waits: too few connections left free on the server for others",
+                    extra=kv(
+                        instance=self.instance,
+                        free="unknown" if free is None else free,
+                        headroom=self.headroom,
+                        hint="it resumes by itself; lower PGFLOW_RESERVED_CONNECTIONS_HEADROOM "
+                        "or raise max_connections to change this",
+                    ),
+                )
         elif self.waiting:
             self.waiting = False
             telemetry.optional_work_waiting.labels(self.instance).set(0)
@@ -210,8 +236,9 @@ class ConnectionBudget:
     # Connections --------------------------------------------------------------------
 
     @contextmanager
-    def connection(self, dbname: str | None, *, wait: bool = False,
-                   slot_wait_secs: float | None = None) -> Iterator[psycopg.Connection]:
+    def connection(
+        self, dbname: str | None, *, wait: bool = False, slot_wait_secs: float | None = None
+    ) -> Iterator[psycopg.Connection]:
         """One optional connection to ``dbname`` (None: the DSN's own) for the block, then closed.
 
         ``wait``: wait for the headroom (table statistics) instead of raising; a slot is
@@ -222,9 +249,15 @@ class ConnectionBudget:
         if self._sem is None:
             if not self._said_no_slot:
                 self._said_no_slot = True
-                log.warning("no connection left for per-database work", extra=kv(
-                    instance=self.instance, max_connections_per_instance=self.max_connections, fixed=self.fixed,
-                    hint="raise PGFLOW_MAX_CONNECTIONS_PER_INSTANCE to at least 3 for table statistics and explains"))
+                log.warning(
+                    "no connection left for per-database work",
+                    extra=kv(
+                        instance=self.instance,
+                        max_connections_per_instance=self.max_connections,
+                        fixed=self.fixed,
+                        hint="raise PGFLOW_MAX_CONNECTIONS_PER_INSTANCE to at least 3 for table statistics and explains",
+                    ),
+                )
             telemetry.optional_connections_deferred.labels(self.instance, "no_slot").inc()
             raise NoConnection("no_slot", f"max_connections_per_instance={self.max_connections} leaves no slot")
         # The headroom first, then the slot: the probe needs the scrape's connection, which may be
@@ -265,9 +298,11 @@ class ConnectionBudget:
     def describe(self) -> str:
         """One line for ``pgflow check`` and the log."""
         fixed = "the scrape and the sampler" if self.fixed == 2 else "the scrape"
-        return (f"at most {self.max_connections} connections: {fixed} held, {self.slots} shared by per-database work "
-                f"(table statistics, explains, texts), opened only while at least {self.headroom} "
-                "connections stay free for others")
+        return (
+            f"at most {self.max_connections} connections: {fixed} held, {self.slots} shared by per-database work "
+            f"(table statistics, explains, texts), opened only while at least {self.headroom} "
+            "connections stay free for others"
+        )
 
 
 # Instance name -> its budget, for modules that open per-database connections without being handed one.
@@ -287,19 +322,34 @@ def check_budget(conn: psycopg.Connection, settings: object) -> tuple[str, str, 
     """``pgflow check``: (level, name, detail) for the budget and the server's headroom now."""
     s = settings
     sampler = s.activity_sample_interval_secs > 0  # type: ignore[attr-defined]
-    budget = ConnectionBudget("", instance="check", max_connections=s.max_connections_per_instance,  # type: ignore[attr-defined]
-                              fixed=2 if sampler else 1, headroom=s.reserved_connections_headroom)  # type: ignore[attr-defined]
+    budget = ConnectionBudget(
+        "",
+        instance="check",
+        max_connections=s.max_connections_per_instance,  # type: ignore[attr-defined]
+        fixed=2 if sampler else 1,
+        headroom=s.reserved_connections_headroom,
+    )  # type: ignore[attr-defined]
     try:
         row = read_free(conn)
     except psycopg.Error as exc:
-        return "warn", "connection budget", f"{budget.describe()}; free connections unreadable ({str(exc).strip()[:120]})"
+        return (
+            "warn",
+            "connection budget",
+            f"{budget.describe()}; free connections unreadable ({str(exc).strip()[:120]})",
+        )
     total, superuser, reserved, used = row
     free = free_of(row)
-    detail = (f"{budget.describe()}; the server has {free} free of max_connections {total} "
-              f"({superuser} superuser-reserved, {reserved} reserved, {used} in use)")
+    detail = (
+        f"{budget.describe()}; the server has {free} free of max_connections {total} "
+        f"({superuser} superuser-reserved, {reserved} reserved, {used} in use)"
+    )
     if budget.slots == 0:
-        return "warn", "connection budget", detail + "; no slot left for per-database work: table statistics and " \
-            "explains are off (raise PGFLOW_MAX_CONNECTIONS_PER_INSTANCE)"
+        return (
+            "warn",
+            "connection budget",
+            detail + "; no slot left for per-database work: table statistics and "
+            "explains are off (raise PGFLOW_MAX_CONNECTIONS_PER_INSTANCE)",
+        )
     if free < budget.headroom:
         return "warn", "connection budget", detail + f"; fewer than {budget.headroom} free: optional work would wait"
     return "ok", "connection budget", detail

@@ -49,8 +49,9 @@ def connect(dsn: str, *, connect_timeout: int = 5) -> psycopg.Connection:
 
 
 @contextmanager
-def guarded(conn: psycopg.Connection, statement_timeout_ms: int, lock_timeout_ms: int | None = None,
-            **extra: str) -> Iterator[None]:
+def guarded(
+    conn: psycopg.Connection, statement_timeout_ms: int, lock_timeout_ms: int | None = None, **extra: str
+) -> Iterator[None]:
     """One unit of work in one implicit transaction, read-only and time-limited, no ``BEGIN``.
 
     A pipeline: the marked limits statement (:func:`~pgflow.scrape.statements.limits_sql`),
@@ -137,65 +138,91 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
     role = _role(dsn)
     if isinstance(exc, pgerr.QueryCanceled):
         limit = f" ({statement_timeout_ms} ms)" if statement_timeout_ms else ""
-        return ScrapeTimeout(f"scrape of {target} ran past statement_timeout{limit}",
-                             "raise PGFLOW_STATEMENT_TIMEOUT_MS or look at the server's load")
+        return ScrapeTimeout(
+            f"scrape of {target} ran past statement_timeout{limit}",
+            "raise PGFLOW_STATEMENT_TIMEOUT_MS or look at the server's load",
+        )
     # insufficient_privilege: which privilege decides the advice (at connect time psycopg has no SQLSTATE)
     if sqlstate == "42501" or (sqlstate is None and "permission denied" in lowered):
         database = re.search(r'permission denied for database "?([^"\s]+)"?', detail)
         if database:
-            return InsufficientPrivilege(f"{role} may not connect to database {database.group(1)} on {target}",
-                                         f"GRANT CONNECT ON DATABASE {database.group(1)} TO {role}")
+            return InsufficientPrivilege(
+                f"{role} may not connect to database {database.group(1)} on {target}",
+                f"GRANT CONNECT ON DATABASE {database.group(1)} TO {role}",
+            )
         schema = re.search(r'permission denied for schema "?([^"\s]+)"?', detail)
         if schema:
-            return InsufficientPrivilege(f"{role} may not use schema {schema.group(1)} on {target} ({detail})",
-                                         f"GRANT USAGE ON SCHEMA {schema.group(1)} TO {role}")
+            return InsufficientPrivilege(
+                f"{role} may not use schema {schema.group(1)} on {target} ({detail})",
+                f"GRANT USAGE ON SCHEMA {schema.group(1)} TO {role}",
+            )
         if "examine" in lowered:  # a setting reserved to pg_read_all_settings
-            return InsufficientPrivilege(f"{role} may not read a server setting on {target} ({detail})",
-                                         f"GRANT pg_monitor TO {role} (it includes pg_read_all_settings)")
+            return InsufficientPrivilege(
+                f"{role} may not read a server setting on {target} ({detail})",
+                f"GRANT pg_monitor TO {role} (it includes pg_read_all_settings)",
+            )
         return InsufficientPrivilege(f"permission denied on {target} ({detail})", f"GRANT pg_monitor TO {role}")
     if sqlstate == "55000" and "shared_preload_libraries" in lowered:
-        return ExtensionNotLoaded(f"pg_stat_statements is not loaded on {target}",
-                                  "add pg_stat_statements to shared_preload_libraries and restart PostgreSQL")
+        return ExtensionNotLoaded(
+            f"pg_stat_statements is not loaded on {target}",
+            "add pg_stat_statements to shared_preload_libraries and restart PostgreSQL",
+        )
     if sqlstate in ("42P01", "42883") and "pg_stat_statements" in lowered:
-        return ExtensionMissing(f"pg_stat_statements is not installed in {target}",
-                                "run CREATE EXTENSION pg_stat_statements in that database")
+        return ExtensionMissing(
+            f"pg_stat_statements is not installed in {target}",
+            "run CREATE EXTENSION pg_stat_statements in that database",
+        )
     if sqlstate in _TEXT_SQLSTATES:
         # The server's message quotes bytes of the text (maybe of a literal): only the SQLSTATE is kept.
-        return TextUnreadable(f"a statement text in pg_stat_statements on {target} cannot be converted to this "
-                              f"database's encoding (SQLSTATE {sqlstate})",
-                              "pgflow reads texts through a SQL_ASCII database with pg_stat_statements; "
-                              "pgflow check names the database and the fix")
+        return TextUnreadable(
+            f"a statement text in pg_stat_statements on {target} cannot be converted to this "
+            f"database's encoding (SQLSTATE {sqlstate})",
+            "pgflow reads texts through a SQL_ASCII database with pg_stat_statements; "
+            "pgflow check names the database and the fix",
+        )
     missing_role = re.search(r'role "([^"]+)" does not exist', detail)
     if missing_role and sqlstate in ("28000", None):  # invalid_authorization_specification (issue 19)
         name = missing_role.group(1)
-        return AuthenticationFailed(f"PostgreSQL at {target} has no role {name}",
-                                    f"fix the user in DATABASE_URL, or create it: CREATE ROLE {name} LOGIN PASSWORD '...'; "
-                                    f"GRANT pg_monitor TO {name}")
+        return AuthenticationFailed(
+            f"PostgreSQL at {target} has no role {name}",
+            f"fix the user in DATABASE_URL, or create it: CREATE ROLE {name} LOGIN PASSWORD '...'; "
+            f"GRANT pg_monitor TO {name}",
+        )
     if sqlstate == "28P01" or "password authentication failed" in lowered or "no password supplied" in lowered:
-        return AuthenticationFailed(f"PostgreSQL at {target} refused the credentials",
-                                    "check the user and password in DATABASE_URL")
+        return AuthenticationFailed(
+            f"PostgreSQL at {target} refused the credentials", "check the user and password in DATABASE_URL"
+        )
     if sqlstate in ("28000", None) and "pg_hba.conf" in lowered:  # a refused connection has no SQLSTATE in psycopg
         if "ssl off" in lowered or "no encryption" in lowered:
-            return SslRefused(f"PostgreSQL at {target} accepts {role} only over SSL ({detail})",
-                              "set sslmode=require (or verify-full) in DATABASE_URL")
-        return AuthenticationFailed(f"pg_hba.conf of {target} does not admit this connection ({detail})",
-                                    f"add a line for {role}, this database and pgflow's address to pg_hba.conf "
-                                    "and reload PostgreSQL")
+            return SslRefused(
+                f"PostgreSQL at {target} accepts {role} only over SSL ({detail})",
+                "set sslmode=require (or verify-full) in DATABASE_URL",
+            )
+        return AuthenticationFailed(
+            f"pg_hba.conf of {target} does not admit this connection ({detail})",
+            f"add a line for {role}, this database and pgflow's address to pg_hba.conf and reload PostgreSQL",
+        )
     if sqlstate == "3D000" or ("database" in lowered and "does not exist" in lowered):
-        return DatabaseMissing(f"the database of {target} does not exist",
-                               "fix the database name in DATABASE_URL")
+        return DatabaseMissing(f"the database of {target} does not exist", "fix the database name in DATABASE_URL")
     if "statement pooling" in lowered:  # PgBouncer pool_mode=statement (SQLSTATE 08P01)
-        return PoolerRefused(f"the pooler at {target} is in statement pooling mode ({detail})",
-                             "pgflow reads each scrape in one read-only transaction: point it at a PgBouncer pool "
-                             "in transaction or session mode, or at PostgreSQL directly")
+        return PoolerRefused(
+            f"the pooler at {target} is in statement pooling mode ({detail})",
+            "pgflow reads each scrape in one read-only transaction: point it at a PgBouncer pool "
+            "in transaction or session mode, or at PostgreSQL directly",
+        )
     if sqlstate is None and (re.search(r"\bssl\b", lowered) or "certificate" in lowered) and "syscall" not in lowered:
         if "does not support ssl" in lowered:
-            return SslRefused(f"PostgreSQL at {target} does not offer SSL but the DSN requires it ({detail})",
-                              "turn ssl on in the server's configuration, or lower sslmode in DATABASE_URL "
-                              "if the network is trusted")
-        return SslRefused(f"the SSL connection to {target} failed ({detail})",
-                          "check sslmode, sslrootcert and the server's certificate in DATABASE_URL")
+            return SslRefused(
+                f"PostgreSQL at {target} does not offer SSL but the DSN requires it ({detail})",
+                "turn ssl on in the server's configuration, or lower sslmode in DATABASE_URL if the network is trusted",
+            )
+        return SslRefused(
+            f"the SSL connection to {target} failed ({detail})",
+            "check sslmode, sslrootcert and the server's certificate in DATABASE_URL",
+        )
     if isinstance(exc, psycopg.OperationalError):
-        return ServerUnreachable(f"cannot connect to PostgreSQL at {target} ({detail})",
-                                 "check that the server is running and the host and port are right")
+        return ServerUnreachable(
+            f"cannot connect to PostgreSQL at {target} ({detail})",
+            "check that the server is running and the host and port are right",
+        )
     return ScrapeError(f"scrape of {target} failed ({detail})")

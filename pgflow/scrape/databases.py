@@ -23,12 +23,16 @@ def _counter(name: str, version_num: int) -> str:
 
 def databases_sql(version_num: int) -> str:
     """The query for a server of ``version_num``; its columns follow ``schema.DATABASES``."""
-    times = (", ".join(f"d.{c}::float8" for c in DATABASE_TIME_COUNTERS) if version_num >= 140000
-             else ", ".join("NULL::float8" for _ in DATABASE_TIME_COUNTERS))
+    times = (
+        ", ".join(f"d.{c}::float8" for c in DATABASE_TIME_COUNTERS)
+        if version_num >= 140000
+        else ", ".join("NULL::float8" for _ in DATABASE_TIME_COUNTERS)
+    )
     return (
         "SELECT /*pgflow*/ d.datid::int8, d.datname::text, d.numbackends::int8, d.stats_reset, "
         + ", ".join(_counter(c, version_num) for c in DATABASE_COUNTERS)
-        + ", age(db.datfrozenxid)::int8, mxid_age(db.datminmxid)::int8, " + times
+        + ", age(db.datfrozenxid)::int8, mxid_age(db.datminmxid)::int8, "
+        + times
         + " FROM pg_stat_database d JOIN pg_database db ON db.oid = d.datid"
         " LEFT JOIN pg_stat_database_conflicts c ON c.datid = d.datid"
         " WHERE d.datname IS NOT NULL AND d.datname NOT IN ('template0', 'template1')"

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import polars as pl
 import psycopg
@@ -38,12 +38,11 @@ from pgflow.ops import plans
 from pgflow.ops.explain_targets import explain_candidates
 from pgflow.schema import PLANS, Snapshot
 from pgflow.scrape.budget import ConnectionBudget, NoConnection
-
 from pgflow.scrape.explainer import (
     ERROR_TTL_SECS,
     PERMISSION_RETRY_SECS,
-    ExplainFailed,
     Explainer,
+    ExplainFailed,
     _error_ttl,
     _helper,
     explain_helper_finding,
@@ -57,8 +56,20 @@ log = logging.getLogger("pgflow.explain")
 _SLOT_WAIT_SECS = 5.0  # explains run on the scrape thread: wait this long at most for a budget slot
 
 # What callers import from here (one statement's explaining lives in pgflow.scrape.explainer).
-__all__ = ["ERROR_TTL_SECS", "PERMISSION_RETRY_SECS", "ExplainFailed", "Explainer", "PlanSource", "WindowPlans",
-           "database_connector", "explain_helper_finding", "explainable", "helper_sql", "helper_status"]
+__all__ = [
+    "ERROR_TTL_SECS",
+    "PERMISSION_RETRY_SECS",
+    "ExplainFailed",
+    "Explainer",
+    "PlanSource",
+    "WindowPlans",
+    "database_connector",
+    "explain_helper_finding",
+    "explainable",
+    "helper_sql",
+    "helper_status",
+]
+
 
 @dataclass
 class ExplainStats:
@@ -74,9 +85,17 @@ class PlanSource:
     State (the TTL and error caches) is a cache: losing it costs at most one explain more.
     """
 
-    def __init__(self, connect: Callable[[str], psycopg.Connection], *, instance: str = "",
-                 explains_per_window: int = 5, explain_ttl_secs: float = 3600, own_user: str | None = None,
-                 explainer: Explainer | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        connect: Callable[[str], psycopg.Connection],
+        *,
+        instance: str = "",
+        explains_per_window: int = 5,
+        explain_ttl_secs: float = 3600,
+        own_user: str | None = None,
+        explainer: Explainer | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.connect = connect
         self.instance = instance
         self.explains_per_window = explains_per_window
@@ -100,8 +119,9 @@ class PlanSource:
         if self.explains_per_window <= 0 or candidates.height == 0:
             return candidates.clear()
         now = self.clock()
-        best = (candidates.sort("exec_time", descending=True, maintain_order=True)
-                .unique(["database", "fingerprint"], keep="first", maintain_order=True))
+        best = candidates.sort("exec_time", descending=True, maintain_order=True).unique(
+            ["database", "fingerprint"], keep="first", maintain_order=True
+        )
         chosen = []
         for i, row in enumerate(best.iter_rows(named=True)):
             key = (row["database"], row["fingerprint"])
@@ -155,9 +175,17 @@ class PlanSource:
         self.explained_at[key] = now
         self.stats.explained += 1
         _count("explained", self.instance, "")
-        return [{"database": row["database"], "fingerprint": row["fingerprint"], "queryid": row["queryid"],
-                 "plan_hash": normalized.hash, "body": normalized.body, "method": method,
-                 "explained_at": datetime.fromtimestamp(now, timezone.utc)}]
+        return [
+            {
+                "database": row["database"],
+                "fingerprint": row["fingerprint"],
+                "queryid": row["queryid"],
+                "plan_hash": normalized.hash,
+                "body": normalized.body,
+                "method": method,
+                "explained_at": datetime.fromtimestamp(now, UTC),
+            }
+        ]
 
     def _fail(self, cause: str, deterministic: bool, database: str, fingerprint: str, detail: str) -> None:
         self.stats.failed[cause] = self.stats.failed.get(cause, 0) + 1
@@ -165,9 +193,12 @@ class PlanSource:
         if deterministic:
             self.errors[(database, fingerprint)] = (self.clock(), cause)
             retry = _error_ttl(cause)
-            log.info(f"explain failed; retried in {retry / 3600:g} h" if retry >= 3600 else
-                     f"explain failed; retried in {retry / 60:g} min", extra=kv(
-                         instance=self.instance, database=database, fingerprint=fingerprint, cause=cause))
+            log.info(
+                f"explain failed; retried in {retry / 3600:g} h"
+                if retry >= 3600
+                else f"explain failed; retried in {retry / 60:g} min",
+                extra=kv(instance=self.instance, database=database, fingerprint=fingerprint, cause=cause),
+            )
         else:
             log.debug("explain failed; retried later", extra=kv(instance=self.instance, cause=cause))
 
@@ -187,8 +218,9 @@ def _count(kind: str, instance: str, label: str) -> None:
         telemetry.explains_failed.labels(instance, label).inc()
 
 
-def database_connector(dsn: str, connect_timeout: int = 5,
-                       budget: ConnectionBudget | None = None) -> Callable[[str], AbstractContextManager]:
+def database_connector(
+    dsn: str, connect_timeout: int = 5, budget: ConnectionBudget | None = None
+) -> Callable[[str], AbstractContextManager]:
     """``connect(database)`` for PlanSource: the instance's DSN with another dbname, autocommit,
     no prepared statements of psycopg's own (pgbouncer-safe), ``application_name=pgflow``.
 
@@ -199,8 +231,13 @@ def database_connector(dsn: str, connect_timeout: int = 5,
         return lambda database: budget.connection(database, slot_wait_secs=_SLOT_WAIT_SECS)
 
     def connect(database: str) -> psycopg.Connection:
-        return psycopg.connect(psycopg.conninfo.make_conninfo(dsn, dbname=database), autocommit=True,
-                               connect_timeout=connect_timeout, application_name="pgflow", prepare_threshold=None)
+        return psycopg.connect(
+            psycopg.conninfo.make_conninfo(dsn, dbname=database),
+            autocommit=True,
+            connect_timeout=connect_timeout,
+            application_name="pgflow",
+            prepare_threshold=None,
+        )
 
     return connect
 
@@ -220,17 +257,23 @@ class WindowPlans:
         self._base: pl.DataFrame | None = None  # statements at the first scrape of the current window
 
     @classmethod
-    def for_instance(cls, dsn: str, instance: str, settings: Settings,
-                     budget: ConnectionBudget | None = None) -> WindowPlans | None:
+    def for_instance(
+        cls, dsn: str, instance: str, settings: Settings, budget: ConnectionBudget | None = None
+    ) -> WindowPlans | None:
         """None when plans are off (``explains_per_window = 0``)."""
         if settings.explains_per_window <= 0:
             return None
         statement_timeout = min(settings.statement_timeout_ms, Explainer.statement_timeout_ms)
-        return cls(PlanSource(database_connector(dsn, settings.connect_timeout_secs, budget), instance=instance,
-                              explains_per_window=settings.explains_per_window,
-                              explain_ttl_secs=settings.explain_ttl_secs,
-                              explainer=Explainer(statement_timeout_ms=statement_timeout)),
-                   settings.export_interval_secs)
+        return cls(
+            PlanSource(
+                database_connector(dsn, settings.connect_timeout_secs, budget),
+                instance=instance,
+                explains_per_window=settings.explains_per_window,
+                explain_ttl_secs=settings.explain_ttl_secs,
+                explainer=Explainer(statement_timeout_ms=statement_timeout),
+            ),
+            settings.export_interval_secs,
+        )
 
     def attach(self, snapshot: Snapshot) -> Snapshot:
         """``snapshot`` with the plans of the window that just closed (none within a window)."""

@@ -19,7 +19,6 @@ from psycopg import errors as pgerr
 from pgflow.scrape.connection import guarded
 from pgflow.scrape.statements import limits_sql
 
-
 log = logging.getLogger("pgflow.explain")
 
 ERROR_TTL_SECS = 24 * 3600
@@ -41,8 +40,10 @@ def helper_sql() -> str:
 
 
 # pgflow's own statements: its helper, and the statistics views and functions it reads.
-_PGFLOWS = re.compile(r'"(?:schemaname|sval|relname)": "(?:pgflow|pg_stat_\w*|pg_locks|pg_blocking_pids|'
-                      r'pg_prepared_statements|pg_wait_sampling\w*)"')
+_PGFLOWS = re.compile(
+    r'"(?:schemaname|sval|relname)": "(?:pgflow|pg_stat_\w*|pg_locks|pg_blocking_pids|'
+    r'pg_prepared_statements|pg_wait_sampling\w*)"'
+)
 
 
 def explainable(text: str | None) -> str | None:
@@ -100,11 +101,28 @@ def _cause(exc: psycopg.Error) -> tuple[str, bool]:
         return "statement_timeout", False
     if isinstance(exc, pgerr.InsufficientPrivilege):
         return "permission", True
-    if isinstance(exc, (pgerr.UndefinedTable, pgerr.UndefinedColumn, pgerr.UndefinedFunction,
-                        pgerr.UndefinedObject, pgerr.InvalidSchemaName)):
+    if isinstance(
+        exc,
+        (
+            pgerr.UndefinedTable,
+            pgerr.UndefinedColumn,
+            pgerr.UndefinedFunction,
+            pgerr.UndefinedObject,
+            pgerr.InvalidSchemaName,
+        ),
+    ):
         return "undefined_object", True
-    if isinstance(exc, (pgerr.SyntaxError, pgerr.AmbiguousParameter, pgerr.IndeterminateDatatype,
-                        pgerr.UndefinedParameter, pgerr.DatatypeMismatch, pgerr.UndefinedFile)):
+    if isinstance(
+        exc,
+        (
+            pgerr.SyntaxError,
+            pgerr.AmbiguousParameter,
+            pgerr.IndeterminateDatatype,
+            pgerr.UndefinedParameter,
+            pgerr.DatatypeMismatch,
+            pgerr.UndefinedFile,
+        ),
+    ):
         return "syntax", True
     if isinstance(exc, psycopg.OperationalError):
         return "connection", False
@@ -141,8 +159,9 @@ class Explainer:
             pass
         return cur.fetchall()
 
-    def explain(self, conn: psycopg.Connection, text: str, server_version_num: int,
-                helper: bool = False) -> tuple[list, str]:
+    def explain(
+        self, conn: psycopg.Connection, text: str, server_version_num: int, helper: bool = False
+    ) -> tuple[list, str]:
         """The raw EXPLAIN JSON of ``text`` and the method used; raises ExplainFailed.
 
         ``conn`` is in autocommit: this method opens and always ends its own read-only transaction.
@@ -169,13 +188,19 @@ class Explainer:
             else:
                 generic = {"plan_cache_mode": "force_generic_plan"}
                 prepared = True  # a prepared statement outlives its transaction: deallocated below
-                count = self._simple(conn, [
-                    "PREPARE /*pgflow*/ pgflow_explain AS " + text,
-                    "SELECT /*pgflow*/ coalesce(cardinality(parameter_types), 0) FROM pg_prepared_statements "
-                    "WHERE name = 'pgflow_explain'"])[0][0]
+                count = self._simple(
+                    conn,
+                    [
+                        "PREPARE /*pgflow*/ pgflow_explain AS " + text,
+                        "SELECT /*pgflow*/ coalesce(cardinality(parameter_types), 0) FROM pg_prepared_statements "
+                        "WHERE name = 'pgflow_explain'",
+                    ],
+                )[0][0]
                 args = f"({', '.join(['NULL'] * count)})" if count else ""
-                cur = conn.execute(f"{self._limits(**generic)}; "  # type: ignore[arg-type]
-                                   f"EXPLAIN /*pgflow*/ (FORMAT JSON) EXECUTE pgflow_explain{args}")
+                cur = conn.execute(
+                    f"{self._limits(**generic)}; "  # type: ignore[arg-type]
+                    f"EXPLAIN /*pgflow*/ (FORMAT JSON) EXECUTE pgflow_explain{args}"
+                )
                 while cur.nextset():
                     pass
                 plan = cur.fetchone()[0]  # type: ignore[index]
@@ -212,13 +237,17 @@ def helper_status(conn: psycopg.Connection) -> tuple[str, str]:
         conn.autocommit = True
     try:
         if not _installed(conn):
-            return "ok", ("explain helper not installed (optional): plans of tables the monitoring role may not "
-                          "read need it; run pgflow/sql/explain_helper.sql in each database as the tables' owner")
+            return "ok", (
+                "explain helper not installed (optional): plans of tables the monitoring role may not "
+                "read need it; run pgflow/sql/explain_helper.sql in each database as the tables' owner"
+            )
         try:
             Explainer()._run(conn, "SELECT 1", "helper")  # a constant text: no check needed
         except ExplainFailed as exc:
-            return "warn", (f"explain helper installed but not usable ({exc.cause}): "
-                            "GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) TO the monitoring role")
+            return "warn", (
+                f"explain helper installed but not usable ({exc.cause}): "
+                "GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) TO the monitoring role"
+            )
         return "ok", "explain helper installed and usable"
     finally:
         if not was_autocommit:

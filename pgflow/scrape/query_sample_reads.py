@@ -50,8 +50,10 @@ from pgflow.scrape.sampling_sql import (
 log = logging.getLogger("pgflow.sampler")
 
 # Issue 12: the texts of a few backends only (pg_stat_get_activity(pid) reads one backend's entry).
-_TEXTS_SQL = ("SELECT /*pgflow*/ a.pid, a.query_start, a.application_name, host(a.client_addr), a.query "
-              "FROM unnest('{{{pids}}}'::int4[]) AS p(pid), LATERAL pg_stat_get_activity(p.pid) AS a")
+_TEXTS_SQL = (
+    "SELECT /*pgflow*/ a.pid, a.query_start, a.application_name, host(a.client_addr), a.query "
+    "FROM unnest('{{{pids}}}'::int4[]) AS p(pid), LATERAL pg_stat_get_activity(p.pid) AS a"
+)
 _QUERY_SIZE_SQL = "SELECT /*pgflow*/ setting::int8, unit FROM pg_settings WHERE name = 'track_activity_query_size'"
 HIDDEN_TEXT = "<insufficient privilege>"
 CLIENT_BACKEND = "client backend"
@@ -72,8 +74,9 @@ class QuerySampleReads:
     instance: str
     _lock: threading.Lock
 
-    def _init_query_samples(self, sample_min_duration_ms: float, max_query_samples: int,
-                            samples_per_fingerprint_per_hour: int) -> None:
+    def _init_query_samples(
+        self, sample_min_duration_ms: float, max_query_samples: int, samples_per_fingerprint_per_hour: int
+    ) -> None:
         self.sample_min_duration_ms = float(sample_min_duration_ms)
         self.max_query_samples = int(max_query_samples)  # 0: never read a text
         self.track_activity_query_size = 1024  # read from the server once per connection
@@ -109,9 +112,16 @@ class QuerySampleReads:
         running = {r[PID]: r[QSTART] for r in rows if r[QSTART] is not None}
         self._seen = {pid: start for pid, start in self._seen.items() if running.get(pid) == start}
         threshold = self.sample_min_duration_ms / 1000
-        new = [r for r in rows if r[STATE] == "active" and r[BTYPE] == CLIENT_BACKEND and not r[HIDDEN]
-               and r[QSTART] is not None and (r[RUNNING] or 0.0) >= threshold
-               and self._seen.get(r[PID]) != r[QSTART]]
+        new = [
+            r
+            for r in rows
+            if r[STATE] == "active"
+            and r[BTYPE] == CLIENT_BACKEND
+            and not r[HIDDEN]
+            and r[QSTART] is not None
+            and (r[RUNNING] or 0.0) >= threshold
+            and self._seen.get(r[PID]) != r[QSTART]
+        ]
         if not new:
             return []
         for r in new:
@@ -143,8 +153,10 @@ class QuerySampleReads:
         """
         size = self.track_activity_query_size
         rows = self._run(conn, _TEXTS_SQL.format(pids=",".join(map(str, sorted(pids)))))
-        out = {pid: (start, app, addr, None if raw == HIDDEN_TEXT else sample_text(raw, size))
-               for pid, start, app, addr, raw in rows}
+        out = {
+            pid: (start, app, addr, None if raw == HIDDEN_TEXT else sample_text(raw, size))
+            for pid, start, app, addr, raw in rows
+        }
         del rows  # the raw texts go with the driver's result, now
         telemetry.query_sample_texts.labels(self.instance).inc(len(out))
         return out
@@ -189,7 +201,28 @@ class QuerySampleReads:
                     root_text = texts.get(root_pid, (None, None, None, None))[3]
                     root_fp = root_text.fingerprint if root_text is not None else None
                     root_qid = by_pid[root_pid][QID] or None if root_pid in by_pid else None
-            out.append((r[NOW], r[DB], r[USER], r[PID], r[QSTART], max(0.0, r[RUNNING] or 0.0), r[STATE],
-                        r[WTYPE], r[WEVENT], r[QID] or None, app, addr, text.fingerprint, text.text, text.truncated,
-                        text.unparsable, root_pid, root_state, root_fp, root_qid))
+            out.append(
+                (
+                    r[NOW],
+                    r[DB],
+                    r[USER],
+                    r[PID],
+                    r[QSTART],
+                    max(0.0, r[RUNNING] or 0.0),
+                    r[STATE],
+                    r[WTYPE],
+                    r[WEVENT],
+                    r[QID] or None,
+                    app,
+                    addr,
+                    text.fingerprint,
+                    text.text,
+                    text.truncated,
+                    text.unparsable,
+                    root_pid,
+                    root_state,
+                    root_fp,
+                    root_qid,
+                )
+            )
         return out

@@ -50,8 +50,19 @@ from pgflow.scrape.sampling_sql import (
 
 log = logging.getLogger("pgflow.sampler")
 
-__all__ = ["PREPARED", "SOURCE_ACTIVITY", "SOURCE_WAIT_SAMPLING", "UNKNOWN_STATE", "Sampler", "SamplerStats",
-           "check_sampling", "sample_sql", "sampler_for", "with_known_idle", "with_samples"]
+__all__ = [
+    "PREPARED",
+    "SOURCE_ACTIVITY",
+    "SOURCE_WAIT_SAMPLING",
+    "UNKNOWN_STATE",
+    "Sampler",
+    "SamplerStats",
+    "check_sampling",
+    "sample_sql",
+    "sampler_for",
+    "with_known_idle",
+    "with_samples",
+]
 
 SOURCE_ACTIVITY = "pg_stat_activity"
 SOURCE_WAIT_SAMPLING = "pg_wait_sampling"
@@ -73,9 +84,19 @@ class Sampler(QuerySampleReads):
     the schedule on a daemon thread. Thread-safe: the accumulator is swapped under a lock.
     """
 
-    def __init__(self, dsn: str, *, instance: str, interval_secs: float, statement_timeout_ms: int = 500,
-                 lock_timeout_ms: int = 100, connect_timeout_secs: int = 5, sample_min_duration_ms: float = 100.0,
-                 max_query_samples: int = 100, samples_per_fingerprint_per_hour: int = 15) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        instance: str,
+        interval_secs: float,
+        statement_timeout_ms: int = 500,
+        lock_timeout_ms: int = 100,
+        connect_timeout_secs: int = 5,
+        sample_min_duration_ms: float = 100.0,
+        max_query_samples: int = 100,
+        samples_per_fingerprint_per_hour: int = 15,
+    ) -> None:
         if interval_secs <= 0:
             raise ValueError("interval_secs must be > 0 (0 means: do not build a Sampler)")
         self._dsn = dsn
@@ -147,12 +168,16 @@ class Sampler(QuerySampleReads):
         nothing (it only parses and plans). When it fails, the query is sent whole each time.
         """
         try:
-            self._run(conn, f"PREPARE {PREPARED_NAME}(int4[], int8[]) AS {self._sql}")  # under the same limits (a prepared statement outlives its transaction)
+            self._run(
+                conn, f"PREPARE {PREPARED_NAME}(int4[], int8[]) AS {self._sql}"
+            )  # under the same limits (a prepared statement outlives its transaction)
             return f"EXECUTE /*pgflow*/ {PREPARED_NAME}"
         except psycopg.Error as exc:
             self._recover(conn)
-            log.info("the sampling query is not prepared; it is planned at every sample",
-                     extra=kv(instance=self.instance, error=type(exc).__name__))
+            log.info(
+                "the sampling query is not prepared; it is planned at every sample",
+                extra=kv(instance=self.instance, error=type(exc).__name__),
+            )
             return self._sql
 
     def _run(self, conn: psycopg.Connection, sql: str) -> list[tuple]:
@@ -161,6 +186,7 @@ class Sampler(QuerySampleReads):
         No parameters, so psycopg sends the five statements as one simple-protocol query.
         """
         from pgflow.scrape.statements import limits_sql  # issue 19: no BEGIN/ROLLBACK, one implicit transaction
+
         cur = conn.execute(f"{limits_sql(self.statement_timeout_ms, self.lock_timeout_ms)}; {sql}")  # type: ignore[arg-type]
         rows: list[tuple] = []
         while True:
@@ -181,8 +207,11 @@ class Sampler(QuerySampleReads):
             rows = self._run(conn, with_known_idle(self._statement, self._known_arrays))
         except psycopg.errors.InvalidSqlStatementName:
             self._recover(conn)
-            log.info("the prepared sampling query is gone (a pooler in transaction mode?); it is planned at "
-                     "every sample from now on", extra=kv(instance=self.instance))
+            log.info(
+                "the prepared sampling query is gone (a pooler in transaction mode?); it is planned at "
+                "every sample from now on",
+                extra=kv(instance=self.instance),
+            )
             self._statement = self._sql
             rows = self._run(conn, with_known_idle(self._statement, self._known_arrays))
         if len(self._known_idle) > KNOWN_IDLE_MAX:  # pids come and go: start over now and then
@@ -198,8 +227,10 @@ class Sampler(QuerySampleReads):
 
     def _names(self, conn: psycopg.Connection, rows: list[tuple]) -> list[tuple]:
         """Rows with database and user names from the oid cache (refreshed when an oid is new)."""
-        if any((r[1] is not None and r[1] not in self._databases) or (r[2] is not None and r[2] not in self._users)
-               for r in rows):
+        if any(
+            (r[1] is not None and r[1] not in self._databases) or (r[2] is not None and r[2] not in self._users)
+            for r in rows
+        ):
             names = self._run(conn, NAMES_SQL)
             self._databases = {oid: name for kind, oid, name in names if kind == "d"}
             self._users = {oid: name for kind, oid, name in names if kind == "u"}
@@ -220,8 +251,10 @@ class Sampler(QuerySampleReads):
             self.stats.last_error = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             telemetry.activity_samples.labels(self.instance, "failed").inc()
             if not self._failing:  # once per outage; every failure is counted in /metrics
-                log.warning("activity sample failed; retrying every period",
-                            extra=kv(instance=self.instance, error=self.stats.last_error))
+                log.warning(
+                    "activity sample failed; retrying every period",
+                    extra=kv(instance=self.instance, error=self.stats.last_error),
+                )
             self._failing = True
             return False
         if self._failing:
@@ -311,11 +344,17 @@ def sampler_for(dsn: str, instance: str, settings: Settings) -> Sampler | None:
     if interval <= 0:
         return None
     timeout = max(50, min(settings.statement_timeout_ms, int(interval * 1000)))
-    return Sampler(dsn, instance=instance, interval_secs=interval, statement_timeout_ms=timeout,
-                   lock_timeout_ms=timeout, connect_timeout_secs=settings.connect_timeout_secs,
-                   sample_min_duration_ms=settings.sample_min_duration_ms,
-                   max_query_samples=settings.max_samples_per_window,
-                   samples_per_fingerprint_per_hour=settings.samples_per_fingerprint_per_hour)
+    return Sampler(
+        dsn,
+        instance=instance,
+        interval_secs=interval,
+        statement_timeout_ms=timeout,
+        lock_timeout_ms=timeout,
+        connect_timeout_secs=settings.connect_timeout_secs,
+        sample_min_duration_ms=settings.sample_min_duration_ms,
+        max_query_samples=settings.max_samples_per_window,
+        samples_per_fingerprint_per_hour=settings.samples_per_fingerprint_per_hour,
+    )
 
 
 _CHECK_SQL = """
@@ -327,8 +366,9 @@ SELECT /*pgflow*/ (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
 """
 
 
-def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
-                   samples: int = 5) -> list[tuple[str, str, str]]:
+def check_sampling(
+    dsn: str, interval_secs: float, *, connect_timeout: int = 5, samples: int = 5
+) -> list[tuple[str, str, str]]:
     """``pgflow check``'s lines about sampling: (level, name, detail); never raises.
 
     Whether sampling is on, whether the role sees other roles' wait events and query ids,
@@ -354,26 +394,55 @@ def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
     if can_read_all:
         out.append(("ok", "sampling privileges", f"{user} sees every session's wait event and query id"))
     else:
-        out.append(("warn", "sampling privileges",
-                    f"{user} cannot see other roles' sessions' state, wait event, query id or text, so they are not "
-                    f"sampled (no activity, no query samples): "
-                    f"GRANT pg_read_all_stats TO {user} (or GRANT pg_monitor)"))
+        out.append(
+            (
+                "warn",
+                "sampling privileges",
+                f"{user} cannot see other roles' sessions' state, wait event, query id or text, so they are not "
+                f"sampled (no activity, no query samples): "
+                f"GRANT pg_read_all_stats TO {user} (or GRANT pg_monitor)",
+            )
+        )
     if version < 140000:
-        out.append(("warn", "sampling query ids", "PostgreSQL 13 has no query_id: activity is attributed to "
-                                                  "fingerprint 'unknown'"))
+        out.append(
+            (
+                "warn",
+                "sampling query ids",
+                "PostgreSQL 13 has no query_id: activity is attributed to fingerprint 'unknown'",
+            )
+        )
     elif compute_query_id == "off":
-        out.append(("warn", "sampling query ids", "compute_query_id is off: activity is attributed to "
-                                                  "fingerprint 'unknown' (set compute_query_id = auto)"))
+        out.append(
+            (
+                "warn",
+                "sampling query ids",
+                "compute_query_id is off: activity is attributed to "
+                "fingerprint 'unknown' (set compute_query_id = auto)",
+            )
+        )
     if wait_sampling is None:
         out.append(("ok", "wait source", SOURCE_ACTIVITY))
     elif readable:
-        out.append(("ok", "wait source", f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed; "
-                                         "pgflow does not read its profile yet)"))
+        out.append(
+            (
+                "ok",
+                "wait source",
+                f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed; "
+                "pgflow does not read its profile yet)",
+            )
+        )
     else:
-        out.append(("warn", "wait source", f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed but "
-                                           f"{user} cannot read pg_wait_sampling_profile)"))
-    sampler = Sampler(dsn, instance="check", interval_secs=interval_secs, connect_timeout_secs=connect_timeout,
-                      max_query_samples=0)  # the check reads no statement text
+        out.append(
+            (
+                "warn",
+                "wait source",
+                f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed but "
+                f"{user} cannot read pg_wait_sampling_profile)",
+            )
+        )
+    sampler = Sampler(
+        dsn, instance="check", interval_secs=interval_secs, connect_timeout_secs=connect_timeout, max_query_samples=0
+    )  # the check reads no statement text
     try:
         durations = []
         for _ in range(samples):
@@ -386,8 +455,14 @@ def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5,
     finally:
         sampler.close()
     median = sorted(durations)[len(durations) // 2]
-    out.append(("ok", "activity sampling", f"every {interval_secs:g} s; one sample took {median * 1000:.1f} ms "
-                                           f"(median of {samples}, {rows} sessions seen"
-                                           f"{f', {hidden} hidden' if hidden else ''}, "
-                                           f"{median / interval_secs:.2%} of the period)"))
+    out.append(
+        (
+            "ok",
+            "activity sampling",
+            f"every {interval_secs:g} s; one sample took {median * 1000:.1f} ms "
+            f"(median of {samples}, {rows} sessions seen"
+            f"{f', {hidden} hidden' if hidden else ''}, "
+            f"{median / interval_secs:.2%} of the period)",
+        )
+    )
     return out

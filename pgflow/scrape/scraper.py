@@ -14,11 +14,21 @@ from pgflow.config import dsn_host_port, dsn_instance_name, redact_dsn
 from pgflow.errors import ExtensionMissing, ScrapeError
 from pgflow.logs import kv
 from pgflow.lru import LRU
-from pgflow.schema import (ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, STATEMENTS,
-                           ServerIdentity, Snapshot, conform)
+from pgflow.schema import (
+    ACTIVITY,
+    BLOCKED,
+    DATABASES,
+    HEALTH_FRAMES,
+    HEALTH_GROUPS,
+    LOCKS,
+    STATEMENTS,
+    ServerIdentity,
+    Snapshot,
+    conform,
+)
+from pgflow.scrape import texts
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
 from pgflow.scrape.connection import classify, connect, connected_address, guarded
-from pgflow.scrape import texts
 from pgflow.scrape.databases import databases_sql
 from pgflow.scrape.health import DISCOVER_SQL, HealthSchedule, HealthSupport
 from pgflow.scrape.locks import LOCKS_SQL, blocked_sql
@@ -33,9 +43,11 @@ from pgflow.scrape.statements import (
 
 log = logging.getLogger("pgflow.scrape")
 
-_DISCOVER_SQL = (f"SELECT {MARK} current_setting('server_version_num')::int, current_user::text, "
-                 "has_function_privilege('pg_control_system()', 'EXECUTE'), "
-                 "has_function_privilege('pg_control_checkpoint()', 'EXECUTE')")
+_DISCOVER_SQL = (
+    f"SELECT {MARK} current_setting('server_version_num')::int, current_user::text, "
+    "has_function_privilege('pg_control_system()', 'EXECUTE'), "
+    "has_function_privilege('pg_control_checkpoint()', 'EXECUTE')"
+)
 _STATEMENT_COLUMNS = [c for c in STATEMENTS.names() if c != "query"]
 TEXT_RETRY_SECS = 300.0  # texts unreadable and no way round: the way round is looked for again this late
 
@@ -48,13 +60,16 @@ def meta_sql(server: ServerInfo) -> str:
     read from its WAL file name: the checkpoint's lags a promotion until the next checkpoint.
     """
     sysid = "(SELECT system_identifier FROM pg_control_system())" if server.can_read_control else "NULL::int8"
-    standby_tli = ("(SELECT timeline_id FROM pg_control_checkpoint())::int8" if server.can_read_checkpoint
-                   else "NULL::int8")
-    return (f"SELECT {MARK} clock_timestamp(), current_setting('server_version_num')::int, "
-            "current_setting('max_connections')::int, "
-            f"{sysid}, CASE WHEN pg_is_in_recovery() THEN {standby_tli} "
-            "ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END, "
-            "pg_postmaster_start_time(), pg_is_in_recovery(), host(inet_server_addr()), inet_server_port()")
+    standby_tli = (
+        "(SELECT timeline_id FROM pg_control_checkpoint())::int8" if server.can_read_checkpoint else "NULL::int8"
+    )
+    return (
+        f"SELECT {MARK} clock_timestamp(), current_setting('server_version_num')::int, "
+        "current_setting('max_connections')::int, "
+        f"{sysid}, CASE WHEN pg_is_in_recovery() THEN {standby_tli} "
+        "ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END, "
+        "pg_postmaster_start_time(), pg_is_in_recovery(), host(inet_server_addr()), inet_server_port()"
+    )
 
 
 @dataclass(frozen=True)
@@ -172,8 +187,10 @@ class Scraper:
         except psycopg.Error as exc:
             raise classify(exc, self._dsn, self.statement_timeout_ms) from None
         if row is None:
-            raise ExtensionMissing(f"pg_stat_statements is not installed in {redact_dsn(self._dsn)}",
-                                   "run CREATE EXTENSION pg_stat_statements in that database")
+            raise ExtensionMissing(
+                f"pg_stat_statements is not installed in {redact_dsn(self._dsn)}",
+                "run CREATE EXTENSION pg_stat_statements in that database",
+            )
         return ServerInfo(version, row[0], row[1], frozenset(row[2]), role, bool(control), bool(checkpoint), health)
 
     # Scrape -----------------------------------------------------------------------
@@ -201,16 +218,20 @@ class Scraper:
         if previous is not None and snap.identity is not None:
             reason = snap.identity.same_history(previous)
             if reason:
-                log.warning("the server behind this instance changed: new baseline, nothing exported for this "
-                            "interval", extra=kv(instance=self.instance, reason=reason,
-                                                 before=previous.describe(), now=snap.identity.describe()))
+                log.warning(
+                    "the server behind this instance changed: new baseline, nothing exported for this interval",
+                    extra=kv(
+                        instance=self.instance, reason=reason, before=previous.describe(), now=snap.identity.describe()
+                    ),
+                )
         telemetry.hidden_statements.labels(self.instance).set(snap.hidden_statements)
         if snap.hidden_statements and not self._warned_hidden:
             self._warned_hidden = True
             role = self.server.role if self.server is not None and self.server.role else "the monitoring role"
-            log.warning(f"statements of other roles are hidden from {role} and not exported: "
-                        f"GRANT pg_read_all_stats TO {role}",
-                        extra=kv(instance=self.instance, hidden_statements=snap.hidden_statements))
+            log.warning(
+                f"statements of other roles are hidden from {role} and not exported: GRANT pg_read_all_stats TO {role}",
+                extra=kv(instance=self.instance, hidden_statements=snap.hidden_statements),
+            )
 
     def _scrape(self, conn: psycopg.Connection, server: ServerInfo) -> Snapshot:
         queries: list[object] = [
@@ -235,16 +256,22 @@ class Scraper:
                 cur.execute(query)  # type: ignore[arg-type]
         results = [cur.fetchall() for cur in cursors]
 
-        (scraped_at, version, max_connections, sysid, timeline, started_at, in_recovery, addr, port), = results[0]
+        ((scraped_at, version, max_connections, sysid, timeline, started_at, in_recovery, addr, port),) = results[0]
         identity = ServerIdentity(
-            system_identifier=sysid, timeline=timeline, started_at=started_at, in_recovery=in_recovery,
-            address=f"{addr}:{port}" if addr else f"{self.server_address}:{self.server_port}")
+            system_identifier=sysid,
+            timeline=timeline,
+            started_at=started_at,
+            in_recovery=in_recovery,
+            address=f"{addr}:{port}" if addr else f"{self.server_address}:{self.server_port}",
+        )
         statements, hidden = self._statements(conn, server, results[1])
         dealloc, stats_reset = results[7][0] if server.has_info_view else (None, None)
         ages = results[3][0] if results[3] else (None, None)
         self.stats.hidden += hidden
-        health = {HEALTH_GROUPS[g]: _frame(rows, HEALTH_FRAMES[HEALTH_GROUPS[g]])
-                  for g, rows in zip(groups, results[first_group:])}
+        health = {
+            HEALTH_GROUPS[g]: _frame(rows, HEALTH_FRAMES[HEALTH_GROUPS[g]])
+            for g, rows in zip(groups, results[first_group:])
+        }
         self.health.done(groups, health_started)
         for g in groups:
             self.stats.health_group_scrapes[g] = self.stats.health_group_scrapes.get(g, 0) + 1
@@ -278,8 +305,14 @@ class Scraper:
         hidden = frame.filter(pl.col("queryid").is_null()).height
         if hidden:
             frame = frame.filter(pl.col("queryid").is_not_null())
-        keys = list(zip(frame["dbid"].to_list(), frame["userid"].to_list(), frame["queryid"].to_list(),
-                        frame["toplevel"].to_list()))
+        keys = list(
+            zip(
+                frame["dbid"].to_list(),
+                frame["userid"].to_list(),
+                frame["queryid"].to_list(),
+                frame["toplevel"].to_list(),
+            )
+        )
         missing = {k for k in keys if k not in self.texts and k not in self._own}
         if missing:
             self._fetch_texts(conn, server, missing, keys)
@@ -293,8 +326,13 @@ class Scraper:
                 frame = frame.filter(~own)
         return conform(frame, STATEMENTS), hidden
 
-    def _fetch_texts(self, conn: psycopg.Connection, server: ServerInfo,
-                     keys: set[tuple[int, int, int, bool | None]], present: list[tuple]) -> None:
+    def _fetch_texts(
+        self,
+        conn: psycopg.Connection,
+        server: ServerInfo,
+        keys: set[tuple[int, int, int, bool | None]],
+        present: list[tuple],
+    ) -> None:
         """Texts of ``keys``, in one query; a text that cannot be read never stops the counters.
 
         ``pg_stat_statements(true)`` converts every stored text to this database's encoding
@@ -340,30 +378,43 @@ class Scraper:
             if key not in self.texts and key not in self._own:
                 self.texts.put(key, None)  # type: ignore[arg-type]
 
-    def _read_here(self, conn: psycopg.Connection, server: ServerInfo, queryids: list[int],
-                   has_toplevel: bool) -> list[tuple]:
+    def _read_here(
+        self, conn: psycopg.Connection, server: ServerInfo, queryids: list[int], has_toplevel: bool
+    ) -> list[tuple]:
         """On the scrape's connection. In a SQL_ASCII database the texts arrive as stored: each is
         decoded in the encoding of the database it ran in (a LATIN1 text stays right)."""
         if conn.info.encoding == "ascii":
             encodings = {oid: enc for oid, _, enc, _ in texts.databases(conn, self.statement_timeout_ms)}
-            return texts.read_raw(conn, server.extension_schema, has_toplevel, queryids,
-                                  self.statement_timeout_ms, encodings)
+            return texts.read_raw(
+                conn, server.extension_schema, has_toplevel, queryids, self.statement_timeout_ms, encodings
+            )
         cur = conn.cursor(binary=True)
         with guarded(conn, self.statement_timeout_ms):
             cur.execute(texts_sql(server.extension_schema, has_toplevel), (queryids,))
         return cur.fetchall()
 
-    def _read_elsewhere(self, conn: psycopg.Connection, server: ServerInfo, queryids: list[int],
-                        has_toplevel: bool, present: list[tuple]) -> list[tuple] | None:
+    def _read_elsewhere(
+        self,
+        conn: psycopg.Connection,
+        server: ServerInfo,
+        queryids: list[int],
+        has_toplevel: bool,
+        present: list[tuple],
+    ) -> list[tuple] | None:
         """Through the SQL_ASCII database found (looked for again every TEXT_RETRY_SECS), or None."""
         if self._route is None:
             if time.monotonic() < self._probe_after:
                 return None
             self._probe_after = time.monotonic() + TEXT_RETRY_SECS
             try:
-                route = texts.find_route(conn, self._dsn, {k[0] for k in present},
-                                         statement_timeout_ms=self.statement_timeout_ms,
-                                         connect_timeout=self.connect_timeout_secs, instance=self.instance)
+                route = texts.find_route(
+                    conn,
+                    self._dsn,
+                    {k[0] for k in present},
+                    statement_timeout_ms=self.statement_timeout_ms,
+                    connect_timeout=self.connect_timeout_secs,
+                    instance=self.instance,
+                )
             except texts.NoConnection:  # the connection budget says not now (counted): the next scrape
                 self._probe_after = 0.0
                 return None
@@ -371,23 +422,37 @@ class Scraper:
                 problem, fix = route.advice()
                 if self._text_advice != (problem, fix):
                     self._text_advice = (problem, fix)
-                    log.warning(f"statement texts cannot be read: {problem}; counters go on and new statements "
-                                f"are labelled by queryid: {fix}", extra=kv(instance=self.instance))
+                    log.warning(
+                        f"statement texts cannot be read: {problem}; counters go on and new statements "
+                        f"are labelled by queryid: {fix}",
+                        extra=kv(instance=self.instance),
+                    )
                 return None
             self._route = route
-            log.info("statement texts are read through a SQL_ASCII database: another database's text cannot be "
-                     "converted to this one's encoding", extra=kv(instance=self.instance, database=route.database))
+            log.info(
+                "statement texts are read through a SQL_ASCII database: another database's text cannot be "
+                "converted to this one's encoding",
+                extra=kv(instance=self.instance, database=route.database),
+            )
         try:
             encodings = {oid: enc for oid, _, enc, _ in texts.databases(conn, self.statement_timeout_ms)}
-            return texts.read_through(self._route, self._dsn, has_toplevel, queryids, encodings,
-                                      statement_timeout_ms=self.statement_timeout_ms,
-                                      connect_timeout=self.connect_timeout_secs, instance=self.instance)
+            return texts.read_through(
+                self._route,
+                self._dsn,
+                has_toplevel,
+                queryids,
+                encodings,
+                statement_timeout_ms=self.statement_timeout_ms,
+                connect_timeout=self.connect_timeout_secs,
+                instance=self.instance,
+            )
         except texts.NoConnection:  # the connection budget says not now (counted): the next scrape
             return None
         except (psycopg.Error, ScrapeError) as exc:  # gone, or the extension dropped: look again later
-            log.warning("statement texts could not be read through the SQL_ASCII database; looked for again later",
-                        extra=kv(instance=self.instance, database=self._route.database,
-                                 error=type(exc).__name__))
+            log.warning(
+                "statement texts could not be read through the SQL_ASCII database; looked for again later",
+                extra=kv(instance=self.instance, database=self._route.database, error=type(exc).__name__),
+            )
             self._route = None
             self._blocked = set(present)
             self._probe_after = time.monotonic() + TEXT_RETRY_SECS
@@ -402,4 +467,3 @@ def scrape_once(dsn: str, **kwargs: object) -> Snapshot:
     """Convenience for notebooks: connect, scrape once, close."""
     with Scraper(dsn, **kwargs) as scraper:  # type: ignore[arg-type]
         return scraper.scrape()
-

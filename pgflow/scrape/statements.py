@@ -83,7 +83,7 @@ def statements_sql(schema: str, available: set[str]) -> sql.Composed:
         sql.SQL("s.queryid AS queryid"),
         col("toplevel", "bool"),
         sql.SQL("d.datname::text AS database"),
-        sql.SQL("r.rolname::text AS \"user\""),
+        sql.SQL('r.rolname::text AS "user"'),
         col("stats_since", "timestamptz"),
         *(col(c, "int8") for c in STATEMENT_INT_COUNTERS),
         *(col(c, "float8") for c in STATEMENT_TIME_COUNTERS),
@@ -96,7 +96,9 @@ def statements_sql(schema: str, available: set[str]) -> sql.Composed:
 
 def info_sql(schema: str) -> sql.Composed:
     """``pg_stat_statements_info`` (extension 1.9+, PostgreSQL 14+): deallocations and last reset."""
-    return sql.SQL("SELECT /*pgflow*/ dealloc, stats_reset FROM {}.pg_stat_statements_info").format(sql.Identifier(schema))
+    return sql.SQL("SELECT /*pgflow*/ dealloc, stats_reset FROM {}.pg_stat_statements_info").format(
+        sql.Identifier(schema)
+    )
 
 
 def texts_sql(schema: str, has_toplevel: bool = True) -> sql.Composed:

@@ -57,7 +57,15 @@ from pgflow.schema import TABLES, conform
 from pgflow.scrape.budget import ConnectionBudget, NoConnection
 from pgflow.scrape.connection import classify
 from pgflow.scrape.discovery import Discovered, discover
-from pgflow.scrape.tables_sql import COUNT_SQL, ROW_COLUMNS, SCRAPE_SQL, SCRAPE_SQL_13, SEED_TABLES, Digests, buckets_for
+from pgflow.scrape.tables_sql import (
+    COUNT_SQL,
+    ROW_COLUMNS,
+    SCRAPE_SQL,
+    SCRAPE_SQL_13,
+    SEED_TABLES,
+    Digests,
+    buckets_for,
+)
 
 log = logging.getLogger("pgflow.scrape.tables")
 
@@ -87,16 +95,33 @@ class TableScraper:
     def for_instance(cls, instance: object, settings: object, budget: ConnectionBudget | None = None) -> TableScraper:
         """The table scraper ``pgflow.config.Settings`` describes for one configured instance."""
         s = settings
-        return cls(instance.dsn, instance=instance.name, include=s.table_stats_databases,  # type: ignore[attr-defined]
-                   exclude=s.table_stats_exclude_databases, max_databases=s.max_databases_tracked,  # type: ignore[attr-defined]
-                   top_k=s.max_tables_tracked, statement_timeout_ms=s.statement_timeout_ms,  # type: ignore[attr-defined]
-                   lock_timeout_ms=s.table_stats_lock_timeout_ms,  # type: ignore[attr-defined]
-                   connect_timeout_secs=s.connect_timeout_secs, budget=budget)  # type: ignore[attr-defined]
+        return cls(
+            instance.dsn,
+            instance=instance.name,
+            include=s.table_stats_databases,  # type: ignore[attr-defined]
+            exclude=s.table_stats_exclude_databases,
+            max_databases=s.max_databases_tracked,  # type: ignore[attr-defined]
+            top_k=s.max_tables_tracked,
+            statement_timeout_ms=s.statement_timeout_ms,  # type: ignore[attr-defined]
+            lock_timeout_ms=s.table_stats_lock_timeout_ms,  # type: ignore[attr-defined]
+            connect_timeout_secs=s.connect_timeout_secs,
+            budget=budget,
+        )  # type: ignore[attr-defined]
 
-    def __init__(self, dsn: str, *, instance: str, include: Iterable[str] = (), exclude: Iterable[str] = (),
-                 max_databases: int = 100, top_k: int = 300, statement_timeout_ms: int = 5000,
-                 lock_timeout_ms: int = 1000, connect_timeout_secs: int = 5,
-                 budget: ConnectionBudget | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        instance: str,
+        include: Iterable[str] = (),
+        exclude: Iterable[str] = (),
+        max_databases: int = 100,
+        top_k: int = 300,
+        statement_timeout_ms: int = 5000,
+        lock_timeout_ms: int = 1000,
+        connect_timeout_secs: int = 5,
+        budget: ConnectionBudget | None = None,
+    ) -> None:
         self._dsn = dsn
         self.instance = instance
         self.include, self.exclude = list(include), list(exclude)
@@ -107,8 +132,9 @@ class TableScraper:
         self.connect_timeout_secs = connect_timeout_secs
         # Issue 20: every database is visited on a connection of the instance's budget (connect,
         # scrape, disconnect); used alone, one connection at a time and no headroom check.
-        self.budget = budget or ConnectionBudget(dsn, instance=instance, max_connections=1, fixed=0,
-                                                 connect_timeout=connect_timeout_secs)
+        self.budget = budget or ConnectionBudget(
+            dsn, instance=instance, max_connections=1, fixed=0, connect_timeout=connect_timeout_secs
+        )
         self.stats = TableScrapeStats()
         # database -> (digest per bucket (None: empty), tables per bucket, buckets seeded so far)
         self._buckets: dict[str, tuple[list[int | None], list[int], int]] = {}
@@ -134,8 +160,10 @@ class TableScraper:
     def _say_once(self, database: str, reason: str) -> None:
         if self._said.get(database) != reason:
             self._said[database] = reason
-            log.warning("table statistics skipped for a database",
-                        extra=kv(instance=self.instance, database=database, reason=reason))
+            log.warning(
+                "table statistics skipped for a database",
+                extra=kv(instance=self.instance, database=database, reason=reason),
+            )
 
     # Scrape -------------------------------------------------------------------------
 
@@ -201,14 +229,17 @@ class TableScraper:
             except pgerr.LockNotAvailable:
                 conn.rollback()
                 self.stats.count("lock_timeout")
-                log.info("a table is locked ACCESS EXCLUSIVE: its size is kept from the last scrape",
-                         extra=kv(instance=self.instance, database=database))
+                log.info(
+                    "a table is locked ACCESS EXCLUSIVE: its size is kept from the last scrape",
+                    extra=kv(instance=self.instance, database=database),
+                )
                 result = self._query(conn, database, skip_locked=True)
         except psycopg.Error as exc:
             err = classify(exc, self._dsn_for(database), self.statement_timeout_ms)
             self.stats.count("timeout" if isinstance(exc, pgerr.QueryCanceled) else "error")
-            log.warning("table statistics scrape failed",
-                        extra=kv(instance=self.instance, database=database, error=err.message))
+            log.warning(
+                "table statistics scrape failed", extra=kv(instance=self.instance, database=database, error=err.message)
+            )
             return None, 0
         if self._said.pop(database, None) is not None:
             log.info("table statistics scraped again", extra=kv(instance=self.instance, database=database))
@@ -219,9 +250,12 @@ class TableScraper:
         previous = self._buckets.get(database)
         # The settings ride in one statement (set_config(..., true) is SET LOCAL), pipelined with
         # the scrape: one round trip, one implicit transaction (no BEGIN or ROLLBACK: issue 19).
-        settings = [("statement_timeout", int(self.statement_timeout_ms)), ("lock_timeout", int(self.lock_timeout_ms)),
-                    # The planner cannot know how few tables moved: it would sort every table for a merge join.
-                    ("enable_mergejoin", "off")]
+        settings = [
+            ("statement_timeout", int(self.statement_timeout_ms)),
+            ("lock_timeout", int(self.lock_timeout_ms)),
+            # The planner cannot know how few tables moved: it would sort every table for a merge join.
+            ("enable_mergejoin", "off"),
+        ]
         if conn.info.server_version >= 150000:  # one statistics snapshot: a third cheaper than entry by entry
             settings.append(("stats_fetch_consistency", "snapshot"))
         settings.append(("transaction_read_only", "on"))
@@ -238,8 +272,13 @@ class TableScraper:
             b = len(digests)
             # Seeding: the first scrapes read the database whole, SEED_TABLES tables' worth of buckets at a time.
             hi = min(b, seeded + max(1, b * SEED_TABLES // max(1, self._table_counts.get(database, 0))))
-            params = {"b": b, "hi": hi, "pd": Digests(digests[:hi]), "k": max(10, self.top_k // 6),
-                      "skip_locked": skip_locked}
+            params = {
+                "b": b,
+                "hi": hi,
+                "pd": Digests(digests[:hi]),
+                "k": max(10, self.top_k // 6),
+                "skip_locked": skip_locked,
+            }
             with conn.pipeline():  # no Sync before the end: the settings hold for the scrape
                 first.execute(prepare)
                 cur.execute(SCRAPE_SQL if conn.info.server_version >= 140000 else SCRAPE_SQL_13, params)
@@ -253,15 +292,20 @@ class TableScraper:
         rows = [r for r in rows if r[1] is not None]
         self._buckets[database] = (digests, counts, hi)
         self.stats.rows += len(rows)
-        frame = pl.DataFrame(rows, schema=[(c, TABLES[c]) for c in ROW_COLUMNS], orient="row") if rows \
+        frame = (
+            pl.DataFrame(rows, schema=[(c, TABLES[c]) for c in ROW_COLUMNS], orient="row")
+            if rows
             else pl.DataFrame(schema={c: TABLES[c] for c in ROW_COLUMNS})
+        )
         frame = frame.with_columns(pl.lit("table").alias("kind"))
         changed.sort()
         kinds = ["seed" if bucket >= seeded else "bucket" for bucket in changed]
         marks = pl.DataFrame({"kind": kinds, "bucket": changed}, schema={"kind": pl.String, "bucket": pl.Int64})
         frame = pl.concat([marks, frame], how="diagonal_relaxed").with_columns(
-            pl.lit(database).alias("database"), pl.lit(observed_at).alias("observed_at"))
+            pl.lit(database).alias("database"), pl.lit(observed_at).alias("observed_at")
+        )
         return conform(frame, TABLES), sum(counts)
+
 
 def scrape_tables_once(dsn: str, **kwargs: object) -> pl.DataFrame:
     """Convenience for notebooks and tests: connect, scrape every database's tables once, close."""

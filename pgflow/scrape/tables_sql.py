@@ -26,10 +26,12 @@ def buckets_for(tables: int) -> int:
 # InitPlan), so that each table is kept by comparing its namespace oid with a handful (no join).
 # Toast and temporary schemas hold no table of the kinds read (relkind, relpersistence): the
 # pattern only keeps the rule as it always was.
-_EXCLUDED = ("ARRAY(SELECT oid FROM pg_namespace WHERE nspname IN ('pg_catalog', 'information_schema') "
-             "OR nspname ~ '^pg_toast')")
+_EXCLUDED = (
+    "ARRAY(SELECT oid FROM pg_namespace WHERE nspname IN ('pg_catalog', 'information_schema') OR nspname ~ '^pg_toast')"
+)
 _USER_TABLE = f"c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' AND c.relnamespace <> ALL ({_EXCLUDED})"
 COUNT_SQL = f"SELECT count(*) FROM pg_class c WHERE {_USER_TABLE} AND NOT c.relispartition"
+
 
 def _blocks(oid: str) -> tuple[str, str]:
     return f"pg_stat_get_blocks_fetched({oid}) - pg_stat_get_blocks_hit({oid})", f"pg_stat_get_blocks_hit({oid})"
@@ -62,11 +64,28 @@ _TIMES = {f"last_{w}": f"pg_stat_get_last_{w}_time(relid)" for w in ("vacuum", "
 # least one moves with any use of it (a scan of any kind, a block read, a write, a vacuum or an
 # analyze), xor-ed with the hashes of its indexes' scan counts. Hashes and xor, not sums: the
 # aggregates stay by-value int8 (a numeric sum per bucket and per table cost a third of the time).
-_DIGEST = ("hashint8extended((" + " + ".join(
-    ["pg_stat_get_numscans(c.oid)", "pg_stat_get_blocks_fetched(c.oid)",
-     *(f"pg_stat_get_{f}(c.oid)" for f in ("tuples_inserted", "tuples_updated", "tuples_deleted", "vacuum_count",
-                                           "autovacuum_count", "analyze_count", "autoanalyze_count"))])
-    + ")::int8, (c.oid::int8 << 32) # c.relfilenode::int8) # coalesce(ixs.ih, 0)")
+_DIGEST = (
+    "hashint8extended(("
+    + " + ".join(
+        [
+            "pg_stat_get_numscans(c.oid)",
+            "pg_stat_get_blocks_fetched(c.oid)",
+            *(
+                f"pg_stat_get_{f}(c.oid)"
+                for f in (
+                    "tuples_inserted",
+                    "tuples_updated",
+                    "tuples_deleted",
+                    "vacuum_count",
+                    "autovacuum_count",
+                    "analyze_count",
+                    "autoanalyze_count",
+                )
+            ),
+        ]
+    )
+    + ")::int8, (c.oid::int8 << 32) # c.relfilenode::int8) # coalesce(ixs.ih, 0)"
+)
 # One statement, two passes over pg_class: the first reads each table's statistics entry once
 # (the floor) and folds them straight into one digest per bucket, compared on the server with the
 # previous scrape's (passed as one array); the second (catalog only, no statistics) picks the
@@ -126,8 +145,10 @@ SCRAPE_SQL = (
     + " FROM m GROUP BY root) "
     # The digests of the changed buckets (relid null; digest and tables ride in two counter columns) ...
     "SELECT bucket, NULL::int8, NULL::text, d, roots, "
-    + ", ".join("NULL::int8" for _ in TABLE_COUNTERS[2:]) + ", "
-    + ", ".join("NULL::int8" for _ in TABLE_GAUGES) + ", "
+    + ", ".join("NULL::int8" for _ in TABLE_COUNTERS[2:])
+    + ", "
+    + ", ".join("NULL::int8" for _ in TABLE_GAUGES)
+    + ", "
     + ", ".join("NULL::timestamptz" for _ in TABLE_TIMES)
     + " FROM changed UNION ALL "
     # ... and the tables.
@@ -140,7 +161,8 @@ SCRAPE_SQL = (
 # bit_xor came with PostgreSQL 14; before, a sum modulo 2^63 - 1 (a numeric sum: slower, as exact).
 SCRAPE_SQL_13 = SCRAPE_SQL.replace("XOR(dg)", "(sum(dg) %% 9223372036854775807)::int8").replace(
     "XOR(hashint8extended(pg_stat_get_numscans(i.indexrelid), i.indexrelid::int8))",
-    "(sum(hashint8extended(pg_stat_get_numscans(i.indexrelid), i.indexrelid::int8)) %% 9223372036854775807)::int8")
+    "(sum(hashint8extended(pg_stat_get_numscans(i.indexrelid), i.indexrelid::int8)) %% 9223372036854775807)::int8",
+)
 SCRAPE_SQL = SCRAPE_SQL.replace("XOR(", "bit_xor(")
 ROW_COLUMNS = ["bucket", "relid", "table", *TABLE_COUNTERS, *TABLE_GAUGES, *TABLE_TIMES]
 

@@ -25,10 +25,14 @@ from pgflow.scrape.statements import MARK
 SLOT_WAIT_SECS = 5.0  # on the scrape thread: wait this long at most for a budget slot (as explains do)
 
 # Every database with its encoding, and whether pg_stat_statements has entries from it.
-DATABASES_SQL = (f"SELECT {MARK} d.oid::int8, d.datname::text, pg_encoding_to_char(d.encoding)::text, "
-                 "d.datallowconn AND NOT d.datistemplate FROM pg_database d ORDER BY d.datname")
-HAS_EXTENSION_SQL = (f"SELECT {MARK} n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
-                     "WHERE e.extname = 'pg_stat_statements'")
+DATABASES_SQL = (
+    f"SELECT {MARK} d.oid::int8, d.datname::text, pg_encoding_to_char(d.encoding)::text, "
+    "d.datallowconn AND NOT d.datistemplate FROM pg_database d ORDER BY d.datname"
+)
+HAS_EXTENSION_SQL = (
+    f"SELECT {MARK} n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+    "WHERE e.extname = 'pg_stat_statements'"
+)
 
 
 def raw_texts_sql(schema: str, has_toplevel: bool = True) -> sql.Composed:
@@ -73,36 +77,51 @@ def suspects(databases: list[tuple[int, str, str, bool]], dbids: set[int], own_e
 
 def routes(databases: list[tuple[int, str, str, bool]], dbids: set[int]) -> list[str]:
     """``SQL_ASCII`` databases pgflow may read texts through, those with entries first."""
-    ascii_dbs = [(oid in dbids, name) for oid, name, enc, connectable in databases
-                 if enc == "SQL_ASCII" and connectable]
+    ascii_dbs = [
+        (oid in dbids, name) for oid, name, enc, connectable in databases if enc == "SQL_ASCII" and connectable
+    ]
     return [name for _, name in sorted(ascii_dbs, key=lambda t: (not t[0], t[1]))]
 
 
 def advice(suspect: list[str], ascii_suspect: bool) -> tuple[str, str]:
     """(what is wrong, the fix), naming the database; no byte of any text."""
     where = ", ".join(suspect) if suspect else "another database"
-    problem = (f"a statement text from database {where} cannot be converted to this database's encoding, "
-               "so pg_stat_statements returns no text at all here")
+    problem = (
+        f"a statement text from database {where} cannot be converted to this database's encoding, "
+        "so pg_stat_statements returns no text at all here"
+    )
     if ascii_suspect:
         first = suspect[0]
-        fix = (f"run CREATE EXTENSION pg_stat_statements in database {first} (pgflow then reads every text "
-               f"through it), or point DATABASE_URL at {first}")
+        fix = (
+            f"run CREATE EXTENSION pg_stat_statements in database {first} (pgflow then reads every text "
+            f"through it), or point DATABASE_URL at {first}"
+        )
     else:
-        fix = ("point DATABASE_URL at a UTF8 database, or run CREATE EXTENSION pg_stat_statements in a "
-               "SQL_ASCII database of this server (pgflow then reads every text through it)")
+        fix = (
+            "point DATABASE_URL at a UTF8 database, or run CREATE EXTENSION pg_stat_statements in a "
+            "SQL_ASCII database of this server (pgflow then reads every text through it)"
+        )
     return problem, fix
 
 
-def read_raw(conn: psycopg.Connection, schema: str, has_toplevel: bool, queryids: list[int],
-             statement_timeout_ms: int, encodings: dict[int, str]) -> list[tuple[int, int, int, bool | None, str | None]]:
+def read_raw(
+    conn: psycopg.Connection,
+    schema: str,
+    has_toplevel: bool,
+    queryids: list[int],
+    statement_timeout_ms: int,
+    encodings: dict[int, str],
+) -> list[tuple[int, int, int, bool | None, str | None]]:
     """Texts of ``queryids`` on a ``SQL_ASCII`` connection, each decoded in its own database's encoding."""
     from pgflow.scrape.connection import guarded
 
     cur = conn.cursor()
     with guarded(conn, statement_timeout_ms):
         cur.execute(raw_texts_sql(schema, has_toplevel), (queryids,))
-    return [(dbid, userid, queryid, toplevel, decode(raw, encodings.get(dbid)))
-            for dbid, userid, queryid, toplevel, raw in cur.fetchall()]
+    return [
+        (dbid, userid, queryid, toplevel, decode(raw, encodings.get(dbid)))
+        for dbid, userid, queryid, toplevel, raw in cur.fetchall()
+    ]
 
 
 def extension_schema(conn: psycopg.Connection, statement_timeout_ms: int) -> str | None:
@@ -132,8 +151,11 @@ def entry_dbids(conn: psycopg.Connection, schema: str, statement_timeout_ms: int
 
     cur = conn.cursor()
     with guarded(conn, statement_timeout_ms):
-        cur.execute(sql.SQL("SELECT /*pgflow*/ DISTINCT dbid::int8 FROM {}.pg_stat_statements(false)").format(
-            sql.Identifier(schema)))
+        cur.execute(
+            sql.SQL("SELECT /*pgflow*/ DISTINCT dbid::int8 FROM {}.pg_stat_statements(false)").format(
+                sql.Identifier(schema)
+            )
+        )
     return {int(r[0]) for r in cur.fetchall()}
 
 
@@ -166,8 +188,15 @@ def short_lived(dsn: str, dbname: str, instance: str | None, connect_timeout: in
         yield conn
 
 
-def find_route(conn: psycopg.Connection, dsn: str, dbids: set[int], *, statement_timeout_ms: int,
-               connect_timeout: int = 5, instance: str | None = None) -> Route:
+def find_route(
+    conn: psycopg.Connection,
+    dsn: str,
+    dbids: set[int],
+    *,
+    statement_timeout_ms: int,
+    connect_timeout: int = 5,
+    instance: str | None = None,
+) -> Route:
     """Look for a ``SQL_ASCII`` database with pg_stat_statements, the ones holding entries first.
 
     Each candidate is looked at on a short-lived connection (connect, read, close) with the
@@ -191,8 +220,17 @@ def find_route(conn: psycopg.Connection, dsn: str, dbids: set[int], *, statement
     return Route(None, None, suspect, ascii_suspect)
 
 
-def read_through(route: Route, dsn: str, has_toplevel: bool, queryids: list[int], encodings: dict[int, str], *,
-                 statement_timeout_ms: int, connect_timeout: int = 5, instance: str | None = None) -> list[tuple]:
+def read_through(
+    route: Route,
+    dsn: str,
+    has_toplevel: bool,
+    queryids: list[int],
+    encodings: dict[int, str],
+    *,
+    statement_timeout_ms: int,
+    connect_timeout: int = 5,
+    instance: str | None = None,
+) -> list[tuple]:
     """The texts of ``queryids`` read in ``route``'s database on a short-lived connection."""
     assert route.database is not None and route.schema is not None
     with short_lived(dsn, route.database, instance, connect_timeout) as other:

@@ -65,16 +65,20 @@ class Ledger:
             # One process per ledger: two collectors writing the same state would count twice.
             self._lockfile = open(self.dir / "lock", "a+")  # noqa: SIM115 - held for the process's life
         except OSError as exc:  # a setting to fix (exit 2), whether the directory is the default or given
-            raise ConfigError(f"state_dir {state_dir} is not writable: cannot create {self.dir} "
-                              f"({exc.strerror or type(exc).__name__})",
-                              "set PGFLOW_STATE_DIR (state_dir) to a writable directory") from None
+            raise ConfigError(
+                f"state_dir {state_dir} is not writable: cannot create {self.dir} "
+                f"({exc.strerror or type(exc).__name__})",
+                "set PGFLOW_STATE_DIR (state_dir) to a writable directory",
+            ) from None
         self.instance = instance
         try:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lockfile.close()
-            raise PgflowError(f"the ledger of {instance} in {self.dir} is in use by another pgflow process",
-                              "give each collector its own PGFLOW_STATE_DIR, or stop the other one") from None
+            raise PgflowError(
+                f"the ledger of {instance} in {self.dir} is in use by another pgflow process",
+                "give each collector its own PGFLOW_STATE_DIR, or stop the other one",
+            ) from None
         self._lock = threading.Lock()
         self._acks_path = self.dir / "acks.log"
         self._state_path = self.dir / "state.pkl"
@@ -113,8 +117,10 @@ class Ledger:
         except FileNotFoundError:
             return None
         except Exception as exc:
-            raise PgflowError(f"state file {self._state_path} is unreadable ({type(exc).__name__})",
-                              "move it away to start from a new baseline") from None
+            raise PgflowError(
+                f"state file {self._state_path} is unreadable ({type(exc).__name__})",
+                "move it away to start from a new baseline",
+            ) from None
         if version != self.VERSION:
             # Operator state of another format: start from a new baseline, but keep the
             # unsent points (their frame has not changed).
@@ -143,8 +149,13 @@ class Ledger:
         """Atomically replace the state; acknowledgements it includes leave the ack log."""
         with self._lock:
             pending = dict(self.acked)
-            saved = Record(record.state, apply_acks(record.outbox, pending), record.next_seq,
-                           apply_acks(record.events, pending), record.events_state)
+            saved = Record(
+                record.state,
+                apply_acks(record.outbox, pending),
+                record.next_seq,
+                apply_acks(record.events, pending),
+                record.events_state,
+            )
             tmp = self._state_path.with_suffix(".tmp")
             with open(tmp, "wb") as fh:
                 pickle.dump((self.VERSION, saved), fh, protocol=pickle.HIGHEST_PROTOCOL)

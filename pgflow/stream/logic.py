@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 from bytewax.operators import StatefulLogic
@@ -30,8 +30,8 @@ from pgflow.ops.fingerprint import Fingerprinter
 from pgflow.ops.merge import merge_windows
 from pgflow.ops.pipeline import OpsSettings, events, finish, initial_state, step
 from pgflow.schema import Snapshot
-from pgflow.stream.ledger import ROW, Ledger, Record
 from pgflow.stream import runtime as runtime_module
+from pgflow.stream.ledger import ROW, Ledger, Record
 from pgflow.stream.runtime import runtime
 from pgflow.stream.shipper import Outgoing, Shipper
 
@@ -56,9 +56,16 @@ def _fingerprinter(size: int) -> Fingerprinter:
 class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
     """Everything one instance carries, made durable by its :class:`Ledger`."""
 
-    def __init__(self, instance: str, ops: OpsSettings, ledger: Ledger, shipper: Shipper,
-                 shutdown_timeout: float, max_pending: int = MAX_PENDING_WINDOWS,
-                 max_pending_events: int = MAX_PENDING_EVENTS) -> None:
+    def __init__(
+        self,
+        instance: str,
+        ops: OpsSettings,
+        ledger: Ledger,
+        shipper: Shipper,
+        shutdown_timeout: float,
+        max_pending: int = MAX_PENDING_WINDOWS,
+        max_pending_events: int = MAX_PENDING_EVENTS,
+    ) -> None:
         self.instance = instance
         self.ops = ops
         self.ledger = ledger
@@ -68,8 +75,14 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         self.max_pending_events = max_pending_events
         record = ledger.load()
         if record is not None:
-            log.info("resuming from the ledger", extra=kv(instance=instance, queued_windows=len(record.outbox),
-                                                           queued_events=sum(f.height for f in record.events.values())))
+            log.info(
+                "resuming from the ledger",
+                extra=kv(
+                    instance=instance,
+                    queued_windows=len(record.outbox),
+                    queued_events=sum(f.height for f in record.events.values()),
+                ),
+            )
         self.record = record or Record(initial_state(ops))
         if self.record.state is None:
             self.record.state = initial_state(ops)
@@ -121,10 +134,15 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         if self._pending():
             refused = self.shipper.refused.get(self.instance)
             waiting = sum(f.height for f in self.record.events.values())
-            log.warning("stopping with windows not acknowledged; they are kept in the ledger and sent on the "
-                        "next start", extra=kv(instance=self.instance, windows=len(self.record.outbox),
-                                               **({"events": waiting} if waiting else {}),
-                                               **({"refused": refused} if refused else {})))
+            log.warning(
+                "stopping with windows not acknowledged; they are kept in the ledger and sent on the next start",
+                extra=kv(
+                    instance=self.instance,
+                    windows=len(self.record.outbox),
+                    **({"events": waiting} if waiting else {}),
+                    **({"refused": refused} if refused else {}),
+                ),
+            )
         else:
             log.info("flushed", extra=kv(instance=self.instance))
         return [], StatefulLogic.RETAIN
@@ -138,7 +156,7 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
 
     def notify_at(self) -> datetime | None:
         if self._pending():
-            return datetime.now(timezone.utc) + timedelta(milliseconds=200)
+            return datetime.now(UTC) + timedelta(milliseconds=200)
         return None
 
     def snapshot(self) -> None:
@@ -155,8 +173,10 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         before = self.record.events_state
         self.record.events_state, frame = events(before, snapshot, self.ops)
         if before is None or self.record.events_state.samples is not before.samples:
-            telemetry.count_query_samples(self.instance, *self.record.events_state.samples.counts_since(
-                before.samples if before is not None else None))
+            telemetry.count_query_samples(
+                self.instance,
+                *self.record.events_state.samples.counts_since(before.samples if before is not None else None),
+            )
         if not frame.height:
             return
         seq = self.record.next_seq
@@ -184,8 +204,10 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
             dropped += n
         if dropped:
             telemetry.events_dropped.labels("backlog").inc(dropped)
-            log.warning("endpoint backlog at its bound: dropped the oldest events", extra=kv(
-                instance=self.instance, bound=self.max_pending_events, events_dropped=dropped))
+            log.warning(
+                "endpoint backlog at its bound: dropped the oldest events",
+                extra=kv(instance=self.instance, bound=self.max_pending_events, events_dropped=dropped),
+            )
 
     def _queue(self, points: pl.DataFrame) -> None:
         if not points.height:
@@ -203,12 +225,15 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
             if len(idle) < 2:
                 return
             older, newer = idle[0], idle[1]
-            merged, dropped_gauges = merge_windows(self.record.outbox.pop(older).drop(ROW),
-                                                   self.record.outbox.pop(newer).drop(ROW))
+            merged, dropped_gauges = merge_windows(
+                self.record.outbox.pop(older).drop(ROW), self.record.outbox.pop(newer).drop(ROW)
+            )
             self.record.outbox[newer] = merged.with_row_index(ROW)
             telemetry.points_dropped.labels("merged_gauges").inc(dropped_gauges)
-            log.warning("endpoint backlog at its bound: merged the two oldest windows", extra=kv(
-                instance=self.instance, bound=self.max_pending, gauges_dropped=dropped_gauges))
+            log.warning(
+                "endpoint backlog at its bound: merged the two oldest windows",
+                extra=kv(instance=self.instance, bound=self.max_pending, gauges_dropped=dropped_gauges),
+            )
 
     def _apply_acks(self) -> None:
         acked = self.ledger.take_acks()

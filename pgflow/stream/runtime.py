@@ -80,9 +80,12 @@ def runtime(settings: Settings, *, require_metrics: bool = False) -> Runtime:
     with _runtime_lock:
         if _runtime is None:
             health = telemetry.Health(settings.collection_interval_secs)
-            shipper = Shipper(Exporter(settings), retry_after_secs=max(1.0, settings.retry_max_delay_secs),
-                              refused_retry_secs=settings.refused_retry_secs,
-                              logs_exporter=LogsExporter(settings))  # issue 12: events
+            shipper = Shipper(
+                Exporter(settings),
+                retry_after_secs=max(1.0, settings.retry_max_delay_secs),
+                refused_retry_secs=settings.refused_retry_secs,
+                logs_exporter=LogsExporter(settings),
+            )  # issue 12: events
             _runtime = Runtime(settings, OpsSettings.from_settings(settings), shipper, health)
         rt = _runtime
         if not rt.metrics_served:
@@ -93,12 +96,17 @@ def runtime(settings: Settings, *, require_metrics: bool = False) -> Runtime:
                 if require_metrics:
                     rt.shipper.close(deadline=time.monotonic())
                     _runtime = None
-                    raise ConfigError(f"cannot serve /metrics on metrics_addr {settings.metrics_addr} ({exc.strerror})",
-                                      "another collector on this host may use it: set PGFLOW_METRICS_ADDR to a free "
-                                      "port (port 0 picks one)") from None
-                log.error("metrics server not started: this collector runs without /metrics and /healthz",
-                          extra=kv(addr=settings.metrics_addr, error=exc.strerror,
-                                   hint="set PGFLOW_METRICS_ADDR to a free port"))
+                    raise ConfigError(
+                        f"cannot serve /metrics on metrics_addr {settings.metrics_addr} ({exc.strerror})",
+                        "another collector on this host may use it: set PGFLOW_METRICS_ADDR to a free "
+                        "port (port 0 picks one)",
+                    ) from None
+                log.error(
+                    "metrics server not started: this collector runs without /metrics and /healthz",
+                    extra=kv(
+                        addr=settings.metrics_addr, error=exc.strerror, hint="set PGFLOW_METRICS_ADDR to a free port"
+                    ),
+                )
         return rt
 
 
@@ -130,8 +138,10 @@ def install_signal_handlers() -> None:
         STOP.set()
 
     def hangup(signum: int, _frame: object) -> None:
-        log.warning("SIGHUP ignored: settings are read only at start; restart pgflow to apply new ones",
-                    extra=kv(signal="SIGHUP"))
+        log.warning(
+            "SIGHUP ignored: settings are read only at start; restart pgflow to apply new ones",
+            extra=kv(signal="SIGHUP"),
+        )
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

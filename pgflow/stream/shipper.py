@@ -50,8 +50,9 @@ class Outgoing:
 
 REFUSAL_CAP_SECS = 600.0
 # Refusals of the endpoint as a whole (credentials, address), not of one payload.
-ENDPOINT_REFUSALS = frozenset({"http_401", "http_403", "http_404", "UNAUTHENTICATED", "PERMISSION_DENIED",
-                               "UNIMPLEMENTED"}) | {c for c in network.CAUSES if c != network.CONNECTION}
+ENDPOINT_REFUSALS = frozenset(
+    {"http_401", "http_403", "http_404", "UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED"}
+) | {c for c in network.CAUSES if c != network.CONNECTION}
 # A TLS or proxy failure: the exporter logs it once per change of state, naming the setting to change.
 NETWORK_REFUSALS = frozenset(network.CAUSES) - {network.CONNECTION}
 # Of those, the refusals of the credentials: they pause points and events alike (issue 12).
@@ -62,8 +63,13 @@ KINDS = ("points", "events")
 
 
 class Shipper:
-    def __init__(self, exporter: Exporter, retry_after_secs: float, refused_retry_secs: float = 60.0,
-                 logs_exporter: Exporter | None = None) -> None:
+    def __init__(
+        self,
+        exporter: Exporter,
+        retry_after_secs: float,
+        refused_retry_secs: float = 60.0,
+        logs_exporter: Exporter | None = None,
+    ) -> None:
         self.exporter = exporter
         self.logs_exporter = logs_exporter  # issue 12: events as OTLP logs (a LogsExporter)
         self.retry_after_secs = retry_after_secs
@@ -129,8 +135,10 @@ class Shipper:
                 if self.exporter.aborted or paused > time.monotonic():
                     self._mark_failed(item, at=paused)  # not sent: tried when the pause is over
                 elif item.kind == "events" and self.logs_exporter is None:
-                    log.error("events queued but no logs exporter configured; they stay in the ledger",
-                              extra=kv(instance=item.instance, seq=item.seq))
+                    log.error(
+                        "events queued but no logs exporter configured; they stay in the ledger",
+                        extra=kv(instance=item.instance, seq=item.seq),
+                    )
                     self._mark_failed(item)
                 else:
                     self._ship(item, ledger)
@@ -158,7 +166,7 @@ class Shipper:
             pause = min(cap, self.refused_retry_secs * 2 ** min(count - 1, 30))
             self.failed[key] = time.monotonic() + pause
             if cause in ENDPOINT_REFUSALS:
-                for kind in (KINDS if cause in KEY_REFUSALS else (item.kind,)):
+                for kind in KINDS if cause in KEY_REFUSALS else (item.kind,):
                     self.paused_until[kind] = max(self.paused_until[kind], self.failed[key])
             self.refused[item.instance] = cause
         return pause
@@ -190,23 +198,30 @@ class Shipper:
                 ledger.record_ack(item.seq, list(batch.rows))
                 self._accepted(item)
                 (telemetry.events_exported if events else telemetry.points_exported).inc(
-                    batch.points - result.rejected_points)
+                    batch.points - result.rejected_points
+                )
                 telemetry.last_export.set(time.time())
                 if result.rejected_points:
                     (telemetry.events_dropped if events else telemetry.points_dropped).labels(
-                        "rejected_by_endpoint").inc(result.rejected_points)
+                        "rejected_by_endpoint"
+                    ).inc(result.rejected_points)
                 sent_rows.extend(batch.rows)
             elif not result.retryable:
                 telemetry.export_failures.labels(result.cause).inc()
                 pause = self._refused(item, result.cause)
                 (log.debug if result.cause in NETWORK_REFUSALS else log.warning)(
-                    f"endpoint refused the {what}; it stays in the ledger", extra=kv(
-                    instance=item.instance, seq=item.seq, cause=result.cause, retry_in_s=round(pause, 1)))
+                    f"endpoint refused the {what}; it stays in the ledger",
+                    extra=kv(instance=item.instance, seq=item.seq, cause=result.cause, retry_in_s=round(pause, 1)),
+                )
                 return
             else:
                 telemetry.export_failures.labels(result.cause).inc()
-                log.warning(f"endpoint unreachable; the {what} stays queued", extra=kv(
-                    instance=item.instance, seq=item.seq, cause=result.cause, retry_in_s=self.retry_after_secs))
+                log.warning(
+                    f"endpoint unreachable; the {what} stays queued",
+                    extra=kv(
+                        instance=item.instance, seq=item.seq, cause=result.cause, retry_in_s=self.retry_after_secs
+                    ),
+                )
                 self._mark_failed(item)
                 return
         dropped = getattr(encoder.stats, "dropped_non_finite", 0) - dropped_before

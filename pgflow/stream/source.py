@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
@@ -26,8 +26,8 @@ from pgflow.schema import Snapshot
 from pgflow.scrape import Scraper
 from pgflow.scrape.budget import ConnectionBudget, free_of, read_free
 from pgflow.scrape.explain import WindowPlans
-from pgflow.scrape.sampler import sampler_for, with_samples
 from pgflow.scrape.health import HealthSchedule
+from pgflow.scrape.sampler import sampler_for, with_samples
 from pgflow.scrape.tables import TableScraper
 
 log = logging.getLogger("pgflow.source")
@@ -59,23 +59,32 @@ class SnapshotRecorder:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
     """Scrapes one instance every ``collection_interval_secs`` on a private thread."""
 
-    def __init__(self, instance: InstanceConfig, settings: Settings, health: telemetry.Health | None,
-                 recorder: SnapshotRecorder | None = None) -> None:
+    def __init__(
+        self,
+        instance: InstanceConfig,
+        settings: Settings,
+        health: telemetry.Health | None,
+        recorder: SnapshotRecorder | None = None,
+    ) -> None:
         self.instance = instance
         self.interval = timedelta(seconds=settings.collection_interval_secs)
         self.max_scrapes = settings.max_scrapes
         self.health = health
         self.recorder = recorder
-        self.scraper = Scraper(instance.dsn, instance=instance.name, statement_timeout_ms=settings.statement_timeout_ms,
-                               connect_timeout_secs=settings.connect_timeout_secs,
-                               text_cache_size=settings.text_cache_size,
-                               health=HealthSchedule.from_settings(settings))  # issue 13
+        self.scraper = Scraper(
+            instance.dsn,
+            instance=instance.name,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            connect_timeout_secs=settings.connect_timeout_secs,
+            text_cache_size=settings.text_cache_size,
+            health=HealthSchedule.from_settings(settings),
+        )  # issue 13
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scrape-{instance.name}")
         self.attempts = 0
         self.next_at = _now()
@@ -87,10 +96,13 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             self.sampler.start()
         # issue 20: the scrape's and the sampler's connections are held; per-database work shares the rest
         self._conn_lock = threading.RLock()  # the scrape's connection: one user at a time
-        self.budget = ConnectionBudget.from_settings(instance, settings, sampler=self.sampler is not None,
-                                                     probe=self._free_connections)
+        self.budget = ConnectionBudget.from_settings(
+            instance, settings, sampler=self.sampler is not None, probe=self._free_connections
+        )
         self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings, self.budget)  # None: plans off
-        self.tables = TableStatsThread(instance, settings, self.budget) if settings.table_stats_enabled else None  # issue 13
+        self.tables = (
+            TableStatsThread(instance, settings, self.budget) if settings.table_stats_enabled else None
+        )  # issue 13
 
     def _free_connections(self) -> int:
         """The server's free connections, read on the scrape's own connection (never a new one)."""
@@ -151,8 +163,12 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             snapshot = self.plans.attach(snapshot)
         if self.recorder is not None:
             self.recorder.write(snapshot)
-        log.debug("scraped", extra=kv(instance=name, rows=snapshot.statements.height,
-                                      ms=round((_now() - started).total_seconds() * 1000, 1)))
+        log.debug(
+            "scraped",
+            extra=kv(
+                instance=name, rows=snapshot.statements.height, ms=round((_now() - started).total_seconds() * 1000, 1)
+            ),
+        )
         return snapshot
 
     def next_awake(self) -> datetime | None:
@@ -227,7 +243,9 @@ class TableStatsThread:
             return
         except Exception as exc:  # never let it kill the flow
             telemetry.table_scrapes.labels(self.name, "error").inc()
-            log.error("table statistics scrape failed unexpectedly", extra=kv(instance=self.name, error=repr(exc)[:300]))
+            log.error(
+                "table statistics scrape failed unexpectedly", extra=kv(instance=self.name, error=repr(exc)[:300])
+            )
             self.scraper.close()
             return
         stats = self.scraper.stats
@@ -247,12 +265,16 @@ class TableStatsThread:
             telemetry.table_rounds_late.labels(self.name).inc()
             telemetry.table_databases_late.labels(self.name).inc(late)
             if not self._late:
-                log.warning("table statistics: the databases could not all be visited within "
-                            "table_stats_interval_secs; every database is still read each round, later",
-                            extra=kv(instance=self.name, late_databases=late,
-                                     interval_secs=self.interval.total_seconds(),
-                                     hint="raise PGFLOW_TABLE_STATS_INTERVAL_SECS or narrow "
-                                          "PGFLOW_TABLE_STATS_DATABASES"))
+                log.warning(
+                    "table statistics: the databases could not all be visited within "
+                    "table_stats_interval_secs; every database is still read each round, later",
+                    extra=kv(
+                        instance=self.name,
+                        late_databases=late,
+                        interval_secs=self.interval.total_seconds(),
+                        hint="raise PGFLOW_TABLE_STATS_INTERVAL_SECS or narrow PGFLOW_TABLE_STATS_DATABASES",
+                    ),
+                )
         elif self._late:
             log.info("table statistics: every database visited within its interval again", extra=kv(instance=self.name))
         self._late = bool(late)
@@ -270,8 +292,9 @@ class TableStatsThread:
 class ScrapeSource(FixedPartitionedSource[Snapshot, None]):
     """One partition per configured instance; a bytewax cluster spreads them over workers."""
 
-    def __init__(self, settings: Settings, health: telemetry.Health | None = None,
-                 recorder: SnapshotRecorder | None = None) -> None:
+    def __init__(
+        self, settings: Settings, health: telemetry.Health | None = None, recorder: SnapshotRecorder | None = None
+    ) -> None:
         self.settings = settings
         self.instances = {i.name: i for i in settings.targets()}
         self.health = health
