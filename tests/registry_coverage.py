@@ -3,7 +3,7 @@
 Every OTLP receiver a test runs (pgflow.otlp.receiver.Receiver, through its PointStore) is read
 just before it closes: an undeclared metric, unit, kind, temporality, attribute or fixed value
 fails the session, naming it (``metrics.received_problems``). The metrics stored there and those
-``pgflow.ops.run`` produced are collected; with ``PGFLOW_REGISTRY_COVERAGE=1`` (the full run of
+``pgflow.ops.run`` produced are collected; with ``PGFLOW_TEST_REGISTRY_COVERAGE=1`` (the full run of
 ``scripts/test``) a declared metric that no test produced fails the session too.
 
 Load it for every run with ``pytest_plugins = ["registry_coverage"]`` in tests/conftest.py, or for
@@ -70,7 +70,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         cache.set("registry-coverage/seen", sorted(SEEN))
         cache.set("registry-coverage/unseen", unseen)
         cache.set("registry-coverage/problems", PROBLEMS)
-    failed = bool(PROBLEMS) or (os.environ.get("PGFLOW_REGISTRY_COVERAGE") == "1" and bool(unseen))
+    failed = bool(PROBLEMS) or (os.environ.get("PGFLOW_TEST_REGISTRY_COVERAGE") == "1" and bool(unseen))
     if failed and session.exitstatus == 0:
         session.exitstatus = 1
 
@@ -81,7 +81,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("metric registry")
     for problem, test in sorted(PROBLEMS.items()):
         write(f"UNDECLARED {problem} (first seen in {test})")
-    listed = unseen and os.environ.get("PGFLOW_REGISTRY_COVERAGE") == "1"  # a partial run produces few: say how many
+    listed = unseen and os.environ.get("PGFLOW_TEST_REGISTRY_COVERAGE") == "1"  # a partial run produces few: say how many
     write(
         f"{len(SEEN & set(metrics.metrics()))} of {len(metrics.metrics())} declared metrics produced"
         + (f"; not produced: {', '.join(unseen)}" if listed else "")
