@@ -100,9 +100,7 @@ def measure(samples: int, mix: str, run_1hz: bool) -> dict:
     """One server, one session mix: both sides alternately, ``samples`` times each."""
     with LocalPostgres(settings={"max_connections": "300"}) as pg:
         pg.execute(
-            "CREATE EXTENSION pg_stat_statements",
-            "CREATE TABLE chain (id int PRIMARY KEY, v int)",
-            "INSERT INTO chain VALUES (1, 0)",
+            "CREATE EXTENSION pg_stat_statements", "CREATE TABLE chain (id int PRIMARY KEY, v int)", "INSERT INTO chain VALUES (1, 0)"
         )
         conns = open_sessions(pg, mix)
         waiters = 9 if mix == "busy" else 0
@@ -115,9 +113,7 @@ def measure(samples: int, mix: str, run_1hz: bool) -> dict:
         for role in ("pgflow_bench", "datadog_bench"):  # one role each: server time is counted per role
             pg.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'bench'", f"GRANT pg_monitor TO {role}")
         sampler = Sampler(pg.dsn(user="pgflow_bench", password="bench"), instance="bench", interval_secs=1.0)
-        peer = psycopg.connect(
-            pg.dsn(user="datadog_bench", password="bench"), autocommit=True, application_name="datadog-peer"
-        )
+        peer = psycopg.connect(pg.dsn(user="datadog_bench", password="bench"), autocommit=True, application_name="datadog-peer")
         sampler.sample()  # connect both before measuring
         peer.execute(PEER_SQL).fetchall()
         pg.execute("SELECT pg_stat_statements_reset()")
@@ -182,10 +178,7 @@ def report(r: dict) -> float:
     )
     print(f"{'':26}{'server cpu ms':>14}{'client cpu ms':>14}{'total ms':>10}{'server exec ms':>16}{'wall ms':>9}")
     for name, side, total in (("pgflow sample", "ours", ours), ("Datadog per-second query", "peer", theirs)):
-        print(
-            f"{name:26}{r[side + '_server']:14.3f}{r[side + '_cpu']:14.3f}{total:10.3f}{r[side + '_exec']:16.3f}"
-            f"{r[side + '_wall']:9.3f}"
-        )
+        print(f"{name:26}{r[side + '_server']:14.3f}{r[side + '_cpu']:14.3f}{total:10.3f}{r[side + '_exec']:16.3f}{r[side + '_wall']:9.3f}")
     print(f"ratio ({r['mix']} mix): {theirs / ours:.2f}")
     return theirs / ours
 

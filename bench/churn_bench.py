@@ -65,9 +65,7 @@ def run(total: int, statements: int, churn: int, bounded: bool) -> list[tuple[in
     every = max(1, total // 10)  # 100,000 for the default million
     proc = psutil.Process()
     settings = OpsSettings(
-        export_interval_secs=60,
-        max_queries_tracked=1000 if bounded else 10**9,
-        fingerprint_cache_size=50_000 if bounded else 10**9,
+        export_interval_secs=60, max_queries_tracked=1000 if bounded else 10**9, fingerprint_cache_size=50_000 if bounded else 10**9
     )
     fp = Fingerprinter(settings.fingerprint_cache_size, settings.fingerprint_cache_size)
     state = initial_state(settings)
@@ -76,10 +74,7 @@ def run(total: int, statements: int, churn: int, bounded: bool) -> list[tuple[in
         state, _ = step(state, snap, fp, settings)
         if seen >= mark:
             curve.append((seen, proc.memory_info().rss / 1e6))
-            print(
-                f"  {'bounded' if bounded else 'unbounded'}: {seen:>9,} fingerprints  rss {curve[-1][1]:8.1f} MB",
-                flush=True,
-            )
+            print(f"  {'bounded' if bounded else 'unbounded'}: {seen:>9,} fingerprints  rss {curve[-1][1]:8.1f} MB", flush=True)
             mark += every
     finish(state, settings)
     return curve
@@ -95,8 +90,7 @@ def main() -> None:
     growth = bounded[-1][1] - bounded[1][1] if len(bounded) > 2 else 0.0
     growth_u = unbounded[-1][1] - unbounded[1][1] if len(unbounded) > 2 else 0.0
     print(
-        f"rss_growth_mb={growth:.1f} rss_growth_unbounded_mb={growth_u:.1f} "
-        f"ratio={growth_u / growth if growth > 0 else float('inf'):.1f}"
+        f"rss_growth_mb={growth:.1f} rss_growth_unbounded_mb={growth_u:.1f} ratio={growth_u / growth if growth > 0 else float('inf'):.1f}"
     )
 
 

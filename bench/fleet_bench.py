@@ -69,9 +69,7 @@ class Connections:
 
     def _run(self) -> None:
         while not self.stop.wait(0.5):
-            n = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgflow'").fetchone()[
-                0
-            ]
+            n = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgflow'").fetchone()[0]
             self.most = max(self.most, n)
 
     def close(self) -> int:
@@ -96,9 +94,7 @@ def run_collector(
         "PYTHONPATH": str(ROOT),
     }
     log = open(work / f"collector-{len(databases)}.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pgflow", "run"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "pgflow", "run"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     watch = Connections(pg.dsn())
     try:
         time.sleep(warmup)

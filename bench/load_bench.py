@@ -49,9 +49,7 @@ def main() -> None:
         pg.execute("CREATE EXTENSION pg_stat_statements", "SELECT pg_stat_statements_reset()")
         make_statements(pg, statements)
         receiver = subprocess.Popen(
-            [sys.executable, "-m", "pgflow", "receive", "--grpc-port", "0", "--http-port", "0"],
-            stdout=subprocess.PIPE,
-            text=True,
+            [sys.executable, "-m", "pgflow", "receive", "--grpc-port", "0", "--http-port", "0"], stdout=subprocess.PIPE, text=True
         )
         grpc_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[0])  # type: ignore[union-attr]
         settings = Settings.load(
@@ -98,17 +96,11 @@ def main() -> None:
     cpu_ms = sorted(cpu_per_round)[len(cpu_per_round) // 2] / instances * 1000
     lag = sorted(lags)[len(lags) // 2]
     per_core = 10_000 / cpu_ms
-    print(
-        f"instances={instances} statements={statements} rows_per_scrape={rows:.0f} rounds={rounds} "
-        f"cpus={os.cpu_count()}"
-    )
+    print(f"instances={instances} statements={statements} rows_per_scrape={rows:.0f} rounds={rounds} cpus={os.cpu_count()}")
     print(f"collector CPU per scrape (median round): {cpu_ms:8.2f} ms")
     print(f"bare fetch of the same rows            : {bare * 1000:8.2f} ms (wall, psycopg, same server)")
     print(f"scrape-to-export lag (median round)    : {lag:8.2f} s for all {instances} instances")
-    print(
-        f"cpu_ms_per_scrape={cpu_ms:.2f} lag_s={lag:.2f} instances_per_core={per_core:.0f} "
-        f"ratio_bare_fetch={cpu_ms / (bare * 1000):.2f}"
-    )
+    print(f"cpu_ms_per_scrape={cpu_ms:.2f} lag_s={lag:.2f} instances_per_core={per_core:.0f} ratio_bare_fetch={cpu_ms / (bare * 1000):.2f}")
 
 
 if __name__ == "__main__":

@@ -52,11 +52,7 @@ def make_events(n: int) -> pl.DataFrame:
     rows = []
     for i in range(n):
         is_plan = i % 5 == 4
-        attrs = {
-            "db.system.name": "postgresql",
-            "db.namespace": f"app{i % 4}",
-            "postgresql.query.fingerprint": f"{i % 97:016x}",
-        }
+        attrs = {"db.system.name": "postgresql", "db.namespace": f"app{i % 4}", "postgresql.query.fingerprint": f"{i % 97:016x}"}
         if is_plan:
             attrs["postgresql.plan.hash"] = f"{i * 7919:016x}"
         else:
@@ -107,9 +103,7 @@ def sdk_encode(events: pl.DataFrame) -> int:
 
     first = events.row(0, named=True)
     resource = Resource(
-        resource_attributes(
-            first["instance"], first["server_address"], first["server_port"], first["server_version_num"], "pgflow"
-        )
+        resource_attributes(first["instance"], first["server_address"], first["server_port"], first["server_version_num"], "pgflow")
     )
     scope = InstrumentationScope("pgflow", "0.1.0")
     records = []
@@ -185,9 +179,7 @@ def main() -> None:
     assert sum(len(sl.log_records) for rl in decode(batch.payload).resource_logs for sl in rl.scope_logs) == n
     warm = LogEncoder(batch_size=n + 1, max_bytes=1 << 30)
     pgflow_encode(events.with_columns(pl.col("time").dt.offset_by("-1m")), warm)  # an earlier frame
-    best = interleaved(
-        {"cold": pgflow_encode, "warm": lambda e: pgflow_encode(e, warm), "sdk": sdk_encode}, events, repeats
-    )
+    best = interleaved({"cold": pgflow_encode, "warm": lambda e: pgflow_encode(e, warm), "sdk": sdk_encode}, events, repeats)
     (t_cold, b_pgflow), (t_warm, _), (t_sdk, b_sdk) = best["cold"], best["warm"], best["sdk"]
     ms, statements, path = explain_ms()
     print(f"events={n}")

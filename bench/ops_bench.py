@@ -36,10 +36,7 @@ def synthetic(scrapes: int, statements: int, seed: int = 7) -> list[Snapshot]:
     """Cumulative snapshots: every statement runs a random number of times each interval."""
     rng = np.random.default_rng(seed)
     tables = [f"table_{i}" for i in range(max(1, statements // 25))]
-    texts = [
-        f"SELECT c{i % 7}, c{i % 11} FROM {tables[i % len(tables)]} WHERE id = $1 AND k{i} = $2"
-        for i in range(statements)
-    ]
+    texts = [f"SELECT c{i % 7}, c{i % 11} FROM {tables[i % len(tables)]} WHERE id = $1 AND k{i} = $2" for i in range(statements)]
     base = pl.DataFrame(
         {
             "dbid": np.full(statements, 16384),
@@ -56,15 +53,10 @@ def synthetic(scrapes: int, statements: int, seed: int = 7) -> list[Snapshot]:
     for n in range(scrapes):
         calls = rng.poisson(3, statements)
         for c in STATEMENT_COUNTERS:
-            step_ = calls * (
-                rng.random(statements) * 2 if c not in STATEMENT_INT_COUNTERS else rng.integers(0, 3, statements)
-            )
+            step_ = calls * (rng.random(statements) * 2 if c not in STATEMENT_INT_COUNTERS else rng.integers(0, 3, statements))
             cumulative[c] = cumulative[c] + (calls if c == "calls" else step_)
         frame = base.with_columns(
-            *(
-                pl.Series(c, cumulative[c]).cast(pl.Int64 if c in STATEMENT_INT_COUNTERS else pl.Float64)
-                for c in STATEMENT_COUNTERS
-            )
+            *(pl.Series(c, cumulative[c]).cast(pl.Int64 if c in STATEMENT_INT_COUNTERS else pl.Float64) for c in STATEMENT_COUNTERS)
         )
         out.append(
             Snapshot(

@@ -182,10 +182,7 @@ def main() -> None:
         relay = Relay(pg.port)
         results = {n: measure(pg, relay, n, intervals) for n in sizes}
     small, large = results[sizes[0]], results[sizes[-1]]
-    print(
-        f"ms_10k={small['ours_ms']:.2f} ms_100k={large['ours_ms']:.2f} "
-        f"ratio_unbounded_100k={large['peer_ms'] / large['ours_ms']:.2f}"
-    )
+    print(f"ms_10k={small['ours_ms']:.2f} ms_100k={large['ours_ms']:.2f} ratio_unbounded_100k={large['peer_ms'] / large['ours_ms']:.2f}")
 
 
 if __name__ == "__main__":

@@ -110,9 +110,7 @@ def make_varied(path: Path, rounds: int = 60, per_round: int = 80, seed: int = 1
                 time.sleep(0.5)
                 writer.write(scraper.scrape())
         writer.note(
-            "workload",
-            f"{len(shapes)} shapes, {per_round} random statements per round, {rounds} rounds, "
-            "pg_stat_statements.max = 100",
+            "workload", f"{len(shapes)} shapes, {per_round} random statements per round, {rounds} rounds, pg_stat_statements.max = 100"
         )
 
 
@@ -147,11 +145,7 @@ def make_activity(path: Path, seconds: int = 40, period: float = 0.5, chains: in
     ):
         pg.execute("CREATE EXTENSION pg_stat_statements")
         pg.pgbench_init()
-        pg.execute(
-            "CREATE TABLE chain (id int PRIMARY KEY, v int)",
-            "INSERT INTO chain VALUES (1, 0)",
-            "SELECT pg_stat_statements_reset()",
-        )
+        pg.execute("CREATE TABLE chain (id int PRIMARY KEY, v int)", "INSERT INTO chain VALUES (1, 0)", "SELECT pg_stat_statements_reset()")
         dsn = pg.dsn()
         writer.write(with_samples(scraper.scrape(), sampler))
         sampler.start()
@@ -222,11 +216,7 @@ def _later(at: float, started: float, stop: threading.Event) -> bool:
 
 def _bench_phases(pg: LocalPostgres, started: float, stop: threading.Event) -> None:
     """pgbench in database ``bench``: steady, a burst, a quiet minute, steady again."""
-    for at, args in (
-        (0, ("-c", "4", "-R", "40", "-T", "70")),
-        (75, ("-c", "8", "-T", "40")),
-        (175, ("-c", "4", "-R", "40", "-T", "75")),
-    ):
+    for at, args in ((0, ("-c", "4", "-R", "40", "-T", "70")), (75, ("-c", "8", "-T", "40")), (175, ("-c", "4", "-R", "40", "-T", "75"))):
         if not _later(at, started, stop):
             return
         pg.pgbench("-n", *args, dbname="bench")
@@ -354,8 +344,7 @@ def make_workload(path: Path, seconds: int = 250, scrape_every: float = 2.0, per
         pg.pgbench_init(scale=4, dbname="bench")  # 60 MB of accounts against 16 MB of shared buffers
         pg.execute(
             *(
-                f"CREATE TABLE t{i} (id serial PRIMARY KEY, v int, pad text)"
-                + (" WITH (autovacuum_enabled = false)" if i < 4 else "")
+                f"CREATE TABLE t{i} (id serial PRIMARY KEY, v int, pad text)" + (" WITH (autovacuum_enabled = false)" if i < 4 else "")
                 for i in range(12)
             ),
             *(
@@ -434,9 +423,7 @@ def make_plans(path: Path, rounds: int = 40, clients: int = 2, transactions: int
         pg.execute("SELECT pg_stat_statements_reset()")
         # Every window explains its busiest statements again (TTL 1 s), so plans form a history.
         plans = WindowPlans.for_instance(
-            pg.dsn(),
-            "plans",
-            Settings.load(export_interval_secs=window_secs, explains_per_window=6, explain_ttl_secs=1),
+            pg.dsn(), "plans", Settings.load(export_interval_secs=window_secs, explains_per_window=6, explain_ttl_secs=1)
         )
         assert plans is not None
         writer.write(plans.attach(scraper.scrape()))  # the baseline
@@ -444,9 +431,7 @@ def make_plans(path: Path, rounds: int = 40, clients: int = 2, transactions: int
             for n in range(1, rounds + 1):
                 pg.pgbench("-n", "-c", str(clients), "-t", str(transactions))
                 for _ in range(20):
-                    conn.execute(
-                        f"SELECT count(*), sum(delta) FROM pgbench_history WHERE aid = {rng.randint(1, 100000)}"
-                    )  # type: ignore[arg-type]
+                    conn.execute(f"SELECT count(*), sum(delta) FROM pgbench_history WHERE aid = {rng.randint(1, 100000)}")  # type: ignore[arg-type]
                 if n == rounds // 2:
                     conn.execute("CREATE INDEX pgbench_history_aid ON pgbench_history (aid)")
                     conn.execute("ANALYZE pgbench_history")
@@ -462,13 +447,7 @@ def make_plans(path: Path, rounds: int = 40, clients: int = 2, transactions: int
 
 
 def main(which: list[str]) -> None:
-    makers = {
-        "pgbench": make_pgbench,
-        "varied": make_varied,
-        "activity": make_activity,
-        "workload": make_workload,
-        "plans": make_plans,
-    }
+    makers = {"pgbench": make_pgbench, "varied": make_varied, "activity": make_activity, "workload": make_workload, "plans": make_plans}
     for name in which or list(makers):
         started = time.monotonic()
         makers[name](HERE / f"{name}.duckdb")

@@ -85,8 +85,7 @@ def _sql_type(dtype: pl.DataType) -> str:
 def _ddl() -> list[str]:
     out = [
         "CREATE TABLE IF NOT EXISTS scrapes (" + ", ".join(f'"{k}" {t}' for k, t in _SCALARS.items()) + ")",
-        "CREATE TABLE IF NOT EXISTS texts (instance VARCHAR, dbid BIGINT, userid BIGINT, queryid BIGINT, "
-        "query VARCHAR)",
+        "CREATE TABLE IF NOT EXISTS texts (instance VARCHAR, dbid BIGINT, userid BIGINT, queryid BIGINT, query VARCHAR)",
         "CREATE TABLE IF NOT EXISTS meta (key VARCHAR, value VARCHAR)",
     ]
     out += [f'ALTER TABLE scrapes ADD COLUMN IF NOT EXISTS "{k}" {_SCALARS[k]}' for k in _IDENTITY_SCALARS]
@@ -205,9 +204,7 @@ class CaptureWriter:
                 if name == "statements":
                     frame = frame.drop("query")
                 if frame.height:
-                    rows = frame.with_row_index("ord").with_columns(
-                        pl.col("ord").cast(pl.Int32), pl.lit(scrape_id).alias("scrape_id")
-                    )
+                    rows = frame.with_row_index("ord").with_columns(pl.col("ord").cast(pl.Int32), pl.lit(scrape_id).alias("scrape_id"))
                     con.register("new_rows", rows.select("scrape_id", "ord", *frame.columns).to_arrow())
                     con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM new_rows")
                     con.unregister("new_rows")
@@ -239,9 +236,7 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
     with con:
         where = "WHERE instance = ?" if instance else ""
         scrapes = _utc(
-            con.sql(
-                f"SELECT * FROM scrapes {where} ORDER BY scraped_at, scrape_id", params=[instance] if instance else None
-            ).pl()
+            con.sql(f"SELECT * FROM scrapes {where} ORDER BY scraped_at, scrape_id", params=[instance] if instance else None).pl()
         )
         texts = con.sql("SELECT * FROM texts").pl()
         # A capture written before a frame kind existed has no table for it: empty frames.
@@ -264,18 +259,10 @@ def read(path: str | Path, instance: str | None = None) -> Iterator[Snapshot]:
                 known = texts_by_instance.get(
                     (row["instance"],),
                     pl.DataFrame(
-                        schema={
-                            "instance": pl.String,
-                            "dbid": pl.Int64,
-                            "userid": pl.Int64,
-                            "queryid": pl.Int64,
-                            "query": pl.String,
-                        }
+                        schema={"instance": pl.String, "dbid": pl.Int64, "userid": pl.Int64, "queryid": pl.Int64, "query": pl.String}
                     ),
                 )
-                frame = frame.join(
-                    known.drop("instance"), on=["dbid", "userid", "queryid"], how="left", maintain_order="left"
-                )
+                frame = frame.join(known.drop("instance"), on=["dbid", "userid", "queryid"], how="left", maintain_order="left")
             parts[name] = conform(frame, schema)  # columns an older capture lacks are null
         yield Snapshot(
             instance=row["instance"],

@@ -152,11 +152,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     )
     from pgflow.scrape.explain import WindowPlans  # issue 12: and the plans of each closed export window
 
-    plans = {
-        i.name: p
-        for i in settings.targets()
-        if (p := WindowPlans.for_instance(i.dsn, i.name, settings, budgets[i.name]))
-    }
+    plans = {i.name: p for i in settings.targets() if (p := WindowPlans.for_instance(i.dsn, i.name, settings, budgets[i.name]))}
 
     def progress(writer) -> None:  # type: ignore[no-untyped-def]
         print(f"\rcaptured {writer.scrapes} snapshots, {writer.rows} statement rows", end="", flush=True)
@@ -268,8 +264,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         client_ca=args.client_ca,
     ).start()  # issue 21: TLS and mTLS
     print(
-        f"pgflow receive: grpc on {receiver.grpc_endpoint}, http on {receiver.http_endpoint}, "
-        f"storing into {args.out or 'memory'}",
+        f"pgflow receive: grpc on {receiver.grpc_endpoint}, http on {receiver.http_endpoint}, storing into {args.out or 'memory'}",
         flush=True,
     )
     try:
@@ -321,9 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--client-ca", help="PEM CA bundle: require client certificates it signed (mTLS)")
     receive.set_defaults(func=_cmd_receive)
 
-    demo = sub.add_parser(
-        "demo", help="pgflow end to end: embedded PostgreSQL, pgbench, the collector, a local receiver"
-    )
+    demo = sub.add_parser("demo", help="pgflow end to end: embedded PostgreSQL, pgbench, the collector, a local receiver")
     demo.add_argument("--pg-bindir", help="bin directory of another PostgreSQL install")
     demo.add_argument("--clients", type=int, default=4, help="pgbench clients")
     demo.add_argument("--seconds", type=int, default=10, help="how long pgbench runs")

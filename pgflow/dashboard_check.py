@@ -23,21 +23,7 @@ NRQL_NAMES = frozenset({"metricName", "timestamp", "event.name"})  # New Relic's
 LOG_FIELDS = frozenset({"message", "timestamp", "event.name"})  # New Relic's fields of a Log record
 
 _CLAUSES = frozenset(
-    {
-        "SELECT",
-        "FROM",
-        "WHERE",
-        "FACET",
-        "TIMESERIES",
-        "SINCE",
-        "UNTIL",
-        "LIMIT",
-        "COMPARE",
-        "ORDER",
-        "WITH",
-        "EXTRAPOLATE",
-        "SLIDE",
-    }
+    {"SELECT", "FROM", "WHERE", "FACET", "TIMESERIES", "SINCE", "UNTIL", "LIMIT", "COMPARE", "ORDER", "WITH", "EXTRAPOLATE", "SLIDE"}
 )
 _WORDS = frozenset(
     {
@@ -126,14 +112,7 @@ def read_nrql(query: str) -> tuple[str, list[Use]]:
             continue
         where = clause == "WHERE" or (clause == "SELECT" and inner_where >= 0)
         function = next((f for f in reversed(stack) if f), None) if clause == "SELECT" and not where else None
-        uses.append(
-            Use(
-                text,
-                "WHERE" if where else clause,
-                function.lower() if function else None,
-                _compared(tokens, i) if where else [],
-            )
-        )
+        uses.append(Use(text, "WHERE" if where else clause, function.lower() if function else None, _compared(tokens, i) if where else []))
     return source, uses
 
 
@@ -228,19 +207,13 @@ def _value_problems(use: Use, carriers: list[reg.Attribute]) -> list[str]:
     if any(not a.values for a in carriers):
         return []
     allowed = {v for a in carriers for v in a.values}
-    return [
-        f"{use.name} = {v!r}: pgflow sends only {sorted(allowed)}"
-        for v in use.compared
-        if v not in allowed and v != "{{variable}}"
-    ]
+    return [f"{use.name} = {v!r}: pgflow sends only {sorted(allowed)}" for v in use.compared if v not in allowed and v != "{{variable}}"]
 
 
 def dashboard_problems(dashboard: dict[str, Any]) -> list[str]:
     """Every problem of every query (widgets and variables), as ``where: what``."""
     queries: list[tuple[str, str]] = [
-        (f"variable {v.get('name')}", v["nrqlQuery"]["query"])
-        for v in dashboard.get("variables", [])
-        if v.get("nrqlQuery")
+        (f"variable {v.get('name')}", v["nrqlQuery"]["query"]) for v in dashboard.get("variables", []) if v.get("nrqlQuery")
     ]
     for page in dashboard.get("pages", []):
         for widget in page.get("widgets", []):

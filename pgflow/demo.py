@@ -50,9 +50,7 @@ def run_demo(bindir: str | None = None, clients: int = 4, seconds: int = 10, out
                 }
             )
             env.pop("NEW_RELIC_API_KEY", None)
-            print(
-                f"3/4 running the collector (pgflow run) while pgbench runs -c {clients} -T {seconds} ...", flush=True
-            )
+            print(f"3/4 running the collector (pgflow run) while pgbench runs -c {clients} -T {seconds} ...", flush=True)
             collector = subprocess.Popen(
                 [sys.executable, "-m", "pgflow", "run", "--scrapes", str(seconds + 6)],
                 env=env,
@@ -70,9 +68,7 @@ def run_demo(bindir: str | None = None, clients: int = 4, seconds: int = 10, out
             receiver.stop()
     print(f"4/4 the receiver stored {points.height} data points; top queries by total execution time:\n")
     _print_top(points)
-    print(
-        f"\nThe points are in {points_file} (DuckDB, table points): pgflow.otlp.store.read_points({str(points_file)!r})"
-    )
+    print(f"\nThe points are in {points_file} (DuckDB, table points): pgflow.otlp.store.read_points({str(points_file)!r})")
     return 0
 
 

@@ -103,18 +103,14 @@ def metrics_page() -> str:
         "A health group's section starts with its name, as `health_groups_disabled` and "
         "`health_group_intervals` take it ([configuration](configuration.md)).",
         "",
-        " · ".join(f"[{g.title}](#{anchor(g.title)})" for g in used)
-        + " · [Events](#events) · [Resource attributes](#resource-attributes)",
+        " · ".join(f"[{g.title}](#{anchor(g.title)})" for g in used) + " · [Events](#events) · [Resource attributes](#resource-attributes)",
         "",
     ]
     for g in used:
         members = [m for m in all_metrics if m.group == g.name]
         out += [f"## {g.title}", ""]
         out += [(f"Group `{g.name}`. " if g.health_group else "") + g.description, ""]
-        out += [
-            "| metric | kind | unit | attributes | source | since | meaning |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
+        out += ["| metric | kind | unit | attributes | source | since | meaning |", "| --- | --- | --- | --- | --- | --- | --- |"]
         attributes = [a for m in members for a in m.attributes]
         varying = _varying(attributes)
         for m in members:
@@ -151,8 +147,7 @@ def metrics_page() -> str:
     out += [
         "## Resource attributes",
         "",
-        "On every metric and event, per PostgreSQL instance "
-        "(`OTEL_RESOURCE_ATTRIBUTES` adds more; pgflow's own keys always win).",
+        "On every metric and event, per PostgreSQL instance (`OTEL_RESOURCE_ATTRIBUTES` adds more; pgflow's own keys always win).",
         "",
         *_attribute_rows(list(reg.resource_attributes().values())),
         "",
@@ -162,14 +157,7 @@ def metrics_page() -> str:
 
 # docs/configuration.md ------------------------------------------------------------------------
 
-_TYPE_NAMES: dict[Any, str] = {
-    float: "number",
-    int: "integer",
-    str: "string",
-    bool: "boolean",
-    Path: "path",
-    SecretStr: "secret string",
-}
+_TYPE_NAMES: dict[Any, str] = {float: "number", int: "integer", str: "string", bool: "boolean", Path: "path", SecretStr: "secret string"}
 _BOUNDS: list[tuple[type, str, str]] = [
     (annotated_types.Gt, "gt", "> {}"),
     (annotated_types.Ge, "ge", "≥ {}"),
@@ -297,12 +285,7 @@ def configuration_page() -> str:
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         groups.setdefault(str(extra.get("group", "Settings")), []).append(name)
     for title, names in groups.items():
-        out += [
-            f"## {title}",
-            "",
-            "| setting | environment | default | type | meaning |",
-            "| --- | --- | --- | --- | --- |",
-        ]
+        out += [f"## {title}", "", "| setting | environment | default | type | meaning |", "| --- | --- | --- | --- | --- |"]
         for name in names:
             info = fields[name]
             out.append(

@@ -40,8 +40,7 @@ OPERATION_NAME = A(
 SUMMARY = A("db.query.summary", "Operation and first relation, e.g. `UPDATE pgbench_branches`.")
 FINGERPRINT = A(
     "postgresql.query.fingerprint",
-    "The statement's fingerprint (hex); `other`: the rolled-up "
-    "series; `unknown`: a statement pg_stat_statements does not hold.",
+    "The statement's fingerprint (hex); `other`: the rolled-up series; `unknown`: a statement pg_stat_statements does not hold.",
     examples=("other", "unknown"),
 )
 TEXT = A("db.query.text", "Normalized statement text: never a literal or comment, at most 4095 characters.")
@@ -54,22 +53,17 @@ QUERY_SERIES = (DB, USER, OPERATION_NAME, SUMMARY, FINGERPRINT, TEXT, TOPLEVEL)
 BLOCK_KIND = A(
     "postgresql.block.kind",
     "Which block counter of pg_stat_statements.",
-    values=tuple(f"{s}_{o}" for s in ("shared", "local") for o in ("hit", "read", "dirtied", "written"))
-    + ("temp_read", "temp_written"),
+    values=tuple(f"{s}_{o}" for s in ("shared", "local") for o in ("hit", "read", "dirtied", "written")) + ("temp_read", "temp_written"),
 )
 IO_DIRECTION = A("postgresql.io.direction", "Block read or write time.", values=("read", "write"))
-CONNECTION_STATE = A(
-    "postgresql.connection.state", "`pg_stat_activity.state`.", examples=("active", "idle", "idle in transaction")
-)
+CONNECTION_STATE = A("postgresql.connection.state", "`pg_stat_activity.state`.", examples=("active", "idle", "idle in transaction"))
 WAIT_TYPE = A(
     "postgresql.wait_event.type",
     "Wait event type; `CPU` when active with no wait event.",
     examples=("CPU", "Lock", "LWLock", "IO", "Client"),
 )
 WAIT_NAME = A(
-    "postgresql.wait_event.name",
-    "Wait event; `CPU` when active with no wait event.",
-    examples=("CPU", "ClientRead", "transactionid"),
+    "postgresql.wait_event.name", "Wait event; `CPU` when active with no wait event.", examples=("CPU", "ClientRead", "transactionid")
 )
 LOCK_MODE = A("postgresql.lock.mode", "`pg_locks.mode`.", examples=("AccessShareLock", "RowExclusiveLock"))
 LOCK_TYPE = A("postgresql.lock.type", "`pg_locks.locktype`.", examples=("relation", "transactionid"))
@@ -79,14 +73,11 @@ BACKEND_TYPE = A(
     "`backend_type` of pg_stat_activity / pg_stat_io.",
     examples=("client backend", "autovacuum worker", "checkpointer"),
 )
-SESSION_STATE = A(
-    "postgresql.session.state", "`pg_stat_activity.state` of the session.", examples=("active", "idle in transaction")
-)
+SESSION_STATE = A("postgresql.session.state", "`pg_stat_activity.state` of the session.", examples=("active", "idle in transaction"))
 WAIT_SOURCE = A("postgresql.wait.source", "Where the waits were read.", values=("pg_stat_activity",))
 ROOT_STATE = A(
     "postgresql.blocking.root.state",
-    "State of the root blocker; `prepared transaction`, or "
-    "`unknown` (a root outside the sample, a deadlock not yet broken).",
+    "State of the root blocker; `prepared transaction`, or `unknown` (a root outside the sample, a deadlock not yet broken).",
     examples=("idle in transaction", "active", "prepared transaction", "unknown"),
 )
 CONFLICT = A(
@@ -94,9 +85,7 @@ CONFLICT = A(
     "Recovery conflict kind (only non-zero ones).",
     values=("tablespace", "lock", "snapshot", "bufferpin", "deadlock"),
 )
-SESSION_END = A(
-    "postgresql.session.end", "How sessions ended (only non-zero ones).", values=("abandoned", "fatal", "killed")
-)
+SESSION_END = A("postgresql.session.end", "How sessions ended (only non-zero ones).", values=("abandoned", "fatal", "killed"))
 TYPE = A("type", "The receiver's `type` attribute.")
 SOURCE = A("source", "The receiver's `source` attribute.")
 IO_OBJECT = A("postgresql.io.object", "`pg_stat_io.object`.", examples=("relation", "temp relation", "wal"))
@@ -113,9 +102,7 @@ WAL_OPERATION = A("operation", "Which lag of pg_stat_replication.", values=("wri
 SLOT_NAME = A("postgresql.replication_slot.name", "Slot name.")
 SLOT_TYPE = A("postgresql.replication_slot.type", "Slot type.", values=("physical", "logical"))
 SLOT = (SLOT_NAME, SLOT_TYPE)
-TABLE = A(
-    "db.collection.name", "`schema.table` (partitions rolled into their root); `other` past `max_tables_tracked`."
-)
+TABLE = A("db.collection.name", "`schema.table` (partitions rolled into their root); `other` past `max_tables_tracked`.")
 TABLE_OPERATION = A("postgresql.operation", "Row operation.", values=("ins", "upd", "del", "hot_upd"))
 ROW_STATE = A("postgresql.row.state", "Live or dead tuples.", values=("live", "dead"))
 PER_TABLE = (DB, TABLE)
@@ -143,8 +130,7 @@ GROUPS = (
     Group(
         "connections",
         "Connections and locks",
-        "From pg_stat_activity and pg_locks, every scrape. "
-        "Connection states, lock states and blocked sessions read 0 rather than vanish.",
+        "From pg_stat_activity and pg_locks, every scrape. Connection states, lock states and blocked sessions read 0 rather than vanish.",
     ),
     Group(
         "activity",
@@ -226,16 +212,7 @@ METRICS = (
         QUERY_SERIES,
     ),
     M("postgresql.query.rows", "sum", "{row}", "int", "Rows returned or affected.", PGSS, "queries", QUERY_SERIES),
-    M(
-        "postgresql.query.blocks",
-        "sum",
-        "{block}",
-        "int",
-        "Blocks by kind (only non-zero).",
-        PGSS,
-        "queries",
-        QUERY_SERIES + (BLOCK_KIND,),
-    ),
+    M("postgresql.query.blocks", "sum", "{block}", "int", "Blocks by kind (only non-zero).", PGSS, "queries", QUERY_SERIES + (BLOCK_KIND,)),
     M(
         "postgresql.query.io.duration",
         "sum",
@@ -246,16 +223,7 @@ METRICS = (
         "queries",
         QUERY_SERIES + (IO_DIRECTION,),
     ),
-    M(
-        "postgresql.query.wal.bytes",
-        "sum",
-        "By",
-        "int",
-        "WAL generated (only non-zero).",
-        PGSS,
-        "queries",
-        QUERY_SERIES,
-    ),
+    M("postgresql.query.wal.bytes", "sum", "By", "int", "WAL generated (only non-zero).", PGSS, "queries", QUERY_SERIES),
     M(
         "postgresql.statements.deallocated",
         "sum",
@@ -277,15 +245,7 @@ METRICS = (
         "connections",
         (DB, USER, CONNECTION_STATE, WAIT_TYPE),
     ),
-    M(
-        "postgresql.connection.max",
-        "gauge",
-        "{connection}",
-        "int",
-        "`max_connections`.",
-        "`max_connections`",
-        "connections",
-    ),
+    M("postgresql.connection.max", "gauge", "{connection}", "int", "`max_connections`.", "`max_connections`", "connections"),
     M(
         "postgresql.lock.count",
         "gauge",
@@ -296,26 +256,8 @@ METRICS = (
         "connections",
         (DB, LOCK_MODE, LOCK_TYPE, LOCK_GRANTED),
     ),
-    M(
-        "postgresql.blocked.count",
-        "gauge",
-        "{session}",
-        "int",
-        "Sessions waiting on a lock.",
-        "pg_locks",
-        "connections",
-        (DB,),
-    ),
-    M(
-        "postgresql.blocked.wait.max",
-        "gauge",
-        "s",
-        "double",
-        "Longest current lock wait.",
-        "pg_stat_activity",
-        "connections",
-        (DB,),
-    ),
+    M("postgresql.blocked.count", "gauge", "{session}", "int", "Sessions waiting on a lock.", "pg_locks", "connections", (DB,)),
+    M("postgresql.blocked.wait.max", "gauge", "s", "double", "Longest current lock wait.", "pg_stat_activity", "connections", (DB,)),
     # Active sessions
     M(
         "postgresql.activity.time",
@@ -397,14 +339,7 @@ METRICS = (
         source="pg_stat_database_conflicts",
         attributes=(DB, CONFLICT),
     ),
-    _db(
-        "postgresql.session.time",
-        "s",
-        "Time sessions spent connected.",
-        value_type="double",
-        otel=False,
-        min_version=140000,
-    ),
+    _db("postgresql.session.time", "s", "Time sessions spent connected.", value_type="double", otel=False, min_version=140000),
     _db(
         "postgresql.session.active.time",
         "s",
@@ -439,22 +374,8 @@ METRICS = (
         otel=False,
         source="pg_database",
     ),
-    _db(
-        "postgresql.database.min_mxid.age",
-        "{multixact}",
-        "`mxid_age(datminmxid)`.",
-        kind="gauge",
-        otel=False,
-        source="pg_database",
-    ),
-    _db(
-        "postgresql.db_size",
-        "By",
-        "Database size (a gauge here).",
-        kind="gauge",
-        source="`pg_database_size`",
-        group="db_size",
-    ),
+    _db("postgresql.database.min_mxid.age", "{multixact}", "`mxid_age(datminmxid)`.", kind="gauge", otel=False, source="pg_database"),
+    _db("postgresql.db_size", "By", "Database size (a gauge here).", kind="gauge", source="`pg_database_size`", group="db_size"),
     # Checkpointer and background writer
     M(
         "postgresql.bgwriter.checkpoint.count",
@@ -483,8 +404,7 @@ METRICS = (
         "sum",
         "{buffers}",
         "int",
-        "Buffers written, by writer (`bgwriter`, "
-        "`backend`, `backend_fsync` from group bgwriter; the last two up to 16).",
+        "Buffers written, by writer (`bgwriter`, `backend`, `backend_fsync` from group bgwriter; the last two up to 16).",
         CKPT,
         "checkpointer",
         (SOURCE.only("checkpoints", "bgwriter", "backend", "backend_fsync"),),
@@ -501,16 +421,7 @@ METRICS = (
         (TYPE.only("scheduled", "requested", "done"),),
         min_version=170000,
     ),
-    M(
-        "postgresql.bgwriter.buffers.allocated",
-        "sum",
-        "{buffers}",
-        "int",
-        "Buffers allocated.",
-        "pg_stat_bgwriter",
-        "bgwriter",
-        otel=True,
-    ),
+    M("postgresql.bgwriter.buffers.allocated", "sum", "{buffers}", "int", "Buffers allocated.", "pg_stat_bgwriter", "bgwriter", otel=True),
     M(
         "postgresql.bgwriter.maxwritten",
         "sum",
@@ -684,9 +595,7 @@ METRICS = (
         "wal_receiver",
     ),
     # Tables
-    _table(
-        "postgresql.operations", "sum", "1", "Rows inserted, updated, deleted, HOT-updated.", TABLE_OPERATION, otel=True
-    ),
+    _table("postgresql.operations", "sum", "1", "Rows inserted, updated, deleted, HOT-updated.", TABLE_OPERATION, otel=True),
     _table("postgresql.sequential_scans", "sum", "{sequential_scan}", "Sequential scans.", otel=True),
     _table("postgresql.index.scans", "sum", "{scans}", "Index scans, the table's indexes summed.", otel=True),
     _table(
@@ -704,27 +613,13 @@ METRICS = (
     _table("postgresql.table.autoanalyze.count", "sum", "{analyze}", "Autoanalyzes."),
     _table("postgresql.rows", "gauge", "1", "Live and dead tuples.", ROW_STATE, otel=True),
     _table("postgresql.table.size", "gauge", "By", "Table size (heap and TOAST).", source="`pg_table_size`", otel=True),
-    _table(
-        "postgresql.index.size", "gauge", "By", "Size of the table's indexes.", source="`pg_indexes_size`", otel=True
-    ),
+    _table("postgresql.index.size", "gauge", "By", "Size of the table's indexes.", source="`pg_indexes_size`", otel=True),
     _table("postgresql.table.frozen_xid.age", "gauge", "{transaction}", "`age(relfrozenxid)`.", source="pg_class"),
     *(
-        _table(
-            f"postgresql.table.{w}.age", "gauge", "s", f"Since the last {w} (named tables only).", value_type="double"
-        )
+        _table(f"postgresql.table.{w}.age", "gauge", "s", f"Since the last {w} (named tables only).", value_type="double")
         for w in ("vacuum", "autovacuum", "analyze", "autoanalyze")
     ),
-    M(
-        "postgresql.table.count",
-        "gauge",
-        "{table}",
-        "int",
-        "Tables in the database.",
-        "pg_class",
-        "tables",
-        (DB,),
-        otel=True,
-    ),
+    M("postgresql.table.count", "gauge", "{table}", "int", "Tables in the database.", "pg_class", "tables", (DB,), otel=True),
 )
 
 # Events ------------------------------------------------------------------------------------------
@@ -739,8 +634,7 @@ _EVENT_COMMON = (
 EVENTS = (
     Event(
         "db.server.query_sample",
-        "One execution running longer than `sample_min_duration_ms`, as the sampler "
-        "saw it (limited per fingerprint and per window).",
+        "One execution running longer than `sample_min_duration_ms`, as the sampler saw it (limited per fingerprint and per window).",
         _EVENT_COMMON
         + (
             USER,
@@ -765,8 +659,7 @@ EVENTS = (
     ),
     Event(
         "db.server.query_plan",
-        "A generic plan of a tracked statement, at most `explains_per_window` per window, "
-        "each fingerprint once per `explain_ttl_secs`.",
+        "A generic plan of a tracked statement, at most `explains_per_window` per window, each fingerprint once per `explain_ttl_secs`.",
         _EVENT_COMMON
         + (
             A("postgresql.plan.hash", "Hash of the plan's shape."),

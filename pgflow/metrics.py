@@ -224,14 +224,10 @@ def event_problems(events_frame: pl.DataFrame) -> list[str]:
         return []
     declared = events()
     problems: list[str] = []
-    attrs = events_frame.select(
-        "event_name", pl.col("body").is_not_null().alias("__body"), pl.col("attributes").struct.unnest()
-    )
+    attrs = events_frame.select("event_name", pl.col("body").is_not_null().alias("__body"), pl.col("attributes").struct.unnest())
     keys = [c for c in attrs.columns if c not in ("event_name", "__body")]
     present = attrs.group_by("event_name").agg(
-        pl.col("__body").any(),
-        pl.col("__body").all().alias("__all_body"),
-        *(pl.col(k).is_not_null().any() for k in keys),
+        pl.col("__body").any(), pl.col("__body").all().alias("__all_body"), *(pl.col(k).is_not_null().any() for k in keys)
     )
     for row in present.sort("event_name").iter_rows(named=True):
         e = declared.get(row["event_name"])

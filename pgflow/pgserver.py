@@ -216,19 +216,7 @@ class LocalPostgres:
         opts = f"-p {self.port} -c listen_addresses={self.host} -c unix_socket_directories={self.root}"
         try:
             self._run(
-                [
-                    str(self.bindir / "pg_ctl"),
-                    "-D",
-                    str(self.datadir),
-                    "-l",
-                    str(self.logfile),
-                    "-o",
-                    opts,
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ]
+                [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-o", opts, "-w", "-t", "60", "start"]
             )
         except PgflowError as exc:  # the server's own words say why
             log = self.logfile.read_text(errors="replace").strip().splitlines() if self.logfile.exists() else []
@@ -239,16 +227,11 @@ class LocalPostgres:
     def stop(self, mode: str = "fast") -> None:
         pidfile = self.datadir / "postmaster.pid"
         if pidfile.exists():
-            proc = self._run(
-                [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop"],
-                check=False,
-            )
+            proc = self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop"], check=False)
             if not self._gone(pidfile, 20):
                 # pg_ctl once returned without the server ever logging a shutdown request (a
                 # restart test then found the old server): signal the postmaster directly.
-                log.warning(
-                    "pg_ctl stop left the server running; signalling it directly: %s", proc.stderr.strip()[-300:]
-                )
+                log.warning("pg_ctl stop left the server running; signalling it directly: %s", proc.stderr.strip()[-300:])
                 self._signal(pidfile, {"smart": signal.SIGTERM, "fast": signal.SIGINT}.get(mode, signal.SIGQUIT))
                 self._gone(pidfile, 60)  # a restart must not find the old server
 
@@ -356,9 +339,7 @@ class LocalPostgres:
     def pgbench(self, *args: str, dbname: str = "postgres") -> str:
         """Run pgbench with ``args`` (e.g. ``"-c", "4", "-t", "250"``) and return its output."""
         env = dict(os.environ, PGHOST=self.host, PGPORT=str(self.port), PGUSER="postgres", PGDATABASE=dbname)
-        proc = subprocess.run(
-            [str(self._pgbench_binary()), *args], capture_output=True, text=True, env=env, timeout=600
-        )
+        proc = subprocess.run([str(self._pgbench_binary()), *args], capture_output=True, text=True, env=env, timeout=600)
         if proc.returncode != 0:
             raise PgflowError(f"pgbench {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
         return proc.stdout
@@ -377,9 +358,7 @@ def _basebackup_binary(bindir: Path) -> Path:
     return wheel / "pg_basebackup"
 
 
-def standby_of(
-    primary: LocalPostgres, *, slot: str | None = None, settings: dict[str, str] | None = None
-) -> LocalPostgres:
+def standby_of(primary: LocalPostgres, *, slot: str | None = None, settings: dict[str, str] | None = None) -> LocalPostgres:
     """A streaming standby of ``primary``, made with ``pg_basebackup -R`` and started.
 
     With ``slot``, the backup creates that physical replication slot and the standby streams
@@ -426,10 +405,7 @@ def standby_of(
     # -R writes every option of the client's libpq; an older server's libpq rejects the newer ones.
     auto = standby.datadir / "postgresql.auto.conf"
     lines = [ln for ln in auto.read_text().splitlines() if not ln.startswith("primary_conninfo")]
-    lines.append(
-        f"primary_conninfo = 'host={primary.host} port={primary.port} user=postgres "
-        f"application_name=standby_{standby.port}'"
-    )
+    lines.append(f"primary_conninfo = 'host={primary.host} port={primary.port} user=postgres application_name=standby_{standby.port}'")
     auto.write_text("\n".join(lines) + "\n")
     if settings:
         with open(standby.datadir / "postgresql.conf", "a") as conf:

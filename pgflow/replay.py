@@ -84,9 +84,7 @@ class ReplaySource(FixedPartitionedSource[Snapshot, int]):
         return _ReplayPartition(self.path, for_part, resume_state)
 
 
-def replay_flow(
-    path: str | Path, settings: Settings, out: str | Path | None = None, report: bool = False
-) -> int | tuple[int, int]:
+def replay_flow(path: str | Path, settings: Settings, out: str | Path | None = None, report: bool = False) -> int | tuple[int, int]:
     """Run a capture through the bytewax collector flow, to the endpoint or into ``out`` (DuckDB).
 
     With ``out``, an in-process receiver on a free port takes the endpoint's place, so the

@@ -20,32 +20,18 @@ scrape_duration = Histogram(
 )
 scrape_errors = Counter("pgflow_scrape_errors_total", "Failed scrapes", ["instance", "cause"], registry=REGISTRY)
 rows_scraped = Counter("pgflow_rows_scraped_total", "pg_stat_statements rows read", ["instance"], registry=REGISTRY)
-text_fetches = Counter(
-    "pgflow_text_fetches_total", "Round trips that fetched query text", ["instance"], registry=REGISTRY
-)
-text_cache_hits = Counter(
-    "pgflow_text_cache_hits_total", "Query texts served from the cache", ["instance"], registry=REGISTRY
-)
-fingerprint_cache = Counter(
-    "pgflow_fingerprint_cache_total", "Fingerprint cache lookups", ["result"], registry=REGISTRY
-)
-series_tracked = Gauge(
-    "pgflow_series_tracked", "Fingerprints tracked as their own series", ["instance"], registry=REGISTRY
-)
-series_evicted = Counter(
-    "pgflow_series_evicted_total", "Fingerprints evicted from the LRU", ["instance"], registry=REGISTRY
-)
+text_fetches = Counter("pgflow_text_fetches_total", "Round trips that fetched query text", ["instance"], registry=REGISTRY)
+text_cache_hits = Counter("pgflow_text_cache_hits_total", "Query texts served from the cache", ["instance"], registry=REGISTRY)
+fingerprint_cache = Counter("pgflow_fingerprint_cache_total", "Fingerprint cache lookups", ["result"], registry=REGISTRY)
+series_tracked = Gauge("pgflow_series_tracked", "Fingerprints tracked as their own series", ["instance"], registry=REGISTRY)
+series_evicted = Counter("pgflow_series_evicted_total", "Fingerprints evicted from the LRU", ["instance"], registry=REGISTRY)
 points_exported = Counter("pgflow_points_exported_total", "Data points acknowledged by the endpoint", registry=REGISTRY)
-export_duration = Histogram(
-    "pgflow_export_duration_seconds", "Time one batch took to send, retries included", registry=REGISTRY
-)
+export_duration = Histogram("pgflow_export_duration_seconds", "Time one batch took to send, retries included", registry=REGISTRY)
 export_retries = Counter("pgflow_export_retries_total", "Export retries", ["cause"], registry=REGISTRY)
 export_failures = Counter("pgflow_export_failures_total", "Batches not acknowledged", ["cause"], registry=REGISTRY)
 points_dropped = Counter("pgflow_points_dropped_total", "Points given up", ["reason"], registry=REGISTRY)
 queue_depth = Gauge("pgflow_queue_depth", "Windows waiting for acknowledgement", ["instance"], registry=REGISTRY)
-last_scrape = Gauge(
-    "pgflow_last_successful_scrape_timestamp_seconds", "Last successful scrape", ["instance"], registry=REGISTRY
-)
+last_scrape = Gauge("pgflow_last_successful_scrape_timestamp_seconds", "Last successful scrape", ["instance"], registry=REGISTRY)
 # issue 14: statements the monitoring role may not see; text fetches that failed (encodings).
 hidden_statements = Gauge(
     "pgflow_hidden_statements",
@@ -61,14 +47,9 @@ text_failures = Counter(
 )
 
 # issue 13: instance health groups read, per group (each is one read-only query under the scrape's timeouts).
-health_queries = Counter(
-    "pgflow_health_queries_total", "Health group queries run", ["instance", "group"], registry=REGISTRY
-)
+health_queries = Counter("pgflow_health_queries_total", "Health group queries run", ["instance", "group"], registry=REGISTRY)
 health_groups_supported = Gauge(
-    "pgflow_health_group_supported",
-    "1 if the server has the health group, else 0",
-    ["instance", "group"],
-    registry=REGISTRY,
+    "pgflow_health_group_supported", "1 if the server has the health group, else 0", ["instance", "group"], registry=REGISTRY
 )
 last_export = Gauge("pgflow_last_successful_export_timestamp_seconds", "Last acknowledged export", registry=REGISTRY)
 
@@ -103,9 +84,7 @@ explains_failed = Counter(
     registry=REGISTRY,
 )
 # Issue 12: events through the ledger and the shipper (pgflow/stream/logic.py, shipper.py).
-events_exported = Counter(
-    "pgflow_events_exported_total", "Events (plans, query samples) acknowledged by the endpoint", registry=REGISTRY
-)
+events_exported = Counter("pgflow_events_exported_total", "Events (plans, query samples) acknowledged by the endpoint", registry=REGISTRY)
 events_dropped = Counter(
     "pgflow_events_dropped_total",
     "Events given up, by reason (backlog: the oldest, past the bound of waiting events; rejected_by_endpoint)",
@@ -161,14 +140,9 @@ table_scrape_duration = Histogram(
 table_rows_fetched = Counter(
     "pgflow_table_rows_fetched_total", "Table rows read by the table statistics scrape", ["instance"], registry=REGISTRY
 )
-tables_seen = Gauge(
-    "pgflow_tables_seen", "Tables (partitions rolled up) in the databases scraped", ["instance"], registry=REGISTRY
-)
+tables_seen = Gauge("pgflow_tables_seen", "Tables (partitions rolled up) in the databases scraped", ["instance"], registry=REGISTRY)
 tables_rolled_up = Gauge(
-    "pgflow_tables_rolled_up",
-    "Tables rolled into db.collection.name=other in the last window",
-    ["instance"],
-    registry=REGISTRY,
+    "pgflow_tables_rolled_up", "Tables rolled into db.collection.name=other in the last window", ["instance"], registry=REGISTRY
 )
 
 # Issue 20: the connection budget (pgflow/scrape/budget.py) and the server's headroom.

@@ -46,9 +46,7 @@ def scrape_times(snapshots: Sequence[Snapshot]) -> dict[str, list[datetime]]:
     return {instance: sorted(t) for instance, t in times.items()}
 
 
-def _measured_windows(
-    points: pl.DataFrame, length_us: int, times: dict[str, list[datetime]]
-) -> tuple[pl.DataFrame, bool]:
+def _measured_windows(points: pl.DataFrame, length_us: int, times: dict[str, list[datetime]]) -> tuple[pl.DataFrame, bool]:
     """``points`` with their window's end (``window_end``, epoch µs), kept to the windows measured.
 
     Sums carry their window; a gauge belongs to the window containing its observation.
@@ -121,16 +119,8 @@ def sweep(
     snapshots = list(capture.read(capture_path)) if isinstance(capture_path, (str, Path)) else list(capture_path)
     times = scrape_times(snapshots)
     rows = []
-    for cap, threshold, interval in itertools.product(
-        max_queries_tracked, slow_query_threshold_ms, export_interval_secs
-    ):
-        points = ops.run(
-            snapshots,
-            max_queries_tracked=cap,
-            slow_query_threshold_ms=threshold,
-            export_interval_secs=interval,
-            **fixed,
-        )
+    for cap, threshold, interval in itertools.product(max_queries_tracked, slow_query_threshold_ms, export_interval_secs):
+        points = ops.run(snapshots, max_queries_tracked=cap, slow_query_threshold_ms=threshold, export_interval_secs=interval, **fixed)
         rows.append(
             {
                 "max_queries_tracked": cap,

@@ -53,22 +53,8 @@ def _ca(d: Path, name: str) -> None:
     )
 
 
-def _leaf(
-    d: Path, name: str, cn: str, san: str | None, client: bool = False, dates: tuple[str, str] | None = None
-) -> None:
-    _ssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.csr",
-        "-subj",
-        f"/CN={cn}",
-        cwd=d,
-    )
+def _leaf(d: Path, name: str, cn: str, san: str | None, client: bool = False, dates: tuple[str, str] | None = None) -> None:
+    _ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
     ext = [
         "basicConstraints=CA:FALSE",
         f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}",

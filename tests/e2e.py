@@ -40,9 +40,7 @@ def collector_env(dsn: str | None, endpoint: str, state_dir: Path, **extra: str)
 
 def start_collector(env: dict[str, str], *args: str, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", "pgflow", "run", *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
-    )
+    return subprocess.Popen([sys.executable, "-m", "pgflow", "run", *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def wait_for_baseline(state_dir: Path, instances: int = 1, timeout: float = 30) -> None:
@@ -55,9 +53,7 @@ def wait_for_baseline(state_dir: Path, instances: int = 1, timeout: float = 30) 
     raise AssertionError(f"no baseline scrape within {timeout} s")
 
 
-def settle(
-    seconds: float = 2.5, state_dir: Path | None = None, scrapes: int = 3, timeout: float = 60, instance: str = "*"
-) -> None:
+def settle(seconds: float = 2.5, state_dir: Path | None = None, scrapes: int = 3, timeout: float = 60, instance: str = "*") -> None:
     """Let time pass (interval 0.3 s, windows of 1 s) and, with ``state_dir``, wait until every
     (or one) instance's ledger has recorded ``scrapes`` more scrapes, however slow the machine is."""
     started = time.monotonic()

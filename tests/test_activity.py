@@ -235,10 +235,7 @@ def test_sampling_off_means_no_sampler_connection_and_no_activity_points(pg):
         (waiting lets connections closed by earlier tests go away; a sampler that should not be
         there makes the wait time out)."""
         settings = Settings.load(
-            database_url=pg.dsn(),
-            activity_sample_interval_secs=interval,
-            collection_interval_secs=0.5,
-            table_stats_enabled=False,
+            database_url=pg.dsn(), activity_sample_interval_secs=interval, collection_interval_secs=0.5, table_stats_enabled=False
         )  # tables: own connections
         part = ScrapePartition(settings.targets()[0], settings, None)
         try:
@@ -247,11 +244,7 @@ def test_sampling_off_means_no_sampler_connection_and_no_activity_points(pg):
             while len(snaps) < 2 and time.monotonic() < deadline:
                 snaps += part.next_batch()
                 time.sleep(0.02)
-            _wait_for(
-                pg,
-                f"SELECT count(*) = {pgflow_backends} FROM pg_stat_activity WHERE application_name = 'pgflow'",
-                timeout=10,
-            )
+            _wait_for(pg, f"SELECT count(*) = {pgflow_backends} FROM pg_stat_activity WHERE application_name = 'pgflow'", timeout=10)
             return snaps
         finally:
             part.close()
@@ -359,9 +352,7 @@ def test_check_detects_pg_wait_sampling(pg_factory):
     from pgflow.pgserver import LocalPostgres
     from pgflow.scrape.diagnose import check
 
-    server = LocalPostgres(
-        WAIT_SAMPLING_BINDIR, settings={"shared_preload_libraries": "pg_stat_statements,pg_wait_sampling"}
-    ).start()
+    server = LocalPostgres(WAIT_SAMPLING_BINDIR, settings={"shared_preload_libraries": "pg_stat_statements,pg_wait_sampling"}).start()
     try:
         server.execute("CREATE EXTENSION pg_stat_statements", "CREATE EXTENSION pg_wait_sampling")
         findings = {f.name: f for f in check(InstanceConfig(name="ws", database_url=server.dsn())).findings}
@@ -385,9 +376,7 @@ def test_collector_exports_activity_end_to_end(pg, tmp_path):
     from pgflow.otlp.receiver import Receiver
 
     with Receiver() as receiver:
-        env = collector_env(
-            pg.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD)
-        )
+        env = collector_env(pg.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD))
         proc = start_collector(env, log=tmp_path / "log")
         try:
             wait_for_baseline(tmp_path / "state")
@@ -407,9 +396,7 @@ def test_collector_exports_activity_end_to_end(pg, tmp_path):
 
     def samples(outcome: str) -> float:
         lines = [
-            line
-            for line in metrics.splitlines()
-            if line.startswith("pgflow_activity_samples_total") and f'outcome="{outcome}"' in line
+            line for line in metrics.splitlines() if line.startswith("pgflow_activity_samples_total") and f'outcome="{outcome}"' in line
         ]
         return float(lines[0].split()[-1]) if lines else 0.0
 
@@ -506,10 +493,7 @@ def test_the_prefilter_reads_every_session_the_whole_read_would(pg, monkeypatch,
     conns, expect = _sessions(pg.dsn())
     try:
         pids = set().union(*expect.values())
-        _wait_for(
-            pg,
-            f"SELECT count(*) = 3 FROM pg_stat_activity WHERE state = 'active' AND pid IN ({','.join(map(str, pids))})",
-        )
+        _wait_for(pg, f"SELECT count(*) = 3 FROM pg_stat_activity WHERE state = 'active' AND pid IN ({','.join(map(str, pids))})")
         monkeypatch.setattr(sampling_sql, "WHOLE_READ_RATIO", 1000 if path == "whole" else 0)
         version = int(pg.execute("SHOW server_version_num")[0][0])
         sql = sampling_sql.sample_sql(version)
@@ -519,9 +503,7 @@ def test_the_prefilter_reads_every_session_the_whole_read_would(pg, monkeypatch,
             # back as known, they are not read again
             known = {row[0]: row[18] for row in first if row[18] is not None}
             rows = conn.execute(sampling_sql.with_known_idle(sql, known)).fetchall()
-            plan = conn.execute(
-                "EXPLAIN (ANALYZE, FORMAT JSON) " + sampling_sql.with_known_idle(sql, known)
-            ).fetchone()[0]
+            plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sampling_sql.with_known_idle(sql, known)).fetchone()[0]
         idle = {c.info.backend_pid for c in conns} - pids
         assert idle <= set(known)  # every idle session was learned ...
         assert {row[6] for row in first if row[18] is not None} == {"idle"}  # ... as idle, and only those

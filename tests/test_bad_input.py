@@ -17,9 +17,7 @@ from pgflow.errors import ConfigError
 from pgflow.ops.fingerprint import query_info
 from pgflow.otlp.receiver import Receiver
 
-NUMERIC = {
-    name: f for name, f in Settings.model_fields.items() if f.annotation in (int, float, int | None, float | None)
-}
+NUMERIC = {name: f for name, f in Settings.model_fields.items() if f.annotation in (int, float, int | None, float | None)}
 
 
 @pytest.mark.parametrize("name", sorted(NUMERIC))
@@ -38,20 +36,14 @@ def test_every_numeric_setting_rejects_bad_values(name, value):
     assert name in str(info.value) and "\n" not in str(info.value) and info.value.exit_code == 2
 
 
-@pytest.mark.parametrize(
-    "content", ['{"batch_size": "x"}', '{"collection_interval_secs": -3}', '{"nope": 1}', "{broken", '"a string"']
-)
+@pytest.mark.parametrize("content", ['{"batch_size": "x"}', '{"collection_interval_secs": -3}', '{"nope": 1}', "{broken", '"a string"'])
 def test_config_file_errors_from_the_cli(tmp_path, content):
     path = tmp_path / "c.json"
     path.write_text(content)
     env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "postgresql://mon:Pa55-Secret@db:5432/app"}
     for command in (["check"], ["run"], ["capture", "--out", str(tmp_path / "x.duckdb")]):
         proc = subprocess.run(
-            [sys.executable, "-m", "pgflow", *command, "--config", str(path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
+            [sys.executable, "-m", "pgflow", *command, "--config", str(path)], env=env, capture_output=True, text=True, timeout=60
         )
         assert proc.returncode == 2, (command, proc.stderr)
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
@@ -60,10 +52,7 @@ def test_config_file_errors_from_the_cli(tmp_path, content):
 
 def test_unreadable_config_file_from_the_cli(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pgflow", "check", "--config", str(tmp_path / "missing.json")],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-m", "pgflow", "check", "--config", str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2 and "cannot read config file" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -87,14 +76,10 @@ def test_odd_statement_texts_never_crash(text):
 def test_secrets_never_leave(pg, tmp_path):
     """Literals of statements, the DSN password and the API key: in no point, log, ledger or capture."""
     literal, dsn_password, api_key = "Literal-Secret-4471", "Dsn-Secret-9923", "NRAK-Secret-5510"
-    pg.execute(
-        "DROP ROLE IF EXISTS mon_secret", f"CREATE ROLE mon_secret LOGIN PASSWORD '{dsn_password}' IN ROLE pg_monitor"
-    )
+    pg.execute("DROP ROLE IF EXISTS mon_secret", f"CREATE ROLE mon_secret LOGIN PASSWORD '{dsn_password}' IN ROLE pg_monitor")
     dsn = pg.dsn(user="mon_secret", password=dsn_password)
     with Receiver() as receiver:
-        env = collector_env(
-            dsn, receiver.grpc_endpoint, tmp_path / "state", NEW_RELIC_API_KEY=api_key, PGFLOW_LOG_LEVEL="debug"
-        )
+        env = collector_env(dsn, receiver.grpc_endpoint, tmp_path / "state", NEW_RELIC_API_KEY=api_key, PGFLOW_LOG_LEVEL="debug")
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:

@@ -122,9 +122,7 @@ def test_forty_databases_never_exceed_the_budget_and_each_gets_its_statistics(cr
     log = tmp_path / "log"
     try:
         with Receiver() as receiver:
-            env = collector_env(
-                server.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_TABLE_STATS_INTERVAL_SECS="5"
-            )
+            env = collector_env(server.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_TABLE_STATS_INTERVAL_SECS="5")
             proc = start_collector(env, log=log)
             try:
 
@@ -174,9 +172,7 @@ def test_too_little_headroom_opens_nothing_optional_says_so_once_and_resumes(cro
             proc = start_collector(env, log=log)
             try:
                 _until(
-                    lambda: (
-                        "pgflow_optional_work_waiting{instance=" in _metrics(env) and _waiting(_metrics(env)) == 1.0
-                    ),
+                    lambda: "pgflow_optional_work_waiting{instance=" in _metrics(env) and _waiting(_metrics(env)) == 1.0,
                     120,
                     "the optional work never waited",
                 )
@@ -184,8 +180,7 @@ def test_too_little_headroom_opens_nothing_optional_says_so_once_and_resumes(cro
                 waiting_counts = list(watch.counts)
                 waited = _metrics(env)
                 assert (
-                    _inserts(receiver).height == 0
-                    and receiver.points().filter(pl.col("metric") == "postgresql.table.size").height == 0
+                    _inserts(receiver).height == 0 and receiver.points().filter(pl.col("metric") == "postgresql.table.size").height == 0
                 )  # no table statistics meanwhile
                 for conn in held:
                     conn.close()
@@ -240,9 +235,7 @@ def test_an_interval_too_short_for_every_database_is_counted_and_said_once(crowd
     log = tmp_path / "log"
     try:
         with Receiver() as receiver:
-            env = collector_env(
-                server.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_TABLE_STATS_INTERVAL_SECS="0.1"
-            )
+            env = collector_env(server.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_TABLE_STATS_INTERVAL_SECS="0.1")
             proc = start_collector(env, log=log)
             try:
 
@@ -276,9 +269,7 @@ def test_check_warns_when_the_budget_leaves_no_slot_or_the_server_no_headroom(cr
     held = [psycopg.connect(server.dsn(), autocommit=True) for _ in range(22)]  # 27 - 22 - check's own < 5
     try:
         settings = Settings.load(database_url=server.dsn())
-        [finding] = [
-            f for f in check(settings.targets()[0], settings=settings).findings if f.name == "connection budget"
-        ]
+        [finding] = [f for f in check(settings.targets()[0], settings=settings).findings if f.name == "connection budget"]
     finally:
         for conn in held:
             conn.close()

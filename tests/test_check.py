@@ -104,8 +104,7 @@ def test_pgbouncer_statement_pooling_by_sqlstate_and_message():
     assert "host and port" not in str(result)
     assert isinstance(
         classify(
-            psycopg.OperationalError('connection to server at "db" failed: SSL error: certificate verify failed'),
-            "postgresql://db/app",
+            psycopg.OperationalError('connection to server at "db" failed: SSL error: certificate verify failed'), "postgresql://db/app"
         ),
         SslRefused,
     )
@@ -127,9 +126,7 @@ def _cli_check(dsn: str) -> tuple[int, str]:
     import sys
 
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), "DATABASE_URL": dsn}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pgflow", "check"], capture_output=True, text=True, env=env, timeout=120
-    )
+    proc = subprocess.run([sys.executable, "-m", "pgflow", "check"], capture_output=True, text=True, env=env, timeout=120)
     assert "Traceback" not in proc.stdout + proc.stderr
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -151,13 +148,9 @@ def test_check_warns_per_database_where_plans_will_fail(pg_factory):
 
     server = pg_factory()
     server.execute(
-        "CREATE EXTENSION pg_stat_statements",
-        "CREATE ROLE watcher LOGIN PASSWORD 'pw' IN ROLE pg_monitor",
-        "CREATE DATABASE shop",
+        "CREATE EXTENSION pg_stat_statements", "CREATE ROLE watcher LOGIN PASSWORD 'pw' IN ROLE pg_monitor", "CREATE DATABASE shop"
     )
-    server.execute(
-        "CREATE TABLE orders (id int PRIMARY KEY, total int)", "SELECT total FROM orders WHERE id = 1", dbname="shop"
-    )
+    server.execute("CREATE TABLE orders (id int PRIMARY KEY, total int)", "SELECT total FROM orders WHERE id = 1", dbname="shop")
     dsn = server.dsn(user="watcher", password="pw")
     code, out = _cli_check(dsn)
     assert code == 0, out

@@ -36,9 +36,7 @@ def assert_pgbench_exact(calls: dict[str, float], expected: int) -> None:
 
 def test_end_to_end_exact_and_sigterm_exits_zero(fresh_stats, tmp_path):
     with Receiver() as receiver:
-        proc = start_collector(
-            collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log"
-        )
+        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
         settle(state_dir=tmp_path / "state")
@@ -64,9 +62,7 @@ def test_http_protocol_end_to_end(fresh_stats, tmp_path):
 
 def test_endpoint_unavailable_for_several_windows_still_exact(fresh_stats, tmp_path):
     with Receiver(script=parse_script(",".join(["UNAVAILABLE"] * 12))) as receiver:
-        proc = start_collector(
-            collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log"
-        )
+        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
         settle(5, state_dir=tmp_path / "state")
@@ -119,13 +115,10 @@ def test_kill_9_and_restart_is_exact(fresh_stats, tmp_path):
 def test_two_instances_one_stopped(fresh_stats, pgbench_server, tmp_path):
     other = pgbench_server()
     config = write_config(
-        tmp_path / "c.json",
-        instances=[{"name": "a", "database_url": fresh_stats.dsn()}, {"name": "b", "database_url": other.dsn()}],
+        tmp_path / "c.json", instances=[{"name": "a", "database_url": fresh_stats.dsn()}, {"name": "b", "database_url": other.dsn()}]
     )
     with Receiver() as receiver:
-        env = collector_env(
-            None, receiver.grpc_endpoint, tmp_path / "state", PGFLOW_CONFIG=str(config), PGFLOW_CONNECT_TIMEOUT_SECS="1"
-        )
+        env = collector_env(None, receiver.grpc_endpoint, tmp_path / "state", PGFLOW_CONFIG=str(config), PGFLOW_CONNECT_TIMEOUT_SECS="1")
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state", instances=2)
         other.stop("immediate")
@@ -139,29 +132,15 @@ def test_two_instances_one_stopped(fresh_stats, pgbench_server, tmp_path):
 def test_two_process_bytewax_cluster(fresh_stats, pgbench_server, tmp_path):
     other = pgbench_server()
     config = write_config(
-        tmp_path / "c.json",
-        instances=[{"name": "a", "database_url": fresh_stats.dsn()}, {"name": "b", "database_url": other.dsn()}],
+        tmp_path / "c.json", instances=[{"name": "a", "database_url": fresh_stats.dsn()}, {"name": "b", "database_url": other.dsn()}]
     )
     addresses = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
     with Receiver() as receiver:
         procs = []
         for i in range(2):
             env = collector_env(None, receiver.grpc_endpoint, tmp_path / f"state{i}", PGFLOW_CONFIG=str(config))
-            args = [
-                sys.executable,
-                "-m",
-                "bytewax.run",
-                "flows.collector:flow",
-                "-i",
-                str(i),
-                "-a",
-                ";".join(addresses),
-            ]
-            procs.append(
-                subprocess.Popen(
-                    args, env=env, cwd=ROOT, stdout=open(tmp_path / f"log{i}", "wb"), stderr=subprocess.STDOUT
-                )
-            )
+            args = [sys.executable, "-m", "bytewax.run", "flows.collector:flow", "-i", str(i), "-a", ";".join(addresses)]
+            procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(tmp_path / f"log{i}", "wb"), stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("state*/instances/*/state.pkl"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -190,19 +169,13 @@ def test_scrapes_n_flushes_and_exits_zero(fresh_stats, tmp_path):
 def test_metrics_and_healthz(fresh_stats, tmp_path):
     with Receiver() as receiver:
         port = free_port()
-        env = collector_env(
-            fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}"
-        )
+        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}")
         proc = start_collector(env)
         wait_for_baseline(tmp_path / "state")
 
         def metric(name: str) -> float:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            return sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith(name) and not line.startswith("#")
-            )
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and not line.startswith("#"))
 
         first = metric("pgflow_rows_scraped_total")
         fresh_stats.pgbench("-n", "-c", "2", "-t", "50")
@@ -221,11 +194,7 @@ def test_two_collectors_cannot_share_a_ledger(tmp_path):
 
     held = Ledger(tmp_path, "db1")
     probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"from pgflow.stream.ledger import Ledger; import sys; Ledger({str(tmp_path)!r}, 'db1')",
-        ],
+        [sys.executable, "-c", f"from pgflow.stream.ledger import Ledger; import sys; Ledger({str(tmp_path)!r}, 'db1')"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -73,12 +73,7 @@ def test_config_file_from_env(tmp_path, monkeypatch):
     path = tmp_path / "c.json"
     path.write_text(
         json.dumps(
-            {
-                "instances": [
-                    {"name": "a", "database_url": "postgresql://h1/db"},
-                    {"name": "b", "database_url": "postgresql://h2/db"},
-                ]
-            }
+            {"instances": [{"name": "a", "database_url": "postgresql://h1/db"}, {"name": "b", "database_url": "postgresql://h2/db"}]}
         )
     )
     monkeypatch.setenv("PGFLOW_CONFIG", str(path))
@@ -110,12 +105,7 @@ def test_otel_fallbacks(monkeypatch):
         ({"database_url": f"mysql://u:{SECRET}@h/db"}, "scheme"),
         ({"no_such_setting": 1}, "unknown setting 'no_such_setting'"),
         (
-            {
-                "instances": [
-                    {"name": "a", "database_url": "postgresql://h/db"},
-                    {"name": "a", "database_url": "postgresql://h2/db"},
-                ]
-            },
+            {"instances": [{"name": "a", "database_url": "postgresql://h/db"}, {"name": "a", "database_url": "postgresql://h2/db"}]},
             "used twice",
         ),
     ],
@@ -135,8 +125,7 @@ def test_missing_database_url_is_named():
 
 
 @pytest.mark.parametrize(
-    "content, expected",
-    [("{not json", "not valid JSON"), ("[1, 2]", "JSON list"), ('{"bogus": 1}', "unknown setting 'bogus'")],
+    "content, expected", [("{not json", "not valid JSON"), ("[1, 2]", "JSON list"), ('{"bogus": 1}', "unknown setting 'bogus'")]
 )
 def test_bad_config_file(tmp_path, content, expected):
     path = tmp_path / "bad.json"
@@ -170,24 +159,16 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     import os
 
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
-    return subprocess.run(
-        [sys.executable, "-m", "pgflow", *args], capture_output=True, text=True, env={**base, **env}, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "pgflow", *args], capture_output=True, text=True, env={**base, **env}, timeout=120)
 
 
 @pytest.mark.parametrize("command", ["check", "run"])
 def test_misspelled_env_variable_exits_2_naming_the_setting(command, tmp_path):
     """A typo in a PGFLOW_ variable was silently ignored (interval stayed 30 s, exit 0)."""
-    proc = _cli(
-        command,
-        PGFLOW_COLECTION_INTERVAL_SECS="5",
-        DATABASE_URL="postgresql://u@127.0.0.1:1/db",
-        PGFLOW_STATE_DIR=str(tmp_path),
-    )
+    proc = _cli(command, PGFLOW_COLECTION_INTERVAL_SECS="5", DATABASE_URL="postgresql://u@127.0.0.1:1/db", PGFLOW_STATE_DIR=str(tmp_path))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == (
-        "pgflow: unknown environment variable PGFLOW_COLECTION_INTERVAL_SECS: "
-        "did you mean PGFLOW_COLLECTION_INTERVAL_SECS?"
+        "pgflow: unknown environment variable PGFLOW_COLECTION_INTERVAL_SECS: did you mean PGFLOW_COLLECTION_INTERVAL_SECS?"
     ), proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -207,19 +188,13 @@ def test_duplicate_instance_names_are_named_as_instances(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(
         json.dumps(
-            {
-                "instances": [
-                    {"name": "a", "database_url": "postgresql://u@h/x"},
-                    {"name": "a", "database_url": "postgresql://u@h/y"},
-                ]
-            }
+            {"instances": [{"name": "a", "database_url": "postgresql://u@h/x"}, {"name": "a", "database_url": "postgresql://u@h/y"}]}
         )
     )
     proc = _cli("check", "--config", str(path))
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        f"pgflow: invalid setting instances (config file {path}): instance name 'a' is "
-        "used twice; each instance needs its own name"
+        f"pgflow: invalid setting instances (config file {path}): instance name 'a' is used twice; each instance needs its own name"
     ), proc.stderr
     assert "PGFLOW_SETTINGS" not in proc.stderr
 

@@ -55,21 +55,7 @@ LOG_FIELDS = {"message", "timestamp"}
 
 # NRQL ----------------------------------------------------------------------------------------
 
-_CLAUSES = (
-    "SELECT",
-    "FROM",
-    "WHERE",
-    "FACET",
-    "TIMESERIES",
-    "SINCE",
-    "UNTIL",
-    "LIMIT",
-    "COMPARE",
-    "ORDER",
-    "WITH",
-    "EXTRAPOLATE",
-    "SLIDE",
-)
+_CLAUSES = ("SELECT", "FROM", "WHERE", "FACET", "TIMESERIES", "SINCE", "UNTIL", "LIMIT", "COMPARE", "ORDER", "WITH", "EXTRAPOLATE", "SLIDE")
 _WORDS = {
     "AS",
     "AND",
@@ -164,9 +150,7 @@ def parse_nrql(query: str) -> Nrql:
             (out.metric_names if name == "metricName" else out.event_names).update(values)
             if name == "metricName":
                 continue
-        {"SELECT": out.filtered if inner_where >= 0 else out.selected, "WHERE": out.filtered, "FACET": out.faceted}[
-            clause
-        ].add(name)
+        {"SELECT": out.filtered if inner_where >= 0 else out.selected, "WHERE": out.filtered, "FACET": out.faceted}[clause].add(name)
     return out
 
 
@@ -217,11 +201,7 @@ def dashboard() -> dict:
 
 
 def widgets() -> list[tuple[str, dict]]:
-    return [
-        (f"{page['name']} / {w['title'] or w['visualization']['id']}", w)
-        for page in dashboard()["pages"]
-        for w in page["widgets"]
-    ]
+    return [(f"{page['name']} / {w['title'] or w['visualization']['id']}", w) for page in dashboard()["pages"] for w in page["widgets"]]
 
 
 def nrql_widgets() -> list[tuple[str, dict]]:
@@ -285,9 +265,7 @@ def test_average_active_sessions_count_the_active_state_only():
     sessions, so every widget that sums it names the state it draws, and idle in transaction has a
     widget of its own."""
     assert state_filters("FROM Metric SELECT x WHERE a = 'b' AND postgresql.session.state = 'active'") == {"active"}
-    assert state_filters("FROM Metric SELECT x WHERE `postgresql.session.state` IN ('idle in transaction')") == {
-        "idle in transaction"
-    }
+    assert state_filters("FROM Metric SELECT x WHERE `postgresql.session.state` IN ('idle in transaction')") == {"idle in transaction"}
     drawn: dict[str, set[str]] = {}
     for name, widget in nrql_widgets():
         for q in widget["rawConfiguration"]["nrqlQueries"]:
@@ -342,10 +320,7 @@ def _workload(server: LocalPostgres) -> None:
     blocked.start()
     slow.start()
     deadline = time.monotonic() + 30
-    while (
-        time.monotonic() < deadline
-        and not server.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")[0][0]
-    ):
+    while time.monotonic() < deadline and not server.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")[0][0]:
         time.sleep(0.05)
     slow.join()  # the blocked session waited as long as the slow statement ran
     holder.rollback()
@@ -364,10 +339,7 @@ def exported(pgbench_server, tmp_path_factory) -> Exported:
         state, out = tmp / "state", tmp / "received.duckdb"
         config = write_config(
             tmp / "pgflow.json",
-            instances=[
-                {"name": "primary", "database_url": primary.dsn()},
-                {"name": "standby", "database_url": standby.dsn()},
-            ],
+            instances=[{"name": "primary", "database_url": primary.dsn()}, {"name": "standby", "database_url": standby.dsn()}],
         )
         with Receiver(out) as receiver:
             env = collector_env(None, receiver.grpc_endpoint, state, **FEATURE_ENV)

@@ -55,9 +55,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
 
 
 def _pgflow(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pgflow", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "pgflow", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 
 
 # Secrets from files -----------------------------------------------------------------------
@@ -82,12 +80,7 @@ def test_instance_database_url_file_in_the_json_config(tmp_path):
     config = tmp_path / "pgflow.json"
     config.write_text(
         json.dumps(
-            {
-                "instances": [
-                    {"name": "main", "database_url_file": str(dsn)},
-                    {"name": "other", "database_url": "postgresql://mon@db2/app"},
-                ]
-            }
+            {"instances": [{"name": "main", "database_url_file": str(dsn)}, {"name": "other", "database_url": "postgresql://mon@db2/app"}]}
         )
     )
     s = Settings.load(config)
@@ -95,11 +88,7 @@ def test_instance_database_url_file_in_the_json_config(tmp_path):
     assert (main.name, main.dsn) == ("main", dsn.read_text().strip())
     assert other.dsn == "postgresql://mon@db2/app"
     assert SECRET not in repr(s) + str(s.redacted())
-    assert s.redacted()["instances"][0] == {
-        "name": "main",
-        "database_url": "mon@db1:5433/app",
-        "database_url_file": str(dsn),
-    }
+    assert s.redacted()["instances"][0] == {"name": "main", "database_url": "mon@db1:5433/app", "database_url_file": str(dsn)}
 
 
 @pytest.mark.parametrize(
@@ -139,9 +128,7 @@ def test_a_bad_secret_file_is_one_line_exit_2(tmp_path, monkeypatch, case, expec
     elif case == "empty instance file":
         overrides = {"instances": [{"name": "main", "database_url_file": str(empty)}]}
     elif case == "instance with both":
-        overrides = {
-            "instances": [{"name": "main", "database_url_file": str(good), "database_url": "postgresql://h/db"}]
-        }
+        overrides = {"instances": [{"name": "main", "database_url_file": str(good), "database_url": "postgresql://h/db"}]}
     with pytest.raises(ConfigError) as info:
         Settings.load(**overrides)
     message = str(info.value)
@@ -158,16 +145,7 @@ def test_a_missing_secret_file_from_the_cli_exits_2_in_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     "mode, warns",
-    [
-        (0o600, False),
-        (0o400, False),
-        (0o640, False),
-        (0o440, False),
-        (0o644, True),
-        (0o604, True),
-        (0o620, True),
-        (0o666, True),
-    ],
+    [(0o600, False), (0o400, False), (0o640, False), (0o440, False), (0o644, True), (0o604, True), (0o620, True), (0o666, True)],
 )
 def test_a_secret_file_others_may_read_or_change_is_warned_once(tmp_path, monkeypatch, caplog, mode, warns):
     key = _secret_file(tmp_path / f"key-{mode:o}", "NRAK-MODE", mode)
@@ -195,9 +173,7 @@ def test_a_world_readable_secret_file_warns_on_stderr_and_still_runs(tmp_path, p
 
 @pytest.fixture()
 def monitoring_role(pg):
-    pg.execute(
-        f"DROP ROLE IF EXISTS {ROLE}", f"CREATE ROLE {ROLE} LOGIN PASSWORD '{SECRET}'", f"GRANT pg_monitor TO {ROLE}"
-    )
+    pg.execute(f"DROP ROLE IF EXISTS {ROLE}", f"CREATE ROLE {ROLE} LOGIN PASSWORD '{SECRET}'", f"GRANT pg_monitor TO {ROLE}")
     return pg
 
 
@@ -250,9 +226,7 @@ def test_a_wheel_installs_and_runs_in_a_fresh_venv(pg, tmp_path):
     sources = [part for line in copied for part in line.split()]
     assert sorted(sources) == ["README.md", "pgflow", "pyproject.toml"]
     files = (
-        subprocess.run(
-            ["git", "ls-files", "-co", "--exclude-standard", "-z", *sources], cwd=ROOT, capture_output=True, check=True
-        )
+        subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z", *sources], cwd=ROOT, capture_output=True, check=True)
         .stdout.decode()
         .split("\0")
     )
@@ -279,26 +253,19 @@ def test_a_wheel_installs_and_runs_in_a_fresh_venv(pg, tmp_path):
     subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True, timeout=120)  # type: ignore[attr-defined]
     assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
     install = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
-        capture_output=True,
-        text=True,
-        timeout=900,
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True, timeout=900
     )
     assert install.returncode == 0, install.stderr[-2000:]
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PGFLOW_", "OTEL_", "PYTHON", "VIRTUAL_ENV", "PG")) and k != "DATABASE_URL"
+        k: v for k, v in os.environ.items() if not k.startswith(("PGFLOW_", "OTEL_", "PYTHON", "VIRTUAL_ENV", "PG")) and k != "DATABASE_URL"
     }
     pgflow = str(venv / "bin" / "pgflow")
 
     def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [pgflow, *args], capture_output=True, text=True, cwd=outside, env={**env, **extra}, timeout=180
-        )
+        return subprocess.run([pgflow, *args], capture_output=True, text=True, cwd=outside, env={**env, **extra}, timeout=180)
 
     helped = run("--help")
     assert helped.returncode == 0 and "check" in helped.stdout and "run" in helped.stdout
@@ -383,11 +350,7 @@ def unit_directives(path: Path) -> dict[str, list[str]]:
 
 
 def env_file(path: Path) -> dict[str, str]:
-    pairs = (
-        line.split("=", 1)
-        for line in path.read_text().splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    )
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#"))
     return {k.strip(): v.strip() for k, v in pairs}
 
 
@@ -425,10 +388,7 @@ def test_the_systemd_unit_is_hardened(tmp_path):
     _need_systemd_analyze()
     unit = _verifiable_unit(tmp_path)
     proc = subprocess.run(
-        [SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=20", str(unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=20", str(unit)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stdout[-3000:]  # exposure at most 2.0 ("OK") of 10
     assert "Overall exposure level for pgflow.service" in proc.stdout
@@ -442,9 +402,7 @@ def test_the_systemd_unit_fits_what_pgflow_does(pg, tmp_path, monkeypatch):
     environment = dict(v.split("=", 1) for v in d["Environment"])
     assert d["StateDirectory"] == ["pgflow"] and environment["PGFLOW_STATE_DIR"] == "%S/pgflow"
     credentials = dict(v.split(":", 1) for v in d["LoadCredential"])
-    assert {environment["DATABASE_URL_FILE"], environment["NEW_RELIC_API_KEY_FILE"]} == {
-        f"%d/{name}" for name in credentials
-    }
+    assert {environment["DATABASE_URL_FILE"], environment["NEW_RELIC_API_KEY_FILE"]} == {f"%d/{name}" for name in credentials}
     assert d["EnvironmentFile"] == ["/etc/pgflow/pgflow.env"]
 
     # What systemd would hand pgflow: the example environment, the unit's Environment= lines
@@ -454,10 +412,7 @@ def test_the_systemd_unit_fits_what_pgflow_does(pg, tmp_path, monkeypatch):
     secrets = {"database_url": pg.dsn(), "new_relic_api_key": "NRAK-SYSTEMD"}
     for name in credentials:
         _secret_file(creds / name, secrets[name] + "\n", 0o400)
-    env = {
-        **env_file(ENV_EXAMPLE),
-        **{k: v.replace("%S", str(state)).replace("%d", str(creds)) for k, v in environment.items()},
-    }
+    env = {**env_file(ENV_EXAMPLE), **{k: v.replace("%S", str(state)).replace("%d", str(creds)) for k, v in environment.items()}}
     assert not {k for k in env if not k.startswith(("PGFLOW_", "PG", "DATABASE_URL", "NEW_RELIC"))}
     proc = _pgflow("check", env=_cli_env(**env), cwd=tmp_path)
     assert proc.returncode == 0 and "=> usable" in proc.stdout and proc.stderr == "", proc.stdout + proc.stderr
@@ -518,11 +473,7 @@ def test_every_manifest_parses_and_names_its_kind():
     if kubectl:  # kustomize builds offline; no cluster needed
         built = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
         assert built.returncode == 0, built.stderr
-        assert [d["kind"] for d in yaml.safe_load_all(built.stdout)] == [
-            "Secret",
-            "PersistentVolumeClaim",
-            "Deployment",
-        ]
+        assert [d["kind"] for d in yaml.safe_load_all(built.stdout)] == ["Secret", "PersistentVolumeClaim", "Deployment"]
 
 
 def test_the_deployment_is_one_replica_on_a_volume_that_outlives_the_pod():

@@ -62,9 +62,7 @@ def wait_until(condition, what: str, timeout: float = 60):  # type: ignore[no-un
 
 def background_pgbench(server, seconds: int) -> threading.Thread:  # type: ignore[no-untyped-def]
     """pgbench at a modest rate for ``seconds``: its statements run through several 1 s windows."""
-    thread = threading.Thread(
-        target=server.pgbench, args=("-n", "-c", "1", "-T", str(seconds), "-R", "150"), daemon=True
-    )
+    thread = threading.Thread(target=server.pgbench, args=("-n", "-c", "1", "-T", str(seconds), "-R", "150"), daemon=True)
     thread.start()
     return thread
 
@@ -119,11 +117,7 @@ def pgbench_fingerprints(points: pl.DataFrame) -> dict[str, str]:
 
 def metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    )
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and not line.startswith("#"))
 
 
 def plan_env(server, endpoint: str, state_dir: Path, per_window: int, **extra: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -140,10 +134,7 @@ def test_run_sends_plans_keyed_like_the_metrics_and_replay_gives_the_same_events
     cap = tmp_path / "cap.duckdb"
     with Receiver() as receiver:
         proc = start_collector(
-            plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 2),
-            "--capture",
-            str(cap),
-            log=tmp_path / "log",
+            plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 2), "--capture", str(cap), log=tmp_path / "log"
         )
         wait_for_baseline(tmp_path / "state")
         bench = background_pgbench(fresh_stats, 6)
@@ -200,9 +191,7 @@ def test_endpoint_outage_then_up_every_event_arrives_once(fresh_stats, tmp_path)
     port = free_port()
     outage = [Reply.parse("UNAVAILABLE")] * 100_000
     with Receiver(script=list(outage)) as receiver:
-        env = plan_env(
-            fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 1, PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}"
-        )
+        env = plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 1, PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}")
         proc = start_collector(env, "--capture", str(cap), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         bench = background_pgbench(fresh_stats, 5)
@@ -212,10 +201,7 @@ def test_endpoint_outage_then_up_every_event_arrives_once(fresh_stats, tmp_path)
         assert receiver.logs().height == 0
         receiver.set_script([])  # the endpoint is back
         bench.join()
-        wait_until(
-            lambda: receiver.logs().height >= 2 and ledger_events(tmp_path / "state") == 0,
-            "the queued events delivered",
-        )
+        wait_until(lambda: receiver.logs().height >= 2 and ledger_events(tmp_path / "state") == 0, "the queued events delivered")
         exported = metric(port, "pgflow_events_exported_total")
         assert stop(proc) == 0
         live = receiver.logs()
@@ -273,9 +259,7 @@ def test_run_sends_a_slow_statements_sample_once_with_no_literal_anywhere(fresh_
     cap, out = tmp_path / "cap.duckdb", tmp_path / "received.duckdb"
     receiver = Receiver(out).start()
     try:
-        env = plan_env(
-            fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 0, PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS="0.1"
-        )
+        env = plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 0, PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS="0.1")
         proc = start_collector(env, "--capture", str(cap), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         with psycopg.connect(fresh_stats.dsn(), autocommit=True, application_name="slow-app") as conn:
@@ -286,16 +270,11 @@ def test_run_sends_a_slow_statements_sample_once_with_no_literal_anywhere(fresh_
 
         wait_until(sampled, "the sample of the slow statement")
         wait_until(
-            lambda: any("pg_sleep" in (a.get("db.query.text") or "") for a in attrs(receiver.points())),
-            "the slow statement's metrics",
+            lambda: any("pg_sleep" in (a.get("db.query.text") or "") for a in attrs(receiver.points())), "the slow statement's metrics"
         )
         assert stop(proc) == 0
         (sample,) = sampled()  # once
-        metrics = {
-            a["postgresql.query.fingerprint"]
-            for a in attrs(receiver.points())
-            if "pg_sleep" in (a.get("db.query.text") or "")
-        }
+        metrics = {a["postgresql.query.fingerprint"] for a in attrs(receiver.points()) if "pg_sleep" in (a.get("db.query.text") or "")}
     finally:
         receiver.stop()
     assert sample["db.query.text"] == "SELECT pg_sleep($1) WHERE $2 <> CURRENT_USER"
@@ -345,10 +324,7 @@ def test_events_backlog_is_bounded_oldest_dropped_and_old_ledgers_load(pg, tmp_p
     from pgflow.stream.shipper import Shipper
 
     settings = Settings.load(
-        otlp_endpoint=f"http://127.0.0.1:{free_port()}",
-        state_dir=tmp_path,
-        retry_max_attempts=1,
-        export_interval_secs=60,
+        otlp_endpoint=f"http://127.0.0.1:{free_port()}", state_dir=tmp_path, retry_max_attempts=1, export_interval_secs=60
     )
     shipper = Shipper(Exporter(settings), retry_after_secs=60, logs_exporter=LogsExporter(settings))
     shipper.paused_until = {"points": float("inf"), "events": float("inf")}  # nothing in flight: all idle
@@ -363,12 +339,8 @@ def test_events_backlog_is_bounded_oldest_dropped_and_old_ledgers_load(pg, tmp_p
                 logic.on_item(snapshot)
         waiting = pl.concat(list(logic.record.events.values()))
         assert waiting.height == 5  # 12 taken, bound 5: the 7 oldest dropped
-        assert waiting["time"].to_list() == [
-            t0 + timedelta(minutes=m, seconds=s) for m, s in [(2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]
-        ]
-        assert (
-            telemetry.REGISTRY.get_sample_value("pgflow_events_dropped_total", {"reason": "backlog"}) - dropped
-        ) == 7
+        assert waiting["time"].to_list() == [t0 + timedelta(minutes=m, seconds=s) for m, s in [(2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]]
+        assert (telemetry.REGISTRY.get_sample_value("pgflow_events_dropped_total", {"reason": "backlog"}) - dropped) == 7
         saved = ledger.load()
         assert saved is not None and sum(f.height for f in saved.events.values()) == 5
     finally:
@@ -420,15 +392,7 @@ def test_query_samples_flow_through_events_with_a_budget_per_window():
             schema=QUERY_SAMPLES,
         )
         return Snapshot(
-            "db1",
-            at,
-            180000,
-            None,
-            None,
-            pl.DataFrame(schema=STATEMENTS),
-            server_address="h",
-            server_port=5432,
-            query_samples=samples,
+            "db1", at, 180000, None, None, pl.DataFrame(schema=STATEMENTS), server_address="h", server_port=5432, query_samples=samples
         )
 
     state, first = events(None, snap(t0 + timedelta(seconds=5), range(2)), ops_settings)
@@ -494,9 +458,7 @@ def test_an_endpoint_without_logs_pauses_events_never_metrics(tmp_path):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     settings = Settings.load(otlp_endpoint=f"http://127.0.0.1:{port}", state_dir=tmp_path)
-    shipper = Shipper(
-        Exporter(settings), retry_after_secs=1, refused_retry_secs=60, logs_exporter=LogsExporter(settings)
-    )
+    shipper = Shipper(Exporter(settings), retry_after_secs=1, refused_retry_secs=60, logs_exporter=LogsExporter(settings))
     ledger = Ledger(tmp_path, "db1")
     try:
         for seq, kind, frame in ((0, "events", events), (1, "points", points), (2, "points", points)):

@@ -36,8 +36,7 @@ TEMPLATES = [
     "SELECT * FROM t TABLESAMPLE BERNOULLI ({f}) REPEATABLE ({n})",
     "SELECT id, row_number() OVER (PARTITION BY name ORDER BY id) FROM t WHERE '{s}' = current_user",
     "SELECT * FROM t, LATERAL (SELECT * FROM u WHERE u.t_id = t.id AND u.v = '{s}' LIMIT 1) x",
-    "WITH c AS MATERIALIZED (SELECT * FROM t WHERE name LIKE '{s}%') "
-    "SELECT * FROM c WHERE id IN (SELECT t_id FROM u WHERE v = '{s2}')",
+    "WITH c AS MATERIALIZED (SELECT * FROM t WHERE name LIKE '{s}%') SELECT * FROM c WHERE id IN (SELECT t_id FROM u WHERE v = '{s2}')",
     "SELECT * FROM (SELECT id, rank() OVER (ORDER BY id) r FROM t) s WHERE r <= {n}",
     "INSERT INTO t VALUES ({n}, '{s}') ON CONFLICT (id) DO UPDATE SET name = '{s2}' WHERE t.name <> '{s2}'",
     "UPDATE t SET name = '{s}' WHERE id = {n}",
@@ -123,11 +122,7 @@ def test_every_template_shows_its_literals_raw_and_none_normalized(plan_db):
         for verbose in (False, True):
             raw = explain(plan_db, query, verbose=verbose)
             raw_text = json.dumps(raw)
-            literals = [
-                lit
-                for lit in ("strsecret_zq", "other_zq", "9137452", "viewsecret_zq", "4242429", "37.25")
-                if lit in raw_text
-            ]
+            literals = [lit for lit in ("strsecret_zq", "other_zq", "9137452", "viewsecret_zq", "4242429", "37.25") if lit in raw_text]
             carried += bool(literals)
             normalized = plans.obfuscate(raw)
             assert normalized["Node Type"] == raw[0]["Plan"]["Node Type"]
@@ -237,13 +232,7 @@ def candidates(server, extra: list[tuple] = ()) -> pl.DataFrame:
     rows = server.execute(CANDIDATES_SQL) + list(extra)
     frame = pl.DataFrame(
         rows,
-        schema={
-            "database": pl.String,
-            "user": pl.String,
-            "queryid": pl.Int64,
-            "query": pl.String,
-            "exec_time": pl.Float64,
-        },
+        schema={"database": pl.String, "user": pl.String, "queryid": pl.Int64, "query": pl.String, "exec_time": pl.Float64},
         orient="row",
     )
     return frame.with_columns(pl.Series("fingerprint", [query_info(q).fingerprint for q in frame["query"]]))
@@ -252,11 +241,7 @@ def candidates(server, extra: list[tuple] = ()) -> pl.DataFrame:
 def pgflow_statements(server, since: int) -> list[str]:
     """What pgflow's connections sent after log offset ``since`` (the server's own record)."""
     text = server.logfile.read_text(errors="replace")[since:]
-    return [
-        line.split("statement: ", 1)[1]
-        for line in text.splitlines()
-        if line.startswith("pgflow|") and "statement: " in line
-    ]
+    return [line.split("statement: ", 1)[1] for line in text.splitlines() if line.startswith("pgflow|") and "statement: " in line]
 
 
 def log_size(server) -> int:
@@ -288,10 +273,7 @@ def test_pgbench_plans_arrive_with_a_stable_hash_that_follows_an_index(server):
     plans_source = source(server, clock=clock)
     pgbench = candidates(server).filter(pl.col("query").str.contains("pgbench_"))
     got = plans_source.run(pgbench, version(server))
-    summaries = {
-        query_info(q).summary
-        for q in pgbench.filter(pl.col("fingerprint").is_in(got["fingerprint"].implode()))["query"]
-    }
+    summaries = {query_info(q).summary for q in pgbench.filter(pl.col("fingerprint").is_in(got["fingerprint"].implode()))["query"]}
     assert {
         "UPDATE pgbench_accounts",
         "UPDATE pgbench_tellers",
@@ -375,10 +357,7 @@ def test_an_update_is_explained_read_only_and_not_executed(server):
 
 
 def test_a_locked_table_times_out_on_lock_timeout_and_is_retried_later(server):
-    failures = (
-        telemetry.REGISTRY.get_sample_value("pgflow_explain_failures_total", {"instance": "t", "cause": "lock_timeout"})
-        or 0
-    )
+    failures = telemetry.REGISTRY.get_sample_value("pgflow_explain_failures_total", {"instance": "t", "cause": "lock_timeout"}) or 0
     focus = candidates(server).filter(pl.col("query").str.starts_with("UPDATE pgbench_branches"))
     assert focus.height == 1
     plans_source = source(server)
@@ -388,16 +367,12 @@ def test_a_locked_table_times_out_on_lock_timeout_and_is_retried_later(server):
         assert got.height == 0 and plans_source.stats.failed == {"lock_timeout": 1}
         assert (
             holder.execute(
-                "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' "
-                "AND relation = 'pgbench_branches'::regclass AND granted"
+                "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND relation = 'pgbench_branches'::regclass AND granted"
             ).fetchone()[0]
             == 1
         )
         holder.rollback()
-    assert (
-        telemetry.REGISTRY.get_sample_value("pgflow_explain_failures_total", {"instance": "t", "cause": "lock_timeout"})
-        == failures + 1
-    )
+    assert telemetry.REGISTRY.get_sample_value("pgflow_explain_failures_total", {"instance": "t", "cause": "lock_timeout"}) == failures + 1
     assert not server.execute("SELECT name FROM pg_prepared_statements")  # nothing left behind
     retried = plans_source.run(focus, version(server))  # a timeout is not remembered as an error
     assert retried.height == 1
@@ -492,9 +467,7 @@ def test_the_helper_explains_for_a_role_without_table_privileges(server):
         with connect("postgres") as conn:
             level, detail = helper_status(conn)
             assert level == "warn" and "GRANT EXECUTE" in detail
-        server.execute(
-            "GRANT USAGE ON SCHEMA pgflow TO mon", "GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) TO mon"
-        )
+        server.execute("GRANT USAGE ON SCHEMA pgflow TO mon", "GRANT EXECUTE ON FUNCTION pgflow.explain_generic(text) TO mon")
         with connect("postgres") as conn:
             assert helper_status(conn) == ("ok", "explain helper installed and usable")
         import subprocess
@@ -553,8 +526,7 @@ def test_plans_ride_on_the_snapshot_through_capture_and_arrive_as_events(server,
     from pgflow.scrape.scraper import Scraper
 
     server.execute(
-        "CREATE OR REPLACE VIEW secret_branches AS SELECT * FROM pgbench_branches "
-        "WHERE filler IS DISTINCT FROM 'viewsecret_e2e'",
+        "CREATE OR REPLACE VIEW secret_branches AS SELECT * FROM pgbench_branches WHERE filler IS DISTINCT FROM 'viewsecret_e2e'",
         "SELECT * FROM secret_branches WHERE bid = 1",
     )
     with database_connector(server.dsn())("postgres") as conn:
@@ -562,9 +534,7 @@ def test_plans_ride_on_the_snapshot_through_capture_and_arrive_as_events(server,
     assert "viewsecret_e2e" in json.dumps(raw)  # the plan does show it
     pgbench = candidates(server).filter(pl.col("query").str.contains("pgbench_|secret_branches"))
     got = source(server, explains_per_window=10).run(pgbench, version(server))
-    assert "secret_branches" in " ".join(
-        pgbench.filter(pl.col("fingerprint").is_in(got["fingerprint"].implode()))["query"]
-    )
+    assert "secret_branches" in " ".join(pgbench.filter(pl.col("fingerprint").is_in(got["fingerprint"].implode()))["query"])
     with Scraper(server.dsn()) as scraper:
         snapshot = replace(scraper.scrape(), plans=got)
     path = tmp_path / "cap.duckdb"
@@ -580,9 +550,7 @@ def test_plans_ride_on_the_snapshot_through_capture_and_arrive_as_events(server,
         assert all(r.acknowledged for _, r in LogsExporter(settings).export(events))
     logs = read_logs(out)
     attrs = [json.loads(a) for a in logs["attributes"]]
-    assert {(a["postgresql.query.fingerprint"], a["postgresql.plan.hash"]) for a in attrs} == set(
-        zip(got["fingerprint"], got["plan_hash"])
-    )
+    assert {(a["postgresql.query.fingerprint"], a["postgresql.plan.hash"]) for a in attrs} == set(zip(got["fingerprint"], got["plan_hash"]))
     assert all(a["db.namespace"] == "postgres" and a["postgresql.plan.generic"] is True for a in attrs)
     assert sorted(logs["body"]) == sorted(got["body"])
     assert not any("viewsecret_e2e" in (b or "") + a for b, a in zip(logs["body"], logs["attributes"]))

@@ -53,9 +53,7 @@ class Run:
     def __enter__(self) -> Run:
         self.receiver.start()
         endpoint = self.receiver.grpc_endpoint if self.protocol == "grpc" else self.receiver.http_endpoint
-        env = collector_env(
-            self.server.dsn(), endpoint, self.tmp_path / "state", PGFLOW_OTLP_PROTOCOL=self.protocol, **self.env
-        )
+        env = collector_env(self.server.dsn(), endpoint, self.tmp_path / "state", PGFLOW_OTLP_PROTOCOL=self.protocol, **self.env)
         self.proc = start_collector(env, log=self.log)
         wait_for_baseline(self.tmp_path / "state")
         return self
@@ -107,8 +105,7 @@ def test_single_statement_reset_during_the_run(fresh_stats, tmp_path):
         fresh_stats.pgbench("-n", "-c", "4", "-t", "150")  # 600
         run.scraped_since(2)
         fresh_stats.execute(
-            "SELECT pg_stat_statements_reset(0, 0, queryid) FROM pg_stat_statements "
-            "WHERE query LIKE 'UPDATE pgbench_branches%'"
+            "SELECT pg_stat_statements_reset(0, 0, queryid) FROM pg_stat_statements WHERE query LIKE 'UPDATE pgbench_branches%'"
         )
         # Fewer calls after the reset than before it: before PostgreSQL 17 (no stats_since) a
         # re-created entry is recognised by its counters going down; see README, Guarantees.
@@ -181,16 +178,10 @@ def test_endpoint_answers_503_and_429_with_retry_after(fresh_stats, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "code, message",
-    [
-        ("400", "rejected the payload as invalid (400)"),
-        ("403", "rejected the license key (403): check NEW_RELIC_API_KEY"),
-    ],
+    "code, message", [("400", "rejected the payload as invalid (400)"), ("403", "rejected the license key (403): check NEW_RELIC_API_KEY")]
 )
 def test_endpoint_rejects_without_retry_storm(fresh_stats, tmp_path, code, message):
-    with Run(
-        fresh_stats, tmp_path, script=",".join([code] * 1000), protocol="http", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2"
-    ) as run:
+    with Run(fresh_stats, tmp_path, script=",".join([code] * 1000), protocol="http", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2") as run:
         fresh_stats.pgbench("-n", "-c", "2", "-t", "50")
         settle(2, state_dir=tmp_path / "state")
         assert run.proc.poll() is None

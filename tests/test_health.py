@@ -63,10 +63,7 @@ def wait_for(check, what: str, timeout: float = 60.0):
 
 def quiet(pg: LocalPostgres, db: str) -> None:
     """Wait until no session is left in ``db``: a backend flushes its statistics before it leaves."""
-    wait_for(
-        lambda: pg.execute(f"SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = '{db}'")[0][0],
-        f"sessions in {db} to end",
-    )
+    wait_for(lambda: pg.execute(f"SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = '{db}'")[0][0], f"sessions in {db} to end")
 
 
 def one(pg: LocalPostgres, sql: str, db: str = "postgres"):
@@ -133,9 +130,7 @@ def test_pgbench_database_counters_are_exact(server, tmp_path):
             "pgbench's statistics to be delivered",
         )
         after = scraper.scrape()
-    size, frozen_age = pg.execute(
-        "SELECT pg_database_size('bench'), age(datfrozenxid)::int8 FROM pg_database WHERE datname = 'bench'"
-    )[0]
+    size, frozen_age = pg.execute("SELECT pg_database_size('bench'), age(datfrozenxid)::int8 FROM pg_database WHERE datname = 'bench'")[0]
     with open(pg.logfile, "rb") as fh:
         fh.seek(log_from)
         log = fh.read().decode(errors="replace")
@@ -179,10 +174,7 @@ def test_pg_stat_reset_nothing_negative_nothing_twice(server):
         before = one(pg, "SELECT stats_reset FROM pg_stat_database WHERE datname = 'resets'")
         pg.execute("SELECT pg_stat_reset()", dbname="resets")
         quiet(pg, "resets")
-        wait_for(
-            lambda: one(pg, "SELECT stats_reset FROM pg_stat_database WHERE datname = 'resets'") != before,
-            "the reset to be applied",
-        )
+        wait_for(lambda: one(pg, "SELECT stats_reset FROM pg_stat_database WHERE datname = 'resets'") != before, "the reset to be applied")
 
     reset()  # small counters at the baseline, so every counter ends higher after the second reset
     inserts(pg, "resets", 20)
@@ -211,11 +203,7 @@ def test_pg_stat_reset_nothing_negative_nothing_twice(server):
 
 
 def _requested_checkpoints(pg: LocalPostgres) -> int:
-    view, column = (
-        ("pg_stat_checkpointer", "num_requested")
-        if pg_version(pg) >= 170000
-        else ("pg_stat_bgwriter", "checkpoints_req")
-    )
+    view, column = ("pg_stat_checkpointer", "num_requested") if pg_version(pg) >= 170000 else ("pg_stat_bgwriter", "checkpoints_req")
     return one(pg, f"SELECT {column} FROM {view}")
 
 
@@ -255,9 +243,7 @@ def test_shared_resets_nothing_negative_nothing_twice(server):
         s2 = scraper.scrape()
     points = ops.run([s0, s1, s2], export_interval_secs=60)
     assert set(s1.health_scraped) == {
-        g
-        for g in HEALTH_GROUPS
-        if g not in ({"wal"} if version < 140000 else set()) | ({"io"} if version < 160000 else set())
+        g for g in HEALTH_GROUPS if g not in ({"wal"} if version < 140000 else set()) | ({"io"} if version < 160000 else set())
     }
     # Exactly the three CHECKPOINTs after the reset; the two before it were erased by it.
     assert total(points, "postgresql.bgwriter.checkpoint.count", type="requested") == 3
@@ -288,19 +274,11 @@ def test_shared_resets_nothing_negative_nothing_twice(server):
 def test_groups_follow_their_schedule_and_settings(server):
     ticks = [0.0]
     schedule = HealthSchedule.of(
-        **{
-            "interval_secs": 10,
-            "db_size_interval_secs": 100,
-            "group_intervals": {"archiver": 1000},
-            "disabled": ["io", "bgwriter"],
-        }
+        **{"interval_secs": 10, "db_size_interval_secs": 100, "group_intervals": {"archiver": 1000}, "disabled": ["io", "bgwriter"]}
     )
     schedule._clock = lambda: ticks[0]
     settings = Settings.load(
-        health_interval_secs=10,
-        db_size_interval_secs=100,
-        health_group_intervals={"archiver": 1000},
-        health_groups_disabled="io,bgwriter",
+        health_interval_secs=10, db_size_interval_secs=100, health_group_intervals={"archiver": 1000}, health_groups_disabled="io,bgwriter"
     )
     assert HealthSchedule.from_settings(settings).intervals == schedule.intervals
     with Scraper(server.dsn(), instance="sched", health=schedule) as scraper:
@@ -315,16 +293,8 @@ def test_groups_follow_their_schedule_and_settings(server):
     assert "checkpointer" in second.health_scraped
     assert second.database_sizes.height == 0 and second.archiver.height == 0  # not due: empty frames
     assert "db_size" in third.health_scraped and third.database_sizes.height > 0
-    assert (
-        telemetry.REGISTRY.get_sample_value(
-            "pgflow_health_queries_total", {"instance": "sched", "group": "checkpointer"}
-        )
-        == 3
-    )
-    assert (
-        telemetry.REGISTRY.get_sample_value("pgflow_health_queries_total", {"instance": "sched", "group": "db_size"})
-        == 2
-    )
+    assert telemetry.REGISTRY.get_sample_value("pgflow_health_queries_total", {"instance": "sched", "group": "checkpointer"}) == 3
+    assert telemetry.REGISTRY.get_sample_value("pgflow_health_queries_total", {"instance": "sched", "group": "db_size"}) == 2
     # A group not due says nothing: db_size is exported from the scrapes that read it only.
     points = ops.run([first, second], export_interval_secs=60)
     assert points.filter(pl.col("metric") == "postgresql.db_size").height > 0
@@ -356,8 +326,7 @@ def test_capture_and_replay_keep_every_health_point(server, tmp_path):
     assert stored == flow_points.height == polars_points.height
     cols = [c for c in flow_points.columns if c != "received_at"]
     norm = [
-        f.select(cols).with_columns(pl.col("start", "end").cast(pl.Datetime("us", "UTC"))).sort(cols)
-        for f in (flow_points, polars_points)
+        f.select(cols).with_columns(pl.col("start", "end").cast(pl.Datetime("us", "UTC"))).sort(cols) for f in (flow_points, polars_points)
     ]
     assert norm[0].equals(norm[1])
     assert flow_points.filter(pl.col("metric") == "postgresql.commits").height > 0
@@ -390,8 +359,7 @@ def test_streaming_standby_lag_receiver_and_a_slot_that_retains_wal(pg_factory):
         wait_for(
             lambda: one(
                 primary,
-                "SELECT coalesce(bool_or(state = 'streaming'), false) FROM pg_stat_replication "
-                f"WHERE application_name = '{application}'",
+                f"SELECT coalesce(bool_or(state = 'streaming'), false) FROM pg_stat_replication WHERE application_name = '{application}'",
             ),
             "the standby to stream",
         )
@@ -510,9 +478,7 @@ def test_standby_count_goes_to_zero_when_the_standby_stops_while_its_lag_stops(p
     standby = standby_of(primary)
     try:
         application = f"standby_{standby.port}"
-        streaming = (
-            f"SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND application_name = '{application}'"
-        )
+        streaming = f"SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND application_name = '{application}'"
         wait_for(lambda: one(primary, streaming) == 1, "the standby to stream")
         state = tmp_path / "state"
         with Receiver() as receiver:
@@ -532,10 +498,7 @@ def test_standby_count_goes_to_zero_when_the_standby_stops_while_its_lag_stops(p
                 wait_for(lambda: seen("postgresql.replication.standbys", 1), "a standby count of 1")
                 wait_for(delay, "the standby's replication lag")
                 standby.stop()
-                wait_for(
-                    lambda: one(primary, "SELECT count(*) = 0 FROM pg_stat_replication"),
-                    "the primary to see the standby gone",
-                )
+                wait_for(lambda: one(primary, "SELECT count(*) = 0 FROM pg_stat_replication"), "the primary to see the standby gone")
                 left = one(primary, "SELECT clock_timestamp()").astimezone(UTC)
                 settle(3, state_dir=state, scrapes=6)
                 wait_for(lambda: seen("postgresql.replication.standbys", 0), "a standby count of 0")

@@ -80,9 +80,7 @@ def test_restart_inside_a_window_neither_overlaps_nor_duplicates(fresh_stats, tm
     the middle of a window neither loses nor repeats any of its work."""
     length = 4.0
     with Receiver() as receiver:
-        env = collector_env(
-            fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_EXPORT_INTERVAL_SECS=str(length)
-        )
+        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_EXPORT_INTERVAL_SECS=str(length))
         first = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
@@ -134,9 +132,7 @@ def test_refused_windows_are_kept_and_sent_once_accepted(fresh_stats, tmp_path):
     )
     try:
         assert "pgflow receive: grpc on" in receiver.stdout.readline()
-        env = collector_env(
-            fresh_stats.dsn(), f"http://127.0.0.1:{port}", tmp_path / "state", PGFLOW_REFUSED_RETRY_SECS="0.3"
-        )
+        env = collector_env(fresh_stats.dsn(), f"http://127.0.0.1:{port}", tmp_path / "state", PGFLOW_REFUSED_RETRY_SECS="0.3")
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
@@ -156,9 +152,7 @@ def test_refused_windows_are_kept_and_sent_once_accepted(fresh_stats, tmp_path):
 
 def test_endpoint_refusing_until_shutdown_keeps_windows_and_exits_3(fresh_stats, tmp_path):
     with Receiver(script=parse_script(",".join(["403"] * 1000))) as receiver:
-        env = collector_env(
-            fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2"
-        )
+        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2")
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "2", "-t", "50")
@@ -175,9 +169,7 @@ def test_new_relic_without_an_api_key_refuses_to_start(tmp_path, command):
     env = collector_env("postgresql://mon@127.0.0.1:1/db", "unused", tmp_path / "state")
     del env["PGFLOW_OTLP_ENDPOINT"]
     env.pop("NEW_RELIC_API_KEY", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pgflow", *command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-m", "pgflow", *command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "NEW_RELIC_API_KEY is not set" in proc.stderr
 
@@ -187,18 +179,10 @@ def test_new_relic_without_an_api_key_refuses_to_start(tmp_path, command):
 
 def test_run_scrapes_with_the_server_down_exits_4(tmp_path):
     env = collector_env(
-        f"postgresql://mon@127.0.0.1:{free_port()}/db",
-        dead_endpoint(),
-        tmp_path / "state",
-        PGFLOW_CONNECT_TIMEOUT_SECS="1",
+        f"postgresql://mon@127.0.0.1:{free_port()}/db", dead_endpoint(), tmp_path / "state", PGFLOW_CONNECT_TIMEOUT_SECS="1"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "pgflow", "run", "--scrapes", "2"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-m", "pgflow", "run", "--scrapes", "2"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 4, proc.stderr
     assert "no successful scrape of this instance" in proc.stderr and "Traceback" not in proc.stderr
@@ -207,12 +191,7 @@ def test_run_scrapes_with_the_server_down_exits_4(tmp_path):
 def test_run_scrapes_with_the_endpoint_down_exits_3_and_keeps_windows(fresh_stats, tmp_path):
     env = collector_env(fresh_stats.dsn(), dead_endpoint(), tmp_path / "state", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2")
     proc = subprocess.run(
-        [sys.executable, "-m", "pgflow", "run", "--scrapes", "6"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
+        [sys.executable, "-m", "pgflow", "run", "--scrapes", "6"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=90
     )
     assert proc.returncode == 3, proc.stderr
     assert "stopping with windows not acknowledged" in proc.stderr and "flushed" not in proc.stderr
@@ -243,9 +222,7 @@ def test_replay_with_the_endpoint_down_exits_3_cleans_up_and_logs_alike(tmp_path
 
 def test_sighup_is_logged_and_ignored(fresh_stats, tmp_path):
     with Receiver() as receiver:
-        proc = start_collector(
-            collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log"
-        )
+        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         proc.send_signal(signal.SIGHUP)
         wait_for_log(tmp_path / "log", "SIGHUP ignored")
@@ -313,12 +290,7 @@ def test_metrics_addr_in_use_exits_2(tmp_path):
             PGFLOW_METRICS_ADDR=f"127.0.0.1:{taken.getsockname()[1]}",
         )
         proc = subprocess.run(
-            [sys.executable, "-m", "pgflow", "run", "--scrapes", "1"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
+            [sys.executable, "-m", "pgflow", "run", "--scrapes", "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
         )
     finally:
         taken.close()
@@ -335,12 +307,7 @@ def test_unwritable_state_dir_exits_2(tmp_path, given):
         del env["PGFLOW_STATE_DIR"]
         env["XDG_DATA_HOME"] = str(blocker)
     proc = subprocess.run(
-        [sys.executable, "-m", "pgflow", "run", "--scrapes", "1"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-m", "pgflow", "run", "--scrapes", "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "PGFLOW_STATE_DIR" in proc.stderr and "Traceback" not in proc.stderr
@@ -361,16 +328,12 @@ def test_a_window_closed_early_ends_at_its_last_scrape_and_the_next_continues_fr
     fp = Fingerprinter(100, 100)
     state, frames = initial_state(ops), []
     for second, calls in [(1, 0), (10, 5), (20, 9)]:  # baseline, then two scrapes in [0, 60)
-        state, out = step(
-            state, snap(t0 + timedelta(seconds=second), [{"queryid": 1, "query": "SELECT 1", "calls": calls}]), fp, ops
-        )
+        state, out = step(state, snap(t0 + timedelta(seconds=second), [{"queryid": 1, "query": "SELECT 1", "calls": calls}]), fp, ops)
         frames.append(out)
     state, out = finish(state, ops)  # shutdown at 20 s
     frames.append(out)
     for second, calls in [(30, 12), (70, 20)]:  # restarted: the same period, then the next
-        state, out = step(
-            state, snap(t0 + timedelta(seconds=second), [{"queryid": 1, "query": "SELECT 1", "calls": calls}]), fp, ops
-        )
+        state, out = step(state, snap(t0 + timedelta(seconds=second), [{"queryid": 1, "query": "SELECT 1", "calls": calls}]), fp, ops)
         frames.append(out)
     calls = pl.concat([f for f in frames if f.height]).filter(pl.col("metric") == "postgresql.query.calls")
     s = timedelta(seconds=1)

@@ -26,24 +26,14 @@ T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 def sample(i: int, instance: str = "db1:5432", body: str | None = None, **extra) -> dict:
     """A query sample, or with ``body`` a plan, each with only the attributes the registry declares for it."""
-    own = (
-        {"postgresql.pid": 1000 + i, "postgresql.query.duration": i / 8, "postgresql.query.truncated": True}
-        if body is None
-        else {}
-    )
+    own = {"postgresql.pid": 1000 + i, "postgresql.query.duration": i / 8, "postgresql.query.truncated": True} if body is None else {}
     return {
         "instance": instance,
         "event_name": "db.server.query_sample" if body is None else "db.server.query_plan",
         "time": T0 + timedelta(seconds=i),
         "severity": "INFO",
         "body": body,
-        "attributes": {
-            "db.system.name": "postgresql",
-            "db.namespace": "app",
-            "postgresql.query.fingerprint": f"{i:016x}",
-            **own,
-            **extra,
-        },
+        "attributes": {"db.system.name": "postgresql", "db.namespace": "app", "postgresql.query.fingerprint": f"{i:016x}", **own, **extra},
         "server_address": instance.split(":")[0],
         "server_port": 5432,
         "server_version_num": 170004,
@@ -91,9 +81,7 @@ def test_resource_is_the_metrics_resource():
 
     (metrics,) = list(Encoder().batches(make_points(2)))
     (logs,) = list(LogEncoder().batches(events_frame([sample(0)])))
-    assert (
-        decode(logs.payload).resource_logs[0].resource == decode_metrics(metrics.payload).resource_metrics[0].resource
-    )
+    assert decode(logs.payload).resource_logs[0].resource == decode_metrics(metrics.payload).resource_metrics[0].resource
 
 
 def test_long_values_are_cut_where_new_relic_cuts():
@@ -119,9 +107,7 @@ def test_batches_stay_within_both_limits_and_carry_each_event_once(batch_size):
     for batch in batches:
         assert len(batch.payload) <= MAX_REQUEST_BYTES and batch.points <= batch_size
         request = decode(batch.payload)
-        bodies = [
-            r.body.string_value[:5] for rl in request.resource_logs for sl in rl.scope_logs for r in sl.log_records
-        ]
+        bodies = [r.body.string_value[:5] for rl in request.resource_logs for sl in rl.scope_logs for r in sl.log_records]
         assert [f"e{int(b)}" for b in bodies] == list(batch.rows)
         carried += batch.rows
     assert sorted(carried) == sorted(events["id"].to_list())
@@ -158,9 +144,7 @@ def test_receiver_stores_logs_beside_points(tmp_path, protocol):
     assert columns == ["event_name", "time", "severity", "body", "attributes", "resource", "received_at"]
     assert {"logs", "points"} <= tables
     logs = read_logs(out).sort("time")
-    assert logs["event_name"].to_list() == ["db.server.query_sample", "db.server.query_plan"] * 2 + [
-        "db.server.query_sample"
-    ]
+    assert logs["event_name"].to_list() == ["db.server.query_sample", "db.server.query_plan"] * 2 + ["db.server.query_sample"]
     assert logs["time"].to_list() == events["time"].to_list()
     assert logs["body"].to_list() == [None, '{"Plan": 1}', None, '{"Plan": 3}', None]
     attrs = [json.loads(a) for a in logs["attributes"]]
@@ -239,11 +223,7 @@ def as_samples(rows: list[dict], size: int) -> pl.DataFrame:
     out = []
     for row in rows:
         text = sample_text(row.pop("query"), size)  # the only place the raw text is read
-        out.append(
-            dict(
-                row, fingerprint=text.fingerprint, text=text.text, truncated=text.truncated, unparsable=text.unparsable
-            )
-        )
+        out.append(dict(row, fingerprint=text.fingerprint, text=text.text, truncated=text.truncated, unparsable=text.unparsable))
     return pl.DataFrame(out, schema=QUERY_SAMPLES)
 
 
@@ -258,9 +238,7 @@ def test_a_slow_statement_with_a_secret_arrives_as_a_normalized_sample(fresh_sta
     kept, state = limit_samples(samples)
     assert kept.height == 1 and state.skipped == {}
     assert kept["duration_secs"][0] >= 0.3  # the longest observation of the execution is kept
-    events = sample_events(
-        kept, instance="db1", server_address="127.0.0.1", server_port=server.port, server_version_num=180000
-    )
+    events = sample_events(kept, instance="db1", server_address="127.0.0.1", server_port=server.port, server_version_num=180000)
     out = tmp_path / "received.duckdb"
     with Receiver(out) as receiver:
         settings = Settings.load(otlp_endpoint=receiver.http_endpoint, otlp_protocol="http")

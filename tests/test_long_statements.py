@@ -118,9 +118,7 @@ def test_a_long_statement_carries_its_fingerprint_in_every_window_end_to_end(pg,
     capped_sleep = capped_act.filter(pl.col("wait") == "PgSleep")
     assert abs(capped_sleep["value"].sum() - truth) <= slack, (capped_sleep, truth)
     assert set(capped_sleep["fp"]) <= {fp, "other"}  # 13: "unknown" (no query id), which no cap renames
-    named = pl.concat(
-        [capped_act.select("start", "fp"), _received(capped, "postgresql.query.calls").select("start", "fp")]
-    )
+    named = pl.concat([capped_act.select("start", "fp"), _received(capped, "postgresql.query.calls").select("start", "fp")])
     per_window = named.filter(~pl.col("fp").is_in(["other", "unknown"])).group_by("start").agg(pl.col("fp").n_unique())
     assert per_window.height == 0 or per_window["fp"].max() <= 1, per_window
 
@@ -130,9 +128,7 @@ def _record(dsn: str, statements: list[tuple[float, list[float]]], query_samples
     snapshots = []
     with (
         Scraper(dsn) as scraper,
-        Sampler(
-            dsn, instance=scraper.instance, interval_secs=PERIOD, max_query_samples=100 if query_samples else 0
-        ) as sampler,
+        Sampler(dsn, instance=scraper.instance, interval_secs=PERIOD, max_query_samples=100 if query_samples else 0) as sampler,
     ):
         snapshots.append(with_samples(scraper.scrape(), sampler))
         sampler.start()

@@ -53,9 +53,7 @@ def endpoint(receiver: Receiver, protocol: str) -> str:
     return receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
 
 
-def run_pgbench_through(
-    pg, receiver: Receiver, protocol: str, tmp_path: Path, transactions: int = 50, **env: str
-) -> str:
+def run_pgbench_through(pg, receiver: Receiver, protocol: str, tmp_path: Path, transactions: int = 50, **env: str) -> str:
     """Run the collector against ``receiver``, pgbench once, stop: returns the collector's log."""
     state = tmp_path / "state"
     e = collector_env(pg.dsn(), endpoint(receiver, protocol), state, PGFLOW_OTLP_PROTOCOL=protocol, **env)
@@ -79,9 +77,7 @@ def metrics_text(addr: str) -> str:
 def test_pgbench_exact_over_tls_trusting_the_test_ca(fresh_stats, certs, tmp_path, protocol):
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         assert endpoint(receiver, protocol).startswith("https://")
-        log = run_pgbench_through(
-            fresh_stats, receiver, protocol, tmp_path, OTEL_EXPORTER_OTLP_CERTIFICATE=str(certs.ca)
-        )
+        log = run_pgbench_through(fresh_stats, receiver, protocol, tmp_path, OTEL_EXPORTER_OTLP_CERTIFICATE=str(certs.ca))
         assert_pgbench_exact(calls_by_summary(receiver.points()), 100)  # 2 clients x 50
     assert "Traceback" not in log and "cause=tls_" not in log
 
@@ -111,11 +107,7 @@ def test_untrusted_certificate_exits_3_then_the_ca_delivers_every_window_once(fr
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         metrics_addr = f"127.0.0.1:{free_port()}"
         env = collector_env(
-            fresh_stats.dsn(),
-            receiver.grpc_endpoint,
-            state,
-            PGFLOW_SHUTDOWN_TIMEOUT_SECS="3",
-            PGFLOW_METRICS_ADDR=metrics_addr,
+            fresh_stats.dsn(), receiver.grpc_endpoint, state, PGFLOW_SHUTDOWN_TIMEOUT_SECS="3", PGFLOW_METRICS_ADDR=metrics_addr
         )
         proc = start_collector(env, log=tmp_path / "log1")
         wait_for_baseline(state)
@@ -150,16 +142,13 @@ def test_untrusted_certificate_exits_3_then_the_ca_delivers_every_window_once(fr
     ],
 )
 def test_each_tls_refusal_has_its_own_line(certs, caplog, protocol, which, cause, words):
-    cert, key = {
-        "wrong_name": (certs.wrong_name_cert, certs.wrong_name_key),
-        "expired": (certs.expired_cert, certs.expired_key),
-    }.get(which, (certs.server_cert, certs.server_key))
+    cert, key = {"wrong_name": (certs.wrong_name_cert, certs.wrong_name_key), "expired": (certs.expired_cert, certs.expired_key)}.get(
+        which, (certs.server_cert, certs.server_key)
+    )
     client_ca = certs.ca if which == "no_client_cert" else None
     ca = {} if which == "untrusted" else {"otlp_certificate": certs.ca}
     with Receiver(tls_cert=cert, tls_key=key, client_ca=client_ca) as receiver:
-        settings = Settings.load(
-            otlp_endpoint=endpoint(receiver, protocol), otlp_protocol=protocol, retry_max_attempts=2, **ca
-        )
+        settings = Settings.load(otlp_endpoint=endpoint(receiver, protocol), otlp_protocol=protocol, retry_max_attempts=2, **ca)
         exporter = Exporter(settings, sleep=lambda _: None)
         with caplog.at_level(logging.INFO, logger="pgflow.export"):
             for _ in range(3):  # three windows: one line
@@ -175,13 +164,9 @@ def test_each_tls_refusal_has_its_own_line(certs, caplog, protocol, which, cause
 def test_check_reports_the_untrusted_certificate(pg, certs, tmp_path):
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         env = collector_env(pg.dsn(), receiver.grpc_endpoint, tmp_path)
-        bad = subprocess.run(
-            [sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60
-        )
+        bad = subprocess.run([sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
         env["OTEL_EXPORTER_OTLP_CERTIFICATE"] = str(certs.ca)
-        good = subprocess.run(
-            [sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60
-        )
+        good = subprocess.run([sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 1 and "FAIL connect: " in bad.stdout and UNTRUSTED in bad.stdout
     assert "OTEL_EXPORTER_OTLP_CERTIFICATE" in bad.stdout
     assert good.returncode == 0, good.stdout + good.stderr
@@ -194,34 +179,23 @@ def test_check_reports_the_untrusted_certificate(pg, certs, tmp_path):
 def test_unreadable_or_invalid_tls_files_exit_2_naming_them(pg, certs, tmp_path):
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
-    cases = {
-        "OTEL_EXPORTER_OTLP_CERTIFICATE": str(tmp_path / "missing.pem"),
-        "OTEL_EXPORTER_OTLP_LOGS_CERTIFICATE": str(junk),
-    }
+    cases = {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(tmp_path / "missing.pem"), "OTEL_EXPORTER_OTLP_LOGS_CERTIFICATE": str(junk)}
     for name, value in cases.items():
         env = collector_env(pg.dsn(), "https://127.0.0.1:1", tmp_path / "state", **{name: value})
-        proc = subprocess.run(
-            [sys.executable, "-m", "pgflow", "run"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60
-        )
+        proc = subprocess.run([sys.executable, "-m", "pgflow", "run"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and name in lines[0] and value in lines[0], lines
     config = tmp_path / "pgflow.json"  # the JSON file's settings are checked the same way
     config.write_text(f'{{"otlp_client_certificate": "{certs.client_cert}", "otlp_client_key": "{junk}"}}')
     env = collector_env(pg.dsn(), "https://127.0.0.1:1", tmp_path / "state", PGFLOW_CONFIG=str(config))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pgflow", "run"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-m", "pgflow", "run"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"otlp_client_key (OTEL_EXPORTER_OTLP_CLIENT_KEY) {junk} holds no PEM private key" in proc.stderr
     with pytest.raises(ConfigError, match="otlp_client_certificate .* is set but otlp_client_key"):
         Settings.load(otlp_endpoint="https://127.0.0.1:1", otlp_client_certificate=certs.client_cert)
     with pytest.raises(ConfigError, match="do not make a usable pair"):
-        Settings.load(
-            otlp_endpoint="https://127.0.0.1:1",
-            otlp_client_certificate=certs.client_cert,
-            otlp_client_key=certs.server_key,
-        )
+        Settings.load(otlp_endpoint="https://127.0.0.1:1", otlp_client_certificate=certs.client_cert, otlp_client_key=certs.server_key)
 
 
 def test_timeout_is_milliseconds_and_per_signal_wins(monkeypatch):
@@ -245,9 +219,7 @@ def test_uncompressed_export_is_received(protocol, monkeypatch):
 
 def test_api_key_over_plaintext_to_another_host_is_refused(pg, tmp_path):
     env = collector_env(pg.dsn(), "http://10.255.0.1:4317", tmp_path / "state", NEW_RELIC_API_KEY="NRAK-SECRET-1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pgflow", "run"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-m", "pgflow", "run"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 2
     assert (
         proc.stderr.count("\n") == 1
@@ -296,9 +268,7 @@ class Tinyproxy:
             lines[:0] = ["User nobody", "Group nogroup"]
         conf = root / "tinyproxy.conf"
         conf.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen(
-            [binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
+        self.proc = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -342,12 +312,7 @@ def test_pgbench_exact_through_an_https_proxy(fresh_stats, certs, proxy, tmp_pat
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         port = receiver.grpc_port if protocol == "grpc" else receiver.http_port
         log = run_pgbench_through(
-            fresh_stats,
-            receiver,
-            protocol,
-            tmp_path,
-            HTTPS_PROXY=proxy.url,
-            OTEL_EXPORTER_OTLP_CERTIFICATE=str(certs.ca),
+            fresh_stats, receiver, protocol, tmp_path, HTTPS_PROXY=proxy.url, OTEL_EXPORTER_OTLP_CERTIFICATE=str(certs.ca)
         )
         assert_pgbench_exact(calls_by_summary(receiver.points()), 100)  # 2 clients x 50
     assert proxy.connects(port) >= 1  # the tunnel went through the proxy, which checked the password
@@ -359,9 +324,7 @@ def test_no_proxy_covering_the_endpoint_bypasses_the_proxy(certs, proxy, monkeyp
     monkeypatch.setenv("https_proxy", proxy.url)
     monkeypatch.setenv("NO_PROXY", "example.com,127.0.0.0/8")
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
-        settings = Settings.load(
-            otlp_endpoint=endpoint(receiver, protocol), otlp_protocol=protocol, otlp_certificate=certs.ca
-        )
+        settings = Settings.load(otlp_endpoint=endpoint(receiver, protocol), otlp_protocol=protocol, otlp_certificate=certs.ca)
         assert settings.network().proxy is None
         exporter = Exporter(settings)
         assert all(r.acknowledged for _, r in exporter.export(make_points(2)))
@@ -375,10 +338,7 @@ def test_otlp_proxy_overrides_the_environment_and_hides_credentials(certs, proxy
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens there
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         settings = Settings.load(
-            otlp_endpoint=endpoint(receiver, protocol),
-            otlp_protocol=protocol,
-            otlp_certificate=certs.ca,
-            otlp_proxy=proxy.url,
+            otlp_endpoint=endpoint(receiver, protocol), otlp_protocol=protocol, otlp_certificate=certs.ca, otlp_proxy=proxy.url
         )
         assert "s3cret-pw" not in repr(settings) and "<redacted>@127.0.0.1" in repr(settings)
         exporter = Exporter(settings)
@@ -421,10 +381,7 @@ def test_proxy_refusing_connect_gives_its_line_and_loses_nothing(fresh_stats, ce
 def test_grpc_proxy_refusal_is_named(certs, refusing_proxy, caplog):
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         settings = Settings.load(
-            otlp_endpoint=receiver.grpc_endpoint,
-            otlp_certificate=certs.ca,
-            otlp_proxy=refusing_proxy.url,
-            retry_max_attempts=1,
+            otlp_endpoint=receiver.grpc_endpoint, otlp_certificate=certs.ca, otlp_proxy=refusing_proxy.url, retry_max_attempts=1
         )
         exporter = Exporter(settings, sleep=lambda _: None)
         with caplog.at_level(logging.ERROR, logger="pgflow.export"):
@@ -495,9 +452,7 @@ def test_receive_cli_serves_both_ports_over_mtls(certs, tmp_path):
         for protocol, port in [("grpc", grpc_port), ("http", http_port)]:
             url = f"https://127.0.0.1:{port}"
             refused = Exporter(
-                Settings.load(
-                    otlp_endpoint=url, otlp_protocol=protocol, otlp_certificate=certs.ca, retry_max_attempts=1
-                ),
+                Settings.load(otlp_endpoint=url, otlp_protocol=protocol, otlp_certificate=certs.ca, retry_max_attempts=1),
                 sleep=lambda _: None,
             )
             [(_, result)] = refused.export(make_points(3))
@@ -553,18 +508,14 @@ def test_http_proxy_carries_a_plaintext_endpoint(proxy, monkeypatch, protocol):
 def test_check_names_the_refusing_proxy(certs, refusing_proxy, proxy):
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         for via, expected in ((refusing_proxy, "fail"), (proxy, "ok")):
-            settings = Settings.load(
-                otlp_endpoint=receiver.grpc_endpoint, otlp_certificate=certs.ca, otlp_proxy=via.url
-            )
+            settings = Settings.load(otlp_endpoint=receiver.grpc_endpoint, otlp_certificate=certs.ca, otlp_proxy=via.url)
             level, detail = network.check_export(settings.endpoint, settings.network(), "grpc")
             assert level == expected, detail
         assert (
             "refused to CONNECT"
             in network.check_export(
                 receiver.grpc_endpoint,
-                Settings.load(
-                    otlp_endpoint=receiver.grpc_endpoint, otlp_certificate=certs.ca, otlp_proxy=refusing_proxy.url
-                ).network(),
+                Settings.load(otlp_endpoint=receiver.grpc_endpoint, otlp_certificate=certs.ca, otlp_proxy=refusing_proxy.url).network(),
                 "grpc",
             )[1]
         )

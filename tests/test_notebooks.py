@@ -118,9 +118,7 @@ def execute(name: str, *extra_cells: str) -> nbformat.NotebookNode:
     first = nbformat.v4.new_code_cell(_source(_keep_figures) + "\n_keep_figures()")
     notebook.cells.insert(0, first)
     notebook.cells += [nbformat.v4.new_code_cell(source) for source in extra_cells]
-    NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
-    ).execute()
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     return notebook
 
 

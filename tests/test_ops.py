@@ -26,12 +26,7 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def snap(
-    at: datetime,
-    rows: list[dict],
-    *,
-    stats_reset: datetime | None = T0,
-    dealloc: int | None = 0,
-    instance: str = "db1:5432",
+    at: datetime, rows: list[dict], *, stats_reset: datetime | None = T0, dealloc: int | None = 0, instance: str = "db1:5432"
 ) -> Snapshot:
     base = {"dbid": 1, "userid": 10, "toplevel": True, "database": "app", "user": "web"}
     frame = conform(pl.DataFrame([{**base, **r} for r in rows]) if rows else pl.DataFrame(), STATEMENTS)
@@ -91,14 +86,10 @@ def test_stats_since_change_means_recreated():
 
 def test_whole_reset_counts_current_values_and_dealloc():
     s0 = snap(T0, [{"queryid": 1, "calls": 50}], dealloc=3)
-    s1 = snap(
-        T0 + timedelta(seconds=10), [{"queryid": 1, "calls": 60}], stats_reset=T0 + timedelta(seconds=5), dealloc=2
-    )
+    s1 = snap(T0 + timedelta(seconds=10), [{"queryid": 1, "calls": 60}], stats_reset=T0 + timedelta(seconds=5), dealloc=2)
     _, out = delta(delta(None, s0)[0], s1)
     assert out.statements["calls"].to_list() == [60] and out.deallocated == 2
-    s2 = snap(
-        T0 + timedelta(seconds=20), [{"queryid": 1, "calls": 61}], stats_reset=T0 + timedelta(seconds=5), dealloc=9
-    )
+    s2 = snap(T0 + timedelta(seconds=20), [{"queryid": 1, "calls": 61}], stats_reset=T0 + timedelta(seconds=5), dealloc=9)
     _, out = delta(delta(None, s1)[0], s2)
     assert out.deallocated == 7
 
@@ -165,9 +156,7 @@ def test_operations_and_summaries():
 )
 def test_fallback_never_raises_and_is_stable(text):
     a, b = query_info(text), query_info(text)
-    assert (
-        a == b and len(a.fingerprint) == 16 and int(a.fingerprint, 16) >= 0
-    )  # xxh3_64: one format for every fingerprint
+    assert a == b and len(a.fingerprint) == 16 and int(a.fingerprint, 16) >= 0  # xxh3_64: one format for every fingerprint
     assert len(a.text) <= MAX_TEXT
 
 
@@ -200,9 +189,7 @@ def test_fingerprinter_caches_by_key_and_text():
     assert out["fingerprint"].n_unique() == 1 and fp.parses == 2  # 3 keys, 2 distinct texts
     fp.apply("i", frame)
     assert fp.key_hits == 3
-    many = pl.DataFrame(
-        {"dbid": [1] * 30, "queryid": list(range(100, 130)), "query": [f"SELECT {i}" for i in range(30)]}
-    )
+    many = pl.DataFrame({"dbid": [1] * 30, "queryid": list(range(100, 130)), "query": [f"SELECT {i}" for i in range(30)]})
     assert fp.apply("i", many).height == 30
     assert fp._by_key["i"].height <= 30  # bounded: keeps this frame's keys, sheds older ones
 
@@ -287,8 +274,7 @@ def test_window_alignment_and_boundary():
     assert window_bounds(T0 + timedelta(seconds=59), length) == (T0, T0 + length)
     assert window_bounds(T0 + timedelta(seconds=60), length) == (T0 + length, T0 + 2 * length)
     snaps = [
-        snap(T0 + timedelta(seconds=s), [{"queryid": 1, "query": "SELECT 1", "calls": c}])
-        for s, c in [(50, 1), (70, 4), (130, 10)]
+        snap(T0 + timedelta(seconds=s), [{"queryid": 1, "query": "SELECT 1", "calls": c}]) for s, c in [(50, 1), (70, 4), (130, 10)]
     ]  # first delta crosses the boundary
     pts = ops.run(snaps, export_interval_secs=60).filter(pl.col("metric") == "postgresql.query.calls")
     # the last window is closed by the end of the stream: it ends at its last scrape (130 s)
@@ -334,9 +320,7 @@ def test_grouping_by_hash_equals_grouping_by_value(rows):
     hashed, exact = group_rows(keys), _group_exactly(keys)
     assert hashed.first.tolist() == exact.first.tolist() and hashed.of_row.tolist() == exact.of_row.tolist()
     values = np.arange(len(rows), dtype=np.int64)[:, None] * 3
-    assert hashed.sum(values).tolist() == [
-        [3 * sum(i for i, g in enumerate(exact.of_row) if g == k)] for k in range(len(exact))
-    ]
+    assert hashed.sum(values).tolist() == [[3 * sum(i for i, g in enumerate(exact.of_row) if g == k)] for k in range(len(exact))]
 
 
 def test_grouping_survives_a_hash_collision(monkeypatch):
@@ -375,22 +359,12 @@ def workloads(draw):
             entries.pop(draw(st.sampled_from(sorted(entries))))
         if event == "reset_one" and entries:
             key = draw(st.sampled_from(sorted(entries)))
-            entries[key] = {
-                "calls": 0,
-                "time": 0.0,
-                "since": at - timedelta(microseconds=1),
-                "text": entries[key]["text"],
-            }
+            entries[key] = {"calls": 0, "time": 0.0, "since": at - timedelta(microseconds=1), "text": entries[key]["text"]}
         if event == "new" or not entries:
             for _ in range(draw(st.integers(1, 3))):
                 key = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), next_qid, draw(st.booleans()))
                 next_qid += 1
-                entries[key] = {
-                    "calls": 0,
-                    "time": 0.0,
-                    "since": at - timedelta(microseconds=1),
-                    "text": draw(st.sampled_from(texts)),
-                }
+                entries[key] = {"calls": 0, "time": 0.0, "since": at - timedelta(microseconds=1), "text": draw(st.sampled_from(texts))}
         for key in sorted(entries):
             calls = draw(st.integers(0, 5))
             time = calls * draw(st.sampled_from([0.5, 2.0, 7.25]))
@@ -426,13 +400,7 @@ def test_exported_totals_equal_truth(workload, cap, threshold, window):
     vs nested (issue 14 items 7, 8): ``other`` keeps the user, database and toplevel of what
     it rolls up, and a user the user cap rolled up is counted under user ``other``."""
     snaps, truth_calls, truth_time, by_series = workload
-    pts = ops.run(
-        snaps,
-        max_queries_tracked=cap,
-        max_users_tracked=1,
-        slow_query_threshold_ms=threshold,
-        export_interval_secs=window,
-    )
+    pts = ops.run(snaps, max_queries_tracked=cap, max_users_tracked=1, slow_query_threshold_ms=threshold, export_interval_secs=window)
     exported_calls = pts.filter(pl.col("metric") == "postgresql.query.calls")["value"].sum()
     exported_time = pts.filter(pl.col("metric") == "postgresql.query.duration")["value"].sum()
     assert exported_calls == truth_calls
@@ -441,9 +409,7 @@ def test_exported_totals_equal_truth(workload, cap, threshold, window):
 
     truth = pl.DataFrame(by_series, schema=["at", "database", "user", "toplevel", "calls", "time"], orient="row")
     truth = truth.with_columns(
-        start=pl.col("at").map_elements(
-            lambda t: window_bounds(t, timedelta(seconds=window))[0], return_dtype=pts.schema["start"]
-        ),
+        start=pl.col("at").map_elements(lambda t: window_bounds(t, timedelta(seconds=window))[0], return_dtype=pts.schema["start"]),
         toplevel=pl.col("toplevel").cast(pl.String),
     )
     # windows are told apart by their start: the last one ends at its last scrape, not its nominal end
@@ -474,15 +440,12 @@ def test_row_order_changes_nothing(workload, seed):
     order by key. Both must give every series the same numbers."""
     snaps = workload[0]
     shuffled = [
-        replace(s, statements=s.statements.sample(fraction=1.0, shuffle=True, seed=(seed + i) % 2**32))
-        for i, s in enumerate(snaps)
+        replace(s, statements=s.statements.sample(fraction=1.0, shuffle=True, seed=(seed + i) % 2**32)) for i, s in enumerate(snaps)
     ]
     series = ("postgresql.query.fingerprint", "db.namespace", "user.name")
 
     def totals(points: pl.DataFrame) -> dict:
-        keyed = points.filter(pl.col("kind") == "sum").with_columns(
-            *(pl.col("attributes").struct.field(a).alias(a) for a in series)
-        )
+        keyed = points.filter(pl.col("kind") == "sum").with_columns(*(pl.col("attributes").struct.field(a).alias(a) for a in series))
         summed = keyed.group_by("metric", *series).agg(pl.col("value").sum())
         return {tuple(row[:4]): round(row[4], 9) for row in summed.iter_rows()}
 
@@ -570,9 +533,7 @@ def test_real_nested_statements_sum_top_level_only(pg):
         return
     calls = {
         (t, top): v
-        for t, top, v in rows.filter(pl.col("metric") == "postgresql.query.calls")
-        .select("text", "toplevel", "value")
-        .iter_rows()
+        for t, top, v in rows.filter(pl.col("metric") == "postgresql.query.calls").select("text", "toplevel", "value").iter_rows()
     }
     update = "UPDATE n14 SET v = v + $1 WHERE id = $2"
     assert calls[(update, "true")] == 7 and calls[(update, "false")] == 10  # one statement, two series
@@ -595,19 +556,13 @@ def test_real_gauges_read_zero_rather_than_vanish(pg):
             snaps = [scraper.scrape(), scraper.scrape()]
     finally:
         pg.execute("DROP DATABASE idle14")
-    gauges = ops.run(snaps).filter(
-        (pl.col("kind") == "gauge") & (pl.col("attributes").struct.field("db.namespace") == "idle14")
-    )
+    gauges = ops.run(snaps).filter((pl.col("kind") == "gauge") & (pl.col("attributes").struct.field("db.namespace") == "idle14"))
 
     def values(metric: str, attr: str) -> dict[str | None, float]:
         rows = gauges.filter(pl.col("metric") == metric).with_columns(k=pl.col("attributes").struct.field(attr))
         return dict(rows.group_by("k").agg(pl.col("value").sum()).iter_rows())
 
     connections = values("postgresql.connection.count", "postgresql.connection.state")
-    assert {s: connections.get(s) for s in ("active", "idle", "idle in transaction")} == {
-        "active": 0,
-        "idle": 0,
-        "idle in transaction": 0,
-    }
+    assert {s: connections.get(s) for s in ("active", "idle", "idle in transaction")} == {"active": 0, "idle": 0, "idle in transaction": 0}
     assert values("postgresql.lock.count", "postgresql.lock.granted").get("false") == 0
     assert values("postgresql.blocked.count", "db.namespace") == {"idle14": 0}

@@ -126,9 +126,7 @@ def test_integers_as_int_and_durations_as_double():
     [batch] = Encoder().batches(make_points(4))
     request = decode(batch.payload)
     kinds = {
-        m.name: m.sum.data_points[0].WhichOneof("value")
-        for m in request.resource_metrics[0].scope_metrics[0].metrics
-        if m.HasField("sum")
+        m.name: m.sum.data_points[0].WhichOneof("value") for m in request.resource_metrics[0].scope_metrics[0].metrics if m.HasField("sum")
     }
     assert kinds == {"postgresql.query.calls": "as_int", "postgresql.query.duration": "as_double"}
     assert request.resource_metrics[0].scope_metrics[0].scope.name == "pgflow"
@@ -329,7 +327,5 @@ def test_encoding_is_the_same_when_attribute_hashes_collide(monkeypatch):
     points = make_points(50)
     expected = decode(next(Encoder().batches(points)).payload)
     real = pl.DataFrame.hash_rows
-    monkeypatch.setattr(
-        pl.DataFrame, "hash_rows", lambda self, seed=0, *a, **k: real(self, seed, *a, **k) * (0 if seed == 0 else 1)
-    )
+    monkeypatch.setattr(pl.DataFrame, "hash_rows", lambda self, seed=0, *a, **k: real(self, seed, *a, **k) * (0 if seed == 0 else 1))
     assert decode(next(Encoder().batches(points)).payload) == expected

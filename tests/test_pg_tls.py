@@ -46,8 +46,7 @@ def ssl_bindir() -> Path:
         if _has_ssl(Path(candidate)):
             return Path(candidate)
     pytest.fail(
-        "no PostgreSQL build with SSL found (the embedded wheel has none): apt-get install postgresql, "
-        "or set PGFLOW_TEST_PG_BINDIR to one"
+        "no PostgreSQL build with SSL found (the embedded wheel has none): apt-get install postgresql, or set PGFLOW_TEST_PG_BINDIR to one"
     )
 
 
@@ -68,10 +67,7 @@ def tls_pg(certs):
     server.start()
     try:
         server.execute(
-            "CREATE EXTENSION pg_stat_statements",
-            "CREATE DATABASE other",
-            f"CREATE ROLE {ROLE} LOGIN",
-            f"GRANT pg_monitor TO {ROLE}",
+            "CREATE EXTENSION pg_stat_statements", "CREATE DATABASE other", f"CREATE ROLE {ROLE} LOGIN", f"GRANT pg_monitor TO {ROLE}"
         )
         server.pgbench_init()
         yield server
@@ -108,9 +104,7 @@ def test_verify_full_with_a_client_certificate_on_every_connection(tls_pg, certs
     state = tmp_path / "state"
     seen: set[tuple[str, bool, str]] = set()
     with Receiver() as receiver:
-        env = collector_env(
-            verified_dsn(tls_pg, certs), receiver.grpc_endpoint, state, PGFLOW_TABLE_STATS_INTERVAL_SECS="0.5"
-        )
+        env = collector_env(verified_dsn(tls_pg, certs), receiver.grpc_endpoint, state, PGFLOW_TABLE_STATS_INTERVAL_SECS="0.5")
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(state)
         tls_pg.pgbench("-n", "-c", "2", "-t", "50")
@@ -132,9 +126,7 @@ def test_verify_full_with_a_client_certificate_on_every_connection(tls_pg, certs
 def run_check(dsn: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     with Receiver() as receiver:
         env = collector_env(dsn, receiver.grpc_endpoint, tmp_path)
-        return subprocess.run(
-            [sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120
-        )
+        return subprocess.run([sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
 def test_check_accepts_the_verified_client_certificate(tls_pg, certs, tmp_path):

@@ -49,11 +49,7 @@ def encodings(pg_factory):
 
 def _calls(deltas, needle: str) -> int:
     frame = deltas.statements
-    return (
-        int(sum(c for q, c in zip(frame["query"], frame["calls"]) if q is not None and needle in q))
-        if "query" in frame.columns
-        else 0
-    )
+    return int(sum(c for q, c in zip(frame["query"], frame["calls"]) if q is not None and needle in q)) if "query" in frame.columns else 0
 
 
 def _calls_by_queryid(deltas, queryids: set[int]) -> int:
@@ -138,9 +134,7 @@ def test_latin1_text_comes_out_as_unicode(encodings):
 def blind(pg_factory):
     """A server whose 0xe9 text comes from a SQL_ASCII database without pg_stat_statements."""
     server = pg_factory()
-    server.execute(
-        "CREATE EXTENSION pg_stat_statements", "CREATE DATABASE legacy ENCODING 'SQL_ASCII' TEMPLATE template0"
-    )
+    server.execute("CREATE EXTENSION pg_stat_statements", "CREATE DATABASE legacy ENCODING 'SQL_ASCII' TEMPLATE template0")
     with psycopg.connect(server.dsn("legacy"), autocommit=True) as conn:
         conn.execute(BAD_BYTE_STATEMENT)
     return server
@@ -160,15 +154,12 @@ def test_unreadable_text_without_a_way_round_says_where_and_how(blind, caplog, m
         state, deltas = delta(state, scraper.scrape())
         state, _ = delta(state, scraper.scrape())
         queryid = blind.execute(
-            "SELECT queryid FROM pg_stat_statements(false) s JOIN pg_roles r ON r.oid = s.userid "
-            "WHERE calls = 7 AND r.rolname = 'postgres'"
+            "SELECT queryid FROM pg_stat_statements(false) s JOIN pg_roles r ON r.oid = s.userid WHERE calls = 7 AND r.rolname = 'postgres'"
         )
         assert _calls_by_queryid(deltas, {q for (q,) in queryid}) == 7  # counted, under the queryid label
         warnings = [r.getMessage() for r in caplog.records if "statement texts cannot be read" in r.getMessage()]
         assert len(warnings) == 1, warnings  # once
-        assert (
-            "database legacy" in warnings[0] and "CREATE EXTENSION pg_stat_statements in database legacy" in warnings[0]
-        ), warnings[0]
+        assert "database legacy" in warnings[0] and "CREATE EXTENSION pg_stat_statements in database legacy" in warnings[0], warnings[0]
         assert "caf" not in caplog.text
         # The way out: the extension created there; looked for again (TEXT_RETRY_SECS, 0 here).
         blind.execute("CREATE EXTENSION pg_stat_statements", dbname="legacy")
@@ -183,10 +174,9 @@ def test_unreadable_text_without_a_way_round_says_where_and_how(blind, caplog, m
     report = check(InstanceConfig(name="blind", database_url=blind.dsn()))
     texts = [f for f in report.findings if f.name == "texts"]
     assert texts and texts[0].level == "warn", report.render()
-    assert (
-        "database legacy" in texts[0].detail
-        and "CREATE EXTENSION pg_stat_statements in database legacy" in texts[0].detail
-    ), report.render()
+    assert "database legacy" in texts[0].detail and "CREATE EXTENSION pg_stat_statements in database legacy" in texts[0].detail, (
+        report.render()
+    )
     assert "caf" not in report.render()
 
 
@@ -315,11 +305,7 @@ def test_own_statements_are_never_exported(pgbench_server):
         state, deltas = delta(state, snap)
         if deltas is not None:
             calls.append(
-                sum(
-                    c
-                    for q, c in zip(deltas.statements["query"], deltas.statements["calls"])
-                    if q is not None and "pg_stat_activity" in q
-                )
+                sum(c for q, c in zip(deltas.statements["query"], deltas.statements["calls"]) if q is not None and "pg_stat_activity" in q)
             )
     assert calls == [1, 1]  # the user's query, exactly once per interval; pgflow's own never
 
@@ -333,8 +319,7 @@ def test_texts_are_keyed_like_the_counters_top_level_and_nested_apart(pgbench_se
         pytest.skip("PostgreSQL 13 keeps top-level and nested executions in one entry (no toplevel)")
     server.execute(
         "CREATE TABLE twin (id int)",
-        "CREATE FUNCTION twin_count() RETURNS bigint LANGUAGE sql "
-        "AS $$SELECT /*pgflow*/ count(*) FROM twin WHERE id = 1$$",
+        "CREATE FUNCTION twin_count() RETURNS bigint LANGUAGE sql AS $$SELECT /*pgflow*/ count(*) FROM twin WHERE id = 1$$",
     )
     user = "SELECT count(*) FROM twin WHERE id = 1"
     nested = "SELECT twin_count()"  # the same statement, nested and marked: same queryid, toplevel false
@@ -352,8 +337,7 @@ def test_texts_are_keyed_like_the_counters_top_level_and_nested_apart(pgbench_se
     )
     assert same == [(2, 1)]  # ground truth: one queryid, a top-level and a nested entry
     calls = ops.run(snapshots, export_interval_secs=0.001).filter(
-        (pl.col("metric") == "postgresql.query.calls")
-        & pl.col("attributes").struct.field("db.query.text").str.contains("FROM twin")
+        (pl.col("metric") == "postgresql.query.calls") & pl.col("attributes").struct.field("db.query.text").str.contains("FROM twin")
     )
     assert calls["value"].sum() == 5
     assert set(calls["attributes"].struct.field("postgresql.query.toplevel")) == {"true"}
@@ -362,9 +346,7 @@ def test_texts_are_keyed_like_the_counters_top_level_and_nested_apart(pgbench_se
 def test_instance_identity_names_the_host_for_a_local_address(pg, monkeypatch):
     """Item 11: a sidecar on localhost is told apart by the host; OTEL_RESOURCE_ATTRIBUTES merges."""
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
-    monkeypatch.setenv(
-        "OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.instance.id=spoof,team=db%20ops"
-    )
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.instance.id=spoof,team=db%20ops")
     with Scraper(pg.dsn()) as scraper:
         snaps = [scraper.scrape(), scraper.scrape()]
     points = ops.run(snaps, export_interval_secs=0.001)
@@ -454,9 +436,7 @@ def test_every_statement_pgflow_sends_carries_its_mark(pg_factory):
             tables.scrape()
             assert sampler.sample()
     check(InstanceConfig(name="mark", database_url=dsn))
-    entries = server.execute(
-        "SELECT s.query FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = 'pgflow_mark'"
-    )
+    entries = server.execute("SELECT s.query FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = 'pgflow_mark'")
     assert len(entries) >= 10  # the scrapers did run as that role
     unmarked = [q for (q,) in entries if MARK not in q]  # transaction control included (issue 19)
     assert unmarked == [], "\n".join(q[:100] for q in unmarked)

@@ -130,19 +130,9 @@ def workload(pg_factory, tmp_path_factory) -> Workload:
             Scraper(dsn) as scraper,
             Sampler(dsn, instance="qs-main", interval_secs=PERIOD, sample_min_duration_ms=THRESHOLD_MS) as main,
             Sampler(dsn, instance="qs-unreached", interval_secs=PERIOD, sample_min_duration_ms=60_000) as high,
+            Sampler(dsn, instance="qs-budget", interval_secs=PERIOD, sample_min_duration_ms=THRESHOLD_MS, max_query_samples=3) as budget,
             Sampler(
-                dsn,
-                instance="qs-budget",
-                interval_secs=PERIOD,
-                sample_min_duration_ms=THRESHOLD_MS,
-                max_query_samples=3,
-            ) as budget,
-            Sampler(
-                dsn,
-                instance="qs-per-id",
-                interval_secs=PERIOD,
-                sample_min_duration_ms=THRESHOLD_MS,
-                samples_per_fingerprint_per_hour=2,
+                dsn, instance="qs-per-id", interval_secs=PERIOD, sample_min_duration_ms=THRESHOLD_MS, samples_per_fingerprint_per_hour=2
             ) as per_id,
             Scraper(dsn) as off_scraper,
         ):
@@ -207,9 +197,7 @@ def _fingerprint_of(points: pl.DataFrame, text: str) -> str:
     return calls["postgresql.query.fingerprint"][0]
 
 
-def _events(
-    snapshots: list[Snapshot], limits: SampleLimits | None = None, **settings
-) -> tuple[SampleLimits, pl.DataFrame]:
+def _events(snapshots: list[Snapshot], limits: SampleLimits | None = None, **settings) -> tuple[SampleLimits, pl.DataFrame]:
     frames = []
     for snapshot in snapshots:
         limits, events = query_sample_events(limits, snapshot, **settings)
@@ -297,27 +285,20 @@ def test_limits_hold_with_many_slow_sessions(workload):
     # The sampler with a budget of 3 read 3 texts (and its root blockers' at most) and skipped the rest.
     assert w.budget.height == 3 and _texts_read("qs-budget") <= 4
     assert (
-        telemetry.REGISTRY.get_sample_value(
-            "pgflow_query_samples_skipped_total", {"instance": "qs-budget", "reason": "budget"}
-        )
+        telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total", {"instance": "qs-budget", "reason": "budget"})
         >= many.height - 3
     )
     # A sampler reads at most samples_per_fingerprint_per_hour texts per query id an hour (14+: 13 has none).
     per_id = w.per_query_id.filter(pl.col("application_name").str.starts_with("qs-many"))
     skipped_early = (
-        telemetry.REGISTRY.get_sample_value(
-            "pgflow_query_samples_skipped_total", {"instance": "qs-per-id", "reason": "fingerprint"}
-        )
-        or 0
+        telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total", {"instance": "qs-per-id", "reason": "fingerprint"}) or 0
     )
     if w.version >= 140000:
         assert per_id["fingerprint"].value_counts()["count"].to_list() == [2, 2] and skipped_early >= many.height - 4
     else:
         assert per_id.height == many.height and skipped_early == 0
     # The limiter: at most 3 per fingerprint per hour, at most 5 per window, the rest counted by reason.
-    limits, events = _events(
-        w.snapshots, samples_per_fingerprint_per_hour=3, max_samples_per_window=5, export_interval_secs=3600
-    )
+    limits, events = _events(w.snapshots, samples_per_fingerprint_per_hour=3, max_samples_per_window=5, export_interval_secs=3600)
     assert events.height and events["postgresql.query.fingerprint"].value_counts()["count"].max() <= 3
     per_window: dict[int, int] = {}  # a snapshot's samples count against the window its scrape falls in
     state = None
@@ -336,15 +317,11 @@ def test_limits_hold_with_many_slow_sessions(workload):
     assert set(skipped) <= {"window", "fingerprint"} and skipped
     before = telemetry.REGISTRY.get_sample_value("pgflow_query_samples_total", {"instance": "qs-limits"}) or 0
     telemetry.count_query_samples("qs-limits", taken, skipped)
-    assert (
-        telemetry.REGISTRY.get_sample_value("pgflow_query_samples_total", {"instance": "qs-limits"}) == before + taken
-    )
+    assert telemetry.REGISTRY.get_sample_value("pgflow_query_samples_total", {"instance": "qs-limits"}) == before + taken
     # The state is a value: the one passed in is unchanged, and it pickles small.
     import pickle
 
-    again, replayed = _events(
-        w.snapshots, limits, samples_per_fingerprint_per_hour=3, max_samples_per_window=5, export_interval_secs=3600
-    )
+    again, replayed = _events(w.snapshots, limits, samples_per_fingerprint_per_hour=3, max_samples_per_window=5, export_interval_secs=3600)
     assert replayed.height == 0  # the same executions again (a restarted sampler): never sent twice
     assert limits.counts_since(None) == (taken, skipped) and again.counts_since(limits)[1]["seen"] == events.height
     assert len(pickle.dumps(again)) < 10_000
@@ -397,23 +374,14 @@ def test_a_failed_text_read_is_counted_and_retried(workload, monkeypatch, caplog
         "SELECT count(*) = 1 FROM pg_stat_activity WHERE application_name = 'qs-retry' "
         "AND state = 'active' AND now() - query_start > interval '400 ms'",
     )
-    sampler = Sampler(
-        server.dsn(), instance="qs-retry", interval_secs=PERIOD, statement_timeout_ms=200, sample_min_duration_ms=300
-    )
+    sampler = Sampler(server.dsn(), instance="qs-retry", interval_secs=PERIOD, statement_timeout_ms=200, sample_min_duration_ms=300)
     slow_texts = reads_module._TEXTS_SQL.replace("FROM unnest", "FROM pg_sleep(1), unnest")
-    before = (
-        telemetry.REGISTRY.get_sample_value(
-            "pgflow_query_samples_skipped_total", {"instance": "qs-retry", "reason": "failed"}
-        )
-        or 0
-    )
+    before = telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total", {"instance": "qs-retry", "reason": "failed"}) or 0
     with monkeypatch.context() as patch:
         patch.setattr(reads_module, "_TEXTS_SQL", slow_texts)
         assert sampler.sample()  # the activity sample is taken; its text statement timed out
     assert (
-        telemetry.REGISTRY.get_sample_value(
-            "pgflow_query_samples_skipped_total", {"instance": "qs-retry", "reason": "failed"}
-        )
+        telemetry.REGISTRY.get_sample_value("pgflow_query_samples_skipped_total", {"instance": "qs-retry", "reason": "failed"})
         == before + 1
     )
     assert [r.kv["error"] for r in caplog.records if "texts not read" in r.getMessage()] == ["QueryCanceled"]

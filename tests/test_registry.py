@@ -77,24 +77,18 @@ def _with_attribute(points: pl.DataFrame, metric: str, key: str, value: str) -> 
 
 
 def _set(points: pl.DataFrame, metric: str, column: str, value: object) -> pl.DataFrame:
-    return points.with_columns(
-        pl.when(pl.col("metric") == metric).then(pl.lit(value)).otherwise(pl.col(column)).alias(column)
-    )
+    return points.with_columns(pl.when(pl.col("metric") == metric).then(pl.lit(value)).otherwise(pl.col(column)).alias(column))
 
 
 def test_check_points_refuses_each_kind_of_undeclared_point(replayed):
-    points = with_metrics(
-        replayed, "postgresql.wal.bytes", "postgresql.db_size", "postgresql.bgwriter.checkpoint.count"
-    )
+    points = with_metrics(replayed, "postgresql.wal.bytes", "postgresql.db_size", "postgresql.bgwriter.checkpoint.count")
     cases = {
         "unit 'kBy', declared 'By'": _set(points, "postgresql.wal.bytes", "unit", "kBy"),
         "postgresql.commit: not declared": _set(points, "postgresql.commits", "metric", "postgresql.commit"),
         "kind 'sum', declared 'gauge'": _set(points, "postgresql.db_size", "kind", "sum"),
         "monotonic False, declared True": _set(points, "postgresql.commits", "monotonic", False),
         "is_int False, declared True": _set(points, "postgresql.commits", "is_int", False),
-        "postgresql.db_size: attribute 'user.name' not declared": _with_attribute(
-            points, "postgresql.db_size", "user.name", "alice"
-        ),
+        "postgresql.db_size: attribute 'user.name' not declared": _with_attribute(points, "postgresql.db_size", "user.name", "alice"),
         "type='timed', declared values ['scheduled', 'requested']": _with_attribute(
             points, "postgresql.bgwriter.checkpoint.count", "type", "timed"
         ),
@@ -112,9 +106,7 @@ def test_check_events_refuses_undeclared_events(replayed):
     with pytest.raises(metrics.UndeclaredPoint, match="an event without a body"):
         metrics.check_events(events.with_columns(pl.lit(None, pl.String).alias("body")))
     fields = [pl.col("attributes").struct.field(k) for k in EVENT_ATTRIBUTE_TYPES]
-    with_pid = [
-        pl.lit(42, pl.Int64).alias(k) if k == "postgresql.pid" else f for k, f in zip(EVENT_ATTRIBUTE_TYPES, fields)
-    ]
+    with_pid = [pl.lit(42, pl.Int64).alias(k) if k == "postgresql.pid" else f for k, f in zip(EVENT_ATTRIBUTE_TYPES, fields)]
     with pytest.raises(metrics.UndeclaredPoint, match=r"attributes \['postgresql.pid'\] not declared"):
         metrics.check_events(events.with_columns(pl.struct(with_pid).alias("attributes")))
 
@@ -128,10 +120,7 @@ def test_what_a_receiver_stores_is_declared(replayed):
     assert metrics.received_problems(received, logs) == []
     bad = as_received(
         _with_attribute(
-            _set(points, "postgresql.connection.max", "unit", "1"),
-            "postgresql.query.blocks",
-            "postgresql.block.kind",
-            "shared_miss",
+            _set(points, "postgresql.connection.max", "unit", "1"), "postgresql.query.blocks", "postgresql.block.kind", "shared_miss"
         )
     )
     assert metrics.received_problems(bad, logs.with_columns(pl.lit("db.server.query").alias("event_name"))) == [
@@ -150,13 +139,7 @@ def test_every_declared_attribute_of_a_replayed_metric_is_sent(replayed):
     long = points.select("metric", pl.col("attributes").struct.unnest()).unpivot(index="metric").drop_nulls("value")
     for name, key in long.select("metric", "variable").unique().iter_rows():
         sent.setdefault(name, set()).add(key)
-    never = {
-        (m.name, a.key)
-        for m in metrics.metrics().values()
-        if m.name in sent
-        for a in m.attributes
-        if a.key not in sent[m.name]
-    }
+    never = {(m.name, a.key) for m in metrics.metrics().values() if m.name in sent for a in m.attributes if a.key not in sent[m.name]}
     assert not never, f"declared, never sent by any replay: {sorted(never)}"
 
 
@@ -223,9 +206,7 @@ def test_slot_horizons_and_autovacuum_ages_from_a_real_server(pg_factory):
     standby = standby_of(primary, slot="standby_slot", settings={"hot_standby_feedback": "on"})
     try:
         _wait_for(
-            lambda: primary.execute(
-                "SELECT xmin IS NOT NULL FROM pg_replication_slots WHERE slot_name = 'standby_slot'"
-            )[0][0],
+            lambda: primary.execute("SELECT xmin IS NOT NULL FROM pg_replication_slots WHERE slot_name = 'standby_slot'")[0][0],
             "the standby's feedback xmin",
         )
         holder = psycopg.connect(standby.dsn())  # holds the standby's snapshot: the slot's xmin stays put
@@ -236,8 +217,7 @@ def test_slot_horizons_and_autovacuum_ages_from_a_real_server(pg_factory):
             _burn_xids(primary, 10)
             _wait_for(
                 lambda: primary.execute(
-                    "SELECT last_autovacuum IS NOT NULL AND last_autoanalyze IS NOT NULL "
-                    "FROM pg_stat_user_tables WHERE relname = 'av'"
+                    "SELECT last_autovacuum IS NOT NULL AND last_autoanalyze IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'av'"
                 )[0][0],
                 "autovacuum and autoanalyze of av",
             )
@@ -252,9 +232,7 @@ def test_slot_horizons_and_autovacuum_ages_from_a_real_server(pg_factory):
         standby.cleanup()
     points = ops.run(snapshots, export_interval_secs=0.001)
     assert metrics.point_problems(points) == []
-    physical = _gauge(
-        points, "postgresql.replication_slot.xmin.age", **{"postgresql.replication_slot.name": "standby_slot"}
-    )
+    physical = _gauge(points, "postgresql.replication_slot.xmin.age", **{"postgresql.replication_slot.name": "standby_slot"})
     logical = _gauge(
         points,
         "postgresql.replication_slot.catalog_xmin.age",
@@ -396,9 +374,7 @@ def test_every_setting_has_a_description():
 
 def test_the_dashboard_queries_only_declared_names_aggregated_by_their_kind():
     dashboard = json.loads((ROOT / "deploy" / "newrelic" / "dashboard.json").read_text())
-    queries = sum(
-        len(w.get("rawConfiguration", {}).get("nrqlQueries", [])) for p in dashboard["pages"] for w in p["widgets"]
-    )
+    queries = sum(len(w.get("rawConfiguration", {}).get("nrqlQueries", [])) for p in dashboard["pages"] for w in p["widgets"])
     assert queries > 20
     assert dashboard_check.dashboard_problems(dashboard) == []
 
@@ -412,14 +388,8 @@ def test_the_dashboard_queries_only_declared_names_aggregated_by_their_kind():
         ("FROM Metric SELECT max(postgresql.db_size) FACET postgresql.block.kind", "not an attribute of the metrics"),
         ("FROM Metric SELECT max(postgresql.db_size) FACET postgresql.database.name", "not declared"),
         ("FROM Metric SELECT latest(postgresql.rows) WHERE postgresql.row.state = 'zombie'", "pgflow sends only"),
-        (
-            "FROM Metric SELECT filter(sum(postgresql.operations), WHERE postgresql.operation IN ('ins', 'insert'))",
-            "'insert'",
-        ),
-        (
-            "FROM Metric SELECT uniques(postgresql.query.fingerprint) WHERE metricName = 'postgresql.query.call'",
-            "not a declared metric",
-        ),
+        ("FROM Metric SELECT filter(sum(postgresql.operations), WHERE postgresql.operation IN ('ins', 'insert'))", "'insert'"),
+        ("FROM Metric SELECT uniques(postgresql.query.fingerprint) WHERE metricName = 'postgresql.query.call'", "not a declared metric"),
         ("FROM Log SELECT message WHERE event.name = 'db.server.query_sample'", "has no body"),
         ("FROM Log SELECT postgresql.pid WHERE event.name = 'db.server.query_plan'", "not an attribute of"),
         ("FROM Log SELECT count(*) WHERE event.name = 'db.server.query_plans'", "not a declared event"),

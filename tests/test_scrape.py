@@ -12,14 +12,7 @@ import pytest
 from conftest import PGBENCH_STATEMENTS
 
 from pgflow.config import InstanceConfig
-from pgflow.errors import (
-    AuthenticationFailed,
-    DatabaseMissing,
-    ExtensionMissing,
-    ExtensionNotLoaded,
-    ScrapeTimeout,
-    ServerUnreachable,
-)
+from pgflow.errors import AuthenticationFailed, DatabaseMissing, ExtensionMissing, ExtensionNotLoaded, ScrapeTimeout, ServerUnreachable
 from pgflow.pgserver import free_port
 from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, LOCKS, STATEMENTS
 from pgflow.scrape import Scraper
@@ -120,10 +113,7 @@ def test_missing_database(pg):
 
 def test_extension_not_installed(pg):
     pg.execute("DROP DATABASE IF EXISTS noext", "CREATE DATABASE noext")
-    with (
-        pytest.raises(ExtensionMissing, match="CREATE EXTENSION pg_stat_statements"),
-        Scraper(pg.dsn("noext")) as scraper,
-    ):
+    with pytest.raises(ExtensionMissing, match="CREATE EXTENSION pg_stat_statements"), Scraper(pg.dsn("noext")) as scraper:
         scraper.scrape()
 
 
@@ -149,11 +139,7 @@ def test_statement_timeout_raises_and_next_scrape_works(pg):
 
 
 def test_rows_hidden_by_missing_privileges(pg):
-    pg.execute(
-        "DROP ROLE IF EXISTS mon_plain",
-        "CREATE ROLE mon_plain LOGIN PASSWORD 'pw'",
-        "GRANT pg_read_all_settings TO mon_plain",
-    )
+    pg.execute("DROP ROLE IF EXISTS mon_plain", "CREATE ROLE mon_plain LOGIN PASSWORD 'pw'", "GRANT pg_read_all_settings TO mon_plain")
     with Scraper(pg.dsn(user="mon_plain", password="pw")) as scraper:
         snap = scraper.scrape()
     assert snap.hidden_statements > 0  # the superuser's pgbench statements
@@ -172,11 +158,7 @@ def test_pg_monitor_role_sees_everything(pg):
 
 def _cli(*args, env):
     return subprocess.run(
-        [sys.executable, "-m", "pgflow", *args],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin", **env},
-        timeout=60,
+        [sys.executable, "-m", "pgflow", *args], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", **env}, timeout=60
     )
 
 

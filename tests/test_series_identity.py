@@ -29,13 +29,7 @@ HEX16 = re.compile(r"[0-9a-f]{16}")
 
 # The same statements in two spellings each (pgbench's END against a client's commit, aliases, IN lists).
 VARIANT_A = ["BEGIN", "SELECT 1", "END", "SELECT 1 AS s, 2 AS b", "SELECT * FROM pg_class WHERE oid IN (1, 2, 3)"]
-VARIANT_B = [
-    "begin",
-    "select 2",
-    "commit",
-    "select 1 as x, 2 as y",
-    "select * from pg_catalog.pg_class where oid in (7)",
-]
+VARIANT_B = ["begin", "select 2", "commit", "select 1 as x, 2 as y", "select * from pg_catalog.pg_class where oid in (7)"]
 
 
 def _run(dsn: str, statements: list[str]) -> None:
@@ -57,13 +51,9 @@ def _series(server, order: list[tuple[str, list[str]]]) -> pl.DataFrame:
             time.sleep(0.05)
             snapshots.append(scraper.scrape())
     points = ops.run(snapshots, export_interval_secs=1)
-    calls = points.filter(pl.col("metric") == "postgresql.query.calls").with_columns(
-        pl.col("attributes").struct.unnest()
-    )
+    calls = points.filter(pl.col("metric") == "postgresql.query.calls").with_columns(pl.col("attributes").struct.unnest())
     ours = calls.filter(pl.col("db.namespace").is_in([db for db, _ in order]))
-    return ours.select(
-        "db.query.text", "postgresql.query.fingerprint", "db.query.summary", "db.operation.name", "value"
-    )
+    return ours.select("db.query.text", "postgresql.query.fingerprint", "db.query.summary", "db.operation.name", "value")
 
 
 def test_two_collectors_fed_the_same_statements_in_other_orders_and_databases_export_the_same_series(pg_factory):
@@ -94,11 +84,7 @@ def test_texts_are_a_function_of_the_statement_whatever_the_spelling():
     variants = [
         ("END", "commit", "COMMIT AND NO CHAIN"),
         ("select $1 as s, $2 as b", "SELECT $1 AS x, $2 AS y"),
-        (
-            "select * from t where id in (1, 2, 3)",
-            "SELECT * FROM t WHERE id IN ($1 /*, ... */)",
-            "select * from t where id in ($1,$2)",
-        ),
+        ("select * from t where id in (1, 2, 3)", "SELECT * FROM t WHERE id IN ($1 /*, ... */)", "select * from t where id in ($1,$2)"),
         ("insert into t values (1, 2), (3, 4)", "INSERT INTO t VALUES ($1, $2)"),
         ("savepoint a", "SAVEPOINT b"),
         ("select * from s1.t where a = $2 and b = $1", "select * from s2.t where a = $1 and b = $2"),
@@ -139,10 +125,7 @@ def test_a_batch_and_the_session_it_blocks_name_the_statement_its_query_id_names
         thread.start()
         return thread
 
-    with (
-        Scraper(dsn) as scraper,
-        Sampler(dsn, instance=scraper.instance, interval_secs=PERIOD, sample_min_duration_ms=100) as sampler,
-    ):
+    with Scraper(dsn) as scraper, Sampler(dsn, instance=scraper.instance, interval_secs=PERIOD, sample_min_duration_ms=100) as sampler:
         snapshots.append(with_samples(scraper.scrape(), sampler))
         sampler.start()
         batch = session("i19-batch", BATCH)
@@ -159,9 +142,7 @@ def test_a_batch_and_the_session_it_blocks_name_the_statement_its_query_id_names
 
     points = ops.run(snapshots, export_interval_secs=1)
     events = ops.run_events(snapshots, export_interval_secs=1).with_columns(pl.col("attributes").struct.unnest())
-    calls = points.filter(pl.col("metric") == "postgresql.query.calls").with_columns(
-        pl.col("attributes").struct.unnest()
-    )
+    calls = points.filter(pl.col("metric") == "postgresql.query.calls").with_columns(pl.col("attributes").struct.unnest())
     sleeps = calls.filter(pl.col("db.query.text").str.to_lowercase() == "select pg_sleep($1)")
     assert sleeps["value"].sum() == 1  # the batch's one call of it
     (sleep_fp,) = sleeps["postgresql.query.fingerprint"].unique()
@@ -175,9 +156,7 @@ def test_a_batch_and_the_session_it_blocks_name_the_statement_its_query_id_names
 
     (waiter,) = events.filter(pl.col("postgresql.application_name") == "i19-blocked").rows(named=True)
     assert waiter["postgresql.blocking.root.fingerprint"] == sleep_fp
-    blocking = points.filter(pl.col("metric") == "postgresql.blocking.time").with_columns(
-        pl.col("attributes").struct.unnest()
-    )
+    blocking = points.filter(pl.col("metric") == "postgresql.blocking.time").with_columns(pl.col("attributes").struct.unnest())
     assert blocking.height and set(blocking["postgresql.query.fingerprint"]) == {sleep_fp}  # the same root
     assert all(HEX16.fullmatch(fp) for fp in events["postgresql.query.fingerprint"])
 
@@ -211,9 +190,7 @@ def test_the_batch_and_its_blocked_session_end_to_end(pg, tmp_path):
         return thread
 
     with Receiver() as receiver:
-        env = collector_env(
-            dsn, receiver.grpc_endpoint, tmp_path / "state", PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD)
-        )
+        env = collector_env(dsn, receiver.grpc_endpoint, tmp_path / "state", PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD))
         proc = start_collector(env, log=tmp_path / "log")
         try:
             wait_for_baseline(tmp_path / "state")
@@ -248,10 +225,6 @@ def test_the_batch_and_its_blocked_session_end_to_end(pg, tmp_path):
     assert sample["db.query.text"] == sleep_text == "SELECT pg_sleep($1)"
     (waiter,) = [e for e in events if e.get("postgresql.application_name") == "i19-blocked"]
     assert waiter["postgresql.blocking.root.fingerprint"] == sleep_fp
-    roots = {
-        a["postgresql.query.fingerprint"]
-        for a, m in zip(attributes(points), points["metric"])
-        if m == "postgresql.blocking.time"
-    }
+    roots = {a["postgresql.query.fingerprint"] for a, m in zip(attributes(points), points["metric"]) if m == "postgresql.blocking.time"}
     assert roots == {sleep_fp}  # events and metrics name the same root
     assert all(HEX16.fullmatch(e["postgresql.query.fingerprint"]) for e in events)

@@ -123,12 +123,7 @@ def test_updates_vacuum_and_size(pg):
     w0, w1, w2 = _windows(points)
 
     def ops_at(end, op):
-        return (
-            _value(points, "postgresql.operations", "public.t", operation=op)
-            .filter(pl.col("end") == end)
-            .get_column("value")
-            .to_list()
-        )
+        return _value(points, "postgresql.operations", "public.t", operation=op).filter(pl.col("end") == end).get_column("value").to_list()
 
     assert ops_at(w0, "upd") == [0.0]  # the baseline
     assert ops_at(w1, "upd") == [float(n)]
@@ -205,9 +200,7 @@ def test_cap_names_by_activity_and_keeps_totals_exact(pg):
             # dropped some of the creation's messages (UDP), so absolute counts can fall short.
             last = f"t{1099 + round_ * 100}"
             upd_before, ins_before = (
-                pg.execute(
-                    f"SELECT coalesce(sum({column}), 0) FROM pg_stat_user_tables WHERE relname = '{t}'", dbname=db
-                )[0][0]
+                pg.execute(f"SELECT coalesce(sum({column}), 0) FROM pg_stat_user_tables WHERE relname = '{t}'", dbname=db)[0][0]
                 for column, t in (("n_tup_upd", "hot"), ("n_tup_ins", last))
             )
             with psycopg.connect(pg.dsn(db), autocommit=True) as conn:
@@ -249,12 +242,7 @@ def test_cap_names_by_activity_and_keeps_totals_exact(pg):
             assert op.filter(pl.col("operation") == "ins").get_column("value").sum() == ins
             assert op.filter(pl.col("operation") == "upd").get_column("value").sum() == upd == 100
             assert window.filter(pl.col("metric") == "postgresql.sequential_scans").get_column("value").sum() == scans
-        assert (
-            sizes.filter(pl.col("start") == sizes.sort("start").get_column("start").unique()[k])
-            .get_column("value")
-            .sum()
-            == truth[k][3]
-        )
+        assert sizes.filter(pl.col("start") == sizes.sort("start").get_column("start").unique()[k]).get_column("value").sum() == truth[k][3]
         assert (window.get_column("value") >= 0).all()
 
 
@@ -302,9 +290,7 @@ def test_databases_refusing_connections_are_skipped_once(pg, caplog):
     )
     pg.execute("CREATE TABLE t (id int)", dbname=db)
     caplog.set_level(logging.INFO, logger="pgflow.scrape.tables")
-    with TableScraper(
-        pg.dsn(db, user="tables_monitor", password="pw"), instance="t", include=[db, closed, private]
-    ) as ts:
+    with TableScraper(pg.dsn(db, user="tables_monitor", password="pw"), instance="t", include=[db, closed, private]) as ts:
         frames = [ts.scrape() for _ in range(3)]
     for frame in frames:
         assert set(frame.get_column("database")) == {db}
@@ -369,11 +355,7 @@ def test_collector_exports_table_statistics_on_their_own_thread(pg, tmp_path):
     from pgflow.otlp.receiver import Receiver
 
     db = _database(pg, "e2e")
-    pg.execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v int)",
-        "INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g",
-        dbname=db,
-    )
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v int)", "INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g", dbname=db)
 
     def table_points(receiver, metric):
         points = receiver.points().filter(pl.col("metric") == metric)
@@ -405,12 +387,7 @@ def test_collector_exports_table_statistics_on_their_own_thread(pg, tmp_path):
                     conn.execute("UPDATE t SET v = v + 1 WHERE id = %s", (i % 10 + 1,))
 
             def updates():
-                return (
-                    table_points(receiver, "postgresql.operations")
-                    .filter(pl.col("operation") == "upd")
-                    .get_column("value")
-                    .sum()
-                )
+                return table_points(receiver, "postgresql.operations").filter(pl.col("operation") == "upd").get_column("value").sum()
 
             until(lambda: updates() >= n)
             time.sleep(1.5)  # a few more windows: nothing more may arrive
@@ -453,16 +430,11 @@ def test_a_large_database_is_seeded_in_slices_then_exact(pg, monkeypatch):
 
     monkeypatch.setattr(scrape_tables, "SEED_TABLES", 20)  # 100 tables: five slices
     db = _database(pg, "seed")
-    pg.execute(
-        "DO $$ BEGIN FOR i IN 1..100 LOOP EXECUTE format('CREATE TABLE s%s (id int)', i); END LOOP; END $$", dbname=db
-    )
+    pg.execute("DO $$ BEGIN FOR i IN 1..100 LOOP EXECUTE format('CREATE TABLE s%s (id int)', i); END LOOP; END $$", dbname=db)
     c = Collector(pg, db)
 
     def write_everywhere(round_: int) -> None:
-        pg.execute(
-            "DO $$ BEGIN FOR i IN 1..100 LOOP EXECUTE format('INSERT INTO s%s VALUES (1)', i); END LOOP; END $$",
-            dbname=db,
-        )
+        pg.execute("DO $$ BEGIN FOR i IN 1..100 LOOP EXECUTE format('INSERT INTO s%s VALUES (1)', i); END LOOP; END $$", dbname=db)
         _wait(pg, db, "SELECT sum(n_tup_ins)::int FROM pg_stat_user_tables", 100 * round_)
 
     try:

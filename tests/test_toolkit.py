@@ -115,9 +115,7 @@ def test_run_can_capture_while_collecting(fresh_stats, tmp_path):
 
 def _same_points(a: pl.DataFrame, b: pl.DataFrame) -> bool:
     cols = [c for c in a.columns if c != "received_at"]
-    norm = [
-        f.select(cols).with_columns(pl.col("start", "end").cast(pl.Datetime("us", "UTC"))).sort(cols) for f in (a, b)
-    ]
+    norm = [f.select(cols).with_columns(pl.col("start", "end").cast(pl.Datetime("us", "UTC"))).sort(cols) for f in (a, b)]
     return norm[0].equals(norm[1])
 
 
@@ -156,9 +154,7 @@ def test_varied_dataset_shows_cap_other_and_dealloc():
 
 def test_sweep_matches_replay():
     path = DATASETS / "varied.duckdb"
-    table = tune.sweep(
-        path, max_queries_tracked=[10, 50], slow_query_threshold_ms=[0.0, 0.5], export_interval_secs=[30]
-    )
+    table = tune.sweep(path, max_queries_tracked=[10, 50], slow_query_threshold_ms=[0.0, 0.5], export_interval_secs=[30])
     assert table.height == 4
     snapshots = list(capture.read(path))
     for row in table.iter_rows(named=True):
@@ -171,25 +167,15 @@ def test_sweep_matches_replay():
         assert row["points"] == points.height
         calls = points.filter(pl.col("metric") == "postgresql.query.calls")
         assert row["series"] == calls.select("instance", "attributes").unique().height
-    small, large = (
-        table.filter(pl.col("slow_query_threshold_ms") == 0).sort("max_queries_tracked").iter_rows(named=True)
-    )
+    small, large = table.filter(pl.col("slow_query_threshold_ms") == 0).sort("max_queries_tracked").iter_rows(named=True)
     assert small["series"] <= large["series"] and small["time_share_named"] <= large["time_share_named"]
 
 
 @pytest.mark.parametrize("name", ["explore_workload", "tune_limits", "replay_check", "server_health"])
 def test_notebook_runs_headless_and_draws(name):
     notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-    NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
-    ).execute()
-    images = [
-        o
-        for c in notebook.cells
-        if c.cell_type == "code"
-        for o in c.get("outputs", [])
-        if "image/png" in o.get("data", {})
-    ]
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the notebook drew no chart"
 
 
@@ -205,9 +191,7 @@ def test_explore_notebook_draws_single_points_visibly():
             "[line.get_marker() for line in drawn]"
         )
     )
-    NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
-    ).execute()
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
 
 
 def test_workload_dataset_has_table_statistics_and_health():
@@ -215,9 +199,7 @@ def test_workload_dataset_has_table_statistics_and_health():
     dead tuples that grow and fall, and every health group that the notebook draws."""
     points = replay(DATASETS / "workload.duckdb", export_interval_secs=10)
     table = points.with_columns(
-        t=pl.col("attributes").struct.field("db.namespace")
-        + "."
-        + pl.col("attributes").struct.field("db.collection.name")
+        t=pl.col("attributes").struct.field("db.namespace") + "." + pl.col("attributes").struct.field("db.collection.name")
     )
     vacuums = table.filter(pl.col("metric") == "postgresql.table.vacuum.count").group_by("t").agg(pl.col("value").sum())
     assert {t: v for t, v in vacuums.iter_rows() if v} == {"app.public.t0": 1, "app.public.t1": 1}  # the workload's

@@ -45,9 +45,7 @@ def test_pgbench_text_exported_beside_an_unreadable_one(pg_factory, tmp_path):
     and the bad statement under its normalized text with U+FFFD."""
     server = pg_factory()
     server.execute(
-        "CREATE EXTENSION pg_stat_statements",
-        "CREATE DATABASE sqlascii ENCODING 'SQL_ASCII' TEMPLATE template0",
-        "CREATE DATABASE bench",
+        "CREATE EXTENSION pg_stat_statements", "CREATE DATABASE sqlascii ENCODING 'SQL_ASCII' TEMPLATE template0", "CREATE DATABASE bench"
     )
     server.execute("CREATE EXTENSION pg_stat_statements", dbname="sqlascii")
     server.pgbench_init(dbname="bench")
@@ -68,9 +66,7 @@ def test_pgbench_text_exported_beside_an_unreadable_one(pg_factory, tmp_path):
             assert _stop(proc) == 0
         calls = {(d, t): c for d, t, c in _calls(receiver.points()).iter_rows()}
     log = (tmp_path / "log").read_text()
-    assert calls.get(("bench", PGBENCH_STATEMENTS["UPDATE pgbench_branches"])) == 300, {
-        k: v for k, v in calls.items() if k[0] == "bench"
-    }
+    assert calls.get(("bench", PGBENCH_STATEMENTS["UPDATE pgbench_branches"])) == 300, {k: v for k, v in calls.items() if k[0] == "bench"}
     bad = {t: c for (d, t), c in calls.items() if d == "sqlascii" and t and t.startswith("SELECT") and "caf\ufffd" in t}
     assert list(bad.values()) == [4], bad  # one series, the byte replaced
     assert "Traceback" not in log and "caf" not in log
@@ -111,8 +107,7 @@ def test_pgflow_alone_exports_nothing(pg_factory, tmp_path):
     assert pgflows == {}, pgflows
     assert plans.height > 0  # pgflow did explain in postgres (so its explain statements were sent there)
     entries = server.execute(
-        "SELECT d.datname, s.query, s.calls FROM pg_stat_statements s "
-        "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'quiet'"
+        "SELECT d.datname, s.query, s.calls FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'quiet'"
     )
     assert entries and all("/*pgflow*/" in q for _, q, _ in entries), [q for _, q, _ in entries][:20]
     assert "Traceback" not in (tmp_path / "log").read_text()

@@ -71,9 +71,7 @@ def _check_dsn(dsn: str) -> str:
     try:
         parts = psycopg.conninfo.conninfo_to_dict(dsn)
     except Exception:
-        raise ValueError(
-            "is not a valid PostgreSQL connection string; expected postgresql://user@host:5432/db"
-        ) from None
+        raise ValueError("is not a valid PostgreSQL connection string; expected postgresql://user@host:5432/db") from None
     for port in str(parts.get("port") or "5432").split(","):
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("has an invalid port; expected a number from 1 to 65535")

@@ -17,9 +17,7 @@ class InstanceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(
-        min_length=1,
-        max_length=200,
-        description="The instance's name: `service.instance.id` and `postgresql.instance.name`.",
+        min_length=1, max_length=200, description="The instance's name: `service.instance.id` and `postgresql.instance.name`."
     )
     database_url: SecretStr = Field(description="Its DSN; required unless `database_url_file` is given.")
     database_url_file: Path | None = Field(  # issue 15: the DSN read from this file instead

@@ -34,9 +34,7 @@ _ENV_NAMES = {
 }
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("pgflow_config_file", default=None)
-_file_keys: contextvars.ContextVar[tuple[Path, frozenset[str]] | None] = contextvars.ContextVar(
-    "pgflow_config_file_keys", default=None
-)
+_file_keys: contextvars.ContextVar[tuple[Path, frozenset[str]] | None] = contextvars.ContextVar("pgflow_config_file_keys", default=None)
 _overrides: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("pgflow_overrides", default=frozenset())
 # PGFLOW_ variables that are not settings: the config file's path, and the test and bench tools'.
 _OTHER_ENV = ("PGFLOW_CONFIG",)
@@ -64,18 +62,12 @@ class _JsonFileSource(PydanticBaseSettingsSource):
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             where = f"line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "encoding"
-            raise ConfigError(
-                f"config file {path} is not valid JSON ({where})", "fix the file; it must hold one JSON object"
-            ) from None
+            raise ConfigError(f"config file {path} is not valid JSON ({where})", "fix the file; it must hold one JSON object") from None
         if not isinstance(data, dict):
-            raise ConfigError(
-                f"config file {path} holds a JSON {type(data).__name__}", "it must hold one JSON object of settings"
-            )
+            raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}", "it must hold one JSON object of settings")
         unknown = sorted(set(data) - set(self.settings_cls.model_fields))
         if unknown:
-            raise ConfigError(
-                f"unknown setting {unknown[0]!r} in config file {path}", _nearest(self.settings_cls, unknown[0])
-            )
+            raise ConfigError(f"unknown setting {unknown[0]!r} in config file {path}", _nearest(self.settings_cls, unknown[0]))
         _file_keys.set((Path(path), frozenset(data)))
         return data
 
@@ -98,9 +90,7 @@ def load(cls: type[Settings], config_file: str | Path | None = None, **overrides
     except SettingsError as exc:
         field = re.search(r'field "(\w+)"', str(exc))
         name = field.group(1) if field else "settings"
-        raise ConfigError(
-            f"invalid setting {name} ({_source(cls, name)})", "expected a JSON value of the right type"
-        ) from None
+        raise ConfigError(f"invalid setting {name} ({_source(cls, name)})", "expected a JSON value of the right type") from None
     finally:
         _config_file.reset(token)
         _file_keys.reset(keys)
@@ -123,11 +113,7 @@ def _config_error(cls: type[BaseSettings], exc: ValidationError) -> ConfigError:
         msg = msg[len("Value error, ") :]
     if not loc:  # a rule across settings (unique instance names): named by the setting it is about
         about = "instances" if "instance" in msg else ""
-        return ConfigError(
-            f"invalid setting instances ({_source(cls, 'instances')}): {msg}"
-            if about
-            else f"invalid configuration: {msg}"
-        )
+        return ConfigError(f"invalid setting instances ({_source(cls, 'instances')}): {msg}" if about else f"invalid configuration: {msg}")
     shown = ""
     if field not in _SECRET_FIELDS and "input" in err and not isinstance(err["input"], (dict, list)):
         shown = f", got {str(err['input'])[:80]!r}"
@@ -178,20 +164,11 @@ def _unknown_env(cls: type[BaseSettings]) -> None:
     known = {n for f in cls.model_fields for n in _env_names(cls, f)}
     for name in sorted(os.environ):
         upper = name.upper()
-        if (
-            not upper.startswith("PGFLOW_")
-            or upper in known
-            or upper in _OTHER_ENV
-            or upper.startswith(_OTHER_ENV_PREFIXES)
-        ):
+        if not upper.startswith("PGFLOW_") or upper in known or upper in _OTHER_ENV or upper.startswith(_OTHER_ENV_PREFIXES):
             continue
         fields = sorted(cls.model_fields)
         close = difflib.get_close_matches(upper[len("PGFLOW_") :].lower(), fields, n=1, cutoff=0.6)
-        hint = (
-            f"did you mean PGFLOW_{close[0].upper()}?"
-            if close
-            else f"known settings: {', '.join(fields)} (as PGFLOW_<SETTING>)"
-        )
+        hint = f"did you mean PGFLOW_{close[0].upper()}?" if close else f"known settings: {', '.join(fields)} (as PGFLOW_<SETTING>)"
         raise ConfigError(f"unknown environment variable {name}", hint)
 
 

@@ -110,18 +110,14 @@ def check_proxy(url: str, setting: str) -> str:
         parts = urlsplit(text)
         parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
     except ValueError:
-        raise ConfigError(
-            f"invalid proxy URL in {setting} ({redact_proxy(url)})", "expected http://[user:password@]host:port"
-        ) from None
+        raise ConfigError(f"invalid proxy URL in {setting} ({redact_proxy(url)})", "expected http://[user:password@]host:port") from None
     if parts.scheme != "http":
         raise ConfigError(
             f"proxy in {setting} uses {parts.scheme}:// ({redact_proxy(url)})",
             "pgflow speaks to proxies in plain HTTP and tunnels TLS with CONNECT: use http://host:port",
         ) from None
     if not parts.hostname:
-        raise ConfigError(
-            f"invalid proxy URL in {setting} ({redact_proxy(url)})", "expected http://[user:password@]host:port"
-        )
+        raise ConfigError(f"invalid proxy URL in {setting} ({redact_proxy(url)})", "expected http://[user:password@]host:port")
     return text
 
 
@@ -264,15 +260,11 @@ def resolve_network(settings: Settings, signal: str = "metrics") -> Network:
         value = pick(setting, general)
         if isinstance(value, str):
             if value.lower() not in ("true", "false"):
-                raise ConfigError(
-                    f"invalid setting {names.get(setting, setting)}: expected true or false, got {value[:20]!r}"
-                )
+                raise ConfigError(f"invalid setting {names.get(setting, setting)}: expected true or false, got {value[:20]!r}")
             return value.lower() == "true"
         return bool(value)
 
-    ca, cert, key = (
-        pick(s, getattr(settings, s)) for s in ("otlp_certificate", "otlp_client_certificate", "otlp_client_key")
-    )
+    ca, cert, key = (pick(s, getattr(settings, s)) for s in ("otlp_certificate", "otlp_client_certificate", "otlp_client_key"))
     ca, cert, key = (Path(v) if v else None for v in (ca, cert, key))
     timeout_ms = pick("otlp_timeout_ms", settings.otlp_timeout_ms)
     try:

@@ -38,8 +38,7 @@ def read_secret_file(path: Path, setting: str) -> str:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(
-            f"cannot read {setting} {path} ({exc.strerror})",
-            "check the path and that the user pgflow runs as may read it",
+            f"cannot read {setting} {path} ({exc.strerror})", "check the path and that the user pgflow runs as may read it"
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{setting} {path} is not UTF-8 text", "the file must hold only the secret") from None
@@ -47,10 +46,7 @@ def read_secret_file(path: Path, setting: str) -> str:
     if mode & 0o026 and (str(path), mode) not in _warned_files:
         _warned_files.add((str(path), mode))
         who = "other users may read it" if mode & 0o004 else "others than its owner may change it"
-        _config_log.warning(
-            f"{setting} {path} has mode {mode:04o}: {who}; chmod 600 it "
-            f"(or 640 / 440 for the group the service runs in)"
-        )
+        _config_log.warning(f"{setting} {path} has mode {mode:04o}: {who}; chmod 600 it (or 640 / 440 for the group the service runs in)")
     secret = text.strip()
     if not secret:
         raise ConfigError(f"{setting} {path} is empty", "write the secret into the file (one line)")
@@ -84,9 +80,7 @@ def _settings_secrets_from_files(settings: Settings) -> Settings:
     if settings.new_relic_api_key_file is not None:
         if settings.new_relic_api_key is not None:
             raise ConfigError("both NEW_RELIC_API_KEY and NEW_RELIC_API_KEY_FILE are set", "keep one of them")
-        settings.new_relic_api_key = SecretStr(
-            read_secret_file(settings.new_relic_api_key_file, "NEW_RELIC_API_KEY_FILE")
-        )
+        settings.new_relic_api_key = SecretStr(read_secret_file(settings.new_relic_api_key_file, "NEW_RELIC_API_KEY_FILE"))
     return settings
 
 

@@ -53,11 +53,7 @@ class Settings(BaseSettings):
     """Everything pgflow can be told. Field names are the JSON file's keys."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PGFLOW_",
-        extra="forbid",
-        populate_by_name=True,
-        validate_default=True,
-        case_sensitive=False,
+        env_prefix="PGFLOW_", extra="forbid", populate_by_name=True, validate_default=True, case_sensitive=False
     )
 
     # Where to scrape.
@@ -85,21 +81,14 @@ class Settings(BaseSettings):
         json_schema_extra=SERVERS,
         description="Read `new_relic_api_key` from this file.",
     )
-    collection_interval_secs: float = Field(
-        30.0, gt=0, le=86400, json_schema_extra=SCRAPE, description="Time between scrapes."
-    )
-    statement_timeout_ms: int = Field(
-        5000, gt=0, json_schema_extra=SCRAPE, description="Limit on every statement pgflow runs on a server."
-    )
+    collection_interval_secs: float = Field(30.0, gt=0, le=86400, json_schema_extra=SCRAPE, description="Time between scrapes.")
+    statement_timeout_ms: int = Field(5000, gt=0, json_schema_extra=SCRAPE, description="Limit on every statement pgflow runs on a server.")
     connect_timeout_secs: int = Field(5, gt=0, le=600, json_schema_extra=SCRAPE, description="Limit on connecting.")
     text_cache_size: int = Field(
         50_000, gt=0, json_schema_extra=SCRAPE, description="Query texts kept, so steady-state scrapes transfer none."
     )
     max_scrapes: int | None = Field(
-        None,
-        gt=0,
-        json_schema_extra=SCRAPE,
-        description="Stop after this many scrapes per instance and flush (`pgflow run --scrapes`).",
+        None, gt=0, json_schema_extra=SCRAPE, description="Stop after this many scrapes per instance and flush (`pgflow run --scrapes`)."
     )
     # issue 11: active-session sampling of pg_stat_activity every N seconds on its own connection; 0 = off
     activity_sample_interval_secs: float = Field(
@@ -125,10 +114,7 @@ class Settings(BaseSettings):
         100, gt=0, json_schema_extra=KEEP, description="Databases exported under their own name; the rest are `other`."
     )
     slow_query_threshold_ms: float = Field(
-        0.0,
-        ge=0,
-        json_schema_extra=KEEP,
-        description="Series under this mean time per call roll into `other` (0: off).",
+        0.0, ge=0, json_schema_extra=KEEP, description="Series under this mean time per call roll into `other` (0: off)."
     )
     export_interval_secs: float = Field(
         60.0, gt=0, le=86400, json_schema_extra=KEEP, description="Length of the export windows, aligned to the clock."
@@ -172,9 +158,7 @@ class Settings(BaseSettings):
         description="Databases whose tables are scraped (names or globs); empty: every database.",
     )
     table_stats_exclude_databases: list[str] = Field(
-        default_factory=list,
-        json_schema_extra=TABLES,
-        description="Databases whose tables are never scraped (names or globs).",
+        default_factory=list, json_schema_extra=TABLES, description="Databases whose tables are never scraped (names or globs)."
     )
     table_stats_enabled: bool = Field(True, json_schema_extra=TABLES, description="`false` turns the table scrape off.")
     table_stats_lock_timeout_ms: int = Field(
@@ -184,11 +168,7 @@ class Settings(BaseSettings):
     # moment (the scrape, the sampler, one for per-database work), and optional work waits while
     # fewer than reserved_connections_headroom connections are free for others.
     max_connections_per_instance: int = Field(
-        3,
-        ge=2,
-        le=100,
-        json_schema_extra=GENTLE,
-        description="Connections pgflow holds to one instance at any moment, at most.",
+        3, ge=2, le=100, json_schema_extra=GENTLE, description="Connections pgflow holds to one instance at any moment, at most."
     )
     reserved_connections_headroom: int = Field(
         5,
@@ -238,9 +218,7 @@ class Settings(BaseSettings):
     )
     otlp_client_certificate: Path | None = Field(
         None,
-        validation_alias=_env(
-            "otlp_client_certificate", "PGFLOW_OTLP_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"
-        ),
+        validation_alias=_env("otlp_client_certificate", "PGFLOW_OTLP_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
         json_schema_extra=NETWORK,
         description="Client certificate (PEM) for mTLS; needs `otlp_client_key`.",
     )
@@ -287,21 +265,13 @@ class Settings(BaseSettings):
         description="Data points per OTLP request (requests also stay under 1,000,000 bytes).",
     )
     batch_timeout_secs: float = Field(
-        10.0,
-        gt=0,
-        json_schema_extra=BATCHES,
-        description="Accepted for the seed's configuration; windows are sent as soon as they close.",
+        10.0, gt=0, json_schema_extra=BATCHES, description="Accepted for the seed's configuration; windows are sent as soon as they close."
     )
     export_timeout_secs: float = Field(10.0, gt=0, json_schema_extra=BATCHES, description="Limit on one export call.")
     retry_initial_delay_secs: float = Field(
-        1.0,
-        gt=0,
-        json_schema_extra=BATCHES,
-        description="First pause before retrying an export (then exponential, with jitter).",
+        1.0, gt=0, json_schema_extra=BATCHES, description="First pause before retrying an export (then exponential, with jitter)."
     )
-    retry_max_delay_secs: float = Field(
-        30.0, gt=0, json_schema_extra=BATCHES, description="Longest pause between export retries."
-    )
+    retry_max_delay_secs: float = Field(30.0, gt=0, json_schema_extra=BATCHES, description="Longest pause between export retries.")
     retry_max_attempts: int = Field(
         5,
         gt=0,
@@ -313,19 +283,13 @@ class Settings(BaseSettings):
 
     # Issue 12: query samples and explain plans.
     sample_min_duration_ms: float = Field(
-        100.0,
-        gt=0,
-        json_schema_extra=SAMPLES,
-        description="Query samples: only statements running longer than this when seen.",
+        100.0, gt=0, json_schema_extra=SAMPLES, description="Query samples: only statements running longer than this when seen."
     )
     samples_per_fingerprint_per_hour: int = Field(
         15, gt=0, json_schema_extra=SAMPLES, description="Query samples: at most this many per fingerprint per hour."
     )
     max_samples_per_window: int = Field(
-        100,
-        gt=0,
-        json_schema_extra=SAMPLES,
-        description="Query samples: at most this many per export window, per instance.",
+        100, gt=0, json_schema_extra=SAMPLES, description="Query samples: at most this many per export window, per instance."
     )
     explains_per_window: int = Field(
         5,
@@ -335,17 +299,12 @@ class Settings(BaseSettings):
         description="Plans explained per export window, busiest fingerprints first (0: no plans).",
     )
     explain_ttl_secs: float = Field(
-        3600.0,
-        gt=0,
-        json_schema_extra=SAMPLES,
-        description="A fingerprint is explained at most once per this many seconds per database.",
+        3600.0, gt=0, json_schema_extra=SAMPLES, description="A fingerprint is explained at most once per this many seconds per database."
     )
 
     # Running.
     metrics_addr: str = Field(
-        "127.0.0.1:9187",
-        json_schema_extra=RUNNING,
-        description="The collector's own `/metrics` and `/healthz` (port 0: any free port).",
+        "127.0.0.1:9187", json_schema_extra=RUNNING, description="The collector's own `/metrics` and `/healthz` (port 0: any free port)."
     )
     state_dir: Path = Field(
         default_factory=lambda: _default_state_dir(),
@@ -355,9 +314,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", json_schema_extra=RUNNING, description="`debug`, `info`, `warning` or `error`."
     )
-    log_format: Literal["kv", "json"] = Field(
-        "kv", json_schema_extra=RUNNING, description="`kv` (key=value lines) or `json`."
-    )
+    log_format: Literal["kv", "json"] = Field("kv", json_schema_extra=RUNNING, description="`kv` (key=value lines) or `json`.")
 
     # Issue 14 (stream): shutdown bound and refused exports.
     shutdown_timeout_secs: float = Field(
@@ -372,8 +329,7 @@ class Settings(BaseSettings):
         gt=0,
         le=86400,
         json_schema_extra=RUNNING,
-        description="Pause after the endpoint refuses (401/403, 400, 413) before trying again; doubles while "
-        "refusals go on.",
+        description="Pause after the endpoint refuses (401/403, 400, 413) before trying again; doubles while refusals go on.",
     )
 
     @classmethod
@@ -506,8 +462,7 @@ class Settings(BaseSettings):
             return list(self.instances)
         if self.database_url is None:
             raise ConfigError(
-                "DATABASE_URL is not set",
-                "set DATABASE_URL=postgresql://user@host:5432/db or list instances in the config file",
+                "DATABASE_URL is not set", "set DATABASE_URL=postgresql://user@host:5432/db or list instances in the config file"
             )
         dsn = self.database_url.get_secret_value()
         return [InstanceConfig(name=dsn_instance_name(dsn), database_url=dsn)]

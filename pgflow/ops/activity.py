@@ -120,9 +120,7 @@ def add(state: ActivityState, snapshot: Snapshot, length: timedelta) -> Activity
         return state
     _, end = window_bounds(snapshot.scraped_at, length)
     pending = state.open.get(end) or Pending()
-    pending = Pending(
-        pending.samples + ((samples,) if samples.height else ()), pending.stats + ((stats,) if stats.height else ())
-    )
+    pending = Pending(pending.samples + ((samples,) if samples.height else ()), pending.stats + ((stats,) if stats.height else ()))
     return replace(state, open={**state.open, end: pending})
 
 
@@ -144,11 +142,7 @@ def by_query_id(known: pl.DataFrame) -> pl.DataFrame:
     database) ran before has the same query id, and pg_stat_statements shows a new entry only
     once it is planned or has run. Several fingerprints for one query id: the smallest, so
     every path and every arrival order names it alike."""
-    return (
-        known.filter(pl.col("fingerprint").is_not_null())
-        .group_by("queryid")
-        .agg(pl.col("fingerprint").min().alias("any_fingerprint"))
-    )
+    return known.filter(pl.col("fingerprint").is_not_null()).group_by("queryid").agg(pl.col("fingerprint").min().alias("any_fingerprint"))
 
 
 def _lookup(frame: pl.DataFrame, known: pl.DataFrame, seen: dict[int, str] | None = None) -> pl.DataFrame:
@@ -156,28 +150,19 @@ def _lookup(frame: pl.DataFrame, known: pl.DataFrame, seen: dict[int, str] | Non
     it): pg_stat_statements' entry for the session's database and user, else any entry of the
     query id, else what pgflow has seen of it."""
     joined = frame.join(
-        known,
-        left_on=["dbid", "userid", "query_id"],
-        right_on=["dbid", "userid", "queryid"],
-        how="left",
-        maintain_order="left",
+        known, left_on=["dbid", "userid", "query_id"], right_on=["dbid", "userid", "queryid"], how="left", maintain_order="left"
     )
     if not joined.get_column("fingerprint").has_nulls():
         return joined
     joined = joined.join(by_query_id(known), left_on="query_id", right_on="queryid", how="left", maintain_order="left")
-    joined = joined.with_columns(pl.coalesce("fingerprint", "any_fingerprint").alias("fingerprint")).drop(
-        "any_fingerprint"
-    )
+    joined = joined.with_columns(pl.coalesce("fingerprint", "any_fingerprint").alias("fingerprint")).drop("any_fingerprint")
     if not seen or not joined.get_column("fingerprint").has_nulls():
         return joined
     remembered = pl.DataFrame(
-        {"query_id": list(seen), "seen_fingerprint": list(seen.values())},
-        schema={"query_id": pl.Int64, "seen_fingerprint": pl.String},
+        {"query_id": list(seen), "seen_fingerprint": list(seen.values())}, schema={"query_id": pl.Int64, "seen_fingerprint": pl.String}
     )
     joined = joined.join(remembered, on="query_id", how="left", maintain_order="left")
-    return joined.with_columns(pl.coalesce("fingerprint", "seen_fingerprint").alias("fingerprint")).drop(
-        "seen_fingerprint"
-    )
+    return joined.with_columns(pl.coalesce("fingerprint", "seen_fingerprint").alias("fingerprint")).drop("seen_fingerprint")
 
 
 def sampled(state: ActivityState, window: Window, labels: pl.DataFrame | None) -> pl.DataFrame:
@@ -200,15 +185,11 @@ def sampled(state: ActivityState, window: Window, labels: pl.DataFrame | None) -
     frames = [f for f in frames if f.height]
     if not frames:
         return out
-    named = _lookup(pl.concat(frames, how="vertical_relaxed"), known, _seen(state)).filter(
-        c("fingerprint").is_not_null()
-    )
+    named = _lookup(pl.concat(frames, how="vertical_relaxed"), known, _seen(state)).filter(c("fingerprint").is_not_null())
     return named.group_by("fingerprint", maintain_order=True).agg(c("value").cast(pl.Float64).sum())
 
 
-def _named(
-    frame: pl.DataFrame, known: pl.DataFrame, tracked: tuple[str, ...], seen: dict[int, str] | None = None
-) -> pl.DataFrame:
+def _named(frame: pl.DataFrame, known: pl.DataFrame, tracked: tuple[str, ...], seen: dict[int, str] | None = None) -> pl.DataFrame:
     """``frame`` (dbid, userid, query_id) with ``fingerprint``: tracked, ``other`` or ``unknown``."""
     joined = _lookup(frame, known, seen)
     is_tracked = pl.col("fingerprint").is_in(pl.Series(tracked, dtype=pl.String).implode())
@@ -225,9 +206,7 @@ def _named(
 def _bounded(frame: pl.DataFrame, column: str, lru: tuple[str, ...], capacity: int) -> pl.DataFrame:
     """Names the cap tracks keep; others keep theirs while the cap has room, heaviest first; the rest ``other``."""
     room = capacity - len(lru)
-    untracked = frame.filter(
-        pl.col(column).is_not_null() & ~pl.col(column).is_in(pl.Series(lru, dtype=pl.String).implode())
-    )
+    untracked = frame.filter(pl.col(column).is_not_null() & ~pl.col(column).is_in(pl.Series(lru, dtype=pl.String).implode()))
     if untracked.get_column(column).n_unique() <= room:
         return frame  # the common case: every name fits
     extra = (
@@ -239,10 +218,7 @@ def _bounded(frame: pl.DataFrame, column: str, lru: tuple[str, ...], capacity: i
     )
     keep = pl.Series([*lru, *extra.to_list()], dtype=pl.String)
     return frame.with_columns(
-        pl.when(pl.col(column).is_null() | pl.col(column).is_in(keep.implode()))
-        .then(pl.col(column))
-        .otherwise(pl.lit(OTHER))
-        .alias(column)
+        pl.when(pl.col(column).is_null() | pl.col(column).is_in(keep.implode())).then(pl.col(column)).otherwise(pl.lit(OTHER)).alias(column)
     )
 
 
@@ -275,13 +251,7 @@ def _frame(
 
 
 def close(
-    state: ActivityState,
-    window: Window,
-    cap: CapState,
-    labels: pl.DataFrame | None,
-    *,
-    max_users_tracked: int,
-    max_databases_tracked: int,
+    state: ActivityState, window: Window, cap: CapState, labels: pl.DataFrame | None, *, max_users_tracked: int, max_databases_tracked: int
 ) -> tuple[ActivityState, pl.DataFrame | None]:
     """The points of ``window``'s samples (None without any), and the state without them."""
     period = window.period  # ``window.end`` is earlier when the window closed early (shutdown)
@@ -336,9 +306,7 @@ def close(
         stats = pl.concat(pending.stats).cast(SESSION_STATS)
         blocked = stats.filter(c("stat") == "blocked_secs")
         if blocked.height:
-            named = _bounded(
-                _named(blocked, known, cap.queries, seen), "database", cap.databases, max_databases_tracked
-            )
+            named = _bounded(_named(blocked, known, cap.queries, seen), "database", cap.databases, max_databases_tracked)
             summed = named.group_by(["database", "state", "fingerprint"], maintain_order=True).agg(c("value").sum())
             out.append(
                 _frame(
@@ -363,17 +331,14 @@ def close(
             rows = stats.filter(c("stat") == stat)
             if not by_state:  # every database, 0 where nothing was blocked
                 zeros = pl.DataFrame(
-                    {"database": databases, "value": [0.0] * len(databases)},
-                    schema={"database": pl.String, "value": pl.Float64},
+                    {"database": databases, "value": [0.0] * len(databases)}, schema={"database": pl.String, "value": pl.Float64}
                 )
                 rows = pl.concat([rows.select("database", "value"), zeros])
                 rows = _bounded(rows, "database", cap.databases, max_databases_tracked)
                 rows = rows.group_by("database", maintain_order=True).agg(c("value").max())
                 attrs = {"db.namespace": c("database")}
             else:
-                rows = _bounded(
-                    rows.select("database", "state", "value"), "database", cap.databases, max_databases_tracked
-                )
+                rows = _bounded(rows.select("database", "state", "value"), "database", cap.databases, max_databases_tracked)
                 rows = rows.group_by(["database", "state"], maintain_order=True).agg(c("value").max())
                 attrs = {"db.namespace": c("database"), "postgresql.session.state": c("state")}
             if rows.height:

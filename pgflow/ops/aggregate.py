@@ -41,12 +41,8 @@ class SeriesTable:
 
 
 def empty_series() -> SeriesTable:
-    labels = pl.DataFrame(
-        schema={c: pl.Boolean if c == "toplevel" else pl.String for c in (*SERIES_KEY, *SERIES_LABELS)}
-    )
-    return SeriesTable(
-        labels, np.zeros((0, len(STATEMENT_INT_COUNTERS)), np.int64), np.zeros((0, len(STATEMENT_TIME_COUNTERS)))
-    )
+    labels = pl.DataFrame(schema={c: pl.Boolean if c == "toplevel" else pl.String for c in (*SERIES_KEY, *SERIES_LABELS)})
+    return SeriesTable(labels, np.zeros((0, len(STATEMENT_INT_COUNTERS)), np.int64), np.zeros((0, len(STATEMENT_TIME_COUNTERS))))
 
 
 def sum_by(labels: pl.DataFrame, ints: np.ndarray, floats: np.ndarray, key: list[str]) -> SeriesTable:
@@ -68,6 +64,4 @@ def aggregate(parts: list[SeriesTable]) -> SeriesTable:
     labels = pl.concat([p.labels.select(*SERIES_KEY, *SERIES_LABELS) for p in parts])
     if labels.get_column("database").has_nulls() or labels.get_column("user").has_nulls():
         labels = labels.with_columns(pl.col("database", "user").fill_null(UNKNOWN))
-    return sum_by(
-        labels, np.concatenate([p.ints for p in parts]), np.concatenate([p.floats for p in parts]), list(SERIES_KEY)
-    )
+    return sum_by(labels, np.concatenate([p.ints for p in parts]), np.concatenate([p.floats for p in parts]), list(SERIES_KEY))

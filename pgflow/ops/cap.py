@@ -57,9 +57,7 @@ def _heaviest(weights: np.ndarray, limit: int) -> np.ndarray:
     return candidates[np.argsort(-weights[candidates], kind="stable")]
 
 
-def _ranked(
-    names: pl.Series, hashes: np.ndarray, rows: np.ndarray, weights: np.ndarray, limit: int, distinct: bool = False
-) -> list[str]:
+def _ranked(names: pl.Series, hashes: np.ndarray, rows: np.ndarray, weights: np.ndarray, limit: int, distinct: bool = False) -> list[str]:
     """The distinct names of ``rows`` by summed weight, heaviest first (ties: first seen), at
     most ``limit``: more active than the cap, the heaviest win this window.
 
@@ -80,26 +78,16 @@ def _with_sampled(names: pl.Series, weights: np.ndarray, sampled: pl.DataFrame, 
     both = pl.concat(
         [
             pl.DataFrame({"name": names.cast(pl.String), "w": pl.Series(weights, dtype=pl.Float64)}),
-            sampled.select(
-                pl.col("fingerprint").cast(pl.String).alias("name"),
-                (pl.col("value").cast(pl.Float64) * 1000.0).alias("w"),
-            ),
+            sampled.select(pl.col("fingerprint").cast(pl.String).alias("name"), (pl.col("value").cast(pl.Float64) * 1000.0).alias("w")),
         ]
     )
-    ranked = (
-        both.group_by("name", maintain_order=True)
-        .agg(pl.col("w").sum())
-        .sort("w", descending=True, maintain_order=True)
-        .head(limit)
-    )
+    ranked = both.group_by("name", maintain_order=True).agg(pl.col("w").sum()).sort("w", descending=True, maintain_order=True).head(limit)
     return ranked.get_column("name").to_list()
 
 
 def _tracked(labels: pl.DataFrame, lrus: dict[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
     """Per column, which rows carry a tracked name (one pass for all columns)."""
-    found = labels.select(
-        pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()).fill_null(False) for c, lru in lrus.items()
-    )
+    found = labels.select(pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()).fill_null(False) for c, lru in lrus.items())
     return {c: found.get_column(c).to_numpy() for c in lrus}
 
 
@@ -189,15 +177,11 @@ def cap(
         pl.lit(None, pl.String).alias("text"),
     )
     return state, SeriesTable(
-        pl.concat([kept.labels, others_labels]),
-        np.concatenate([kept.ints, others.ints]),
-        np.concatenate([kept.floats, others.floats]),
+        pl.concat([kept.labels, others_labels]), np.concatenate([kept.ints, others.ints]), np.concatenate([kept.floats, others.floats])
     )
 
 
-def track(
-    lru: tuple[str, ...], rankings: list[list[str]], quotas: list[int], capacity: int
-) -> tuple[tuple[str, ...], int]:
+def track(lru: tuple[str, ...], rankings: list[list[str]], quotas: list[int], capacity: int) -> tuple[tuple[str, ...], int]:
     """The LRU step for a dimension ranked by several criteria (issue 13: tables by activity and risk).
 
     Takes the first ``quotas[i]`` names of each ranking (most important ranking first, each

@@ -171,9 +171,7 @@ class Deltas:
     def databases(self) -> pl.DataFrame:
         """pg_stat_database deltas: datid, database and the counters (built when asked for)."""
         return _side_by_side(
-            self.database_rows,
-            (self.database_counters.ints, DATABASE_COUNTERS),
-            (self.database_counters.floats, DATABASE_TIME_COUNTERS),
+            self.database_rows, (self.database_counters.ints, DATABASE_COUNTERS), (self.database_counters.floats, DATABASE_TIME_COUNTERS)
         )
 
     @property
@@ -196,9 +194,7 @@ def active_rows(counters: Counters) -> np.ndarray:
 
 def _side_by_side(rows: pl.DataFrame, *matrices: tuple[np.ndarray, tuple[str, ...]]) -> pl.DataFrame:
     """``rows`` with the columns of each (matrix, column names) appended."""
-    return pl.concat(
-        [rows, *(pl.from_numpy(m, schema=list(names), orient="row") for m, names in matrices)], how="horizontal"
-    )
+    return pl.concat([rows, *(pl.from_numpy(m, schema=list(names), orient="row") for m, names in matrices)], how="horizontal")
 
 
 def _rows(statements: pl.DataFrame) -> pl.DataFrame:
@@ -232,14 +228,7 @@ def delta(
     elif label is not None:
         rows = label(rows)
     new_state = DeltaState(
-        snapshot.scraped_at,
-        snapshot.stats_reset,
-        snapshot.dealloc,
-        rows,
-        counters,
-        databases,
-        database_counters,
-        snapshot.identity,
+        snapshot.scraped_at, snapshot.stats_reset, snapshot.dealloc, rows, counters, databases, database_counters, snapshot.identity
     )
     if state is None or server_changed(state, snapshot) is not None:
         return new_state, None  # a baseline: the first snapshot, or the first of another server

@@ -22,9 +22,7 @@ def event_frame(
     """``rows`` as events named ``event_name``; attributes not in ``given`` are absent (null)."""
     if rows.height == 0:
         return pl.DataFrame(schema=EVENTS)
-    attributes = pl.struct(
-        *[(given[k] if k in given else pl.lit(None)).cast(t).alias(k) for k, t in EVENT_ATTRIBUTE_TYPES.items()]
-    )
+    attributes = pl.struct(*[(given[k] if k in given else pl.lit(None)).cast(t).alias(k) for k, t in EVENT_ATTRIBUTE_TYPES.items()])
     return rows.select(
         pl.lit(instance).alias("instance"),
         pl.lit(event_name).alias("event_name"),

@@ -18,14 +18,7 @@ from pgflow.ops.fingerprint import query_info
 from pgflow.schema import STATEMENT_KEY
 
 CANDIDATES = pl.Schema(
-    {
-        "database": pl.String,
-        "user": pl.String,
-        "fingerprint": pl.String,
-        "queryid": pl.Int64,
-        "query": pl.String,
-        "exec_time": pl.Float64,
-    }
+    {"database": pl.String, "user": pl.String, "fingerprint": pl.String, "queryid": pl.Int64, "query": pl.String, "exec_time": pl.Float64}
 )
 
 
@@ -51,16 +44,12 @@ def explain_candidates(
         return pl.DataFrame(schema=CANDIDATES)
     texts = now["query"].unique().to_list()
     fps = pl.DataFrame(
-        {"query": texts, "fingerprint": [fingerprint(t) for t in texts]},
-        schema={"query": pl.String, "fingerprint": pl.String},
+        {"query": texts, "fingerprint": [fingerprint(t) for t in texts]}, schema={"query": pl.String, "fingerprint": pl.String}
     )
     ranked = now.join(fps, on="query", how="left").sort("exec_time", descending=True, maintain_order=True)
     totals = ranked.group_by("database", "fingerprint", maintain_order=True).agg(
         pl.col("user").first(), pl.col("queryid").first(), pl.col("query").first(), pl.col("exec_time").sum()
     )
     return (
-        totals.sort("exec_time", descending=True, maintain_order=True)
-        .head(limit)
-        .select(list(CANDIDATES))
-        .cast(dict(CANDIDATES))  # type: ignore[arg-type]
+        totals.sort("exec_time", descending=True, maintain_order=True).head(limit).select(list(CANDIDATES)).cast(dict(CANDIDATES))  # type: ignore[arg-type]
     )

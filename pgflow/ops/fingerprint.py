@@ -49,20 +49,7 @@ _OPERATIONS = {
     "VariableShowStmt": "SHOW",
     "ExplainStmt": "EXPLAIN",
 }
-_DDL_PREFIXES = (
-    "Create",
-    "Alter",
-    "Drop",
-    "Rename",
-    "Truncate",
-    "Comment",
-    "Grant",
-    "Revoke",
-    "Index",
-    "Define",
-    "Composite",
-    "View",
-)
+_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "Truncate", "Comment", "Grant", "Revoke", "Index", "Define", "Composite", "View")
 _FALLBACK_KEYWORDS = {
     "SELECT": "SELECT",
     "WITH": "SELECT",
@@ -155,11 +142,7 @@ def _replace_tokens(text: str, replacements: dict[str, bytes]) -> str:
     kept, pos = [], 0
     for tok in pg_parser.scan(text):
         new = replacements.get(tok.name)
-        if (
-            tok.name == "SCONST"
-            and raw[tok.end - 1 : tok.end + 1] == b"\\'"
-            and raw[tok.start : tok.start + 1] in b"'nN"
-        ):
+        if tok.name == "SCONST" and raw[tok.end - 1 : tok.end + 1] == b"\\'" and raw[tok.start : tok.start + 1] in b"'nN":
             # 'C:\' ends here only with standard_conforming_strings on; with it off, the
             # string goes on and what this scanner reads as names may be the literal.
             raise ValueError("string quoting depends on standard_conforming_strings")

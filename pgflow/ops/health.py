@@ -257,13 +257,7 @@ _IO_OPS = {
     "reuses": "reuse",
     "fsyncs": "fsync",
 }
-_IO_TIMES = {
-    "read_time": "read",
-    "write_time": "write",
-    "writeback_time": "writeback",
-    "extend_time": "extend",
-    "fsync_time": "fsync",
-}
+_IO_TIMES = {"read_time": "read", "write_time": "write", "writeback_time": "writeback", "extend_time": "extend", "fsync_time": "fsync"}
 
 
 class _Out:
@@ -271,9 +265,7 @@ class _Out:
 
     def __init__(self, window: HealthWindow) -> None:
         self.window = window
-        self.columns: dict[str, list[Any]] = {
-            k: [] for k in ("metric", "kind", "unit", "start", "end", "value", "is_int", "attributes")
-        }
+        self.columns: dict[str, list[Any]] = {k: [] for k in ("metric", "kind", "unit", "start", "end", "value", "is_int", "attributes")}
 
     def add(
         self,
@@ -318,11 +310,7 @@ class _Out:
         attrs = pl.Series("attributes", cols.pop("attributes"), dtype=ATTRIBUTES)
         return (
             pl.DataFrame(
-                {
-                    "instance": [r.instance] * n,
-                    **cols,
-                    "monotonic": [k == "sum" for k in cols["kind"]],
-                },
+                {"instance": [r.instance] * n, **cols, "monotonic": [k == "sum" for k in cols["kind"]]},
                 schema_overrides={"start": UTC_TS, "end": UTC_TS},
             )
             .with_columns(
@@ -357,12 +345,7 @@ def window_points(window: HealthWindow) -> pl.DataFrame:
             out.add(d, metric, unit, c(column), attrs=db)
         for kind in _CONFLICT_TYPES:
             out.add(
-                d,
-                "postgresql.query.conflicts",
-                "{query}",
-                c(f"confl_{kind}"),
-                attrs=db | {"postgresql.conflict.type": kind},
-                nonzero=True,
+                d, "postgresql.query.conflicts", "{query}", c(f"confl_{kind}"), attrs=db | {"postgresql.conflict.type": kind}, nonzero=True
             )
         if version >= 140000:
             for metric, column in _SESSION_TIMES:
@@ -370,48 +353,25 @@ def window_points(window: HealthWindow) -> pl.DataFrame:
             out.add(d, "postgresql.session.count", "{session}", c("sessions"), attrs=db)
             for end in ("abandoned", "fatal", "killed"):
                 out.add(
-                    d,
-                    "postgresql.sessions",
-                    "{session}",
-                    c(f"sessions_{end}"),
-                    attrs=db | {"postgresql.session.end": end},
-                    nonzero=True,
+                    d, "postgresql.sessions", "{session}", c(f"sessions_{end}"), attrs=db | {"postgresql.session.end": end}, nonzero=True
                 )
 
     if "checkpointer" in window.sums:
         d = _summed(window.sums["checkpointer"], ())
         out.add(d, "postgresql.bgwriter.checkpoint.count", "{checkpoints}", c("num_timed"), attrs={"type": "scheduled"})
-        out.add(
-            d, "postgresql.bgwriter.checkpoint.count", "{checkpoints}", c("num_requested"), attrs={"type": "requested"}
-        )
+        out.add(d, "postgresql.bgwriter.checkpoint.count", "{checkpoints}", c("num_requested"), attrs={"type": "requested"})
         out.add(d, "postgresql.bgwriter.duration", "ms", c("write_time"), attrs={"type": "write"}, is_int=False)
         out.add(d, "postgresql.bgwriter.duration", "ms", c("sync_time"), attrs={"type": "sync"}, is_int=False)
-        out.add(
-            d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_written"), attrs={"source": "checkpoints"}
-        )
+        out.add(d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_written"), attrs={"source": "checkpoints"})
         if version >= 170000:
-            for kind, column in (
-                ("scheduled", "restartpoints_timed"),
-                ("requested", "restartpoints_req"),
-                ("done", "restartpoints_done"),
-            ):
-                out.add(
-                    d, "postgresql.checkpointer.restartpoint.count", "{restartpoints}", c(column), attrs={"type": kind}
-                )
+            for kind, column in (("scheduled", "restartpoints_timed"), ("requested", "restartpoints_req"), ("done", "restartpoints_done")):
+                out.add(d, "postgresql.checkpointer.restartpoint.count", "{restartpoints}", c(column), attrs={"type": kind})
     if "bgwriter" in window.sums:
         d = _summed(window.sums["bgwriter"], ())
         out.add(d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_clean"), attrs={"source": "bgwriter"})
         if version < 170000:
-            out.add(
-                d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_backend"), attrs={"source": "backend"}
-            )
-            out.add(
-                d,
-                "postgresql.bgwriter.buffers.writes",
-                "{buffers}",
-                c("buffers_backend_fsync"),
-                attrs={"source": "backend_fsync"},
-            )
+            out.add(d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_backend"), attrs={"source": "backend"})
+            out.add(d, "postgresql.bgwriter.buffers.writes", "{buffers}", c("buffers_backend_fsync"), attrs={"source": "backend_fsync"})
         out.add(d, "postgresql.bgwriter.buffers.allocated", "{buffers}", c("buffers_alloc"))
         out.add(d, "postgresql.bgwriter.maxwritten", "1", c("maxwritten_clean"))
 
@@ -425,29 +385,12 @@ def window_points(window: HealthWindow) -> pl.DataFrame:
             _wal_io(out, d, "wal_write", "wal_sync", "wal_write_time", "wal_sync_time")
     if "io" in window.sums:
         d = _summed(window.sums["io"], COUNTER_GROUPS["io"].key)
-        io = {
-            "postgresql.backend.type": c("backend_type"),
-            "postgresql.io.object": c("object"),
-            "postgresql.io.context": c("context"),
-        }
+        io = {"postgresql.backend.type": c("backend_type"), "postgresql.io.object": c("object"), "postgresql.io.context": c("context")}
         for column, op in _IO_OPS.items():
-            out.add(
-                d,
-                "postgresql.io.operations",
-                "{operation}",
-                c(column),
-                attrs=io | {"postgresql.io.operation": op},
-                nonzero=True,
-            )
+            out.add(d, "postgresql.io.operations", "{operation}", c(column), attrs=io | {"postgresql.io.operation": op}, nonzero=True)
         for column, op in _IO_TIMES.items():
             out.add(
-                d,
-                "postgresql.io.duration",
-                "s",
-                c(column) / 1000.0,
-                attrs=io | {"postgresql.io.operation": op},
-                is_int=False,
-                nonzero=True,
+                d, "postgresql.io.duration", "s", c(column) / 1000.0, attrs=io | {"postgresql.io.operation": op}, is_int=False, nonzero=True
             )
         if version >= 180000:  # 18 counts WAL writes and syncs in pg_stat_io only
             _wal_io(out, d.filter(c("object") == "wal").sum(), "writes", "fsyncs", "write_time", "fsync_time")
@@ -474,9 +417,7 @@ def _gauges(out: _Out, window: HealthWindow) -> None:
     if "databases" in g:
         at, d = g["databases"]
         out.add(d, "postgresql.backends", "1", c("numbackends"), attrs=db, kind="gauge", at=at)
-        out.add(
-            d, "postgresql.database.frozen_xid.age", "{transaction}", c("frozen_xid_age"), attrs=db, kind="gauge", at=at
-        )
+        out.add(d, "postgresql.database.frozen_xid.age", "{transaction}", c("frozen_xid_age"), attrs=db, kind="gauge", at=at)
         out.add(d, "postgresql.database.min_mxid.age", "{multixact}", c("min_mxid_age"), attrs=db, kind="gauge", at=at)
     if "database_sizes" in g:
         at, d = g["database_sizes"]
@@ -490,82 +431,26 @@ def _gauges(out: _Out, window: HealthWindow) -> None:
         # data"; the per-standby lag series below stop when their standby leaves). A base backup's
         # walsender (state ``backup``) is not a standby.
         standbys = d.filter(c("state").is_null() | (c("state") != "backup")).height
-        out.add(
-            pl.DataFrame({"n": [standbys]}), "postgresql.replication.standbys", "{standby}", c("n"), kind="gauge", at=at
-        )
-        client = {
-            "replication_client": c("client_addr"),
-            "postgresql.replication.application_name": c("application_name"),
-        }
+        out.add(pl.DataFrame({"n": [standbys]}), "postgresql.replication.standbys", "{standby}", c("n"), kind="gauge", at=at)
+        client = {"replication_client": c("client_addr"), "postgresql.replication.application_name": c("application_name")}
         out.add(d, "postgresql.replication.data_delay", "By", c("data_delay_bytes"), attrs=client, kind="gauge", at=at)
         for op in ("write", "flush", "replay"):
-            out.add(
-                d,
-                "postgresql.wal.delay",
-                "s",
-                c(f"{op}_lag"),
-                attrs=client | {"operation": op},
-                kind="gauge",
-                at=at,
-                is_int=False,
-            )
+            out.add(d, "postgresql.wal.delay", "s", c(f"{op}_lag"), attrs=client | {"operation": op}, kind="gauge", at=at, is_int=False)
     if "replication_slots" in g:
         at, d = g["replication_slots"]
         slot = {"postgresql.replication_slot.name": c("slot_name"), "postgresql.replication_slot.type": c("slot_type")}
-        out.add(
-            d,
-            "postgresql.replication_slot.retained_wal",
-            "By",
-            c("retained_wal_bytes"),
-            attrs=slot,
-            kind="gauge",
-            at=at,
-        )
-        out.add(
-            d, "postgresql.replication_slot.active", "1", c("active").cast(pl.Int64), attrs=slot, kind="gauge", at=at
-        )
-        out.add(
-            d, "postgresql.replication_slot.xmin.age", "{transaction}", c("xmin_age"), attrs=slot, kind="gauge", at=at
-        )
-        out.add(
-            d,
-            "postgresql.replication_slot.catalog_xmin.age",
-            "{transaction}",
-            c("catalog_xmin_age"),
-            attrs=slot,
-            kind="gauge",
-            at=at,
-        )
+        out.add(d, "postgresql.replication_slot.retained_wal", "By", c("retained_wal_bytes"), attrs=slot, kind="gauge", at=at)
+        out.add(d, "postgresql.replication_slot.active", "1", c("active").cast(pl.Int64), attrs=slot, kind="gauge", at=at)
+        out.add(d, "postgresql.replication_slot.xmin.age", "{transaction}", c("xmin_age"), attrs=slot, kind="gauge", at=at)
+        out.add(d, "postgresql.replication_slot.catalog_xmin.age", "{transaction}", c("catalog_xmin_age"), attrs=slot, kind="gauge", at=at)
     if "wal_receiver" in g:
         at, d = g["wal_receiver"]
         out.add(
-            d,
-            "postgresql.wal_receiver.connected",
-            "1",
-            (c("status") == "streaming").fill_null(False).cast(pl.Int64),
-            kind="gauge",
-            at=at,
+            d, "postgresql.wal_receiver.connected", "1", (c("status") == "streaming").fill_null(False).cast(pl.Int64), kind="gauge", at=at
         )
-        out.add(
-            d,
-            "postgresql.wal_receiver.last_msg_receipt.age",
-            "s",
-            c("last_msg_receipt_age_secs"),
-            kind="gauge",
-            at=at,
-            is_int=False,
-        )
+        out.add(d, "postgresql.wal_receiver.last_msg_receipt.age", "s", c("last_msg_receipt_age_secs"), kind="gauge", at=at, is_int=False)
         out.add(d, "postgresql.wal_receiver.replay.delay", "By", c("replay_delay_bytes"), kind="gauge", at=at)
         out.add(d, "postgresql.wal_receiver.replay.lag", "s", c("replay_lag_secs"), kind="gauge", at=at, is_int=False)
 
 
-__all__ = [
-    "COUNTER_GROUPS",
-    "HealthState",
-    "HealthWindow",
-    "RECEIVER_METRICS",
-    "finish",
-    "initial",
-    "step",
-    "window_points",
-]
+__all__ = ["COUNTER_GROUPS", "HealthState", "HealthWindow", "RECEIVER_METRICS", "finish", "initial", "step", "window_points"]

@@ -10,18 +10,7 @@ import polars as pl
 
 from pgflow.schema import POINTS
 
-_SERIES = [
-    "instance",
-    "metric",
-    "kind",
-    "unit",
-    "monotonic",
-    "is_int",
-    "attributes",
-    "server_address",
-    "server_port",
-    "server_version_num",
-]
+_SERIES = ["instance", "metric", "kind", "unit", "monotonic", "is_int", "attributes", "server_address", "server_port", "server_version_num"]
 
 
 def merge_windows(older: pl.DataFrame, newer: pl.DataFrame) -> tuple[pl.DataFrame, int]:

@@ -131,21 +131,13 @@ def step(
     window_state, closed = win.close_until(state.window, snapshot.scraped_at)
     window_state = win.add(window_state, snapshot, deltas)
     activity = act.add(getattr(state, "activity", None) or act.ActivityState(), snapshot, state.window.length)
-    table_state = tbl.add(
-        _tables(state), snapshot.tables, win.window_bounds(snapshot.scraped_at, window_state.length)[1]
-    )
-    state = replace(
-        state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1, activity=activity, tables=table_state
-    )
+    table_state = tbl.add(_tables(state), snapshot.tables, win.window_bounds(snapshot.scraped_at, window_state.length)[1])
+    state = replace(state, delta=delta_state, window=window_state, scrapes=state.scrapes + 1, activity=activity, tables=table_state)
     state, out = _emit(state, closed, settings)
     health_state = _health_state(state)
     if changed:  # another server: its instance counters are a new baseline too
         health_state = health.without_baselines(health_state)
-    return _with_health(
-        state,
-        out,
-        *health.step(health_state, snapshot, deltas, closed_until=getattr(state.window, "closed_until", None)),
-    )
+    return _with_health(state, out, *health.step(health_state, snapshot, deltas, closed_until=getattr(state.window, "closed_until", None)))
 
 
 def finish(state: InstanceState, settings: OpsSettings) -> tuple[InstanceState, pl.DataFrame]:

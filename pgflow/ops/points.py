@@ -95,9 +95,7 @@ def _query_specs() -> list[_Spec]:
     ]
     for kind in _BLOCK_KINDS:
         scope, op = kind.split("_")
-        specs.append(
-            _Spec("postgresql.query.blocks", "{block}", (f"{scope}_blks_{op}",), only_nonzero=True, block_kind=kind)
-        )
+        specs.append(_Spec("postgresql.query.blocks", "{block}", (f"{scope}_blks_{op}",), only_nonzero=True, block_kind=kind))
     for direction in ("read", "write"):
         specs.append(
             _Spec(
@@ -157,20 +155,11 @@ def query_points(window: Window, series: SeriesTable) -> pl.DataFrame | None:
         labels = labels.with_columns(pl.lit(None, pl.Boolean).alias("toplevel"))
     # polars types a frame indexed by an array as Any, and so the concatenation
     long: pl.DataFrame = pl.concat([_SPEC_TABLE[spec], labels, pl.DataFrame({"value": values})], how="horizontal")
-    return long.with_columns(_QUERY_ATTRIBUTES.alias("attributes")).select(
-        _columns(window, "sum", window.start, window.end)
-    )
+    return long.with_columns(_QUERY_ATTRIBUTES.alias("attributes")).select(_columns(window, "sum", window.start, window.end))
 
 
 def _gauge(
-    window: Window,
-    metric: str,
-    unit: str,
-    rows: pl.DataFrame,
-    value: pl.Expr,
-    attrs: dict[str, pl.Expr],
-    is_int: bool,
-    at: datetime,
+    window: Window, metric: str, unit: str, rows: pl.DataFrame, value: pl.Expr, attrs: dict[str, pl.Expr], is_int: bool, at: datetime
 ) -> pl.DataFrame:
     return rows.select(
         pl.lit(metric).alias("metric"),
@@ -189,11 +178,7 @@ ZERO_LOCK_GRANTED = (True, False)
 
 
 def _missing(
-    present: pl.DataFrame,
-    databases: list[str],
-    column: str,
-    values: tuple[str | bool, ...],
-    dtype: pl.DataType | type[pl.DataType],
+    present: pl.DataFrame, databases: list[str], column: str, values: tuple[str | bool, ...], dtype: pl.DataType | type[pl.DataType]
 ) -> pl.DataFrame:
     """The (database, ``column``) pairs of the grid that ``present`` has no row for."""
     if not databases:
@@ -235,16 +220,7 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
         )
     if g.max_connections is not None:
         out.append(
-            _gauge(
-                window,
-                "postgresql.connection.max",
-                "{connection}",
-                pl.DataFrame({"v": [g.max_connections]}),
-                c("v"),
-                {},
-                True,
-                at,
-            )
+            _gauge(window, "postgresql.connection.max", "{connection}", pl.DataFrame({"v": [g.max_connections]}), c("v"), {}, True, at)
         )
     locks = g.locks
     unlocked = _missing(locks, g.databases, "granted", ZERO_LOCK_GRANTED, pl.Boolean)

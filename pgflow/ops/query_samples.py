@@ -91,9 +91,7 @@ def _statement_names(statements: pl.DataFrame, query_ids: pl.Series) -> tuple[pl
         pl.Series("named_fp", [i.fingerprint for i in infos], dtype=pl.String),
         pl.Series("named_text", [i.text for i in infos], dtype=pl.String),
     )
-    rows = rows.sort(
-        ["queryid", "toplevel", "named_fp", "named_text"], descending=[False, True, False, False], nulls_last=True
-    )
+    rows = rows.sort(["queryid", "toplevel", "named_fp", "named_text"], descending=[False, True, False, False], nulls_last=True)
     exact = rows.unique(["database", "user", "queryid"], keep="first", maintain_order=True).drop("toplevel")
     anywhere = rows.unique(["queryid"], keep="first", maintain_order=True).select(
         "queryid", pl.col("named_fp").alias("any_fp"), pl.col("named_text").alias("any_text")
@@ -116,11 +114,7 @@ def named_by_query_id(samples: pl.DataFrame, statements: pl.DataFrame | None) ->
     c = pl.col
     out = (
         samples.join(
-            exact,
-            left_on=["database", "user", "query_id"],
-            right_on=["database", "user", "queryid"],
-            how="left",
-            maintain_order="left",
+            exact, left_on=["database", "user", "query_id"], right_on=["database", "user", "queryid"], how="left", maintain_order="left"
         )
         .join(anywhere, left_on="query_id", right_on="queryid", how="left", maintain_order="left")
         .with_columns(

@@ -35,9 +35,7 @@ from pgflow.schema import POINTS, TABLE_COUNTERS, TABLES, UTC_TS
 
 KEY = ["database", "relid"]
 KNOWN = pl.Schema({c: t for c, t in TABLES.items() if c != "kind"})
-_DELTAS = pl.Schema(
-    {"database": pl.String, "relid": pl.Int64, "table": pl.String, **{c: pl.Int64 for c in TABLE_COUNTERS}}
-)
+_DELTAS = pl.Schema({"database": pl.String, "relid": pl.Int64, "table": pl.String, **{c: pl.Int64 for c in TABLE_COUNTERS}})
 _ACTIVITY = ("seq_scan", "idx_scan", "n_tup_ins", "n_tup_upd", "n_tup_del")
 
 
@@ -75,12 +73,10 @@ def observe(known: pl.DataFrame, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.
     prev = known.select(*KEY, *(pl.col(c).alias(f"{c}__prev") for c in (*TABLE_COUNTERS, "table_size", "index_size")))
     joined = rows.join(prev, on=KEY, how="left", maintain_order="left")
     has_prev = pl.col("seq_scan__prev").is_not_null()
-    in_changed = pl.col("database").is_in(whole.get_column("database").implode()) | pl.struct(
-        "database", "bucket"
-    ).is_in(changed.select(pl.struct("database", "bucket")).to_series().implode())
-    in_seed = pl.struct("database", "bucket").is_in(
-        seeding.select(pl.struct("database", "bucket")).to_series().implode()
+    in_changed = pl.col("database").is_in(whole.get_column("database").implode()) | pl.struct("database", "bucket").is_in(
+        changed.select(pl.struct("database", "bucket")).to_series().implode()
     )
+    in_seed = pl.struct("database", "bucket").is_in(seeding.select(pl.struct("database", "bucket")).to_series().implode())
     new = ~has_prev & in_changed & ~in_seed & ~pl.col("database").is_in(baseline_dbs.get_column("database").implode())
     restarted = pl.any_horizontal([pl.col(c) < pl.col(f"{c}__prev") for c in TABLE_COUNTERS]).fill_null(False)
     deltas = joined.select(
@@ -88,20 +84,14 @@ def observe(known: pl.DataFrame, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.
         "relid",
         "table",
         *(
-            pl.when(has_prev & ~restarted)
-            .then(pl.col(c) - pl.col(f"{c}__prev"))
-            .when(has_prev | new)
-            .then(pl.col(c))
-            .otherwise(0)
-            .alias(c)
+            pl.when(has_prev & ~restarted).then(pl.col(c) - pl.col(f"{c}__prev")).when(has_prev | new).then(pl.col(c)).otherwise(0).alias(c)
             for c in TABLE_COUNTERS
         ),
     ).filter(pl.any_horizontal([pl.col(c) != 0 for c in TABLE_COUNTERS]))
 
     # Sizes not read (the table was locked ACCESS EXCLUSIVE) keep their last observation.
     current = joined.with_columns(
-        pl.col("table_size").fill_null(pl.col("table_size__prev")),
-        pl.col("index_size").fill_null(pl.col("index_size__prev")),
+        pl.col("table_size").fill_null(pl.col("table_size__prev")), pl.col("index_size").fill_null(pl.col("index_size__prev"))
     ).select(KNOWN.names())
     dropped_scope = known.filter(  # each known row keeps the bucket the scraper put it in
         pl.col("database").is_in(whole.get_column("database").implode())
@@ -134,12 +124,7 @@ def _summed(window: TableWindow) -> pl.DataFrame:
 
 
 def _ranking(frame: pl.DataFrame, column: str) -> list[str]:
-    return (
-        frame.filter(pl.col(column).fill_null(0) > 0)
-        .sort([column, "name"], descending=[True, False])
-        .get_column("name")
-        .to_list()
-    )
+    return frame.filter(pl.col(column).fill_null(0) > 0).sort([column, "name"], descending=[True, False]).get_column("name").to_list()
 
 
 def choose(state: TableState, window: TableWindow, max_tables_tracked: int) -> tuple[TableState, pl.DataFrame]:
@@ -161,16 +146,11 @@ def choose(state: TableState, window: TableWindow, max_tables_tracked: int) -> t
     tables = tables.with_columns(pl.col("name").is_in(pl.Series(lru, dtype=pl.String).implode()).alias("named"))
     if gone.height:
         tables = pl.concat(
-            [
-                tables,
-                gone.rename({c: f"{c}__delta" for c in TABLE_COUNTERS}).with_columns(pl.lit(False).alias("named")),
-            ],
+            [tables, gone.rename({c: f"{c}__delta" for c in TABLE_COUNTERS}).with_columns(pl.lit(False).alias("named"))],
             how="diagonal_relaxed",
         )
     named = int(tables.get_column("named").sum())
-    state = replace(
-        state, lru=lru, evictions=state.evictions + evicted, seen=known.height, rolled_up=known.height - named
-    )
+    state = replace(state, lru=lru, evictions=state.evictions + evicted, seen=known.height, rolled_up=known.height - named)
     return state, tables
 
 
@@ -195,10 +175,7 @@ def _rollup(tables: pl.DataFrame) -> pl.DataFrame:
 
 # (metric, unit, column, extra attribute key, value)
 _SUMS = [
-    *(
-        ("postgresql.operations", "1", f"n_tup_{op}", "postgresql.operation", op)
-        for op in ("ins", "upd", "del", "hot_upd")
-    ),
+    *(("postgresql.operations", "1", f"n_tup_{op}", "postgresql.operation", op) for op in ("ins", "upd", "del", "hot_upd")),
     ("postgresql.sequential_scans", "{sequential_scan}", "seq_scan", None, None),
     ("postgresql.index.scans", "{scans}", "idx_scan", None, None),
     ("postgresql.table.vacuum.count", "{vacuum}", "vacuum_count", None, None),
@@ -218,9 +195,7 @@ _GAUGES = [
     ("postgresql.index.size", "By", "index_size", None, None),
     ("postgresql.table.frozen_xid.age", "{transaction}", "frozen_xid_age", None, None),
 ]
-_AGES = [
-    (f"postgresql.table.{what}.age", f"last_{what}") for what in ("vacuum", "autovacuum", "analyze", "autoanalyze")
-]
+_AGES = [(f"postgresql.table.{what}.age", f"last_{what}") for what in ("vacuum", "autovacuum", "analyze", "autoanalyze")]
 
 
 def _attributes(extra_key: str | None, extra_value: str | None) -> pl.Expr:
@@ -236,9 +211,7 @@ def _attributes(extra_key: str | None, extra_value: str | None) -> pl.Expr:
     return attributes(values)
 
 
-def table_points(
-    rows: pl.DataFrame, tables_per_db: pl.DataFrame, resource: Resource, start: datetime, end: datetime
-) -> pl.DataFrame:
+def table_points(rows: pl.DataFrame, tables_per_db: pl.DataFrame, resource: Resource, start: datetime, end: datetime) -> pl.DataFrame:
     """The per-table points of one window from its rolled-up rows."""
     r = resource
     frames = []
@@ -274,17 +247,7 @@ def table_points(
 
     window_start, window_end = pl.lit(start, UTC_TS), pl.lit(end, UTC_TS)
     for metric, unit, column, key, value in _SUMS:
-        emit(
-            "sum",
-            metric,
-            unit,
-            pl.col(f"{column}__delta"),
-            _attributes(key, value),
-            window_start,
-            window_end,
-            True,
-            rows,
-        )
+        emit("sum", metric, unit, pl.col(f"{column}__delta"), _attributes(key, value), window_start, window_end, True, rows)
     observed = pl.col("observed_at")
     for metric, unit, column, key, value in _GAUGES:
         present = rows.filter(pl.col(column).is_not_null())

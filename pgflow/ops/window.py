@@ -102,9 +102,7 @@ class Window:
     def series(self) -> SeriesTable:
         """The window's deltas, one row per series (aggregated once, when the window closes)."""
         parts = [
-            SeriesTable(run.rows, run.counters.ints, run.counters.floats)
-            for run in (r.compacted() for r in self.runs)
-            if run.rows.height
+            SeriesTable(run.rows, run.counters.ints, run.counters.floats) for run in (r.compacted() for r in self.runs) if run.rows.height
         ]
         # Rows keep the server's order and runs the scrapes' order, so floating-point sums
         # add up in the same order on every replay of the same snapshots.
@@ -141,11 +139,7 @@ def add(state: WindowState, snapshot: Snapshot, deltas: Deltas | None) -> Window
     runs = _with(current.runs, deltas) if deltas is not None and deltas.rows.height else current.runs
     deallocated = deltas.deallocated if deltas is not None else 0
     updated = replace(
-        current,
-        resource=Resource.of(snapshot),
-        runs=runs,
-        deallocated=current.deallocated + deallocated,
-        gauges=Gauges.of(snapshot),
+        current, resource=Resource.of(snapshot), runs=runs, deallocated=current.deallocated + deallocated, gauges=Gauges.of(snapshot)
     )
     return replace(state, open={**state.open, end: updated})
 
@@ -156,9 +150,7 @@ def close_until(state: WindowState, watermark: datetime) -> tuple[WindowState, l
     if not due:
         return state, []
     closed = [state.open[end] for end in due]
-    return replace(
-        state, open={e: w for e, w in state.open.items() if e > watermark}, closed_until=_latest(state, closed[-1].end)
-    ), closed
+    return replace(state, open={e: w for e, w in state.open.items() if e > watermark}, closed_until=_latest(state, closed[-1].end)), closed
 
 
 def close_all(state: WindowState) -> tuple[WindowState, list[Window]]:

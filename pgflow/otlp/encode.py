@@ -52,9 +52,7 @@ class Batch:
     rows: tuple[int, ...] = ()  # ids of the points it carries (``row_id`` column, else position)
 
 
-_FIXED = np.dtype(
-    [("t_start", "u1"), ("start", "<u8"), ("t_time", "u1"), ("time", "<u8"), ("t_value", "u1"), ("value", "<u8")]
-)
+_FIXED = np.dtype([("t_start", "u1"), ("start", "<u8"), ("t_time", "u1"), ("time", "<u8"), ("t_value", "u1"), ("value", "<u8")])
 
 
 def _fixed_fields(frame: pl.DataFrame) -> np.ndarray:
@@ -128,9 +126,7 @@ def instance_id(instance: str, address: str) -> str:
     return f"{instance}@{socket.gethostname()}" if is_local_address(address) else instance
 
 
-def resource_attributes(
-    instance: str, address: str, port: int, version_num: int, service_name: str
-) -> dict[str, object]:
+def resource_attributes(instance: str, address: str, port: int, version_num: int, service_name: str) -> dict[str, object]:
     """The resource of one PostgreSQL instance (New Relic keys its entity on service.instance.id).
 
     Precedence: pgflow's per-instance keys (:data:`OWN_RESOURCE_KEYS`) always; then
@@ -159,8 +155,7 @@ def resource_attributes(
 
 def _resource_bytes(attrs: dict[str, object]) -> bytes:
     encoded = b"".join(
-        wire.field_bytes(1, wire.int_kv(k, v) if isinstance(v, int) else wire.string_kv(k, str(v)))
-        for k, v in attrs.items()
+        wire.field_bytes(1, wire.int_kv(k, v) if isinstance(v, int) else wire.string_kv(k, str(v))) for k, v in attrs.items()
     )
     return wire.field_bytes(1, encoded)
 
@@ -214,9 +209,7 @@ class Encoder:
         key = (instance, address, port, version)
         block = self._resources.get(key)
         if block is None:
-            block = self._resources[key] = _resource_bytes(
-                resource_attributes(instance, address, port, version, self.service_name)
-            )
+            block = self._resources[key] = _resource_bytes(resource_attributes(instance, address, port, version, self.service_name))
         return block
 
     def batches(self, points: pl.DataFrame, row_id: str | None = None) -> Iterator[Batch]:
@@ -253,9 +246,7 @@ class Encoder:
         # One NumberDataPoint after another: its fixed fields first (protobuf fields may come
         # in any order), then the two attribute blocks.
         blob = b"".join(chain.from_iterable(zip(prefixes, *halves)))
-        yield from self._split(
-            _Points(memoryview(blob), np.concatenate([[0], np.cumsum(sizes)]), runs, frame[row_id].to_list())
-        )
+        yield from self._split(_Points(memoryview(blob), np.concatenate([[0], np.cumsum(sizes)]), runs, frame[row_id].to_list()))
 
     def _grouped(self, points: pl.DataFrame) -> tuple[pl.DataFrame, list[_Run]]:
         """``points`` with the points of each metric of each instance contiguous (one Metric
@@ -275,9 +266,7 @@ class Encoder:
         for rs in order.values():
             instance, metric, kind, unit, address, port, version = heads[rs[0]]
             size = int(sum(ends[r] - starts[r] for r in rs))
-            runs.append(
-                _Run(instance, metric, kind, unit, self._resource(instance, address, port, version), at, at + size)
-            )
+            runs.append(_Run(instance, metric, kind, unit, self._resource(instance, address, port, version), at, at + size))
             at += size
         return points, runs
 
@@ -290,9 +279,7 @@ class Encoder:
         sizes, runs = np.diff(points.offsets), points.runs
         seen: set[str] = set()
         for run in runs:
-            sizes[run.start] += (
-                64 + len(run.metric) + len(run.unit) + (len(run.resource) + 64 if run.instance not in seen else 0)
-            )
+            sizes[run.start] += 64 + len(run.metric) + len(run.unit) + (len(run.resource) + 64 if run.instance not in seen else 0)
             seen.add(run.instance)
         slack = 256 + max(64 + len(r.metric) + len(r.unit) + len(r.resource) + 64 for r in runs)
         budget = max(1, self.max_bytes - slack)

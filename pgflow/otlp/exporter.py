@@ -64,9 +64,7 @@ def describe_rejection(cause: str, endpoint: str, detail: str) -> str:
 class Exporter:
     """Sends points to one OTLP endpoint (gRPC or HTTP) with the settings' retry policy."""
 
-    def __init__(
-        self, settings: Settings, *, sleep: Callable[[float], None] | None = None, signal: str = "metrics"
-    ) -> None:
+    def __init__(self, settings: Settings, *, sleep: Callable[[float], None] | None = None, signal: str = "metrics") -> None:
         self.endpoint = settings.endpoint
         self.signal = signal
         self.net = settings.network(signal)  # issue 21: TLS files, proxy, timeout, compression
@@ -74,9 +72,7 @@ class Exporter:
         transport_cls = GrpcTransport if settings.otlp_protocol == "grpc" else HttpTransport
         self.transport = transport_cls(self.endpoint, settings.export_headers, self.net.timeout, self.net)
         self.encoder = Encoder(service_name=settings.service_name, batch_size=settings.batch_size)
-        self.policy = RetryPolicy(
-            settings.retry_initial_delay_secs, settings.retry_max_delay_secs, settings.retry_max_attempts
-        )
+        self.policy = RetryPolicy(settings.retry_initial_delay_secs, settings.retry_max_delay_secs, settings.retry_max_attempts)
         self._aborted = threading.Event()
         self.sleep = sleep or self._aborted.wait  # a pause between retries ends at once on abort()
         self.stats = ExportStats()
@@ -115,19 +111,13 @@ class Exporter:
                 self.stats.last_success = time.time()
                 if attempt.rejected_points:
                     self.stats.points_rejected += attempt.rejected_points
-                    log.warning(
-                        "endpoint rejected some points",
-                        extra=kv(rejected=attempt.rejected_points, message=attempt.detail[:200]),
-                    )
+                    log.warning("endpoint rejected some points", extra=kv(rejected=attempt.rejected_points, message=attempt.detail[:200]))
                 return SendResult(True, n, rejected_points=attempt.rejected_points)
             if not attempt.retryable:
                 self.stats.batches_failed += 1
                 self.stats.failures[attempt.cause] += 1
                 if attempt.cause not in netmod.CAUSES:  # a TLS/proxy cause has its line, once per change
-                    log.error(
-                        describe_rejection(attempt.cause, self.endpoint, attempt.detail),
-                        extra=kv(points=batch.points, attempts=n),
-                    )
+                    log.error(describe_rejection(attempt.cause, self.endpoint, attempt.detail), extra=kv(points=batch.points, attempts=n))
                 return SendResult(False, n, attempt.cause, retryable=False)
             if n < self.policy.max_attempts:
                 delay = attempt.delay if attempt.delay is not None else self.policy.backoff(n)
@@ -139,20 +129,14 @@ class Exporter:
         self.stats.failures[attempt.cause] += 1
         log.warning(
             "export failed after retries",
-            extra=kv(
-                cause=attempt.cause, attempts=self.policy.max_attempts, points=batch.points, endpoint=self.endpoint
-            ),
+            extra=kv(cause=attempt.cause, attempts=self.policy.max_attempts, points=batch.points, endpoint=self.endpoint),
         )
         return SendResult(False, self.policy.max_attempts, attempt.cause, retryable=True)
 
     def _connection_state(self, attempt: Attempt) -> None:
         """Issue 21: one line when the connection's TLS/proxy state changes (not per retry or window):
         the cause and the setting to change; one line when it works again."""
-        cause = (
-            attempt.cause
-            if not attempt.ok and attempt.cause in netmod.CAUSES and attempt.cause != netmod.CONNECTION
-            else None
-        )
+        cause = attempt.cause if not attempt.ok and attempt.cause in netmod.CAUSES and attempt.cause != netmod.CONNECTION else None
         if attempt.ok or cause is not None:
             if cause != self.connection_state:
                 if cause is not None:
@@ -162,8 +146,7 @@ class Exporter:
                     )
                 else:
                     log.info(
-                        "export connection works again",
-                        extra=kv(signal=self.signal, endpoint=self.endpoint, was=self.connection_state),
+                        "export connection works again", extra=kv(signal=self.signal, endpoint=self.endpoint, was=self.connection_state)
                     )
             self.connection_state = cause
 

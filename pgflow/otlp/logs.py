@@ -33,9 +33,7 @@ SEVERITY_NUMBERS = {"TRACE": 1, "DEBUG": 5, "INFO": 9, "WARN": 13, "ERROR": 17, 
 _SCOPE = wire.field_bytes(1, wire.field_bytes(1, b"pgflow") + wire.field_bytes(2, __version__.encode()))
 _DOUBLE = struct.Struct("<d")
 # Attributes whose values are new with almost every event: encoded, not kept.
-_PER_EVENT = frozenset(
-    {"postgresql.pid", "postgresql.query_start", "postgresql.query.duration", "postgresql.blocking.root.pid"}
-)
+_PER_EVENT = frozenset({"postgresql.pid", "postgresql.query_start", "postgresql.query.duration", "postgresql.blocking.root.pid"})
 
 
 @dataclass
@@ -189,9 +187,7 @@ class LogEncoder:
             if attrs[key].dtype in (pl.Int64, pl.Float64) and key in _PER_EVENT:
                 columns.append(_numeric_entries(wire.field_bytes(1, key.encode()) + b"\x12", attrs[key]))
             else:
-                columns.append(
-                    self._column(key, attrs[key].to_list(), self._attribute_encoder(key), keep=key not in _PER_EVENT)
-                )
+                columns.append(self._column(key, attrs[key].to_list(), self._attribute_encoder(key), keep=key not in _PER_EVENT))
         columns.append(self._column("event_name", names, lambda v: wire.field_bytes(12, v.encode())))
         varint = wire.varint
         messages = [b"".join(parts) for parts in zip(*columns)]

@@ -11,10 +11,7 @@ from collections.abc import Callable
 
 import polars as pl
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsPartialSuccess,
-    ExportMetricsServiceResponse,
-)
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsPartialSuccess, ExportMetricsServiceResponse
 
 from pgflow.config import Settings
 from pgflow.otlp.encode import Batch
@@ -33,8 +30,7 @@ def _as_metrics_response(data: bytes) -> ExportMetricsServiceResponse:
         return ExportMetricsServiceResponse()
     return ExportMetricsServiceResponse(
         partial_success=ExportMetricsPartialSuccess(
-            rejected_data_points=logs.partial_success.rejected_log_records,
-            error_message=logs.partial_success.error_message,
+            rejected_data_points=logs.partial_success.rejected_log_records, error_message=logs.partial_success.error_message
         )
     )
 
@@ -44,9 +40,7 @@ class LogsGrpcTransport(GrpcTransport):
 
     def __init__(self, endpoint: str, headers: dict[str, str], timeout: float, net: Network | None = None) -> None:
         super().__init__(endpoint, headers, timeout, net)
-        self._export = self._channel.unary_unary(
-            LOGS_METHOD, request_serializer=None, response_deserializer=_as_metrics_response
-        )
+        self._export = self._channel.unary_unary(LOGS_METHOD, request_serializer=None, response_deserializer=_as_metrics_response)
 
 
 class LogsHttpTransport(HttpTransport):

@@ -39,17 +39,7 @@ TLS_PLAINTEXT = "tls_not_offered"
 PROXY_REFUSED = "proxy_refused"
 PROXY_UNREACHABLE = "proxy_unreachable"
 CONNECTION = "connection"
-CAUSES = (
-    TLS_UNTRUSTED,
-    TLS_HOSTNAME,
-    TLS_EXPIRED,
-    TLS_CLIENT_CERT,
-    TLS_OTHER,
-    TLS_PLAINTEXT,
-    PROXY_REFUSED,
-    PROXY_UNREACHABLE,
-    CONNECTION,
-)
+CAUSES = (TLS_UNTRUSTED, TLS_HOSTNAME, TLS_EXPIRED, TLS_CLIENT_CERT, TLS_OTHER, TLS_PLAINTEXT, PROXY_REFUSED, PROXY_UNREACHABLE, CONNECTION)
 
 
 # Proxies ------------------------------------------------------------------------------------
@@ -122,28 +112,11 @@ def classify_text(text: str) -> str | None:
         or "peer did not return a certificate" in t
     ):
         return TLS_CLIENT_CERT
-    if (
-        "unable to get local issuer" in t
-        or "self-signed" in t
-        or "self signed" in t
-        or "unknown ca" in t
-        or "unable to get issuer" in t
-    ):
+    if "unable to get local issuer" in t or "self-signed" in t or "self signed" in t or "unknown ca" in t or "unable to get issuer" in t:
         return TLS_UNTRUSTED
-    if (
-        "wrong version number" in t
-        or "record layer failure" in t
-        or "wrong_version_number" in t
-        or "packet length too long" in t
-    ):
+    if "wrong version number" in t or "record layer failure" in t or "wrong_version_number" in t or "packet length too long" in t:
         return TLS_PLAINTEXT
-    if (
-        "certificate_verify_failed" in t
-        or "certificate verify failed" in t
-        or "handshake" in t
-        or "ssl" in t
-        or "tls" in t
-    ):
+    if "certificate_verify_failed" in t or "certificate verify failed" in t or "handshake" in t or "ssl" in t or "tls" in t:
         return TLS_OTHER
     return None
 
@@ -175,10 +148,7 @@ def describe(cause: str, endpoint: str, net: Network) -> str:
                 f"the OTLP endpoint {endpoint} refused pgflow's client certificate {net.client_certificate}: "
                 f"set {cert} and {net.name('otlp_client_key')} to a certificate the gateway trusts"
             )
-        return (
-            f"the OTLP endpoint {endpoint} requires a client certificate (mTLS): "
-            f"set {cert} and {net.name('otlp_client_key')}"
-        )
+        return f"the OTLP endpoint {endpoint} requires a client certificate (mTLS): set {cert} and {net.name('otlp_client_key')}"
     if cause == TLS_PLAINTEXT:
         return (
             f"the OTLP endpoint {endpoint} does not speak TLS: use http:// in the endpoint if the network is "

@@ -89,9 +89,7 @@ class Reply:
         try:
             number = float(arg) if arg else None
         except ValueError:
-            raise ConfigError(
-                f"invalid script item {item!r}", "use e.g. OK, UNAVAILABLE, 503, 429:1, PARTIAL:3"
-            ) from None
+            raise ConfigError(f"invalid script item {item!r}", "use e.g. OK, UNAVAILABLE, 503, 429:1, PARTIAL:3") from None
         if name == "OK":
             return cls("OK")
         if name == "PARTIAL":
@@ -160,11 +158,7 @@ class Receiver:
 
     def _handle(self, request: ExportMetricsServiceRequest, protocol: str, api_key: str | None) -> Reply:
         reply = self._next(protocol)
-        outcome = (
-            reply.kind
-            if reply.kind in ("OK", "PARTIAL")
-            else (str(reply.http_status()) if protocol == "http" else reply.grpc_code())
-        )
+        outcome = reply.kind if reply.kind in ("OK", "PARTIAL") else (str(reply.http_status()) if protocol == "http" else reply.grpc_code())
         self.store.add(request, protocol, outcome, _key_hash(api_key), store=reply.kind in ("OK", "PARTIAL"))
         with self._lock:
             self.attempts.append((protocol, outcome))
@@ -173,11 +167,7 @@ class Receiver:
     def _handle_logs(self, request: ExportLogsServiceRequest, protocol: str, api_key: str | None) -> Reply:
         """The same scripted answers as for metrics (one script for both signals); records go to ``logs``."""
         reply = self._next(protocol)
-        outcome = (
-            reply.kind
-            if reply.kind in ("OK", "PARTIAL")
-            else (str(reply.http_status()) if protocol == "http" else reply.grpc_code())
-        )
+        outcome = reply.kind if reply.kind in ("OK", "PARTIAL") else (str(reply.http_status()) if protocol == "http" else reply.grpc_code())
         self.store.add_logs(request, protocol, outcome, _key_hash(api_key), store=reply.kind in ("OK", "PARTIAL"))
         with self._lock:
             self.attempts.append((f"{protocol}/logs", outcome))
@@ -215,9 +205,7 @@ class Receiver:
             self._http = _QuietHTTPServer((self.host, self._http_port), _http_handler(self))
             self._http.daemon_threads = True
             if self.tls_files is not None:  # the handshake happens in the request's thread, not in accept()
-                self._http.socket = self._server_context().wrap_socket(
-                    self._http.socket, server_side=True, do_handshake_on_connect=False
-                )
+                self._http.socket = self._server_context().wrap_socket(self._http.socket, server_side=True, do_handshake_on_connect=False)
             self.http_port = self._http.server_address[1]
             threading.Thread(target=self._http.serve_forever, name="otlp-http", daemon=True).start()
         return self
@@ -279,18 +267,14 @@ class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer):
     def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
 
-    def Export(
-        self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext
-    ) -> ExportMetricsServiceResponse:  # noqa: N802
+    def Export(self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext) -> ExportMetricsServiceResponse:  # noqa: N802
         api_key = dict(context.invocation_metadata()).get("api-key")
         reply = self.receiver._handle(request, "grpc", api_key)
         if reply.kind == "OK":
             return ExportMetricsServiceResponse()
         if reply.kind == "PARTIAL":
             return ExportMetricsServiceResponse(
-                partial_success=ExportMetricsPartialSuccess(
-                    rejected_data_points=reply.rejected, error_message="scripted partial success"
-                )
+                partial_success=ExportMetricsPartialSuccess(rejected_data_points=reply.rejected, error_message="scripted partial success")
             )
         _grpc_refuse(reply, context)
         return ExportMetricsServiceResponse()
@@ -301,9 +285,7 @@ def _grpc_refuse(reply: Reply, context: grpc.ServicerContext) -> None:
     name = reply.grpc_code()
     code = grpc.StatusCode[name]
     if reply.delay is not None:
-        info = error_details_pb2.RetryInfo(
-            retry_delay=duration_pb2.Duration(seconds=int(reply.delay), nanos=int((reply.delay % 1) * 1e9))
-        )
+        info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=int(reply.delay), nanos=int((reply.delay % 1) * 1e9)))
         status = status_pb2.Status(code=getattr(code_pb2, name), message=f"scripted {name}")
         status.details.add().Pack(info)
         context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
@@ -314,9 +296,7 @@ def _grpc_refuse(reply: Reply, context: grpc.ServicerContext) -> None:
 def _logs_response(reply: Reply) -> ExportLogsServiceResponse:
     if reply.kind == "PARTIAL":
         return ExportLogsServiceResponse(
-            partial_success=ExportLogsPartialSuccess(
-                rejected_log_records=reply.rejected, error_message="scripted partial success"
-            )
+            partial_success=ExportLogsPartialSuccess(rejected_log_records=reply.rejected, error_message="scripted partial success")
         )
     return ExportLogsServiceResponse()
 
@@ -355,12 +335,7 @@ def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 self._post_logs(body)
                 return
             if self.path.rstrip("/") != "/v1/metrics":
-                self._answer(
-                    404,
-                    status_pb2.Status(
-                        code=code_pb2.NOT_FOUND, message="only /v1/metrics and /v1/logs"
-                    ).SerializeToString(),
-                )
+                self._answer(404, status_pb2.Status(code=code_pb2.NOT_FOUND, message="only /v1/metrics and /v1/logs").SerializeToString())
                 return
             try:
                 if self.headers.get("Content-Encoding", "").lower() == "gzip":
@@ -370,8 +345,7 @@ def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 self._answer(
                     400,
                     status_pb2.Status(
-                        code=code_pb2.INVALID_ARGUMENT,
-                        message="body is not a gzip/protobuf ExportMetricsServiceRequest",
+                        code=code_pb2.INVALID_ARGUMENT, message="body is not a gzip/protobuf ExportMetricsServiceRequest"
                     ).SerializeToString(),
                 )
                 return

@@ -95,9 +95,7 @@ def request_rows(request: ExportMetricsServiceRequest, received_at: datetime) ->
                     cols["start"].append(dp.start_time_unix_nano or None)
                     cols["end"].append(dp.time_unix_nano)
                     cols["value"].append(float(dp.as_int) if dp.WhichOneof("value") == "as_int" else dp.as_double)
-                    cols["attributes"].append(
-                        json.dumps({kv.key: _value(kv.value) for kv in dp.attributes}, sort_keys=True)
-                    )
+                    cols["attributes"].append(json.dumps({kv.key: _value(kv.value) for kv in dp.attributes}, sort_keys=True))
                     cols["resource"].append(resource)
                     cols["received_at"].append(received_at)
     frame = pl.DataFrame(
@@ -122,17 +120,11 @@ def log_rows(request: ExportLogsServiceRequest, received_at: datetime) -> pl.Dat
                 rows["time"].append(record.time_unix_nano or record.observed_time_unix_nano)
                 rows["severity"].append(record.severity_text or None)
                 rows["body"].append(None if body is None else body if isinstance(body, str) else str(body))
-                rows["attributes"].append(
-                    json.dumps({kv.key: _value(kv.value) for kv in record.attributes}, sort_keys=True)
-                )
+                rows["attributes"].append(json.dumps({kv.key: _value(kv.value) for kv in record.attributes}, sort_keys=True))
                 rows["resource"].append(resource)
                 rows["received_at"].append(received_at)
-    frame = pl.DataFrame(
-        {k: v for k, v in rows.items() if k != "time"}, schema={k: t for k, t in LOGS_SCHEMA.items() if k != "time"}
-    )
-    return frame.with_columns(pl.Series("time", rows["time"], dtype=pl.Int64).cast(pl.Datetime("ns", "UTC"))).select(
-        list(LOGS_SCHEMA)
-    )
+    frame = pl.DataFrame({k: v for k, v in rows.items() if k != "time"}, schema={k: t for k, t in LOGS_SCHEMA.items() if k != "time"})
+    return frame.with_columns(pl.Series("time", rows["time"], dtype=pl.Int64).cast(pl.Datetime("ns", "UTC"))).select(list(LOGS_SCHEMA))
 
 
 class PointStore:
@@ -146,9 +138,7 @@ class PointStore:
         self._con.execute(LOGS_DDL)
         self._lock = threading.Lock()
 
-    def add(
-        self, request: ExportMetricsServiceRequest, protocol: str, outcome: str, api_key_sha256: str | None, store: bool
-    ) -> int:
+    def add(self, request: ExportMetricsServiceRequest, protocol: str, outcome: str, api_key_sha256: str | None, store: bool) -> int:
         now = datetime.now(UTC)
         rows = request_rows(request, now) if store else None
         with self._lock:
@@ -157,14 +147,11 @@ class PointStore:
                 self._con.execute("INSERT INTO points SELECT * FROM incoming")
                 self._con.unregister("incoming")
             self._con.execute(
-                "INSERT INTO requests VALUES (?, ?, ?, ?, ?)",
-                [now, protocol, outcome, 0 if rows is None else rows.height, api_key_sha256],
+                "INSERT INTO requests VALUES (?, ?, ?, ?, ?)", [now, protocol, outcome, 0 if rows is None else rows.height, api_key_sha256]
             )
         return 0 if rows is None else rows.height
 
-    def add_logs(
-        self, request: ExportLogsServiceRequest, protocol: str, outcome: str, api_key_sha256: str | None, store: bool
-    ) -> int:
+    def add_logs(self, request: ExportLogsServiceRequest, protocol: str, outcome: str, api_key_sha256: str | None, store: bool) -> int:
         """Store a logs request's records (when accepted) and log the request like ``add``."""
         now = datetime.now(UTC)
         rows = log_rows(request, now) if store else None

@@ -36,9 +36,7 @@ def _read(path: Path | None) -> bytes | None:
 
 def _network_failure(cause: str, detail: str) -> Attempt:
     """A TLS or proxy failure: not retryable (the same certificate and proxy answer the same)."""
-    return Attempt(
-        ok=False, cause=cause, retryable=cause in (netmod.CONNECTION, netmod.PROXY_UNREACHABLE), detail=detail[:200]
-    )
+    return Attempt(ok=False, cause=cause, retryable=cause in (netmod.CONNECTION, netmod.PROXY_UNREACHABLE), detail=detail[:200])
 
 
 def _partial(response: ExportMetricsServiceResponse) -> tuple[int, str]:
@@ -77,9 +75,7 @@ class GrpcTransport:
 
     def send(self, payload: bytes) -> Attempt:
         try:
-            response = self._export(
-                payload, timeout=self.timeout, metadata=self._metadata, compression=self._compression
-            )
+            response = self._export(payload, timeout=self.timeout, metadata=self._metadata, compression=self._compression)
         except grpc.RpcError as exc:
             attempt = _grpc_failure(exc)
             if attempt.cause in ("UNAVAILABLE", "UNKNOWN", "DEADLINE_EXCEEDED"):
@@ -138,13 +134,7 @@ def _grpc_failure(exc: grpc.RpcError) -> Attempt:
                     detail.Unpack(info)
                     delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
     details = exc.details() if hasattr(exc, "details") else ""
-    return Attempt(
-        ok=False,
-        cause=name,
-        retryable=grpc_retryable(name, delay is not None),
-        delay=delay,
-        detail=str(details or "")[:200],
-    )
+    return Attempt(ok=False, cause=name, retryable=grpc_retryable(name, delay is not None), delay=delay, detail=str(details or "")[:200])
 
 
 class HttpTransport:
@@ -156,11 +146,7 @@ class HttpTransport:
         self.tls, self.host, self.port, path = _split(endpoint, 4318, self.net.insecure)
         self.path = path if path.endswith("/v1/metrics") else f"{path}/v1/metrics"
         self.gzip = self.net.compression == "gzip"
-        self.headers = {
-            "Content-Type": "application/x-protobuf",
-            **({"Content-Encoding": "gzip"} if self.gzip else {}),
-            **headers,
-        }
+        self.headers = {"Content-Type": "application/x-protobuf", **({"Content-Encoding": "gzip"} if self.gzip else {}), **headers}
         self.timeout = self.net.timeout
         self._conn: http.client.HTTPConnection | None = None
 

@@ -44,20 +44,8 @@ from pgflow.schema.health import (
     WAL,
     WAL_RECEIVER,
 )
-from pgflow.schema.output import (
-    ATTRIBUTE_KEYS,
-    ATTRIBUTES,
-    EVENT_ATTRIBUTE_TYPES,
-    EVENT_ATTRIBUTES,
-    EVENTS,
-    PLANS,
-    POINTS,
-    QUERY_SAMPLES,
-)
-from pgflow.schema.sessions import (
-    SAMPLES,
-    SESSION_STATS,
-)
+from pgflow.schema.output import ATTRIBUTE_KEYS, ATTRIBUTES, EVENT_ATTRIBUTE_TYPES, EVENT_ATTRIBUTES, EVENTS, PLANS, POINTS, QUERY_SAMPLES
+from pgflow.schema.sessions import SAMPLES, SESSION_STATS
 
 
 def conform(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
@@ -65,8 +53,7 @@ def conform(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
     if frame.width == 0:
         return pl.DataFrame(schema=schema)
     return frame.select(
-        (pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype=dtype)).alias(name)
-        for name, dtype in schema.items()
+        (pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype=dtype)).alias(name) for name, dtype in schema.items()
     )
 
 

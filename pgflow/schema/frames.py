@@ -65,15 +65,7 @@ ACTIVITY = pl.Schema(
     }
 )
 
-LOCKS = pl.Schema(
-    {
-        "database": pl.String,
-        "mode": pl.String,
-        "locktype": pl.String,
-        "granted": pl.Boolean,
-        "count": pl.Int64,
-    }
-)
+LOCKS = pl.Schema({"database": pl.String, "mode": pl.String, "locktype": pl.String, "granted": pl.Boolean, "count": pl.Int64})
 
 BLOCKED = pl.Schema({"database": pl.String, "sessions": pl.Int64, "max_wait_secs": pl.Float64})
 

@@ -32,10 +32,7 @@ CHECKPOINTER = pl.Schema(
 BGWRITER = pl.Schema(
     {
         "stats_reset": UTC_TS,
-        **{
-            c: pl.Int64
-            for c in ("buffers_clean", "maxwritten_clean", "buffers_alloc", "buffers_backend", "buffers_backend_fsync")
-        },
+        **{c: pl.Int64 for c in ("buffers_clean", "maxwritten_clean", "buffers_alloc", "buffers_backend", "buffers_backend_fsync")},
     }
 )
 WAL = pl.Schema(

@@ -51,9 +51,7 @@ def root_of(roots: frozenset[int], by_pid: dict[int, tuple]) -> int | None:
     return min(roots, key=lambda r: (r == 0, r not in by_pid, r)) if roots else None
 
 
-def blocked_by_root(
-    by_pid: dict[int, tuple], waiting: dict[int, list[int]]
-) -> tuple[list[tuple], dict[str | None, tuple[int, int]]]:
+def blocked_by_root(by_pid: dict[int, tuple], waiting: dict[int, list[int]]) -> tuple[list[tuple], dict[str | None, tuple[int, int]]]:
     """Root blockers (blocking others, waiting on nothing), chain depth, blocked time by root.
 
     ``by_pid``: one sample's rows by pid; ``waiting``: pid -> the pids it waits on. Returns, per

@@ -44,9 +44,7 @@ FREE_SQL = (
     "coalesce(current_setting('reserved_connections', true)::int, 0), "
     "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int"
 )
-_TIMEOUT_SQL = (
-    "SELECT /*pgflow*/ set_config('statement_timeout', '2000', true), set_config('lock_timeout', '1000', true)"
-)
+_TIMEOUT_SQL = "SELECT /*pgflow*/ set_config('statement_timeout', '2000', true), set_config('lock_timeout', '1000', true)"
 
 
 class NoConnection(Exception):
@@ -186,9 +184,7 @@ class ConnectionBudget:
         try:
             free = self.probe() if self.probe is not None else None
         except Exception as exc:  # unknown: treated as too few (the scrape says why it fails)
-            log.debug(
-                "reading the server's free connections failed", extra=kv(instance=self.instance, error=repr(exc)[:200])
-            )
+            log.debug("reading the server's free connections failed", extra=kv(instance=self.instance, error=repr(exc)[:200]))
             free = None
         if free is not None:
             self.last_free = free
@@ -216,8 +212,7 @@ class ConnectionBudget:
                         instance=self.instance,
                         free="unknown" if free is None else free,
                         headroom=self.headroom,
-                        hint="it resumes by itself; lower PGFLOW_RESERVED_CONNECTIONS_HEADROOM "
-                        "or raise max_connections to change this",
+                        hint="it resumes by itself; lower PGFLOW_RESERVED_CONNECTIONS_HEADROOM or raise max_connections to change this",
                     ),
                 )
         elif self.waiting:
@@ -236,9 +231,7 @@ class ConnectionBudget:
     # Connections --------------------------------------------------------------------
 
     @contextmanager
-    def connection(
-        self, dbname: str | None, *, wait: bool = False, slot_wait_secs: float | None = None
-    ) -> Iterator[psycopg.Connection]:
+    def connection(self, dbname: str | None, *, wait: bool = False, slot_wait_secs: float | None = None) -> Iterator[psycopg.Connection]:
         """One optional connection to ``dbname`` (None: the DSN's own) for the block, then closed.
 
         ``wait``: wait for the headroom (table statistics) instead of raising; a slot is
@@ -332,11 +325,7 @@ def check_budget(conn: psycopg.Connection, settings: object) -> tuple[str, str, 
     try:
         row = read_free(conn)
     except psycopg.Error as exc:
-        return (
-            "warn",
-            "connection budget",
-            f"{budget.describe()}; free connections unreadable ({str(exc).strip()[:120]})",
-        )
+        return ("warn", "connection budget", f"{budget.describe()}; free connections unreadable ({str(exc).strip()[:120]})")
     total, superuser, reserved, used = row
     free = free_of(row)
     detail = (

@@ -35,13 +35,7 @@ def connect(dsn: str, *, connect_timeout: int = 5) -> psycopg.Connection:
     unit of work is made read-only and time-limited by :func:`guarded` (issue 19).
     """
     try:
-        conn = psycopg.connect(
-            dsn,
-            connect_timeout=connect_timeout,
-            application_name="pgflow",
-            prepare_threshold=None,
-            autocommit=True,
-        )
+        conn = psycopg.connect(dsn, connect_timeout=connect_timeout, application_name="pgflow", prepare_threshold=None, autocommit=True)
     except psycopg.Error as exc:
         raise classify(exc, dsn) from None
     lenient_text(conn)
@@ -49,9 +43,7 @@ def connect(dsn: str, *, connect_timeout: int = 5) -> psycopg.Connection:
 
 
 @contextmanager
-def guarded(
-    conn: psycopg.Connection, statement_timeout_ms: int, lock_timeout_ms: int | None = None, **extra: str
-) -> Iterator[None]:
+def guarded(conn: psycopg.Connection, statement_timeout_ms: int, lock_timeout_ms: int | None = None, **extra: str) -> Iterator[None]:
     """One unit of work in one implicit transaction, read-only and time-limited, no ``BEGIN``.
 
     A pipeline: the marked limits statement (:func:`~pgflow.scrape.statements.limits_sql`),
@@ -139,8 +131,7 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
     if isinstance(exc, pgerr.QueryCanceled):
         limit = f" ({statement_timeout_ms} ms)" if statement_timeout_ms else ""
         return ScrapeTimeout(
-            f"scrape of {target} ran past statement_timeout{limit}",
-            "raise PGFLOW_STATEMENT_TIMEOUT_MS or look at the server's load",
+            f"scrape of {target} ran past statement_timeout{limit}", "raise PGFLOW_STATEMENT_TIMEOUT_MS or look at the server's load"
         )
     # insufficient_privilege: which privilege decides the advice (at connect time psycopg has no SQLSTATE)
     if sqlstate == "42501" or (sqlstate is None and "permission denied" in lowered):
@@ -153,8 +144,7 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
         schema = re.search(r'permission denied for schema "?([^"\s]+)"?', detail)
         if schema:
             return InsufficientPrivilege(
-                f"{role} may not use schema {schema.group(1)} on {target} ({detail})",
-                f"GRANT USAGE ON SCHEMA {schema.group(1)} TO {role}",
+                f"{role} may not use schema {schema.group(1)} on {target} ({detail})", f"GRANT USAGE ON SCHEMA {schema.group(1)} TO {role}"
             )
         if "examine" in lowered:  # a setting reserved to pg_read_all_settings
             return InsufficientPrivilege(
@@ -164,39 +154,31 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
         return InsufficientPrivilege(f"permission denied on {target} ({detail})", f"GRANT pg_monitor TO {role}")
     if sqlstate == "55000" and "shared_preload_libraries" in lowered:
         return ExtensionNotLoaded(
-            f"pg_stat_statements is not loaded on {target}",
-            "add pg_stat_statements to shared_preload_libraries and restart PostgreSQL",
+            f"pg_stat_statements is not loaded on {target}", "add pg_stat_statements to shared_preload_libraries and restart PostgreSQL"
         )
     if sqlstate in ("42P01", "42883") and "pg_stat_statements" in lowered:
         return ExtensionMissing(
-            f"pg_stat_statements is not installed in {target}",
-            "run CREATE EXTENSION pg_stat_statements in that database",
+            f"pg_stat_statements is not installed in {target}", "run CREATE EXTENSION pg_stat_statements in that database"
         )
     if sqlstate in _TEXT_SQLSTATES:
         # The server's message quotes bytes of the text (maybe of a literal): only the SQLSTATE is kept.
         return TextUnreadable(
-            f"a statement text in pg_stat_statements on {target} cannot be converted to this "
-            f"database's encoding (SQLSTATE {sqlstate})",
-            "pgflow reads texts through a SQL_ASCII database with pg_stat_statements; "
-            "pgflow check names the database and the fix",
+            f"a statement text in pg_stat_statements on {target} cannot be converted to this database's encoding (SQLSTATE {sqlstate})",
+            "pgflow reads texts through a SQL_ASCII database with pg_stat_statements; pgflow check names the database and the fix",
         )
     missing_role = re.search(r'role "([^"]+)" does not exist', detail)
     if missing_role and sqlstate in ("28000", None):  # invalid_authorization_specification (issue 19)
         name = missing_role.group(1)
         return AuthenticationFailed(
             f"PostgreSQL at {target} has no role {name}",
-            f"fix the user in DATABASE_URL, or create it: CREATE ROLE {name} LOGIN PASSWORD '...'; "
-            f"GRANT pg_monitor TO {name}",
+            f"fix the user in DATABASE_URL, or create it: CREATE ROLE {name} LOGIN PASSWORD '...'; GRANT pg_monitor TO {name}",
         )
     if sqlstate == "28P01" or "password authentication failed" in lowered or "no password supplied" in lowered:
-        return AuthenticationFailed(
-            f"PostgreSQL at {target} refused the credentials", "check the user and password in DATABASE_URL"
-        )
+        return AuthenticationFailed(f"PostgreSQL at {target} refused the credentials", "check the user and password in DATABASE_URL")
     if sqlstate in ("28000", None) and "pg_hba.conf" in lowered:  # a refused connection has no SQLSTATE in psycopg
         if "ssl off" in lowered or "no encryption" in lowered:
             return SslRefused(
-                f"PostgreSQL at {target} accepts {role} only over SSL ({detail})",
-                "set sslmode=require (or verify-full) in DATABASE_URL",
+                f"PostgreSQL at {target} accepts {role} only over SSL ({detail})", "set sslmode=require (or verify-full) in DATABASE_URL"
             )
         return AuthenticationFailed(
             f"pg_hba.conf of {target} does not admit this connection ({detail})",
@@ -217,12 +199,10 @@ def classify(exc: BaseException, dsn: str, statement_timeout_ms: int | None = No
                 "turn ssl on in the server's configuration, or lower sslmode in DATABASE_URL if the network is trusted",
             )
         return SslRefused(
-            f"the SSL connection to {target} failed ({detail})",
-            "check sslmode, sslrootcert and the server's certificate in DATABASE_URL",
+            f"the SSL connection to {target} failed ({detail})", "check sslmode, sslrootcert and the server's certificate in DATABASE_URL"
         )
     if isinstance(exc, psycopg.OperationalError):
         return ServerUnreachable(
-            f"cannot connect to PostgreSQL at {target} ({detail})",
-            "check that the server is running and the host and port are right",
+            f"cannot connect to PostgreSQL at {target} ({detail})", "check that the server is running and the host and port are right"
         )
     return ScrapeError(f"scrape of {target} failed ({detail})")

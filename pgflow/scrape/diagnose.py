@@ -113,11 +113,7 @@ class CheckReport:
 
 
 def check(
-    instance: InstanceConfig,
-    *,
-    connect_timeout: int = 5,
-    sample_interval_secs: float = 1.0,
-    settings: object | None = None,
+    instance: InstanceConfig, *, connect_timeout: int = 5, sample_interval_secs: float = 1.0, settings: object | None = None
 ) -> CheckReport:
     """Run every diagnostic against one instance; never raises for an expected failure."""
     report = CheckReport(instance.name, redact_dsn(instance.dsn))
@@ -178,9 +174,7 @@ def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
     else:
         report.add("ok", "server", f"PostgreSQL {version}")
     if ext_version is None:
-        report.add(
-            "fail", "extension", "pg_stat_statements is not installed here: run CREATE EXTENSION pg_stat_statements"
-        )
+        report.add("fail", "extension", "pg_stat_statements is not installed here: run CREATE EXTENSION pg_stat_statements")
         return
     report.add("ok", "extension", f"pg_stat_statements {ext_version} in schema {ext_schema}")
     usage_sql = f"SELECT {MARK} has_schema_privilege(%s, 'USAGE')"
@@ -189,24 +183,17 @@ def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
         report.add(
             "fail",
             "schema",
-            f"{user} may not use schema {ext_schema}, where pg_stat_statements lives: "
-            f"GRANT USAGE ON SCHEMA {ext_schema} TO {user}",
+            f"{user} may not use schema {ext_schema}, where pg_stat_statements lives: GRANT USAGE ON SCHEMA {ext_schema} TO {user}",
         )
         return
     # Whether the library is loaded is what pg_stat_statements itself answers; the setting is
     # only read where this role may read it.
-    count, error = _probe(
-        conn, sql.SQL(f"SELECT {MARK} count(*) FROM {{}}.pg_stat_statements(false)").format(sql.Identifier(ext_schema))
-    )
+    count, error = _probe(conn, sql.SQL(f"SELECT {MARK} count(*) FROM {{}}.pg_stat_statements(false)").format(sql.Identifier(ext_schema)))
     preload = settings.get("shared_preload_libraries")
     if error is not None:
         failure = classify(error, dsn)
         if isinstance(failure, ExtensionNotLoaded):
-            report.add(
-                "fail",
-                "preload",
-                "pg_stat_statements is not loaded: add it to shared_preload_libraries and restart PostgreSQL",
-            )
+            report.add("fail", "preload", "pg_stat_statements is not loaded: add it to shared_preload_libraries and restart PostgreSQL")
         else:
             report.add("fail", "read", str(failure))
         return
@@ -258,9 +245,7 @@ def _diagnose(conn: psycopg.Connection, dsn: str, report: CheckReport) -> None:
 
 def _texts(conn: psycopg.Connection, dsn: str, schema: str, report: CheckReport) -> None:
     """The text path, as the scraper walks it: every stored text converted to this database's encoding."""
-    _, error = _probe(
-        conn, sql.SQL(f"SELECT {MARK} count(query) FROM {{}}.pg_stat_statements(true)").format(sql.Identifier(schema))
-    )
+    _, error = _probe(conn, sql.SQL(f"SELECT {MARK} count(query) FROM {{}}.pg_stat_statements(true)").format(sql.Identifier(schema)))
     if error is None:
         report.add("ok", "texts", "statement texts are readable")
         return
@@ -274,9 +259,7 @@ def _texts(conn: psycopg.Connection, dsn: str, schema: str, report: CheckReport)
     try:
         route = texts.find_route(conn, dsn, texts.entry_dbids(conn, schema, _LIMIT_MS), statement_timeout_ms=_LIMIT_MS)
     except psycopg.Error as exc:
-        report.add(
-            "warn", "texts", f"{failure.message}; where it comes from could not be found ({str(classify(exc, dsn))})"
-        )
+        report.add("warn", "texts", f"{failure.message}; where it comes from could not be found ({str(classify(exc, dsn))})")
         return
     problem, fix = route.advice()
     if route.database is not None:
@@ -287,9 +270,7 @@ def _texts(conn: psycopg.Connection, dsn: str, schema: str, report: CheckReport)
             "pg_stat_statements installed), each decoded in its own database's encoding",
         )
     else:
-        report.add(
-            "warn", "texts", f"{problem}: counters are still exported but new statements are labelled by queryid; {fix}"
-        )
+        report.add("warn", "texts", f"{problem}: counters are still exported but new statements are labelled by queryid; {fix}")
 
 
 _PLANNABLE_SQL = f"""
@@ -341,11 +322,7 @@ def plan_databases(conn: psycopg.Connection, dsn: str, report: CheckReport, conn
                     except ExplainFailed:
                         pass
         except (ScrapeError, psycopg.Error) as exc:
-            report.add(
-                "warn",
-                f"plans in {name}",
-                f"not checked ({exc if isinstance(exc, ScrapeError) else classify(exc, dsn)})",
-            )
+            report.add("warn", f"plans in {name}", f"not checked ({exc if isinstance(exc, ScrapeError) else classify(exc, dsn)})")
             continue
         helper_fix = (
             f"install the explain helper there as the tables' owner (psql -d {name} -f "
@@ -384,11 +361,7 @@ def health_groups(conn: psycopg.Connection, report: CheckReport) -> None:
     have = [g for g in HEALTH_GROUPS if support.supports(g)]
     lacking = [f"{g} ({support.why_not(g)})" for g in HEALTH_GROUPS if not support.supports(g)]
     role = "standby: replication lag is read from wal_receiver" if standby else "primary"
-    report.add(
-        "ok",
-        "health groups",
-        f"{', '.join(have)} ({role})" + (f"; not on this server: {', '.join(lacking)}" if lacking else ""),
-    )
+    report.add("ok", "health groups", f"{', '.join(have)} ({role})" + (f"; not on this server: {', '.join(lacking)}" if lacking else ""))
 
 
 def table_databases(conn: psycopg.Connection, report: CheckReport, settings: object) -> None:

@@ -194,9 +194,7 @@ class PlanSource:
             self.errors[(database, fingerprint)] = (self.clock(), cause)
             retry = _error_ttl(cause)
             log.info(
-                f"explain failed; retried in {retry / 3600:g} h"
-                if retry >= 3600
-                else f"explain failed; retried in {retry / 60:g} min",
+                f"explain failed; retried in {retry / 3600:g} h" if retry >= 3600 else f"explain failed; retried in {retry / 60:g} min",
                 extra=kv(instance=self.instance, database=database, fingerprint=fingerprint, cause=cause),
             )
         else:
@@ -257,9 +255,7 @@ class WindowPlans:
         self._base: pl.DataFrame | None = None  # statements at the first scrape of the current window
 
     @classmethod
-    def for_instance(
-        cls, dsn: str, instance: str, settings: Settings, budget: ConnectionBudget | None = None
-    ) -> WindowPlans | None:
+    def for_instance(cls, dsn: str, instance: str, settings: Settings, budget: ConnectionBudget | None = None) -> WindowPlans | None:
         """None when plans are off (``explains_per_window = 0``)."""
         if settings.explains_per_window <= 0:
             return None

@@ -102,14 +102,7 @@ def _cause(exc: psycopg.Error) -> tuple[str, bool]:
     if isinstance(exc, pgerr.InsufficientPrivilege):
         return "permission", True
     if isinstance(
-        exc,
-        (
-            pgerr.UndefinedTable,
-            pgerr.UndefinedColumn,
-            pgerr.UndefinedFunction,
-            pgerr.UndefinedObject,
-            pgerr.InvalidSchemaName,
-        ),
+        exc, (pgerr.UndefinedTable, pgerr.UndefinedColumn, pgerr.UndefinedFunction, pgerr.UndefinedObject, pgerr.InvalidSchemaName)
     ):
         return "undefined_object", True
     if isinstance(
@@ -159,9 +152,7 @@ class Explainer:
             pass
         return cur.fetchall()
 
-    def explain(
-        self, conn: psycopg.Connection, text: str, server_version_num: int, helper: bool = False
-    ) -> tuple[list, str]:
+    def explain(self, conn: psycopg.Connection, text: str, server_version_num: int, helper: bool = False) -> tuple[list, str]:
         """The raw EXPLAIN JSON of ``text`` and the method used; raises ExplainFailed.
 
         ``conn`` is in autocommit: this method opens and always ends its own read-only transaction.

@@ -97,7 +97,9 @@ def _checkpointer(v: int) -> str:
 
 def _bgwriter(v: int) -> str:
     backend = "NULL::int8, NULL::int8" if v >= 170000 else "buffers_backend::int8, buffers_backend_fsync::int8"
-    return f"SELECT /*pgflow*/ stats_reset, buffers_clean::int8, maxwritten_clean::int8, buffers_alloc::int8, {backend} FROM pg_stat_bgwriter"
+    return (
+        f"SELECT /*pgflow*/ stats_reset, buffers_clean::int8, maxwritten_clean::int8, buffers_alloc::int8, {backend} FROM pg_stat_bgwriter"
+    )
 
 
 def _wal(v: int) -> str:
@@ -107,7 +109,9 @@ def _wal(v: int) -> str:
         if v >= 180000
         else "wal_write::int8, wal_sync::int8, wal_write_time::float8, wal_sync_time::float8"
     )
-    return f"SELECT /*pgflow*/ stats_reset, wal_records::int8, wal_fpi::int8, wal_bytes::int8, wal_buffers_full::int8, {io} FROM pg_stat_wal"
+    return (
+        f"SELECT /*pgflow*/ stats_reset, wal_records::int8, wal_fpi::int8, wal_bytes::int8, wal_buffers_full::int8, {io} FROM pg_stat_wal"
+    )
 
 
 def _io(v: int) -> str:
@@ -174,9 +178,7 @@ assert set(_SQL) == set(HEALTH_GROUPS)
 class HealthSchedule:
     """Which groups are due on a scrape: each its own interval, disabled ones never."""
 
-    def __init__(
-        self, intervals: dict[str, float], disabled: Iterable[str] = (), clock: callable = time.monotonic
-    ) -> None:  # type: ignore[valid-type]
+    def __init__(self, intervals: dict[str, float], disabled: Iterable[str] = (), clock: callable = time.monotonic) -> None:  # type: ignore[valid-type]
         self.intervals = {g: float(intervals[g]) for g in HEALTH_GROUPS}
         self.disabled = frozenset(disabled)
         self._clock = clock
@@ -209,9 +211,7 @@ class HealthSchedule:
         return [
             g
             for g in HEALTH_GROUPS
-            if g not in self.disabled
-            and support.supports(g)
-            and self._next.get(g, now) <= now + min(1.0, 0.1 * self.intervals[g])
+            if g not in self.disabled and support.supports(g) and self._next.get(g, now) <= now + min(1.0, 0.1 * self.intervals[g])
         ]
 
     def done(self, groups: Iterable[str], started: float) -> None:

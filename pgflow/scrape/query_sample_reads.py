@@ -31,21 +31,7 @@ from pgflow.logs import kv
 from pgflow.ops.query_samples import sample_text
 from pgflow.schema import QUERY_SAMPLES
 from pgflow.scrape.blocking import PREPARED, UNKNOWN_STATE, reach, root_of
-from pgflow.scrape.sampling_sql import (
-    BLOCKERS,
-    BTYPE,
-    DB,
-    HIDDEN,
-    NOW,
-    PID,
-    QID,
-    QSTART,
-    RUNNING,
-    STATE,
-    USER,
-    WEVENT,
-    WTYPE,
-)
+from pgflow.scrape.sampling_sql import BLOCKERS, BTYPE, DB, HIDDEN, NOW, PID, QID, QSTART, RUNNING, STATE, USER, WEVENT, WTYPE
 
 log = logging.getLogger("pgflow.sampler")
 
@@ -74,9 +60,7 @@ class QuerySampleReads:
     instance: str
     _lock: threading.Lock
 
-    def _init_query_samples(
-        self, sample_min_duration_ms: float, max_query_samples: int, samples_per_fingerprint_per_hour: int
-    ) -> None:
+    def _init_query_samples(self, sample_min_duration_ms: float, max_query_samples: int, samples_per_fingerprint_per_hour: int) -> None:
         self.sample_min_duration_ms = float(sample_min_duration_ms)
         self.max_query_samples = int(max_query_samples)  # 0: never read a text
         self.track_activity_query_size = 1024  # read from the server once per connection
@@ -153,10 +137,7 @@ class QuerySampleReads:
         """
         size = self.track_activity_query_size
         rows = self._run(conn, _TEXTS_SQL.format(pids=",".join(map(str, sorted(pids)))))
-        out = {
-            pid: (start, app, addr, None if raw == HIDDEN_TEXT else sample_text(raw, size))
-            for pid, start, app, addr, raw in rows
-        }
+        out = {pid: (start, app, addr, None if raw == HIDDEN_TEXT else sample_text(raw, size)) for pid, start, app, addr, raw in rows}
         del rows  # the raw texts go with the driver's result, now
         telemetry.query_sample_texts.labels(self.instance).inc(len(out))
         return out

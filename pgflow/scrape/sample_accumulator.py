@@ -32,13 +32,8 @@ class SampleAccumulator:
 
     def frames(self, source: str, period: float) -> tuple[pl.DataFrame, pl.DataFrame]:
         """The samples as (``samples``, ``session_stats``) frames."""
-        samples = pl.DataFrame(
-            [(*key, source, n, period) for key, n in self.counts.items()], schema=SAMPLES, orient="row"
-        )
-        rows = [
-            ("blocked_secs", db, state, qid, dbid, uid, n * period)
-            for (db, state, qid, dbid, uid), n in self.blocked.items()
-        ]
+        samples = pl.DataFrame([(*key, source, n, period) for key, n in self.counts.items()], schema=SAMPLES, orient="row")
+        rows = [("blocked_secs", db, state, qid, dbid, uid, n * period) for (db, state, qid, dbid, uid), n in self.blocked.items()]
         rows += [(stat, db, state, None, None, None, value) for (stat, db, state), value in self.gauges.items()]
         rows += [
             ("samples_taken", None, None, None, None, None, float(self.taken)),
@@ -70,23 +65,7 @@ class SampleAccumulator:
         counts = self.counts
         xact: dict[tuple, float] = {}
         xmin: dict[tuple, float] = {}
-        for (
-            pid,
-            dbid,
-            userid,
-            database,
-            user,
-            backend_type,
-            state,
-            wtype,
-            wevent,
-            qid,
-            leader,
-            xact_age,
-            xmin_age,
-            blockers,
-            *_,
-        ) in rows:
+        for pid, dbid, userid, database, user, backend_type, state, wtype, wevent, qid, leader, xact_age, xmin_age, blockers, *_ in rows:
             if qid is None and leader is not None and leader in by_pid:  # a parallel worker: its leader's statement
                 qid = by_pid[leader][9]
             if wevent is None and (state == "active" or state is None):

@@ -208,8 +208,7 @@ class Sampler(QuerySampleReads):
         except psycopg.errors.InvalidSqlStatementName:
             self._recover(conn)
             log.info(
-                "the prepared sampling query is gone (a pooler in transaction mode?); it is planned at "
-                "every sample from now on",
+                "the prepared sampling query is gone (a pooler in transaction mode?); it is planned at every sample from now on",
                 extra=kv(instance=self.instance),
             )
             self._statement = self._sql
@@ -227,10 +226,7 @@ class Sampler(QuerySampleReads):
 
     def _names(self, conn: psycopg.Connection, rows: list[tuple]) -> list[tuple]:
         """Rows with database and user names from the oid cache (refreshed when an oid is new)."""
-        if any(
-            (r[1] is not None and r[1] not in self._databases) or (r[2] is not None and r[2] not in self._users)
-            for r in rows
-        ):
+        if any((r[1] is not None and r[1] not in self._databases) or (r[2] is not None and r[2] not in self._users) for r in rows):
             names = self._run(conn, NAMES_SQL)
             self._databases = {oid: name for kind, oid, name in names if kind == "d"}
             self._users = {oid: name for kind, oid, name in names if kind == "u"}
@@ -251,10 +247,7 @@ class Sampler(QuerySampleReads):
             self.stats.last_error = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             telemetry.activity_samples.labels(self.instance, "failed").inc()
             if not self._failing:  # once per outage; every failure is counted in /metrics
-                log.warning(
-                    "activity sample failed; retrying every period",
-                    extra=kv(instance=self.instance, error=self.stats.last_error),
-                )
+                log.warning("activity sample failed; retrying every period", extra=kv(instance=self.instance, error=self.stats.last_error))
             self._failing = True
             return False
         if self._failing:
@@ -366,9 +359,7 @@ SELECT /*pgflow*/ (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
 """
 
 
-def check_sampling(
-    dsn: str, interval_secs: float, *, connect_timeout: int = 5, samples: int = 5
-) -> list[tuple[str, str, str]]:
+def check_sampling(dsn: str, interval_secs: float, *, connect_timeout: int = 5, samples: int = 5) -> list[tuple[str, str, str]]:
     """``pgflow check``'s lines about sampling: (level, name, detail); never raises.
 
     Whether sampling is on, whether the role sees other roles' wait events and query ids,
@@ -404,20 +395,13 @@ def check_sampling(
             )
         )
     if version < 140000:
-        out.append(
-            (
-                "warn",
-                "sampling query ids",
-                "PostgreSQL 13 has no query_id: activity is attributed to fingerprint 'unknown'",
-            )
-        )
+        out.append(("warn", "sampling query ids", "PostgreSQL 13 has no query_id: activity is attributed to fingerprint 'unknown'"))
     elif compute_query_id == "off":
         out.append(
             (
                 "warn",
                 "sampling query ids",
-                "compute_query_id is off: activity is attributed to "
-                "fingerprint 'unknown' (set compute_query_id = auto)",
+                "compute_query_id is off: activity is attributed to fingerprint 'unknown' (set compute_query_id = auto)",
             )
         )
     if wait_sampling is None:
@@ -427,8 +411,7 @@ def check_sampling(
             (
                 "ok",
                 "wait source",
-                f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed; "
-                "pgflow does not read its profile yet)",
+                f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed; pgflow does not read its profile yet)",
             )
         )
     else:
@@ -436,8 +419,7 @@ def check_sampling(
             (
                 "warn",
                 "wait source",
-                f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed but "
-                f"{user} cannot read pg_wait_sampling_profile)",
+                f"{SOURCE_ACTIVITY} (pg_wait_sampling {wait_sampling} is installed but {user} cannot read pg_wait_sampling_profile)",
             )
         )
     sampler = Sampler(

@@ -72,10 +72,7 @@ WHERE pid <> pg_backend_pid()
 # on PostgreSQL 18, a row of the whole read costs about a quarter of a pg_stat_get_activity(pid).
 WHOLE_READ_RATIO = 4
 KNOWN_IDLE_MAX = 10_000  # (pid, start) pairs remembered; past that the map starts over (one full read)
-NAMES_SQL = (
-    "SELECT /*pgflow*/ 'd', oid::int8, datname::text FROM pg_database "
-    "UNION ALL SELECT 'u', oid::int8, rolname::text FROM pg_roles"
-)
+NAMES_SQL = "SELECT /*pgflow*/ 'd', oid::int8, datname::text FROM pg_database UNION ALL SELECT 'u', oid::int8, rolname::text FROM pg_roles"
 PREPARED_NAME = "pgflow_sample"
 # Row fields of _SAMPLE_SQL after Sampler._names (database and user names filled in).
 PID, DBID, USERID, DB, USER, BTYPE, STATE, WTYPE, WEVENT, QID, LEADER = range(11)

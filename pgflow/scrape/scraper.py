@@ -14,32 +14,14 @@ from pgflow.config import dsn_host_port, dsn_instance_name, redact_dsn
 from pgflow.errors import ExtensionMissing, ScrapeError
 from pgflow.logs import kv
 from pgflow.lru import LRU
-from pgflow.schema import (
-    ACTIVITY,
-    BLOCKED,
-    DATABASES,
-    HEALTH_FRAMES,
-    HEALTH_GROUPS,
-    LOCKS,
-    STATEMENTS,
-    ServerIdentity,
-    Snapshot,
-    conform,
-)
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, STATEMENTS, ServerIdentity, Snapshot, conform
 from pgflow.scrape import texts
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
 from pgflow.scrape.connection import classify, connect, connected_address, guarded
 from pgflow.scrape.databases import databases_sql
 from pgflow.scrape.health import DISCOVER_SQL, HealthSchedule, HealthSupport
 from pgflow.scrape.locks import LOCKS_SQL, blocked_sql
-from pgflow.scrape.statements import (
-    EXTENSION_SQL,
-    MARK,
-    info_sql,
-    is_own,
-    statements_sql,
-    texts_sql,
-)
+from pgflow.scrape.statements import EXTENSION_SQL, MARK, info_sql, is_own, statements_sql, texts_sql
 
 log = logging.getLogger("pgflow.scrape")
 
@@ -60,9 +42,7 @@ def meta_sql(server: ServerInfo) -> str:
     read from its WAL file name: the checkpoint's lags a promotion until the next checkpoint.
     """
     sysid = "(SELECT system_identifier FROM pg_control_system())" if server.can_read_control else "NULL::int8"
-    standby_tli = (
-        "(SELECT timeline_id FROM pg_control_checkpoint())::int8" if server.can_read_checkpoint else "NULL::int8"
-    )
+    standby_tli = "(SELECT timeline_id FROM pg_control_checkpoint())::int8" if server.can_read_checkpoint else "NULL::int8"
     return (
         f"SELECT {MARK} clock_timestamp(), current_setting('server_version_num')::int, "
         "current_setting('max_connections')::int, "
@@ -220,9 +200,7 @@ class Scraper:
             if reason:
                 log.warning(
                     "the server behind this instance changed: new baseline, nothing exported for this interval",
-                    extra=kv(
-                        instance=self.instance, reason=reason, before=previous.describe(), now=snap.identity.describe()
-                    ),
+                    extra=kv(instance=self.instance, reason=reason, before=previous.describe(), now=snap.identity.describe()),
                 )
         telemetry.hidden_statements.labels(self.instance).set(snap.hidden_statements)
         if snap.hidden_statements and not self._warned_hidden:
@@ -268,10 +246,7 @@ class Scraper:
         dealloc, stats_reset = results[7][0] if server.has_info_view else (None, None)
         ages = results[3][0] if results[3] else (None, None)
         self.stats.hidden += hidden
-        health = {
-            HEALTH_GROUPS[g]: _frame(rows, HEALTH_FRAMES[HEALTH_GROUPS[g]])
-            for g, rows in zip(groups, results[first_group:])
-        }
+        health = {HEALTH_GROUPS[g]: _frame(rows, HEALTH_FRAMES[HEALTH_GROUPS[g]]) for g, rows in zip(groups, results[first_group:])}
         self.health.done(groups, health_started)
         for g in groups:
             self.stats.health_group_scrapes[g] = self.stats.health_group_scrapes.get(g, 0) + 1
@@ -305,14 +280,7 @@ class Scraper:
         hidden = frame.filter(pl.col("queryid").is_null()).height
         if hidden:
             frame = frame.filter(pl.col("queryid").is_not_null())
-        keys = list(
-            zip(
-                frame["dbid"].to_list(),
-                frame["userid"].to_list(),
-                frame["queryid"].to_list(),
-                frame["toplevel"].to_list(),
-            )
-        )
+        keys = list(zip(frame["dbid"].to_list(), frame["userid"].to_list(), frame["queryid"].to_list(), frame["toplevel"].to_list()))
         missing = {k for k in keys if k not in self.texts and k not in self._own}
         if missing:
             self._fetch_texts(conn, server, missing, keys)
@@ -327,11 +295,7 @@ class Scraper:
         return conform(frame, STATEMENTS), hidden
 
     def _fetch_texts(
-        self,
-        conn: psycopg.Connection,
-        server: ServerInfo,
-        keys: set[tuple[int, int, int, bool | None]],
-        present: list[tuple],
+        self, conn: psycopg.Connection, server: ServerInfo, keys: set[tuple[int, int, int, bool | None]], present: list[tuple]
     ) -> None:
         """Texts of ``keys``, in one query; a text that cannot be read never stops the counters.
 
@@ -378,28 +342,19 @@ class Scraper:
             if key not in self.texts and key not in self._own:
                 self.texts.put(key, None)  # type: ignore[arg-type]
 
-    def _read_here(
-        self, conn: psycopg.Connection, server: ServerInfo, queryids: list[int], has_toplevel: bool
-    ) -> list[tuple]:
+    def _read_here(self, conn: psycopg.Connection, server: ServerInfo, queryids: list[int], has_toplevel: bool) -> list[tuple]:
         """On the scrape's connection. In a SQL_ASCII database the texts arrive as stored: each is
         decoded in the encoding of the database it ran in (a LATIN1 text stays right)."""
         if conn.info.encoding == "ascii":
             encodings = {oid: enc for oid, _, enc, _ in texts.databases(conn, self.statement_timeout_ms)}
-            return texts.read_raw(
-                conn, server.extension_schema, has_toplevel, queryids, self.statement_timeout_ms, encodings
-            )
+            return texts.read_raw(conn, server.extension_schema, has_toplevel, queryids, self.statement_timeout_ms, encodings)
         cur = conn.cursor(binary=True)
         with guarded(conn, self.statement_timeout_ms):
             cur.execute(texts_sql(server.extension_schema, has_toplevel), (queryids,))
         return cur.fetchall()
 
     def _read_elsewhere(
-        self,
-        conn: psycopg.Connection,
-        server: ServerInfo,
-        queryids: list[int],
-        has_toplevel: bool,
-        present: list[tuple],
+        self, conn: psycopg.Connection, server: ServerInfo, queryids: list[int], has_toplevel: bool, present: list[tuple]
     ) -> list[tuple] | None:
         """Through the SQL_ASCII database found (looked for again every TEXT_RETRY_SECS), or None."""
         if self._route is None:
@@ -423,15 +378,13 @@ class Scraper:
                 if self._text_advice != (problem, fix):
                     self._text_advice = (problem, fix)
                     log.warning(
-                        f"statement texts cannot be read: {problem}; counters go on and new statements "
-                        f"are labelled by queryid: {fix}",
+                        f"statement texts cannot be read: {problem}; counters go on and new statements are labelled by queryid: {fix}",
                         extra=kv(instance=self.instance),
                     )
                 return None
             self._route = route
             log.info(
-                "statement texts are read through a SQL_ASCII database: another database's text cannot be "
-                "converted to this one's encoding",
+                "statement texts are read through a SQL_ASCII database: another database's text cannot be converted to this one's encoding",
                 extra=kv(instance=self.instance, database=route.database),
             )
         try:

@@ -96,9 +96,7 @@ def statements_sql(schema: str, available: set[str]) -> sql.Composed:
 
 def info_sql(schema: str) -> sql.Composed:
     """``pg_stat_statements_info`` (extension 1.9+, PostgreSQL 14+): deallocations and last reset."""
-    return sql.SQL("SELECT /*pgflow*/ dealloc, stats_reset FROM {}.pg_stat_statements_info").format(
-        sql.Identifier(schema)
-    )
+    return sql.SQL("SELECT /*pgflow*/ dealloc, stats_reset FROM {}.pg_stat_statements_info").format(sql.Identifier(schema))
 
 
 def texts_sql(schema: str, has_toplevel: bool = True) -> sql.Composed:

@@ -57,15 +57,7 @@ from pgflow.schema import TABLES, conform
 from pgflow.scrape.budget import ConnectionBudget, NoConnection
 from pgflow.scrape.connection import classify
 from pgflow.scrape.discovery import Discovered, discover
-from pgflow.scrape.tables_sql import (
-    COUNT_SQL,
-    ROW_COLUMNS,
-    SCRAPE_SQL,
-    SCRAPE_SQL_13,
-    SEED_TABLES,
-    Digests,
-    buckets_for,
-)
+from pgflow.scrape.tables_sql import COUNT_SQL, ROW_COLUMNS, SCRAPE_SQL, SCRAPE_SQL_13, SEED_TABLES, Digests, buckets_for
 
 log = logging.getLogger("pgflow.scrape.tables")
 
@@ -132,9 +124,7 @@ class TableScraper:
         self.connect_timeout_secs = connect_timeout_secs
         # Issue 20: every database is visited on a connection of the instance's budget (connect,
         # scrape, disconnect); used alone, one connection at a time and no headroom check.
-        self.budget = budget or ConnectionBudget(
-            dsn, instance=instance, max_connections=1, fixed=0, connect_timeout=connect_timeout_secs
-        )
+        self.budget = budget or ConnectionBudget(dsn, instance=instance, max_connections=1, fixed=0, connect_timeout=connect_timeout_secs)
         self.stats = TableScrapeStats()
         # database -> (digest per bucket (None: empty), tables per bucket, buckets seeded so far)
         self._buckets: dict[str, tuple[list[int | None], list[int], int]] = {}
@@ -160,10 +150,7 @@ class TableScraper:
     def _say_once(self, database: str, reason: str) -> None:
         if self._said.get(database) != reason:
             self._said[database] = reason
-            log.warning(
-                "table statistics skipped for a database",
-                extra=kv(instance=self.instance, database=database, reason=reason),
-            )
+            log.warning("table statistics skipped for a database", extra=kv(instance=self.instance, database=database, reason=reason))
 
     # Scrape -------------------------------------------------------------------------
 
@@ -237,9 +224,7 @@ class TableScraper:
         except psycopg.Error as exc:
             err = classify(exc, self._dsn_for(database), self.statement_timeout_ms)
             self.stats.count("timeout" if isinstance(exc, pgerr.QueryCanceled) else "error")
-            log.warning(
-                "table statistics scrape failed", extra=kv(instance=self.instance, database=database, error=err.message)
-            )
+            log.warning("table statistics scrape failed", extra=kv(instance=self.instance, database=database, error=err.message))
             return None, 0
         if self._said.pop(database, None) is not None:
             log.info("table statistics scraped again", extra=kv(instance=self.instance, database=database))
@@ -272,13 +257,7 @@ class TableScraper:
             b = len(digests)
             # Seeding: the first scrapes read the database whole, SEED_TABLES tables' worth of buckets at a time.
             hi = min(b, seeded + max(1, b * SEED_TABLES // max(1, self._table_counts.get(database, 0))))
-            params = {
-                "b": b,
-                "hi": hi,
-                "pd": Digests(digests[:hi]),
-                "k": max(10, self.top_k // 6),
-                "skip_locked": skip_locked,
-            }
+            params = {"b": b, "hi": hi, "pd": Digests(digests[:hi]), "k": max(10, self.top_k // 6), "skip_locked": skip_locked}
             with conn.pipeline():  # no Sync before the end: the settings hold for the scrape
                 first.execute(prepare)
                 cur.execute(SCRAPE_SQL if conn.info.server_version >= 140000 else SCRAPE_SQL_13, params)

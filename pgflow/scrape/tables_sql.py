@@ -26,9 +26,7 @@ def buckets_for(tables: int) -> int:
 # InitPlan), so that each table is kept by comparing its namespace oid with a handful (no join).
 # Toast and temporary schemas hold no table of the kinds read (relkind, relpersistence): the
 # pattern only keeps the rule as it always was.
-_EXCLUDED = (
-    "ARRAY(SELECT oid FROM pg_namespace WHERE nspname IN ('pg_catalog', 'information_schema') OR nspname ~ '^pg_toast')"
-)
+_EXCLUDED = "ARRAY(SELECT oid FROM pg_namespace WHERE nspname IN ('pg_catalog', 'information_schema') OR nspname ~ '^pg_toast')"
 _USER_TABLE = f"c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' AND c.relnamespace <> ALL ({_EXCLUDED})"
 COUNT_SQL = f"SELECT count(*) FROM pg_class c WHERE {_USER_TABLE} AND NOT c.relispartition"
 
@@ -140,9 +138,7 @@ SCRAPE_SQL = (
     + ", sum(pg_stat_get_live_tuples(relid))::int8 AS n_live_tup, sum(pg_stat_get_dead_tuples(relid))::int8 AS n_dead_tup, "
     "CASE WHEN bool_and(sized) THEN sum(CASE WHEN sized THEN pg_table_size(relid) END) END::int8 AS table_size, "
     "CASE WHEN bool_and(sized) THEN sum(CASE WHEN sized THEN pg_indexes_size(relid) END) END::int8 AS index_size, "
-    "max(frozen_xid_age) AS frozen_xid_age, "
-    + ", ".join(f"max({e}) AS {c}" for c, e in _TIMES.items())
-    + " FROM m GROUP BY root) "
+    "max(frozen_xid_age) AS frozen_xid_age, " + ", ".join(f"max({e}) AS {c}" for c, e in _TIMES.items()) + " FROM m GROUP BY root) "
     # The digests of the changed buckets (relid null; digest and tables ride in two counter columns) ...
     "SELECT bucket, NULL::int8, NULL::text, d, roots, "
     + ", ".join("NULL::int8" for _ in TABLE_COUNTERS[2:])

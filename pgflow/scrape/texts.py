@@ -77,9 +77,7 @@ def suspects(databases: list[tuple[int, str, str, bool]], dbids: set[int], own_e
 
 def routes(databases: list[tuple[int, str, str, bool]], dbids: set[int]) -> list[str]:
     """``SQL_ASCII`` databases pgflow may read texts through, those with entries first."""
-    ascii_dbs = [
-        (oid in dbids, name) for oid, name, enc, connectable in databases if enc == "SQL_ASCII" and connectable
-    ]
+    ascii_dbs = [(oid in dbids, name) for oid, name, enc, connectable in databases if enc == "SQL_ASCII" and connectable]
     return [name for _, name in sorted(ascii_dbs, key=lambda t: (not t[0], t[1]))]
 
 
@@ -105,12 +103,7 @@ def advice(suspect: list[str], ascii_suspect: bool) -> tuple[str, str]:
 
 
 def read_raw(
-    conn: psycopg.Connection,
-    schema: str,
-    has_toplevel: bool,
-    queryids: list[int],
-    statement_timeout_ms: int,
-    encodings: dict[int, str],
+    conn: psycopg.Connection, schema: str, has_toplevel: bool, queryids: list[int], statement_timeout_ms: int, encodings: dict[int, str]
 ) -> list[tuple[int, int, int, bool | None, str | None]]:
     """Texts of ``queryids`` on a ``SQL_ASCII`` connection, each decoded in its own database's encoding."""
     from pgflow.scrape.connection import guarded
@@ -118,10 +111,7 @@ def read_raw(
     cur = conn.cursor()
     with guarded(conn, statement_timeout_ms):
         cur.execute(raw_texts_sql(schema, has_toplevel), (queryids,))
-    return [
-        (dbid, userid, queryid, toplevel, decode(raw, encodings.get(dbid)))
-        for dbid, userid, queryid, toplevel, raw in cur.fetchall()
-    ]
+    return [(dbid, userid, queryid, toplevel, decode(raw, encodings.get(dbid))) for dbid, userid, queryid, toplevel, raw in cur.fetchall()]
 
 
 def extension_schema(conn: psycopg.Connection, statement_timeout_ms: int) -> str | None:
@@ -151,11 +141,7 @@ def entry_dbids(conn: psycopg.Connection, schema: str, statement_timeout_ms: int
 
     cur = conn.cursor()
     with guarded(conn, statement_timeout_ms):
-        cur.execute(
-            sql.SQL("SELECT /*pgflow*/ DISTINCT dbid::int8 FROM {}.pg_stat_statements(false)").format(
-                sql.Identifier(schema)
-            )
-        )
+        cur.execute(sql.SQL("SELECT /*pgflow*/ DISTINCT dbid::int8 FROM {}.pg_stat_statements(false)").format(sql.Identifier(schema)))
     return {int(r[0]) for r in cur.fetchall()}
 
 
@@ -189,13 +175,7 @@ def short_lived(dsn: str, dbname: str, instance: str | None, connect_timeout: in
 
 
 def find_route(
-    conn: psycopg.Connection,
-    dsn: str,
-    dbids: set[int],
-    *,
-    statement_timeout_ms: int,
-    connect_timeout: int = 5,
-    instance: str | None = None,
+    conn: psycopg.Connection, dsn: str, dbids: set[int], *, statement_timeout_ms: int, connect_timeout: int = 5, instance: str | None = None
 ) -> Route:
     """Look for a ``SQL_ASCII`` database with pg_stat_statements, the ones holding entries first.
 

@@ -29,9 +29,7 @@ class DiscardSink(DynamicSink[object]):
         return _Discard()
 
 
-def build_flow(
-    settings: Settings, source: Source[Snapshot] | None = None, recorder: SnapshotRecorder | None = None
-) -> Dataflow:
+def build_flow(settings: Settings, source: Source[Snapshot] | None = None, recorder: SnapshotRecorder | None = None) -> Dataflow:
     """The collector; ``source`` replaces the PostgreSQL scrapes (e.g. a capture replay), and
     ``recorder`` also writes every scrape to a capture."""
     if source is None:

@@ -66,8 +66,7 @@ class Ledger:
             self._lockfile = open(self.dir / "lock", "a+")  # noqa: SIM115 - held for the process's life
         except OSError as exc:  # a setting to fix (exit 2), whether the directory is the default or given
             raise ConfigError(
-                f"state_dir {state_dir} is not writable: cannot create {self.dir} "
-                f"({exc.strerror or type(exc).__name__})",
+                f"state_dir {state_dir} is not writable: cannot create {self.dir} ({exc.strerror or type(exc).__name__})",
                 "set PGFLOW_STATE_DIR (state_dir) to a writable directory",
             ) from None
         self.instance = instance
@@ -118,8 +117,7 @@ class Ledger:
             return None
         except Exception as exc:
             raise PgflowError(
-                f"state file {self._state_path} is unreadable ({type(exc).__name__})",
-                "move it away to start from a new baseline",
+                f"state file {self._state_path} is unreadable ({type(exc).__name__})", "move it away to start from a new baseline"
             ) from None
         if version != self.VERSION:
             # Operator state of another format: start from a new baseline, but keep the
@@ -150,11 +148,7 @@ class Ledger:
         with self._lock:
             pending = dict(self.acked)
             saved = Record(
-                record.state,
-                apply_acks(record.outbox, pending),
-                record.next_seq,
-                apply_acks(record.events, pending),
-                record.events_state,
+                record.state, apply_acks(record.outbox, pending), record.next_seq, apply_acks(record.events, pending), record.events_state
             )
             tmp = self._state_path.with_suffix(".tmp")
             with open(tmp, "wb") as fh:

@@ -77,11 +77,7 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         if record is not None:
             log.info(
                 "resuming from the ledger",
-                extra=kv(
-                    instance=instance,
-                    queued_windows=len(record.outbox),
-                    queued_events=sum(f.height for f in record.events.values()),
-                ),
+                extra=kv(instance=instance, queued_windows=len(record.outbox), queued_events=sum(f.height for f in record.events.values())),
             )
         self.record = record or Record(initial_state(ops))
         if self.record.state is None:
@@ -174,8 +170,7 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         self.record.events_state, frame = events(before, snapshot, self.ops)
         if before is None or self.record.events_state.samples is not before.samples:
             telemetry.count_query_samples(
-                self.instance,
-                *self.record.events_state.samples.counts_since(before.samples if before is not None else None),
+                self.instance, *self.record.events_state.samples.counts_since(before.samples if before is not None else None)
             )
         if not frame.height:
             return
@@ -225,9 +220,7 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
             if len(idle) < 2:
                 return
             older, newer = idle[0], idle[1]
-            merged, dropped_gauges = merge_windows(
-                self.record.outbox.pop(older).drop(ROW), self.record.outbox.pop(newer).drop(ROW)
-            )
+            merged, dropped_gauges = merge_windows(self.record.outbox.pop(older).drop(ROW), self.record.outbox.pop(newer).drop(ROW))
             self.record.outbox[newer] = merged.with_row_index(ROW)
             telemetry.points_dropped.labels("merged_gauges").inc(dropped_gauges)
             log.warning(

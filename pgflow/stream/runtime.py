@@ -98,14 +98,11 @@ def runtime(settings: Settings, *, require_metrics: bool = False) -> Runtime:
                     _runtime = None
                     raise ConfigError(
                         f"cannot serve /metrics on metrics_addr {settings.metrics_addr} ({exc.strerror})",
-                        "another collector on this host may use it: set PGFLOW_METRICS_ADDR to a free "
-                        "port (port 0 picks one)",
+                        "another collector on this host may use it: set PGFLOW_METRICS_ADDR to a free port (port 0 picks one)",
                     ) from None
                 log.error(
                     "metrics server not started: this collector runs without /metrics and /healthz",
-                    extra=kv(
-                        addr=settings.metrics_addr, error=exc.strerror, hint="set PGFLOW_METRICS_ADDR to a free port"
-                    ),
+                    extra=kv(addr=settings.metrics_addr, error=exc.strerror, hint="set PGFLOW_METRICS_ADDR to a free port"),
                 )
         return rt
 
@@ -138,10 +135,7 @@ def install_signal_handlers() -> None:
         STOP.set()
 
     def hangup(signum: int, _frame: object) -> None:
-        log.warning(
-            "SIGHUP ignored: settings are read only at start; restart pgflow to apply new ones",
-            extra=kv(signal="SIGHUP"),
-        )
+        log.warning("SIGHUP ignored: settings are read only at start; restart pgflow to apply new ones", extra=kv(signal="SIGHUP"))
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

@@ -50,9 +50,9 @@ class Outgoing:
 
 REFUSAL_CAP_SECS = 600.0
 # Refusals of the endpoint as a whole (credentials, address), not of one payload.
-ENDPOINT_REFUSALS = frozenset(
-    {"http_401", "http_403", "http_404", "UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED"}
-) | {c for c in network.CAUSES if c != network.CONNECTION}
+ENDPOINT_REFUSALS = frozenset({"http_401", "http_403", "http_404", "UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED"}) | {
+    c for c in network.CAUSES if c != network.CONNECTION
+}
 # A TLS or proxy failure: the exporter logs it once per change of state, naming the setting to change.
 NETWORK_REFUSALS = frozenset(network.CAUSES) - {network.CONNECTION}
 # Of those, the refusals of the credentials: they pause points and events alike (issue 12).
@@ -64,11 +64,7 @@ KINDS = ("points", "events")
 
 class Shipper:
     def __init__(
-        self,
-        exporter: Exporter,
-        retry_after_secs: float,
-        refused_retry_secs: float = 60.0,
-        logs_exporter: Exporter | None = None,
+        self, exporter: Exporter, retry_after_secs: float, refused_retry_secs: float = 60.0, logs_exporter: Exporter | None = None
     ) -> None:
         self.exporter = exporter
         self.logs_exporter = logs_exporter  # issue 12: events as OTLP logs (a LogsExporter)
@@ -197,14 +193,12 @@ class Shipper:
             if result.acknowledged:
                 ledger.record_ack(item.seq, list(batch.rows))
                 self._accepted(item)
-                (telemetry.events_exported if events else telemetry.points_exported).inc(
-                    batch.points - result.rejected_points
-                )
+                (telemetry.events_exported if events else telemetry.points_exported).inc(batch.points - result.rejected_points)
                 telemetry.last_export.set(time.time())
                 if result.rejected_points:
-                    (telemetry.events_dropped if events else telemetry.points_dropped).labels(
-                        "rejected_by_endpoint"
-                    ).inc(result.rejected_points)
+                    (telemetry.events_dropped if events else telemetry.points_dropped).labels("rejected_by_endpoint").inc(
+                        result.rejected_points
+                    )
                 sent_rows.extend(batch.rows)
             elif not result.retryable:
                 telemetry.export_failures.labels(result.cause).inc()
@@ -218,9 +212,7 @@ class Shipper:
                 telemetry.export_failures.labels(result.cause).inc()
                 log.warning(
                     f"endpoint unreachable; the {what} stays queued",
-                    extra=kv(
-                        instance=item.instance, seq=item.seq, cause=result.cause, retry_in_s=self.retry_after_secs
-                    ),
+                    extra=kv(instance=item.instance, seq=item.seq, cause=result.cause, retry_in_s=self.retry_after_secs),
                 )
                 self._mark_failed(item)
                 return

@@ -66,11 +66,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
     """Scrapes one instance every ``collection_interval_secs`` on a private thread."""
 
     def __init__(
-        self,
-        instance: InstanceConfig,
-        settings: Settings,
-        health: telemetry.Health | None,
-        recorder: SnapshotRecorder | None = None,
+        self, instance: InstanceConfig, settings: Settings, health: telemetry.Health | None, recorder: SnapshotRecorder | None = None
     ) -> None:
         self.instance = instance
         self.interval = timedelta(seconds=settings.collection_interval_secs)
@@ -96,13 +92,9 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             self.sampler.start()
         # issue 20: the scrape's and the sampler's connections are held; per-database work shares the rest
         self._conn_lock = threading.RLock()  # the scrape's connection: one user at a time
-        self.budget = ConnectionBudget.from_settings(
-            instance, settings, sampler=self.sampler is not None, probe=self._free_connections
-        )
+        self.budget = ConnectionBudget.from_settings(instance, settings, sampler=self.sampler is not None, probe=self._free_connections)
         self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings, self.budget)  # None: plans off
-        self.tables = (
-            TableStatsThread(instance, settings, self.budget) if settings.table_stats_enabled else None
-        )  # issue 13
+        self.tables = TableStatsThread(instance, settings, self.budget) if settings.table_stats_enabled else None  # issue 13
 
     def _free_connections(self) -> int:
         """The server's free connections, read on the scrape's own connection (never a new one)."""
@@ -164,10 +156,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         if self.recorder is not None:
             self.recorder.write(snapshot)
         log.debug(
-            "scraped",
-            extra=kv(
-                instance=name, rows=snapshot.statements.height, ms=round((_now() - started).total_seconds() * 1000, 1)
-            ),
+            "scraped", extra=kv(instance=name, rows=snapshot.statements.height, ms=round((_now() - started).total_seconds() * 1000, 1))
         )
         return snapshot
 
@@ -243,9 +232,7 @@ class TableStatsThread:
             return
         except Exception as exc:  # never let it kill the flow
             telemetry.table_scrapes.labels(self.name, "error").inc()
-            log.error(
-                "table statistics scrape failed unexpectedly", extra=kv(instance=self.name, error=repr(exc)[:300])
-            )
+            log.error("table statistics scrape failed unexpectedly", extra=kv(instance=self.name, error=repr(exc)[:300]))
             self.scraper.close()
             return
         stats = self.scraper.stats
@@ -292,9 +279,7 @@ class TableStatsThread:
 class ScrapeSource(FixedPartitionedSource[Snapshot, None]):
     """One partition per configured instance; a bytewax cluster spreads them over workers."""
 
-    def __init__(
-        self, settings: Settings, health: telemetry.Health | None = None, recorder: SnapshotRecorder | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, health: telemetry.Health | None = None, recorder: SnapshotRecorder | None = None) -> None:
         self.settings = settings
         self.instances = {i.name: i for i in settings.targets()}
         self.health = health
