@@ -373,3 +373,42 @@ def test_a_refused_key_pauses_the_endpoint_a_refused_payload_only_its_window(tmp
     assert 0 not in acked  # the refused window is kept, not acknowledged
     assert (1 in acked) is not pauses_all
     assert not shipper.retry_due("db1", 0)  # its next try waits refused_retry_secs
+
+
+def test_an_entry_acknowledged_while_the_operator_reads_its_outbox_is_not_sent_again(tmp_path):
+    """The race behind a duplicate seen under load: the operator read its outbox (and took the
+    acknowledgements, none yet), the shipper then sent the entry, recorded its acknowledgement and
+    let go of it; the operator, still holding the stale frame, finds the entry not in flight and
+    resubmits it. The receiver must get the window's points once."""
+    from test_ops import _pipeline_snaps
+
+    from pgflow import ops
+    from pgflow.config import Settings
+    from pgflow.otlp.exporter import Exporter
+    from pgflow.stream.ledger import ROW, Ledger
+    from pgflow.stream.shipper import Outgoing, Shipper
+
+    points = ops.run(_pipeline_snaps(3), export_interval_secs=30).with_row_index(ROW)
+    with Receiver() as receiver:
+        settings = Settings.load(otlp_endpoint=receiver.http_endpoint, otlp_protocol="http", state_dir=tmp_path)
+        shipper = Shipper(Exporter(settings), retry_after_secs=1, refused_retry_secs=60)
+        ledger = Ledger(tmp_path, "db1")
+        try:
+            stale = Outgoing("db1", 0, points)
+            shipper.submit(stale, ledger)
+            deadline = time.monotonic() + 10
+            while shipper.busy("db1", 0) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not shipper.busy("db1", 0)
+            if shipper.retry_due("db1", 0):  # the operator's check, before it took the new acks
+                shipper.submit(stale, ledger)
+            time.sleep(0.5)
+            acked = ledger.take_acks()
+        finally:
+            shipper.close(deadline=time.monotonic() + 5)
+            ledger.close()
+        received = receiver.points()
+        attempts = list(receiver.attempts)
+    assert [o for _, o in attempts] == ["OK"]
+    assert received.height == points.height
+    assert 0 in acked

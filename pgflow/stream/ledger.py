@@ -102,6 +102,11 @@ class Ledger:
             else:
                 self.acked.setdefault(seq, set()).update(rows)  # type: ignore[union-attr]
 
+    def acked_since_taken(self, seq: int) -> bool:
+        """Whether ``seq`` has acknowledgements the operator has not taken yet (its frame is stale)."""
+        with self._lock:
+            return seq in self.acked
+
     def take_acks(self) -> dict[int, set[int] | None]:
         with self._lock:
             acked, self.acked = self.acked, {}

@@ -83,9 +83,15 @@ class Shipper:
         self._thread.start()
 
     def submit(self, item: Outgoing, ledger: Ledger) -> None:
+        """Queue an entry, unless it is in flight or acknowledged since the operator last took acks.
+
+        The shipper records an acknowledgement before it lets go of the entry; the operator may have
+        read its outbox (and taken the acks) just before. Without the second check an entry whose
+        send ended between the two would be sent again with its stale frame: a duplicate.
+        """
         with self._lock:
             key = (item.instance, item.seq)
-            if key in self.in_flight:
+            if key in self.in_flight or ledger.acked_since_taken(item.seq):
                 return
             self.in_flight.add(key)
             self.failed.pop(key, None)
