@@ -28,6 +28,7 @@ import psycopg
 import pytest
 from e2e import collector_env, settle, start_collector, wait_for_baseline, write_config
 
+from pgflow.dashboard_check import read_nrql
 from pgflow.otlp.receiver import Receiver
 from pgflow.pgserver import LocalPostgres, standby_of
 
@@ -55,45 +56,6 @@ LOG_FIELDS = {"message", "timestamp"}
 
 # NRQL ----------------------------------------------------------------------------------------
 
-_CLAUSES = ("SELECT", "FROM", "WHERE", "FACET", "TIMESERIES", "SINCE", "UNTIL", "LIMIT", "COMPARE", "ORDER", "WITH", "EXTRAPOLATE", "SLIDE")
-_WORDS = {
-    "AS",
-    "AND",
-    "OR",
-    "NOT",
-    "IN",
-    "IS",
-    "NULL",
-    "LIKE",
-    "RLIKE",
-    "TRUE",
-    "FALSE",
-    "BY",
-    "AGO",
-    "AUTO",
-    "MAX",
-    "MIN",
-    "ASC",
-    "DESC",
-    "WHERE",
-    "SECOND",
-    "SECONDS",
-    "MINUTE",
-    "MINUTES",
-    "HOUR",
-    "HOURS",
-    "DAY",
-    "DAYS",
-    "WEEK",
-    "WEEKS",
-    "MONTH",
-    "MONTHS",
-}
-_TOKEN = re.compile(
-    r"`(?P<tick>[^`]+)`|'(?P<str>(?:[^'\\]|\\.)*)'|\"(?P<dstr>[^\"]*)\"|"
-    r"(?P<num>\d+(?:\.\d+)?)|(?P<ident>[A-Za-z_][A-Za-z0-9_.]*)|(?P<op>\S)"
-)
-
 
 @dataclass
 class Nrql:
@@ -112,62 +74,16 @@ class Nrql:
 
 
 def parse_nrql(query: str) -> Nrql:
-    """Extract names from the NRQL forms pgflow's dashboard uses: ``FROM Metric SELECT
-    agg(metric.name)``, ``WHERE metricName = '...'`` / ``IN (...)``, ``WHERE attr ...``,
-    ``FACET a, `b` ``, ``filter(agg(x), WHERE ...)``, ``{{variables}}``, aliases ``AS '...'``."""
-    query = re.sub(r"\{\{\s*\w+\s*\}\}", "'{{variable}}'", query)
-    tokens = [(m.lastgroup, m.group(m.lastgroup)) for m in _TOKEN.finditer(query)]
+    """The names one query uses, read by the dashboard checker's own NRQL reader (one reader)."""
     out = Nrql()
-    clause, depth, inner_where = "", 0, -1
-    for i, (kind, text) in enumerate(tokens):
-        nxt = tokens[i + 1] if i + 1 < len(tokens) else (None, None)
-        if kind == "op":
-            depth += text == "("
-            depth -= text == ")"
-            if depth <= inner_where:
-                inner_where = -1
-            continue
-        if kind == "ident" and depth == 0 and text.upper() in _CLAUSES:
-            clause = text.upper()
-            continue
-        if kind == "ident" and text.upper() == "WHERE":  # filter(agg(x), WHERE ...) inside SELECT
-            inner_where = depth - 1
-            continue
-        if kind in ("str", "dstr", "num") or clause not in ("SELECT", "FROM", "WHERE", "FACET"):
-            continue
-        if kind == "ident" and (text.upper() in _WORDS or nxt == ("op", "(")):
-            continue  # a keyword or a function name
-        name = text
-        if clause == "FROM":
-            out.source = name
-            continue
-        prev = tokens[i - 1] if i else (None, None)
-        if prev[0] == "ident" and prev[1].upper() == "AS":
-            continue  # AS alias without quotes
-        where = clause == "WHERE" or (clause == "SELECT" and inner_where >= 0)
-        if name in ("metricName", "event.name") and where:
-            values = _compared_values(tokens, i)
-            (out.metric_names if name == "metricName" else out.event_names).update(values)
-            if name == "metricName":
+    out.source, uses = read_nrql(query)
+    for use in uses:
+        if use.clause == "WHERE" and use.name in ("metricName", "event.name"):
+            (out.metric_names if use.name == "metricName" else out.event_names).update(use.compared)
+            if use.name == "metricName":
                 continue
-        {"SELECT": out.filtered if inner_where >= 0 else out.selected, "WHERE": out.filtered, "FACET": out.faceted}[clause].add(name)
+        {"SELECT": out.selected, "WHERE": out.filtered, "FACET": out.faceted}[use.clause].add(use.name)
     return out
-
-
-def _compared_values(tokens: list[tuple[str, str]], i: int) -> set[str]:
-    """The string literals after ``name =`` or ``name IN (...)``."""
-    rest = tokens[i + 1 :]
-    if rest[:1] == [("op", "=")]:
-        return {rest[1][1]} if len(rest) > 1 and rest[1][0] == "str" else set()
-    if rest and rest[0][0] == "ident" and rest[0][1].upper() == "IN":
-        values = set()
-        for kind, text in rest[2:]:
-            if kind == "op" and text == ")":
-                break
-            if kind == "str":
-                values.add(text)
-        return values
-    return set()
 
 
 def test_the_nrql_parser_reads_every_form_the_dashboard_may_use():
@@ -250,13 +166,7 @@ def test_the_dashboard_is_importable_new_relic_json():
 
 def state_filters(query: str) -> set[str]:
     """The values a query compares ``postgresql.session.state`` with (``=`` or ``IN``), anywhere in it."""
-    query = re.sub(r"\{\{\s*\w+\s*\}\}", "'{{variable}}'", query)
-    tokens = [(m.lastgroup, m.group(m.lastgroup)) for m in _TOKEN.finditer(query)]
-    values: set[str] = set()
-    for i, (kind, text) in enumerate(tokens):
-        if kind in ("ident", "tick") and text == "postgresql.session.state":
-            values |= _compared_values(tokens, i)
-    return values
+    return {value for use in read_nrql(query)[1] if use.name == "postgresql.session.state" for value in use.compared}
 
 
 def test_average_active_sessions_count_the_active_state_only():

@@ -204,15 +204,7 @@ import polars as pl  # noqa: E402
 
 from pgflow import telemetry  # noqa: E402
 from pgflow.ops.fingerprint import query_info  # noqa: E402
-from pgflow.scrape.explain import (  # noqa: E402
-    Explainer,
-    ExplainFailed,
-    PlanSource,
-    database_connector,
-    explainable,
-    helper_sql,
-    helper_status,
-)
+from pgflow.scrape.explain import Explainer, ExplainFailed, PlanSource, database_connector, explainable, helper_sql, helper_status  # noqa: E402
 
 CANDIDATES_SQL = """
 SELECT d.datname AS database, r.rolname AS "user", s.queryid, s.query, s.total_exec_time AS exec_time

@@ -176,14 +176,7 @@ import time  # noqa: E402
 import psycopg  # noqa: E402
 
 from pgflow.ops.fingerprint import query_info  # noqa: E402
-from pgflow.ops.query_samples import (  # noqa: E402
-    QUERY_SAMPLES,
-    TRUNCATED,
-    UNPARSABLE,
-    limit_samples,
-    sample_events,
-    sample_text,
-)
+from pgflow.ops.query_samples import QUERY_SAMPLES, TRUNCATED, UNPARSABLE, limit_samples, sample_events, sample_text  # noqa: E402
 
 ACTIVITY_SQL = """
 SELECT now() AS seen_at, datname AS database, usename AS "user", pid, query_start,
