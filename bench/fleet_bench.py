@@ -57,6 +57,25 @@ def rss_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
 
 
+def memory_profile(pid: int, out: Path) -> None:
+    """Where the collector's resident memory is (for the reader of the bench, not its figures).
+
+    smaps summed by mapping (file name, ``[heap]``, or anonymous), largest first, and the
+    threads by name: each thread may own a glibc malloc arena and a stack.
+    """
+    by_mapping: dict[str, int] = {}
+    name = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head[0]):
+            name = head[5] if len(head) > 5 else "[anon]"
+        elif head and head[0] == "Rss:":
+            by_mapping[name] = by_mapping.get(name, 0) + int(head[1])
+    threads = sorted(Path(f"/proc/{pid}/task/{t}/comm").read_text().strip() for t in os.listdir(f"/proc/{pid}/task"))
+    lines = [f"{kb / 1024:8.1f} MB  {name}" for name, kb in sorted(by_mapping.items(), key=lambda kv: -kv[1])]
+    out.write_text(Path(f"/proc/{pid}/smaps_rollup").read_text() + "\n" + "\n".join(lines) + f"\n\nthreads ({len(threads)}): {threads}\n")
+
+
 class Connections:
     """The most connections pgflow held at once, sampled from the server's pg_stat_activity."""
 
@@ -104,6 +123,7 @@ def run_collector(
         time.sleep(duration)
         cpu1, t1 = cpu_secs(proc.pid), time.monotonic()
         rss = rss_mb(proc.pid)
+        memory_profile(proc.pid, work / f"memory-{len(databases)}.txt")
     finally:
         proc.terminate()
         try:
@@ -144,6 +164,7 @@ def main() -> None:
             receiver.terminate()
             receiver.wait(timeout=30)
     extra = max(1, instances - 1)
+    print(f"memory profiles: {work}/memory-*.txt; load average {os.getloadavg()}", flush=True)
     print(
         f"cpu_pct_1={cpu_1:.3f} cpu_pct_per_instance={(cpu_n - cpu_1) / extra:.3f} rss_mb_1={rss_1:.1f} "
         f"rss_mb_per_instance={(rss_n - rss_1) / extra:.2f} connections_max={conns_1}"

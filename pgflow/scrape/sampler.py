@@ -1,4 +1,4 @@
-"""Active-session sampling: ``pg_stat_activity`` every second, on its own connection and thread.
+"""Active-session sampling: ``pg_stat_activity`` every second, on its own connection.
 
 The scrape stays one item per interval; the sampler runs beside it and accumulates what it
 sees into two compact tables that the next scrape takes with :meth:`Sampler.drain` and puts on
@@ -17,6 +17,8 @@ read as query samples (issue 12: :mod:`pgflow.scrape.query_sample_reads`), a thi
 rides on the Snapshot as ``query_samples``. Here: the :class:`Sampler` (one sample, its thread
 and timing; what the samples add up to: :mod:`pgflow.scrape.sample_accumulator`) and what
 builds and checks one (:func:`sampler_for`, :func:`check_sampling`, :func:`with_samples`).
+Every started sampler of the process is sampled by one thread (issue 20:
+:mod:`pgflow.scrape.sampler_loop`), each round trip under a client-side deadline.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from pgflow.config import Settings, redact_dsn
 from pgflow.logs import kv
 from pgflow.schema import Snapshot
 from pgflow.scrape.blocking import PREPARED, UNKNOWN_STATE
-from pgflow.scrape.connection import connect
+from pgflow.scrape.connection import classify, connect, lenient_text
 from pgflow.scrape.query_sample_reads import QuerySampleReads
 from pgflow.scrape.sample_accumulator import SampleAccumulator
+from pgflow.scrape.sampler_loop import MARGIN_SECS, DeadlineConnection, sampler_loop
 from pgflow.scrape.sampling_sql import (
     IDLE_SINCE,
     KNOWN_IDLE_MAX,
@@ -78,10 +81,12 @@ class SamplerStats:
 
 
 class Sampler(QuerySampleReads):
-    """Samples one instance every ``interval_secs`` on a private thread; ``drain`` hands over.
+    """Samples one instance every ``interval_secs``; ``drain`` hands over.
 
-    ``sample()`` takes one sample synchronously (tests, ``pgflow check``); ``start()`` runs
-    the schedule on a daemon thread. Thread-safe: the accumulator is swapped under a lock.
+    ``sample()`` takes one sample synchronously (tests, ``pgflow check``); ``start()`` puts
+    the instance on the process's sampling schedule (one thread for all instances:
+    :class:`~pgflow.scrape.sampler_loop.SamplerLoop`). Thread-safe: one sample at a time
+    (``_busy``), and the accumulator is swapped under a lock.
     """
 
     def __init__(
@@ -119,8 +124,9 @@ class Sampler(QuerySampleReads):
         self._lock = threading.Lock()
         self._failing = False
         self._acc = SampleAccumulator()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._busy = threading.Lock()  # one sample at a time (the loop, its side lane, a caller)
+        self._running = False  # on the loop's schedule
+        self._close_when_done = False  # stop() found a sample still running: it closes the connection
 
     def __repr__(self) -> str:
         return f"Sampler(instance={self.instance!r}, target={redact_dsn(self._dsn)!r}, period={self.period})"
@@ -144,8 +150,15 @@ class Sampler(QuerySampleReads):
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            conn = connect(self._dsn, connect_timeout=self.connect_timeout_secs)
+            try:  # pgflow.scrape.connection.connect's, with a deadline on every round trip (issue 20)
+                conn = DeadlineConnection.connect(
+                    self._dsn, connect_timeout=self.connect_timeout_secs, application_name="pgflow", prepare_threshold=None, autocommit=True
+                )
+            except psycopg.Error as exc:
+                raise classify(exc, self._dsn) from None
+            conn.round_trip_secs = self.statement_timeout_ms / 1000 + MARGIN_SECS
             try:
+                lenient_text(conn)
                 conn.autocommit = True  # each sample is one implicit transaction
                 self._databases, self._users = {}, {}
                 self.version_num = int(conn.info.server_version)
@@ -235,6 +248,15 @@ class Sampler(QuerySampleReads):
 
     def sample(self) -> bool:
         """Take one sample now; False (counted, logged at debug) when it failed."""
+        with self._busy:
+            try:
+                return self._sample()
+            finally:
+                if self._close_when_done:
+                    self._close_when_done = False
+                    self.close()
+
+    def _sample(self) -> bool:
         started = time.perf_counter()
         try:
             conn = self._connection()
@@ -276,34 +298,39 @@ class Sampler(QuerySampleReads):
         self.stats.skipped += ticks
         telemetry.activity_samples.labels(self.instance, "skipped").inc(ticks)
 
-    # Thread -------------------------------------------------------------------------
+    # Schedule -----------------------------------------------------------------------
 
     def start(self) -> Sampler:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name=f"sampler-{self.instance}", daemon=True)
-            self._thread.start()
+        """Sample every period from the next tick of the process's sampling thread."""
+        if not self._running:
+            self._running = True
+            sampler_loop().add(self)
         return self
 
-    def _loop(self) -> None:
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            self.sample()
-            next_at += self.period
-            now = time.monotonic()
-            if now >= next_at:  # ran past the next tick(s): count them, never burst
-                missed = int((now - next_at) // self.period) + 1
-                self.skip(missed)
-                next_at += missed * self.period
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
-        self.close()
+    def running(self) -> bool:
+        return self._running
+
+    def healthy(self) -> bool:
+        """Sampled on the shared thread: connected, last sample taken, in under a quarter period."""
+        conn = self._conn
+        return conn is not None and not conn.closed and not self._failing and self.stats.last_duration_secs <= self.period / 4
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout)
-        self.close()
+        """Off the schedule; the connection is closed (once a running sample ends, within ``timeout``)."""
+        self._running = False
+        sampler_loop().remove(self)
+        if self._busy.acquire(timeout=timeout):
+            try:
+                self.close()
+            finally:
+                self._busy.release()
+        else:
+            self._close_when_done = True
+            if self._busy.acquire(blocking=False):  # it ended meanwhile
+                try:
+                    self.close()
+                finally:
+                    self._busy.release()
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
