@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Container, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -38,6 +38,13 @@ class LRU(Generic[K, V]):
         while len(self._data) > self.capacity:
             self._data.popitem(last=False)
             self.evictions += 1
+
+    def retain(self, keys: Container[K]) -> int:
+        """Forget every entry whose key is not in ``keys`` (what the source holds no more); how many."""
+        gone = [k for k in self._data if k not in keys]
+        for k in gone:
+            del self._data[k]
+        return len(gone)
 
     def __contains__(self, key: object) -> bool:
         return key in self._data

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 import psycopg
 
@@ -14,14 +15,35 @@ from pgflow.config import dsn_host_port, dsn_instance_name, redact_dsn
 from pgflow.errors import ExtensionMissing, ScrapeError
 from pgflow.logs import kv
 from pgflow.lru import LRU
-from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, STATEMENTS, ServerIdentity, Snapshot, conform
+from pgflow.schema import (
+    ACTIVITY,
+    BLOCKED,
+    DATABASES,
+    HEALTH_FRAMES,
+    HEALTH_GROUPS,
+    LOCKS,
+    STATEMENT_INT_COUNTERS,
+    STATEMENT_TIME_COUNTERS,
+    STATEMENTS,
+    ServerIdentity,
+    Snapshot,
+)
 from pgflow.scrape import texts
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
 from pgflow.scrape.connection import classify, connect, connected_address, guarded
 from pgflow.scrape.databases import databases_sql
 from pgflow.scrape.health import DISCOVER_SQL, HealthSchedule, HealthSupport
 from pgflow.scrape.locks import LOCKS_SQL, blocked_sql
-from pgflow.scrape.statements import EXTENSION_SQL, MARK, info_sql, is_own, statements_sql, texts_sql
+from pgflow.scrape.statements import (
+    COLUMNAR_PREFIX,
+    EXTENSION_SQL,
+    MARK,
+    PG_EPOCH_US,
+    info_sql,
+    is_own,
+    statements_columnar_sql,
+    texts_sql,
+)
 
 log = logging.getLogger("pgflow.scrape")
 
@@ -30,7 +52,6 @@ _DISCOVER_SQL = (
     "has_function_privilege('pg_control_system()', 'EXECUTE'), "
     "has_function_privilege('pg_control_checkpoint()', 'EXECUTE')"
 )
-_STATEMENT_COLUMNS = [c for c in STATEMENTS.names() if c != "query"]
 TEXT_RETRY_SECS = 300.0  # texts unreadable and no way round: the way round is looked for again this late
 
 
@@ -120,6 +141,7 @@ class Scraper:
         self._probe_after = 0.0  # monotonic time before which no way round is looked for again
         self._text_advice: tuple[str, str] | None = None  # said once per advice
         self._warned_hidden = False
+        self._last: _Last | None = None  # the previous scrape's statements, reused while the keys stay
 
     def __repr__(self) -> str:
         return f"Scraper(instance={self.instance!r})"
@@ -214,7 +236,7 @@ class Scraper:
     def _scrape(self, conn: psycopg.Connection, server: ServerInfo) -> Snapshot:
         queries: list[object] = [
             meta_sql(server),
-            statements_sql(server.extension_schema, set(server.columns)),
+            statements_columnar_sql(server.extension_schema, set(server.columns)),
             ACTIVITY_SQL,
             AGES_SQL,
             LOCKS_SQL,
@@ -242,7 +264,7 @@ class Scraper:
             in_recovery=in_recovery,
             address=f"{addr}:{port}" if addr else f"{self.server_address}:{self.server_port}",
         )
-        statements, hidden = self._statements(conn, server, results[1])
+        statements, hidden = self._statements(conn, server, results[1][0])
         dealloc, stats_reset = results[7][0] if server.has_info_view else (None, None)
         ages = results[3][0] if results[3] else (None, None)
         self.stats.hidden += hidden
@@ -273,26 +295,70 @@ class Scraper:
             **health,
         )
 
-    def _statements(self, conn: psycopg.Connection, server: ServerInfo, rows: list[tuple]) -> tuple[pl.DataFrame, int]:
-        frame = pl.DataFrame(rows, schema=[(c, STATEMENTS[c]) for c in _STATEMENT_COLUMNS], orient="row")
-        # Rows of other roles' statements come without a queryid when the monitoring role
-        # lacks pg_read_all_stats: they cannot be diffed, so they are counted and left out.
-        hidden = frame.filter(pl.col("queryid").is_null()).height
-        if hidden:
-            frame = frame.filter(pl.col("queryid").is_not_null())
-        keys = list(zip(frame["dbid"].to_list(), frame["userid"].to_list(), frame["queryid"].to_list(), frame["toplevel"].to_list()))
+    def _statements(self, conn: psycopg.Connection, server: ServerInfo, row: tuple) -> tuple[pl.DataFrame, int]:
+        """The statements frame from the columnar row (:func:`statements_columnar_sql`).
+
+        Rows of other roles' statements come without a queryid when the monitoring role lacks
+        pg_read_all_stats: they cannot be diffed, so they are counted (``hidden``) and left out.
+        In the steady state the server returns the same entries in the same order: the texts,
+        the own-statement mask and the names of the previous scrape are reused, with no Python
+        work per row (issue 20).
+        """
+        cols = columnar(row)
+        keys = (cols.dbid, cols.userid, cols.queryid, cols.toplevel)
+        last = self._last
+        if last is not None and last.complete and all(np.array_equal(a, b) for a, b in zip(keys, last.keys)):
+            query, own, complete = last.query, last.own, True
+            self.texts.hits += cols.n
+        else:
+            query, own, complete = self._texts_of(conn, server, keys)
+        if last is not None and query is last.query and cols.names == last.names:
+            database, user = last.database, last.user
+        else:
+            database = pl.Series("database", cols.dbid).replace_strict(*cols.names[0:2], default=None, return_dtype=pl.String)
+            user = pl.Series("user", cols.userid).replace_strict(*cols.names[2:4], default=None, return_dtype=pl.String)
+        self._last = _Last(keys, query, own, cols.names, database, user, complete)
+        frame = pl.DataFrame(
+            [
+                pl.Series("dbid", cols.dbid),
+                pl.Series("userid", cols.userid),
+                pl.Series("queryid", cols.queryid),
+                _toplevel(cols.toplevel),
+                database,
+                user,
+                query,
+                cols.since,
+                *cols.counters,
+            ]
+        )
+        if own is not None:
+            # pgflow's own statements (marked): left out for their whole life, so deltas stay exact.
+            self.stats.own += int(own.sum())
+            frame = frame.filter(pl.Series(~own))
+        return frame, cols.hidden
+
+    def _texts_of(
+        self, conn: psycopg.Connection, server: ServerInfo, arrays: tuple[np.ndarray, ...]
+    ) -> tuple[pl.Series, np.ndarray | None, bool]:
+        """The texts of the scrape's keys (fetched for those not cached), the mask of pgflow's own,
+        and whether every key was decided (False: texts unreadable for now, tried again next scrape).
+
+        Only the keys the server holds now stay cached (issue 20): a cache is as large as the
+        server's pg_stat_statements, never as the cache limit, and an entry that comes back is
+        a new entry whose text is read again.
+        """
+        toplevel = [None if t == _NULL_BOOL else bool(t) for t in arrays[3].tolist()]
+        keys = list(zip(arrays[0].tolist(), arrays[1].tolist(), arrays[2].tolist(), toplevel))
+        present = set(keys)
+        self.texts.retain(present)
+        self._own &= present
         missing = {k for k in keys if k not in self.texts and k not in self._own}
         if missing:
             self._fetch_texts(conn, server, missing, keys)
         texts = [self.texts.get(k) for k in keys]
-        frame = frame.with_columns(pl.Series("query", texts, dtype=pl.String))
-        if self._own:
-            # pgflow's own statements (marked): left out for their whole life, so deltas stay exact.
-            own = pl.Series([k in self._own for k in keys], dtype=pl.Boolean)
-            if own.any():
-                self.stats.own += int(own.sum())
-                frame = frame.filter(~own)
-        return conform(frame, STATEMENTS), hidden
+        own = np.fromiter((k in self._own for k in keys), bool, len(keys)) if self._own else None
+        complete = all(k in self.texts or k in self._own for k in missing)
+        return pl.Series("query", texts, dtype=pl.String), (own if own is not None and own.any() else None), complete
 
     def _fetch_texts(
         self, conn: psycopg.Connection, server: ServerInfo, keys: set[tuple[int, int, int, bool | None]], present: list[tuple]
@@ -412,8 +478,97 @@ class Scraper:
             return None
 
 
+_EMPTY: dict[int, pl.DataFrame] = {}
+
+
 def _frame(rows: list[tuple], schema: pl.Schema) -> pl.DataFrame:
-    return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+    if rows:
+        return pl.DataFrame(rows, schema=schema, orient="row")
+    empty = _EMPTY.get(id(schema))  # the schemas are module constants: one empty frame each, shared
+    if empty is None:
+        empty = _EMPTY[id(schema)] = pl.DataFrame(schema=schema)
+    return empty
+
+
+_NULL_BOOL = 2  # toplevel unknown (PostgreSQL 13)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """One scrape's statements as arrays (no query text), from the columnar row."""
+
+    hidden: int
+    n: int
+    dbid: np.ndarray
+    userid: np.ndarray
+    queryid: np.ndarray
+    toplevel: np.ndarray  # uint8: 0, 1, or _NULL_BOOL
+    since: pl.Series
+    counters: list[pl.Series]
+    names: tuple[list, list, list, list]  # database oids, names; role oids, names
+
+
+@dataclass(frozen=True)
+class _Last:
+    """What the previous scrape's statements frame reuses when the keys have not changed."""
+
+    keys: tuple[np.ndarray, ...]
+    query: pl.Series
+    own: np.ndarray | None
+    names: tuple[list, list, list, list]
+    database: pl.Series
+    user: pl.Series
+    complete: bool  # every key's text (or own mark) decided: nothing to try again
+
+
+def _ints(raw: bytes | None, n: int, what: str) -> np.ndarray:
+    if raw is None:
+        if n:
+            raise ScrapeError(f"pg_stat_statements returned no {what} for {n} entries", "report this as a bug")
+        return np.empty(0, np.int64)
+    if len(raw) != 8 * n:
+        raise ScrapeError(f"pg_stat_statements returned {len(raw) // 8} values of {what} for {n} entries", "report this as a bug")
+    return np.frombuffer(raw, ">i8").astype(np.int64)
+
+
+def columnar(row: tuple) -> _Columns:
+    """Decode the columnar statements row: every value an exact int64 / float64 / bool, no Python object per value."""
+    prefix, rest = row[: len(COLUMNAR_PREFIX)], row[len(COLUMNAR_PREFIX) :]
+    hidden, n, dbid, userid, queryid, toplevel, since = prefix
+    n = int(n)
+    counters = []
+    for name, raw in zip(STATEMENT_INT_COUNTERS, rest):
+        counters.append(pl.Series(name, _ints(raw, n, name)) if raw is not None else pl.repeat(None, n, dtype=pl.Int64, eager=True).alias(name))
+    for name, raw in zip(STATEMENT_TIME_COUNTERS, rest[len(STATEMENT_INT_COUNTERS) :]):
+        if raw is not None and len(raw) != 8 * n:
+            raise ScrapeError(f"pg_stat_statements returned {len(raw) // 8} values of {name} for {n} entries", "report this as a bug")
+        values = np.frombuffer(raw, ">f8").astype(np.float64) if raw is not None else None
+        counters.append(pl.Series(name, values) if values is not None else pl.repeat(None, n, dtype=pl.Float64, eager=True).alias(name))
+    names = tuple(list(v or []) for v in rest[len(STATEMENT_INT_COUNTERS) + len(STATEMENT_TIME_COUNTERS) :])
+    if toplevel is None:
+        top = np.full(n, _NULL_BOOL, np.uint8)
+    else:
+        top = np.frombuffer(toplevel, np.uint8).copy()
+        if len(top) != n:
+            raise ScrapeError(f"pg_stat_statements returned {len(top)} values of toplevel for {n} entries", "report this as a bug")
+    if since is None:
+        since_series = pl.repeat(None, n, dtype=STATEMENTS["stats_since"], eager=True).alias("stats_since")
+    else:
+        raw_since = _ints(since, n, "stats_since")
+        nulls = raw_since == np.iinfo(np.int64).min  # -infinity: no stats_since
+        since_series = pl.Series("stats_since", raw_since + PG_EPOCH_US)
+        if nulls.any():
+            since_series = pl.select(pl.when(pl.lit(pl.Series(~nulls))).then(since_series)).to_series().alias("stats_since")
+        since_series = since_series.cast(STATEMENTS["stats_since"])
+    return _Columns(
+        int(hidden), n, _ints(dbid, n, "dbid"), _ints(userid, n, "userid"), _ints(queryid, n, "queryid"), top, since_series, counters, names  # type: ignore[arg-type]
+    )
+
+
+def _toplevel(values: np.ndarray) -> pl.Series:
+    if len(values) and values[0] == _NULL_BOOL:
+        return pl.repeat(None, len(values), dtype=pl.Boolean, eager=True).alias("toplevel")
+    return pl.Series("toplevel", values.astype(bool))
 
 
 def scrape_once(dsn: str, **kwargs: object) -> Snapshot:
