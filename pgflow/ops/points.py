@@ -158,16 +158,37 @@ def query_points(window: Window, series: SeriesTable) -> pl.DataFrame | None:
     return long.with_columns(_QUERY_ATTRIBUTES.alias("attributes")).select(_columns(window, "sum", window.start, window.end))
 
 
-def _gauge(
-    window: Window, metric: str, unit: str, rows: pl.DataFrame, value: pl.Expr, attrs: dict[str, pl.Expr], is_int: bool, at: datetime
-) -> pl.DataFrame:
+def _gauge(metric: str, unit: str, rows: pl.DataFrame, value: pl.Expr, attrs: pl.Expr, is_int: bool) -> pl.DataFrame:
+    """One gauge's rows (metric, unit, value, is_int, attributes); the window's columns are added
+    once for all gauges (:func:`gauge_points`): building them per gauge was most of a window's cost."""
     return rows.select(
         pl.lit(metric).alias("metric"),
         pl.lit(unit).alias("unit"),
-        value.alias("value"),
+        value.cast(pl.Float64).alias("value"),
         pl.lit(is_int).alias("is_int"),
-        attributes(attrs).alias("attributes"),
-    ).select(_columns(window, "gauge", at, at))
+        attrs.alias("attributes"),
+    )
+
+
+# The gauges' attribute structs, built once (an expression of 35 fields costs ~1 ms to build).
+_CONNECTION_ATTRIBUTES = attributes(
+    {
+        "db.namespace": pl.col("database"),
+        "user.name": pl.col("user"),
+        "postgresql.connection.state": pl.col("state"),
+        "postgresql.wait_event.type": pl.col("wait_event_type"),
+    }
+)
+_LOCK_ATTRIBUTES = attributes(
+    {
+        "db.namespace": pl.col("database"),
+        "postgresql.lock.mode": pl.col("mode"),
+        "postgresql.lock.type": pl.col("locktype"),
+        "postgresql.lock.granted": pl.col("granted").cast(pl.String),
+    }
+)
+_DATABASE_ATTRIBUTES = attributes({"db.namespace": pl.col("database")})
+_NO_ATTRIBUTES = attributes({})
 
 
 # Gauge series a dashboard or an alert expects to read 0 rather than vanish (a chart of
@@ -201,59 +222,26 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
     if idle.height:
         clients = pl.concat([clients, idle.with_columns(count=pl.lit(0, pl.Int64))], how="diagonal_relaxed")
     if clients.height:
-        out.append(
-            _gauge(
-                window,
-                "postgresql.connection.count",
-                "{connection}",
-                clients,
-                c("count"),
-                {
-                    "db.namespace": c("database"),
-                    "user.name": c("user"),
-                    "postgresql.connection.state": c("state"),
-                    "postgresql.wait_event.type": c("wait_event_type"),
-                },
-                True,
-                at,
-            )
-        )
+        out.append(_gauge("postgresql.connection.count", "{connection}", clients, c("count"), _CONNECTION_ATTRIBUTES, True))
     if g.max_connections is not None:
-        out.append(
-            _gauge(window, "postgresql.connection.max", "{connection}", pl.DataFrame({"v": [g.max_connections]}), c("v"), {}, True, at)
-        )
+        out.append(_gauge("postgresql.connection.max", "{connection}", pl.DataFrame({"v": [g.max_connections]}), c("v"), _NO_ATTRIBUTES, True))
     locks = g.locks
     unlocked = _missing(locks, g.databases, "granted", ZERO_LOCK_GRANTED, pl.Boolean)
     if unlocked.height:
         locks = pl.concat([locks, unlocked.with_columns(count=pl.lit(0, pl.Int64))], how="diagonal_relaxed")
     if locks.height:
-        out.append(
-            _gauge(
-                window,
-                "postgresql.lock.count",
-                "{lock}",
-                locks,
-                c("count"),
-                {
-                    "db.namespace": c("database"),
-                    "postgresql.lock.mode": c("mode"),
-                    "postgresql.lock.type": c("locktype"),
-                    "postgresql.lock.granted": c("granted").cast(pl.String),
-                },
-                True,
-                at,
-            )
-        )
+        out.append(_gauge("postgresql.lock.count", "{lock}", locks, c("count"), _LOCK_ATTRIBUTES, True))
     if g.databases:
         blocked = (
             pl.DataFrame({"database": g.databases}, schema={"database": pl.String})
             .join(g.blocked, on="database", how="left")
             .with_columns(c("sessions").fill_null(0), c("max_wait_secs").fill_null(0.0))
         )
-        db = {"db.namespace": c("database")}
-        out.append(_gauge(window, "postgresql.blocked.count", "{session}", blocked, c("sessions"), db, True, at))
-        out.append(_gauge(window, "postgresql.blocked.wait.max", "s", blocked, c("max_wait_secs"), db, False, at))
-    return out
+        out.append(_gauge("postgresql.blocked.count", "{session}", blocked, c("sessions"), _DATABASE_ATTRIBUTES, True))
+        out.append(_gauge("postgresql.blocked.wait.max", "s", blocked, c("max_wait_secs"), _DATABASE_ATTRIBUTES, False))
+    if not out:
+        return []
+    return [pl.concat(out, how="vertical_relaxed").select(_columns(window, "gauge", at, at))]
 
 
 def points(window: Window, series: SeriesTable) -> pl.DataFrame:

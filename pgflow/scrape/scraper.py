@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 import psycopg
+from psycopg import sql
 
 from pgflow import telemetry
 from pgflow.config import dsn_host_port, dsn_instance_name, redact_dsn
@@ -141,6 +143,7 @@ class Scraper:
         self._probe_after = 0.0  # monotonic time before which no way round is looked for again
         self._text_advice: tuple[str, str] | None = None  # said once per advice
         self._warned_hidden = False
+        self._fixed: tuple[ServerInfo, list[object]] | None = None  # the scrape's queries, composed for this server
         self._last: _Last | None = None  # the previous scrape's statements, reused while the keys stay
 
     def __repr__(self) -> str:
@@ -233,18 +236,25 @@ class Scraper:
                 extra=kv(instance=self.instance, hidden_statements=snap.hidden_statements),
             )
 
+    def _fixed_queries(self, conn: psycopg.Connection, server: ServerInfo) -> list[object]:
+        """The queries every scrape sends, composed once per connection (composing costs ~1 ms)."""
+        if self._fixed is None or self._fixed[0] is not server:
+            queries: list[object] = [
+                meta_sql(server),
+                statements_columnar_sql(server.extension_schema, set(server.columns)),
+                ACTIVITY_SQL,
+                AGES_SQL,
+                LOCKS_SQL,
+                blocked_sql(server.version_num),
+                databases_sql(server.version_num),
+            ]
+            if server.has_info_view:
+                queries.append(info_sql(server.extension_schema))
+            self._fixed = (server, [q.as_string(conn) if isinstance(q, sql.Composable) else q for q in queries])
+        return list(self._fixed[1])
+
     def _scrape(self, conn: psycopg.Connection, server: ServerInfo) -> Snapshot:
-        queries: list[object] = [
-            meta_sql(server),
-            statements_columnar_sql(server.extension_schema, set(server.columns)),
-            ACTIVITY_SQL,
-            AGES_SQL,
-            LOCKS_SQL,
-            blocked_sql(server.version_num),
-            databases_sql(server.version_num),
-        ]
-        if server.has_info_view:
-            queries.append(info_sql(server.extension_schema))
+        queries = self._fixed_queries(conn, server)
         # issue 13: the health groups that are due ride at the end of the same round trip.
         health_started = self.health.now()
         groups = self.health.due(server.health) if server.health is not None else []
@@ -292,7 +302,7 @@ class Scraper:
             hidden_statements=hidden,
             identity=identity,
             health_scraped=tuple(groups),
-            **health,
+            **{**_empty_frames(), **health},
         )
 
     def _statements(self, conn: psycopg.Connection, server: ServerInfo, row: tuple) -> tuple[pl.DataFrame, int]:
@@ -488,6 +498,20 @@ def _frame(rows: list[tuple], schema: pl.Schema) -> pl.DataFrame:
     if empty is None:
         empty = _EMPTY[id(schema)] = pl.DataFrame(schema=schema)
     return empty
+
+
+_EMPTIES: dict[str, pl.DataFrame] = {}
+_SCRAPED = ("statements", "activity", "locks", "blocked", "databases")  # filled by every scrape
+
+
+def _empty_frames() -> dict[str, pl.DataFrame]:
+    """One empty frame per frame field of Snapshot the scrape does not fill, built once and
+    shared (frames are immutable): building ~14 empty frames per scrape cost ~1.5 ms."""
+    if not _EMPTIES:
+        for f in dataclasses.fields(Snapshot):
+            if f.default_factory is not dataclasses.MISSING and f.name in Snapshot.FRAMES and f.name not in _SCRAPED:
+                _EMPTIES[f.name] = f.default_factory()
+    return _EMPTIES
 
 
 _NULL_BOOL = 2  # toplevel unknown (PostgreSQL 13)
