@@ -39,6 +39,13 @@ class LRU(Generic[K, V]):
             self._data.popitem(last=False)
             self.evictions += 1
 
+    def resize(self, capacity: int) -> None:
+        """A new capacity; the least recently used entries past it are forgotten now."""
+        self.capacity = max(1, capacity)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+            self.evictions += 1
+
     def retain(self, keys: Container[K]) -> int:
         """Forget every entry whose key is not in ``keys`` (what the source holds no more); how many."""
         gone = [k for k in self._data if k not in keys]
