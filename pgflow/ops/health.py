@@ -353,6 +353,19 @@ def _summed(parts: tuple[pl.DataFrame, ...], key: tuple[str, ...]) -> pl.DataFra
     return frame.group_by(list(key), maintain_order=True).sum()
 
 
+def _database_sums(parts: tuple[tuple[pl.DataFrame, Counters], ...]) -> pl.DataFrame:
+    """The window's per-database deltas summed per database. In the steady state every scrape had
+    the same databases in the same order: the matrices are added as they are (issue 20), in scrape
+    order as the group-by would; otherwise summed per database name."""
+    rows, first = parts[0]
+    if all(r is rows or r.equals(rows) for r, _ in parts[1:]) and rows.get_column("database").n_unique() == rows.height:
+        ints, floats = first.ints, first.floats
+        for _, c in parts[1:]:
+            ints, floats = ints + c.ints, floats + c.floats
+        return _database_frame(rows, Counters(ints, floats, first.since))
+    return _summed(tuple(_database_frame(*part) for part in parts), _DB_KEY)
+
+
 def window_points(window: HealthWindow) -> pl.DataFrame:
     """Every health point of one closed window."""
     out = _Out(window)
@@ -361,7 +374,7 @@ def window_points(window: HealthWindow) -> pl.DataFrame:
     db = {"db.namespace": c("database")}
 
     if "databases" in window.sums:
-        d = _summed(tuple(_database_frame(*part) for part in window.sums["databases"]), _DB_KEY)
+        d = _database_sums(window.sums["databases"])
         for metric, unit, column in _DATABASE_SUMS:
             out.add(d, metric, unit, c(column), attrs=db)
         for kind in _CONFLICT_TYPES:

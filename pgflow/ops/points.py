@@ -235,9 +235,19 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
     if not out:
         return []
     long = pl.concat(out, how="diagonal_relaxed")
-    present = set(long.columns)
-    struct = pl.struct([pl.col(k) if k in present else pl.lit(None, pl.String).alias(k) for k in ATTRIBUTE_KEYS])
-    return [long.with_columns(struct.alias("attributes")).select(_columns(window, "gauge", at, at))]
+    return [long.with_columns(_struct_of(frozenset(long.columns))).select(_columns(window, "gauge", at, at))]
+
+
+_STRUCTS: dict[frozenset[str], pl.Expr] = {}
+
+
+def _struct_of(columns: frozenset[str]) -> pl.Expr:
+    """The attributes struct of a frame holding the attribute ``columns`` it has (built once per set)."""
+    struct = _STRUCTS.get(columns)
+    if struct is None:
+        fields = [pl.col(k) if k in columns else pl.lit(None, pl.String).alias(k) for k in ATTRIBUTE_KEYS]
+        struct = _STRUCTS[columns] = pl.struct(fields).alias("attributes")
+    return struct
 
 
 def points(window: Window, series: SeriesTable) -> pl.DataFrame:
