@@ -329,7 +329,7 @@ class _Out:
         if n == 0:
             return _NO_POINTS
         attrs = pl.Series("attributes", cols.pop("attributes"), dtype=ATTRIBUTES)
-        return (
+        out = (
             pl.DataFrame(
                 {"instance": [r.instance] * n, **cols, "monotonic": [k == "sum" for k in cols["kind"]]},
                 schema_overrides={"start": UTC_TS, "end": UTC_TS},
@@ -341,8 +341,8 @@ class _Out:
                 pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
             )
             .select(POINTS.names())
-            .cast(POINTS)
         )
+        return out if out.schema == POINTS else out.cast(POINTS)
 
 
 def _summed(parts: tuple[pl.DataFrame, ...], key: tuple[str, ...]) -> pl.DataFrame:
