@@ -125,9 +125,13 @@ def main() -> None:
         profiler.dump_stats(profile_to)
     scrape_ms, bare_med = statistics.median(pgflow_ms), statistics.median(bare_ms)
     print(f"statements={statements} rows_per_scrape={rows} touched_per_scrape={touched} cycles={cycles} points={points}")
-    print(f"pgflow scrape + operators, CPU per scrape (median): {scrape_ms:8.2f} ms  (p10 {_pct(pgflow_ms, 10):.2f}, p90 {_pct(pgflow_ms, 90):.2f})")
+    print(
+        f"pgflow scrape + operators, CPU per scrape (median): {scrape_ms:8.2f} ms  (p10 {_pct(pgflow_ms, 10):.2f}, p90 {_pct(pgflow_ms, 90):.2f})"
+    )
     print(f"  of which Scraper.scrape() (median)              : {statistics.median(scrape_only_ms):8.2f} ms")
-    print(f"bare psycopg fetch of the same rows (median)      : {bare_med:8.2f} ms  (p10 {_pct(bare_ms, 10):.2f}, p90 {_pct(bare_ms, 90):.2f})")
+    print(
+        f"bare psycopg fetch of the same rows (median)      : {bare_med:8.2f} ms  (p10 {_pct(bare_ms, 10):.2f}, p90 {_pct(bare_ms, 90):.2f})"
+    )
     print(f"scrape_cpu_ms={scrape_ms:.3f} bare_fetch_cpu_ms={bare_med:.3f} ratio={scrape_ms / bare_med:.2f}")
 
 

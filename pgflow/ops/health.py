@@ -299,7 +299,9 @@ class _Out:
             group = exprs.setdefault(id(rows), [])
             frames[id(rows)] = rows
             group.append(value.cast(pl.Float64).alias(f"__v{j}"))
-            group += [(v if isinstance(v, pl.Expr) else pl.lit(v)).cast(pl.String).alias(f"__a{j}_{i}") for i, v in enumerate(attrs.values())]
+            group += [
+                (v if isinstance(v, pl.Expr) else pl.lit(v)).cast(pl.String).alias(f"__a{j}_{i}") for i, v in enumerate(attrs.values())
+            ]
             names.append(id(rows))
         results = {key: frames[key].select(group) for key, group in exprs.items()}
         cols = self.columns

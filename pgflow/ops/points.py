@@ -244,7 +244,7 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
         }
         out.add("postgresql.lock.count", "{lock}", r["count"], True, attrs)
     if g.databases:
-        by_database: dict[str, list[tuple]] = {}
+        by_database: dict[str, list[tuple[int | None, float | None]]] = {}
         for d, sessions, wait in g.blocked.select("database", "sessions", "max_wait_secs").iter_rows():
             if d is not None:  # a join never matches a null key
                 by_database.setdefault(d, []).append((sessions, wait))

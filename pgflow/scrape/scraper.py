@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,35 +16,16 @@ from pgflow.config import dsn_host_port, dsn_instance_name, redact_dsn
 from pgflow.errors import ExtensionMissing, ScrapeError
 from pgflow.logs import kv
 from pgflow.lru import LRU
-from pgflow.schema import (
-    ACTIVITY,
-    BLOCKED,
-    DATABASES,
-    HEALTH_FRAMES,
-    HEALTH_GROUPS,
-    LOCKS,
-    STATEMENT_INT_COUNTERS,
-    STATEMENT_TIME_COUNTERS,
-    STATEMENTS,
-    ServerIdentity,
-    Snapshot,
-)
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, ServerIdentity, Snapshot
 from pgflow.scrape import texts
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
+from pgflow.scrape.columnar import NULL_BOOL, Last, columnar, empty_frames, toplevel_series
+from pgflow.scrape.columnar import frame as _frame
 from pgflow.scrape.connection import classify, connect, connected_address, guarded
 from pgflow.scrape.databases import databases_sql
 from pgflow.scrape.health import DISCOVER_SQL, HealthSchedule, HealthSupport
 from pgflow.scrape.locks import LOCKS_SQL, blocked_sql
-from pgflow.scrape.statements import (
-    COLUMNAR_PREFIX,
-    EXTENSION_SQL,
-    MARK,
-    PG_EPOCH_US,
-    info_sql,
-    is_own,
-    statements_columnar_sql,
-    texts_sql,
-)
+from pgflow.scrape.statements import EXTENSION_SQL, MARK, info_sql, is_own, statements_columnar_sql, texts_sql
 
 log = logging.getLogger("pgflow.scrape")
 
@@ -144,7 +124,7 @@ class Scraper:
         self._text_advice: tuple[str, str] | None = None  # said once per advice
         self._warned_hidden = False
         self._fixed: tuple[ServerInfo, list[object]] | None = None  # the scrape's queries, composed for this server
-        self._last: _Last | None = None  # the previous scrape's statements, reused while the keys stay
+        self._last: Last | None = None  # the previous scrape's statements, reused while the keys stay
 
     def __repr__(self) -> str:
         return f"Scraper(instance={self.instance!r})"
@@ -302,7 +282,7 @@ class Scraper:
             hidden_statements=hidden,
             identity=identity,
             health_scraped=tuple(groups),
-            **{**_empty_frames(), **health},
+            **{**empty_frames(), **health},
         )
 
     def _statements(self, conn: psycopg.Connection, server: ServerInfo, row: tuple) -> tuple[pl.DataFrame, int]:
@@ -327,13 +307,13 @@ class Scraper:
         else:
             database = pl.Series("database", cols.dbid).replace_strict(*cols.names[0:2], default=None, return_dtype=pl.String)
             user = pl.Series("user", cols.userid).replace_strict(*cols.names[2:4], default=None, return_dtype=pl.String)
-        self._last = _Last(keys, query, own, cols.names, database, user, complete)
+        self._last = Last(keys, query, own, cols.names, database, user, complete)
         frame = pl.DataFrame(
             [
                 pl.Series("dbid", cols.dbid),
                 pl.Series("userid", cols.userid),
                 pl.Series("queryid", cols.queryid),
-                _toplevel(cols.toplevel),
+                toplevel_series(cols.toplevel),
                 database,
                 user,
                 query,
@@ -357,7 +337,7 @@ class Scraper:
         server's pg_stat_statements, never as the cache limit, and an entry that comes back is
         a new entry whose text is read again.
         """
-        toplevel = [None if t == _NULL_BOOL else bool(t) for t in arrays[3].tolist()]
+        toplevel = [None if t == NULL_BOOL else bool(t) for t in arrays[3].tolist()]
         keys = list(zip(arrays[0].tolist(), arrays[1].tolist(), arrays[2].tolist(), toplevel))
         present = set(keys)
         self.texts.retain(present)
@@ -486,113 +466,6 @@ class Scraper:
             self._blocked = set(present)
             self._probe_after = time.monotonic() + TEXT_RETRY_SECS
             return None
-
-
-_EMPTY: dict[int, pl.DataFrame] = {}
-
-
-def _frame(rows: list[tuple], schema: pl.Schema) -> pl.DataFrame:
-    if rows:
-        return pl.DataFrame(rows, schema=schema, orient="row")
-    empty = _EMPTY.get(id(schema))  # the schemas are module constants: one empty frame each, shared
-    if empty is None:
-        empty = _EMPTY[id(schema)] = pl.DataFrame(schema=schema)
-    return empty
-
-
-_EMPTIES: dict[str, pl.DataFrame] = {}
-_SCRAPED = ("statements", "activity", "locks", "blocked", "databases")  # filled by every scrape
-
-
-def _empty_frames() -> dict[str, pl.DataFrame]:
-    """One empty frame per frame field of Snapshot the scrape does not fill, built once and
-    shared (frames are immutable): building ~14 empty frames per scrape cost ~1.5 ms."""
-    if not _EMPTIES:
-        for f in dataclasses.fields(Snapshot):
-            if f.default_factory is not dataclasses.MISSING and f.name in Snapshot.FRAMES and f.name not in _SCRAPED:
-                _EMPTIES[f.name] = f.default_factory()
-    return _EMPTIES
-
-
-_NULL_BOOL = 2  # toplevel unknown (PostgreSQL 13)
-
-
-@dataclass(frozen=True)
-class _Columns:
-    """One scrape's statements as arrays (no query text), from the columnar row."""
-
-    hidden: int
-    n: int
-    dbid: np.ndarray
-    userid: np.ndarray
-    queryid: np.ndarray
-    toplevel: np.ndarray  # uint8: 0, 1, or _NULL_BOOL
-    since: pl.Series
-    counters: list[pl.Series]
-    names: tuple[list, list, list, list]  # database oids, names; role oids, names
-
-
-@dataclass(frozen=True)
-class _Last:
-    """What the previous scrape's statements frame reuses when the keys have not changed."""
-
-    keys: tuple[np.ndarray, ...]
-    query: pl.Series
-    own: np.ndarray | None
-    names: tuple[list, list, list, list]
-    database: pl.Series
-    user: pl.Series
-    complete: bool  # every key's text (or own mark) decided: nothing to try again
-
-
-def _ints(raw: bytes | None, n: int, what: str) -> np.ndarray:
-    if raw is None:
-        if n:
-            raise ScrapeError(f"pg_stat_statements returned no {what} for {n} entries", "report this as a bug")
-        return np.empty(0, np.int64)
-    if len(raw) != 8 * n:
-        raise ScrapeError(f"pg_stat_statements returned {len(raw) // 8} values of {what} for {n} entries", "report this as a bug")
-    return np.frombuffer(raw, ">i8").astype(np.int64)
-
-
-def columnar(row: tuple) -> _Columns:
-    """Decode the columnar statements row: every value an exact int64 / float64 / bool, no Python object per value."""
-    prefix, rest = row[: len(COLUMNAR_PREFIX)], row[len(COLUMNAR_PREFIX) :]
-    hidden, n, dbid, userid, queryid, toplevel, since = prefix
-    n = int(n)
-    counters = []
-    for name, raw in zip(STATEMENT_INT_COUNTERS, rest):
-        counters.append(pl.Series(name, _ints(raw, n, name)) if raw is not None else pl.repeat(None, n, dtype=pl.Int64, eager=True).alias(name))
-    for name, raw in zip(STATEMENT_TIME_COUNTERS, rest[len(STATEMENT_INT_COUNTERS) :]):
-        if raw is not None and len(raw) != 8 * n:
-            raise ScrapeError(f"pg_stat_statements returned {len(raw) // 8} values of {name} for {n} entries", "report this as a bug")
-        values = np.frombuffer(raw, ">f8").astype(np.float64) if raw is not None else None
-        counters.append(pl.Series(name, values) if values is not None else pl.repeat(None, n, dtype=pl.Float64, eager=True).alias(name))
-    names = tuple(list(v or []) for v in rest[len(STATEMENT_INT_COUNTERS) + len(STATEMENT_TIME_COUNTERS) :])
-    if toplevel is None:
-        top = np.full(n, _NULL_BOOL, np.uint8)
-    else:
-        top = np.frombuffer(toplevel, np.uint8).copy()
-        if len(top) != n:
-            raise ScrapeError(f"pg_stat_statements returned {len(top)} values of toplevel for {n} entries", "report this as a bug")
-    if since is None:
-        since_series = pl.repeat(None, n, dtype=STATEMENTS["stats_since"], eager=True).alias("stats_since")
-    else:
-        raw_since = _ints(since, n, "stats_since")
-        nulls = raw_since == np.iinfo(np.int64).min  # -infinity: no stats_since
-        since_series = pl.Series("stats_since", raw_since + PG_EPOCH_US)
-        if nulls.any():
-            since_series = pl.select(pl.when(pl.lit(pl.Series(~nulls))).then(since_series)).to_series().alias("stats_since")
-        since_series = since_series.cast(STATEMENTS["stats_since"])
-    return _Columns(
-        int(hidden), n, _ints(dbid, n, "dbid"), _ints(userid, n, "userid"), _ints(queryid, n, "queryid"), top, since_series, counters, names  # type: ignore[arg-type]
-    )
-
-
-def _toplevel(values: np.ndarray) -> pl.Series:
-    if len(values) and values[0] == _NULL_BOOL:
-        return pl.repeat(None, len(values), dtype=pl.Boolean, eager=True).alias("toplevel")
-    return pl.Series("toplevel", values.astype(bool))
 
 
 def scrape_once(dsn: str, **kwargs: object) -> Snapshot:
