@@ -39,12 +39,22 @@ class LRU(Generic[K, V]):
             self._data.popitem(last=False)
             self.evictions += 1
 
-    def resize(self, capacity: int) -> None:
-        """A new capacity; the least recently used entries past it are forgotten now."""
+    def resize(self, capacity: int, keep: Container[K] = ()) -> None:
+        """A new capacity; the least recently used entries past it are forgotten now, except
+        those in ``keep`` (still in use elsewhere), which may hold the cache above it."""
         self.capacity = max(1, capacity)
-        while len(self._data) > self.capacity:
-            self._data.popitem(last=False)
-            self.evictions += 1
+        excess = len(self._data) - self.capacity
+        if excess <= 0:
+            return
+        gone = []
+        for key in self._data:  # oldest first
+            if len(gone) >= excess:
+                break
+            if key not in keep:
+                gone.append(key)
+        for key in gone:
+            del self._data[key]
+        self.evictions += len(gone)
 
     def retain(self, keys: Container[K]) -> int:
         """Forget every entry whose key is not in ``keys`` (what the source holds no more); how many."""

@@ -105,3 +105,25 @@ def test_caches_stay_within_what_the_server_holds_and_totals_stay_exact(tmp_path
 
 def pg_version(conn: psycopg.Connection) -> int:
     return conn.info.server_version
+
+
+def test_a_fingerprint_still_held_keeps_its_text_through_churn():
+    """The shared label cache is bounded by the keys held, but never forgets the label of a
+    fingerprint an instance still holds: a new key of it (another user's) gets the same text, so
+    the series keeps its identity. Variants libpg_query fingerprints alike: a select list's order."""
+    import polars as pl
+
+    from pgflow.ops.fingerprint import Fingerprinter
+
+    def rows(entries: list[tuple[int, str]]) -> pl.DataFrame:
+        return pl.DataFrame({"dbid": [1] * len(entries), "queryid": [q for q, _ in entries], "query": [t for _, t in entries]})
+
+    fp = Fingerprinter()
+    held = (1, "SELECT a, b FROM t WHERE id = 1")
+    first = fp.apply("i", rows([held]))
+    for r in range(6):  # 600 other statements come and go, 100 at a time
+        fp.apply("i", rows([held, *((1000 * (r + 1) + j, f"SELECT c{j} FROM u{r} WHERE id = 1") for j in range(100))]))
+    assert len(fp._labels) <= 2 * 101
+    variant = fp.apply("i", rows([held, (2, "SELECT b, a FROM t WHERE id = 1")]))
+    assert variant["fingerprint"][0] == variant["fingerprint"][1]
+    assert variant["text"].to_list() == [first["text"][0]] * 2

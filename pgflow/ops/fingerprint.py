@@ -297,6 +297,9 @@ class Fingerprinter:
         """Add fingerprint, operation, summary and text to ``frame`` (dbid, queryid, query)."""
         table = self._by_key.get(instance)
         key = ["dbid", "queryid"]
+        # New entries never push out others while the frame is labelled: the caches are bounded
+        # afterwards, by what the instances hold (:meth:`_bound_shared`).
+        self._by_text.capacity, self._labels.capacity = self.text_cache_size, self.key_cache_size
         if table is None:
             table = pl.DataFrame(schema={"dbid": pl.Int64, "queryid": pl.Int64, **FINGERPRINT_COLUMNS})
         joined = frame.join(table, on=key, how="left", maintain_order="left")
@@ -330,9 +333,16 @@ class Fingerprinter:
 
     def _bound_shared(self) -> None:
         """Texts and labels (shared by the instances of a worker) bounded by the keys all of them
-        hold now: twice as many, at least 100, at most the configured sizes. An instance of a
-        small server never carries tens of thousands of dead statements' texts."""
+        hold now: twice as many, at least 100, at most the configured sizes (the labels of
+        fingerprints still held are kept). An instance of a small server never carries tens of
+        thousands of dead statements' texts."""
         live = sum(t.height for t in self._by_key.values())
         bound = max(2 * live, 100)
         self._by_text.resize(min(self.text_cache_size, bound))
-        self._labels.resize(min(self.key_cache_size, bound))
+        if len(self._labels) > min(self.key_cache_size, bound):
+            # The label of a fingerprint some instance still holds stays: a new key of it (another
+            # user, another database) must get the same text, or its series' identity would change.
+            held = {fp for t in self._by_key.values() for fp in t.get_column("fingerprint").to_list()}
+            self._labels.resize(min(self.key_cache_size, bound), keep=held)
+        else:
+            self._labels.resize(min(self.key_cache_size, bound))
