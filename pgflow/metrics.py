@@ -182,7 +182,7 @@ def point_problems(points: pl.DataFrame) -> list[str]:
     # Issue 20: one group-by gives each signature and which attributes its points carry, the
     # fixed-value attributes' values come from the distinct combinations only (~5 ms a window to ~1).
     signature = ("metric", "kind", "unit", "monotonic", "is_int")
-    attrs = points.select(*signature, pl.col("attributes").struct.unnest())
+    attrs = points.select_seq(*signature, pl.col("attributes").struct.unnest())
     keys = [k for k in attrs.columns if k not in signature]
     grouped = attrs.group_by(signature).agg(pl.col(k).is_not_null().any() for k in keys).sort("metric")
     present: dict[str, set[str]] = {}

@@ -303,7 +303,7 @@ class _Out:
                 (v if isinstance(v, pl.Expr) else pl.lit(v)).cast(pl.String).alias(f"__a{j}_{i}") for i, v in enumerate(attrs.values())
             ]
             names.append(id(rows))
-        results = {key: frames[key].select(group) for key, group in exprs.items()}
+        results = {key: frames[key].select_seq(group) for key, group in exprs.items()}
         cols = self.columns
         for j, (_, metric, unit, _, attrs, kind, is_int, at, nonzero) in enumerate(self._jobs):
             result = results[names[j]]
@@ -336,7 +336,7 @@ class _Out:
                 {"instance": [r.instance] * n, **cols, "monotonic": [k == "sum" for k in cols["kind"]]},
                 schema_overrides={"start": UTC_TS, "end": UTC_TS},
             )
-            .with_columns(
+            .with_columns_seq(
                 attrs,
                 pl.lit(r.server_address).alias("server_address"),
                 pl.lit(r.server_port, pl.Int32).alias("server_port"),

@@ -155,7 +155,7 @@ def query_points(window: Window, series: SeriesTable) -> pl.DataFrame | None:
         labels = labels.with_columns(pl.lit(None, pl.Boolean).alias("toplevel"))
     # polars types a frame indexed by an array as Any, and so the concatenation
     long: pl.DataFrame = pl.concat([_SPEC_TABLE[spec], labels, pl.DataFrame({"value": values})], how="horizontal")
-    return long.with_columns(_QUERY_ATTRIBUTES.alias("attributes")).select(_columns(window, "sum", window.start, window.end))
+    return long.with_columns_seq(_QUERY_ATTRIBUTES.alias("attributes")).select_seq(_columns(window, "sum", window.start, window.end))
 
 
 # Gauge series a dashboard or an alert expects to read 0 rather than vanish (a chart of
@@ -255,7 +255,7 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
             out.add("postgresql.blocked.wait.max", "s", 0.0 if wait is None else wait, False, {"db.namespace": d})
     if not out.metric:
         return []
-    return [out.frame().select(_columns(window, "gauge", g.observed_at, g.observed_at))]
+    return [out.frame().select_seq(_columns(window, "gauge", g.observed_at, g.observed_at))]
 
 
 def points(window: Window, series: SeriesTable) -> pl.DataFrame:
@@ -271,8 +271,8 @@ def points(window: Window, series: SeriesTable) -> pl.DataFrame:
                     "is_int": [True],
                 }
             )
-            .with_columns(attributes({}).alias("attributes"))
-            .select(_columns(window, "sum", window.start, window.end))
+            .with_columns_seq(attributes({}).alias("attributes"))
+            .select_seq(_columns(window, "sum", window.start, window.end))
         )
     if not frames:
         return pl.DataFrame(schema=POINTS)
