@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Container, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -38,6 +38,30 @@ class LRU(Generic[K, V]):
         while len(self._data) > self.capacity:
             self._data.popitem(last=False)
             self.evictions += 1
+
+    def resize(self, capacity: int, keep: Container[K] = ()) -> None:
+        """A new capacity; the least recently used entries past it are forgotten now, except
+        those in ``keep`` (still in use elsewhere), which may hold the cache above it."""
+        self.capacity = max(1, capacity)
+        excess = len(self._data) - self.capacity
+        if excess <= 0:
+            return
+        gone = []
+        for key in self._data:  # oldest first
+            if len(gone) >= excess:
+                break
+            if key not in keep:
+                gone.append(key)
+        for key in gone:
+            del self._data[key]
+        self.evictions += len(gone)
+
+    def retain(self, keys: Container[K]) -> int:
+        """Forget every entry whose key is not in ``keys`` (what the source holds no more); how many."""
+        gone = [k for k in self._data if k not in keys]
+        for k in gone:
+            del self._data[k]
+        return len(gone)
 
     def __contains__(self, key: object) -> bool:
         return key in self._data

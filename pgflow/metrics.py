@@ -179,8 +179,15 @@ def point_problems(points: pl.DataFrame) -> list[str]:
         return []
     declared = metrics()
     problems: list[str] = []
-    signatures = points.group_by("metric", "kind", "unit", "monotonic", "is_int").len().sort("metric")
-    for name, kind, unit, monotonic, is_int, _ in signatures.iter_rows():
+    # Issue 20: one group-by gives each signature and which attributes its points carry, the
+    # fixed-value attributes' values come from the distinct combinations only (~5 ms a window to ~1).
+    signature = ("metric", "kind", "unit", "monotonic", "is_int")
+    attrs = points.select_seq(*signature, pl.col("attributes").struct.unnest())
+    keys = [k for k in attrs.columns if k not in signature]
+    grouped = attrs.group_by(signature).agg(pl.col(k).is_not_null().any() for k in keys).sort("metric")
+    present: dict[str, set[str]] = {}
+    for name, kind, unit, monotonic, is_int, *flags in grouped.iter_rows():
+        present.setdefault(name, set()).update(key for key, on in zip(keys, flags) if on)
         m = declared.get(name)
         if m is None:
             problems.append(f"{name}: not declared in pgflow/metric_catalog.py")
@@ -193,16 +200,19 @@ def point_problems(points: pl.DataFrame) -> list[str]:
         ):
             if got != want:
                 problems.append(f"{name}: {what} {got!r}, declared {want!r}")
-    long = (
-        points.select("metric", pl.col("attributes").struct.unnest())
+    for name in sorted(present):
+        m = declared.get(name)
+        if m is not None:
+            problems.extend(f"{name}: attribute {key!r} not declared" for key in sorted(present[name]) if key not in m.attribute_keys)
+    fixed_keys = sorted(k for k in _fixed_keys() if k in keys)
+    fixed = (
+        attrs.select("metric", *fixed_keys)
+        .unique()
         .unpivot(index="metric", variable_name="key", value_name="value")
         .drop_nulls("value")
+        .unique()
+        .sort("metric", "key", "value")
     )
-    for name, key in long.select("metric", "key").unique().sort("metric", "key").iter_rows():
-        m = declared.get(name)
-        if m is not None and key not in m.attribute_keys:
-            problems.append(f"{name}: attribute {key!r} not declared")
-    fixed = long.filter(pl.col("key").is_in(list(_fixed_keys()))).unique().sort("metric", "key", "value")
     for name, key, value in fixed.iter_rows():
         a = declared[name].attribute(key) if name in declared else None
         if a is not None and a.values and value not in a.values:

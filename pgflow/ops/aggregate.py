@@ -63,5 +63,5 @@ def aggregate(parts: list[SeriesTable]) -> SeriesTable:
         return empty_series()
     labels = pl.concat([p.labels.select(*SERIES_KEY, *SERIES_LABELS) for p in parts])
     if labels.get_column("database").has_nulls() or labels.get_column("user").has_nulls():
-        labels = labels.with_columns(pl.col("database", "user").fill_null(UNKNOWN))
+        labels = labels.with_columns_seq(pl.col("database", "user").fill_null(UNKNOWN))
     return sum_by(labels, np.concatenate([p.ints for p in parts]), np.concatenate([p.floats for p in parts]), list(SERIES_KEY))

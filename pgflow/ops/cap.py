@@ -87,7 +87,7 @@ def _with_sampled(names: pl.Series, weights: np.ndarray, sampled: pl.DataFrame, 
 
 def _tracked(labels: pl.DataFrame, lrus: dict[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
     """Per column, which rows carry a tracked name (one pass for all columns)."""
-    found = labels.select(pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()).fill_null(False) for c, lru in lrus.items())
+    found = labels.select_seq(pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()).fill_null(False) for c, lru in lrus.items())
     return {c: found.get_column(c).to_numpy() for c in lrus}
 
 
@@ -116,7 +116,7 @@ def cap(
     calls, time = series.column("calls"), series.column("total_exec_time")
     active = np.flatnonzero(calls > 0)
     weights = time[active]
-    hashes = labels.select(pl.col("database", "user", "fingerprint").hash())
+    hashes = labels.select_seq(pl.col("database", "user", "fingerprint").hash())
     distinct = labels.get_column("fingerprint").n_unique() == labels.height  # the common case
 
     def touch(lru: tuple[str, ...], column: str, limit: int) -> tuple[tuple[str, ...], int]:
@@ -161,13 +161,13 @@ def cap(
         return state, series  # the common case: every series tracked under its own name
 
     if renamed:
-        labels = labels.with_columns(renamed)
+        labels = labels.with_columns_seq(renamed)
     kept = SeriesTable(labels.filter(pl.Series(~rolled)), series.ints[~rolled], series.floats[~rolled])
     if renamed:  # two users (or databases) renamed into one: their series merge
         kept = sum_by(kept.labels, kept.ints, kept.floats, ["database", "user", "fingerprint", "toplevel", "operation"])
     rollup = ["database", "user", "operation", "toplevel"]
     others = sum_by(labels.filter(pl.Series(rolled)).select(rollup), series.ints[rolled], series.floats[rolled], rollup)
-    others_labels = others.labels.select(
+    others_labels = others.labels.select_seq(
         "database",
         "user",
         pl.lit(OTHER).alias("fingerprint"),

@@ -256,13 +256,15 @@ class Fingerprinter:
 
     The pipeline calls it only when a scrape's rows differ from the previous scrape's. The
     key cache is a polars table per instance joined against each frame: one join and no
-    Python per already-seen row. Both caches are bounded; a
-    key cache over capacity keeps the keys of the frame just seen and the newest others.
+    Python per already-seen row. The key cache holds the keys of the frame just seen (what
+    the server holds); the text and label caches, shared by a worker's instances, twice the
+    keys all instances hold (:meth:`_bound_shared`); all within the configured sizes.
     State is only a cache: losing it changes nothing but speed.
     """
 
     def __init__(self, key_cache_size: int = 50_000, text_cache_size: int = 50_000) -> None:
         self.key_cache_size = key_cache_size
+        self.text_cache_size = text_cache_size
         self._by_key: dict[str, pl.DataFrame] = {}
         self._by_text: LRU[int, QueryInfo] = LRU(text_cache_size)
         self._labels: LRU[str, QueryInfo] = LRU(key_cache_size)
@@ -295,6 +297,9 @@ class Fingerprinter:
         """Add fingerprint, operation, summary and text to ``frame`` (dbid, queryid, query)."""
         table = self._by_key.get(instance)
         key = ["dbid", "queryid"]
+        # New entries never push out others while the frame is labelled: the caches are bounded
+        # afterwards, by what the instances hold (:meth:`_bound_shared`).
+        self._by_text.capacity, self._labels.capacity = self.text_cache_size, self.key_cache_size
         if table is None:
             table = pl.DataFrame(schema={"dbid": pl.Int64, "queryid": pl.Int64, **FINGERPRINT_COLUMNS})
         joined = frame.join(table, on=key, how="left", maintain_order="left")
@@ -316,12 +321,28 @@ class Fingerprinter:
                 pl.Series("text", [i.text for i in infos], dtype=pl.String),
             )
             table = pl.concat([table, new_rows])
-            if table.height > self.key_cache_size:
-                used = frame.select(key).unique()
-                recent = table.join(used, on=key, how="semi")
-                rest = table.join(used, on=key, how="anti").tail(max(0, self.key_cache_size - recent.height))
-                table = pl.concat([rest, recent])
             # Fill the new keys in place: rows keep the server's order (sums stay deterministic).
             joined = joined.drop(*FINGERPRINT_COLUMNS).join(table, on=key, how="left", maintain_order="left")
+        # Issue 20: only the keys the server holds now stay (``frame`` is every entry of the
+        # scrape): the key cache is as large as the server's pg_stat_statements, whatever the
+        # cache limit. A key that comes back is found again through the text cache.
+        table = table.join(frame.select(key).unique(), on=key, how="semi", maintain_order="left")
         self._by_key[instance] = table
+        self._bound_shared()
         return joined
+
+    def _bound_shared(self) -> None:
+        """Texts and labels (shared by the instances of a worker) bounded by the keys all of them
+        hold now: twice as many, at least 100, at most the configured sizes (the labels of
+        fingerprints still held are kept). An instance of a small server never carries tens of
+        thousands of dead statements' texts."""
+        live = sum(t.height for t in self._by_key.values())
+        bound = max(2 * live, 100)
+        self._by_text.resize(min(self.text_cache_size, bound))
+        if len(self._labels) > min(self.key_cache_size, bound):
+            # The label of a fingerprint some instance still holds stays: a new key of it (another
+            # user, another database) must get the same text, or its series' identity would change.
+            held = {fp for t in self._by_key.values() for fp in t.get_column("fingerprint").to_list()}
+            self._labels.resize(min(self.key_cache_size, bound), keep=held)
+        else:
+            self._labels.resize(min(self.key_cache_size, bound))

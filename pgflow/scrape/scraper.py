@@ -6,22 +6,26 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 import psycopg
+from psycopg import sql
 
 from pgflow import telemetry
 from pgflow.config import dsn_host_port, dsn_instance_name, redact_dsn
 from pgflow.errors import ExtensionMissing, ScrapeError
 from pgflow.logs import kv
 from pgflow.lru import LRU
-from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, STATEMENTS, ServerIdentity, Snapshot, conform
+from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, ServerIdentity, Snapshot
 from pgflow.scrape import texts
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
+from pgflow.scrape.columnar import NULL_BOOL, Last, columnar, empty_frames, toplevel_series
+from pgflow.scrape.columnar import frame as _frame
 from pgflow.scrape.connection import classify, connect, connected_address, guarded
 from pgflow.scrape.databases import databases_sql
 from pgflow.scrape.health import DISCOVER_SQL, HealthSchedule, HealthSupport
 from pgflow.scrape.locks import LOCKS_SQL, blocked_sql
-from pgflow.scrape.statements import EXTENSION_SQL, MARK, info_sql, is_own, statements_sql, texts_sql
+from pgflow.scrape.statements import EXTENSION_SQL, MARK, info_sql, is_own, statements_columnar_sql, texts_sql
 
 log = logging.getLogger("pgflow.scrape")
 
@@ -30,7 +34,6 @@ _DISCOVER_SQL = (
     "has_function_privilege('pg_control_system()', 'EXECUTE'), "
     "has_function_privilege('pg_control_checkpoint()', 'EXECUTE')"
 )
-_STATEMENT_COLUMNS = [c for c in STATEMENTS.names() if c != "query"]
 TEXT_RETRY_SECS = 300.0  # texts unreadable and no way round: the way round is looked for again this late
 
 
@@ -120,6 +123,8 @@ class Scraper:
         self._probe_after = 0.0  # monotonic time before which no way round is looked for again
         self._text_advice: tuple[str, str] | None = None  # said once per advice
         self._warned_hidden = False
+        self._fixed: tuple[ServerInfo, list[object]] | None = None  # the scrape's queries, composed for this server
+        self._last: Last | None = None  # the previous scrape's statements, reused while the keys stay
 
     def __repr__(self) -> str:
         return f"Scraper(instance={self.instance!r})"
@@ -211,18 +216,25 @@ class Scraper:
                 extra=kv(instance=self.instance, hidden_statements=snap.hidden_statements),
             )
 
+    def _fixed_queries(self, conn: psycopg.Connection, server: ServerInfo) -> list[object]:
+        """The queries every scrape sends, composed once per connection (composing costs ~1 ms)."""
+        if self._fixed is None or self._fixed[0] is not server:
+            queries: list[object] = [
+                meta_sql(server),
+                statements_columnar_sql(server.extension_schema, set(server.columns)),
+                ACTIVITY_SQL,
+                AGES_SQL,
+                LOCKS_SQL,
+                blocked_sql(server.version_num),
+                databases_sql(server.version_num),
+            ]
+            if server.has_info_view:
+                queries.append(info_sql(server.extension_schema))
+            self._fixed = (server, [q.as_string(conn) if isinstance(q, sql.Composable) else q for q in queries])
+        return list(self._fixed[1])
+
     def _scrape(self, conn: psycopg.Connection, server: ServerInfo) -> Snapshot:
-        queries: list[object] = [
-            meta_sql(server),
-            statements_sql(server.extension_schema, set(server.columns)),
-            ACTIVITY_SQL,
-            AGES_SQL,
-            LOCKS_SQL,
-            blocked_sql(server.version_num),
-            databases_sql(server.version_num),
-        ]
-        if server.has_info_view:
-            queries.append(info_sql(server.extension_schema))
+        queries = self._fixed_queries(conn, server)
         # issue 13: the health groups that are due ride at the end of the same round trip.
         health_started = self.health.now()
         groups = self.health.due(server.health) if server.health is not None else []
@@ -242,7 +254,7 @@ class Scraper:
             in_recovery=in_recovery,
             address=f"{addr}:{port}" if addr else f"{self.server_address}:{self.server_port}",
         )
-        statements, hidden = self._statements(conn, server, results[1])
+        statements, hidden = self._statements(conn, server, results[1][0])
         dealloc, stats_reset = results[7][0] if server.has_info_view else (None, None)
         ages = results[3][0] if results[3] else (None, None)
         self.stats.hidden += hidden
@@ -270,29 +282,73 @@ class Scraper:
             hidden_statements=hidden,
             identity=identity,
             health_scraped=tuple(groups),
-            **health,
+            **{**empty_frames(), **health},
         )
 
-    def _statements(self, conn: psycopg.Connection, server: ServerInfo, rows: list[tuple]) -> tuple[pl.DataFrame, int]:
-        frame = pl.DataFrame(rows, schema=[(c, STATEMENTS[c]) for c in _STATEMENT_COLUMNS], orient="row")
-        # Rows of other roles' statements come without a queryid when the monitoring role
-        # lacks pg_read_all_stats: they cannot be diffed, so they are counted and left out.
-        hidden = frame.filter(pl.col("queryid").is_null()).height
-        if hidden:
-            frame = frame.filter(pl.col("queryid").is_not_null())
-        keys = list(zip(frame["dbid"].to_list(), frame["userid"].to_list(), frame["queryid"].to_list(), frame["toplevel"].to_list()))
+    def _statements(self, conn: psycopg.Connection, server: ServerInfo, row: tuple) -> tuple[pl.DataFrame, int]:
+        """The statements frame from the columnar row (:func:`statements_columnar_sql`).
+
+        Rows of other roles' statements come without a queryid when the monitoring role lacks
+        pg_read_all_stats: they cannot be diffed, so they are counted (``hidden``) and left out.
+        In the steady state the server returns the same entries in the same order: the texts,
+        the own-statement mask and the names of the previous scrape are reused, with no Python
+        work per row (issue 20).
+        """
+        cols = columnar(row)
+        keys = (cols.dbid, cols.userid, cols.queryid, cols.toplevel)
+        last = self._last
+        if last is not None and last.complete and all(np.array_equal(a, b) for a, b in zip(keys, last.keys)):
+            query, own, complete = last.query, last.own, True
+            self.texts.hits += cols.n
+        else:
+            query, own, complete = self._texts_of(conn, server, keys)
+        if last is not None and query is last.query and cols.names == last.names:
+            database, user = last.database, last.user
+        else:
+            database = pl.Series("database", cols.dbid).replace_strict(*cols.names[0:2], default=None, return_dtype=pl.String)
+            user = pl.Series("user", cols.userid).replace_strict(*cols.names[2:4], default=None, return_dtype=pl.String)
+        self._last = Last(keys, query, own, cols.names, database, user, complete)
+        frame = pl.DataFrame(
+            [
+                pl.Series("dbid", cols.dbid),
+                pl.Series("userid", cols.userid),
+                pl.Series("queryid", cols.queryid),
+                toplevel_series(cols.toplevel),
+                database,
+                user,
+                query,
+                cols.since,
+                *cols.counters,
+            ]
+        )
+        if own is not None:
+            # pgflow's own statements (marked): left out for their whole life, so deltas stay exact.
+            self.stats.own += int(own.sum())
+            frame = frame.filter(pl.Series(~own))
+        return frame, cols.hidden
+
+    def _texts_of(
+        self, conn: psycopg.Connection, server: ServerInfo, arrays: tuple[np.ndarray, ...]
+    ) -> tuple[pl.Series, np.ndarray | None, bool]:
+        """The texts of the scrape's keys (fetched for those not cached), the mask of pgflow's own,
+        and whether every key was decided (False: texts unreadable for now, tried again next scrape).
+
+        Only the keys the server holds now stay cached (issue 20): a cache is as large as the
+        server's pg_stat_statements, never as the cache limit, and an entry that comes back is
+        a new entry whose text is read again.
+        """
+        toplevel = [None if t == NULL_BOOL else bool(t) for t in arrays[3].tolist()]
+        keys = list(zip(arrays[0].tolist(), arrays[1].tolist(), arrays[2].tolist(), toplevel))
+        present = set(keys)
+        self.texts.retain(present)
+        self._own &= present
         missing = {k for k in keys if k not in self.texts and k not in self._own}
         if missing:
             self._fetch_texts(conn, server, missing, keys)
         texts = [self.texts.get(k) for k in keys]
-        frame = frame.with_columns(pl.Series("query", texts, dtype=pl.String))
-        if self._own:
-            # pgflow's own statements (marked): left out for their whole life, so deltas stay exact.
-            own = pl.Series([k in self._own for k in keys], dtype=pl.Boolean)
-            if own.any():
-                self.stats.own += int(own.sum())
-                frame = frame.filter(~own)
-        return conform(frame, STATEMENTS), hidden
+        own = np.fromiter((k in self._own for k in keys), bool, len(keys)) if self._own else None
+        complete = all(k in self.texts or k in self._own for k in missing)
+        return pl.Series("query", texts, dtype=pl.String), (own if own is not None and own.any() else None), complete
 
     def _fetch_texts(
         self, conn: psycopg.Connection, server: ServerInfo, keys: set[tuple[int, int, int, bool | None]], present: list[tuple]
@@ -410,10 +466,6 @@ class Scraper:
             self._blocked = set(present)
             self._probe_after = time.monotonic() + TEXT_RETRY_SECS
             return None
-
-
-def _frame(rows: list[tuple], schema: pl.Schema) -> pl.DataFrame:
-    return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
 
 
 def scrape_once(dsn: str, **kwargs: object) -> Snapshot:

@@ -94,6 +94,56 @@ def statements_sql(schema: str, available: set[str]) -> sql.Composed:
     ).format(sql.SQL(", ").join(columns), sql.Identifier(schema))
 
 
+# Issue 20: the counters arrive column by column, each as one bytea of the values' binary
+# send form (big-endian int8 / float8 / bool, timestamptz as microseconds since 2000-01-01),
+# so the collector turns them into arrays without a Python object per value. One aggregate
+# node advances every aggregate on the same row, so the i-th value of every column is the same
+# entry. Names come as two small arrays per kind (oids and names) of the entries' databases and
+# roles. Rows without a queryid (other roles' statements, hidden from a role without
+# pg_read_all_stats) are counted, not sent.
+COLUMNAR_PREFIX = ("hidden", "n", "dbid", "userid", "queryid", "toplevel", "stats_since")
+COLUMNAR_NAMES = ("db_oids", "db_names", "role_oids", "role_names")
+PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970-01-01
+
+
+def statements_columnar_sql(schema: str, available: set[str]) -> sql.Composed:
+    """The per-scrape counters query, one row of columns (see ``COLUMNAR_PREFIX``): then one
+    bytea per counter of STATEMENT_INT_COUNTERS and STATEMENT_TIME_COUNTERS (NULL: the server
+    lacks the column), then ``COLUMNAR_NAMES``."""
+
+    def agg(expr: str) -> sql.Composable:
+        return sql.SQL("string_agg(" + expr + ", ''::bytea) FILTER (WHERE s.queryid IS NOT NULL)")
+
+    def counter(name: str, kind: str) -> sql.Composable:
+        src = _source(name, available)
+        if src is None:
+            return sql.SQL("NULL::bytea")
+        cast = "int8" if kind == "int8send" else "float8"
+        return sql.SQL("string_agg({}(coalesce(s.{}::" + cast + ", 0)), ''::bytea) FILTER (WHERE s.queryid IS NOT NULL)").format(
+            sql.SQL(kind), sql.Identifier(src)
+        )
+
+    since = _source("stats_since", available)
+    columns = [
+        sql.SQL("count(*) FILTER (WHERE s.queryid IS NULL)"),
+        sql.SQL("count(s.queryid)"),
+        agg("int8send(s.dbid::int8)"),
+        agg("int8send(s.userid::int8)"),
+        agg("int8send(s.queryid)"),
+        agg("boolsend(s.toplevel)") if "toplevel" in available else sql.SQL("NULL::bytea"),
+        agg(f"timestamptz_send(coalesce(s.{since}, '-infinity'))") if since else sql.SQL("NULL::bytea"),
+        *(counter(c, "int8send") for c in STATEMENT_INT_COUNTERS),
+        *(counter(c, "float8send") for c in STATEMENT_TIME_COUNTERS),
+        sql.SQL("(SELECT array_agg(d.oid::int8 ORDER BY d.oid) FROM pg_database d WHERE d.oid IN (SELECT dbid FROM s))"),
+        sql.SQL("(SELECT array_agg(d.datname::text ORDER BY d.oid) FROM pg_database d WHERE d.oid IN (SELECT dbid FROM s))"),
+        sql.SQL("(SELECT array_agg(r.oid::int8 ORDER BY r.oid) FROM pg_roles r WHERE r.oid IN (SELECT userid FROM s))"),
+        sql.SQL("(SELECT array_agg(r.rolname::text ORDER BY r.oid) FROM pg_roles r WHERE r.oid IN (SELECT userid FROM s))"),
+    ]
+    return sql.SQL("WITH /*pgflow*/ s AS MATERIALIZED (SELECT * FROM {}.pg_stat_statements(false)) SELECT {} FROM s").format(
+        sql.Identifier(schema), sql.SQL(", ").join(columns)
+    )
+
+
 def info_sql(schema: str) -> sql.Composed:
     """``pg_stat_statements_info`` (extension 1.9+, PostgreSQL 14+): deallocations and last reset."""
     return sql.SQL("SELECT /*pgflow*/ dealloc, stats_reset FROM {}.pg_stat_statements_info").format(sql.Identifier(schema))
