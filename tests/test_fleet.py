@@ -26,7 +26,13 @@ from pgflow.stream.routing import placement, routing_key, worker_of
 
 pytestmark = pytest.mark.slow
 
-PGBENCH = ("UPDATE pgbench_branches", "UPDATE pgbench_tellers", "UPDATE pgbench_accounts", "SELECT pgbench_accounts", "INSERT pgbench_history")
+PGBENCH = (
+    "UPDATE pgbench_branches",
+    "UPDATE pgbench_tellers",
+    "UPDATE pgbench_accounts",
+    "SELECT pgbench_accounts",
+    "INSERT pgbench_history",
+)
 # Left to bytewax's hash, these names split 8/4 over two workers (see test_routing_key_balances_names_a_hash_would_not).
 NAMES = [f"db{i}" for i in range(12)]
 
