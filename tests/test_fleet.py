@@ -48,6 +48,16 @@ def test_routing_key_balances_names_a_hash_would_not():
             assert worker_of(key, workers) == worker and key.split("#")[0] == name
 
 
+def test_placement_is_even_and_moves_few_instances_when_one_is_added():
+    fleet = [f"server-{i:03d}" for i in range(200)]
+    for workers in (2, 3, 4):
+        before = placement(fleet, workers)
+        counts = [list(before.values()).count(w) for w in range(workers)]
+        assert max(counts) - min(counts) <= 1
+        after = placement([*fleet, "server-new"], workers)
+        assert sum(before[n] != after[n] for n in fleet) <= 3  # not a reshuffle: the others keep their ledgers
+
+
 def scraped_instances(metrics_addr: str) -> set[str]:
     text = urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5).read().decode()
     return set(re.findall(r'^pgflow_last_successful_scrape_timestamp_seconds\{instance="([^"]+)"\}', text, re.M))

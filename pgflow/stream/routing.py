@@ -4,10 +4,11 @@ bytewax 0.21.1 routes a keyed item to worker ``hash(key) % worker_count`` (``sta
 partitions with Rust's ``DefaultHasher``: SipHash-1-3, keys 0 and 0, over the key's UTF-8
 bytes and a 0xFF terminator). Left to that hash, 200 instance names split unevenly over two
 workers (a binomial draw: often 110/90), and an instance's snapshots cross to another process
-whenever its key hashes elsewhere than its scrape runs. So the source places instance ``i``
-(of the sorted names) on worker ``i % worker_count`` and keys its snapshots with the first of
-``name``, ``name#1``, ``name#2``... that hashes to that same worker: an even split (±1), the
-same on every start, and no snapshot ever leaves the process that scraped it. Should a later
+whenever its key hashes elsewhere than its scrape runs. So the source places the instances
+itself (:func:`placement`: where the name hashes, then evened out) and keys each instance's
+snapshots with the first of ``name``, ``name#1``, ``name#2``... that hashes to that same
+worker: an even split (±1), the same on every start, and no snapshot ever leaves the process
+that scraped it. Should a later
 bytewax hash differently, the routing stays correct (bytewax delivers by key, whatever the
 key); only the placement would be off, which tests/test_fleet.py would show.
 """
@@ -70,5 +71,21 @@ def routing_key(name: str, worker: int, worker_count: int) -> str:
 
 
 def placement(names: list[str], worker_count: int) -> dict[str, int]:
-    """Instance name -> worker: the sorted names dealt out in turn (an even split, ±1)."""
-    return {name: i % worker_count for i, name in enumerate(sorted(names))}
+    """Instance name -> worker: an even split (±1) that moves few instances when one is added.
+
+    Each worker has room for its share (the first ``n % worker_count`` one more); in the order
+    of their hashes, each instance goes to the worker its name hashes to or, that one full, the
+    next one with room. So an instance mostly keeps its worker (and its ledger, in that
+    process's state directory) across restarts and configuration changes: adding or removing
+    one instance moves a few others at most, never all.
+    """
+    n = len(names)
+    room = [n // worker_count + (1 if w < n % worker_count else 0) for w in range(worker_count)]
+    where: dict[str, int] = {}
+    for name in sorted(names, key=lambda x: (key_hash(x), x)):
+        w = worker_of(name, worker_count)
+        while room[w] == 0:
+            w = (w + 1) % worker_count
+        room[w] -= 1
+        where[name] = w
+    return where
