@@ -21,7 +21,8 @@ Last line: instances=<n> lag_p50_s=<f> lag_max_s=<f> late_windows=<n> missing_wi
 cpu_pct=<f> rss_mb=<f> instances_per_core=<f>   (instances_per_core = instances / (cpu_pct / 100))
 
 Usage: python bench/many_bench.py [instances=20] [servers=2] [duration_secs=180] [warmup_secs=45] [statements=2000]
-PGFLOW_BENCH_PG_BINDIR picks the PostgreSQL binaries. Run it under ``nice -n 5`` on a shared machine.
+PGFLOW_BENCH_PG_BINDIR picks the PostgreSQL binaries; PGFLOW_BENCH_WORKERS=N runs ``pgflow run --workers N``
+(bytewax worker threads in the one process; default 1). Run it under ``nice -n 5`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def main() -> None:
             "PYTHONPATH": str(ROOT),
         }
         log = open(work / "collector.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "pgflow", "run"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        workers = ["--workers", os.environ["PGFLOW_BENCH_WORKERS"]] if os.environ.get("PGFLOW_BENCH_WORKERS") else []
+        proc = subprocess.Popen([sys.executable, "-m", "pgflow", "run", *workers], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             time.sleep(warmup)
             if proc.poll() is not None:
