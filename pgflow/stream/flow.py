@@ -32,12 +32,14 @@ class DiscardSink(DynamicSink[object]):
 def build_flow(settings: Settings, source: Source[Snapshot] | None = None, recorder: SnapshotRecorder | None = None) -> Dataflow:
     """The collector; ``source`` replaces the PostgreSQL scrapes (e.g. a capture replay), and
     ``recorder`` also writes every scrape to a capture."""
-    if source is None:
-        source = ScrapeSource(settings, runtime(settings).health, recorder)
-        quiet_timers()  # issue 20: bytewax's 1 ms loops wake ~50 times a second, not 2,000
     flow = Dataflow("pgflow")
-    snapshots = op.input("scrape", flow, source)
-    keyed = op.key_on("by_instance", snapshots, lambda s: s.instance)
+    keyed: op.KeyedStream[Snapshot]
+    if source is None:
+        # issue 20: the source keys each snapshot for the worker that scraped it (pgflow.stream.routing)
+        keyed = op.input("scrape", flow, ScrapeSource(settings, runtime(settings).health, recorder))
+        quiet_timers()  # issue 20: bytewax's 1 ms loops wake ~50 times a second, not 2,000
+    else:
+        keyed = op.key_on("by_instance", op.input("scrape", flow, source), lambda s: s.instance)
     shipped = op.stateful("collect", keyed, logic_builder(settings))
     op.output("done", shipped, DiscardSink())
     return flow

@@ -1,10 +1,19 @@
-"""The scrape source: one bytewax partition per PostgreSQL instance, scraping on a thread.
+"""The scrape source: each bytewax worker scrapes its share of the instances, each on a thread.
 
-A partition never blocks its worker: the scrape runs on the partition's own thread and
+A partition never blocks its worker: the scrape runs on the instance's own thread and
 ``next_batch`` returns nothing until it is done; ``next_awake`` says when to look again.
 A slow or dead instance delays no other. A failed scrape is logged and counted, and the
 next successful scrape's delta covers the gap. The whole source ends (EOF) after
 ``max_scrapes`` scrapes per instance, or when :data:`STOP` is set (SIGINT/SIGTERM).
+
+Issue 20 (many instances): the sorted instances are dealt out to the workers in turn, and
+each instance's snapshots are keyed so that its operators run on the worker that scraped it
+(:mod:`pgflow.stream.routing`): an even split over a cluster, no snapshot crossing processes.
+Each instance scrapes on its own slot of the interval grid (``k * interval + slot``, slots
+spread over the first half of the interval): windows close on the first scrape after their
+end, so an instance's windows leave ``slot`` plus the scrape's own time after they end, and
+the instances' scrapes (and the worker's operator work) are spread over the interval instead
+of arriving all at once.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.inputs import DynamicSource, StatefulSourcePartition, StatelessSourcePartition
 
 from pgflow import telemetry
 from pgflow.config import InstanceConfig, Settings
@@ -29,12 +38,15 @@ from pgflow.scrape.explain import WindowPlans
 from pgflow.scrape.health import HealthSchedule
 from pgflow.scrape.sampler import sampler_for, with_samples
 from pgflow.scrape.tables import TableScraper
+from pgflow.stream.routing import placement, routing_key
 
 log = logging.getLogger("pgflow.source")
 
 STOP = threading.Event()  # set by the signal handlers: every source ends, every window is flushed
 _POLL = timedelta(milliseconds=50)
 _IDLE_WAKE = timedelta(seconds=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SLOT_GUARD = timedelta(seconds=1)  # the earliest slot after the grid: a server clock a little behind still closes the window
 
 
 class SnapshotRecorder:
@@ -66,10 +78,16 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
     """Scrapes one instance every ``collection_interval_secs`` on a private thread."""
 
     def __init__(
-        self, instance: InstanceConfig, settings: Settings, health: telemetry.Health | None, recorder: SnapshotRecorder | None = None
+        self,
+        instance: InstanceConfig,
+        settings: Settings,
+        health: telemetry.Health | None,
+        recorder: SnapshotRecorder | None = None,
+        slot: tuple[int, int] = (0, 1),
     ) -> None:
         self.instance = instance
         self.interval = timedelta(seconds=settings.collection_interval_secs)
+        self.slot, first = slot_of(self.interval, *slot)
         self.max_scrapes = settings.max_scrapes
         self.health = health
         self.recorder = recorder
@@ -83,7 +101,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         )  # issue 13
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scrape-{instance.name}")
         self.attempts = 0
-        self.next_at = _now()
+        self.next_at = _now() + first  # the baselines of many instances are spread as well
         self.pending: Future[Snapshot] | None = None
         self._last_stats = (0, 0)
         # issue 11: active-session sampling beside the scrape, on its own connection and thread
@@ -110,9 +128,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             if _now() < self.next_at:
                 return []
             self.attempts += 1
-            self.next_at = self.next_at + self.interval
-            if self.next_at < _now():  # fell behind (slow scrape): skip, never burst
-                self.next_at = _now() + self.interval
+            self.next_at = self._next_slot(_now())
             self.pending = self.pool.submit(self._scrape)
             return []
         if not self.pending.done():
@@ -120,6 +136,12 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         future, self.pending = self.pending, None
         snapshot = future.result()
         return [snapshot] if snapshot is not None else []
+
+    def _next_slot(self, now: datetime) -> datetime:
+        """The instance's next slot on the grid at least half an interval away: a scrape that
+        ran late (a slow server) is followed by the next slot, never by a burst."""
+        k = (now + self.interval / 2 - self.slot - _EPOCH) // self.interval + 1
+        return _EPOCH + k * self.interval + self.slot
 
     def _scrape(self) -> Snapshot | None:
         with self._conn_lock:
@@ -276,8 +298,59 @@ class TableStatsThread:
         self.scraper.close()
 
 
-class ScrapeSource(FixedPartitionedSource[Snapshot, None]):
-    """One partition per configured instance; a bytewax cluster spreads them over workers."""
+def slot_of(interval: timedelta, index: int, count: int) -> tuple[timedelta, timedelta]:
+    """Instance ``index`` of ``count``: its slot after each grid point, and its first scrape's delay.
+
+    Slots are spread evenly from ``_SLOT_GUARD`` (a tenth of the interval at most) to half the
+    interval; the first scrapes (the baselines) are spread the same way from the start.
+    """
+    guard = min(_SLOT_GUARD, interval / 10)
+    slot = guard + (interval / 2 - guard) * index / max(count, 1)
+    return slot, slot - guard
+
+
+class WorkerScrapes(StatelessSourcePartition[tuple[str, Snapshot]]):
+    """One worker's instances; each snapshot leaves keyed for this worker's operators."""
+
+    def __init__(self, parts: dict[str, ScrapePartition]) -> None:
+        self.parts = parts  # routing key -> the instance's partition
+        self.awake: dict[str, datetime | None] = dict.fromkeys(parts)  # None: look now
+
+    def next_batch(self) -> list[tuple[str, Snapshot]]:
+        now = _now()
+        out: list[tuple[str, Snapshot]] = []
+        for key, part in list(self.parts.items()):
+            wake = self.awake[key]
+            if wake is not None and now < wake:
+                continue  # only the instances whose time has come: a call per instance per wake-up is not free
+            try:
+                out.extend((key, snapshot) for snapshot in part.next_batch())
+            except StopIteration:
+                part.close()
+                del self.parts[key], self.awake[key]
+                continue
+            self.awake[key] = part.next_awake()
+        if not self.parts:
+            raise StopIteration()
+        return out
+
+    def next_awake(self) -> datetime | None:
+        wakes = list(self.awake.values())
+        return None if not wakes or None in wakes else min(w for w in wakes if w is not None)
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            part.close()
+        self.parts.clear()
+        self.awake.clear()
+
+
+class ScrapeSource(DynamicSource[tuple[str, Snapshot]]):
+    """Every configured instance, dealt out evenly over the workers of a bytewax cluster (issue 20).
+
+    A ``DynamicSource`` (not one partition per instance) because only its ``build`` is told the
+    worker's index and count, which the routing keys need (:mod:`pgflow.stream.routing`).
+    """
 
     def __init__(self, settings: Settings, health: telemetry.Health | None = None, recorder: SnapshotRecorder | None = None) -> None:
         self.settings = settings
@@ -285,8 +358,15 @@ class ScrapeSource(FixedPartitionedSource[Snapshot, None]):
         self.health = health
         self.recorder = recorder
 
-    def list_parts(self) -> list[str]:
-        return list(self.instances)
-
-    def build_part(self, step_id: str, for_part: str, resume_state: None) -> ScrapePartition:
-        return ScrapePartition(self.instances[for_part], self.settings, self.health, self.recorder)
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> WorkerScrapes:
+        where = placement(list(self.instances), worker_count)
+        order = sorted(self.instances)  # slots by the global order: two processes' scrapes of one server interleave too
+        parts = {
+            routing_key(name, worker_index, worker_count): ScrapePartition(
+                self.instances[name], self.settings, self.health, self.recorder, slot=(i, len(order))
+            )
+            for i, name in enumerate(order)
+            if where[name] == worker_index
+        }
+        log.info("instances on this worker", extra=kv(worker=worker_index, workers=worker_count, instances=len(parts)))
+        return WorkerScrapes(parts)

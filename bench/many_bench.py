@@ -1,0 +1,173 @@
+"""Many instances in one process (issue 20): is every instance's every window exported on time?
+
+A few real PostgreSQL servers (``servers``), each with ``instances / servers`` databases and
+about ``statements`` distinct statements in pg_stat_statements (fleet_bench's shapes), and a
+light workload on each (so that deltas are not zero). One ``pgflow run`` (a subprocess, every
+default interval: statements every 30 s, export windows of 60 s) watches every database as an
+instance (each reads its server's whole pg_stat_statements: the work of as many servers), and
+exports to a ``pgflow receive`` in its own process, storing into DuckDB.
+
+For every instance and every export window that ends within the measured period: the
+scrape-to-export lag (when the window's last point reached the receiver, ``received_at``,
+minus the window's end), and whether it was late (lag >= the collection interval) or missing.
+Over the measured period: the collector's CPU (all threads, /proc) and its resident memory at
+the end, and the host's load average.
+
+One deviation from the defaults: ``PGFLOW_TABLE_STATS_DATABASES=postgres``, so each instance
+reads one database's tables (as one server of a fleet would), not every database of the
+bench's shared servers.
+
+Last line: instances=<n> lag_p50_s=<f> lag_max_s=<f> late_windows=<n> missing_windows=<n>
+cpu_pct=<f> rss_mb=<f> instances_per_core=<f>   (instances_per_core = instances / (cpu_pct / 100))
+
+Usage: python bench/many_bench.py [instances=20] [servers=2] [duration_secs=180] [warmup_secs=45] [statements=2000]
+PGFLOW_BENCH_PG_BINDIR picks the PostgreSQL binaries; PGFLOW_BENCH_WORKERS=N runs ``pgflow run --workers N``
+(bytewax worker threads in the one process; default 1). Run it under ``nice -n 5`` on a shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import psycopg
+from fleet_bench import cpu_secs, make_statements, rss_mb
+
+from pgflow.config import Settings
+from pgflow.otlp.store import read_points
+from pgflow.pgserver import LocalPostgres, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+COLLECTION = Settings.model_fields["collection_interval_secs"].default
+EXPORT = Settings.model_fields["export_interval_secs"].default
+
+
+def workload(dsns: list[str], stop: threading.Event) -> None:
+    """A light load on each server: a few of its statements, twenty times a second."""
+    conns = [psycopg.connect(dsn, autocommit=True, application_name="many-bench") for dsn in dsns]
+    i = 0
+    while not stop.wait(0.05):
+        for conn in conns:
+            n = i % 50
+            cols = ", ".join(f"v + {j} AS c{j}" for j in range(n % 9 + 1))
+            conn.execute(f"SELECT {cols} FROM load l{n // 9} WHERE id = {i}")  # type: ignore[arg-type]
+        i += 1
+    for conn in conns:
+        conn.close()
+
+
+def start_server(stack: ExitStack, bindir: str | None, databases: list[str], statements: int) -> LocalPostgres:
+    settings = {"pg_stat_statements.max": str(statements + 1000), "max_connections": str(4 * len(databases) + 50)}
+    pg = stack.enter_context(LocalPostgres(bindir, settings=settings))
+    pg.execute("CREATE EXTENSION pg_stat_statements", dbname="template1")
+    pg.execute("CREATE EXTENSION pg_stat_statements")
+    for name in databases:
+        pg.execute(f"CREATE DATABASE {name}")
+    make_statements(pg, statements)
+    return pg
+
+
+def window_lags(points: pl.DataFrame, names: list[str], first_end: datetime, last_end: datetime) -> tuple[pl.DataFrame, int]:
+    """One row per (instance, window ending in [first_end, last_end]) received, with its lag; and the missing count."""
+    got = (
+        points.with_columns(instance=pl.col("resource").str.json_path_match("$['postgresql.instance.name']"))
+        .filter(pl.col("metric") == "postgresql.query.calls", pl.col("end").is_between(first_end, last_end))
+        .group_by("instance", "end")
+        .agg(arrived=pl.col("received_at").max())
+        .with_columns(lag=(pl.col("arrived") - pl.col("end")).dt.total_microseconds() / 1e6)
+    )
+    ends = int((last_end - first_end) / timedelta(seconds=EXPORT)) + 1
+    return got, len(names) * ends - got.height
+
+
+def main() -> None:
+    args = [int(a) for a in sys.argv[1:]]
+    instances, servers, duration, warmup, statements = (args + [20, 2, 180, 45, 2000][len(args) :])[:5]
+    work = Path(tempfile.mkdtemp(prefix="pgflow-many-"))
+    bindir = os.environ.get("PGFLOW_BENCH_PG_BINDIR") or None
+    names = [f"i{i:03d}" for i in range(instances)]
+    stop = threading.Event()
+    with ExitStack() as stack:
+        started = time.monotonic()
+        pgs = [start_server(stack, bindir, names[s::servers], statements) for s in range(servers)]
+        dsn_of = {name: pgs[i % servers].dsn(name) for i, name in enumerate(names)}
+        print(
+            f"{servers} servers, {instances} databases, {statements} statements each: ready in {time.monotonic() - started:.0f} s",
+            flush=True,
+        )
+        load = threading.Thread(target=workload, args=([pg.dsn() for pg in pgs], stop), daemon=True)
+        load.start()
+        out = work / "received.duckdb"
+        receiver = subprocess.Popen(
+            [sys.executable, "-m", "pgflow", "receive", "--grpc-port", "0", "--http-port", "0", "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
+        grpc_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[0])  # type: ignore[union-attr]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLOW_", "OTEL_"))}
+        env.pop("DATABASE_URL", None)
+        env |= {
+            "PGFLOW_INSTANCES": json.dumps([{"name": n, "database_url": dsn_of[n]} for n in names]),
+            "PGFLOW_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc_port}",
+            "PGFLOW_STATE_DIR": str(work / "state"),
+            "PGFLOW_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+            "PGFLOW_TABLE_STATS_DATABASES": json.dumps(["postgres"]),
+            "PYTHONPATH": str(ROOT),
+        }
+        log = open(work / "collector.log", "ab")
+        workers = ["--workers", os.environ["PGFLOW_BENCH_WORKERS"]] if os.environ.get("PGFLOW_BENCH_WORKERS") else []
+        proc = subprocess.Popen([sys.executable, "-m", "pgflow", "run", *workers], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            time.sleep(warmup)
+            if proc.poll() is not None:
+                raise SystemExit(f"pgflow run exited ({proc.returncode}): see {work}")
+            t0 = datetime.now(UTC)
+            cpu0, r0, m0 = cpu_secs(proc.pid), cpu_secs(receiver.pid), time.monotonic()
+            time.sleep(duration)
+            cpu1, r1, m1 = cpu_secs(proc.pid), cpu_secs(receiver.pid), time.monotonic()
+            t1 = datetime.now(UTC)
+            rss, load_avg = rss_mb(proc.pid), os.getloadavg()
+            time.sleep(COLLECTION + 5)  # the windows ending before t1 have their interval to arrive
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            stop.set()
+            receiver.send_signal(signal.SIGTERM)
+            receiver.wait(timeout=60)
+    export = timedelta(seconds=EXPORT)
+    first_end = datetime.fromtimestamp(-(-t0.timestamp() // EXPORT) * EXPORT, UTC)  # the first window end at or after t0
+    last_end = first_end + ((t1 - first_end) // export) * export
+    got, missing = window_lags(read_points(out), names, first_end, last_end)
+    cpu = 100 * (cpu1 - cpu0) / (m1 - m0)
+    lags = got["lag"]
+    late = int((lags >= COLLECTION).sum())
+    print(
+        f"windows ending {first_end:%H:%M:%S}..{last_end:%H:%M:%S}: {got.height} received; "
+        f"lag p90 {lags.quantile(0.9):.2f} s; receiver cpu {100 * (r1 - r0) / (m1 - m0):.1f}%; "
+        f"load average {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}; logs in {work}",
+        flush=True,
+    )
+    print(
+        f"instances={instances} lag_p50_s={lags.median():.2f} lag_max_s={lags.max():.2f} late_windows={late} "
+        f"missing_windows={missing} cpu_pct={cpu:.2f} rss_mb={rss:.1f} instances_per_core={instances / (cpu / 100):.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
