@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import workload_shapes
 
 from pgflow.config import Settings
 from pgflow.pgserver import LocalPostgres, free_port
@@ -33,11 +34,8 @@ from pgflow.stream.runtime import runtime
 
 
 def make_statements(pg: LocalPostgres, n: int) -> None:
-    pg.execute("CREATE TABLE IF NOT EXISTS load (id int PRIMARY KEY, v int)")
-    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
-        for i in range(n):
-            cols = ", ".join(f"v + {j} AS c{j}" for j in range(i % 9 + 1))
-            conn.execute(f"SELECT {cols} FROM load l{i // 9} WHERE id = {i}")  # type: ignore[arg-type]
+    """``n`` distinct statements in pg_stat_statements, on every version (bench/workload_shapes.py)."""
+    workload_shapes.make_statements(pg.dsn(), n)
 
 
 def main() -> None:

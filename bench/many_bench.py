@@ -43,6 +43,7 @@ from pathlib import Path
 import polars as pl
 import psycopg
 from fleet_bench import cpu_secs, make_statements, rss_mb
+from workload_shapes import statement
 
 from pgflow.config import Settings
 from pgflow.otlp.store import read_points
@@ -59,9 +60,7 @@ def workload(dsns: list[str], stop: threading.Event) -> None:
     i = 0
     while not stop.wait(0.05):
         for conn in conns:
-            n = i % 50
-            cols = ", ".join(f"v + {j} AS c{j}" for j in range(n % 9 + 1))
-            conn.execute(f"SELECT {cols} FROM load l{n // 9} WHERE id = {i}")  # type: ignore[arg-type]
+            conn.execute(statement(i % 50, literal=i))  # type: ignore[arg-type]
         i += 1
     for conn in conns:
         conn.close()

@@ -38,6 +38,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fleet_bench import make_statements  # noqa: E402
+from workload_shapes import statement  # noqa: E402
 
 from pgflow.ops.fingerprint import Fingerprinter  # noqa: E402
 from pgflow.ops.pipeline import EventsState, OpsSettings, events, initial_state, step  # noqa: E402
@@ -49,8 +50,7 @@ from pgflow.scrape.statements import statements_sql  # noqa: E402
 def workload(conn: psycopg.Connection, statements: int, touched: int, rng: random.Random) -> None:
     """Run ``touched`` of the statements again (other literals: the same entries)."""
     for i in rng.sample(range(statements), touched):
-        cols = ", ".join(f"v + {j} AS c{j}" for j in range(i % 9 + 1))
-        conn.execute(f"SELECT {cols} FROM load l{i // 9} WHERE id = {i + 1_000_000}")  # type: ignore[arg-type]
+        conn.execute(statement(i, literal=i + 1_000_000))  # type: ignore[arg-type]
 
 
 def next_second() -> float:

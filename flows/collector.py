@@ -7,10 +7,13 @@
 Settings come from the environment and PGFLOW_CONFIG, exactly as for `pgflow run`.
 """
 
-from pgflow.cli import load_settings_or_exit
-from pgflow.logs import setup
-from pgflow.stream.flow import build_flow
-from pgflow.stream.runtime import install_signal_handlers
+from pgflow.cli import lean_allocator, load_settings_or_exit
+
+lean_allocator()  # issue 20: as `pgflow run`, before the flow's threads start
+
+from pgflow.logs import setup  # noqa: E402
+from pgflow.stream.flow import build_flow  # noqa: E402
+from pgflow.stream.runtime import install_signal_handlers  # noqa: E402
 
 settings = load_settings_or_exit()
 setup(settings.log_level, settings.log_format)
