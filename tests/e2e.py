@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import polars as pl
+import psycopg
 
 from pgflow.pgserver import free_port
 
@@ -83,3 +85,28 @@ def calls_by_summary(points: pl.DataFrame, instance: str | None = None) -> dict[
 def write_config(path: Path, **settings: object) -> Path:
     path.write_text(json.dumps(settings))
     return path
+
+
+def wait_until(condition, what: str, timeout: float = 60):  # type: ignore[no-untyped-def]
+    """``condition()``'s first truthy value, polled until ``timeout``; else fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def timed_sleep(dsn: str, secs: float, out: list[float]) -> threading.Thread:
+    """A session in ``pg_sleep(secs)`` on a thread; appends the client-timed seconds it took (ground truth)."""
+
+    def run() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            started = time.monotonic()
+            conn.execute(f"SELECT pg_sleep({secs})")  # type: ignore[arg-type]
+            out.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from e2e import ROOT, collector_env, start_collector, wait_for_baseline
+from e2e import ROOT, collector_env, start_collector, wait_for_baseline, wait_until
 
 from pgflow import capture, ops
 from pgflow.otlp.receiver import Receiver, Reply
@@ -48,16 +48,6 @@ pytestmark = pytest.mark.slow
 def stop(proc: subprocess.Popen, timeout: float = 90) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=timeout)
-
-
-def wait_until(condition, what: str, timeout: float = 60):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def background_pgbench(server, seconds: int) -> threading.Thread:  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import PGBENCH_STATEMENTS
 from e2e import ROOT, calls_by_summary, collector_env, settle, write_config
 
 from pgflow.otlp.receiver import Receiver
@@ -26,13 +27,6 @@ from pgflow.stream.routing import placement, routing_key, worker_of
 
 pytestmark = pytest.mark.slow
 
-PGBENCH = (
-    "UPDATE pgbench_branches",
-    "UPDATE pgbench_tellers",
-    "UPDATE pgbench_accounts",
-    "SELECT pgbench_accounts",
-    "INSERT pgbench_history",
-)
 # Left to bytewax's hash, these names split 8/4 over two workers (see test_routing_key_balances_names_a_hash_would_not).
 NAMES = [f"db{i}" for i in range(12)]
 
@@ -109,7 +103,9 @@ def test_two_process_cluster_splits_instances_evenly_and_exports_each_window_onc
 
     # every instance: the whole workload, exactly; each series once per window, windows never overlapping
     for name in NAMES:
-        assert {s: calls_by_summary(points, instance=name).get(s) for s in PGBENCH} == dict.fromkeys(PGBENCH, 300.0), name
+        assert {s: calls_by_summary(points, instance=name).get(s) for s in PGBENCH_STATEMENTS} == dict.fromkeys(
+            PGBENCH_STATEMENTS, 300.0
+        ), name
     calls = points.filter(pl.col("metric") == "postgresql.query.calls").with_columns(
         instance=pl.col("resource").str.json_path_match("$['postgresql.instance.name']")
     )

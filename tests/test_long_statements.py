@@ -7,13 +7,12 @@ sampled time under ``other`` (the cap named only fingerprints with completed cal
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import UTC
 
 import polars as pl
-import psycopg
 import pytest
+from e2e import timed_sleep
 
 from pgflow import ops
 from pgflow.scrape import Scraper
@@ -30,18 +29,6 @@ def pg(pg_factory):
     server = pg_factory()
     server.execute("CREATE EXTENSION pg_stat_statements")
     return server
-
-
-def _sleep(dsn: str, secs: float, out: list[float]) -> threading.Thread:
-    def run() -> None:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            started = time.monotonic()
-            conn.execute(f"SELECT pg_sleep({secs})")
-            out.append(time.monotonic() - started)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
 
 
 def _attr(name: str) -> pl.Expr:
@@ -88,7 +75,7 @@ def test_a_long_statement_carries_its_fingerprint_in_every_window_end_to_end(pg,
         try:
             for state in dirs:
                 wait_for_baseline(state)
-            _sleep(pg.dsn(), SLEEP_SECS, slept).join()
+            timed_sleep(pg.dsn(), SLEEP_SECS, slept).join()
             for state in dirs:
                 settle(4.5, state_dir=state, scrapes=6)
         finally:
@@ -133,7 +120,7 @@ def _record(dsn: str, statements: list[tuple[float, list[float]]], query_samples
         snapshots.append(with_samples(scraper.scrape(), sampler))
         sampler.start()
         for secs, out in statements:
-            thread = _sleep(dsn, secs, out)
+            thread = timed_sleep(dsn, secs, out)
             while thread.is_alive():
                 time.sleep(0.5)
                 snapshots.append(with_samples(scraper.scrape(), sampler))

@@ -15,12 +15,11 @@ import os
 import re
 import signal
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import polars as pl
-import psycopg
+from e2e import timed_sleep, wait_until
 
 from pgflow.scrape.sampler import Sampler
 from pgflow.scrape.sampler_loop import THREAD_NAME, sampler_loop
@@ -60,26 +59,6 @@ def _samples(metrics_addr: str, instance: str, outcome: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def _wait_until(condition, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def _sleep(dsn: str, out: list[float]) -> threading.Thread:
-    def run() -> None:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            started = time.monotonic()
-            conn.execute(f"SELECT pg_sleep({SLEEP_SECS})")
-            out.append(time.monotonic() - started)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
-
-
 def test_a_hung_server_does_not_cost_the_other_instances_their_sampled_seconds(pg_factory, tmp_path):
     """The real collector with two instances (two servers) to the real receiver: one server frozen
     mid-run; the other's pg_sleep sessions are exported at their client-timed seconds."""
@@ -110,12 +89,12 @@ def test_a_hung_server_does_not_cost_the_other_instances_their_sampled_seconds(p
         proc = start_collector(env, log=tmp_path / "collector.log")
         try:
             wait_for_baseline(state, instances=2)
-            _wait_until(lambda: _samples(addr, "hung", "taken") >= 2, "the second server's first samples")
+            wait_until(lambda: _samples(addr, "hung", "taken") >= 2, "the second server's first samples")
             frozen = _server_pids(hung.datadir)
             _signal_all(frozen, signal.SIGSTOP)
-            _wait_until(lambda: _samples(addr, "hung", "failed") >= 1, "the frozen server's sample to fail")
+            wait_until(lambda: _samples(addr, "hung", "failed") >= 1, "the frozen server's sample to fail")
             failed_before = _samples(addr, "healthy", "failed")
-            threads = [_sleep(healthy.dsn(), slept) for _ in range(SESSIONS)]
+            threads = [timed_sleep(healthy.dsn(), SLEEP_SECS, slept) for _ in range(SESSIONS)]
             for t in threads:
                 t.join()
             hung_failed = _samples(addr, "hung", "failed")
@@ -123,7 +102,7 @@ def test_a_hung_server_does_not_cost_the_other_instances_their_sampled_seconds(p
             hung_taken = _samples(addr, "hung", "taken")
             _signal_all(frozen, signal.SIGCONT)
             frozen = []
-            _wait_until(lambda: _samples(addr, "hung", "taken") > hung_taken, "the thawed server to be sampled again")
+            wait_until(lambda: _samples(addr, "hung", "taken") > hung_taken, "the thawed server to be sampled again")
             settle(4.5, state_dir=state, scrapes=6, instance="healthy")
         finally:
             _signal_all(frozen, signal.SIGCONT)
@@ -147,14 +126,14 @@ def test_every_started_sampler_of_the_process_shares_one_thread(pg):
     try:
         for s in samplers:
             s.start()
-        _wait_until(lambda: all(s.stats.taken >= 3 for s in samplers), "three samples each", timeout=30)
+        wait_until(lambda: all(s.stats.taken >= 3 for s in samplers), "three samples each", timeout=30)
         names = [t.name for t in threading.enumerate()]
         assert names.count(THREAD_NAME) == 1, names
         assert not [n for n in names if n.startswith("sampler-")], names  # no thread per instance
     finally:
         for s in samplers:
             s.stop()
-    _wait_until(lambda: sampler_loop().threads() == 0, "the sampling thread to end")
+    wait_until(lambda: sampler_loop().threads() == 0, "the sampling thread to end")
     assert all(s._conn is None for s in samplers)  # their connections are closed
 
 
@@ -168,14 +147,14 @@ def test_a_frozen_server_costs_the_shared_thread_one_deadline_then_is_sampled_as
     slept: list[float] = []
     try:
         healthy.start(), frozen.start()
-        _wait_until(lambda: healthy.stats.taken >= 2 and frozen.stats.taken >= 2, "both sampled")
+        wait_until(lambda: healthy.stats.taken >= 2 and frozen.stats.taken >= 2, "both sampled")
         pids = _server_pids(frozen_server.datadir)
         _signal_all(pids, signal.SIGSTOP)
-        _wait_until(lambda: frozen.stats.failed >= 1, "the frozen sample to time out")
+        wait_until(lambda: frozen.stats.failed >= 1, "the frozen sample to time out")
         assert "no answer from the server within 0.7 s" in frozen.stats.last_error
         healthy.drain()
         failed_before = healthy.stats.failed
-        for t in [_sleep(healthy_server.dsn(), slept) for _ in range(SESSIONS)]:
+        for t in [timed_sleep(healthy_server.dsn(), SLEEP_SECS, slept) for _ in range(SESSIONS)]:
             t.join()
         samples, _ = healthy.drain()
         assert frozen.stats.failed >= 2  # still frozen throughout: reconnects failing aside

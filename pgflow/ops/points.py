@@ -8,9 +8,10 @@ This frame is the only input of the OTLP encoder, the local receiver's store and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -203,6 +204,14 @@ def _text(value: object) -> str | None:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _zeros(
+    rows: list[dict[str, Any]], column: str, databases: Iterable[str], values: Iterable[Any], rest: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Rows of count 0 for every (database, value of ``column``) no row has: a gauge drawn at 0, not missing."""
+    seen = {(r["database"], r[column]) for r in rows}
+    return [{"database": d, column: v, "count": 0, **rest} for d in databases for v in values if (d, v) not in seen]
+
+
 def gauge_points(window: Window) -> list[pl.DataFrame]:
     """Connections, locks and blocked sessions as last observed in the window (0s included)."""
     g = window.gauges
@@ -210,13 +219,7 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
         return []
     out = _Gauges()
     clients = [r for r in g.activity.iter_rows(named=True) if r["backend_type"] == "client backend"]
-    seen = {(r["database"], r["state"]) for r in clients}
-    clients += [
-        {"database": d, "user": None, "state": s, "wait_event_type": None, "count": 0}
-        for d in g.databases
-        for s in ZERO_CONNECTION_STATES
-        if (d, s) not in seen
-    ]
+    clients += _zeros(clients, "state", g.databases, ZERO_CONNECTION_STATES, {"user": None, "wait_event_type": None})
     for r in clients:
         attrs = {
             "db.namespace": r["database"],
@@ -228,13 +231,7 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
     if g.max_connections is not None:
         out.add("postgresql.connection.max", "{connection}", g.max_connections, True, {})
     locks = list(g.locks.iter_rows(named=True))
-    seen = {(r["database"], r["granted"]) for r in locks}
-    locks += [
-        {"database": d, "mode": None, "locktype": None, "granted": granted, "count": 0}
-        for d in g.databases
-        for granted in ZERO_LOCK_GRANTED
-        if (d, granted) not in seen
-    ]
+    locks += _zeros(locks, "granted", g.databases, ZERO_LOCK_GRANTED, {"mode": None, "locktype": None})
     for r in locks:
         attrs = {
             "db.namespace": r["database"],

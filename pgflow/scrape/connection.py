@@ -27,7 +27,7 @@ from pgflow.errors import (
 )
 
 
-def connect(dsn: str, *, connect_timeout: int = 5) -> psycopg.Connection:
+def connect(dsn: str, *, connect_timeout: int = 5, cls: type[psycopg.Connection] = psycopg.Connection) -> psycopg.Connection:
     """Open the monitoring connection: no prepared statements (pgbouncer-safe), autocommit.
 
     ``prepare_threshold=None`` keeps psycopg from preparing statements, which breaks behind
@@ -35,7 +35,7 @@ def connect(dsn: str, *, connect_timeout: int = 5) -> psycopg.Connection:
     unit of work is made read-only and time-limited by :func:`guarded` (issue 19).
     """
     try:
-        conn = psycopg.connect(dsn, connect_timeout=connect_timeout, application_name="pgflow", prepare_threshold=None, autocommit=True)
+        conn = cls.connect(dsn, connect_timeout=connect_timeout, application_name="pgflow", prepare_threshold=None, autocommit=True)
     except psycopg.Error as exc:
         raise classify(exc, dsn) from None
     lenient_text(conn)

@@ -36,7 +36,7 @@ from pgflow.config import Settings, redact_dsn
 from pgflow.logs import kv
 from pgflow.schema import Snapshot
 from pgflow.scrape.blocking import PREPARED, UNKNOWN_STATE
-from pgflow.scrape.connection import classify, connect, lenient_text
+from pgflow.scrape.connection import connect
 from pgflow.scrape.query_sample_reads import QuerySampleReads
 from pgflow.scrape.sample_accumulator import SampleAccumulator
 from pgflow.scrape.sampler_loop import MARGIN_SECS, DeadlineConnection, sampler_loop
@@ -150,15 +150,10 @@ class Sampler(QuerySampleReads):
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            try:  # pgflow.scrape.connection.connect's, with a deadline on every round trip (issue 20)
-                conn = DeadlineConnection.connect(
-                    self._dsn, connect_timeout=self.connect_timeout_secs, application_name="pgflow", prepare_threshold=None, autocommit=True
-                )
-            except psycopg.Error as exc:
-                raise classify(exc, self._dsn) from None
-            conn.round_trip_secs = self.statement_timeout_ms / 1000 + MARGIN_SECS
+            conn = connect(self._dsn, connect_timeout=self.connect_timeout_secs, cls=DeadlineConnection)
+            assert isinstance(conn, DeadlineConnection)
+            conn.round_trip_secs = self.statement_timeout_ms / 1000 + MARGIN_SECS  # issue 20: a deadline on every round trip
             try:
-                lenient_text(conn)
                 conn.autocommit = True  # each sample is one implicit transaction
                 self._databases, self._users = {}, {}
                 self.version_num = int(conn.info.server_version)
