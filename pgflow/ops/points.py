@@ -60,8 +60,7 @@ def timestamps(name: str, values: list[datetime | None]) -> pl.Series:
     """``values`` (datetimes, naive ones in UTC as polars takes them, or None) as a UTC_TS column,
     built from their microseconds since the epoch: converting each datetime costs more than the
     few distinct ones."""
-    micros = {v: (v if v.tzinfo else v.replace(tzinfo=UTC)) - _EPOCH for v in set(values) if v is not None}
-    micros = {v: d // _MICROSECOND for v, d in micros.items()}
+    micros = {v: ((v if v.tzinfo else v.replace(tzinfo=UTC)) - _EPOCH) // _MICROSECOND for v in set(values) if v is not None}
     return pl.Series(name, [micros.get(v) if v is not None else None for v in values], dtype=pl.Int64).cast(UTC_TS)
 
 
