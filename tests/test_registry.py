@@ -98,6 +98,33 @@ def test_check_points_refuses_each_kind_of_undeclared_point(replayed):
             metrics.check_points(frame)
 
 
+def test_check_points_checks_each_layout_once_yet_refuses_one_bad_point_among_good_ones(replayed):
+    """Issue 20: the check remembers the layouts it found declared; a point of a new layout (one
+    attribute more, another fixed value, another unit) is still refused, even alone among
+    thousands of points whose layouts were seen before."""
+    points = with_metrics(replayed, "postgresql.commits", "postgresql.bgwriter.checkpoint.count")
+    assert metrics.check_points(points) is points and metrics.check_points(points) is points  # remembered
+
+    def one(metric: str) -> pl.DataFrame:
+        return points.filter(pl.col("metric") == metric).head(1)
+
+    cases = {
+        "postgresql.commits: attribute 'user.name' not declared": _with_attribute(
+            one("postgresql.commits"), "postgresql.commits", "user.name", "alice"
+        ),
+        "type='timed', declared values ['scheduled', 'requested']": _with_attribute(
+            one("postgresql.bgwriter.checkpoint.count"), "postgresql.bgwriter.checkpoint.count", "type", "timed"
+        ),
+        "unit 'kBy', declared '1'": _set(one("postgresql.commits"), "postgresql.commits", "unit", "kBy"),
+    }
+    for expected, bad in cases.items():
+        with pytest.raises(metrics.UndeclaredPoint, match=re.escape(expected)):
+            metrics.check_points(pl.concat([points, bad, points]))
+        with pytest.raises(metrics.UndeclaredPoint, match=re.escape(expected)):
+            metrics.check_points(bad)  # and again: a problem is remembered as a problem
+    assert metrics.check_points(points) is points
+
+
 def test_check_events_refuses_undeclared_events(replayed):
     _, events = with_events(replayed)
     renamed = events.with_columns(pl.lit("db.server.query_plans").alias("event_name"))

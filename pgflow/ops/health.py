@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from pgflow.ops.delta import Counters, Deltas, _diff, _positions
+from pgflow.ops.points import points_frame, timestamps
 from pgflow.ops.window import Resource, window_bounds
 from pgflow.schema import (
     ATTRIBUTES,
@@ -34,7 +35,6 @@ from pgflow.schema import (
     IO_INT_COUNTERS,
     IO_TIME_COUNTERS,
     POINTS,
-    UTC_TS,
     WAL,
     Snapshot,
 )
@@ -330,21 +330,17 @@ class _Out:
         n = len(cols["value"])
         if n == 0:
             return _NO_POINTS
-        attrs = pl.Series("attributes", cols.pop("attributes"), dtype=ATTRIBUTES)
-        out = (
-            pl.DataFrame(
-                {"instance": [r.instance] * n, **cols, "monotonic": [k == "sum" for k in cols["kind"]]},
-                schema_overrides={"start": UTC_TS, "end": UTC_TS},
-            )
-            .with_columns_seq(
-                attrs,
-                pl.lit(r.server_address).alias("server_address"),
-                pl.lit(r.server_port, pl.Int32).alias("server_port"),
-                pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
-            )
-            .select(POINTS.names())
-        )
-        return out if out.schema == POINTS else out.cast(POINTS)
+        # Issue 20: built from the columns (a frame of Python datetimes and a select of literals: ~0.5 ms a window)
+        columns = {
+            "metric": pl.Series("metric", cols["metric"], dtype=pl.String),
+            "kind": pl.Series("kind", cols["kind"], dtype=pl.String),
+            "unit": pl.Series("unit", cols["unit"], dtype=pl.String),
+            "monotonic": pl.Series("monotonic", [k == "sum" for k in cols["kind"]], dtype=pl.Boolean),
+            "value": pl.Series("value", cols["value"], dtype=pl.Float64),
+            "is_int": pl.Series("is_int", cols["is_int"], dtype=pl.Boolean),
+            "attributes": pl.Series("attributes", cols["attributes"], dtype=ATTRIBUTES),
+        }
+        return points_frame(r, "", timestamps("start", cols["start"]), timestamps("end", cols["end"]), columns)
 
 
 def _summed(parts: tuple[pl.DataFrame, ...], key: tuple[str, ...]) -> pl.DataFrame:

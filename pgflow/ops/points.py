@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from pgflow.ops.aggregate import SeriesTable
-from pgflow.ops.window import Window
+from pgflow.ops.window import Resource, Window
 from pgflow.schema import ATTRIBUTE_KEYS, ATTRIBUTES, POINTS, UTC_TS
 
 _BLOCK_KINDS = (
@@ -47,23 +47,62 @@ def attributes(values: Mapping[str, pl.Expr | str]) -> pl.Expr:
     return pl.struct(fields)
 
 
-def _columns(window: Window, kind: str, start: datetime, end: datetime) -> list[pl.Expr]:
-    r = window.resource
-    return [
-        pl.lit(r.instance).alias("instance"),
-        pl.col("metric"),
-        pl.lit(kind).alias("kind"),
-        pl.col("unit"),
-        pl.lit(kind == "sum").alias("monotonic"),
-        pl.lit(start, UTC_TS).alias("start"),
-        pl.lit(end, UTC_TS).alias("end"),
-        pl.col("value").cast(pl.Float64),
-        pl.col("is_int"),
-        pl.col("attributes"),
-        pl.lit(r.server_address).alias("server_address"),
-        pl.lit(r.server_port, pl.Int32).alias("server_port"),
-        pl.lit(r.server_version_num, pl.Int32).alias("server_version_num"),
-    ]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_NULLS = pl.Series("", [None] * 1024, dtype=pl.String)  # sliced into the attributes no point of a frame has
+
+
+def _constant(name: str, value: object, dtype: pl.DataType, n: int) -> pl.Series:
+    return pl.Series(name, [value], dtype=dtype).new_from_index(0, n)
+
+
+def timestamps(name: str, values: list[datetime | None]) -> pl.Series:
+    """``values`` (datetimes, naive ones in UTC as polars takes them, or None) as a UTC_TS column,
+    built from their microseconds since the epoch: converting each datetime costs more than the
+    few distinct ones."""
+    micros = {v: ((v if v.tzinfo else v.replace(tzinfo=UTC)) - _EPOCH) // _MICROSECOND for v in set(values) if v is not None}
+    return pl.Series(name, [micros.get(v) if v is not None else None for v in values], dtype=pl.Int64).cast(UTC_TS)
+
+
+def attribute_struct(given: Mapping[str, pl.Series], n: int) -> pl.Series:
+    """The ``attributes`` column of ``n`` points: ``given`` (cast to strings, as :func:`attributes`
+    casts), every other key null; built from the columns, no expression evaluated."""
+    global _NULLS
+    if len(_NULLS) < n:
+        _NULLS = pl.Series("", [None] * n, dtype=pl.String)
+    fields = [given[k].cast(pl.String).alias(k) if k in given else _NULLS.slice(0, n).alias(k) for k in ATTRIBUTE_KEYS]
+    return pl.DataFrame(fields).to_struct("attributes")
+
+
+def points_frame(
+    resource: Resource, kind: str, start: datetime | pl.Series, end: datetime | pl.Series, columns: Mapping[str, pl.Series]
+) -> pl.DataFrame:
+    """A POINTS frame from ``columns`` (``metric``, ``unit``, ``value``, ``is_int``, ``attributes``;
+    ``monotonic`` when ``kind`` is not one for all) and the window's resource: what
+    a ``select`` of the columns and literals gave, built from the columns (issue 20: a select of literals costs
+    ~0.3 ms a frame)."""
+    r, n = resource, len(columns["value"])
+    if isinstance(start, datetime):
+        start = timestamps("start", [start]).new_from_index(0, n)
+    if isinstance(end, datetime):
+        end = timestamps("end", [end]).new_from_index(0, n)
+    return pl.DataFrame(
+        [
+            _constant("instance", r.instance, pl.String(), n),
+            columns["metric"].cast(pl.String).alias("metric"),
+            columns["kind"].alias("kind") if "kind" in columns else _constant("kind", kind, pl.String(), n),
+            columns["unit"].cast(pl.String).alias("unit"),
+            columns["monotonic"].alias("monotonic") if "monotonic" in columns else _constant("monotonic", kind == "sum", pl.Boolean(), n),
+            start.alias("start"),
+            end.alias("end"),
+            columns["value"].cast(pl.Float64).alias("value"),
+            columns["is_int"].cast(pl.Boolean).alias("is_int"),
+            columns["attributes"].alias("attributes"),
+            _constant("server_address", r.server_address, pl.String(), n),
+            _constant("server_port", r.server_port, pl.Int32(), n),
+            _constant("server_version_num", r.server_version_num, pl.Int32(), n),
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -123,20 +162,6 @@ _SPEC_TABLE = pl.DataFrame(
     schema_overrides={"block_kind": pl.String, "io_direction": pl.String},
 )
 _ONLY_NONZERO = np.array([s.only_nonzero for s in _SPECS])
-_QUERY_ATTRIBUTES = attributes(
-    {
-        "db.system.name": "postgresql",
-        "db.namespace": pl.col("database"),
-        "user.name": pl.col("user"),
-        "db.operation.name": pl.col("operation"),
-        "db.query.summary": pl.col("summary"),
-        "postgresql.query.fingerprint": pl.col("fingerprint"),
-        "db.query.text": pl.col("text"),
-        "postgresql.query.toplevel": pl.col("toplevel"),  # cast: "true" / "false"
-        "postgresql.block.kind": pl.col("block_kind"),
-        "postgresql.io.direction": pl.col("io_direction"),
-    }
-)
 
 
 def query_points(window: Window, series: SeriesTable) -> pl.DataFrame | None:
@@ -150,13 +175,33 @@ def query_points(window: Window, series: SeriesTable) -> pl.DataFrame | None:
     keep = ~_ONLY_NONZERO[spec] | (values != 0)
     spec, row, values = spec[keep], row[keep], values[keep]
     labels = series.labels[row]
+    specs = _SPEC_TABLE[spec]
+    m = len(values)
+    given = {
+        "db.system.name": _constant("", "postgresql", pl.String(), m),
+        "db.namespace": labels.get_column("database"),
+        "user.name": labels.get_column("user"),
+        "db.operation.name": labels.get_column("operation"),
+        "db.query.summary": labels.get_column("summary"),
+        "postgresql.query.fingerprint": labels.get_column("fingerprint"),
+        "db.query.text": labels.get_column("text"),
+        "postgresql.query.toplevel": labels.get_column("toplevel"),  # cast: "true" / "false"
+        "postgresql.block.kind": specs.get_column("block_kind"),
+        "postgresql.io.direction": specs.get_column("io_direction"),
+    }
     if 0 < window.resource.server_version_num < 140000:
         # PostgreSQL 13 keys statements without ``toplevel``: one entry holds top-level and
         # nested executions alike, so the attribute is left out rather than guessed.
-        labels = labels.with_columns(pl.lit(None, pl.Boolean).alias("toplevel"))
-    # polars types a frame indexed by an array as Any, and so the concatenation
-    long: pl.DataFrame = pl.concat([_SPEC_TABLE[spec], labels, pl.DataFrame({"value": values})], how="horizontal")
-    return long.with_columns_seq(_QUERY_ATTRIBUTES.alias("attributes")).select_seq(_columns(window, "sum", window.start, window.end))
+        del given["postgresql.query.toplevel"]
+    # Issue 20: built from the columns (the attributes struct of _QUERY_ATTRIBUTES evaluated ~1 ms a window)
+    columns = {
+        "metric": specs.get_column("metric"),
+        "unit": specs.get_column("unit"),
+        "is_int": specs.get_column("is_int"),
+        "value": pl.Series("value", values, dtype=pl.Float64),
+        "attributes": attribute_struct(given, m),
+    }
+    return points_frame(window.resource, "sum", window.start, window.end, columns)
 
 
 # Gauge series a dashboard or an alert expects to read 0 rather than vanish (a chart of
@@ -185,16 +230,14 @@ class _Gauges:
         self.is_int.append(is_int)
         self.attributes.append(attributes)
 
-    def frame(self) -> pl.DataFrame:
-        return pl.DataFrame(
-            [
-                pl.Series("metric", self.metric, dtype=pl.String),
-                pl.Series("unit", self.unit, dtype=pl.String),
-                pl.Series("value", self.value, dtype=pl.Float64),
-                pl.Series("is_int", self.is_int, dtype=pl.Boolean),
-                pl.Series("attributes", self.attributes, dtype=ATTRIBUTES),
-            ]
-        )
+    def columns(self) -> dict[str, pl.Series]:
+        return {
+            "metric": pl.Series("metric", self.metric, dtype=pl.String),
+            "unit": pl.Series("unit", self.unit, dtype=pl.String),
+            "value": pl.Series("value", self.value, dtype=pl.Float64),
+            "is_int": pl.Series("is_int", self.is_int, dtype=pl.Boolean),
+            "attributes": pl.Series("attributes", self.attributes, dtype=ATTRIBUTES),
+        }
 
 
 def _text(value: object) -> str | None:
@@ -252,25 +295,21 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
             out.add("postgresql.blocked.wait.max", "s", 0.0 if wait is None else wait, False, {"db.namespace": d})
     if not out.metric:
         return []
-    return [out.frame().select_seq(_columns(window, "gauge", g.observed_at, g.observed_at))]
+    return [points_frame(window.resource, "gauge", g.observed_at, g.observed_at, out.columns())]
 
 
 def points(window: Window, series: SeriesTable) -> pl.DataFrame:
     """Every data point of one closed window, in the POINTS schema."""
     frames = [f for f in [query_points(window, series)] if f is not None] + gauge_points(window)
     if window.deallocated:
-        frames.append(
-            pl.DataFrame(
-                {
-                    "metric": ["postgresql.statements.deallocated"],
-                    "unit": ["{statement}"],
-                    "value": [float(window.deallocated)],
-                    "is_int": [True],
-                }
-            )
-            .with_columns_seq(attributes({}).alias("attributes"))
-            .select_seq(_columns(window, "sum", window.start, window.end))
-        )
+        deallocated = {
+            "metric": pl.Series(["postgresql.statements.deallocated"]),
+            "unit": pl.Series(["{statement}"]),
+            "value": pl.Series([float(window.deallocated)]),
+            "is_int": pl.Series([True]),
+            "attributes": attribute_struct({}, 1),
+        }
+        frames.append(points_frame(window.resource, "sum", window.start, window.end, deallocated))
     if not frames:
         return pl.DataFrame(schema=POINTS)
-    return pl.concat(frames, how="vertical_relaxed").cast(POINTS)
+    return frames[0] if len(frames) == 1 else pl.concat(frames)  # every part is in the POINTS schema
