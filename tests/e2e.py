@@ -57,7 +57,8 @@ def wait_for_baseline(state_dir: Path, instances: int = 1, timeout: float = 30) 
 
 def settle(seconds: float = 2.5, state_dir: Path | None = None, scrapes: int = 3, timeout: float = 60, instance: str = "*") -> None:
     """Let time pass (interval 0.3 s, windows of 1 s) and, with ``state_dir``, wait until every
-    (or one) instance's ledger has recorded ``scrapes`` more scrapes, however slow the machine is."""
+    (or one) instance's ledger has been saved ``scrapes`` more times, however slow the machine is
+    (a ledger is saved after each scrape that closes a window or queues events)."""
     started = time.monotonic()
     ledgers = sorted(state_dir.glob(f"instances/{instance}/state.pkl")) if state_dir else []
     seen = {p: p.stat().st_mtime_ns for p in ledgers}

@@ -5,12 +5,14 @@ Exactness across ``kill -9`` rests on two files under ``state_dir``:
 - ``state.pkl``: the operators' state (delta baseline, open windows, LRU) and the outbox of
   closed windows not yet acknowledged, and beside them the events' state and the events
   outbox (plans, query samples: issue 12), written atomically (temp file, fsync, rename) after
-  every scrape *before* anything from that scrape is sent;
+  the first scrape (the baseline) and after every scrape that queues something to send (a
+  closed window, events), *before* it is sent (issue 20: a scrape that queues nothing is not
+  saved; nothing of it has left the process);
 - ``acks.log``: one line per acknowledged batch, appended and fsynced the moment the
   endpoint acknowledges it, before anything else happens.
 
 On restart the state is loaded, the acknowledged rows are taken out of the outbox, and the
-rest is sent again; the baseline being the last processed scrape, the next scrape's delta
+rest is sent again; the baseline being the last saved scrape, the next scrape's delta
 covers the whole gap. What can still be counted twice is only a batch whose
 acknowledgement was in flight when the process died.
 """

@@ -79,6 +79,7 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
                 "resuming from the ledger",
                 extra=kv(instance=instance, queued_windows=len(record.outbox), queued_events=sum(f.height for f in record.events.values())),
             )
+        self._saved = record is not None and record.state is not None  # a baseline is on disk
         self.record = record or Record(initial_state(ops))
         if self.record.state is None:
             self.record.state = initial_state(ops)
@@ -97,10 +98,15 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         self.record.state = state
         telemetry.series_tracked.labels(self.instance).set(len(state.cap.queries))
         telemetry.tables_rolled_up.labels(self.instance).set(state.tables.rolled_up)  # issue 13
-        self._queue(points)
-        self._queue_events(value)
+        queued = self._queue(points)
+        queued = self._queue_events(value) or queued
         self._apply_acks()
-        self.ledger.save(self.record)  # durable before anything of this scrape is sent
+        # Durable before anything of this scrape is sent. A scrape that queues nothing (mid-window)
+        # is not saved (issue 20: the save was a third of on_item): nothing of it has left the
+        # process, and after a kill -9 the next scrape's delta from the saved baseline covers it.
+        if queued or not self._saved:
+            self.ledger.save(self.record)
+            self._saved = True
         self._submit()
         return [], StatefulLogic.RETAIN
 
@@ -164,8 +170,8 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         """Entries (windows and events) not yet acknowledged."""
         return len(self.record.outbox) + len(self.record.events)
 
-    def _queue_events(self, snapshot: Snapshot) -> None:
-        """The snapshot's events into the events outbox, under their own sequence number."""
+    def _queue_events(self, snapshot: Snapshot) -> bool:
+        """The snapshot's events into the events outbox, under their own sequence number (True: some were)."""
         before = self.record.events_state
         self.record.events_state, frame = events(before, snapshot, self.ops)
         if before is None or self.record.events_state.samples is not before.samples:
@@ -173,12 +179,13 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
                 self.instance, *self.record.events_state.samples.counts_since(before.samples if before is not None else None)
             )
         if not frame.height:
-            return
+            return False
         seq = self.record.next_seq
         self.record.next_seq += 1
         self.record.events[seq] = frame.with_row_index(ROW)
         self._bound_events()
         telemetry.events_queued.labels(self.instance).set(sum(f.height for f in self.record.events.values()))
+        return True
 
     def _bound_events(self) -> None:
         """Past ``max_pending_events`` waiting events, drop the oldest (of idle entries)."""
@@ -204,14 +211,16 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
                 extra=kv(instance=self.instance, bound=self.max_pending_events, events_dropped=dropped),
             )
 
-    def _queue(self, points: pl.DataFrame) -> None:
+    def _queue(self, points: pl.DataFrame) -> bool:
+        """A closed window's points into the outbox (True: there were some)."""
         if not points.height:
-            return
+            return False
         seq = self.record.next_seq
         self.record.next_seq += 1
         self.record.outbox[seq] = points.with_row_index(ROW)
         self._bound()
         telemetry.queue_depth.labels(self.instance).set(len(self.record.outbox))
+        return True
 
     def _bound(self) -> None:
         """Merge the two oldest idle entries while the outbox is over its bound."""
