@@ -49,7 +49,6 @@ def attributes(values: Mapping[str, pl.Expr | str]) -> pl.Expr:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-_NULLS = pl.Series("", [None] * 1024, dtype=pl.String)  # sliced into the attributes no point of a frame has
 
 
 def _constant(name: str, value: object, dtype: pl.DataType, n: int) -> pl.Series:
@@ -67,10 +66,8 @@ def timestamps(name: str, values: list[datetime | None]) -> pl.Series:
 def attribute_struct(given: Mapping[str, pl.Series], n: int) -> pl.Series:
     """The ``attributes`` column of ``n`` points: ``given`` (cast to strings, as :func:`attributes`
     casts), every other key null; built from the columns, no expression evaluated."""
-    global _NULLS
-    if len(_NULLS) < n:
-        _NULLS = pl.Series("", [None] * n, dtype=pl.String)
-    fields = [given[k].cast(pl.String).alias(k) if k in given else _NULLS.slice(0, n).alias(k) for k in ATTRIBUTE_KEYS]
+    nulls = pl.repeat(None, n, dtype=pl.String, eager=True)  # one column, shared by every absent key
+    fields = [given[k].cast(pl.String).alias(k) if k in given else nulls.alias(k) for k in ATTRIBUTE_KEYS]
     return pl.DataFrame(fields).to_struct("attributes")
 
 

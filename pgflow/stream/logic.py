@@ -98,8 +98,7 @@ class CollectorLogic(StatefulLogic[Snapshot, Outgoing, None]):
         self.record.state = state
         telemetry.series_tracked.labels(self.instance).set(len(state.cap.queries))
         telemetry.tables_rolled_up.labels(self.instance).set(state.tables.rolled_up)  # issue 13
-        queued = self._queue(points)
-        queued = self._queue_events(value) or queued
+        queued = self._queue(points) | self._queue_events(value)  # (both run)
         self._apply_acks()
         # Durable before anything of this scrape is sent. A scrape that queues nothing (mid-window)
         # is not saved (issue 20: the save was a third of on_item): nothing of it has left the
