@@ -681,3 +681,40 @@ def test_plans_resume_after_a_grant_without_restart(server, caplog):
     got = plans_source.run(focus, version(server))
     assert got.height == 1 and plans_source.stats.explained == 1
     server.execute("REVOKE SELECT ON pgbench_accounts FROM planner", "DROP OWNED BY planner", "DROP ROLE planner")
+
+
+def test_a_busy_window_parses_only_its_busiest_statements_and_once(server):
+    """Issue 20: when most of pg_stat_statements gains time every window (a busy server), the
+    plans are chosen from the busiest statements, each parsed once while it stays among them,
+    not from a parse of every statement each window (~1 ms each, on the scrape thread)."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from pgflow.config import Settings
+    from pgflow.scrape.explain import WindowPlans
+    from pgflow.scrape.scraper import Scraper
+
+    statements = [f"SELECT {', '.join(f'v + {j} AS c{j}' for j in range(i % 9 + 1))} FROM busy_{i // 9} WHERE id = 1" for i in range(300)]
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        for k in range(300 // 9 + 1):
+            conn.execute(f"CREATE TABLE IF NOT EXISTS busy_{k} (id int PRIMARY KEY, v int)")  # type: ignore[arg-type]
+
+        def run_all() -> None:
+            for text in statements:
+                conn.execute(text)  # type: ignore[arg-type]
+
+        step = WindowPlans.for_instance(server.dsn(), "t", Settings.load(export_interval_secs=60, explains_per_window=1))
+        assert step is not None
+        with Scraper(server.dsn()) as scraper:
+            run_all()
+            start = scraper.scrape().scraped_at.replace(second=0, microsecond=0)
+            step.attach(replace(scraper.scrape(), scraped_at=start))  # the baseline
+            windows, parsed = [], []
+            for k in (1, 2):
+                run_all()
+                windows.append(step.attach(replace(scraper.scrape(), scraped_at=start + timedelta(seconds=61 * k))))
+                parsed.append(step._fingerprints.misses)
+    assert 1 <= parsed[0] <= 200, parsed  # 300 statements gained time: the 200 busiest parsed
+    assert parsed[1] <= 300, parsed  # and in the next window only those not parsed before
+    assert step._fingerprints.hits >= 100  # the second window's busiest were mostly parsed before
+    assert windows[0].plans.height == 1 and "busy_" in windows[0].plans["body"][0]  # the plans go on

@@ -6,6 +6,11 @@ It ranks; it does not count: a statement reset in between counts its current tot
 one its whole total. The candidates frame is what :class:`pgflow.scrape.explain.PlanSource`
 takes: ``database, user, fingerprint, queryid, query, exec_time`` (milliseconds), one row per
 (database, fingerprint): the text of its busiest queryid.
+
+Only the ``rows`` busiest statements are fingerprinted (issue 20): a parse costs about a
+millisecond, and on a busy server most of pg_stat_statements gains time every window, so
+fingerprinting all of them cost up to a second of CPU per window per instance (on the scrape
+thread, holding Python's lock against the operators) to choose five plans.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ def explain_candidates(
     current: pl.DataFrame,
     limit: int = 1000,
     fingerprint: Callable[[str], str] = lambda text: query_info(text).fingerprint,
+    rows: int = 200,
 ) -> pl.DataFrame:
     """The ``limit`` busiest (database, fingerprint) pairs of ``current`` since ``previous``
-    (statements frames of one instance), busiest first."""
+    (statements frames of one instance), busiest first, from its ``rows`` busiest statements."""
     cols = [*STATEMENT_KEY, "database", "user", "query", "total_exec_time"]
     now = current.select(cols).filter(pl.col("query").is_not_null())
     if previous is not None and previous.height:
@@ -40,6 +46,8 @@ def explain_candidates(
     else:
         now = now.with_columns(pl.col("total_exec_time").alias("exec_time"))
     now = now.filter(pl.col("exec_time") > 0)
+    if now.height > rows:
+        now = now.top_k(rows, by="exec_time")
     if now.height == 0:
         return pl.DataFrame(schema=CANDIDATES)
     texts = now["query"].unique().to_list()

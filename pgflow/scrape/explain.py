@@ -31,12 +31,15 @@ from datetime import UTC, datetime
 import polars as pl
 import psycopg
 import psycopg.conninfo
+import xxhash
 
 from pgflow.config import Settings
 from pgflow.logs import kv
+from pgflow.lru import LRU
 from pgflow.ops import plans
 from pgflow.ops.explain_targets import explain_candidates
-from pgflow.schema import PLANS, Snapshot
+from pgflow.ops.fingerprint import query_info
+from pgflow.schema import PLANS, STATEMENT_KEY, Snapshot
 from pgflow.scrape.budget import ConnectionBudget, NoConnection
 from pgflow.scrape.explainer import (
     ERROR_TTL_SECS,
@@ -201,6 +204,17 @@ class PlanSource:
             log.debug("explain failed; retried later", extra=kv(instance=self.instance, cause=cause))
 
 
+def _candidate_rows(explains_per_window: int) -> int:
+    """How many of a window's busiest statements are fingerprinted to choose its plans."""
+    return max(200, 10 * explains_per_window)
+
+
+def _ranking_base(statements: pl.DataFrame) -> pl.DataFrame:
+    """What the next window's ranking needs of a scrape: its keys and execution time. Issue 20:
+    the whole frame (texts, every counter) held for a window cost ~1.7 MB per instance."""
+    return statements.select(*STATEMENT_KEY, "total_exec_time")
+
+
 def _has_helper(conn: psycopg.Connection) -> bool:
     return _helper(conn)[1]
 
@@ -252,7 +266,9 @@ class WindowPlans:
         self.source = source
         self.interval = export_interval_secs
         self._window: int | None = None
-        self._base: pl.DataFrame | None = None  # statements at the first scrape of the current window
+        # text digest -> fingerprint of the busiest statements (the same ones, window after window)
+        self._fingerprints: LRU[int, str] = LRU(2 * _candidate_rows(source.explains_per_window))
+        self._base: pl.DataFrame | None = None  # keys and execution time at the first scrape of the current window
 
     @classmethod
     def for_instance(cls, dsn: str, instance: str, settings: Settings, budget: ConnectionBudget | None = None) -> WindowPlans | None:
@@ -276,13 +292,23 @@ class WindowPlans:
         window = int(snapshot.scraped_at.timestamp() // self.interval)
         if self._window is None or window == self._window:
             if self._window is None:
-                self._window, self._base = window, snapshot.statements
+                self._window, self._base = window, _ranking_base(snapshot.statements)
             return snapshot
-        base, self._window, self._base = self._base, window, snapshot.statements
+        base, self._window, self._base = self._base, window, _ranking_base(snapshot.statements)
         try:
-            candidates = explain_candidates(base, snapshot.statements)
+            rows = _candidate_rows(self.source.explains_per_window)
+            candidates = explain_candidates(base, snapshot.statements, fingerprint=self._fingerprint, rows=rows)
             found = self.source.run(candidates, snapshot.server_version_num)
         except Exception as exc:  # explaining is a side job: the scrape goes on without plans
             log.error("explaining failed unexpectedly", extra=kv(instance=self.source.instance, error=repr(exc)[:300]))
             return snapshot
         return replace(snapshot, plans=found) if found.height else snapshot
+
+    def _fingerprint(self, text: str) -> str:
+        """The fingerprint of ``text``, parsed once while it stays among the busiest."""
+        digest = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"))
+        found = self._fingerprints.get(digest)
+        if found is None:
+            found = query_info(text).fingerprint
+            self._fingerprints.put(digest, found)
+        return found

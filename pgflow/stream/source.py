@@ -1,8 +1,11 @@
 """The scrape source: each bytewax worker scrapes its share of the instances, each on a thread.
 
-A partition never blocks its worker: the scrape runs on the instance's own thread and
+A partition never blocks its worker: the scrape runs on a thread of the worker's pool and
 ``next_batch`` returns nothing until it is done; ``next_awake`` says when to look again.
-A slow or dead instance delays no other. A failed scrape is logged and counted, and the
+A slow or dead instance delays no other: the pool has a thread for every scrape and table
+round that can be pending at once (two per instance), started only when one is needed, so a
+worker whose scrapes are spread over the interval runs them on a few threads (issue 20: each
+thread costs ~170 KB resident). A failed scrape is logged and counted, and the
 next successful scrape's delta covers the gap. The whole source ends (EOF) after
 ``max_scrapes`` scrapes per instance, or when :data:`STOP` is set (SIGINT/SIGTERM).
 
@@ -84,6 +87,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         health: telemetry.Health | None,
         recorder: SnapshotRecorder | None = None,
         slot: tuple[int, int] = (0, 1),
+        pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self.instance = instance
         self.interval = timedelta(seconds=settings.collection_interval_secs)
@@ -99,7 +103,8 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             text_cache_size=settings.text_cache_size,
             health=HealthSchedule.from_settings(settings),
         )  # issue 13
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scrape-{instance.name}")
+        self._own_pool = pool is None  # a partition built alone (tests) has a pool of its own
+        self.pool = pool if pool is not None else ThreadPoolExecutor(max_workers=2, thread_name_prefix="scrape")
         self.attempts = 0
         self.next_at = _now() + first  # the baselines of many instances are spread as well
         self.pending: Future[Snapshot] | None = None
@@ -112,7 +117,9 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         self._conn_lock = threading.RLock()  # the scrape's connection: one user at a time
         self.budget = ConnectionBudget.from_settings(instance, settings, sampler=self.sampler is not None, probe=self._free_connections)
         self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings, self.budget)  # None: plans off
-        self.tables = TableStatsThread(instance, settings, self.budget) if settings.table_stats_enabled else None  # issue 13
+        self.tables = (  # issue 13; its first round with the first scrape, so the rounds of many instances are spread too
+            TableStatsThread(instance, settings, self.budget, self.pool, first=first) if settings.table_stats_enabled else None
+        )
 
     def _free_connections(self) -> int:
         """The server's free connections, read on the scrape's own connection (never a new one)."""
@@ -198,7 +205,10 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
 
     def close(self) -> None:
         self.budget.close()  # issue 20: a table round waiting for headroom ends now
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.pending is not None:
+            self.pending.cancel()
+        if self._own_pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
         self.scraper.close()
         if self.sampler is not None:  # issue 11
             self.sampler.stop()
@@ -214,13 +224,21 @@ class TableStatsThread:
     scrape starts before then, so no frame is ever lost or sent twice.
     """
 
-    def __init__(self, instance: InstanceConfig, settings: Settings, budget: ConnectionBudget | None = None) -> None:
+    def __init__(
+        self,
+        instance: InstanceConfig,
+        settings: Settings,
+        budget: ConnectionBudget | None = None,
+        pool: ThreadPoolExecutor | None = None,
+        first: timedelta = timedelta(0),
+    ) -> None:
         self.name = instance.name
         self.interval = timedelta(seconds=settings.table_stats_interval_secs)
         self.scraper = TableScraper.for_instance(instance, settings, budget)
         self._late = False  # the last round was too long for its interval (said once)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tables-{instance.name}")
-        self.next_at = _now()
+        self._own_pool = pool is None
+        self.pool = pool if pool is not None else ThreadPoolExecutor(max_workers=1, thread_name_prefix="tables")
+        self.next_at = _now() + first
         self.pending: Future[None] | None = None
         self._ready = None
         self._lock = threading.Lock()
@@ -294,7 +312,10 @@ class TableStatsThread:
         return snapshot if frame is None else replace(snapshot, tables=frame)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.pending is not None:
+            self.pending.cancel()
+        if self._own_pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
         self.scraper.close()
 
 
@@ -312,8 +333,9 @@ def slot_of(interval: timedelta, index: int, count: int) -> tuple[timedelta, tim
 class WorkerScrapes(StatelessSourcePartition[tuple[str, Snapshot]]):
     """One worker's instances; each snapshot leaves keyed for this worker's operators."""
 
-    def __init__(self, parts: dict[str, ScrapePartition]) -> None:
+    def __init__(self, parts: dict[str, ScrapePartition], pool: ThreadPoolExecutor | None = None) -> None:
         self.parts = parts  # routing key -> the instance's partition
+        self.pool = pool  # the threads the partitions share
         self.awake: dict[str, datetime | None] = dict.fromkeys(parts)  # None: look now
 
     def next_batch(self) -> list[tuple[str, Snapshot]]:
@@ -331,6 +353,7 @@ class WorkerScrapes(StatelessSourcePartition[tuple[str, Snapshot]]):
                 continue
             self.awake[key] = part.next_awake()
         if not self.parts:
+            self._shutdown()
             raise StopIteration()
         return out
 
@@ -343,6 +366,11 @@ class WorkerScrapes(StatelessSourcePartition[tuple[str, Snapshot]]):
             part.close()
         self.parts.clear()
         self.awake.clear()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ScrapeSource(DynamicSource[tuple[str, Snapshot]]):
@@ -361,12 +389,15 @@ class ScrapeSource(DynamicSource[tuple[str, Snapshot]]):
     def build(self, step_id: str, worker_index: int, worker_count: int) -> WorkerScrapes:
         where = placement(list(self.instances), worker_count)
         order = sorted(self.instances)  # slots by the global order: two processes' scrapes of one server interleave too
+        mine = [(i, name) for i, name in enumerate(order) if where[name] == worker_index]
+        # Room for every instance's scrape and table round at once (none waits for another's
+        # slow server); threads start only when that many are busy together.
+        pool = ThreadPoolExecutor(max_workers=max(1, 2 * len(mine)), thread_name_prefix=f"scrape-w{worker_index}")
         parts = {
             routing_key(name, worker_index, worker_count): ScrapePartition(
-                self.instances[name], self.settings, self.health, self.recorder, slot=(i, len(order))
+                self.instances[name], self.settings, self.health, self.recorder, slot=(i, len(order)), pool=pool
             )
-            for i, name in enumerate(order)
-            if where[name] == worker_index
+            for i, name in mine
         }
         log.info("instances on this worker", extra=kv(worker=worker_index, workers=worker_count, instances=len(parts)))
-        return WorkerScrapes(parts)
+        return WorkerScrapes(parts, pool)
