@@ -22,7 +22,10 @@ cpu_pct=<f> rss_mb=<f> instances_per_core=<f>   (instances_per_core = instances 
 
 Usage: python bench/many_bench.py [instances=20] [servers=2] [duration_secs=180] [warmup_secs=45] [statements=2000]
 PGFLOW_BENCH_PG_BINDIR picks the PostgreSQL binaries; PGFLOW_BENCH_WORKERS=N runs ``pgflow run --workers N``
-(bytewax worker threads in the one process; default 1). Run it under ``nice -n 5`` on a shared machine.
+(bytewax worker threads in the one process; default 1); PGFLOW_BENCH_PROCESSES=N runs a bytewax cluster
+of N processes instead (``python -m bytewax.run flows.collector:flow -i k -a ...``, each with its own
+state directory): CPU and RSS are then the sum over the processes, and the line before the last
+says how many instances each process took. Run it under ``nice -n 5`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -90,6 +93,25 @@ def window_lags(points: pl.DataFrame, names: list[str], first_end: datetime, las
     return got, len(names) * ends - got.height
 
 
+def start_collectors(env: dict[str, str], work: Path) -> list[subprocess.Popen]:
+    """``pgflow run`` (one process), or a bytewax cluster of PGFLOW_BENCH_PROCESSES processes."""
+    processes = int(os.environ.get("PGFLOW_BENCH_PROCESSES") or 1)
+    if processes == 1:
+        workers = ["--workers", os.environ["PGFLOW_BENCH_WORKERS"]] if os.environ.get("PGFLOW_BENCH_WORKERS") else []
+        log = open(work / "collector-0.log", "ab")
+        return [
+            subprocess.Popen([sys.executable, "-m", "pgflow", "run", *workers], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        ]
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+    procs = []
+    for k in range(processes):
+        own = env | {"PGFLOW_STATE_DIR": f"{env['PGFLOW_STATE_DIR']}-{k}", "PGFLOW_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+        log = open(work / f"collector-{k}.log", "ab")
+        command = [sys.executable, "-m", "bytewax.run", "flows.collector:flow", "-i", str(k), "-a", addresses]
+        procs.append(subprocess.Popen(command, env=own, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+    return procs
+
+
 def main() -> None:
     args = [int(a) for a in sys.argv[1:]]
     instances, servers, duration, warmup, statements = (args + [20, 2, 180, 45, 2000][len(args) :])[:5]
@@ -126,26 +148,27 @@ def main() -> None:
             "PGFLOW_TABLE_STATS_DATABASES": json.dumps(["postgres"]),
             "PYTHONPATH": str(ROOT),
         }
-        log = open(work / "collector.log", "ab")
-        workers = ["--workers", os.environ["PGFLOW_BENCH_WORKERS"]] if os.environ.get("PGFLOW_BENCH_WORKERS") else []
-        proc = subprocess.Popen([sys.executable, "-m", "pgflow", "run", *workers], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        procs = start_collectors(env, work)
         try:
             time.sleep(warmup)
-            if proc.poll() is not None:
-                raise SystemExit(f"pgflow run exited ({proc.returncode}): see {work}")
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise SystemExit(f"pgflow run exited ({proc.returncode}): see {work}")
             t0 = datetime.now(UTC)
-            cpu0, r0, m0 = cpu_secs(proc.pid), cpu_secs(receiver.pid), time.monotonic()
+            cpu0, r0, m0 = sum(cpu_secs(p.pid) for p in procs), cpu_secs(receiver.pid), time.monotonic()
             time.sleep(duration)
-            cpu1, r1, m1 = cpu_secs(proc.pid), cpu_secs(receiver.pid), time.monotonic()
+            cpu1, r1, m1 = sum(cpu_secs(p.pid) for p in procs), cpu_secs(receiver.pid), time.monotonic()
             t1 = datetime.now(UTC)
-            rss, load_avg = rss_mb(proc.pid), os.getloadavg()
+            rss, load_avg = sum(rss_mb(p.pid) for p in procs), os.getloadavg()
             time.sleep(COLLECTION + 5)  # the windows ending before t1 have their interval to arrive
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
             stop.set()
             receiver.send_signal(signal.SIGTERM)
             receiver.wait(timeout=60)
@@ -162,6 +185,11 @@ def main() -> None:
         f"load average {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}; logs in {work}",
         flush=True,
     )
+    if len(procs) > 1:
+        split = [
+            re.findall(r"instances on this worker.*?instances=(\d+)", (work / f"collector-{k}.log").read_text()) for k in range(len(procs))
+        ]
+        print(f"processes={len(procs)} instances_per_process={','.join(found[0] if found else '?' for found in split)}")
     print(
         f"instances={instances} lag_p50_s={lags.median():.2f} lag_max_s={lags.max():.2f} late_windows={late} "
         f"missing_windows={missing} cpu_pct={cpu:.2f} rss_mb={rss:.1f} instances_per_core={instances / (cpu / 100):.0f}"
