@@ -7,9 +7,10 @@
 Settings come from the environment and PGFLOW_CONFIG, exactly as for `pgflow run`.
 """
 
-from pgflow.cli import lean_allocator, load_settings_or_exit
+from pgflow.cli import lean_allocator, load_settings_or_exit, one_polars_thread
 
 lean_allocator()  # issue 20: as `pgflow run`, before the flow's threads start
+one_polars_thread()
 
 from pgflow.logs import setup  # noqa: E402
 from pgflow.stream.flow import build_flow  # noqa: E402

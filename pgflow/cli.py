@@ -83,8 +83,21 @@ def lean_allocator(arenas: int = 2) -> bool:
         return False
 
 
+def one_polars_thread() -> None:
+    """Issue 20: polars computes on one thread in the collector, unless ``POLARS_MAX_THREADS`` is set.
+
+    The collector's frames are small (one scrape's rows): splitting them over a pool of threads
+    costs more CPU than it saves, and the pool's threads cost memory. A bytewax cluster is how
+    the collector uses more cores. Must run before polars is imported.
+    """
+    import os
+
+    os.environ.setdefault("POLARS_MAX_THREADS", "1")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     lean_allocator()  # before the libraries and the flow's threads
+    one_polars_thread()
     import logging
 
     from bytewax._bytewax import cli_main

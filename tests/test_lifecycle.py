@@ -412,3 +412,31 @@ def test_an_entry_acknowledged_while_the_operator_reads_its_outbox_is_not_sent_a
     assert [o for _, o in attempts] == ["OK"]
     assert received.height == points.height
     assert 0 in acked
+
+
+def test_run_computes_on_one_polars_thread_unless_told_otherwise(fresh_stats, tmp_path):
+    """Issue 20: the collector's frames are small; polars' pool of one thread per core cost CPU
+    and memory for nothing. `pgflow run` sets POLARS_MAX_THREADS=1 unless the user set it."""
+
+    def polars_threads(pid: int) -> int:
+        names = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                names.append((task / "comm").read_text().strip())
+            except FileNotFoundError:
+                continue
+        return sum(1 for n in names if n.startswith("polars-") and n.removeprefix("polars-").isdigit())
+
+    with Receiver() as receiver:
+        for given, expected in ((None, 1), ("3", 3)):
+            state = tmp_path / f"state-{given}"
+            env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, state)
+            env.pop("POLARS_MAX_THREADS", None)
+            if given:
+                env["POLARS_MAX_THREADS"] = given
+            proc = start_collector(env, log=tmp_path / f"log-{given}")
+            try:
+                wait_for_baseline(state)
+                assert polars_threads(proc.pid) == expected
+            finally:
+                assert stop(proc) == 0
