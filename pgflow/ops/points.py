@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,14 @@ _MICROSECOND = timedelta(microseconds=1)
 
 
 def _constant(name: str, value: object, dtype: pl.DataType, n: int) -> pl.Series:
-    return pl.Series(name, [value], dtype=dtype).new_from_index(0, n)
+    return _one(name, value, dtype).new_from_index(0, n)
+
+
+@lru_cache(maxsize=256, typed=True)
+def _one(name: str, value: object, dtype: pl.DataType) -> pl.Series:
+    """A one-row column of ``value``, remembered (bounded): a window's constants (the resource's,
+    the kinds) are the same every window, and building one from a list costs ~20 us."""
+    return pl.Series(name, [value], dtype=dtype)
 
 
 def timestamps(name: str, values: list[datetime | None]) -> pl.Series:
