@@ -185,11 +185,11 @@ def point_problems(points: pl.DataFrame) -> list[str]:
     # the others need a flag per point (~3 ms a window to ~0.6).
     attributes = points.get_column("attributes").struct.unnest()
     height, fixed_keys = attributes.height, _fixed_keys()
-    nulls = dict(zip(attributes.columns, attributes.null_count().row(0)))
+    nulls = {c.name: c.null_count() for c in attributes.iter_columns()}  # (no query engine: a frame's null_count is one)
     everywhere = tuple(k for k, n in nulls.items() if n == 0)
     somewhere = tuple(k for k, n in nulls.items() if 0 < n < height)
     fixed = tuple(k for k, n in nulls.items() if n < height and k in fixed_keys)
-    columns = [*points.select("metric", "kind", "unit", "monotonic", "is_int").iter_columns()]
+    columns = [points.get_column(c) for c in ("metric", "kind", "unit", "monotonic", "is_int")]
     if somewhere:
         columns += [c.alias(f"__present_{i}") for i, c in enumerate(attributes.select_seq(pl.col(somewhere).is_not_null()).iter_columns())]
     columns += [attributes.get_column(k).alias(f"__value_{i}") for i, k in enumerate(fixed)]

@@ -12,12 +12,14 @@ import pytest
 from conftest import PGBENCH_STATEMENTS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
 
 from pgflow import ops
 from pgflow.errors import ConfigError
+from pgflow.ops.cap import _names_at
 from pgflow.ops.delta import delta
 from pgflow.ops.fingerprint import MAX_TEXT, Fingerprinter, query_info
-from pgflow.ops.groups import _group_exactly, group_rows
+from pgflow.ops.groups import _group_exactly, columns, group_rows, number, rows_where
 from pgflow.ops.window import window_bounds
 from pgflow.schema import POINTS, STATEMENTS, Snapshot, conform
 from pgflow.scrape import Scraper
@@ -321,6 +323,23 @@ def test_grouping_by_hash_equals_grouping_by_value(rows):
     assert hashed.first.tolist() == exact.first.tolist() and hashed.of_row.tolist() == exact.of_row.tolist()
     values = np.arange(len(rows), dtype=np.int64)[:, None] * 3
     assert hashed.sum(values).tolist() == [[3 * sum(i for i, g in enumerate(exact.of_row) if g == k)] for k in range(len(exact))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "", None]), st.booleans()), max_size=30), st.randoms())
+def test_row_helpers_equal_the_query_engine(rows, rng):
+    """Issue 20: the operators' engine-free helpers give what filter, select and gather give."""
+    frame = pl.DataFrame(rows, schema={"name": pl.String, "keep": pl.Boolean}, orient="row")
+    mask = np.array([keep for _, keep in rows], dtype=bool)
+    assert_frame_equal(rows_where(frame, mask), frame.filter(pl.Series(mask, dtype=pl.Boolean)))
+    assert_frame_equal(columns(frame, ["keep", "name"]), frame.select("keep", "name"))
+    at = np.array(rng.sample(range(len(rows)), rng.randint(0, len(rows))), dtype=np.int64)
+    assert _names_at(frame.get_column("name"), at) == frame.get_column("name").gather(at).to_list()
+    hashes = pl.Series(np.array([rng.randint(0, 3) for _ in rows], dtype=np.uint64))
+    groups = number(hashes)
+    first = np.flatnonzero(hashes.is_first_distinct().to_numpy())
+    assert groups.first.tolist() == first.tolist()
+    assert groups.of_row.tolist() == [first.tolist().index(np.flatnonzero(hashes.to_numpy() == h)[0]) for h in hashes.to_numpy()]
 
 
 def test_grouping_survives_a_hash_collision(monkeypatch):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from pgflow.ops.groups import group_rows
+from pgflow.ops.groups import columns, group_rows, rows_where
 from pgflow.schema import STATEMENT_INT_COUNTERS, STATEMENT_TIME_COUNTERS
 
 SERIES_KEY = ("database", "user", "fingerprint", "toplevel")
@@ -47,10 +47,12 @@ def empty_series() -> SeriesTable:
 
 def sum_by(labels: pl.DataFrame, ints: np.ndarray, floats: np.ndarray, key: list[str]) -> SeriesTable:
     """One row per distinct ``key``: counters summed, other labels taken from the first row."""
-    groups = group_rows(labels.select(key))
+    groups = group_rows(columns(labels, key))
     if len(groups) == labels.height:
         return SeriesTable(labels, ints, floats)  # already one row per series
-    return SeriesTable(labels[groups.first], groups.sum(ints), groups.sum(floats))
+    first = np.zeros(labels.height, bool)
+    first[groups.first] = True  # (groups are numbered in first-seen order: these rows, in order)
+    return SeriesTable(rows_where(labels, first), groups.sum(ints), groups.sum(floats))
 
 
 def aggregate(parts: list[SeriesTable]) -> SeriesTable:
@@ -61,7 +63,8 @@ def aggregate(parts: list[SeriesTable]) -> SeriesTable:
     """
     if not parts:
         return empty_series()
-    labels = pl.concat([p.labels.select(*SERIES_KEY, *SERIES_LABELS) for p in parts])
+    frames = [columns(p.labels, (*SERIES_KEY, *SERIES_LABELS)) for p in parts]
+    labels = frames[0] if len(frames) == 1 else pl.concat(frames)
     if labels.get_column("database").has_nulls() or labels.get_column("user").has_nulls():
         labels = labels.with_columns_seq(pl.col("database", "user").fill_null(UNKNOWN))
     return sum_by(labels, np.concatenate([p.ints for p in parts]), np.concatenate([p.floats for p in parts]), list(SERIES_KEY))

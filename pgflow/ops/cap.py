@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from pgflow.ops.aggregate import SeriesTable, sum_by
-from pgflow.ops.groups import number
+from pgflow.ops.groups import columns, number, rows_where
 
 OTHER = "other"
 
@@ -65,11 +65,21 @@ def _ranked(names: pl.Series, hashes: np.ndarray, rows: np.ndarray, weights: np.
     (the other then goes untracked, into ``other``: totals stay exact).
     """
     if not distinct:
-        groups = number(pl.Series(hashes[rows]))
+        groups = number(hashes[rows])
         if len(groups) < len(rows):
             weights = np.bincount(groups.of_row, weights, minlength=len(groups))
             rows = rows[groups.first]
-    return names.gather(rows[_heaviest(weights, limit)]).to_list()
+    return _names_at(names, rows[_heaviest(weights, limit)])
+
+
+def _names_at(names: pl.Series, at: np.ndarray) -> list[str]:
+    """``names.gather(at).to_list()`` for distinct positions ``at``: filtered in row order, then
+    put in the order of ``at`` (a Series.gather goes through the query engine: ~0.1 ms)."""
+    ordered = np.sort(at)
+    keep = np.zeros(len(names), bool)
+    keep[ordered] = True
+    values = names.filter(pl.Series(keep, dtype=pl.Boolean)).to_list()
+    return [values[i] for i in np.searchsorted(ordered, at)]
 
 
 def _with_sampled(names: pl.Series, weights: np.ndarray, sampled: pl.DataFrame, limit: int) -> list[str]:
@@ -87,8 +97,12 @@ def _with_sampled(names: pl.Series, weights: np.ndarray, sampled: pl.DataFrame, 
 
 def _tracked(labels: pl.DataFrame, lrus: dict[str, tuple[str, ...]]) -> dict[str, np.ndarray]:
     """Per column, which rows carry a tracked name (one pass for all columns)."""
-    found = labels.select_seq(pl.col(c).is_in(pl.Series(lru, dtype=pl.String).implode()).fill_null(False) for c, lru in lrus.items())
-    return {c: found.get_column(c).to_numpy() for c in lrus}
+    out = {}
+    for c, lru in lrus.items():  # (a set per column: an is_in through the query engine costs ~0.3 ms)
+        names = set(lru)
+        values = labels.get_column(c).to_list()
+        out[c] = np.fromiter((v in names for v in values), bool, len(values))  # a null is in none
+    return out
 
 
 def cap(
@@ -116,18 +130,12 @@ def cap(
     calls, time = series.column("calls"), series.column("total_exec_time")
     active = np.flatnonzero(calls > 0)
     weights = time[active]
-    hashes = labels.select_seq(pl.col("database", "user", "fingerprint").hash())
+    # Each column's hash, as ``pl.col(c).hash()`` gives it (a one-column hash_rows is that hash, no query engine)
+    hashes = {c: pl.DataFrame([labels.get_column(c)]).hash_rows().to_numpy() for c in ("database", "user", "fingerprint")}
     distinct = labels.get_column("fingerprint").n_unique() == labels.height  # the common case
 
     def touch(lru: tuple[str, ...], column: str, limit: int) -> tuple[tuple[str, ...], int]:
-        ranked = _ranked(
-            labels.get_column(column),
-            hashes.get_column(column).to_numpy(),
-            active,
-            weights,
-            limit,
-            distinct=column == "fingerprint" and distinct,
-        )
+        ranked = _ranked(labels.get_column(column), hashes[column], active, weights, limit, distinct=column == "fingerprint" and distinct)
         return _touch(lru, ranked, limit)
 
     databases, ev_d = touch(state.databases, "database", max_databases_tracked)
@@ -162,11 +170,11 @@ def cap(
 
     if renamed:
         labels = labels.with_columns_seq(renamed)
-    kept = SeriesTable(labels.filter(pl.Series(~rolled)), series.ints[~rolled], series.floats[~rolled])
+    kept = SeriesTable(rows_where(labels, ~rolled), series.ints[~rolled], series.floats[~rolled])
     if renamed:  # two users (or databases) renamed into one: their series merge
         kept = sum_by(kept.labels, kept.ints, kept.floats, ["database", "user", "fingerprint", "toplevel", "operation"])
     rollup = ["database", "user", "operation", "toplevel"]
-    others = sum_by(labels.filter(pl.Series(rolled)).select(rollup), series.ints[rolled], series.floats[rolled], rollup)
+    others = sum_by(rows_where(columns(labels, rollup), rolled), series.ints[rolled], series.floats[rolled], rollup)
     others_labels = others.labels.select_seq(
         "database",
         "user",

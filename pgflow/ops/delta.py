@@ -76,7 +76,9 @@ def _matrix(frame: pl.DataFrame, columns: tuple[str, ...], dtype: type) -> np.nd
 def _since(column: pl.Series) -> np.ndarray:
     if column.null_count() == len(column):  # before PostgreSQL 17, or never reset
         return np.full(len(column), _NO_SINCE, np.int64)
-    values = column.dt.cast_time_unit("us").cast(pl.Int64)
+    dtype = column.dtype  # already in microseconds (what the scrape reads): no cast_time_unit, a select
+    in_us = isinstance(dtype, pl.Datetime) and dtype.time_unit == "us"
+    values = (column if in_us else column.dt.cast_time_unit("us")).cast(pl.Int64)
     return (values.fill_null(_NO_SINCE) if values.has_nulls() else values).to_numpy()
 
 

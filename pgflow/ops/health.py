@@ -295,13 +295,25 @@ class _Out:
         exprs: dict[int, list[pl.Expr]] = {}
         frames: dict[int, pl.DataFrame] = {}
         names = []
+        # An attribute's column is evaluated once per source frame however many points carry it (the
+        # same expression object: ``db`` in window_points), a constant one not at all (issue 20).
+        evaluated: dict[tuple[int, int], str] = {}
+        sources: list[list[str | None]] = []
         for j, (rows, _, _, value, attrs, *_rest) in enumerate(self._jobs):
             group = exprs.setdefault(id(rows), [])
             frames[id(rows)] = rows
             group.append(value.cast(pl.Float64).alias(f"__v{j}"))
-            group += [
-                (v if isinstance(v, pl.Expr) else pl.lit(v)).cast(pl.String).alias(f"__a{j}_{i}") for i, v in enumerate(attrs.values())
-            ]
+            source: list[str | None] = []
+            for v in attrs.values():
+                if isinstance(v, str):
+                    source.append(None)  # pl.lit(v).cast(pl.String) is v on every row
+                    continue
+                name = evaluated.get((id(rows), id(v)))
+                if name is None:
+                    name = evaluated[(id(rows), id(v))] = f"__a{len(evaluated)}"
+                    group.append(v.cast(pl.String).alias(name))
+                source.append(name)
+            sources.append(source)
             names.append(id(rows))
         results = {key: frames[key].select_seq(group) for key, group in exprs.items()}
         cols = self.columns
@@ -310,7 +322,9 @@ class _Out:
             start, end = (self.window.start, self.window.end) if kind == "sum" else (at, at)
             keys = list(attrs)
             values = result.get_column(f"__v{j}").to_list()
-            labels = [result.get_column(f"__a{j}_{i}").to_list() for i in range(len(keys))]
+            labels = [
+                result.get_column(name).to_list() if name is not None else [attrs[k]] * len(values) for k, name in zip(keys, sources[j])
+            ]
             for r, v in enumerate(values):
                 if v is None or not np.isfinite(v) or (nonzero and v == 0):
                     continue

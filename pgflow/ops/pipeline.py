@@ -104,6 +104,8 @@ def _emit(state: InstanceState, closed: list[win.Window], settings: OpsSettings)
         )
         if sampled is not None:
             frames.append(sampled)
+        if window.period not in _tables(state).open:
+            continue  # no table statistics in this window (tbl.emit would make an empty frame: ~0.4 ms)
         table_state, table_points = tbl.emit(_tables(state), window, settings.max_tables_tracked)
         state = replace(state, tables=table_state)
         if table_points.height:

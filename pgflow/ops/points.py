@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,14 @@ _MICROSECOND = timedelta(microseconds=1)
 
 
 def _constant(name: str, value: object, dtype: pl.DataType, n: int) -> pl.Series:
-    return pl.Series(name, [value], dtype=dtype).new_from_index(0, n)
+    return _one(name, value, dtype).new_from_index(0, n)
+
+
+@lru_cache(maxsize=256, typed=True)
+def _one(name: str, value: object, dtype: pl.DataType) -> pl.Series:
+    """A one-row column of ``value``, remembered (bounded): a window's constants (the resource's,
+    the kinds) are the same every window, and building one from a list costs ~20 us."""
+    return pl.Series(name, [value], dtype=dtype)
 
 
 def timestamps(name: str, values: list[datetime | None]) -> pl.Series:
@@ -66,7 +74,7 @@ def timestamps(name: str, values: list[datetime | None]) -> pl.Series:
 def attribute_struct(given: Mapping[str, pl.Series], n: int) -> pl.Series:
     """The ``attributes`` column of ``n`` points: ``given`` (cast to strings, as :func:`attributes`
     casts), every other key null; built from the columns, no expression evaluated."""
-    nulls = pl.repeat(None, n, dtype=pl.String, eager=True)  # one column, shared by every absent key
+    nulls = _constant("", None, pl.String(), n)  # one column, shared by every absent key (no pl.repeat: a select)
     fields = [given[k].cast(pl.String).alias(k) if k in given else nulls.alias(k) for k in ATTRIBUTE_KEYS]
     return pl.DataFrame(fields).to_struct("attributes")
 
@@ -282,7 +290,7 @@ def gauge_points(window: Window) -> list[pl.DataFrame]:
         out.add("postgresql.lock.count", "{lock}", r["count"], True, attrs)
     if g.databases:
         by_database: dict[str, list[tuple[int | None, float | None]]] = {}
-        for d, sessions, wait in g.blocked.select("database", "sessions", "max_wait_secs").iter_rows():
+        for d, sessions, wait in zip(*(g.blocked.get_column(c).to_list() for c in ("database", "sessions", "max_wait_secs"))):
             if d is not None:  # a join never matches a null key
                 by_database.setdefault(d, []).append((sessions, wait))
         blocked = [(d, s, w) for d in g.databases for s, w in (by_database.get(d, [(None, None)]) if d is not None else [(None, None)])]

@@ -22,6 +22,7 @@ import polars as pl
 
 from pgflow.ops.aggregate import SeriesTable, aggregate
 from pgflow.ops.delta import Counters, Deltas, active_rows
+from pgflow.ops.groups import rows_where
 from pgflow.schema import Snapshot
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -79,7 +80,7 @@ class Run:
     def compacted(self) -> Run:
         """Only the rows that ran: what a finished run needs to keep."""
         keep = active_rows(self.counters)
-        return self if keep.all() else Run(self.rows.filter(pl.Series(keep)), self.counters.take(keep))
+        return self if keep.all() else Run(rows_where(self.rows, keep), self.counters.take(keep))
 
 
 @dataclass(frozen=True)
