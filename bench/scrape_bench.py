@@ -35,6 +35,7 @@ from pathlib import Path
 
 import psycopg
 
+os.environ.setdefault("POLARS_MAX_THREADS", "1")  # as `pgflow run` sets it (before polars is imported)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fleet_bench import make_statements  # noqa: E402
