@@ -8,6 +8,8 @@ the server's whole pg_stat_statements), exporting to a `pgflow receive` in its o
 After ``warmup`` seconds, for ``duration`` seconds: CPU of the collector process (all its
 threads: utime + stime from /proc/<pid>/stat), its resident memory (VmRSS) at the end, and the
 connections it holds (pg_stat_activity, application_name = 'pgflow', sampled every 0.5 s).
+Beside its logs: ``memory-<n>.txt`` (resident memory by mapping) and ``threads-<n>.txt`` (CPU by
+thread over the measured period, named by ``py-spy dump`` when py-spy is on PATH).
 
 Last line: cpu_pct_1=<f> cpu_pct_per_instance=<f> rss_mb_1=<f> rss_mb_per_instance=<f> connections_max=<n>
 (cpu_pct: percent of one core; connections_max: the most one instance's run held at once).
@@ -52,6 +54,45 @@ def cpu_secs(pid: int) -> float:
 def rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """utime + stime per thread of ``pid``, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended
+            continue
+        out[task.name] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+def thread_profile(pid: int, before: dict[str, float], seconds: float, out: Path) -> None:
+    """Where the collector's CPU went, by thread (for the reader of the bench, not its figures).
+
+    Threads named as Python names them when ``py-spy`` is on PATH (``py-spy dump``), else by
+    their kernel name; a worker pool's threads are summed under their prefix."""
+    after = thread_cpu(pid)
+    names = {}
+    for task in after:
+        try:
+            names[task] = (Path(f"/proc/{pid}/task/{task}/comm")).read_text().strip()
+        except FileNotFoundError:
+            names[task] = "?"
+    try:
+        dump = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30).stdout
+        for line in dump.splitlines():
+            if line.startswith("Thread ") and '"' in line:
+                names[str(int(line.split()[1], 0))] = line.split('"')[1]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    spent: dict[str, float] = {}
+    for task, cpu in after.items():
+        name = re.sub(r"_\d+$", "_*", names[task])
+        spent[name] = spent.get(name, 0.0) + cpu - before.get(task, 0.0)
+    lines = [f"{100 * cpu / seconds:7.3f} %  {name}" for name, cpu in sorted(spent.items(), key=lambda kv: -kv[1])]
+    out.write_text("CPU by thread, % of one core over the measured period\n" + "\n".join(lines) + "\n")
 
 
 def memory_profile(pid: int, out: Path) -> None:
@@ -116,10 +157,11 @@ def run_collector(
         time.sleep(warmup)
         if proc.poll() is not None:
             raise SystemExit(f"pgflow run exited ({proc.returncode}): see {work}")
-        cpu0, t0 = cpu_secs(proc.pid), time.monotonic()
+        cpu0, t0, threads0 = cpu_secs(proc.pid), time.monotonic(), thread_cpu(proc.pid)
         time.sleep(duration)
         cpu1, t1 = cpu_secs(proc.pid), time.monotonic()
         rss = rss_mb(proc.pid)
+        thread_profile(proc.pid, threads0, t1 - t0, work / f"threads-{len(databases)}.txt")
         memory_profile(proc.pid, work / f"memory-{len(databases)}.txt")
     finally:
         proc.terminate()
@@ -161,7 +203,7 @@ def main() -> None:
             receiver.terminate()
             receiver.wait(timeout=30)
     extra = max(1, instances - 1)
-    print(f"memory profiles: {work}/memory-*.txt; load average {os.getloadavg()}", flush=True)
+    print(f"profiles (memory, CPU by thread): {work}/memory-*.txt, {work}/threads-*.txt; load average {os.getloadavg()}", flush=True)
     print(
         f"cpu_pct_1={cpu_1:.3f} cpu_pct_per_instance={(cpu_n - cpu_1) / extra:.3f} rss_mb_1={rss_1:.1f} "
         f"rss_mb_per_instance={(rss_n - rss_1) / extra:.2f} connections_max={conns_1}"
