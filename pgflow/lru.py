@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Container, Hashable
+from collections.abc import Container, Hashable, Iterable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -38,6 +38,17 @@ class LRU(Generic[K, V]):
         while len(self._data) > self.capacity:
             self._data.popitem(last=False)
             self.evictions += 1
+
+    def fill(self, items: Iterable[tuple[K, V]]) -> None:
+        """Put many entries at once, oldest first; those past the capacity are forgotten."""
+        self._data.update(items)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+            self.evictions += 1
+
+    def clear(self) -> None:
+        """Forget every entry (the counters stay)."""
+        self._data.clear()
 
     def resize(self, capacity: int, keep: Container[K] = ()) -> None:
         """A new capacity; the least recently used entries past it are forgotten now, except
