@@ -31,14 +31,12 @@ from datetime import UTC, datetime
 import polars as pl
 import psycopg
 import psycopg.conninfo
-import xxhash
 
 from pgflow.config import Settings
 from pgflow.logs import kv
-from pgflow.lru import LRU
 from pgflow.ops import plans
 from pgflow.ops.explain_targets import explain_candidates
-from pgflow.ops.fingerprint import query_info
+from pgflow.ops.fingerprint import Fingerprinter
 from pgflow.schema import PLANS, STATEMENT_KEY, Snapshot
 from pgflow.scrape.budget import ConnectionBudget, NoConnection
 from pgflow.scrape.explainer import (
@@ -266,8 +264,9 @@ class WindowPlans:
         self.source = source
         self.interval = export_interval_secs
         self._window: int | None = None
-        # text digest -> fingerprint of the busiest statements (the same ones, window after window)
-        self._fingerprints: LRU[int, str] = LRU(2 * _candidate_rows(source.explains_per_window))
+        self._rows = _candidate_rows(source.explains_per_window)
+        # the busiest statements' fingerprints, by text: the same ones, window after window
+        self._fingerprints = Fingerprinter(text_cache_size=2 * self._rows)
         self._base: pl.DataFrame | None = None  # keys and execution time at the first scrape of the current window
 
     @classmethod
@@ -296,19 +295,12 @@ class WindowPlans:
             return snapshot
         base, self._window, self._base = self._base, window, _ranking_base(snapshot.statements)
         try:
-            rows = _candidate_rows(self.source.explains_per_window)
-            candidates = explain_candidates(base, snapshot.statements, fingerprint=self._fingerprint, rows=rows)
+            fingerprint = self._fingerprints.info
+            candidates = explain_candidates(
+                base, snapshot.statements, fingerprint=lambda text: fingerprint(text).fingerprint, rows=self._rows
+            )
             found = self.source.run(candidates, snapshot.server_version_num)
         except Exception as exc:  # explaining is a side job: the scrape goes on without plans
             log.error("explaining failed unexpectedly", extra=kv(instance=self.source.instance, error=repr(exc)[:300]))
             return snapshot
         return replace(snapshot, plans=found) if found.height else snapshot
-
-    def _fingerprint(self, text: str) -> str:
-        """The fingerprint of ``text``, parsed once while it stays among the busiest."""
-        digest = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"))
-        found = self._fingerprints.get(digest)
-        if found is None:
-            found = query_info(text).fingerprint
-            self._fingerprints.put(digest, found)
-        return found

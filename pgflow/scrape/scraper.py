@@ -341,7 +341,7 @@ class Scraper:
         """
         keys = _key_tuples(arrays)
         last = self._last
-        if not len(self.texts) and last is not None and last.complete:  # the texts of the last scrape's keys, from its column
+        if not self.texts and last is not None and last.complete:  # the texts of the last scrape's keys, from its column
             self.texts.fill((k, q) for k, q in zip(_key_tuples(last.keys), last.query.to_list()) if k not in self._own)
         present = set(keys)
         self.texts.retain(present)
