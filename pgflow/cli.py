@@ -191,7 +191,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     )
     from pgflow.scrape.explain import WindowPlans  # issue 12: and the plans of each closed export window
 
-    plans = {i.name: p for i in settings.targets() if (p := WindowPlans.for_instance(i.dsn, i.name, settings, budgets[i.name]))}
+    shared = WindowPlans.shared(settings)
+    plans = {i.name: p for i in settings.targets() if (p := WindowPlans.for_instance(i.dsn, i.name, settings, budgets[i.name], shared))}
 
     def progress(writer) -> None:  # type: ignore[no-untyped-def]
         print(f"\rcaptured {writer.scrapes} snapshots, {writer.rows} statement rows", end="", flush=True)

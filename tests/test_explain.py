@@ -716,5 +716,43 @@ def test_a_busy_window_parses_only_its_busiest_statements_and_once(server):
                 parsed.append(step._fingerprints.parses)
     assert 1 <= parsed[0] <= 200, parsed  # 300 statements gained time: the 200 busiest parsed
     assert parsed[1] <= 300, parsed  # and in the next window only those not parsed before
-    assert step._fingerprints._by_text.hits >= 100  # the second window's busiest were mostly parsed before
+    assert step._fingerprints.hits >= 100  # the second window's busiest were mostly parsed before
     assert windows[0].plans.height == 1 and "busy_" in windows[0].plans["body"][0]  # the plans go on
+
+
+def test_instances_of_one_server_parse_each_busy_text_once(server, monkeypatch):
+    """Issue 20: the instances of a worker share the plans' fingerprint cache: databases of one
+    server (or servers of one application) hold the same texts, and 200 of them each parsing the
+    same busiest statements cost ~40 s of CPU at their first windows. Both still get plans."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from pgflow.config import Settings
+    from pgflow.ops import fingerprint as fingerprint_module
+    from pgflow.scrape.explain import WindowPlans
+    from pgflow.scrape.scraper import Scraper
+
+    parses: list[str | None] = []
+    real_parse = fingerprint_module.query_info
+    monkeypatch.setattr(fingerprint_module, "query_info", lambda text: parses.append(text) or real_parse(text))
+    statements = [f"SELECT {', '.join(f'v + {j} AS c{j}' for j in range(i % 9 + 1))} FROM shared_{i // 9} WHERE id = 1" for i in range(60)]
+    settings = Settings.load(export_interval_secs=60, explains_per_window=1)
+    shared = WindowPlans.shared(settings)
+    steps = [WindowPlans.for_instance(server.dsn(), name, settings, fingerprints=shared) for name in ("a", "b")]
+    with psycopg.connect(server.dsn(), autocommit=True) as conn, Scraper(server.dsn()) as scraper:
+        for k in range(60 // 9 + 1):
+            conn.execute(f"CREATE TABLE IF NOT EXISTS shared_{k} (id int PRIMARY KEY, v int)")  # type: ignore[arg-type]
+        baseline = scraper.scrape()
+        start = baseline.scraped_at.replace(second=0, microsecond=0)
+        for step in steps:
+            step.attach(replace(baseline, scraped_at=start))  # type: ignore[union-attr]
+        for text in statements:
+            conn.execute(text)  # type: ignore[arg-type]
+        closing = replace(scraper.scrape(), scraped_at=start + timedelta(seconds=61))
+        first = steps[0].attach(closing)  # type: ignore[union-attr]
+        parsed = len(parses)
+        second = steps[1].attach(closing)  # type: ignore[union-attr]
+    assert parsed >= 60  # the first instance parsed the window's busy texts
+    assert len(parses) == parsed  # the second found every one of them parsed
+    for window in (first, second):
+        assert window.plans.height == 1 and "shared_" in window.plans["body"][0]  # and both explained their busiest

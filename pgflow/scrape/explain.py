@@ -22,6 +22,7 @@ it leaves this module, so no constant is ever held, captured or sent.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
@@ -252,6 +253,41 @@ def database_connector(
     return connect
 
 
+class PlanFingerprints:
+    """The busiest statements' fingerprints by text, shared by the instances of a worker (issue 20).
+
+    Instances that are databases of one server, or servers of one application, hold the same
+    texts: each is parsed once (~1 ms) per process, not once per instance (200 such instances
+    spent ~40 s of CPU on their first windows' parses). Holds twice the candidate rows of each
+    instance that joined; the scrape threads share it, hence the lock.
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self._instances = 0
+        self._cache = Fingerprinter(text_cache_size=2 * rows)
+        self._lock = threading.Lock()
+
+    def join(self) -> PlanFingerprints:
+        """One more instance: room for its busiest statements too."""
+        with self._lock:
+            self._instances += 1
+            self._cache._by_text.resize(2 * self.rows * self._instances)
+        return self
+
+    def fingerprint(self, text: str) -> str:
+        with self._lock:
+            return self._cache.info(text).fingerprint
+
+    @property
+    def parses(self) -> int:
+        return self._cache.parses
+
+    @property
+    def hits(self) -> int:
+        return self._cache._by_text.hits
+
+
 class WindowPlans:
     """The explain step beside the scrape source: at the first scrape of each export window, the
     busiest statements of the window that just closed are explained (within PlanSource's budget
@@ -260,18 +296,26 @@ class WindowPlans:
     scrape: it never delays a worker, and a failure here never loses a scrape.
     """
 
-    def __init__(self, source: PlanSource, export_interval_secs: float) -> None:
+    def __init__(self, source: PlanSource, export_interval_secs: float, fingerprints: PlanFingerprints | None = None) -> None:
         self.source = source
         self.interval = export_interval_secs
         self._window: int | None = None
         self._rows = _candidate_rows(source.explains_per_window)
         # the busiest statements' fingerprints, by text: the same ones, window after window
-        self._fingerprints = Fingerprinter(text_cache_size=2 * self._rows)
+        self._fingerprints = (fingerprints or PlanFingerprints(self._rows)).join()
         self._base: pl.DataFrame | None = None  # keys and execution time at the first scrape of the current window
 
     @classmethod
-    def for_instance(cls, dsn: str, instance: str, settings: Settings, budget: ConnectionBudget | None = None) -> WindowPlans | None:
-        """None when plans are off (``explains_per_window = 0``)."""
+    def for_instance(
+        cls,
+        dsn: str,
+        instance: str,
+        settings: Settings,
+        budget: ConnectionBudget | None = None,
+        fingerprints: PlanFingerprints | None = None,
+    ) -> WindowPlans | None:
+        """None when plans are off (``explains_per_window = 0``); ``fingerprints``: the cache the
+        instances of a worker share (:meth:`shared`), else one of its own."""
         if settings.explains_per_window <= 0:
             return None
         statement_timeout = min(settings.statement_timeout_ms, Explainer.statement_timeout_ms)
@@ -284,7 +328,13 @@ class WindowPlans:
                 explainer=Explainer(statement_timeout_ms=statement_timeout),
             ),
             settings.export_interval_secs,
+            fingerprints,
         )
+
+    @staticmethod
+    def shared(settings: Settings) -> PlanFingerprints:
+        """A fingerprint cache for the plans of several instances (one bytewax worker's)."""
+        return PlanFingerprints(_candidate_rows(settings.explains_per_window))
 
     def attach(self, snapshot: Snapshot) -> Snapshot:
         """``snapshot`` with the plans of the window that just closed (none within a window)."""
@@ -295,10 +345,7 @@ class WindowPlans:
             return snapshot
         base, self._window, self._base = self._base, window, _ranking_base(snapshot.statements)
         try:
-            fingerprint = self._fingerprints.info
-            candidates = explain_candidates(
-                base, snapshot.statements, fingerprint=lambda text: fingerprint(text).fingerprint, rows=self._rows
-            )
+            candidates = explain_candidates(base, snapshot.statements, fingerprint=self._fingerprints.fingerprint, rows=self._rows)
             found = self.source.run(candidates, snapshot.server_version_num)
         except Exception as exc:  # explaining is a side job: the scrape goes on without plans
             log.error("explaining failed unexpectedly", extra=kv(instance=self.source.instance, error=repr(exc)[:300]))

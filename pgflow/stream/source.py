@@ -37,7 +37,7 @@ from pgflow.logs import kv
 from pgflow.schema import Snapshot
 from pgflow.scrape import Scraper
 from pgflow.scrape.budget import ConnectionBudget, free_of, read_free
-from pgflow.scrape.explain import WindowPlans
+from pgflow.scrape.explain import PlanFingerprints, WindowPlans
 from pgflow.scrape.health import HealthSchedule
 from pgflow.scrape.sampler import sampler_for, with_samples
 from pgflow.scrape.tables import TableScraper
@@ -88,6 +88,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         recorder: SnapshotRecorder | None = None,
         slot: tuple[int, int] = (0, 1),
         pool: ThreadPoolExecutor | None = None,
+        plan_fingerprints: PlanFingerprints | None = None,
     ) -> None:
         self.instance = instance
         self.interval = timedelta(seconds=settings.collection_interval_secs)
@@ -116,7 +117,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         # issue 20: the scrape's and the sampler's connections are held; per-database work shares the rest
         self._conn_lock = threading.RLock()  # the scrape's connection: one user at a time
         self.budget = ConnectionBudget.from_settings(instance, settings, sampler=self.sampler is not None, probe=self._free_connections)
-        self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings, self.budget)  # None: plans off
+        self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings, self.budget, plan_fingerprints)  # None: plans off
         self.tables = (  # issue 13; its first round with the first scrape, so the rounds of many instances are spread too
             TableStatsThread(instance, settings, self.budget, self.pool, first=first) if settings.table_stats_enabled else None
         )
@@ -393,9 +394,16 @@ class ScrapeSource(DynamicSource[tuple[str, Snapshot]]):
         # Room for every instance's scrape and table round at once (none waits for another's
         # slow server); threads start only when that many are busy together.
         pool = ThreadPoolExecutor(max_workers=max(1, 2 * len(mine)), thread_name_prefix=f"scrape-w{worker_index}")
+        fingerprints = WindowPlans.shared(self.settings)  # a text shared by instances is parsed once
         parts = {
             routing_key(name, worker_index, worker_count): ScrapePartition(
-                self.instances[name], self.settings, self.health, self.recorder, slot=(i, len(order)), pool=pool
+                self.instances[name],
+                self.settings,
+                self.health,
+                self.recorder,
+                slot=(i, len(order)),
+                pool=pool,
+                plan_fingerprints=fingerprints,
             )
             for i, name in mine
         }
