@@ -206,6 +206,30 @@ def test_two_collectors_cannot_share_a_ledger(tmp_path):
     Ledger(tmp_path, "db2")  # other instances are free
 
 
+def test_acknowledgements_applied_again_after_a_lost_log_truncation_change_nothing(tmp_path):
+    """The save truncates the ack log without syncing it (issue 20): should the truncation be
+    lost in a crash, the old lines are applied again on load, to an outbox that already lacks
+    those rows, while the acknowledgements that came after the save still apply."""
+    import polars as pl
+
+    from pgflow.stream.ledger import ROW, Ledger, Record
+
+    ledger = Ledger(tmp_path, "db1")
+    record = Record(
+        None, {1: pl.DataFrame({"value": [1.0, 2.0, 3.0]}).with_row_index(ROW), 2: pl.DataFrame({"value": [4.0]}).with_row_index(ROW)}, 3
+    )
+    ledger.record_ack(1, [0])
+    old_lines = (ledger.dir / "acks.log").read_text()
+    ledger.save(record)  # row 0 of entry 1 leaves the saved outbox; the log restarts
+    ledger.record_ack(1, [1])  # acknowledged after the save
+    with open(ledger.dir / "acks.log", "a", encoding="ascii") as fh:
+        fh.write(old_lines)  # the truncation lost: the old line is back
+    ledger.close()
+    loaded = Ledger(tmp_path, "db1").load()
+    assert loaded is not None and sorted(loaded.outbox) == [1, 2]
+    assert loaded.outbox[1]["value"].to_list() == [3.0] and loaded.outbox[2]["value"].to_list() == [4.0]
+
+
 def test_a_ledger_of_an_older_state_format_keeps_its_unsent_points(tmp_path):
     """Operator state of another format starts a new baseline; queued points still go out."""
     import pickle

@@ -64,6 +64,22 @@ def wait_for_ledgers(tmp_path: Path, n: int, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def test_a_fleets_first_table_rounds_are_spread_over_the_table_interval():
+    """Issue 20: 200 instances reading their tables at start put every table row in the first
+    export window (the heaviest points on the operators' thread: that window left late)."""
+    from datetime import timedelta
+
+    from pgflow.config import Settings
+    from pgflow.stream.source import table_start
+
+    settings = Settings.load(table_stats_interval_secs=300)
+    starts = [table_start(settings, i, 200) for i in range(200)]
+    assert starts[0] == timedelta(0)  # one instance (or the first) reads its tables at once
+    assert all(a < b for a, b in zip(starts, starts[1:])) and starts[-1] < timedelta(seconds=300)
+    per_minute = [sum(1 for s in starts if m * 60 <= s.total_seconds() < (m + 1) * 60) for m in range(5)]
+    assert per_minute == [40] * 5  # each export window of the first interval takes a fifth
+
+
 def test_two_process_cluster_splits_instances_evenly_and_exports_each_window_once(pgbench_server, tmp_path):
     server = pgbench_server()
     server.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", dbname="template1")

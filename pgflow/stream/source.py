@@ -118,8 +118,10 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         self._conn_lock = threading.RLock()  # the scrape's connection: one user at a time
         self.budget = ConnectionBudget.from_settings(instance, settings, sampler=self.sampler is not None, probe=self._free_connections)
         self.plans = WindowPlans.for_instance(instance.dsn, instance.name, settings, self.budget, plan_fingerprints)  # None: plans off
-        self.tables = (  # issue 13; its first round with the first scrape, so the rounds of many instances are spread too
-            TableStatsThread(instance, settings, self.budget, self.pool, first=first) if settings.table_stats_enabled else None
+        self.tables = (  # issue 13; first rounds spread over the table interval, by the same rank (issue 20)
+            TableStatsThread(instance, settings, self.budget, self.pool, first=max(first, table_start(settings, *slot)))
+            if settings.table_stats_enabled
+            else None
         )
 
     def _free_connections(self) -> int:
@@ -329,6 +331,13 @@ def slot_of(interval: timedelta, index: int, count: int) -> tuple[timedelta, tim
     guard = min(_SLOT_GUARD, interval / 10)
     slot = guard + (interval / 2 - guard) * index / max(count, 1)
     return slot, slot - guard
+
+
+def table_start(settings: Settings, index: int, count: int) -> timedelta:
+    """When instance ``index`` of ``count`` reads its tables first: the rounds of a fleet are
+    spread over ``table_stats_interval_secs``, so their rows (a window's heaviest points on the
+    operators' thread) do not all land in the first export window after a start."""
+    return timedelta(seconds=settings.table_stats_interval_secs) * index / max(count, 1)
 
 
 class WorkerScrapes(StatelessSourcePartition[tuple[str, Snapshot]]):
