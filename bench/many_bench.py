@@ -9,7 +9,9 @@ exports to a ``pgflow receive`` in its own process, storing into DuckDB.
 
 For every instance and every export window that ends within the measured period: the
 scrape-to-export lag (when the window's last point reached the receiver, ``received_at``,
-minus the window's end), and whether it was late (lag >= the collection interval) or missing.
+minus the window's end), and whether it was late (lag >= the collection interval) or missing;
+each window's median and longest lag on a line of its own (the first windows after a start
+carry the start's work: every instance's first fingerprints and plans).
 Over the measured period: the collector's CPU (all threads, /proc) and its resident memory at
 the end, and the host's load average.
 
@@ -185,6 +187,13 @@ def main() -> None:
         f"load average {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}; logs in {work}",
         flush=True,
     )
+    for row in (
+        got.group_by("end")
+        .agg(pl.len().alias("n"), pl.col("lag").median().alias("p50"), pl.col("lag").max().alias("max"))
+        .sort("end")
+        .iter_rows()
+    ):
+        print(f"  window ending {row[0]:%H:%M:%S}: {row[1]} instances, lag p50 {row[2]:.2f} s, max {row[3]:.2f} s", flush=True)
     if len(procs) > 1:
         split = [
             re.findall(r"instances on this worker.*?instances=(\d+)", (work / f"collector-{k}.log").read_text()) for k in range(len(procs))

@@ -24,6 +24,7 @@ from e2e import ROOT, calls_by_summary, collector_env, settle, write_config
 from pgflow.otlp.receiver import Receiver
 from pgflow.pgserver import free_port
 from pgflow.stream.routing import placement, routing_key, worker_of
+from pgflow.stream.runtime import TIMER_SLACK_NS
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +56,11 @@ def test_placement_is_even_and_moves_few_instances_when_one_is_added():
 def scraped_instances(metrics_addr: str) -> set[str]:
     text = urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5).read().decode()
     return set(re.findall(r'^pgflow_last_successful_scrape_timestamp_seconds\{instance="([^"]+)"\}', text, re.M))
+
+
+def thread_slacks(pid: int) -> dict[int, int]:
+    """Each thread's timer slack (ns), read from /proc."""
+    return {int(t.name): int(Path(f"/proc/{t.name}/timerslack_ns").read_text()) for t in Path(f"/proc/{pid}/task").iterdir()}
 
 
 def wait_for_ledgers(tmp_path: Path, n: int, timeout: float = 60) -> None:
@@ -97,6 +103,7 @@ def test_two_process_cluster_splits_instances_evenly_and_exports_each_window_onc
             procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(tmp_path / f"log{i}", "wb"), stderr=subprocess.STDOUT))
         try:
             wait_for_ledgers(tmp_path, len(NAMES))
+            slack = [thread_slacks(p.pid) for p in procs]
             server.pgbench("-n", "-c", "2", "-t", "150")
             for i in range(2):
                 settle(0, state_dir=tmp_path / f"state{i}", scrapes=4)
@@ -107,6 +114,11 @@ def test_two_process_cluster_splits_instances_evenly_and_exports_each_window_onc
             codes = [p.wait(timeout=60) for p in procs]
         assert codes == [0, 0]
         points = receiver.points()
+
+    # an idle flow sleeps: the flow's thread and the threads it started (bytewax's worker, the
+    # scrape, table and sampler threads) may end their 1 ms waits up to TIMER_SLACK_NS late
+    for pid, slacks in zip((p.pid for p in procs), slack, strict=True):
+        assert slacks[pid] == TIMER_SLACK_NS and sum(s == TIMER_SLACK_NS for s in slacks.values()) >= 3, slacks
 
     # the split: each process holds (ledgers) and scrapes (/metrics) the same half of the instances
     held = [{p.name for p in (tmp_path / f"state{i}" / "instances").iterdir()} for i in range(2)]
