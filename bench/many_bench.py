@@ -7,9 +7,12 @@ default interval: statements every 30 s, export windows of 60 s) watches every d
 instance (each reads its server's whole pg_stat_statements: the work of as many servers), and
 exports to a ``pgflow receive`` in its own process, storing into DuckDB.
 
-For every instance and every export window that ends within the measured period: the
-scrape-to-export lag (when the window's last point reached the receiver, ``received_at``,
-minus the window's end), and whether it was late (lag >= the collection interval) or missing;
+For every instance and every export window that ends within the measured period: the lag
+(when the window's last point reached the receiver, ``received_at``, minus the window's end:
+the freshness a dashboard shows), and whether it was late (lag >= the collection interval) or
+missing; and the scrape-to-export lag (the same arrival minus the due time of the scrape that
+closes the window: its end plus the instance's slot, 1 to 15 s at the defaults; a scrape that
+started late counts against it);
 each window's median and longest lag on a line of its own (the first windows after a start
 carry the start's work: every instance's first fingerprints and plans).
 Over the measured period: the collector's CPU (all threads, /proc) and its resident memory at
@@ -20,7 +23,8 @@ reads one database's tables (as one server of a fleet would), not every database
 bench's shared servers.
 
 Last line: instances=<n> lag_p50_s=<f> lag_max_s=<f> late_windows=<n> missing_windows=<n>
-cpu_pct=<f> rss_mb=<f> instances_per_core=<f>   (instances_per_core = instances / (cpu_pct / 100))
+cpu_pct=<f> rss_mb=<f> instances_per_core=<f> scrape_lag_p50_s=<f> scrape_lag_max_s=<f>
+scrape_late_windows=<n>   (instances_per_core = instances / (cpu_pct / 100))
 
 Usage: python bench/many_bench.py [instances=20] [servers=2] [duration_secs=180] [warmup_secs=45] [statements=2000]
 PGFLOW_BENCH_PG_BINDIR picks the PostgreSQL binaries; PGFLOW_BENCH_WORKERS=N runs ``pgflow run --workers N``
@@ -53,6 +57,7 @@ from workload_shapes import statement
 from pgflow.config import Settings
 from pgflow.otlp.store import read_points
 from pgflow.pgserver import LocalPostgres, free_port
+from pgflow.stream.source import slot_of
 
 ROOT = Path(__file__).resolve().parent.parent
 COLLECTION = Settings.model_fields["collection_interval_secs"].default
@@ -82,14 +87,23 @@ def start_server(stack: ExitStack, bindir: str | None, databases: list[str], sta
     return pg
 
 
+def slots(names: list[str]) -> dict[str, float]:
+    """Each instance's slot (seconds after each grid point): a window's closing scrape is due at
+    its end plus the slot (pgflow.stream.source.slot_of, instances ranked by name)."""
+    interval = timedelta(seconds=COLLECTION)
+    return {n: slot_of(interval, i, len(names))[0].total_seconds() for i, n in enumerate(sorted(names))}
+
+
 def window_lags(points: pl.DataFrame, names: list[str], first_end: datetime, last_end: datetime) -> tuple[pl.DataFrame, int]:
-    """One row per (instance, window ending in [first_end, last_end]) received, with its lag; and the missing count."""
+    """One row per (instance, window ending in [first_end, last_end]) received, with its lag (from
+    the window's end) and its scrape lag (from its closing scrape's due time); and the missing count."""
     got = (
         points.with_columns(instance=pl.col("resource").str.json_path_match("$['postgresql.instance.name']"))
         .filter(pl.col("metric") == "postgresql.query.calls", pl.col("end").is_between(first_end, last_end))
         .group_by("instance", "end")
         .agg(arrived=pl.col("received_at").max())
         .with_columns(lag=(pl.col("arrived") - pl.col("end")).dt.total_microseconds() / 1e6)
+        .with_columns(scrape_lag=pl.col("lag") - pl.col("instance").replace_strict(slots(names), return_dtype=pl.Float64))
     )
     ends = int((last_end - first_end) / timedelta(seconds=EXPORT)) + 1
     return got, len(names) * ends - got.height
@@ -181,6 +195,7 @@ def main() -> None:
     cpu = 100 * (cpu1 - cpu0) / (m1 - m0)
     lags = got["lag"]
     late = int((lags >= COLLECTION).sum())
+    scrape_lags = got["scrape_lag"]
     print(
         f"windows ending {first_end:%H:%M:%S}..{last_end:%H:%M:%S}: {got.height} received; "
         f"lag p90 {lags.quantile(0.9):.2f} s; receiver cpu {100 * (r1 - r0) / (m1 - m0):.1f}%; "
@@ -189,11 +204,21 @@ def main() -> None:
     )
     for row in (
         got.group_by("end")
-        .agg(pl.len().alias("n"), pl.col("lag").median().alias("p50"), pl.col("lag").max().alias("max"))
+        .agg(
+            pl.len().alias("n"),
+            pl.col("lag").median().alias("p50"),
+            pl.col("lag").max().alias("max"),
+            pl.col("scrape_lag").median().alias("s50"),
+            pl.col("scrape_lag").max().alias("smax"),
+        )
         .sort("end")
         .iter_rows()
     ):
-        print(f"  window ending {row[0]:%H:%M:%S}: {row[1]} instances, lag p50 {row[2]:.2f} s, max {row[3]:.2f} s", flush=True)
+        print(
+            f"  window ending {row[0]:%H:%M:%S}: {row[1]} instances, lag p50 {row[2]:.2f} s, max {row[3]:.2f} s; "
+            f"scrape lag p50 {row[4]:.2f} s, max {row[5]:.2f} s",
+            flush=True,
+        )
     if len(procs) > 1:
         split = [
             re.findall(r"instances on this worker.*?instances=(\d+)", (work / f"collector-{k}.log").read_text()) for k in range(len(procs))
@@ -201,7 +226,9 @@ def main() -> None:
         print(f"processes={len(procs)} instances_per_process={','.join(found[0] if found else '?' for found in split)}")
     print(
         f"instances={instances} lag_p50_s={lags.median():.2f} lag_max_s={lags.max():.2f} late_windows={late} "
-        f"missing_windows={missing} cpu_pct={cpu:.2f} rss_mb={rss:.1f} instances_per_core={instances / (cpu / 100):.0f}"
+        f"missing_windows={missing} cpu_pct={cpu:.2f} rss_mb={rss:.1f} instances_per_core={instances / (cpu / 100):.0f} "
+        f"scrape_lag_p50_s={scrape_lags.median():.2f} scrape_lag_max_s={scrape_lags.max():.2f} "
+        f"scrape_late_windows={int((scrape_lags >= COLLECTION).sum())}"
     )
 
 
