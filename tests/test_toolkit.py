@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -83,11 +84,18 @@ def test_capture_cli_sigint_keeps_committed_scrapes(pg, tmp_path):
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
-    time.sleep(3)
+    # Interrupted once it says it has captured three (its start-up alone can take seconds on a busy machine).
+    seen, deadline = b"", time.monotonic() + 60
+    while b"captured 3 snapshots" not in seen and proc.poll() is None and time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            seen += os.read(proc.stdout.fileno(), 4096)
+    if b"captured 3 snapshots" not in seen:
+        proc.kill()
+        pytest.fail(f"capture did not get to 3 snapshots in 60 s: {seen[-200:]!r} {proc.communicate()[1][-500:]!r}")
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=30)
+    rest, err = proc.communicate(timeout=30)
+    stdout, stderr = (seen + rest).decode(), err.decode()
     assert proc.returncode == 0 and "Traceback" not in stderr
     n = len(list(capture.read(out)))
     assert n >= 3 and f"{n} snapshots written" in stdout
