@@ -206,15 +206,21 @@ class ConnectionBudget:
             if not self.waiting:
                 self.waiting = True
                 telemetry.optional_work_waiting.labels(self.instance).set(1)
-                log.warning(
-                    "optional work waits: too few connections left free on the server for others",
-                    extra=kv(
-                        instance=self.instance,
-                        free="unknown" if free is None else free,
-                        headroom=self.headroom,
-                        hint="it resumes by itself; lower PGFLOW_RESERVED_CONNECTIONS_HEADROOM or raise max_connections to change this",
-                    ),
-                )
+                if free is None:  # the probe failed (the scrape's own error says why): not "too few"
+                    log.warning(
+                        "optional work waits: the server's free connections could not be read",
+                        extra=kv(instance=self.instance, headroom=self.headroom, hint="it resumes by itself once they can be read"),
+                    )
+                else:
+                    log.warning(
+                        "optional work waits: too few connections left free on the server for others",
+                        extra=kv(
+                            instance=self.instance,
+                            free=free,
+                            headroom=self.headroom,
+                            hint="it resumes by itself; lower PGFLOW_RESERVED_CONNECTIONS_HEADROOM or raise max_connections to change this",
+                        ),
+                    )
         elif self.waiting:
             self.waiting = False
             telemetry.optional_work_waiting.labels(self.instance).set(0)
