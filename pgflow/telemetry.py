@@ -202,6 +202,9 @@ class Health:
         return time.time() - reference <= 3 * self.interval + 1
 
 
+POLL_FOREVER_SECS = 3600.0  # how late a shutdown() of the /metrics server would be noticed; nothing calls it
+
+
 def serve(addr: str, health: Health) -> ThreadingHTTPServer:
     """Start the /metrics and /healthz server on ``host:port`` in a daemon thread."""
     host, _, port = addr.rpartition(":")
@@ -227,5 +230,8 @@ def serve(addr: str, health: Health) -> ThreadingHTTPServer:
 
     server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="pgflow-metrics", daemon=True).start()
+    # The server lives as long as the process (a daemon thread, never shut down), so it waits for
+    # a request, not for a shutdown flag: serve_forever's default 0.5 s poll woke the thread twice
+    # a second for nothing (issue 20). A request is answered when it arrives either way.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_FOREVER_SECS}, name="pgflow-metrics", daemon=True).start()
     return server

@@ -5,8 +5,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from e2e import ROOT, calls_by_summary, collector_env, settle, start_collector, wait_for_baseline, write_config
@@ -186,6 +188,33 @@ def test_metrics_and_healthz(fresh_stats, tmp_path):
         assert metric("pgflow_series_tracked") > 0 and metric("pgflow_last_successful_export_timestamp_seconds") > 0
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
         assert stop(proc) == 0
+
+
+def _context_switches(tid: int) -> int:
+    status = Path(f"/proc/self/task/{tid}/status").read_text()
+    return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches:" in line)
+
+
+def test_metrics_server_sleeps_until_asked_and_answers_at_once():
+    # Issue 20: the /metrics thread of every pgflow process waited in 0.5 s polls, two wake-ups a
+    # second for nothing; it now waits for a request, and a request is still answered at once.
+    from pgflow import telemetry
+
+    port = free_port()
+    server = telemetry.serve(f"127.0.0.1:{port}", telemetry.Health(30))
+    try:
+        thread = next(t for t in threading.enumerate() if t.name == "pgflow-metrics" and t.native_id is not None)
+        time.sleep(0.3)  # started and waiting
+        before = _context_switches(thread.native_id)  # type: ignore[arg-type]
+        time.sleep(3)
+        idle = _context_switches(thread.native_id) - before  # type: ignore[arg-type]
+        started = time.monotonic()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        answered_in = time.monotonic() - started
+    finally:
+        server.server_close()
+    assert idle <= 1, f"the /metrics thread woke {idle} times in 3 s with nothing to do"
+    assert "pgflow_rows_scraped_total" in body and answered_in < 2
 
 
 def test_two_collectors_cannot_share_a_ledger(tmp_path):
