@@ -11,6 +11,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
@@ -329,3 +331,32 @@ def test_encoding_is_the_same_when_attribute_hashes_collide(monkeypatch):
     real = pl.DataFrame.hash_rows
     monkeypatch.setattr(pl.DataFrame, "hash_rows", lambda self, seed=0, *a, **k: real(self, seed, *a, **k) * (0 if seed == 0 else 1))
     assert decode(next(Encoder().batches(points)).payload) == expected
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_stop_waits_for_the_requests_being_handled(protocol):
+    # A handler still running once stop() had returned left a daemon thread inside polars or
+    # DuckDB while the process exited (`pgflow replay --out`, a notebook's replay): "Fatal Python
+    # error" at exit, twice in CI. stop() now lets it finish, then closes the store.
+    receiver = Receiver().start()
+    inside, finished, errors = threading.Event(), threading.Event(), []
+    add = receiver.store.add
+
+    def slow_add(*args, **kwargs):  # type: ignore[no-untyped-def]
+        inside.set()
+        time.sleep(3)  # longer than gRPC's 2 s grace
+        try:
+            return add(*args, **kwargs)
+        except Exception as exc:
+            errors.append(exc)
+            raise
+        finally:
+            finished.set()
+
+    receiver.store.add = slow_add  # type: ignore[method-assign]
+    exporter, _ = exporter_for(receiver, protocol, retry_max_attempts=1)
+    threading.Thread(target=exporter.export, args=(make_points(10),), daemon=True).start()
+    assert inside.wait(30)
+    receiver.stop()
+    assert finished.is_set(), "stop() returned while a request was still being handled"
+    assert errors == []  # the store was still open for it

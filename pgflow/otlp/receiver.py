@@ -18,7 +18,9 @@ import logging
 import ssl
 import threading
 from collections import deque
+from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -107,6 +109,10 @@ class Reply:
         return self.code if self.kind == "GRPC" else _GRPC_FOR_HTTP.get(int(self.code), "UNKNOWN")
 
 
+STOPPING = Reply("GRPC", "UNAVAILABLE")  # a request that arrives while the receiver stops: retried elsewhere, never stored
+HANDLER_WAIT_SECS = 30.0  # how long stop() waits for the requests being handled
+
+
 def parse_script(text: str | None) -> list[Reply]:
     return [Reply.parse(item) for item in (text or "").split(",") if item.strip()]
 
@@ -148,6 +154,12 @@ class Receiver:
         self._grpc: grpc.Server | None = None
         self._http: ThreadingHTTPServer | None = None
         self.grpc_port = self.http_port = 0
+        # Requests being handled: stop() waits for them before it closes the store, so no
+        # handler thread is still inside polars or DuckDB when the process exits (a daemon
+        # thread in native code at interpreter exit aborts the process).
+        self._handlers = threading.Condition()
+        self._active = 0
+        self._stopping = False
 
     # Decisions shared by both protocols -------------------------------------------------
 
@@ -156,7 +168,28 @@ class Receiver:
             reply = self.script.popleft() if self.script else Reply("OK")
         return reply
 
+    @contextmanager
+    def _request(self) -> Iterator[bool]:
+        """One request being handled; False: the receiver is stopping (answer without the store)."""
+        with self._handlers:
+            stopping = self._stopping
+            if not stopping:
+                self._active += 1
+        if stopping:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._handlers:
+                self._active -= 1
+                self._handlers.notify_all()
+
     def _handle(self, request: ExportMetricsServiceRequest, protocol: str, api_key: str | None) -> Reply:
+        with self._request() as open_:
+            return self._handle_open(request, protocol, api_key) if open_ else STOPPING
+
+    def _handle_open(self, request: ExportMetricsServiceRequest, protocol: str, api_key: str | None) -> Reply:
         reply = self._next(protocol)
         outcome = reply.kind if reply.kind in ("OK", "PARTIAL") else (str(reply.http_status()) if protocol == "http" else reply.grpc_code())
         self.store.add(request, protocol, outcome, _key_hash(api_key), store=reply.kind in ("OK", "PARTIAL"))
@@ -166,6 +199,10 @@ class Receiver:
 
     def _handle_logs(self, request: ExportLogsServiceRequest, protocol: str, api_key: str | None) -> Reply:
         """The same scripted answers as for metrics (one script for both signals); records go to ``logs``."""
+        with self._request() as open_:
+            return self._handle_logs_open(request, protocol, api_key) if open_ else STOPPING
+
+    def _handle_logs_open(self, request: ExportLogsServiceRequest, protocol: str, api_key: str | None) -> Reply:
         reply = self._next(protocol)
         outcome = reply.kind if reply.kind in ("OK", "PARTIAL") else (str(reply.http_status()) if protocol == "http" else reply.grpc_code())
         self.store.add_logs(request, protocol, outcome, _key_hash(api_key), store=reply.kind in ("OK", "PARTIAL"))
@@ -232,13 +269,18 @@ class Receiver:
         return f"{self.scheme}://{self.host}:{self.http_port}"
 
     def stop(self) -> None:
+        """Stop serving, let the requests being handled finish (``HANDLER_WAIT_SECS`` at most), close the store."""
         if self._grpc is not None:
-            self._grpc.stop(grace=2).wait()
+            self._grpc.stop(grace=2).wait()  # after the grace, gRPC cancels the calls but not their handlers' threads
             self._grpc = None
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+        with self._handlers:
+            self._stopping = True
+            if not self._handlers.wait_for(lambda: self._active == 0, timeout=HANDLER_WAIT_SECS):
+                log.warning("receiver stopping with requests still being handled", extra={"requests": self._active})
         self.store.close()
 
     def __enter__(self) -> Receiver:
