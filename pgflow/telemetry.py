@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -202,7 +203,7 @@ class Health:
         return time.time() - reference <= 3 * self.interval + 1
 
 
-POLL_FOREVER_SECS = 3600.0  # how late a shutdown() of the /metrics server would be noticed; nothing calls it
+POLL_FOREVER_SECS = 3600.0  # the /metrics loop wakes for requests (and a shutdown: _QuietServer), not on a timer
 
 
 def serve(addr: str, health: Health) -> ThreadingHTTPServer:
@@ -228,10 +229,30 @@ def serve(addr: str, health: Health) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    server = _QuietServer((host or "127.0.0.1", int(port)), Handler)
     server.daemon_threads = True
-    # The server lives as long as the process (a daemon thread, never shut down), so it waits for
-    # a request, not for a shutdown flag: serve_forever's default 0.5 s poll woke the thread twice
-    # a second for nothing (issue 20). A request is answered when it arrives either way.
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": POLL_FOREVER_SECS}, name="pgflow-metrics", daemon=True).start()
     return server
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Waits for a request, not in polls: serve_forever's default 0.5 s poll woke the thread twice
+    a second for nothing (issue 20). A request is answered when it arrives either way; a
+    ``shutdown()`` (the process's server is never shut down, a test's is) wakes the loop itself by
+    connecting until the loop has seen it."""
+
+    def shutdown(self) -> None:
+        done = threading.Event()
+
+        def wake() -> None:
+            while not done.wait(0.05):
+                try:
+                    socket.create_connection(self.server_address[:2], timeout=1).close()
+                except OSError:
+                    return
+
+        threading.Thread(target=wake, name="pgflow-metrics-stop", daemon=True).start()
+        try:
+            super().shutdown()
+        finally:
+            done.set()

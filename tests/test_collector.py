@@ -211,10 +211,14 @@ def test_metrics_server_sleeps_until_asked_and_answers_at_once():
         started = time.monotonic()
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         answered_in = time.monotonic() - started
+        started = time.monotonic()
+        server.shutdown()  # a test's server is shut down: at once, not after the loop's hour-long wait
+        shut_in = time.monotonic() - started
     finally:
         server.server_close()
     assert idle <= 1, f"the /metrics thread woke {idle} times in 3 s with nothing to do"
     assert "pgflow_rows_scraped_total" in body and answered_in < 2
+    assert shut_in < 2 and not thread.is_alive()
 
 
 def test_two_collectors_cannot_share_a_ledger(tmp_path):
