@@ -11,6 +11,14 @@ connections it holds (pg_stat_activity, application_name = 'pgflow', sampled eve
 Beside its logs: ``memory-<n>.txt`` (resident memory by mapping) and ``threads-<n>.txt`` (CPU by
 thread over the measured period, named by ``py-spy dump`` when py-spy is on PATH).
 
+The peer, measured in the same run the same way: bench/bare_reader.py, a Python process that only
+reads what pgflow reads at the same rates (pgflow's sampling query every second and its statements
+query every 30 s per instance, psycopg ``fetchall()``, nothing done with the rows), with 1 and N
+instances; and the memory of the libraries alone (a process that imports what ``pgflow run``
+imports and does nothing). The line before the last gives the peer's figures and pgflow's ratios
+to them: the floor a Python collector reading the same data cannot go under, and how far above it
+pgflow is.
+
 Last line: cpu_pct_1=<f> cpu_pct_per_instance=<f> rss_mb_1=<f> rss_mb_per_instance=<f> connections_max=<n>
 (cpu_pct: percent of one core; connections_max: the most one instance's run held at once).
 
@@ -35,6 +43,9 @@ import psycopg
 import workload_shapes
 
 from pgflow.pgserver import LocalPostgres, free_port
+from pgflow.scrape.sampling_sql import sample_sql, with_known_idle
+from pgflow.scrape.scraper import Scraper
+from pgflow.scrape.statements import statements_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -173,6 +184,52 @@ def run_collector(
     return 100 * (cpu1 - cpu0) / (t1 - t0), rss, most
 
 
+def peer_queries(pg: LocalPostgres) -> dict[str, str]:
+    """pgflow's own sampling and statements SQL texts for this server (what the peer sends)."""
+    with Scraper(pg.dsn(), instance="peer-setup") as scraper, psycopg.connect(pg.dsn()) as conn:
+        scraper.scrape()  # connects and discovers the extension's schema and columns
+        assert scraper.server is not None
+        statements = statements_sql(scraper.server.extension_schema, set(scraper.server.columns)).as_string(conn)
+        sampling = with_known_idle(sample_sql(conn.info.server_version), {})
+    return {"sample_sql": sampling, "statements_sql": statements}
+
+
+def run_peer(pg: LocalPostgres, databases: list[str], queries: dict[str, str], duration: float, warmup: float) -> tuple[float, float]:
+    """(CPU % of one core, RSS MB) of bench/bare_reader.py over ``databases``, measured as a collector is."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "bare_reader.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        proc.stdin.write(json.dumps({"dsns": [pg.dsn(d) for d in databases], **queries}))  # type: ignore[union-attr]
+        proc.stdin.close()  # type: ignore[union-attr]
+        if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+            raise SystemExit(f"bench/bare_reader.py did not start ({proc.wait()})")
+        time.sleep(warmup)
+        cpu0, t0 = cpu_secs(proc.pid), time.monotonic()
+        time.sleep(duration)
+        cpu1, t1 = cpu_secs(proc.pid), time.monotonic()
+        rss = rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return 100 * (cpu1 - cpu0) / (t1 - t0), rss
+
+
+LIBRARIES = "import pgflow.cli, pgflow.stream.flow, pgflow.otlp.transport, grpc"  # what `pgflow run` (gRPC, the default) imports
+
+
+def libraries_rss() -> float:
+    """Resident memory (MB) of a process that only imports what ``pgflow run`` imports."""
+    code = f"{LIBRARIES}; import sys, time; print('ready', flush=True); sys.stdin.read()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        return rss_mb(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     args = [int(a) for a in sys.argv[1:]]
     instances, duration, warmup, statements = (args + [5, 120, 40, 2000][len(args) :])[:4]
@@ -199,11 +256,28 @@ def main() -> None:
             print(f"1 instance: cpu {cpu_1:.3f}% rss {rss_1:.1f} MB connections {conns_1}", flush=True)
             cpu_n, rss_n, conns_n = run_collector(pg, databases, endpoint, work, duration, warmup)
             print(f"{instances} instances: cpu {cpu_n:.3f}% rss {rss_n:.1f} MB connections {conns_n}", flush=True)
+            queries = peer_queries(pg)
+            peer_warmup = min(warmup, 10.0)  # the peer has nothing to warm up (no texts to parse)
+            peer_cpu_1, peer_rss_1 = run_peer(pg, databases[:1], queries, duration, peer_warmup)
+            peer_cpu_n, peer_rss_n = run_peer(pg, databases, queries, duration, peer_warmup)
+            print(
+                f"peer, 1 instance: cpu {peer_cpu_1:.3f}% rss {peer_rss_1:.1f} MB; {instances}: cpu {peer_cpu_n:.3f}% rss {peer_rss_n:.1f} MB",
+                flush=True,
+            )
+            libraries = libraries_rss()
         finally:
             receiver.terminate()
             receiver.wait(timeout=30)
     extra = max(1, instances - 1)
     print(f"profiles (memory, CPU by thread): {work}/memory-*.txt, {work}/threads-*.txt; load average {os.getloadavg()}", flush=True)
+    peer_per_instance = (peer_cpu_n - peer_cpu_1) / extra
+    print(
+        f"peer (bench/bare_reader.py: the same reads, nothing else): peer_cpu_pct_1={peer_cpu_1:.3f} "
+        f"peer_cpu_pct_per_instance={peer_per_instance:.3f} peer_rss_mb_1={peer_rss_1:.1f} "
+        f"peer_rss_mb_per_instance={(peer_rss_n - peer_rss_1) / extra:.2f} libraries_rss_mb={libraries:.1f}; "
+        f"ratios to the peer: cpu_1={cpu_1 / max(peer_cpu_1, 1e-9):.2f} "
+        f"cpu_per_instance={(cpu_n - cpu_1) / extra / max(peer_per_instance, 1e-9):.2f} rss_1={rss_1 / max(peer_rss_1, 1e-9):.2f}"
+    )
     print(
         f"cpu_pct_1={cpu_1:.3f} cpu_pct_per_instance={(cpu_n - cpu_1) / extra:.3f} rss_mb_1={rss_1:.1f} "
         f"rss_mb_per_instance={(rss_n - rss_1) / extra:.2f} connections_max={conns_1}"
