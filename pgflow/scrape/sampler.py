@@ -54,6 +54,7 @@ from pgflow.scrape.sampling_sql import (
     sample_sql,
     with_known_idle,
 )
+from pgflow.scrape.statements import limits_sql
 
 log = logging.getLogger("pgflow.sampler")
 _FATAL_ERROR, _TUPLES_OK = pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.TUPLES_OK
@@ -114,6 +115,7 @@ class Sampler(QuerySampleReads):
         self.period = float(interval_secs)
         self.statement_timeout_ms = int(statement_timeout_ms)
         self.lock_timeout_ms = int(lock_timeout_ms)
+        self._limits = limits_sql(self.statement_timeout_ms, self.lock_timeout_ms)  # sent before every statement
         self.connect_timeout_secs = connect_timeout_secs
         self._init_query_samples(sample_min_duration_ms, max_query_samples, samples_per_fingerprint_per_hour)
         self.stats = SamplerStats()
@@ -133,7 +135,6 @@ class Sampler(QuerySampleReads):
         self._running = False  # on the loop's schedule
         self._close_when_done = False  # stop() found a sample still running: it closes the connection
         self._taken_metrics: tuple[Any, Any] | None = None
-        self._limits: tuple[tuple[int, int], str] = ((-1, -1), "")  # (the timeouts, their limits statement)
 
     def __repr__(self) -> str:
         return f"Sampler(instance={self.instance!r}, target={redact_dsn(self._dsn)!r}, period={self.period})"
@@ -207,15 +208,7 @@ class Sampler(QuerySampleReads):
         up once, a whole sample takes 0.50 ms of CPU a second apart, 0.67-0.75 ms before
         (PostgreSQL 15, near idle, median of 40).
         """
-        limits = self._limits
-        if limits[0] != (self.statement_timeout_ms, self.lock_timeout_ms):  # built once, not every second
-            from pgflow.scrape.statements import limits_sql
-
-            limits = self._limits = (
-                (self.statement_timeout_ms, self.lock_timeout_ms),
-                limits_sql(self.statement_timeout_ms, self.lock_timeout_ms),
-            )
-        query = f"{limits[1]}; {sql}".encode(conn.info.encoding)
+        query = f"{self._limits}; {sql}".encode(conn.info.encoding)
         with conn.lock:
             conn.pgconn.send_query(query)
             results = conn.wait(exchange(conn.pgconn))  # the deadline of a DeadlineConnection applies
