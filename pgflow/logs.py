@@ -49,3 +49,11 @@ def setup(level: str = "info", fmt: str = "kv") -> None:
 def kv(**fields: Any) -> dict[str, Any]:
     """``log.info("scraped", extra=kv(instance=..., rows=...))``"""
     return {"kv": fields}
+
+
+def error_summary(exc: BaseException) -> str:
+    """An unexpected exception for a log line. A Unicode error's repr carries the whole string it
+    failed on (a statement's text: literals, comments), so only its kind and reason are given."""
+    if isinstance(exc, UnicodeError):
+        return f"{type(exc).__name__}: {getattr(exc, 'encoding', '?')}: {getattr(exc, 'reason', '')}"[:300]
+    return repr(exc)[:300]

@@ -34,7 +34,7 @@ import psycopg
 import psycopg.conninfo
 
 from pgflow.config import Settings
-from pgflow.logs import kv
+from pgflow.logs import error_summary, kv
 from pgflow.ops import plans
 from pgflow.ops.explain_targets import explain_candidates
 from pgflow.ops.fingerprint import Fingerprinter
@@ -171,6 +171,9 @@ class PlanSource:
             raw, method = self.explainer.explain(conn, row["query"], version, helper=helper)
         except ExplainFailed as exc:
             self._fail(exc.cause, exc.deterministic, *key, str(exc))
+            return []
+        except UnicodeEncodeError:  # the text has characters the database's encoding lacks
+            self._fail("text_unencodable", True, *key, "")
             return []
         normalized = plans.normalize(raw)
         now = self.clock()
@@ -348,6 +351,6 @@ class WindowPlans:
             candidates = explain_candidates(base, snapshot.statements, fingerprint=self._fingerprints.fingerprint, rows=self._rows)
             found = self.source.run(candidates, snapshot.server_version_num)
         except Exception as exc:  # explaining is a side job: the scrape goes on without plans
-            log.error("explaining failed unexpectedly", extra=kv(instance=self.source.instance, error=repr(exc)[:300]))
+            log.error("explaining failed unexpectedly", extra=kv(instance=self.source.instance, error=error_summary(exc)))
             return snapshot
         return replace(snapshot, plans=found) if found.height else snapshot

@@ -47,10 +47,14 @@ _PGFLOWS = re.compile(
 
 
 def explainable(text: str | None) -> str | None:
-    """Why ``text`` must not be explained (``not_parsed``, ``statements``, ``utility``, ``pgflow``,
-    ``no_table``), or None."""
+    """Why ``text`` must not be explained (``not_parsed``, ``replaced``, ``statements``, ``utility``,
+    ``pgflow``, ``no_table``), or None."""
     if not text:
         return "not_parsed"
+    if "\ufffd" in text:
+        # Bytes the server's encoding could not give as text were replaced on reading: this is
+        # not the statement the server holds, and a SQL_ASCII database cannot even be sent it.
+        return "replaced"
     try:
         tree = json.loads(pg_parser.parse_sql_json(text))
     except Exception:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from pgflow.errors import ScrapeTimeout
-from pgflow.logs import kv
+from pgflow.logs import error_summary, kv
 
 if TYPE_CHECKING:
     from pgflow.scrape.sampler import Sampler
@@ -167,7 +167,7 @@ class SamplerLoop:
                 if sampler.running():
                     sampler.sample()
             except Exception as exc:  # sample() counts its own failures; never lose the lane
-                log.error("activity sampling failed unexpectedly", extra=kv(instance=sampler.instance, error=repr(exc)[:300]))
+                log.error("activity sampling failed unexpectedly", extra=kv(instance=sampler.instance, error=error_summary(exc)))
             finally:
                 with self._lock:
                     self._busy.discard(sampler)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from pgflow import telemetry
-from pgflow.logs import kv
+from pgflow.logs import error_summary, kv
 from pgflow.otlp import network
 from pgflow.otlp.exporter import Exporter
 from pgflow.schema import EVENTS
@@ -145,7 +145,7 @@ class Shipper:
                 else:
                     self._ship(item, ledger)
             except Exception as exc:  # a bug here must not stop shipping for good
-                log.error("shipping failed unexpectedly", extra=kv(instance=item.instance, error=repr(exc)[:300]))
+                log.error("shipping failed unexpectedly", extra=kv(instance=item.instance, error=error_summary(exc)))
                 self._mark_failed(item)
             finally:
                 with self._lock:

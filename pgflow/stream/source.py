@@ -33,7 +33,7 @@ from bytewax.inputs import DynamicSource, StatefulSourcePartition, StatelessSour
 from pgflow import telemetry
 from pgflow.config import InstanceConfig, Settings
 from pgflow.errors import PgflowError
-from pgflow.logs import kv
+from pgflow.logs import error_summary, kv
 from pgflow.schema import Snapshot
 from pgflow.scrape import Scraper
 from pgflow.scrape.budget import ConnectionBudget, free_of, read_free
@@ -66,7 +66,7 @@ class SnapshotRecorder:
             with self._lock:
                 self._writer.write(snapshot)
         except Exception as exc:  # the capture is a side job: it never stops collecting
-            log.error("capture write failed", extra=kv(instance=snapshot.instance, error=repr(exc)[:300]))
+            log.error("capture write failed", extra=kv(instance=snapshot.instance, error=error_summary(exc)))
 
     def close(self) -> None:
         with self._lock:
@@ -169,7 +169,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             return None
         except Exception as exc:  # never let a scrape kill the flow
             telemetry.scrape_errors.labels(name, type(exc).__name__).inc()
-            log.error("scrape failed unexpectedly", extra=kv(instance=name, error=repr(exc)[:300]))
+            log.error("scrape failed unexpectedly", extra=kv(instance=name, error=error_summary(exc)))
             self.scraper.close()
             return None
         snapshot = with_samples(snapshot, self.sampler)  # issue 11
@@ -275,7 +275,7 @@ class TableStatsThread:
             return
         except Exception as exc:  # never let it kill the flow
             telemetry.table_scrapes.labels(self.name, "error").inc()
-            log.error("table statistics scrape failed unexpectedly", extra=kv(instance=self.name, error=repr(exc)[:300]))
+            log.error("table statistics scrape failed unexpectedly", extra=kv(instance=self.name, error=error_summary(exc)))
             self.scraper.close()
             return
         stats = self.scraper.stats
