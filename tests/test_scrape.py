@@ -69,6 +69,30 @@ def test_steady_state_transfers_no_text(pg):
     assert again.statements.select(*key, "query").equals(changed.statements.select(*key, "query"))
 
 
+def test_statements_arrive_in_rows_no_larger_than_one_column(pg):
+    """Issue 20: libpq keeps a connection's input buffer as large as the largest message it ever
+    received. The counters of every statement in one row (~450 KB at 2,000 statements) kept
+    ~0.7 MB per instance resident for good; one row per column keeps each message to one
+    counter's values (8 bytes a statement), and the values are the same as the plain query's."""
+    from pgflow.scrape.columnar import columnar, columnar_row
+    from pgflow.scrape.statements import EXTENSION_SQL, statements_columnar_sql, statements_sql
+
+    pg.pgbench("-n", "-c", "2", "-t", "50")
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        _, schema, columns = conn.execute(EXTENSION_SQL).fetchone()
+        rows = conn.cursor(binary=True).execute(statements_columnar_sql(schema, set(columns))).fetchall()
+        plain = conn.execute(statements_sql(schema, set(columns))).fetchall()
+    cols = columnar(columnar_row(rows))
+    assert cols.n >= len(PGBENCH_STATEMENTS)
+    assert max(len(b or b"") + sum(len(str(x)) for x in (o or []) + (t or [])) for _, _, b, o, t in rows) <= 8 * cols.n + 4096
+    # The same entries and counters as the plain query (pgflow's own statement moves between the two).
+    calls = dict(zip(cols.queryid.tolist(), cols.counters[0].to_list()))
+    plain_calls = {r[2]: r[7] for r in plain}
+    shared = set(calls) & set(plain_calls)
+    assert len(shared) >= cols.n - 3
+    assert sum(calls[q] == plain_calls[q] for q in shared) >= len(shared) - 3
+
+
 def test_frames_have_fixed_schemas_and_see_activity_and_locks(pg):
     with psycopg.connect(pg.dsn()) as holder:
         holder.execute("LOCK TABLE pgbench_branches IN SHARE MODE")

@@ -15,7 +15,7 @@ import polars as pl
 
 from pgflow.errors import ScrapeError
 from pgflow.schema import STATEMENT_INT_COUNTERS, STATEMENT_TIME_COUNTERS, STATEMENTS, Snapshot
-from pgflow.scrape.statements import COLUMNAR_PREFIX, PG_EPOCH_US
+from pgflow.scrape.statements import COLUMNAR_PREFIX, PG_EPOCH_US, columnar_width
 
 _EMPTY: dict[int, pl.DataFrame] = {}
 
@@ -82,6 +82,18 @@ def _ints(raw: bytes | None, n: int, what: str) -> np.ndarray:
     if len(raw) != 8 * n:
         raise ScrapeError(f"pg_stat_statements returned {len(raw) // 8} values of {what} for {n} entries", "report this as a bug")
     return np.frombuffer(raw, ">i8").astype(np.int64)
+
+
+def columnar_row(rows: list[tuple]) -> tuple:
+    """The columnar layout back in order from the query's rows ``(i, n, b, o, t)``: each row's value
+    is in the one column of its type (all NULL: the value is NULL)."""
+    width = columnar_width()
+    if len(rows) != width:
+        raise ScrapeError(f"the statements query returned {len(rows)} rows instead of {width}", "report this as a bug")
+    out: list[object] = [None] * width
+    for i, *values in rows:
+        out[i] = next((v for v in values if v is not None), None)
+    return tuple(out)
 
 
 def columnar(row: tuple) -> Columns:

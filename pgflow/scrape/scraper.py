@@ -19,7 +19,7 @@ from pgflow.lru import LRU
 from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, ServerIdentity, Snapshot
 from pgflow.scrape import texts
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
-from pgflow.scrape.columnar import NULL_BOOL, Last, columnar, empty_frames, toplevel_series
+from pgflow.scrape.columnar import NULL_BOOL, Last, columnar, columnar_row, empty_frames, toplevel_series
 from pgflow.scrape.columnar import frame as _frame
 from pgflow.scrape.connection import classify, connect, connected_address, guarded
 from pgflow.scrape.databases import databases_sql
@@ -254,7 +254,7 @@ class Scraper:
             in_recovery=in_recovery,
             address=f"{addr}:{port}" if addr else f"{self.server_address}:{self.server_port}",
         )
-        statements, hidden = self._statements(conn, server, results[1][0])
+        statements, hidden = self._statements(conn, server, columnar_row(results[1]))
         dealloc, stats_reset = results[7][0] if server.has_info_view else (None, None)
         ages = results[3][0] if results[3] else (None, None)
         self.stats.hidden += hidden

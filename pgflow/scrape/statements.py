@@ -107,9 +107,18 @@ PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970-01-01
 
 
 def statements_columnar_sql(schema: str, available: set[str]) -> sql.Composed:
-    """The per-scrape counters query, one row of columns (see ``COLUMNAR_PREFIX``): then one
-    bytea per counter of STATEMENT_INT_COUNTERS and STATEMENT_TIME_COUNTERS (NULL: the server
-    lacks the column), then ``COLUMNAR_NAMES``."""
+    """The per-scrape counters query: one row ``(i, n, b, o, t)`` per column of the columnar
+    layout (see ``COLUMNAR_PREFIX``; then one bytea per counter of STATEMENT_INT_COUNTERS and
+    STATEMENT_TIME_COUNTERS, NULL where the server lacks the column; then ``COLUMNAR_NAMES``),
+    the value in the column of its type (int8, bytea, int8[], text[]); :func:`columnar_row`
+    puts them back in order.
+
+    Why rows, not one row of columns: libpq keeps a connection's input buffer as large as the
+    largest message it ever received, for the connection's life. One row of every counter
+    (~450 KB at 2,000 statements) left ~0.7 MB resident per instance; rows of one column each
+    (16 KB at 2,000 statements) need a buffer of a few tens of KB (issue 20). The aggregates
+    still run once over one read of pg_stat_statements, so every column is the same snapshot.
+    """
 
     def agg(expr: str) -> sql.Composable:
         return sql.SQL("string_agg(" + expr + ", ''::bytea) FILTER (WHERE s.queryid IS NOT NULL)")
@@ -124,24 +133,41 @@ def statements_columnar_sql(schema: str, available: set[str]) -> sql.Composed:
         )
 
     since = _source("stats_since", available)
-    columns = [
-        sql.SQL("count(*) FILTER (WHERE s.queryid IS NULL)"),
-        sql.SQL("count(s.queryid)"),
-        agg("int8send(s.dbid::int8)"),
-        agg("int8send(s.userid::int8)"),
-        agg("int8send(s.queryid)"),
-        agg("boolsend(s.toplevel)") if "toplevel" in available else sql.SQL("NULL::bytea"),
-        agg(f"timestamptz_send(coalesce(s.{since}, '-infinity'))") if since else sql.SQL("NULL::bytea"),
-        *(counter(c, "int8send") for c in STATEMENT_INT_COUNTERS),
-        *(counter(c, "float8send") for c in STATEMENT_TIME_COUNTERS),
-        sql.SQL("(SELECT array_agg(d.oid::int8 ORDER BY d.oid) FROM pg_database d WHERE d.oid IN (SELECT dbid FROM s))"),
-        sql.SQL("(SELECT array_agg(d.datname::text ORDER BY d.oid) FROM pg_database d WHERE d.oid IN (SELECT dbid FROM s))"),
-        sql.SQL("(SELECT array_agg(r.oid::int8 ORDER BY r.oid) FROM pg_roles r WHERE r.oid IN (SELECT userid FROM s))"),
-        sql.SQL("(SELECT array_agg(r.rolname::text ORDER BY r.oid) FROM pg_roles r WHERE r.oid IN (SELECT userid FROM s))"),
+    typed: list[tuple[str, sql.Composable]] = [
+        ("n", sql.SQL("count(*) FILTER (WHERE s.queryid IS NULL)")),
+        ("n", sql.SQL("count(s.queryid)")),
+        ("b", agg("int8send(s.dbid::int8)")),
+        ("b", agg("int8send(s.userid::int8)")),
+        ("b", agg("int8send(s.queryid)")),
+        ("b", agg("boolsend(s.toplevel)") if "toplevel" in available else sql.SQL("NULL::bytea")),
+        ("b", agg(f"timestamptz_send(coalesce(s.{since}, '-infinity'))") if since else sql.SQL("NULL::bytea")),
+        *(("b", counter(c, "int8send")) for c in STATEMENT_INT_COUNTERS),
+        *(("b", counter(c, "float8send")) for c in STATEMENT_TIME_COUNTERS),
+        ("o", sql.SQL("(SELECT array_agg(d.oid::int8 ORDER BY d.oid) FROM pg_database d WHERE d.oid IN (SELECT dbid FROM s))")),
+        ("t", sql.SQL("(SELECT array_agg(d.datname::text ORDER BY d.oid) FROM pg_database d WHERE d.oid IN (SELECT dbid FROM s))")),
+        ("o", sql.SQL("(SELECT array_agg(r.oid::int8 ORDER BY r.oid) FROM pg_roles r WHERE r.oid IN (SELECT userid FROM s))")),
+        ("t", sql.SQL("(SELECT array_agg(r.rolname::text ORDER BY r.oid) FROM pg_roles r WHERE r.oid IN (SELECT userid FROM s))")),
     ]
-    return sql.SQL("WITH /*pgflow*/ s AS MATERIALIZED (SELECT * FROM {}.pg_stat_statements(false)) SELECT {} FROM s").format(
-        sql.Identifier(schema), sql.SQL(", ").join(columns)
+    nulls = {"n": "NULL::int8", "b": "NULL::bytea", "o": "NULL::int8[]", "t": "NULL::text[]"}
+    values = [
+        sql.SQL("({}, {})").format(
+            sql.Literal(i), sql.SQL(", ").join(sql.SQL(f"r.c{i}") if k == kind else sql.SQL(nulls[k]) for k in "nbot")
+        )
+        for i, (kind, _) in enumerate(typed)
+    ]
+    return sql.SQL(
+        "WITH /*pgflow*/ s AS MATERIALIZED (SELECT * FROM {}.pg_stat_statements(false)), r AS (SELECT {} FROM s) "
+        "SELECT v.i, v.n, v.b, v.o, v.t FROM r CROSS JOIN LATERAL (VALUES {}) AS v(i, n, b, o, t)"
+    ).format(
+        sql.Identifier(schema),
+        sql.SQL(", ").join(sql.SQL("{} AS {}").format(expr, sql.Identifier(f"c{i}")) for i, (_, expr) in enumerate(typed)),
+        sql.SQL(", ").join(values),
     )
+
+
+def columnar_width() -> int:
+    """How many rows :func:`statements_columnar_sql` returns (one per column of the layout)."""
+    return len(COLUMNAR_PREFIX) + len(STATEMENT_INT_COUNTERS) + len(STATEMENT_TIME_COUNTERS) + len(COLUMNAR_NAMES)
 
 
 def info_sql(schema: str) -> sql.Composed:
