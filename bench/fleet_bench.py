@@ -215,7 +215,7 @@ def run_peer(pg: LocalPostgres, databases: list[str], queries: dict[str, str], d
     return 100 * (cpu1 - cpu0) / (t1 - t0), rss
 
 
-LIBRARIES = "import pgflow.cli, pgflow.stream.flow, pgflow.otlp.transport, grpc"  # what `pgflow run` (gRPC, the default) imports
+LIBRARIES = "import pgflow.cli, pgflow.stream.flow, pgflow.otlp.transport, http.client, gzip"  # what `pgflow run` imports (OTLP/HTTP, the default: no grpc)
 
 
 def libraries_rss() -> float:
@@ -250,8 +250,8 @@ def main() -> None:
             cwd=ROOT,
         )
         try:
-            grpc_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[0])  # type: ignore[union-attr]
-            endpoint = f"http://127.0.0.1:{grpc_port}"
+            http_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[1])  # type: ignore[union-attr]
+            endpoint = f"http://127.0.0.1:{http_port}"
             cpu_1, rss_1, conns_1 = run_collector(pg, databases[:1], endpoint, work, duration, warmup)
             print(f"1 instance: cpu {cpu_1:.3f}% rss {rss_1:.1f} MB connections {conns_1}", flush=True)
             cpu_n, rss_n, conns_n = run_collector(pg, databases, endpoint, work, duration, warmup)

@@ -49,10 +49,10 @@ def main() -> None:
         receiver = subprocess.Popen(
             [sys.executable, "-m", "pgflow", "receive", "--grpc-port", "0", "--http-port", "0"], stdout=subprocess.PIPE, text=True
         )
-        grpc_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[0])  # type: ignore[union-attr]
+        http_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[1])  # type: ignore[union-attr]
         settings = Settings.load(
             database_url=pg.dsn(),
-            otlp_endpoint=f"http://127.0.0.1:{grpc_port}",
+            otlp_endpoint=f"http://127.0.0.1:{http_port}",
             export_interval_secs=1,
             state_dir=work / "state",
             metrics_addr=f"127.0.0.1:{free_port()}",

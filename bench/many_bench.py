@@ -153,12 +153,12 @@ def main() -> None:
             text=True,
             cwd=ROOT,
         )
-        grpc_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[0])  # type: ignore[union-attr]
+        http_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[1])  # type: ignore[union-attr]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLOW_", "OTEL_"))}
         env.pop("DATABASE_URL", None)
         env |= {
             "PGFLOW_INSTANCES": json.dumps([{"name": n, "database_url": dsn_of[n]} for n in names]),
-            "PGFLOW_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc_port}",
+            "PGFLOW_OTLP_ENDPOINT": f"http://127.0.0.1:{http_port}",
             "PGFLOW_STATE_DIR": str(work / "state"),
             "PGFLOW_METRICS_ADDR": f"127.0.0.1:{free_port()}",
             "PGFLOW_TABLE_STATS_DATABASES": json.dumps(["postgres"]),

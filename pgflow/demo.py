@@ -35,14 +35,14 @@ def run_demo(bindir: str | None = None, clients: int = 4, seconds: int = 10, out
         print(report.render(), flush=True)
         if not report.usable:
             return 1
-        receiver = Receiver(points_file, grpc_port=0, http_port=0).start()
+        receiver = Receiver(points_file, grpc_port=None, http_port=0).start()
         try:
-            print(f"2/4 local OTLP receiver on {receiver.grpc_endpoint} (gRPC), storing into {points_file}", flush=True)
+            print(f"2/4 local OTLP receiver on {receiver.http_endpoint} (OTLP/HTTP), storing into {points_file}", flush=True)
             env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLOW_", "OTEL_"))}
             env.update(
                 {
                     "DATABASE_URL": pg.dsn(),
-                    "PGFLOW_OTLP_ENDPOINT": receiver.grpc_endpoint,
+                    "PGFLOW_OTLP_ENDPOINT": receiver.http_endpoint,
                     "PGFLOW_COLLECTION_INTERVAL_SECS": "1",
                     "PGFLOW_EXPORT_INTERVAL_SECS": "5",
                     "PGFLOW_STATE_DIR": str(workdir / "state"),

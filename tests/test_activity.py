@@ -376,7 +376,7 @@ def test_collector_exports_activity_end_to_end(pg, tmp_path):
     from pgflow.otlp.receiver import Receiver
 
     with Receiver() as receiver:
-        env = collector_env(pg.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD))
+        env = collector_env(pg.dsn(), receiver.http_endpoint, tmp_path / "state", PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD))
         proc = start_collector(env, log=tmp_path / "log")
         try:
             wait_for_baseline(tmp_path / "state")

@@ -79,7 +79,7 @@ def test_secrets_never_leave(pg, tmp_path):
     pg.execute("DROP ROLE IF EXISTS mon_secret", f"CREATE ROLE mon_secret LOGIN PASSWORD '{dsn_password}' IN ROLE pg_monitor")
     dsn = pg.dsn(user="mon_secret", password=dsn_password)
     with Receiver() as receiver:
-        env = collector_env(dsn, receiver.grpc_endpoint, tmp_path / "state", NEW_RELIC_API_KEY=api_key, PGFLOW_LOG_LEVEL="debug")
+        env = collector_env(dsn, receiver.http_endpoint, tmp_path / "state", NEW_RELIC_API_KEY=api_key, PGFLOW_LOG_LEVEL="debug")
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:

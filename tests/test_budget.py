@@ -122,7 +122,7 @@ def test_forty_databases_never_exceed_the_budget_and_each_gets_its_statistics(cr
     log = tmp_path / "log"
     try:
         with Receiver() as receiver:
-            env = collector_env(server.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_TABLE_STATS_INTERVAL_SECS="5")
+            env = collector_env(server.dsn(), receiver.http_endpoint, tmp_path / "state", PGFLOW_TABLE_STATS_INTERVAL_SECS="5")
             proc = start_collector(env, log=log)
             try:
 
@@ -163,7 +163,7 @@ def test_too_little_headroom_opens_nothing_optional_says_so_once_and_resumes(cro
         with Receiver() as receiver:
             env = collector_env(
                 server.dsn(),
-                receiver.grpc_endpoint,
+                receiver.http_endpoint,
                 tmp_path / "state",
                 PGFLOW_TABLE_STATS_INTERVAL_SECS="1",
                 PGFLOW_TABLE_STATS_DATABASES=json.dumps(names[:3]),
@@ -235,7 +235,7 @@ def test_an_interval_too_short_for_every_database_is_counted_and_said_once(crowd
     log = tmp_path / "log"
     try:
         with Receiver() as receiver:
-            env = collector_env(server.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_TABLE_STATS_INTERVAL_SECS="0.1")
+            env = collector_env(server.dsn(), receiver.http_endpoint, tmp_path / "state", PGFLOW_TABLE_STATS_INTERVAL_SECS="0.1")
             proc = start_collector(env, log=log)
             try:
 

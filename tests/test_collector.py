@@ -38,7 +38,7 @@ def assert_pgbench_exact(calls: dict[str, float], expected: int) -> None:
 
 def test_end_to_end_exact_and_sigterm_exits_zero(fresh_stats, tmp_path):
     with Receiver() as receiver:
-        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log")
+        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state"), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
         settle(state_dir=tmp_path / "state")
@@ -64,13 +64,13 @@ def test_http_protocol_end_to_end(fresh_stats, tmp_path):
 
 def test_endpoint_unavailable_for_several_windows_still_exact(fresh_stats, tmp_path):
     with Receiver(script=parse_script(",".join(["UNAVAILABLE"] * 12))) as receiver:
-        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log")
+        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state"), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
         settle(5, state_dir=tmp_path / "state")
         assert stop(proc) == 0
         outcomes = [o for _, o in receiver.attempts]
-        assert outcomes[:12] == ["UNAVAILABLE"] * 12 and "OK" in outcomes
+        assert outcomes[:12] == ["503"] * 12 and "OK" in outcomes  # UNAVAILABLE, as OTLP/HTTP says it
         assert_pgbench_exact(calls_by_summary(receiver.points()), 1000)
     assert "endpoint unreachable" in (tmp_path / "log").read_text()
 
@@ -79,7 +79,7 @@ def test_rejecting_endpoint_keeps_windows_without_retry_storm(fresh_stats, tmp_p
     with Receiver(script=parse_script(",".join(["403"] * 1000))) as receiver:
         env = collector_env(
             fresh_stats.dsn(),
-            receiver.grpc_endpoint,
+            receiver.http_endpoint,
             tmp_path / "state",
             NEW_RELIC_API_KEY="NRAK-WRONG-KEY-123",
             PGFLOW_SHUTDOWN_TIMEOUT_SECS="2",
@@ -93,14 +93,14 @@ def test_rejecting_endpoint_keeps_windows_without_retry_storm(fresh_stats, tmp_p
         windows = len(receiver.attempts)
         assert 0 < windows <= 12  # the endpoint is paused after a refusal: no retry storm
     log = (tmp_path / "log").read_text()
-    assert "rejected the license key (PERMISSION_DENIED): check NEW_RELIC_API_KEY" in log
+    assert "rejected the license key (403): check NEW_RELIC_API_KEY" in log
     assert "flushed" not in log
     assert "NRAK-WRONG-KEY-123" not in log
 
 
 def test_kill_9_and_restart_is_exact(fresh_stats, tmp_path):
     with Receiver() as receiver:
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state")
+        env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state")
         first = start_collector(env)
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
@@ -120,7 +120,7 @@ def test_two_instances_one_stopped(fresh_stats, pgbench_server, tmp_path):
         tmp_path / "c.json", instances=[{"name": "a", "database_url": fresh_stats.dsn()}, {"name": "b", "database_url": other.dsn()}]
     )
     with Receiver() as receiver:
-        env = collector_env(None, receiver.grpc_endpoint, tmp_path / "state", PGFLOW_CONFIG=str(config), PGFLOW_CONNECT_TIMEOUT_SECS="1")
+        env = collector_env(None, receiver.http_endpoint, tmp_path / "state", PGFLOW_CONFIG=str(config), PGFLOW_CONNECT_TIMEOUT_SECS="1")
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state", instances=2)
         other.stop("immediate")
@@ -140,7 +140,7 @@ def test_two_process_bytewax_cluster(fresh_stats, pgbench_server, tmp_path):
     with Receiver() as receiver:
         procs = []
         for i in range(2):
-            env = collector_env(None, receiver.grpc_endpoint, tmp_path / f"state{i}", PGFLOW_CONFIG=str(config))
+            env = collector_env(None, receiver.http_endpoint, tmp_path / f"state{i}", PGFLOW_CONFIG=str(config))
             args = [sys.executable, "-m", "bytewax.run", "flows.collector:flow", "-i", str(i), "-a", ";".join(addresses)]
             procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(tmp_path / f"log{i}", "wb"), stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 60
@@ -162,7 +162,7 @@ def test_two_process_bytewax_cluster(fresh_stats, pgbench_server, tmp_path):
 
 def test_scrapes_n_flushes_and_exits_zero(fresh_stats, tmp_path):
     with Receiver() as receiver:
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state")
+        env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state")
         proc = start_collector(env, "--scrapes", "3")
         assert proc.wait(timeout=60) == 0
         assert receiver.points().height > 0  # the last windows were flushed on the way out
@@ -171,7 +171,7 @@ def test_scrapes_n_flushes_and_exits_zero(fresh_stats, tmp_path):
 def test_metrics_and_healthz(fresh_stats, tmp_path):
     with Receiver() as receiver:
         port = free_port()
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}")
+        env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state", PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}")
         proc = start_collector(env)
         wait_for_baseline(tmp_path / "state")
 

@@ -23,10 +23,31 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
-def test_defaults_point_at_new_relic_us_grpc():
+def test_defaults_point_at_new_relic_us_over_http():
+    """Issue 20: OTLP/HTTP binary protobuf by default (New Relic's advice, the OTLP spec's default;
+    no gRPC library loaded)."""
     s = Settings.load()
-    assert s.endpoint == NEW_RELIC_ENDPOINTS["us"]["grpc"] == "https://otlp.nr-data.net:4317"
+    assert (s.otlp_protocol, s.endpoint) == ("http", NEW_RELIC_ENDPOINTS["us"]["http"]) == ("http", "https://otlp.nr-data.net:4318")
     assert s.batch_size == 1000 and s.batch_timeout_secs == 10
+    assert Settings.load(otlp_protocol="grpc").endpoint == "https://otlp.nr-data.net:4317"
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"PGFLOW_OTLP_ENDPOINT": "http://collector:4317"}, "grpc"),  # OTLP/gRPC's port, written when gRPC was the default
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://otlp.nr-data.net:4317"}, "grpc"),
+        ({"PGFLOW_OTLP_ENDPOINT": "collector:4317"}, "grpc"),
+        ({"PGFLOW_OTLP_ENDPOINT": "http://collector:4318"}, "http"),
+        ({"PGFLOW_OTLP_ENDPOINT": "https://otlp.nr-data.net"}, "http"),
+        ({"PGFLOW_OTLP_ENDPOINT": "http://collector:4317", "PGFLOW_OTLP_PROTOCOL": "http"}, "http"),  # said: kept
+        ({"PGFLOW_OTLP_ENDPOINT": "http://collector:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "grpc"),
+    ],
+)
+def test_protocol_unset_follows_the_endpoints_port(monkeypatch, env, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings.load().otlp_protocol == expected
 
 
 def test_eu_region_is_one_setting(monkeypatch):

@@ -252,7 +252,7 @@ def exported(pgbench_server, tmp_path_factory) -> Exported:
             instances=[{"name": "primary", "database_url": primary.dsn()}, {"name": "standby", "database_url": standby.dsn()}],
         )
         with Receiver(out) as receiver:
-            env = collector_env(None, receiver.grpc_endpoint, state, **FEATURE_ENV)
+            env = collector_env(None, receiver.http_endpoint, state, **FEATURE_ENV)
             proc = start_collector(env, "--config", str(config), log=tmp / "collector.log")
             try:
                 wait_for_baseline(state, instances=2)

@@ -298,7 +298,7 @@ def test_a_wheel_installs_and_runs_in_a_fresh_venv(pg, tmp_path):
             "--scrapes",
             "8",
             DATABASE_URL=pg.dsn(),
-            PGFLOW_OTLP_ENDPOINT=receiver.grpc_endpoint,
+            PGFLOW_OTLP_ENDPOINT=receiver.http_endpoint,
             PGFLOW_COLLECTION_INTERVAL_SECS="0.5",
             PGFLOW_EXPORT_INTERVAL_SECS="1",
             PGFLOW_STATE_DIR=str(tmp_path / "state"),

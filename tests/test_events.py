@@ -124,7 +124,7 @@ def test_run_sends_plans_keyed_like_the_metrics_and_replay_gives_the_same_events
     cap = tmp_path / "cap.duckdb"
     with Receiver() as receiver:
         proc = start_collector(
-            plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 2), "--capture", str(cap), log=tmp_path / "log"
+            plan_env(fresh_stats, receiver.http_endpoint, tmp_path / "state", 2), "--capture", str(cap), log=tmp_path / "log"
         )
         wait_for_baseline(tmp_path / "state")
         bench = background_pgbench(fresh_stats, 6)
@@ -181,13 +181,13 @@ def test_endpoint_outage_then_up_every_event_arrives_once(fresh_stats, tmp_path)
     port = free_port()
     outage = [Reply.parse("UNAVAILABLE")] * 100_000
     with Receiver(script=list(outage)) as receiver:
-        env = plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 1, PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}")
+        env = plan_env(fresh_stats, receiver.http_endpoint, tmp_path / "state", 1, PGFLOW_METRICS_ADDR=f"127.0.0.1:{port}")
         proc = start_collector(env, "--capture", str(cap), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         bench = background_pgbench(fresh_stats, 5)
         # Plans of at least two windows wait in the ledger, and their sends were refused.
         wait_until(lambda: ledger_events(tmp_path / "state") >= 2, "two plans queued during the outage")
-        wait_until(lambda: ("grpc/logs", "UNAVAILABLE") in receiver.attempts, "an events send during the outage")
+        wait_until(lambda: ("http/logs", "503") in receiver.attempts, "an events send during the outage")
         assert receiver.logs().height == 0
         receiver.set_script([])  # the endpoint is back
         bench.join()
@@ -210,7 +210,7 @@ def test_kill_9_and_restart_every_event_arrives_once(fresh_stats, tmp_path):
 
     state = tmp_path / "state"
     with Receiver() as receiver:
-        env = plan_env(fresh_stats, receiver.grpc_endpoint, state, 1)
+        env = plan_env(fresh_stats, receiver.http_endpoint, state, 1)
         first = start_collector(env, "--capture", str(tmp_path / "cap1.duckdb"), log=tmp_path / "log1")
         wait_for_baseline(state)
         bench = background_pgbench(fresh_stats, 8)
@@ -249,7 +249,7 @@ def test_run_sends_a_slow_statements_sample_once_with_no_literal_anywhere(fresh_
     cap, out = tmp_path / "cap.duckdb", tmp_path / "received.duckdb"
     receiver = Receiver(out).start()
     try:
-        env = plan_env(fresh_stats, receiver.grpc_endpoint, tmp_path / "state", 0, PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS="0.1")
+        env = plan_env(fresh_stats, receiver.http_endpoint, tmp_path / "state", 0, PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS="0.1")
         proc = start_collector(env, "--capture", str(cap), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         with psycopg.connect(fresh_stats.dsn(), autocommit=True, application_name="slow-app") as conn:
@@ -447,7 +447,7 @@ def test_an_endpoint_without_logs_pauses_events_never_metrics(tmp_path):
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_GrpcService(receiver), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    settings = Settings.load(otlp_endpoint=f"http://127.0.0.1:{port}", state_dir=tmp_path)
+    settings = Settings.load(otlp_endpoint=f"http://127.0.0.1:{port}", otlp_protocol="grpc", state_dir=tmp_path)
     shipper = Shipper(Exporter(settings), retry_after_secs=1, refused_retry_secs=60, logs_exporter=LogsExporter(settings))
     ledger = Ledger(tmp_path, "db1")
     try:

@@ -97,7 +97,7 @@ def test_two_process_cluster_splits_instances_evenly_and_exports_each_window_onc
     with Receiver() as receiver:
         procs, metrics = [], []
         for i in range(2):
-            env = collector_env(None, receiver.grpc_endpoint, tmp_path / f"state{i}", PGFLOW_CONFIG=str(config))
+            env = collector_env(None, receiver.http_endpoint, tmp_path / f"state{i}", PGFLOW_CONFIG=str(config))
             metrics.append(env["PGFLOW_METRICS_ADDR"])
             args = [sys.executable, "-m", "bytewax.run", "flows.collector:flow", "-i", str(i), "-a", addresses]
             procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(tmp_path / f"log{i}", "wb"), stderr=subprocess.STDOUT))

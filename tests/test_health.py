@@ -482,7 +482,7 @@ def test_standby_count_goes_to_zero_when_the_standby_stops_while_its_lag_stops(p
         wait_for(lambda: one(primary, streaming) == 1, "the standby to stream")
         state = tmp_path / "state"
         with Receiver() as receiver:
-            env = collector_env(primary.dsn(), receiver.grpc_endpoint, state, PGFLOW_HEALTH_INTERVAL_SECS="0.3")
+            env = collector_env(primary.dsn(), receiver.http_endpoint, state, PGFLOW_HEALTH_INTERVAL_SECS="0.3")
             proc = start_collector(env, log=tmp_path / "collector.log")
             try:
                 wait_for_baseline(state)

@@ -80,7 +80,7 @@ def test_restart_inside_a_window_neither_overlaps_nor_duplicates(fresh_stats, tm
     the middle of a window neither loses nor repeats any of its work."""
     length = 4.0
     with Receiver() as receiver:
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_EXPORT_INTERVAL_SECS=str(length))
+        env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state", PGFLOW_EXPORT_INTERVAL_SECS=str(length))
         first = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
@@ -132,7 +132,9 @@ def test_refused_windows_are_kept_and_sent_once_accepted(fresh_stats, tmp_path):
     )
     try:
         assert "pgflow receive: grpc on" in receiver.stdout.readline()
-        env = collector_env(fresh_stats.dsn(), f"http://127.0.0.1:{port}", tmp_path / "state", PGFLOW_REFUSED_RETRY_SECS="0.3")
+        env = collector_env(
+            fresh_stats.dsn(), f"http://127.0.0.1:{port}", tmp_path / "state", PGFLOW_REFUSED_RETRY_SECS="0.3", PGFLOW_OTLP_PROTOCOL="grpc"
+        )
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "4", "-t", "125")
@@ -152,7 +154,7 @@ def test_refused_windows_are_kept_and_sent_once_accepted(fresh_stats, tmp_path):
 
 def test_endpoint_refusing_until_shutdown_keeps_windows_and_exits_3(fresh_stats, tmp_path):
     with Receiver(script=parse_script(",".join(["403"] * 1000))) as receiver:
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2")
+        env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state", PGFLOW_SHUTDOWN_TIMEOUT_SECS="2")
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         fresh_stats.pgbench("-n", "-c", "2", "-t", "50")
@@ -160,7 +162,7 @@ def test_endpoint_refusing_until_shutdown_keeps_windows_and_exits_3(fresh_stats,
         assert stop(proc) == 3
         assert 0 < len(receiver.attempts) <= 3  # paused for refused_retry_secs (60) after the first refusal
     log = (tmp_path / "log").read_text()
-    assert "flushed" not in log and "refused=PERMISSION_DENIED" in log
+    assert "flushed" not in log and "refused=http_403" in log
     assert queued_windows(tmp_path / "state") > 0
 
 
@@ -222,7 +224,7 @@ def test_replay_with_the_endpoint_down_exits_3_cleans_up_and_logs_alike(tmp_path
 
 def test_sighup_is_logged_and_ignored(fresh_stats, tmp_path):
     with Receiver() as receiver:
-        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state"), log=tmp_path / "log")
+        proc = start_collector(collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state"), log=tmp_path / "log")
         wait_for_baseline(tmp_path / "state")
         proc.send_signal(signal.SIGHUP)
         wait_for_log(tmp_path / "log", "SIGHUP ignored")
@@ -268,7 +270,7 @@ def test_shutdown_during_an_outage_is_bounded_and_keeps_windows(fresh_stats, tmp
     assert code == 3
     assert queued_windows(state) > 0
     with Receiver() as receiver:
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, state)
+        env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, state)
         again = start_collector(env, log=tmp_path / "log")
         settle(1.5, state_dir=state, scrapes=3)
         assert stop(again) == 0
@@ -430,7 +432,7 @@ def test_run_computes_on_one_polars_thread_unless_told_otherwise(fresh_stats, tm
     with Receiver() as receiver:
         for given, expected in ((None, 1), ("3", 3)):
             state = tmp_path / f"state-{given}"
-            env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, state)
+            env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, state)
             env.pop("POLARS_MAX_THREADS", None)
             if given:
                 env["POLARS_MAX_THREADS"] = given

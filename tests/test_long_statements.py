@@ -64,7 +64,7 @@ def test_a_long_statement_carries_its_fingerprint_in_every_window_end_to_end(pg,
             dirs.append(state)
             env = collector_env(
                 pg.dsn(),
-                rx.grpc_endpoint,
+                rx.http_endpoint,
                 state,
                 PGFLOW_EXPORT_INTERVAL_SECS="2",
                 PGFLOW_COLLECTION_INTERVAL_SECS="0.5",

@@ -107,7 +107,12 @@ def test_untrusted_certificate_exits_3_then_the_ca_delivers_every_window_once(fr
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         metrics_addr = f"127.0.0.1:{free_port()}"
         env = collector_env(
-            fresh_stats.dsn(), receiver.grpc_endpoint, state, PGFLOW_SHUTDOWN_TIMEOUT_SECS="3", PGFLOW_METRICS_ADDR=metrics_addr
+            fresh_stats.dsn(),
+            receiver.grpc_endpoint,
+            state,
+            PGFLOW_SHUTDOWN_TIMEOUT_SECS="3",
+            PGFLOW_METRICS_ADDR=metrics_addr,
+            PGFLOW_OTLP_PROTOCOL="grpc",
         )
         proc = start_collector(env, log=tmp_path / "log1")
         wait_for_baseline(state)
@@ -163,7 +168,7 @@ def test_each_tls_refusal_has_its_own_line(certs, caplog, protocol, which, cause
 
 def test_check_reports_the_untrusted_certificate(pg, certs, tmp_path):
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
-        env = collector_env(pg.dsn(), receiver.grpc_endpoint, tmp_path)
+        env = collector_env(pg.dsn(), receiver.grpc_endpoint, tmp_path, PGFLOW_OTLP_PROTOCOL="grpc")
         bad = subprocess.run([sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
         env["OTEL_EXPORTER_OTLP_CERTIFICATE"] = str(certs.ca)
         good = subprocess.run([sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -381,7 +386,11 @@ def test_proxy_refusing_connect_gives_its_line_and_loses_nothing(fresh_stats, ce
 def test_grpc_proxy_refusal_is_named(certs, refusing_proxy, caplog):
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         settings = Settings.load(
-            otlp_endpoint=receiver.grpc_endpoint, otlp_certificate=certs.ca, otlp_proxy=refusing_proxy.url, retry_max_attempts=1
+            otlp_endpoint=receiver.grpc_endpoint,
+            otlp_protocol="grpc",
+            otlp_certificate=certs.ca,
+            otlp_proxy=refusing_proxy.url,
+            retry_max_attempts=1,
         )
         exporter = Exporter(settings, sleep=lambda _: None)
         with caplog.at_level(logging.ERROR, logger="pgflow.export"):
@@ -485,7 +494,7 @@ def test_grpc_cores_own_proxy_variables_are_not_used(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("grpc_proxy", "http://127.0.0.1:9")  # nothing listens there
     with Receiver() as receiver:
-        exporter = Exporter(Settings.load(otlp_endpoint=receiver.grpc_endpoint, retry_max_attempts=1))
+        exporter = Exporter(Settings.load(otlp_endpoint=receiver.grpc_endpoint, otlp_protocol="grpc", retry_max_attempts=1))
         assert all(r.acknowledged for _, r in exporter.export(make_points(2)))
         exporter.close()
 
@@ -505,17 +514,41 @@ def test_http_proxy_carries_a_plaintext_endpoint(proxy, monkeypatch, protocol):
     assert proxy.connects(port) == 1
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_other_transports_port_is_named_once_and_nothing_is_acknowledged(protocol, caplog):
+    """Issue 20 made OTLP/HTTP the default: an endpoint that speaks the other transport gets one
+    line naming PGFLOW_OTLP_PROTOCOL, not an endless "cannot connect"; the window is not
+    acknowledged (the shipper keeps it for later)."""
+    with Receiver() as receiver:
+        wrong = receiver.grpc_endpoint if protocol == "http" else receiver.http_endpoint
+        exporter = Exporter(Settings.load(otlp_endpoint=wrong, otlp_protocol=protocol, retry_max_attempts=1), sleep=lambda _: None)
+        with caplog.at_level(logging.ERROR, logger="pgflow.export"):
+            results = [r for _ in range(3) for _, r in exporter.export(make_points(2))]
+        exporter.close()
+        assert receiver.points().height == 0
+    expected = "PGFLOW_OTLP_PROTOCOL=grpc" if protocol == "http" else "PGFLOW_OTLP_PROTOCOL=http"
+    lines = [r.getMessage() for r in caplog.records if expected in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    assert wrong in lines[0]
+    assert all(not r.acknowledged for r in results)
+    assert {r.cause for r in results} == {network.SPEAKS_GRPC if protocol == "http" else network.SPEAKS_HTTP1}
+
+
 def test_check_names_the_refusing_proxy(certs, refusing_proxy, proxy):
     with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key) as receiver:
         for via, expected in ((refusing_proxy, "fail"), (proxy, "ok")):
-            settings = Settings.load(otlp_endpoint=receiver.grpc_endpoint, otlp_certificate=certs.ca, otlp_proxy=via.url)
+            settings = Settings.load(
+                otlp_endpoint=receiver.grpc_endpoint, otlp_protocol="grpc", otlp_certificate=certs.ca, otlp_proxy=via.url
+            )
             level, detail = network.check_export(settings.endpoint, settings.network(), "grpc")
             assert level == expected, detail
         assert (
             "refused to CONNECT"
             in network.check_export(
                 receiver.grpc_endpoint,
-                Settings.load(otlp_endpoint=receiver.grpc_endpoint, otlp_certificate=certs.ca, otlp_proxy=refusing_proxy.url).network(),
+                Settings.load(
+                    otlp_endpoint=receiver.grpc_endpoint, otlp_protocol="grpc", otlp_certificate=certs.ca, otlp_proxy=refusing_proxy.url
+                ).network(),
                 "grpc",
             )[1]
         )

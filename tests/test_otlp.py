@@ -221,6 +221,53 @@ def test_gives_up_after_max_attempts_and_says_so(receiver):
     assert not result.acknowledged and result.retryable and result.attempts == 3 and len(delays) == 2
 
 
+def test_http_endpoint_closing_idle_connections_costs_no_retry(caplog):
+    """Issue 20 made OTLP/HTTP the default, on one kept-alive connection. Servers and load
+    balancers close idle connections, and windows are a minute apart: the next window is sent
+    at once on a new connection, exactly once, not counted or logged as a failed attempt."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
+
+    requests: list[int] = []
+
+    class ClosesIdle(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 0.3  # the server drops a connection idle this long
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            requests.append(1)
+            body = ExportMetricsServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ClosesIdle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = Settings.load(otlp_endpoint=f"http://127.0.0.1:{server.server_port}", retry_initial_delay_secs=0.5)
+        assert settings.otlp_protocol == "http"  # the default
+        exporter = Exporter(settings)
+        results = []
+        with caplog.at_level(logging.INFO, logger="pgflow.export"):
+            for _ in range(3):
+                results += [r for _, r in exporter.export(make_points(2))]
+                time.sleep(0.8)  # the server has closed the connection meanwhile
+        exporter.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(r.acknowledged, r.attempts) for r in results] == [(True, 1)] * 3
+    assert len(requests) == 3 and not exporter.stats.retries
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO], [r.getMessage() for r in caplog.records]
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_connection_refused_is_retried(protocol):
     port = free_port()

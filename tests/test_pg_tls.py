@@ -104,7 +104,7 @@ def test_verify_full_with_a_client_certificate_on_every_connection(tls_pg, certs
     state = tmp_path / "state"
     seen: set[tuple[str, bool, str]] = set()
     with Receiver() as receiver:
-        env = collector_env(verified_dsn(tls_pg, certs), receiver.grpc_endpoint, state, PGFLOW_TABLE_STATS_INTERVAL_SECS="0.5")
+        env = collector_env(verified_dsn(tls_pg, certs), receiver.http_endpoint, state, PGFLOW_TABLE_STATS_INTERVAL_SECS="0.5")
         proc = start_collector(env, log=tmp_path / "log")
         wait_for_baseline(state)
         tls_pg.pgbench("-n", "-c", "2", "-t", "50")
@@ -125,7 +125,7 @@ def test_verify_full_with_a_client_certificate_on_every_connection(tls_pg, certs
 
 def run_check(dsn: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     with Receiver() as receiver:
-        env = collector_env(dsn, receiver.grpc_endpoint, tmp_path)
+        env = collector_env(dsn, receiver.http_endpoint, tmp_path)
         return subprocess.run([sys.executable, "-m", "pgflow", "check"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 

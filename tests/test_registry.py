@@ -342,7 +342,7 @@ def _candidate(name: str, default: object) -> str | None:
         "service_name": "svc",
         "state_dir": "/tmp/pgflow-registry-test",
         "new_relic_region": "eu",
-        "otlp_protocol": "http",
+        "otlp_protocol": "grpc",
         "log_level": "debug",
         "log_format": "json",
         "table_stats_enabled": "false",

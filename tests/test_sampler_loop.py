@@ -76,7 +76,7 @@ def test_a_hung_server_does_not_cost_the_other_instances_their_sampled_seconds(p
         state = tmp_path / "state"
         env = collector_env(
             None,
-            rx.grpc_endpoint,
+            rx.http_endpoint,
             state,
             PGFLOW_INSTANCES=json.dumps(instances),
             PGFLOW_EXPORT_INTERVAL_SECS="2",

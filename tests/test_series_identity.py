@@ -190,7 +190,7 @@ def test_the_batch_and_its_blocked_session_end_to_end(pg, tmp_path):
         return thread
 
     with Receiver() as receiver:
-        env = collector_env(dsn, receiver.grpc_endpoint, tmp_path / "state", PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD))
+        env = collector_env(dsn, receiver.http_endpoint, tmp_path / "state", PGFLOW_ACTIVITY_SAMPLE_INTERVAL_SECS=str(PERIOD))
         proc = start_collector(env, log=tmp_path / "log")
         try:
             wait_for_baseline(tmp_path / "state")

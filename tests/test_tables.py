@@ -373,7 +373,7 @@ def test_collector_exports_table_statistics_on_their_own_thread(pg, tmp_path):
     with Receiver() as receiver:
         env = collector_env(
             pg.dsn(),
-            receiver.grpc_endpoint,
+            receiver.http_endpoint,
             tmp_path / "state",
             PGFLOW_TABLE_STATS_INTERVAL_SECS="0.5",
             PGFLOW_TABLE_STATS_DATABASES=json.dumps([db]),

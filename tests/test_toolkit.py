@@ -114,7 +114,7 @@ def test_run_can_capture_while_collecting(fresh_stats, tmp_path):
     from pgflow.otlp.receiver import Receiver
 
     with Receiver() as receiver:
-        env = collector_env(fresh_stats.dsn(), receiver.grpc_endpoint, tmp_path / "state")
+        env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state")
         proc = start_collector(env, "--scrapes", "4", "--capture", str(tmp_path / "cap.duckdb"))
         assert proc.wait(timeout=60) == 0
     snapshots = list(capture.read(tmp_path / "cap.duckdb"))

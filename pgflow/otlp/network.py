@@ -39,7 +39,22 @@ TLS_PLAINTEXT = "tls_not_offered"
 PROXY_REFUSED = "proxy_refused"
 PROXY_UNREACHABLE = "proxy_unreachable"
 CONNECTION = "connection"
-CAUSES = (TLS_UNTRUSTED, TLS_HOSTNAME, TLS_EXPIRED, TLS_CLIENT_CERT, TLS_OTHER, TLS_PLAINTEXT, PROXY_REFUSED, PROXY_UNREACHABLE, CONNECTION)
+# Issue 20: the endpoint speaks the other OTLP transport (OTLP/HTTP became the default).
+SPEAKS_GRPC = "endpoint_speaks_grpc"
+SPEAKS_HTTP1 = "endpoint_speaks_http1"
+CAUSES = (
+    TLS_UNTRUSTED,
+    TLS_HOSTNAME,
+    TLS_EXPIRED,
+    TLS_CLIENT_CERT,
+    TLS_OTHER,
+    TLS_PLAINTEXT,
+    PROXY_REFUSED,
+    PROXY_UNREACHABLE,
+    SPEAKS_GRPC,
+    SPEAKS_HTTP1,
+    CONNECTION,
+)
 
 
 # Proxies ------------------------------------------------------------------------------------
@@ -84,6 +99,18 @@ def classify_exception(exc: BaseException) -> str:
     if text.startswith("Tunnel connection failed"):
         return PROXY_REFUSED
     return classify_text(text) or CONNECTION
+
+
+def http2_frame(line: str) -> bool:
+    """True when an HTTP/1.1 status line is the start of an HTTP/2 SETTINGS frame: a gRPC server
+    answering an OTLP/HTTP request (3 bytes of length, then frame type 4)."""
+    return len(line) >= 4 and line[:2] == "\x00\x00" and line[3] == "\x04"
+
+
+def speaks_http1(grpc_detail: str) -> bool:
+    """True when gRPC's failure says the server answered HTTP/1.x (an OTLP/HTTP port)."""
+    t = grpc_detail.lower()
+    return "failed parsing http/2" in t or "expected settings frame" in t
 
 
 def classify_text(text: str) -> str | None:
@@ -160,6 +187,16 @@ def describe(cause: str, endpoint: str, net: Network) -> str:
         return (
             f"proxy {redact_proxy(net.proxy)} refused to CONNECT to {endpoint}: allow the endpoint's host and "
             f"port in the proxy, or set NO_PROXY / otlp_proxy (from {net.proxy_source or 'otlp_proxy'})"
+        )
+    if cause == SPEAKS_GRPC:
+        return (
+            f"the OTLP endpoint {endpoint} answered as an OTLP/gRPC server (HTTP/2 only), not OTLP/HTTP: "
+            f"set PGFLOW_OTLP_PROTOCOL=grpc, or use the endpoint's OTLP/HTTP port (4318 by convention)"
+        )
+    if cause == SPEAKS_HTTP1:
+        return (
+            f"the OTLP endpoint {endpoint} answered HTTP/1.x, not gRPC: set PGFLOW_OTLP_PROTOCOL=http, "
+            f"or use the endpoint's OTLP/gRPC port (4317 by convention)"
         )
     if cause == PROXY_UNREACHABLE:
         return (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import logging
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,12 +19,15 @@ from typing import TYPE_CHECKING
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
+from pgflow.logs import kv
 from pgflow.otlp import network as netmod
 from pgflow.otlp.network import Network
 from pgflow.otlp.retry import Attempt, grpc_retryable, http_retryable, parse_retry_after
 
 if TYPE_CHECKING:
     import grpc
+
+log = logging.getLogger("pgflow.export")
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 
@@ -101,6 +105,8 @@ class GrpcTransport:
         """The TLS or proxy cause behind an UNAVAILABLE, or None for any other (a down endpoint:
         retryable as before). grpc's message names some causes; a probe with the same settings
         names the rest (which certificate check failed)."""
+        if netmod.speaks_http1(detail):
+            return netmod.SPEAKS_HTTP1
         named = netmod.classify_text(detail)
         if named in (None, netmod.TLS_OTHER, netmod.CONNECTION) and not _connect_failure(detail):
             return None
@@ -150,6 +156,10 @@ def _grpc_failure(exc: grpc.RpcError) -> Attempt:
     return Attempt(ok=False, cause=name, retryable=grpc_retryable(name, delay is not None), delay=delay, detail=str(details or "")[:200])
 
 
+# A kept-alive connection the endpoint had closed (while idle, as servers and load balancers do).
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
 class HttpTransport:
     """OTLP/HTTP binary protobuf with gzip: ``POST {endpoint}/v1/metrics`` on one kept-alive connection."""
 
@@ -180,15 +190,31 @@ class HttpTransport:
             self._conn = conn
         return self._conn
 
+    def _post(self, body: bytes) -> tuple[http.client.HTTPResponse, bytes]:
+        conn = self._connection()
+        conn.request("POST", self.path, body=body, headers=self.headers)
+        response = conn.getresponse()
+        return response, response.read()
+
     def send(self, payload: bytes) -> Attempt:
         body = gzip.compress(payload, compresslevel=6) if self.gzip else payload
         try:
-            conn = self._connection()
-            conn.request("POST", self.path, body=body, headers=self.headers)
-            response = conn.getresponse()
-            data = response.read()
+            reused = self._conn is not None
+            try:
+                response, data = self._post(body)
+            except _STALE as exc:
+                if not reused:
+                    raise
+                # The kept-alive connection was closed while idle (load balancers and servers
+                # close idle connections; windows are a minute apart): send again at once on a
+                # new one, as HTTP clients do, not as a failed attempt after a backoff.
+                log.debug("kept-alive connection closed by the endpoint; sending on a new one", extra=kv(error=type(exc).__name__))
+                self.close()
+                response, data = self._post(body)
         except (TimeoutError, OSError, http.client.HTTPException) as exc:
             self.close()
+            if isinstance(exc, http.client.BadStatusLine) and netmod.http2_frame(str(getattr(exc, "line", ""))):
+                return _network_failure(netmod.SPEAKS_GRPC, "the answer was an HTTP/2 SETTINGS frame")
             cause = netmod.classify_exception(exc)
             if (
                 cause == netmod.CONNECTION and self.net.proxy and not isinstance(exc, socket.timeout)
