@@ -7,6 +7,9 @@ PGFLOW_TEST_PG_BINDIR names another install's bin directory.
 from __future__ import annotations
 
 import os
+import signal
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +78,41 @@ def pgbench_server(pg_factory):
         return server
 
     return make
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc: the kernel's own record of parents)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended
+            continue
+    return kids + [grandchild for kid in kids for grandchild in _children(kid)]
+
+
+def _is_collector(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return b"pgflow" in argv and b"run" in argv
+
+
+@pytest.fixture(autouse=True)
+def no_collector_outlives_its_test():
+    """A test that fails before stopping its ``pgflow run`` must not leave it running.
+
+    A leaked collector keeps scraping (and costing a core's fraction) for the rest of the suite
+    and after it, and would skew every benchmark run on the host afterwards.
+    """
+    yield
+    leaked = [pid for pid in _children(os.getpid()) if _is_collector(pid)]
+    for pid in leaked:
+        for victim in [pid, *_children(pid)]:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if leaked:
+        warnings.warn(f"killed {len(leaked)} 'pgflow run' process(es) the test left running", stacklevel=1)
