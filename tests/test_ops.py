@@ -17,11 +17,11 @@ from polars.testing import assert_frame_equal
 from pgflow import ops
 from pgflow.errors import ConfigError
 from pgflow.ops.cap import _names_at
-from pgflow.ops.delta import delta
+from pgflow.ops.delta import Counters, Deltas, active_rows, delta
 from pgflow.ops.fingerprint import MAX_TEXT, Fingerprinter, query_info
 from pgflow.ops.groups import _group_exactly, columns, group_rows, number, rows_where
-from pgflow.ops.window import window_bounds
-from pgflow.schema import POINTS, STATEMENTS, Snapshot, conform
+from pgflow.ops.window import Run, window_bounds
+from pgflow.schema import POINTS, STATEMENT_INT_COUNTERS, STATEMENT_TIME_COUNTERS, STATEMENTS, Snapshot, conform
 from pgflow.scrape import Scraper
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -469,6 +469,34 @@ def test_row_order_changes_nothing(workload, seed):
         return {tuple(row[:4]): round(row[4], 9) for row in summed.iter_rows()}
 
     assert totals(ops.run(snaps)) == totals(ops.run(shuffled))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 8), st.sampled_from([0.0, 0.05, 0.3, 1.0]), st.integers(0, 2**32 - 1))
+def test_a_run_keeps_only_the_rows_that_moved_and_sums_them_bit_for_bit(rows, scrapes, moving, seed):
+    """Issue 20: a window's run holds sums only for the rows that moved; what it gives the
+    window (rows that ran, their sums) equals summing every row of every scrape, to the bit."""
+    rng = np.random.default_rng(seed)
+    labels = pl.DataFrame({"row": np.arange(rows)})
+    deltas = []
+    for _ in range(scrapes):
+        ran = rng.random(rows) < moving
+        ints = np.where(ran[:, None], rng.integers(0, 4, (rows, len(STATEMENT_INT_COUNTERS))), 0).astype(np.int64)
+        floats = np.where(ran[:, None], rng.random((rows, len(STATEMENT_TIME_COUNTERS))) * 10.0 ** rng.integers(-9, 4, (rows, 1)), 0.0)
+        deltas.append(Counters(ints, floats, np.zeros(rows, np.int64)))
+    run = None
+    for d in deltas:
+        item = Deltas("i", T0, T0, labels, d, pl.DataFrame(), d, 0)
+        run = Run.of(item) if run is None else run.plus(item)
+    dense_ints, dense_floats = deltas[0].ints.copy(), deltas[0].floats.copy()
+    for d in deltas[1:]:
+        dense_ints, dense_floats = dense_ints + d.ints, dense_floats + d.floats
+    keep = active_rows(Counters(dense_ints, dense_floats, np.zeros(rows, np.int64)))
+    compacted = run.compacted()
+    assert compacted.rows["row"].to_list() == np.flatnonzero(keep).tolist()
+    assert np.array_equal(compacted.counters.ints, dense_ints[keep])
+    assert compacted.counters.floats.tobytes() == dense_floats[keep].tobytes()
+    assert len(run.counters.ints) <= max(1, int((dense_ints != 0).any(axis=1).sum() + (dense_floats != 0).any(axis=1).sum()))
 
 
 # Against the real server -------------------------------------------------------------------

@@ -52,6 +52,8 @@ _GAUGES = {  # session_stats.stat -> (metric, unit, by state)
     "xmin_age_max": ("postgresql.backend_xmin.age.max", "{transaction}", True),
 }
 
+_NO_STATS = pl.DataFrame(schema={name: dtype for name, dtype in SESSION_STATS.items() if name != "stat"})  # a gauge nothing reported
+
 
 @dataclass(frozen=True)
 class Pending:
@@ -173,7 +175,6 @@ def sampled(state: ActivityState, window: Window, labels: pl.DataFrame | None) -
     pending = state.open.get(window.period)
     if pending is None:
         return out
-    known = fingerprints(labels)
     c = pl.col
     frames = []
     if pending.samples:
@@ -184,8 +185,8 @@ def sampled(state: ActivityState, window: Window, labels: pl.DataFrame | None) -
         frames.append(stats.filter(c("stat") == "blocked_secs").select("dbid", "userid", "query_id", "value"))
     frames = [f for f in frames if f.height]
     if not frames:
-        return out
-    named = _lookup(pl.concat(frames, how="vertical_relaxed"), known, _seen(state)).filter(c("fingerprint").is_not_null())
+        return out  # (before naming anything: the labels' fingerprints cost ~1 ms to gather)
+    named = _lookup(pl.concat(frames, how="vertical_relaxed"), fingerprints(labels), _seen(state)).filter(c("fingerprint").is_not_null())
     return named.group_by("fingerprint", maintain_order=True).agg(c("value").cast(pl.Float64).sum())
 
 
@@ -224,25 +225,28 @@ def _bounded(frame: pl.DataFrame, column: str, lru: tuple[str, ...], capacity: i
 
 def _frame(
     window: Window,
-    metric: str,
-    unit: str,
+    metric: str | pl.Expr,
+    unit: str | pl.Expr,
     kind: str,
     rows: pl.DataFrame,
     attrs: Mapping[str, pl.Expr | str],
     start: datetime,
     end: datetime,
 ) -> pl.DataFrame:
+    """``rows`` (``value`` and the attributes' columns) as points; ``metric`` and ``unit`` are
+    constants, or expressions when one frame carries several metrics."""
     r = window.resource
+    metric, unit = (pl.lit(v) if isinstance(v, str) else v for v in (metric, unit))
     return rows.select(
         pl.lit(r.instance).alias("instance"),
-        pl.lit(metric).alias("metric"),
+        metric.alias("metric"),
         pl.lit(kind).alias("kind"),
-        pl.lit(unit).alias("unit"),
+        unit.alias("unit"),
         pl.lit(kind == "sum").alias("monotonic"),
         pl.lit(start, UTC_TS).alias("start"),
         pl.lit(end, UTC_TS).alias("end"),
         pl.col("value").cast(pl.Float64),
-        pl.lit(unit != "s").alias("is_int"),
+        (unit != "s").alias("is_int"),
         attributes(attrs).alias("attributes"),
         pl.lit(r.server_address).alias("server_address"),
         pl.lit(r.server_port, pl.Int32).alias("server_port"),
@@ -259,14 +263,17 @@ def close(
     if pending is None:
         return state, None
     state = replace(state, open={e: p for e, p in state.open.items() if e != period})
-    known = fingerprints(labels)
     seen = _seen(state)
+    ids = [f.get_column("query_id") for f in (*pending.samples, *pending.stats) if f.get_column("query_id").null_count() < f.height]
+    # Only a window that sampled statements needs their names: one with nothing but session
+    # gauges (every window of an idle server) skips gathering the labels' fingerprints (~1 ms).
+    known = fingerprints(labels) if ids else fingerprints(None)
     if known.height:  # remember what pg_stat_statements names of the sampled query ids (a reset may drop it)
-        ids = pl.concat([f.select(pl.col("query_id").cast(pl.Int64)) for f in (*pending.samples, *pending.stats)])
+        sampled_ids = pl.DataFrame({"query_id": pl.concat([i.cast(pl.Int64) for i in ids])})
         state = _remember(
             state,
             by_query_id(known)
-            .join(ids.unique(), left_on="queryid", right_on="query_id", how="semi")
+            .join(sampled_ids.unique(), left_on="queryid", right_on="query_id", how="semi")
             .select("queryid", "any_fingerprint")
             .sort("queryid"),
         )
@@ -327,8 +334,10 @@ def close(
             )
         at = window.gauges.observed_at if window.gauges is not None else window.end
         databases = window.gauges.databases if window.gauges is not None else []
+        by_stat = stats.partition_by("stat", as_dict=True, include_key=False)
+        gauges = []
         for stat, (metric, unit, by_state) in _GAUGES.items():
-            rows = stats.filter(c("stat") == stat)
+            rows = by_stat.get((stat,), _NO_STATS)
             if not by_state:  # every database, 0 where nothing was blocked
                 zeros = pl.DataFrame(
                     {"database": databases, "value": [0.0] * len(databases)}, schema={"database": pl.String, "value": pl.Float64}
@@ -336,13 +345,15 @@ def close(
                 rows = pl.concat([rows.select("database", "value"), zeros])
                 rows = _bounded(rows, "database", cap.databases, max_databases_tracked)
                 rows = rows.group_by("database", maintain_order=True).agg(c("value").max())
-                attrs = {"db.namespace": c("database")}
+                rows = rows.with_columns(pl.lit(None, pl.String).alias("state"))
             else:
                 rows = _bounded(rows.select("database", "state", "value"), "database", cap.databases, max_databases_tracked)
                 rows = rows.group_by(["database", "state"], maintain_order=True).agg(c("value").max())
-                attrs = {"db.namespace": c("database"), "postgresql.session.state": c("state")}
             if rows.height:
-                out.append(_frame(window, metric, unit, "gauge", rows, attrs, at, at))
+                gauges.append(rows.select("database", "state", "value", pl.lit(metric).alias("metric"), pl.lit(unit).alias("unit")))
+        if gauges:  # one frame for the four gauges (a state is null where a gauge has none, as in every points frame)
+            attrs = {"db.namespace": c("database"), "postgresql.session.state": c("state")}
+            out.append(_frame(window, c("metric"), c("unit"), "gauge", pl.concat(gauges), attrs, at, at))
     if not out:
         return state, None
     return state, pl.concat(out, how="vertical_relaxed").cast(POINTS)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import polars as pl
 
 from pgflow.ops.aggregate import SeriesTable, aggregate
@@ -68,19 +69,69 @@ class Resource:
 
 @dataclass(frozen=True)
 class Run:
-    """The summed deltas of consecutive scrapes that returned the same rows in the same order."""
+    """The summed deltas of consecutive scrapes that returned the same rows in the same order.
+
+    Only the rows that moved are kept (issue 20): ``at`` lists them (ascending row numbers of
+    ``rows``, which is the scrape's own frame, shared with the delta state) and ``counters``
+    holds their sums, row ``i`` for ``rows`` row ``at[i]``. Most of a server's statements do not
+    run in a given minute, so a window costs what ran, not what the server holds. ``at`` is None
+    when ``counters`` covers every row of ``rows`` (a compacted run; a ledger written before).
+    Sums are the same additions in the same order as summing every row: a row's first
+    non-zero delta is copied, later ones are added, and adding the zeros left out changes nothing.
+    """
 
     rows: pl.DataFrame
     counters: Counters
+    at: np.ndarray | None = None
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        state.setdefault("at", None)  # a ledger written before runs were sparse
+        self.__dict__.update(state)
+
+    @classmethod
+    def of(cls, deltas: Deltas) -> Run:
+        moved = _moved(deltas.counters)
+        return cls(deltas.rows, deltas.counters.take(moved), moved)
+
+    def _positions(self) -> np.ndarray:
+        return np.arange(len(self.counters.ints)) if self.at is None else self.at
 
     def plus(self, deltas: Deltas) -> Run:
-        c, d = self.counters, deltas.counters
-        return Run(self.rows, Counters(c.ints + d.ints, c.floats + d.floats, d.since))
+        moved = _moved(deltas.counters)
+        if not moved.size:
+            return self
+        d, c, at = deltas.counters.take(moved), self.counters, self._positions()
+        merged = np.union1d(at, moved)
+        if merged.size == at.size:  # no row new to this run: add in place of a copy
+            ints, floats = c.ints.copy(), c.floats.copy()
+        else:
+            ints = np.zeros((merged.size, c.ints.shape[1]), c.ints.dtype)
+            floats = np.zeros((merged.size, c.floats.shape[1]), c.floats.dtype)
+            old = np.searchsorted(merged, at)
+            ints[old], floats[old] = c.ints, c.floats
+            fresh = ~np.isin(moved, at, assume_unique=True)
+            ints[np.searchsorted(merged, moved[fresh])] = d.ints[fresh]  # a row's first delta: copied, as 0 + d is d
+            floats[np.searchsorted(merged, moved[fresh])] = d.floats[fresh]
+            d = d.take(np.flatnonzero(~fresh))
+            moved = moved[~fresh]
+        into = np.searchsorted(merged, moved)
+        ints[into] += d.ints
+        floats[into] += d.floats
+        return Run(self.rows, Counters(ints, floats, np.zeros(merged.size, np.int64)), merged)
 
     def compacted(self) -> Run:
         """Only the rows that ran: what a finished run needs to keep."""
         keep = active_rows(self.counters)
-        return self if keep.all() else Run(rows_where(self.rows, keep), self.counters.take(keep))
+        if self.at is None and keep.all():
+            return self
+        mask = np.zeros(self.rows.height, bool)
+        mask[self._positions()[keep]] = True
+        return Run(rows_where(self.rows, mask), self.counters.take(keep))
+
+
+def _moved(counters: Counters) -> np.ndarray:
+    """Rows with any counter that moved (ascending): every other row adds nothing to a sum."""
+    return np.flatnonzero((counters.ints != 0).any(axis=1) | (counters.floats != 0).any(axis=1))
 
 
 @dataclass(frozen=True)
@@ -127,7 +178,7 @@ def window_bounds(at: datetime, length: timedelta) -> tuple[datetime, datetime]:
 def _with(runs: tuple[Run, ...], deltas: Deltas) -> tuple[Run, ...]:
     if runs and runs[-1].rows is deltas.rows:
         return (*runs[:-1], runs[-1].plus(deltas))
-    return (*runs[:-1], *(r.compacted() for r in runs[-1:]), Run(deltas.rows, deltas.counters))
+    return (*runs[:-1], *(r.compacted() for r in runs[-1:]), Run.of(deltas))
 
 
 def add(state: WindowState, snapshot: Snapshot, deltas: Deltas | None) -> WindowState:
