@@ -416,9 +416,11 @@ def test_an_entry_acknowledged_while_the_operator_reads_its_outbox_is_not_sent_a
     assert 0 in acked
 
 
-def test_run_computes_on_one_polars_thread_unless_told_otherwise(fresh_stats, tmp_path):
+def test_run_computes_on_one_polars_thread_without_thread_caches_unless_told_otherwise(fresh_stats, tmp_path):
     """Issue 20: the collector's frames are small; polars' pool of one thread per core cost CPU
-    and memory for nothing. `pgflow run` sets POLARS_MAX_THREADS=1 unless the user set it."""
+    and memory for nothing, and so did its allocator's per-thread caches. `pgflow run` sets
+    POLARS_MAX_THREADS=1 and jemalloc's tcache off, unless the user chose them. (jemalloc itself
+    says what it runs with: ``stats_print`` at exit.)"""
 
     def polars_threads(pid: int) -> int:
         names = []
@@ -430,15 +432,16 @@ def test_run_computes_on_one_polars_thread_unless_told_otherwise(fresh_stats, tm
         return sum(1 for n in names if n.startswith("polars-") and n.removeprefix("polars-").isdigit())
 
     with Receiver() as receiver:
-        for given, expected in ((None, 1), ("3", 3)):
-            state = tmp_path / f"state-{given}"
-            env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, state)
+        for given, expected, conf, tcache in ((None, 1, "stats_print:true", "false"), ("3", 3, "stats_print:true,tcache:true", "true")):
+            state, log = tmp_path / f"state-{given}", tmp_path / f"log-{given}"
+            env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, state, _RJEM_MALLOC_CONF=conf)
             env.pop("POLARS_MAX_THREADS", None)
             if given:
                 env["POLARS_MAX_THREADS"] = given
-            proc = start_collector(env, log=tmp_path / f"log-{given}")
+            proc = start_collector(env, log=log)
             try:
                 wait_for_baseline(state)
                 assert polars_threads(proc.pid) == expected
             finally:
                 assert stop(proc) == 0
+            assert f"opt.tcache: {tcache}" in log.read_text(errors="replace")
