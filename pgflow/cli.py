@@ -100,8 +100,8 @@ def no_polars_thread_caches() -> bool:
 
     Every thread that touched a frame (the flow's, each scrape thread, the table threads) kept
     its own cache of freed blocks; the collector's frames are small and its threads mostly
-    wait, so the caches were memory held for nothing (measured: -3.9 MB resident for one
-    instance, -0.75 MB per further instance, the same CPU; BENCHMARKS.md). A ``tcache`` the user
+    wait, so the caches were memory held for nothing (measured: 4 to 7 MB less resident with 1,
+    5 or 10 instances, CPU within 3%; BENCHMARKS.md). A ``tcache`` the user
     chose in ``_RJEM_MALLOC_CONF`` wins. Must run before polars is imported (jemalloc reads its
     configuration once); True when applied.
     """
