@@ -345,12 +345,12 @@ def close(
                 rows = pl.concat([rows.select("database", "value"), zeros])
                 rows = _bounded(rows, "database", cap.databases, max_databases_tracked)
                 rows = rows.group_by("database", maintain_order=True).agg(c("value").max())
-                rows = rows.with_columns(pl.lit(None, pl.String).alias("state"))
             else:
                 rows = _bounded(rows.select("database", "state", "value"), "database", cap.databases, max_databases_tracked)
                 rows = rows.group_by(["database", "state"], maintain_order=True).agg(c("value").max())
             if rows.height:
-                gauges.append(rows.select("database", "state", "value", pl.lit(metric).alias("metric"), pl.lit(unit).alias("unit")))
+                state_column = c("state") if by_state else pl.lit(None, pl.String).alias("state")
+                gauges.append(rows.select("database", state_column, "value", pl.lit(metric).alias("metric"), pl.lit(unit).alias("unit")))
         if gauges:  # one frame for the four gauges (a state is null where a gauge has none, as in every points frame)
             attrs = {"db.namespace": c("database"), "postgresql.session.state": c("state")}
             out.append(_frame(window, c("metric"), c("unit"), "gauge", pl.concat(gauges), attrs, at, at))

@@ -76,8 +76,8 @@ class Run:
     holds their sums, row ``i`` for ``rows`` row ``at[i]``. Most of a server's statements do not
     run in a given minute, so a window costs what ran, not what the server holds. ``at`` is None
     when ``counters`` covers every row of ``rows`` (a compacted run; a ledger written before).
-    Sums are the same additions in the same order as summing every row: a row's first
-    non-zero delta is copied, later ones are added, and adding the zeros left out changes nothing.
+    Sums are the same additions in the same order as summing every row: the zeros left out
+    change nothing when added.
     """
 
     rows: pl.DataFrame
@@ -102,20 +102,11 @@ class Run:
             return self
         d, c, at = deltas.counters.take(moved), self.counters, self._positions()
         merged = np.union1d(at, moved)
-        if merged.size == at.size:  # no row new to this run: add in place of a copy
-            ints, floats = c.ints.copy(), c.floats.copy()
-        else:
-            ints = np.zeros((merged.size, c.ints.shape[1]), c.ints.dtype)
-            floats = np.zeros((merged.size, c.floats.shape[1]), c.floats.dtype)
-            old = np.searchsorted(merged, at)
-            ints[old], floats[old] = c.ints, c.floats
-            fresh = ~np.isin(moved, at, assume_unique=True)
-            ints[np.searchsorted(merged, moved[fresh])] = d.ints[fresh]  # a row's first delta: copied, as 0 + d is d
-            floats[np.searchsorted(merged, moved[fresh])] = d.floats[fresh]
-            d = d.take(np.flatnonzero(~fresh))
-            moved = moved[~fresh]
-        into = np.searchsorted(merged, moved)
-        ints[into] += d.ints
+        ints = np.zeros((merged.size, c.ints.shape[1]), c.ints.dtype)
+        floats = np.zeros((merged.size, c.floats.shape[1]), c.floats.dtype)
+        old, into = np.searchsorted(merged, at), np.searchsorted(merged, moved)
+        ints[old], floats[old] = c.ints, c.floats
+        ints[into] += d.ints  # a row new to the run starts from zero, as it does in a sum over every row
         floats[into] += d.floats
         return Run(self.rows, Counters(ints, floats, np.zeros(merged.size, np.int64)), merged)
 
