@@ -75,7 +75,8 @@ class Run:
     ``rows``, which is the scrape's own frame, shared with the delta state) and ``counters``
     holds their sums, row ``i`` for ``rows`` row ``at[i]``. Most of a server's statements do not
     run in a given minute, so a window costs what ran, not what the server holds. ``at`` is None
-    when ``counters`` covers every row of ``rows`` (a compacted run; a ledger written before).
+    when ``counters`` covers every row of ``rows`` (every row moved; a compacted run; a ledger
+    written before): then a scrape is one addition, as before.
     Sums are the same additions in the same order as summing every row: the zeros left out
     change nothing when added.
     """
@@ -91,16 +92,22 @@ class Run:
     @classmethod
     def of(cls, deltas: Deltas) -> Run:
         moved = _moved(deltas.counters)
+        if moved.size == deltas.rows.height:  # every row moved: kept whole, summed as before
+            return cls(deltas.rows, deltas.counters)
         return cls(deltas.rows, deltas.counters.take(moved), moved)
 
     def _positions(self) -> np.ndarray:
         return np.arange(len(self.counters.ints)) if self.at is None else self.at
 
     def plus(self, deltas: Deltas) -> Run:
+        c = self.counters
+        if self.at is None:  # every row already (a busy server): one addition, nothing to merge
+            d = deltas.counters
+            return Run(self.rows, Counters(c.ints + d.ints, c.floats + d.floats, d.since))
         moved = _moved(deltas.counters)
         if not moved.size:
             return self
-        d, c, at = deltas.counters.take(moved), self.counters, self._positions()
+        d, at = deltas.counters.take(moved), self.at
         merged = np.union1d(at, moved)
         ints = np.zeros((merged.size, c.ints.shape[1]), c.ints.dtype)
         floats = np.zeros((merged.size, c.floats.shape[1]), c.floats.dtype)
@@ -108,7 +115,8 @@ class Run:
         ints[old], floats[old] = c.ints, c.floats
         ints[into] += d.ints  # a row new to the run starts from zero, as it does in a sum over every row
         floats[into] += d.floats
-        return Run(self.rows, Counters(ints, floats, np.zeros(merged.size, np.int64)), merged)
+        since = np.zeros(merged.size, np.int64)  # (a sum has no entry start: unused)
+        return Run(self.rows, Counters(ints, floats, since), None if merged.size == self.rows.height else merged)
 
     def compacted(self) -> Run:
         """Only the rows that ran: what a finished run needs to keep."""
