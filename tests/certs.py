@@ -142,3 +142,10 @@ def make_certs(d: Path) -> Certs:
         d / "wrong-name.key",
         d / "other-ca.pem",
     )
+
+
+def renewed_client(certs: Certs, name: str, cn: str) -> tuple[Path, Path]:
+    """Another client certificate (and key) of the test CA, as a renewal would bring: (cert, key)."""
+    if not (certs.dir / f"{name}.pem").exists():
+        _leaf(certs.dir, name, cn, None, client=True)
+    return certs.dir / f"{name}.pem", certs.dir / f"{name}.key"

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from certs import Certs, make_certs
+from certs import Certs, make_certs, renewed_client
 from conftest import PGBENCH_STATEMENTS
 from e2e import ROOT, calls_by_summary, collector_env, settle, start_collector, wait_for_baseline
 from test_otlp import make_points
@@ -97,6 +97,39 @@ def test_pgbench_exact_with_mtls_required(fresh_stats, certs, tmp_path, protocol
             OTEL_EXPORTER_OTLP_LOGS_CLIENT_KEY=str(certs.client_key),
         )
         assert_pgbench_exact(calls_by_summary(receiver.points()), 100)  # 2 clients x 50
+
+
+def test_a_renewed_client_certificate_is_presented_from_the_next_connection(certs, tmp_path):
+    """Issue 20: every connection shares one TLS context (reading the system's CA store costs ~20 ms
+    of CPU, and an endpoint that closes idle connections makes every window connect anew); a
+    certificate renewed in place, as cert-manager or a sidecar does it, is still read at the next
+    connection, without a restart, over the shipper's kept-alive HTTP connection."""
+    live_cert, live_key = tmp_path / "client.pem", tmp_path / "client.key"
+    shutil.copyfile(certs.client_cert, live_cert)
+    shutil.copyfile(certs.client_key, live_key)
+    renewed_cert, renewed_key = renewed_client(certs, "renewed", "pgflow_renewed")
+    with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key, client_ca=certs.ca, grpc_port=None) as receiver:
+        settings = Settings.load(
+            otlp_endpoint=receiver.http_endpoint,
+            otlp_protocol="http",
+            otlp_certificate=str(certs.ca),
+            otlp_client_certificate=str(live_cert),
+            otlp_client_key=str(live_key),
+        )
+        exporter = Exporter(settings)
+        contexts = []
+        for renew in (False, False, True, False):
+            if renew:  # written beside, then renamed over the old files, as renewals do
+                for new, live in ((renewed_cert, live_cert), (renewed_key, live_key)):
+                    shutil.copyfile(new, live.with_suffix(".new"))
+                    os.replace(live.with_suffix(".new"), live)
+            assert all(r.acknowledged for _, r in exporter.export(make_points(2)))
+            contexts.append(exporter.transport._conn._context)  # type: ignore[union-attr]
+            exporter.transport.close()  # the endpoint closed the idle connection: the next window connects anew
+        exporter.close()
+        assert receiver.clients == ["pgflow_cert", "pgflow_cert", "pgflow_renewed", "pgflow_renewed"]
+        assert receiver.points().height == 4 * 3
+        assert contexts[0] is contexts[1] and contexts[2] is contexts[3] and contexts[1] is not contexts[2]
 
 
 # Refusals: one line per cause, nothing lost -------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,24 @@ OTEL_SUFFIX = {
     "otlp_timeout_ms": "TIMEOUT",
     "otlp_compression": "COMPRESSION",
 }
+
+
+# TLS contexts shared by every connection of the process: (files' stamp, context) per (files, alpn).
+_CONTEXTS: dict[tuple[Any, ...], tuple[tuple[Any, ...], ssl.SSLContext]] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def _stamp(files: tuple[str, ...]) -> tuple[Any, ...]:
+    """What says a file changed: modification time, size and inode (a renewal that replaces the
+    file by renaming a new one over it changes the inode even within the clock's resolution)."""
+    out: list[Any] = []
+    for path in files:
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append((path, None))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -63,13 +82,35 @@ class Network:
 
     def ssl_context(self, alpn: list[str] | None = None) -> ssl.SSLContext:
         """A client context trusting the system's CAs, or only the configured bundle, with the client
-        certificate when one is set: what the HTTP transport uses and what probes use."""
+        certificate when one is set: what the HTTP transport uses and what probes use.
+
+        Built once and shared while the files it was read from stay the same (issue 20: reading
+        the system's CA store costs ~20 ms of CPU, and a kept-alive connection the endpoint closed
+        between windows is opened again every window); a renewed certificate, key or bundle is
+        read at the next connection (compared by modification time, size and inode)."""
+        files = self._tls_files()
+        key = (self.certificate, self.client_certificate, self.client_key, tuple(alpn or ()))
+        stamp = _stamp(files)
+        with _CONTEXTS_LOCK:
+            cached = _CONTEXTS.get(key)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
         ctx = ssl.create_default_context(cafile=str(self.certificate) if self.certificate else None)
         if self.client_certificate and self.client_key:
             ctx.load_cert_chain(str(self.client_certificate), str(self.client_key))
         if alpn:
             ctx.set_alpn_protocols(alpn)
+        with _CONTEXTS_LOCK:
+            _CONTEXTS[key] = (stamp, ctx)
         return ctx
+
+    def _tls_files(self) -> tuple[str, ...]:
+        """The files a context is read from: the configured ones, or the system's CA bundle."""
+        configured = tuple(str(p) for p in (self.certificate, self.client_certificate, self.client_key) if p)
+        if self.certificate:
+            return configured
+        defaults = ssl.get_default_verify_paths()
+        return configured + tuple(p for p in (defaults.cafile, defaults.capath) if p)
 
 
 # Endpoint -----------------------------------------------------------------------------------

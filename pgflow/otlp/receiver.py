@@ -150,6 +150,7 @@ class Receiver:
         self.script: deque[Reply] = deque(script or [])
         self._lock = threading.Lock()
         self.attempts: list[tuple[str, str]] = []  # (protocol, outcome) of every request, in order
+        self.clients: list[str] = []  # OTLP/HTTP over mTLS: the client certificate's common name, per request
         self._grpc_port, self._http_port = grpc_port, http_port
         self._grpc: grpc.Server | None = None
         self._http: ThreadingHTTPServer | None = None
@@ -354,6 +355,19 @@ class _GrpcLogsService(logs_service_pb2_grpc.LogsServiceServicer):
         return _logs_response(reply)
 
 
+def _common_name(connection: object) -> str:
+    """The common name of the certificate a TLS client presented ("" without one)."""
+    try:
+        cert = connection.getpeercert()  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return ""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""
+
+
 def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -371,6 +385,9 @@ def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def do_POST(self) -> None:  # noqa: N802
+            if receiver.client_ca is not None:
+                with receiver._lock:
+                    receiver.clients.append(_common_name(self.connection))
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
             if self.path.rstrip("/") == "/v1/logs":
