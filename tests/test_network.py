@@ -99,19 +99,21 @@ def test_pgbench_exact_with_mtls_required(fresh_stats, certs, tmp_path, protocol
         assert_pgbench_exact(calls_by_summary(receiver.points()), 100)  # 2 clients x 50
 
 
-def test_a_renewed_client_certificate_is_presented_from_the_next_connection(certs, tmp_path):
-    """Issue 20: every connection shares one TLS context (reading the system's CA store costs ~20 ms
-    of CPU, and an endpoint that closes idle connections makes every window connect anew); a
-    certificate renewed in place, as cert-manager or a sidecar does it, is still read at the next
-    connection, without a restart, over the shipper's kept-alive HTTP connection."""
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_renewed_client_certificate_is_presented_from_the_next_connection(certs, tmp_path, protocol):
+    """Issue 20: over HTTP every connection shares one TLS context (reading the system's CA store
+    costs ~20 ms of CPU, and an endpoint that closes idle connections makes every window connect
+    anew), over gRPC one channel serves every request; a certificate renewed in place, as
+    cert-manager or a sidecar does it, is still presented from the next request on, without a
+    restart."""
     live_cert, live_key = tmp_path / "client.pem", tmp_path / "client.key"
     shutil.copyfile(certs.client_cert, live_cert)
     shutil.copyfile(certs.client_key, live_key)
     renewed_cert, renewed_key = renewed_client(certs, "renewed", "pgflow_renewed")
-    with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key, client_ca=certs.ca, grpc_port=None) as receiver:
+    with Receiver(tls_cert=certs.server_cert, tls_key=certs.server_key, client_ca=certs.ca) as receiver:
         settings = Settings.load(
-            otlp_endpoint=receiver.http_endpoint,
-            otlp_protocol="http",
+            otlp_endpoint=endpoint(receiver, protocol),
+            otlp_protocol=protocol,
             otlp_certificate=str(certs.ca),
             otlp_client_certificate=str(live_cert),
             otlp_client_key=str(live_key),
@@ -124,12 +126,14 @@ def test_a_renewed_client_certificate_is_presented_from_the_next_connection(cert
                     shutil.copyfile(new, live.with_suffix(".new"))
                     os.replace(live.with_suffix(".new"), live)
             assert all(r.acknowledged for _, r in exporter.export(make_points(2)))
-            contexts.append(exporter.transport._conn._context)  # type: ignore[union-attr]
-            exporter.transport.close()  # the endpoint closed the idle connection: the next window connects anew
+            if protocol == "http":
+                contexts.append(exporter.transport._conn._context)  # type: ignore[union-attr]
+                exporter.transport.close()  # the endpoint closed the idle connection: the next window connects anew
         exporter.close()
         assert receiver.clients == ["pgflow_cert", "pgflow_cert", "pgflow_renewed", "pgflow_renewed"]
         assert receiver.points().height == 4 * 3
-        assert contexts[0] is contexts[1] and contexts[2] is contexts[3] and contexts[1] is not contexts[2]
+        if protocol == "http":
+            assert contexts[0] is contexts[1] and contexts[2] is contexts[3] and contexts[1] is not contexts[2]
 
 
 # Refusals: one line per cause, nothing lost -------------------------------------------------------

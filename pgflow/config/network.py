@@ -47,7 +47,7 @@ _CONTEXTS: dict[tuple[Any, ...], tuple[tuple[Any, ...], ssl.SSLContext]] = {}
 _CONTEXTS_LOCK = threading.Lock()
 
 
-def _stamp(files: tuple[str, ...]) -> tuple[Any, ...]:
+def files_stamp(files: tuple[str, ...]) -> tuple[Any, ...]:
     """What says a file changed: modification time, size and inode (a renewal that replaces the
     file by renaming a new one over it changes the inode even within the clock's resolution)."""
     out: list[Any] = []
@@ -90,7 +90,7 @@ class Network:
         read at the next connection (compared by modification time, size and inode)."""
         files = self._tls_files()
         key = (self.certificate, self.client_certificate, self.client_key, tuple(alpn or ()))
-        stamp = _stamp(files)
+        stamp = files_stamp(files)
         with _CONTEXTS_LOCK:
             cached = _CONTEXTS.get(key)
             if cached is not None and cached[0] == stamp:
@@ -104,9 +104,13 @@ class Network:
             _CONTEXTS[key] = (stamp, ctx)
         return ctx
 
+    def configured_tls_files(self) -> tuple[str, ...]:
+        """The TLS files the settings name (CA bundle, client certificate, key), those set."""
+        return tuple(str(p) for p in (self.certificate, self.client_certificate, self.client_key) if p)
+
     def _tls_files(self) -> tuple[str, ...]:
         """The files a context is read from: the configured ones, or the system's CA bundle."""
-        configured = tuple(str(p) for p in (self.certificate, self.client_certificate, self.client_key) if p)
+        configured = self.configured_tls_files()
         if self.certificate:
             return configured
         defaults = ssl.get_default_verify_paths()

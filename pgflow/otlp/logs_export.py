@@ -38,9 +38,8 @@ def _as_metrics_response(data: bytes) -> ExportMetricsServiceResponse:
 class LogsGrpcTransport(GrpcTransport):
     """OTLP/gRPC LogsService, gzip, on its own channel."""
 
-    def __init__(self, endpoint: str, headers: dict[str, str], timeout: float, net: Network | None = None) -> None:
-        super().__init__(endpoint, headers, timeout, net)
-        self._export = self._channel.unary_unary(LOGS_METHOD, request_serializer=None, response_deserializer=_as_metrics_response)
+    method = LOGS_METHOD
+    read_response = staticmethod(_as_metrics_response)
 
 
 class LogsHttpTransport(HttpTransport):

@@ -150,7 +150,7 @@ class Receiver:
         self.script: deque[Reply] = deque(script or [])
         self._lock = threading.Lock()
         self.attempts: list[tuple[str, str]] = []  # (protocol, outcome) of every request, in order
-        self.clients: list[str] = []  # OTLP/HTTP over mTLS: the client certificate's common name, per request
+        self.clients: list[str] = []  # over mTLS: the common name of the client certificate of each metrics request
         self._grpc_port, self._http_port = grpc_port, http_port
         self._grpc: grpc.Server | None = None
         self._http: ThreadingHTTPServer | None = None
@@ -311,6 +311,10 @@ class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer):
         self.receiver = receiver
 
     def Export(self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext) -> ExportMetricsServiceResponse:  # noqa: N802
+        if self.receiver.client_ca is not None:
+            names = context.auth_context().get("x509_common_name") or [b""]
+            with self.receiver._lock:
+                self.receiver.clients.append(names[0].decode())
         api_key = dict(context.invocation_metadata()).get("api-key")
         reply = self.receiver._handle(request, "grpc", api_key)
         if reply.kind == "OK":

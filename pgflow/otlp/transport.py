@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
+from pgflow.config.network import files_stamp
 from pgflow.logs import kv
 from pgflow.otlp import network as netmod
 from pgflow.otlp.network import Network
@@ -53,42 +54,65 @@ def _partial(response: ExportMetricsServiceResponse) -> tuple[int, str]:
 
 
 class GrpcTransport:
-    """OTLP/gRPC with gzip; the channel is created once and reused for every request.
+    """OTLP/gRPC with gzip; the channel is created once and reused for every request, and created
+    again when a TLS file it was read from changed (a renewed client certificate or CA bundle is
+    used from the next request on, as over HTTP; compared by modification time, size and inode).
 
     grpc is imported here, not with the module (issue 20): it costs about 20 MB of memory and
     five threads, which a collector exporting over HTTP never needs.
     """
+
+    method = EXPORT_METHOD  # the RPC (the logs transport: LogsService/Export) and its response reader
+    read_response = staticmethod(ExportMetricsServiceResponse.FromString)
 
     def __init__(self, endpoint: str, headers: dict[str, str], timeout: float, net: Network | None = None) -> None:
         import grpc
 
         self.net = net or Network(timeout=timeout)
         self.endpoint = endpoint
-        tls, host, port, _ = _split(endpoint, 4317, self.net.insecure)
-        target = f"{host}:{port}"
-        options: list[tuple[str, object]] = [("grpc.max_send_message_length", 16 * 1024 * 1024)]
+        self._tls, host, port, _ = _split(endpoint, 4317, self.net.insecure)
+        self._target = f"{host}:{port}"
+        self._options: list[tuple[str, object]] = [("grpc.max_send_message_length", 16 * 1024 * 1024)]
         # The proxy is pgflow's decision (otlp_proxy, HTTPS_PROXY / NO_PROXY as the HTTP transport
         # reads them): grpc core's own environment handling (grpc_proxy, no_grpc_proxy...) is off.
-        options.append(("grpc.http_proxy", self.net.proxy) if self.net.proxy else ("grpc.enable_http_proxy", 0))
-        if tls:
+        self._options.append(("grpc.http_proxy", self.net.proxy) if self.net.proxy else ("grpc.enable_http_proxy", 0))
+        self._files = self.net.configured_tls_files() if self._tls else ()
+        self._open()
+        self._metadata = tuple((k.lower(), v) for k, v in headers.items())
+        self.timeout = self.net.timeout
+        self._compression = grpc.Compression.Gzip if self.net.compression == "gzip" else grpc.Compression.NoCompression
+
+    def _open(self) -> None:
+        """The channel, with the TLS files as they are now."""
+        import grpc
+
+        self._stamp = files_stamp(self._files)
+        if self._tls:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=_read(self.net.certificate),
                 private_key=_read(self.net.client_key),
                 certificate_chain=_read(self.net.client_certificate),
             )
-            self._channel = grpc.secure_channel(target, creds, options=options)
+            self._channel = grpc.secure_channel(self._target, creds, options=self._options)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
-        self._export = self._channel.unary_unary(
-            EXPORT_METHOD, request_serializer=None, response_deserializer=ExportMetricsServiceResponse.FromString
-        )
-        self._metadata = tuple((k.lower(), v) for k, v in headers.items())
-        self.timeout = self.net.timeout
-        self._compression = grpc.Compression.Gzip if self.net.compression == "gzip" else grpc.Compression.NoCompression
+            self._channel = grpc.insecure_channel(self._target, options=self._options)
+        self._export = self._channel.unary_unary(self.method, request_serializer=None, response_deserializer=self.read_response)
+
+    def _renewed(self) -> None:
+        """A TLS file changed since the channel was made: make it again (the old one is closed)."""
+        if self._files and files_stamp(self._files) != self._stamp:
+            old = self._channel
+            try:
+                self._open()
+            except OSError as exc:  # a file replaced but not yet there: keep the channel, try at the next request
+                log.debug("renewed TLS files not readable yet; the channel is kept", extra=kv(error=type(exc).__name__))
+                return
+            old.close()
 
     def send(self, payload: bytes) -> Attempt:
         import grpc
 
+        self._renewed()
         try:
             response = self._export(payload, timeout=self.timeout, metadata=self._metadata, compression=self._compression)
         except grpc.RpcError as exc:
