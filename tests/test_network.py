@@ -123,8 +123,9 @@ def test_a_renewed_client_certificate_is_presented_from_the_next_connection(cert
         for renew in (False, False, True, False):
             if renew:  # written beside, then renamed over the old files, as renewals do
                 for new, live in ((renewed_cert, live_cert), (renewed_key, live_key)):
-                    shutil.copyfile(new, live.with_suffix(".new"))
-                    os.replace(live.with_suffix(".new"), live)
+                    beside = live.with_name(live.name + ".new")
+                    shutil.copyfile(new, beside)
+                    os.replace(beside, live)
             assert all(r.acknowledged for _, r in exporter.export(make_points(2)))
             if protocol == "http":
                 contexts.append(exporter.transport._conn._context)  # type: ignore[union-attr]

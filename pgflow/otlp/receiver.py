@@ -150,7 +150,7 @@ class Receiver:
         self.script: deque[Reply] = deque(script or [])
         self._lock = threading.Lock()
         self.attempts: list[tuple[str, str]] = []  # (protocol, outcome) of every request, in order
-        self.clients: list[str] = []  # over mTLS: the common name of the client certificate of each metrics request
+        self.clients: list[str] = []  # over mTLS: the common name of the client certificate of each request
         self._grpc_port, self._http_port = grpc_port, http_port
         self._grpc: grpc.Server | None = None
         self._http: ThreadingHTTPServer | None = None
@@ -210,6 +210,12 @@ class Receiver:
         with self._lock:
             self.attempts.append((f"{protocol}/logs", outcome))
         return reply
+
+    def _client(self, name: str) -> None:
+        """Note the client certificate a request came with (mTLS only)."""
+        if self.client_ca is not None:
+            with self._lock:
+                self.clients.append(name)
 
     def set_script(self, replies: list[Reply]) -> None:
         with self._lock:
@@ -311,10 +317,7 @@ class _GrpcService(metrics_service_pb2_grpc.MetricsServiceServicer):
         self.receiver = receiver
 
     def Export(self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext) -> ExportMetricsServiceResponse:  # noqa: N802
-        if self.receiver.client_ca is not None:
-            names = context.auth_context().get("x509_common_name") or [b""]
-            with self.receiver._lock:
-                self.receiver.clients.append(names[0].decode())
+        self.receiver._client(_grpc_common_name(context))
         api_key = dict(context.invocation_metadata()).get("api-key")
         reply = self.receiver._handle(request, "grpc", api_key)
         if reply.kind == "OK":
@@ -353,10 +356,17 @@ class _GrpcLogsService(logs_service_pb2_grpc.LogsServiceServicer):
         self.receiver = receiver
 
     def Export(self, request: ExportLogsServiceRequest, context: grpc.ServicerContext) -> ExportLogsServiceResponse:  # noqa: N802
+        self.receiver._client(_grpc_common_name(context))
         reply = self.receiver._handle_logs(request, "grpc", dict(context.invocation_metadata()).get("api-key"))
         if reply.kind not in ("OK", "PARTIAL"):
             _grpc_refuse(reply, context)
         return _logs_response(reply)
+
+
+def _grpc_common_name(context: grpc.ServicerContext) -> str:
+    """The common name of the certificate a gRPC client presented ("" without one)."""
+    names = context.auth_context().get("x509_common_name") or [b""]
+    return str(names[0].decode())
 
 
 def _common_name(connection: object) -> str:
@@ -389,9 +399,7 @@ def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def do_POST(self) -> None:  # noqa: N802
-            if receiver.client_ca is not None:
-                with receiver._lock:
-                    receiver.clients.append(_common_name(self.connection))
+            receiver._client(_common_name(self.connection))
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
             if self.path.rstrip("/") == "/v1/logs":

@@ -86,7 +86,7 @@ class GrpcTransport:
         """The channel, with the TLS files as they are now."""
         import grpc
 
-        self._stamp = files_stamp(self._files)
+        stamp = files_stamp(self._files)  # before reading: a change made meanwhile is seen next time
         if self._tls:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=_read(self.net.certificate),
@@ -97,6 +97,7 @@ class GrpcTransport:
         else:
             self._channel = grpc.insecure_channel(self._target, options=self._options)
         self._export = self._channel.unary_unary(self.method, request_serializer=None, response_deserializer=self.read_response)
+        self._stamp = stamp  # only once made: files not readable yet are tried again at the next request
 
     def _renewed(self) -> None:
         """A TLS file changed since the channel was made: make it again (the old one is closed)."""
