@@ -45,6 +45,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import polars as pl
 import psycopg
@@ -53,7 +54,7 @@ from psycopg import errors as pgerr
 from pgflow.config import redact_dsn
 from pgflow.errors import ScrapeError
 from pgflow.logs import kv
-from pgflow.schema import TABLES, conform
+from pgflow.schema import TABLES
 from pgflow.scrape.budget import ConnectionBudget, NoConnection
 from pgflow.scrape.connection import classify
 from pgflow.scrape.discovery import Discovered, discover
@@ -73,6 +74,37 @@ class TableScrapeStats:
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+@dataclass
+class Visit:
+    """What one database's visit read: the buckets that changed (``kind``, ``bucket``: the marks)
+    and the rows of their tables (:data:`~pgflow.scrape.tables_sql.ROW_COLUMNS`)."""
+
+    database: str
+    observed_at: datetime
+    marks: list[tuple[str, int]]
+    rows: list[tuple]
+
+
+def round_frame(visits: list[Visit]) -> pl.DataFrame:
+    """One :data:`~pgflow.schema.TABLES` frame for a round: per database its marks, then its rows.
+
+    Built once per round from the rows' columns (issue 20: a frame per database and its
+    concatenation cost about eight polars calls a database, most of a visit's CPU).
+    """
+    columns: dict[str, list] = {name: [] for name in TABLES}
+    for visit in visits:
+        marked, n = len(visit.marks), len(visit.marks) + len(visit.rows)
+        columns["database"] += [visit.database] * n
+        columns["observed_at"] += [visit.observed_at] * n
+        columns["kind"] += [kind for kind, _ in visit.marks]
+        columns["kind"] += ["table"] * len(visit.rows)
+        values = list(zip(*visit.rows)) if visit.rows else [()] * len(ROW_COLUMNS)
+        for name, column in zip(ROW_COLUMNS, values):
+            columns[name] += [bucket for _, bucket in visit.marks] if name == "bucket" else [None] * marked
+            columns[name] += column
+    return pl.DataFrame(columns, schema=TABLES)
 
 
 class TableScraper:
@@ -161,7 +193,7 @@ class TableScraper:
         late (``stats.late``): the round was too long for its interval. It is still visited.
         """
         home = psycopg.conninfo.conninfo_to_dict(self._dsn).get("dbname") or None
-        frames: list[pl.DataFrame] = []
+        visits: list[Visit] = []
         seen = 0
         self.stats.late = 0
         try:
@@ -173,9 +205,9 @@ class TableScraper:
                 home = conn.info.dbname
                 self.discovered = found
                 if home in found.chosen:  # the discovery's connection scrapes its own database too
-                    frame, tables = self._scrape_database(home, conn)
-                    if frame is not None:
-                        frames.append(frame)
+                    visit, tables = self._scrape_database(home, conn)
+                    if visit is not None:
+                        visits.append(visit)
                         seen += tables
         except NoConnection as exc:  # stopping, or the budget leaves no slot (said by the budget)
             self.stats.count("deferred")
@@ -195,7 +227,7 @@ class TableScraper:
                 self.stats.late += 1
             try:
                 with self.budget.connection(database, wait=True) as conn:
-                    frame, tables = self._scrape_database(database, conn)
+                    visit, tables = self._scrape_database(database, conn)
             except NoConnection:  # the flow is stopping
                 self.stats.count("deferred")
                 break
@@ -203,13 +235,13 @@ class TableScraper:
                 self.stats.count("connect_failed")
                 self._say_once(database, f"cannot connect ({exc.message})")
                 continue
-            if frame is not None:
-                frames.append(frame)
+            if visit is not None:
+                visits.append(visit)
                 seen += tables
         self.stats.tables_seen = seen
-        return pl.concat(frames) if frames else pl.DataFrame(schema=TABLES)
+        return round_frame(visits)
 
-    def _scrape_database(self, database: str, conn: psycopg.Connection) -> tuple[pl.DataFrame | None, int]:
+    def _scrape_database(self, database: str, conn: psycopg.Connection) -> tuple[Visit | None, int]:
         try:
             try:
                 result = self._query(conn, database, skip_locked=False)
@@ -231,7 +263,7 @@ class TableScraper:
         self.stats.count("ok")
         return result
 
-    def _query(self, conn: psycopg.Connection, database: str, *, skip_locked: bool) -> tuple[pl.DataFrame, int]:
+    def _query(self, conn: psycopg.Connection, database: str, *, skip_locked: bool) -> tuple[Visit, int]:
         previous = self._buckets.get(database)
         # The settings ride in one statement (set_config(..., true) is SET LOCAL), pipelined with
         # the scrape: one round trip, one implicit transaction (no BEGIN or ROLLBACK: issue 19).
@@ -271,19 +303,9 @@ class TableScraper:
         rows = [r for r in rows if r[1] is not None]
         self._buckets[database] = (digests, counts, hi)
         self.stats.rows += len(rows)
-        frame = (
-            pl.DataFrame(rows, schema=[(c, TABLES[c]) for c in ROW_COLUMNS], orient="row")
-            if rows
-            else pl.DataFrame(schema={c: TABLES[c] for c in ROW_COLUMNS})
-        )
-        frame = frame.with_columns(pl.lit("table").alias("kind"))
         changed.sort()
-        kinds = ["seed" if bucket >= seeded else "bucket" for bucket in changed]
-        marks = pl.DataFrame({"kind": kinds, "bucket": changed}, schema={"kind": pl.String, "bucket": pl.Int64})
-        frame = pl.concat([marks, frame], how="diagonal_relaxed").with_columns(
-            pl.lit(database).alias("database"), pl.lit(observed_at).alias("observed_at")
-        )
-        return conform(frame, TABLES), sum(counts)
+        marks = [("seed" if bucket >= seeded else "bucket", bucket) for bucket in changed]
+        return Visit(database, observed_at, marks, rows), sum(counts)
 
 
 def scrape_tables_once(dsn: str, **kwargs: object) -> pl.DataFrame:
