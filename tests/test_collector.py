@@ -201,9 +201,10 @@ def test_metrics_server_sleeps_until_asked_and_answers_at_once():
     from pgflow import telemetry
 
     port = free_port()
+    earlier = set(threading.enumerate())  # an earlier test's runtime may have its own /metrics thread
     server = telemetry.serve(f"127.0.0.1:{port}", telemetry.Health(30))
     try:
-        thread = next(t for t in threading.enumerate() if t.name == "pgflow-metrics" and t.native_id is not None)
+        thread = next(t for t in threading.enumerate() if t.name == "pgflow-metrics" and t not in earlier and t.native_id is not None)
         time.sleep(0.3)  # started and waiting
         before = _context_switches(thread.native_id)  # type: ignore[arg-type]
         time.sleep(3)

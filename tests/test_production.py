@@ -168,8 +168,11 @@ def test_unreadable_text_without_a_way_round_says_where_and_how(blind, caplog, m
         with psycopg.connect(blind.dsn(), autocommit=True) as conn:
             for _ in range(5):
                 conn.execute("SELECT count(*) FROM pg_class WHERE relname = 'after_the_grant'")
-        state, deltas = delta(state, scraper.scrape())
+        snap = scraper.scrape()
+        state, deltas = delta(state, snap)
     assert _texts(deltas).get("SELECT count(*) FROM pg_class WHERE relname = $1") == 5, _texts(deltas)
+    # The statement that ran while texts were unreadable gets its text back too (it was pending, not forgotten).
+    assert "SELECT $1 AS fresh_after_the_bad_text" in snap.statements["query"].drop_nulls().to_list()
     blind.execute("DROP EXTENSION pg_stat_statements", dbname="legacy")
     report = check(InstanceConfig(name="blind", database_url=blind.dsn()))
     texts = [f for f in report.findings if f.name == "texts"]

@@ -69,6 +69,37 @@ def test_steady_state_transfers_no_text(pg):
     assert again.statements.select(*key, "query").equals(changed.statements.select(*key, "query"))
 
 
+def test_every_text_is_the_servers_own_while_entries_come_and_go(pg_factory):
+    """Issue 20: when the keys change (new entries, evictions, the server's order moved), each
+    entry still there keeps its text from the last scrape's column by position and only new
+    ones are read; every row's text must still be the one the server holds for its key, and
+    only new keys cost a text. Ground truth: pg_stat_statements read directly after each scrape."""
+    pg = pg_factory(settings={"pg_stat_statements.max": "100"})  # the smallest: entries are evicted
+    pg.execute("CREATE EXTENSION pg_stat_statements", "CREATE TABLE churn (v int)", "INSERT INTO churn VALUES (1)")
+    key = ["dbid", "userid", "queryid", "toplevel"]
+    with Scraper(pg.dsn()) as scraper, psycopg.connect(pg.dsn(), autocommit=True) as work:
+        toplevel = "toplevel" if work.info.server_version >= 140000 else "NULL::bool"  # PostgreSQL 13 has none
+        read = f"SELECT dbid::int8, userid::int8, queryid, {toplevel}, query FROM pg_stat_statements"
+        scraper.scrape()
+        compared = 0
+        for r in range(6):
+            for i in range(r * 30, (r + 1) * 30):  # a distinct tree each: a new entry each, older ones evicted
+                work.execute("SELECT " + " + ".join(["v"] * (i + 1)) + " FROM churn")  # type: ignore[arg-type]
+            before = scraper.stats.texts_fetched
+            frame = scraper.scrape().statements
+            rows = work.execute(read).fetchall()  # type: ignore[call-overload]
+            truth = pl.DataFrame(rows, schema=[*key, "query"], orient="row").cast(
+                {"dbid": pl.Int64, "userid": pl.Int64, "queryid": pl.Int64, "toplevel": pl.Boolean}
+            )
+            both = frame.select(*key, "query").join(truth, on=key, nulls_equal=True, suffix="_server")
+            assert both.height >= 40, both.height  # most entries survive from the scrape to the read (evictions: 5 % at a time)
+            wrong = both.filter(pl.col("query").ne_missing(pl.col("query_server")))
+            assert wrong.height == 0, wrong
+            assert scraper.stats.texts_fetched - before <= 30 + 10  # the new entries (and pgflow's own), not every text
+            compared += both.height
+    assert compared >= 240
+
+
 def test_statements_arrive_in_rows_no_larger_than_one_column(pg):
     """Issue 20: libpq keeps a connection's input buffer as large as the largest message it ever
     received. The counters of every statement in one row (~450 KB at 2,000 statements) kept

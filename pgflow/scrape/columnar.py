@@ -72,6 +72,32 @@ class Last:
     database: pl.Series
     user: pl.Series
     complete: bool  # every key's text (or own mark) decided: nothing to try again
+    pending: np.ndarray | None = None  # (not complete) the keys whose text is not decided yet
+
+
+def _packed(keys: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Each key (dbid, userid, queryid, toplevel) as one 17-byte string, comparable in numpy."""
+    out = np.empty(len(keys[0]), dtype=[("ids", ">u8"), ("queryid", ">i8"), ("toplevel", "u1")])
+    out["ids"] = (keys[0].astype(np.uint64) << np.uint64(32)) | keys[1].astype(np.uint64)  # two oids
+    out["queryid"] = keys[2]
+    out["toplevel"] = keys[3]
+    return out.view("S17")
+
+
+def positions(keys: tuple[np.ndarray, ...], previous: tuple[np.ndarray, ...]) -> np.ndarray:
+    """For each key of ``keys``, its row in ``previous`` (keys are unique), or -1 when it is new.
+
+    In numpy, a sort and a binary search (issue 20): a scrape whose keys changed (a new
+    statement, an eviction) reuses every other key's text from the previous scrape's column
+    without a Python object per key.
+    """
+    if not len(previous[0]):
+        return np.full(len(keys[0]), -1, np.int64)
+    old, new = _packed(previous), _packed(keys)
+    order = np.argsort(old, kind="stable")
+    ranked = old[order]
+    at = np.minimum(np.searchsorted(ranked, new), len(ranked) - 1)
+    return np.where(ranked[at] == new, order[at], -1).astype(np.int64)
 
 
 def _ints(raw: bytes | None, n: int, what: str) -> np.ndarray:

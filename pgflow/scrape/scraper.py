@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import polars as pl
@@ -19,7 +21,7 @@ from pgflow.lru import LRU
 from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, ServerIdentity, Snapshot
 from pgflow.scrape import texts
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
-from pgflow.scrape.columnar import NULL_BOOL, Last, columnar, columnar_row, empty_frames, toplevel_series
+from pgflow.scrape.columnar import NULL_BOOL, Last, columnar, columnar_row, empty_frames, positions, toplevel_series
 from pgflow.scrape.columnar import frame as _frame
 from pgflow.scrape.connection import classify, connect, connected_address, guarded
 from pgflow.scrape.databases import databases_sql
@@ -116,7 +118,9 @@ class Scraper:
         self.server: ServerInfo | None = None
         self._conn: psycopg.Connection | None = None
         self.identity: ServerIdentity | None = None  # of the last snapshot
-        self._own: set[tuple[int, int, int, bool | None]] = set()  # keys of pgflow's own statements: never evicted
+        self._own: set[tuple[int, int, int, bool | None]] = (
+            set()
+        )  # pgflow's own among the keys just fetched (their mark then lives in the scrape's mask)
         # Issue 19: texts another database's encoding keeps from this connection (pgflow.scrape.texts).
         self._route: texts.Route | None = None  # the SQL_ASCII database texts are read through
         self._blocked: set[tuple] | None = None  # the keys present when the texts failed here
@@ -298,18 +302,17 @@ class Scraper:
         keys = (cols.dbid, cols.userid, cols.queryid, cols.toplevel)
         last = self._last
         if last is not None and last.complete and all(np.array_equal(a, b) for a, b in zip(keys, last.keys)):
-            query, own, complete = last.query, last.own, True
+            query, own, pending = last.query, last.own, None
             self.texts.hits += cols.n
         else:
-            query, own, complete = self._texts_of(conn, server, keys)
+            query, own, pending = self._texts_of(conn, server, keys)
         if last is not None and query is last.query and cols.names == last.names:
             database, user = last.database, last.user
         else:
             database = pl.Series("database", cols.dbid).replace_strict(*cols.names[0:2], default=None, return_dtype=pl.String)
             user = pl.Series("user", cols.userid).replace_strict(*cols.names[2:4], default=None, return_dtype=pl.String)
-        self._last = Last(keys, query, own, cols.names, database, user, complete)
-        if complete:  # issue 20: the texts live in this column until the keys change; held twice cost ~0.7 MB an instance
-            self.texts.clear()
+        # Issue 20: the texts live in this column until the keys change (held twice, they cost ~0.7 MB an instance).
+        self._last = Last(keys, query, own, cols.names, database, user, pending is None, pending)
         frame = pl.DataFrame(
             [
                 pl.Series("dbid", cols.dbid),
@@ -331,33 +334,53 @@ class Scraper:
 
     def _texts_of(
         self, conn: psycopg.Connection, server: ServerInfo, arrays: tuple[np.ndarray, ...]
-    ) -> tuple[pl.Series, np.ndarray | None, bool]:
-        """The texts of the scrape's keys (fetched for those not cached), the mask of pgflow's own,
-        and whether every key was decided (False: texts unreadable for now, tried again next scrape).
+    ) -> tuple[pl.Series, np.ndarray | None, np.ndarray | None]:
+        """The texts of the scrape's keys, the mask of pgflow's own, and the mask of the keys whose
+        text is not decided yet (None: all decided; else tried again at the next scrape).
 
-        Only the keys the server holds now stay cached (issue 20): a cache is as large as the
-        server's pg_stat_statements, never as the cache limit, and an entry that comes back is
-        a new entry whose text is read again.
+        A key the previous scrape had takes its text (or own mark) from that scrape's column, by
+        position (:func:`~pgflow.scrape.columnar.positions`); only new keys, and those not decided
+        last time, are fetched. So texts are held once, in the column, and only for the keys the
+        server holds now (issue 20): an entry that comes back is a new entry, read again.
         """
-        keys = _key_tuples(arrays)
+        n = len(arrays[0])
         last = self._last
-        if not self.texts and last is not None and last.complete:  # the texts of the last scrape's keys, from its column
-            self.texts.fill((k, q) for k, q in zip(_key_tuples(last.keys), last.query.to_list()) if k not in self._own)
-        present = set(keys)
-        self.texts.retain(present)
-        self._own &= present
-        missing = {k for k in keys if k not in self.texts and k not in self._own}
-        if missing:
-            self._fetch_texts(conn, server, missing, keys)
-        texts = [self.texts.get(k) for k in keys]
-        own = np.fromiter((k in self._own for k in keys), bool, len(keys)) if self._own else None
-        complete = all(k in self.texts or k in self._own for k in missing)
-        return pl.Series("query", texts, dtype=pl.String), (own if own is not None and own.any() else None), complete
+        at = positions(arrays, last.keys) if last is not None else np.full(n, -1, np.int64)
+        known = at >= 0
+        if last is not None and last.pending is not None:
+            known &= ~last.pending[np.maximum(at, 0)]
+        new = np.flatnonzero(~known)
+        self.texts.hits += n - len(new)
+        keys = _key_tuples(tuple(a[new] for a in arrays))
+        if keys:
+            self._fetch_texts(conn, server, set(keys), cache(lambda: _key_tuples(arrays)))
+        new_texts = [self.texts.get(k) for k in keys]
+        new_own = [k in self._own for k in keys]
+        undecided = [k not in self.texts and k not in self._own for k in keys]
+        self.texts.clear()  # what was fetched now lives in the column
+        self._own.clear()
+        if last is None or not known.any():
+            query = pl.Series("query", new_texts, dtype=pl.String)
+        else:
+            query = last.query.gather(np.maximum(at, 0))
+            if len(new):
+                query = query.scatter(new, pl.Series(new_texts, dtype=pl.String))
+        own = np.zeros(n, bool)
+        if last is not None and last.own is not None:
+            own[known] = last.own[at[known]]
+        own[new] = new_own
+        pending = None
+        if any(undecided):
+            pending = np.zeros(n, bool)
+            pending[new] = undecided
+        return query.alias("query"), (own if own.any() else None), pending
 
     def _fetch_texts(
-        self, conn: psycopg.Connection, server: ServerInfo, keys: set[tuple[int, int, int, bool | None]], present: list[tuple]
+        self, conn: psycopg.Connection, server: ServerInfo, keys: set[tuple[int, int, int, bool | None]], present: Callable[[], list[tuple]]
     ) -> None:
-        """Texts of ``keys``, in one query; a text that cannot be read never stops the counters.
+        """Texts of ``keys`` (into ``texts``, pgflow's own into ``_own``), in one query; a text that
+        cannot be read never stops the counters. ``present``: every key of the scrape (made only
+        on the way round a text that cannot be read).
 
         ``pg_stat_statements(true)`` converts every stored text to this database's encoding
         and fails as a whole on one it cannot convert (a byte 0xe9 stored from a SQL_ASCII
@@ -371,7 +394,7 @@ class Scraper:
         queryids = sorted({k[2] for k in keys})
         has_toplevel = "toplevel" in server.columns
         rows: list[tuple] | None = None
-        if self._blocked is None or not self._blocked <= set(present):  # never failed, or an entry has left since
+        if self._blocked is None or not self._blocked <= set(present()):  # never failed, or an entry has left since
             try:
                 rows = self._read_here(conn, server, queryids, has_toplevel)
                 if self._blocked is not None:
@@ -380,11 +403,11 @@ class Scraper:
             except (psycopg.errors.CharacterNotInRepertoire, psycopg.errors.UntranslatableCharacter):
                 self.stats.text_failures += 1
                 telemetry.text_failures.labels(self.instance).inc()
-                self._blocked = set(present)
+                self._blocked = set(present())
                 if self._route is None:
                     self._probe_after = 0.0  # look for a way round now
         if rows is None and self._blocked is not None:
-            rows = self._read_elsewhere(conn, server, queryids, has_toplevel, present)
+            rows = self._read_elsewhere(conn, server, queryids, has_toplevel, present())
         if rows is None:
             return
         self.stats.text_fetches += 1
