@@ -118,9 +118,8 @@ class Scraper:
         self.server: ServerInfo | None = None
         self._conn: psycopg.Connection | None = None
         self.identity: ServerIdentity | None = None  # of the last snapshot
-        self._own: set[tuple[int, int, int, bool | None]] = (
-            set()
-        )  # pgflow's own among the keys just fetched (their mark then lives in the scrape's mask)
+        # pgflow's own among the keys just fetched (their mark then lives in the scrape's mask)
+        self._own: set[tuple[int, int, int, bool | None]] = set()
         # Issue 19: texts another database's encoding keeps from this connection (pgflow.scrape.texts).
         self._route: texts.Route | None = None  # the SQL_ASCII database texts are read through
         self._blocked: set[tuple] | None = None  # the keys present when the texts failed here
