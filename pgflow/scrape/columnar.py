@@ -71,8 +71,12 @@ class Last:
     names: tuple[list, list, list, list]
     database: pl.Series
     user: pl.Series
-    complete: bool  # every key's text (or own mark) decided: nothing to try again
-    pending: np.ndarray | None = None  # (not complete) the keys whose text is not decided yet
+    pending: np.ndarray | None = None  # the keys whose text is not decided yet (tried again next scrape)
+
+    @property
+    def complete(self) -> bool:
+        """Every key's text (or own mark) decided: nothing to try again."""
+        return self.pending is None
 
 
 def _packed(keys: tuple[np.ndarray, ...]) -> np.ndarray:

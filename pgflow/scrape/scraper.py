@@ -311,7 +311,7 @@ class Scraper:
             database = pl.Series("database", cols.dbid).replace_strict(*cols.names[0:2], default=None, return_dtype=pl.String)
             user = pl.Series("user", cols.userid).replace_strict(*cols.names[2:4], default=None, return_dtype=pl.String)
         # Issue 20: the texts live in this column until the keys change (held twice, they cost ~0.7 MB an instance).
-        self._last = Last(keys, query, own, cols.names, database, user, pending is None, pending)
+        self._last = Last(keys, query, own, cols.names, database, user, pending)
         frame = pl.DataFrame(
             [
                 pl.Series("dbid", cols.dbid),
