@@ -139,6 +139,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for instance in settings.targets():  # this process runs every instance: claim the ledgers up front
         rt.ledger(instance.name)
     log.info("starting", extra=kv(**{k: v for k, v in settings.redacted().items() if v not in (None, [], {})}))
+    for name in settings.without_effect():
+        log.warning("this setting no longer has an effect; remove it from the configuration", extra=kv(setting=name))
     install_signal_handlers()
     recorder = None
     if args.capture:
@@ -188,7 +190,6 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             instance=i.name,
             statement_timeout_ms=settings.statement_timeout_ms,
             connect_timeout_secs=settings.connect_timeout_secs,
-            text_cache_size=settings.text_cache_size,
             health=HealthSchedule.from_settings(settings),
         )  # issue 13
         for i in settings.targets()

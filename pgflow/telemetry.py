@@ -22,7 +22,9 @@ scrape_duration = Histogram(
 scrape_errors = Counter("pgflow_scrape_errors_total", "Failed scrapes", ["instance", "cause"], registry=REGISTRY)
 rows_scraped = Counter("pgflow_rows_scraped_total", "pg_stat_statements rows read", ["instance"], registry=REGISTRY)
 text_fetches = Counter("pgflow_text_fetches_total", "Round trips that fetched query text", ["instance"], registry=REGISTRY)
-text_cache_hits = Counter("pgflow_text_cache_hits_total", "Query texts served from the cache", ["instance"], registry=REGISTRY)
+text_cache_hits = Counter(
+    "pgflow_text_cache_hits_total", "Query texts reused from the previous scrape (none transferred)", ["instance"], registry=REGISTRY
+)
 fingerprint_cache = Counter("pgflow_fingerprint_cache_total", "Fingerprint cache lookups", ["result"], registry=REGISTRY)
 series_tracked = Gauge("pgflow_series_tracked", "Fingerprints tracked as their own series", ["instance"], registry=REGISTRY)
 series_evicted = Counter("pgflow_series_evicted_total", "Fingerprints evicted from the LRU", ["instance"], registry=REGISTRY)

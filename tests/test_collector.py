@@ -50,6 +50,23 @@ def test_end_to_end_exact_and_sigterm_exits_zero(fresh_stats, tmp_path):
     assert "Traceback" not in log and "flushed" in log
 
 
+def test_a_text_cache_smaller_than_the_statements_loses_no_text(fresh_stats, tmp_path):
+    """Issue 20: ``text_cache_size`` below the number of statements one scrape reads once
+    emptied that scrape's texts (every series lost its summary) and read them again at every
+    scrape. The setting no longer bounds anything: every pgbench statement is exported under its
+    own summary, exactly, and the log says the setting can go."""
+    with Receiver() as receiver:
+        env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state", PGFLOW_TEXT_CACHE_SIZE="2")
+        proc = start_collector(env, log=tmp_path / "log")
+        wait_for_baseline(tmp_path / "state")
+        fresh_stats.pgbench("-n", "-c", "4", "-t", "250")
+        settle(state_dir=tmp_path / "state")
+        assert stop(proc) == 0
+        assert_pgbench_exact(calls_by_summary(receiver.points()), 1000)
+    log = (tmp_path / "log").read_text()
+    assert "no longer has an effect" in log and "setting=text_cache_size" in log
+
+
 def test_http_protocol_end_to_end(fresh_stats, tmp_path):
     with Receiver() as receiver:
         env = collector_env(fresh_stats.dsn(), receiver.http_endpoint, tmp_path / "state", PGFLOW_OTLP_PROTOCOL="http")

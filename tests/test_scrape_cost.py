@@ -37,7 +37,7 @@ def cache_sizes(scraper: Scraper, instance: str) -> dict[str, int]:
     fp = logic_module._local.fingerprinter
     keys = fp._by_key.get(instance)
     return {
-        "texts": len(scraper.texts),
+        "texts": scraper.texts_held,
         "fingerprint_keys": keys.height if keys is not None else 0,
         "fingerprint_texts": len(fp._by_text),
         "labels": len(fp._labels),

@@ -85,7 +85,11 @@ class Settings(BaseSettings):
     statement_timeout_ms: int = Field(5000, gt=0, json_schema_extra=SCRAPE, description="Limit on every statement pgflow runs on a server.")
     connect_timeout_secs: int = Field(5, gt=0, le=600, json_schema_extra=SCRAPE, description="Limit on connecting.")
     text_cache_size: int = Field(
-        50_000, gt=0, json_schema_extra=SCRAPE, description="Query texts kept, so steady-state scrapes transfer none."
+        50_000,
+        gt=0,
+        json_schema_extra=SCRAPE,
+        description="No effect, accepted so configurations that set it still load: each statement's text is "
+        "read once and held while the server holds the statement, so steady-state scrapes transfer none.",
     )
     max_scrapes: int | None = Field(
         None, gt=0, json_schema_extra=SCRAPE, description="Stop after this many scrapes per instance and flush (`pgflow run --scrapes`)."
@@ -483,6 +487,10 @@ class Settings(BaseSettings):
         dsn = self.database_url.get_secret_value()
         return [InstanceConfig(name=dsn_instance_name(dsn), database_url=dsn)]
 
+    def without_effect(self) -> list[str]:
+        """The settings given that no longer do anything (said once at start: they can be removed)."""
+        return sorted(NO_EFFECT & self.model_fields_set)
+
     def redacted(self) -> dict[str, Any]:
         """The effective configuration with every secret replaced, for the start log line."""
         return redacted_settings(self)
@@ -499,6 +507,10 @@ class Settings(BaseSettings):
         Raises ConfigError (one line, no secret) instead of pydantic's multi-line report.
         """
         return loading.load(cls, config_file, **overrides)
+
+
+# Settings accepted for configurations written before they lost their effect.
+NO_EFFECT = frozenset({"text_cache_size"})  # issue 20: texts are held once per entry the server holds
 
 
 def _default_state_dir() -> Path:

@@ -17,7 +17,6 @@ from pgflow import telemetry
 from pgflow.config import dsn_host_port, dsn_instance_name, redact_dsn
 from pgflow.errors import ExtensionMissing, ScrapeError
 from pgflow.logs import kv
-from pgflow.lru import LRU
 from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, ServerIdentity, Snapshot
 from pgflow.scrape import texts
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
@@ -36,6 +35,7 @@ _DISCOVER_SQL = (
     "has_function_privilege('pg_control_system()', 'EXECUTE'), "
     "has_function_privilege('pg_control_checkpoint()', 'EXECUTE')"
 )
+Key = tuple[int, int, int, bool | None]  # a statement's counters: dbid, userid, queryid, toplevel
 TEXT_RETRY_SECS = 300.0  # texts unreadable and no way round: the way round is looked for again this late
 
 
@@ -83,6 +83,7 @@ class ScrapeStats:
     scrapes: int = 0
     text_fetches: int = 0  # round trips that fetched query text
     texts_fetched: int = 0  # statement texts received
+    texts_reused: int = 0  # statement texts taken from the previous scrape (none transferred)
     rows: int = 0
     hidden: int = 0
     text_failures: int = 0  # text fetches that failed (encodings): counters went on, texts fell back
@@ -104,7 +105,6 @@ class Scraper:
         instance: str | None = None,
         statement_timeout_ms: int = 5000,
         connect_timeout_secs: int = 5,
-        text_cache_size: int = 50_000,
         health: HealthSchedule | None = None,
     ) -> None:
         self._dsn = dsn
@@ -112,14 +112,11 @@ class Scraper:
         self.instance = instance or dsn_instance_name(dsn)
         self.statement_timeout_ms = statement_timeout_ms
         self.connect_timeout_secs = connect_timeout_secs
-        self.texts: LRU[tuple[int, int, int, bool | None], str] = LRU(text_cache_size)  # the counters' key
         self.stats = ScrapeStats()
         self.health = health if health is not None else HealthSchedule.of()  # issue 13
         self.server: ServerInfo | None = None
         self._conn: psycopg.Connection | None = None
         self.identity: ServerIdentity | None = None  # of the last snapshot
-        # pgflow's own among the keys just fetched (their mark then lives in the scrape's mask)
-        self._own: set[tuple[int, int, int, bool | None]] = set()
         # Issue 19: texts another database's encoding keeps from this connection (pgflow.scrape.texts).
         self._route: texts.Route | None = None  # the SQL_ASCII database texts are read through
         self._blocked: set[tuple] | None = None  # the keys present when the texts failed here
@@ -131,6 +128,11 @@ class Scraper:
 
     def __repr__(self) -> str:
         return f"Scraper(instance={self.instance!r})"
+
+    @property
+    def texts_held(self) -> int:
+        """Statement texts held: the last scrape's column, one per entry the server held then."""
+        return 0 if self._last is None else self._last.query.len() - self._last.query.null_count()
 
     def __enter__(self) -> Scraper:
         return self
@@ -302,7 +304,7 @@ class Scraper:
         last = self._last
         if last is not None and last.complete and all(np.array_equal(a, b) for a, b in zip(keys, last.keys)):
             query, own, pending = last.query, last.own, None
-            self.texts.hits += cols.n
+            self.stats.texts_reused += cols.n
         else:
             query, own, pending = self._texts_of(conn, server, keys)
         if last is not None and query is last.query and cols.names == last.names:
@@ -349,15 +351,15 @@ class Scraper:
         if last is not None and last.pending is not None:
             known &= ~last.pending[np.maximum(at, 0)]
         new = np.flatnonzero(~known)
-        self.texts.hits += n - len(new)
+        self.stats.texts_reused += n - len(new)
         keys = _key_tuples(tuple(a[new] for a in arrays))
+        fetched: dict[Key, str | None] = {}
+        mine: set[Key] = set()
         if keys:
-            self._fetch_texts(conn, server, set(keys), cache(lambda: _key_tuples(arrays)))
-        new_texts = [self.texts.get(k) for k in keys]
-        new_own = [k in self._own for k in keys]
-        undecided = [k not in self.texts and k not in self._own for k in keys]
-        self.texts.clear()  # what was fetched now lives in the column
-        self._own.clear()
+            fetched, mine = self._fetch_texts(conn, server, set(keys), cache(lambda: _key_tuples(arrays)))
+        new_texts = [fetched.get(k) for k in keys]
+        new_own = [k in mine for k in keys]
+        undecided = [k not in fetched and k not in mine for k in keys]
         if last is None or not known.any():
             query = pl.Series("query", new_texts, dtype=pl.String)
         else:
@@ -375,11 +377,15 @@ class Scraper:
         return query.alias("query"), (own if own.any() else None), pending
 
     def _fetch_texts(
-        self, conn: psycopg.Connection, server: ServerInfo, keys: set[tuple[int, int, int, bool | None]], present: Callable[[], list[tuple]]
-    ) -> None:
-        """Texts of ``keys`` (into ``texts``, pgflow's own into ``_own``), in one query; a text that
-        cannot be read never stops the counters. ``present``: every key of the scrape (made only
-        on the way round a text that cannot be read).
+        self, conn: psycopg.Connection, server: ServerInfo, keys: set[Key], present: Callable[[], list[tuple]]
+    ) -> tuple[dict[Key, str | None], set[Key]]:
+        """Texts of ``keys`` and which of them are pgflow's own, in one query; a text that cannot
+        be read never stops the counters (its key is in neither: read again next scrape).
+        ``present``: every key of the scrape (made only on the way round a text that cannot be read).
+
+        Every text fetched is returned, however many: they go into the scrape's column, which
+        holds one per entry the server holds (issue 20: a cache smaller than one fetch lost every
+        text of that fetch and read them all again at each scrape).
 
         ``pg_stat_statements(true)`` converts every stored text to this database's encoding
         and fails as a whole on one it cannot convert (a byte 0xe9 stored from a SQL_ASCII
@@ -408,21 +414,23 @@ class Scraper:
         if rows is None and self._blocked is not None:
             rows = self._read_elsewhere(conn, server, queryids, has_toplevel, present())
         if rows is None:
-            return
+            return {}, set()
         self.stats.text_fetches += 1
+        fetched: dict[Key, str | None] = {}
+        mine: set[Key] = set()
         for dbid, userid, queryid, toplevel, query in rows:
             key = (dbid, userid, queryid, toplevel)
             if key in keys:
                 if is_own(query):
-                    self._own.add(key)
+                    mine.add(key)
                     continue
-                self.texts.put(key, query)
+                fetched[key] = query
                 self.stats.texts_fetched += 1
         # An entry deallocated between the two queries has no text; remember that, so it
         # is not asked for again every scrape (the fingerprint falls back on the queryid).
-        for key in keys:
-            if key not in self.texts and key not in self._own:
-                self.texts.put(key, None)  # type: ignore[arg-type]
+        for key in keys - fetched.keys() - mine:
+            fetched[key] = None
+        return fetched, mine
 
     def _read_here(self, conn: psycopg.Connection, server: ServerInfo, queryids: list[int], has_toplevel: bool) -> list[tuple]:
         """On the scrape's connection. In a SQL_ASCII database the texts arrive as stored: each is
@@ -500,7 +508,7 @@ def scrape_once(dsn: str, **kwargs: object) -> Snapshot:
         return scraper.scrape()
 
 
-def _key_tuples(arrays: tuple[np.ndarray, ...]) -> list[tuple[int, int, int, bool | None]]:
+def _key_tuples(arrays: tuple[np.ndarray, ...]) -> list[Key]:
     """The counters' keys (dbid, userid, queryid, toplevel) as tuples, from the scrape's arrays."""
     toplevel = [None if t == NULL_BOOL else bool(t) for t in arrays[3].tolist()]
     return list(zip(arrays[0].tolist(), arrays[1].tolist(), arrays[2].tolist(), toplevel))

@@ -101,7 +101,6 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
             instance=instance.name,
             statement_timeout_ms=settings.statement_timeout_ms,
             connect_timeout_secs=settings.connect_timeout_secs,
-            text_cache_size=settings.text_cache_size,
             health=HealthSchedule.from_settings(settings),
         )  # issue 13
         self._own_pool = pool is None  # a partition built alone (tests) has a pool of its own
@@ -176,7 +175,7 @@ class ScrapePartition(StatefulSourcePartition[Snapshot, None]):
         if self.tables is not None:
             snapshot = self.tables.attach(snapshot)
         telemetry.rows_scraped.labels(name).inc(snapshot.statements.height)
-        fetches, hits = self.scraper.stats.text_fetches, self.scraper.texts.hits
+        fetches, hits = self.scraper.stats.text_fetches, self.scraper.stats.texts_reused
         telemetry.text_fetches.labels(name).inc(fetches - self._last_stats[0])
         telemetry.text_cache_hits.labels(name).inc(hits - self._last_stats[1])
         self._last_stats = (fetches, hits)
