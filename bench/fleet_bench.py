@@ -6,8 +6,8 @@ every 30 s, sampling at 1 Hz, health every 60 s, tables every 300 s, export ever
 1 instance and with N instances (each instance is one database of the server: every one reads
 the server's whole pg_stat_statements), exporting to a `pgflow receive` in its own process.
 After ``warmup`` seconds, for ``duration`` seconds: CPU of the collector process (all its
-threads: utime + stime from /proc/<pid>/stat), its resident memory (VmRSS) at the end, and the
-connections it holds (pg_stat_activity, application_name = 'pgflow', sampled every 0.5 s).
+threads: utime + stime from /proc/<pid>/stat), its resident memory (VmRSS, read every 2 s: the
+mean is the figure, the end and the peak are printed beside it), and the connections it holds (pg_stat_activity, application_name = 'pgflow', sampled every 0.5 s).
 Beside its logs: ``memory-<n>.txt`` (resident memory by mapping) and ``threads-<n>.txt`` (CPU by
 thread over the measured period, named by ``py-spy dump`` when py-spy is on PATH).
 
@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -65,6 +66,33 @@ def cpu_secs(pid: int) -> float:
 def rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class Resident:
+    """VmRSS (MB) over a measured period, read every :data:`RSS_EVERY_SECS`. The mean is the figure:
+    one reading moves by several MB with where the instances' window closes fall (a close's
+    frames live for a moment), which is more than one instance costs."""
+
+    mean: float
+    end: float
+    peak: float
+
+    def __str__(self) -> str:
+        return f"rss {self.mean:.1f} MB (end {self.end:.1f}, peak {self.peak:.1f})"
+
+
+RSS_EVERY_SECS = 2.0
+
+
+def resident_over(pid: int, duration: float) -> Resident:
+    """Sleep ``duration`` seconds reading ``pid``'s resident memory every :data:`RSS_EVERY_SECS`."""
+    end = time.monotonic() + duration
+    readings = [rss_mb(pid)]
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(RSS_EVERY_SECS, left))
+        readings.append(rss_mb(pid))
+    return Resident(sum(readings) / len(readings), readings[-1], max(readings))
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -149,8 +177,8 @@ class Connections:
 
 def run_collector(
     pg: LocalPostgres, databases: list[str], endpoint: str, work: Path, duration: float, warmup: float
-) -> tuple[float, float, int]:
-    """(CPU % of one core, RSS MB, most connections held) of one ``pgflow run`` over ``databases``."""
+) -> tuple[float, Resident, int]:
+    """(CPU % of one core, resident memory, most connections held) of one ``pgflow run`` over ``databases``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PGFLOW_", "OTEL_"))}
     env.pop("DATABASE_URL", None)
     state = Path(tempfile.mkdtemp(prefix="state-", dir=work))
@@ -169,9 +197,8 @@ def run_collector(
         if proc.poll() is not None:
             raise SystemExit(f"pgflow run exited ({proc.returncode}): see {work}")
         cpu0, t0, threads0 = cpu_secs(proc.pid), time.monotonic(), thread_cpu(proc.pid)
-        time.sleep(duration)
+        rss = resident_over(proc.pid, duration)
         cpu1, t1 = cpu_secs(proc.pid), time.monotonic()
-        rss = rss_mb(proc.pid)
         thread_profile(proc.pid, threads0, t1 - t0, work / f"threads-{len(databases)}.txt")
         memory_profile(proc.pid, work / f"memory-{len(databases)}.txt")
     finally:
@@ -194,8 +221,8 @@ def peer_queries(pg: LocalPostgres) -> dict[str, str]:
     return {"sample_sql": sampling, "statements_sql": statements}
 
 
-def run_peer(pg: LocalPostgres, databases: list[str], queries: dict[str, str], duration: float, warmup: float) -> tuple[float, float]:
-    """(CPU % of one core, RSS MB) of bench/bare_reader.py over ``databases``, measured as a collector is."""
+def run_peer(pg: LocalPostgres, databases: list[str], queries: dict[str, str], duration: float, warmup: float) -> tuple[float, Resident]:
+    """(CPU % of one core, resident memory) of bench/bare_reader.py over ``databases``, measured as a collector is."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "bare_reader.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -206,9 +233,8 @@ def run_peer(pg: LocalPostgres, databases: list[str], queries: dict[str, str], d
             raise SystemExit(f"bench/bare_reader.py did not start ({proc.wait()})")
         time.sleep(warmup)
         cpu0, t0 = cpu_secs(proc.pid), time.monotonic()
-        time.sleep(duration)
+        rss = resident_over(proc.pid, duration)
         cpu1, t1 = cpu_secs(proc.pid), time.monotonic()
-        rss = rss_mb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -253,17 +279,14 @@ def main() -> None:
             http_port = int(re.findall(r"127\.0\.0\.1:(\d+)", receiver.stdout.readline())[1])  # type: ignore[union-attr]
             endpoint = f"http://127.0.0.1:{http_port}"
             cpu_1, rss_1, conns_1 = run_collector(pg, databases[:1], endpoint, work, duration, warmup)
-            print(f"1 instance: cpu {cpu_1:.3f}% rss {rss_1:.1f} MB connections {conns_1}", flush=True)
+            print(f"1 instance: cpu {cpu_1:.3f}% {rss_1} connections {conns_1}", flush=True)
             cpu_n, rss_n, conns_n = run_collector(pg, databases, endpoint, work, duration, warmup)
-            print(f"{instances} instances: cpu {cpu_n:.3f}% rss {rss_n:.1f} MB connections {conns_n}", flush=True)
+            print(f"{instances} instances: cpu {cpu_n:.3f}% {rss_n} connections {conns_n}", flush=True)
             queries = peer_queries(pg)
             peer_warmup = min(warmup, 10.0)  # the peer has nothing to warm up (no texts to parse)
             peer_cpu_1, peer_rss_1 = run_peer(pg, databases[:1], queries, duration, peer_warmup)
             peer_cpu_n, peer_rss_n = run_peer(pg, databases, queries, duration, peer_warmup)
-            print(
-                f"peer, 1 instance: cpu {peer_cpu_1:.3f}% rss {peer_rss_1:.1f} MB; {instances}: cpu {peer_cpu_n:.3f}% rss {peer_rss_n:.1f} MB",
-                flush=True,
-            )
+            print(f"peer, 1 instance: cpu {peer_cpu_1:.3f}% {peer_rss_1}; {instances}: cpu {peer_cpu_n:.3f}% {peer_rss_n}", flush=True)
             libraries = libraries_rss()
         finally:
             receiver.terminate()
@@ -273,14 +296,14 @@ def main() -> None:
     peer_per_instance = (peer_cpu_n - peer_cpu_1) / extra
     print(
         f"peer (bench/bare_reader.py: the same reads, nothing else): peer_cpu_pct_1={peer_cpu_1:.3f} "
-        f"peer_cpu_pct_per_instance={peer_per_instance:.3f} peer_rss_mb_1={peer_rss_1:.1f} "
-        f"peer_rss_mb_per_instance={(peer_rss_n - peer_rss_1) / extra:.2f} libraries_rss_mb={libraries:.1f}; "
+        f"peer_cpu_pct_per_instance={peer_per_instance:.3f} peer_rss_mb_1={peer_rss_1.mean:.1f} "
+        f"peer_rss_mb_per_instance={(peer_rss_n.mean - peer_rss_1.mean) / extra:.2f} libraries_rss_mb={libraries:.1f}; "
         f"ratios to the peer: cpu_1={cpu_1 / max(peer_cpu_1, 1e-9):.2f} "
-        f"cpu_per_instance={(cpu_n - cpu_1) / extra / max(peer_per_instance, 1e-9):.2f} rss_1={rss_1 / max(peer_rss_1, 1e-9):.2f}"
+        f"cpu_per_instance={(cpu_n - cpu_1) / extra / max(peer_per_instance, 1e-9):.2f} rss_1={rss_1.mean / max(peer_rss_1.mean, 1e-9):.2f}"
     )
     print(
-        f"cpu_pct_1={cpu_1:.3f} cpu_pct_per_instance={(cpu_n - cpu_1) / extra:.3f} rss_mb_1={rss_1:.1f} "
-        f"rss_mb_per_instance={(rss_n - rss_1) / extra:.2f} connections_max={conns_1}"
+        f"cpu_pct_1={cpu_1:.3f} cpu_pct_per_instance={(cpu_n - cpu_1) / extra:.3f} rss_mb_1={rss_1.mean:.1f} "
+        f"rss_mb_per_instance={(rss_n.mean - rss_1.mean) / extra:.2f} connections_max={conns_1}"
     )
 
 
