@@ -274,3 +274,50 @@ def test_check_warns_when_the_budget_leaves_no_slot_or_the_server_no_headroom(cr
         for conn in held:
             conn.close()
     assert finding.level == "warn" and "optional work would wait" in finding.detail
+
+
+def test_a_budget_of_two_still_reads_texts_through_another_database(pg_factory, tmp_path):
+    """Issue 20 with issue 19: one statement text this database cannot convert is read through the
+    SQL_ASCII database that has pg_stat_statements. With ``max_connections_per_instance`` = 2
+    there is no slot for that connection: the texts were never read, every new statement lost its
+    name and pgflow's own statements were exported as the user's. The scrape's own connection now
+    makes room for the read (closed first, opened again at the next scrape): every pgbench
+    statement is exported under its own summary, exactly; nothing of pgflow's; never more than
+    two connections (pg_stat_activity every 100 ms)."""
+    from e2e import calls_by_summary, settle, wait_for_baseline
+
+    server = pg_factory()
+    server.execute("CREATE EXTENSION pg_stat_statements", "CREATE DATABASE sqlascii ENCODING 'SQL_ASCII' TEMPLATE template0")
+    server.execute("CREATE EXTENSION pg_stat_statements", dbname="sqlascii")
+    server.pgbench_init()
+    watch = ConnectionWatch(server.dsn())
+    log = tmp_path / "log"
+    try:
+        with Receiver() as receiver:
+            env = collector_env(server.dsn(), receiver.http_endpoint, tmp_path / "state", PGFLOW_MAX_CONNECTIONS_PER_INSTANCE="2")
+            proc = start_collector(env, log=log)
+            try:
+                wait_for_baseline(tmp_path / "state")
+                with psycopg.connect(server.dsn("sqlascii"), autocommit=True) as conn:
+                    conn.execute(b'SELECT 1 AS "caf\xe9"')  # stored as is: not valid UTF-8
+                server.pgbench("-n", "-c", "4", "-t", "100")
+                settle(state_dir=tmp_path / "state")
+            finally:
+                _stop(proc)
+            points = receiver.points()
+    finally:
+        watch.close()
+    calls = calls_by_summary(points)
+    expected = [
+        "UPDATE pgbench_branches",
+        "UPDATE pgbench_tellers",
+        "UPDATE pgbench_accounts",
+        "SELECT pgbench_accounts",
+        "INSERT pgbench_history",
+    ]
+    assert {s: calls.get(s) for s in expected} == dict.fromkeys(expected, 400.0)
+    texts = points.filter(pl.col("metric") == "postgresql.query.calls").get_column("attributes").str.json_path_match("$['db.query.text']")
+    assert texts.null_count() == 0 and not texts.str.contains("pgflow").any()  # every series named, none of pgflow's
+    assert watch.counts and max(watch.counts) <= 2, f"pgflow held {watch.crowded}"
+    text = log.read_text()
+    assert "read through a SQL_ASCII database" in text and "Traceback" not in text

@@ -5,7 +5,9 @@ Two are *fixed* and always held: the scrape's and the active-session sampler's (
 sampling is off). The rest are *slots* shared by every piece of per-database work (per-table
 statistics, explains in a statement's own database, texts read through another database):
 each takes a slot, connects, works, disconnects and gives the slot back
-(:meth:`ConnectionBudget.connection`). Nothing per database stays open between visits.
+(:meth:`ConnectionBudget.connection`). Nothing per database stays open between visits. Texts
+read through another database never wait for a slot: without one (or without headroom) the
+scrape closes its own connection and reads them in its place (``Scraper._read_elsewhere``).
 
 Before an optional connection is opened, the server's free connections are read (one cheap
 ``/*pgflow*/`` query on the scrape's own connection): ``max_connections`` minus

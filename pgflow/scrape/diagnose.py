@@ -257,7 +257,8 @@ def _texts(conn: psycopg.Connection, dsn: str, schema: str, report: CheckReport)
     from pgflow.scrape import texts
 
     try:
-        route = texts.find_route(conn, dsn, texts.entry_dbids(conn, schema, _LIMIT_MS), statement_timeout_ms=_LIMIT_MS)
+        found = texts.databases(conn, _LIMIT_MS)
+        route = texts.find_route(found, conn.info.dbname, dsn, texts.entry_dbids(conn, schema, _LIMIT_MS), statement_timeout_ms=_LIMIT_MS)
     except psycopg.Error as exc:
         report.add("warn", "texts", f"{failure.message}; where it comes from could not be found ({str(classify(exc, dsn))})")
         return

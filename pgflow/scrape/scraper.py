@@ -20,6 +20,7 @@ from pgflow.logs import kv
 from pgflow.schema import ACTIVITY, BLOCKED, DATABASES, HEALTH_FRAMES, HEALTH_GROUPS, LOCKS, ServerIdentity, Snapshot
 from pgflow.scrape import texts
 from pgflow.scrape.activity import ACTIVITY_SQL, AGES_SQL
+from pgflow.scrape.budget import close_and_wait
 from pgflow.scrape.columnar import NULL_BOOL, Last, columnar, columnar_row, empty_frames, positions, toplevel_series
 from pgflow.scrape.columnar import frame as _frame
 from pgflow.scrape.connection import classify, connect, connected_address, guarded
@@ -84,6 +85,7 @@ class ScrapeStats:
     text_fetches: int = 0  # round trips that fetched query text
     texts_fetched: int = 0  # statement texts received
     texts_reused: int = 0  # statement texts taken from the previous scrape (none transferred)
+    text_swaps: int = 0  # texts read through another database in the scrape connection's place (no slot)
     rows: int = 0
     hidden: int = 0
     text_failures: int = 0  # text fetches that failed (encodings): counters went on, texts fell back
@@ -446,23 +448,57 @@ class Scraper:
     def _read_elsewhere(
         self, conn: psycopg.Connection, server: ServerInfo, queryids: list[int], has_toplevel: bool, present: list[tuple]
     ) -> list[tuple] | None:
-        """Through the SQL_ASCII database found (looked for again every TEXT_RETRY_SECS), or None."""
-        if self._route is None:
-            if time.monotonic() < self._probe_after:
+        """Through the SQL_ASCII database found (looked for again every TEXT_RETRY_SECS), or None.
+
+        The other database's connection takes a per-database slot of the connection budget. When
+        the budget has none (``max_connections_per_instance`` = 2) or the server's headroom is
+        short, the scrape's own connection makes room: it is closed (and gone from the server)
+        before the other is opened, and opened again at the next scrape. pgflow holds no more
+        than before, and the texts are read: without them every new statement would lose its
+        name, and pgflow's own could not be told from the user's (issue 20).
+        """
+        if self._route is None and time.monotonic() < self._probe_after:
+            return None
+        found, own_database = texts.databases(conn, self.statement_timeout_ms), conn.info.dbname
+        try:
+            return self._read_through(found, own_database, queryids, has_toplevel, present, direct=False)
+        except texts.NoConnection as exc:
+            if exc.reason == "busy":  # a table round holds the slot: the next scrape (counted)
+                if self._route is None:
+                    self._probe_after = 0.0
                 return None
+        close_and_wait(conn)
+        self._conn = None  # the next scrape connects again
+        self.stats.text_swaps += 1
+        return self._read_through(found, own_database, queryids, has_toplevel, present, direct=True)
+
+    def _read_through(
+        self,
+        found: list[tuple[int, str, str, bool]],
+        own_database: str,
+        queryids: list[int],
+        has_toplevel: bool,
+        present: list[tuple],
+        *,
+        direct: bool,
+    ) -> list[tuple] | None:
+        """Find the way round (once) and read the texts there; raises NoConnection unless ``direct``."""
+        if self._route is None:
             self._probe_after = time.monotonic() + TEXT_RETRY_SECS
             try:
                 route = texts.find_route(
-                    conn,
+                    found,
+                    own_database,
                     self._dsn,
                     {k[0] for k in present},
                     statement_timeout_ms=self.statement_timeout_ms,
                     connect_timeout=self.connect_timeout_secs,
                     instance=self.instance,
+                    direct=direct,
                 )
-            except texts.NoConnection:  # the connection budget says not now (counted): the next scrape
+            except texts.NoConnection:
                 self._probe_after = 0.0
-                return None
+                raise
             if route.database is None:
                 problem, fix = route.advice()
                 if self._text_advice != (problem, fix):
@@ -478,19 +514,17 @@ class Scraper:
                 extra=kv(instance=self.instance, database=route.database),
             )
         try:
-            encodings = {oid: enc for oid, _, enc, _ in texts.databases(conn, self.statement_timeout_ms)}
             return texts.read_through(
                 self._route,
                 self._dsn,
                 has_toplevel,
                 queryids,
-                encodings,
+                {oid: enc for oid, _, enc, _ in found},
                 statement_timeout_ms=self.statement_timeout_ms,
                 connect_timeout=self.connect_timeout_secs,
                 instance=self.instance,
+                direct=direct,
             )
-        except texts.NoConnection:  # the connection budget says not now (counted): the next scrape
-            return None
         except (psycopg.Error, ScrapeError) as exc:  # gone, or the extension dropped: look again later
             log.warning(
                 "statement texts could not be read through the SQL_ASCII database; looked for again later",

@@ -159,13 +159,14 @@ class Route:
 
 
 @contextmanager
-def short_lived(dsn: str, dbname: str, instance: str | None, connect_timeout: int) -> Iterator[psycopg.Connection]:
+def short_lived(dsn: str, dbname: str, instance: str | None, connect_timeout: int, *, direct: bool = False) -> Iterator[psycopg.Connection]:
     """A connection to another database of the instance for one read, then closed: inside the
     collector through the instance's connection budget (issue 20: it may raise NoConnection),
-    elsewhere (``pgflow check``, a tool used alone) opened directly."""
+    elsewhere (``pgflow check``, a tool used alone) opened directly. ``direct``: opened directly in
+    the collector too, in the place of a connection its caller has just closed (the scrape's own)."""
     from pgflow.scrape.connection import connect
 
-    budget = budgets.for_instance_name(instance) if instance else None
+    budget = budgets.for_instance_name(instance) if instance and not direct else None
     if budget is not None:
         with budget.connection(dbname, slot_wait_secs=SLOT_WAIT_SECS) as conn:
             yield conn
@@ -175,21 +176,30 @@ def short_lived(dsn: str, dbname: str, instance: str | None, connect_timeout: in
 
 
 def find_route(
-    conn: psycopg.Connection, dsn: str, dbids: set[int], *, statement_timeout_ms: int, connect_timeout: int = 5, instance: str | None = None
+    found: list[tuple[int, str, str, bool]],
+    own_database: str,
+    dsn: str,
+    dbids: set[int],
+    *,
+    statement_timeout_ms: int,
+    connect_timeout: int = 5,
+    instance: str | None = None,
+    direct: bool = False,
 ) -> Route:
     """Look for a ``SQL_ASCII`` database with pg_stat_statements, the ones holding entries first.
 
-    Each candidate is looked at on a short-lived connection (connect, read, close) with the
-    DSN's other parameters (TLS included) and ``application_name=pgflow``.
+    ``found``: the server's databases (:func:`databases`), read on the caller's connection to
+    ``own_database``. Each candidate is looked at on a short-lived connection (connect, read,
+    close) with the DSN's other parameters (TLS included) and ``application_name=pgflow``
+    (``direct``: see :func:`short_lived`).
     """
-    found = databases(conn, statement_timeout_ms)
-    own_encoding = next((enc for _, name, enc, _ in found if name == conn.info.dbname), "")
+    own_encoding = next((enc for _, name, enc, _ in found if name == own_database), "")
     suspect = suspects(found, dbids, own_encoding)
     ascii_names = {name for _, name, enc, _ in found if enc == "SQL_ASCII"}
     ascii_suspect = bool(suspect) and suspect[0] in ascii_names
     for name in routes(found, dbids):
         try:
-            with short_lived(dsn, name, instance, connect_timeout) as other:
+            with short_lived(dsn, name, instance, connect_timeout, direct=direct) as other:
                 schema = extension_schema(other, statement_timeout_ms)
         except NoConnection:  # the budget or the server's headroom says not now: look again later
             raise
@@ -210,8 +220,10 @@ def read_through(
     statement_timeout_ms: int,
     connect_timeout: int = 5,
     instance: str | None = None,
+    direct: bool = False,
 ) -> list[tuple]:
-    """The texts of ``queryids`` read in ``route``'s database on a short-lived connection."""
+    """The texts of ``queryids`` read in ``route``'s database on a short-lived connection
+    (``direct``: see :func:`short_lived`)."""
     assert route.database is not None and route.schema is not None
-    with short_lived(dsn, route.database, instance, connect_timeout) as other:
+    with short_lived(dsn, route.database, instance, connect_timeout, direct=direct) as other:
         return read_raw(other, route.schema, has_toplevel, queryids, statement_timeout_ms, encodings)
