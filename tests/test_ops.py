@@ -196,6 +196,20 @@ def test_fingerprinter_caches_by_key_and_text():
     assert fp._by_key["i"].height <= 30  # bounded: keeps this frame's keys, sheds older ones
 
 
+def test_one_fingerprint_keeps_one_label_whatever_the_cache_size():
+    """Keys of one fingerprint (t10..t19: libpg_query ignores digits in names) share one label, so
+    a series' attributes never depend on which of its keys ran in a window. With a label cache
+    smaller than the fingerprints of one frame, the labels put first were pushed out while the
+    frame was labelled and each key kept its own text (the series' summary flipped window to window)."""
+    texts = [f"SELECT count(*) FROM t{i}" for i in range(10, 20)] + [f"SELECT count(*) FROM x{chr(97 + i)}" for i in range(26)]
+    frame = pl.DataFrame({"dbid": [1] * len(texts), "queryid": list(range(len(texts))), "query": texts})
+    for size in (1, 5, 50_000):
+        out = Fingerprinter(key_cache_size=size, text_cache_size=size).apply("i", frame)
+        same = out.head(10)
+        assert same["fingerprint"].n_unique() == 1, size
+        assert same["text"].unique().to_list() == ["SELECT count(*) FROM t10"], size  # the smallest text wins
+
+
 # Cap, windows, points ---------------------------------------------------------------------
 
 

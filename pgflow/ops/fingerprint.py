@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 
 import polars as pl
@@ -297,9 +298,10 @@ class Fingerprinter:
         """Add fingerprint, operation, summary and text to ``frame`` (dbid, queryid, query)."""
         table = self._by_key.get(instance)
         key = ["dbid", "queryid"]
-        # New entries never push out others while the frame is labelled: the caches are bounded
-        # afterwards, by what the instances hold (:meth:`_bound_shared`).
-        self._by_text.capacity, self._labels.capacity = self.text_cache_size, self.key_cache_size
+        # New entries never push out others while the frame is labelled (a label pushed out by the
+        # frame's later fingerprints left each key of its fingerprint its own text): the caches
+        # are bounded afterwards, by what the instances hold (:meth:`_bound_shared`).
+        self._by_text.capacity = self._labels.capacity = sys.maxsize
         if table is None:
             table = pl.DataFrame(schema={"dbid": pl.Int64, "queryid": pl.Int64, **FINGERPRINT_COLUMNS})
         joined = frame.join(table, on=key, how="left", maintain_order="left")
