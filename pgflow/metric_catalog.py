@@ -17,6 +17,14 @@ A = Attribute
 
 DB = A("db.namespace", "Database name (`other` past `max_databases_tracked`).")
 USER = A("user.name", "Role name (`other` past `max_users_tracked`).")
+# Issue 20: the gauges, the per-database health and the events carry every name the server has
+# (the values are the server's; the names are not capped). Per-table statistics read at most
+# max_databases_tracked databases (the rest are not visited, said once in the log).
+DB_EVERY = A("db.namespace", "Database name, every database of the server (not capped).")
+USER_EVERY = A("user.name", "Role name, every role seen (not capped).")
+DB_VISITED = A(
+    "db.namespace", "Database name: the databases table statistics visit (at most `max_databases_tracked`; others are not read)."
+)
 OPERATION_NAME = A(
     "db.operation.name",
     "The statement's operation.",
@@ -105,7 +113,7 @@ SLOT = (SLOT_NAME, SLOT_TYPE)
 TABLE = A("db.collection.name", "`schema.table` (partitions rolled into their root); `other` past `max_tables_tracked`.")
 TABLE_OPERATION = A("postgresql.operation", "Row operation.", values=("ins", "upd", "del", "hot_upd"))
 ROW_STATE = A("postgresql.row.state", "Live or dead tuples.", values=("live", "dead"))
-PER_TABLE = (DB, TABLE)
+PER_TABLE = (DB_VISITED, TABLE)
 
 RESOURCE_ATTRIBUTES = (
     A("service.name", "`service_name`, else `OTEL_SERVICE_NAME`, else `pgflow`."),
@@ -178,7 +186,7 @@ def _db(name: str, unit: str, description: str, **kw: Any) -> Metric:
         description,
         kw.pop("source", PGSD),
         kw.pop("group", "databases"),
-        kw.pop("attributes", (DB,)),
+        kw.pop("attributes", (DB_EVERY,)),
         **kw,
     )
 
@@ -243,7 +251,7 @@ METRICS = (
         "Client connections.",
         "pg_stat_activity",
         "connections",
-        (DB, USER, CONNECTION_STATE, WAIT_TYPE),
+        (DB_EVERY, USER_EVERY, CONNECTION_STATE, WAIT_TYPE),
     ),
     M("postgresql.connection.max", "gauge", "{connection}", "int", "`max_connections`.", "`max_connections`", "connections"),
     M(
@@ -254,10 +262,10 @@ METRICS = (
         "Locks held or awaited.",
         "pg_locks",
         "connections",
-        (DB, LOCK_MODE, LOCK_TYPE, LOCK_GRANTED),
+        (DB_EVERY, LOCK_MODE, LOCK_TYPE, LOCK_GRANTED),
     ),
-    M("postgresql.blocked.count", "gauge", "{session}", "int", "Sessions waiting on a lock.", "pg_locks", "connections", (DB,)),
-    M("postgresql.blocked.wait.max", "gauge", "s", "double", "Longest current lock wait.", "pg_stat_activity", "connections", (DB,)),
+    M("postgresql.blocked.count", "gauge", "{session}", "int", "Sessions waiting on a lock.", "pg_locks", "connections", (DB_EVERY,)),
+    M("postgresql.blocked.wait.max", "gauge", "s", "double", "Longest current lock wait.", "pg_stat_activity", "connections", (DB_EVERY,)),
     # Active sessions
     M(
         "postgresql.activity.time",
@@ -337,7 +345,7 @@ METRICS = (
         "{query}",
         "Queries cancelled by recovery conflicts (standbys).",
         source="pg_stat_database_conflicts",
-        attributes=(DB, CONFLICT),
+        attributes=(DB_EVERY, CONFLICT),
     ),
     _db("postgresql.session.time", "s", "Time sessions spent connected.", value_type="double", otel=False, min_version=140000),
     _db(
@@ -363,7 +371,7 @@ METRICS = (
         "Sessions that ended abnormally, by how.",
         otel=False,
         min_version=140000,
-        attributes=(DB, SESSION_END),
+        attributes=(DB_EVERY, SESSION_END),
     ),
     _db("postgresql.backends", "1", "Backends connected (a gauge here).", kind="gauge"),
     _db(
@@ -619,7 +627,7 @@ METRICS = (
         _table(f"postgresql.table.{w}.age", "gauge", "s", f"Since the last {w} (named tables only).", value_type="double")
         for w in ("vacuum", "autovacuum", "analyze", "autoanalyze")
     ),
-    M("postgresql.table.count", "gauge", "{table}", "int", "Tables in the database.", "pg_class", "tables", (DB,), otel=True),
+    M("postgresql.table.count", "gauge", "{table}", "int", "Tables in the database.", "pg_class", "tables", (DB_VISITED,), otel=True),
 )
 
 # Events ------------------------------------------------------------------------------------------
@@ -627,7 +635,7 @@ METRICS = (
 _EVENT_COMMON = (
     A("event.name", "The event's name, also as an attribute (added by the OTLP encoder)."),
     DB_SYSTEM,
-    DB,
+    DB_EVERY,
     FINGERPRINT,
     A("postgresql.query_id", "pg_stat_statements' queryid (14+)."),
 )
@@ -637,7 +645,7 @@ EVENTS = (
         "One execution running longer than `sample_min_duration_ms`, as the sampler saw it (limited per fingerprint and per window).",
         _EVENT_COMMON
         + (
-            USER,
+            USER_EVERY,
             A("db.query.text", "Normalized text, or `<truncated>` / `<unparsable>`."),
             A("postgresql.pid", "Backend pid."),
             A("postgresql.state", "`pg_stat_activity.state`."),

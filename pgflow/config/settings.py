@@ -112,10 +112,16 @@ class Settings(BaseSettings):
         description="Fingerprints exported as their own series, per instance; the rest roll into `other`.",
     )
     max_users_tracked: int = Field(
-        100, gt=0, json_schema_extra=KEEP, description="Users exported under their own name; the rest are `other`."
+        100,
+        gt=0,
+        json_schema_extra=KEEP,
+        description="Users named in the query and active-session series; the rest are `other` (gauges, health and events name every role).",
     )
     max_databases_tracked: int = Field(
-        100, gt=0, json_schema_extra=KEEP, description="Databases exported under their own name; the rest are `other`."
+        100,
+        gt=0,
+        json_schema_extra=KEEP,
+        description="Databases named in the query and active-session series, the rest `other`; also the most databases table statistics visit (the rest are not read). Gauges, health and events name every database.",
     )
     slow_query_threshold_ms: float = Field(
         0.0, ge=0, json_schema_extra=KEEP, description="Series under this mean time per call roll into `other` (0: off)."
