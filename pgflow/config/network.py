@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pgflow.errors import ConfigError
 
@@ -341,3 +342,22 @@ def resolve_network(settings: Settings, signal: str = "metrics") -> Network:
         proxy_source=source,
         names=tuple(names.items()),
     )
+
+
+def otel_headers(value: str) -> dict[str, str]:
+    """Headers in the OTEL form ``k1=v1,k2=v2`` (values URL-encoded; keys lower-cased)."""
+    headers = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError("expected comma-separated key=value pairs, e.g. api-key=XYZ")
+        headers[key.strip().lower()] = unquote(val.strip())
+    return headers
+
+
+def checked_endpoint(value: str) -> str:
+    """An OTLP endpoint as given (trailing slash dropped), or a ValueError saying what one looks like."""
+    value = value.strip().rstrip("/")
+    if not re.match(r"^(https?://)?[A-Za-z0-9.\-\[\]:]+(:\d+)?(/.*)?$", value):
+        raise ValueError("expected an endpoint such as https://otlp.nr-data.net:4318 or http://127.0.0.1:4318")
+    return value

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote
 
 from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic.json_schema import JsonDict
@@ -22,7 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from pgflow.config import loading
 from pgflow.config.dsn import _check_dsn, dsn_instance_name
 from pgflow.config.instance import InstanceConfig
-from pgflow.config.network import SIGNALS, Network, resolve_network, signal_env, split_endpoint
+from pgflow.config.network import SIGNALS, Network, checked_endpoint, otel_headers, resolve_network, signal_env, split_endpoint
 from pgflow.config.secrets import _settings_secrets_from_files, redacted_settings
 from pgflow.errors import ConfigError
 
@@ -376,15 +374,7 @@ class Settings(BaseSettings):
     @field_validator("otlp_headers", mode="before")
     @classmethod
     def _headers(cls, value: Any) -> Any:
-        if isinstance(value, str):  # the OTEL form: "k1=v1,k2=v2", values URL-encoded
-            headers = {}
-            for item in filter(None, (part.strip() for part in value.split(","))):
-                key, sep, val = item.partition("=")
-                if not sep or not key.strip():
-                    raise ValueError("expected comma-separated key=value pairs, e.g. api-key=XYZ")
-                headers[key.strip().lower()] = unquote(val.strip())
-            return headers
-        return value
+        return otel_headers(value) if isinstance(value, str) else value
 
     @field_validator("otlp_compression", mode="before")
     @classmethod
@@ -416,12 +406,7 @@ class Settings(BaseSettings):
     @field_validator("otlp_endpoint")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        value = value.strip().rstrip("/")
-        if not re.match(r"^(https?://)?[A-Za-z0-9.\-\[\]:]+(:\d+)?(/.*)?$", value):
-            raise ValueError("expected an endpoint such as https://otlp.nr-data.net:4318 or http://127.0.0.1:4318")
-        return value
+        return None if value is None else checked_endpoint(value)
 
     # issue 13: health group names are checked against the groups pgflow knows.
     @field_validator("health_groups_disabled", mode="before")

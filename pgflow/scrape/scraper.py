@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -355,10 +356,7 @@ class Scraper:
         new = np.flatnonzero(~known)
         self.stats.texts_reused += n - len(new)
         keys = _key_tuples(tuple(a[new] for a in arrays))
-        fetched: dict[Key, str | None] = {}
-        mine: set[Key] = set()
-        if keys:
-            fetched, mine = self._fetch_texts(conn, server, set(keys), cache(lambda: _key_tuples(arrays)))
+        fetched, mine = self._fetch_texts(conn, server, set(keys), cache(lambda: _key_tuples(arrays))) if keys else ({}, set())
         new_texts = [fetched.get(k) for k in keys]
         new_own = [k in mine for k in keys]
         undecided = [k not in fetched and k not in mine for k in keys]
@@ -472,6 +470,15 @@ class Scraper:
         self.stats.text_swaps += 1
         return self._read_through(found, own_database, queryids, has_toplevel, present, direct=True)
 
+    def _elsewhere(self, direct: bool) -> dict[str, Any]:
+        """The limits and the way of connecting of a read in another database."""
+        return {
+            "statement_timeout_ms": self.statement_timeout_ms,
+            "connect_timeout": self.connect_timeout_secs,
+            "instance": self.instance,
+            "direct": direct,
+        }
+
     def _read_through(
         self,
         found: list[tuple[int, str, str, bool]],
@@ -486,16 +493,7 @@ class Scraper:
         if self._route is None:
             self._probe_after = time.monotonic() + TEXT_RETRY_SECS
             try:
-                route = texts.find_route(
-                    found,
-                    own_database,
-                    self._dsn,
-                    {k[0] for k in present},
-                    statement_timeout_ms=self.statement_timeout_ms,
-                    connect_timeout=self.connect_timeout_secs,
-                    instance=self.instance,
-                    direct=direct,
-                )
+                route = texts.find_route(found, own_database, self._dsn, {k[0] for k in present}, **self._elsewhere(direct))
             except texts.NoConnection:
                 self._probe_after = 0.0
                 raise
@@ -514,17 +512,8 @@ class Scraper:
                 extra=kv(instance=self.instance, database=route.database),
             )
         try:
-            return texts.read_through(
-                self._route,
-                self._dsn,
-                has_toplevel,
-                queryids,
-                {oid: enc for oid, _, enc, _ in found},
-                statement_timeout_ms=self.statement_timeout_ms,
-                connect_timeout=self.connect_timeout_secs,
-                instance=self.instance,
-                direct=direct,
-            )
+            encodings = {oid: enc for oid, _, enc, _ in found}
+            return texts.read_through(self._route, self._dsn, has_toplevel, queryids, encodings, **self._elsewhere(direct))
         except (psycopg.Error, ScrapeError) as exc:  # gone, or the extension dropped: look again later
             log.warning(
                 "statement texts could not be read through the SQL_ASCII database; looked for again later",
