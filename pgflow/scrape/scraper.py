@@ -86,7 +86,6 @@ class ScrapeStats:
     text_fetches: int = 0  # round trips that fetched query text
     texts_fetched: int = 0  # statement texts received
     texts_reused: int = 0  # statement texts taken from the previous scrape (none transferred)
-    text_swaps: int = 0  # texts read through another database in the scrape connection's place (no slot)
     rows: int = 0
     hidden: int = 0
     text_failures: int = 0  # text fetches that failed (encodings): counters went on, texts fell back
@@ -467,7 +466,6 @@ class Scraper:
                 return None
         close_and_wait(conn)
         self._conn = None  # the next scrape connects again
-        self.stats.text_swaps += 1
         return self._read_through(found, own_database, queryids, has_toplevel, present, direct=True)
 
     def _elsewhere(self, direct: bool) -> dict[str, Any]:
