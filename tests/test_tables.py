@@ -589,3 +589,25 @@ def test_the_oldest_frozen_xids_are_the_servers_own_ties_included(pg):
         scraper.close()
     assert frame.filter(pl.col("kind") != "table").height == 0  # no bucket changed
     assert set(frame.filter(pl.col("kind") == "table").get_column("relid").to_list()) == truth
+
+
+def test_a_database_visited_holds_two_of_pgflows_statements(pg):
+    """pgflow's statements in a database it only visits for table statistics take two
+    pg_stat_statements entries (the settings statement, the table statement), first visit and
+    later ones alike: the first visit's table count rides in the settings statement. Entries are
+    the user's budget (``pg_stat_statements.max``): a third per database, on a server of hundreds
+    of databases, would push hundreds of the user's statements out."""
+    db = _database(pg, "entries")
+    pg.execute("CREATE TABLE a (id int)", "CREATE TABLE b (id int)", dbname=db)
+    with TableScraper(pg.dsn(), instance="t", include=[db]) as ts:  # its home is postgres; it visits db
+        for i in range(3):
+            pg.execute(f"INSERT INTO a SELECT generate_series(1, {i + 1})", dbname=db)
+            ts.scrape()
+        assert ts.stats.outcomes.get("ok") == 3
+    rows = pg.execute(
+        "SELECT s.query, s.calls FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+        f"WHERE d.datname = '{db}' AND s.query LIKE '%/*pgflow*/%'"
+    )
+    assert len(rows) == 2, "\n".join(f"{c} {q[:50]} ... {q[-50:]}" for q, c in rows)
+    by_calls = sorted(c for _, c in rows)
+    assert by_calls == [3, 4], rows  # the table statement three times; the settings statement once more (the first count)

@@ -276,11 +276,17 @@ class TableScraper:
         if conn.info.server_version >= 150000:  # one statistics snapshot: a third cheaper than entry by entry
             settings.append(("stats_fetch_consistency", "snapshot"))
         settings.append(("transaction_read_only", "on"))
-        prepare = "SELECT /*pgflow*/ now(), " + ", ".join(f"set_config('{k}', '{v}', true)" for k, v in settings)
+        # The table count rides in the same statement, asked for by a parameter: the first visit
+        # (which counts) and every later one (which does not) are one pg_stat_statements entry, not two.
+        prepare = (
+            "SELECT /*pgflow*/ now(), "
+            + ", ".join(f"set_config('{k}', '{v}', true)" for k, v in settings)
+            + f", CASE WHEN %(count)s THEN ({COUNT_SQL}) END"
+        )
         fresh = previous is None
         with conn.cursor(binary=True) as first, conn.cursor(binary=True) as cur:
             if fresh:  # the bucket count is chosen once per database, by its size then (its own transaction)
-                row = first.execute(f"{prepare}, ({COUNT_SQL})").fetchone()
+                row = first.execute(prepare, {"count": True}).fetchone()
                 tables = row[-1]  # type: ignore[index]
                 b = buckets_for(tables)
                 previous = ([None] * b, [0] * b, 0)
@@ -291,7 +297,7 @@ class TableScraper:
             hi = min(b, seeded + max(1, b * SEED_TABLES // max(1, self._table_counts.get(database, 0))))
             params = {"b": b, "hi": hi, "pd": Digests(digests[:hi]), "k": max(10, self.top_k // 6), "skip_locked": skip_locked}
             with conn.pipeline():  # no Sync before the end: the settings hold for the scrape
-                first.execute(prepare)
+                first.execute(prepare, {"count": False})
                 cur.execute(SCRAPE_SQL if conn.info.server_version >= 140000 else SCRAPE_SQL_13, params)
             observed_at = first.fetchone()[0]  # type: ignore[index]
             rows = cur.fetchall()
