@@ -204,12 +204,18 @@ def _named(frame: pl.DataFrame, known: pl.DataFrame, tracked: tuple[str, ...], s
     )
 
 
+def _fit(names: pl.Series, lru: tuple[str, ...], capacity: int) -> bool:
+    """Whether every name of ``names`` keeps its own (the tracked ones, and the others fit the room left)."""
+    untracked = names.filter(names.is_not_null() & ~names.is_in(pl.Series(lru, dtype=pl.String).implode()))
+    return untracked.n_unique() <= capacity - len(lru)
+
+
 def _bounded(frame: pl.DataFrame, column: str, lru: tuple[str, ...], capacity: int) -> pl.DataFrame:
     """Names the cap tracks keep; others keep theirs while the cap has room, heaviest first; the rest ``other``."""
     room = capacity - len(lru)
-    untracked = frame.filter(pl.col(column).is_not_null() & ~pl.col(column).is_in(pl.Series(lru, dtype=pl.String).implode()))
-    if untracked.get_column(column).n_unique() <= room:
+    if _fit(frame.get_column(column), lru, capacity):
         return frame  # the common case: every name fits
+    untracked = frame.filter(pl.col(column).is_not_null() & ~pl.col(column).is_in(pl.Series(lru, dtype=pl.String).implode()))
     extra = (
         untracked.group_by(column, maintain_order=True)
         .agg(pl.col("value").sum())
@@ -335,6 +341,9 @@ def close(
         at = window.gauges.observed_at if window.gauges is not None else window.end
         databases = window.gauges.databases if window.gauges is not None else []
         by_stat = stats.partition_by("stat", as_dict=True, include_key=False)
+        # When every database of the window's gauges fits the cap, each gauge's do (issue 20: one
+        # check for the four gauges, not one per gauge; a subset of names that fit fits too).
+        fits = _fit(pl.concat([stats.get_column("database"), pl.Series(databases, dtype=pl.String)]), cap.databases, max_databases_tracked)
         gauges = []
         for stat, (metric, unit, by_state) in _GAUGES.items():
             rows = by_stat.get((stat,), _NO_STATS)
@@ -343,10 +352,11 @@ def close(
                     {"database": databases, "value": [0.0] * len(databases)}, schema={"database": pl.String, "value": pl.Float64}
                 )
                 rows = pl.concat([rows.select("database", "value"), zeros])
-                rows = _bounded(rows, "database", cap.databases, max_databases_tracked)
+                rows = rows if fits else _bounded(rows, "database", cap.databases, max_databases_tracked)
                 rows = rows.group_by("database", maintain_order=True).agg(c("value").max())
             else:
-                rows = _bounded(rows.select("database", "state", "value"), "database", cap.databases, max_databases_tracked)
+                rows = rows.select("database", "state", "value")
+                rows = rows if fits else _bounded(rows, "database", cap.databases, max_databases_tracked)
                 rows = rows.group_by(["database", "state"], maintain_order=True).agg(c("value").max())
             if rows.height:
                 state_column = c("state") if by_state else pl.lit(None, pl.String).alias("state")
