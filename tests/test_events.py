@@ -29,6 +29,7 @@ from pgflow.otlp.receiver import Receiver, Reply
 from pgflow.otlp.store import read_logs, read_points
 from pgflow.pgserver import free_port
 from pgflow.replay import events_as_received
+from pgflow.stream.ledger import read_state
 
 PGBENCH = (
     "UPDATE pgbench_branches",
@@ -63,8 +64,7 @@ def ledger_events(state_dir: Path) -> int:
     if not paths:
         return 0
     try:
-        with open(paths[0], "rb") as fh:
-            _, record = pickle.load(fh)
+        _, record = read_state(paths[0])
     except (EOFError, pickle.UnpicklingError, FileNotFoundError):
         return 0
     return sum(f.height for f in getattr(record, "events", {}).values())
