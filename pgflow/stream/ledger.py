@@ -200,7 +200,7 @@ def _has_struct(frame: pl.DataFrame) -> bool:
 
 
 def frame_from_ipc(data: bytes) -> pl.DataFrame:
-    """A frame of a state file, from its IPC bytes (the unpickler calls it)."""
+    """A frame of a state file, from its IPC bytes (the unpickler calls it by this name: keep it)."""
     return pl.read_ipc(io.BytesIO(data))
 
 
