@@ -341,8 +341,8 @@ def close(
         at = window.gauges.observed_at if window.gauges is not None else window.end
         databases = window.gauges.databases if window.gauges is not None else []
         by_stat = stats.partition_by("stat", as_dict=True, include_key=False)
-        # When every database of the window's gauges fits the cap, each gauge's do (issue 20: one
-        # check for the four gauges, not one per gauge; a subset of names that fit fits too).
+        # When the window's databases all fit the cap, so do each gauge's (a subset of names that
+        # fit fits too): one check for the four gauges, not one per gauge (issue 20).
         fits = _fit(pl.concat([stats.get_column("database"), pl.Series(databases, dtype=pl.String)]), cap.databases, max_databases_tracked)
         gauges = []
         for stat, (metric, unit, by_state) in _GAUGES.items():
